@@ -1,0 +1,164 @@
+"""Pure-torch reference of every tmem op: the spec the Triton and native kernels are proven against.
+
+Shapes, for one decoder layer's MLP with fast weights on gate, up and down (rank r):
+
+    x        [N, H]      tokens (any leading dims flattened by the caller)
+    w_gate   [I, H]      w_up [I, H]      w_down [H, I]       frozen base weights (nn.Linear layout)
+    a_gate   [r, H]      a_up [r, H]      a_down [r, I]       LoRA shrink (A; frozen unless train_a)
+    b_gate   [I, r]      b_up [I, r]      b_down [H, r]       LoRA expand (B; trained)
+
+    gate = x @ w_gate.T + scaling * (x @ a_gate.T) @ b_gate.T
+    up   = x @ w_up.T   + scaling * (x @ a_up.T)   @ b_up.T
+    h    = silu(gate) * up
+    y    = h @ w_down.T + scaling * (h @ a_down.T) @ b_down.T          -> [N, H]
+
+Everything here is differentiable torch; nothing here is fast.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class LoRAMLPGrads(NamedTuple):
+    """Gradients of `lora_mlp` w.r.t. x and the LoRA factors (A's are None unless requested)."""
+
+    dx: torch.Tensor
+    db_gate: torch.Tensor
+    db_up: torch.Tensor
+    db_down: torch.Tensor
+    da_gate: torch.Tensor | None = None
+    da_up: torch.Tensor | None = None
+    da_down: torch.Tensor | None = None
+
+
+def lora_linear(
+    x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float = 1.0
+) -> torch.Tensor:
+    """y = x @ w.T + scaling * (x @ a.T) @ b.T.  x [N, K], w [M, K], a [r, K], b [M, r] -> [N, M]."""
+    return x @ w.T + scaling * ((x @ a.T) @ b.T)
+
+
+def lora_mlp(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    a_gate: torch.Tensor,
+    b_gate: torch.Tensor,
+    a_up: torch.Tensor,
+    b_up: torch.Tensor,
+    a_down: torch.Tensor,
+    b_down: torch.Tensor,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """SwiGLU MLP with LoRA on gate/up/down. x [N, H] -> [N, H]; see the module docstring for shapes."""
+    gate = lora_linear(x, w_gate, a_gate, b_gate, scaling)
+    up = lora_linear(x, w_up, a_up, b_up, scaling)
+    h = F.silu(gate) * up
+    return lora_linear(h, w_down, a_down, b_down, scaling)
+
+
+def lora_mlp_backward(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    a_gate: torch.Tensor,
+    b_gate: torch.Tensor,
+    a_up: torch.Tensor,
+    b_up: torch.Tensor,
+    a_down: torch.Tensor,
+    b_down: torch.Tensor,
+    dy: torch.Tensor,
+    scaling: float = 1.0,
+    train_a: bool = False,
+) -> LoRAMLPGrads:
+    """Gradients of `lora_mlp` given dy [N, H], by autograd on the reference forward (the spec)."""
+    with torch.enable_grad():
+        x_ = x.detach().requires_grad_(True)
+        bs = [t.detach().requires_grad_(True) for t in (b_gate, b_up, b_down)]
+        as_ = [t.detach().requires_grad_(train_a) for t in (a_gate, a_up, a_down)]
+        y = lora_mlp(x_, w_gate, w_up, w_down, as_[0], bs[0], as_[1], bs[1], as_[2], bs[2], scaling)
+        inputs = [x_, *bs] + (as_ if train_a else [])
+        grads = torch.autograd.grad(y, inputs, dy)
+    return LoRAMLPGrads(*grads)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """h = silu(gate) * up, elementwise; any shape."""
+    return F.silu(gate) * up
+
+
+def swiglu_backward(
+    gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgate, dup) of h = silu(gate) * up given dh; all the same shape."""
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    dup = dh * silu
+    dgate = dh * up * sig * (1 + gate * (1 - sig))
+    return dgate, dup
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer steps over one flat buffer (in place). Semantics match torch.optim.SGD / torch.optim.AdamW
+# (no momentum, no nesterov, no amsgrad, maximize=False) exactly, so a fused step can be checked
+# bit-for-bit-ish against the torch optimizers the PEFT reference path uses.
+# --------------------------------------------------------------------------------------------------
+
+
+def sgd_step_(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float = 0.0) -> None:
+    """param -= lr * (grad + weight_decay * param), in place. param, grad: same shape (flat)."""
+    if weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
+    param.add_(grad, alpha=-lr)
+
+
+def adamw_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> None:
+    """One AdamW step in place, as torch.optim.AdamW computes it. `step` counts from 1 (this step)."""
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# SVD init
+# --------------------------------------------------------------------------------------------------
+
+
+def svd_top_r(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact top-r singular triplets of a stack of matrices.
+
+    w [L, M, K] -> U [L, M, r], S [L, r] (descending), Vh [L, r, K], computed in float32 (float64 for
+    float64 input) with torch.linalg.svd.
+    """
+    work = w if w.dtype == torch.float64 else w.float()
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    return u[..., :r], s[..., :r], vh[..., :r, :]
+
+
+def svd_lora_init(w: torch.Tensor, r: int) -> torch.Tensor:
+    """TMEM's A0 = S_r V_r^T for a stack of weights. w [L, M, K] -> A0 [L, r, K] (float32)."""
+    _, s, vh = svd_top_r(w, r)
+    return s.unsqueeze(-1) * vh
