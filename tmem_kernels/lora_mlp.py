@@ -1,0 +1,688 @@
+"""Fused LoRA SwiGLU MLP: Triton forward/backward kernels and the autograd.Function around them.
+
+Same semantics as `tmem_kernels.reference.lora_mlp` (see its docstring for the shapes):
+
+    gate = x @ w_gate.T + s * (x @ a_gate.T) @ b_gate.T
+    up   = x @ w_up.T   + s * (x @ a_up.T)   @ b_up.T
+    h    = silu(gate) * up
+    y    = h @ w_down.T + s * (h @ a_down.T) @ b_down.T
+
+Four kernels (grid = output tiles, K loop over the reduction dim), each reading its big operand once:
+
+    _fwd_gate_up   x tile -> gate and up base products AND the stacked shrink x @ [A_gate; A_up].T
+                   (one [BLOCK_K, RS] tile per K step); the expand (xa @ B.T) and SwiGLU in the epilogue.
+                   Writes h (and gate, up, xa when a backward will follow).
+    _fwd_down      h @ w_down.T and its shrink h @ a_down.T in the same K loop, the expand in the epilogue.
+                   Writes y (and ha = h @ a_down.T when a backward will follow).
+    _bwd_dh        dh = dy @ w_down + s * (dy @ b_down) @ a_down with dy read once; SwiGLU backward in the
+                   epilogue (h recomputed from the saved gate/up) -> dgate, dup.  dB_gate, dB_up (and dA_down)
+                   are reduced from the epilogue's tiles; dB_down from the same dy tiles in the K loop.
+    _bwd_dx        dx = dgate @ w_gate + dup @ w_up + s * (dgate @ b_gate + dup @ b_up) @ [A_gate; A_up]
+                   (stacked), and dA_gate / dA_up from the epilogue when A trains.
+
+The LoRA rank r (1..MAX_RANK) is padded inside the kernels to a power-of-2 block >= 16 (`tl.dot` needs
+every dimension >= 16 on a GPU): R_PAD for one projection, RS_PAD for the stacked gate/up pair (the two
+factors share one block when 2r <= 16). The factor gradients are reduced across row tiles with fp32
+atomics into a small workspace the size of the B's (and A's), so they are not bit-deterministic run to
+run. With `sgd_lr`, that workspace is applied in place (`B -= sgd_lr * dB`) by one last launch after
+every kernel that reads B has run; autograd never sees a dB.
+
+Under TRITON_INTERPRET=1 (CPU tensors) the interpreter does not emulate bf16/fp16 `tl.dot`, so there
+the dot operands are upcast to fp32 (`UPCAST_DOT`); on a GPU the dots run natively on tensor cores.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "MAX_RANK",
+    "MIN_DOT",
+    "KernelConfig",
+    "LoRAMLPConfig",
+    "LoRAMLPFunction",
+    "default_config",
+    "launch_configs",
+    "lora_mlp",
+]
+
+MAX_RANK = 16  # largest LoRA rank the kernels accept (one padded R block)
+MIN_DOT = 16  # smallest tl.dot dimension the GPU compiler accepts
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b with fp32 accumulation (operands upcast to fp32 under the interpreter)."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _fwd_gate_up_kernel(
+    x_ptr, wg_ptr, wu_ptr, ag_ptr, au_ptr, bg_ptr, bu_ptr,  # inputs
+    h_ptr, g_ptr, u_ptr, xa_ptr,  # outputs
+    N, H, I, R, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RS_PAD: tl.constexpr,
+    SAVE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Tile [BLOCK_M, BLOCK_N] of gate/up/h; K loop over H. xa = x @ [A_gate; A_up].T is [N, 2R]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    dt = x_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, RS_PAD)
+    mask_m = offs_m < N
+    mask_n = offs_n < I
+    rows_m = offs_m.to(tl.int64)
+    rows_n = offs_n.to(tl.int64)
+    is_g = offs_r < R
+    is_u = (offs_r >= R) & (offs_r < 2 * R)
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, RS_PAD), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < H
+        x = tl.load(x_ptr + rows_m[:, None] * H + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        w_mask = mask_k[:, None] & mask_n[None, :]
+        wg = tl.load(wg_ptr + rows_n[None, :] * H + offs_k[:, None], mask=w_mask, other=0.0)
+        wu = tl.load(wu_ptr + rows_n[None, :] * H + offs_k[:, None], mask=w_mask, other=0.0)
+        # stacked shrink factor [BLOCK_K, RS_PAD]: columns [0, R) = A_gate.T, [R, 2R) = A_up.T
+        a = tl.load(ag_ptr + offs_r[None, :] * H + offs_k[:, None], mask=mask_k[:, None] & is_g[None, :],
+                    other=0.0)
+        a += tl.load(au_ptr + (offs_r[None, :] - R) * H + offs_k[:, None],
+                     mask=mask_k[:, None] & is_u[None, :], other=0.0)
+        acc_g = _mma(x, wg, acc_g, INPUT_PRECISION, UPCAST_DOT)
+        acc_u = _mma(x, wu, acc_u, INPUT_PRECISION, UPCAST_DOT)
+        xa = _mma(x, a, xa, INPUT_PRECISION, UPCAST_DOT)
+
+    # expand in the epilogue: rows [0, R) of the [RS_PAD, BLOCK_N] tile are B_gate.T, [R, 2R) B_up.T
+    xa_c = xa.to(dt)
+    bg = tl.load(bg_ptr + rows_n[None, :] * R + offs_r[:, None], mask=is_g[:, None] & mask_n[None, :],
+                 other=0.0)
+    bu = tl.load(bu_ptr + rows_n[None, :] * R + (offs_r[:, None] - R), mask=is_u[:, None] & mask_n[None, :],
+                 other=0.0)
+    gate = _mma(xa_c, bg, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, UPCAST_DOT)
+    up = _mma(xa_c, bu, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, UPCAST_DOT)
+    gate = (acc_g + scaling * gate).to(dt)
+    up = (acc_u + scaling * up).to(dt)
+    gf = gate.to(tl.float32)
+    h = gf * tl.sigmoid(gf) * up.to(tl.float32)
+
+    out = rows_m[:, None] * I + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(h_ptr + out, h.to(dt), mask=mask)
+    if SAVE:
+        tl.store(g_ptr + out, gate, mask=mask)
+        tl.store(u_ptr + out, up, mask=mask)
+        if pid_n == 0:
+            tl.store(xa_ptr + rows_m[:, None] * (2 * R) + offs_r[None, :], xa_c,
+                     mask=mask_m[:, None] & (offs_r[None, :] < 2 * R))
+
+
+@triton.jit
+def _fwd_down_kernel(
+    h_ptr, wd_ptr, ad_ptr, bd_ptr,  # inputs
+    y_ptr, ha_ptr,  # outputs
+    N, H, I, R, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    SAVE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Tile [BLOCK_M, BLOCK_N] of y = h @ w_down.T + s * (h @ a_down.T) @ b_down.T; K loop over I."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    dt = h_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < N
+    mask_n = offs_n < H
+    mask_r = offs_r < R
+    rows_m = offs_m.to(tl.int64)
+    rows_n = offs_n.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ha = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < I
+        h = tl.load(h_ptr + rows_m[:, None] * I + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        wd = tl.load(wd_ptr + rows_n[None, :] * I + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :],
+                     other=0.0)
+        ad = tl.load(ad_ptr + offs_r[None, :] * I + offs_k[:, None], mask=mask_k[:, None] & mask_r[None, :],
+                     other=0.0)
+        acc = _mma(h, wd, acc, INPUT_PRECISION, UPCAST_DOT)
+        ha = _mma(h, ad, ha, INPUT_PRECISION, UPCAST_DOT)
+
+    ha_c = ha.to(dt)
+    bd = tl.load(bd_ptr + rows_n[None, :] * R + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :],
+                 other=0.0)
+    lora = _mma(ha_c, bd, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, UPCAST_DOT)
+    y = acc + scaling * lora
+    tl.store(y_ptr + rows_m[:, None] * H + offs_n[None, :], y.to(dt), mask=mask_m[:, None] & mask_n[None, :])
+    if SAVE:
+        if pid_n == 0:
+            tl.store(ha_ptr + rows_m[:, None] * R + offs_r[None, :], ha_c,
+                     mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    dy_ptr, wd_ptr, ad_ptr, bd_ptr, g_ptr, u_ptr, xa_ptr, ha_ptr,  # inputs
+    dg_ptr, du_ptr, dbg_ptr, dbu_ptr, dbd_ptr, dad_ptr,  # outputs (db*/dad: fp32 workspaces)
+    N, H, I, R, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    NEED_DB: tl.constexpr, NEED_DA: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Tile [BLOCK_M, BLOCK_N] of dgate/dup; K loop over H reading dy once.
+
+    dh = dy @ w_down + s * (dy @ b_down) @ a_down, then the SwiGLU backward on the recomputed h.
+    Reductions over N (atomics into fp32 workspaces): dB_gate = s * dgate.T @ xa_gate,
+    dB_up = s * dup.T @ xa_up, dB_down = s * dy.T @ ha (row tiles with pid_n == 0, inside the K loop),
+    dA_down = s * (dy @ b_down).T @ h.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    dt = dy_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < N
+    mask_n = offs_n < I
+    mask_r = offs_r < R
+    rows_m = offs_m.to(tl.int64)
+    rows_n = offs_n.to(tl.int64)
+
+    if NEED_DB:
+        ha = tl.load(ha_ptr + rows_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
+                     other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dyb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < H
+        rows_k = offs_k.to(tl.int64)
+        dy = tl.load(dy_ptr + rows_m[:, None] * H + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                     other=0.0)
+        wd = tl.load(wd_ptr + rows_k[:, None] * I + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :],
+                     other=0.0)
+        bd = tl.load(bd_ptr + rows_k[:, None] * R + offs_r[None, :], mask=mask_k[:, None] & mask_r[None, :],
+                     other=0.0)
+        acc = _mma(dy, wd, acc, INPUT_PRECISION, UPCAST_DOT)
+        dyb = _mma(dy, bd, dyb, INPUT_PRECISION, UPCAST_DOT)
+        if NEED_DB:
+            if pid_n == 0:
+                dbd = _mma(tl.trans(dy), ha, tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32), INPUT_PRECISION,
+                           UPCAST_DOT)
+                tl.atomic_add(dbd_ptr + rows_k[:, None] * R + offs_r[None, :], scaling * dbd,
+                              mask=mask_k[:, None] & mask_r[None, :])
+
+    dyb_c = dyb.to(dt)
+    ad = tl.load(ad_ptr + offs_r[:, None] * I + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
+                 other=0.0)
+    dh = _mma(dyb_c, ad, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, UPCAST_DOT)
+    dh = (acc + scaling * dh).to(dt).to(tl.float32)
+
+    tile = rows_m[:, None] * I + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    gate = tl.load(g_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    dgate = (dh * up * sig * (1.0 + gate * (1.0 - sig))).to(dt)
+    dup = (dh * silu).to(dt)
+    tl.store(dg_ptr + tile, dgate, mask=mask)
+    tl.store(du_ptr + tile, dup, mask=mask)
+
+    if NEED_DB:
+        xa_rows = xa_ptr + rows_m[:, None] * (2 * R) + offs_r[None, :]
+        xa_mask = mask_m[:, None] & mask_r[None, :]
+        xag = tl.load(xa_rows, mask=xa_mask, other=0.0)
+        xau = tl.load(xa_rows + R, mask=xa_mask, other=0.0)
+        zero = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+        dbg = _mma(tl.trans(dgate), xag, zero, INPUT_PRECISION, UPCAST_DOT)
+        dbu = _mma(tl.trans(dup), xau, zero, INPUT_PRECISION, UPCAST_DOT)
+        db_off = rows_n[:, None] * R + offs_r[None, :]
+        db_mask = mask_n[:, None] & mask_r[None, :]
+        tl.atomic_add(dbg_ptr + db_off, scaling * dbg, mask=db_mask)
+        tl.atomic_add(dbu_ptr + db_off, scaling * dbu, mask=db_mask)
+    if NEED_DA:
+        h = (silu * up).to(dt)
+        dad = _mma(tl.trans(dyb_c), h, tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32), INPUT_PRECISION,
+                   UPCAST_DOT)
+        tl.atomic_add(dad_ptr + offs_r[:, None] * I + offs_n[None, :], scaling * dad,
+                      mask=mask_r[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    dg_ptr, du_ptr, wg_ptr, wu_ptr, ag_ptr, au_ptr, bg_ptr, bu_ptr, x_ptr,  # inputs
+    dx_ptr, da_ptr,  # outputs (da: fp32 workspace [2R, H], stacked)
+    N, H, I, R, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RS_PAD: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Tile [BLOCK_M, BLOCK_N] of dx; K loop over I reading dgate/dup once.
+
+    dx = dgate @ w_gate + dup @ w_up + s * (dgate @ b_gate | dup @ b_up) @ [A_gate; A_up] (stacked), and
+    [dA_gate; dA_up] = s * (dgate @ b_gate | dup @ b_up).T @ x reduced over N (atomics).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    dt = dg_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, RS_PAD)
+    mask_m = offs_m < N
+    mask_n = offs_n < H
+    rows_m = offs_m.to(tl.int64)
+    is_g = offs_r < R
+    is_u = (offs_r >= R) & (offs_r < 2 * R)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dgb = tl.zeros((BLOCK_M, RS_PAD), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < I
+        rows_k = offs_k.to(tl.int64)
+        in_mask = mask_m[:, None] & mask_k[None, :]
+        dg = tl.load(dg_ptr + rows_m[:, None] * I + offs_k[None, :], mask=in_mask, other=0.0)
+        du = tl.load(du_ptr + rows_m[:, None] * I + offs_k[None, :], mask=in_mask, other=0.0)
+        # [BLOCK_K, RS_PAD]: columns [0, R) = B_gate, [R, 2R) = B_up (the other half zero)
+        bg = tl.load(bg_ptr + rows_k[:, None] * R + offs_r[None, :], mask=mask_k[:, None] & is_g[None, :],
+                     other=0.0)
+        bu = tl.load(bu_ptr + rows_k[:, None] * R + (offs_r[None, :] - R),
+                     mask=mask_k[:, None] & is_u[None, :], other=0.0)
+        dgb = _mma(dg, bg, dgb, INPUT_PRECISION, UPCAST_DOT)
+        dgb = _mma(du, bu, dgb, INPUT_PRECISION, UPCAST_DOT)
+        if NEED_DX:
+            w_mask = mask_k[:, None] & mask_n[None, :]
+            wg = tl.load(wg_ptr + rows_k[:, None] * H + offs_n[None, :], mask=w_mask, other=0.0)
+            wu = tl.load(wu_ptr + rows_k[:, None] * H + offs_n[None, :], mask=w_mask, other=0.0)
+            acc = _mma(dg, wg, acc, INPUT_PRECISION, UPCAST_DOT)
+            acc = _mma(du, wu, acc, INPUT_PRECISION, UPCAST_DOT)
+
+    dgb_c = dgb.to(dt)
+    if NEED_DX:
+        a = tl.load(ag_ptr + offs_r[:, None] * H + offs_n[None, :], mask=is_g[:, None] & mask_n[None, :],
+                    other=0.0)
+        a += tl.load(au_ptr + (offs_r[:, None] - R) * H + offs_n[None, :], mask=is_u[:, None] & mask_n[None, :],
+                     other=0.0)
+        lora = _mma(dgb_c, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, UPCAST_DOT)
+        dx = acc + scaling * lora
+        tl.store(dx_ptr + rows_m[:, None] * H + offs_n[None, :], dx.to(dt),
+                 mask=mask_m[:, None] & mask_n[None, :])
+    if NEED_DA:
+        x = tl.load(x_ptr + rows_m[:, None] * H + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
+                    other=0.0)
+        da = _mma(tl.trans(dgb_c), x, tl.zeros((RS_PAD, BLOCK_N), dtype=tl.float32), INPUT_PRECISION,
+                  UPCAST_DOT)
+        tl.atomic_add(da_ptr + offs_r[:, None] * H + offs_n[None, :], scaling * da,
+                      mask=(offs_r[:, None] < 2 * R) & mask_n[None, :])
+
+
+@triton.jit
+def _sgd_apply_one(b_ptr, ws_ptr, numel, lr, offs):
+    mask = offs < numel
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    tl.store(b_ptr + offs, (b.to(tl.float32) - lr * g).to(b_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sgd_apply_kernel(b0_ptr, w0_ptr, n0, b1_ptr, w1_ptr, n1, b2_ptr, w2_ptr, n2, lr, BLOCK: tl.constexpr):
+    """B_i -= lr * dB_i for the three B's (axis 1 picks which); dB_i from the fp32 workspace."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    which = tl.program_id(1)
+    if which == 0:
+        _sgd_apply_one(b0_ptr, w0_ptr, n0, lr, offs)
+    elif which == 1:
+        _sgd_apply_one(b1_ptr, w1_ptr, n1, lr, offs)
+    else:
+        _sgd_apply_one(b2_ptr, w2_ptr, n2, lr, offs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch configuration (inspectable: tests assert every config would compile on a GPU)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one kernel (upper bounds: clamped to the problem)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class LoRAMLPConfig:
+    """One `KernelConfig` per kernel, plus the fp32 `tl.dot` precision ("ieee" matches torch's default)."""
+
+    fwd_gate_up: KernelConfig
+    fwd_down: KernelConfig
+    bwd_dh: KernelConfig
+    bwd_dx: KernelConfig
+    fp32_precision: str = "ieee"
+
+
+def default_config(dtype: torch.dtype) -> LoRAMLPConfig:
+    """Tiles tuned by hand for an H100 (16-bit: tensor-core tiles; fp32: smaller, shared memory bound)."""
+    if dtype == torch.float32:
+        two = KernelConfig(64, 64, 32, num_warps=4, num_stages=3)
+        one = KernelConfig(64, 64, 32, num_warps=4, num_stages=3)
+    else:
+        two = KernelConfig(64, 128, 64, num_warps=8, num_stages=3)  # two accumulators (gate/up; dgate/dup)
+        one = KernelConfig(128, 128, 64, num_warps=8, num_stages=3)
+    return LoRAMLPConfig(fwd_gate_up=two, fwd_down=one, bwd_dh=one, bwd_dx=two)
+
+
+def _pow2_block(limit: int, size: int) -> int:
+    """A power-of-2 block in [MIN_DOT, limit], no larger than `size` rounded up."""
+    return max(MIN_DOT, min(triton.next_power_of_2(limit), triton.next_power_of_2(max(size, 1))))
+
+
+def _rank_blocks(r: int) -> tuple[int, int]:
+    """(R_PAD, RS_PAD): padded blocks for one projection's rank and the stacked gate/up pair."""
+    return max(MIN_DOT, triton.next_power_of_2(r)), max(MIN_DOT, triton.next_power_of_2(2 * r))
+
+
+def launch_configs(
+    n: int, h: int, i: int, r: int, dtype: torch.dtype = torch.bfloat16, config: LoRAMLPConfig | None = None
+) -> dict[str, dict]:
+    """Every launch `lora_mlp` makes for x [n, h], intermediate size i and rank r.
+
+    Returns {kernel name: {"grid", "constexprs", "num_warps", "num_stages", "dots"}}, where "dots" lists the
+    (M, N, K) shape of every `tl.dot` in that kernel, so a test can check the GPU compiler's rules
+    (every dimension >= 16, power-of-2 blocks) without a GPU.
+    """
+    cfg = config or default_config(dtype)
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"LoRA rank {r} is outside 1..{MAX_RANK} (the padded rank block is {MAX_RANK})")
+    rp, rs = _rank_blocks(r)
+    out: dict[str, dict] = {}
+    # (kernel, config, output rows, output cols, reduction, rank block)
+    for name, kc, cols, red, rb in (
+        ("fwd_gate_up", cfg.fwd_gate_up, i, h, rs),
+        ("fwd_down", cfg.fwd_down, h, i, rp),
+        ("bwd_dh", cfg.bwd_dh, i, h, rp),
+        ("bwd_dx", cfg.bwd_dx, h, i, rs),
+    ):
+        bm, bn, bk = _pow2_block(kc.block_m, n), _pow2_block(kc.block_n, cols), _pow2_block(kc.block_k, red)
+        if name == "fwd_gate_up":  # x@Wg, x@Wu, x@A; expand xa@Bg, xa@Bu
+            dots = [(bm, bn, bk)] * 2 + [(bm, rb, bk)] + [(bm, bn, rb)] * 2
+        elif name == "fwd_down":  # h@Wd, h@Ad; expand ha@Bd
+            dots = [(bm, bn, bk), (bm, rb, bk), (bm, bn, rb)]
+        elif name == "bwd_dh":  # dy@Wd, dy@Bd, dy.T@ha; dyb@Ad; dgate.T@xa_g, dup.T@xa_u; dyb.T@h
+            dots = [(bm, bn, bk), (bm, rb, bk), (bk, rb, bm), (bm, bn, rb), (bn, rb, bm), (bn, rb, bm),
+                    (rb, bn, bm)]
+        else:  # dg@Wg, du@Wu, dg@Bg, du@Bu; dgb@A; dgb.T@x
+            dots = [(bm, bn, bk)] * 2 + [(bm, rb, bk)] * 2 + [(bm, bn, rb), (rb, bn, bm)]
+        rank_key = "RS_PAD" if rb == rs and name in ("fwd_gate_up", "bwd_dx") else "R_PAD"
+        out[name] = {
+            "grid": (triton.cdiv(n, bm), triton.cdiv(cols, bn)),
+            "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, rank_key: rb},
+            "num_warps": kc.num_warps,
+            "num_stages": kc.num_stages,
+            "dots": dots,
+        }
+    out["sgd_apply"] = {
+        "grid": (triton.cdiv(max(i, h) * r, _APPLY_BLOCK), 3),
+        "constexprs": {"BLOCK": _APPLY_BLOCK},
+        "num_warps": 4,
+        "num_stages": 1,
+        "dots": [],
+    }
+    return out
+
+
+_APPLY_BLOCK = 1024
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _precision(dtype: torch.dtype, cfg: LoRAMLPConfig) -> str:
+    return cfg.fp32_precision if dtype == torch.float32 else "tf32"  # (ignored for 16-bit operands)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(x: torch.Tensor, w: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
+    """Raise a clear error for anything the kernels would get wrong; returns (N, H, I, r)."""
+    tensors = {"x": x, **w}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"lora_mlp: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"lora_mlp: {name} must be 2-D, got shape {tuple(t.shape)} (flatten x to [N, H])")
+    dtype, device = x.dtype, x.device
+    if dtype not in _DTYPES:
+        raise TypeError(f"lora_mlp: dtype {dtype} not supported (float32, float16 or bfloat16)")
+    for name, t in tensors.items():
+        if t.dtype != dtype:
+            raise TypeError(f"lora_mlp: mixed dtypes: x is {dtype} but {name} is {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"lora_mlp: mixed devices: x is on {device} but {name} is on {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"lora_mlp: {name} must be contiguous (shape {tuple(t.shape)}, "
+                             f"strides {t.stride()}); call .contiguous() first")
+    if device.type != "cuda" and not _interpreting():
+        raise RuntimeError(f"lora_mlp (triton): tensors are on {device}; Triton needs CUDA tensors, "
+                           "or TRITON_INTERPRET=1 set before importing tmem_kernels for CPU tensors")
+    n, h = x.shape
+    i = w["w_gate"].shape[0]
+    r = w["a_gate"].shape[0]
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"lora_mlp: LoRA rank {r} is larger than the padded rank block ({MAX_RANK})"
+                         if r > MAX_RANK else f"lora_mlp: LoRA rank must be >= 1, got {r}")
+    expected = {
+        "w_gate": (i, h), "w_up": (i, h), "w_down": (h, i),
+        "a_gate": (r, h), "a_up": (r, h), "a_down": (r, i),
+        "b_gate": (i, r), "b_up": (i, r), "b_down": (h, r),
+    }  # fmt: skip
+    for name, shape in expected.items():
+        if tuple(w[name].shape) != shape:
+            raise ValueError(f"lora_mlp: {name} has shape {tuple(w[name].shape)}, expected {shape} "
+                             f"for x [{n}, {h}], intermediate size {i} and rank {r}")
+    return n, h, i, r
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+
+def _forward(x, wg, wu, wd, ag, bg, au, bu, ad, bd, scaling, save, cfg):
+    n, h = x.shape
+    i, r = wg.shape[0], ag.shape[0]
+    lc = launch_configs(n, h, i, r, x.dtype, cfg)
+    prec, upcast = _precision(x.dtype, cfg), _interpreting()
+    hid = torch.empty((n, i), device=x.device, dtype=x.dtype)
+    y = torch.empty((n, h), device=x.device, dtype=x.dtype)
+    gate = torch.empty_like(hid) if save else hid
+    up = torch.empty_like(hid) if save else hid
+    xa = torch.empty((n, 2 * r), device=x.device, dtype=x.dtype) if save else hid
+    ha = torch.empty((n, r), device=x.device, dtype=x.dtype) if save else hid
+    if n == 0:
+        return y, gate, up, xa, ha
+    c = lc["fwd_gate_up"]
+    _fwd_gate_up_kernel[c["grid"]](
+        x, wg, wu, ag, au, bg, bu, hid, gate, up, xa, n, h, i, r, float(scaling),
+        **c["constexprs"], SAVE=save, INPUT_PRECISION=prec, UPCAST_DOT=upcast,
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )  # fmt: skip
+    c = lc["fwd_down"]
+    _fwd_down_kernel[c["grid"]](
+        hid, wd, ad, bd, y, ha, n, h, i, r, float(scaling),
+        **c["constexprs"], SAVE=save, INPUT_PRECISION=prec, UPCAST_DOT=upcast,
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )  # fmt: skip
+    return y, gate, up, xa, ha
+
+
+def _backward(dy, x, wg, wu, wd, ag, bg, au, bu, ad, bd, gate, up, xa, ha, scaling, need_dx, need_db,
+              need_da, cfg):  # fmt: skip
+    """Returns (dx | None, [dB_gate, dB_up, dB_down] fp32 | None, [dA_gate, dA_up, dA_down] fp32 | None)."""
+    n, h = x.shape
+    i, r = wg.shape[0], ag.shape[0]
+    lc = launch_configs(n, h, i, r, x.dtype, cfg)
+    prec, upcast = _precision(x.dtype, cfg), _interpreting()
+    sizes = [i * r, i * r, h * r] + ([r * h, r * h, r * i] if need_da else [])
+    ws = torch.zeros(sum(sizes), device=x.device, dtype=torch.float32)
+    parts = list(torch.split(ws, sizes))
+    dbg, dbu, dbd = parts[0].view(i, r), parts[1].view(i, r), parts[2].view(h, r)
+    if need_da:
+        da_gu, dad = ws[sum(sizes[:3]) : sum(sizes[:5])].view(2 * r, h), parts[5].view(r, i)
+    else:
+        da_gu = dad = ws
+    dgate = torch.empty_like(gate)
+    dup = torch.empty_like(up)
+    dx = torch.empty_like(x) if need_dx else None
+    if n > 0:
+        c = lc["bwd_dh"]
+        _bwd_dh_kernel[c["grid"]](
+            dy, wd, ad, bd, gate, up, xa, ha, dgate, dup, dbg, dbu, dbd, dad, n, h, i, r, float(scaling),
+            **c["constexprs"], NEED_DB=need_db, NEED_DA=need_da, INPUT_PRECISION=prec, UPCAST_DOT=upcast,
+            num_warps=c["num_warps"], num_stages=c["num_stages"],
+        )  # fmt: skip
+        if need_dx or need_da:
+            c = lc["bwd_dx"]
+            _bwd_dx_kernel[c["grid"]](
+                dgate, dup, wg, wu, ag, au, bg, bu, x, dx if need_dx else dgate, da_gu, n, h, i, r,
+                float(scaling), **c["constexprs"], NEED_DX=need_dx, NEED_DA=need_da, INPUT_PRECISION=prec,
+                UPCAST_DOT=upcast, num_warps=c["num_warps"], num_stages=c["num_stages"],
+            )  # fmt: skip
+    db = [dbg, dbu, dbd] if need_db else None
+    da = [da_gu[:r], da_gu[r:], dad] if need_da else None
+    return dx, db, da
+
+
+def _sgd_apply_(bs: list[torch.Tensor], dbs: list[torch.Tensor], lr: float) -> None:
+    """B -= lr * dB for the three B's in one launch (dB: fp32 workspaces of the same shapes)."""
+    numel = max(b.numel() for b in bs)
+    if numel == 0:
+        return
+    grid = (triton.cdiv(numel, _APPLY_BLOCK), 3)
+    _sgd_apply_kernel[grid](
+        bs[0], dbs[0], bs[0].numel(), bs[1], dbs[1], bs[1].numel(), bs[2], dbs[2], bs[2].numel(), float(lr),
+        BLOCK=_APPLY_BLOCK,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd
+# ------------------------------------------------------------------------------------------------
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+    """Autograd wrapper of the fused kernels. Inputs in `lora_mlp`'s order, then scaling, sgd_lr, config."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling, sgd_lr,
+                config):  # fmt: skip
+        save = any(ctx.needs_input_grad[i] for i in (0, 4, 5, 6, 7, 8, 9))
+        y, gate, up, xa, ha = _forward(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+                                       scaling, save, config)  # fmt: skip
+        if save:
+            ctx.save_for_backward(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+                                  gate, up, xa, ha)  # fmt: skip
+        ctx.scaling, ctx.sgd_lr, ctx.config = scaling, sgd_lr, config
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, wg, wu, wd, ag, bg, au, bu, ad, bd, gate, up, xa, ha = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        need_dx = nig[0]
+        need_db = any(nig[i] for i in (5, 7, 9))
+        need_da = any(nig[i] for i in (4, 6, 8))
+        dy = dy.contiguous()
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype)
+        dx, db, da = _backward(dy, x, wg, wu, wd, ag, bg, au, bu, ad, bd, gate, up, xa, ha, ctx.scaling,
+                               need_dx, need_db, need_da, ctx.config)  # fmt: skip
+        grads_b: list[torch.Tensor | None] = [None, None, None]
+        if db is not None:
+            bs = [bg, bu, bd]
+            if ctx.sgd_lr is not None:
+                # every kernel that reads B has run: update in place, hand autograd no gradient
+                _sgd_apply_(bs, [g if nig[k] else torch.zeros_like(g) for g, k in zip(db, (5, 7, 9))],
+                            ctx.sgd_lr)  # fmt: skip
+                torch.autograd.graph.increment_version([b for b, k in zip(bs, (5, 7, 9)) if nig[k]])
+            else:
+                grads_b = [g.to(b.dtype) if nig[k] else None for g, b, k in zip(db, bs, (5, 7, 9))]
+        grads_a: list[torch.Tensor | None] = [None, None, None]
+        if da is not None:
+            grads_a = [g.to(a.dtype) if nig[k] else None for g, a, k in zip(da, (ag, au, ad), (4, 6, 8))]
+        return (dx, None, None, None, grads_a[0], grads_b[0], grads_a[1], grads_b[1], grads_a[2], grads_b[2],
+                None, None, None)  # fmt: skip
+
+
+def lora_mlp(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    a_gate: torch.Tensor,
+    b_gate: torch.Tensor,
+    a_up: torch.Tensor,
+    b_up: torch.Tensor,
+    a_down: torch.Tensor,
+    b_down: torch.Tensor,
+    scaling: float = 1.0,
+    sgd_lr: float | None = None,
+    *,
+    config: LoRAMLPConfig | None = None,
+) -> torch.Tensor:
+    """Fused LoRA SwiGLU MLP, x [N, H] -> y [N, H] (shapes as in `reference.lora_mlp`; all contiguous, one
+    dtype and device; rank r <= MAX_RANK).
+
+    w_gate, w_up [I, H]; w_down [H, I]; a_gate, a_up [r, H]; a_down [r, I]; b_gate, b_up [I, r];
+    b_down [H, r]. Differentiable w.r.t. x, the b_* and the a_* (whichever require grad); the w_* are frozen.
+    `sgd_lr`: if given, the backward updates every b_* that requires grad in place, `B -= sgd_lr * dB`
+    (after dx was computed with the old B), and returns no gradient for it. `config` overrides the tiles.
+    """
+    weights = dict(w_gate=w_gate, w_up=w_up, w_down=w_down, a_gate=a_gate, b_gate=b_gate, a_up=a_up,
+                   b_up=b_up, a_down=a_down, b_down=b_down)  # fmt: skip
+    _check_inputs(x, weights)
+    if sgd_lr is not None and not isinstance(sgd_lr, (int, float)):
+        raise TypeError(f"lora_mlp: sgd_lr must be a float or None, got {type(sgd_lr).__name__}")
+    if config is None:
+        config = default_config(x.dtype)
+    for name, t in weights.items():
+        if name.startswith("w_") and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"lora_mlp: {name} requires grad, but the base weights are frozen here "
+                             "(no kernel computes their gradient); detach them or set requires_grad=False")
+    return LoRAMLPFunction.apply(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+                                 float(scaling), None if sgd_lr is None else float(sgd_lr), config)  # fmt: skip
+
+
+# for introspection in tests and benchmarks
+def config_dict(cfg: LoRAMLPConfig) -> dict:
+    """The config as a plain dict (for logs and benchmark metadata)."""
+    return asdict(cfg)
