@@ -1,0 +1,144 @@
+"""Run a transformers decoder piecewise: embed, any slice of decoder layers, final norm, head.
+
+The write path needs what `model(...)` does not offer: stop after the frozen trunk (layers below the
+first adapted one), cache that, and later run only the adapted layers, with a shared prefix computed
+once and its keys/values broadcast to every row. This module drives the model's own submodules
+(embedding, rotary embedding, decoder layers, final norm, lm_head) for the Llama-family layout that
+Llama, Qwen2/3 and Mistral share; `supports_piecewise(model)` says when it applies.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from tmem_runtime.models import decoder_layers
+
+PIECEWISE_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def supports_piecewise(model: nn.Module) -> bool:
+    """Whether `Decoder` can drive this model (Llama-family layout, full attention everywhere)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in PIECEWISE_MODEL_TYPES:
+        return False
+    if (
+        getattr(config, "use_sliding_window", False)
+        or getattr(config, "sliding_window", None)
+        and any(t != "full_attention" for t in (getattr(config, "layer_types", None) or []))
+    ):
+        return False
+    inner = getattr(model, "model", None)
+    return all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "norm", "layers")) and hasattr(
+        model, "lm_head"
+    )
+
+
+class PrefixKV:
+    """A minimal cache object for HF attention modules: a shared prefix's keys/values.
+
+    In "record" mode (`update` on a batch-1 prefix) it stores each layer's keys/values; in "extend"
+    mode it returns [prefix (broadcast to the batch) ; new] without storing anything. HF attention
+    calls only `update(key, value, layer_idx, ...)` on the cache it is given.
+    """
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.recording = True
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.recording:
+            self.kv[layer_idx] = (key, value)
+            return key, value
+        pk, pv = self.kv[layer_idx]
+        b = key.shape[0]
+        return (
+            torch.cat([pk.expand(b, -1, -1, -1), key], dim=2),
+            torch.cat([pv.expand(b, -1, -1, -1), value], dim=2),
+        )
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        kv = self.kv.get(layer_idx)
+        return 0 if kv is None else kv[0].shape[2]
+
+
+def additive_mask(lengths: torch.Tensor, q_len: int, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Causal + right-padding mask, additive. lengths [B] (real query tokens per row) -> [B, 1, Q, P+Q].
+
+    Query i (absolute position P+i) sees every prefix key and suffix keys j <= i with j < length.
+    """
+    device = lengths.device
+    q = torch.arange(q_len, device=device)
+    causal = q[None, :] <= q[:, None]  # [Q, Q]
+    valid = q[None, :] < lengths[:, None]  # [B, Q]
+    allowed = causal[None] & valid[:, None, :]  # [B, Q, Q]
+    if prefix_len:
+        allowed = torch.cat([allowed.new_ones(allowed.shape[0], q_len, prefix_len), allowed], dim=2)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+class Decoder:
+    """Piecewise forward through a Llama-family causal LM's own submodules."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if not supports_piecewise(model):
+            raise ValueError(
+                f"{type(model).__name__} is not a Llama-family decoder the piecewise path drives"
+            )
+        self.model = model
+        self.inner = model.model
+        self.layers = decoder_layers(model)
+        params = inspect.signature(type(self.layers[0]).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.embed_tokens.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] -> hidden [B, T, H]."""
+        return self.inner.embed_tokens(input_ids)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        stop: int,
+        lengths: torch.Tensor | None = None,
+        prefix: PrefixKV | None = None,
+    ) -> torch.Tensor:
+        """Decoder layers [start, stop) on hidden [B, T, H] -> [B, T, H].
+
+        `lengths` [B]: real tokens per row (right padding), None when no row is padded. `prefix`: a
+        PrefixKV; recording when `prefix.recording`, else the rows continue that prefix.
+        """
+        b, t, _ = hidden.shape
+        p = 0 if prefix is None or prefix.recording else prefix.get_seq_length(start)
+        positions = torch.arange(p, p + t, device=hidden.device)[None]
+        cos_sin = self.inner.rotary_emb(hidden, positions)
+        if lengths is None and p == 0:
+            mask = None  # plain causal: SDPA's is_causal path
+        else:
+            if lengths is None:
+                lengths = torch.full((b,), t, device=hidden.device)
+            mask = additive_mask(lengths, t, p, hidden.dtype)
+        kwargs = {self._cache_kw: prefix}
+        for layer in self.layers[start:stop]:
+            out = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=positions,
+                position_embeddings=cos_sin,
+                use_cache=prefix is not None,
+                **kwargs,
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + lm_head. hidden [..., H] -> logits [..., V] (float32)."""
+        return self.model.lm_head(self.inner.norm(hidden)).float()

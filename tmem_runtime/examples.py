@@ -1,0 +1,90 @@
+"""Training examples for a write: QA flashcards through the chat template, or plain text.
+
+An example is (input_ids, labels), labels unshifted with -100 where ignored, as Hugging Face takes
+them. `write_batches` turns a list of examples into the epochs x batches a recipe asks for, with a
+seeded shuffle, so the fast path and the PEFT reference see exactly the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tmem_runtime.recipes import Recipe
+from tmem_runtime.write import IGNORE_INDEX
+
+Example = tuple[list[int], list[int]]
+LOSS_ON = ("answer", "all")
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
+    """Token ids of the chat-template prompt asking `question`, ending where the answer starts."""
+    messages = [{"role": "user", "content": question}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = f"Question: {question}\nAnswer: "
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _answer_suffix(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What closes an assistant turn in this tokenizer's template (e.g. "<|im_end|>\\n")."""
+    eos = tokenizer.eos_token or ""
+    return eos + ("\n" if eos == "<|im_end|>" else "")
+
+
+def qa_example(
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    answer: str,
+    loss_on: str = "answer",
+    max_length: int = 256,
+) -> Example:
+    """One flashcard as a chat turn. Loss on the answer (and its end-of-turn) or on all tokens."""
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+    question, answer = question.strip(), answer.strip()
+    if not question or not answer:
+        raise ValueError(f"empty question or answer in flashcard ({question!r}, {answer!r})")
+    prompt = chat_prompt_ids(tokenizer, question)
+    target = tokenizer(answer + _answer_suffix(tokenizer), add_special_tokens=False)["input_ids"]
+    ids = (prompt + target)[:max_length]
+    labels = ids.copy() if loss_on == "all" else ([IGNORE_INDEX] * len(prompt) + target)[:max_length]
+    return ids, labels
+
+
+def text_examples(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int = 256) -> list[Example]:
+    """Plain text as next-token examples on every token, cut into windows of `max_length` tokens."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    step = max_length - len(bos)
+    return [
+        (bos + ids[i : i + step], bos + ids[i : i + step])
+        for i in range(0, len(ids), step)
+        if ids[i : i + step]
+    ]
+
+
+def collate(examples: Sequence[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad examples into {"input_ids", "attention_mask", "labels"}, each [B, T]."""
+    t = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), t), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), t), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), t), dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def write_schedule(n_examples: int, recipe: Recipe, seed: int = 0) -> list[list[int]]:
+    """Example indices of every step: `recipe.epochs` seeded shuffles cut into `batch_size` batches."""
+    gen = torch.Generator().manual_seed(seed)
+    steps = []
+    for _ in range(recipe.epochs if n_examples else 0):
+        order = torch.randperm(n_examples, generator=gen).tolist()
+        steps += [order[i : i + recipe.batch_size] for i in range(0, n_examples, recipe.batch_size)]
+    return steps

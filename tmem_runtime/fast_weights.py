@@ -1,0 +1,479 @@
+"""FastWeights: a rank-r LoRA on gate/up/down of the last decoder layers, in one flat buffer.
+
+    fw = FastWeights(model)                      # attach in place: A0 = S_r V_r^T (frozen), B0 = 0
+    fw.write_qa(tokenizer, [(q, a), ...])        # train flashcards into B; writes accumulate
+    model.generate(...)                          # reads the memory
+    fw.reset()                                   # episode boundary: back to the fresh attach state
+    fw.save(path); fw.load(path)                 # one safetensors file, atomic save
+    fw.detach()                                  # the model exactly as it was
+
+`backend="peft"` builds the reference path (PEFT LoRA + a torch optimizer) behind the same API.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tmem_kernels import reference
+from tmem_runtime.backends import kernel_ops, resolve_backend
+from tmem_runtime.decoder import Decoder, supports_piecewise
+from tmem_runtime.examples import Example, collate, qa_example, text_examples, write_schedule
+from tmem_runtime.layout import AdapterLayout, AdapterSlot
+from tmem_runtime.models import MLP_TARGETS, target_mlps
+from tmem_runtime.recipes import OPTIMIZERS, Recipe, get_recipe
+from tmem_runtime.write import IGNORE_INDEX, TrunkCache, adapted_loss, encode_trunk, right_padded_lengths
+
+INITS = ("svd", "random", "pissa")
+SVD_METHODS = ("randomized", "exact")
+FILE_FORMAT = "tmem-fast-weights/1"
+
+
+class FastWeightsError(RuntimeError):
+    """Base class of the runtime's write/load errors."""
+
+
+class NonFiniteLossError(FastWeightsError):
+    """A write step produced a NaN/inf loss or update; the adapter kept its last good state."""
+
+
+class AdapterFileError(FastWeightsError):
+    """An adapter file is corrupt or does not match this model/adapter; nothing was changed."""
+
+
+def _adamw_defaults(weight_decay: float) -> dict:
+    return dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay)
+
+
+class FastWeights:
+    """Fast weights on `gate_proj`/`up_proj`/`down_proj` of the last `num_layers` decoder layers.
+
+    model: a transformers causal LM (modified in place until `detach()`). rank: LoRA rank r.
+    init: "svd" (TMEM: A = S_r V_r^T frozen, B = 0), "random" (Kaiming A, B = 0) or "pissa"
+    (A = sqrt(S_r) V_r^T, B = U_r sqrt(S_r), base weight replaced by the residual, restored exactly).
+    backend: "auto" | "triton" | "native" | "torch" | "peft" (reference). svd: "randomized" | "exact".
+    """
+
+    def __new__(cls, model: nn.Module, *args, backend: str = "auto", **kwargs):
+        if cls is FastWeights and backend == "peft":
+            from tmem_runtime.peft_reference import PeftFastWeights
+
+            return super().__new__(PeftFastWeights)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        rank: int = 6,
+        num_layers: int = 4,
+        init: str = "svd",
+        backend: str = "auto",
+        svd: str = "exact",
+        scaling: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if svd not in SVD_METHODS:
+            raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
+        if getattr(model, "_tmem_fast_weights", None) is not None:
+            raise FastWeightsError("this model already has fast weights attached; detach() them first")
+        self.model = model
+        self.rank, self.num_layers, self.init, self.svd, self.scaling, self.seed = (
+            rank,
+            num_layers,
+            init,
+            svd,
+            scaling,
+            seed,
+        )
+        self.mlps = target_mlps(model, num_layers)
+        self.first_layer = self.mlps[0][0]
+        slots = [
+            AdapterSlot(idx, t, getattr(mlp, t).out_features, getattr(mlp, t).in_features)
+            for idx, mlp in self.mlps
+            for t in MLP_TARGETS
+        ]
+        self.layout = AdapterLayout(slots, rank)
+        weight = self.mlps[0][1].gate_proj.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.backend = resolve_backend(backend, self.device)
+        self._attach()
+        model._tmem_fast_weights = self
+
+    # ---------------------------------------------------------------- initial factors
+    def _base_weights(self, target: str) -> list[torch.Tensor]:
+        return [getattr(mlp, target).weight for _, mlp in self.mlps]
+
+    def _svd(self, stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.svd == "randomized":
+            from tmem_kernels.rsvd import randomized_svd_top_r
+
+            return randomized_svd_top_r(stacked, self.rank, seed=self.seed)
+        return reference.svd_top_r(stacked, self.rank)
+
+    def initial_factors(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """{(layer, target): (A0 [r, in], B0 [out, r])} for this adapter's init, float32."""
+        out = {}
+        layers = [idx for idx, _ in self.mlps]
+        if self.init == "random":
+            gen = torch.Generator().manual_seed(self.seed)
+            for s in self.layout.slots:
+                bound = 1.0 / math.sqrt(s.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear/PEFT
+                a = (torch.rand(self.rank, s.in_features, generator=gen) * 2 - 1) * bound
+                out[(s.layer, s.target)] = (a, torch.zeros(s.out_features, self.rank))
+            return out
+        # Same-shape weights are stacked so one batched SVD covers them: [2L, I, H] and [L, H, I].
+        groups = [("gate_proj", "up_proj"), ("down_proj",)]
+        for group in groups:
+            stacked = torch.stack([w.detach().float() for t in group for w in self._base_weights(t)])
+            u, s, vh = self._svd(stacked)
+            names = [(layer, t) for t in group for layer in layers]
+            for k, key in enumerate(names):
+                if self.init == "svd":
+                    a, b = s[k, :, None] * vh[k], torch.zeros(u.shape[1], self.rank)
+                else:  # pissa
+                    root = s[k].sqrt()
+                    a, b = root[:, None] * vh[k], u[k] * root[None, :]
+                out[key] = (a, b)
+        return out
+
+    # ---------------------------------------------------------------- attach / detach
+    def _attach(self) -> None:
+        lay = self.layout
+        self.buffer = lay.allocate(self.dtype, self.device)
+        self.grad = torch.zeros_like(self.buffer)
+        self.exp_avg = torch.zeros_like(self.buffer)
+        self.exp_avg_sq = torch.zeros_like(self.buffer)
+        self._last_good = torch.zeros_like(self.buffer)
+        factors = self.initial_factors()
+        for i, s in enumerate(lay.slots):
+            a, b = factors[(s.layer, s.target)]
+            lay.a_view(self.buffer, i).copy_(a)
+            lay.b_view(self.buffer, i).copy_(b)
+        self._init_state = self.buffer.clone()
+        self._originals: list[torch.Tensor] = []
+        if self.init == "pissa":
+            with torch.no_grad():
+                for i, s in enumerate(lay.slots):
+                    w = getattr(self.mlps[i // 3][1], s.target).weight
+                    self._originals.append(w.detach().clone())
+                    w.sub_(
+                        (lay.b_view(self.buffer, i).float() @ lay.a_view(self.buffer, i).float()).to(w.dtype)
+                    )
+        self.ops = kernel_ops(self.backend)
+        self._bind(train_a=self.init == "pissa")
+        hidden_act = getattr(self.model.config, "hidden_act", "silu")
+        self._fused_act = hidden_act in ("silu", "swish")
+        for k, (_, mlp) in enumerate(self.mlps):
+            mlp.forward = partial(self._mlp_forward, k, mlp)
+        self._decoder = Decoder(self.model) if supports_piecewise(self.model) else None
+
+    def _bind(self, train_a: bool) -> None:
+        """(Re)create the trainable leaves (aliases of the flat buffer) and each module's views."""
+        nb = self.layout.b_numel
+        self._b_leaf = self.buffer[:nb].detach().requires_grad_(True)
+        self._b_leaf.grad = self.grad[:nb]
+        self._a_leaf = self.buffer[nb:].detach().requires_grad_(train_a)
+        if train_a:
+            self._a_leaf.grad = self.grad[nb:]
+        self.train_a = train_a
+        lay, views = self.layout, []
+        for k in range(len(self.mlps)):
+            per = []
+            for i in range(3 * k, 3 * k + 3):
+                per += [lay.a_view(self._a_leaf, i, base=nb), lay.b_view(self._b_leaf, i)]
+            views.append(tuple(per))
+        self._views = views
+
+    def _mlp_forward(self, k: int, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        a_g, b_g, a_u, b_u, a_d, b_d = self._views[k]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self._fused_act:
+            y = self.ops.lora_mlp(
+                x2,
+                mlp.gate_proj.weight,
+                mlp.up_proj.weight,
+                mlp.down_proj.weight,
+                a_g,
+                b_g,
+                a_u,
+                b_u,
+                a_d,
+                b_d,
+                self.scaling,
+            )
+        else:  # other activations (e.g. Gemma's GELU): the torch composition with the model's act_fn
+            s = self.scaling
+            gate = reference.lora_linear(x2, mlp.gate_proj.weight, a_g, b_g, s)
+            up = reference.lora_linear(x2, mlp.up_proj.weight, a_u, b_u, s)
+            y = reference.lora_linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, a_d, b_d, s)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    def detach(self) -> PreTrainedModel:
+        """Remove the fast weights; the model is exactly as it was before attach. Returns it."""
+        for _, mlp in self.mlps:
+            mlp.__dict__.pop("forward", None)
+        with torch.no_grad():
+            for i, orig in enumerate(self._originals):
+                getattr(self.mlps[i // 3][1], self.layout.slots[i].target).weight.copy_(orig)
+        self.model._tmem_fast_weights = None
+        return self.model
+
+    # ---------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Back to the fresh attach state (B = 0 for svd/random init), optimizer state cleared."""
+        with torch.no_grad():
+            self.buffer.copy_(self._init_state)
+            self.exp_avg.zero_()
+            self.exp_avg_sq.zero_()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A snapshot: {"layers.L.mlp.T.lora_A": [r, in], "...lora_B": [out, r]} (one copy of the buffer)."""
+        return self.layout.named_views(self.buffer.detach().clone())
+
+    def _current_tensors(self) -> dict[str, torch.Tensor]:
+        return self.layout.named_views(self.buffer)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Hot swap: validate every tensor, then copy into the existing buffers (no reallocation)."""
+        targets = self._current_tensors()
+        missing, unexpected = set(targets) - set(state), set(state) - set(targets)
+        if missing or unexpected:
+            raise AdapterFileError(
+                f"adapter state does not match: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
+            )
+        for name, dst in targets.items():
+            src = state[name]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise AdapterFileError(f"{name}: shape {tuple(src.shape)} != expected {tuple(dst.shape)}")
+            if not torch.is_floating_point(src) or not bool(torch.isfinite(src).all()):
+                raise AdapterFileError(f"{name}: not a finite floating-point tensor")
+        with torch.no_grad():
+            for name, dst in targets.items():
+                dst.copy_(state[name])
+
+    def metadata(self) -> dict[str, str]:
+        """What identifies this adapter: format, model, rank, layers, targets, init, shapes."""
+        cfg = self.model.config
+        model_id = (
+            f"{cfg.model_type}:{getattr(cfg, '_name_or_path', '') or 'unnamed'}:{cfg.num_hidden_layers}"
+        )
+        return {"format": FILE_FORMAT, "model": model_id, "init": self.init, **self.layout.describe()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the adapter to one safetensors file atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(
+                {k: v.contiguous() for k, v in self.state_dict().items()}, tmp, metadata=self.metadata()
+            )
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Load a file written by `save` into the existing buffers; on any mismatch nothing changes."""
+        try:
+            with safe_open(str(path), framework="pt", device=str(self.device)) as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises several types for a corrupt file
+            raise AdapterFileError(f"cannot read adapter file {path}: {exc}") from exc
+        expected = self.metadata()
+        for key in ("format", "model", "rank", "layers", "targets", "init", "shapes"):
+            if meta.get(key) != expected[key]:
+                raise AdapterFileError(
+                    f"adapter file {path} is for {key}={meta.get(key)!r}, this adapter has {expected[key]!r}"
+                )
+        self.load_state_dict(state)
+
+    # ---------------------------------------------------------------- writes
+    def write(
+        self,
+        batches: Iterable[dict[str, torch.Tensor]],
+        lr: float = 5e-4,
+        optimizer: str = "sgd",
+        train_a: bool = False,
+        weight_decay: float = 0.0,
+    ) -> list[float]:
+        """One optimizer step per batch; returns each step's loss (before its update).
+
+        batches: dicts with "input_ids", "attention_mask", "labels", each [B, T] (labels unshifted,
+        -100 where ignored). A batch object seen twice (epochs) reuses its trunk pass.
+        """
+        pools: dict[int, tuple[object, torch.Tensor]] = {}
+
+        def step_for(batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+            key = id(batch)
+            if key not in pools:
+                pools[key] = (self._encode_batch(batch), torch.arange(batch["input_ids"].shape[0]))
+            pool, rows = pools[key]
+            return partial(self._pool_loss, pool, rows)
+
+        recipe = Recipe(optimizer=optimizer, lr=lr, weight_decay=weight_decay)
+        return self._optimize((step_for(b) for b in batches), recipe, train_a)
+
+    def write_qa(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        pairs: Sequence[tuple[str, str]],
+        recipe: str | Recipe = "default",
+        seed: int = 0,
+        loss_on: str = "answer",
+        train_a: bool = False,
+    ) -> list[float]:
+        """Train (question, answer) flashcards, chat-templated, loss on answers by default.
+
+        Returns the per-step losses; an empty pair list is zero steps.
+        """
+        recipe = get_recipe(recipe)
+        examples = [qa_example(tokenizer, q, a, loss_on, recipe.max_length) for q, a in pairs]
+        return self.write_examples(examples, recipe, seed, train_a, pad_id=tokenizer.pad_token_id or 0)
+
+    def write_text(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        texts: Sequence[str],
+        recipe: str | Recipe = "default",
+        seed: int = 0,
+    ) -> list[float]:
+        """Next-token training on plain texts (all tokens), cut into recipe.max_length windows."""
+        recipe = get_recipe(recipe)
+        examples = [ex for t in texts if t.strip() for ex in text_examples(tokenizer, t, recipe.max_length)]
+        return self.write_examples(examples, recipe, seed, pad_id=tokenizer.pad_token_id or 0)
+
+    def write_examples(
+        self,
+        examples: Sequence[Example],
+        recipe: Recipe,
+        seed: int = 0,
+        train_a: bool = False,
+        pad_id: int = 0,
+    ) -> list[float]:
+        """The recipe's epochs x batches over tokenized examples (input_ids, labels)."""
+        schedule = write_schedule(len(examples), recipe, seed)
+        if not schedule:
+            return []
+        pool = self._encode_examples(examples, pad_id)
+        steps = (partial(self._pool_loss, pool, torch.tensor(rows)) for rows in schedule)
+        return self._optimize(steps, recipe, train_a)
+
+    # --- what differs between the fast path and the PEFT reference
+    def _encode_examples(self, examples: Sequence[Example], pad_id: int) -> object:
+        return self._encode_batch(collate(examples, pad_id))
+
+    def _encode_batch(self, batch: dict[str, torch.Tensor]) -> object:
+        ids, mask, labels = _check_batch(batch)
+        lengths = right_padded_lengths(mask)
+        if self._decoder is None or lengths is None:
+            return {
+                k: v.to(self.device)
+                for k, v in (("input_ids", ids), ("attention_mask", mask), ("labels", labels))
+            }
+        ids, lengths, labels = ids.to(self.device), lengths.to(self.device), labels.to(self.device)
+        return encode_trunk(self._decoder, self.first_layer, ids, lengths, labels)
+
+    def _pool_loss(self, pool: object, rows: torch.Tensor) -> torch.Tensor:
+        if isinstance(pool, TrunkCache):
+            return adapted_loss(self._decoder, self.first_layer, pool, rows.to(self.device))
+        batch = {k: v[rows] for k, v in pool.items()}  # generic path: a full forward
+        return self.model(**batch).loss
+
+    def _trainable(self) -> tuple[torch.Tensor, ...]:
+        nb = self.layout.b_numel
+        if self.train_a:
+            return (self.buffer, self.grad, self.exp_avg, self.exp_avg_sq)
+        return (self.buffer[:nb], self.grad[:nb], self.exp_avg[:nb], self.exp_avg_sq[:nb])
+
+    def _begin_write(self, recipe: Recipe, train_a: bool) -> None:
+        if train_a != self.train_a:
+            self._bind(train_a)
+        self.exp_avg.zero_()
+        self.exp_avg_sq.zero_()
+
+    def _zero_grad(self) -> None:
+        self.grad.zero_()
+
+    def _update(self, recipe: Recipe, step: int) -> None:
+        param, grad, exp_avg, exp_avg_sq = self._trainable()
+        with torch.no_grad():
+            if recipe.optimizer == "sgd":
+                self.ops.sgd_step_(param, grad, recipe.lr, recipe.weight_decay)
+            else:
+                self.ops.adamw_step_(
+                    param, grad, exp_avg, exp_avg_sq, step, recipe.lr, **_adamw_defaults(recipe.weight_decay)
+                )
+
+    def _snapshot(self) -> None:
+        self._last_good.copy_(self.buffer)
+
+    def _rollback(self) -> None:
+        with torch.no_grad():
+            self.buffer.copy_(self._last_good)
+
+    def _finite(self) -> bool:
+        return bool(torch.isfinite(self.buffer).all())
+
+    def _optimize(
+        self, steps: Iterable[Callable[[], torch.Tensor]], recipe: Recipe, train_a: bool
+    ) -> list[float]:
+        """Run the steps: loss, backward, update; a non-finite loss or update rolls back and raises."""
+        if recipe.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {recipe.optimizer!r}")
+        self._begin_write(recipe, train_a)
+        losses: list[float] = []
+        for step, loss_fn in enumerate(steps, start=1):
+            self._zero_grad()
+            loss = loss_fn()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"write step {step} produced loss {value}; the adapter keeps its state from step {step - 1}"
+                )
+            loss.backward()
+            self._snapshot()
+            self._update(recipe, step)
+            if not self._finite():
+                self._rollback()
+                raise NonFiniteLossError(
+                    f"write step {step} produced a non-finite update (loss {value:.4g}); rolled back to step {step - 1}"
+                )
+            losses.append(value)
+        return losses
+
+
+def _check_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate a write batch: input_ids/attention_mask/labels, same [B, T] shape, some labels kept."""
+    missing = [k for k in ("input_ids", "labels") if k not in batch]
+    if missing:
+        raise ValueError(
+            f"write batch is missing {missing}; expected input_ids, attention_mask, labels [B, T]"
+        )
+    ids, labels = batch["input_ids"], batch["labels"]
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    if ids.dim() != 2 or ids.shape != labels.shape or ids.shape != mask.shape:
+        raise ValueError(
+            f"write batch shapes differ: input_ids {tuple(ids.shape)}, attention_mask {tuple(mask.shape)}, "
+            f"labels {tuple(labels.shape)}; all must be [B, T]"
+        )
+    if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
+        raise ValueError("write batch has no trainable token: every label (after the shift) is -100")
+    return ids, mask, labels

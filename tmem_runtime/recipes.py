@@ -1,0 +1,49 @@
+"""Write recipes: optimizer, learning rate, epochs and batch size of one memory write.
+
+"paper" is TMEM's (SGD, lr 5e-4, 5 epochs, batch 16), tuned for 4B models; on the 135M embedded
+model it barely moves the loss. "default" is the recipe chosen by the sweep recorded in
+benchmarks/RESULTS.md (recall of 10 made-up facts on SmolLM2-135M).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one write trains: `epochs` passes over the examples in batches of `batch_size`."""
+
+    optimizer: str = "adamw"
+    lr: float = 1e-2
+    epochs: int = 10
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    max_length: int = 256
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not (self.lr > 0 and self.epochs >= 1 and self.batch_size >= 1 and self.max_length >= 2):
+            raise ValueError(f"invalid recipe {self}")
+
+    def with_(self, **changes) -> Recipe:
+        return replace(self, **changes)
+
+
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(optimizer="sgd", lr=5e-4, epochs=5, batch_size=16),
+    "default": Recipe(optimizer="adamw", lr=1e-2, epochs=10, batch_size=16),
+}
+
+
+def get_recipe(recipe: str | Recipe) -> Recipe:
+    """A Recipe from its name ("paper", "default") or itself."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    try:
+        return RECIPES[recipe]
+    except KeyError:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}") from None
