@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 BACKENDS = ("torch", "triton", "native")
 

@@ -86,9 +86,7 @@ class Decoder:
 
     def __init__(self, model: nn.Module) -> None:
         if not supports_piecewise(model):
-            raise ValueError(
-                f"{type(model).__name__} is not a Llama-family decoder the piecewise path drives"
-            )
+            raise ValueError(f"{type(model).__name__} is not a Llama-family decoder the piecewise path drives")
         self.model = model
         self.inner = model.model
         self.layers = decoder_layers(model)

@@ -60,11 +60,7 @@ def text_examples(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     step = max_length - len(bos)
-    return [
-        (bos + ids[i : i + step], bos + ids[i : i + step])
-        for i in range(0, len(ids), step)
-        if ids[i : i + step]
-    ]
+    return [(bos + ids[i : i + step], bos + ids[i : i + step]) for i in range(0, len(ids), step) if ids[i : i + step]]
 
 
 def collate(examples: Sequence[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:

@@ -168,9 +168,7 @@ class FastWeights:
                 for i, s in enumerate(lay.slots):
                     w = getattr(self.mlps[i // 3][1], s.target).weight
                     self._originals.append(w.detach().clone())
-                    w.sub_(
-                        (lay.b_view(self.buffer, i).float() @ lay.a_view(self.buffer, i).float()).to(w.dtype)
-                    )
+                    w.sub_((lay.b_view(self.buffer, i).float() @ lay.a_view(self.buffer, i).float()).to(w.dtype))
         self.ops = kernel_ops(self.backend)
         self._bind(train_a=self.init == "pissa")
         hidden_act = getattr(self.model.config, "hidden_act", "silu")
@@ -267,9 +265,7 @@ class FastWeights:
     def metadata(self) -> dict[str, str]:
         """What identifies this adapter: format, model, rank, layers, targets, init, shapes."""
         cfg = self.model.config
-        model_id = (
-            f"{cfg.model_type}:{getattr(cfg, '_name_or_path', '') or 'unnamed'}:{cfg.num_hidden_layers}"
-        )
+        model_id = f"{cfg.model_type}:{getattr(cfg, '_name_or_path', '') or 'unnamed'}:{cfg.num_hidden_layers}"
         return {"format": FILE_FORMAT, "model": model_id, "init": self.init, **self.layout.describe()}
 
     def save(self, path: str | os.PathLike) -> None:
@@ -279,9 +275,7 @@ class FastWeights:
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            save_file(
-                {k: v.contiguous() for k, v in self.state_dict().items()}, tmp, metadata=self.metadata()
-            )
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp, metadata=self.metadata())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -382,10 +376,7 @@ class FastWeights:
         ids, mask, labels = _check_batch(batch)
         lengths = right_padded_lengths(mask)
         if self._decoder is None or lengths is None:
-            return {
-                k: v.to(self.device)
-                for k, v in (("input_ids", ids), ("attention_mask", mask), ("labels", labels))
-            }
+            return {k: v.to(self.device) for k, v in (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
         ids, lengths, labels = ids.to(self.device), lengths.to(self.device), labels.to(self.device)
         return encode_trunk(self._decoder, self.first_layer, ids, lengths, labels)
 
@@ -430,9 +421,7 @@ class FastWeights:
     def _finite(self) -> bool:
         return bool(torch.isfinite(self.buffer).all())
 
-    def _optimize(
-        self, steps: Iterable[Callable[[], torch.Tensor]], recipe: Recipe, train_a: bool
-    ) -> list[float]:
+    def _optimize(self, steps: Iterable[Callable[[], torch.Tensor]], recipe: Recipe, train_a: bool) -> list[float]:
         """Run the steps: loss, backward, update; a non-finite loss or update rolls back and raises."""
         if recipe.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {recipe.optimizer!r}")
@@ -462,9 +451,7 @@ def _check_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     """Validate a write batch: input_ids/attention_mask/labels, same [B, T] shape, some labels kept."""
     missing = [k for k in ("input_ids", "labels") if k not in batch]
     if missing:
-        raise ValueError(
-            f"write batch is missing {missing}; expected input_ids, attention_mask, labels [B, T]"
-        )
+        raise ValueError(f"write batch is missing {missing}; expected input_ids, attention_mask, labels [B, T]")
     ids, labels = batch["input_ids"], batch["labels"]
     mask = batch.get("attention_mask")
     if mask is None:

@@ -39,9 +39,7 @@ class AdapterLayout:
             raise ValueError(f"rank must be >= 1, got {rank}")
         for s in slots:
             if rank > min(s.out_features, s.in_features):
-                raise ValueError(
-                    f"rank {rank} exceeds {s.prefix}'s smaller side ({s.out_features} x {s.in_features})"
-                )
+                raise ValueError(f"rank {rank} exceeds {s.prefix}'s smaller side ({s.out_features} x {s.in_features})")
         self.slots = list(slots)
         self.rank = rank
         offset = 0

@@ -174,8 +174,6 @@ def target_mlps(model: nn.Module, num_layers: int) -> list[tuple[int, nn.Module]
             )
         for t in MLP_TARGETS:
             if getattr(mlp, t).bias is not None:
-                raise ModelNotSupportedError(
-                    f"layer {idx} mlp.{t} has a bias; only bias-free MLPs are supported"
-                )
+                raise ModelNotSupportedError(f"layer {idx} mlp.{t} has a bias; only bias-free MLPs are supported")
         found.append((idx, mlp))
     return found

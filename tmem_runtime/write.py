@@ -78,9 +78,7 @@ def encode_trunk(
     prefix_hidden, prefix_kv = None, None
     if p:
         prefix_kv = PrefixKV()
-        prefix_hidden = decoder.run_layers(
-            decoder.embed(input_ids[:1, :p]), 0, first_adapted, prefix=prefix_kv
-        )
+        prefix_hidden = decoder.run_layers(decoder.embed(input_ids[:1, :p]), 0, first_adapted, prefix=prefix_kv)
         prefix_kv.recording = False
     suffix_lengths = lengths - p
     s = int(suffix_lengths.max())
@@ -119,9 +117,7 @@ def adapted_loss(decoder: Decoder, first_adapted: int, cache: TrunkCache, rows: 
         prefix_kv.recording = False
         parts.append(ph.expand(len(rows), -1, -1))
     padded = None if bool((lengths == s).all()) else lengths
-    parts.append(
-        decoder.run_layers(hidden, first_adapted, len(decoder.layers), lengths=padded, prefix=prefix_kv)
-    )
+    parts.append(decoder.run_layers(hidden, first_adapted, len(decoder.layers), lengths=padded, prefix=prefix_kv))
     full = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [b, P+S, H]
     targets = cache.labels[rows, 1 : p + s]  # position t predicts token t+1
     row_idx, pos_idx = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
