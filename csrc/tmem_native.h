@@ -1,0 +1,51 @@
+// Declarations of the native CPU kernels (fp32, contiguous, row-major). Python validates every
+// argument (dtype, device, contiguity, shapes) before calling in; these functions trust it.
+//
+// Pointers arrive as raw addresses (torch's `t.data_ptr()`), sizes as int64. All kernels are
+// OpenMP-parallel over `threads` threads (the caller passes torch.get_num_threads()).
+#pragma once
+
+#include <cstdint>
+
+namespace tmem {
+
+// ---- swiglu.cpp: plain SwiGLU over n elements ------------------------------------------------
+// h = silu(g) * u
+void swiglu_fwd(const float* g, const float* u, float* h, std::int64_t n, int threads);
+// dg = dh * u * sig * (1 + g * (1 - sig)), du = dh * silu(g), sig = sigmoid(g) recomputed
+void swiglu_bwd(const float* g, const float* u, const float* dh, float* dg, float* du, std::int64_t n,
+                int threads);
+
+// ---- optim.cpp: one optimizer step over a flat buffer of n elements, in place ----------------
+void sgd_step(float* p, const float* g, std::int64_t n, float lr, float weight_decay, int threads);
+void adamw_step(float* p, const float* g, float* m, float* v, std::int64_t n, float lr, float beta1,
+                float beta2, float eps, float weight_decay, float step_size, float sqrt_bc2,
+                int threads);
+
+// ---- lora_swiglu.cpp: LoRA expand epilogue of gate/up fused with SwiGLU -----------------------
+// Shapes (r = rank, N tokens, I intermediate size):
+//   gu     [2, N, I]  base products x @ W_gate.T (gu[0]) and x @ W_up.T (gu[1])
+//   xa     [N, 2r]    x @ [A_gate; A_up].T (gate in columns [0, r), up in [r, 2r))
+//   bg_t   [r, I]     B_gate.T         bu_t [r, I]  B_up.T          a_down [r, I]
+//
+// Forward: gate = gu[0] + s * xa_g @ B_gate.T, up likewise; writes h = silu(gate) * up [N, I] and
+// ha = h @ a_down.T [N, r].
+void lora_swiglu_fwd(const float* gu, const float* xa, const float* bg_t, const float* bu_t,
+                     const float* a_down, float* h, float* ha, std::int64_t N, std::int64_t I, int r,
+                     float s, int threads);
+
+// Backward, given dh_base = dy @ W_down [N, I] and dha = s * dy @ B_down [N, r]:
+//   dh = dh_base + dha @ a_down; (dgate, dup) = swiglu backward at the recomputed gate/up;
+//   writes dgu [2, N, I] (may be null: then only the reductions below are produced),
+//   dbg_t = s * xa_g.T @ dgate  [r, I]   (= dB_gate.T)      dbu_t likewise
+//   dxa   = s * [dgate @ B_gate, dup @ B_up]  [N, 2r]
+//   da_down = dha.T @ h  [r, I]  (only if da_down is not null; h is recomputed, never stored)
+void lora_swiglu_bwd(const float* gu, const float* xa, const float* bg_t, const float* bu_t,
+                     const float* a_down, const float* dh_base, const float* dha, float* dgu,
+                     float* dbg_t, float* dbu_t, float* dxa, float* da_down, std::int64_t N,
+                     std::int64_t I, int r, float s, int threads);
+
+// Largest rank the fused LoRA kernels accept.
+constexpr int kMaxRank = 64;
+
+}  // namespace tmem

@@ -1,0 +1,359 @@
+"""Native CPU backend: the pybind11 extension `tmem_kernels._native` behind the signatures of `reference`.
+
+Matrix products go through torch (MKL/oneDNN sgemm); what runs in C++ is everything elementwise
+around them, fused into single passes over memory (see `csrc/`):
+
+- `lora_mlp`: the LoRA expand epilogue of gate/up, SwiGLU and the down LoRA shrink in one forward
+  pass; in backward one pass recomputes gate/up (never stored), adds the down LoRA term to dh, runs
+  the SwiGLU backward and accumulates dB_gate, dB_up, s * dgate @ B_gate (and dA_down) on the fly.
+- `swiglu`, `swiglu_backward`: plain fused SwiGLU (sigmoid recomputed in backward).
+- `adamw_step_`: one pass over the flat buffer (the torch composition makes eight).
+- `sgd_step_`: one pass as well; see its docstring for which implementation the benchmark kept.
+
+Every wrapper validates its tensors (float32, CPU, contiguous, shapes) before any kernel runs and
+raises ValueError/TypeError with the offending argument's name. Kernels run with
+`torch.get_num_threads()` OpenMP threads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+try:
+    from tmem_kernels import _native
+except ImportError as exc:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "tmem_kernels._native (the native CPU extension) is not built: run "
+        "`pip install -e . --no-build-isolation` (or `make install`) in the tmem checkout. "
+        f"Original error: {exc}"
+    ) from exc
+
+MAX_RANK: int = _native.MAX_RANK
+
+__all__ = [
+    "MAX_RANK",
+    "adamw_step_",
+    "lora_mlp",
+    "lora_swiglu_backward",
+    "lora_swiglu_forward",
+    "sgd_step_",
+    "swiglu",
+    "swiglu_backward",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _check(t: object, name: str, shape: Sequence[int] | None = None) -> torch.Tensor:
+    """Raise unless `t` is a contiguous float32 CPU tensor (of `shape`, if given); return it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} is on {t.device}; the native backend runs on CPU tensors only")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} has dtype {t.dtype}; the native backend supports torch.float32 only")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+    return t
+
+
+def _check_same(ref: torch.Tensor, ref_name: str, **others: torch.Tensor) -> None:
+    """Check every tensor in `others` like `ref` (same shape, float32, CPU, contiguous)."""
+    for name, t in others.items():
+        _check(t, name)
+        if t.shape != ref.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {ref_name}'s {tuple(ref.shape)}")
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+# --------------------------------------------------------------------------------------------------
+# SwiGLU
+# --------------------------------------------------------------------------------------------------
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """h = silu(gate) * up in one pass. gate, up: same shape (any), float32, contiguous -> h."""
+    _check(gate, "gate")
+    _check_same(gate, "gate", up=up)
+    h = torch.empty_like(gate)
+    _native.swiglu_fwd(gate.data_ptr(), up.data_ptr(), h.data_ptr(), gate.numel(), _threads())
+    return h
+
+
+def swiglu_backward(
+    gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgate, dup) of h = silu(gate) * up given dh, in one pass (sigmoid recomputed); same shapes."""
+    _check(gate, "gate")
+    _check_same(gate, "gate", up=up, dh=dh)
+    dg, du = torch.empty_like(gate), torch.empty_like(gate)
+    _native.swiglu_bwd(
+        gate.data_ptr(), up.data_ptr(), dh.data_ptr(), dg.data_ptr(), du.data_ptr(), gate.numel(), _threads()
+    )
+    return dg, du
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA epilogue + SwiGLU (the elementwise heart of lora_mlp), usable on its own
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_rank(r: int) -> None:
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"LoRA rank must be in [1, {MAX_RANK}] for the native backend, got {r}")
+
+
+def lora_swiglu_forward(
+    gu: torch.Tensor,
+    xa: torch.Tensor,
+    b_gate: torch.Tensor,
+    b_up: torch.Tensor,
+    a_down: torch.Tensor,
+    scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused LoRA epilogue + SwiGLU + down shrink.
+
+    gu [2, N, I] = (x @ W_gate.T, x @ W_up.T); xa [N, 2r] = x @ [A_gate; A_up].T; b_gate, b_up [I, r];
+    a_down [r, I]. Returns h = silu(gu[0] + s xa_g B_gate^T) * (gu[1] + s xa_u B_up^T) [N, I] and
+    ha = h @ a_down.T [N, r].
+    """
+    _check(gu, "gu")
+    if gu.dim() != 3 or gu.shape[0] != 2:
+        raise ValueError(f"gu must have shape [2, N, I], got {tuple(gu.shape)}")
+    _, n, i = gu.shape
+    r = b_gate.shape[-1] if b_gate.dim() == 2 else -1
+    _check_rank(r)
+    _check(xa, "xa", (n, 2 * r))
+    _check(b_gate, "b_gate", (i, r))
+    _check(b_up, "b_up", (i, r))
+    _check(a_down, "a_down", (r, i))
+    bg_t, bu_t = b_gate.T.contiguous(), b_up.T.contiguous()
+    h = gu.new_empty(n, i)
+    ha = gu.new_empty(n, r)
+    _native.lora_swiglu_fwd(
+        gu.data_ptr(), xa.data_ptr(), bg_t.data_ptr(), bu_t.data_ptr(), a_down.data_ptr(),
+        h.data_ptr(), ha.data_ptr(), n, i, r, float(scaling), _threads(),
+    )  # fmt: skip
+    return h, ha
+
+
+def lora_swiglu_backward(
+    gu: torch.Tensor,
+    xa: torch.Tensor,
+    b_gate: torch.Tensor,
+    b_up: torch.Tensor,
+    a_down: torch.Tensor,
+    dh_base: torch.Tensor,
+    dha: torch.Tensor,
+    scaling: float = 1.0,
+    need_dgu: bool = True,
+    need_da_down: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Backward of `lora_swiglu_forward` (gate/up recomputed, never stored), in one pass.
+
+    dh_base [N, I] = dy @ W_down, dha [N, r] = s * dy @ B_down; the other arguments as in the forward.
+    Returns (dgu [2, N, I] or None, dB_gate [I, r], dB_up [I, r], dxa [N, 2r], dA_down [r, I] or None)
+    where dh = dh_base + dha @ a_down, dgu = SwiGLU backward of dh, dB_* = s * dgu[.].T @ xa_*,
+    dxa = s * [dgu[0] @ B_gate, dgu[1] @ B_up] and dA_down = dha.T @ h.
+    """
+    _check(gu, "gu")
+    if gu.dim() != 3 or gu.shape[0] != 2:
+        raise ValueError(f"gu must have shape [2, N, I], got {tuple(gu.shape)}")
+    _, n, i = gu.shape
+    r = b_gate.shape[-1] if b_gate.dim() == 2 else -1
+    _check_rank(r)
+    _check(xa, "xa", (n, 2 * r))
+    _check(b_gate, "b_gate", (i, r))
+    _check(b_up, "b_up", (i, r))
+    _check(a_down, "a_down", (r, i))
+    _check(dh_base, "dh_base", (n, i))
+    _check(dha, "dha", (n, r))
+    return _lora_swiglu_bwd(gu, xa, b_gate.T.contiguous(), b_up.T.contiguous(), a_down, dh_base, dha,
+                            float(scaling), need_dgu, need_da_down)  # fmt: skip
+
+
+def _lora_swiglu_bwd(gu, xa, bg_t, bu_t, a_down, dh_base, dha, s, need_dgu, need_da_down):  # noqa: ANN001
+    """The kernel call behind `lora_swiglu_backward`, on already-validated tensors (bg_t = B_gate.T)."""
+    _, n, i = gu.shape
+    r = bg_t.shape[0]
+    dgu = gu.new_empty(2, n, i) if need_dgu else None
+    dbg_t, dbu_t = gu.new_empty(r, i), gu.new_empty(r, i)
+    dxa = gu.new_empty(n, 2 * r)
+    da_down = gu.new_empty(r, i) if need_da_down else None
+    _native.lora_swiglu_bwd(
+        gu.data_ptr(), xa.data_ptr(), bg_t.data_ptr(), bu_t.data_ptr(), a_down.data_ptr(),
+        dh_base.data_ptr(), dha.data_ptr(), 0 if dgu is None else dgu.data_ptr(), dbg_t.data_ptr(),
+        dbu_t.data_ptr(), dxa.data_ptr(), 0 if da_down is None else da_down.data_ptr(), n, i, r, s,
+        _threads(),
+    )  # fmt: skip
+    return dgu, dbg_t.T.contiguous(), dbu_t.T.contiguous(), dxa, da_down
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused LoRA SwiGLU MLP
+# --------------------------------------------------------------------------------------------------
+
+
+class _LoRAMLP(torch.autograd.Function):
+    """Autograd of `lora_mlp`; inputs already validated, x flattened to [N, H]."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling):  # noqa: ANN001
+        n, i, r = x.shape[0], w_gate.shape[0], a_gate.shape[0]
+        a_gu = torch.cat([a_gate, a_up])  # [2r, H]: one shrink product for gate and up
+        xa = torch.mm(x, a_gu.T)  # [N, 2r]
+        gu = x.new_empty(2, n, i)
+        torch.mm(x, w_gate.T, out=gu[0])
+        torch.mm(x, w_up.T, out=gu[1])
+        bg_t, bu_t = b_gate.T.contiguous(), b_up.T.contiguous()
+        h, ha = x.new_empty(n, i), x.new_empty(n, r)
+        _native.lora_swiglu_fwd(
+            gu.data_ptr(), xa.data_ptr(), bg_t.data_ptr(), bu_t.data_ptr(), a_down.data_ptr(),
+            h.data_ptr(), ha.data_ptr(), n, i, r, scaling, _threads(),
+        )  # fmt: skip
+        y = torch.mm(h, w_down.T)
+        y.addmm_(ha, b_down.T, alpha=scaling)  # the down LoRA expand, on the base product's output
+        ctx.scaling = scaling
+        ctx.save_for_backward(x, w_gate, w_up, w_down, a_gu, bg_t, bu_t, a_down, b_down, gu, xa, ha)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: ANN001
+        x, w_gate, w_up, w_down, a_gu, bg_t, bu_t, a_down, b_down, gu, xa, ha = ctx.saved_tensors
+        s = ctx.scaling
+        need = ctx.needs_input_grad
+        need_x, need_ag, need_au, need_ad = need[0], need[4], need[6], need[8]
+        r = a_down.shape[0]
+        dy = dy.contiguous()
+        db_down = torch.mm(dy.T, ha).mul_(s) if need[9] else None  # [H, r]
+        dha = torch.mm(dy, b_down).mul_(s)  # [N, r]
+        dh_base = torch.mm(dy, w_down)  # [N, I]
+        dgu, db_gate, db_up, dxa, da_down = _lora_swiglu_bwd(
+            gu, xa, bg_t, bu_t, a_down, dh_base, dha, s, need_x, need_ad
+        )
+        del dh_base
+        dx = None
+        if need_x:
+            dx = torch.mm(dgu[0], w_gate)
+            dx.addmm_(dgu[1], w_up)
+            dx.addmm_(dxa, a_gu)
+        da_gate = da_up = None
+        if need_ag or need_au:
+            da_gu = torch.mm(dxa.T, x)  # [2r, H]
+            da_gate, da_up = da_gu[:r], da_gu[r:]
+        return (
+            dx, None, None, None,
+            da_gate if need_ag else None, db_gate if need[5] else None,
+            da_up if need_au else None, db_up if need[7] else None,
+            da_down, db_down, None,
+        )  # fmt: skip
+
+
+def lora_mlp(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    a_gate: torch.Tensor,
+    b_gate: torch.Tensor,
+    a_up: torch.Tensor,
+    b_up: torch.Tensor,
+    a_down: torch.Tensor,
+    b_down: torch.Tensor,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """SwiGLU MLP with LoRA on gate/up/down, as `reference.lora_mlp`; x [..., H] -> [..., H].
+
+    Shapes: w_gate, w_up [I, H]; w_down [H, I]; a_gate, a_up [r, H]; a_down [r, I]; b_gate, b_up [I, r];
+    b_down [H, r]; all float32, CPU, contiguous; 1 <= r <= MAX_RANK. Differentiable w.r.t. x, the b_*
+    and the a_* (whichever require grad). The base weights are frozen: a w_* that requires grad while
+    grad mode is on is an error (no gradient is computed for them).
+    """
+    _check(x, "x")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., H]")
+    _check(w_gate, "w_gate")
+    if w_gate.dim() != 2:
+        raise ValueError(f"w_gate must be [I, H], got shape {tuple(w_gate.shape)}")
+    i, h = w_gate.shape
+    if x.shape[-1] != h:
+        raise ValueError(f"x has hidden size {x.shape[-1]}, w_gate expects {h}")
+    _check(a_gate, "a_gate")
+    if a_gate.dim() != 2:
+        raise ValueError(f"a_gate must be [r, H], got shape {tuple(a_gate.shape)}")
+    r = a_gate.shape[0]
+    _check_rank(r)
+    for name, t, shape in (
+        ("w_up", w_up, (i, h)), ("w_down", w_down, (h, i)), ("a_gate", a_gate, (r, h)),
+        ("b_gate", b_gate, (i, r)), ("a_up", a_up, (r, h)), ("b_up", b_up, (i, r)),
+        ("a_down", a_down, (r, i)), ("b_down", b_down, (h, r)),
+    ):  # fmt: skip
+        _check(t, name, shape)
+    if torch.is_grad_enabled():
+        for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+            if w.requires_grad:
+                raise ValueError(
+                    f"{name} requires grad, but the native lora_mlp treats the base weights as frozen "
+                    "(call .requires_grad_(False) on them)"
+                )
+    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
+    lead = x.shape[:-1]
+    y = _LoRAMLP.apply(
+        x.reshape(-1, h), w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, float(scaling)
+    )
+    return y.reshape(*lead, h)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer steps over one flat buffer (in place)
+# --------------------------------------------------------------------------------------------------
+
+
+def sgd_step_(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float = 0.0) -> None:
+    """param -= lr * (grad + weight_decay * param), in place, in one pass. param, grad: same shape."""
+    _check(param, "param")
+    _check_same(param, "param", grad=grad)
+    _native.sgd_step(param.data_ptr(), grad.data_ptr(), param.numel(), float(lr), float(weight_decay),
+                     _threads())  # fmt: skip
+
+
+def adamw_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> None:
+    """One AdamW step in place (as torch.optim.AdamW), one pass. All four tensors: same shape.
+
+    `step` counts from 1 (this step). The bias corrections are computed here in double precision,
+    as torch does, and the fused kernel applies them.
+    """
+    _check(param, "param")
+    _check_same(param, "param", grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    if int(step) < 1:
+        raise ValueError(f"step counts from 1, got {step}")
+    step_size = lr / (1 - beta1**step)
+    sqrt_bc2 = math.sqrt(1 - beta2**step)
+    _native.adamw_step(
+        param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), param.numel(),
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), step_size, sqrt_bc2,
+        _threads(),
+    )  # fmt: skip
