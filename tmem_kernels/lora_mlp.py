@@ -28,12 +28,13 @@ run. With `sgd_lr`, that workspace is applied in place (`B -= sgd_lr * dB`) by o
 every kernel that reads B has run; autograd never sees a dB.
 
 Under TRITON_INTERPRET=1 (CPU tensors) the interpreter does not emulate bf16/fp16 `tl.dot`, so there
-the dot operands are upcast to fp32 (`UPCAST_DOT`); on a GPU the dots run natively on tensor cores.
+the dot operands are upcast to fp32 (`INTERPRET`); on a GPU the dots run natively on tensor cores.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
@@ -62,12 +63,22 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """acc + a @ b with fp32 accumulation (operands upcast to fp32 under the interpreter)."""
-    if UPCAST_DOT:
+    if INTERPRET:  # the interpreter computes 16-bit tl.dot wrongly
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _cast(v, dt: tl.constexpr, INTERPRET: tl.constexpr):
+    """v.to(dt), rounding to nearest even (the interpreter truncates fp32 -> bf16: emulate RTNE there)."""
+    if INTERPRET and dt == tl.bfloat16:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dt)
 
 
 @triton.jit
@@ -76,7 +87,7 @@ def _fwd_gate_up_kernel(
     h_ptr, g_ptr, u_ptr, xa_ptr,  # outputs
     N, H, I, R, scaling,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RS_PAD: tl.constexpr,
-    SAVE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SAVE: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Tile [BLOCK_M, BLOCK_N] of gate/up/h; K loop over H. xa = x @ [A_gate; A_up].T is [N, 2R]."""
     pid_m = tl.program_id(0)
@@ -108,26 +119,26 @@ def _fwd_gate_up_kernel(
                     other=0.0)
         a += tl.load(au_ptr + (offs_r[None, :] - R) * H + offs_k[:, None],
                      mask=mask_k[:, None] & is_u[None, :], other=0.0)
-        acc_g = _mma(x, wg, acc_g, INPUT_PRECISION, UPCAST_DOT)
-        acc_u = _mma(x, wu, acc_u, INPUT_PRECISION, UPCAST_DOT)
-        xa = _mma(x, a, xa, INPUT_PRECISION, UPCAST_DOT)
+        acc_g = _mma(x, wg, acc_g, INPUT_PRECISION, INTERPRET)
+        acc_u = _mma(x, wu, acc_u, INPUT_PRECISION, INTERPRET)
+        xa = _mma(x, a, xa, INPUT_PRECISION, INTERPRET)
 
     # expand in the epilogue: rows [0, R) of the [RS_PAD, BLOCK_N] tile are B_gate.T, [R, 2R) B_up.T
-    xa_c = xa.to(dt)
+    xa_c = _cast(xa, dt, INTERPRET)
     bg = tl.load(bg_ptr + rows_n[None, :] * R + offs_r[:, None], mask=is_g[:, None] & mask_n[None, :],
                  other=0.0)
     bu = tl.load(bu_ptr + rows_n[None, :] * R + (offs_r[:, None] - R), mask=is_u[:, None] & mask_n[None, :],
                  other=0.0)
-    gate = _mma(xa_c, bg, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, UPCAST_DOT)
-    up = _mma(xa_c, bu, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, UPCAST_DOT)
-    gate = (acc_g + scaling * gate).to(dt)
-    up = (acc_u + scaling * up).to(dt)
+    gate = _mma(xa_c, bg, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
+    up = _mma(xa_c, bu, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
+    gate = _cast(acc_g + scaling * gate, dt, INTERPRET)
+    up = _cast(acc_u + scaling * up, dt, INTERPRET)
     gf = gate.to(tl.float32)
     h = gf * tl.sigmoid(gf) * up.to(tl.float32)
 
     out = rows_m[:, None] * I + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
-    tl.store(h_ptr + out, h.to(dt), mask=mask)
+    tl.store(h_ptr + out, _cast(h, dt, INTERPRET), mask=mask)
     if SAVE:
         tl.store(g_ptr + out, gate, mask=mask)
         tl.store(u_ptr + out, up, mask=mask)
@@ -142,7 +153,7 @@ def _fwd_down_kernel(
     y_ptr, ha_ptr,  # outputs
     N, H, I, R, scaling,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-    SAVE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SAVE: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Tile [BLOCK_M, BLOCK_N] of y = h @ w_down.T + s * (h @ a_down.T) @ b_down.T; K loop over I."""
     pid_m = tl.program_id(0)
@@ -168,15 +179,16 @@ def _fwd_down_kernel(
                      other=0.0)
         ad = tl.load(ad_ptr + offs_r[None, :] * I + offs_k[:, None], mask=mask_k[:, None] & mask_r[None, :],
                      other=0.0)
-        acc = _mma(h, wd, acc, INPUT_PRECISION, UPCAST_DOT)
-        ha = _mma(h, ad, ha, INPUT_PRECISION, UPCAST_DOT)
+        acc = _mma(h, wd, acc, INPUT_PRECISION, INTERPRET)
+        ha = _mma(h, ad, ha, INPUT_PRECISION, INTERPRET)
 
-    ha_c = ha.to(dt)
+    ha_c = _cast(ha, dt, INTERPRET)
     bd = tl.load(bd_ptr + rows_n[None, :] * R + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :],
                  other=0.0)
-    lora = _mma(ha_c, bd, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, UPCAST_DOT)
+    lora = _mma(ha_c, bd, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
     y = acc + scaling * lora
-    tl.store(y_ptr + rows_m[:, None] * H + offs_n[None, :], y.to(dt), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(y_ptr + rows_m[:, None] * H + offs_n[None, :], _cast(y, dt, INTERPRET),
+             mask=mask_m[:, None] & mask_n[None, :])
     if SAVE:
         if pid_n == 0:
             tl.store(ha_ptr + rows_m[:, None] * R + offs_r[None, :], ha_c,
@@ -189,7 +201,7 @@ def _bwd_dh_kernel(
     dg_ptr, du_ptr, dbg_ptr, dbu_ptr, dbd_ptr, dad_ptr,  # outputs (db*/dad: fp32 workspaces)
     N, H, I, R, scaling,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-    NEED_DB: tl.constexpr, NEED_DA: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    NEED_DB: tl.constexpr, NEED_DA: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Tile [BLOCK_M, BLOCK_N] of dgate/dup; K loop over H reading dy once.
 
@@ -225,20 +237,20 @@ def _bwd_dh_kernel(
                      other=0.0)
         bd = tl.load(bd_ptr + rows_k[:, None] * R + offs_r[None, :], mask=mask_k[:, None] & mask_r[None, :],
                      other=0.0)
-        acc = _mma(dy, wd, acc, INPUT_PRECISION, UPCAST_DOT)
-        dyb = _mma(dy, bd, dyb, INPUT_PRECISION, UPCAST_DOT)
+        acc = _mma(dy, wd, acc, INPUT_PRECISION, INTERPRET)
+        dyb = _mma(dy, bd, dyb, INPUT_PRECISION, INTERPRET)
         if NEED_DB:
             if pid_n == 0:
                 dbd = _mma(tl.trans(dy), ha, tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32), INPUT_PRECISION,
-                           UPCAST_DOT)
+                           INTERPRET)
                 tl.atomic_add(dbd_ptr + rows_k[:, None] * R + offs_r[None, :], scaling * dbd,
                               mask=mask_k[:, None] & mask_r[None, :])
 
-    dyb_c = dyb.to(dt)
+    dyb_c = _cast(dyb, dt, INTERPRET)
     ad = tl.load(ad_ptr + offs_r[:, None] * I + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
                  other=0.0)
-    dh = _mma(dyb_c, ad, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, UPCAST_DOT)
-    dh = (acc + scaling * dh).to(dt).to(tl.float32)
+    dh = _mma(dyb_c, ad, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
+    dh = _cast(acc + scaling * dh, dt, INTERPRET).to(tl.float32)
 
     tile = rows_m[:, None] * I + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -246,8 +258,8 @@ def _bwd_dh_kernel(
     up = tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
-    dgate = (dh * up * sig * (1.0 + gate * (1.0 - sig))).to(dt)
-    dup = (dh * silu).to(dt)
+    dgate = _cast(dh * up * sig * (1.0 + gate * (1.0 - sig)), dt, INTERPRET)
+    dup = _cast(dh * silu, dt, INTERPRET)
     tl.store(dg_ptr + tile, dgate, mask=mask)
     tl.store(du_ptr + tile, dup, mask=mask)
 
@@ -257,16 +269,16 @@ def _bwd_dh_kernel(
         xag = tl.load(xa_rows, mask=xa_mask, other=0.0)
         xau = tl.load(xa_rows + R, mask=xa_mask, other=0.0)
         zero = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-        dbg = _mma(tl.trans(dgate), xag, zero, INPUT_PRECISION, UPCAST_DOT)
-        dbu = _mma(tl.trans(dup), xau, zero, INPUT_PRECISION, UPCAST_DOT)
+        dbg = _mma(tl.trans(dgate), xag, zero, INPUT_PRECISION, INTERPRET)
+        dbu = _mma(tl.trans(dup), xau, zero, INPUT_PRECISION, INTERPRET)
         db_off = rows_n[:, None] * R + offs_r[None, :]
         db_mask = mask_n[:, None] & mask_r[None, :]
         tl.atomic_add(dbg_ptr + db_off, scaling * dbg, mask=db_mask)
         tl.atomic_add(dbu_ptr + db_off, scaling * dbu, mask=db_mask)
     if NEED_DA:
-        h = (silu * up).to(dt)
+        h = _cast(silu * up, dt, INTERPRET)
         dad = _mma(tl.trans(dyb_c), h, tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32), INPUT_PRECISION,
-                   UPCAST_DOT)
+                   INTERPRET)
         tl.atomic_add(dad_ptr + offs_r[:, None] * I + offs_n[None, :], scaling * dad,
                       mask=mask_r[:, None] & mask_n[None, :])
 
@@ -277,7 +289,7 @@ def _bwd_dx_kernel(
     dx_ptr, da_ptr,  # outputs (da: fp32 workspace [2R, H], stacked)
     N, H, I, R, scaling,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RS_PAD: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Tile [BLOCK_M, BLOCK_N] of dx; K loop over I reading dgate/dup once.
 
@@ -310,53 +322,54 @@ def _bwd_dx_kernel(
                      other=0.0)
         bu = tl.load(bu_ptr + rows_k[:, None] * R + (offs_r[None, :] - R),
                      mask=mask_k[:, None] & is_u[None, :], other=0.0)
-        dgb = _mma(dg, bg, dgb, INPUT_PRECISION, UPCAST_DOT)
-        dgb = _mma(du, bu, dgb, INPUT_PRECISION, UPCAST_DOT)
+        dgb = _mma(dg, bg, dgb, INPUT_PRECISION, INTERPRET)
+        dgb = _mma(du, bu, dgb, INPUT_PRECISION, INTERPRET)
         if NEED_DX:
             w_mask = mask_k[:, None] & mask_n[None, :]
             wg = tl.load(wg_ptr + rows_k[:, None] * H + offs_n[None, :], mask=w_mask, other=0.0)
             wu = tl.load(wu_ptr + rows_k[:, None] * H + offs_n[None, :], mask=w_mask, other=0.0)
-            acc = _mma(dg, wg, acc, INPUT_PRECISION, UPCAST_DOT)
-            acc = _mma(du, wu, acc, INPUT_PRECISION, UPCAST_DOT)
+            acc = _mma(dg, wg, acc, INPUT_PRECISION, INTERPRET)
+            acc = _mma(du, wu, acc, INPUT_PRECISION, INTERPRET)
 
-    dgb_c = dgb.to(dt)
+    dgb_c = _cast(dgb, dt, INTERPRET)
     if NEED_DX:
         a = tl.load(ag_ptr + offs_r[:, None] * H + offs_n[None, :], mask=is_g[:, None] & mask_n[None, :],
                     other=0.0)
         a += tl.load(au_ptr + (offs_r[:, None] - R) * H + offs_n[None, :], mask=is_u[:, None] & mask_n[None, :],
                      other=0.0)
-        lora = _mma(dgb_c, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, UPCAST_DOT)
+        lora = _mma(dgb_c, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
         dx = acc + scaling * lora
-        tl.store(dx_ptr + rows_m[:, None] * H + offs_n[None, :], dx.to(dt),
+        tl.store(dx_ptr + rows_m[:, None] * H + offs_n[None, :], _cast(dx, dt, INTERPRET),
                  mask=mask_m[:, None] & mask_n[None, :])
     if NEED_DA:
         x = tl.load(x_ptr + rows_m[:, None] * H + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
                     other=0.0)
         da = _mma(tl.trans(dgb_c), x, tl.zeros((RS_PAD, BLOCK_N), dtype=tl.float32), INPUT_PRECISION,
-                  UPCAST_DOT)
+                  INTERPRET)
         tl.atomic_add(da_ptr + offs_r[:, None] * H + offs_n[None, :], scaling * da,
                       mask=(offs_r[:, None] < 2 * R) & mask_n[None, :])
 
 
 @triton.jit
-def _sgd_apply_one(b_ptr, ws_ptr, numel, lr, offs):
+def _sgd_apply_one(b_ptr, ws_ptr, numel, lr, offs, INTERPRET: tl.constexpr):
     mask = offs < numel
     b = tl.load(b_ptr + offs, mask=mask, other=0.0)
     g = tl.load(ws_ptr + offs, mask=mask, other=0.0)
-    tl.store(b_ptr + offs, (b.to(tl.float32) - lr * g).to(b_ptr.dtype.element_ty), mask=mask)
+    tl.store(b_ptr + offs, _cast(b.to(tl.float32) - lr * g, b_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
-def _sgd_apply_kernel(b0_ptr, w0_ptr, n0, b1_ptr, w1_ptr, n1, b2_ptr, w2_ptr, n2, lr, BLOCK: tl.constexpr):
+def _sgd_apply_kernel(b0_ptr, w0_ptr, n0, b1_ptr, w1_ptr, n1, b2_ptr, w2_ptr, n2, lr,
+                      BLOCK: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     """B_i -= lr * dB_i for the three B's (axis 1 picks which); dB_i from the fp32 workspace."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     which = tl.program_id(1)
     if which == 0:
-        _sgd_apply_one(b0_ptr, w0_ptr, n0, lr, offs)
+        _sgd_apply_one(b0_ptr, w0_ptr, n0, lr, offs, INTERPRET)
     elif which == 1:
-        _sgd_apply_one(b1_ptr, w1_ptr, n1, lr, offs)
+        _sgd_apply_one(b1_ptr, w1_ptr, n1, lr, offs, INTERPRET)
     else:
-        _sgd_apply_one(b2_ptr, w2_ptr, n2, lr, offs)
+        _sgd_apply_one(b2_ptr, w2_ptr, n2, lr, offs, INTERPRET)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,8 +508,11 @@ def _check_inputs(x: torch.Tensor, w: dict[str, torch.Tensor]) -> tuple[int, int
         raise RuntimeError(f"lora_mlp (triton): tensors are on {device}; Triton needs CUDA tensors, "
                            "or TRITON_INTERPRET=1 set before importing tmem_kernels for CPU tensors")
     n, h = x.shape
-    i = w["w_gate"].shape[0]
-    r = w["a_gate"].shape[0]
+    # I and r by majority, so that the error names the odd tensor out
+    i = Counter([w["w_gate"].shape[0], w["w_up"].shape[0], w["w_down"].shape[1], w["a_down"].shape[1],
+                 w["b_gate"].shape[0], w["b_up"].shape[0]]).most_common(1)[0][0]  # fmt: skip
+    r = Counter([w[k].shape[0] for k in ("a_gate", "a_up", "a_down")]
+                + [w[k].shape[1] for k in ("b_gate", "b_up", "b_down")]).most_common(1)[0][0]  # fmt: skip
     if not 1 <= r <= MAX_RANK:
         raise ValueError(f"lora_mlp: LoRA rank {r} is larger than the padded rank block ({MAX_RANK})"
                          if r > MAX_RANK else f"lora_mlp: LoRA rank must be >= 1, got {r}")
@@ -533,13 +549,13 @@ def _forward(x, wg, wu, wd, ag, bg, au, bu, ad, bd, scaling, save, cfg):
     c = lc["fwd_gate_up"]
     _fwd_gate_up_kernel[c["grid"]](
         x, wg, wu, ag, au, bg, bu, hid, gate, up, xa, n, h, i, r, float(scaling),
-        **c["constexprs"], SAVE=save, INPUT_PRECISION=prec, UPCAST_DOT=upcast,
+        **c["constexprs"], SAVE=save, INPUT_PRECISION=prec, INTERPRET=upcast,
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )  # fmt: skip
     c = lc["fwd_down"]
     _fwd_down_kernel[c["grid"]](
         hid, wd, ad, bd, y, ha, n, h, i, r, float(scaling),
-        **c["constexprs"], SAVE=save, INPUT_PRECISION=prec, UPCAST_DOT=upcast,
+        **c["constexprs"], SAVE=save, INPUT_PRECISION=prec, INTERPRET=upcast,
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )  # fmt: skip
     return y, gate, up, xa, ha
@@ -567,7 +583,7 @@ def _backward(dy, x, wg, wu, wd, ag, bg, au, bu, ad, bd, gate, up, xa, ha, scali
         c = lc["bwd_dh"]
         _bwd_dh_kernel[c["grid"]](
             dy, wd, ad, bd, gate, up, xa, ha, dgate, dup, dbg, dbu, dbd, dad, n, h, i, r, float(scaling),
-            **c["constexprs"], NEED_DB=need_db, NEED_DA=need_da, INPUT_PRECISION=prec, UPCAST_DOT=upcast,
+            **c["constexprs"], NEED_DB=need_db, NEED_DA=need_da, INPUT_PRECISION=prec, INTERPRET=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"],
         )  # fmt: skip
         if need_dx or need_da:
@@ -575,7 +591,7 @@ def _backward(dy, x, wg, wu, wd, ag, bg, au, bu, ad, bd, gate, up, xa, ha, scali
             _bwd_dx_kernel[c["grid"]](
                 dgate, dup, wg, wu, ag, au, bg, bu, x, dx if need_dx else dgate, da_gu, n, h, i, r,
                 float(scaling), **c["constexprs"], NEED_DX=need_dx, NEED_DA=need_da, INPUT_PRECISION=prec,
-                UPCAST_DOT=upcast, num_warps=c["num_warps"], num_stages=c["num_stages"],
+                INTERPRET=upcast, num_warps=c["num_warps"], num_stages=c["num_stages"],
             )  # fmt: skip
     db = [dbg, dbu, dbd] if need_db else None
     da = [da_gu[:r], da_gu[r:], dad] if need_da else None
@@ -590,7 +606,7 @@ def _sgd_apply_(bs: list[torch.Tensor], dbs: list[torch.Tensor], lr: float) -> N
     grid = (triton.cdiv(numel, _APPLY_BLOCK), 3)
     _sgd_apply_kernel[grid](
         bs[0], dbs[0], bs[0].numel(), bs[1], dbs[1], bs[1].numel(), bs[2], dbs[2], bs[2].numel(), float(lr),
-        BLOCK=_APPLY_BLOCK,
+        BLOCK=_APPLY_BLOCK, INTERPRET=_interpreting(),
     )  # fmt: skip
 
 
