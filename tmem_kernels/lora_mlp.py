@@ -85,7 +85,7 @@ def _cast(v, dt: tl.constexpr, INTERPRET: tl.constexpr):
 def _fwd_gate_up_kernel(
     x_ptr, wg_ptr, wu_ptr, ag_ptr, au_ptr, bg_ptr, bu_ptr,  # inputs
     h_ptr, g_ptr, u_ptr, xa_ptr,  # outputs
-    N, H, I, R, scaling,
+    N, H, I_DIM, R, scaling,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RS_PAD: tl.constexpr,
     SAVE: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
@@ -97,7 +97,7 @@ def _fwd_gate_up_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, RS_PAD)
     mask_m = offs_m < N
-    mask_n = offs_n < I
+    mask_n = offs_n < I_DIM
     rows_m = offs_m.to(tl.int64)
     rows_n = offs_n.to(tl.int64)
     is_g = offs_r < R
@@ -109,26 +109,33 @@ def _fwd_gate_up_kernel(
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < H
-        x = tl.load(x_ptr + rows_m[:, None] * H + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0)
+        x = tl.load(
+            x_ptr + rows_m[:, None] * H + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
         w_mask = mask_k[:, None] & mask_n[None, :]
         wg = tl.load(wg_ptr + rows_n[None, :] * H + offs_k[:, None], mask=w_mask, other=0.0)
         wu = tl.load(wu_ptr + rows_n[None, :] * H + offs_k[:, None], mask=w_mask, other=0.0)
         # stacked shrink factor [BLOCK_K, RS_PAD]: columns [0, R) = A_gate.T, [R, 2R) = A_up.T
-        a = tl.load(ag_ptr + offs_r[None, :] * H + offs_k[:, None], mask=mask_k[:, None] & is_g[None, :],
-                    other=0.0)
-        a += tl.load(au_ptr + (offs_r[None, :] - R) * H + offs_k[:, None],
-                     mask=mask_k[:, None] & is_u[None, :], other=0.0)
+        a = tl.load(
+            ag_ptr + offs_r[None, :] * H + offs_k[:, None], mask=mask_k[:, None] & is_g[None, :], other=0.0
+        )
+        a += tl.load(
+            au_ptr + (offs_r[None, :] - R) * H + offs_k[:, None],
+            mask=mask_k[:, None] & is_u[None, :],
+            other=0.0,
+        )
         acc_g = _mma(x, wg, acc_g, INPUT_PRECISION, INTERPRET)
         acc_u = _mma(x, wu, acc_u, INPUT_PRECISION, INTERPRET)
         xa = _mma(x, a, xa, INPUT_PRECISION, INTERPRET)
 
     # expand in the epilogue: rows [0, R) of the [RS_PAD, BLOCK_N] tile are B_gate.T, [R, 2R) B_up.T
     xa_c = _cast(xa, dt, INTERPRET)
-    bg = tl.load(bg_ptr + rows_n[None, :] * R + offs_r[:, None], mask=is_g[:, None] & mask_n[None, :],
-                 other=0.0)
-    bu = tl.load(bu_ptr + rows_n[None, :] * R + (offs_r[:, None] - R), mask=is_u[:, None] & mask_n[None, :],
-                 other=0.0)
+    bg = tl.load(
+        bg_ptr + rows_n[None, :] * R + offs_r[:, None], mask=is_g[:, None] & mask_n[None, :], other=0.0
+    )
+    bu = tl.load(
+        bu_ptr + rows_n[None, :] * R + (offs_r[:, None] - R), mask=is_u[:, None] & mask_n[None, :], other=0.0
+    )
     gate = _mma(xa_c, bg, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
     up = _mma(xa_c, bu, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
     gate = _cast(acc_g + scaling * gate, dt, INTERPRET)
@@ -136,26 +143,29 @@ def _fwd_gate_up_kernel(
     gf = gate.to(tl.float32)
     h = gf * tl.sigmoid(gf) * up.to(tl.float32)
 
-    out = rows_m[:, None] * I + offs_n[None, :]
+    out = rows_m[:, None] * I_DIM + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     tl.store(h_ptr + out, _cast(h, dt, INTERPRET), mask=mask)
     if SAVE:
         tl.store(g_ptr + out, gate, mask=mask)
         tl.store(u_ptr + out, up, mask=mask)
         if pid_n == 0:
-            tl.store(xa_ptr + rows_m[:, None] * (2 * R) + offs_r[None, :], xa_c,
-                     mask=mask_m[:, None] & (offs_r[None, :] < 2 * R))
+            tl.store(
+                xa_ptr + rows_m[:, None] * (2 * R) + offs_r[None, :],
+                xa_c,
+                mask=mask_m[:, None] & (offs_r[None, :] < 2 * R),
+            )
 
 
 @triton.jit
 def _fwd_down_kernel(
     h_ptr, wd_ptr, ad_ptr, bd_ptr,  # inputs
     y_ptr, ha_ptr,  # outputs
-    N, H, I, R, scaling,
+    N, H, I_DIM, R, scaling,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     SAVE: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """Tile [BLOCK_M, BLOCK_N] of y = h @ w_down.T + s * (h @ a_down.T) @ b_down.T; K loop over I."""
+    """Tile [BLOCK_M, BLOCK_N] of y = h @ w_down.T + s * (h @ a_down.T) @ b_down.T; K loop over I_DIM."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     dt = h_ptr.dtype.element_ty
@@ -170,36 +180,50 @@ def _fwd_down_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ha = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
+    for k0 in range(0, I_DIM, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < I
-        h = tl.load(h_ptr + rows_m[:, None] * I + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0)
-        wd = tl.load(wd_ptr + rows_n[None, :] * I + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :],
-                     other=0.0)
-        ad = tl.load(ad_ptr + offs_r[None, :] * I + offs_k[:, None], mask=mask_k[:, None] & mask_r[None, :],
-                     other=0.0)
+        mask_k = offs_k < I_DIM
+        h = tl.load(
+            h_ptr + rows_m[:, None] * I_DIM + offs_k[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        wd = tl.load(
+            wd_ptr + rows_n[None, :] * I_DIM + offs_k[:, None],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        ad = tl.load(
+            ad_ptr + offs_r[None, :] * I_DIM + offs_k[:, None],
+            mask=mask_k[:, None] & mask_r[None, :],
+            other=0.0,
+        )
         acc = _mma(h, wd, acc, INPUT_PRECISION, INTERPRET)
         ha = _mma(h, ad, ha, INPUT_PRECISION, INTERPRET)
 
     ha_c = _cast(ha, dt, INTERPRET)
-    bd = tl.load(bd_ptr + rows_n[None, :] * R + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :],
-                 other=0.0)
+    bd = tl.load(
+        bd_ptr + rows_n[None, :] * R + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0
+    )
     lora = _mma(ha_c, bd, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
     y = acc + scaling * lora
-    tl.store(y_ptr + rows_m[:, None] * H + offs_n[None, :], _cast(y, dt, INTERPRET),
-             mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(
+        y_ptr + rows_m[:, None] * H + offs_n[None, :],
+        _cast(y, dt, INTERPRET),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
     if SAVE:
         if pid_n == 0:
-            tl.store(ha_ptr + rows_m[:, None] * R + offs_r[None, :], ha_c,
-                     mask=mask_m[:, None] & mask_r[None, :])
+            tl.store(
+                ha_ptr + rows_m[:, None] * R + offs_r[None, :], ha_c, mask=mask_m[:, None] & mask_r[None, :]
+            )
 
 
 @triton.jit
 def _bwd_dh_kernel(
     dy_ptr, wd_ptr, ad_ptr, bd_ptr, g_ptr, u_ptr, xa_ptr, ha_ptr,  # inputs
     dg_ptr, du_ptr, dbg_ptr, dbu_ptr, dbd_ptr, dad_ptr,  # outputs (db*/dad: fp32 workspaces)
-    N, H, I, R, scaling,
+    N, H, I_DIM, R, scaling,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     NEED_DB: tl.constexpr, NEED_DA: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
@@ -217,42 +241,53 @@ def _bwd_dh_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
     mask_m = offs_m < N
-    mask_n = offs_n < I
+    mask_n = offs_n < I_DIM
     mask_r = offs_r < R
     rows_m = offs_m.to(tl.int64)
     rows_n = offs_n.to(tl.int64)
 
     if NEED_DB:
-        ha = tl.load(ha_ptr + rows_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
-                     other=0.0)
+        ha = tl.load(
+            ha_ptr + rows_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0
+        )
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dyb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < H
         rows_k = offs_k.to(tl.int64)
-        dy = tl.load(dy_ptr + rows_m[:, None] * H + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                     other=0.0)
-        wd = tl.load(wd_ptr + rows_k[:, None] * I + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :],
-                     other=0.0)
-        bd = tl.load(bd_ptr + rows_k[:, None] * R + offs_r[None, :], mask=mask_k[:, None] & mask_r[None, :],
-                     other=0.0)
+        dy = tl.load(
+            dy_ptr + rows_m[:, None] * H + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
+        wd = tl.load(
+            wd_ptr + rows_k[:, None] * I_DIM + offs_n[None, :],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        bd = tl.load(
+            bd_ptr + rows_k[:, None] * R + offs_r[None, :], mask=mask_k[:, None] & mask_r[None, :], other=0.0
+        )
         acc = _mma(dy, wd, acc, INPUT_PRECISION, INTERPRET)
         dyb = _mma(dy, bd, dyb, INPUT_PRECISION, INTERPRET)
         if NEED_DB:
             if pid_n == 0:
-                dbd = _mma(tl.trans(dy), ha, tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32), INPUT_PRECISION,
-                           INTERPRET)
-                tl.atomic_add(dbd_ptr + rows_k[:, None] * R + offs_r[None, :], scaling * dbd,
-                              mask=mask_k[:, None] & mask_r[None, :])
+                dbd = _mma(
+                    tl.trans(dy), ha, tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32), INPUT_PRECISION, INTERPRET
+                )
+                tl.atomic_add(
+                    dbd_ptr + rows_k[:, None] * R + offs_r[None, :],
+                    scaling * dbd,
+                    mask=mask_k[:, None] & mask_r[None, :],
+                )
 
     dyb_c = _cast(dyb, dt, INTERPRET)
-    ad = tl.load(ad_ptr + offs_r[:, None] * I + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
-                 other=0.0)
+    ad = tl.load(
+        ad_ptr + offs_r[:, None] * I_DIM + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0.0
+    )
     dh = _mma(dyb_c, ad, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
     dh = _cast(acc + scaling * dh, dt, INTERPRET).to(tl.float32)
 
-    tile = rows_m[:, None] * I + offs_n[None, :]
+    tile = rows_m[:, None] * I_DIM + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     gate = tl.load(g_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
@@ -277,21 +312,25 @@ def _bwd_dh_kernel(
         tl.atomic_add(dbu_ptr + db_off, scaling * dbu, mask=db_mask)
     if NEED_DA:
         h = _cast(silu * up, dt, INTERPRET)
-        dad = _mma(tl.trans(dyb_c), h, tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32), INPUT_PRECISION,
-                   INTERPRET)
-        tl.atomic_add(dad_ptr + offs_r[:, None] * I + offs_n[None, :], scaling * dad,
-                      mask=mask_r[:, None] & mask_n[None, :])
+        dad = _mma(
+            tl.trans(dyb_c), h, tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET
+        )
+        tl.atomic_add(
+            dad_ptr + offs_r[:, None] * I_DIM + offs_n[None, :],
+            scaling * dad,
+            mask=mask_r[:, None] & mask_n[None, :],
+        )
 
 
 @triton.jit
 def _bwd_dx_kernel(
     dg_ptr, du_ptr, wg_ptr, wu_ptr, ag_ptr, au_ptr, bg_ptr, bu_ptr, x_ptr,  # inputs
     dx_ptr, da_ptr,  # outputs (da: fp32 workspace [2R, H], stacked)
-    N, H, I, R, scaling,
+    N, H, I_DIM, R, scaling,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RS_PAD: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """Tile [BLOCK_M, BLOCK_N] of dx; K loop over I reading dgate/dup once.
+    """Tile [BLOCK_M, BLOCK_N] of dx; K loop over I_DIM reading dgate/dup once.
 
     dx = dgate @ w_gate + dup @ w_up + s * (dgate @ b_gate | dup @ b_up) @ [A_gate; A_up] (stacked), and
     [dA_gate; dA_up] = s * (dgate @ b_gate | dup @ b_up).T @ x reduced over N (atomics).
@@ -310,18 +349,22 @@ def _bwd_dx_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dgb = tl.zeros((BLOCK_M, RS_PAD), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
+    for k0 in range(0, I_DIM, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < I
+        mask_k = offs_k < I_DIM
         rows_k = offs_k.to(tl.int64)
         in_mask = mask_m[:, None] & mask_k[None, :]
-        dg = tl.load(dg_ptr + rows_m[:, None] * I + offs_k[None, :], mask=in_mask, other=0.0)
-        du = tl.load(du_ptr + rows_m[:, None] * I + offs_k[None, :], mask=in_mask, other=0.0)
+        dg = tl.load(dg_ptr + rows_m[:, None] * I_DIM + offs_k[None, :], mask=in_mask, other=0.0)
+        du = tl.load(du_ptr + rows_m[:, None] * I_DIM + offs_k[None, :], mask=in_mask, other=0.0)
         # [BLOCK_K, RS_PAD]: columns [0, R) = B_gate, [R, 2R) = B_up (the other half zero)
-        bg = tl.load(bg_ptr + rows_k[:, None] * R + offs_r[None, :], mask=mask_k[:, None] & is_g[None, :],
-                     other=0.0)
-        bu = tl.load(bu_ptr + rows_k[:, None] * R + (offs_r[None, :] - R),
-                     mask=mask_k[:, None] & is_u[None, :], other=0.0)
+        bg = tl.load(
+            bg_ptr + rows_k[:, None] * R + offs_r[None, :], mask=mask_k[:, None] & is_g[None, :], other=0.0
+        )
+        bu = tl.load(
+            bu_ptr + rows_k[:, None] * R + (offs_r[None, :] - R),
+            mask=mask_k[:, None] & is_u[None, :],
+            other=0.0,
+        )
         dgb = _mma(dg, bg, dgb, INPUT_PRECISION, INTERPRET)
         dgb = _mma(du, bu, dgb, INPUT_PRECISION, INTERPRET)
         if NEED_DX:
@@ -333,21 +376,33 @@ def _bwd_dx_kernel(
 
     dgb_c = _cast(dgb, dt, INTERPRET)
     if NEED_DX:
-        a = tl.load(ag_ptr + offs_r[:, None] * H + offs_n[None, :], mask=is_g[:, None] & mask_n[None, :],
-                    other=0.0)
-        a += tl.load(au_ptr + (offs_r[:, None] - R) * H + offs_n[None, :], mask=is_u[:, None] & mask_n[None, :],
-                     other=0.0)
+        a = tl.load(
+            ag_ptr + offs_r[:, None] * H + offs_n[None, :], mask=is_g[:, None] & mask_n[None, :], other=0.0
+        )
+        a += tl.load(
+            au_ptr + (offs_r[:, None] - R) * H + offs_n[None, :],
+            mask=is_u[:, None] & mask_n[None, :],
+            other=0.0,
+        )
         lora = _mma(dgb_c, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
         dx = acc + scaling * lora
-        tl.store(dx_ptr + rows_m[:, None] * H + offs_n[None, :], _cast(dx, dt, INTERPRET),
-                 mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(
+            dx_ptr + rows_m[:, None] * H + offs_n[None, :],
+            _cast(dx, dt, INTERPRET),
+            mask=mask_m[:, None] & mask_n[None, :],
+        )
     if NEED_DA:
-        x = tl.load(x_ptr + rows_m[:, None] * H + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
-                    other=0.0)
-        da = _mma(tl.trans(dgb_c), x, tl.zeros((RS_PAD, BLOCK_N), dtype=tl.float32), INPUT_PRECISION,
-                  INTERPRET)
-        tl.atomic_add(da_ptr + offs_r[:, None] * H + offs_n[None, :], scaling * da,
-                      mask=(offs_r[:, None] < 2 * R) & mask_n[None, :])
+        x = tl.load(
+            x_ptr + rows_m[:, None] * H + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0
+        )
+        da = _mma(
+            tl.trans(dgb_c), x, tl.zeros((RS_PAD, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET
+        )
+        tl.atomic_add(
+            da_ptr + offs_r[:, None] * H + offs_n[None, :],
+            scaling * da,
+            mask=(offs_r[:, None] < 2 * R) & mask_n[None, :],
+        )
 
 
 @triton.jit
@@ -447,8 +502,15 @@ def launch_configs(
         elif name == "fwd_down":  # h@Wd, h@Ad; expand ha@Bd
             dots = [(bm, bn, bk), (bm, rb, bk), (bm, bn, rb)]
         elif name == "bwd_dh":  # dy@Wd, dy@Bd, dy.T@ha; dyb@Ad; dgate.T@xa_g, dup.T@xa_u; dyb.T@h
-            dots = [(bm, bn, bk), (bm, rb, bk), (bk, rb, bm), (bm, bn, rb), (bn, rb, bm), (bn, rb, bm),
-                    (rb, bn, bm)]
+            dots = [
+                (bm, bn, bk),
+                (bm, rb, bk),
+                (bk, rb, bm),
+                (bm, bn, rb),
+                (bn, rb, bm),
+                (bn, rb, bm),
+                (rb, bn, bm),
+            ]
         else:  # dg@Wg, du@Wu, dg@Bg, du@Bu; dgb@A; dgb.T@x
             dots = [(bm, bn, bk)] * 2 + [(bm, rb, bk)] * 2 + [(bm, bn, rb), (rb, bn, bm)]
         rank_key = "RS_PAD" if rb == rs and name in ("fwd_gate_up", "bwd_dx") else "R_PAD"
@@ -492,7 +554,9 @@ def _check_inputs(x: torch.Tensor, w: dict[str, torch.Tensor]) -> tuple[int, int
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"lora_mlp: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2:
-            raise ValueError(f"lora_mlp: {name} must be 2-D, got shape {tuple(t.shape)} (flatten x to [N, H])")
+            raise ValueError(
+                f"lora_mlp: {name} must be 2-D, got shape {tuple(t.shape)} (flatten x to [N, H])"
+            )
     dtype, device = x.dtype, x.device
     if dtype not in _DTYPES:
         raise TypeError(f"lora_mlp: dtype {dtype} not supported (float32, float16 or bfloat16)")
@@ -502,11 +566,15 @@ def _check_inputs(x: torch.Tensor, w: dict[str, torch.Tensor]) -> tuple[int, int
         if t.device != device:
             raise ValueError(f"lora_mlp: mixed devices: x is on {device} but {name} is on {t.device}")
         if not t.is_contiguous():
-            raise ValueError(f"lora_mlp: {name} must be contiguous (shape {tuple(t.shape)}, "
-                             f"strides {t.stride()}); call .contiguous() first")
+            raise ValueError(
+                f"lora_mlp: {name} must be contiguous (shape {tuple(t.shape)}, "
+                f"strides {t.stride()}); call .contiguous() first"
+            )
     if device.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"lora_mlp (triton): tensors are on {device}; Triton needs CUDA tensors, "
-                           "or TRITON_INTERPRET=1 set before importing tmem_kernels for CPU tensors")
+        raise RuntimeError(
+            f"lora_mlp (triton): tensors are on {device}; Triton needs CUDA tensors, "
+            "or TRITON_INTERPRET=1 set before importing tmem_kernels for CPU tensors"
+        )
     n, h = x.shape
     # I and r by majority, so that the error names the odd tensor out
     i = Counter([w["w_gate"].shape[0], w["w_up"].shape[0], w["w_down"].shape[1], w["a_down"].shape[1],
@@ -514,8 +582,11 @@ def _check_inputs(x: torch.Tensor, w: dict[str, torch.Tensor]) -> tuple[int, int
     r = Counter([w[k].shape[0] for k in ("a_gate", "a_up", "a_down")]
                 + [w[k].shape[1] for k in ("b_gate", "b_up", "b_down")]).most_common(1)[0][0]  # fmt: skip
     if not 1 <= r <= MAX_RANK:
-        raise ValueError(f"lora_mlp: LoRA rank {r} is larger than the padded rank block ({MAX_RANK})"
-                         if r > MAX_RANK else f"lora_mlp: LoRA rank must be >= 1, got {r}")
+        raise ValueError(
+            f"lora_mlp: LoRA rank {r} is larger than the padded rank block ({MAX_RANK})"
+            if r > MAX_RANK
+            else f"lora_mlp: LoRA rank must be >= 1, got {r}"
+        )
     expected = {
         "w_gate": (i, h), "w_up": (i, h), "w_down": (h, i),
         "a_gate": (r, h), "a_up": (r, h), "a_down": (r, i),
@@ -523,8 +594,10 @@ def _check_inputs(x: torch.Tensor, w: dict[str, torch.Tensor]) -> tuple[int, int
     }  # fmt: skip
     for name, shape in expected.items():
         if tuple(w[name].shape) != shape:
-            raise ValueError(f"lora_mlp: {name} has shape {tuple(w[name].shape)}, expected {shape} "
-                             f"for x [{n}, {h}], intermediate size {i} and rank {r}")
+            raise ValueError(
+                f"lora_mlp: {name} has shape {tuple(w[name].shape)}, expected {shape} "
+                f"for x [{n}, {h}], intermediate size {i} and rank {r}"
+            )
     return n, h, i, r
 
 
@@ -692,10 +765,14 @@ def lora_mlp(
         config = default_config(x.dtype)
     for name, t in weights.items():
         if name.startswith("w_") and t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"lora_mlp: {name} requires grad, but the base weights are frozen here "
-                             "(no kernel computes their gradient); detach them or set requires_grad=False")
-    return LoRAMLPFunction.apply(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
-                                 float(scaling), None if sgd_lr is None else float(sgd_lr), config)  # fmt: skip
+            raise ValueError(
+                f"lora_mlp: {name} requires grad, but the base weights are frozen here "
+                "(no kernel computes their gradient); detach them or set requires_grad=False"
+            )
+    lr = None if sgd_lr is None else float(sgd_lr)
+    return LoRAMLPFunction.apply(
+        x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, float(scaling), lr, config
+    )
 
 
 # for introspection in tests and benchmarks

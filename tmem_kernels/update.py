@@ -113,8 +113,10 @@ def _check(op: str, param: torch.Tensor, **bufs: torch.Tensor) -> None:
     if param.dtype not in _DTYPES:
         raise TypeError(f"{op}: dtype {param.dtype} not supported (float32, float16 or bfloat16)")
     if param.device.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"{op} (triton): tensors are on {param.device}; Triton needs CUDA tensors, "
-                           "or TRITON_INTERPRET=1 set before importing tmem_kernels for CPU tensors")
+        raise RuntimeError(
+            f"{op} (triton): tensors are on {param.device}; Triton needs CUDA tensors, "
+            "or TRITON_INTERPRET=1 set before importing tmem_kernels for CPU tensors"
+        )
 
 
 def _scalar_arg(op: str, name: str, value, param: torch.Tensor) -> tuple[torch.Tensor | None, float]:
@@ -132,7 +134,9 @@ def _scalar_arg(op: str, name: str, value, param: torch.Tensor) -> tuple[torch.T
     return None, float(value)
 
 
-def sgd_step_(param: torch.Tensor, grad: torch.Tensor, lr: float | torch.Tensor, weight_decay: float = 0.0) -> None:
+def sgd_step_(
+    param: torch.Tensor, grad: torch.Tensor, lr: float | torch.Tensor, weight_decay: float = 0.0
+) -> None:
     """param -= lr * (grad + weight_decay * param), in place, in one launch.
 
     param, grad: same shape, dtype and device, contiguous (the flat buffer, any shape). lr: a number or a
@@ -188,7 +192,8 @@ def adamw_step_(
     _adamw_kernel[c["grid"]](
         param, grad, exp_avg, exp_avg_sq,
         lr_t if lr_t is not None else param, lr_v, 1.0 - lr_v * weight_decay,
-        step_t if step_t is not None else param, step_size, bc2_sqrt, float(beta1), float(beta2), float(eps), float(weight_decay), numel,
+        step_t if step_t is not None else param, step_size, bc2_sqrt,
+        float(beta1), float(beta2), float(eps), float(weight_decay), numel,
         LR_IS_PTR=lr_t is not None, STEP_IS_PTR=step_t is not None, num_warps=c["num_warps"],
         **c["constexprs"],
     )  # fmt: skip
