@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tmem_kernels.lora_mlp import _cast  # RTNE fp32 -> bf16 also under the interpreter
+
 __all__ = ["BLOCK", "adamw_step_", "launch_config", "sgd_step_"]
 
 BLOCK = 1024
@@ -36,8 +38,18 @@ def _scalar(ptr, value, IS_PTR: tl.constexpr):
 
 
 @triton.jit
-def _sgd_kernel(p_ptr, g_ptr, lr_ptr, lr_val, weight_decay, numel,
-                LR_IS_PTR: tl.constexpr, HAS_WD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _sgd_kernel(
+    p_ptr,
+    g_ptr,
+    lr_ptr,
+    lr_val,
+    weight_decay,
+    numel,
+    LR_IS_PTR: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """p -= lr * (g + weight_decay * p) over one flat block of BLOCK elements."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -46,13 +58,31 @@ def _sgd_kernel(p_ptr, g_ptr, lr_ptr, lr_val, weight_decay, numel,
     lr = _scalar(lr_ptr, lr_val, LR_IS_PTR)
     if HAS_WD:
         g = g + weight_decay * p
-    tl.store(p_ptr + offs, (p - lr * g).to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, _cast(p - lr * g, p_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
-def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lr_ptr, lr_val, decay_val, step_ptr, step_size_val,
-                  bc2_sqrt_val, beta1, beta2, eps, weight_decay, numel,
-                  LR_IS_PTR: tl.constexpr, STEP_IS_PTR: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _adamw_kernel(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    lr_ptr,
+    lr_val,
+    decay_val,
+    step_ptr,
+    step_size_val,
+    bc2_sqrt_val,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    numel,
+    LR_IS_PTR: tl.constexpr,
+    STEP_IS_PTR: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """One AdamW step over one flat block, in the order torch.optim.AdamW (single-tensor) applies it."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -83,9 +113,9 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lr_ptr, lr_val, decay_val, step_pt
     denom = tl.math.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p - step_size * tl.math.div_rn(m, denom)
     dt = p_ptr.dtype.element_ty
-    tl.store(p_ptr + offs, p.to(dt), mask=mask)
-    tl.store(m_ptr + offs, m.to(dt), mask=mask)
-    tl.store(v_ptr + offs, v.to(dt), mask=mask)
+    tl.store(p_ptr + offs, _cast(p, dt, INTERPRET), mask=mask)
+    tl.store(m_ptr + offs, _cast(m, dt, INTERPRET), mask=mask)
+    tl.store(v_ptr + offs, _cast(v, dt, INTERPRET), mask=mask)
 
 
 def launch_config(numel: int) -> dict:
@@ -149,9 +179,18 @@ def sgd_step_(
         return
     c = launch_config(numel)
     _sgd_kernel[c["grid"]](
-        param, grad, lr_t if lr_t is not None else param, lr_v, float(weight_decay), numel,
-        LR_IS_PTR=lr_t is not None, HAS_WD=weight_decay != 0, num_warps=c["num_warps"], **c["constexprs"],
-    )  # fmt: skip
+        param,
+        grad,
+        lr_t if lr_t is not None else param,
+        lr_v,
+        float(weight_decay),
+        numel,
+        LR_IS_PTR=lr_t is not None,
+        HAS_WD=weight_decay != 0,
+        INTERPRET=_interpreting(),
+        num_warps=c["num_warps"],
+        **c["constexprs"],
+    )
 
 
 def adamw_step_(
@@ -190,10 +229,24 @@ def adamw_step_(
         bc2_sqrt = math.sqrt(1.0 - beta2**step_v)
     c = launch_config(numel)
     _adamw_kernel[c["grid"]](
-        param, grad, exp_avg, exp_avg_sq,
-        lr_t if lr_t is not None else param, lr_v, 1.0 - lr_v * weight_decay,
-        step_t if step_t is not None else param, step_size, bc2_sqrt,
-        float(beta1), float(beta2), float(eps), float(weight_decay), numel,
-        LR_IS_PTR=lr_t is not None, STEP_IS_PTR=step_t is not None, num_warps=c["num_warps"],
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        lr_t if lr_t is not None else param,
+        lr_v,
+        1.0 - lr_v * weight_decay,
+        step_t if step_t is not None else param,
+        step_size,
+        bc2_sqrt,
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        numel,
+        LR_IS_PTR=lr_t is not None,
+        STEP_IS_PTR=step_t is not None,
+        INTERPRET=_interpreting(),
+        num_warps=c["num_warps"],
         **c["constexprs"],
-    )  # fmt: skip
+    )
