@@ -55,6 +55,7 @@ void fwd_impl(const float* __restrict gu, const float* __restrict xa, const floa
     const float* __restrict gb = gu;
     const float* __restrict ub = gu + N * I;
     const i64 nchunks = (I + C - 1) / C;
+    threads = threads_for(N * I, threads, kLoraGrain);
     std::vector<float> partials(static_cast<std::size_t>(threads) * N * r, 0.0f);
 
 #pragma omp parallel num_threads(threads)
@@ -109,6 +110,7 @@ void bwd_impl(const float* __restrict gu, const float* __restrict xa, const floa
     const float* __restrict gb = gu;
     const float* __restrict ub = gu + N * I;
     const i64 nchunks = (I + C - 1) / C;
+    threads = threads_for(N * I, threads, kLoraGrain);
     std::vector<float> partials(static_cast<std::size_t>(threads) * N * 2 * r, 0.0f);
 
 #pragma omp parallel num_threads(threads)

@@ -11,10 +11,10 @@ namespace tmem {
 void sgd_step(float* __restrict p, const float* __restrict g, std::int64_t n, float lr, float weight_decay,
               int threads) {
     if (weight_decay != 0.0f) {
-#pragma omp parallel for simd num_threads(threads) schedule(static)
+#pragma omp parallel for simd num_threads(threads_for(n, threads, kElementwiseGrain)) schedule(static)
         for (std::int64_t i = 0; i < n; ++i) p[i] -= lr * (g[i] + weight_decay * p[i]);
     } else {
-#pragma omp parallel for simd num_threads(threads) schedule(static)
+#pragma omp parallel for simd num_threads(threads_for(n, threads, kElementwiseGrain)) schedule(static)
         for (std::int64_t i = 0; i < n; ++i) p[i] -= lr * g[i];
     }
 }
@@ -25,7 +25,7 @@ void adamw_step(float* __restrict p, const float* __restrict g, float* __restric
     const float decay = 1.0f - lr * weight_decay;  // decoupled weight decay
     const float w1 = 1.0f - beta1;                 // lerp weight of exp_avg towards grad
     const float w2 = 1.0f - beta2;
-#pragma omp parallel for simd num_threads(threads) schedule(static)
+#pragma omp parallel for simd num_threads(threads_for(n, threads, kElementwiseGrain)) schedule(static)
     for (std::int64_t i = 0; i < n; ++i) {
         const float gi = g[i];
         const float mi = m[i] + w1 * (gi - m[i]);          // torch.lerp for weight < 0.5

@@ -6,7 +6,7 @@ namespace tmem {
 
 void swiglu_fwd(const float* __restrict g, const float* __restrict u, float* __restrict h, std::int64_t n,
                 int threads) {
-#pragma omp parallel for simd num_threads(threads) schedule(static)
+#pragma omp parallel for simd num_threads(threads_for(n, threads, kElementwiseGrain)) schedule(static)
     for (std::int64_t i = 0; i < n; ++i) {
         const float gi = g[i];
         h[i] = gi * sigmoid(gi) * u[i];
@@ -15,7 +15,7 @@ void swiglu_fwd(const float* __restrict g, const float* __restrict u, float* __r
 
 void swiglu_bwd(const float* __restrict g, const float* __restrict u, const float* __restrict dh,
                 float* __restrict dg, float* __restrict du, std::int64_t n, int threads) {
-#pragma omp parallel for simd num_threads(threads) schedule(static)
+#pragma omp parallel for simd num_threads(threads_for(n, threads, kElementwiseGrain)) schedule(static)
     for (std::int64_t i = 0; i < n; ++i) {
         const float gi = g[i];
         const float sig = sigmoid(gi);

@@ -2,7 +2,8 @@
 // argument (dtype, device, contiguity, shapes) before calling in; these functions trust it.
 //
 // Pointers arrive as raw addresses (torch's `t.data_ptr()`), sizes as int64. All kernels are
-// OpenMP-parallel over `threads` threads (the caller passes torch.get_num_threads()).
+// OpenMP-parallel over at most `threads` threads (the caller passes torch.get_num_threads()); see
+// threads_for for when fewer are used.
 #pragma once
 
 #include <cstdint>
@@ -47,5 +48,18 @@ void lora_swiglu_bwd(const float* gu, const float* xa, const float* bg_t, const 
 
 // Largest rank the fused LoRA kernels accept.
 constexpr int kMaxRank = 64;
+
+// Threads worth waking for `work` elements when each thread should get at least `grain` of them.
+// A parallel region costs microseconds on an idle machine but up to a scheduler time slice (~ms) when
+// the cores are oversubscribed, so small buffers (an adapter's optimizer step) run on one thread.
+inline int threads_for(std::int64_t work, int threads, std::int64_t grain) {
+    const std::int64_t useful = work / grain;
+    return useful < 1 ? 1 : (useful < threads ? static_cast<int>(useful) : threads);
+}
+
+// Grains: plain elementwise/optimizer loops (memory-bound) and the fused LoRA SwiGLU kernels
+// (~6r multiply-adds and a sigmoid per element).
+constexpr std::int64_t kElementwiseGrain = std::int64_t{1} << 19;
+constexpr std::int64_t kLoraGrain = std::int64_t{1} << 17;
 
 }  // namespace tmem
