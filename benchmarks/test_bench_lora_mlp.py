@@ -1,0 +1,256 @@
+"""Fused LoRA SwiGLU MLP, forward + backward: every kernel backend vs PEFT's LoRA layer, in one run.
+
+Implementations (all with A frozen and B trained, x requiring grad, as in a memory write past its first
+adapted layer):
+
+    torch        `reference.lora_mlp` (the torch composition, autograd)
+    triton       `tmem_kernels.lora_mlp` (CUDA only: under the interpreter it is far too slow to time)
+    triton+sgd   the same with `sgd_lr` (B updated inside the backward, no dB handed to autograd)
+    native       the C++ extension (when built; CPU fp32 only)
+    peft         three peft.tuners.lora.Linear wrapping nn.Linear, the PEFT reference path
+
+Shapes: SmolLM2-135M (H=576, I=1536) and Qwen3-4B (H=2560, I=9728), tokens 512 and 4096, rank 6,
+random weights; bf16 on CUDA, fp32 on CPU (TMEM_BENCH_DTYPE=float32|bfloat16 overrides). On CPU the
+Qwen3-4B x 4096 case runs only with TMEM_BENCH_SLOW=1. At the end a table prints the median times, each
+backend's speed-up over PEFT and over the torch composition, and on CUDA the fraction of the
+compute / memory bound reached (FLOPs and bytes counted analytically; peaks from TMEM_PEAK_TFLOPS /
+TMEM_PEAK_TBPS or a table keyed by the device name).
+
+    .venv/bin/python -m pytest benchmarks/test_bench_lora_mlp.py --benchmark-columns=min,median,rounds
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tmem_kernels import ops
+
+RANK = 6
+SHAPES = {"smollm2": (576, 1536), "qwen3-4b": (2560, 9728)}
+TOKENS = (512, 4096)
+SLOW = os.environ.get("TMEM_BENCH_SLOW", "") not in ("", "0")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = getattr(torch, os.environ.get("TMEM_BENCH_DTYPE", "bfloat16" if DEVICE.type == "cuda" else "float32"))
+
+CASES = [
+    pytest.param(model, n, id=f"{model}-N{n}")
+    for model in SHAPES
+    for n in TOKENS
+    if DEVICE.type == "cuda" or SLOW or not (model == "qwen3-4b" and n == 4096)
+]
+
+
+def _backends() -> list[str]:
+    """Kernel backends that are importable and sensible on this device."""
+    names = []
+    for name in ops.BACKENDS:
+        if name == "triton" and DEVICE.type != "cuda":
+            continue  # interpreter: correct but far too slow to time
+        if name == "native" and (DEVICE.type != "cpu" or DTYPE != torch.float32):
+            continue
+        if ops.available(name):
+            names.append(name)
+    return names
+
+
+BACKENDS = _backends()
+IMPLS = BACKENDS + (["triton+sgd"] if "triton" in BACKENDS else []) + ["peft"]
+
+# --------------------------------------------------------------------------------------------------
+# Peaks (dense): name substring -> (16-bit tensor-core FLOP/s, fp32 non-tensor FLOP/s, bytes/s)
+# --------------------------------------------------------------------------------------------------
+
+PEAKS = {
+    "H100 PCIe": (756e12, 51e12, 2.0e12),
+    "H100": (989e12, 67e12, 3.35e12),  # SXM
+    "H200": (989e12, 67e12, 4.8e12),
+    "A100": (312e12, 19.5e12, 2.0e12),
+    "L4": (121e12, 30e12, 0.3e12),
+}
+
+
+def device_peaks() -> tuple[float, float] | None:
+    """(FLOP/s, bytes/s) for DTYPE on this CUDA device, from env vars or PEAKS; None if unknown."""
+    if DEVICE.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    row = next((v for k, v in PEAKS.items() if k in name), None)
+    flops = os.environ.get("TMEM_PEAK_TFLOPS")
+    bw = os.environ.get("TMEM_PEAK_TBPS")
+    if row is None and not (flops and bw):
+        return None
+    peak_flops = float(flops) * 1e12 if flops else row[0 if DTYPE != torch.float32 else 1]
+    peak_bw = float(bw) * 1e12 if bw else row[2]
+    return peak_flops, peak_bw
+
+
+def mlp_cost(n: int, h: int, i: int, r: int, elt: int) -> tuple[float, float]:
+    """(FLOPs, bytes) of one forward + backward (dx and dB; A frozen; base weights frozen).
+
+    FLOPs: forward 3 base GEMMs (2NHI each) + LoRA shrink/expand; backward dh (1 GEMM) and dx (2 GEMMs)
+    + LoRA terms + dB. Bytes: the minimum traffic of the fused design: weights read twice (forward and
+    backward), x, y, dy, dx once, gate/up/h written, gate/up/dgate/dup round trips.
+    """
+    base = 2 * n * h * i
+    lora_fwd = 2 * n * h * 2 * r + 2 * n * i * r + 2 * n * r * (2 * i + h)
+    lora_bwd = 2 * n * h * r + 2 * n * r * i + 2 * n * i * 2 * r + 2 * n * 2 * r * h + 2 * n * r * (2 * i + h)
+    flops = 6 * base + lora_fwd + lora_bwd
+    weights = 3 * h * i
+    acts = n * (4 * h + 9 * i)  # x, y, dy, dx; gate, up, h written; gate, up read; dgate, dup written+read
+    return float(flops), float(elt * (2 * weights + acts))
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs and implementations
+# --------------------------------------------------------------------------------------------------
+
+_results: dict[str, dict[str, float]] = {}  # case -> impl -> median seconds
+_costs: dict[str, tuple[float, float]] = {}
+_TENSORS: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def _tensors(model: str, n: int) -> dict[str, torch.Tensor]:
+    """Shared inputs for every implementation of one case (cached: the Qwen3-4B weights are large)."""
+    key = f"{model}-N{n}"
+    if key not in _TENSORS:
+        _TENSORS.clear()
+        h, i = SHAPES[model]
+        g = torch.Generator().manual_seed(0)
+
+        def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+            return (torch.randn(*shape, generator=g) * scale).to(DEVICE, DTYPE)
+
+        _TENSORS[key] = dict(
+            x=rnd(n, h), dy=rnd(n, h, scale=1e-2),
+            w_gate=rnd(i, h, scale=h**-0.5), w_up=rnd(i, h, scale=h**-0.5), w_down=rnd(h, i, scale=i**-0.5),
+            a_gate=rnd(RANK, h, scale=h**-0.5), b_gate=rnd(i, RANK, scale=1e-2),
+            a_up=rnd(RANK, h, scale=h**-0.5), b_up=rnd(i, RANK, scale=1e-2),
+            a_down=rnd(RANK, i, scale=i**-0.5), b_down=rnd(h, RANK, scale=1e-2),
+        )  # fmt: skip
+    return _TENSORS[key]
+
+
+def _peft_mlp(t: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """down(silu(gate(x)) * up(x)) with each projection a peft.tuners.lora.Linear around nn.Linear."""
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as LoraLinear
+
+    cfg = LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=["proj"])
+    layers = []
+    for proj in ("gate", "up", "down"):
+        w = t[f"w_{proj}"]
+        base = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        base.weight = nn.Parameter(w, requires_grad=False)
+        layer = LoraLinear(base, "default", config=cfg, r=RANK, lora_alpha=RANK).to(DEVICE, DTYPE)
+        layer.lora_A["default"].weight = nn.Parameter(t[f"a_{proj}"].clone(), requires_grad=False)
+        layer.lora_B["default"].weight = nn.Parameter(t[f"b_{proj}"].clone(), requires_grad=True)
+        layers.append(layer)
+    gate, up, down = layers
+    return lambda x: down(F.silu(gate(x)) * up(x))
+
+
+def _step_fn(impl: str, t: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One forward + backward of `impl` on the case's tensors."""
+    x = t["x"].clone().requires_grad_(True)
+    dy = t["dy"]
+    if impl == "peft":
+        mlp = _peft_mlp(t)
+        forward = lambda: mlp(x)
+    else:
+        fn = ops.get_ops("triton" if impl == "triton+sgd" else impl).lora_mlp
+        w = {k: v for k, v in t.items() if k not in ("x", "dy")}
+        for k in ("b_gate", "b_up", "b_down"):
+            w[k] = w[k].clone().requires_grad_(True)
+        if impl == "triton+sgd":
+            forward = lambda: fn(x, **w, sgd_lr=1e-6)
+        else:
+            forward = lambda: fn(x, **w)
+
+    def step() -> None:
+        forward().backward(dy)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmarks
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model, n", CASES)
+def test_lora_mlp_fwd_bwd(benchmark, model: str, n: int, impl: str) -> None:
+    case = f"{model}-N{n}"
+    t = _tensors(model, n)
+    h, i = SHAPES[model]
+    _costs[case] = mlp_cost(n, h, i, RANK, t["x"].element_size())
+    step = _step_fn(impl, t)
+    benchmark.group = f"lora_mlp fwd+bwd {case}"
+    benchmark.extra_info.update(case=case, impl=impl, device=str(DEVICE), dtype=str(DTYPE))
+    big = DEVICE.type == "cpu" and n * h * i > 512 * 2560 * 9728 // 2
+    rounds = 3 if big else (10 if DEVICE.type == "cpu" else 50)
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1 if big else 2)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        _results.setdefault(case, {})[impl] = benchmark.stats.stats.median
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary table (printed through the terminal reporter: visible without -s)
+# --------------------------------------------------------------------------------------------------
+
+
+def summary_lines() -> list[str]:
+    peaks = device_peaks()
+    dev = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU"
+    lines = ["", f"lora_mlp forward+backward, rank {RANK}, {DTYPE}, on {dev}: median ms"]
+    head = f"{'case':<18}" + "".join(f"{impl:>12}" for impl in IMPLS)
+    lines.append(head + "   speed-up vs peft | vs torch")
+    for case, r in _results.items():
+        row = f"{case:<18}" + "".join(f"{r[k] * 1e3:12.3f}" if k in r else f"{'-':>12}" for k in IMPLS)
+        vs_peft = ", ".join(f"{k} {r['peft'] / v:.2f}x" for k, v in r.items() if k != "peft" and "peft" in r)
+        vs_torch = ", ".join(f"{k} {r['torch'] / v:.2f}x" for k, v in r.items() if k not in ("torch", "peft"))
+        vs_torch = vs_torch if "torch" in r else ""
+        lines.append(f"{row}   {vs_peft} | {vs_torch}")
+    for case, r in _results.items():
+        flops, nbytes = _costs[case]
+        unit, scale = ("TFLOP/s", 1e12) if DEVICE.type == "cuda" else ("GFLOP/s", 1e9)
+        rates = ", ".join(f"{k} {flops / v / scale:.2f}" for k, v in r.items())
+        lines.append(f"{case}: {flops / 1e9:.1f} GFLOP, {nbytes / 1e6:.0f} MB min traffic; {unit}: {rates}")
+        if peaks is not None:
+            peak_flops, peak_bw = peaks
+            t_compute, t_memory = flops / peak_flops, nbytes / peak_bw
+            bound, kind = max((t_compute, "compute"), (t_memory, "memory"))
+            frac = ", ".join(f"{k} {100 * bound / v:.0f}%" for k, v in r.items())
+            lines.append(f"    {kind}-bound at {bound * 1e3:.3f} ms; fraction of the bound reached: {frac}")
+    if peaks is None and DEVICE.type == "cuda":
+        lines.append("(unknown device peaks: set TMEM_PEAK_TFLOPS and TMEM_PEAK_TBPS for bound fractions)")
+    return lines
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_summary(request):
+    yield
+    _TENSORS.clear()
+    if not _results:
+        return
+    write_summary(request.config, summary_lines())
+
+
+def write_summary(config: pytest.Config, lines: list[str]) -> None:
+    """Write past pytest's output capture, so the table shows without -s."""
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if reporter is None or capman is None:
+        print("\n".join(lines))
+        return
+    with capman.global_and_fixture_disabled():
+        for line in lines:
+            reporter.write_line(line)
