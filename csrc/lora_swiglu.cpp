@@ -8,12 +8,15 @@
 //             backward, and the reductions dB_g, dB_u, dxa (and dA_d) accumulated on the fly.
 //
 // Work split: the I columns are cut into chunks of C columns; each OpenMP thread owns whole chunks
-// and sweeps all N rows of them, so the rank-r factor slices (r x C) and the column reductions
-// (dB, dA_d) stay in L1 and need no synchronisation. Row reductions (ha, dxa) go to one partial
-// [N, k] buffer per thread, summed at the end.
+// and sweeps all N rows of them. A chunk's slices of the rank-r factors are first copied into
+// contiguous, zero-padded [r, C] tiles, which stay in L1 together with the column reductions
+// (dB, dA_d) and need no synchronisation. Row reductions (ha, dxa) go to one partial [N, k] buffer
+// per thread, summed at the end.
 //
-// The rank is a template parameter for the common ranks so that the k-loops unroll and the column
-// loop vectorises; R == 0 is the generic path for any rank up to kMaxRank.
+// Columns are processed 8 at a time (simd8.h). A row's ragged tail (len % 8 columns) goes through a
+// zero-padded 8-float staging vector: zero inputs and zero factor padding give zero contributions.
+// The rank is a template parameter for the common ranks (the k-loops unroll, the accumulators live
+// in registers); R == 0 is the generic path for any rank up to kMaxRank, vectorised the same way.
 #include <omp.h>
 
 #include <algorithm>
@@ -21,7 +24,7 @@
 #include <string>
 #include <vector>
 
-#include "fast_math.h"
+#include "simd8.h"
 #include "tmem_native.h"
 
 namespace tmem {
@@ -29,19 +32,27 @@ namespace {
 
 using i64 = std::int64_t;
 
-// Columns per chunk: the r x C factor slices and accumulators should fit in L1 (32 KiB).
+// Columns per chunk (a multiple of kLanes): 3 factor tiles + 3 accumulator tiles of r x C floats.
 template <int R>
 constexpr i64 chunk_cols() {
-    return R == 0 ? 64 : R <= 2 ? 512 : R <= 8 ? 256 : 128;
+    return R >= 1 && R <= 8 ? 128 : 64;
 }
 
-// Sum the per-thread partials [nt, len] into out [len].
+// Sum the per-thread partials [nt, len] into out [len] (called inside a parallel region).
 void reduce_partials(const std::vector<float>& partials, int nt, i64 len, float* out) {
 #pragma omp for schedule(static)
     for (i64 j = 0; j < len; ++j) {
         float acc = 0.0f;
         for (int t = 0; t < nt; ++t) acc += partials[static_cast<std::size_t>(t * len + j)];
         out[j] = acc;
+    }
+}
+
+// tile[k, 0:C] = m[k, i0:i0+len] for k < r, zero beyond len. m is [r, I] row-major.
+void load_tile(const float* m, i64 I, int r, i64 i0, i64 len, i64 C, float* tile) {
+    for (int k = 0; k < r; ++k) {
+        std::copy(m + k * I + i0, m + k * I + i0 + len, tile + k * C);
+        std::fill(tile + k * C + len, tile + (k + 1) * C, 0.0f);
     }
 }
 
@@ -52,46 +63,59 @@ void fwd_impl(const float* __restrict gu, const float* __restrict xa, const floa
     constexpr int RA = R > 0 ? R : kMaxRank;  // array extent
     constexpr i64 C = chunk_cols<R>();
     const int r = R > 0 ? R : r_rt;
-    const float* __restrict gb = gu;
-    const float* __restrict ub = gu + N * I;
+    const float* gb = gu;
+    const float* ub = gu + N * I;
     const i64 nchunks = (I + C - 1) / C;
     threads = threads_for(N * I, threads, kLoraGrain);
     std::vector<float> partials(static_cast<std::size_t>(threads) * N * r, 0.0f);
 
 #pragma omp parallel num_threads(threads)
     {
-        float* __restrict part = partials.data() + static_cast<i64>(omp_get_thread_num()) * N * r;
+        float* part = partials.data() + static_cast<i64>(omp_get_thread_num()) * N * r;
+        std::vector<float> tiles(static_cast<std::size_t>(3 * RA * C));
+        float* tg = tiles.data();  // B_gate^T, B_up^T, A_down slices [r, C]
+        float* tu = tg + RA * C;
+        float* ta = tu + RA * C;
 #pragma omp for schedule(static)
         for (i64 c = 0; c < nchunks; ++c) {
             const i64 i0 = c * C;
             const i64 len = std::min(C, I - i0);
+            const i64 full = len / kLanes * kLanes;
+            load_tile(bg_t, I, r, i0, len, C, tg);
+            load_tile(bu_t, I, r, i0, len, C, tu);
+            load_tile(a_down, I, r, i0, len, C, ta);
             for (i64 n = 0; n < N; ++n) {
-                float sg[RA], su[RA], acc[RA];
+                v8f sg[RA], su[RA], acc[RA];
                 for (int k = 0; k < r; ++k) {
-                    sg[k] = s * xa[n * 2 * r + k];
-                    su[k] = s * xa[n * 2 * r + r + k];
-                    acc[k] = 0.0f;
+                    sg[k] = splat8(s * xa[n * 2 * r + k]);
+                    su[k] = splat8(s * xa[n * 2 * r + r + k]);
+                    acc[k] = splat8(0.0f);
                 }
-                const float* __restrict grow = gb + n * I + i0;
-                const float* __restrict urow = ub + n * I + i0;
-                float* __restrict hrow = h + n * I + i0;
-#pragma omp simd
-                for (i64 j = 0; j < len; ++j) {
-                    float g = grow[j], u = urow[j];
+                // 8 columns at tile column j: gp/up/hp point at the row data (or the staging tail).
+                auto step = [&](const float* gp, const float* up, float* hp, i64 j) {
+                    v8f g = load8(gp), u = load8(up);
 #pragma GCC unroll 16
                     for (int k = 0; k < r; ++k) {
-                        g += sg[k] * bg_t[k * I + i0 + j];
-                        u += su[k] * bu_t[k * I + i0 + j];
+                        g += sg[k] * load8(tg + k * C + j);
+                        u += su[k] * load8(tu + k * C + j);
                     }
-                    hrow[j] = g * sigmoid(g) * u;
+                    const v8f hv = g * sigmoid8(g) * u;
+                    store8(hp, hv);
+#pragma GCC unroll 16
+                    for (int k = 0; k < r; ++k) acc[k] += hv * load8(ta + k * C + j);
+                };
+                const float* grow = gb + n * I + i0;
+                const float* urow = ub + n * I + i0;
+                float* hrow = h + n * I + i0;
+                for (i64 j = 0; j < full; j += kLanes) step(grow + j, urow + j, hrow + j, j);
+                if (full < len) {
+                    float gs[kLanes] = {}, us[kLanes] = {}, hs[kLanes];
+                    std::copy(grow + full, grow + len, gs);
+                    std::copy(urow + full, urow + len, us);
+                    step(gs, us, hs, full);
+                    std::copy(hs, hs + (len - full), hrow + full);
                 }
-                for (int k = 0; k < r; ++k) {
-                    const float* __restrict ad = a_down + k * I + i0;
-                    float dot = 0.0f;
-                    for (i64 j = 0; j < len; ++j) dot += hrow[j] * ad[j];
-                    acc[k] = dot;
-                }
-                for (int k = 0; k < r; ++k) part[n * r + k] += acc[k];
+                for (int k = 0; k < r; ++k) part[n * r + k] += hsum8(acc[k]);
             }
         }
         reduce_partials(partials, threads, N * r, ha);
@@ -107,83 +131,99 @@ void bwd_impl(const float* __restrict gu, const float* __restrict xa, const floa
     constexpr int RA = R > 0 ? R : kMaxRank;
     constexpr i64 C = chunk_cols<R>();
     const int r = R > 0 ? R : r_rt;
-    const float* __restrict gb = gu;
-    const float* __restrict ub = gu + N * I;
+    const float* gb = gu;
+    const float* ub = gu + N * I;
     const i64 nchunks = (I + C - 1) / C;
     threads = threads_for(N * I, threads, kLoraGrain);
     std::vector<float> partials(static_cast<std::size_t>(threads) * N * 2 * r, 0.0f);
 
 #pragma omp parallel num_threads(threads)
     {
-        float* __restrict part = partials.data() + static_cast<i64>(omp_get_thread_num()) * N * 2 * r;
-        // Column accumulators of one chunk: dB_gate^T, dB_up^T, dA_down, each [r, C]; then the
-        // chunk's row tile of dgate, dup and h, each [C].
-        std::vector<float> buf(static_cast<std::size_t>((3 * RA + 3) * C));
-        float* __restrict acc_g = buf.data();
-        float* __restrict acc_u = acc_g + RA * C;
-        float* __restrict acc_a = acc_u + RA * C;
-        float* __restrict tdg = acc_a + RA * C;
-        float* __restrict tdu = tdg + C;
-        float* __restrict th = tdu + C;
+        float* part = partials.data() + static_cast<i64>(omp_get_thread_num()) * N * 2 * r;
+        // Factor tiles B_gate^T, B_up^T, A_down and the chunk's column accumulators dB_gate^T,
+        // dB_up^T, dA_down: six [r, C] tiles.
+        std::vector<float> tiles(static_cast<std::size_t>(6 * RA * C));
+        float* tg = tiles.data();
+        float* tu = tg + RA * C;
+        float* ta = tu + RA * C;
+        float* acc_g = ta + RA * C;
+        float* acc_u = acc_g + RA * C;
+        float* acc_a = acc_u + RA * C;
 #pragma omp for schedule(static)
         for (i64 c = 0; c < nchunks; ++c) {
             const i64 i0 = c * C;
             const i64 len = std::min(C, I - i0);
+            const i64 full = len / kLanes * kLanes;
+            load_tile(bg_t, I, r, i0, len, C, tg);
+            load_tile(bu_t, I, r, i0, len, C, tu);
+            load_tile(a_down, I, r, i0, len, C, ta);
             std::fill(acc_g, acc_g + 3 * RA * C, 0.0f);
             for (i64 n = 0; n < N; ++n) {
-                float sg[RA], su[RA], dk[RA];
+                v8f sg[RA], su[RA], dk[RA], pg[RA], pu[RA];
                 for (int k = 0; k < r; ++k) {
-                    sg[k] = s * xa[n * 2 * r + k];
-                    su[k] = s * xa[n * 2 * r + r + k];
-                    dk[k] = dha[n * r + k];
+                    sg[k] = splat8(s * xa[n * 2 * r + k]);
+                    su[k] = splat8(s * xa[n * 2 * r + r + k]);
+                    dk[k] = splat8(dha[n * r + k]);
+                    pg[k] = splat8(0.0f);
+                    pu[k] = splat8(0.0f);
                 }
-                const i64 off = n * I + i0;
-                // Elementwise: recompute gate/up and dh with their rank-r terms, SwiGLU backward.
-#pragma omp simd
-                for (i64 j = 0; j < len; ++j) {
-                    const i64 col = i0 + j;
-                    float g = gb[off + j], u = ub[off + j], dh = dh_base[off + j];
+                // 8 columns at tile column j; dgp/dup are only touched when STORE_DGU.
+                auto step = [&](const float* gp, const float* up, const float* dhp, float* dgp, float* dup,
+                                i64 j) {
+                    v8f g = load8(gp), u = load8(up), dh = load8(dhp);
 #pragma GCC unroll 16
                     for (int k = 0; k < r; ++k) {
-                        g += sg[k] * bg_t[k * I + col];
-                        u += su[k] * bu_t[k * I + col];
-                        dh += dk[k] * a_down[k * I + col];
+                        g += sg[k] * load8(tg + k * C + j);
+                        u += su[k] * load8(tu + k * C + j);
+                        dh += dk[k] * load8(ta + k * C + j);
                     }
-                    const float sig = sigmoid(g);
-                    const float silu = g * sig;
-                    const float du = dh * silu;
-                    const float dg = dh * u * sig * (1.0f + g * (1.0f - sig));
-                    tdg[j] = dg;
-                    tdu[j] = du;
+                    const v8f sig = sigmoid8(g);
+                    const v8f silu = g * sig;
+                    const v8f du = dh * silu;
+                    const v8f dg = dh * u * sig * (1.0f + g * (1.0f - sig));
                     if (STORE_DGU) {
-                        dgu[off + j] = dg;
-                        dgu[N * I + off + j] = du;
+                        store8(dgp, dg);
+                        store8(dup, du);
                     }
-                    if (DA_DOWN) th[j] = silu * u;
+                    const v8f hv = silu * u;
+#pragma GCC unroll 16
+                    for (int k = 0; k < r; ++k) {
+                        float* ag = acc_g + k * C + j;
+                        float* au = acc_u + k * C + j;
+                        store8(ag, load8(ag) + sg[k] * dg);
+                        store8(au, load8(au) + su[k] * du);
+                        pg[k] += dg * load8(tg + k * C + j);
+                        pu[k] += du * load8(tu + k * C + j);
+                        if (DA_DOWN) {
+                            float* aa = acc_a + k * C + j;
+                            store8(aa, load8(aa) + dk[k] * hv);
+                        }
+                    }
+                };
+                const i64 off = n * I + i0;
+                const float* grow = gb + off;
+                const float* urow = ub + off;
+                const float* dhrow = dh_base + off;
+                float* dgrow = STORE_DGU ? dgu + off : nullptr;
+                float* durow = STORE_DGU ? dgu + N * I + off : nullptr;
+                for (i64 j = 0; j < full; j += kLanes) {
+                    step(grow + j, urow + j, dhrow + j, STORE_DGU ? dgrow + j : nullptr,
+                         STORE_DGU ? durow + j : nullptr, j);
                 }
-                // Rank-r reductions of the tile: column sums (dB, dA_down) and row dots (dxa).
+                if (full < len) {
+                    float gs[kLanes] = {}, us[kLanes] = {}, dhs[kLanes] = {}, dgs[kLanes], dus[kLanes];
+                    std::copy(grow + full, grow + len, gs);
+                    std::copy(urow + full, urow + len, us);
+                    std::copy(dhrow + full, dhrow + len, dhs);
+                    step(gs, us, dhs, dgs, dus, full);
+                    if (STORE_DGU) {
+                        std::copy(dgs, dgs + (len - full), dgrow + full);
+                        std::copy(dus, dus + (len - full), durow + full);
+                    }
+                }
                 for (int k = 0; k < r; ++k) {
-                    const float* __restrict bgk = bg_t + k * I + i0;
-                    const float* __restrict buk = bu_t + k * I + i0;
-                    float* __restrict agk = acc_g + k * C;
-                    float* __restrict auk = acc_u + k * C;
-                    const float sgk = sg[k], suk = su[k];
-                    float dot_g = 0.0f, dot_u = 0.0f;
-#pragma omp simd reduction(+ : dot_g, dot_u)
-                    for (i64 j = 0; j < len; ++j) {
-                        agk[j] += sgk * tdg[j];
-                        auk[j] += suk * tdu[j];
-                        dot_g += tdg[j] * bgk[j];
-                        dot_u += tdu[j] * buk[j];
-                    }
-                    part[n * 2 * r + k] += s * dot_g;
-                    part[n * 2 * r + r + k] += s * dot_u;
-                    if (DA_DOWN) {
-                        float* __restrict aak = acc_a + k * C;
-                        const float dkk = dk[k];
-#pragma omp simd
-                        for (i64 j = 0; j < len; ++j) aak[j] += dkk * th[j];
-                    }
+                    part[n * 2 * r + k] += s * hsum8(pg[k]);
+                    part[n * 2 * r + r + k] += s * hsum8(pu[k]);
                 }
             }
             for (int k = 0; k < r; ++k) {

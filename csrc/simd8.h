@@ -1,0 +1,56 @@
+// An 8-lane float vector (GCC/Clang vector extensions) and the few operations the fused kernels need.
+//
+// With -march=native on an AVX2 machine every operation is one ymm instruction (a * b + c contracts
+// to an FMA); without AVX the compiler splits the lanes over SSE registers, so the code stays
+// portable. Loads and stores go through memcpy: unaligned and free of aliasing questions.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace tmem {
+
+constexpr int kLanes = 8;
+typedef float v8f __attribute__((vector_size(32)));
+typedef std::int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f load8(const float* p) {
+    v8f v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+
+static inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+static inline float hsum8(v8f v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// exp(x) lane-wise, relative error ~2 ulp on [-87, 88]; inputs outside are clamped (no inf, no
+// denormal). Same Cephes polynomial as exp_clamped in fast_math.h.
+static inline v8f exp8(v8f x) {
+    x = x < -87.0f ? splat8(-87.0f) : x;
+    x = x > 88.0f ? splat8(88.0f) : x;
+    // n = floor(x / ln2 + 1/2): the argument is > 0 after adding 128, so truncation is floor.
+    const v8i ni = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, v8i) - 128;
+    const v8f n = __builtin_convertvector(ni, v8f);
+    v8f r = x - n * 0.693359375f;  // n * ln2_hi is exact (few mantissa bits on both sides)
+    r = r + n * 2.12194440e-4f;    // - n * ln2_lo
+    v8f p = splat8(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const v8i bits = (ni + 127) << 23;  // 2^n from its exponent bits, n in [-126, 127]
+    v8f two_n;
+    std::memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+static inline v8f sigmoid8(v8f x) { return 1.0f / (1.0f + exp8(-x)); }
+
+}  // namespace tmem
