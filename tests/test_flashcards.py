@@ -1,0 +1,97 @@
+"""The flashcard parser: salvage every valid pair, drop the rest with a reason, never raise."""
+
+import json
+import random
+
+from tmem_runtime.agent.flashcards import (
+    EXAMPLE_FLASHCARDS,
+    FLASHCARD_PREFILL,
+    MAX_ANSWER_WORDS,
+    flashcard_messages,
+    parse_flashcards,
+)
+
+
+def test_clean_array():
+    text = json.dumps([{"instruction": "Where did Ana move?", "output": "Denver"},
+                       {"instruction": "What is Ben's parrot called?", "output": "Kiwi"}])
+    r = parse_flashcards(text)
+    assert r.pairs == [("Where did Ana move?", "Denver"), ("What is Ben's parrot called?", "Kiwi")]
+    assert r.n_dropped == 0
+
+
+def test_prefilled_reply_and_truncated_array():
+    reply = 'Where did Ana move?", "output": "Denver"},\n{"instruction": "What does Ana do?", "output": "bak'
+    r = parse_flashcards(FLASHCARD_PREFILL + reply)
+    assert r.pairs == [("Where did Ana move?", "Denver")]
+    assert r.n_dropped == 1  # the cut-off last card is dropped, not trained on
+
+
+def test_repairs_single_quotes_trailing_commas_and_wrong_keys():
+    text = ("[{'instruction': 'Where did Ana move?', 'output': 'Denver',},"
+            ' {"question": "What pet does Ben have?", "answer": "a parrot",},'
+            ' {"Q": "What does Ana play?", "A": "the violin"}]')
+    r = parse_flashcards(text)
+    assert r.pairs == [("Where did Ana move?", "Denver"), ("What pet does Ben have?", "a parrot"),
+                       ("What does Ana play?", "the violin")]
+
+
+def test_drops_empty_duplicate_long_nontext_and_missing():
+    cards = [
+        {"instruction": "Where did Ana move?", "output": "Denver"},
+        {"instruction": "where did ana move", "output": "Denver, Colorado"},  # near-duplicate question
+        {"instruction": "", "output": "x"},
+        {"instruction": "What?", "output": "   "},
+        {"instruction": "Why?", "output": " ".join(["word"] * (MAX_ANSWER_WORDS + 1))},
+        {"instruction": "Who?", "output": ["a", "list"]},
+        {"instruction": "Who?", "output": None},
+        {"instruction": "When?"},
+        {"instruction": "What year?", "output": 2023},  # numbers are fine
+        {"instruction": "Same?", "output": "Same?"},  # echo
+        {"instruction": EXAMPLE_FLASHCARDS[0]["instruction"], "output": EXAMPLE_FLASHCARDS[0]["output"]},
+    ]
+    r = parse_flashcards(json.dumps(cards))
+    assert r.pairs == [("Where did Ana move?", "Denver"), ("What year?", "2023")]
+    assert r.dropped == {"duplicate": 1, "empty": 2, "too_long": 1, "not_text": 2, "missing_key": 1, "echo": 2}
+
+
+def test_line_format_and_prose():
+    text = "Sure! Here are flashcards:\nQ: Where did Ana move?\nA: Denver\n\nQuestion: What is Ben's pet?\nAnswer: Kiwi"
+    assert parse_flashcards(text).pairs == [("Where did Ana move?", "Denver"), ("What is Ben's pet?", "Kiwi")]
+    assert parse_flashcards("I cannot write flashcards for this.").pairs == []
+    assert parse_flashcards("").pairs == [] and parse_flashcards(None).pairs == []  # type: ignore[arg-type]
+
+
+def test_broken_objects_salvaged_by_key_value_scan():
+    text = '[{"instruction": "Where did Ana move?" "output": "Denver"} {"instruction": "x" : : }]'
+    r = parse_flashcards(text)
+    assert ("Where did Ana move?", "Denver") in r.pairs
+    assert r.n_dropped >= 1
+
+
+def test_fuzz_never_raises_and_only_keeps_valid_pairs():
+    rng = random.Random(0)
+    pieces = ['{', '}', '[', ']', '"', "'", ':', ',', '\\', '\n', '"instruction"', '"output"', '"question"',
+              '"answer"', 'Q:', 'A:', 'Where did Ana move?', 'Denver', '', ' ', 'null', '12', 'é中', '{"a": {"b": 1}}']
+    valid = json.dumps([{"instruction": "Where did Ana move?", "output": "Denver"}])
+    for i in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+        if i % 3 == 0:  # a valid array cut at a random point, with noise around it
+            cut = rng.randint(0, len(valid))
+            text = text[: rng.randint(0, 10)] + valid[:cut] + text[-rng.randint(0, 10):]
+        r = parse_flashcards(text)
+        keys = set()
+        for q, a in r.pairs:
+            assert isinstance(q, str) and isinstance(a, str)
+            assert q.strip() and a.strip()
+            assert len(a.split()) <= MAX_ANSWER_WORDS
+            assert q.lower() not in keys
+            keys.add(q.lower())
+        assert r.n_dropped >= 0
+
+
+def test_prompt_has_example_and_ends_with_the_context():
+    msgs = flashcard_messages("DATE: 1 May\nAna: I moved to Denver.")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert "Ana: I moved to Denver." in msgs[-1]["content"]
+    assert json.loads(msgs[2]["content"]) == EXAMPLE_FLASHCARDS

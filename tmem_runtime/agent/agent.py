@@ -1,0 +1,146 @@
+"""The memory agent: reads a conversation turn by turn, writes memory when over budget, answers.
+
+Working context plus explicit memory (the channel's `memory_text`) is counted with the model's
+tokenizer. When adding the next turn would cross `l_max`, the agent enters memory-writing mode:
+the channel writes the working context (flashcards into fast weights, notes into a summary, chunks
+into an index), then the working context is cleared (the current session's DATE line is kept so
+later turns stay dated). The `none` channel never writes; at answer time its context is cut to the
+model's window, keeping the most recent part.
+
+Answer prompts are one user turn: [explicit memory][working context] + [retrieved chunks] + the
+question, the same chat layout the runtime trains flashcards in (user: question, assistant: answer),
+so the fast weights are read by the prompt they were written with. The shared part is prefilled
+once and its KV cache reused for every question.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tmem_runtime.agent.channels import MemoryChannel, WriteEvent
+from tmem_runtime.agent.generation import Generator
+from tmem_runtime.agent.locomo import Conversation, Session
+
+_QUESTION_SLOT = "\u241f"
+
+
+@dataclass
+class Trigger:
+    """One memory write: when it fired, how full the budget was, what the channel wrote."""
+
+    index: int
+    session: int
+    context_tokens: int
+    memory_tokens: int
+    event: WriteEvent = field(default_factory=WriteEvent)
+    seconds: float = 0.0
+
+
+def clean_answer(text: str) -> str:
+    """The first non-empty line of a generated answer, stripped of quotes and spaces."""
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip().strip("\"'").strip()
+    return ""
+
+
+class MemoryAgent:
+    """An agent with a working context of at most `l_max` tokens (with explicit memory) and a channel.
+
+    generator: the model's Generator. channel: a MemoryChannel from `make_channel`.
+    answer_tokens: max new tokens per answer. reserve: tokens kept free in the window for the
+    question and the answer when the `none` context is cut. window: the prompt's token limit
+    (default: the model's), e.g. l_max + reserve for a no-memory agent held to the same budget.
+    """
+
+    def __init__(self, generator: Generator, channel: MemoryChannel, l_max: int = 1024, answer_tokens: int = 24,
+                 reserve: int = 160, window: int | None = None):
+        self.generator, self.channel, self.l_max = generator, channel, l_max
+        self.answer_tokens, self.reserve = answer_tokens, reserve
+        self.window = window or generator.window
+        self.reset()
+
+    def reset(self) -> None:
+        """New episode: empty context, channel forgotten (fast weights back to B = 0)."""
+        self.lines: list[str] = []
+        self.context_tokens = 0
+        self.header: str | None = None
+        self.session = 0
+        self.triggers: list[Trigger] = []
+        self.channel.reset()
+        self.memory_tokens = 0
+
+    @property
+    def context(self) -> str:
+        return "\n".join(self.lines)
+
+    def _append(self, line: str, tokens: int | None = None) -> None:
+        self.lines.append(line)
+        self.context_tokens += (self.generator.count_tokens(line) if tokens is None else tokens) + 1
+
+    def clear_context(self) -> None:
+        """Empty the working context, keeping the current session's DATE line."""
+        self.lines, self.context_tokens = [], 0
+        if self.header:
+            self._append(self.header)
+
+    def write_memory(self, on_trigger: Callable[[Trigger], None] | None = None) -> Trigger:
+        """Memory-writing mode now: the channel writes the working context, then it is cleared."""
+        t0 = time.perf_counter()
+        trigger = Trigger(len(self.triggers), self.session, self.context_tokens, self.memory_tokens)
+        trigger.event = self.channel.write(self.context, trigger.index)
+        self.clear_context()
+        self.memory_tokens = self.generator.count_tokens(self.channel.memory_text())
+        trigger.seconds = time.perf_counter() - t0
+        self.triggers.append(trigger)
+        if on_trigger is not None:
+            on_trigger(trigger)
+        return trigger
+
+    def observe(self, line: str, on_trigger: Callable[[Trigger], None] | None = None) -> None:
+        """Add one line (a turn) to the working context, writing memory first if it would cross l_max."""
+        tokens = self.generator.count_tokens(line)
+        has_content = len(self.lines) > (1 if self.header else 0)
+        if self.channel.writes and has_content and self.context_tokens + tokens + 1 + self.memory_tokens > self.l_max:
+            self.write_memory(on_trigger)
+        self._append(line, tokens)
+
+    def read_session(self, session: Session, on_trigger: Callable[[Trigger], None] | None = None) -> None:
+        """Read one session: its DATE line, then each turn."""
+        self.session, self.header = session.index, session.header()
+        self.observe(self.header, on_trigger)
+        for turn in session.turns:
+            self.observe(turn.render(), on_trigger)
+
+    def read(self, conversation: Conversation, on_trigger: Callable[[Trigger], None] | None = None,
+             max_sessions: int | None = None) -> list[Trigger]:
+        """Read a conversation's sessions in order (the first `max_sessions` if given); returns the triggers."""
+        for session in conversation.sessions[:max_sessions]:
+            self.read_session(session, on_trigger)
+        return self.triggers
+
+    def prompt_context(self) -> str:
+        """The shared part of every answer prompt: explicit memory, then the working context (cut to fit)."""
+        memory = self.channel.memory_text()
+        context = self.context
+        room = self.window - self.reserve - self.generator.count_tokens(memory)
+        if self.generator.count_tokens(context) > room:
+            context = self.generator.keep_last_tokens(context, max(room, 0))
+        return "\n\n".join(p for p in (memory, context) if p.strip())
+
+    def answer(self, questions: list[str], queries: list[str] | None = None, progress: bool = False) -> list[str]:
+        """Answers to `questions` with everything the agent has now (context, memory, fast weights).
+
+        queries: what retrieval searches with, one per question (default: the questions themselves).
+        """
+        shared = self.prompt_context()
+        content = f"{shared}\n\n{_QUESTION_SLOT}" if shared else _QUESTION_SLOT
+        prefix, suffix = self.generator.split_chat_prompt([{"role": "user", "content": content}], _QUESTION_SLOT)
+        suffixes = []
+        for q, query in zip(questions, queries or questions):
+            recalled = self.channel.recall(query)
+            suffixes.append((f"{recalled}\n\n" if recalled else "") + q + suffix)
+        raw = self.generator.generate_after_prefix(prefix, suffixes, self.answer_tokens, progress=progress)
+        return [clean_answer(r) for r in raw]

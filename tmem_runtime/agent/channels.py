@@ -1,0 +1,190 @@
+"""Memory channels behind one interface: none / summary / retrieval / tmem / tmem+summary.
+
+A channel is told to `write` the working context when the agent's budget triggers (the agent then
+clears the context), contributes `memory_text()` to every prompt (explicit memory that counts
+against the budget: the summary) and `recall(question)` to each question's prompt (retrieved chunks).
+`none` never writes: the agent keeps the whole conversation and cuts it to the model's window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tmem_runtime.agent.generation import Generator
+from tmem_runtime.agent.retrieval import ChunkIndex
+from tmem_runtime.agent.summary import merge_summaries, write_summary
+from tmem_runtime.agent.write_formats import WRITE_FORMATS, WriteRecord, write_to_weights
+
+CHANNELS = ("none", "summary", "retrieval", "tmem", "tmem+summary")
+
+
+@dataclass
+class WriteEvent:
+    """What one trigger wrote: into weights (`weights`), into the summary, into the index."""
+
+    weights: WriteRecord | None = None
+    summary: str | None = None
+    chunks_indexed: int = 0
+    seconds: float = 0.0
+
+
+class MemoryChannel:
+    """The no-memory channel, and the base of the others."""
+
+    name = "none"
+    writes = False  # whether the budget triggers a write (and a context clear)
+
+    def reset(self) -> None:
+        """Forget everything (episode boundary)."""
+
+    def memory_text(self) -> str:
+        return ""
+
+    def recall(self, question: str) -> str:
+        return ""
+
+    def write(self, context: str, trigger: int) -> WriteEvent:
+        return WriteEvent()
+
+
+class SummaryChannel(MemoryChannel):
+    """A rolling summary: at each trigger the model writes notes on the context, appended to the old
+    notes; the notes are kept to the last `max_tokens` tokens and sit in every prompt."""
+
+    name = "summary"
+    writes = True
+
+    def __init__(self, generator: Generator, max_tokens: int = 512, max_new_tokens: int = 128):
+        self.generator, self.max_tokens, self.max_new_tokens = generator, max_tokens, max_new_tokens
+        self.summary = ""
+
+    def reset(self) -> None:
+        self.summary = ""
+
+    def memory_text(self) -> str:
+        return f"Notes on the earlier conversation:\n{self.summary}" if self.summary else ""
+
+    def write(self, context: str, trigger: int) -> WriteEvent:
+        notes = write_summary(self.generator, self.summary, context, self.max_new_tokens)
+        self.summary = merge_summaries(self.summary, notes, self.max_tokens, self.generator)
+        return WriteEvent(summary=notes)
+
+
+def context_chunks(context: str, turns_per_chunk: int = 3) -> list[str]:
+    """Cut a rendered context into chunks of `turns_per_chunk` lines, each under its DATE line."""
+    chunks, header, lines = [], "", []
+
+    def flush() -> None:
+        if lines:
+            chunks.append("\n".join(([header] if header else []) + lines))
+            lines.clear()
+
+    for line in context.splitlines():
+        if not line.strip():
+            continue
+        if line.startswith("DATE:") or line.startswith("SESSION "):
+            flush()
+            header = line
+            continue
+        lines.append(line)
+        if len(lines) >= turns_per_chunk:
+            flush()
+    flush()
+    return chunks
+
+
+class RetrievalChannel(MemoryChannel):
+    """Past context as embedded chunks; each question's prompt gets its `top_k` chunks."""
+
+    name = "retrieval"
+    writes = True
+
+    def __init__(self, index: ChunkIndex, top_k: int = 5, turns_per_chunk: int = 3):
+        self.index, self.top_k, self.turns_per_chunk = index, top_k, turns_per_chunk
+
+    def reset(self) -> None:
+        self.index.clear()
+
+    def recall(self, question: str) -> str:
+        hits = self.index.search(question, self.top_k)
+        return "Retrieved from the earlier conversation:\n" + "\n\n".join(hits) if hits else ""
+
+    def write(self, context: str, trigger: int) -> WriteEvent:
+        chunks = context_chunks(context, self.turns_per_chunk)
+        self.index.add(chunks)
+        return WriteEvent(chunks_indexed=len(chunks))
+
+
+class FastWeightChannel(MemoryChannel):
+    """TMEM: each trigger trains the context (as `write_format`) into the fast weights."""
+
+    name = "tmem"
+    writes = True
+
+    def __init__(self, fast_weights, generator: Generator, write_format: str = "qa", recipe: str = "default",
+                 seed: int = 0, max_new_tokens: int = 192):
+        if write_format not in WRITE_FORMATS:
+            raise ValueError(f"write_format must be one of {WRITE_FORMATS}, got {write_format!r}")
+        self.fast_weights, self.generator = fast_weights, generator
+        self.write_format, self.recipe, self.seed, self.max_new_tokens = write_format, recipe, seed, max_new_tokens
+
+    def reset(self) -> None:
+        self.fast_weights.reset()
+
+    def write(self, context: str, trigger: int) -> WriteEvent:
+        record = write_to_weights(
+            self.fast_weights, self.generator, context, self.write_format, self.recipe,
+            seed=self.seed + trigger, max_new_tokens=self.max_new_tokens,
+        )
+        return WriteEvent(weights=record)
+
+
+class HybridChannel(MemoryChannel):
+    """tmem+summary: the context is written into the weights and into the rolling summary."""
+
+    name = "tmem+summary"
+    writes = True
+
+    def __init__(self, weights: FastWeightChannel, summary: SummaryChannel):
+        self.weights, self.summary = weights, summary
+
+    def reset(self) -> None:
+        self.weights.reset()
+        self.summary.reset()
+
+    def memory_text(self) -> str:
+        return self.summary.memory_text()
+
+    def write(self, context: str, trigger: int) -> WriteEvent:
+        event = self.weights.write(context, trigger)
+        event.summary = self.summary.write(context, trigger).summary
+        return event
+
+
+def make_channel(
+    name: str,
+    generator: Generator,
+    fast_weights=None,
+    write_format: str = "qa",
+    recipe: str = "default",
+    seed: int = 0,
+    top_k: int = 5,
+    summary_tokens: int = 512,
+    device: str = "cpu",
+    flashcard_tokens: int = 192,
+) -> MemoryChannel:
+    """The channel called `name` (one of CHANNELS); tmem channels need `fast_weights` attached to the model."""
+    if name not in CHANNELS:
+        raise ValueError(f"memory must be one of {CHANNELS}, got {name!r}")
+    if name.startswith("tmem") and fast_weights is None:
+        raise ValueError(f"memory {name!r} needs fast weights attached to the model")
+    if name == "none":
+        return MemoryChannel()
+    if name == "summary":
+        return SummaryChannel(generator, summary_tokens)
+    if name == "retrieval":
+        return RetrievalChannel(ChunkIndex(device), top_k)
+    weights = FastWeightChannel(fast_weights, generator, write_format, recipe, seed, flashcard_tokens)
+    if name == "tmem":
+        return weights
+    return HybridChannel(weights, SummaryChannel(generator, summary_tokens))

@@ -1,0 +1,303 @@
+"""`tmem eval`: LoCoMo with any memory channel, scored with LoCoMo's official metric.
+
+    tmem eval --data ../shared/data/locomo10.json --memory none summary retrieval tmem tmem+summary \\
+        --write-format qa summary ntp --model smollm2-135m --conversations conv-26 conv-30 \\
+        --max-questions 20 --l-max 1024 --out runs/locomo
+
+Writes to --out: answers.json (every question, answer, score, and every trigger's flashcards and
+losses), report.json and report.md (F1/EM per category and method, peak memory, time, tokens,
+flashcards written/dropped, write losses) and three plots (f1_by_category.png, write_loss.png,
+memory.png). The same command runs a 4B model on a GPU: --model DIR --device cuda --dtype bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tmem_runtime.agent.agent import MemoryAgent, Trigger
+from tmem_runtime.agent.channels import CHANNELS, make_channel
+from tmem_runtime.agent.generation import Generator
+from tmem_runtime.agent.locomo import (
+    CATEGORY_NAMES,
+    QA,
+    Conversation,
+    load_locomo,
+    question_prompt,
+    resolve_choice,
+    score,
+)
+from tmem_runtime.agent.monitor import MemoryMonitor
+from tmem_runtime.agent.write_formats import WRITE_FORMATS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tmem eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="LoCoMo-format JSON file")
+    p.add_argument("--memory", nargs="+", choices=CHANNELS, default=["tmem"], help="channels to evaluate")
+    p.add_argument("--write-format", nargs="+", choices=WRITE_FORMATS, default=["qa"],
+                   help="what tmem channels train on (each format is a separate method)")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m or a local HF model directory")
+    p.add_argument("--conversations", nargs="*", default=None, help="sample ids (default: all)")
+    p.add_argument("--max-questions", type=int, default=None, help="questions per conversation (all categories)")
+    p.add_argument("--max-sessions", type=int, default=None,
+                   help="read only the first N sessions; only questions whose evidence lies there are asked")
+    p.add_argument("--l-max", type=int, default=1024, help="budget: working context + explicit memory, tokens")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--recipe", default="default", help="fast-weight write recipe (runtime name)")
+    p.add_argument("--rank", type=int, default=6)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=5, help="retrieved chunks per question")
+    p.add_argument("--summary-tokens", type=int, default=512, help="cap on the rolling summary, tokens")
+    p.add_argument("--answer-tokens", type=int, default=24)
+    p.add_argument("--flashcard-tokens", type=int, default=192, help="max new tokens of one memory write")
+    p.add_argument("--window", type=int, default=None, help="model context window (default: the config's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def select_questions(conv: Conversation, max_questions: int | None, max_sessions: int | None) -> list[QA]:
+    """Questions answerable from the sessions read, round-robin over categories 1-5 in file order."""
+    read = {s.index for s in conv.sessions[:max_sessions]}
+    usable = [q for q in conv.qa if q.evidence_sessions and q.evidence_sessions <= read] if max_sessions else conv.qa
+    if max_questions is None or max_questions >= len(usable):
+        return usable
+    by_cat = {c: [q for q in usable if q.category == c] for c in sorted({q.category for q in usable})}
+    chosen: list[QA] = []
+    while len(chosen) < max_questions:
+        for c in by_cat:
+            if by_cat[c] and len(chosen) < max_questions:
+                chosen.append(by_cat[c].pop(0))
+    return [q for q in usable if any(q is c for c in chosen)]
+
+
+def methods_of(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(memory, write format) pairs, prompt-space channels first (fast weights attach only after them)."""
+    plain = [(m, None) for m in args.memory if not m.startswith("tmem")]
+    weighted = [(m, f) for m in args.memory if m.startswith("tmem") for f in args.write_format]
+    return plain + weighted
+
+
+def method_label(memory: str, write_format: str | None) -> str:
+    return memory if write_format is None else f"{memory}/{write_format}"
+
+
+def trigger_record(t: Trigger) -> dict:
+    e, w = t.event, t.event.weights
+    rec = dict(index=t.index, session=t.session, context_tokens=t.context_tokens, memory_tokens=t.memory_tokens,
+               seconds=round(t.seconds, 3), chunks_indexed=e.chunks_indexed, summary=e.summary)
+    if w is not None:
+        rec.update(format=w.format, written=w.n_written, dropped=w.n_dropped, drop_reasons=w.dropped,
+                   pairs=w.pairs, raw=w.raw[:4000], losses=[round(x, 5) for x in w.losses],
+                   generate_s=round(w.generate_s, 3), train_s=round(w.train_s, 3))
+    return rec
+
+
+def run_conversation(agent: MemoryAgent, conv: Conversation, questions: list[QA], args: argparse.Namespace,
+                     label: str) -> dict:
+    """Read one conversation and answer its questions; timings, tokens, memory and every answer."""
+    gen = agent.generator
+    before = (gen.counts.prefilled, gen.counts.generated)
+    agent.reset()
+    with MemoryMonitor(args.device) as mon:
+        t0 = time.perf_counter()
+        sessions = conv.sessions[: args.max_sessions]
+        for s in tqdm(sessions, desc=f"{label} {conv.sample_id} reading", unit="session", leave=False):
+            agent.read_session(s)
+        read_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        prompts = [question_prompt(q, args.seed) for q in questions]
+        answers = agent.answer(prompts, [q.question for q in questions], progress=True)
+        answer_s = time.perf_counter() - t0
+    rows = []
+    for q, prompt, answer in zip(questions, prompts, answers):
+        prediction = resolve_choice(answer, q, args.seed)
+        f1, em = score(prediction, q.answer, q.category)
+        rows.append(dict(question=q.question, prompt=prompt, gold=q.answer, category=q.category,
+                         evidence=q.evidence, prediction=prediction, f1=round(f1, 4), em=em))
+    return dict(
+        method=label, conversation=conv.sample_id, sessions_read=len(sessions), answers=rows,
+        triggers=[trigger_record(t) for t in agent.triggers], read_s=round(read_s, 2), answer_s=round(answer_s, 2),
+        tokens_prefilled=gen.counts.prefilled - before[0], tokens_generated=gen.counts.generated - before[1],
+        peak_rss_mb=round(mon.peak_mb, 1), cuda_peak_mb=mon.cuda_peak_mb, final_context_tokens=agent.context_tokens,
+        memory_trace=[(round(t, 2), round(mb, 1)) for t, mb in mon.trace[:: max(1, len(mon.trace) // 200)]],
+    )
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(100 * sum(xs) / len(xs), 2) if xs else None
+
+
+def summarize(runs: list[dict]) -> dict[str, dict]:
+    """Per method: F1/EM (x100) over categories 1-4 and per category, costs and write statistics."""
+    report: dict[str, dict] = {}
+    for label in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == label]
+        answers = [a for r in mine for a in r["answers"]]
+        main = [a for a in answers if a["category"] in (1, 2, 3, 4)]
+        triggers = [t for r in mine for t in r["triggers"]]
+        losses = [t["losses"] for t in triggers if t.get("losses")]
+        entry = dict(
+            n=len(answers), n_1_4=len(main),
+            f1_1_4=_mean([a["f1"] for a in main]), em_1_4=_mean([a["em"] for a in main]),
+            per_category={c: dict(n=len(cs), f1=_mean([a["f1"] for a in cs]), em=_mean([a["em"] for a in cs]))
+                          for c in CATEGORY_NAMES if (cs := [a for a in answers if a["category"] == c])},
+            peak_rss_mb=max(r["peak_rss_mb"] for r in mine),
+            cuda_peak_mb=max((r["cuda_peak_mb"] or 0) for r in mine) or None,
+            seconds_per_conversation=round(sum(r["read_s"] + r["answer_s"] for r in mine) / len(mine), 1),
+            read_s=round(sum(r["read_s"] for r in mine), 1), answer_s=round(sum(r["answer_s"] for r in mine), 1),
+            tokens_processed=sum(r["tokens_prefilled"] + r["tokens_generated"] for r in mine),
+            triggers=len(triggers),
+            flashcards_written=sum(t.get("written", 0) for t in triggers if t.get("format") == "qa"),
+            flashcards_dropped=sum(t.get("dropped", 0) for t in triggers if t.get("format") == "qa"),
+            write_steps=sum(len(x) for x in losses),
+            first_step_loss=round(sum(x[0] for x in losses) / len(losses), 4) if losses else None,
+            last_step_loss=round(sum(x[-1] for x in losses) / len(losses), 4) if losses else None,
+        )
+        report[label] = entry
+    return report
+
+
+def report_markdown(report: dict[str, dict], args: argparse.Namespace) -> str:
+    """The report's tables as Markdown."""
+    cats = list(CATEGORY_NAMES)
+    head = "| method | F1 1-4 | EM 1-4 | " + " | ".join(f"F1 c{c} {CATEGORY_NAMES[c]} (n)" for c in cats) + " |"
+    lines = [f"model {args.model}, l_max {args.l_max}, recipe {args.recipe}, device {args.device}/{args.dtype}", "",
+             head, "|" + "---|" * (3 + len(cats))]
+    for label, e in report.items():
+        cells = []
+        for c in cats:
+            pc = e["per_category"].get(c)
+            cells.append(f"{pc['f1']:.1f} ({pc['n']})" if pc else "-")
+        lines.append(f"| {label} | {_fmt(e['f1_1_4'])} | {_fmt(e['em_1_4'])} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | s/conversation | read s | answer s | tokens | peak RSS MB | CUDA peak MB | triggers "
+              "| flashcards written | dropped | write steps | loss first→last step |", "|" + "---|" * 12]
+    for label, e in report.items():
+        loss = f"{e['first_step_loss']:.3f}→{e['last_step_loss']:.3f}" if e["first_step_loss"] is not None else "-"
+        lines.append(f"| {label} | {e['seconds_per_conversation']} | {e['read_s']} | {e['answer_s']} | "
+                     f"{e['tokens_processed']} | {e['peak_rss_mb']} | {_fmt(e['cuda_peak_mb'])} | {e['triggers']} | "
+                     f"{e['flashcards_written']} | {e['flashcards_dropped']} | {e['write_steps']} | {loss} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}" if isinstance(x, float) else str(x)
+
+
+def plot(runs: list[dict], report: dict[str, dict], out: Path) -> list[Path]:
+    """f1_by_category.png, write_loss.png, memory.png under `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    labels = list(report)
+    groups = ["1-4"] + [str(c) for c in CATEGORY_NAMES]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    width = 0.8 / max(1, len(labels))
+    for i, label in enumerate(labels):
+        e = report[label]
+        vals = [e["f1_1_4"] or 0] + [(e["per_category"].get(c) or {}).get("f1") or 0 for c in CATEGORY_NAMES]
+        ax.bar([g + i * width for g in range(len(groups))], vals, width, label=label)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
+    ax.set_xlabel("LoCoMo category")
+    ax.set_ylabel("F1 (x100)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "f1_by_category.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        first = [t["losses"][0] for t in r["triggers"] if t.get("losses")]
+        last = [t["losses"][-1] for t in r["triggers"] if t.get("losses")]
+        if first:
+            line, = ax.plot(first, marker="o", label=f"{r['method']} {r['conversation']} first step")
+            ax.plot(last, marker="x", linestyle="--", color=line.get_color(), label="last step")
+    ax.set_xlabel("write (trigger with training material)")
+    ax.set_ylabel("loss")
+    if ax.lines:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(out / "write_loss.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        if r["memory_trace"]:
+            ts, mbs = zip(*r["memory_trace"])
+            ax.plot(ts, mbs, label=f"{r['method']} {r['conversation']}")
+    ax.set_xlabel("seconds into the episode")
+    ax.set_ylabel("process RSS (MB)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(out / "memory.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the evaluation; returns a process exit code (0 on success)."""
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from tmem_runtime import FastWeights, load_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    conversations = load_locomo(args.data, args.conversations)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, seed=args.seed)
+    if tokenizer is None:
+        raise SystemExit(f"{args.model} has no tokenizer; the agent needs a real model")
+    generator = Generator(model, tokenizer, args.window)
+    fast_weights = None
+    runs: list[dict] = []
+    methods = methods_of(args)
+    with tqdm(total=len(methods) * len(conversations), desc="eval", unit="episode") as bar:
+        for memory, write_format in methods:
+            label = method_label(memory, write_format)
+            if memory.startswith("tmem") and fast_weights is None:
+                fast_weights = FastWeights(model, rank=args.rank, num_layers=args.num_layers, seed=args.seed)
+            channel = make_channel(memory, generator, fast_weights, write_format or "qa", args.recipe, args.seed,
+                                   args.top_k, args.summary_tokens, args.device, args.flashcard_tokens)
+            agent = MemoryAgent(generator, channel, args.l_max, args.answer_tokens)
+            for conv in conversations:
+                questions = select_questions(conv, args.max_questions, args.max_sessions)
+                runs.append(run_conversation(agent, conv, questions, args, label))
+                r = runs[-1]
+                bar.set_postfix_str(f"{label} {conv.sample_id}: {len(r['triggers'])} writes, "
+                                    f"F1 {_mean([a['f1'] for a in r['answers']])}")
+                bar.update(1)
+                (out / "answers.json").write_text(json.dumps(dict(args=vars(args), runs=runs), indent=1))
+            agent.reset()
+    if fast_weights is not None:
+        fast_weights.detach()
+    report = summarize(runs)
+    (out / "report.json").write_text(json.dumps(dict(args=vars(args), methods=report), indent=1))
+    (out / "report.md").write_text(report_markdown(report, args))
+    plot(runs, report, out)
+    print(report_markdown(report, args))
+    print(f"wrote {out}/answers.json, report.json, report.md and plots")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,224 @@
+"""Memory-writing mode: the flashcard prompt, and the parser that salvages what the model wrote.
+
+The prompt is built for small models: one short worked example (a conversation and its JSON
+flashcards) as a previous chat turn, then the current context, and the assistant reply is
+prefilled with the opening of the JSON array (`FLASHCARD_PREFILL`) so the model only continues it.
+
+The parser never raises. It accepts a clean JSON array, a truncated one, single quotes, trailing
+commas, wrong key names (question/answer, q/a, input/output, ...), and `Q: ... A: ...` lines; it
+keeps every pair whose question and answer are non-empty, short enough and not a copy of each other,
+drops near-duplicates, and counts every drop by reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+QUESTION_KEYS = ("instruction", "question", "q", "input", "prompt", "query")
+ANSWER_KEYS = ("output", "answer", "a", "response", "reply", "value")
+MAX_QUESTION_WORDS = 40
+MAX_ANSWER_WORDS = 20
+
+FLASHCARD_SYSTEM = (
+    "You write memory flashcards. Read the conversation and write question-answer pairs about the facts in it. "
+    "Only use facts stated in the conversation. Name the person in every question. Put dates in answers. "
+    "Answers are short. Reply with a JSON array only."
+)
+FLASHCARD_INSTRUCTION = (
+    'Write flashcards for this conversation as a JSON array of {"instruction": question, "output": answer}.'
+)
+EXAMPLE_CONTEXT = (
+    "DATE: 3:00 pm on 2 March, 2021\n"
+    "Nina: Hi Omar! I started a new job at the city library last week.\n"
+    "Omar: Congrats Nina! I adopted a puppy named Biscuit on Sunday.\n"
+    "Nina: So cute! I'm going to Lisbon in June to see my sister."
+)
+EXAMPLE_FLASHCARDS = [
+    {"instruction": "Where does Nina work?", "output": "the city library"},
+    {"instruction": "When did Nina start her new job?", "output": "the week before 2 March 2021"},
+    {"instruction": "What is the name of Omar's puppy?", "output": "Biscuit"},
+    {"instruction": "When did Omar adopt his puppy?", "output": "Sunday before 2 March 2021"},
+    {"instruction": "Where is Nina going in June?", "output": "Lisbon, to see her sister"},
+]
+FLASHCARD_PREFILL = '[\n{"instruction": "'
+
+
+def flashcard_messages(context: str) -> list[dict[str, str]]:
+    """Chat messages asking for flashcards about `context` (system, worked example, the real request)."""
+    example = "[\n" + ",\n".join(json.dumps(c) for c in EXAMPLE_FLASHCARDS) + "\n]"
+    return [
+        {"role": "system", "content": FLASHCARD_SYSTEM},
+        {"role": "user", "content": f"{EXAMPLE_CONTEXT}\n\n{FLASHCARD_INSTRUCTION}"},
+        {"role": "assistant", "content": example},
+        {"role": "user", "content": f"{context}\n\n{FLASHCARD_INSTRUCTION}"},
+    ]
+
+
+@dataclass
+class ParseResult:
+    """Valid (question, answer) pairs in order of appearance, and the drops counted by reason."""
+
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+
+def _balanced_objects(text: str) -> list[str]:
+    """Every top-level `{...}` substring (quotes respected); an unclosed last object is returned as is."""
+    objects, depth, start, in_str, quote, escaped = [], 0, -1, False, "", False
+    for i, ch in enumerate(text):
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                in_str = False
+            continue
+        if ch in "\"'" and depth > 0:
+            # a quote opens a string only where JSON would allow one (after { , : [ or space)
+            prev = text[:i].rstrip()[-1:] if text[:i].rstrip() else ""
+            if ch == '"' or prev in "{,:[":
+                in_str, quote = True, ch
+            continue
+        if ch == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}" and depth > 0:
+            depth -= 1
+            if depth == 0:
+                objects.append(text[start : i + 1])
+    if depth > 0 and start >= 0:
+        objects.append(text[start:])
+    return objects
+
+
+def _loads_lenient(obj: str) -> dict | None:
+    """json.loads with the usual small-model repairs; None if it still is not an object."""
+    candidates = [obj, re.sub(r",\s*}", "}", obj)]
+    if "'" in obj and obj.count('"') < obj.count("'"):
+        candidates.append(re.sub(r",\s*}", "}", obj.replace('"', '\\"').replace("'", '"')))
+    for c in candidates:
+        try:
+            value = json.loads(c)
+        except (json.JSONDecodeError, ValueError, RecursionError):
+            continue
+        return value if isinstance(value, dict) else None
+    return None
+
+
+_KV_RE = re.compile(r"""["']?(\w+)["']?\s*:\s*(?:"((?:[^"\\]|\\.)*)"|'((?:[^'\\]|\\.)*)'|(-?\d+(?:\.\d+)?))""")
+
+
+def _key_values(obj: str) -> dict:
+    """Regex salvage of `key: "value"` pairs from a broken object (e.g. truncated mid-way)."""
+    found = {}
+    for m in _KV_RE.finditer(obj):
+        key = m.group(1)
+        raw = next(g for g in m.groups()[1:] if g is not None)
+        try:
+            value = json.loads(f'"{raw}"') if m.group(2) is not None else raw
+        except (json.JSONDecodeError, ValueError):
+            value = raw
+        found.setdefault(key, value)
+    return found
+
+
+_MISSING = object()
+
+
+def _pick(d: dict, keys: tuple[str, ...]) -> object:
+    lowered = {str(k).strip().lower(): v for k, v in d.items()}
+    for k in keys:
+        if k in lowered:
+            return lowered[k]
+    return _MISSING
+
+
+def _as_text(value: object) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return " ".join(value.split())
+    return None
+
+
+def _line_pairs(text: str) -> list[tuple[object, object]]:
+    """`Q: ... / A: ...` or `Question: ... / Answer: ...` line pairs (the model's other habit)."""
+    pairs, question = [], None
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:\d+[.)]\s*)?(q|question|a|answer)\s*[:\-]\s*(.*)", line, flags=re.IGNORECASE)
+        if not m:
+            continue
+        tag, body = m.group(1).lower(), m.group(2)
+        if tag.startswith("q"):
+            question = body
+        elif question is not None:
+            pairs.append((question, body))
+            question = None
+    return pairs
+
+
+def _norm_key(s: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", s.lower()).split())
+
+
+def parse_flashcards(
+    text: str, max_answer_words: int = MAX_ANSWER_WORDS, max_question_words: int = MAX_QUESTION_WORDS
+) -> ParseResult:
+    """Salvage every valid (question, answer) pair from model output `text`; never raises.
+
+    Drop reasons: unparseable, missing_key, not_text, empty, too_long, echo (answer repeats the
+    question or the example), duplicate.
+    """
+    result = ParseResult()
+    if not isinstance(text, str) or not text.strip():
+        return result
+    candidates: list[tuple[object, object]] = []
+    for obj in _balanced_objects(text):
+        d = _loads_lenient(obj)
+        if d is None:
+            d = _key_values(obj)
+            if not d:
+                result.dropped["unparseable"] += 1
+                continue
+        q, a = _pick(d, QUESTION_KEYS), _pick(d, ANSWER_KEYS)
+        if q is _MISSING or a is _MISSING:
+            result.dropped["missing_key"] += 1
+            continue
+        candidates.append((q, a))
+    if not candidates:
+        candidates = _line_pairs(text)
+    example_questions = {_norm_key(c["instruction"]) for c in EXAMPLE_FLASHCARDS}
+    seen: set[str] = set()
+    for q_raw, a_raw in candidates:
+        q, a = _as_text(q_raw), _as_text(a_raw)
+        if q is None or a is None:
+            result.dropped["not_text"] += 1
+            continue
+        q, a = q.strip(" \"'"), a.strip(" \"'")
+        if not _norm_key(q) or not _norm_key(a):
+            result.dropped["empty"] += 1
+            continue
+        if len(q.split()) > max_question_words or len(a.split()) > max_answer_words:
+            result.dropped["too_long"] += 1
+            continue
+        if _norm_key(a) == _norm_key(q) or _norm_key(q) in example_questions:
+            result.dropped["echo"] += 1
+            continue
+        key = _norm_key(q)
+        if key in seen:
+            result.dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        result.pairs.append((q, a))
+    return result

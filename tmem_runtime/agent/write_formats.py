@@ -1,0 +1,83 @@
+"""What a memory write trains on: `qa` flashcards, the model's `summary`, or the raw text (`ntp`).
+
+All three go through the runtime's one trainer (`FastWeights.write_qa` / `write_text`) with the
+same recipe; only the training material differs (the paper's write-format ablation).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tmem_runtime.agent.flashcards import FLASHCARD_PREFILL, flashcard_messages, parse_flashcards
+from tmem_runtime.agent.generation import Generator
+from tmem_runtime.agent.summary import write_summary
+
+WRITE_FORMATS = ("qa", "summary", "ntp")
+
+
+@dataclass
+class WriteRecord:
+    """One write into the fast weights: what the model wrote, what was trained on, the step losses."""
+
+    format: str
+    raw: str = ""
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    generate_s: float = 0.0
+    train_s: float = 0.0
+
+    @property
+    def n_written(self) -> int:
+        return len(self.pairs) if self.format == "qa" else len(self.texts)
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+
+def write_flashcards(generator: Generator, context: str, max_new_tokens: int = 192) -> tuple[str, list, dict]:
+    """Memory-writing mode: (raw model text, valid pairs, drops by reason) for `context`."""
+    prompt = generator.chat_prompt(flashcard_messages(context), prefill=FLASHCARD_PREFILL)
+    raw = FLASHCARD_PREFILL + generator.generate([prompt], max_new_tokens)[0]
+    parsed = parse_flashcards(raw)
+    return raw, parsed.pairs, dict(parsed.dropped)
+
+
+def write_to_weights(
+    fast_weights,
+    generator: Generator,
+    context: str,
+    write_format: str = "qa",
+    recipe: str = "default",
+    seed: int = 0,
+    max_new_tokens: int = 192,
+) -> WriteRecord:
+    """Turn `context` into training material of `write_format` and train it into `fast_weights`.
+
+    `fast_weights`: a tmem_runtime FastWeights attached to generator.model. Zero valid items means
+    zero steps (losses == []).
+    """
+    if write_format not in WRITE_FORMATS:
+        raise ValueError(f"write_format must be one of {WRITE_FORMATS}, got {write_format!r}")
+    record = WriteRecord(format=write_format)
+    t0 = time.perf_counter()
+    if write_format == "qa":
+        record.raw, record.pairs, record.dropped = write_flashcards(generator, context, max_new_tokens)
+    elif write_format == "summary":
+        record.raw = write_summary(generator, "", context, max_new_tokens)
+        record.texts = [record.raw] if record.raw else []
+    else:
+        record.raw = context
+        record.texts = [context] if context.strip() else []
+    record.generate_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tokenizer = generator.tokenizer
+    if record.pairs:
+        record.losses = fast_weights.write_qa(tokenizer, record.pairs, recipe=recipe, seed=seed, loss_on="answer")
+    elif record.texts:
+        record.losses = fast_weights.write_text(tokenizer, record.texts, recipe=recipe, seed=seed)
+    record.train_s = time.perf_counter() - t0
+    return record
