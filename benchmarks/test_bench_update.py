@@ -1,0 +1,155 @@
+"""Optimizer step over the flat adapter buffer: every kernel backend vs torch.optim, in one run.
+
+Buffer: every adapter tensor of a write (A and B of gate/up/down, last 4 layers, rank 6), i.e.
+4 * 3 * r * (H + I) elements: SmolLM2-135M (H=576, I=1536) and Qwen3-4B (H=2560, I=9728); fp32.
+
+    torch         `reference.sgd_step_` / `adamw_step_` (the torch composition: several passes)
+    triton        `tmem_kernels.update` (one launch; CUDA only, the interpreter is far too slow to time)
+    native        the C++ extension (when built; CPU)
+    torch.optim   torch.optim.SGD / AdamW (foreach), and on CUDA AdamW(fused=True) as "torch.optim-fused"
+
+Each benchmark call runs STEPS steps (then synchronises on CUDA); the table reports per-step medians,
+ratios against the torch composition, and on CUDA the fraction of the memory-bandwidth bound reached
+(SGD moves 3 buffers, AdamW 7; peak from TMEM_PEAK_TBPS or the table in test_bench_lora_mlp.py).
+
+    .venv/bin/python -m pytest benchmarks/test_bench_update.py --benchmark-columns=min,median,rounds
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from tmem_kernels import ops
+from tmem_kernels import reference as ref
+
+RANK = 6
+LAYERS = 4
+SHAPES = {"smollm2": (576, 1536), "qwen3-4b": (2560, 9728)}
+STEPS = 10
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.float32
+
+PEAK_BW = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12}
+
+
+def _backends() -> list[str]:
+    names = []
+    for name in ops.BACKENDS:
+        if name == "triton" and DEVICE.type != "cuda":
+            continue
+        if name == "native" and DEVICE.type != "cpu":
+            continue
+        if ops.available(name):
+            names.append(name)
+    return names
+
+
+BACKENDS = _backends()
+IMPLS = BACKENDS + ["torch.optim"] + (["torch.optim-fused"] if DEVICE.type == "cuda" else [])
+_results: dict[tuple[str, str], dict[str, float]] = {}  # (op, model) -> impl -> seconds per step
+
+
+def numel(model: str) -> int:
+    h, i = SHAPES[model]
+    return LAYERS * 3 * RANK * (h + i)
+
+
+def peak_bandwidth() -> float | None:
+    if DEVICE.type != "cuda":
+        return None
+    if os.environ.get("TMEM_PEAK_TBPS"):
+        return float(os.environ["TMEM_PEAK_TBPS"]) * 1e12
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BW.items() if k in name), None)
+
+
+def _buffers(model: str) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    n = numel(model)
+    return tuple(
+        t.to(DEVICE, DTYPE)
+        for t in (torch.randn(n, generator=g), torch.randn(n, generator=g), torch.zeros(n), torch.zeros(n))
+    )
+
+
+def _step_fn(op: str, impl: str, model: str) -> Callable[[], None]:
+    """STEPS optimizer steps of `impl` on the model's flat buffer."""
+    param, grad, m, v = _buffers(model)
+    if impl.startswith("torch.optim"):
+        p = param.clone().requires_grad_(True)
+        p.grad = grad
+        if op == "sgd":
+            opt = torch.optim.SGD([p], lr=1e-3, weight_decay=0.01)
+        else:
+            opt = torch.optim.AdamW([p], lr=1e-3, fused=impl.endswith("fused") or None)
+        one = opt.step
+    else:
+        kernels = ops.get_ops(impl) if impl != "torch" else ref
+        state = {"step": 0}
+        if op == "sgd":
+            one = lambda: kernels.sgd_step_(param, grad, 1e-3, 0.01)
+        else:
+
+            def one() -> None:
+                state["step"] += 1
+                kernels.adamw_step_(param, grad, m, v, state["step"], 1e-3)
+
+    def run() -> None:
+        for _ in range(STEPS):
+            one()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model", list(SHAPES))
+@pytest.mark.parametrize("op", ["sgd", "adamw"])
+def test_update_step(benchmark, op: str, model: str, impl: str) -> None:
+    run = _step_fn(op, impl, model)
+    benchmark.group = f"{op} step x{STEPS} {model} ({numel(model)} elements)"
+    benchmark.extra_info.update(op=op, model=model, impl=impl, numel=numel(model), steps=STEPS)
+    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        _results.setdefault((op, model), {})[impl] = benchmark.stats.stats.median / STEPS
+
+
+def summary_lines() -> list[str]:
+    bw = peak_bandwidth()
+    dev = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU"
+    lines = ["", f"optimizer step over the flat adapter buffer (fp32) on {dev}: median us per step"]
+    lines.append(f"{'op / model':<18}" + "".join(f"{k:>19}" for k in IMPLS) + "   speed-up vs torch")
+    for (op, model), r in _results.items():
+        row = f"{op + ' ' + model:<18}" + "".join(
+            f"{r[k] * 1e6:19.1f}" if k in r else f"{'-':>19}" for k in IMPLS
+        )
+        ratios = ", ".join(
+            f"{k} {r['torch'] / v:.2f}x" for k, v in r.items() if k != "torch" and "torch" in r
+        )
+        lines.append(f"{row}   {ratios}")
+        if bw is not None:
+            nbytes = (3 if op == "sgd" else 7) * numel(model) * 4
+            frac = ", ".join(f"{k} {100 * nbytes / bw / v:.0f}%" for k, v in r.items())
+            lines.append(f"    memory bound {nbytes / bw * 1e6:.1f} us; fraction reached: {frac}")
+    return lines
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_summary(request):
+    yield
+    if not _results:
+        return
+    lines = summary_lines()
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if reporter is None or capman is None:
+        print("\n".join(lines))
+        return
+    with capman.global_and_fixture_disabled():
+        for line in lines:
+            reporter.write_line(line)
