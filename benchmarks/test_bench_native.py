@@ -2,7 +2,8 @@
 
 Shapes: SmolLM2-135M (H=576, I=1536) and Qwen3-4B (H=2560, I=9728), tokens per write 512 and 4096,
 rank 6, random weights. Qwen3-4B x 4096 takes minutes on a 2-core CPU: it runs only with
-TMEM_BENCH_SLOW=1. Each op is benchmarked as `native` and as `torch` in the same group; at the end
+TMEM_BENCH_SLOW=1. TMEM_BENCH_THREADS=n sets torch's (and so the kernels') thread count. Each op is
+benchmarked as `native` and as `torch` in the same group; at the end
 of the module a table of median times and torch/native ratios (> 1: native faster) is printed, plus,
 for the whole MLP forward+backward, the fraction of this CPU's `torch.mm` fp32 throughput it reaches.
 
@@ -28,6 +29,8 @@ LAYERS = 4
 SHAPES = {"smollm2": (576, 1536), "qwen3-4b": (2560, 9728)}
 TOKENS = (512, 4096)
 SLOW = os.environ.get("TMEM_BENCH_SLOW", "") not in ("", "0")
+if os.environ.get("TMEM_BENCH_THREADS"):  # e.g. 1: kernel efficiency without cross-thread waits
+    torch.set_num_threads(int(os.environ["TMEM_BENCH_THREADS"]))
 
 CASES = [
     pytest.param(model, n, id=f"{model}-N{n}")

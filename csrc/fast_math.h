@@ -13,8 +13,8 @@ namespace tmem {
 // exp(x) for float, relative error ~2 ulp on [-87, 88]; inputs outside are clamped (so the result
 // never overflows to inf nor underflows below FLT_MIN). Cephes expf polynomial.
 static inline float exp_clamped(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
+    x = x >= -87.0f ? x : -87.0f;  // NaN fails both tests and becomes -87 (no NaN -> int conversion)
+    x = x <= 88.0f ? x : 88.0f;
     const float n = std::floor(x * 1.44269504088896341f + 0.5f);  // round(x / ln 2)
     float r = std::fma(n, -0.693359375f, x);                        // x - n * ln2_hi (exact)
     r = std::fma(n, 2.12194440e-4f, r);                             // - n * ln2_lo

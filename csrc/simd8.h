@@ -31,8 +31,10 @@ static inline float hsum8(v8f v) {
 // exp(x) lane-wise, relative error ~2 ulp on [-87, 88]; inputs outside are clamped (no inf, no
 // denormal). Same Cephes polynomial as exp_clamped in fast_math.h.
 static inline v8f exp8(v8f x) {
-    x = x < -87.0f ? splat8(-87.0f) : x;
-    x = x > 88.0f ? splat8(88.0f) : x;
+    // Written so that NaN fails both tests and becomes -87: the float->int conversion below then never
+    // sees a NaN (the caller's own use of x still propagates it).
+    x = x >= -87.0f ? x : splat8(-87.0f);
+    x = x <= 88.0f ? x : splat8(88.0f);
     // n = floor(x / ln2 + 1/2): the argument is > 0 after adding 128, so truncation is floor.
     const v8i ni = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, v8i) - 128;
     const v8f n = __builtin_convertvector(ni, v8f);

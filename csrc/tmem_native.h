@@ -53,6 +53,7 @@ constexpr int kMaxRank = 64;
 // A parallel region costs microseconds on an idle machine but up to a scheduler time slice (~ms) when
 // the cores are oversubscribed, so small buffers (an adapter's optimizer step) run on one thread.
 inline int threads_for(std::int64_t work, int threads, std::int64_t grain) {
+    if (threads < 1) threads = 1;
     const std::int64_t useful = work / grain;
     return useful < 1 ? 1 : (useful < threads ? static_cast<int>(useful) : threads);
 }

@@ -284,3 +284,14 @@ def test_import_error_says_how_to_build() -> None:
 def test_denormals_survive_import() -> None:
     """The extension is built with -ffast-math; it must not switch the process to flush-to-zero."""
     assert torch.tensor(1e-40).item() != 0.0
+
+
+def test_nan_propagates() -> None:
+    """A NaN input gives NaN outputs (not a crash, not a silent finite value)."""
+    gate = torch.tensor([float("nan"), 1.0, float("inf"), -float("inf")] * 3)
+    h = native.swiglu(gate, torch.ones_like(gate))
+    assert torch.isnan(h[0]) and torch.isfinite(h[1])
+    t = make_mlp(3, 8, 20, 6)
+    t["x"][1, 2] = float("nan")
+    y = native.lora_mlp(**t)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all()

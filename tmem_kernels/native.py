@@ -91,9 +91,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def swiglu_backward(
-    gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate, dup) of h = silu(gate) * up given dh, in one pass (sigmoid recomputed); same shapes."""
     _check(gate, "gate")
     _check_same(gate, "gate", up=up, dh=dh)
@@ -229,6 +227,7 @@ class _LoRAMLP(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):  # noqa: ANN001
         x, w_gate, w_up, w_down, a_gu, bg_t, bu_t, a_down, b_down, gu, xa, ha = ctx.saved_tensors
         s = ctx.scaling
