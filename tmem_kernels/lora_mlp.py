@@ -129,17 +129,15 @@ def _fwd_gate_up_kernel(
         xa = _mma(x, a, xa, INPUT_PRECISION, INTERPRET)
 
     # expand in the epilogue: rows [0, R) of the [RS_PAD, BLOCK_N] tile are B_gate.T, [R, 2R) B_up.T
-    xa_c = _cast(xa, dt, INTERPRET)
     bg = tl.load(
         bg_ptr + rows_n[None, :] * R + offs_r[:, None], mask=is_g[:, None] & mask_n[None, :], other=0.0
     )
     bu = tl.load(
         bu_ptr + rows_n[None, :] * R + (offs_r[:, None] - R), mask=is_u[:, None] & mask_n[None, :], other=0.0
     )
-    gate = _mma(xa_c, bg, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
-    up = _mma(xa_c, bu, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
-    gate = _cast(acc_g + scaling * gate, dt, INTERPRET)
-    up = _cast(acc_u + scaling * up, dt, INTERPRET)
+    xa_s = _cast(xa * scaling, dt, INTERPRET)  # the expand accumulates straight into the base product
+    gate = _cast(_mma(xa_s, bg, acc_g, INPUT_PRECISION, INTERPRET), dt, INTERPRET)
+    up = _cast(_mma(xa_s, bu, acc_u, INPUT_PRECISION, INTERPRET), dt, INTERPRET)
     gf = gate.to(tl.float32)
     h = gf * tl.sigmoid(gf) * up.to(tl.float32)
 
@@ -152,7 +150,7 @@ def _fwd_gate_up_kernel(
         if pid_n == 0:
             tl.store(
                 xa_ptr + rows_m[:, None] * (2 * R) + offs_r[None, :],
-                xa_c,
+                _cast(xa, dt, INTERPRET),
                 mask=mask_m[:, None] & (offs_r[None, :] < 2 * R),
             )
 
@@ -201,12 +199,10 @@ def _fwd_down_kernel(
         acc = _mma(h, wd, acc, INPUT_PRECISION, INTERPRET)
         ha = _mma(h, ad, ha, INPUT_PRECISION, INTERPRET)
 
-    ha_c = _cast(ha, dt, INTERPRET)
     bd = tl.load(
         bd_ptr + rows_n[None, :] * R + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0
     )
-    lora = _mma(ha_c, bd, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
-    y = acc + scaling * lora
+    y = _mma(_cast(ha * scaling, dt, INTERPRET), bd, acc, INPUT_PRECISION, INTERPRET)
     tl.store(
         y_ptr + rows_m[:, None] * H + offs_n[None, :],
         _cast(y, dt, INTERPRET),
@@ -215,8 +211,39 @@ def _fwd_down_kernel(
     if SAVE:
         if pid_n == 0:
             tl.store(
-                ha_ptr + rows_m[:, None] * R + offs_r[None, :], ha_c, mask=mask_m[:, None] & mask_r[None, :]
+                ha_ptr + rows_m[:, None] * R + offs_r[None, :],
+                _cast(ha, dt, INTERPRET),
+                mask=mask_m[:, None] & mask_r[None, :],
             )
+
+
+@triton.jit
+def _bwd_dbd_rows(
+    dy_ptr, ha_ptr, dbd_ptr, pid_m, N, H, R, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """dB_down += s * (ha.T @ dy).T for one row tile: [R_PAD, BLOCK_M] @ [BLOCK_M, BLOCK_K] per K step."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < N
+    mask_r = offs_r < R
+    rows_m = offs_m.to(tl.int64)
+    ha_t = tl.load(
+        ha_ptr + rows_m[None, :] * R + offs_r[:, None], mask=mask_r[:, None] & mask_m[None, :], other=0.0
+    )
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < H
+        dy = tl.load(
+            dy_ptr + rows_m[:, None] * H + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
+        part = _mma(ha_t, dy, tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
+        tl.atomic_add(
+            dbd_ptr + offs_k[None, :].to(tl.int64) * R + offs_r[:, None],
+            scaling * part,
+            mask=mask_r[:, None] & mask_k[None, :],
+        )
 
 
 @triton.jit
@@ -227,99 +254,101 @@ def _bwd_dh_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     NEED_DB: tl.constexpr, NEED_DA: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """Tile [BLOCK_M, BLOCK_N] of dgate/dup; K loop over H reading dy once.
+    """Tile [BLOCK_M, BLOCK_N] of dgate/dup; K loop over H.
 
     dh = dy @ w_down + s * (dy @ b_down) @ a_down, then the SwiGLU backward on the recomputed h.
-    Reductions over N (atomics into fp32 workspaces): dB_gate = s * dgate.T @ xa_gate,
-    dB_up = s * dup.T @ xa_up, dB_down = s * dy.T @ ha (row tiles with pid_n == 0, inside the K loop),
-    dA_down = s * (dy @ b_down).T @ h.
+    Reductions over N (atomics into fp32 workspaces), from the epilogue's tiles: dB_gate = s * dgate.T @
+    xa_gate, dB_up = s * dup.T @ xa_up, dA_down = s * (dy @ b_down).T @ h. With NEED_DB the grid has one
+    extra column of programs (pid_n == cdiv(I, BLOCK_N)) that compute dB_down = s * dy.T @ ha instead.
+    The small factor is always the transposed operand ([R_PAD, BLOCK_M] @ [BLOCK_M, *]), so no big tile
+    is ever transposed.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    dt = dy_ptr.dtype.element_ty
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R_PAD)
-    mask_m = offs_m < N
-    mask_n = offs_n < I_DIM
-    mask_r = offs_r < R
-    rows_m = offs_m.to(tl.int64)
-    rows_n = offs_n.to(tl.int64)
+    if NEED_DB and pid_n == tl.cdiv(I_DIM, BLOCK_N):
+        _bwd_dbd_rows(dy_ptr, ha_ptr, dbd_ptr, pid_m, N, H, R, scaling, BLOCK_M, BLOCK_K, R_PAD,
+                      INPUT_PRECISION, INTERPRET)  # fmt: skip
+    else:
+        dt = dy_ptr.dtype.element_ty
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, R_PAD)
+        mask_m = offs_m < N
+        mask_n = offs_n < I_DIM
+        mask_r = offs_r < R
+        rows_m = offs_m.to(tl.int64)
+        rows_n = offs_n.to(tl.int64)
 
-    if NEED_DB:
-        ha = tl.load(
-            ha_ptr + rows_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0
-        )
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    dyb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < H
-        rows_k = offs_k.to(tl.int64)
-        dy = tl.load(
-            dy_ptr + rows_m[:, None] * H + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
-        )
-        wd = tl.load(
-            wd_ptr + rows_k[:, None] * I_DIM + offs_n[None, :],
-            mask=mask_k[:, None] & mask_n[None, :],
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        dyb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < H
+            rows_k = offs_k.to(tl.int64)
+            dy = tl.load(
+                dy_ptr + rows_m[:, None] * H + offs_k[None, :],
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            wd = tl.load(
+                wd_ptr + rows_k[:, None] * I_DIM + offs_n[None, :],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            bd = tl.load(
+                bd_ptr + rows_k[:, None] * R + offs_r[None, :],
+                mask=mask_k[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+            acc = _mma(dy, wd, acc, INPUT_PRECISION, INTERPRET)
+            dyb = _mma(dy, bd, dyb, INPUT_PRECISION, INTERPRET)
+
+        ad = tl.load(
+            ad_ptr + offs_r[:, None] * I_DIM + offs_n[None, :],
+            mask=mask_r[:, None] & mask_n[None, :],
             other=0.0,
         )
-        bd = tl.load(
-            bd_ptr + rows_k[:, None] * R + offs_r[None, :], mask=mask_k[:, None] & mask_r[None, :], other=0.0
-        )
-        acc = _mma(dy, wd, acc, INPUT_PRECISION, INTERPRET)
-        dyb = _mma(dy, bd, dyb, INPUT_PRECISION, INTERPRET)
+        dh = _mma(_cast(dyb * scaling, dt, INTERPRET), ad, acc, INPUT_PRECISION, INTERPRET)
+        dh = _cast(dh, dt, INTERPRET).to(tl.float32)
+
+        tile = rows_m[:, None] * I_DIM + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        gate = tl.load(g_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        dgate = _cast(dh * up * sig * (1.0 + gate * (1.0 - sig)), dt, INTERPRET)
+        dup = _cast(dh * silu, dt, INTERPRET)
+        tl.store(dg_ptr + tile, dgate, mask=mask)
+        tl.store(du_ptr + tile, dup, mask=mask)
+
         if NEED_DB:
-            if pid_n == 0:
-                dbd = _mma(
-                    tl.trans(dy), ha, tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32), INPUT_PRECISION, INTERPRET
-                )
-                tl.atomic_add(
-                    dbd_ptr + rows_k[:, None] * R + offs_r[None, :],
-                    scaling * dbd,
-                    mask=mask_k[:, None] & mask_r[None, :],
-                )
-
-    dyb_c = _cast(dyb, dt, INTERPRET)
-    ad = tl.load(
-        ad_ptr + offs_r[:, None] * I_DIM + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0.0
-    )
-    dh = _mma(dyb_c, ad, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
-    dh = _cast(acc + scaling * dh, dt, INTERPRET).to(tl.float32)
-
-    tile = rows_m[:, None] * I_DIM + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    gate = tl.load(g_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
-    dgate = _cast(dh * up * sig * (1.0 + gate * (1.0 - sig)), dt, INTERPRET)
-    dup = _cast(dh * silu, dt, INTERPRET)
-    tl.store(dg_ptr + tile, dgate, mask=mask)
-    tl.store(du_ptr + tile, dup, mask=mask)
-
-    if NEED_DB:
-        xa_rows = xa_ptr + rows_m[:, None] * (2 * R) + offs_r[None, :]
-        xa_mask = mask_m[:, None] & mask_r[None, :]
-        xag = tl.load(xa_rows, mask=xa_mask, other=0.0)
-        xau = tl.load(xa_rows + R, mask=xa_mask, other=0.0)
-        zero = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-        dbg = _mma(tl.trans(dgate), xag, zero, INPUT_PRECISION, INTERPRET)
-        dbu = _mma(tl.trans(dup), xau, zero, INPUT_PRECISION, INTERPRET)
-        db_off = rows_n[:, None] * R + offs_r[None, :]
-        db_mask = mask_n[:, None] & mask_r[None, :]
-        tl.atomic_add(dbg_ptr + db_off, scaling * dbg, mask=db_mask)
-        tl.atomic_add(dbu_ptr + db_off, scaling * dbu, mask=db_mask)
-    if NEED_DA:
-        h = _cast(silu * up, dt, INTERPRET)
-        dad = _mma(
-            tl.trans(dyb_c), h, tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET
-        )
-        tl.atomic_add(
-            dad_ptr + offs_r[:, None] * I_DIM + offs_n[None, :],
-            scaling * dad,
-            mask=mask_r[:, None] & mask_n[None, :],
-        )
+            # [R_PAD, BLOCK_M] slices of xa.T: rows [0, R) of xa are gate's shrink, [R, 2R) up's
+            xa_t = xa_ptr + rows_m[None, :] * (2 * R) + offs_r[:, None]
+            xa_mask = mask_r[:, None] & mask_m[None, :]
+            zero = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+            db_off = rows_n[None, :] * R + offs_r[:, None]
+            db_mask = mask_r[:, None] & mask_n[None, :]
+            xag_t = tl.load(xa_t, mask=xa_mask, other=0.0)
+            dbg = _mma(xag_t, dgate, zero, INPUT_PRECISION, INTERPRET)
+            tl.atomic_add(dbg_ptr + db_off, scaling * dbg, mask=db_mask)
+            xau_t = tl.load(xa_t + R, mask=xa_mask, other=0.0)
+            dbu = _mma(xau_t, dup, zero, INPUT_PRECISION, INTERPRET)
+            tl.atomic_add(dbu_ptr + db_off, scaling * dbu, mask=db_mask)
+        if NEED_DA:
+            h = _cast(silu * up, dt, INTERPRET)
+            dad = _mma(
+                tl.trans(_cast(dyb, dt, INTERPRET)),
+                h,
+                tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32),
+                INPUT_PRECISION,
+                INTERPRET,
+            )
+            tl.atomic_add(
+                dad_ptr + offs_r[:, None] * I_DIM + offs_n[None, :],
+                scaling * dad,
+                mask=mask_r[:, None] & mask_n[None, :],
+            )
 
 
 @triton.jit
@@ -349,6 +378,8 @@ def _bwd_dx_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dgb = tl.zeros((BLOCK_M, RS_PAD), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dgb2 = tl.zeros((BLOCK_M, RS_PAD), dtype=tl.float32)
     for k0 in range(0, I_DIM, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < I_DIM
@@ -365,16 +396,17 @@ def _bwd_dx_kernel(
             mask=mask_k[:, None] & is_u[None, :],
             other=0.0,
         )
-        dgb = _mma(dg, bg, dgb, INPUT_PRECISION, INTERPRET)
-        dgb = _mma(du, bu, dgb, INPUT_PRECISION, INTERPRET)
         if NEED_DX:
             w_mask = mask_k[:, None] & mask_n[None, :]
             wg = tl.load(wg_ptr + rows_k[:, None] * H + offs_n[None, :], mask=w_mask, other=0.0)
             wu = tl.load(wu_ptr + rows_k[:, None] * H + offs_n[None, :], mask=w_mask, other=0.0)
             acc = _mma(dg, wg, acc, INPUT_PRECISION, INTERPRET)
-            acc = _mma(du, wu, acc, INPUT_PRECISION, INTERPRET)
+            acc2 = _mma(du, wu, acc2, INPUT_PRECISION, INTERPRET)
+        dgb = _mma(dg, bg, dgb, INPUT_PRECISION, INTERPRET)
+        dgb2 = _mma(du, bu, dgb2, INPUT_PRECISION, INTERPRET)
 
-    dgb_c = _cast(dgb, dt, INTERPRET)
+    dgb += dgb2
+    acc += acc2
     if NEED_DX:
         a = tl.load(
             ag_ptr + offs_r[:, None] * H + offs_n[None, :], mask=is_g[:, None] & mask_n[None, :], other=0.0
@@ -384,8 +416,7 @@ def _bwd_dx_kernel(
             mask=is_u[:, None] & mask_n[None, :],
             other=0.0,
         )
-        lora = _mma(dgb_c, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET)
-        dx = acc + scaling * lora
+        dx = _mma(_cast(dgb * scaling, dt, INTERPRET), a, acc, INPUT_PRECISION, INTERPRET)
         tl.store(
             dx_ptr + rows_m[:, None] * H + offs_n[None, :],
             _cast(dx, dt, INTERPRET),
@@ -396,7 +427,11 @@ def _bwd_dx_kernel(
             x_ptr + rows_m[:, None] * H + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0
         )
         da = _mma(
-            tl.trans(dgb_c), x, tl.zeros((RS_PAD, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, INTERPRET
+            tl.trans(_cast(dgb, dt, INTERPRET)),
+            x,
+            tl.zeros((RS_PAD, BLOCK_N), dtype=tl.float32),
+            INPUT_PRECISION,
+            INTERPRET,
         )
         tl.atomic_add(
             da_ptr + offs_r[:, None] * H + offs_n[None, :],
@@ -455,14 +490,17 @@ class LoRAMLPConfig:
 
 
 def default_config(dtype: torch.dtype) -> LoRAMLPConfig:
-    """Tiles tuned by hand for an H100 (16-bit: tensor-core tiles; fp32: smaller, shared memory bound)."""
+    """Tiles chosen for an H100 (sm_90), checked there only by compiling: no spills, shared memory fits.
+
+    16-bit: tensor-core tiles, 3 stages. bwd_dh's SwiGLU-backward epilogue keeps ~8 tiles live, so it gets
+    the smaller 64 x 128 tile. fp32 ("ieee" dots on CUDA cores): smaller tiles.
+    """
     if dtype == torch.float32:
         two = KernelConfig(64, 64, 32, num_warps=4, num_stages=3)
-        one = KernelConfig(64, 64, 32, num_warps=4, num_stages=3)
-    else:
-        two = KernelConfig(64, 128, 64, num_warps=8, num_stages=3)  # two accumulators (gate/up; dgate/dup)
-        one = KernelConfig(128, 128, 64, num_warps=8, num_stages=3)
-    return LoRAMLPConfig(fwd_gate_up=two, fwd_down=one, bwd_dh=one, bwd_dx=two)
+        return LoRAMLPConfig(fwd_gate_up=two, fwd_down=two, bwd_dh=two, bwd_dx=two)
+    two = KernelConfig(64, 128, 64, num_warps=8, num_stages=3)  # two accumulators (gate/up; dgate/dup)
+    one = KernelConfig(128, 128, 64, num_warps=8, num_stages=3)
+    return LoRAMLPConfig(fwd_gate_up=two, fwd_down=one, bwd_dh=two, bwd_dx=two)
 
 
 def _pow2_block(limit: int, size: int) -> int:
@@ -501,21 +539,14 @@ def launch_configs(
             dots = [(bm, bn, bk)] * 2 + [(bm, rb, bk)] + [(bm, bn, rb)] * 2
         elif name == "fwd_down":  # h@Wd, h@Ad; expand ha@Bd
             dots = [(bm, bn, bk), (bm, rb, bk), (bm, bn, rb)]
-        elif name == "bwd_dh":  # dy@Wd, dy@Bd, dy.T@ha; dyb@Ad; dgate.T@xa_g, dup.T@xa_u; dyb.T@h
-            dots = [
-                (bm, bn, bk),
-                (bm, rb, bk),
-                (bk, rb, bm),
-                (bm, bn, rb),
-                (bn, rb, bm),
-                (bn, rb, bm),
-                (rb, bn, bm),
-            ]
+        elif name == "bwd_dh":  # dy@Wd, dy@Bd; dyb@Ad; xa_g.T@dgate, xa_u.T@dup, dyb.T@h; ha.T@dy
+            dots = [(bm, bn, bk), (bm, rb, bk), (bm, bn, rb)] + [(rb, bn, bm)] * 3 + [(rb, bk, bm)]
         else:  # dg@Wg, du@Wu, dg@Bg, du@Bu; dgb@A; dgb.T@x
             dots = [(bm, bn, bk)] * 2 + [(bm, rb, bk)] * 2 + [(bm, bn, rb), (rb, bn, bm)]
         rank_key = "RS_PAD" if rb == rs and name in ("fwd_gate_up", "bwd_dx") else "R_PAD"
         out[name] = {
-            "grid": (triton.cdiv(n, bm), triton.cdiv(cols, bn)),
+            # bwd_dh: one extra column of programs computes dB_down (when B trains)
+            "grid": (triton.cdiv(n, bm), triton.cdiv(cols, bn) + (name == "bwd_dh")),
             "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, rank_key: rb},
             "num_warps": kc.num_warps,
             "num_stages": kc.num_stages,
@@ -654,7 +685,8 @@ def _backward(dy, x, wg, wu, wd, ag, bg, au, bu, ad, bd, gate, up, xa, ha, scali
     dx = torch.empty_like(x) if need_dx else None
     if n > 0:
         c = lc["bwd_dh"]
-        _bwd_dh_kernel[c["grid"]](
+        grid = (c["grid"][0], c["grid"][1] - (not need_db))
+        _bwd_dh_kernel[grid](
             dy, wd, ad, bd, gate, up, xa, ha, dgate, dup, dbg, dbu, dbd, dad, n, h, i, r, float(scaling),
             **c["constexprs"], NEED_DB=need_db, NEED_DA=need_da, INPUT_PRECISION=prec, INTERPRET=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"],
