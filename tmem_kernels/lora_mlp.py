@@ -7,35 +7,43 @@ Same semantics as `tmem_kernels.reference.lora_mlp` (see its docstring for the s
     h    = silu(gate) * up
     y    = h @ w_down.T + s * (h @ a_down.T) @ b_down.T
 
-Four kernels (grid = output tiles, K loop over the reduction dim), each reading its big operand once:
+Four kernels (grid = output tiles, K loop over the reduction dim):
 
     _fwd_gate_up   x tile -> gate and up base products AND the stacked shrink x @ [A_gate; A_up].T
-                   (one [BLOCK_K, RS] tile per K step); the expand (xa @ B.T) and SwiGLU in the epilogue.
+                   (one [BLOCK_K, RS_PAD] tile per K step), so x is read once for all three; the expand
+                   (xa @ B.T) accumulates into the base products in the epilogue, then SwiGLU.
                    Writes h (and gate, up, xa when a backward will follow).
     _fwd_down      h @ w_down.T and its shrink h @ a_down.T in the same K loop, the expand in the epilogue.
                    Writes y (and ha = h @ a_down.T when a backward will follow).
-    _bwd_dh        dh = dy @ w_down + s * (dy @ b_down) @ a_down with dy read once; SwiGLU backward in the
-                   epilogue (h recomputed from the saved gate/up) -> dgate, dup.  dB_gate, dB_up (and dA_down)
-                   are reduced from the epilogue's tiles; dB_down from the same dy tiles in the K loop.
-    _bwd_dx        dx = dgate @ w_gate + dup @ w_up + s * (dgate @ b_gate + dup @ b_up) @ [A_gate; A_up]
-                   (stacked), and dA_gate / dA_up from the epilogue when A trains.
+    _bwd_dh        dh = dy @ w_down + s * (dy @ b_down) @ a_down, dy read in one K loop for both; SwiGLU
+                   backward in the epilogue (h recomputed from the saved gate/up, never stored) -> dgate,
+                   dup; dB_gate, dB_up (and dA_down) reduced from the epilogue's tiles. One extra column of
+                   programs computes dB_down = s * dy.T @ ha.
+    _bwd_dx        dx = dgate @ w_gate + dup @ w_up + s * (dgate @ b_gate | dup @ b_up) @ [A_gate; A_up]
+                   (stacked), and dA_gate / dA_up from the epilogue when A trains. Skipped entirely when
+                   neither x nor A needs a gradient (the first adapted layer of a write).
 
 The LoRA rank r (1..MAX_RANK) is padded inside the kernels to a power-of-2 block >= 16 (`tl.dot` needs
 every dimension >= 16 on a GPU): R_PAD for one projection, RS_PAD for the stacked gate/up pair (the two
 factors share one block when 2r <= 16). The factor gradients are reduced across row tiles with fp32
 atomics into a small workspace the size of the B's (and A's), so they are not bit-deterministic run to
 run. With `sgd_lr`, that workspace is applied in place (`B -= sgd_lr * dB`) by one last launch after
-every kernel that reads B has run; autograd never sees a dB.
+every kernel that reads B has run; autograd never sees a dB and no optimizer step runs.
 
-Under TRITON_INTERPRET=1 (CPU tensors) the interpreter does not emulate bf16/fp16 `tl.dot`, so there
-the dot operands are upcast to fp32 (`INTERPRET`); on a GPU the dots run natively on tensor cores.
+`launch_configs` lists every launch (grid, constexprs, the shape of every tl.dot) for tests; the default
+tiles (`default_config`) were checked for sm_90 by compiling them (no register spills, no serialised
+wgmma, shared memory within an H100's), not by timing them on a GPU.
+
+Under TRITON_INTERPRET=1 (CPU tensors) the interpreter computes 16-bit `tl.dot` wrongly and truncates
+fp32 -> bf16, so there (`INTERPRET`) dot operands are upcast to fp32 and bf16 rounding is done by hand
+(round to nearest even); on a GPU the dots run natively on tensor cores.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -496,7 +504,7 @@ def default_config(dtype: torch.dtype) -> LoRAMLPConfig:
     the smaller 64 x 128 tile. fp32 ("ieee" dots on CUDA cores): smaller tiles.
     """
     if dtype == torch.float32:
-        two = KernelConfig(64, 64, 32, num_warps=4, num_stages=3)
+        two = KernelConfig(64, 64, 32, num_warps=8, num_stages=3)
         return LoRAMLPConfig(fwd_gate_up=two, fwd_down=two, bwd_dh=two, bwd_dx=two)
     two = KernelConfig(64, 128, 64, num_warps=8, num_stages=3)  # two accumulators (gate/up; dgate/dup)
     one = KernelConfig(128, 128, 64, num_warps=8, num_stages=3)
@@ -805,9 +813,3 @@ def lora_mlp(
     return LoRAMLPFunction.apply(
         x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, float(scaling), lr, config
     )
-
-
-# for introspection in tests and benchmarks
-def config_dict(cfg: LoRAMLPConfig) -> dict:
-    """The config as a plain dict (for logs and benchmark metadata)."""
-    return asdict(cfg)
