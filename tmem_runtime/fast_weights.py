@@ -37,6 +37,7 @@ from tmem_runtime.write import IGNORE_INDEX, TrunkCache, adapted_loss, encode_tr
 INITS = ("svd", "random", "pissa")
 SVD_METHODS = ("randomized", "exact")
 FILE_FORMAT = "tmem-fast-weights/1"
+StepCallback = Callable[[int, "int | None", float], None]
 
 
 class FastWeightsError(RuntimeError):
@@ -305,11 +306,13 @@ class FastWeights:
         optimizer: str = "sgd",
         train_a: bool = False,
         weight_decay: float = 0.0,
+        on_step: StepCallback | None = None,
     ) -> list[float]:
         """One optimizer step per batch; returns each step's loss (before its update).
 
         batches: dicts with "input_ids", "attention_mask", "labels", each [B, T] (labels unshifted,
         -100 where ignored). A batch object seen twice (epochs) reuses its trunk pass.
+        `on_step(step, n_steps_or_None, loss)` is called after every step (progress bars).
         """
         pools: dict[int, tuple[object, torch.Tensor]] = {}
 
@@ -321,7 +324,7 @@ class FastWeights:
             return partial(self._pool_loss, pool, rows)
 
         recipe = Recipe(optimizer=optimizer, lr=lr, weight_decay=weight_decay)
-        return self._optimize((step_for(b) for b in batches), recipe, train_a)
+        return self._optimize((step_for(b) for b in batches), recipe, train_a, on_step)
 
     def write_qa(
         self,
@@ -331,6 +334,7 @@ class FastWeights:
         seed: int = 0,
         loss_on: str = "answer",
         train_a: bool = False,
+        on_step: StepCallback | None = None,
     ) -> list[float]:
         """Train (question, answer) flashcards, chat-templated, loss on answers by default.
 
@@ -338,7 +342,7 @@ class FastWeights:
         """
         recipe = get_recipe(recipe)
         examples = [qa_example(tokenizer, q, a, loss_on, recipe.max_length) for q, a in pairs]
-        return self.write_examples(examples, recipe, seed, train_a, pad_id=tokenizer.pad_token_id or 0)
+        return self.write_examples(examples, recipe, seed, train_a, tokenizer.pad_token_id or 0, on_step)
 
     def write_text(
         self,
@@ -346,11 +350,12 @@ class FastWeights:
         texts: Sequence[str],
         recipe: str | Recipe = "default",
         seed: int = 0,
+        on_step: StepCallback | None = None,
     ) -> list[float]:
         """Next-token training on plain texts (all tokens), cut into recipe.max_length windows."""
         recipe = get_recipe(recipe)
         examples = [ex for t in texts if t.strip() for ex in text_examples(tokenizer, t, recipe.max_length)]
-        return self.write_examples(examples, recipe, seed, pad_id=tokenizer.pad_token_id or 0)
+        return self.write_examples(examples, recipe, seed, False, tokenizer.pad_token_id or 0, on_step)
 
     def write_examples(
         self,
@@ -359,6 +364,7 @@ class FastWeights:
         seed: int = 0,
         train_a: bool = False,
         pad_id: int = 0,
+        on_step: StepCallback | None = None,
     ) -> list[float]:
         """The recipe's epochs x batches over tokenized examples (input_ids, labels)."""
         schedule = write_schedule(len(examples), recipe, seed)
@@ -366,7 +372,7 @@ class FastWeights:
             return []
         pool = self._encode_examples(examples, pad_id)
         steps = (partial(self._pool_loss, pool, torch.tensor(rows)) for rows in schedule)
-        return self._optimize(steps, recipe, train_a)
+        return self._optimize(steps, recipe, train_a, on_step, len(schedule))
 
     # --- what differs between the fast path and the PEFT reference
     def _encode_examples(self, examples: Sequence[Example], pad_id: int) -> object:
@@ -421,7 +427,14 @@ class FastWeights:
     def _finite(self) -> bool:
         return bool(torch.isfinite(self.buffer).all())
 
-    def _optimize(self, steps: Iterable[Callable[[], torch.Tensor]], recipe: Recipe, train_a: bool) -> list[float]:
+    def _optimize(
+        self,
+        steps: Iterable[Callable[[], torch.Tensor]],
+        recipe: Recipe,
+        train_a: bool,
+        on_step: StepCallback | None = None,
+        n_steps: int | None = None,
+    ) -> list[float]:
         """Run the steps: loss, backward, update; a non-finite loss or update rolls back and raises."""
         if recipe.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {recipe.optimizer!r}")
@@ -444,6 +457,8 @@ class FastWeights:
                     f"write step {step} produced a non-finite update (loss {value:.4g}); rolled back to step {step - 1}"
                 )
             losses.append(value)
+            if on_step is not None:
+                on_step(step, n_steps, value)
         return losses
 
 
