@@ -7,8 +7,12 @@ from tmem_runtime.agent.flashcards import (
     EXAMPLE_FLASHCARDS,
     FLASHCARD_PREFILL,
     MAX_ANSWER_WORDS,
+    TURN_EXAMPLES,
+    TURN_PREFILL,
+    dated_turns,
     flashcard_messages,
     parse_flashcards,
+    turn_flashcard_messages,
 )
 
 
@@ -95,3 +99,26 @@ def test_prompt_has_example_and_ends_with_the_context():
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
     assert "Ana: I moved to Denver." in msgs[-1]["content"]
     assert json.loads(msgs[2]["content"]) == EXAMPLE_FLASHCARDS
+
+
+def test_per_turn_prompt_and_dated_turns():
+    ctx = "DATE: 1 May\nAna: I moved to Denver last Friday.\nBen: Cool!\nDATE: 9 May\nBen: I got a parrot named Kiwi."
+    assert dated_turns(ctx) == [("DATE: 1 May", "Ana: I moved to Denver last Friday."),
+                                ("DATE: 9 May", "Ben: I got a parrot named Kiwi.")]  # "Cool!" is too short
+    msgs = turn_flashcard_messages("DATE: 1 May", "Ana: I moved to Denver last Friday.")
+    assert msgs[0]["role"] == "system" and len(msgs) == 2 + 2 * len(TURN_EXAMPLES)
+    assert msgs[-1]["content"] == "DATE: 1 May\nAna: I moved to Denver last Friday."
+    # per-turn replies are joined one card per line; an example card echoed back is dropped
+    raw = "\n".join(TURN_PREFILL + r for r in ['Where did Ana move?", "output": "Denver"}',
+                                               TURN_EXAMPLES[0][1]["instruction"] + '", "output": "x"}'])
+    r = parse_flashcards(raw)
+    assert r.pairs == [("Where did Ana move?", "Denver")] and r.dropped == {"echo": 1}
+
+
+def test_replies_parsed_one_by_one_so_an_unclosed_card_cannot_swallow_the_next():
+    replies = [TURN_PREFILL + 'What is Leo\'s hobby?", "output": "pottery"]',  # closed with the wrong bracket
+               TURN_PREFILL + 'What is Leo\'s band?", "output": "the Blue Foxes"}',
+               TURN_PREFILL + 'What is Leo\'s band?", "output": "Blue Foxes"}']
+    r = parse_flashcards(replies)
+    assert r.pairs == [("What is Leo's hobby?", "pottery"), ("What is Leo's band?", "the Blue Foxes")]
+    assert r.dropped == {"duplicate": 1}

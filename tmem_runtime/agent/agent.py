@@ -3,18 +3,19 @@
 Working context plus explicit memory (the channel's `memory_text`) is counted with the model's
 tokenizer. When adding the next turn would cross `l_max`, the agent enters memory-writing mode:
 the channel writes the working context (flashcards into fast weights, notes into a summary, chunks
-into an index), then the working context is cleared (the current session's DATE line is kept so
-later turns stay dated). The `none` channel never writes; at answer time its context is cut to the
+into an index), then the working context is cleared (later turns re-open it under the current session's DATE
+line, so they stay dated). The `none` channel never writes; at answer time its context is cut to the
 model's window, keeping the most recent part.
 
-Answer prompts are one user turn: [explicit memory][working context] + [retrieved chunks] + the
-question, the same chat layout the runtime trains flashcards in (user: question, assistant: answer),
-so the fast weights are read by the prompt they were written with. The shared part is prefilled
-once and its KV cache reused for every question.
+Answer prompts are one user turn: [explicit memory][working context] + [retrieved chunks] + LoCoMo's
+answer prompt around the question, identical for every channel; with nothing at all to read, the
+bare question (the chat layout the runtime trains flashcards in). The shared part is prefilled once
+and its KV cache reused for every question.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,11 @@ from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.locomo import Conversation, Session
 
 _QUESTION_SLOT = "\u241f"
+# LoCoMo's own answer prompt (task_eval/evaluate_gpts.py), used whenever there is context to read
+QA_PROMPT = (
+    "Based on the above context, write an answer in the form of a short phrase for the following question. "
+    "Answer with exact words from the context whenever possible.\n\nQuestion: {question} Short answer:"
+)
 
 
 @dataclass
@@ -39,9 +45,10 @@ class Trigger:
 
 
 def clean_answer(text: str) -> str:
-    """The first non-empty line of a generated answer, stripped of quotes and spaces."""
+    """The first non-empty line of a generated answer, without a leading "Name:" and quotes."""
     for line in text.splitlines():
         if line.strip():
+            line = re.sub(r"^\s*[A-Z][\w.'-]{0,30}:\s+", "", line)  # "Leo: Lisbon." (dialogue habit)
             return line.strip().strip("\"'").strip()
     return ""
 
@@ -81,10 +88,8 @@ class MemoryAgent:
         self.context_tokens += (self.generator.count_tokens(line) if tokens is None else tokens) + 1
 
     def clear_context(self) -> None:
-        """Empty the working context, keeping the current session's DATE line."""
+        """Empty the working context (the next turn re-opens it under the current DATE line)."""
         self.lines, self.context_tokens = [], 0
-        if self.header:
-            self._append(self.header)
 
     def write_memory(self, on_trigger: Callable[[Trigger], None] | None = None) -> Trigger:
         """Memory-writing mode now: the channel writes the working context, then it is cleared."""
@@ -100,11 +105,16 @@ class MemoryAgent:
         return trigger
 
     def observe(self, line: str, on_trigger: Callable[[Trigger], None] | None = None) -> None:
-        """Add one line (a turn) to the working context, writing memory first if it would cross l_max."""
+        """Add one line to the working context, writing memory first if it would cross l_max.
+
+        A context holding no turn (empty, or only the current DATE line) never triggers a write.
+        """
         tokens = self.generator.count_tokens(line)
-        has_content = len(self.lines) > (1 if self.header else 0)
+        has_content = bool(self.lines) and self.lines != [self.header]
         if self.channel.writes and has_content and self.context_tokens + tokens + 1 + self.memory_tokens > self.l_max:
             self.write_memory(on_trigger)
+        if not self.lines and self.header and line != self.header:
+            self._append(self.header)  # a cleared context re-opens under the session's DATE line
         self._append(line, tokens)
 
     def read_session(self, session: Session, on_trigger: Callable[[Trigger], None] | None = None) -> None:
@@ -141,6 +151,7 @@ class MemoryAgent:
         suffixes = []
         for q, query in zip(questions, queries or questions):
             recalled = self.channel.recall(query)
-            suffixes.append((f"{recalled}\n\n" if recalled else "") + q + suffix)
+            asked = QA_PROMPT.format(question=q) if shared or recalled else q
+            suffixes.append((f"{recalled}\n\n" if recalled else "") + asked + suffix)
         raw = self.generator.generate_after_prefix(prefix, suffixes, self.answer_tokens, progress=progress)
         return [clean_answer(r) for r in raw]

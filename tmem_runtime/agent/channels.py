@@ -8,6 +8,7 @@ against the budget: the summary) and `recall(question)` to each question's promp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tmem_runtime.agent.generation import Generator
@@ -122,11 +123,14 @@ class FastWeightChannel(MemoryChannel):
     writes = True
 
     def __init__(self, fast_weights, generator: Generator, write_format: str = "qa", recipe: str = "default",
-                 seed: int = 0, max_new_tokens: int = 192):
+                 seed: int = 0, max_new_tokens: int = 192, writer: Callable[[str], str] | None = None,
+                 flashcard_mode: str = "per-turn"):
         if write_format not in WRITE_FORMATS:
             raise ValueError(f"write_format must be one of {WRITE_FORMATS}, got {write_format!r}")
         self.fast_weights, self.generator = fast_weights, generator
         self.write_format, self.recipe, self.seed, self.max_new_tokens = write_format, recipe, seed, max_new_tokens
+        self.writer = writer  # None: the model writes its own flashcards
+        self.flashcard_mode = flashcard_mode
 
     def reset(self) -> None:
         self.fast_weights.reset()
@@ -134,7 +138,8 @@ class FastWeightChannel(MemoryChannel):
     def write(self, context: str, trigger: int) -> WriteEvent:
         record = write_to_weights(
             self.fast_weights, self.generator, context, self.write_format, self.recipe,
-            seed=self.seed + trigger, max_new_tokens=self.max_new_tokens,
+            seed=self.seed + trigger, max_new_tokens=self.max_new_tokens, writer=self.writer,
+            flashcard_mode=self.flashcard_mode,
         )
         return WriteEvent(weights=record)
 
@@ -172,6 +177,7 @@ def make_channel(
     summary_tokens: int = 512,
     device: str = "cpu",
     flashcard_tokens: int = 192,
+    flashcard_mode: str = "per-turn",
 ) -> MemoryChannel:
     """The channel called `name` (one of CHANNELS); tmem channels need `fast_weights` attached to the model."""
     if name not in CHANNELS:
@@ -184,7 +190,8 @@ def make_channel(
         return SummaryChannel(generator, summary_tokens)
     if name == "retrieval":
         return RetrievalChannel(ChunkIndex(device), top_k)
-    weights = FastWeightChannel(fast_weights, generator, write_format, recipe, seed, flashcard_tokens)
+    weights = FastWeightChannel(fast_weights, generator, write_format, recipe, seed, flashcard_tokens,
+                                flashcard_mode=flashcard_mode)
     if name == "tmem":
         return weights
     return HybridChannel(weights, SummaryChannel(generator, summary_tokens))

@@ -58,10 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-format", choices=("qa", "summary", "ntp"), default="qa")
     p.add_argument("--recipe", default="default")
     p.add_argument("--flashcard-tokens", type=int, default=160)
+    p.add_argument("--flashcard-mode", choices=("per-turn", "array"), default="per-turn")
     p.add_argument("--answer-tokens", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a shared CPU)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     from tmem_runtime import FastWeights, load_model
 
     start = time.perf_counter()
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     questions = [q for q in conv.qa if q.category != 5]
     prompts = [question_prompt(q) for q in questions]
     print(f"tmem demo: {args.model}, conversation {conv.sample_id!r}: {len(conv.sessions)} sessions, "
-          f"{gen.count_tokens(conv.render())} tokens; l_max={args.l_max}, write format {args.write_format}")
+          f"{gen.count_tokens(conv.render())} tokens; l_max={args.l_max}, write format {args.write_format}, "
+          f"flashcards {args.flashcard_mode}")
 
     baselines = {}
     for name, window in (("none, same budget", args.l_max + 160), ("none, full context", None)):
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         baselines[name] = agent.answer(prompts)
 
     fw = FastWeights(model, rank=6, num_layers=4)
-    channel = make_channel("tmem", gen, fw, args.write_format, args.recipe, flashcard_tokens=args.flashcard_tokens)
+    channel = make_channel("tmem", gen, fw, args.write_format, args.recipe, flashcard_tokens=args.flashcard_tokens,
+                           flashcard_mode=args.flashcard_mode)
     agent = MemoryAgent(gen, channel, args.l_max, args.answer_tokens)
     print(f"\nreading {len(conv.sessions)} sessions turn by turn ...")
     agent.read(conv, on_trigger=lambda t: print_trigger(t, args.l_max))

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from tmem_runtime.agent.agent import MemoryAgent, Trigger
 from tmem_runtime.agent.channels import CHANNELS, make_channel
+from tmem_runtime.agent.flashcards import FLASHCARD_MODES
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.locomo import (
     CATEGORY_NAMES,
@@ -63,8 +64,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--summary-tokens", type=int, default=512, help="cap on the rolling summary, tokens")
     p.add_argument("--answer-tokens", type=int, default=24)
     p.add_argument("--flashcard-tokens", type=int, default=192, help="max new tokens of one memory write")
+    p.add_argument("--flashcard-mode", choices=FLASHCARD_MODES, default="per-turn",
+                   help="one card per turn (small models) or one JSON array per context (the paper's)")
     p.add_argument("--window", type=int, default=None, help="model context window (default: the config's)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 by default: on a shared CPU, oversubscribed threads are ~8x slower)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -175,7 +179,8 @@ def report_markdown(report: dict[str, dict], args: argparse.Namespace) -> str:
     """The report's tables as Markdown."""
     cats = list(CATEGORY_NAMES)
     head = "| method | F1 1-4 | EM 1-4 | " + " | ".join(f"F1 c{c} {CATEGORY_NAMES[c]} (n)" for c in cats) + " |"
-    lines = [f"model {args.model}, l_max {args.l_max}, recipe {args.recipe}, device {args.device}/{args.dtype}", "",
+    lines = [f"model {args.model}, l_max {args.l_max}, recipe {args.recipe}, device {args.device}/{args.dtype}, "
+             f"flashcards {getattr(args, 'flashcard_mode', '-')}", "",
              head, "|" + "---|" * (3 + len(cats))]
     for label, e in report.items():
         cells = []
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the evaluation; returns a process exit code (0 on success)."""
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
+    if torch.device(args.device).type == "cpu":
         torch.set_num_threads(args.threads)
     from tmem_runtime import FastWeights, load_model
 
@@ -277,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             if memory.startswith("tmem") and fast_weights is None:
                 fast_weights = FastWeights(model, rank=args.rank, num_layers=args.num_layers, seed=args.seed)
             channel = make_channel(memory, generator, fast_weights, write_format or "qa", args.recipe, args.seed,
-                                   args.top_k, args.summary_tokens, args.device, args.flashcard_tokens)
+                                   args.top_k, args.summary_tokens, args.device, args.flashcard_tokens,
+                                   args.flashcard_mode)
             agent = MemoryAgent(generator, channel, args.l_max, args.answer_tokens)
             for conv in conversations:
                 questions = select_questions(conv, args.max_questions, args.max_sessions)

@@ -1,8 +1,11 @@
 """Memory-writing mode: the flashcard prompt, and the parser that salvages what the model wrote.
 
-The prompt is built for small models: one short worked example (a conversation and its JSON
-flashcards) as a previous chat turn, then the current context, and the assistant reply is
-prefilled with the opening of the JSON array (`FLASHCARD_PREFILL`) so the model only continues it.
+Two prompts, both few-shot with the reply's JSON opening prefilled so the model only continues it:
+- "array" (the paper's): one worked example (a conversation and its JSON array of flashcards), then
+  the whole working context; the model writes the array.
+- "per-turn" (for small models): one card per turn of the context (turns of at least
+  MIN_TURN_WORDS words, each under its DATE line), three worked examples, all turns batched. A 135M
+  model writes mostly one repeated card in "array" mode but a card per turn here.
 
 The parser never raises. It accepts a clean JSON array, a truncated one, single quotes, trailing
 commas, wrong key names (question/answer, q/a, input/output, ...), and `Q: ... A: ...` lines; it
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 QUESTION_KEYS = ("instruction", "question", "q", "input", "prompt", "query")
 ANSWER_KEYS = ("output", "answer", "a", "response", "reply", "value")
 MAX_QUESTION_WORDS = 40
-MAX_ANSWER_WORDS = 20
+MAX_ANSWER_WORDS = 12
 
 FLASHCARD_SYSTEM = (
     "You write memory flashcards. Read the conversation and write question-answer pairs about the facts in it. "
@@ -44,6 +47,22 @@ EXAMPLE_FLASHCARDS = [
     {"instruction": "Where is Nina going in June?", "output": "Lisbon, to see her sister"},
 ]
 FLASHCARD_PREFILL = '[\n{"instruction": "'
+FLASHCARD_MODES = ("per-turn", "array")
+
+TURN_SYSTEM = (
+    "You write one memory flashcard about a chat message: a question about the fact in the message and its "
+    "short answer. Name the person. Reply with JSON only."
+)
+TURN_EXAMPLES = [
+    ("DATE: 3:00 pm on 2 March, 2021\nNina: I started a new job at the city library last week.",
+     {"instruction": "Where does Nina work?", "output": "the city library"}),
+    ("DATE: 3:00 pm on 2 March, 2021\nOmar: I adopted a puppy named Biscuit on Sunday.",
+     {"instruction": "What is the name of Omar's puppy?", "output": "Biscuit"}),
+    ("DATE: 5:00 pm on 9 June, 2022\nNina: I'm flying to Lisbon in July to see my sister.",
+     {"instruction": "Where is Nina flying in July?", "output": "Lisbon"}),
+]
+TURN_PREFILL = '{"instruction": "'
+MIN_TURN_WORDS = 5
 
 
 def flashcard_messages(context: str) -> list[dict[str, str]]:
@@ -55,6 +74,25 @@ def flashcard_messages(context: str) -> list[dict[str, str]]:
         {"role": "assistant", "content": example},
         {"role": "user", "content": f"{context}\n\n{FLASHCARD_INSTRUCTION}"},
     ]
+
+
+def turn_flashcard_messages(header: str, line: str) -> list[dict[str, str]]:
+    """Chat messages asking for one flashcard about one dated turn (three worked examples first)."""
+    messages = [{"role": "system", "content": TURN_SYSTEM}]
+    for context, card in TURN_EXAMPLES:
+        messages += [{"role": "user", "content": context}, {"role": "assistant", "content": json.dumps(card)}]
+    return messages + [{"role": "user", "content": f"{header}\n{line}" if header else line}]
+
+
+def dated_turns(context: str, min_words: int = MIN_TURN_WORDS) -> list[tuple[str, str]]:
+    """(DATE line, turn) for each turn of a rendered context with at least `min_words` words."""
+    header, turns = "", []
+    for line in context.splitlines():
+        if line.startswith("DATE:") or line.startswith("SESSION "):
+            header = line
+        elif len(line.split()) >= min_words:
+            turns.append((header, line))
+    return turns
 
 
 @dataclass
@@ -172,17 +210,8 @@ def _norm_key(s: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", s.lower()).split())
 
 
-def parse_flashcards(
-    text: str, max_answer_words: int = MAX_ANSWER_WORDS, max_question_words: int = MAX_QUESTION_WORDS
-) -> ParseResult:
-    """Salvage every valid (question, answer) pair from model output `text`; never raises.
-
-    Drop reasons: unparseable, missing_key, not_text, empty, too_long, echo (answer repeats the
-    question or the example), duplicate.
-    """
-    result = ParseResult()
-    if not isinstance(text, str) or not text.strip():
-        return result
+def _candidates(text: str, result: ParseResult) -> list[tuple[object, object]]:
+    """Raw (question, answer) values found in one model reply; unusable objects are counted as drops."""
     candidates: list[tuple[object, object]] = []
     for obj in _balanced_objects(text):
         d = _loads_lenient(obj)
@@ -196,9 +225,24 @@ def parse_flashcards(
             result.dropped["missing_key"] += 1
             continue
         candidates.append((q, a))
-    if not candidates:
-        candidates = _line_pairs(text)
+    return candidates or _line_pairs(text)
+
+
+def parse_flashcards(
+    text: str | list[str], max_answer_words: int = MAX_ANSWER_WORDS, max_question_words: int = MAX_QUESTION_WORDS
+) -> ParseResult:
+    """Salvage every valid (question, answer) pair from model output; never raises.
+
+    text: one reply, or a list of replies parsed one by one (per-turn cards: a card left unclosed
+    cannot swallow the next one), deduplicated together.
+    Drop reasons: unparseable, missing_key, not_text, empty, too_long, echo (answer repeats the
+    question, or a worked example is copied), duplicate.
+    """
+    result = ParseResult()
+    replies = text if isinstance(text, list) else [text]
+    candidates = [c for r in replies if isinstance(r, str) and r.strip() for c in _candidates(r, result)]
     example_questions = {_norm_key(c["instruction"]) for c in EXAMPLE_FLASHCARDS}
+    example_questions |= {_norm_key(card["instruction"]) for _, card in TURN_EXAMPLES}
     seen: set[str] = set()
     for q_raw, a_raw in candidates:
         q, a = _as_text(q_raw), _as_text(a_raw)

@@ -7,9 +7,18 @@ same recipe; only the training material differs (the paper's write-format ablati
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tmem_runtime.agent.flashcards import FLASHCARD_PREFILL, flashcard_messages, parse_flashcards
+from tmem_runtime.agent.flashcards import (
+    FLASHCARD_MODES,
+    FLASHCARD_PREFILL,
+    TURN_PREFILL,
+    dated_turns,
+    flashcard_messages,
+    parse_flashcards,
+    turn_flashcard_messages,
+)
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.summary import write_summary
 
@@ -38,11 +47,33 @@ class WriteRecord:
         return sum(self.dropped.values())
 
 
-def write_flashcards(generator: Generator, context: str, max_new_tokens: int = 192) -> tuple[str, list, dict]:
-    """Memory-writing mode: (raw model text, valid pairs, drops by reason) for `context`."""
-    prompt = generator.chat_prompt(flashcard_messages(context), prefill=FLASHCARD_PREFILL)
-    raw = FLASHCARD_PREFILL + generator.generate([prompt], max_new_tokens)[0]
-    parsed = parse_flashcards(raw)
+def write_flashcards(
+    generator: Generator,
+    context: str,
+    max_new_tokens: int = 192,
+    writer: Callable[[str], str] | None = None,
+    mode: str = "per-turn",
+) -> tuple[str, list, dict]:
+    """Memory-writing mode: (raw text, valid pairs, drops by reason) for `context`.
+
+    mode: "per-turn" (one card per turn, batched, at most 48 new tokens each) or "array" (one JSON
+    array for the whole context, `max_new_tokens`). writer: who writes the flashcard text for a
+    context (default: the model); whatever it returns goes through the salvaging parser.
+    """
+    if mode not in FLASHCARD_MODES:
+        raise ValueError(f"flashcard mode must be one of {FLASHCARD_MODES}, got {mode!r}")
+    if writer is not None:
+        raw = writer(context)
+    elif mode == "array":
+        prompt = generator.chat_prompt(flashcard_messages(context), prefill=FLASHCARD_PREFILL)
+        raw = FLASHCARD_PREFILL + generator.generate([prompt], max_new_tokens)[0]
+    else:
+        turns = dated_turns(context)
+        prompts = [generator.chat_prompt(turn_flashcard_messages(h, t), prefill=TURN_PREFILL) for h, t in turns]
+        cards = generator.generate(prompts, min(max_new_tokens, 48), batch_size=16)
+        replies = [TURN_PREFILL + c.split("\n")[0] for c in cards]
+        raw = "\n".join(replies)
+    parsed = parse_flashcards(replies if writer is None and mode == "per-turn" else raw)
     return raw, parsed.pairs, dict(parsed.dropped)
 
 
@@ -54,18 +85,22 @@ def write_to_weights(
     recipe: str = "default",
     seed: int = 0,
     max_new_tokens: int = 192,
+    writer: Callable[[str], str] | None = None,
+    flashcard_mode: str = "per-turn",
 ) -> WriteRecord:
     """Turn `context` into training material of `write_format` and train it into `fast_weights`.
 
     `fast_weights`: a tmem_runtime FastWeights attached to generator.model. Zero valid items means
-    zero steps (losses == []).
+    zero steps (losses == []). writer: see `write_flashcards` (qa only).
     """
     if write_format not in WRITE_FORMATS:
         raise ValueError(f"write_format must be one of {WRITE_FORMATS}, got {write_format!r}")
     record = WriteRecord(format=write_format)
     t0 = time.perf_counter()
     if write_format == "qa":
-        record.raw, record.pairs, record.dropped = write_flashcards(generator, context, max_new_tokens)
+        record.raw, record.pairs, record.dropped = write_flashcards(
+            generator, context, max_new_tokens, writer, flashcard_mode
+        )
     elif write_format == "summary":
         record.raw = write_summary(generator, "", context, max_new_tokens)
         record.texts = [record.raw] if record.raw else []

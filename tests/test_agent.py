@@ -1,0 +1,148 @@
+"""The agent: budget trigger, context clearing, channels, and recall from fast weights (real SmolLM2-135M)."""
+
+import json
+import os
+
+import pytest
+
+from tmem_runtime.agent.agent import MemoryAgent, clean_answer
+from tmem_runtime.agent.channels import MemoryChannel, WriteEvent, context_chunks, make_channel
+from tmem_runtime.agent.generation import Generator
+from tmem_runtime.agent.locomo import Conversation, Session, Turn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    import torch
+
+    from tmem_runtime import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on the shared 2-core CPU one thread is several times faster
+    yield load_model("smollm2-135m")
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def generator(model_and_tokenizer):
+    return Generator(*model_and_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def fast_weights(model_and_tokenizer):
+    from tmem_runtime import FastWeights
+
+    fw = FastWeights(model_and_tokenizer[0], rank=6, num_layers=4)
+    yield fw
+    fw.detach()
+
+
+def _conversation() -> Conversation:
+    s1 = Session(1, "9:00 am on 6 March, 2024", [
+        Turn("Ana", "Big news! I adopted a green parrot and named him Zorblat."),
+        Turn("Ben", "Wow, congratulations Ana!"),
+    ])
+    s2 = Session(2, "7:30 pm on 20 March, 2024", [
+        Turn("Ben", "I went hiking in the hills on Saturday, the weather was nice."),
+        Turn("Ana", "Sounds lovely. I mostly stayed home and read a book this week."),
+        Turn("Ben", "Which book? I am looking for something new to read."),
+        Turn("Ana", "A long novel about sailors. It is slow but good."),
+    ])
+    return Conversation("tiny", "Ana", "Ben", [s1, s2], [])
+
+
+class RecordingChannel(MemoryChannel):
+    """Writes nothing anywhere; remembers what it was asked to write."""
+
+    name, writes = "recording", True
+
+    def __init__(self):
+        self.written: list[str] = []
+
+    def write(self, context: str, trigger: int) -> WriteEvent:
+        self.written.append(context)
+        return WriteEvent()
+
+
+def test_clean_answer_and_chunks():
+    assert clean_answer('\n "Denver"\nmore text') == "Denver"
+    assert clean_answer("   ") == ""
+    ctx = "DATE: 1 May\nA: one\nB: two\nA: three\nB: four\nDATE: 2 May\nA: five"
+    assert context_chunks(ctx, 3) == ["DATE: 1 May\nA: one\nB: two\nA: three", "DATE: 1 May\nB: four",
+                                      "DATE: 2 May\nA: five"]
+
+
+@pytest.mark.slow
+def test_trigger_fires_at_the_budget_and_clears_the_context(generator):
+    conv = _conversation()
+    channel = RecordingChannel()
+    l_max = 60
+    agent = MemoryAgent(generator, channel, l_max=l_max)
+    agent.read(conv)
+    assert len(agent.triggers) >= 2 and len(channel.written) == len(agent.triggers)
+    headers = {s.header() for s in conv.sessions}
+    turns = [t.render() for s in conv.sessions for t in s.turns]
+    sequence = [line for s in conv.sessions for line in [s.header()] + [t.render() for t in s.turns]]
+    for t, written in zip(agent.triggers, channel.written):
+        assert t.context_tokens <= l_max  # never over budget when writing
+        assert generator.count_tokens(written) <= l_max
+        assert written.splitlines()[0] in headers  # every written context is dated
+        # it wrote because the next line would have crossed l_max
+        following = sequence[sequence.index(written.splitlines()[-1]) + 1]
+        assert t.context_tokens + generator.count_tokens(following) + 1 > l_max
+    # each turn was written exactly once or is still in context: nothing lost, nothing duplicated
+    seen = [line for w in channel.written + [agent.context] for line in w.splitlines() if line not in headers]
+    assert seen == turns
+    # after the last write the context holds only the current session's DATE line and later turns
+    assert agent.lines[0] == conv.sessions[-1].header()
+    assert agent.context_tokens <= l_max
+    assert "Zorblat" not in agent.context
+    agent.reset()
+    assert agent.lines == [] and agent.triggers == []
+
+
+@pytest.mark.slow
+def test_none_channel_never_writes_and_keeps_the_most_recent_part(generator):
+    agent = MemoryAgent(generator, make_channel("none", generator), l_max=10, window=160 + 40)
+    agent.read(_conversation())
+    assert agent.triggers == []
+    kept = agent.prompt_context()
+    assert generator.count_tokens(kept) <= 40
+    assert kept.endswith("It is slow but good.") and "Zorblat" not in kept
+
+
+@pytest.mark.slow
+def test_retrieval_channel_finds_the_early_chunk(generator):
+    channel = make_channel("retrieval", generator, top_k=1)
+    agent = MemoryAgent(generator, channel, l_max=60)
+    agent.read(_conversation())
+    assert channel.index.backend == "minilm"
+    assert "Zorblat" in channel.recall("What is the name of Ana's parrot?")
+
+
+@pytest.mark.slow
+def test_early_fact_is_answered_from_the_fast_weights(generator, fast_weights):
+    """Session 1's fact is written into the weights and cleared from the context, then recalled."""
+    question = "What is the name of Ana's parrot?"
+
+    def writer(context: str) -> str:  # a perfect flashcard writer: the parser and trainer are the real ones
+        cards = [{"instruction": question, "output": "Zorblat"}] if "Zorblat" in context else []
+        return json.dumps(cards)
+
+    channel = make_channel("tmem", generator, fast_weights)
+    channel.writer = writer
+    agent = MemoryAgent(generator, channel, l_max=60, answer_tokens=8)
+    agent.read(_conversation())
+    trained = [t for t in agent.triggers if t.event.weights.pairs]
+    assert len(trained) == 1 and trained[0].session == 1
+    losses = trained[0].event.weights.losses
+    assert losses and losses[-1] < losses[0]
+    assert all(t.event.weights.losses == [] for t in agent.triggers if not t.event.weights.pairs)  # 0 pairs, 0 steps
+    assert "Zorblat" not in agent.prompt_context()  # the text left the context long ago
+    (answer,) = agent.answer([question])
+    assert "zorblat" in answer.lower()
+    fast_weights.reset()  # control: without the write the model cannot know it
+    (control,) = agent.answer([question])
+    assert "zorblat" not in control.lower()

@@ -1,0 +1,78 @@
+"""The evaluation harness: question selection, report, plots, and `tmem eval` end to end on a fixture."""
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+from tmem_runtime.agent.evaluate import main, methods_of, plot, report_markdown, select_questions, summarize
+from tmem_runtime.agent.locomo import load_locomo
+
+FIXTURE = Path(__file__).parent / "fixtures" / "two_sessions.json"
+
+
+def test_select_questions_round_robin_and_session_filter():
+    (conv,) = load_locomo(FIXTURE)
+    assert len(select_questions(conv, None, None)) == 6
+    picked = select_questions(conv, 3, None)
+    assert [q.category for q in picked] == [2, 1, 3]  # categories 1, 2, 3 first; file order kept
+    assert len({q.category for q in select_questions(conv, 5, None)}) == 5
+    only_first = select_questions(conv, None, 1)
+    assert only_first and all(q.evidence_sessions == {1} for q in only_first)
+
+
+def test_methods_put_prompt_space_channels_first():
+    args = Namespace(memory=["tmem", "none", "tmem+summary", "retrieval"], write_format=["qa", "ntp"])
+    assert methods_of(args) == [("none", None), ("retrieval", None), ("tmem", "qa"), ("tmem", "ntp"),
+                                ("tmem+summary", "qa"), ("tmem+summary", "ntp")]
+
+
+def _run(method: str, f1s: list[tuple[int, float]], losses: list[list[float]]) -> dict:
+    return dict(
+        method=method, conversation="c", answers=[dict(category=c, f1=f, em=float(f == 1.0)) for c, f in f1s],
+        triggers=[dict(format="qa", written=2, dropped=1, losses=x) for x in losses],
+        read_s=1.0, answer_s=2.0, tokens_prefilled=10, tokens_generated=5, peak_rss_mb=100.0, cuda_peak_mb=None,
+        memory_trace=[(0.0, 90.0), (1.0, 100.0)],
+    )
+
+
+def test_summary_report_and_plots(tmp_path):
+    runs = [_run("none", [(1, 1.0), (4, 0.5), (5, 1.0)], []), _run("tmem/qa", [(2, 0.0), (4, 1.0)], [[2.0, 1.0]])]
+    report = summarize(runs)
+    assert report["none"]["f1_1_4"] == 75.0 and report["none"]["n_1_4"] == 2 and report["none"]["n"] == 3
+    assert report["none"]["per_category"][5] == dict(n=1, f1=100.0, em=100.0)
+    assert report["tmem/qa"]["flashcards_written"] == 2 and report["tmem/qa"]["flashcards_dropped"] == 1
+    assert report["tmem/qa"]["first_step_loss"] == 2.0 and report["tmem/qa"]["last_step_loss"] == 1.0
+    assert report["tmem/qa"]["tokens_processed"] == 15 and report["tmem/qa"]["seconds_per_conversation"] == 3.0
+    md = report_markdown(report, Namespace(model="m", l_max=1, recipe="r", device="cpu", dtype="float32"))
+    assert "| tmem/qa | 50.0 |" in md and "2.000→1.000" in md
+    for path in plot(runs, report, tmp_path):
+        assert path.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_eval_end_to_end_on_two_session_fixture(tmp_path, capsys):
+    """`tmem eval` on the fixture: prompt-space baselines and tmem with the model writing its own flashcards."""
+    threads = torch.get_num_threads()
+    out = tmp_path / "run"
+    code = main(["--data", str(FIXTURE), "--memory", "none", "retrieval", "tmem", "--write-format", "qa",
+                 "--model", "smollm2-135m", "--max-questions", "3", "--l-max", "64", "--answer-tokens", "8",
+                 "--flashcard-tokens", "48", "--recipe", "paper", "--out", str(out)])
+    torch.set_num_threads(threads)  # main() sets 1 thread on CPU
+    assert code == 0
+    answers = json.loads((out / "answers.json").read_text())
+    assert [r["method"] for r in answers["runs"]] == ["none", "retrieval", "tmem/qa"]
+    for r in answers["runs"]:
+        assert len(r["answers"]) == 3 and all(0.0 <= a["f1"] <= 1.0 for a in r["answers"])
+        assert r["tokens_prefilled"] > 0 and r["peak_rss_mb"] > 0
+    none, retrieval, tmem = answers["runs"]
+    assert none["triggers"] == [] and len(retrieval["triggers"]) >= 1 and len(tmem["triggers"]) >= 1
+    for t in tmem["triggers"]:
+        assert t["format"] == "qa" and t["raw"] and len(t["losses"]) == (5 if t["written"] else 0)
+    report = json.loads((out / "report.json").read_text())["methods"]
+    assert set(report) == {"none", "retrieval", "tmem/qa"}
+    for name in ("report.md", "f1_by_category.png", "write_loss.png", "memory.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| tmem/qa |" in capsys.readouterr().out
