@@ -96,7 +96,7 @@ def test_fp32_forward_backward_train_a(r, config):
         assert rel_err(got[name], value) < FP32_TOL, (name, rel_err(got[name], value))
 
 
-@pytest.mark.parametrize("n, h, i", [(1, 24, 40), (50, 33, 70)])
+@pytest.mark.parametrize("n, h, i", [(1, 24, 40), (45, 33, 50)])
 def test_fp32_b_only_odd_shapes(n, h, i):
     """A frozen (the TMEM default): A gets no grad; N = 1 (one token) and shapes spanning several tiles."""
     x, w = make(n, h, i, 6, seed=3)
@@ -162,7 +162,7 @@ def test_sgd_lr_updates_b_in_place(train_a):
 
 
 def test_sgd_lr_several_steps_match_reference_sgd():
-    """A 4-step SGD write on the same batch: B after each step equals reference SGD's B."""
+    """A 3-step SGD write on the same batch: B after each step equals reference SGD's B."""
     x, w = make(20, 24, 40, 6, seed=12)
     w["b_gate"].zero_(), w["b_up"].zero_(), w["b_down"].zero_()  # TMEM init: B0 = 0
     target = torch.randn(20, 24, generator=torch.Generator().manual_seed(13))
@@ -170,7 +170,7 @@ def test_sgd_lr_several_steps_match_reference_sgd():
     fused = {k: v.clone() for k, v in w.items()}
     torch_b = [w[k].clone().requires_grad_(True) for k in B_NAMES]
     opt = torch.optim.SGD(torch_b, lr=lr)
-    for _ in range(4):
+    for _ in range(3):
         for k in B_NAMES:
             fused[k].requires_grad_(True)
         y = lora_mlp(x, **fused, sgd_lr=lr)
