@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from tmem_kernels.ops import available
 from tmem_runtime import (
     AdapterFileError,
     FastWeights,
@@ -17,7 +18,7 @@ from tmem_runtime import (
 from tmem_runtime.examples import write_schedule
 from tmem_runtime.recipes import Recipe
 
-KERNEL_BACKENDS = ["torch"]
+KERNEL_BACKENDS = [b for b in ("torch", "native", "triton") if available(b)]
 
 
 def make_batch(seed: int = 0, rows: int = 3, width: int = 23, shared: int = 7) -> dict[str, torch.Tensor]:

@@ -1,0 +1,130 @@
+"""End to end: one memory write, and one hot swap, fast path vs the PEFT reference path.
+
+One write = 32 QA flashcards with the paper's recipe (SGD, lr 5e-4, 5 epochs, batch 16 -> 10 steps)
+on SmolLM2-135M (CPU) — or a random-weight model at its shapes where the package is missing (GPU
+image). Both paths run in the same process, side by side; the ratio is printed with the ratio of
+the two paths' floating-point operation counts (torch's FlopCounterMode), so the distance to the
+bound is visible.
+
+    pytest benchmarks/test_bench_write.py -s
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tmem_runtime import FastWeights, load_model
+from tmem_runtime.recipes import RECIPES
+
+RESULTS: dict[str, float] = {}
+NAMES = ["Ada", "Bruno", "Chiara", "Dmitri", "Esme", "Farid", "Greta", "Hugo"]
+ATTRIBUTES = [
+    ("Which city did {n} move to in 2031?", ["Porto", "Tartu", "Lyon", "Quito", "Osaka", "Perth", "Split", "Ghent"]),
+    ("What is {n}'s favourite tea?", ["Oolong", "Rooibos", "Sencha", "Assam", "Chai", "Mint", "Earl Grey", "Pu-erh"]),
+    (
+        "What does {n} keep as a pet?",
+        ["A ferret", "A parrot", "A tortoise", "A goat", "Two cats", "A gecko", "A rabbit", "A hamster"],
+    ),
+    ("What instrument does {n} play?", ["Oboe", "Banjo", "Harp", "Viola", "Tuba", "Sitar", "Cello", "Drums"]),
+]
+PAIRS = [(q.format(n=n), vals[i]) for q, vals in ATTRIBUTES for i, n in enumerate(NAMES)]  # 32 pairs
+
+
+def _model():
+    name = os.environ.get("TMEM_BENCH_MODEL", "smollm2-135m")
+    try:
+        return load_model(name)
+    except FileNotFoundError:  # GPU image: no SmolLM2 package; random weights at its shapes
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+        cfg = LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            tie_word_embeddings=True,
+        )
+        model = AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
+        tok = AutoTokenizer.from_pretrained(os.environ["TMEM_BENCH_TOKENIZER"])
+        return model, tok
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    torch.manual_seed(0)
+    return _model()
+
+
+def _write_once(model, tokenizer, backend: str):
+    fw = FastWeights(model, backend=backend)
+    try:
+        return fw.write_qa(tokenizer, PAIRS, recipe=RECIPES["paper"])
+    finally:
+        fw.detach()
+
+
+def _flops(model, tokenizer, backend: str) -> int:
+    with FlopCounterMode(display=False) as counter:
+        _write_once(model, tokenizer, backend)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "peft"])
+def test_write_32_pairs_paper_recipe(benchmark, smollm2, backend):
+    model, tokenizer = smollm2
+    benchmark.group = "write: 32 QA pairs, paper recipe (10 steps)"
+    losses = benchmark.pedantic(_write_once, args=(model, tokenizer, backend), rounds=3, warmup_rounds=1)
+    assert len(losses) == 10
+    RESULTS[backend] = benchmark.stats.stats.median
+    RESULTS[f"flops:{backend}"] = _flops(model, tokenizer, backend)
+    if "peft" in RESULTS:
+        peft = RESULTS["peft"]
+        for b in ("auto", "torch"):
+            if b in RESULTS:
+                print(
+                    f"\n[write] {b}: {RESULTS[b] * 1e3:.0f} ms, PEFT {peft * 1e3:.0f} ms -> {peft / RESULTS[b]:.2f}x faster;"
+                    f" FLOPs {RESULTS[f'flops:{b}'] / 1e9:.1f} G vs PEFT {RESULTS['flops:peft'] / 1e9:.1f} G"
+                    f" -> FLOP ratio {RESULTS['flops:peft'] / RESULTS[f'flops:{b}']:.2f}x"
+                )
+
+
+def test_hot_swap_vs_peft_hotswap(benchmark, smollm2):
+    """Swap one session's adapter state in: one copy into the flat buffer vs PEFT's hotswap."""
+    from peft.utils.hotswap import hotswap_adapter_from_state_dict
+
+    model, tokenizer = smollm2
+    fw = FastWeights(model, backend="torch")
+    fw.write_qa(tokenizer, PAIRS[:8], recipe=RECIPES["paper"].with_(epochs=1))
+    session = fw.state_dict()
+    ptr = fw.buffer.data_ptr()
+    benchmark.group = "hot swap of one session's adapter"
+    benchmark(fw.load_state_dict, session)
+    assert fw.buffer.data_ptr() == ptr
+    ours = benchmark.stats.stats.median
+    fw.detach()
+
+    ref = FastWeights(model, backend="peft")
+    peft_sd = {
+        f"base_model.model.model.{k.replace('lora_A', 'lora_A.weight').replace('lora_B', 'lora_B.weight')}": v
+        for k, v in session.items()
+    }
+    config = ref.peft_model.peft_config["default"]
+    times = []
+    for _ in range(20):
+        t = time.perf_counter()
+        hotswap_adapter_from_state_dict(ref.peft_model, peft_sd, adapter_name="default", config=config)
+        times.append(time.perf_counter() - t)
+    torch.testing.assert_close(ref.state_dict(), session)
+    ref.detach()
+    peft = sorted(times)[len(times) // 2]
+    print(
+        f"\n[hot swap] ours {ours * 1e6:.0f} us, PEFT hotswap_adapter_from_state_dict {peft * 1e6:.0f} us"
+        f" -> {peft / ours:.1f}x"
+    )

@@ -1,0 +1,86 @@
+"""FastWeights on the real embedded model (SmolLM2-135M-Instruct): parity with PEFT, exactness, recall."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tmem_runtime import FastWeights, Recipe, load_model
+from tmem_runtime.chat import ask
+from tmem_runtime.demo_facts import FACTS, recalled
+from tmem_runtime.examples import collate, qa_example
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+def _qa_batches(tokenizer, steps: int) -> list[dict[str, torch.Tensor]]:
+    examples = [qa_example(tokenizer, q, a) for q, a in FACTS]
+    halves = [collate(examples[:5], tokenizer.pad_token_id), collate(examples[5:], tokenizer.pad_token_id)]
+    return [halves[i % 2] for i in range(steps)]
+
+
+@pytest.mark.parametrize("optimizer,lr,rtol", [("sgd", 5e-3, 1e-5), ("adamw", 3e-3, 1e-4)])
+def test_fast_path_matches_peft_on_smollm2(smollm2, optimizer, lr, rtol):
+    model, tokenizer = smollm2
+    batches = _qa_batches(tokenizer, 10)
+    runs = {}
+    for backend in ("torch", "peft"):
+        fw = FastWeights(model, backend=backend)
+        runs[backend] = (fw.write(batches, lr=lr, optimizer=optimizer), fw.state_dict())
+        fw.detach()
+    (fast, fast_state), (ref, ref_state) = runs["torch"], runs["peft"]
+    assert len(fast) == 10 and fast[-1] < fast[0]
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(ref), rtol=rtol, atol=0)
+    for name in ref_state:
+        err = (fast_state[name] - ref_state[name]).norm() / ref_state[name].norm().clamp_min(1e-12)
+        assert err <= 10 * rtol, (name, float(err))
+
+
+def test_fresh_and_reset_adapter_give_bare_logits(smollm2):
+    model, tokenizer = smollm2
+    batch = collate([qa_example(tokenizer, q, a) for q, a in FACTS[:4]], tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        bare = model(**inputs).logits
+        fw = FastWeights(model)
+        assert torch.equal(model(**inputs).logits, bare)
+        fw.write_qa(tokenizer, FACTS[:4], recipe=Recipe(epochs=2))
+        assert not torch.equal(model(**inputs).logits, bare)
+        fw.reset()
+        assert torch.equal(model(**inputs).logits, bare)
+        fw.detach()
+        assert torch.equal(model(**inputs).logits, bare)
+
+
+def test_ten_facts_are_recalled_from_weights_and_gone_after_reset(smollm2):
+    model, tokenizer = smollm2
+    questions = [q for q, _ in FACTS]
+    fw = FastWeights(model)
+    try:
+        losses = fw.write_qa(tokenizer, FACTS, recipe="default")
+        assert losses[-1] < 0.2 * losses[0]
+        after = ask(model, tokenizer, questions)
+        fw.reset()
+        gone = ask(model, tokenizer, questions)
+    finally:
+        fw.detach()
+    n_after = sum(recalled(a, e) for a, (_, e) in zip(after, FACTS))
+    n_gone = sum(recalled(a, e) for a, (_, e) in zip(gone, FACTS))
+    assert n_after >= 8, after
+    assert n_gone <= 1, gone
+
+
+def test_empty_pair_list_is_zero_steps(smollm2):
+    model, tokenizer = smollm2
+    fw = FastWeights(model)
+    before = fw.state_dict()
+    assert fw.write_qa(tokenizer, []) == []
+    assert all(torch.equal(before[k], v) for k, v in fw.state_dict().items())
+    with pytest.raises(ValueError, match="empty question or answer"):
+        fw.write_qa(tokenizer, [("Who?", "  ")])
+    fw.detach()
