@@ -88,8 +88,9 @@ def test_write_32_pairs_paper_recipe(benchmark, smollm2, backend):
         peft = RESULTS["peft"]
         for b in ("auto", "torch"):
             if b in RESULTS:
+                ms = RESULTS[b] * 1e3
                 print(
-                    f"\n[write] {b}: {RESULTS[b] * 1e3:.0f} ms, PEFT {peft * 1e3:.0f} ms -> {peft / RESULTS[b]:.2f}x faster;"
+                    f"\n[write] {b}: {ms:.0f} ms, PEFT {peft * 1e3:.0f} ms -> {peft / RESULTS[b]:.2f}x faster;"
                     f" FLOPs {RESULTS[f'flops:{b}'] / 1e9:.1f} G vs PEFT {RESULTS['flops:peft'] / 1e9:.1f} G"
                     f" -> FLOP ratio {RESULTS['flops:peft'] / RESULTS[f'flops:{b}']:.2f}x"
                 )
