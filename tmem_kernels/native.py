@@ -8,7 +8,7 @@ around them, fused into single passes over memory (see `csrc/`):
   the SwiGLU backward and accumulates dB_gate, dB_up, s * dgate @ B_gate (and dA_down) on the fly.
 - `swiglu`, `swiglu_backward`: plain fused SwiGLU (sigmoid recomputed in backward).
 - `adamw_step_`: one pass over the flat buffer (the torch composition makes eight).
-- `sgd_step_`: one pass as well; see its docstring for which implementation the benchmark kept.
+- `sgd_step_`: native one pass with weight decay; without it torch's single `add_` (see its docstring).
 
 Every wrapper validates its tensors (float32, CPU, contiguous, shapes) before any kernel runs and
 raises ValueError/TypeError with the offending argument's name. Kernels run with
@@ -321,11 +321,19 @@ def lora_mlp(
 
 
 def sgd_step_(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float = 0.0) -> None:
-    """param -= lr * (grad + weight_decay * param), in place, in one pass. param, grad: same shape."""
+    """param -= lr * (grad + weight_decay * param), in place. param, grad: same shape.
+
+    With weight decay this is the native one-pass kernel (the torch composition makes two passes and a
+    temporary; native measured ~2x faster). Without weight decay the torch composition is already one
+    pass (`param.add_(grad, alpha=-lr)`) and the native kernel did not beat it at equal thread counts
+    (ratio ~0.93 single-threaded, benchmarks/RESULTS-native.md), so that case runs torch's `add_`.
+    """
     _check(param, "param")
     _check_same(param, "param", grad=grad)
-    _native.sgd_step(param.data_ptr(), grad.data_ptr(), param.numel(), float(lr), float(weight_decay),
-                     _threads())  # fmt: skip
+    if not weight_decay:
+        param.add_(grad, alpha=-lr)
+        return
+    _native.sgd_step(param.data_ptr(), grad.data_ptr(), param.numel(), float(lr), float(weight_decay), _threads())
 
 
 def adamw_step_(
