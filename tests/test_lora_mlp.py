@@ -196,24 +196,26 @@ def test_sgd_lr_bumps_version_counter():
 
 
 # ------------------------------------------------------------------------------------------------
-# bf16 (loose: the interpreter does not emulate bf16 tl.dot; operands are upcast to fp32 there)
+# bf16 / fp16 (loose: the interpreter does not emulate 16-bit tl.dot; operands are upcast there)
 # ------------------------------------------------------------------------------------------------
 
 BF16_TOL = 2e-2
 
 
-@pytest.mark.parametrize("r", [1, 6, 16])
-def test_bf16_forward_backward(r):
-    x, w = make(37, 40, 56, r, dtype=torch.bfloat16, seed=20 + r)
-    dy = torch.randn(37, 40, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+@pytest.mark.parametrize(
+    "r, dtype", [(1, torch.bfloat16), (6, torch.bfloat16), (16, torch.bfloat16), (6, torch.float16)]
+)
+def test_16bit_forward_backward(r, dtype):
+    x, w = make(37, 40, 56, r, dtype=dtype, seed=20 + r)
+    dy = torch.randn(37, 40, generator=torch.Generator().manual_seed(2)).to(dtype)
     y, got, _ = run_triton(x, w, dy, train_a=True, config=SMALL if r == 6 else None)
-    assert y.dtype == torch.bfloat16
+    assert y.dtype == dtype
     x64, w64, dy64 = x.double(), {k: v.double() for k, v in w.items()}, dy.double()
     exact = {"y": ref.lora_mlp(x64, **w64)} | reference_grads(x64, w64, dy64, train_a=True)
     torch_bf16 = {"y": ref.lora_mlp(x, **w)} | reference_grads(x, w, dy, train_a=True)
     got = {"y": y} | got
     for name, value in exact.items():
-        assert got[name].dtype == torch.bfloat16, name
+        assert got[name].dtype == dtype, name
         err, base = rel_err(got[name], value), rel_err(torch_bf16[name], value)
         assert err < BF16_TOL, (name, err)
         assert err < 2 * base + 4e-3, (name, err, base)  # no worse than the bf16 torch composition
@@ -327,13 +329,16 @@ from tmem_kernels import lora_mlp as L
 dtype = getattr(torch, sys.argv[1])
 tl_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 n, h, i, r = 4096, 2560, 9728, int(sys.argv[2])
-need_da = sys.argv[3] == "1"
+variant = {  # constexpr branches: the B-only write, train_a, and every flag flipped (inference-like)
+    "b_only": {"SAVE": True, "NEED_DB": True, "NEED_DA": False, "NEED_DX": True},
+    "train_a": {"SAVE": True, "NEED_DB": True, "NEED_DA": True, "NEED_DX": True},
+    "flipped": {"SAVE": False, "NEED_DB": False, "NEED_DA": True, "NEED_DX": False},
+}[sys.argv[3]]
 lc = L.launch_configs(n, h, i, r, dtype)
 fp32_args = {"dbg_ptr", "dbu_ptr", "dbd_ptr", "dad_ptr", "da_ptr", "w0_ptr", "w1_ptr", "w2_ptr"}
 kernels = {"fwd_gate_up": L._fwd_gate_up_kernel, "fwd_down": L._fwd_down_kernel, "bwd_dh": L._bwd_dh_kernel,
            "bwd_dx": L._bwd_dx_kernel, "sgd_apply": L._sgd_apply_kernel}
-flags = {"SAVE": True, "NEED_DB": True, "NEED_DA": need_da, "NEED_DX": True,
-         "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "INTERPRET": False}
+flags = dict(variant, INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", INTERPRET=False)
 try:  # ptxas -v: register spills and wgmma serialisation (Triton-version dependent: best effort)
     from triton.backends.nvidia.compiler import get_ptxas
     ptxas = get_ptxas(90).path
@@ -377,16 +382,16 @@ print(json.dumps(out))
 
 
 @pytest.mark.parametrize(
-    "dtype, r, need_da", [("bfloat16", 6, False), ("bfloat16", 16, True), ("float32", 16, True)]
+    "dtype, r, variant", [("bfloat16", 6, "b_only"), ("bfloat16", 16, "flipped"), ("float32", 16, "train_a")]
 )
-def test_gpu_compile(dtype, r, need_da):
+def test_gpu_compile(dtype, r, variant):
     """Compile every kernel (default tiles) for sm_90 without a GPU: shared memory fits an H100; for 16-bit
     also no register spills and no serialised wgmma (as reported by ptxas -v, when it can be found)."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, dtype, str(r), str(int(need_da))], env=env,
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, dtype, str(r), variant], env=env,
                           cwd=root, capture_output=True, text=True, timeout=900)  # fmt: skip
     if proc.returncode != 0 and "ptxas" in proc.stderr and "No such file" in proc.stderr:
         pytest.skip("no ptxas in this Triton install")

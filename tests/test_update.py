@@ -88,6 +88,17 @@ def test_adamw_default_hyperparameters_and_2d_buffer():
     assert rel_err(mine, spec) < 1e-6
 
 
+def test_adamw_integer_step_tensor():
+    """An int64 step tensor (not just torch's float32 `capturable` one) reads the same in the kernel."""
+    p0 = torch.randn(300, generator=torch.Generator().manual_seed(8))
+    mine, m, v = p0.clone(), torch.zeros(300), torch.zeros(300)
+    spec, ms, vs = p0.clone(), torch.zeros(300), torch.zeros(300)
+    for step, g in enumerate(grads(300, 3, seed=9), start=1):
+        adamw_step_(mine, g, m, v, torch.tensor([step], dtype=torch.int64), torch.tensor([1e-2]))
+        ref.adamw_step_(spec, g, ms, vs, step, 1e-2)
+    assert rel_err(mine, spec) < 3e-6
+
+
 def test_bf16_storage():
     n = 2049
     p0 = torch.randn(n, generator=torch.Generator().manual_seed(6))

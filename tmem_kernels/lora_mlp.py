@@ -251,6 +251,7 @@ def _bwd_dbd_rows(
             dbd_ptr + offs_k[None, :].to(tl.int64) * R + offs_r[:, None],
             scaling * part,
             mask=mask_r[:, None] & mask_k[None, :],
+            sem="relaxed",
         )
 
 
@@ -339,10 +340,10 @@ def _bwd_dh_kernel(
             db_mask = mask_r[:, None] & mask_n[None, :]
             xag_t = tl.load(xa_t, mask=xa_mask, other=0.0)
             dbg = _mma(xag_t, dgate, zero, INPUT_PRECISION, INTERPRET)
-            tl.atomic_add(dbg_ptr + db_off, scaling * dbg, mask=db_mask)
+            tl.atomic_add(dbg_ptr + db_off, scaling * dbg, mask=db_mask, sem="relaxed")
             xau_t = tl.load(xa_t + R, mask=xa_mask, other=0.0)
             dbu = _mma(xau_t, dup, zero, INPUT_PRECISION, INTERPRET)
-            tl.atomic_add(dbu_ptr + db_off, scaling * dbu, mask=db_mask)
+            tl.atomic_add(dbu_ptr + db_off, scaling * dbu, mask=db_mask, sem="relaxed")
         if NEED_DA:
             h = _cast(silu * up, dt, INTERPRET)
             dad = _mma(
@@ -356,6 +357,7 @@ def _bwd_dh_kernel(
                 dad_ptr + offs_r[:, None] * I_DIM + offs_n[None, :],
                 scaling * dad,
                 mask=mask_r[:, None] & mask_n[None, :],
+                sem="relaxed",
             )
 
 
@@ -445,6 +447,7 @@ def _bwd_dx_kernel(
             da_ptr + offs_r[:, None] * H + offs_n[None, :],
             scaling * da,
             mask=(offs_r[:, None] < 2 * R) & mask_n[None, :],
+            sem="relaxed",
         )
 
 
