@@ -648,7 +648,26 @@ def _check_inputs(x: torch.Tensor, w: dict[str, torch.Tensor]) -> tuple[int, int
 # ------------------------------------------------------------------------------------------------
 
 
-def _forward(x, wg, wu, wd, ag, bg, au, bu, ad, bd, scaling, save, cfg):
+Tensor = torch.Tensor
+
+
+def _forward(
+    x: Tensor,
+    wg: Tensor,
+    wu: Tensor,
+    wd: Tensor,
+    ag: Tensor,
+    bg: Tensor,
+    au: Tensor,
+    bu: Tensor,
+    ad: Tensor,
+    bd: Tensor,
+    scaling: float,
+    save: bool,
+    cfg: LoRAMLPConfig,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launch the two forward kernels: (y [N, H], gate, up [N, I], xa [N, 2r], ha [N, r]); the last four
+    are placeholders (not written) unless `save`."""
     n, h = x.shape
     i, r = wg.shape[0], ag.shape[0]
     lc = launch_configs(n, h, i, r, x.dtype, cfg)
@@ -676,9 +695,30 @@ def _forward(x, wg, wu, wd, ag, bg, au, bu, ad, bd, scaling, save, cfg):
     return y, gate, up, xa, ha
 
 
-def _backward(dy, x, wg, wu, wd, ag, bg, au, bu, ad, bd, gate, up, xa, ha, scaling, need_dx, need_db,
-              need_da, cfg):  # fmt: skip
-    """Returns (dx | None, [dB_gate, dB_up, dB_down] fp32 | None, [dA_gate, dA_up, dA_down] fp32 | None)."""
+def _backward(
+    dy: Tensor,
+    x: Tensor,
+    wg: Tensor,
+    wu: Tensor,
+    wd: Tensor,
+    ag: Tensor,
+    bg: Tensor,
+    au: Tensor,
+    bu: Tensor,
+    ad: Tensor,
+    bd: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    xa: Tensor,
+    ha: Tensor,
+    scaling: float,
+    need_dx: bool,
+    need_db: bool,
+    need_da: bool,
+    cfg: LoRAMLPConfig,
+) -> tuple[Tensor | None, list[Tensor] | None, list[Tensor] | None]:
+    """Launch the backward kernels: (dx | None, [dB_gate, dB_up, dB_down] | None, [dA_gate, dA_up, dA_down] |
+    None); the factor gradients are fp32 views into one zero-initialised workspace."""
     n, h = x.shape
     i, r = wg.shape[0], ag.shape[0]
     lc = launch_configs(n, h, i, r, x.dtype, cfg)
