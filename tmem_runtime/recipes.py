@@ -17,7 +17,7 @@ class Recipe:
     """How one write trains: `epochs` passes over the examples in batches of `batch_size`."""
 
     optimizer: str = "adamw"
-    lr: float = 1e-2
+    lr: float = 3e-3
     epochs: int = 10
     batch_size: int = 16
     weight_decay: float = 0.0
@@ -35,7 +35,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe(optimizer="sgd", lr=5e-4, epochs=5, batch_size=16),
-    "default": Recipe(optimizer="adamw", lr=1e-2, epochs=10, batch_size=16),
+    "default": Recipe(optimizer="adamw", lr=3e-3, epochs=10, batch_size=16),
 }
 
 
