@@ -2,14 +2,17 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py). Shapes are odd on purpose (N, H, I
 not multiples of any block; rank 1, 6, 16). fp32: tight, max error <= 2e-5 of the largest magnitude.
-bf16: the interpreter computes 16-bit tl.dot wrongly and truncates fp32 -> bf16, so under it the kernels
-upcast dot operands to fp32 and round to nearest even by hand; bf16 results are checked against a float64
-reference (2e-2 of the largest magnitude) and must be within 2x (+4e-3) of the bf16 torch composition's
-own error.
+bf16 and fp16 results are checked against a float64 reference (2e-2 of the largest magnitude) and must be
+within 2x (+4e-3) of the 16-bit torch composition's own error.
 
-`test_gpu_compile` compiles every kernel ahead of time for an H100 (sm_90) with Triton's own compiler
-and ptxas, in a subprocess without the interpreter: it fails if a launch config would not compile there
-or needs more shared memory than the card has.
+bf16/fp16: the interpreter computes 16-bit tl.dot wrongly and truncates fp32 -> bf16, so under it the
+kernels upcast dot operands to fp32 and round to nearest even by hand (fp16 is checked the same way).
+
+`test_launch_configs_follow_gpu_rules` checks every launch statically (every tl.dot dimension >= 16,
+power-of-2 blocks, rank padded). `test_gpu_compile` compiles every kernel ahead of time for an H100
+(sm_90, default tiles, Qwen3-4B shapes) with Triton's own compiler and ptxas, in a subprocess without the
+interpreter: it fails if a config would not compile there, needs more shared memory than the card has,
+or (16-bit) spills registers or serialises its wgmma instructions. Nothing here times the kernels on a GPU.
 """
 
 from __future__ import annotations
