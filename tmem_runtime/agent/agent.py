@@ -8,9 +8,9 @@ line, so they stay dated). The `none` channel never writes; at answer time its c
 model's window, keeping the most recent part.
 
 Answer prompts are one user turn: [explicit memory][working context] + [retrieved chunks] + LoCoMo's
-answer prompt around the question, identical for every channel; with nothing at all to read, the
-bare question (the chat layout the runtime trains flashcards in). The shared part is prefilled once
-and its KV cache reused for every question.
+answer prompt around the question, identical for every prompt-space channel. A channel that answers
+from its weights (tmem) gets the bare question, the chat layout the runtime trains flashcards in.
+The shared part is prefilled once and its KV cache reused for every question.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Trigger:
     memory_tokens: int
     event: WriteEvent = field(default_factory=WriteEvent)
     seconds: float = 0.0
+    reason: str = "budget"  # or "end": what was left in the context when reading finished
 
 
 def clean_answer(text: str) -> str:
@@ -91,10 +92,10 @@ class MemoryAgent:
         """Empty the working context (the next turn re-opens it under the current DATE line)."""
         self.lines, self.context_tokens = [], 0
 
-    def write_memory(self, on_trigger: Callable[[Trigger], None] | None = None) -> Trigger:
+    def write_memory(self, on_trigger: Callable[[Trigger], None] | None = None, reason: str = "budget") -> Trigger:
         """Memory-writing mode now: the channel writes the working context, then it is cleared."""
         t0 = time.perf_counter()
-        trigger = Trigger(len(self.triggers), self.session, self.context_tokens, self.memory_tokens)
+        trigger = Trigger(len(self.triggers), self.session, self.context_tokens, self.memory_tokens, reason=reason)
         trigger.event = self.channel.write(self.context, trigger.index)
         self.clear_context()
         self.memory_tokens = self.generator.count_tokens(self.channel.memory_text())
@@ -126,10 +127,16 @@ class MemoryAgent:
 
     def read(self, conversation: Conversation, on_trigger: Callable[[Trigger], None] | None = None,
              max_sessions: int | None = None) -> list[Trigger]:
-        """Read a conversation's sessions in order (the first `max_sessions` if given); returns the triggers."""
+        """Read a conversation's sessions in order (the first `max_sessions` if given), then `finish`."""
         for session in conversation.sessions[:max_sessions]:
             self.read_session(session, on_trigger)
+        self.finish(on_trigger)
         return self.triggers
+
+    def finish(self, on_trigger: Callable[[Trigger], None] | None = None) -> None:
+        """End of reading: a channel that answers from its weights writes what is left in the context."""
+        if self.channel.answers_from_weights and self.lines and self.lines != [self.header]:
+            self.write_memory(on_trigger, reason="end")
 
     def prompt_context(self) -> str:
         """The shared part of every answer prompt: explicit memory, then the working context (cut to fit)."""
@@ -145,7 +152,7 @@ class MemoryAgent:
 
         queries: what retrieval searches with, one per question (default: the questions themselves).
         """
-        shared = self.prompt_context()
+        shared = "" if self.channel.answers_from_weights else self.prompt_context()
         content = f"{shared}\n\n{_QUESTION_SLOT}" if shared else _QUESTION_SLOT
         prefix, suffix = self.generator.split_chat_prompt([{"role": "user", "content": content}], _QUESTION_SLOT)
         suffixes = []

@@ -8,13 +8,14 @@ against the budget: the summary) and `recall(question)` to each question's promp
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.retrieval import ChunkIndex
 from tmem_runtime.agent.summary import merge_summaries, write_summary
-from tmem_runtime.agent.write_formats import WRITE_FORMATS, WriteRecord, write_to_weights
+from tmem_runtime.agent.write_formats import WRITE_FORMATS, WriteRecord, fast_weights_off, write_to_weights
 
 CHANNELS = ("none", "summary", "retrieval", "tmem", "tmem+summary")
 
@@ -34,6 +35,7 @@ class MemoryChannel:
 
     name = "none"
     writes = False  # whether the budget triggers a write (and a context clear)
+    answers_from_weights = False  # True: final write at the end of reading, bare questions at answer time
 
     def reset(self) -> None:
         """Forget everything (episode boundary)."""
@@ -117,30 +119,45 @@ class RetrievalChannel(MemoryChannel):
 
 
 class FastWeightChannel(MemoryChannel):
-    """TMEM: each trigger trains the context (as `write_format`) into the fast weights."""
+    """TMEM: each trigger trains the context (as `write_format`) into the fast weights.
+
+    It answers from the weights alone: the end of the conversation is one more write, and questions
+    are asked bare, in the chat layout the flashcards were trained in (on SmolLM2-135M any context
+    in front of the question stops the adapter from recalling; benchmarks/RESULTS-agent.md).
+
+    replay: how many earlier items of this episode (a seeded sample) are trained again with each
+    write's new ones; 0 is the paper's protocol (only the new pairs). On SmolLM2-135M, 0 means each
+    write erases the previous ones (benchmarks/RESULTS-agent.md).
+    """
 
     name = "tmem"
     writes = True
+    answers_from_weights = True
 
-    def __init__(self, fast_weights, generator: Generator, write_format: str = "qa", recipe: str = "default",
+    def __init__(self, fast_weights, generator: Generator, write_format: str = "qa", recipe: str = "agent",
                  seed: int = 0, max_new_tokens: int = 192, writer: Callable[[str], str] | None = None,
-                 flashcard_mode: str = "per-turn"):
+                 flashcard_mode: str = "per-turn", replay: int = 32):
         if write_format not in WRITE_FORMATS:
             raise ValueError(f"write_format must be one of {WRITE_FORMATS}, got {write_format!r}")
         self.fast_weights, self.generator = fast_weights, generator
         self.write_format, self.recipe, self.seed, self.max_new_tokens = write_format, recipe, seed, max_new_tokens
         self.writer = writer  # None: the model writes its own flashcards
-        self.flashcard_mode = flashcard_mode
+        self.flashcard_mode, self.replay = flashcard_mode, replay
+        self.written: list = []  # every pair (qa) or text written this episode
 
     def reset(self) -> None:
         self.fast_weights.reset()
+        self.written = []
 
     def write(self, context: str, trigger: int) -> WriteEvent:
+        rng = random.Random(self.seed * 1000 + trigger)
+        replay = rng.sample(self.written, min(self.replay, len(self.written)))
         record = write_to_weights(
             self.fast_weights, self.generator, context, self.write_format, self.recipe,
             seed=self.seed + trigger, max_new_tokens=self.max_new_tokens, writer=self.writer,
-            flashcard_mode=self.flashcard_mode,
+            flashcard_mode=self.flashcard_mode, replay=replay,
         )
+        self.written += record.pairs if record.format == "qa" else record.texts
         return WriteEvent(weights=record)
 
 
@@ -162,7 +179,8 @@ class HybridChannel(MemoryChannel):
 
     def write(self, context: str, trigger: int) -> WriteEvent:
         event = self.weights.write(context, trigger)
-        event.summary = self.summary.write(context, trigger).summary
+        with fast_weights_off(self.weights.fast_weights):  # notes written by the base model, as in `summary`
+            event.summary = self.summary.write(context, trigger).summary
         return event
 
 
@@ -171,13 +189,14 @@ def make_channel(
     generator: Generator,
     fast_weights=None,
     write_format: str = "qa",
-    recipe: str = "default",
+    recipe: str = "agent",
     seed: int = 0,
     top_k: int = 5,
     summary_tokens: int = 512,
     device: str = "cpu",
     flashcard_tokens: int = 192,
     flashcard_mode: str = "per-turn",
+    replay: int = 32,
 ) -> MemoryChannel:
     """The channel called `name` (one of CHANNELS); tmem channels need `fast_weights` attached to the model."""
     if name not in CHANNELS:
@@ -191,7 +210,7 @@ def make_channel(
     if name == "retrieval":
         return RetrievalChannel(ChunkIndex(device), top_k)
     weights = FastWeightChannel(fast_weights, generator, write_format, recipe, seed, flashcard_tokens,
-                                flashcard_mode=flashcard_mode)
+                                flashcard_mode=flashcard_mode, replay=replay)
     if name == "tmem":
         return weights
     return HybridChannel(weights, SummaryChannel(generator, summary_tokens))

@@ -32,8 +32,9 @@ def demo_data_path() -> Path:
 
 def print_trigger(t: Trigger, l_max: int) -> None:
     w = t.event.weights
-    print(f"\n[write {t.index + 1}] during session {t.session}: context {t.context_tokens} tokens "
-          f"+ next turn would exceed l_max={l_max} -> memory-writing mode")
+    why = f"+ next turn would exceed l_max={l_max}" if t.reason == "budget" else "left at the end of reading"
+    print(f"\n[write {t.index + 1}] during session {t.session}: context {t.context_tokens} tokens {why} "
+          "-> memory-writing mode")
     if w is not None:
         if w.format == "qa":
             print(f"  flashcards written: {w.n_written}, dropped: {w.n_dropped} {dict(w.dropped) or ''}")
@@ -42,7 +43,8 @@ def print_trigger(t: Trigger, l_max: int) -> None:
         else:
             print(f"  {w.format}: {w.n_written} text(s) trained")
         if w.losses:
-            print(f"  write: {len(w.losses)} steps, loss {w.losses[0]:.3f} -> {w.losses[-1]:.3f} "
+            print(f"  write: {w.n_written} new + {w.replayed} replayed, {len(w.losses)} steps, "
+                  f"loss {w.losses[0]:.3f} -> {w.losses[-1]:.3f} "
                   f"(generate {w.generate_s:.1f}s, train {w.train_s:.1f}s)")
         else:
             print("  nothing valid to train on: zero steps")
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="a LoCoMo-format file (default: the shipped demo conversation)")
     p.add_argument("--l-max", type=int, default=150, help="working-context budget in tokens")
     p.add_argument("--write-format", choices=("qa", "summary", "ntp"), default="qa")
-    p.add_argument("--recipe", default="default")
+    p.add_argument("--recipe", default="agent", help='"agent" (AdamW 3e-3) or a runtime recipe name')
+    p.add_argument("--replay", type=int, default=32, help="earlier flashcards trained again per write (0: paper)")
     p.add_argument("--flashcard-tokens", type=int, default=160)
     p.add_argument("--flashcard-mode", choices=("per-turn", "array"), default="per-turn")
     p.add_argument("--answer-tokens", type=int, default=16)
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [question_prompt(q) for q in questions]
     print(f"tmem demo: {args.model}, conversation {conv.sample_id!r}: {len(conv.sessions)} sessions, "
           f"{gen.count_tokens(conv.render())} tokens; l_max={args.l_max}, write format {args.write_format}, "
-          f"flashcards {args.flashcard_mode}")
+          f"flashcards {args.flashcard_mode}, recipe {args.recipe}, replay {args.replay}")
 
     baselines = {}
     for name, window in (("none, same budget", args.l_max + 160), ("none, full context", None)):
@@ -86,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
 
     fw = FastWeights(model, rank=6, num_layers=4)
     channel = make_channel("tmem", gen, fw, args.write_format, args.recipe, flashcard_tokens=args.flashcard_tokens,
-                           flashcard_mode=args.flashcard_mode)
+                           flashcard_mode=args.flashcard_mode, replay=args.replay)
     agent = MemoryAgent(gen, channel, args.l_max, args.answer_tokens)
     print(f"\nreading {len(conv.sessions)} sessions turn by turn ...")
     agent.read(conv, on_trigger=lambda t: print_trigger(t, args.l_max))
-    print(f"\nend of conversation: {len(agent.triggers)} writes; working context now {agent.context_tokens} tokens "
-          f"(session {agent.session} only)")
+    print(f"\nend of conversation: {len(agent.triggers)} writes; working context now {agent.context_tokens} tokens; "
+          "tmem answers from its weights alone (bare questions)")
     answers = agent.answer(prompts)
 
     columns = {"tmem": answers, **baselines}

@@ -57,7 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--recipe", default="default", help="fast-weight write recipe (runtime name)")
+    p.add_argument("--recipe", default="agent",
+                   help='write recipe: "agent" (AdamW 3e-3, 10 epochs) or a runtime name ("default", "paper")')
+    p.add_argument("--replay", type=int, default=32,
+                   help="earlier items of the episode trained again with each write (0: the paper's protocol)")
     p.add_argument("--rank", type=int, default=6)
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--top-k", type=int, default=5, help="retrieved chunks per question")
@@ -101,12 +104,13 @@ def method_label(memory: str, write_format: str | None) -> str:
 
 def trigger_record(t: Trigger) -> dict:
     e, w = t.event, t.event.weights
-    rec = dict(index=t.index, session=t.session, context_tokens=t.context_tokens, memory_tokens=t.memory_tokens,
+    rec = dict(index=t.index, session=t.session, reason=t.reason, context_tokens=t.context_tokens,
+               memory_tokens=t.memory_tokens,
                seconds=round(t.seconds, 3), chunks_indexed=e.chunks_indexed, summary=e.summary)
     if w is not None:
         rec.update(format=w.format, written=w.n_written, dropped=w.n_dropped, drop_reasons=w.dropped,
                    pairs=w.pairs, raw=w.raw[:4000], losses=[round(x, 5) for x in w.losses],
-                   generate_s=round(w.generate_s, 3), train_s=round(w.train_s, 3))
+                   replayed=w.replayed, generate_s=round(w.generate_s, 3), train_s=round(w.train_s, 3))
     return rec
 
 
@@ -121,6 +125,7 @@ def run_conversation(agent: MemoryAgent, conv: Conversation, questions: list[QA]
         sessions = conv.sessions[: args.max_sessions]
         for s in tqdm(sessions, desc=f"{label} {conv.sample_id} reading", unit="session", leave=False):
             agent.read_session(s)
+        agent.finish()
         read_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         prompts = [question_prompt(q, args.seed) for q in questions]
@@ -180,7 +185,7 @@ def report_markdown(report: dict[str, dict], args: argparse.Namespace) -> str:
     cats = list(CATEGORY_NAMES)
     head = "| method | F1 1-4 | EM 1-4 | " + " | ".join(f"F1 c{c} {CATEGORY_NAMES[c]} (n)" for c in cats) + " |"
     lines = [f"model {args.model}, l_max {args.l_max}, recipe {args.recipe}, device {args.device}/{args.dtype}, "
-             f"flashcards {getattr(args, 'flashcard_mode', '-')}", "",
+             f"flashcards {getattr(args, 'flashcard_mode', '-')}, replay {getattr(args, 'replay', '-')}", "",
              head, "|" + "---|" * (3 + len(cats))]
     for label, e in report.items():
         cells = []
@@ -283,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 fast_weights = FastWeights(model, rank=args.rank, num_layers=args.num_layers, seed=args.seed)
             channel = make_channel(memory, generator, fast_weights, write_format or "qa", args.recipe, args.seed,
                                    args.top_k, args.summary_tokens, args.device, args.flashcard_tokens,
-                                   args.flashcard_mode)
+                                   args.flashcard_mode, args.replay)
             agent = MemoryAgent(generator, channel, args.l_max, args.answer_tokens)
             for conv in conversations:
                 questions = select_questions(conv, args.max_questions, args.max_sessions)

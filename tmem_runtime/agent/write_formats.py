@@ -7,7 +7,8 @@ same recipe; only the training material differs (the paper's write-format ablati
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from tmem_runtime.agent.flashcards import (
@@ -21,8 +22,17 @@ from tmem_runtime.agent.flashcards import (
 )
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.summary import write_summary
+from tmem_runtime.recipes import Recipe
 
 WRITE_FORMATS = ("qa", "summary", "ntp")
+# The agent's write recipe on small models: AdamW at lr 3e-3 (the runtime's "default" uses 1e-2, which
+# on SmolLM2-135M makes every answer the last write's; measured in benchmarks/RESULTS-agent.md).
+AGENT_RECIPE = Recipe(optimizer="adamw", lr=3e-3, epochs=10, batch_size=16)
+
+
+def resolve_recipe(name: str) -> str | Recipe:
+    """"agent" -> AGENT_RECIPE; any other name is passed to the runtime ("default", "paper")."""
+    return AGENT_RECIPE if name == "agent" else name
 
 
 @dataclass
@@ -35,6 +45,7 @@ class WriteRecord:
     texts: list[str] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    replayed: int = 0
     generate_s: float = 0.0
     train_s: float = 0.0
 
@@ -45,6 +56,17 @@ class WriteRecord:
     @property
     def n_dropped(self) -> int:
         return sum(self.dropped.values())
+
+
+@contextmanager
+def fast_weights_off(fast_weights) -> Iterator[None]:
+    """Run a block on the base model: snapshot the fast weights, reset them (B = 0), restore after."""
+    saved = fast_weights.state_dict()
+    fast_weights.reset()
+    try:
+        yield
+    finally:
+        fast_weights.load_state_dict(saved)
 
 
 def write_flashcards(
@@ -82,37 +104,48 @@ def write_to_weights(
     generator: Generator,
     context: str,
     write_format: str = "qa",
-    recipe: str = "default",
+    recipe: str | Recipe = "agent",
     seed: int = 0,
     max_new_tokens: int = 192,
     writer: Callable[[str], str] | None = None,
     flashcard_mode: str = "per-turn",
+    write_with_base: bool = True,
+    replay: Sequence = (),
 ) -> WriteRecord:
     """Turn `context` into training material of `write_format` and train it into `fast_weights`.
 
     `fast_weights`: a tmem_runtime FastWeights attached to generator.model. Zero valid items means
-    zero steps (losses == []). writer: see `write_flashcards` (qa only).
+    zero steps (losses == []). writer: see `write_flashcards` (qa only). write_with_base: the model
+    writes its flashcards/summary with the fast weights switched off (snapshot, reset, restore), so
+    earlier writes cannot degrade later memory writing; the writes still accumulate.
+    replay: earlier items of the same format (pairs for qa, texts otherwise) trained again with the
+    new ones; nothing new means no write at all, replay or not.
     """
     if write_format not in WRITE_FORMATS:
         raise ValueError(f"write_format must be one of {WRITE_FORMATS}, got {write_format!r}")
     record = WriteRecord(format=write_format)
     t0 = time.perf_counter()
-    if write_format == "qa":
-        record.raw, record.pairs, record.dropped = write_flashcards(
-            generator, context, max_new_tokens, writer, flashcard_mode
-        )
-    elif write_format == "summary":
-        record.raw = write_summary(generator, "", context, max_new_tokens)
-        record.texts = [record.raw] if record.raw else []
-    else:
+    with fast_weights_off(fast_weights) if write_with_base else nullcontext():
+        if write_format == "qa":
+            record.raw, record.pairs, record.dropped = write_flashcards(
+                generator, context, max_new_tokens, writer, flashcard_mode
+            )
+        elif write_format == "summary":
+            record.raw = write_summary(generator, "", context, max_new_tokens)
+            record.texts = [record.raw] if record.raw else []
+    if write_format == "ntp":
         record.raw = context
         record.texts = [context] if context.strip() else []
     record.generate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     tokenizer = generator.tokenizer
+    recipe = resolve_recipe(recipe) if isinstance(recipe, str) else recipe
     if record.pairs:
-        record.losses = fast_weights.write_qa(tokenizer, record.pairs, recipe=recipe, seed=seed, loss_on="answer")
+        pairs = record.pairs + list(replay)
+        record.losses = fast_weights.write_qa(tokenizer, pairs, recipe=recipe, seed=seed, loss_on="answer")
+        record.replayed = len(replay)
     elif record.texts:
-        record.losses = fast_weights.write_text(tokenizer, record.texts, recipe=recipe, seed=seed)
+        record.losses = fast_weights.write_text(tokenizer, record.texts + list(replay), recipe=recipe, seed=seed)
+        record.replayed = len(replay)
     record.train_s = time.perf_counter() - t0
     return record
