@@ -136,7 +136,8 @@ def test_early_fact_is_answered_from_the_fast_weights(generator, fast_weights):
     agent = MemoryAgent(generator, channel, l_max=60, answer_tokens=8)
     agent.read(_conversation())
     trained = [t for t in agent.triggers if t.event.weights.pairs]
-    assert len(trained) == 1 and trained[0].session == 1
+    assert len(trained) == 1 and trained[0].index == 0  # the first write: session 1, cleared before session 2
+    assert trained[0].event.weights.pairs == [(question, "Zorblat")]
     losses = trained[0].event.weights.losses
     assert losses and losses[-1] < losses[0]
     assert all(t.event.weights.losses == [] for t in agent.triggers if not t.event.weights.pairs)  # 0 pairs, 0 steps
