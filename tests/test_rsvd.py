@@ -175,15 +175,20 @@ def test_smollm2_accuracy_target(smollm2_mlp_weights):
     exact SVD, and A0 = S_6 V_6^T close to the exact one (flat spectra: sigma_7 / sigma_6 ~ 0.99)."""
     for name, w in smollm2_mlp_weights.items():
         assert w.shape[0] == (8 if name == "gate_up" else 4)
-        _, s0, vh0 = reference.svd_top_r(w, 6)  # torch.linalg.svd in float32, as the issue measures
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # multithreaded LAPACK SVD crawls on a shared 2-core box (10x+)
+        try:
+            _, s0, vh0 = reference.svd_top_r(w, 6)  # torch.linalg.svd in float32, as the issue measures
+        finally:
+            torch.set_num_threads(threads)
         s0, vh0 = s0.double(), vh0.double()
         for seed in (0, 1):
             _, s, vh = randomized_svd_top_r(w, 6, seed=seed)
-            assert _rel_err(s, s0) < 1e-4, name  # target 1e-3; defaults give ~1e-6
+            assert _rel_err(s, s0) < 1e-4, name  # target 1e-3; defaults give ~1e-6 (fp32 exact's own error)
             a0 = s.double().unsqueeze(-1) * vh.double()
             a0_ref = s0.unsqueeze(-1) * vh0
             a0 = a0 * torch.sign((a0 * a0_ref).sum(-1, keepdim=True))
             rel = (a0 - a0_ref).norm(dim=(-2, -1)) / a0_ref.norm(dim=(-2, -1))
-            assert rel.max().item() < 1e-2, name  # defaults give ~1e-3 (v_6 / v_7 nearly tie)
+            assert rel.max().item() < 2e-3, name  # defaults give ~2e-4 (v_6 / v_7 nearly tie)
             cos = torch.linalg.svdvals(vh.double() @ vh0.mT)  # top-6 subspace: principal angles
             assert cos.min().item() > 1 - 1e-4, name
