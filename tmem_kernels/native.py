@@ -10,6 +10,9 @@ around them, fused into single passes over memory (see `csrc/`):
 - `adamw_step_`: one pass over the flat buffer (the torch composition makes eight).
 - `sgd_step_`: native one pass with weight decay; without it torch's single `add_` (see its docstring).
 
+Each piece is kept native only where it beat the torch composition in `benchmarks/test_bench_native.py`
+(figures in benchmarks/RESULTS-native.md): all of the above do, except SGD without weight decay.
+
 Every wrapper validates its tensors (float32, CPU, contiguous, shapes) before any kernel runs and
 raises ValueError/TypeError with the offending argument's name. Kernels run with
 `torch.get_num_threads()` OpenMP threads.
