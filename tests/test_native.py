@@ -21,8 +21,9 @@ from tmem_kernels import native
 from tmem_kernels import reference as ref
 from tmem_kernels.ops import get_ops
 
-# (N, H, I, r). I=520 spans three 256-column chunks with a ragged tail; 200 x 1400 is large enough
-# for the fused kernels to use two threads.
+# (N, H, I, r). The fused kernels cut I into 128-column chunks (64 for the generic rank path) and
+# rows into 8-lane vectors: I=520 and 1400 span several chunks, 45/33/70/300/19 end in a partial
+# vector; 200 x 1400 is large enough for two threads; r=5, 20, 64 take the generic (runtime-rank) path.
 SHAPES = [
     (37, 29, 45, 6),
     (5, 17, 33, 1),
@@ -31,6 +32,7 @@ SHAPES = [
     (13, 24, 300, 5),
     (3, 11, 19, 20),
     (200, 64, 1400, 6),
+    (4, 12, 40, 64),
 ]
 SHAPE_IDS = [f"N{n}-H{h}-I{i}-r{r}" for n, h, i, r in SHAPES]
 
