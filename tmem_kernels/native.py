@@ -14,8 +14,10 @@ Each piece is kept native only where it beat the torch composition in `benchmark
 (figures in benchmarks/RESULTS-native.md): all of the above do, except SGD without weight decay.
 
 Every wrapper validates its tensors (float32, CPU, contiguous, shapes) before any kernel runs and
-raises ValueError/TypeError with the offending argument's name. Kernels run with
-`torch.get_num_threads()` OpenMP threads.
+raises ValueError/TypeError with the offending argument's name. Kernels run on at most
+`torch.get_num_threads()` OpenMP threads (torch's own libgomp once torch is imported), and on one
+thread for small buffers (under 2^20 elements for the elementwise and optimizer kernels, 2^18 for the
+fused LoRA kernels): an adapter-sized step is cheaper than waking a second core.
 """
 
 from __future__ import annotations
