@@ -10,7 +10,11 @@ Algorithm: randomized block Krylov (block Lanczos with full reorthogonalisation)
     X_j = A^T A Q_j,  Q_{j+1} = orth(X_j - Q Q^T X_j)    j = 0 .. n_iter-1   (projection done twice)
     X_q = A^T A Q_q                                      (one more application, for the last block)
     T = Q^T X = Q^T A^T A Q   [(q+1)b, (q+1)b],  T = Y Theta Y^T      Rayleigh-Ritz (small eigh)
-    V = Q Y_r,  A V = U_c S V_c^T (small core SVD, [m, r]),  V <- V V_c
+    V = Q Y_r (top-r Ritz vectors),  S = ||A v_i||,  U = A V / S
+
+No core SVD is needed after Rayleigh-Ritz: the Ritz vectors are A^T A-orthogonal (V^T A^T A V =
+Theta), so A V / S is already orthonormal. (Internally the basis is stored as rows, [L, k, n], so
+every product has its long side last; MKL runs [*, k]-wide right-hand sides several times slower.)
 
 The Krylov space holds every power iterate A^T A, (A^T A)^2, ... of the sketch, not only the last one,
 so the Ritz values converge with the square root of the spectral gap where plain subspace (power)
@@ -29,7 +33,8 @@ G = A^T A [n, n] formed once (`gram=True`); `gram=None` picks the cheaper one by
 Precision: float32 throughout (float64 for float64 input) whatever the weight dtype, so bf16 / fp16
 weights are up-cast once. Determinism: Omega (and any fallback perturbation) comes from a CPU
 `torch.Generator` seeded with `seed`, then moves to w's device, so a seed gives the same sketch on
-CPU and CUDA; singular-vector signs are canonicalised (largest-|.| entry of each Vh row positive).
+CPU and CUDA; signs are canonicalised (the largest-|.| entry of each singular vector on the
+min(M, K) side positive: Vh's rows when M >= K, U's columns otherwise).
 
 No Triton here, on purpose: every step is a batched GEMM (cuBLAS / MKL already run those at peak) or a
 tiny batched factorisation ([b, b] Cholesky, [kdim, kdim] eigh). A fused Gram + Cholesky kernel would
@@ -205,7 +210,9 @@ def randomized_svd_top_r(
     # Ritz vectors are A^T A-orthogonal (V^T A^T A V = Theta), so U = A V / S is orthonormal as is:
     # no core SVD needed; S = ||A v_i|| (= sqrt(theta_i), computed without squaring).
     ut = vt @ a.mT  # (A V)^T [L, r, m]
-    s = torch.linalg.vector_norm(ut, dim=-1)
+    s, order = torch.linalg.vector_norm(ut, dim=-1).sort(dim=-1, descending=True)  # ties: rounding only
+    vt = vt.gather(-2, order.unsqueeze(-1).expand_as(vt))
+    ut = ut.gather(-2, order.unsqueeze(-1).expand_as(ut))
     ut = ut / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
     # Canonical signs: the largest-|.| entry of each right (n-side) vector positive.
     idx = vt.abs().argmax(dim=-1, keepdim=True)
