@@ -9,6 +9,17 @@ from tmem_kernels import reference
 from tmem_kernels.rsvd import randomized_svd_lora_init, randomized_svd_top_r
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These problems are tiny products and factorisations: a second OpenMP thread buys nothing, and on
+    a loaded 2-core box every parallel region waits for a descheduled thread (measured: 4 s instead of
+    14 ms for one [131, 97] case). Accuracy does not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _orth(n: int, k: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64)).Q.to(dtype)
 
@@ -175,12 +186,7 @@ def test_smollm2_accuracy_target(smollm2_mlp_weights):
     exact SVD, and A0 = S_6 V_6^T close to the exact one (flat spectra: sigma_7 / sigma_6 ~ 0.99)."""
     for name, w in smollm2_mlp_weights.items():
         assert w.shape[0] == (8 if name == "gate_up" else 4)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # multithreaded LAPACK SVD crawls on a shared 2-core box (10x+)
-        try:
-            _, s0, vh0 = reference.svd_top_r(w, 6)  # torch.linalg.svd in float32, as the issue measures
-        finally:
-            torch.set_num_threads(threads)
+        _, s0, vh0 = reference.svd_top_r(w, 6)  # torch.linalg.svd in float32, as the issue measures
         s0, vh0 = s0.double(), vh0.double()
         for seed in (0, 1):
             _, s, vh = randomized_svd_top_r(w, 6, seed=seed)
