@@ -66,6 +66,8 @@ def run_write(model, backend, batches, **kw):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("optimizer,lr,rtol", [("sgd", 0.5, 1e-5), ("adamw", 1e-2, 1e-4)])
 def test_losses_and_final_b_match_peft(tiny, backend, optimizer, lr, rtol):
+    if backend == "triton" and (optimizer != "sgd" or tiny.config.model_type != "llama"):
+        pytest.skip("Triton runs under the interpreter on CPU: one model x optimizer keeps the suite fast")
     batches = [make_batch(0), make_batch(1)] * 6  # 12 steps, trunk cached per batch object
     fast, fast_state = run_write(tiny, backend, batches, lr=lr, optimizer=optimizer)
     ref, ref_state = run_write(tiny, "peft", batches, lr=lr, optimizer=optimizer)

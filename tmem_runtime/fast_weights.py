@@ -79,7 +79,7 @@ class FastWeights:
         num_layers: int = 4,
         init: str = "svd",
         backend: str = "auto",
-        svd: str = "exact",
+        svd: str = "randomized",
         scaling: float = 1.0,
         seed: int = 0,
     ) -> None:
