@@ -122,3 +122,14 @@ def test_replies_parsed_one_by_one_so_an_unclosed_card_cannot_swallow_the_next()
     r = parse_flashcards(replies)
     assert r.pairs == [("What is Leo's hobby?", "pottery"), ("What is Leo's band?", "the Blue Foxes")]
     assert r.dropped == {"duplicate": 1}
+
+
+def test_ungrounded_answers_are_dropped_when_the_context_is_given():
+    ctx = "DATE: 1 May\nAna: I moved to Denver last Friday. My parrot Kiwi came too."
+    cards = json.dumps([{"instruction": "Where did Ana move?", "output": "Denver"},
+                        {"instruction": "Where is Ana flying?", "output": "Lisbon"},  # copied from an example
+                        {"instruction": "What is the parrot called?", "output": "kiwi!"}])
+    r = parse_flashcards(cards, context=ctx)
+    assert r.pairs == [("Where did Ana move?", "Denver"), ("What is the parrot called?", "kiwi!")]
+    assert r.dropped == {"ungrounded": 1}
+    assert len(parse_flashcards(cards).pairs) == 3  # no context, no grounding check

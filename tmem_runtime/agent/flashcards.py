@@ -228,16 +228,32 @@ def _candidates(text: str, result: ParseResult) -> list[tuple[object, object]]:
     return candidates or _line_pairs(text)
 
 
+_STOPWORDS = frozenset(
+    "a an the and or of to in on at for with is are was were be been it its this that i you he she we they my your "
+    "his her our their me him us them what who when where which how why do does did not no yes".split()
+)
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOPWORDS}
+
+
 def parse_flashcards(
-    text: str | list[str], max_answer_words: int = MAX_ANSWER_WORDS, max_question_words: int = MAX_QUESTION_WORDS
+    text: str | list[str],
+    max_answer_words: int = MAX_ANSWER_WORDS,
+    max_question_words: int = MAX_QUESTION_WORDS,
+    context: str | None = None,
 ) -> ParseResult:
     """Salvage every valid (question, answer) pair from model output; never raises.
 
     text: one reply, or a list of replies parsed one by one (per-turn cards: a card left unclosed
     cannot swallow the next one), deduplicated together.
+    context: the text the cards were written from; if given, a card whose answer shares no content
+    word with it is dropped as "ungrounded" (e.g. "Lisbon" copied from a worked example).
     Drop reasons: unparseable, missing_key, not_text, empty, too_long, echo (answer repeats the
-    question, or a worked example is copied), duplicate.
+    question, or a worked example is copied), ungrounded, duplicate.
     """
+    grounding = _content_words(context) if context is not None else None
     result = ParseResult()
     replies = text if isinstance(text, list) else [text]
     candidates = [c for r in replies if isinstance(r, str) and r.strip() for c in _candidates(r, result)]
@@ -258,6 +274,9 @@ def parse_flashcards(
             continue
         if _norm_key(a) == _norm_key(q) or _norm_key(q) in example_questions:
             result.dropped["echo"] += 1
+            continue
+        if grounding is not None and not (_content_words(a) & grounding):
+            result.dropped["ungrounded"] += 1
             continue
         key = _norm_key(q)
         if key in seen:

@@ -95,7 +95,7 @@ def write_flashcards(
         cards = generator.generate(prompts, min(max_new_tokens, 48), batch_size=16)
         replies = [TURN_PREFILL + c.split("\n")[0] for c in cards]
         raw = "\n".join(replies)
-    parsed = parse_flashcards(replies if writer is None and mode == "per-turn" else raw)
+    parsed = parse_flashcards(replies if writer is None and mode == "per-turn" else raw, context=context)
     return raw, parsed.pairs, dict(parsed.dropped)
 
 
