@@ -11,4 +11,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the suite is many small ops, and on a shared 2-core box OpenMP
+# oversubscription makes them 10-40x slower (measured); one thread is fast and deterministic.
+torch.set_num_threads(1)
