@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tmem_kernels.ops import available
 from tmem_runtime import FastWeights, Recipe, load_model
 from tmem_runtime.chat import ask
 from tmem_runtime.demo_facts import FACTS, recalled
@@ -24,16 +25,17 @@ def _qa_batches(tokenizer, steps: int) -> list[dict[str, torch.Tensor]]:
     return [halves[i % 2] for i in range(steps)]
 
 
+@pytest.mark.parametrize("backend", [b for b in ("torch", "native") if available(b)])
 @pytest.mark.parametrize("optimizer,lr,rtol", [("sgd", 5e-3, 1e-5), ("adamw", 3e-3, 1e-4)])
-def test_fast_path_matches_peft_on_smollm2(smollm2, optimizer, lr, rtol):
+def test_fast_path_matches_peft_on_smollm2(smollm2, backend, optimizer, lr, rtol):
     model, tokenizer = smollm2
     batches = _qa_batches(tokenizer, 10)
     runs = {}
-    for backend in ("torch", "peft"):
-        fw = FastWeights(model, backend=backend)
-        runs[backend] = (fw.write(batches, lr=lr, optimizer=optimizer), fw.state_dict())
+    for name in (backend, "peft"):
+        fw = FastWeights(model, backend=name)
+        runs[name] = (fw.write(batches, lr=lr, optimizer=optimizer), fw.state_dict())
         fw.detach()
-    (fast, fast_state), (ref, ref_state) = runs["torch"], runs["peft"]
+    (fast, fast_state), (ref, ref_state) = runs[backend], runs["peft"]
     assert len(fast) == 10 and fast[-1] < fast[0]
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(ref), rtol=rtol, atol=0)
     for name in ref_state:

@@ -163,6 +163,7 @@ class FastWeights:
             lay.a_view(self.buffer, i).copy_(a)
             lay.b_view(self.buffer, i).copy_(b)
         self._init_state = self.buffer.clone()
+        self._identity = self.init != "pissa"  # B = 0 and W untouched: the adapter changes nothing
         self._originals: list[torch.Tensor] = []
         if self.init == "pissa":
             with torch.no_grad():
@@ -196,6 +197,10 @@ class FastWeights:
         self._views = views
 
     def _mlp_forward(self, k: int, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self._identity and not torch.is_grad_enabled():
+            # B = 0 and the base weights untouched: the adapter is the identity, so inference runs the
+            # model's own MLP and matches the bare model bit for bit, whatever the kernel backend.
+            return type(mlp).forward(mlp, x)
         a_g, b_g, a_u, b_u, a_d, b_d = self._views[k]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -235,6 +240,7 @@ class FastWeights:
         """Back to the fresh attach state (B = 0 for svd/random init), optimizer state cleared."""
         with torch.no_grad():
             self.buffer.copy_(self._init_state)
+            self._identity = self.init != "pissa"
             self.exp_avg.zero_()
             self.exp_avg_sq.zero_()
 
@@ -262,6 +268,10 @@ class FastWeights:
         with torch.no_grad():
             for name, dst in targets.items():
                 dst.copy_(state[name])
+        self._identity = self._is_initial_state()
+
+    def _is_initial_state(self) -> bool:
+        return self.init != "pissa" and bool(torch.equal(self.buffer, self._init_state))
 
     def metadata(self) -> dict[str, str]:
         """What identifies this adapter: format, model, rank, layers, targets, init, shapes."""
@@ -423,6 +433,7 @@ class FastWeights:
     def _rollback(self) -> None:
         with torch.no_grad():
             self.buffer.copy_(self._last_good)
+        self._identity = self._is_initial_state()
 
     def _finite(self) -> bool:
         return bool(torch.isfinite(self.buffer).all())
@@ -442,7 +453,8 @@ class FastWeights:
         losses: list[float] = []
         for step, loss_fn in enumerate(steps, start=1):
             self._zero_grad()
-            loss = loss_fn()
+            with torch.enable_grad():  # a write works even when called under torch.no_grad()
+                loss = loss_fn()
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise NonFiniteLossError(
@@ -450,6 +462,7 @@ class FastWeights:
                 )
             loss.backward()
             self._snapshot()
+            self._identity = False
             self._update(recipe, step)
             if not self._finite():
                 self._rollback()

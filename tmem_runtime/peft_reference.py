@@ -125,5 +125,8 @@ class PeftFastWeights(FastWeights):
             for name, dst in self._current_tensors().items():
                 dst.copy_(self._last_good_state[name])
 
+    def _is_initial_state(self) -> bool:
+        return False  # PEFT's own LoRA layers run the forward; no identity shortcut here
+
     def _finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self._params())
