@@ -21,6 +21,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from tmem_runtime import FastWeights, load_model
 from tmem_runtime.recipes import RECIPES
 
+if os.environ.get("TMEM_BENCH_THREADS"):  # 1 on a shared 2-core box: no cross-thread waits
+    torch.set_num_threads(int(os.environ["TMEM_BENCH_THREADS"]))
+
 RESULTS: dict[str, float] = {}
 NAMES = ["Ada", "Bruno", "Chiara", "Dmitri", "Esme", "Farid", "Greta", "Hugo"]
 ATTRIBUTES = [
