@@ -115,10 +115,11 @@ def test_hot_swap_vs_peft_hotswap(benchmark, smollm2):
     fw.detach()
 
     ref = FastWeights(model, backend="peft")
-    peft_sd = {
-        f"base_model.model.model.{k.replace('lora_A', 'lora_A.weight').replace('lora_B', 'lora_B.weight')}": v
-        for k, v in session.items()
-    }
+    adapter_keys = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"}
+    peft_sd = {}
+    for key, value in session.items():
+        stem, kind = key.rsplit(".", 1)
+        peft_sd[f"base_model.model.model.{stem}.{adapter_keys[kind]}"] = value
     config = ref.peft_model.peft_config["default"]
     times = []
     for _ in range(20):
