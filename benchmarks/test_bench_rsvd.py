@@ -11,7 +11,7 @@ Real SmolLM2-135M-Instruct weights, all 12 targeted matrices (gate/up of the las
 
 The summary test prints each method's median time, its speed-up over exact and the max relative error
 of the top-6 singular values. Qwen3-4B shapes ([4, 9728, 2560], random weights) are timed too (exact
-SVD there only with TMEM_BENCH_QWEN_EXACT=1: minutes on 2 cores). Figures: benchmarks/RESULTS-rsvd.md.
+SVD there only with TMEM_BENCH_QWEN_EXACT=1: minutes on 2 cores). Figures: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

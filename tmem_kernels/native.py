@@ -11,7 +11,7 @@ around them, fused into single passes over memory (see `csrc/`):
 - `sgd_step_`: native one pass with weight decay; without it torch's single `add_` (see its docstring).
 
 Each piece is kept native only where it beat the torch composition in `benchmarks/test_bench_native.py`
-(figures in benchmarks/RESULTS-native.md): all of the above do, except SGD without weight decay.
+(figures in benchmarks/RESULTS.md): all of the above do, except SGD without weight decay.
 
 Every wrapper validates its tensors (float32, CPU, contiguous, shapes) before any kernel runs and
 raises ValueError/TypeError with the offending argument's name. Kernels run on at most
@@ -331,7 +331,7 @@ def sgd_step_(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: 
     With weight decay this is the native one-pass kernel (the torch composition makes two passes and a
     temporary; native measured ~2x faster). Without weight decay the torch composition is already one
     pass (`param.add_(grad, alpha=-lr)`) and the native kernel did not beat it at equal thread counts
-    (ratio ~0.93 single-threaded, benchmarks/RESULTS-native.md), so that case runs torch's `add_`.
+    (ratio ~0.93 single-threaded, benchmarks/RESULTS.md), so that case runs torch's `add_`.
     """
     _check(param, "param")
     _check_same(param, "param", grad=grad)

@@ -47,7 +47,7 @@ import torch
 
 __all__ = ["randomized_svd_top_r", "randomized_svd_lora_init"]
 
-# Defaults chosen on the real SmolLM2-135M weights (last 4 MLPs; see benchmarks/RESULTS-rsvd.md):
+# Defaults chosen on the real SmolLM2-135M weights (last 4 MLPs; see benchmarks/RESULTS.md):
 # block b = r + 4 = 10 rows, 16 Krylov steps (Krylov dim 170) -> max relative error of the top-6
 # singular values ~6e-7 over seeds (target 1e-3; the float32 exact SVD itself is ~1e-6 off float64),
 # A0 within ~1.5e-4 (relative Frobenius, up to signs) of the float64 exact A0. 14 steps: 1e-6 / 1e-3;

@@ -123,11 +123,11 @@ class FastWeightChannel(MemoryChannel):
 
     It answers from the weights alone: the end of the conversation is one more write, and questions
     are asked bare, in the chat layout the flashcards were trained in (on SmolLM2-135M any context
-    in front of the question stops the adapter from recalling; benchmarks/RESULTS-agent.md).
+    in front of the question stops the adapter from recalling; benchmarks/RESULTS.md).
 
     replay: how many earlier items of this episode (a seeded sample) are trained again with each
     write's new ones; 0 is the paper's protocol (only the new pairs). On SmolLM2-135M, 0 means each
-    write erases the previous ones (benchmarks/RESULTS-agent.md).
+    write erases the previous ones (benchmarks/RESULTS.md).
     """
 
     name = "tmem"

@@ -26,7 +26,7 @@ from tmem_runtime.recipes import Recipe
 
 WRITE_FORMATS = ("qa", "summary", "ntp")
 # The agent's write recipe on small models: AdamW at lr 3e-3 (the runtime's "default" uses 1e-2, which
-# on SmolLM2-135M makes every answer the last write's; measured in benchmarks/RESULTS-agent.md).
+# on SmolLM2-135M makes every answer the last write's; measured in benchmarks/RESULTS.md).
 AGENT_RECIPE = Recipe(optimizer="adamw", lr=3e-3, epochs=10, batch_size=16)
 
 
