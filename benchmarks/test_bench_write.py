@@ -99,6 +99,34 @@ def test_write_32_pairs_paper_recipe(benchmark, smollm2, backend):
                 )
 
 
+def _mm_gflops(tokens: int, hidden: int, inter: int, rounds: int = 20) -> float:
+    """torch.mm throughput (GFLOP/s) at the write's MLP shape [tokens, hidden] x [hidden, inter]."""
+    x, w = torch.randn(tokens, hidden), torch.randn(hidden, inter)
+    torch.mm(x, w)
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        torch.mm(x, w)
+        times.append(time.perf_counter() - t)
+    return 2 * tokens * hidden * inter / sorted(times)[len(times) // 2] / 1e9
+
+
+def test_write_share_of_matmul_throughput(smollm2):
+    """The whole write's FLOP rate as a share of torch.mm's fp32 rate at its shapes, in one run."""
+    model, tokenizer = smollm2
+    flops = RESULTS.get("flops:auto") or _flops(model, tokenizer, "auto")
+    t = time.perf_counter()
+    _write_once(model, tokenizer, "auto")
+    write_rate = flops / (time.perf_counter() - t) / 1e9
+    cfg = model.config
+    mm_rate = _mm_gflops(16 * 48, cfg.hidden_size, cfg.intermediate_size)
+    print(
+        f"\n[write share] write {write_rate:.1f} GFLOP/s, torch.mm {mm_rate:.1f} GFLOP/s "
+        f"-> {100 * write_rate / mm_rate:.0f}% of the fp32 matrix-product rate"
+    )
+    assert write_rate > 0
+
+
 def test_hot_swap_vs_peft_hotswap(benchmark, smollm2):
     """Swap one session's adapter state in: one copy into the flat buffer vs PEFT's hotswap."""
     from peft.utils.hotswap import hotswap_adapter_from_state_dict
