@@ -24,11 +24,10 @@ def supports_piecewise(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in PIECEWISE_MODEL_TYPES:
         return False
-    if (
-        getattr(config, "use_sliding_window", False)
-        or getattr(config, "sliding_window", None)
-        and any(t != "full_attention" for t in (getattr(config, "layer_types", None) or []))
-    ):
+    # Sliding-window layers need a banded mask this module does not build. (Mistral's plain
+    # `sliding_window` only differs beyond the window, far longer than any write's examples.)
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
         return False
     inner = getattr(model, "model", None)
     return all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "norm", "layers")) and hasattr(
