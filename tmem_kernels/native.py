@@ -117,6 +117,23 @@ def _check_rank(r: int) -> None:
         raise ValueError(f"LoRA rank must be in [1, {MAX_RANK}] for the native backend, got {r}")
 
 
+def _check_lora_swiglu(
+    gu: torch.Tensor, xa: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor, a_down: torch.Tensor
+) -> tuple[int, int, int]:
+    """Validate the arguments the fused forward and backward share; returns (N, I, r)."""
+    _check(gu, "gu")
+    if gu.dim() != 3 or gu.shape[0] != 2:
+        raise ValueError(f"gu must have shape [2, N, I], got {tuple(gu.shape)}")
+    _, n, i = gu.shape
+    r = b_gate.shape[-1] if b_gate.dim() == 2 else -1
+    _check_rank(r)
+    _check(xa, "xa", (n, 2 * r))
+    _check(b_gate, "b_gate", (i, r))
+    _check(b_up, "b_up", (i, r))
+    _check(a_down, "a_down", (r, i))
+    return n, i, r
+
+
 def lora_swiglu_forward(
     gu: torch.Tensor,
     xa: torch.Tensor,
@@ -131,22 +148,18 @@ def lora_swiglu_forward(
     a_down [r, I]. Returns h = silu(gu[0] + s xa_g B_gate^T) * (gu[1] + s xa_u B_up^T) [N, I] and
     ha = h @ a_down.T [N, r].
     """
-    _check(gu, "gu")
-    if gu.dim() != 3 or gu.shape[0] != 2:
-        raise ValueError(f"gu must have shape [2, N, I], got {tuple(gu.shape)}")
+    _check_lora_swiglu(gu, xa, b_gate, b_up, a_down)
+    return _lora_swiglu_fwd(gu, xa, b_gate.T.contiguous(), b_up.T.contiguous(), a_down, float(scaling))
+
+
+def _lora_swiglu_fwd(gu, xa, bg_t, bu_t, a_down, s):  # noqa: ANN001
+    """The kernel call behind `lora_swiglu_forward`, on already-validated tensors (bg_t = B_gate.T)."""
     _, n, i = gu.shape
-    r = b_gate.shape[-1] if b_gate.dim() == 2 else -1
-    _check_rank(r)
-    _check(xa, "xa", (n, 2 * r))
-    _check(b_gate, "b_gate", (i, r))
-    _check(b_up, "b_up", (i, r))
-    _check(a_down, "a_down", (r, i))
-    bg_t, bu_t = b_gate.T.contiguous(), b_up.T.contiguous()
-    h = gu.new_empty(n, i)
-    ha = gu.new_empty(n, r)
+    r = bg_t.shape[0]
+    h, ha = gu.new_empty(n, i), gu.new_empty(n, r)
     _native.lora_swiglu_fwd(
         gu.data_ptr(), xa.data_ptr(), bg_t.data_ptr(), bu_t.data_ptr(), a_down.data_ptr(),
-        h.data_ptr(), ha.data_ptr(), n, i, r, float(scaling), _threads(),
+        h.data_ptr(), ha.data_ptr(), n, i, r, s, _threads(),
     )  # fmt: skip
     return h, ha
 
@@ -170,16 +183,7 @@ def lora_swiglu_backward(
     where dh = dh_base + dha @ a_down, dgu = SwiGLU backward of dh, dB_* = s * dgu[.].T @ xa_*,
     dxa = s * [dgu[0] @ B_gate, dgu[1] @ B_up] and dA_down = dha.T @ h.
     """
-    _check(gu, "gu")
-    if gu.dim() != 3 or gu.shape[0] != 2:
-        raise ValueError(f"gu must have shape [2, N, I], got {tuple(gu.shape)}")
-    _, n, i = gu.shape
-    r = b_gate.shape[-1] if b_gate.dim() == 2 else -1
-    _check_rank(r)
-    _check(xa, "xa", (n, 2 * r))
-    _check(b_gate, "b_gate", (i, r))
-    _check(b_up, "b_up", (i, r))
-    _check(a_down, "a_down", (r, i))
+    n, i, r = _check_lora_swiglu(gu, xa, b_gate, b_up, a_down)
     _check(dh_base, "dh_base", (n, i))
     _check(dha, "dha", (n, r))
     return _lora_swiglu_bwd(gu, xa, b_gate.T.contiguous(), b_up.T.contiguous(), a_down, dh_base, dha,
@@ -213,18 +217,14 @@ class _LoRAMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling):  # noqa: ANN001
-        n, i, r = x.shape[0], w_gate.shape[0], a_gate.shape[0]
+        n, i = x.shape[0], w_gate.shape[0]
         a_gu = torch.cat([a_gate, a_up])  # [2r, H]: one shrink product for gate and up
         xa = torch.mm(x, a_gu.T)  # [N, 2r]
         gu = x.new_empty(2, n, i)
         torch.mm(x, w_gate.T, out=gu[0])
         torch.mm(x, w_up.T, out=gu[1])
         bg_t, bu_t = b_gate.T.contiguous(), b_up.T.contiguous()
-        h, ha = x.new_empty(n, i), x.new_empty(n, r)
-        _native.lora_swiglu_fwd(
-            gu.data_ptr(), xa.data_ptr(), bg_t.data_ptr(), bu_t.data_ptr(), a_down.data_ptr(),
-            h.data_ptr(), ha.data_ptr(), n, i, r, scaling, _threads(),
-        )  # fmt: skip
+        h, ha = _lora_swiglu_fwd(gu, xa, bg_t, bu_t, a_down, scaling)
         y = torch.mm(h, w_down.T)
         y.addmm_(ha, b_down.T, alpha=scaling)  # the down LoRA expand, on the base product's output
         ctx.scaling = scaling
