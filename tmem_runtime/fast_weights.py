@@ -399,8 +399,11 @@ class FastWeights:
     def _pool_loss(self, pool: object, rows: torch.Tensor) -> torch.Tensor:
         if isinstance(pool, TrunkCache):
             return adapted_loss(self._decoder, self.first_layer, pool, rows.to(self.device))
-        batch = {k: v[rows] for k, v in pool.items()}  # generic path: a full forward
-        return self.model(**batch).loss
+        return self._full_forward_loss({k: v[rows] for k, v in pool.items()})
+
+    def _full_forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The generic path: the model's own forward and HF loss on a [B, T] batch."""
+        return self.model(**{k: v.to(self.device) for k, v in batch.items()}).loss
 
     def _trainable(self) -> tuple[torch.Tensor, ...]:
         nb = self.layout.b_numel

@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
 from tmem_runtime.examples import Example, collate
-from tmem_runtime.fast_weights import FastWeights, _check_batch
+from tmem_runtime.fast_weights import FastWeights
 from tmem_runtime.models import MLP_TARGETS
 from tmem_runtime.recipes import Recipe
 
@@ -34,7 +34,8 @@ class PeftFastWeights(FastWeights):
             layers_to_transform=layers,
             init_lora_weights=False,
         )
-        self.peft_model = get_peft_model(self.model, config)
+        self.peft_model = get_peft_model(self.model, config)  # injects LoRA into self.model in place
+        self._decoder = None  # every step is the model's full forward
         self._modules = {}
         for _, mlp in self.mlps:
             for t in MLP_TARGETS:
@@ -83,18 +84,11 @@ class PeftFastWeights(FastWeights):
     def _encode_examples(self, examples: Sequence[Example], pad_id: int) -> object:
         return list(examples), pad_id
 
-    def _encode_batch(self, batch: dict[str, torch.Tensor]) -> object:
-        ids, mask, labels = _check_batch(batch)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
     def _pool_loss(self, pool: object, rows: torch.Tensor) -> torch.Tensor:
-        if isinstance(pool, tuple):
+        if isinstance(pool, tuple):  # examples padded per batch, as a plain HF training loop would
             examples, pad_id = pool
-            batch = collate([examples[int(r)] for r in rows], pad_id)
-        else:
-            batch = {k: v[rows] for k, v in pool.items()}
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        return self.peft_model(**batch).loss
+            return self._full_forward_loss(collate([examples[int(r)] for r in rows], pad_id))
+        return super()._pool_loss(pool, rows)
 
     def _params(self) -> list[torch.nn.Parameter]:
         names = ("lora_B", "lora_A") if self.train_a else ("lora_B",)
