@@ -207,6 +207,16 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}" if isinstance(x, float) else str(x)
 
 
+def _save(fig, path: Path) -> Path:  # noqa: ANN001
+    """Lay out, write as PNG and close one figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(runs: list[dict], report: dict[str, dict], out: Path) -> list[Path]:
     """f1_by_category.png, write_loss.png, memory.png under `out`."""
     import matplotlib
@@ -227,10 +237,7 @@ def plot(runs: list[dict], report: dict[str, dict], out: Path) -> list[Path]:
     ax.set_xlabel("LoCoMo category")
     ax.set_ylabel("F1 (x100)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "f1_by_category.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "f1_by_category.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in runs:
@@ -243,10 +250,7 @@ def plot(runs: list[dict], report: dict[str, dict], out: Path) -> list[Path]:
     ax.set_ylabel("loss")
     if ax.lines:
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    paths.append(out / "write_loss.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "write_loss.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in runs:
@@ -256,10 +260,7 @@ def plot(runs: list[dict], report: dict[str, dict], out: Path) -> list[Path]:
     ax.set_xlabel("seconds into the episode")
     ax.set_ylabel("process RSS (MB)")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    paths.append(out / "memory.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "memory.png"))
     return paths
 
 
