@@ -124,17 +124,25 @@ def adamw_step_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    step: int,
+    step: int | torch.Tensor,
     lr: float,
     beta1: float = 0.9,
     beta2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.01,
 ) -> None:
-    """One AdamW step in place, as torch.optim.AdamW computes it. `step` counts from 1 (this step)."""
+    """One AdamW step in place, as torch.optim.AdamW computes it. `step` counts from 1 (this step).
+
+    `step` may be a 0-d tensor on param's device (read there, no host sync; as torch's capturable AdamW).
+    """
     param.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if isinstance(step, torch.Tensor):
+        neg_step_size = -lr / (1 - beta1**step)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**step).sqrt()).add_(eps).div_(neg_step_size)
+        param.addcdiv_(exp_avg, denom)
+        return
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1

@@ -32,7 +32,14 @@ from tmem_runtime.examples import Example, collate, qa_example, text_examples, w
 from tmem_runtime.layout import AdapterLayout, AdapterSlot
 from tmem_runtime.models import MLP_TARGETS, target_mlps
 from tmem_runtime.recipes import OPTIMIZERS, Recipe, get_recipe
-from tmem_runtime.write import IGNORE_INDEX, TrunkCache, adapted_loss, encode_trunk, right_padded_lengths
+from tmem_runtime.write import (
+    IGNORE_INDEX,
+    TrunkCache,
+    adapted_loss,
+    encode_trunk,
+    plan_steps,
+    right_padded_lengths,
+)
 
 INITS = ("svd", "random", "pissa")
 SVD_METHODS = ("randomized", "exact")
@@ -63,6 +70,7 @@ class FastWeights:
     init: "svd" (TMEM: A = S_r V_r^T frozen, B = 0), "random" (Kaiming A, B = 0) or "pissa"
     (A = sqrt(S_r) V_r^T, B = U_r sqrt(S_r), base weight replaced by the residual, restored exactly).
     backend: "auto" | "triton" | "native" | "torch" | "peft" (reference). svd: "randomized" | "exact".
+    cuda_graphs: on a CUDA device, replay each write's steps as CUDA graphs (fast path only).
     """
 
     def __new__(cls, model: nn.Module, *args, backend: str = "auto", **kwargs):
@@ -82,6 +90,7 @@ class FastWeights:
         svd: str = "randomized",
         scaling: float = 1.0,
         seed: int = 0,
+        cuda_graphs: bool = True,
     ) -> None:
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -98,6 +107,7 @@ class FastWeights:
             scaling,
             seed,
         )
+        self.cuda_graphs = cuda_graphs
         self.mlps = target_mlps(model, num_layers)
         self.first_layer = self.mlps[0][0]
         slots = [
@@ -324,17 +334,14 @@ class FastWeights:
         -100 where ignored). A batch object seen twice (epochs) reuses its trunk pass.
         `on_step(step, n_steps_or_None, loss)` is called after every step (progress bars).
         """
-        pools: dict[int, tuple[object, torch.Tensor]] = {}
-
-        def step_for(batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
-            key = id(batch)
-            if key not in pools:
-                pools[key] = (self._encode_batch(batch), torch.arange(batch["input_ids"].shape[0]))
-            pool, rows = pools[key]
-            return partial(self._pool_loss, pool, rows)
-
+        pools: dict[int, object] = {}
+        steps = []
+        for batch in batches:
+            if id(batch) not in pools:
+                pools[id(batch)] = self._encode_batch(batch)
+            steps.append((pools[id(batch)], list(range(batch["input_ids"].shape[0]))))
         recipe = Recipe(optimizer=optimizer, lr=lr, weight_decay=weight_decay)
-        return self._optimize((step_for(b) for b in batches), recipe, train_a, on_step)
+        return self._optimize(steps, recipe, train_a, on_step)
 
     def write_qa(
         self,
@@ -381,25 +388,34 @@ class FastWeights:
         if not schedule:
             return []
         pool = self._encode_examples(examples, pad_id)
-        steps = (partial(self._pool_loss, pool, torch.tensor(rows)) for rows in schedule)
-        return self._optimize(steps, recipe, train_a, on_step, len(schedule))
+        return self._optimize([(pool, rows) for rows in schedule], recipe, train_a, on_step)
 
     # --- what differs between the fast path and the PEFT reference
     def _encode_examples(self, examples: Sequence[Example], pad_id: int) -> object:
         return self._encode_batch(collate(examples, pad_id))
 
     def _encode_batch(self, batch: dict[str, torch.Tensor]) -> object:
-        ids, mask, labels = _check_batch(batch)
+        ids, mask, labels = (t.cpu() for t in _check_batch(batch))
         lengths = right_padded_lengths(mask)
         if self._decoder is None or lengths is None:
-            return {k: v.to(self.device) for k, v in (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
-        ids, lengths, labels = ids.to(self.device), lengths.to(self.device), labels.to(self.device)
-        return encode_trunk(self._decoder, self.first_layer, ids, lengths, labels)
+            return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return encode_trunk(self._decoder, self.first_layer, ids, lengths, labels, self.device)
 
-    def _pool_loss(self, pool: object, rows: torch.Tensor) -> torch.Tensor:
+    def _plan(self, steps: Sequence[tuple[object, Sequence[int]]], fixed_shapes: bool) -> list[object]:
+        """What each step reads, prepared before the first step: a StepBatch on the fast path."""
+        plans: dict[int, list] = {}
+        for pool in {id(pool): pool for pool, _ in steps}.values():
+            schedule = [rows for p, rows in steps if p is pool]
+            if isinstance(pool, TrunkCache):
+                plans[id(pool)] = plan_steps(pool, schedule, self.device, fixed_shapes)
+            else:
+                plans[id(pool)] = [torch.tensor(rows) for rows in schedule]
+        return [plans[id(pool)].pop(0) for pool, _ in steps]
+
+    def _step_loss(self, pool: object, plan: object) -> torch.Tensor:
         if isinstance(pool, TrunkCache):
-            return adapted_loss(self._decoder, self.first_layer, pool, rows.to(self.device))
-        return self._full_forward_loss({k: v[rows] for k, v in pool.items()})
+            return adapted_loss(self._decoder, self.first_layer, pool, plan)
+        return self._full_forward_loss({k: v[plan] for k, v in pool.items()})
 
     def _full_forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The generic path: the model's own forward and HF loss on a [B, T] batch."""
@@ -441,40 +457,83 @@ class FastWeights:
     def _finite(self) -> bool:
         return bool(torch.isfinite(self.buffer).all())
 
+    def _uses_cuda_graphs(self, steps: Sequence[tuple[object, Sequence[int]]]) -> bool:
+        return (
+            self.cuda_graphs
+            and self.device.type == "cuda"
+            and self.backend in ("triton", "torch")
+            and all(isinstance(pool, TrunkCache) for pool, _ in steps)
+        )
+
+    def _train_step(self, pool: object, plan: object, recipe: Recipe, step: int | torch.Tensor) -> torch.Tensor:
+        """Zero grad, loss, backward, update: one step; returns the loss (before the update) on the device."""
+        self._zero_grad()
+        with torch.enable_grad():  # a write works even when called under torch.no_grad()
+            loss = self._step_loss(pool, plan)
+        loss.backward()
+        self._update(recipe, step)
+        return loss.detach()
+
+    def _counted_step(self, pool: object, plan: object, recipe: Recipe, step: torch.Tensor) -> torch.Tensor:
+        step.add_(1)
+        return self._train_step(pool, plan, recipe, step)
+
+    def _run_steps(
+        self,
+        steps: Sequence[tuple[object, Sequence[int]]],
+        recipe: Recipe,
+        on_step: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Every step of a write -> their losses [n_steps] on the device.
+
+        No host sync inside the loop (unless `on_step` asks for each loss); on CUDA the steps replay
+        CUDA graphs (see `cuda_graphs.GraphedSteps`).
+        """
+        graphed = self._uses_cuda_graphs(steps)
+        plans = self._plan(steps, fixed_shapes=graphed)
+        if graphed:
+            from tmem_runtime.cuda_graphs import GraphedSteps
+
+            step_t = torch.zeros((), dtype=torch.float32, device=self.device)  # counted inside the graph
+            graphs = {
+                id(pool): GraphedSteps(partial(self._counted_step, pool, recipe=recipe, step=step_t))
+                for pool, _ in steps
+            }
+        losses = []
+        self._identity = False
+        for k, ((pool, _), plan) in enumerate(zip(steps, plans), start=1):
+            if graphed:
+                loss = graphs[id(pool)](plan.signature, plan)
+            else:
+                loss = self._train_step(pool, plan, recipe, k)
+            losses.append(loss)
+            if on_step is not None:
+                on_step(k, len(steps), float(loss))
+        return torch.stack(losses)
+
     def _optimize(
         self,
-        steps: Iterable[Callable[[], torch.Tensor]],
+        steps: Sequence[tuple[object, Sequence[int]]],
         recipe: Recipe,
         train_a: bool,
         on_step: StepCallback | None = None,
-        n_steps: int | None = None,
     ) -> list[float]:
-        """Run the steps: loss, backward, update; a non-finite loss or update rolls back and raises."""
+        """Run a write's steps (pool, rows); a non-finite loss or update rolls the whole write back and raises."""
         if recipe.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {recipe.optimizer!r}")
+        if not steps:
+            return []
         self._begin_write(recipe, train_a)
-        losses: list[float] = []
-        for step, loss_fn in enumerate(steps, start=1):
-            self._zero_grad()
-            with torch.enable_grad():  # a write works even when called under torch.no_grad()
-                loss = loss_fn()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"write step {step} produced loss {value}; the adapter keeps its state from step {step - 1}"
-                )
-            loss.backward()
-            self._snapshot()
-            self._identity = False
-            self._update(recipe, step)
-            if not self._finite():
-                self._rollback()
-                raise NonFiniteLossError(
-                    f"write step {step} produced a non-finite update (loss {value:.4g}); rolled back to step {step - 1}"
-                )
-            losses.append(value)
-            if on_step is not None:
-                on_step(step, n_steps, value)
+        self._snapshot()
+        losses = self._run_steps(steps, recipe, on_step).tolist()  # the write's one host sync
+        bad = next((k for k, v in enumerate(losses, start=1) if not math.isfinite(v)), None)
+        if bad is not None or not self._finite():
+            self._rollback()
+            what = f"loss {losses[bad - 1]}" if bad is not None else "a non-finite update"
+            raise NonFiniteLossError(
+                f"write step {bad or len(losses)} produced {what}; the adapter was rolled back to its state "
+                "before this write"
+            )
         return losses
 
 

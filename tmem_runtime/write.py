@@ -10,6 +10,7 @@ The backward stops at the first adapted layer because the cached trunk output ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,10 @@ class TrunkCache:
     """Trunk outputs (hidden states entering the first adapted layer) of N right-padded examples.
 
     prefix_hidden [1, P, H] (None when P == 0): the shared prefix, computed once.
-    hidden [N, S, H]: each example's tokens after the prefix, right padded; lengths [N] real tokens.
-    labels [N, P + S]: unshifted labels of the whole sequence, IGNORE_INDEX on padding.
+    hidden [N, S, H]: each example's tokens after the prefix, right padded.
+    lengths [N] (CPU): real tokens after the prefix. labels [N, P + S] (CPU): unshifted labels of the
+    whole sequence, IGNORE_INDEX on padding. Both stay on the host: steps are planned from them
+    without reading the device.
     """
 
     prefix_hidden: torch.Tensor | None
@@ -41,6 +44,42 @@ class TrunkCache:
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
+
+
+@dataclass
+class StepBatch:
+    """What one write step reads from a TrunkCache, planned on the host so the step never syncs.
+
+    rows [b]: cache rows. width: suffix tokens the step runs (<= the cache's S). lengths [b]: real
+    suffix tokens per row, None when no row is padded within `width` and there is no prefix (plain
+    causal attention). loss_index [K]: flat positions in [b, P + width] whose next token is a target;
+    targets [K]: those tokens, IGNORE_INDEX on padding slots. All on the compute device.
+    """
+
+    rows: torch.Tensor
+    width: int
+    lengths: torch.Tensor | None
+    loss_index: torch.Tensor
+    targets: torch.Tensor
+
+    @property
+    def signature(self) -> tuple[int, int, bool, int]:
+        """Steps with equal signatures run the same kernels on same-shaped tensors (one CUDA graph)."""
+        return (self.rows.shape[0], self.width, self.lengths is None, self.targets.shape[0])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.rows, self.lengths, self.loss_index, self.targets) if t is not None]
+
+    def clone(self) -> StepBatch:
+        lengths = None if self.lengths is None else self.lengths.clone()
+        return StepBatch(self.rows.clone(), self.width, lengths, self.loss_index.clone(), self.targets.clone())
+
+    def copy_(self, other: StepBatch) -> None:
+        """Copy `other`'s tensors into this batch's (same signature), device to device."""
+        if other.signature != self.signature:
+            raise ValueError(f"step batch signature {other.signature} != {self.signature}")
+        for dst, src in zip(self.tensors(), other.tensors()):
+            dst.copy_(src, non_blocking=True)
 
 
 def right_padded_lengths(attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -71,14 +110,20 @@ def encode_trunk(
     input_ids: torch.Tensor,
     lengths: torch.Tensor,
     labels: torch.Tensor,
+    device: torch.device,
     rows_per_chunk: int = 16,
 ) -> TrunkCache:
-    """Run the frozen layers [0, first_adapted) once. input_ids/labels [N, T] right padded, lengths [N]."""
+    """Run the frozen layers [0, first_adapted) once on `device`.
+
+    input_ids/labels [N, T] right padded, lengths [N]: host (CPU) tensors.
+    """
+    input_ids, lengths, labels = input_ids.cpu(), lengths.cpu(), labels.cpu()
     p = shared_prefix_len(input_ids, lengths)
     prefix_hidden, prefix_kv = None, None
     if p:
         prefix_kv = PrefixKV()
-        prefix_hidden = decoder.run_layers(decoder.embed(input_ids[:1, :p]), 0, first_adapted, prefix=prefix_kv)
+        prefix_ids = input_ids[:1, :p].to(device)
+        prefix_hidden = decoder.run_layers(decoder.embed(prefix_ids), 0, first_adapted, prefix=prefix_kv)
         prefix_kv.recording = False
     suffix_lengths = lengths - p
     s = int(suffix_lengths.max())
@@ -88,38 +133,89 @@ def encode_trunk(
         hi = min(n, lo + rows_per_chunk)
         chunk_len = suffix_lengths[lo:hi]
         width = int(chunk_len.max())
-        ids = input_ids[lo:hi, p : p + width]
-        padded = None if bool((chunk_len == width).all()) else chunk_len
+        ids = input_ids[lo:hi, p : p + width].to(device)
+        padded = None if bool((chunk_len == width).all()) else chunk_len.to(device)
         h = decoder.run_layers(decoder.embed(ids), 0, first_adapted, lengths=padded, prefix=prefix_kv)
         if hidden is None:
             hidden = h.new_zeros(n, s, h.shape[-1])
         hidden[lo:hi, :width] = h
     labels = labels[:, : p + s].clone()
-    valid = torch.arange(p + s, device=labels.device)[None] < lengths[:, None]
+    valid = torch.arange(p + s)[None] < lengths[:, None]
     labels[~valid] = IGNORE_INDEX
     return TrunkCache(prefix_hidden, hidden, suffix_lengths, labels)
 
 
-def adapted_loss(decoder: Decoder, first_adapted: int, cache: TrunkCache, rows: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of cache rows `rows` [b] through layers [first_adapted, L).
+def plan_step(
+    cache: TrunkCache,
+    rows: Sequence[int] | torch.Tensor,
+    device: torch.device,
+    width: int | None = None,
+    num_targets: int | None = None,
+) -> StepBatch:
+    """The StepBatch of cache rows `rows`, from the cache's host-side lengths and labels.
 
-    Logits are computed only at positions whose (shifted) label is not IGNORE_INDEX.
+    By default the step runs exactly the tokens those rows need. `width` (>= their longest row) and
+    `num_targets` (>= their target count) fix the shapes instead, so that every step of a write can
+    replay one CUDA graph; padding targets are IGNORE_INDEX and change no loss.
     """
+    rows = torch.as_tensor(rows, dtype=torch.long).cpu()
     lengths = cache.lengths[rows]
-    s = int(lengths.max())
+    longest = int(lengths.max())
+    width = longest if width is None else width
+    if width < longest:
+        raise ValueError(f"width {width} is shorter than the longest row ({longest} tokens)")
     p = cache.prefix_len
-    hidden = cache.hidden[rows, :s]
+    targets = cache.labels[rows, 1 : p + width]  # position t predicts token t + 1
+    row_idx, pos_idx = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    loss_index, picked = row_idx * (p + width) + pos_idx, targets[row_idx, pos_idx]
+    if num_targets is not None:
+        if num_targets < len(picked):
+            raise ValueError(f"num_targets {num_targets} < the {len(picked)} targets of these rows")
+        pad = num_targets - len(picked)
+        loss_index = torch.cat([loss_index, loss_index.new_zeros(pad)])
+        picked = torch.cat([picked, picked.new_full((pad,), IGNORE_INDEX)])
+    padded = num_targets is not None or not bool((lengths == width).all())
+    return StepBatch(
+        rows.to(device),
+        width,
+        lengths.to(device) if padded else None,
+        loss_index.to(device),
+        picked.to(device),
+    )
+
+
+def plan_steps(
+    cache: TrunkCache, schedule: Sequence[Sequence[int]], device: torch.device, fixed_shapes: bool = False
+) -> list[StepBatch]:
+    """One StepBatch per entry of `schedule` (cache rows per step).
+
+    fixed_shapes: every step runs the cache's full width with the schedule's largest target count,
+    so steps differ at most in their row count (for CUDA graphs).
+    """
+    if not fixed_shapes:
+        return [plan_step(cache, rows, device) for rows in schedule]
+    width = cache.hidden.shape[1]
+    counts = [int((cache.labels[list(rows), 1:] != IGNORE_INDEX).sum()) for rows in schedule]
+    return [plan_step(cache, rows, device, width, max(counts)) for rows in schedule]
+
+
+def adapted_loss(decoder: Decoder, first_adapted: int, cache: TrunkCache, batch: StepBatch) -> torch.Tensor:
+    """Mean next-token cross-entropy of one planned step through layers [first_adapted, L).
+
+    Logits are computed only at the step's target positions. Reads no device value on the host.
+    """
+    p, width = cache.prefix_len, batch.width
+    hidden = cache.hidden[:, :width].index_select(0, batch.rows)
     prefix_kv = None
     parts = []
     if p:
         prefix_kv = PrefixKV()
         ph = decoder.run_layers(cache.prefix_hidden, first_adapted, len(decoder.layers), prefix=prefix_kv)
         prefix_kv.recording = False
-        parts.append(ph.expand(len(rows), -1, -1))
-    padded = None if bool((lengths == s).all()) else lengths
-    parts.append(decoder.run_layers(hidden, first_adapted, len(decoder.layers), lengths=padded, prefix=prefix_kv))
-    full = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [b, P+S, H]
-    targets = cache.labels[rows, 1 : p + s]  # position t predicts token t+1
-    row_idx, pos_idx = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    logits = decoder.logits(full[row_idx, pos_idx])
-    return F.cross_entropy(logits, targets[row_idx, pos_idx])
+        parts.append(ph.expand(hidden.shape[0], -1, -1))
+    parts.append(
+        decoder.run_layers(hidden, first_adapted, len(decoder.layers), lengths=batch.lengths, prefix=prefix_kv)
+    )
+    full = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [b, P+width, H]
+    picked = full.reshape(-1, full.shape[-1]).index_select(0, batch.loss_index)
+    return F.cross_entropy(decoder.logits(picked), batch.targets, ignore_index=IGNORE_INDEX)

@@ -1,0 +1,51 @@
+"""Replay a write's training steps as CUDA graphs: one capture per step shape, then replays.
+
+A write is a few identical steps (zero grad, adapted forward, backward, optimizer update) on
+different rows. Each step is hundreds of small kernel launches, so on a GPU the launches, not the
+arithmetic, can bound it. `GraphedSteps` runs the first step of each shape eagerly on a side stream
+(a real step, which also warms up autograd, the allocator and Triton's JIT), captures the next one,
+and replays that graph for every later step of the shape with the step's inputs copied into the
+graph's static `StepBatch`. Nothing in a replayed step reads the device from the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+import torch
+
+from tmem_runtime.write import StepBatch
+
+StepFn = Callable[[StepBatch], torch.Tensor]
+
+
+class GraphedSteps:
+    """step_fn(batch) -> loss [] runs one whole training step; calls with a key replay its graph.
+
+    Steps that share a key must have the same StepBatch signature and read the same cached tensors
+    (the graph bakes in their addresses). Returns each step's loss as a fresh device tensor.
+    """
+
+    def __init__(self, step_fn: StepFn) -> None:
+        self.step_fn = step_fn
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, StepBatch, torch.Tensor]] = {}
+
+    def __call__(self, key: Hashable, batch: StepBatch) -> torch.Tensor:
+        entry = self.graphs.get(key)
+        if entry is not None:
+            graph, static, loss = entry
+            static.copy_(batch)
+            graph.replay()
+            return loss.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            loss = self.step_fn(batch).clone()
+        torch.cuda.current_stream().wait_stream(side)
+        static = batch.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):  # records, runs nothing: the step above was the real one
+            static_loss = self.step_fn(static)
+        self.graphs[key] = (graph, static, static_loss)
+        return loss
