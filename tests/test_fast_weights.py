@@ -77,6 +77,21 @@ def test_losses_and_final_b_match_peft(tiny, backend, optimizer, lr, rtol):
     assert_matrices_close(fast_state, ref_state, rtol * 10)
 
 
+@pytest.mark.skipif(not available("triton"), reason="Triton is not installed")
+def test_triton_sgd_write_steps_b_inside_the_backward(tiny):
+    """Plain SGD on the Triton backend: the backward kernel applies B -= lr * dB, so the gradient
+    buffer is never written (no dB materialised) while B moves (its parity with PEFT is tested above)."""
+    if tiny.config.model_type != "llama":
+        pytest.skip("Triton runs under the interpreter on CPU: one model keeps the suite fast")
+    fw = FastWeights(tiny, backend="triton")
+    fw.write([make_batch(0), make_batch(1)] * 2, lr=0.5, optimizer="sgd")
+    assert torch.count_nonzero(fw.grad) == 0
+    assert torch.count_nonzero(fw.buffer[: fw.layout.b_numel]) > 0
+    fw.write([make_batch(0)], lr=0.5, optimizer="sgd", weight_decay=0.1)  # weight decay: the fused update
+    assert torch.count_nonzero(fw.grad) > 0
+    fw.detach()
+
+
 def test_train_a_matches_peft(tiny):
     batches = [make_batch(2)] * 10
     fast, fast_state = run_write(tiny, "torch", batches, lr=1e-2, optimizer="adamw", train_a=True)

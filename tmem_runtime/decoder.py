@@ -89,8 +89,8 @@ class Decoder:
         self.model = model
         self.inner = model.model
         self.layers = decoder_layers(model)
-        params = inspect.signature(type(self.layers[0]).forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = _cache_kwarg(type(self.layers[0]).forward)
+        self._attn_cache_kw = _cache_kwarg(type(self.layers[0].self_attn).forward)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -136,6 +136,68 @@ class Decoder:
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
+    def run_layers_after_prefix(
+        self,
+        prefix_hidden: torch.Tensor,
+        hidden: torch.Tensor,
+        start: int,
+        stop: int,
+        lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers [start, stop) on a shared prefix [1, P, H] and the rows that continue it [B, T, H].
+
+        Per layer, attention runs on the prefix (batch 1, its keys/values kept) and then on the rows
+        (attending to the prefix, broadcast); the MLP then runs once on the prefix and row tokens
+        together, so every MLP, and the fast weights in it, is called once per layer. That is what
+        lets a backward kernel update B in place. `lengths` [B] as in `run_layers`.
+        Returns (prefix [1, P, H], rows [B, T, H]).
+        """
+        b, t, width = hidden.shape
+        p = prefix_hidden.shape[1]
+        prefix_pos = torch.arange(p, device=hidden.device)[None]
+        row_pos = torch.arange(p, p + t, device=hidden.device)[None]
+        prefix_rope = self.inner.rotary_emb(prefix_hidden, prefix_pos)
+        row_rope = self.inner.rotary_emb(hidden, row_pos)
+        if lengths is None:
+            lengths = torch.full((b,), t, device=hidden.device)
+        mask = additive_mask(lengths, t, p, hidden.dtype)
+        kv = PrefixKV()
+        for layer in self.layers[start:stop]:
+            kv.recording = True
+            prefix_hidden = self._attention_block(layer, prefix_hidden, None, prefix_pos, prefix_rope, kv)
+            kv.recording = False
+            hidden = self._attention_block(layer, hidden, mask, row_pos, row_rope, kv)
+            tokens = torch.cat([prefix_hidden.reshape(p, width), hidden.reshape(b * t, width)])
+            tokens = tokens + layer.mlp(layer.post_attention_layernorm(tokens))
+            prefix_hidden, hidden = tokens[:p].view(1, p, width), tokens[p:].view(b, t, width)
+        return prefix_hidden, hidden
+
+    def _attention_block(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: PrefixKV,
+    ) -> torch.Tensor:
+        """hidden + self_attn(input_layernorm(hidden)): the first half of a pre-norm decoder layer."""
+        out = layer.self_attn(
+            hidden_states=layer.input_layernorm(hidden),
+            attention_mask=mask,
+            position_ids=positions,
+            position_embeddings=rope,
+            use_cache=True,
+            **{self._attn_cache_kw: kv},
+        )
+        return hidden + (out[0] if isinstance(out, tuple) else out)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head. hidden [..., H] -> logits [..., V] (float32)."""
         return self.model.lm_head(self.inner.norm(hidden)).float()
+
+
+def _cache_kwarg(forward) -> str:
+    """The name under which this transformers version passes the KV cache to `forward`."""
+    params = inspect.signature(forward).parameters
+    return next((k for k in ("cache", "past_key_values", "past_key_value") if k in params), "past_key_values")

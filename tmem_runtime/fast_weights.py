@@ -108,6 +108,7 @@ class FastWeights:
             seed,
         )
         self.cuda_graphs = cuda_graphs
+        self._sgd_in_backward: float | None = None  # set during an SGD write the backward kernel applies
         self.mlps = target_mlps(model, num_layers)
         self.first_layer = self.mlps[0][0]
         slots = [
@@ -190,21 +191,23 @@ class FastWeights:
         self._decoder = Decoder(self.model) if supports_piecewise(self.model) else None
 
     def _bind(self, train_a: bool) -> None:
-        """(Re)create the trainable leaves (aliases of the flat buffer) and each module's views."""
-        nb = self.layout.b_numel
-        self._b_leaf = self.buffer[:nb].detach().requires_grad_(True)
-        self._b_leaf.grad = self.grad[:nb]
-        self._a_leaf = self.buffer[nb:].detach().requires_grad_(train_a)
-        if train_a:
-            self._a_leaf.grad = self.grad[nb:]
-        self.train_a = train_a
+        """(Re)create the trainable leaves, one per factor, on the flat buffer's memory.
+
+        Each leaf has its own autograd version counter (a plain view shares its base's): a backward
+        kernel that steps one layer's B in place must not invalidate what another layer saved.
+        """
         lay, views = self.layout, []
         for k in range(len(self.mlps)):
             per = []
             for i in range(3 * k, 3 * k + 3):
-                per += [lay.a_view(self._a_leaf, i, base=nb), lay.b_view(self._b_leaf, i)]
+                a = _own_version(lay.a_view(self.buffer, i)).requires_grad_(train_a)
+                b = _own_version(lay.b_view(self.buffer, i)).requires_grad_(True)
+                a.grad = lay.a_view(self.grad, i) if train_a else None
+                b.grad = lay.b_view(self.grad, i)
+                per += [a, b]
             views.append(tuple(per))
         self._views = views
+        self.train_a = train_a
 
     def _mlp_forward(self, k: int, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self._identity and not torch.is_grad_enabled():
@@ -215,6 +218,7 @@ class FastWeights:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self._fused_act:
+            in_backward = {} if self._sgd_in_backward is None else {"sgd_lr": self._sgd_in_backward}
             y = self.ops.lora_mlp(
                 x2,
                 mlp.gate_proj.weight,
@@ -227,6 +231,7 @@ class FastWeights:
                 a_d,
                 b_d,
                 self.scaling,
+                **in_backward,
             )
         else:  # other activations (e.g. Gemma's GELU): the torch composition with the model's act_fn
             s = self.scaling
@@ -432,11 +437,29 @@ class FastWeights:
             self._bind(train_a)
         self.exp_avg.zero_()
         self.exp_avg_sq.zero_()
+        self._sgd_in_backward = recipe.lr if self._applies_sgd_in_backward(recipe, train_a) else None
+
+    def _end_write(self) -> None:
+        self._sgd_in_backward = None
+
+    def _applies_sgd_in_backward(self, recipe: Recipe, train_a: bool) -> bool:
+        """Plain SGD on B alone: the Triton backward kernel applies B -= lr * dB itself, so no dB is
+        materialised and no optimizer step runs. Sound because each MLP runs once per step."""
+        return (
+            self.backend == "triton"
+            and self._fused_act
+            and recipe.optimizer == "sgd"
+            and recipe.weight_decay == 0
+            and not train_a
+        )
 
     def _zero_grad(self) -> None:
-        self.grad.zero_()
+        if self._sgd_in_backward is None:
+            self.grad.zero_()
 
-    def _update(self, recipe: Recipe, step: int) -> None:
+    def _update(self, recipe: Recipe, step: int | torch.Tensor) -> None:
+        if self._sgd_in_backward is not None:
+            return  # the backward kernels already stepped B
         param, grad, exp_avg, exp_avg_sq = self._trainable()
         with torch.no_grad():
             if recipe.optimizer == "sgd":
@@ -525,7 +548,10 @@ class FastWeights:
             return []
         self._begin_write(recipe, train_a)
         self._snapshot()
-        losses = self._run_steps(steps, recipe, on_step).tolist()  # the write's one host sync
+        try:
+            losses = self._run_steps(steps, recipe, on_step).tolist()  # the write's one host sync
+        finally:
+            self._end_write()
         bad = next((k for k, v in enumerate(losses, start=1) if not math.isfinite(v)), None)
         if bad is not None or not self._finite():
             self._rollback()
@@ -535,6 +561,12 @@ class FastWeights:
                 "before this write"
             )
         return losses
+
+
+def _own_version(view: torch.Tensor) -> torch.Tensor:
+    """A tensor on `view`'s memory (same shape and strides) with a fresh autograd version counter."""
+    alias = torch.empty(0, dtype=view.dtype, device=view.device)
+    return alias.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
 
 
 def _check_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

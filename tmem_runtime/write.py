@@ -2,8 +2,12 @@
 
     examples ──trunk (layers below the first adapted one), no grad, once──> TrunkCache
              (tokens every example shares — the chat template's preamble — run once, batch 1)
-    per step: rows of the cache ──adapted layers (fast weights)──> final norm ──> lm_head at the
+    per step: rows of the cache ──adapted layers (fast weights; the shared prefix again once, its MLP
+             tokens joined to the rows' so each MLP runs once)──> final norm ──> lm_head at the
              loss positions only ──> cross-entropy (mean over non-ignored tokens, as HF computes it)
+
+Each step is planned on the host before the first one runs (`plan_steps`), so the step loop never
+reads a device value: on CUDA it replays as graphs (`cuda_graphs`).
 
 The backward stops at the first adapted layer because the cached trunk output carries no grad.
 """
@@ -204,18 +208,12 @@ def adapted_loss(decoder: Decoder, first_adapted: int, cache: TrunkCache, batch:
 
     Logits are computed only at the step's target positions. Reads no device value on the host.
     """
-    p, width = cache.prefix_len, batch.width
-    hidden = cache.hidden[:, :width].index_select(0, batch.rows)
-    prefix_kv = None
-    parts = []
+    p, stop = cache.prefix_len, len(decoder.layers)
+    hidden = cache.hidden[:, : batch.width].index_select(0, batch.rows)
     if p:
-        prefix_kv = PrefixKV()
-        ph = decoder.run_layers(cache.prefix_hidden, first_adapted, len(decoder.layers), prefix=prefix_kv)
-        prefix_kv.recording = False
-        parts.append(ph.expand(hidden.shape[0], -1, -1))
-    parts.append(
-        decoder.run_layers(hidden, first_adapted, len(decoder.layers), lengths=batch.lengths, prefix=prefix_kv)
-    )
-    full = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [b, P+width, H]
+        prefix, rows = decoder.run_layers_after_prefix(cache.prefix_hidden, hidden, first_adapted, stop, batch.lengths)
+        full = torch.cat([prefix.expand(rows.shape[0], -1, -1), rows], dim=1)  # [b, P+width, H]
+    else:
+        full = decoder.run_layers(hidden, first_adapted, stop, lengths=batch.lengths)
     picked = full.reshape(-1, full.shape[-1]).index_select(0, batch.loss_index)
     return F.cross_entropy(decoder.logits(picked), batch.targets, ignore_index=IGNORE_INDEX)
