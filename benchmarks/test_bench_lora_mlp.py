@@ -29,65 +29,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmarks.common import (
+    DEVICE,
+    RANK,
+    SHAPES,
+    device_name,
+    device_peaks,
+    kernel_backends,
+    shape_cases,
+    write_summary,
+)
 from tmem_kernels import ops
 
-RANK = 6
-SHAPES = {"smollm2": (576, 1536), "qwen3-4b": (2560, 9728)}
-TOKENS = (512, 4096)
-SLOW = os.environ.get("TMEM_BENCH_SLOW", "") not in ("", "0")
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = getattr(torch, os.environ.get("TMEM_BENCH_DTYPE", "bfloat16" if DEVICE.type == "cuda" else "float32"))
-
-CASES = [
-    pytest.param(model, n, id=f"{model}-N{n}")
-    for model in SHAPES
-    for n in TOKENS
-    if DEVICE.type == "cuda" or SLOW or not (model == "qwen3-4b" and n == 4096)
-]
-
-
-def _backends() -> list[str]:
-    """Kernel backends that are importable and sensible on this device."""
-    names = []
-    for name in ops.BACKENDS:
-        if name == "triton" and DEVICE.type != "cuda":
-            continue  # interpreter: correct but far too slow to time
-        if name == "native" and (DEVICE.type != "cpu" or DTYPE != torch.float32):
-            continue
-        if ops.available(name):
-            names.append(name)
-    return names
-
-
-BACKENDS = _backends()
+CASES = shape_cases()
+BACKENDS = kernel_backends(DTYPE)
 IMPLS = BACKENDS + (["triton+sgd"] if "triton" in BACKENDS else []) + ["peft"]
-
-# --------------------------------------------------------------------------------------------------
-# Peaks (dense): name substring -> (16-bit tensor-core FLOP/s, fp32 non-tensor FLOP/s, bytes/s)
-# --------------------------------------------------------------------------------------------------
-
-PEAKS = {
-    "H100 PCIe": (756e12, 51e12, 2.0e12),
-    "H100": (989e12, 67e12, 3.35e12),  # SXM
-    "H200": (989e12, 67e12, 4.8e12),
-    "A100": (312e12, 19.5e12, 2.0e12),
-    "L4": (121e12, 30e12, 0.3e12),
-}
-
-
-def device_peaks() -> tuple[float, float] | None:
-    """(FLOP/s, bytes/s) for DTYPE on this CUDA device, from env vars or PEAKS; None if unknown."""
-    if DEVICE.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    row = next((v for k, v in PEAKS.items() if k in name), None)
-    flops = os.environ.get("TMEM_PEAK_TFLOPS")
-    bw = os.environ.get("TMEM_PEAK_TBPS")
-    if row is None and not (flops and bw):
-        return None
-    peak_flops = float(flops) * 1e12 if flops else row[0 if DTYPE != torch.float32 else 1]
-    peak_bw = float(bw) * 1e12 if bw else row[2]
-    return peak_flops, peak_bw
 
 
 def mlp_cost(n: int, h: int, i: int, r: int, elt: int) -> tuple[float, float]:
@@ -208,9 +165,8 @@ def test_lora_mlp_fwd_bwd(benchmark, model: str, n: int, impl: str) -> None:
 
 
 def summary_lines() -> list[str]:
-    peaks = device_peaks()
-    dev = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU"
-    lines = ["", f"lora_mlp forward+backward, rank {RANK}, {DTYPE}, on {dev}: median ms"]
+    peak_flops, peak_bw = device_peaks(DTYPE)
+    lines = ["", f"lora_mlp forward+backward, rank {RANK}, {DTYPE}, on {device_name()}: median ms"]
     head = f"{'case':<18}" + "".join(f"{impl:>12}" for impl in IMPLS)
     lines.append(head + "   speed-up vs peft | vs torch")
     for case, r in _results.items():
@@ -224,13 +180,12 @@ def summary_lines() -> list[str]:
         unit, scale = ("TFLOP/s", 1e12) if DEVICE.type == "cuda" else ("GFLOP/s", 1e9)
         rates = ", ".join(f"{k} {flops / v / scale:.2f}" for k, v in r.items())
         lines.append(f"{case}: {flops / 1e9:.1f} GFLOP, {nbytes / 1e6:.0f} MB min traffic; {unit}: {rates}")
-        if peaks is not None:
-            peak_flops, peak_bw = peaks
+        if peak_flops is not None and peak_bw is not None:
             t_compute, t_memory = flops / peak_flops, nbytes / peak_bw
             bound, kind = max((t_compute, "compute"), (t_memory, "memory"))
             frac = ", ".join(f"{k} {100 * bound / v:.0f}%" for k, v in r.items())
             lines.append(f"    {kind}-bound at {bound * 1e3:.3f} ms; fraction of the bound reached: {frac}")
-    if peaks is None and DEVICE.type == "cuda":
+    if peak_flops is None and DEVICE.type == "cuda":
         lines.append("(unknown device peaks: set TMEM_PEAK_TFLOPS and TMEM_PEAK_TBPS for bound fractions)")
     return lines
 
@@ -242,15 +197,3 @@ def _print_summary(request):
     if not _results:
         return
     write_summary(request.config, summary_lines())
-
-
-def write_summary(config: pytest.Config, lines: list[str]) -> None:
-    """Write past pytest's output capture, so the table shows without -s."""
-    reporter = config.pluginmanager.getplugin("terminalreporter")
-    capman = config.pluginmanager.getplugin("capturemanager")
-    if reporter is None or capman is None:
-        print("\n".join(lines))
-        return
-    with capman.global_and_fixture_disabled():
-        for line in lines:
-            reporter.write_line(line)

@@ -21,25 +21,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import RANK, SHAPES, shape_cases, write_summary
 from tmem_kernels import reference as ref
 
 native = pytest.importorskip("tmem_kernels.native", reason="native extension not built")
 
-RANK = 6
 SCALING = 2.0
 LAYERS = 4
-SHAPES = {"smollm2": (576, 1536), "qwen3-4b": (2560, 9728)}
-TOKENS = (512, 4096)
-SLOW = os.environ.get("TMEM_BENCH_SLOW", "") not in ("", "0")
 if os.environ.get("TMEM_BENCH_THREADS"):  # e.g. 1: kernel efficiency without cross-thread waits
     torch.set_num_threads(int(os.environ["TMEM_BENCH_THREADS"]))
 
-CASES = [
-    pytest.param(model, n, id=f"{model}-N{n}")
-    for model in SHAPES
-    for n in TOKENS
-    if SLOW or not (model == "qwen3-4b" and n == 4096)
-]
+CASES = shape_cases()
 IMPLS = ("native", "torch")
 
 _results: dict[tuple[str, str], dict[str, float]] = {}  # (op, case) -> impl -> median seconds
@@ -267,7 +259,7 @@ def test_adamw_step(benchmark, model: str, impl: str) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _print_ratios():
+def _print_ratios(request):
     yield
     if not _results:
         return
@@ -297,4 +289,4 @@ def _print_ratios():
                 f"{rates.get('torch', float('nan')):.1f} GFLOP/s; torch.mm {mm_rate:.1f} GFLOP/s -> native "
                 f"at {100 * rates['native'] / mm_rate:.0f}% of the mm throughput"
             )
-    print("\n".join(lines))
+    write_summary(request.config, lines)

@@ -17,38 +17,19 @@ ratios against the torch composition, and on CUDA the fraction of the memory-ban
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import pytest
 import torch
 
+from benchmarks.common import DEVICE, RANK, SHAPES, device_name, device_peaks, kernel_backends, write_summary
 from tmem_kernels import ops
 from tmem_kernels import reference as ref
 
-RANK = 6
 LAYERS = 4
-SHAPES = {"smollm2": (576, 1536), "qwen3-4b": (2560, 9728)}
 STEPS = 10
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.float32
-
-PEAK_BW = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12}
-
-
-def _backends() -> list[str]:
-    names = []
-    for name in ops.BACKENDS:
-        if name == "triton" and DEVICE.type != "cuda":
-            continue
-        if name == "native" and DEVICE.type != "cpu":
-            continue
-        if ops.available(name):
-            names.append(name)
-    return names
-
-
-BACKENDS = _backends()
+BACKENDS = kernel_backends(DTYPE)
 IMPLS = BACKENDS + ["torch.optim"] + (["torch.optim-fused"] if DEVICE.type == "cuda" else [])
 _results: dict[tuple[str, str], dict[str, float]] = {}  # (op, model) -> impl -> seconds per step
 
@@ -56,15 +37,6 @@ _results: dict[tuple[str, str], dict[str, float]] = {}  # (op, model) -> impl ->
 def numel(model: str) -> int:
     h, i = SHAPES[model]
     return LAYERS * 3 * RANK * (h + i)
-
-
-def peak_bandwidth() -> float | None:
-    if DEVICE.type != "cuda":
-        return None
-    if os.environ.get("TMEM_PEAK_TBPS"):
-        return float(os.environ["TMEM_PEAK_TBPS"]) * 1e12
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BW.items() if k in name), None)
 
 
 def _buffers(model: str) -> tuple[torch.Tensor, ...]:
@@ -120,9 +92,8 @@ def test_update_step(benchmark, op: str, model: str, impl: str) -> None:
 
 
 def summary_lines() -> list[str]:
-    bw = peak_bandwidth()
-    dev = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU"
-    lines = ["", f"optimizer step over the flat adapter buffer (fp32) on {dev}: median us per step"]
+    _, bw = device_peaks(DTYPE)
+    lines = ["", f"optimizer step over the flat adapter buffer (fp32) on {device_name()}: median us per step"]
     lines.append(f"{'op / model':<18}" + "".join(f"{k:>19}" for k in IMPLS) + "   speed-up vs torch")
     for (op, model), r in _results.items():
         row = f"{op + ' ' + model:<18}" + "".join(
@@ -144,12 +115,4 @@ def _print_summary(request):
     yield
     if not _results:
         return
-    lines = summary_lines()
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    if reporter is None or capman is None:
-        print("\n".join(lines))
-        return
-    with capman.global_and_fixture_disabled():
-        for line in lines:
-            reporter.write_line(line)
+    write_summary(request.config, summary_lines())

@@ -18,11 +18,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.common import mm_rate
 from tmem_runtime import FastWeights, load_model
 from tmem_runtime.recipes import RECIPES
-
-if os.environ.get("TMEM_BENCH_THREADS"):  # 1 on a shared 2-core box: no cross-thread waits
-    torch.set_num_threads(int(os.environ["TMEM_BENCH_THREADS"]))
 
 RESULTS: dict[str, float] = {}
 NAMES = ["Ada", "Bruno", "Chiara", "Dmitri", "Esme", "Farid", "Greta", "Hugo"]
@@ -99,18 +97,6 @@ def test_write_32_pairs_paper_recipe(benchmark, smollm2, backend):
                 )
 
 
-def _mm_gflops(tokens: int, hidden: int, inter: int, rounds: int = 20) -> float:
-    """torch.mm throughput (GFLOP/s) at the write's MLP shape [tokens, hidden] x [hidden, inter]."""
-    x, w = torch.randn(tokens, hidden), torch.randn(hidden, inter)
-    torch.mm(x, w)
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        torch.mm(x, w)
-        times.append(time.perf_counter() - t)
-    return 2 * tokens * hidden * inter / sorted(times)[len(times) // 2] / 1e9
-
-
 def test_write_share_of_matmul_throughput(smollm2):
     """The whole write's FLOP rate as a share of torch.mm's fp32 rate at its shapes, in one run."""
     model, tokenizer = smollm2
@@ -119,10 +105,10 @@ def test_write_share_of_matmul_throughput(smollm2):
     _write_once(model, tokenizer, "auto")
     write_rate = flops / (time.perf_counter() - t) / 1e9
     cfg = model.config
-    mm_rate = _mm_gflops(16 * 48, cfg.hidden_size, cfg.intermediate_size)
+    mm_gflops = mm_rate(16 * 48, cfg.hidden_size, cfg.intermediate_size) / 1e9
     print(
-        f"\n[write share] write {write_rate:.1f} GFLOP/s, torch.mm {mm_rate:.1f} GFLOP/s "
-        f"-> {100 * write_rate / mm_rate:.0f}% of the fp32 matrix-product rate"
+        f"\n[write share] write {write_rate:.1f} GFLOP/s, torch.mm {mm_gflops:.1f} GFLOP/s "
+        f"-> {100 * write_rate / mm_gflops:.0f}% of the fp32 matrix-product rate"
     )
     assert write_rate > 0
 

@@ -29,6 +29,7 @@ class GraphedSteps:
     def __init__(self, step_fn: StepFn) -> None:
         self.step_fn = step_fn
         self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()  # warm-up and capture on one stream (library handles are per stream)
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, StepBatch, torch.Tensor]] = {}
 
     def __call__(self, key: Hashable, batch: StepBatch) -> torch.Tensor:
@@ -38,14 +39,14 @@ class GraphedSteps:
             static.copy_(batch)
             graph.replay()
             return loss.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
             loss = self.step_fn(batch).clone()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.stream)
         static = batch.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):  # records, runs nothing: the step above was the real one
+        # records and runs nothing: the eager step above was this shape's real first step
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             static_loss = self.step_fn(static)
         self.graphs[key] = (graph, static, static_loss)
         return loss

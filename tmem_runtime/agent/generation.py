@@ -15,6 +15,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from tmem_runtime.chat import generate_greedy
+
 # transformers >= 5.2x renames `past_key_values` to `cache`; older 5.x (the GPU image) only knows the former
 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*", category=FutureWarning)
 
@@ -85,34 +87,16 @@ class Generator:
         prefix, suffix = self.chat_prompt(messages[:-1] + [last]).split(_SPLIT, 1)
         return prefix, suffix
 
-    def _decode_new(self, out: torch.Tensor, start: int) -> str:
-        return self.tokenizer.decode(out[start:], skip_special_tokens=True)
-
-    @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
         """Greedy continuations of `prompts` (left-padded batches of `batch_size`)."""
         outputs: list[str] = []
         for b in range(0, len(prompts), batch_size):
             batch = [self.encode(p) for p in prompts[b : b + batch_size]]
-            width = max(len(ids) for ids in batch)
-            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, ids in enumerate(batch):
-                input_ids[i, width - len(ids) :] = torch.tensor(ids)
-                mask[i, width - len(ids) :] = 1
-            out = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.pad_id,
-                eos_token_id=self.eos_ids,
-            )
-            self.counts.prefilled += int(mask.sum())
-            for row in out:
-                new = row[width:]
-                self.counts.generated += int((new != self.pad_id).sum())
-                outputs.append(self._decode_new(row, width))
+            new = generate_greedy(self.model, batch, max_new_tokens, self.pad_id, self.eos_ids)
+            self.counts.prefilled += sum(len(ids) for ids in batch)
+            for row in new:
+                self.counts.generated += int((row != self.pad_id).sum())
+                outputs.append(self.tokenizer.decode(row, skip_special_tokens=True))
         return outputs
 
     @torch.no_grad()
@@ -146,5 +130,5 @@ class Generator:
             )
             self.counts.prefilled += suffix_ids.shape[1]
             self.counts.generated += out.shape[1] - ids.shape[1]
-            outputs.append(self._decode_new(out[0], ids.shape[1]))
+            outputs.append(self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
         return outputs

@@ -1,0 +1,99 @@
+"""What the benchmark suites share: the device, the model shapes, device peaks, the summary printer.
+
+Environment: TMEM_BENCH_SLOW=1 runs the CPU cases that take minutes (Qwen3-4B x 4096 tokens);
+TMEM_BENCH_THREADS=N sets torch's CPU threads (1 on a shared 2-core box: no cross-thread waits);
+TMEM_PEAK_TFLOPS / TMEM_PEAK_TBPS override the peak table for devices it does not know.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from tmem_kernels import ops
+
+RANK = 6
+SHAPES = {"smollm2": (576, 1536), "qwen3-4b": (2560, 9728)}  # (hidden, intermediate)
+TOKENS = (512, 4096)
+SLOW = os.environ.get("TMEM_BENCH_SLOW", "") not in ("", "0")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if os.environ.get("TMEM_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["TMEM_BENCH_THREADS"]))
+
+# dense peaks: name substring -> (16-bit tensor-core FLOP/s, fp32 non-tensor FLOP/s, bytes/s); first match wins
+PEAKS = {
+    "H100 PCIe": (756e12, 51e12, 2.0e12),
+    "H100": (989e12, 67e12, 3.35e12),  # SXM
+    "H200": (989e12, 67e12, 4.8e12),
+    "A100": (312e12, 19.5e12, 2.0e12),
+    "L4": (121e12, 30e12, 0.3e12),
+}
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU"
+
+
+def device_peaks(dtype: torch.dtype) -> tuple[float | None, float | None]:
+    """(FLOP/s for `dtype`, bytes/s) of this CUDA device, from the env vars or PEAKS; None where unknown."""
+    if DEVICE.type != "cuda":
+        return None, None
+    row = next((v for k, v in PEAKS.items() if k in device_name()), None)
+    flops, bw = os.environ.get("TMEM_PEAK_TFLOPS"), os.environ.get("TMEM_PEAK_TBPS")
+    peak_flops = float(flops) * 1e12 if flops else (row[0 if dtype != torch.float32 else 1] if row else None)
+    peak_bw = float(bw) * 1e12 if bw else (row[2] if row else None)
+    return peak_flops, peak_bw
+
+
+def kernel_backends(dtype: torch.dtype) -> list[str]:
+    """Kernel backends importable here and worth timing on DEVICE (the interpreter is far too slow)."""
+    names = []
+    for name in ops.BACKENDS:
+        if name == "triton" and DEVICE.type != "cuda":
+            continue
+        if name == "native" and (DEVICE.type != "cpu" or dtype != torch.float32):
+            continue
+        if ops.available(name):
+            names.append(name)
+    return names
+
+
+def shape_cases(slow_cpu: tuple[str, int] = ("qwen3-4b", 4096)) -> list:
+    """pytest params (model, tokens) over SHAPES x TOKENS; `slow_cpu` only on CUDA or with TMEM_BENCH_SLOW."""
+    return [
+        pytest.param(model, n, id=f"{model}-N{n}")
+        for model in SHAPES
+        for n in TOKENS
+        if DEVICE.type == "cuda" or SLOW or (model, n) != slow_cpu
+    ]
+
+
+def mm_rate(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, rounds: int = 20) -> float:
+    """Measured torch.mm throughput (FLOP/s) for [m, k] x [k, n] on DEVICE (median of `rounds`)."""
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    w = torch.randn(k, n, device=DEVICE).to(dtype)
+    times = []
+    for _ in range(rounds + 1):
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        torch.mm(x, w)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2 * m * k * n / sorted(times[1:])[rounds // 2]
+
+
+def write_summary(config: pytest.Config, lines: list[str]) -> None:
+    """Print past pytest's output capture, so a suite's table shows without -s."""
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if reporter is None or capman is None:
+        print("\n".join(lines))
+        return
+    with capman.global_and_fixture_disabled():
+        for line in lines:
+            reporter.write_line(line)

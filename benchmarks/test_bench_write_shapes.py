@@ -1,0 +1,151 @@
+"""End to end at real shapes: one write on random-weight SmolLM2-135M and Qwen3-4B, 512 and 4096 tokens.
+
+One write = 16 flashcard-like examples of tokens/16 tokens each (a 24-token prefix all share, as a chat
+template gives, then random tokens; the loss on each row's last quarter, its "answer") with the paper's
+recipe (SGD, lr 5e-4, 5 epochs, batch 16 -> 5 steps). Every path runs in the same process, on the same
+model, side by side:
+
+    auto        the fast path as the runtime picks it (Triton + CUDA graphs on CUDA; native on CPU)
+    auto-eager  CUDA only: the same without CUDA graphs
+    torch       the fast path with the pure-torch reference ops
+    peft        PEFT LoRA + torch.optim.SGD, the model's full forward and backward every step
+
+The work is counted with torch's FlopCounterMode on the torch path (Triton kernels are invisible to
+it; the math is the same). The summary prints each path's median, its speed-up over PEFT and the
+share of the device's bound it reaches: on CUDA the dense 16-bit peak (benchmarks.common.PEAKS), on
+CPU torch.mm's rate measured in the same run at the MLP's shape. bf16 on CUDA, fp32 on CPU; on CPU
+Qwen3-4B (16 GB of fp32 weights) runs only with TMEM_BENCH_SLOW=1.
+
+    .venv/bin/python -m pytest benchmarks/test_bench_write_shapes.py --benchmark-columns=median,rounds
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from benchmarks.common import DEVICE, SHAPES, SLOW, TOKENS, device_name, device_peaks, mm_rate, write_summary
+from tmem_runtime import FastWeights
+from tmem_runtime.recipes import RECIPES
+from tmem_runtime.write import IGNORE_INDEX
+
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+RECIPE = RECIPES["paper"]
+EXAMPLES, PREFIX = 16, 24
+CONFIGS = {
+    "smollm2": dict(
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+    ),
+    "qwen3-4b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+CASES = [
+    pytest.param(model, n, id=f"{model}-N{n}")
+    for model in SHAPES
+    for n in TOKENS
+    if model == "smollm2" or DEVICE.type == "cuda" or SLOW
+]
+IMPLS = ["auto", "auto-eager", "torch", "peft"] if DEVICE.type == "cuda" else ["auto", "torch", "peft"]
+
+_models: dict[str, torch.nn.Module] = {}
+_results: dict[str, dict[str, float]] = {}  # case -> impl -> median seconds per write
+_flops: dict[str, dict[str, float]] = {}  # case -> "torch" | "peft" -> FLOPs of one write
+
+
+def _model(name: str) -> torch.nn.Module:
+    """A random-weight model at `name`'s shapes (one kept at a time: Qwen3-4B is large)."""
+    if name not in _models:
+        _models.clear()
+        config = AutoConfig.for_model(**CONFIGS[name])
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            model = AutoModelForCausalLM.from_config(config)
+        _models[name] = model.to(DTYPE).eval().requires_grad_(False)
+    return _models[name]
+
+
+def _examples(tokens: int, vocab: int) -> list[tuple[list[int], list[int]]]:
+    """EXAMPLES flashcard-like rows of tokens/EXAMPLES tokens: a shared PREFIX, a random "question",
+    then a random "answer" (the row's last quarter) that carries the loss, as `write_qa` trains."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.randint(0, vocab, (PREFIX,), generator=g).tolist()
+    length = tokens // EXAMPLES
+    answer = length // 4
+    rows = []
+    for _ in range(EXAMPLES):
+        tail = torch.randint(0, vocab, (length - PREFIX,), generator=g).tolist()
+        ids = head + tail
+        rows.append((ids, [IGNORE_INDEX] * (length - answer) + ids[-answer:]))
+    return rows
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model_name, tokens", CASES)
+def test_write_at_real_shapes(benchmark, model_name: str, tokens: int, impl: str) -> None:
+    case = f"{model_name}-N{tokens}"
+    model = _model(model_name)
+    examples = _examples(tokens, model.config.vocab_size)
+    backend = "auto" if impl.startswith("auto") else impl
+    fw = FastWeights(model, backend=backend, cuda_graphs=impl != "auto-eager")
+    try:
+        if impl in ("torch", "peft"):
+            with FlopCounterMode(display=False) as counter:
+                fw.write_examples(examples, RECIPE)
+            _flops.setdefault(case, {})[impl] = counter.get_total_flops()
+        benchmark.group = f"write {case} (paper recipe, 5 steps)"
+        benchmark.extra_info.update(case=case, impl=impl, device=device_name(), dtype=str(DTYPE))
+        big = DEVICE.type == "cpu" and tokens >= 4096
+        losses = benchmark.pedantic(
+            fw.write_examples,
+            args=(examples, RECIPE),
+            rounds=1 if big else (2 if DEVICE.type == "cpu" else 5),
+            warmup_rounds=0 if big else 1,
+        )
+        assert len(losses) == RECIPE.epochs and all(x == x for x in losses)
+        if benchmark.stats is not None:  # None under --benchmark-disable
+            _results.setdefault(case, {})[impl] = benchmark.stats.stats.median
+    finally:
+        fw.detach()
+
+
+def summary_lines() -> list[str]:
+    peak_flops, _ = device_peaks(DTYPE)
+    lines = ["", f"one write (paper recipe, 5 steps, {EXAMPLES} examples), {DTYPE}, on {device_name()}: median s"]
+    lines.append(f"{'case':<18}" + "".join(f"{k:>12}" for k in IMPLS) + "   speed-up vs peft")
+    for case, r in _results.items():
+        row = f"{case:<18}" + "".join(f"{r[k]:12.3f}" if k in r else f"{'-':>12}" for k in IMPLS)
+        ratios = ", ".join(f"{k} {r['peft'] / v:.2f}x" for k, v in r.items() if k != "peft" and "peft" in r)
+        lines.append(f"{row}   {ratios}")
+    for case, r in _results.items():
+        flops = _flops.get(case, {})
+        if "torch" not in flops:
+            continue
+        work = flops["torch"]
+        line = f"{case}: fast path {work / 1e9:.1f} GFLOP"
+        if "peft" in flops:
+            line += f", PEFT {flops['peft'] / 1e9:.1f} GFLOP (FLOP ratio {flops['peft'] / work:.2f}x)"
+        if peak_flops is not None:
+            bound = work / peak_flops
+            shares = ", ".join(f"{k} {100 * bound / v:.0f}%" for k, v in r.items() if k != "peft")
+            line += f"; compute bound {bound * 1e3:.1f} ms, reached: {shares}"
+        elif DEVICE.type == "cpu":
+            model, tokens = case.split("-N")
+            h, i = SHAPES[model]
+            mm = mm_rate(int(tokens), h, i, DTYPE)
+            shares = ", ".join(f"{k} {100 * work / v / mm:.0f}%" for k, v in r.items() if k != "peft")
+            line += f"; torch.mm {mm / 1e9:.1f} GFLOP/s at [{tokens}, {h}] x [{h}, {i}], share reached: {shares}"
+        lines.append(line)
+    return lines
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_summary(request):
+    yield
+    _models.clear()
+    if _results:
+        write_summary(request.config, summary_lines())
