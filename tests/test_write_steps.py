@@ -108,3 +108,18 @@ def test_cuda_graph_write_matches_eager(optimizer):
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-5)
     for k in states[0]:
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-3, atol=1e-5)
+
+
+def test_an_error_mid_write_leaves_the_adapter_as_it_was(tiny):
+    fw = FastWeights(tiny, backend="torch")
+    fw.write([collate(examples(3))], lr=1e-2, optimizer="adamw")
+    before = fw.state_dict()
+
+    def stop_at_step_2(step: int, n: int | None, loss: float) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fw.write([collate(examples(3, seed=s)) for s in range(3)], lr=1e-2, optimizer="adamw", on_step=stop_at_step_2)
+    assert all(torch.equal(fw.state_dict()[k], before[k]) for k in before)
+    fw.detach()

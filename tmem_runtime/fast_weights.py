@@ -549,7 +549,10 @@ class FastWeights:
         self._begin_write(recipe, train_a)
         self._snapshot()
         try:
-            losses = self._run_steps(steps, recipe, on_step).tolist()  # the write's one host sync
+            losses = self._run_steps(steps, recipe, on_step).tolist()  # the loop's results, read once
+        except BaseException:
+            self._rollback()  # an error mid-write (or an interrupt) leaves the adapter as it was
+            raise
         finally:
             self._end_write()
         bad = next((k for k, v in enumerate(losses, start=1) if not math.isfinite(v)), None)
