@@ -30,9 +30,11 @@ def supports_piecewise(model: nn.Module) -> bool:
     if getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
         return False
     inner = getattr(model, "model", None)
-    return all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "norm", "layers")) and hasattr(
-        model, "lm_head"
-    )
+    if not all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "norm", "layers")):
+        return False
+    # `run_layers_after_prefix` drives a layer's halves itself: the pre-norm Llama layer layout
+    block = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+    return hasattr(model, "lm_head") and all(hasattr(layer, a) for layer in inner.layers for a in block)
 
 
 class PrefixKV:
