@@ -55,8 +55,8 @@ class StepBatch:
     """What one write step reads from a TrunkCache, planned on the host so the step never syncs.
 
     rows [b]: cache rows. width: suffix tokens the step runs (<= the cache's S). lengths [b]: real
-    suffix tokens per row, None when no row is padded within `width` and there is no prefix (plain
-    causal attention). loss_index [K]: flat positions in [b, P + width] whose next token is a target;
+    suffix tokens per row, None when no row is padded within `width` (plain causal attention
+    when there is no prefix either). loss_index [K]: flat positions in [b, P + width] whose next token is a target;
     targets [K]: those tokens, IGNORE_INDEX on padding slots. All on the compute device.
     """
 
