@@ -115,16 +115,8 @@ class Decoder:
         `lengths` [B]: real tokens per row (right padding), None when no row is padded. `prefix`: a
         PrefixKV; recording when `prefix.recording`, else the rows continue that prefix.
         """
-        b, t, _ = hidden.shape
         p = 0 if prefix is None or prefix.recording else prefix.get_seq_length(start)
-        positions = torch.arange(p, p + t, device=hidden.device)[None]
-        cos_sin = self.inner.rotary_emb(hidden, positions)
-        if lengths is None and p == 0:
-            mask = None  # plain causal: SDPA's is_causal path
-        else:
-            if lengths is None:
-                lengths = torch.full((b,), t, device=hidden.device)
-            mask = additive_mask(lengths, t, p, hidden.dtype)
+        positions, cos_sin, mask = self._attention_inputs(hidden, p, lengths)
         kwargs = {self._cache_kw: prefix}
         for layer in self.layers[start:stop]:
             out = layer(
@@ -156,31 +148,41 @@ class Decoder:
         """
         b, t, width = hidden.shape
         p = prefix_hidden.shape[1]
-        prefix_pos = torch.arange(p, device=hidden.device)[None]
-        row_pos = torch.arange(p, p + t, device=hidden.device)[None]
-        prefix_rope = self.inner.rotary_emb(prefix_hidden, prefix_pos)
-        row_rope = self.inner.rotary_emb(hidden, row_pos)
-        if lengths is None:
-            lengths = torch.full((b,), t, device=hidden.device)
-        mask = additive_mask(lengths, t, p, hidden.dtype)
+        prefix_inputs = self._attention_inputs(prefix_hidden, 0, None)
+        row_inputs = self._attention_inputs(hidden, p, lengths)
         kv = PrefixKV()
         for layer in self.layers[start:stop]:
             kv.recording = True
-            prefix_hidden = self._attention_block(layer, prefix_hidden, None, prefix_pos, prefix_rope, kv)
+            prefix_hidden = self._attention_block(layer, prefix_hidden, *prefix_inputs, kv)
             kv.recording = False
-            hidden = self._attention_block(layer, hidden, mask, row_pos, row_rope, kv)
+            hidden = self._attention_block(layer, hidden, *row_inputs, kv)
             tokens = torch.cat([prefix_hidden.reshape(p, width), hidden.reshape(b * t, width)])
             tokens = tokens + layer.mlp(layer.post_attention_layernorm(tokens))
             prefix_hidden, hidden = tokens[:p].view(1, p, width), tokens[p:].view(b, t, width)
         return prefix_hidden, hidden
 
+    def _attention_inputs(
+        self, hidden: torch.Tensor, past: int, lengths: torch.Tensor | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """(positions [1, T], rotary (cos, sin), additive mask or None) for rows hidden [B, T, H] that
+        continue `past` prefix tokens; `lengths` [B] as in `run_layers`. No mask: plain causal (SDPA's
+        is_causal path), when there is neither a prefix nor padding."""
+        b, t, _ = hidden.shape
+        positions = torch.arange(past, past + t, device=hidden.device)[None]
+        rope = self.inner.rotary_emb(hidden, positions)
+        if lengths is None and past == 0:
+            return positions, rope, None
+        if lengths is None:
+            lengths = torch.full((b,), t, device=hidden.device)
+        return positions, rope, additive_mask(lengths, t, past, hidden.dtype)
+
     def _attention_block(
         self,
         layer: nn.Module,
         hidden: torch.Tensor,
-        mask: torch.Tensor | None,
         positions: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
         kv: PrefixKV,
     ) -> torch.Tensor:
         """hidden + self_attn(input_layernorm(hidden)): the first half of a pre-norm decoder layer."""
