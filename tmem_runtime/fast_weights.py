@@ -408,14 +408,18 @@ class FastWeights:
 
     def _plan(self, steps: Sequence[tuple[object, Sequence[int]]], fixed_shapes: bool) -> list[object]:
         """What each step reads, prepared before the first step: a StepBatch on the fast path."""
-        plans: dict[int, list] = {}
-        for pool in {id(pool): pool for pool, _ in steps}.values():
-            schedule = [rows for p, rows in steps if p is pool]
-            if isinstance(pool, TrunkCache):
-                plans[id(pool)] = plan_steps(pool, schedule, self.device, fixed_shapes)
-            else:
-                plans[id(pool)] = [torch.tensor(rows) for rows in schedule]
-        return [plans[id(pool)].pop(0) for pool, _ in steps]
+        schedules: dict[int, tuple[object, list]] = {}  # per pool: fixed shapes span all of its steps
+        for pool, rows in steps:
+            schedules.setdefault(id(pool), (pool, []))[1].append(rows)
+        plans = {
+            key: iter(
+                plan_steps(pool, schedule, self.device, fixed_shapes)
+                if isinstance(pool, TrunkCache)
+                else [torch.tensor(rows) for rows in schedule]
+            )
+            for key, (pool, schedule) in schedules.items()
+        }
+        return [next(plans[id(pool)]) for pool, _ in steps]
 
     def _step_loss(self, pool: object, plan: object) -> torch.Tensor:
         if isinstance(pool, TrunkCache):
