@@ -23,6 +23,18 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if os.environ.get("TMEM_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["TMEM_BENCH_THREADS"]))
 
+# random-weight stand-ins at the real models' shapes (timing only)
+CONFIGS = {
+    "smollm2": dict(
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+    ),
+    "qwen3-4b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+
 # dense peaks: name substring -> (16-bit tensor-core FLOP/s, fp32 non-tensor FLOP/s, bytes/s); first match wins
 PEAKS = {
     "H100 PCIe": (756e12, 51e12, 2.0e12),
@@ -31,6 +43,16 @@ PEAKS = {
     "A100": (312e12, 19.5e12, 2.0e12),
     "L4": (121e12, 30e12, 0.3e12),
 }
+
+
+def random_model(name: str, dtype: torch.dtype, device: torch.device = DEVICE) -> torch.nn.Module:
+    """A frozen, eval-mode causal LM with CONFIGS[name]'s shapes and random weights (seeded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**CONFIGS[name]))
+    return model.to(dtype).eval().requires_grad_(False)
 
 
 def device_name() -> str:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import mm_rate
+from benchmarks.common import mm_rate, random_model
 from tmem_runtime import FastWeights, load_model
 from tmem_runtime.recipes import RECIPES
 
@@ -41,20 +41,10 @@ def _model():
     try:
         return load_model(name)
     except FileNotFoundError:  # GPU image: no SmolLM2 package; random weights at its shapes
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+        from transformers import AutoTokenizer
 
-        cfg = LlamaConfig(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            tie_word_embeddings=True,
-        )
-        model = AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
-        tok = AutoTokenizer.from_pretrained(os.environ["TMEM_BENCH_TOKENIZER"])
-        return model, tok
+        model = random_model("smollm2", torch.float32, torch.device("cpu"))
+        return model, AutoTokenizer.from_pretrained(os.environ["TMEM_BENCH_TOKENIZER"])
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,18 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from benchmarks.common import DEVICE, SHAPES, SLOW, TOKENS, device_name, device_peaks, mm_rate, write_summary
+from benchmarks.common import (
+    DEVICE,
+    SHAPES,
+    SLOW,
+    TOKENS,
+    device_name,
+    device_peaks,
+    mm_rate,
+    random_model,
+    write_summary,
+)
 from tmem_runtime import FastWeights
 from tmem_runtime.recipes import RECIPES
 from tmem_runtime.write import IGNORE_INDEX
@@ -34,16 +43,6 @@ from tmem_runtime.write import IGNORE_INDEX
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 RECIPE = RECIPES["paper"]
 EXAMPLES, PREFIX = 16, 24
-CONFIGS = {
-    "smollm2": dict(
-        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
-    ),
-    "qwen3-4b": dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-    ),
-}  # fmt: skip
 CASES = [
     pytest.param(model, n, id=f"{model}-N{n}")
     for model in SHAPES
@@ -61,11 +60,7 @@ def _model(name: str) -> torch.nn.Module:
     """A random-weight model at `name`'s shapes (one kept at a time: Qwen3-4B is large)."""
     if name not in _models:
         _models.clear()
-        config = AutoConfig.for_model(**CONFIGS[name])
-        torch.manual_seed(0)
-        with torch.device(DEVICE):
-            model = AutoModelForCausalLM.from_config(config)
-        _models[name] = model.to(DTYPE).eval().requires_grad_(False)
+        _models[name] = random_model(name, DTYPE)
     return _models[name]
 
 
