@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from tmem_kernels.ops import available
+from tmem_kernels.reference import sgd_step_ as ref_sgd
 from tmem_runtime import (
     AdapterFileError,
+    DivergedWriteError,
     FastWeights,
+    FastWeightsError,
     ModelNotSupportedError,
     NonFiniteLossError,
     load_model,
 )
-from tmem_runtime.examples import write_schedule
+from tmem_runtime.examples import qa_example, write_schedule
+from tmem_runtime.fast_weights import fast_weights_of
+from tmem_runtime.models import tiny_config
 from tmem_runtime.recipes import Recipe
 
 KERNEL_BACKENDS = [b for b in ("torch", "native", "triton") if available(b)]
@@ -84,11 +92,15 @@ def test_triton_sgd_write_steps_b_inside_the_backward(tiny):
     if tiny.config.model_type != "llama":
         pytest.skip("Triton runs under the interpreter on CPU: one model keeps the suite fast")
     fw = FastWeights(tiny, backend="triton")
+    engine = fw.store.engine
+    calls = []
+    engine.ops = replace(engine.ops, sgd_step_=lambda *a, **k: (calls.append(1), engine.ops.sgd_step_)[0])
     fw.write([make_batch(0), make_batch(1)] * 2, lr=0.5, optimizer="sgd")
-    assert torch.count_nonzero(fw.grad) == 0
-    assert torch.count_nonzero(fw.buffer[: fw.layout.b_numel]) > 0
+    assert calls == []  # no optimizer step ran ...
+    assert torch.count_nonzero(engine.b[0]) > 0  # ... yet B moved: the backward kernel stepped it
+    engine.ops = replace(engine.ops, sgd_step_=lambda *a, **k: calls.append(1) or ref_sgd(*a, **k))
     fw.write([make_batch(0)], lr=0.5, optimizer="sgd", weight_decay=0.1)  # weight decay: the fused update
-    assert torch.count_nonzero(fw.grad) > 0
+    assert calls == [1]
     fw.detach()
 
 
@@ -136,14 +148,14 @@ def test_svd_init_is_top_singular_directions(tiny):
 
 def test_writes_accumulate_and_hot_swap_keeps_buffers(tiny):
     fw = FastWeights(tiny, backend="torch")
-    ptr = fw.buffer.data_ptr()
+    ptr = fw.store.engine.b.data_ptr()
     first = fw.write([make_batch(4)] * 3, lr=1e-2, optimizer="adamw")
     session_a = fw.state_dict()
     second = fw.write([make_batch(4)] * 3, lr=1e-2, optimizer="adamw")
     assert second[0] < first[0]  # started from the first write's adapter
     session_b = fw.state_dict()
     fw.load_state_dict(session_a)
-    assert fw.buffer.data_ptr() == ptr
+    assert fw.store.engine.b.data_ptr() == ptr
     assert all(torch.equal(fw.state_dict()[k], session_a[k]) for k in session_a)
     fw.load_state_dict(session_b)
     assert all(torch.equal(fw.state_dict()[k], session_b[k]) for k in session_b)
@@ -176,10 +188,12 @@ def test_save_load_roundtrip_and_bad_files(tiny, tmp_path):
         other.load(path)
     other.detach()
     fw = FastWeights(tiny, backend="torch")
-    bad_state = dict(saved)
-    bad_state[next(iter(bad_state))] = torch.full_like(bad_state[next(iter(bad_state))], float("nan"))
+    b_name = next(k for k in saved if k.endswith("lora_B"))
+    a_name = next(k for k in saved if k.endswith("lora_A"))
     with pytest.raises(AdapterFileError, match="finite"):
-        fw.load_state_dict(bad_state)
+        fw.load_state_dict({**saved, b_name: torch.full_like(saved[b_name], float("nan"))})
+    with pytest.raises(AdapterFileError, match="A, which every session shares"):
+        fw.load_state_dict({**saved, a_name: saved[a_name] + 1})
     assert all(torch.equal(fw.state_dict()[k], FastWeights.state_dict(fw)[k]) for k in before)
     fw.detach()
 
@@ -247,3 +261,161 @@ def test_write_schedule_is_seeded_epochs_of_batches():
     assert steps == write_schedule(20, Recipe(epochs=3, batch_size=8), seed=1)
     assert steps != write_schedule(20, Recipe(epochs=3, batch_size=8), seed=2)
     assert write_schedule(0, Recipe()) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Ordinary use from outside (issue 8): each of these broke when a new user tried it.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_base_weights_that_require_grad_are_constants_to_a_write(backend):
+    """A model built the ordinary way (every parameter requires grad): the write works, touches no
+    flag and leaks nothing into any base weight's .grad (an RL policy trains those same weights)."""
+    torch.manual_seed(0)
+    config = tiny_config("tiny-llama")
+    model = LlamaForCausalLM(config)
+    assert all(p.requires_grad for p in model.parameters())
+    reference, _ = load_model("tiny-llama")
+    reference.load_state_dict(model.state_dict())
+    batches = [make_batch(0), make_batch(1)] * 2
+    fw = FastWeights(model, backend=backend)
+    losses = fw.write(batches, lr=0.5, optimizer="sgd")
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    fw.detach()
+    want, _ = run_write(reference, backend, batches, lr=0.5, optimizer="sgd")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want), rtol=1e-6, atol=0)
+
+
+def test_outside_a_write_base_weights_still_get_their_gradient():
+    """With fast weights attached, a policy's forward/backward (not a write) still trains the base."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config("tiny-llama"))
+    fw = FastWeights(model, backend="native" if available("native") else "torch")
+    fw.write([make_batch(0)] * 2, lr=1e-2, optimizer="adamw")
+    batch = make_batch(1)
+    model(**batch).loss.backward()
+    down = model.model.layers[-1].mlp.down_proj.weight
+    assert down.grad is not None and down.grad.abs().sum() > 0
+    fw.detach()
+
+
+def test_peft_reference_restores_requires_grad_flags():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config("tiny-llama"))
+    fw = FastWeights(model, backend="peft")
+    fw.detach()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_deepcopy_gives_an_independent_model_with_its_own_fast_weights(tiny):
+    fw = FastWeights(tiny, backend="torch")
+    fw.write([make_batch(0)] * 3, lr=1e-2, optimizer="adamw")
+    batch = make_batch(1)
+    before = logits(tiny, batch)
+    twin = copy.deepcopy(tiny)
+    twin_fw = fast_weights_of(twin)
+    assert twin_fw is not fw and twin_fw.store.engine.b.data_ptr() != fw.store.engine.b.data_ptr()
+    assert torch.equal(logits(twin, batch), before)  # same state
+    twin_fw.write([make_batch(2)] * 3, lr=1e-2, optimizer="adamw")
+    assert torch.equal(logits(tiny, batch), before)  # the original did not move
+    assert not torch.equal(logits(twin, batch), before)
+    fw.reset()
+    assert not torch.equal(logits(twin, batch), logits(tiny, batch))
+    twin_fw.detach()
+    fw.detach()
+
+
+def test_bf16_model_on_cpu_picks_a_backend_that_runs_it():
+    model, _ = load_model("tiny-llama", dtype=torch.bfloat16)
+    fw = FastWeights(model)
+    assert fw.backend == "torch"
+    losses = fw.write([make_batch(0)] * 3, lr=1e-2, optimizer="adamw")
+    assert losses[-1] < losses[0]
+    assert fw.store.engine.b.dtype == torch.float32  # the master copy, whatever the model's dtype
+    fw.detach()
+    if available("native"):
+        with pytest.raises(ValueError, match="native.*float32"):
+            FastWeights(model, backend="native")
+
+
+def test_adapter_files_move_between_directories_and_hosts(tmp_path):
+    model, _ = load_model("tiny-llama", seed=3)
+    for name in ("here", "there"):
+        model.save_pretrained(tmp_path / name)
+    a, _ = load_model("tiny-llama", seed=3)  # unused: a third copy of the same weights
+    del a
+    first = AutoModelForCausalLM.from_pretrained(tmp_path / "here")
+    second = AutoModelForCausalLM.from_pretrained(tmp_path / "there")
+    fw = FastWeights(first, backend="torch")
+    fw.write([make_batch(0)] * 2, lr=1e-2, optimizer="adamw")
+    fw.save(tmp_path / "session.safetensors")
+    other = FastWeights(second, backend="torch")
+    other.load(tmp_path / "session.safetensors")
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in fw.state_dict().items())
+    different, _ = load_model("tiny-llama", seed=4)
+    stranger = FastWeights(different, backend="torch")
+    with pytest.raises(AdapterFileError, match="different base weights"):
+        stranger.load(tmp_path / "session.safetensors")
+    for f in (fw, other, stranger):
+        f.detach()
+
+
+def test_a_detached_handle_refuses_writes_and_a_second_detach(tiny):
+    fw = FastWeights(tiny, backend="torch")
+    fw.detach()
+    with pytest.raises(FastWeightsError, match="detached"):
+        fw.write([make_batch(0)])
+    with pytest.raises(FastWeightsError, match="detached"):
+        fw.reset()
+    with pytest.raises(FastWeightsError, match="already detached"):
+        fw.detach()
+
+
+def test_write_under_inference_mode_works_and_matches(tiny):
+    batches = [make_batch(0), make_batch(1)]
+    want, want_state = run_write(tiny, "torch", batches, lr=1e-2, optimizer="adamw")
+    with torch.inference_mode():
+        fw = FastWeights(tiny, backend="torch")
+        got = fw.write(batches, lr=1e-2, optimizer="adamw")
+        state = fw.state_dict()
+        fw.detach()
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-6, atol=0)
+    assert all(torch.equal(state[k], want_state[k]) for k in want_state)
+
+
+def test_a_diverging_write_is_rolled_back(tiny):
+    """The guard's mechanism on a tiny model, whose final norm bounds how far a loss can rise: a tight
+    threshold. (The default threshold on the real model: tests/test_smollm2.py.)"""
+    fw = FastWeights(tiny, backend="torch")
+    fw.write([make_batch(0)] * 30, lr=3e-2, optimizer="adamw")  # loss down from ~6.3 to ~4.9
+    good = fw.state_dict()
+    tight = Recipe(optimizer="sgd", lr=1e4, divergence_factor=1.1, divergence_margin=0.5)
+    with pytest.raises(DivergedWriteError, match="divergence_factor"):
+        fw.write([make_batch(0)] * 4, recipe=tight)
+    assert all(torch.equal(fw.state_dict()[k], good[k]) for k in good)
+    assert fw.stats.rollbacks == 1
+    losses = fw.write([make_batch(0)] * 4, recipe=tight.with_(divergence_factor=None))  # the guard off
+    assert max(losses) > 1.1 * losses[0] + 0.5
+    fw.detach()
+
+
+def test_a_card_too_long_keeps_its_answer_and_is_counted():
+    _, tokenizer = load_model("smollm2-135m")
+    model, _ = load_model("tiny-llama")
+    with torch.no_grad():  # the tiny model's vocabulary is small: map the real tokenizer's ids into it
+        model.resize_token_embeddings(len(tokenizer))
+    fw = FastWeights(model, backend="torch")
+    long_question = "Tell me, after all that was said about the harbour and the boats, " * 20 + "what is it called?"
+    pairs = [("What is the boat called?", "Sea Lark"), (long_question, "The Grey Heron")]
+    recipe = Recipe(epochs=1, max_length=64)
+    with pytest.warns(UserWarning, match="1 flashcard"):
+        losses = fw.write_qa(tokenizer, pairs, recipe=recipe)
+    assert len(losses) == 1 and fw.stats.truncated_cards == 1 and fw.stats.cards == 2
+    ids, labels = qa_example(tokenizer, long_question, "The Grey Heron", max_length=64)
+    answer = tokenizer("The Grey Heron" + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert len(ids) <= 64 and ids[-len(answer) :] == answer and labels[-len(answer) :] == answer
+    with pytest.raises(ValueError, match="flashcard too long"):
+        qa_example(tokenizer, "Q?", "word " * 80, max_length=64)
+    fw.detach()

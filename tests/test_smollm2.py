@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tmem_kernels.ops import available
-from tmem_runtime import FastWeights, Recipe, load_model
+from tmem_runtime import DivergedWriteError, FastWeights, NonFiniteLossError, Recipe, load_model
 from tmem_runtime.chat import ask
 from tmem_runtime.demo_facts import FACTS, recalled
 from tmem_runtime.examples import collate, qa_example
@@ -85,4 +85,16 @@ def test_empty_pair_list_is_zero_steps(smollm2):
     assert all(torch.equal(before[k], v) for k, v in fw.state_dict().items())
     with pytest.raises(ValueError, match="empty question or answer"):
         fw.write_qa(tokenizer, [("Who?", "  ")])
+    fw.detach()
+
+
+def test_a_runaway_learning_rate_is_caught_by_the_default_guard(smollm2):
+    """The issue's case: facts written, then SGD at lr 1e6 (loss 0.004 -> 119 before the guard)."""
+    model, tokenizer = smollm2
+    fw = FastWeights(model)
+    fw.write_qa(tokenizer, FACTS[:4], recipe=Recipe(epochs=4))
+    good = fw.state_dict()
+    with pytest.raises((DivergedWriteError, NonFiniteLossError)):
+        fw.write_qa(tokenizer, FACTS[:4], recipe=Recipe(optimizer="sgd", lr=1e6, epochs=2))
+    assert all(torch.equal(fw.state_dict()[k], good[k]) for k in good)
     fw.detach()

@@ -8,6 +8,7 @@ import torch
 from tmem_runtime import FastWeights, load_model
 from tmem_runtime.examples import collate
 from tmem_runtime.recipes import Recipe
+from tmem_runtime.trainer import Workspace, WriteRun
 from tmem_runtime.write import IGNORE_INDEX, adapted_loss, plan_step, plan_steps
 
 
@@ -30,23 +31,24 @@ def tiny():
 
 def test_fixed_shape_plans_give_the_same_losses(tiny):
     fw = FastWeights(tiny, init="random", backend="torch")
-    cache = fw._encode_examples(examples(), pad_id=0)
+    engine, device = fw.store.engine, fw.device
+    cache = fw.store._encode(collate(examples()))
     assert cache.prefix_len == 9
     schedule = [[3, 0, 5], [1], [2, 4]]
-    exact = plan_steps(cache, schedule, fw.device)
-    fixed = plan_steps(cache, schedule, fw.device, fixed_shapes=True)
+    exact = plan_steps(cache, schedule, device)
+    fixed = plan_steps(cache, schedule, device, fixed_shapes=True)
     assert [p.width for p in exact] == [int(cache.lengths[r].max()) for r in schedule]
     assert {p.width for p in fixed} == {cache.hidden.shape[1]}
     assert len({p.targets.shape[0] for p in fixed}) == 1  # one target count: the largest step's
     with torch.no_grad():
         for a, b in zip(exact, fixed):
-            want = adapted_loss(fw._decoder, fw.first_layer, cache, a)
-            got = adapted_loss(fw._decoder, fw.first_layer, cache, b)
+            want, _ = adapted_loss(engine.decoder, engine.first_layer, cache, a)
+            got, _ = adapted_loss(engine.decoder, engine.first_layer, cache, b)
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="shorter than the longest row"):
-        plan_step(cache, [5], fw.device, width=2)
+        plan_step(cache, [5], device, width=2)
     with pytest.raises(ValueError, match="num_targets"):
-        plan_step(cache, [5], fw.device, num_targets=1)
+        plan_step(cache, [5], device, num_targets=1)
     fw.detach()
 
 
@@ -56,15 +58,16 @@ def test_write_steps_never_read_the_device(tiny, optimizer):
     running every step of a write there proves the loop issues no host sync (what CUDA graphs need)."""
     tiny.to("meta")
     fw = FastWeights(tiny, init="random", backend="torch")
+    engine = fw.store.engine
     assert fw.device.type == "meta"
-    pool = fw._encode_examples(examples(), pad_id=0)
-    steps = [(pool, rows) for rows in ([0, 1, 2], [3, 4, 5], [5, 2])]
+    cache = fw.store._encode(collate(examples()))
     recipe = Recipe(optimizer=optimizer, lr=1e-2)
-    fw._begin_write(recipe, train_a=False)
-    losses = fw._run_steps(steps, recipe)
-    assert losses.device.type == "meta" and losses.shape == (3,)
+    run = WriteRun(engine, cache, [[[0, 1, 2], [3, 4, 5], [5, 2]]], [0], recipe)
+    run.ws = Workspace(engine, [0], train_a=False)
+    losses = run.run_steps()
+    assert losses.device.type == "meta" and losses.shape == (3, 1)
     step = torch.zeros((), device="meta")  # the graph path counts AdamW's step on the device
-    assert fw._counted_step(pool, plan_step(pool, [1, 2], fw.device), recipe, step).shape == ()
+    assert run._counted_step(plan_step(cache, [1, 2], fw.device), step).shape == (1,)
     with pytest.raises((RuntimeError, NotImplementedError)):
         losses.tolist()  # the one sync of a write happens after the loop
     fw.detach()

@@ -1,6 +1,7 @@
 """Backend name + device -> the kernel ops the runtime wires in.
 
-"auto"    Triton on CUDA tensors, the native extension on CPU (torch if it is not built)
+"auto"    Triton on CUDA tensors; on CPU the native extension for float32 models (torch if it is not
+          built, and for other dtypes: the extension is float32-only)
 "triton"  Triton kernels; on CPU tensors they need TRITON_INTERPRET=1 (set before import)
 "native"  the pybind11 CPU extension
 "torch"   the pure-torch reference composition
@@ -18,22 +19,33 @@ from tmem_kernels.ops import KernelOps, available, get_ops
 RUNTIME_BACKENDS = ("auto", "triton", "native", "torch", "peft")
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The concrete kernel backend for `name` on `device` (never "auto"; "peft" passes through)."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The concrete kernel backend for `name` on `device` and `dtype` (never "auto"; "peft" passes through).
+
+    An explicit backend that cannot run this model is refused here, before anything is attached.
+    """
     if name not in RUNTIME_BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {RUNTIME_BACKENDS}")
-    if name != "auto":
-        if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if name == "auto":
+        if device.type == "cuda" and available("triton"):
+            return "triton"
+        if device.type == "cpu" and dtype == torch.float32 and available("native"):
+            return "native"
+        return "torch"
+    if name == "native" and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(
+            f"backend='native' runs float32 models on the CPU; this model is {dtype} on {device.type} "
+            "(use backend='auto' or 'torch')"
+        )
+    if name == "triton":
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"backend='triton' supports float32, float16 and bfloat16 models, not {dtype}")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(
                 "backend='triton' on CPU tensors runs under the Triton interpreter: "
                 "set TRITON_INTERPRET=1 before importing tmem"
             )
-        return name
-    if device.type == "cuda" and available("triton"):
-        return "triton"
-    if device.type == "cpu" and available("native"):
-        return "native"
-    return "torch"
+    return name
 
 
 def kernel_ops(name: str) -> KernelOps:

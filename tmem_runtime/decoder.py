@@ -38,27 +38,30 @@ def supports_piecewise(model: nn.Module) -> bool:
 
 
 class PrefixKV:
-    """A minimal cache object for HF attention modules: a shared prefix's keys/values.
+    """A minimal cache object for HF attention modules: shared prefixes' keys/values.
 
-    In "record" mode (`update` on a batch-1 prefix) it stores each layer's keys/values; in "extend"
-    mode it returns [prefix (broadcast to the batch) ; new] without storing anything. HF attention
-    calls only `update(key, value, layer_idx, ...)` on the cache it is given.
+    In "record" mode (`update` on a prefix batch) it stores each layer's keys/values; in "extend"
+    mode it returns [prefix ; new] without storing anything, the prefix broadcast to the batch (one
+    prefix) or picked per row by `row_prefix` [B] (several prefixes: one per session of a write).
+    HF attention calls only `update(key, value, layer_idx, ...)` on the cache it is given.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, row_prefix: torch.Tensor | None = None) -> None:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.recording = True
+        self.row_prefix = row_prefix
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.recording:
             self.kv[layer_idx] = (key, value)
             return key, value
         pk, pv = self.kv[layer_idx]
-        b = key.shape[0]
-        return (
-            torch.cat([pk.expand(b, -1, -1, -1), key], dim=2),
-            torch.cat([pv.expand(b, -1, -1, -1), value], dim=2),
-        )
+        if pk.shape[0] == 1:
+            b = key.shape[0]
+            pk, pv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
+        else:
+            pk, pv = pk.index_select(0, self.row_prefix), pv.index_select(0, self.row_prefix)
+        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         kv = self.kv.get(layer_idx)
@@ -137,28 +140,31 @@ class Decoder:
         start: int,
         stop: int,
         lengths: torch.Tensor | None = None,
+        row_prefix: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layers [start, stop) on a shared prefix [1, P, H] and the rows that continue it [B, T, H].
+        """Layers [start, stop) on shared prefixes [G, P, H] and the rows that continue them [B, T, H].
 
-        Per layer, attention runs on the prefix (batch 1, its keys/values kept) and then on the rows
-        (attending to the prefix, broadcast); the MLP then runs once on the prefix and row tokens
-        together, so every MLP, and the fast weights in it, is called once per layer. That is what
-        lets a backward kernel update B in place. `lengths` [B] as in `run_layers`.
-        Returns (prefix [1, P, H], rows [B, T, H]).
+        G == 1: every row continues the one prefix. G > 1 (a write of G sessions, whose adapted layers
+        differ): row i continues prefix row_prefix[i] ([B] on the device). Per layer, attention runs
+        on the prefixes (their keys/values kept) and then on the rows (attending to their prefix); the
+        MLP then runs once on the prefix tokens and the row tokens together, in that order
+        ([G * P + B * T, H]), so every MLP, and the fast weights in it, is called once per layer. That
+        is what lets a backward kernel update B in place. `lengths` [B] as in `run_layers`.
+        Returns (prefixes [G, P, H], rows [B, T, H]).
         """
         b, t, width = hidden.shape
-        p = prefix_hidden.shape[1]
+        g, p = prefix_hidden.shape[:2]
         prefix_inputs = self._attention_inputs(prefix_hidden, 0, None)
         row_inputs = self._attention_inputs(hidden, p, lengths)
-        kv = PrefixKV()
+        kv = PrefixKV(row_prefix)
         for layer in self.layers[start:stop]:
             kv.recording = True
             prefix_hidden = self._attention_block(layer, prefix_hidden, *prefix_inputs, kv)
             kv.recording = False
             hidden = self._attention_block(layer, hidden, *row_inputs, kv)
-            tokens = torch.cat([prefix_hidden.reshape(p, width), hidden.reshape(b * t, width)])
+            tokens = torch.cat([prefix_hidden.reshape(g * p, width), hidden.reshape(b * t, width)])
             tokens = tokens + layer.mlp(layer.post_attention_layernorm(tokens))
-            prefix_hidden, hidden = tokens[:p].view(1, p, width), tokens[p:].view(b, t, width)
+            prefix_hidden, hidden = tokens[: g * p].view(g, p, width), tokens[g * p :].view(b, t, width)
         return prefix_hidden, hidden
 
     def _attention_inputs(

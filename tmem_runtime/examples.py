@@ -42,17 +42,58 @@ def qa_example(
     loss_on: str = "answer",
     max_length: int = 256,
 ) -> Example:
-    """One flashcard as a chat turn. Loss on the answer (and its end-of-turn) or on all tokens."""
+    """One flashcard as a chat turn. Loss on the answer (and its end-of-turn) or on all tokens.
+
+    A card longer than `max_length` tokens keeps its whole answer: the question is cut (its first
+    tokens kept) until the card fits (`question_fits` says whether that was needed). A card whose
+    answer alone does not fit is refused with a ValueError.
+    """
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
     question, answer = question.strip(), answer.strip()
     if not question or not answer:
         raise ValueError(f"empty question or answer in flashcard ({question!r}, {answer!r})")
-    prompt = chat_prompt_ids(tokenizer, question)
     target = tokenizer(answer + _answer_suffix(tokenizer), add_special_tokens=False)["input_ids"]
-    ids = (prompt + target)[:max_length]
-    labels = ids.copy() if loss_on == "all" else ([IGNORE_INDEX] * len(prompt) + target)[:max_length]
+    prompt = chat_prompt_ids(tokenizer, _fit_question(tokenizer, question, max_length - len(target)))
+    ids = prompt + target
+    labels = ids.copy() if loss_on == "all" else [IGNORE_INDEX] * len(prompt) + target
     return ids, labels
+
+
+def question_fits(tokenizer: PreTrainedTokenizerBase, question: str, answer: str, max_length: int) -> bool:
+    """Whether the card (question, answer) fits in `max_length` tokens without cutting its question."""
+    target = tokenizer(answer.strip() + _answer_suffix(tokenizer), add_special_tokens=False)["input_ids"]
+    return len(chat_prompt_ids(tokenizer, question.strip())) + len(target) <= max_length
+
+
+def _fit_question(tokenizer: PreTrainedTokenizerBase, question: str, budget: int) -> str:
+    """`question`, cut to its first tokens so that its chat prompt takes at most `budget` tokens."""
+    if len(chat_prompt_ids(tokenizer, question)) <= budget:
+        return question
+    q_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+    overhead = len(chat_prompt_ids(tokenizer, question)) - len(q_ids)
+    keep = budget - overhead
+    while keep > 0:
+        cut = tokenizer.decode(q_ids[:keep]).strip()
+        if cut and len(chat_prompt_ids(tokenizer, cut)) <= budget:
+            return cut
+        keep -= 1
+    raise ValueError(
+        f"flashcard too long: its answer leaves {budget} tokens of max_length for the chat prompt, too few "
+        f"for any part of the question {question[:40]!r}...; shorten the answer or raise Recipe.max_length"
+    )
+
+
+def qa_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    loss_on: str = "answer",
+    max_length: int = 256,
+) -> tuple[list[Example], int]:
+    """(examples, how many cards had their question cut to fit `max_length`) for (question, answer) pairs."""
+    examples = [qa_example(tokenizer, q, a, loss_on, max_length) for q, a in pairs]
+    cut = sum(not question_fits(tokenizer, q, a, max_length) for q, a in pairs)
+    return examples, cut
 
 
 def text_examples(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int = 256) -> list[Example]:

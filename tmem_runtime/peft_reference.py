@@ -1,126 +1,194 @@
 """The reference path: the same fast weights built with PEFT and trained with a torch optimizer.
 
-`FastWeights(model, backend="peft")` returns a `PeftFastWeights`: a PEFT `LoraConfig` with `r`,
-`lora_alpha=r` (scaling 1), the three MLP targets and `layers_to_transform`; lora_A set to the same
-A0 and frozen, lora_B to B0; every step is a full `model(**batch).loss` forward/backward and a
-`torch.optim.SGD` / `torch.optim.AdamW` step. It is what the fast path is proven and timed against.
+`PeftReferencePool` holds one session: a PEFT `LoraConfig` with `r`, `lora_alpha=r` (scaling 1), the
+three MLP targets and `layers_to_transform`; lora_A set to the same A0 and frozen, lora_B to B0;
+every step is a full `model(**batch).loss` forward/backward and a `torch.optim.SGD` / `AdamW` step.
+It inherits the write API of `SessionStore`, so it sees exactly the batches and schedules the fast
+path sees; it is what the fast path is proven and timed against. `FastWeights(model,
+backend="peft")` wraps it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
-from tmem_runtime.examples import Example, collate
-from tmem_runtime.fast_weights import FastWeights
-from tmem_runtime.models import MLP_TARGETS
+from tmem_runtime.adapter_file import WeightsFingerprint, adapter_metadata
+from tmem_runtime.adapter_init import initial_factors
+from tmem_runtime.engine import FastWeightsError
+from tmem_runtime.layout import AdapterLayout, AdapterSlot
+from tmem_runtime.models import MLP_TARGETS, target_mlps
 from tmem_runtime.recipes import Recipe
+from tmem_runtime.sessions import Schedules, SessionStats, SessionStore
+from tmem_runtime.trainer import StepCallback, write_error
 
 
-class PeftFastWeights(FastWeights):
-    """FastWeights on the PEFT reference path (same API; see FastWeights)."""
+class PeftReferencePool(SessionStore):
+    """One session of fast weights on the PEFT reference path (same write API as SessionPool)."""
 
-    def _attach(self) -> None:
-        self.backend = "peft"
-        layers = [idx for idx, _ in self.mlps]
-        config = LoraConfig(
-            r=self.rank,
-            lora_alpha=self.rank,
-            lora_dropout=0.0,
-            target_modules=list(MLP_TARGETS),
-            layers_to_transform=layers,
-            init_lora_weights=False,
-        )
-        self.peft_model = get_peft_model(self.model, config)  # injects LoRA into self.model in place
-        self._decoder = None  # every step is the model's full forward
-        self._modules = {}
-        for _, mlp in self.mlps:
-            for t in MLP_TARGETS:
-                self._modules[len(self._modules)] = getattr(mlp, t)
-        factors = self.initial_factors()
-        self._originals = []
+    backend = "peft"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        rank: int = 6,
+        num_layers: int = 4,
+        init: str = "svd",
+        svd: str = "randomized",
+        scaling: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        if getattr(model, "_tmem_fast_weights", None) is not None:
+            raise FastWeightsError("this model already has fast weights attached; detach() them first")
+        if scaling != 1.0:
+            raise ValueError("the PEFT reference uses lora_alpha = r (scaling 1.0)")
+        self.model, self.init = model, init
+        self.mlps = target_mlps(model, num_layers)
+        self.layout = AdapterLayout(
+            [AdapterSlot(i, t, getattr(m, t).out_features, getattr(m, t).in_features) for i, m in self.mlps
+             for t in MLP_TARGETS],
+            rank,
+        )  # fmt: skip
+        self.fingerprint = WeightsFingerprint([getattr(m, t).weight for _, m in self.mlps for t in MLP_TARGETS])
+        self.fingerprint.hexdigest()  # of the original weights (PiSSA replaces them by residuals)
+        self._flags = {n: p.requires_grad for n, p in model.named_parameters()}  # PEFT freezes the base
+        a0, b0 = initial_factors(self.mlps, self.layout, init, svd, seed)
+        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(MLP_TARGETS),
+                            layers_to_transform=[i for i, _ in self.mlps], init_lora_weights=False)  # fmt: skip
+        self.peft_model = get_peft_model(model, config)  # injects LoRA into `model` in place
+        self._modules = [getattr(m, t) for _, m in self.mlps for t in MLP_TARGETS]
+        self._originals: list[torch.Tensor] = []
         with torch.no_grad():
-            for i, s in enumerate(self.layout.slots):
-                a, b = factors[(s.layer, s.target)]
-                mod = self._modules[i]
+            for i, mod in enumerate(self._modules):
+                a, b = self.layout.a_view(a0, i), self.layout.b_view(b0, i)
                 mod.lora_A["default"].weight.copy_(a)
                 mod.lora_B["default"].weight.copy_(b)
-                if self.init == "pissa":
+                if init == "pissa":
                     self._originals.append(mod.base_layer.weight.detach().clone())
                     mod.base_layer.weight.sub_((b @ a).to(mod.base_layer.weight.dtype))
-        self._init_state = {k: v.clone() for k, v in self._current_tensors().items()}
-        self.train_a = self.init == "pissa"
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._init_state = {k: v.clone() for k, v in self._tensors().items()}
+        self.session: str | None = None
+        self.stats: dict[str, SessionStats] = {}
+        self.detached = False
+        model._tmem_fast_weights = self
+
+    @property
+    def device(self) -> torch.device:
+        return self._modules[0].base_layer.weight.device
+
+    def metadata(self) -> dict[str, str]:
+        return adapter_metadata(self.model, self.fingerprint, self.init, self.layout)
+
+    # ---------------------------------------------------------------- the one session
+    def open(self, session: str) -> None:
+        if self.session is not None:
+            raise ValueError("the PEFT reference holds one session")
+        self.session = session
+        self.stats[session] = SessionStats()
+
+    def _check(self, session: str) -> None:
+        if self.detached:
+            raise FastWeightsError("these fast weights were detached from their model; attach new ones")
+        if session != self.session:
+            raise KeyError(f"unknown session {session!r}")
 
     def _lora(self, i: int, which: str) -> torch.nn.Parameter:
         return getattr(self._modules[i], which)["default"].weight
 
-    def _current_tensors(self) -> dict[str, torch.Tensor]:
+    def _tensors(self) -> dict[str, torch.Tensor]:
         out = {}
-        for i, s in enumerate(self.layout.slots):
-            out[f"{s.prefix}.lora_A"] = self._lora(i, "lora_A").data
-            out[f"{s.prefix}.lora_B"] = self._lora(i, "lora_B").data
+        for i in range(len(self._modules)):
+            out[self.layout.a_name(i)] = self._lora(i, "lora_A").data
+            out[self.layout.b_name(i)] = self._lora(i, "lora_B").data
         return out
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self._current_tensors().items()}
+    def state_dict(self, session: str) -> dict[str, torch.Tensor]:
+        self._check(session)
+        return {k: v.detach().clone() for k, v in self._tensors().items()}
 
-    def reset(self) -> None:
-        self.load_state_dict(self._init_state)
+    def load_state_dict(self, session: str, state: Mapping[str, torch.Tensor]) -> None:
+        self._check(session)
+        targets = self._tensors()
+        if set(state) != set(targets):
+            raise ValueError(f"adapter state does not match: expected {sorted(targets)[:4]} ...")
+        for name, dst in targets.items():
+            if tuple(state[name].shape) != tuple(dst.shape) or not bool(torch.isfinite(state[name]).all()):
+                raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(dst.shape)}, or not finite")
+        with torch.no_grad():
+            for name, dst in targets.items():
+                dst.copy_(state[name])
+
+    def reset(self, session: str) -> None:
+        self.load_state_dict(session, self._init_state)
+        self.stats[session] = SessionStats()
 
     def detach(self) -> PreTrainedModel:
+        if self.detached:
+            raise FastWeightsError("these fast weights were already detached")
         base = self.peft_model.unload()
         with torch.no_grad():
             for i, orig in enumerate(self._originals):
                 getattr(self.mlps[i // 3][1], self.layout.slots[i].target).weight.copy_(orig)
+        for n, p in base.named_parameters():
+            p.requires_grad_(self._flags.get(n, p.requires_grad))
         base._tmem_fast_weights = None
-        self.model = base
+        self.detached = True
         return base
 
     # ---------------------------------------------------------------- writes
-    def _encode_examples(self, examples: Sequence[Example], pad_id: int) -> object:
-        return list(examples), pad_id
-
-    def _step_loss(self, pool: object, plan: object) -> torch.Tensor:
-        if isinstance(pool, tuple):  # examples padded per batch, as a plain HF training loop would
-            examples, pad_id = pool
-            return self._full_forward_loss(collate([examples[int(r)] for r in plan], pad_id))
-        return super()._step_loss(pool, plan)
-
-    def _params(self) -> list[torch.nn.Parameter]:
-        names = ("lora_B", "lora_A") if self.train_a else ("lora_B",)
-        return [self._lora(i, n) for n in names for i in range(len(self.layout.slots))]
-
-    def _begin_write(self, recipe: Recipe, train_a: bool) -> None:
-        self.train_a = train_a
-        for i in range(len(self.layout.slots)):
+    def _write(
+        self,
+        names: list[str],
+        data: dict[str, torch.Tensor] | None,
+        schedules: Schedules,
+        recipe: Recipe,
+        train_a: bool,
+        on_step: StepCallback | None,
+    ) -> dict[str, list[float]]:
+        (session,), (schedule,) = names, schedules
+        self._check(session)
+        if not schedule:
+            return {session: []}
+        names_ab = ("lora_B", "lora_A") if train_a else ("lora_B",)
+        for i in range(len(self._modules)):
             self._lora(i, "lora_A").requires_grad_(train_a)
             self._lora(i, "lora_B").requires_grad_(True)
-        params = self._params()
-        if recipe.optimizer == "sgd":
-            self._optimizer = torch.optim.SGD(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-        else:
-            self._optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        params = [self._lora(i, n) for n in names_ab for i in range(len(self._modules))]
+        opt_cls = torch.optim.SGD if recipe.optimizer == "sgd" else torch.optim.AdamW
+        optimizer = opt_cls(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        before = self.state_dict(session)
+        losses = []
+        try:
+            with torch.inference_mode(False):
+                for k, rows in enumerate(schedule, start=1):
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.enable_grad():
+                        loss = self.model(**_step_batch(data, rows, self.device)).loss
+                        loss.backward(inputs=params)
+                    optimizer.step()
+                    losses.append(loss.detach())
+                    if on_step is not None:
+                        on_step(k, len(schedule), float(loss))
+            values = torch.stack(losses).tolist()
+            error = write_error(values, all(bool(torch.isfinite(p).all()) for p in params), recipe)
+        except BaseException:
+            self.load_state_dict(session, before)
+            raise
+        if error is not None:
+            self.load_state_dict(session, before)
+            self.stats[session].rollbacks += 1
+            raise error
+        st = self.stats[session]
+        st.writes, st.steps = st.writes + 1, st.steps + len(values)
+        return {session: values}
 
-    def _zero_grad(self) -> None:
-        self._optimizer.zero_grad(set_to_none=True)
 
-    def _update(self, recipe: Recipe, step: int) -> None:
-        self._optimizer.step()
-
-    def _snapshot(self) -> None:
-        self._last_good_state = self.state_dict()
-
-    def _rollback(self) -> None:
-        with torch.no_grad():
-            for name, dst in self._current_tensors().items():
-                dst.copy_(self._last_good_state[name])
-
-    def _is_initial_state(self) -> bool:
-        return False  # PEFT's own LoRA layers run the forward; no identity shortcut here
-
-    def _finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self._params())
+def _step_batch(data: dict[str, torch.Tensor], rows: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """The step's rows, cut to their last real token (padded per batch, as a plain HF training loop)."""
+    sub = {k: v[rows] for k, v in data.items()}
+    real = sub["attention_mask"].bool().any(0).nonzero()
+    width = int(real.max()) + 1 if len(real) else 1
+    return {k: v[:, :width].to(device) for k, v in sub.items()}

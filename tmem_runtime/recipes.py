@@ -14,7 +14,13 @@ OPTIMIZERS = ("sgd", "adamw")
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one write trains: `epochs` passes over the examples in batches of `batch_size`."""
+    """How one write trains: `epochs` passes over the examples in batches of `batch_size`.
+
+    Divergence guard: a write whose loss at some step exceeds `divergence_factor` x its first step's
+    loss + `divergence_margin` nats is rolled back whole, like a NaN (`divergence_factor=None` turns
+    the guard off). The defaults leave ordinary writes alone (their losses fall) and catch a runaway
+    learning rate within the write that caused it.
+    """
 
     optimizer: str = "adamw"
     lr: float = 3e-3
@@ -22,15 +28,26 @@ class Recipe:
     batch_size: int = 16
     weight_decay: float = 0.0
     max_length: int = 256
+    divergence_factor: float | None = 2.0
+    divergence_margin: float = 5.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not (self.lr > 0 and self.epochs >= 1 and self.batch_size >= 1 and self.max_length >= 2):
             raise ValueError(f"invalid recipe {self}")
+        if self.divergence_factor is not None and not (self.divergence_factor >= 1 and self.divergence_margin >= 0):
+            raise ValueError(f"divergence_factor must be >= 1 (or None) and divergence_margin >= 0: {self}")
 
     def with_(self, **changes) -> Recipe:
         return replace(self, **changes)
+
+    def diverged_at(self, losses: list[float]) -> int | None:
+        """The first step (1-based) whose loss is past the divergence threshold, else None."""
+        if self.divergence_factor is None or not losses:
+            return None
+        limit = self.divergence_factor * losses[0] + self.divergence_margin
+        return next((k for k, v in enumerate(losses, start=1) if v > limit), None)
 
 
 RECIPES: dict[str, Recipe] = {

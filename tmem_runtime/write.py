@@ -54,10 +54,17 @@ class TrunkCache:
 class StepBatch:
     """What one write step reads from a TrunkCache, planned on the host so the step never syncs.
 
+    A step trains one or more sessions (groups): the rows of group g are `groups[g]` consecutive
+    entries of `rows` and train workspace session `slots[g]`.
+
     rows [b]: cache rows. width: suffix tokens the step runs (<= the cache's S). lengths [b]: real
     suffix tokens per row, None when no row is padded within `width` (plain causal attention
-    when there is no prefix either). loss_index [K]: flat positions in [b, P + width] whose next token is a target;
-    targets [K]: those tokens, IGNORE_INDEX on padding slots. All on the compute device.
+    when there is no prefix either). loss_index [K]: flat positions in [b, P + width] whose next
+    token is a target; targets [K]: those tokens, IGNORE_INDEX on padding slots. target_weight [K]:
+    1 / (targets of its group), so each group's loss is its own mean, as if written alone;
+    target_group [K]: each target's group. row_prefix [b]: each row's group, when there are several
+    groups and a shared prefix (each group then runs its own copy of the prefix). Tensors on the
+    compute device; groups and slots on the host.
     """
 
     rows: torch.Tensor
@@ -65,18 +72,30 @@ class StepBatch:
     lengths: torch.Tensor | None
     loss_index: torch.Tensor
     targets: torch.Tensor
+    target_weight: torch.Tensor
+    target_group: torch.Tensor
+    row_prefix: torch.Tensor | None = None
+    groups: tuple[int, ...] = ()
+    slots: tuple[int, ...] = ()
 
     @property
-    def signature(self) -> tuple[int, int, bool, int]:
+    def signature(self) -> tuple:
         """Steps with equal signatures run the same kernels on same-shaped tensors (one CUDA graph)."""
-        return (self.rows.shape[0], self.width, self.lengths is None, self.targets.shape[0])
+        return (self.rows.shape[0], self.width, self.lengths is None, self.targets.shape[0], self.groups, self.slots)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.rows, self.lengths, self.loss_index, self.targets) if t is not None]
+        optional = (self.lengths, self.row_prefix)
+        fixed = [self.rows, self.loss_index, self.targets, self.target_weight, self.target_group]
+        return fixed + [t for t in optional if t is not None]
 
     def clone(self) -> StepBatch:
-        lengths = None if self.lengths is None else self.lengths.clone()
-        return StepBatch(self.rows.clone(), self.width, lengths, self.loss_index.clone(), self.targets.clone())
+        def c(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.clone()
+
+        return StepBatch(
+            self.rows.clone(), self.width, c(self.lengths), self.loss_index.clone(), self.targets.clone(),
+            self.target_weight.clone(), self.target_group.clone(), c(self.row_prefix), self.groups, self.slots,
+        )  # fmt: skip
 
     def copy_(self, other: StepBatch) -> None:
         """Copy `other`'s tensors into this batch's (same signature), device to device."""
@@ -84,6 +103,19 @@ class StepBatch:
             raise ValueError(f"step batch signature {other.signature} != {self.signature}")
         for dst, src in zip(self.tensors(), other.tensors()):
             dst.copy_(src, non_blocking=True)
+
+    def token_segments(self, prefix_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(indptr, slots) over the adapted MLP's tokens: [each group's prefix copy (P tokens each);
+        every row's `width` tokens], as `Decoder.run_layers_after_prefix` (or `run_layers`) lays them out."""
+        indptr, slots = [0], []
+        if prefix_len:
+            for s in self.slots:
+                indptr.append(indptr[-1] + prefix_len)
+                slots.append(s)
+        for n, s in zip(self.groups, self.slots):
+            indptr.append(indptr[-1] + n * self.width)
+            slots.append(s)
+        return tuple(indptr), tuple(slots)
 
 
 def right_padded_lengths(attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -156,13 +188,25 @@ def plan_step(
     width: int | None = None,
     num_targets: int | None = None,
 ) -> StepBatch:
-    """The StepBatch of cache rows `rows`, from the cache's host-side lengths and labels.
+    """The StepBatch of cache rows `rows` training one session (workspace slot 0)."""
+    return plan_group_step(cache, [(0, rows)], device, width, num_targets)
+
+
+def plan_group_step(
+    cache: TrunkCache,
+    groups: Sequence[tuple[int, Sequence[int] | torch.Tensor]],
+    device: torch.device,
+    width: int | None = None,
+    num_targets: int | None = None,
+) -> StepBatch:
+    """The StepBatch of `groups` [(workspace slot, cache rows), ...], from the cache's host-side data.
 
     By default the step runs exactly the tokens those rows need. `width` (>= their longest row) and
     `num_targets` (>= their target count) fix the shapes instead, so that every step of a write can
-    replay one CUDA graph; padding targets are IGNORE_INDEX and change no loss.
+    replay one CUDA graph; padding targets are IGNORE_INDEX with weight 0 and change no loss.
     """
-    rows = torch.as_tensor(rows, dtype=torch.long).cpu()
+    rows = torch.cat([torch.as_tensor(r, dtype=torch.long).cpu().reshape(-1) for _, r in groups])
+    sizes = [len(torch.as_tensor(r).reshape(-1)) for _, r in groups]
     lengths = cache.lengths[rows]
     longest = int(lengths.max())
     width = longest if width is None else width
@@ -172,12 +216,20 @@ def plan_step(
     targets = cache.labels[rows, 1 : p + width]  # position t predicts token t + 1
     row_idx, pos_idx = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
     loss_index, picked = row_idx * (p + width) + pos_idx, targets[row_idx, pos_idx]
+    row_group = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes))
+    target_group = row_group[row_idx]
+    counts = torch.bincount(target_group, minlength=len(groups))
+    if bool((counts == 0).any()):
+        raise ValueError("a write step has a session with no trainable token")
+    weight = 1.0 / counts.double()[target_group]
     if num_targets is not None:
         if num_targets < len(picked):
             raise ValueError(f"num_targets {num_targets} < the {len(picked)} targets of these rows")
         pad = num_targets - len(picked)
         loss_index = torch.cat([loss_index, loss_index.new_zeros(pad)])
         picked = torch.cat([picked, picked.new_full((pad,), IGNORE_INDEX)])
+        weight = torch.cat([weight, weight.new_zeros(pad)])
+        target_group = torch.cat([target_group, target_group.new_zeros(pad)])
     padded = num_targets is not None or not bool((lengths == width).all())
     return StepBatch(
         rows.to(device),
@@ -185,35 +237,56 @@ def plan_step(
         lengths.to(device) if padded else None,
         loss_index.to(device),
         picked.to(device),
+        weight.float().to(device),
+        target_group.to(device),
+        row_group.to(device) if p and len(groups) > 1 else None,
+        tuple(sizes),
+        tuple(slot for slot, _ in groups),
     )
 
 
 def plan_steps(
-    cache: TrunkCache, schedule: Sequence[Sequence[int]], device: torch.device, fixed_shapes: bool = False
+    cache: TrunkCache,
+    schedule: Sequence[Sequence[int]] | Sequence[Sequence[tuple[int, Sequence[int]]]],
+    device: torch.device,
+    fixed_shapes: bool = False,
 ) -> list[StepBatch]:
-    """One StepBatch per entry of `schedule` (cache rows per step).
+    """One StepBatch per entry of `schedule`: cache rows of one session, or [(slot, rows), ...].
 
     fixed_shapes: every step runs the cache's full width with the schedule's largest target count,
-    so steps differ at most in their row count (for CUDA graphs).
+    so steps differ at most in their row counts (for CUDA graphs).
     """
+    steps = [list(s) if s and isinstance(s[0], tuple) else [(0, s)] for s in schedule]
     if not fixed_shapes:
-        return [plan_step(cache, rows, device) for rows in schedule]
+        return [plan_group_step(cache, groups, device) for groups in steps]
     width = cache.hidden.shape[1]
-    counts = [int((cache.labels[list(rows), 1:] != IGNORE_INDEX).sum()) for rows in schedule]
-    return [plan_step(cache, rows, device, width, max(counts)) for rows in schedule]
+    counts = [int((cache.labels[[r for _, rows in g for r in rows], 1:] != IGNORE_INDEX).sum()) for g in steps]
+    return [plan_group_step(cache, groups, device, width, max(counts)) for groups in steps]
 
 
-def adapted_loss(decoder: Decoder, first_adapted: int, cache: TrunkCache, batch: StepBatch) -> torch.Tensor:
-    """Mean next-token cross-entropy of one planned step through layers [first_adapted, L).
-
-    Logits are computed only at the step's target positions. Reads no device value on the host.
-    """
-    p, stop = cache.prefix_len, len(decoder.layers)
+def adapted_loss(
+    decoder: Decoder, first_adapted: int, cache: TrunkCache, batch: StepBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the groups' mean next-token cross-entropies [], each group's [G]) of one planned step
+    through layers [first_adapted, L). Logits are computed only at the step's target positions.
+    Reads no device value on the host."""
+    p, stop, g = cache.prefix_len, len(decoder.layers), len(batch.groups)
     hidden = cache.hidden[:, : batch.width].index_select(0, batch.rows)
     if p:
-        prefix, rows = decoder.run_layers_after_prefix(cache.prefix_hidden, hidden, first_adapted, stop, batch.lengths)
-        full = torch.cat([prefix.expand(rows.shape[0], -1, -1), rows], dim=1)  # [b, P+width, H]
+        prefix = cache.prefix_hidden if g == 1 else cache.prefix_hidden.expand(g, -1, -1)
+        prefix, rows = decoder.run_layers_after_prefix(prefix, hidden, first_adapted, stop, batch.lengths,
+                                                       batch.row_prefix)  # fmt: skip
+        prefix = prefix.expand(rows.shape[0], -1, -1) if g == 1 else prefix.index_select(0, batch.row_prefix)
+        full = torch.cat([prefix, rows], dim=1)  # [b, P+width, H]
     else:
         full = decoder.run_layers(hidden, first_adapted, stop, lengths=batch.lengths)
     picked = full.reshape(-1, full.shape[-1]).index_select(0, batch.loss_index)
-    return F.cross_entropy(decoder.logits(picked), batch.targets, ignore_index=IGNORE_INDEX)
+    ce = F.cross_entropy(decoder.logits(picked), batch.targets, ignore_index=IGNORE_INDEX, reduction="none")
+    weighted = ce * batch.target_weight
+    if g == 1:
+        total = weighted.sum()
+        return total, total.reshape(1)
+    per_group = torch.zeros(g, dtype=weighted.dtype, device=weighted.device).index_add_(
+        0, batch.target_group, weighted
+    )
+    return per_group.sum(), per_group

@@ -1,0 +1,88 @@
+"""Every model family the README names, built the ordinary way: same logits and losses as PEFT.
+
+Each family's tiny random model gets fast weights with a nonzero B (the same A and B loaded into the
+PEFT reference), so a wrong activation or a wrong layer layout shows as a logit difference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tmem_kernels.ops import available
+from tmem_runtime import FastWeights, ModelNotSupportedError, load_model
+from tmem_runtime.models import is_silu
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "olmo2"]
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 500, (2, 17), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :5] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _random_b(fw: FastWeights, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    state = fw.state_dict()
+    return {k: (torch.randn(v.shape, generator=gen) * 0.05 if k.endswith("lora_B") else v) for k, v in state.items()}
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_peft_with_the_same_a_and_b(family):
+    model, _ = load_model(f"tiny-{family}")
+    batch = _batch()
+    backends = [b for b in ("torch", "native") if available(b)]
+    results = {}
+    for backend in backends + ["peft"]:
+        fw = FastWeights(model, backend=backend)
+        state = _random_b(fw, seed=1)
+        fw.load_state_dict(state)
+        logits = _logits(model, batch)
+        losses = fw.write([batch, _batch(1)] * 2, lr=1e-2, optimizer="adamw")
+        results[backend] = (logits, losses)
+        fw.detach()
+    ref_logits, ref_losses = results["peft"]
+    for backend in backends:
+        logits, losses = results[backend]
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5, msg=f"{family}/{backend}")
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_activation_is_not_taken_for_silu(family):
+    model, _ = load_model(f"tiny-{family}")
+    assert not is_silu(model.model.layers[-1].mlp.act_fn)  # gelu_pytorch_tanh, named `hidden_activation`
+    fw = FastWeights(model, backend="torch")
+    assert fw.store.engine.fused == [False] * 4  # the generic path, with the model's own activation
+    fw.detach()
+
+
+def test_phi3_fused_gate_up_is_refused_clearly():
+    model, _ = load_model("tiny-phi3")
+    with pytest.raises(ModelNotSupportedError, match="gate_up_proj"):
+        FastWeights(model)
+
+
+def test_load_model_takes_dtype_device_and_attention_and_loads_gemma2(tmp_path):
+    """Gemma2 could not load through a forced SDPA: the family's own choice is taken (eager), and
+    dtype / device / attn_implementation pass through."""
+    model, _ = load_model("tiny-gemma2")
+    _, tokenizer = load_model("smollm2-135m")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, tok = load_model(str(tmp_path), dtype=torch.bfloat16, device="cpu")
+    assert loaded.config._attn_implementation == "eager" and loaded.dtype == torch.bfloat16
+    assert tok is not None and not any(p.requires_grad for p in loaded.parameters())
+    llama, _ = load_model("tiny-llama", attn_implementation="eager")
+    assert llama.config._attn_implementation == "eager"
+    assert load_model("tiny-llama")[0].config._attn_implementation == "sdpa"

@@ -1,0 +1,234 @@
+"""SessionPool: batched writes equal sequential ones, a different memory per row, residency, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from tmem_kernels.ops import available
+from tmem_runtime import (
+    FastWeights,
+    FastWeightsError,
+    PoolFullError,
+    Recipe,
+    SessionPool,
+    UnknownSessionError,
+    WriteError,
+    load_model,
+)
+from tmem_runtime.write import IGNORE_INDEX
+
+BACKENDS = [b for b in ("torch", "native") if available(b)]
+
+
+def examples(n: int, seed: int, shared: int = 9) -> list[tuple[list[int], list[int]]]:
+    """n examples of different lengths sharing a `shared`-token prefix (a chat preamble), loss on tails."""
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.randint(3, 500, (shared,), generator=torch.Generator().manual_seed(99)).tolist()
+    out = []
+    for _ in range(n):
+        tail = torch.randint(3, 500, (int(torch.randint(4, 14, (), generator=gen)),), generator=gen).tolist()
+        out.append((head + tail, [IGNORE_INDEX] * (shared + 2) + tail[2:]))
+    return out
+
+
+@pytest.fixture
+def tiny():
+    model, _ = load_model("tiny-llama")
+    return model
+
+
+SESSIONS = {"a": examples(5, 1), "b": examples(1, 2), "c": examples(11, 3), "d": examples(3, 4)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adamw", 1e-2)])
+def test_batched_write_equals_sequential_writes(tiny, backend, optimizer, lr):
+    """Four sessions of 1 to 11 cards (so 1 to 2 steps per epoch: sessions drop out of later steps),
+    written in one batched write vs one after another: per-step losses and final B within 1e-5."""
+    recipe = Recipe(optimizer=optimizer, lr=lr, epochs=3, batch_size=4)
+    pool = SessionPool(tiny, capacity=4, backend=backend)
+    for s in SESSIONS:
+        pool.open(s)
+    pool.write_examples_many({"a": SESSIONS["a"][:2]}, recipe)  # "a" starts from an earlier write
+    batched = pool.write_examples_many(SESSIONS, recipe, seed=7)
+    batched_states = {s: pool.state_dict(s) for s in SESSIONS}
+    pool.detach()
+
+    pool = SessionPool(tiny, capacity=4, backend=backend)
+    for s in SESSIONS:
+        pool.open(s)
+    pool.write_examples_many({"a": SESSIONS["a"][:2]}, recipe)
+    for s, ex in SESSIONS.items():
+        alone = pool.write_examples_many({s: ex}, recipe, seed=7)[s]
+        assert len(alone) == len(batched[s])
+        torch.testing.assert_close(torch.tensor(batched[s]), torch.tensor(alone), rtol=1e-5, atol=1e-6)
+        for k, v in pool.state_dict(s).items():
+            err = (batched_states[s][k] - v).norm() / v.norm().clamp_min(1e-12)
+            assert err <= 1e-5, (s, k, float(err))
+    pool.detach()
+
+
+def test_per_row_forward_equals_the_model_with_only_that_session(tiny):
+    """Row i of one batch reads session i (or none): its logits are those of the model with only that
+    session attached (FastWeights), to 1e-5; None rows are the bare model."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 500, (5, 13), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[2, :4] = 0  # left padding, as generate() batches
+    with torch.no_grad():
+        bare = tiny(input_ids=ids, attention_mask=mask).logits
+    pool = SessionPool(tiny, capacity=3, backend="torch")
+    states = {}
+    for i, s in enumerate(("x", "y", "z")):
+        pool.open(s)
+        pool.write_examples_many({s: examples(4, 10 + i)}, Recipe(lr=1e-2, epochs=3))
+        states[s] = pool.state_dict(s)
+    rows = ["y", None, "x", "y", "z"]
+    with torch.no_grad(), pool.rows(rows):
+        mixed = tiny(input_ids=ids, attention_mask=mask).logits
+    pool.detach()
+    for i, s in enumerate(rows):
+        if s is None:
+            torch.testing.assert_close(mixed[i], bare[i], rtol=1e-5, atol=1e-5)
+            continue
+        fw = FastWeights(tiny, backend="torch")
+        fw.load_state_dict(states[s])
+        with torch.no_grad():
+            alone = tiny(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1]).logits[0]
+        fw.detach()
+        torch.testing.assert_close(mixed[i], alone, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(mixed[i], bare[i], atol=1e-3)
+
+
+def test_generate_with_a_different_memory_per_row(tiny):
+    pool = SessionPool(tiny, capacity=2, backend="torch")
+    pool.open("p")
+    pool.open("q")
+    pool.write_examples_many({"p": examples(4, 1), "q": examples(4, 2)}, Recipe(lr=3e-2, epochs=5))
+    prompt = torch.tensor([[5, 6, 7, 8]] * 3)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with pool.rows(["p", "q", None]):
+        mixed = tiny.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
+    for i, s in enumerate(["p", "q", None]):
+        with pool.rows([s]):
+            alone = tiny.generate(prompt[:1], attention_mask=torch.ones_like(prompt[:1]), **kw)
+        assert torch.equal(mixed[i], alone[0])
+    pool.detach()
+
+
+@pytest.mark.parametrize("offload", ["host", "disk"])
+def test_more_sessions_than_capacity_move_out_and_back(tiny, tmp_path, offload):
+    pool = SessionPool(tiny, capacity=2, backend="torch", offload=offload, offload_dir=tmp_path)
+    states = {}
+    for i in range(5):
+        s = f"s{i}"
+        pool.open(s)
+        pool.write_examples_many({s: examples(3, i)}, Recipe(lr=1e-2, epochs=2))
+        states[s] = pool.state_dict(s)
+    pool.open("fresh")  # never written: evicted and restored for free
+    c = pool.counters()
+    assert c["resident"] == 2 and c["open"] == 6 and c["evictions"] >= 3
+    for s, want in reversed(states.items()):  # every one comes back exactly
+        got = pool.state_dict(s)
+        assert all(torch.equal(got[k], want[k]) for k in want), s
+    assert all(v.abs().sum() == 0 for k, v in pool.state_dict("fresh").items() if k.endswith("lora_B"))
+    c = pool.counters()
+    assert c["restores"] >= 3
+    if offload == "disk":
+        assert c["disk_writes"] >= 3 and c["disk_reads"] >= 3
+    pool.close("s0")
+    assert "s0" not in pool.sessions
+    pool.detach()
+
+
+def test_bad_input_is_refused_and_changes_nothing(tiny):
+    pool = SessionPool(tiny, capacity=2, backend="torch")
+    pool.open("a")
+    pool.open("b")
+    pool.write_examples_many({"a": examples(3, 1)}, Recipe(lr=1e-2, epochs=2))
+    before = pool.state_dict("a")
+    with pytest.raises(UnknownSessionError, match="unknown session 'nope'"):
+        pool.write_examples_many({"nope": examples(2, 1)}, Recipe())
+    with pytest.raises(UnknownSessionError):
+        with pool.rows(["a", "nope"]):
+            pass
+    with pytest.raises(ValueError, match="already open"):
+        pool.open("a")
+    ids = torch.randint(3, 500, (3, 5))
+    with pytest.raises(ValueError, match="rows"), torch.no_grad(), pool.rows(["a", "b"]):
+        tiny(input_ids=ids)  # two sessions named for a batch of three
+    pool.open("c")
+    with pool.rows(["a", "b"]):  # both rows pinned by a running batch: "c" cannot get one
+        with pytest.raises(PoolFullError):
+            pool.state_dict("c")
+        with pytest.raises(FastWeightsError, match="wait for itself"):
+            pool.write_examples_many({"a": examples(2, 5)}, Recipe())
+    assert all(torch.equal(pool.state_dict("a")[k], v) for k, v in before.items())
+    with pytest.raises(ValueError, match="train_a"):
+        pool.write_examples_many({"a": examples(2, 5)}, Recipe(), train_a=True)
+    pool.detach()
+
+
+def test_a_bad_session_in_a_batched_write_rolls_back_alone(tiny):
+    pool = SessionPool(tiny, capacity=2, backend="torch")
+    pool.open("good")
+    pool.open("bad")
+    bad = examples(3, 2)
+    bad = [(ids[:-1] + [511], lab) for ids, lab in bad]
+    with torch.no_grad():
+        tiny.model.embed_tokens.weight[511] = float("inf")  # only "bad" reads this token
+    with pytest.raises(WriteError) as info:
+        pool.write_examples_many({"good": examples(3, 1), "bad": bad}, Recipe(lr=1e-2, epochs=2))
+    assert set(info.value.errors) == {"bad"} and len(info.value.losses["good"]) == 2
+    assert pool.stats["good"].writes == 1 and pool.stats["bad"].rollbacks == 1
+    assert all(v.abs().sum() == 0 for k, v in pool.state_dict("bad").items() if k.endswith("lora_B"))
+    assert any(v.abs().sum() > 0 for k, v in pool.state_dict("good").items() if k.endswith("lora_B"))
+    pool.detach()
+
+
+def test_concurrent_writes_and_generates_match_serial_runs(tiny):
+    """Threads writing some sessions while others generate with other sessions: every result equals
+    the same call made alone (writes serialise; a generate sees each session before or after a write)."""
+    pool = SessionPool(tiny, capacity=4, backend="torch")
+    for s in ("w1", "w2", "g1", "g2"):
+        pool.open(s)
+    pool.write_examples_many({"g1": examples(3, 1), "g2": examples(3, 2)}, Recipe(lr=3e-2, epochs=4))
+    prompt = torch.tensor([[5, 6, 7, 8, 9]])
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, pad_token_id=0)
+
+    def generate(s):
+        with pool.rows([s]):
+            return tiny.generate(prompt, **kw)
+
+    want_gen = {s: generate(s) for s in ("g1", "g2")}
+    recipe = Recipe(lr=1e-2, epochs=2)
+    results, errors = {}, []
+
+    def run(name, fn):
+        try:
+            results[name] = fn()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    jobs = [("w1", lambda: pool.write_examples_many({"w1": examples(4, 5)}, recipe)["w1"]),
+            ("w2", lambda: pool.write_examples_many({"w2": examples(4, 6)}, recipe)["w2"])]  # fmt: skip
+    jobs += [(f"{s}-{k}", lambda s=s: generate(s)) for s in ("g1", "g2") for k in range(3)]
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for s in ("g1", "g2"):
+        for k in range(3):
+            assert torch.equal(results[f"{s}-{k}"], want_gen[s])
+    pool.detach()
+    serial = SessionPool(tiny, capacity=2, backend="torch")
+    for s, seed in (("w1", 5), ("w2", 6)):
+        serial.open(s)
+        want = serial.write_examples_many({s: examples(4, seed)}, recipe)[s]
+        torch.testing.assert_close(torch.tensor(results[s]), torch.tensor(want), rtol=1e-6, atol=0)
+    serial.detach()

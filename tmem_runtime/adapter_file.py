@@ -1,0 +1,108 @@
+"""One session's adapter as a safetensors file: atomic writes, and a header that says what it fits.
+
+The header identifies the model by what it is, not where it was loaded from: the architecture, the
+adapter's layout (rank, layers, targets, shapes), the init, and a SHA-256 of the targeted base
+weights' bytes. The same weights loaded from any directory, on any host, accept the file; another
+model (or the same one fine-tuned since) refuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+FILE_FORMAT = "tmem-fast-weights/2"
+IDENTITY_KEYS = ("format", "architecture", "weights_sha256", "rank", "layers", "targets", "init", "shapes")
+
+
+class AdapterFileError(RuntimeError):
+    """An adapter file or state is corrupt or does not match this model/adapter; nothing was changed."""
+
+
+def architecture(model: nn.Module) -> str:
+    """model_type, class and sizes: what the adapter's shapes mean."""
+    cfg = model.config
+    return (
+        f"{cfg.model_type}:{type(model).__name__}:layers={cfg.num_hidden_layers}:hidden={cfg.hidden_size}"
+        f":intermediate={getattr(cfg, 'intermediate_size', '?')}:vocab={cfg.vocab_size}"
+    )
+
+
+class WeightsFingerprint:
+    """SHA-256 of the targeted base weights' bytes, recomputed only when a weight changed in place.
+
+    A weight's autograd version counter moves with every in-place change (an optimizer step on the
+    base model, PiSSA's residual), so the cached digest is reused while no counter moved.
+    """
+
+    def __init__(self, weights: Sequence[torch.Tensor]) -> None:
+        self.weights = list(weights)
+        self._key: tuple | None = None
+        self._digest = ""
+
+    def hexdigest(self) -> str:
+        key = tuple((w.data_ptr(), w._version) for w in self.weights)
+        if key != self._key:
+            h = hashlib.sha256()
+            for w in self.weights:
+                data = w.detach().contiguous().cpu()
+                h.update(str((data.dtype, tuple(data.shape))).encode())
+                h.update(data.view(torch.uint8).numpy().data)
+            self._digest, self._key = h.hexdigest(), key
+        return self._digest
+
+
+def adapter_metadata(model: nn.Module, fingerprint: WeightsFingerprint, init: str, layout) -> dict[str, str]:
+    """The header of an adapter of `layout` (an AdapterLayout) on `model`: see IDENTITY_KEYS."""
+    return {
+        "format": FILE_FORMAT,
+        "architecture": architecture(model),
+        "weights_sha256": fingerprint.hexdigest(),
+        "init": init,
+        **layout.describe(),
+    }
+
+
+def save_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` and `metadata` to one safetensors file atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_adapter(
+    path: str | os.PathLike, expected: dict[str, str], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter file, after checking its header against `expected` (AdapterFileError)."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for a corrupt or missing file
+        raise AdapterFileError(f"cannot read adapter file {path}: {exc}") from exc
+    if meta.get("format") != expected["format"]:
+        raise AdapterFileError(
+            f"adapter file {path} has format {meta.get('format')!r}; this tmem reads {expected['format']!r}"
+        )
+    for key in IDENTITY_KEYS:
+        if meta.get(key) != expected[key]:
+            what = "different base weights" if key == "weights_sha256" else f"{key}={meta.get(key)!r}"
+            raise AdapterFileError(f"adapter file {path} is for {what}; this adapter has {key}={expected[key]!r}")
+    return tensors

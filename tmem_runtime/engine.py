@@ -1,0 +1,316 @@
+"""FastWeightEngine: one model's fast weights for `capacity` sessions, attached in place.
+
+    A  [a_numel]              shared by every session: A0 = S_r V_r^T with the SVD init (frozen)
+    B  [capacity, b_numel]    one contiguous row per session, float32 (the master copy); when the model
+                              is not float32 a compute-dtype copy sits beside it, refreshed on change
+
+The MLP of every adapted layer runs `_mlp_forward` instead of its own forward. That reads the calling
+thread's `Binding`: which rows (or tokens) of the batch use which session's B, or none (the bare MLP).
+Base products and the shrink x @ A.T run once for the whole batch; only the expand is per session.
+While every bound session's B is still its initial zero, the model's own MLP runs (bit-exact bare
+logits). A write binds its own workspace instead of the resident rows (see `trainer.py`).
+
+The engine knows nothing of session names, files or tokenizers: `SessionPool` and `FastWeights` do.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from tmem_runtime.adapter_file import WeightsFingerprint, adapter_metadata
+from tmem_runtime.adapter_init import initial_factors
+from tmem_runtime.backends import kernel_ops, resolve_backend
+from tmem_runtime.decoder import Decoder, supports_piecewise
+from tmem_runtime.layout import AdapterLayout, AdapterSlot
+from tmem_runtime.models import MLP_TARGETS, is_silu, target_mlps
+
+
+class FastWeightsError(RuntimeError):
+    """Base class of the runtime's attach/write errors."""
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Which B each part of a forward's batch reads.
+
+    b_stacks: per adapter slot, every session's B [S, out, r] (a strided view; any float dtype, cast to
+    the model's). a_views: per slot, A [r, in]. Segment g covers rows (tokens when `per_token`)
+    indptr[g]:indptr[g + 1] and reads b_stacks[.][slots[g]], or nothing when slots[g] == -1;
+    indptr None: one segment, slots[0], covers any batch.
+    writing: a write step (base weights are constants; B may be updated inside the backward by
+    `sgd_lr`).
+    """
+
+    b_stacks: tuple[torch.Tensor, ...]
+    a_views: tuple[torch.Tensor, ...]
+    indptr: tuple[int, ...] | None
+    slots: tuple[int, ...]
+    per_token: bool = False
+    writing: bool = False
+    sgd_lr: float | None = None
+
+
+def row_segments(slots_per_row: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(indptr, slots): runs of consecutive rows that read the same slot (-1: none)."""
+    indptr, slots = [0], []
+    for i, s in enumerate(slots_per_row):
+        if slots and slots[-1] == s:
+            indptr[-1] = i + 1
+        else:
+            slots.append(s)
+            indptr.append(i + 1)
+    return tuple(indptr), tuple(slots)
+
+
+class FastWeightEngine:
+    """Fast weights on gate/up/down of the last `num_layers` decoder layers, `capacity` B rows.
+
+    model: a transformers causal LM (modified in place until `detach()`). rank: LoRA rank r.
+    init: "svd" | "random" | "pissa" (see `adapter_init`). backend: "auto" | "triton" | "native" |
+    "torch". svd: "randomized" | "exact".
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        capacity: int = 1,
+        rank: int = 6,
+        num_layers: int = 4,
+        init: str = "svd",
+        backend: str = "auto",
+        svd: str = "randomized",
+        scaling: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if getattr(model, "_tmem_fast_weights", None) is not None:
+            raise FastWeightsError("this model already has fast weights attached; detach() them first")
+        self.model = model
+        self.capacity, self.rank, self.init, self.scaling = capacity, rank, init, scaling
+        self.mlps = target_mlps(model, num_layers)
+        self.first_layer = self.mlps[0][0]
+        self.layout = AdapterLayout(
+            [
+                AdapterSlot(idx, t, getattr(mlp, t).out_features, getattr(mlp, t).in_features)
+                for idx, mlp in self.mlps
+                for t in MLP_TARGETS
+            ],
+            rank,
+        )
+        weight = self.mlps[0][1].gate_proj.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.backend = resolve_backend(backend, self.device, self.dtype)
+        self.ops = kernel_ops(self.backend)
+        self.fused = [is_silu(mlp.act_fn) for _, mlp in self.mlps]
+        self.fingerprint = WeightsFingerprint([w for _, mlp in self.mlps for w in _weights(mlp)])
+        with torch.inference_mode(False), torch.no_grad():
+            self._allocate(svd, seed)
+        self.initial = [True] * capacity  # per B row: still equal to B0
+        self._local = threading.local()
+        self.default_binding: Binding | None = None
+        self.detached = False
+        for k, (_, mlp) in enumerate(self.mlps):
+            mlp.forward = partial(self._mlp_forward, k, mlp)
+        self.decoder = Decoder(model) if supports_piecewise(model) else None
+        model._tmem_fast_weights = self
+
+    def __getstate__(self) -> dict:
+        """Copies (copy.deepcopy of the model, pickling) carry every buffer but no thread state."""
+        state = dict(self.__dict__)
+        state.pop("_local")
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    # ---------------------------------------------------------------- buffers
+    def _allocate(self, svd: str, seed: int) -> None:
+        lay = self.layout
+        if self.init == "pissa":
+            self.fingerprint.hexdigest()  # of the original weights, before they become residuals
+        a0, b0 = initial_factors(self.mlps, lay, self.init, svd, seed)
+        self.a0, self.b0 = a0, b0
+        self.a = a0.clone()
+        self.b = b0.expand(self.capacity, -1).clone()
+        self.a_compute = self.a if self.dtype == torch.float32 else self.a.to(self.dtype)
+        self.b_compute = self.b if self.dtype == torch.float32 else self.b.to(self.dtype)
+        self.b_stacks = tuple(lay.b_stack(self.b_compute, i) for i in range(len(lay.slots)))
+        self.a_views = tuple(lay.a_view(self.a_compute, i) for i in range(len(lay.slots)))
+        self._originals: list[torch.Tensor] = []
+        if self.init == "pissa":
+            for i, s in enumerate(lay.slots):
+                w = getattr(self.mlps[i // 3][1], s.target).weight
+                self._originals.append(w.detach().clone())
+                w.sub_((lay.b_view(b0, i) @ lay.a_view(a0, i)).to(w.dtype))
+
+    @property
+    def identity_init(self) -> bool:
+        """B0 = 0 and the base weights untouched: a session in its initial state changes nothing."""
+        return self.init != "pissa"
+
+    def metadata(self) -> dict[str, str]:
+        """What an adapter of this engine fits: architecture, base-weight hash, init, layout."""
+        return adapter_metadata(self.model, self.fingerprint, self.init, self.layout)
+
+    def set_rows(self, slots: Sequence[int], b_rows: torch.Tensor) -> None:
+        """B rows of `slots` := b_rows [len(slots), b_numel] (float32 master and compute copy)."""
+        idx = torch.as_tensor(list(slots), dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            self.b.index_copy_(0, idx, b_rows.to(self.b.dtype))
+            if self.b_compute is not self.b:
+                self.b_compute.index_copy_(0, idx, b_rows.to(self.dtype))
+        for s in slots:
+            self.initial[s] = False
+
+    def set_row(self, slot: int, b_row: torch.Tensor) -> None:
+        """B row `slot` := b_row [b_numel] (one copy, no allocation: the hot-swap path)."""
+        with torch.no_grad():
+            self.b[slot].copy_(b_row)
+            if self.b_compute is not self.b:
+                self.b_compute[slot].copy_(b_row)
+        self.initial[slot] = False
+
+    def reset_rows(self, slots: Sequence[int]) -> None:
+        """B rows of `slots` back to B0."""
+        with torch.no_grad():
+            for s in slots:
+                self.b[s].copy_(self.b0)
+                if self.b_compute is not self.b:
+                    self.b_compute[s].copy_(self.b0)
+                self.initial[s] = True
+
+    def set_a(self, a: torch.Tensor) -> None:
+        """The shared A := a [a_numel] (only a one-session engine trains A)."""
+        with torch.no_grad():
+            self.a.copy_(a)
+            if self.a_compute is not self.a:
+                self.a_compute.copy_(a)
+
+    # ---------------------------------------------------------------- bindings
+    def binding_for_rows(self, slots_per_row: Sequence[int | None]) -> Binding:
+        """Rows read the resident B rows `slots_per_row` (None: no adapter, the bare model)."""
+        rows = [-1 if s is None else int(s) for s in slots_per_row]
+        for s in rows:
+            if not -1 <= s < self.capacity:
+                raise ValueError(f"slot {s} is outside this engine's {self.capacity} B rows")
+        indptr, slots = row_segments(rows)
+        return Binding(self.b_stacks, self.a_views, indptr, slots)
+
+    def binding_all_rows(self, slot: int) -> Binding:
+        """Every row of any batch reads B row `slot` (FastWeights' one session)."""
+        return Binding(self.b_stacks, self.a_views, None, (slot,))
+
+    @contextmanager
+    def bind(self, binding: Binding | None) -> Iterator[None]:
+        """Forwards on this thread read `binding` (None: the default binding) inside the block."""
+        previous = getattr(self._local, "binding", None)
+        self._local.binding = binding
+        try:
+            yield
+        finally:
+            self._local.binding = previous
+
+    def current_binding(self) -> Binding | None:
+        return getattr(self._local, "binding", None) or self.default_binding
+
+    # ---------------------------------------------------------------- the adapted MLP
+    def _mlp_forward(self, k: int, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        binding = self.current_binding()
+        if binding is None or self._is_identity(binding):
+            return type(mlp).forward(mlp, x)  # the model's own MLP: bit-exact bare outputs
+        ws = _weights(mlp)
+        if binding.writing:
+            ws = tuple(w.detach() for w in ws)  # constants to a write, whatever their requires_grad
+        # outside a write, base weights that require grad get their gradient (e.g. an RL policy)
+        w_grad = not binding.writing and torch.is_grad_enabled() and any(w.requires_grad for w in ws)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        indptr, slots = _token_segments(binding, shape, x2.shape[0])
+        lo = 3 * k
+        a = [binding.a_views[lo + j].to(x.dtype) for j in range(3)]
+        if len(slots) == 1 and slots[0] >= 0 and self.fused[k] and not w_grad:
+            b = [binding.b_stacks[lo + j][slots[0]].to(x.dtype) for j in range(3)]
+            sgd = {} if binding.sgd_lr is None else {"sgd_lr": binding.sgd_lr}
+            y = self.ops.lora_mlp(x2, *ws, a[0], b[0], a[1], b[1], a[2], b[2], self.scaling, **sgd)
+        else:
+            b = [binding.b_stacks[lo + j].to(x.dtype) for j in range(3)]
+            y = composed_mlp_segmented(x2, ws, a, b, indptr, slots, self.scaling, mlp.act_fn)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    def _is_identity(self, binding: Binding) -> bool:
+        """Every B the binding reads is a resident row still at B0 = 0: the adapter changes nothing."""
+        if binding.writing or binding.b_stacks is not self.b_stacks or not self.identity_init:
+            return False
+        return all(s < 0 or self.initial[s] for s in binding.slots)
+
+    # ---------------------------------------------------------------- detach
+    def detach(self) -> PreTrainedModel:
+        """Remove the fast weights; the model is exactly as it was before attach. Returns it."""
+        if self.detached:
+            raise FastWeightsError("these fast weights were already detached")
+        for _, mlp in self.mlps:
+            mlp.__dict__.pop("forward", None)
+        with torch.no_grad():
+            for i, orig in enumerate(self._originals):
+                getattr(self.mlps[i // 3][1], self.layout.slots[i].target).weight.copy_(orig)
+        self.model._tmem_fast_weights = None
+        self.detached = True
+        return self.model
+
+    def check_attached(self) -> None:
+        if self.detached:
+            raise FastWeightsError("these fast weights were detached from their model; attach new ones")
+
+
+def _weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+
+
+def _token_segments(binding: Binding, shape: torch.Size, n_tokens: int) -> tuple[list[int], tuple[int, ...]]:
+    """The binding's segments in tokens of the flattened input (rows x tokens per row)."""
+    if binding.indptr is None:
+        return [0, n_tokens], binding.slots
+    per_row = 1 if binding.per_token or len(shape) < 3 else shape[-2]
+    indptr = [i * per_row for i in binding.indptr]
+    if indptr[-1] != n_tokens:
+        raise ValueError(
+            f"the fast-weight rows name {binding.indptr[-1]} rows but the batch has {n_tokens // per_row} "
+            "(pass one session, or None, per row of the batch)"
+        )
+    return indptr, binding.slots
+
+
+def composed_mlp_segmented(
+    x: torch.Tensor,
+    ws: Sequence[torch.Tensor],
+    a: Sequence[torch.Tensor],
+    b_stacks: Sequence[torch.Tensor],
+    indptr: Sequence[int],
+    slots: Sequence[int],
+    scaling: float,
+    act_fn: nn.Module,
+) -> torch.Tensor:
+    """The adapted MLP as torch ops, any activation, a different B per segment (differentiable in
+    everything that requires grad). x [N, H]; ws (w_gate, w_up, w_down); a: three A [r, in];
+    b_stacks: three [S, out, r]; segments as in `Binding`."""
+
+    def linear(inp: torch.Tensor, j: int) -> torch.Tensor:
+        base = inp @ ws[j].T
+        shrink = inp @ a[j].T
+        parts = [
+            base[lo:hi] if s < 0 else base[lo:hi] + scaling * (shrink[lo:hi] @ b_stacks[j][s].T)
+            for lo, hi, s in zip(indptr[:-1], indptr[1:], slots)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    return linear(act_fn(linear(x, 0)) * linear(x, 1), 2)

@@ -1,0 +1,109 @@
+"""Hot swap: check a session state dict against the engine, as cheaply as copying its B.
+
+A state dict names every slot's lora_A and lora_B. With a shared A0 only B differs between sessions,
+so a swap should cost about one copy of B's bytes. Two cases are cheap by construction:
+
+- A: a state dict made by `state_dict()` carries the pool's one snapshot of A (the same tensor
+  objects every time, version counters unmoved), which needs no check; any other A is compared with
+  the engine's (it must be equal: A is shared).
+- B: when the B tensors are the views of one flat row at the layout's offsets (what `state_dict()`
+  makes), that row is validated in one pass (a sum into a preallocated scalar is finite iff every
+  entry is, barring overflow, which is refused too) and copied in one `copy_`.
+
+Anything else (B tensors from elsewhere, another dtype) takes the general path: each tensor's shape,
+dtype and finiteness checked and gathered into one row. Nothing is written to the engine until every
+check passed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from tmem_runtime.engine import FastWeightEngine
+
+
+class SwapChecker:
+    """Validates session state dicts for one engine; allocates its scratch once."""
+
+    def __init__(self, engine: FastWeightEngine) -> None:
+        self.engine = engine
+        lay = engine.layout
+        self.a_names = [lay.a_name(i) for i in range(len(lay.slots))]
+        self.b_names = [lay.b_name(i) for i in range(len(lay.slots))]
+        self.names = frozenset(self.a_names + self.b_names)
+        self.b_shapes = [(s.out_features, lay.rank) for s in lay.slots]
+        self.b_bytes = [o * 4 for o in lay.b_offsets[:-1]]
+        self.scratch_row = torch.empty(lay.b_numel, dtype=torch.float32, device=engine.device)
+        self.total = torch.empty((), dtype=torch.float32, device=engine.device)
+        self.a_snapshot: dict[str, torch.Tensor] | None = None
+        self.a_versions: list[int] = []
+
+    def remember_a(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """`snapshot` (the A tensors handed out by state_dict) needs no check while unchanged."""
+        self.a_snapshot, self.a_versions = snapshot, [t._version for t in snapshot.values()]
+
+    def b_row(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The validated B row [b_numel] of `state` (a view of its memory, or the scratch row).
+
+        Raises ValueError naming what does not match; reads, never writes, the engine.
+        """
+        if state.keys() != self.names:
+            missing, extra = self.names - set(state), set(state) - self.names
+            raise ValueError(
+                f"adapter state does not match: missing {sorted(missing)[:4]}, unexpected {sorted(extra)[:4]}"
+            )
+        self._check_a(state)
+        row = self._flat_b(state)
+        if row is None:
+            row = self._gathered_b(state)
+        torch.sum(row, dim=0, out=self.total)
+        if not math.isfinite(self.total.item()):
+            raise ValueError("lora_B: not a finite floating-point tensor (NaN, inf or overflow)")
+        return row
+
+    def _check_a(self, state: Mapping[str, torch.Tensor]) -> None:
+        snap = self.a_snapshot
+        if snap is not None and all(state[n] is snap[n] for n in self.a_names):  # (the snapshot is never
+            # an inference tensor: it is made outside inference mode, so its version counter exists)
+            if [t._version for t in snap.values()] == self.a_versions:
+                return
+        lay = self.engine.layout
+        for i, name in enumerate(self.a_names):
+            want = lay.a_view(self.engine.a, i)
+            got = state[name]
+            if tuple(got.shape) != tuple(want.shape):
+                raise ValueError(f"{name}: shape {tuple(got.shape)} != expected {tuple(want.shape)}")
+            if not torch.equal(got.to(want.device, want.dtype), want):
+                raise ValueError(
+                    f"{name} differs from this pool's A, which every session shares: the state is for "
+                    "another model, init or seed"
+                )
+
+    def _flat_b(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """The one float32 row all B tensors are views of, at the layout's offsets; else None."""
+        first = state[self.b_names[0]]
+        if first.dtype != torch.float32 or first.device != self.engine.device:
+            return None
+        base = first.data_ptr()
+        for name, shape, off in zip(self.b_names, self.b_shapes, self.b_bytes):
+            t = state[name]
+            if t.data_ptr() != base + off or t.shape != shape or not t.is_contiguous() or t.dtype != torch.float32:
+                return None
+        storage = first.untyped_storage()
+        if storage.nbytes() < first.storage_offset() * 4 + self.scratch_row.numel() * 4:
+            return None
+        return first.new_empty(0).set_(storage, first.storage_offset(), (self.scratch_row.numel(),))
+
+    def _gathered_b(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        lay = self.engine.layout
+        for i, name in enumerate(self.b_names):
+            t = state[name]
+            if not isinstance(t, torch.Tensor) or not torch.is_floating_point(t):
+                raise ValueError(f"{name}: not a floating-point tensor")
+            if tuple(t.shape) != self.b_shapes[i]:
+                raise ValueError(f"{name}: shape {tuple(t.shape)} != expected {self.b_shapes[i]}")
+            lay.b_view(self.scratch_row, i).copy_(t)
+        return self.scratch_row

@@ -1,0 +1,280 @@
+"""SessionPool: many sessions' fast weights on one model, trained and served in batched passes.
+
+    pool = SessionPool(model, capacity=64)           # A0 once per model; B rows for 64 sessions
+    pool.open("alice"); pool.open("bob")
+    pool.write_qa_many(tok, {"alice": cards_a, "bob": cards_b})   # one batched write, each as if alone
+    with pool.rows(["alice", "bob", None]):          # row i of the batch reads session i (None: bare)
+        model.generate(...)
+    pool.save("alice", path); pool.close("bob")
+
+Every session shares A0 = S_r V_r^T and differs only in its B row, so a batch mixing sessions runs
+the base products and the shrink once and only the small expand per session (see `engine.py`), and
+a batched write runs the frozen trunk once for every session's cards (see `trainer.py`).
+
+More open sessions than `capacity` are kept off the engine, in host memory or on disk, and moved back
+on use (see `residency.py`). Thread safety: every method may be called from any thread. Forwards
+inside `rows(...)` run concurrently; a write's commit waits until no `rows` block is open and new
+blocks wait for the commit, so every forward sees each session entirely before or entirely after a
+write. Writes run one at a time. A thread inside a `rows` block must not write (it would wait for
+itself): that raises an error.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from transformers import PreTrainedModel
+
+from tmem_runtime.engine import FastWeightEngine, FastWeightsError
+from tmem_runtime.hot_swap import SwapChecker
+from tmem_runtime.layout import AdapterLayout
+from tmem_runtime.recipes import Recipe
+from tmem_runtime.residency import Residency
+from tmem_runtime.sessions import Schedules, SessionStats, SessionStore, WriteError, check_batch
+from tmem_runtime.trainer import StepCallback, WriteRun
+from tmem_runtime.write import encode_trunk, right_padded_lengths
+
+
+class SessionPool(SessionStore):
+    """Fast weights for many named sessions of one model (see the module docstring).
+
+    capacity: B rows on the model's device. offload: "host" | "disk" (with offload_dir) for sessions
+    beyond capacity. The other arguments are those of `FastWeightEngine`. `train_a` writes need a
+    pool of capacity 1 (A is shared).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        capacity: int = 16,
+        rank: int = 6,
+        num_layers: int = 4,
+        init: str = "svd",
+        backend: str = "auto",
+        svd: str = "randomized",
+        scaling: float = 1.0,
+        seed: int = 0,
+        cuda_graphs: bool = True,
+        offload: str = "host",
+        offload_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.engine = FastWeightEngine(model, capacity, rank, num_layers, init, backend, svd, scaling, seed)
+        self.cuda_graphs = cuda_graphs
+        self.residency = Residency(self.engine, offload, offload_dir)
+        self.stats: dict[str, SessionStats] = {}
+        self._swap = SwapChecker(self.engine)
+        self._init_threading()
+        model._tmem_fast_weights = self
+
+    def _init_threading(self) -> None:
+        self._lock = threading.RLock()  # the session table and the engine's rows
+        self._write_lock = threading.Lock()  # one write at a time
+        self._readers = 0  # open rows() blocks
+        self._committing = False
+        self._idle = threading.Condition(self._lock)
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:
+        """Copies (copy.deepcopy of the model, pickling) carry every session but no lock or open block."""
+        state = dict(self.__dict__)
+        for k in ("_lock", "_write_lock", "_readers", "_committing", "_idle", "_local"):
+            state.pop(k)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_threading()
+
+    # ---------------------------------------------------------------- sessions
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.engine.model
+
+    @property
+    def layout(self) -> AdapterLayout:
+        return self.engine.layout
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def metadata(self) -> dict[str, str]:
+        """What this pool's adapter files fit: architecture, base-weight hash, init, layout."""
+        return self.engine.metadata()
+
+    @property
+    def sessions(self) -> list[str]:
+        with self._lock:
+            return self.residency.ids
+
+    def __contains__(self, session: str) -> bool:
+        with self._lock:
+            return session in self.residency
+
+    def open(self, session: str) -> None:
+        """A new session in the initial state (B = B0). ValueError if the id is taken."""
+        with self._lock:
+            self.residency.open(session)
+            self.stats[session] = SessionStats()
+
+    def close(self, session: str) -> None:
+        """Forget a session: its row (or offloaded copy) is freed."""
+        with self._lock:
+            self.residency.close(session)
+            del self.stats[session]
+
+    def reset(self, session: str) -> None:
+        """Back to the initial state (B = B0): the episode boundary."""
+        with self._commit(), self._resident([session]) as (slot,), torch.inference_mode(False):
+            self.engine.reset_rows([slot])
+            self.stats[session] = SessionStats()
+
+    def counters(self) -> dict[str, int]:
+        """Residency counters and sizes: evictions, restores, resident and open sessions, bytes."""
+        with self._lock:
+            c = self.residency.counters
+            return {
+                "capacity": self.engine.capacity,
+                "open": len(self.residency.ids),
+                "resident": len(self.residency.resident),
+                "evictions": c.evictions,
+                "restores": c.restores,
+                "disk_writes": c.disk_writes,
+                "disk_reads": c.disk_reads,
+                "bytes_per_session": self.bytes_per_session(),
+                "bytes_resident_total": self.engine.b.numel() * 4 + self.engine.a.numel() * 4,
+            }
+
+    def bytes_per_session(self, writing: bool = False) -> int:
+        """Bytes of one session's B row (float32; x4 while it is being written: grad and AdamW moments)."""
+        return self.engine.layout.b_numel * 4 * (4 if writing else 1)
+
+    @contextmanager
+    def _resident(self, sessions: Sequence[str]) -> Iterator[list[int]]:
+        with self._lock:
+            slots = self.residency.acquire(sessions)
+        try:
+            yield slots
+        finally:
+            with self._lock:
+                self.residency.release(sessions)
+
+    @contextmanager
+    def _commit(self) -> Iterator[None]:
+        """Exclusive access to the engine's rows: waits for open rows() blocks to end."""
+        if getattr(self._local, "reading", 0):
+            raise FastWeightsError("a write or reset inside a pool.rows() block would wait for itself")
+        with self._lock:
+            self._committing = True
+            try:
+                self._idle.wait_for(lambda: self._readers == 0)
+                yield
+            finally:
+                self._committing = False
+                self._idle.notify_all()
+
+    # ---------------------------------------------------------------- forwards
+    @contextmanager
+    def rows(self, sessions: Sequence[str | None]) -> Iterator[None]:
+        """Forwards on this thread inside the block read session sessions[i] for batch row i (None:
+        the bare model). The list's length must be the batch's; generate() keeps it for every step."""
+        names = [s for s in sessions if s is not None]
+        with self._lock:
+            self._idle.wait_for(lambda: not self._committing)
+            slots = self.residency.acquire(names)
+            self._readers += 1
+        self._local.reading = getattr(self._local, "reading", 0) + 1
+        try:
+            it = iter(slots)
+            binding = self.engine.binding_for_rows([None if s is None else next(it) for s in sessions])
+            with self.engine.bind(binding):
+                yield
+        finally:
+            self._local.reading -= 1
+            with self._lock:
+                self.residency.release(names)
+                self._readers -= 1
+                self._idle.notify_all()
+
+    # ---------------------------------------------------------------- writes
+    def _write(
+        self,
+        names: list[str],
+        data: dict[str, torch.Tensor] | None,
+        schedules: Schedules,
+        recipe: Recipe,
+        train_a: bool,
+        on_step: StepCallback | None,
+    ) -> dict[str, list[float]]:
+        if len(set(names)) != len(names):
+            raise ValueError("a session appears twice in one batched write")
+        if train_a and self.engine.capacity > 1:
+            raise ValueError("A is shared by every session of a pool: train_a needs a pool of capacity 1")
+        if getattr(self._local, "reading", 0):
+            raise FastWeightsError("a write inside a pool.rows() block would wait for itself")
+        with self._write_lock, self._resident(names) as slots:
+            if not any(schedules):
+                return {s: [] for s in names}
+            with torch.inference_mode(False):
+                encoded = self._encode(data)
+            run = WriteRun(self.engine, encoded, schedules, slots, recipe, train_a, self.cuda_graphs)
+            outcome = run.train(on_step)
+            with self._commit():
+                run.commit(outcome)
+        losses, errors = {}, {}
+        with self._lock:
+            for s, steps, e in zip(names, outcome.losses, outcome.errors):
+                st = self.stats[s]
+                if e is None:
+                    losses[s] = steps
+                    st.writes, st.steps = st.writes + 1, st.steps + len(steps)
+                else:
+                    errors[s] = e
+                    st.rollbacks += 1
+            if train_a:
+                self._swap.a_snapshot = None  # A changed: hand out (and check) a new snapshot
+        if errors:
+            if len(names) == 1:
+                raise errors[names[0]]
+            raise WriteError(errors, losses)
+        return losses
+
+    def _encode(self, batch: dict[str, torch.Tensor]) -> object:
+        """The frozen trunk over a right-padded batch (the fast path), or the batch itself (generic path)."""
+        ids, mask, labels = (t.cpu().clone() for t in check_batch(batch))
+        lengths = right_padded_lengths(mask)
+        e = self.engine
+        if e.decoder is None or lengths is None:
+            return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return encode_trunk(e.decoder, e.first_layer, ids, lengths, labels, e.device)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self, session: str) -> dict[str, torch.Tensor]:
+        """A snapshot {"layers.L.mlp.T.lora_A": [r, in], "...lora_B": [out, r]}: B copied, A shared
+        (one snapshot of A0 for every state dict while A is unchanged; treat it as read-only)."""
+        with self._resident([session]) as (slot,), torch.inference_mode(False):
+            b_row = self.engine.b[slot].detach().clone()
+            lay = self.engine.layout
+            return {**self._a_state(), **{lay.b_name(i): lay.b_view(b_row, i) for i in range(len(lay.slots))}}
+
+    def _a_state(self) -> dict[str, torch.Tensor]:
+        if self._swap.a_snapshot is None:
+            a = self.engine.a.detach().clone()
+            lay = self.engine.layout
+            self._swap.remember_a({lay.a_name(i): lay.a_view(a, i) for i in range(len(lay.slots))})
+        return dict(self._swap.a_snapshot)
+
+    def load_state_dict(self, session: str, state: Mapping[str, torch.Tensor]) -> None:
+        """Hot swap: validate (see hot_swap), then copy B into the session's row; nothing changes on
+        a mismatch (ValueError). A must equal the pool's shared A."""
+        with self._commit(), self._resident([session]) as (slot,), torch.inference_mode(False):
+            self.engine.set_row(slot, self._swap.b_row(state))
+
+    def detach(self) -> PreTrainedModel:
+        """Remove the fast weights from the model (exactly as it was); the pool is unusable after."""
+        with self._commit():
+            return self.engine.detach()

@@ -1,0 +1,168 @@
+"""Which sessions hold one of the engine's B rows, and where the others wait.
+
+More sessions can be open than the engine has rows. A session is *resident* when it holds a row;
+using it (a write, a forward with it in the batch) makes it resident, evicting the least recently
+used unpinned session: its B row is copied to host memory, or to a safetensors file under
+`offload_dir` (written atomically), and copied back on its next use. A session still in its initial
+state is evicted for free (nothing to keep). Sessions in use by a running batch are pinned and never
+evicted; when every row is pinned, `acquire` raises `PoolFullError`. Not thread-safe by itself: the
+pool calls it under its lock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tmem_runtime.adapter_file import AdapterFileError, read_adapter, save_adapter
+from tmem_runtime.engine import FastWeightEngine, FastWeightsError
+
+OFFLOAD = ("host", "disk")
+
+
+class UnknownSessionError(KeyError):
+    """A session id that is not open in this pool."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class PoolFullError(FastWeightsError):
+    """Every B row is held by a session in use; nothing can be evicted to make room."""
+
+
+@dataclass
+class ResidencyCounters:
+    evictions: int = 0  # sessions moved out of a row (host or disk)
+    restores: int = 0  # sessions moved back into a row
+    disk_writes: int = 0
+    disk_reads: int = 0
+
+
+class Residency:
+    """Session id -> engine row, LRU order, pins, and the evicted sessions' B rows."""
+
+    def __init__(self, engine: FastWeightEngine, offload: str = "host", offload_dir: str | Path | None = None) -> None:
+        if offload not in OFFLOAD:
+            raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
+        if offload == "disk" and offload_dir is None:
+            raise ValueError("offload='disk' needs offload_dir")
+        self.engine, self.offload = engine, offload
+        self.offload_dir = None if offload_dir is None else Path(offload_dir)
+        self.resident: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self.away: dict[str, torch.Tensor | Path | None] = {}  # None: evicted in its initial state
+        self.free = list(range(engine.capacity))[::-1]
+        self.pins: Counter[str] = Counter()
+        self.counters = ResidencyCounters()
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.resident) + list(self.away)
+
+    def __contains__(self, session: str) -> bool:
+        return session in self.resident or session in self.away
+
+    def check(self, session: object) -> str:
+        if not isinstance(session, str):
+            raise TypeError(f"session ids are strings, got {type(session).__name__}")
+        if session not in self:
+            raise UnknownSessionError(f"unknown session {session!r}: open it first (pool.open)")
+        return session
+
+    def open(self, session: str) -> None:
+        if not isinstance(session, str) or not session:
+            raise ValueError(f"a session id is a non-empty string, got {session!r}")
+        if session in self:
+            raise ValueError(f"session {session!r} is already open")
+        self.away[session] = None  # made resident on first use
+
+    def close(self, session: str) -> None:
+        self.check(session)
+        if self.pins[session]:
+            raise FastWeightsError(f"session {session!r} is in use by a running batch; close it afterwards")
+        if session in self.resident:
+            slot = self.resident.pop(session)
+            self.engine.reset_rows([slot])
+            self.free.append(slot)
+        else:
+            kept = self.away.pop(session)
+            if isinstance(kept, Path):
+                kept.unlink(missing_ok=True)
+
+    def acquire(self, sessions: Sequence[str]) -> list[int]:
+        """Make `sessions` resident and pin them; returns their rows. Undo with `release`."""
+        unique = list(dict.fromkeys(self.check(s) for s in sessions))
+        for s in unique:
+            self.pins[s] += 1
+        try:
+            for s in unique:
+                if s not in self.resident:
+                    self._restore(s, self._take_row())
+                self.resident.move_to_end(s)
+        except BaseException:
+            self.release(unique)
+            raise
+        return [self.resident[s] for s in sessions]
+
+    def release(self, sessions: Sequence[str]) -> None:
+        for s in dict.fromkeys(sessions):
+            self.pins[s] -= 1
+            if self.pins[s] <= 0:
+                del self.pins[s]
+
+    def _take_row(self) -> int:
+        if self.free:
+            return self.free.pop()
+        victim = next((s for s in self.resident if not self.pins[s]), None)
+        if victim is None:
+            raise PoolFullError(
+                f"all {self.engine.capacity} rows hold sessions in use by running batches; "
+                "raise the pool's capacity or wait for a batch to finish"
+            )
+        slot = self.resident.pop(victim)
+        self.away[victim] = self._evict(victim, slot)
+        self.counters.evictions += 1
+        return slot
+
+    def _evict(self, session: str, slot: int) -> torch.Tensor | Path | None:
+        if self.engine.initial[slot]:
+            return None
+        row = self.engine.b[slot].detach()
+        if self.offload == "host":
+            return row.to("cpu", copy=True)
+        path = self.offload_dir / f"{_file_stem(session)}.safetensors"
+        save_adapter(path, {"b": row}, self._file_meta())
+        self.counters.disk_writes += 1
+        return path
+
+    def _restore(self, session: str, slot: int) -> None:
+        kept = self.away.pop(session)
+        if kept is None:
+            self.engine.reset_rows([slot])
+        else:
+            if isinstance(kept, Path):
+                try:
+                    kept_row = read_adapter(kept, self._file_meta(), self.engine.device)["b"]
+                except (AdapterFileError, KeyError):
+                    self.away[session] = kept
+                    self.free.append(slot)
+                    raise
+                self.counters.disk_reads += 1
+                kept.unlink(missing_ok=True)
+            else:
+                kept_row = kept
+            self.engine.set_rows([slot], kept_row[None].to(self.engine.device))
+            self.counters.restores += 1
+        self.resident[session] = slot
+
+    def _file_meta(self) -> dict[str, str]:
+        return {**self.engine.metadata(), "format": "tmem-offloaded-row/1"}
+
+
+def _file_stem(session: str) -> str:
+    """A file name for any session id (hex of its UTF-8 bytes: no path tricks, no collisions)."""
+    return session.encode().hex()

@@ -1,0 +1,317 @@
+"""One write, run: the sessions it trains copied to a workspace, trained step by step, committed.
+
+    engine B rows of the written sessions ──copy──> Workspace [W, b_numel] (+ A when A trains)
+    every step planned on the host first; then per step: zero grad → adapted loss with the workspace
+        bound → backward into the workspace's gradient only → one fused update over the sessions that
+        take part in the step (sessions are ordered by step count, so those are a prefix)
+    losses read once at the end ──> each session checked (finite loss and B, not diverged) ──> the good
+        ones copied back to their engine rows; a bad one, or an error anywhere, changes no row
+
+Each session's loss is the mean over its own targets, and the step's loss is their sum, so every
+session's gradient, update and losses are those of writing it alone. Sessions with fewer steps drop
+out of later steps (their AdamW state and B no longer move), as they would have stopped alone.
+Readers of the engine's rows see the state before the write until the commit.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from tmem_runtime.engine import Binding, FastWeightEngine, FastWeightsError, row_segments
+from tmem_runtime.recipes import OPTIMIZERS, Recipe
+from tmem_runtime.write import IGNORE_INDEX, StepBatch, TrunkCache, adapted_loss, plan_steps
+
+StepCallback = Callable[[int, "int | None", float], None]
+Rows = Sequence[int]
+
+# The workspace's leaves are strided views (one slot's B across sessions) and so are their .grad
+# views; autograd accumulates into them in place and warns once that the layout is unusual.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+
+class NonFiniteLossError(FastWeightsError):
+    """A write step produced a NaN/inf loss or update; the adapter kept its state from before the write."""
+
+
+class DivergedWriteError(FastWeightsError):
+    """A write's loss rose past the recipe's divergence threshold; the adapter kept its state from before."""
+
+
+@dataclass
+class WriteOutcome:
+    """Per written session, in the order given: its per-step losses and why it was rolled back (or None)."""
+
+    losses: list[list[float]]
+    errors: list[FastWeightsError | None]
+
+
+def adamw_defaults(weight_decay: float) -> dict:
+    return dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay)
+
+
+class Workspace:
+    """The trainable copy of W sessions' B rows (and of A, when it trains): params, grads, moments.
+
+    param = [B rows (W x b_numel) | A (a_numel, only when A trains)], float32; grad, exp_avg, exp_avg_sq
+    alike. The autograd leaves are one per adapter slot: B of every workspace session [W, out, r] (a
+    strided view with its own version counter, so a kernel that steps one slot's B in place does not
+    invalidate what another layer saved), and A [r, in] when it trains.
+    """
+
+    def __init__(self, engine: FastWeightEngine, slots: Sequence[int], train_a: bool) -> None:
+        lay = engine.layout
+        self.engine, self.slots, self.train_a = engine, list(slots), train_a
+        w, nb = len(self.slots), lay.b_numel
+        numel = w * nb + (lay.a_numel if train_a else 0)
+        with torch.no_grad():
+            self.param = torch.empty(numel, dtype=torch.float32, device=engine.device)
+            self.b = self.param[: w * nb].view(w, nb)
+            self.b.copy_(engine.b[torch.as_tensor(self.slots, device=engine.device)])
+            self.a = self.param[w * nb :] if train_a else None
+            if self.a is not None:
+                self.a.copy_(engine.a)
+        self.grad = torch.zeros_like(self.param)
+        self.exp_avg = torch.zeros_like(self.param)
+        self.exp_avg_sq = torch.zeros_like(self.param)
+        grad_b = self.grad[: w * nb].view(w, nb)
+        self.b_leaves = tuple(
+            _leaf(lay.b_stack(self.b, i), lay.b_stack(grad_b, i)) for i in range(len(lay.slots))
+        )
+        if self.a is None:
+            self.a_leaves, a_views = (), engine.a_views
+        else:
+            grad_a = self.grad[w * nb :]
+            self.a_leaves = tuple(_leaf(lay.a_view(self.a, i), lay.a_view(grad_a, i)) for i in range(len(lay.slots)))
+            a_views = self.a_leaves
+        self.a_views = a_views
+
+    @property
+    def leaves(self) -> tuple[torch.Tensor, ...]:
+        return self.b_leaves + self.a_leaves
+
+    def binding(self, indptr: tuple, slots: tuple, per_token: bool, sgd_lr: float | None) -> Binding:
+        """Forwards read the workspace's B leaves (and A, when it trains): segments as in `Binding`."""
+        return Binding(self.b_leaves, self.a_views, indptr, slots, per_token=per_token, writing=True, sgd_lr=sgd_lr)
+
+    def active(self, sessions: int) -> tuple[torch.Tensor, ...]:
+        """(param, grad, exp_avg, exp_avg_sq) of the first `sessions` B rows (and A, when it trains)."""
+        if self.a is not None:  # one session: everything
+            return self.param, self.grad, self.exp_avg, self.exp_avg_sq
+        n = sessions * self.engine.layout.b_numel
+        return self.param[:n], self.grad[:n], self.exp_avg[:n], self.exp_avg_sq[:n]
+
+    def commit(self, ok: Sequence[bool]) -> None:
+        """Copy the good sessions' B (and A) back to their engine rows."""
+        keep = [w for w, good in enumerate(ok) if good]
+        if keep:
+            self.engine.set_rows([self.slots[w] for w in keep], self.b.detach()[keep])
+            if self.a is not None:
+                self.engine.set_a(self.a.detach())
+
+
+def _leaf(view: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A leaf on `view`'s memory with its own autograd version counter, its .grad on `grad`'s memory."""
+    alias = torch.empty(0, dtype=view.dtype, device=view.device)
+    alias.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+    alias.requires_grad_(True)
+    alias.grad = grad
+    return alias
+
+
+@dataclass
+class GenericStep:
+    """A step of the generic path (the model's own forward): rows of a padded batch, grouped by session.
+
+    rows [b] (host); groups/slots as in StepBatch; weight [b, T-1] on the device: 1 / (targets of the
+    row's session) where the shifted label is a target, else 0; row_group [b] on the device.
+    """
+
+    rows: torch.Tensor
+    groups: tuple[int, ...]
+    slots: tuple[int, ...]
+    weight: torch.Tensor
+    row_group: torch.Tensor
+
+
+def plan_generic(batch: dict[str, torch.Tensor], steps: list[list[tuple[int, Rows]]], device: torch.device) -> list:
+    out = []
+    for groups in steps:
+        rows = torch.cat([torch.as_tensor(r, dtype=torch.long).reshape(-1) for _, r in groups])
+        sizes = [len(torch.as_tensor(r).reshape(-1)) for _, r in groups]
+        row_group = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes))
+        is_target = (batch["labels"][rows, 1:] != IGNORE_INDEX).double()
+        per_group = torch.zeros(len(groups), dtype=torch.float64).index_add_(0, row_group, is_target.sum(1))
+        if bool((per_group == 0).any()):
+            raise ValueError("a write step has a session with no trainable token")
+        weight = is_target / per_group[row_group][:, None]
+        out.append(GenericStep(rows, tuple(sizes), tuple(s for s, _ in groups), weight.float().to(device),
+                               row_group.to(device)))  # fmt: skip
+    return out
+
+
+def generic_loss(engine: FastWeightEngine, batch: dict[str, torch.Tensor], step: GenericStep) -> tuple:
+    """(sum of the groups' mean losses, each group's) through the model's own forward."""
+    inputs = {k: batch[k][step.rows].to(engine.device) for k in ("input_ids", "attention_mask")}
+    labels = batch["labels"][step.rows].to(engine.device)
+    logits = engine.model(**inputs).logits[:, :-1].float()
+    ce = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+    per_row = (ce * step.weight).sum(1)
+    per_group = torch.zeros(len(step.groups), device=per_row.device).index_add_(0, step.row_group, per_row)
+    return per_group.sum(), per_group
+
+
+class WriteRun:
+    """The steps of one write over a workspace (see the module docstring). Call `run()` once."""
+
+    def __init__(
+        self,
+        engine: FastWeightEngine,
+        data: TrunkCache | dict[str, torch.Tensor],
+        schedules: Sequence[Sequence[Rows]],
+        slots: Sequence[int],
+        recipe: Recipe,
+        train_a: bool = False,
+        cuda_graphs: bool = True,
+    ) -> None:
+        if recipe.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {recipe.optimizer!r}")
+        if train_a and len(slots) > 1:
+            raise ValueError("A is shared by every session: only a one-session write can train it")
+        engine.check_attached()
+        if engine.mlps[0][1].gate_proj.weight.is_inference():
+            raise FastWeightsError(
+                "the model's weights were created under torch.inference_mode(): a write needs autograd, so "
+                "load the model outside inference mode (writes themselves may be called inside it)"
+            )
+        self.engine, self.data, self.recipe, self.train_a = engine, data, recipe, train_a
+        # sessions ordered by step count (stable): the ones in step k are always a prefix
+        self.order = sorted(range(len(slots)), key=lambda i: -len(schedules[i]))
+        self.counts = [len(schedules[i]) for i in self.order]
+        self.steps = [
+            [(w, schedules[i][k]) for w, i in enumerate(self.order) if len(schedules[i]) > k]
+            for k in range(max(self.counts, default=0))
+        ]
+        self.slots = [slots[i] for i in self.order]
+        self.cached = isinstance(data, TrunkCache)
+        self.graphed = (
+            cuda_graphs and engine.device.type == "cuda" and engine.backend in ("triton", "torch") and self.cached
+        )
+        self.sgd_lr = recipe.lr if self._sgd_in_backward(len(slots)) else None
+
+    def _sgd_in_backward(self, sessions: int) -> bool:
+        """Plain SGD on one session's float32 B with the Triton kernels: the backward kernel applies
+        B -= lr * dB itself, so no dB is materialised and no optimizer step runs. Sound because each
+        MLP runs once per step."""
+        e, r = self.engine, self.recipe
+        return (
+            e.backend == "triton" and all(e.fused) and e.dtype == torch.float32 and sessions == 1
+            and r.optimizer == "sgd" and r.weight_decay == 0 and not self.train_a and self.cached
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- one step
+    def _loss(self, plan: StepBatch | GenericStep) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.engine
+        if self.cached:
+            indptr, slots = plan.token_segments(self.data.prefix_len)
+            binding = self.ws.binding(indptr, slots, True, self.sgd_lr)
+            with e.bind(binding):
+                return adapted_loss(e.decoder, e.first_layer, self.data, plan)
+        indptr, _ = row_segments([w for w, n in zip(plan.slots, plan.groups) for _ in range(n)])
+        with e.bind(self.ws.binding(indptr, plan.slots, False, None)):
+            return generic_loss(e, self.data, plan)
+
+    def step(self, plan: StepBatch | GenericStep, step: int | torch.Tensor) -> torch.Tensor:
+        """Zero grad, loss, backward, update: one step; returns each workspace session's loss [W]
+        (0 for sessions not in this step), on the device."""
+        if self.sgd_lr is None:
+            self.ws.grad.zero_()
+        with torch.enable_grad():
+            total, per_group = self._loss(plan)
+            total.backward(inputs=list(self.ws.leaves))  # the fast weights only, never a base weight
+        self._update(len(plan.groups), step)
+        return F.pad(per_group.detach().float(), (0, len(self.slots) - per_group.shape[0]))
+
+    def _counted_step(self, plan: StepBatch, step: torch.Tensor) -> torch.Tensor:
+        step.add_(1)
+        return self.step(plan, step)
+
+    def _update(self, sessions: int, step: int | torch.Tensor) -> None:
+        if self.sgd_lr is not None:
+            return  # the backward kernels already stepped B
+        param, grad, exp_avg, exp_avg_sq = self.ws.active(sessions)
+        ops, r = self.engine.ops, self.recipe
+        with torch.no_grad():
+            if r.optimizer == "sgd":
+                ops.sgd_step_(param, grad, r.lr, r.weight_decay)
+            else:
+                ops.adamw_step_(param, grad, exp_avg, exp_avg_sq, step, r.lr, **adamw_defaults(r.weight_decay))
+
+    # ---------------------------------------------------------------- the whole write
+    def plans(self) -> list:
+        if self.cached:
+            return plan_steps(self.data, self.steps, self.engine.device, fixed_shapes=self.graphed)
+        return plan_generic(self.data, self.steps, self.engine.device)
+
+    def run_steps(self, on_step: StepCallback | None = None) -> torch.Tensor:
+        """Every step -> losses [n_steps, W] on the device. No host sync inside the loop (unless
+        `on_step` asks for each loss); on CUDA the steps replay CUDA graphs."""
+        plans = self.plans()
+        if self.graphed:
+            from tmem_runtime.cuda_graphs import GraphedSteps
+
+            step_t = torch.zeros((), dtype=torch.float32, device=self.engine.device)  # counted in the graph
+            graphs = GraphedSteps(partial(self._counted_step, step=step_t))
+        losses = []
+        for k, plan in enumerate(plans, start=1):
+            loss = graphs(plan.signature, plan) if self.graphed else self.step(plan, k)
+            losses.append(loss)
+            if on_step is not None:
+                on_step(k, len(plans), float(loss.sum()))
+        return torch.stack(losses)
+
+    def train(self, on_step: StepCallback | None = None) -> WriteOutcome:
+        """Train and check each session; nothing is committed yet (see `commit`)."""
+        n = len(self.slots)
+        with torch.inference_mode(False):
+            self.ws = Workspace(self.engine, self.slots, self.train_a)
+            if not self.steps:
+                return WriteOutcome([[] for _ in range(n)], [None] * n)
+            table = self.run_steps(on_step).tolist()  # the loop's results, read once
+            finite_b = torch.isfinite(self.ws.b).all(dim=1).tolist()
+            finite_a = self.ws.a is None or bool(torch.isfinite(self.ws.a).all())
+        losses = [[row[w] for row in table[: self.counts[w]]] for w in range(n)]
+        errors = [write_error(losses[w], finite_b[w] and finite_a, self.recipe) for w in range(n)]
+        inverse = {i: w for w, i in enumerate(self.order)}
+        return WriteOutcome([losses[inverse[i]] for i in range(n)], [errors[inverse[i]] for i in range(n)])
+
+    def commit(self, outcome: WriteOutcome) -> None:
+        """Copy the sessions that trained cleanly back to their engine rows (the others stay as they were)."""
+        ok_by_input = [e is None for e in outcome.errors]
+        with torch.inference_mode(False):
+            self.ws.commit([ok_by_input[i] for i in self.order])
+
+
+def write_error(losses: list[float], finite_update: bool, recipe: Recipe) -> FastWeightsError | None:
+    """Why a session's write must be rolled back (a non-finite loss or update, divergence), or None."""
+    bad = next((k for k, v in enumerate(losses, start=1) if not math.isfinite(v)), None)
+    if bad is not None or not finite_update:
+        what = f"loss {losses[bad - 1]}" if bad is not None else "a non-finite update"
+        return NonFiniteLossError(
+            f"write step {bad or len(losses)} produced {what}; the adapter was rolled back to its state "
+            "before this write"
+        )
+    k = recipe.diverged_at(losses)
+    if k is not None:
+        return DivergedWriteError(
+            f"write diverged: step {k}'s loss {losses[k - 1]:.4g} exceeds {recipe.divergence_factor} x the first "
+            f"step's {losses[0]:.4g} + {recipe.divergence_margin} (Recipe.divergence_factor / divergence_margin); "
+            "the adapter was rolled back to its state before this write"
+        )
+    return None
