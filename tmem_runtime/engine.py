@@ -144,6 +144,8 @@ class FastWeightEngine:
         self.b = b0.expand(self.capacity, -1).clone()
         self.a_compute = self.a if self.dtype == torch.float32 else self.a.to(self.dtype)
         self.b_compute = self.b if self.dtype == torch.float32 else self.b.to(self.dtype)
+        self.b_rows = self.b.unbind(0)  # row views, made once (the hot-swap path indexes nothing)
+        self.b_compute_rows = self.b_compute.unbind(0)
         self.b_stacks = tuple(lay.b_stack(self.b_compute, i) for i in range(len(lay.slots)))
         self.a_views = tuple(lay.a_view(self.a_compute, i) for i in range(len(lay.slots)))
         self._originals: list[torch.Tensor] = []
@@ -174,10 +176,9 @@ class FastWeightEngine:
 
     def set_row(self, slot: int, b_row: torch.Tensor) -> None:
         """B row `slot` := b_row [b_numel] (one copy, no allocation: the hot-swap path)."""
-        with torch.no_grad():
-            self.b[slot].copy_(b_row)
-            if self.b_compute is not self.b:
-                self.b_compute[slot].copy_(b_row)
+        self.b_rows[slot].copy_(b_row)  # (the buffers never require grad: no autograd to switch off)
+        if self.b_compute is not self.b:
+            self.b_compute_rows[slot].copy_(b_row)
         self.initial[slot] = False
 
     def reset_rows(self, slots: Sequence[int]) -> None:

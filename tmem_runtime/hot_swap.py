@@ -35,7 +35,7 @@ class SwapChecker:
         self.b_names = [lay.b_name(i) for i in range(len(lay.slots))]
         self.names = frozenset(self.a_names + self.b_names)
         self.b_shapes = [(s.out_features, lay.rank) for s in lay.slots]
-        self.b_bytes = [o * 4 for o in lay.b_offsets[:-1]]
+        self.b_expected = [(n, torch.Size(sh), o * 4) for n, sh, o in zip(self.b_names, self.b_shapes, lay.b_offsets)]
         self.scratch_row = torch.empty(lay.b_numel, dtype=torch.float32, device=engine.device)
         self.total = torch.empty((), dtype=torch.float32, device=engine.device)
         self.a_snapshot: dict[str, torch.Tensor] | None = None
@@ -88,12 +88,12 @@ class SwapChecker:
         if first.dtype != torch.float32 or first.device != self.engine.device:
             return None
         base = first.data_ptr()
-        for name, shape, off in zip(self.b_names, self.b_shapes, self.b_bytes):
+        for name, shape, off in self.b_expected:
             t = state[name]
-            if t.data_ptr() != base + off or t.shape != shape or not t.is_contiguous() or t.dtype != torch.float32:
+            if t.data_ptr() - base != off or t.shape != shape or t.dtype != first.dtype or not t.is_contiguous():
                 return None
         storage = first.untyped_storage()
-        if storage.nbytes() < first.storage_offset() * 4 + self.scratch_row.numel() * 4:
+        if storage.nbytes() < (first.storage_offset() + self.scratch_row.numel()) * 4:
             return None
         return first.new_empty(0).set_(storage, first.storage_offset(), (self.scratch_row.numel(),))
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from transformers import PreTrainedModel
@@ -129,8 +129,8 @@ class SessionPool(SessionStore):
 
     def reset(self, session: str) -> None:
         """Back to the initial state (B = B0): the episode boundary."""
-        with self._commit(), self._resident([session]) as (slot,), torch.inference_mode(False):
-            self.engine.reset_rows([slot])
+        with self._exclusive(), torch.inference_mode(False):
+            self.engine.reset_rows([self.residency.slot(session)])
             self.stats[session] = SessionStats()
 
     def counters(self) -> dict[str, int]:
@@ -164,18 +164,20 @@ class SessionPool(SessionStore):
                 self.residency.release(sessions)
 
     @contextmanager
-    def _commit(self) -> Iterator[None]:
-        """Exclusive access to the engine's rows: waits for open rows() blocks to end."""
+    def _exclusive(self) -> Iterator[None]:
+        """The pool's lock, held once no rows() block is open (new ones wait): the engine's rows may
+        change inside. (Fast when nothing reads: the hot-swap path.)"""
         if getattr(self._local, "reading", 0):
-            raise FastWeightsError("a write or reset inside a pool.rows() block would wait for itself")
+            raise FastWeightsError("a write, swap or reset inside a pool.rows() block would wait for itself")
         with self._lock:
-            self._committing = True
-            try:
-                self._idle.wait_for(lambda: self._readers == 0)
-                yield
-            finally:
-                self._committing = False
-                self._idle.notify_all()
+            if self._readers:
+                self._committing = True
+                try:
+                    self._idle.wait_for(lambda: self._readers == 0)
+                finally:
+                    self._committing = False
+                    self._idle.notify_all()
+            yield
 
     # ---------------------------------------------------------------- forwards
     @contextmanager
@@ -223,7 +225,7 @@ class SessionPool(SessionStore):
                 encoded = self._encode(data)
             run = WriteRun(self.engine, encoded, schedules, slots, recipe, train_a, self.cuda_graphs)
             outcome = run.train(on_step)
-            with self._commit():
+            with self._exclusive():
                 run.commit(outcome)
         losses, errors = {}, {}
         with self._lock:
@@ -271,10 +273,15 @@ class SessionPool(SessionStore):
     def load_state_dict(self, session: str, state: Mapping[str, torch.Tensor]) -> None:
         """Hot swap: validate (see hot_swap), then copy B into the session's row; nothing changes on
         a mismatch (ValueError). A must equal the pool's shared A."""
-        with self._commit(), self._resident([session]) as (slot,), torch.inference_mode(False):
-            self.engine.set_row(slot, self._swap.b_row(state))
+        with self._exclusive(), _outside_inference_mode():
+            self.engine.set_row(self.residency.slot(session), self._swap.b_row(state))
 
     def detach(self) -> PreTrainedModel:
         """Remove the fast weights from the model (exactly as it was); the pool is unusable after."""
-        with self._commit():
+        with self._exclusive():
             return self.engine.detach()
+
+
+def _outside_inference_mode() -> AbstractContextManager:
+    """inference_mode(False) where it is on (the engine's buffers are not inference tensors), else nothing."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else nullcontext()

@@ -108,6 +108,17 @@ class Residency:
             raise
         return [self.resident[s] for s in sessions]
 
+    def slot(self, session: str) -> int:
+        """The row of `session`, made resident if it is away (no pin: the caller holds the pool's lock
+        for as long as it uses the row)."""
+        slot = self.resident.get(session)
+        if slot is None:
+            self.check(session)
+            self._restore(session, self._take_row())
+            slot = self.resident[session]
+        self.resident.move_to_end(session)
+        return slot
+
     def release(self, sessions: Sequence[str]) -> None:
         for s in dict.fromkeys(sessions):
             self.pins[s] -= 1

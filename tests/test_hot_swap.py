@@ -1,0 +1,83 @@
+"""Hot swap (tmem_runtime/hot_swap.py): one copy of B, no allocation, nothing changed on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from tmem_runtime import AdapterFileError, FastWeights, Recipe, SessionPool, load_model
+from tmem_runtime.write import IGNORE_INDEX
+
+
+def _examples(seed: int) -> list[tuple[list[int], list[int]]]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(3, 500, (12,), generator=gen).tolist() for _ in range(3)]
+    return [(x, [IGNORE_INDEX] * 4 + x[4:]) for x in ids]
+
+
+@pytest.fixture
+def written():
+    model, _ = load_model("tiny-llama")
+    fw = FastWeights(model, backend="torch")
+    fw.write_examples(_examples(0), Recipe(lr=1e-2, epochs=2))
+    yield fw
+    fw.detach()
+
+
+def _allocated_bytes(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+
+def test_a_swap_allocates_nothing(written):
+    state = written.state_dict()
+    written.reset()
+    written.load_state_dict(state)  # warm
+    assert _allocated_bytes(lambda: torch.empty(1000)) >= 4000  # the profiler does see allocations
+    assert _allocated_bytes(lambda: written.load_state_dict(state)) == 0
+    assert all(torch.equal(written.state_dict()[k], v) for k, v in state.items())
+
+
+def test_b_from_anywhere_takes_the_general_path(written):
+    state = written.state_dict()
+    loose = {k: v.clone() if k.endswith("lora_B") else v for k, v in state.items()}  # not one flat row
+    written.reset()
+    written.load_state_dict(loose)
+    assert all(torch.equal(written.state_dict()[k], v) for k, v in state.items())
+    as_double = {k: v.double() if k.endswith("lora_B") else v for k, v in state.items()}
+    written.reset()
+    written.load_state_dict(as_double)
+    assert all(torch.equal(written.state_dict()[k], v) for k, v in state.items())
+
+
+def test_a_refused_state_changes_nothing(written):
+    state = written.state_dict()
+    before = written.state_dict()
+    b_name = next(k for k in state if k.endswith("lora_B"))
+    cases = {
+        "missing": {k: v for k, v in state.items() if k != b_name},
+        "shape": {**state, b_name: state[b_name][:-1]},
+        "finite": {**state, b_name: state[b_name] * float("inf")},
+    }
+    for match, bad in cases.items():
+        with pytest.raises(AdapterFileError, match=match):
+            written.load_state_dict(bad)
+        assert all(torch.equal(written.state_dict()[k], v) for k, v in before.items())
+    flat_nan = written.state_dict()  # one flat row with a NaN: the fast path refuses it too
+    flat_nan[b_name][0, 0] = float("nan")
+    with pytest.raises(AdapterFileError, match="finite"):
+        written.load_state_dict(flat_nan)
+    assert all(torch.equal(written.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_state_moves_between_pool_sessions():
+    model, _ = load_model("tiny-llama")
+    pool = SessionPool(model, capacity=2, backend="torch")
+    pool.open("a")
+    pool.open("b")
+    pool.write_examples_many({"a": _examples(1)}, Recipe(lr=1e-2, epochs=2))
+    pool.load_state_dict("b", pool.state_dict("a"))
+    assert all(torch.equal(pool.state_dict("b")[k], v) for k, v in pool.state_dict("a").items())
+    pool.detach()
