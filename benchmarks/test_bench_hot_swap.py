@@ -118,6 +118,6 @@ def summary(request):
     b_bytes = RESULTS.pop("b_bytes", 0)
     if base is None:
         return
-    lines = [f"[hot swap] B = {b_bytes / 1e3:.0f} kB; median per swap, ratio to a bare copy of B ({base * 1e6:.1f} us):"]
+    lines = [f"[hot swap] B = {b_bytes / 1e3:.0f} kB; median per swap, vs a bare copy of B ({base * 1e6:.1f} us):"]
     lines += [f"  {k:<13} {v * 1e6:8.1f} us  {v / base:6.1f}x" for k, v in RESULTS.items()]
     write_summary(request.config, lines)
