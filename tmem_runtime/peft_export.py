@@ -1,0 +1,132 @@
+"""A session's fast weights as a PEFT LoRA adapter directory, and back.
+
+    export_peft(fw, "out/alice")                 # or export_peft((pool, "alice"), "out/alice")
+    PeftModel.from_pretrained(base_model, "out/alice")       # same logits as tmem (fp32: 1e-5)
+    vllm: LLM(model=..., enable_lora=True, max_lora_rank=8)  # rank 6 fits vLLM's smallest bucket, 8
+    import_peft((pool, "bob"), "out/alice")      # the inverse, into any session of the same model
+
+The directory is what PEFT's `save_pretrained` writes: `adapter_config.json` (peft_type LORA, `r`,
+`lora_alpha = scaling * r`, `target_modules`, `layers_to_transform`) and `adapter_model.safetensors`
+with `base_model.model.<module path>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r]. The SVD
+and random inits are plain LoRAs (the base weights are untouched); PiSSA replaces the base weights
+by residuals, which a LoRA file cannot carry, so it is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors import safe_open
+from transformers import PreTrainedModel
+
+from tmem_runtime.adapter_file import AdapterFileError, save_adapter
+from tmem_runtime.fast_weights import FastWeights
+from tmem_runtime.sessions import SessionStore
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+Source = FastWeights | tuple[SessionStore, str]
+
+
+def _store(source: Source) -> tuple[SessionStore, str, PreTrainedModel, str, float]:
+    """(store, session, model, init, scaling) of a FastWeights or a (pool, session) pair."""
+    if isinstance(source, FastWeights):
+        source._check()
+        from tmem_runtime.fast_weights import SESSION
+
+        return source.store, SESSION, source.model, source.init, source.scaling
+    store, session = source
+    engine = store.engine
+    return store, session, engine.model, engine.init, engine.scaling
+
+
+def _module_paths(model: PreTrainedModel, layout) -> list[str]:
+    """The qualified module name of every adapter slot (e.g. "model.layers.27.mlp.gate_proj")."""
+    names = {id(m): n for n, m in model.named_modules()}
+    from tmem_runtime.models import decoder_layers
+
+    layers = decoder_layers(model)
+    return [names[id(getattr(layers[s.layer].mlp, s.target))] for s in layout.slots]
+
+
+def peft_config(layout, scaling: float) -> dict:
+    """The adapter_config.json of a tmem adapter with this layout."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": layout.rank,
+        "lora_alpha": scaling * layout.rank,
+        "lora_dropout": 0.0,
+        "target_modules": sorted({s.target for s in layout.slots}),
+        "layers_to_transform": sorted({s.layer for s in layout.slots}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+    }
+
+
+def export_peft(source: Source, directory: str | os.PathLike) -> Path:
+    """Write one session's adapter as a PEFT LoRA directory (see the module docstring); returns it."""
+    store, session, model, init, scaling = _store(source)
+    if init == "pissa":
+        raise ValueError(
+            "a PiSSA adapter cannot be exported as a plain LoRA: PiSSA replaces the base weights by "
+            "residuals, which a PEFT LoRA file does not carry (use init='svd' or 'random')"
+        )
+    layout = store.layout
+    state = store.state_dict(session)
+    paths = _module_paths(model, layout)
+    tensors = {}
+    for i, path in enumerate(paths):
+        tensors[f"base_model.model.{path}.lora_A.weight"] = state[layout.a_name(i)]
+        tensors[f"base_model.model.{path}.lora_B.weight"] = state[layout.b_name(i)]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_adapter(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
+    tmp = directory / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(peft_config(layout, scaling), indent=2))
+    os.replace(tmp, directory / CONFIG_FILE)
+    return directory
+
+
+def import_peft(target: Source, directory: str | os.PathLike) -> None:
+    """Load a PEFT LoRA directory of this model (same rank, targets, layers, scaling and A) into a
+    session. Anything else raises AdapterFileError and changes nothing."""
+    store, session, model, _, scaling = _store(target)
+    directory = Path(directory)
+    layout = store.layout
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        with safe_open(str(directory / WEIGHTS_FILE), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # OSError, JSON errors, and safetensors' own types on a corrupt file
+        raise AdapterFileError(f"cannot read PEFT adapter {directory}: {exc}") from exc
+    want = peft_config(layout, scaling)
+    for key in ("peft_type", "r", "target_modules", "layers_to_transform"):
+        got = sorted(config.get(key) or []) if key in ("target_modules", "layers_to_transform") else config.get(key)
+        if got != want[key]:
+            raise AdapterFileError(
+                f"PEFT adapter {directory} has {key}={config.get(key)!r}; this adapter needs {want[key]!r}"
+            )
+    alpha = float(config.get("lora_alpha", config["r"]))
+    if abs(alpha / config["r"] - scaling) > 1e-6 * max(1.0, abs(scaling)):
+        raise AdapterFileError(
+            f"PEFT adapter {directory} has scaling lora_alpha/r = {alpha}/{config['r']}; tmem uses {scaling}"
+        )
+    state = {}
+    for i, path in enumerate(_module_paths(model, layout)):
+        for kind, name in (("lora_A", layout.a_name(i)), ("lora_B", layout.b_name(i))):
+            key = f"base_model.model.{path}.{kind}.weight"
+            if key not in tensors:
+                raise AdapterFileError(f"PEFT adapter {directory} has no {key}: it is for another model")
+            state[name] = tensors[key]
+    try:
+        store.load_state_dict(session, state)
+    except ValueError as exc:
+        raise AdapterFileError(f"PEFT adapter {directory} does not fit this model's fast weights: {exc}") from exc
