@@ -1,19 +1,56 @@
-"""`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem bench`."""
+"""`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem bench` (and `tmem --version`).
+
+Every command takes `--threads` (torch's CPU threads) and shows its defaults in `--help`; the
+commands build their parsers with `command_parser`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 
-USAGE = """usage: tmem COMMAND [ARGS]
+USAGE = """usage: tmem [--version] COMMAND [ARGS]   (tmem COMMAND --help: the command's options and defaults)
 
 commands:
   demo           the memory agent on the embedded model: writes, clears, answers (vs no memory)
   demo-weights   fast weights alone: 10 made-up facts written, recalled, then reset
-  eval           LoCoMo-format evaluation of the memory channels (tmem eval --help)
+  eval           LoCoMo-format evaluation of the memory channels
   bench          the pytest-benchmark suites in benchmarks/ (extra args go to pytest)
 """
+
+
+def version() -> str:
+    """tmem's version with the versions of what it runs on."""
+    from importlib.metadata import version as installed
+
+    import torch
+    import transformers
+
+    return f"tmem {installed('tmem')} (torch {torch.__version__}, transformers {transformers.__version__})"
+
+
+def command_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """A command's parser: defaults shown in --help, and --threads (applied by `apply_threads`)."""
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=formatter)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a shared CPU)")
+    return p
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+
+
+def _bench(argv: list[str]) -> int:
+    p = command_parser("tmem bench", "the pytest-benchmark suites in benchmarks/ (unknown args go to pytest)")
+    args, rest = p.parse_known_args(argv)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TMEM_BENCH_THREADS": str(args.threads)}
+    return subprocess.call([sys.executable, "-m", "pytest", os.path.join(root, "benchmarks"), *rest], env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(version())
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "demo":
         from tmem_runtime.agent.demo import main as run
@@ -31,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "eval":
         from tmem_runtime.agent.evaluate import main as run
     elif command == "bench":
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.call([sys.executable, "-m", "pytest", os.path.join(root, "benchmarks"), "-s", *rest])
+        return _bench(rest)
     else:
         print(f"tmem: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from tqdm.auto import tqdm
 
 from tmem_runtime.chat import ask
+from tmem_runtime.cli import apply_threads, command_parser
 from tmem_runtime.demo_facts import FACTS, recalled
 from tmem_runtime.fast_weights import FastWeights
 from tmem_runtime.models import DEFAULT_MODEL, load_model
@@ -22,11 +22,12 @@ def _show(title: str, answers: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tmem demo-weights", description=__doc__)
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--recipe", default="default")
-    parser.add_argument("--backend", default="auto")
+    parser = command_parser("tmem demo-weights", __doc__)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m or a local HF model directory")
+    parser.add_argument("--recipe", default="default", help="a recipe name (tmem_runtime/recipes.py)")
+    parser.add_argument("--backend", default="auto", help="auto | triton | native | torch | peft")
     args = parser.parse_args(argv)
+    apply_threads(args)
 
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
