@@ -36,7 +36,7 @@ void fwd_impl(float* __restrict y, const float* __restrict xa, FactorStack b, Se
             for (i64 g = 0; g < seg.count(); ++g) {
                 const i64 slot = seg.slot_of(g);
                 if (slot < 0) continue;
-                load_tile_t(b.at(slot), r, i0, len, C, tb);
+                load_tile_t<R>(b.at(slot), r, M, i0, len, C, tb);
                 for (i64 n = seg.begin(g); n < seg.end(g); ++n) {
                     v8f sx[RA];
                     for (int k = 0; k < r; ++k) sx[k] = splat8(s * xa[n * r + k]);
@@ -85,7 +85,7 @@ void bwd_impl(const float* __restrict dy, const float* __restrict xa, FactorStac
             for (i64 g = 0; g < seg.count(); ++g) {
                 const i64 slot = seg.slot_of(g);
                 if (slot < 0) continue;
-                load_tile_t(b.at(slot), r, i0, len, C, tb);
+                load_tile_t<R>(b.at(slot), r, M, i0, len, C, tb);
                 std::fill(acc, acc + RA * C, 0.0f);
                 for (i64 n = seg.begin(g); n < seg.end(g); ++n) {
                     v8f sx[RA], p[RA];

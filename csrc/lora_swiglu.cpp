@@ -56,8 +56,8 @@ void fwd_impl(const float* __restrict gu, const float* __restrict xa, FactorStac
             load_tile(a_down, I, r, i0, len, C, ta);
             for (i64 g = 0; g < seg.count(); ++g) {
                 const i64 slot = seg.slot_of(g);
-                load_tile_t(bg.at(slot), r, i0, len, C, tg);
-                load_tile_t(bu.at(slot), r, i0, len, C, tu);
+                load_tile_t<R>(bg.at(slot), r, I, i0, len, C, tg);
+                load_tile_t<R>(bu.at(slot), r, I, i0, len, C, tu);
                 for (i64 n = seg.begin(g); n < seg.end(g); ++n) {
                     v8f sg[RA], su[RA], acc[RA];
                     for (int k = 0; k < r; ++k) {
@@ -133,8 +133,8 @@ void bwd_impl(const float* __restrict gu, const float* __restrict xa, FactorStac
             std::fill(acc_a, acc_a + RA * C, 0.0f);
             for (i64 g = 0; g < seg.count(); ++g) {
                 const i64 slot = seg.slot_of(g);
-                load_tile_t(bg.at(slot), r, i0, len, C, tg);
-                load_tile_t(bu.at(slot), r, i0, len, C, tu);
+                load_tile_t<R>(bg.at(slot), r, I, i0, len, C, tg);
+                load_tile_t<R>(bu.at(slot), r, I, i0, len, C, tu);
                 std::fill(acc_g, acc_g + 2 * RA * C, 0.0f);
                 for (i64 n = seg.begin(g); n < seg.end(g); ++n) {
                     v8f sg[RA], su[RA], dk[RA], pg[RA], pu[RA];

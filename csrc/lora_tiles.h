@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "simd8.h"
 #include "tmem_native.h"
 
 namespace tmem {
@@ -56,12 +57,33 @@ inline void load_tile(const float* m, i64 I, int r, i64 i0, i64 len, i64 C, floa
 }
 
 // tile[k, j] = b[i0 + j, k] for j < len, zero beyond len (b is [M, r] row-major); all zero if b is null
-// (no adapter: the expand adds nothing).
-inline void load_tile_t(const float* b, int r, i64 i0, i64 len, i64 C, float* tile) {
-    std::fill(tile, tile + r * C, 0.0f);
-    if (!b) return;
-    for (i64 j = 0; j < len; ++j)
-        for (int k = 0; k < r; ++k) tile[k * C + j] = b[(i0 + j) * r + k];
+// (no adapter: the expand adds nothing). R > 0: the rank at compile time. For R <= 8, eight rows of b
+// at a time are loaded as eight 8-float vectors (a row plus the start of the next ones) and transposed
+// in registers; rows whose 8-float load would pass the end of b (row M - 1) take the scalar path.
+template <int R>
+inline void load_tile_t(const float* b, int r_rt, i64 M, i64 i0, i64 len, i64 C, float* tile) {
+    const int r = R > 0 ? R : r_rt;
+    if (!b) {
+        std::fill(tile, tile + r * C, 0.0f);
+        return;
+    }
+    const float* src = b + i0 * r;
+    i64 j = 0;
+    if (R > 0 && R <= 8) {
+        const i64 vec_end = std::min(len, (M * r - kLanes) / r - i0 + 1);  // rows whose load stays in b
+        for (; j + kLanes <= vec_end; j += kLanes) {
+            v8f v[kLanes];
+            for (int q = 0; q < kLanes; ++q) v[q] = load8(src + (j + q) * r);
+            transpose8(v);
+            for (int k = 0; k < r; ++k) store8(tile + k * C + j, v[k]);
+        }
+    }
+    for (; j < len; ++j) {
+#pragma GCC unroll 16
+        for (int k = 0; k < r; ++k) tile[k * C + j] = src[j * r + k];
+    }
+    if (len < C)
+        for (int k = 0; k < r; ++k) std::fill(tile + k * C + len, tile + (k + 1) * C, 0.0f);
 }
 
 // db[i0 + j, k] += tile[k, j] for j < len (db is [M, r] row-major): the inverse of load_tile_t.

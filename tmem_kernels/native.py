@@ -33,7 +33,7 @@ from tmem_kernels.segments import (
     SegmentedLoRAMLPFunction,
     check_b_stack,
     check_segment_tensors,
-    host_segments,
+    check_segment_values,
     lora_mlp_segmented_shapes,
 )
 
@@ -414,19 +414,18 @@ def _seg_args(seg: _HostSegments | None) -> tuple[int, int, int]:
 def _host_segments(seg_indptr: torch.Tensor, seg_slot: torch.Tensor, n: int, num_slots: int, op: str) -> _HostSegments:
     check_segment_tensors(seg_indptr, seg_slot, op)
     if seg_indptr.device.type != "cpu":
-        raise ValueError(f"{op}: seg_indptr is on {seg_indptr.device}; the native backend reads segments on the CPU")
-    segments = host_segments(seg_indptr, seg_slot, n, num_slots, op)
-    return _HostSegments(seg_indptr.contiguous(), seg_slot.contiguous(), len(segments))
+        raise ValueError(f"{op}: the segments are on {seg_indptr.device}; the native backend reads them on the CPU")
+    slots = seg_slot.tolist()
+    check_segment_values(seg_indptr.tolist(), slots, n, num_slots, op)
+    return _HostSegments(seg_indptr.contiguous(), seg_slot.contiguous(), len(slots))
 
 
-def _check_stack(b: object, name: str, out: int, r: int, op: str) -> int:
-    """A float32 CPU [S, out, r] stack with contiguous blocks (see `segments.check_b_stack`); returns S."""
-    slots = check_b_stack(b, name, out, r, op)
+def _check_stack_storage(b: torch.Tensor, name: str) -> None:
+    """The native backend's dtype and device for a B stack whose shape and layout are checked already."""
     if b.device.type != "cpu":
         raise ValueError(f"{name} is on {b.device}; the native backend runs on CPU tensors only")
     if b.dtype != torch.float32:
         raise TypeError(f"{name} has dtype {b.dtype}; the native backend supports torch.float32 only")
-    return slots
 
 
 class _SegmentedKernels:
@@ -473,7 +472,8 @@ def _check_expand(y, xa, b, seg_indptr, seg_slot, op):  # noqa: ANN001, ANN202
     if xa.dim() != 2 or xa.shape[0] != y.shape[0]:
         raise ValueError(f"{op}: xa must be [N, r] with N = {y.shape[0]}, got shape {tuple(xa.shape)}")
     _check_rank(xa.shape[1])
-    slots = _check_stack(b, "b", y.shape[1], xa.shape[1], op)
+    slots = check_b_stack(b, "b", y.shape[1], xa.shape[1], op)
+    _check_stack_storage(b, "b")
     return _host_segments(seg_indptr, seg_slot, y.shape[0], slots, op)
 
 
@@ -536,8 +536,8 @@ def lora_mlp_segmented(
     _check_rank(r)
     for name, t in dict(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down, a_gate=a_gate, a_up=a_up, a_down=a_down).items():
         _check(t, name)
-    for name, b, out in (("b_gate", b_gate, i), ("b_up", b_up, i), ("b_down", b_down, h)):
-        _check_stack(b, name, out, r, op)
+    for name, b in (("b_gate", b_gate), ("b_up", b_up), ("b_down", b_down)):
+        _check_stack_storage(b, name)
     s = _check_scaling(scaling)
     seg = _host_segments(seg_indptr, seg_slot, n, slots, op)
     w_gate, w_up, w_down, a_down = (t.detach() for t in (w_gate, w_up, w_down, a_down))
