@@ -34,11 +34,13 @@ BACKENDS = {
 B_NAMES = ("b_gate", "b_up", "b_down")
 
 # (name, segment lengths, slots, S). Slot 1 of "mixed" is in no segment; slot 2 is in two; one segment is
-# empty; "long" has a segment longer than a row block times the split (the row loop wraps).
+# empty; "one_row" is a batch of one row; "long" has a segment longer than a row block times the split
+# (the row loop wraps).
 LAYOUTS = {
     "mixed": ([1, 0, 8, 1, 10, 3], [2, 0, -1, 2, 4, 3], 5),
     "decode": ([1] * 7, [3, 0, 6, 1, -1, 5, 2], 8),
     "single": ([23], [0], 1),
+    "one_row": ([1], [1], 2),
     "long": ([2, 57, 1], [1, 0, 1], 3),
     "bare": ([4, 5], [-1, -1], 2),
 }
@@ -140,7 +142,7 @@ def test_reference_expand_backward_is_autograd_and_zero_for_unused_slots() -> No
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(("h", "i", "r"), SHAPES, ids=[f"H{h}-I{i}-r{r}" for h, i, r in SHAPES])
 def test_mlp_forward_backward(backend: str, layout: str, h: int, i: int, r: int) -> None:
-    if backend == "triton" and (h, i, r) != SHAPES[0] and layout not in ("mixed", "decode"):
+    if backend == "triton" and (h, i, r) != SHAPES[0] and layout not in ("mixed", "decode", "one_row"):
         pytest.skip("the interpreter is slow: every layout on one shape, every shape on two layouts")
     lengths, slots, s = LAYOUTS[layout]
     n = sum(lengths)
@@ -349,7 +351,7 @@ from tmem_kernels import lora_segmented as L
 tl_name, n, g = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 kernels = {"expand": L._expand_kernel, "expand_bwd": L._expand_bwd_kernel, "gate_up_fwd": L._gate_up_fwd_kernel,
            "gate_up_bwd": L._gate_up_bwd_kernel}
-fp32 = {"dxa_ptr", "db_ptr", "ha_ptr", "dbg_ptr", "dbu_ptr"}
+fp32 = {"dxa_ptr", "db_ptr", "ha_ptr", "dbg_ptr", "dbu_ptr"}  # workspaces
 flags = {"NEED_DXA": True, "NEED_DB": True, "STORE_DGU": True, "INTERPRET": False,
          "INPUT_PRECISION": "ieee" if tl_name == "fp32" else "tf32"}
 out = {}

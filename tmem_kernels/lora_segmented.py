@@ -155,13 +155,13 @@ def _load_b_pair(bg_ptr, bu_ptr, slot, bg_stride, bu_stride, offs_n, offs_r, mas
 
 
 @triton.jit
-def _gate_up_rows(gu_ptr, xa_ptr, bg_t, bu_t, rows, mask_m, offs_n, offs_r, mask, mask_r, N, I_DIM, R, scaling,
+def _gate_up_rows(g_ptr, u_ptr, xa_ptr, bg_t, bu_t, rows, mask_m, offs_n, offs_r, mask, mask_r, I_DIM, R, scaling,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
                   INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     """(gate, up) [BLOCK_M, BLOCK_N] in fp32 and the shrinks xa_g, xa_u [BLOCK_M, R_PAD] of a row block."""
     tile = rows[:, None] * I_DIM + offs_n[None, :]
-    gb = tl.load(gu_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-    ub = tl.load(gu_ptr + N * I_DIM + tile, mask=mask, other=0.0).to(tl.float32)
+    gb = tl.load(g_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    ub = tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     xa_rows = xa_ptr + rows[:, None] * (2 * R) + offs_r[None, :]
     xa_mask = mask_m[:, None] & mask_r[None, :]
     xa_g = tl.load(xa_rows, mask=xa_mask, other=0.0)
@@ -174,16 +174,16 @@ def _gate_up_rows(gu_ptr, xa_ptr, bg_t, bu_t, rows, mask_m, offs_n, offs_r, mask
 
 @triton.jit
 def _gate_up_fwd_kernel(
-    gu_ptr, xa_ptr, bg_ptr, bu_ptr, ad_ptr, indptr_ptr, slot_ptr,
+    g_ptr, u_ptr, xa_ptr, bg_ptr, bu_ptr, ad_ptr, indptr_ptr, slot_ptr,  # g, u: the base products [N, I]
     h_ptr, ha_ptr,  # ha: fp32 workspace [N, R]
-    N, I_DIM, R, bg_stride, bu_stride, scaling,
+    I_DIM, R, bg_stride, bu_stride, scaling,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """One column tile of one segment's rows: h = silu(gate) * up with the expand added to the base
-    products gu [2, N, I]; ha += h[:, tile] @ A_down[:, tile].T (summed over column tiles)."""
+    products g = x @ W_gate.T, u = x @ W_up.T; ha += h[:, tile] @ A_down[:, tile].T (summed over column tiles)."""
     start, end, slot = _segment(indptr_ptr, slot_ptr)
-    dt = gu_ptr.dtype.element_ty
+    dt = g_ptr.dtype.element_ty
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
     mask_n = offs_n < I_DIM
@@ -196,7 +196,7 @@ def _gate_up_fwd_kernel(
         mask_m = offs_m < end
         rows = offs_m.to(tl.int64)
         mask = mask_m[:, None] & mask_n[None, :]
-        gate, up, _, _ = _gate_up_rows(gu_ptr, xa_ptr, bg_t, bu_t, rows, mask_m, offs_n, offs_r, mask, mask_r, N,
+        gate, up, _, _ = _gate_up_rows(g_ptr, u_ptr, xa_ptr, bg_t, bu_t, rows, mask_m, offs_n, offs_r, mask, mask_r,
                                        I_DIM, R, scaling, BLOCK_M, BLOCK_N, R_PAD, INPUT_PRECISION,
                                        INTERPRET)  # fmt: skip
         h = _cast(gate * tl.sigmoid(gate) * up, dt, INTERPRET)
@@ -208,9 +208,9 @@ def _gate_up_fwd_kernel(
 
 @triton.jit
 def _gate_up_bwd_kernel(
-    gu_ptr, xa_ptr, bg_ptr, bu_ptr, ad_ptr, dh_ptr, dha_ptr, indptr_ptr, slot_ptr,
-    dgu_ptr, dbg_ptr, dbu_ptr, dxa_ptr,  # dbg, dbu, dxa: fp32 workspaces [S, I, R] x 2, [N, 2R]
-    N, I_DIM, R, bg_stride, bu_stride, scaling,
+    g_ptr, u_ptr, xa_ptr, bg_ptr, bu_ptr, ad_ptr, dh_ptr, dha_ptr, indptr_ptr, slot_ptr,
+    dg_ptr, du_ptr, dbg_ptr, dbu_ptr, dxa_ptr,  # dbg, dbu, dxa: fp32 workspaces [S, I, R] x 2, [N, 2R]
+    I_DIM, R, bg_stride, bu_stride, scaling,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT: tl.constexpr,
     STORE_DGU: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
@@ -218,7 +218,7 @@ def _gate_up_bwd_kernel(
     backward -> dgate, dup (stored when STORE_DGU); dB_gate/up[slot][tile] += s * xa_*.T @ d* and
     dxa[rows] += s * [dgate @ B_gate[slot], dup @ B_up[slot]] over the tile (not for slot -1)."""
     start, end, slot = _segment(indptr_ptr, slot_ptr)
-    dt = gu_ptr.dtype.element_ty
+    dt = g_ptr.dtype.element_ty
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
     mask_n = offs_n < I_DIM
@@ -233,8 +233,8 @@ def _gate_up_bwd_kernel(
         mask_m = offs_m < end
         rows = offs_m.to(tl.int64)
         mask = mask_m[:, None] & mask_n[None, :]
-        gate, up, xa_g, xa_u = _gate_up_rows(gu_ptr, xa_ptr, bg_t, bu_t, rows, mask_m, offs_n, offs_r, mask,
-                                             mask_r, N, I_DIM, R, scaling, BLOCK_M, BLOCK_N, R_PAD,
+        gate, up, xa_g, xa_u = _gate_up_rows(g_ptr, u_ptr, xa_ptr, bg_t, bu_t, rows, mask_m, offs_n, offs_r, mask,
+                                             mask_r, I_DIM, R, scaling, BLOCK_M, BLOCK_N, R_PAD,
                                              INPUT_PRECISION, INTERPRET)  # fmt: skip
         tile = rows[:, None] * I_DIM + offs_n[None, :]
         dha = tl.load(dha_ptr + rows[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
@@ -244,8 +244,8 @@ def _gate_up_bwd_kernel(
         dgate = _cast(dh * up * sig * (1.0 + gate * (1.0 - sig)), dt, INTERPRET)
         dup = _cast(dh * gate * sig, dt, INTERPRET)
         if STORE_DGU:
-            tl.store(dgu_ptr + tile, dgate, mask=mask)
-            tl.store(dgu_ptr + N * I_DIM + tile, dup, mask=mask)
+            tl.store(dg_ptr + tile, dgate, mask=mask)
+            tl.store(du_ptr + tile, dup, mask=mask)
         if slot >= 0:
             acc_g = _mma(tl.trans(xa_g), dgate, acc_g, INPUT_PRECISION, INTERPRET)
             acc_u = _mma(tl.trans(xa_u), dup, acc_u, INPUT_PRECISION, INTERPRET)
@@ -372,8 +372,8 @@ class _TritonKernels:
         r = a_down.shape[0]
         h = torch.empty(n, i, device=gu.device, dtype=gu.dtype)
         ha = torch.zeros(n, r, device=gu.device, dtype=torch.float32)
-        self._launch(_gate_up_fwd_kernel, n, i, r, seg, gu, xa, b_gate, b_up, a_down, seg.indptr, seg.slot, h, ha,
-                     n, i, r, b_gate.stride(0), b_up.stride(0), scaling)  # fmt: skip
+        self._launch(_gate_up_fwd_kernel, n, i, r, seg, gu[0], gu[1], xa, b_gate, b_up, a_down, seg.indptr,
+                     seg.slot, h, ha, i, r, b_gate.stride(0), b_up.stride(0), scaling)  # fmt: skip
         return h, ha.to(gu.dtype)
 
     def gate_up_backward(self, gu, xa, b_gate, b_up, a_down, dh_base, dha, seg, scaling, need_dgu):  # noqa: ANN001, ANN201
@@ -383,9 +383,9 @@ class _TritonKernels:
         dbg = torch.zeros(b_gate.shape, device=gu.device, dtype=torch.float32)
         dbu = torch.zeros(b_up.shape, device=gu.device, dtype=torch.float32)
         dxa = torch.zeros(n, 2 * r, device=gu.device, dtype=torch.float32)
-        self._launch(_gate_up_bwd_kernel, n, i, r, seg, gu, xa, b_gate, b_up, a_down, dh_base, dha, seg.indptr,
-                     seg.slot, dgu, dbg, dbu, dxa, n, i, r, b_gate.stride(0), b_up.stride(0), scaling,
-                     STORE_DGU=need_dgu)  # fmt: skip
+        self._launch(_gate_up_bwd_kernel, n, i, r, seg, gu[0], gu[1], xa, b_gate, b_up, a_down, dh_base, dha,
+                     seg.indptr, seg.slot, dgu[0], dgu[1], dbg, dbu, dxa, i, r, b_gate.stride(0), b_up.stride(0),
+                     scaling, STORE_DGU=need_dgu)  # fmt: skip
         return (dgu if need_dgu else None), dbg.to(b_gate.dtype), dbu.to(b_up.dtype), dxa.to(gu.dtype)
 
 
