@@ -25,6 +25,7 @@ import torch
 from tmem_kernels import lora_segmented, native
 from tmem_kernels import reference as ref
 from tmem_kernels.ops import get_ops
+from tmem_kernels.segments import row_segments
 
 SMALL = lora_segmented.SegmentedConfig(block_m=16, block_n=32, max_split=3, num_warps=2)
 BACKENDS = {
@@ -133,6 +134,21 @@ def test_reference_expand_backward_is_autograd_and_zero_for_unused_slots() -> No
     rows2 = [0, 9]  # slot 2's two one-row segments: their contributions sum
     close(db[2], 1.5 * dy[rows2].T @ xa[rows2])
     close(dxa[0], 1.5 * dy[0] @ b[2])
+
+
+def test_row_segments() -> None:
+    indptr, slot = row_segments([3, 3, -1, 0], tokens_per_row=2)
+    assert indptr.tolist() == [0, 4, 6, 8] and slot.tolist() == [3, -1, 0]
+    assert indptr.dtype == slot.dtype == torch.int64
+    indptr, slot = row_segments([], tokens_per_row=5)
+    assert indptr.tolist() == [0] and slot.tolist() == []
+    # a decode batch [B, 1, H]: one segment per run of equal slots; the result is the per-row spec
+    t = make(5, 24, 70, 6, 4, seed=17)
+    rows = [2, 2, 0, -1, 2]
+    indptr, slot = row_segments(rows)
+    y = native.lora_mlp_segmented(**t, seg_indptr=indptr, seg_slot=slot)
+    per_row = torch.arange(6)
+    close(y, ref.lora_mlp_segmented(**t, seg_indptr=per_row, seg_slot=torch.tensor(rows)))
 
 
 # ------------------------------------------------------------------------------ backends vs the spec

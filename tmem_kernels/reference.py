@@ -12,6 +12,9 @@ Shapes, for one decoder layer's MLP with fast weights on gate, up and down (rank
     h    = silu(gate) * up
     y    = h @ w_down.T + scaling * (h @ a_down.T) @ b_down.T          -> [N, H]
 
+Many sessions in one batch (`lora_mlp_segmented`, `lora_expand_segmented`): the A's are shared and each
+contiguous segment of rows uses its own B from [S, out, r] stacks (see `tmem_kernels.segments`).
+
 Everything here is differentiable torch; nothing here is fast.
 """
 

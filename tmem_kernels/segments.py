@@ -16,6 +16,7 @@ expand and the dB reduction are per segment, and those run in the backend's `Seg
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -31,7 +32,23 @@ __all__ = [
     "check_segment_values",
     "host_segments",
     "lora_mlp_segmented_shapes",
+    "row_segments",
 ]
+
+
+def row_segments(row_slots: Sequence[int], tokens_per_row: int = 1) -> tuple[Tensor, Tensor]:
+    """(seg_indptr, seg_slot), int64 on the CPU, for a batch [B, T, H] flattened to [B * T, H] whose row b
+    uses slot row_slots[b] (-1: no adapter), T = tokens_per_row; neighbouring rows of one slot share a
+    segment. E.g. row_slots [3, 3, -1, 0], T 2 -> seg_indptr [0, 4, 6, 8], seg_slot [3, -1, 0]."""
+    if tokens_per_row < 0:
+        raise ValueError(f"tokens_per_row must be >= 0, got {tokens_per_row}")
+    starts, slots = [], []
+    for b, slot in enumerate(row_slots):
+        if not slots or slot != slots[-1]:
+            starts.append(b * tokens_per_row)
+            slots.append(int(slot))
+    indptr = torch.tensor([*starts, len(row_slots) * tokens_per_row], dtype=torch.int64)
+    return indptr, torch.tensor(slots, dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------------------------------
