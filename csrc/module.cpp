@@ -19,6 +19,7 @@ using i64 = std::int64_t;
 
 float* f(addr p) { return reinterpret_cast<float*>(p); }
 const float* cf(addr p) { return reinterpret_cast<const float*>(p); }
+const i64* ci(addr p) { return reinterpret_cast<const i64*>(p); }
 
 }  // namespace
 
@@ -58,23 +59,48 @@ PYBIND11_MODULE(_native, m) {
         py::arg("threads"), nogil);
     m.def(
         "lora_swiglu_fwd",
-        [](addr gu, addr xa, addr bg_t, addr bu_t, addr a_down, addr h, addr ha, i64 N, i64 I, int r, float s,
-           int threads) {
-            tmem::lora_swiglu_fwd(cf(gu), cf(xa), cf(bg_t), cf(bu_t), cf(a_down), f(h), f(ha), N, I, r, s,
-                                  threads);
+        [](addr gu, addr xa, addr bg, i64 bg_stride, addr bu, i64 bu_stride, addr a_down, addr h, addr ha,
+           addr indptr, addr slot, i64 G, i64 N, i64 I, int r, float s, int threads) {
+            tmem::lora_swiglu_fwd(cf(gu), cf(xa), cf(bg), bg_stride, cf(bu), bu_stride, cf(a_down), f(h), f(ha),
+                                  ci(indptr), ci(slot), G, N, I, r, s, threads);
         },
-        "h = silu(gate) * up with the LoRA expand added to gu, and ha = h @ a_down.T", py::arg("gu"),
-        py::arg("xa"), py::arg("bg_t"), py::arg("bu_t"), py::arg("a_down"), py::arg("h"), py::arg("ha"),
-        py::arg("N"), py::arg("I"), py::arg("r"), py::arg("s"), py::arg("threads"), nogil);
+        "h = silu(gate) * up with the (segmented) LoRA expand added to gu, and ha = h @ a_down.T", py::arg("gu"),
+        py::arg("xa"), py::arg("bg"), py::arg("bg_stride"), py::arg("bu"), py::arg("bu_stride"), py::arg("a_down"),
+        py::arg("h"), py::arg("ha"), py::arg("indptr"), py::arg("slot"), py::arg("G"), py::arg("N"), py::arg("I"),
+        py::arg("r"), py::arg("s"), py::arg("threads"), nogil);
     m.def(
         "lora_swiglu_bwd",
-        [](addr gu, addr xa, addr bg_t, addr bu_t, addr a_down, addr dh_base, addr dha, addr dgu, addr dbg_t,
-           addr dbu_t, addr dxa, addr da_down, i64 N, i64 I, int r, float s, int threads) {
-            tmem::lora_swiglu_bwd(cf(gu), cf(xa), cf(bg_t), cf(bu_t), cf(a_down), cf(dh_base), cf(dha),
-                                  f(dgu), f(dbg_t), f(dbu_t), f(dxa), f(da_down), N, I, r, s, threads);
+        [](addr gu, addr xa, addr bg, i64 bg_stride, addr bu, i64 bu_stride, addr a_down, addr dh_base, addr dha,
+           addr dgu, addr dbg, addr dbu, addr dxa, addr da_down, addr indptr, addr slot, i64 G, i64 N, i64 I, int r,
+           float s, int threads) {
+            tmem::lora_swiglu_bwd(cf(gu), cf(xa), cf(bg), bg_stride, cf(bu), bu_stride, cf(a_down), cf(dh_base),
+                                  cf(dha), f(dgu), f(dbg), f(dbu), f(dxa), f(da_down), ci(indptr), ci(slot), G, N,
+                                  I, r, s, threads);
         },
-        "backward of lora_swiglu_fwd: dgu (optional), dB_gate^T, dB_up^T, dxa, dA_down (optional)",
-        py::arg("gu"), py::arg("xa"), py::arg("bg_t"), py::arg("bu_t"), py::arg("a_down"), py::arg("dh_base"),
-        py::arg("dha"), py::arg("dgu"), py::arg("dbg_t"), py::arg("dbu_t"), py::arg("dxa"), py::arg("da_down"),
-        py::arg("N"), py::arg("I"), py::arg("r"), py::arg("s"), py::arg("threads"), nogil);
+        "backward of lora_swiglu_fwd: dgu (optional), dB_gate, dB_up (accumulated per slot), dxa, dA_down "
+        "(optional)",
+        py::arg("gu"), py::arg("xa"), py::arg("bg"), py::arg("bg_stride"), py::arg("bu"), py::arg("bu_stride"),
+        py::arg("a_down"), py::arg("dh_base"), py::arg("dha"), py::arg("dgu"), py::arg("dbg"), py::arg("dbu"),
+        py::arg("dxa"), py::arg("da_down"), py::arg("indptr"), py::arg("slot"), py::arg("G"), py::arg("N"),
+        py::arg("I"), py::arg("r"), py::arg("s"), py::arg("threads"), nogil);
+    m.def(
+        "lora_expand_fwd",
+        [](addr y, addr xa, addr b, i64 b_stride, addr indptr, addr slot, i64 G, i64 N, i64 M, int r, float s,
+           int threads) {
+            tmem::lora_expand_fwd(f(y), cf(xa), cf(b), b_stride, ci(indptr), ci(slot), G, N, M, r, s, threads);
+        },
+        "y += s * xa[rows] @ B[slot].T per segment, in place", py::arg("y"), py::arg("xa"), py::arg("b"),
+        py::arg("b_stride"), py::arg("indptr"), py::arg("slot"), py::arg("G"), py::arg("N"), py::arg("M"),
+        py::arg("r"), py::arg("s"), py::arg("threads"), nogil);
+    m.def(
+        "lora_expand_bwd",
+        [](addr dy, addr xa, addr b, i64 b_stride, addr indptr, addr slot, i64 G, addr dxa, addr db, i64 N, i64 M,
+           int r, float s, int threads) {
+            tmem::lora_expand_bwd(cf(dy), cf(xa), cf(b), b_stride, ci(indptr), ci(slot), G, f(dxa), f(db), N, M, r,
+                                  s, threads);
+        },
+        "backward of lora_expand_fwd: dxa (optional), dB accumulated per slot (optional)", py::arg("dy"),
+        py::arg("xa"), py::arg("b"), py::arg("b_stride"), py::arg("indptr"), py::arg("slot"), py::arg("G"),
+        py::arg("dxa"), py::arg("db"), py::arg("N"), py::arg("M"), py::arg("r"), py::arg("s"), py::arg("threads"),
+        nogil);
 }

@@ -55,4 +55,27 @@ static inline v8f exp8(v8f x) {
 
 static inline v8f sigmoid8(v8f x) { return 1.0f / (1.0f + exp8(-x)); }
 
+// In-register 8x8 transpose: v[i] lane j = M[i][j] on entry, M[j][i] on exit (three shuffle stages;
+// with AVX: unpack, 64-bit shuffle, 128-bit permute).
+static inline void transpose8(v8f v[8]) {
+    const v8i lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+    const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+    const v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+    v8f t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shuffle(v[i], v[i + 1], lo);  // rows i, i+1 interleaved: columns 0,1 | 4,5
+        t[i + 1] = __builtin_shuffle(v[i], v[i + 1], hi);  // columns 2,3 | 6,7
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = __builtin_shuffle(t[i], t[i + 2], lo2);  // four rows of column 0 | 4
+        u[i + 1] = __builtin_shuffle(t[i], t[i + 2], hi2);  // column 1 | 5
+        u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], lo2);  // column 2 | 6
+        u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], hi2);  // column 3 | 7
+    }
+    for (int j = 0; j < 4; ++j) {
+        v[j] = __builtin_shuffle(u[j], u[j + 4], lo4);
+        v[j + 4] = __builtin_shuffle(u[j], u[j + 4], hi4);
+    }
+}
+
 }  // namespace tmem

@@ -24,8 +24,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+
+from tmem_kernels.segments import (
+    SegmentedExpandFunction,
+    SegmentedLoRAMLPFunction,
+    check_b_stack,
+    check_segment_tensors,
+    check_segment_values,
+    lora_mlp_segmented_shapes,
+)
 
 try:
     from tmem_kernels import _native
@@ -41,7 +51,10 @@ MAX_RANK: int = _native.MAX_RANK
 __all__ = [
     "MAX_RANK",
     "adamw_step_",
+    "lora_expand_segmented",
+    "lora_expand_segmented_backward",
     "lora_mlp",
+    "lora_mlp_segmented",
     "lora_swiglu_backward",
     "lora_swiglu_forward",
     "sgd_step_",
@@ -149,17 +162,18 @@ def lora_swiglu_forward(
     ha = h @ a_down.T [N, r].
     """
     _check_lora_swiglu(gu, xa, b_gate, b_up, a_down)
-    return _lora_swiglu_fwd(gu, xa, b_gate.T.contiguous(), b_up.T.contiguous(), a_down, float(scaling))
+    return _lora_swiglu_fwd(gu, xa, b_gate, b_up, a_down, float(scaling))
 
 
-def _lora_swiglu_fwd(gu, xa, bg_t, bu_t, a_down, s):  # noqa: ANN001
-    """The kernel call behind `lora_swiglu_forward`, on already-validated tensors (bg_t = B_gate.T)."""
+def _lora_swiglu_fwd(gu, xa, b_gate, b_up, a_down, s, seg=None):  # noqa: ANN001
+    """The kernel call behind `lora_swiglu_forward`, on already-validated tensors. b_gate, b_up: one [I, r]
+    factor (seg None) or [S, I, r] stacks used per segment of `seg` (a `_HostSegments`)."""
     _, n, i = gu.shape
-    r = bg_t.shape[0]
+    r = a_down.shape[0]
     h, ha = gu.new_empty(n, i), gu.new_empty(n, r)
     _native.lora_swiglu_fwd(
-        gu.data_ptr(), xa.data_ptr(), bg_t.data_ptr(), bu_t.data_ptr(), a_down.data_ptr(),
-        h.data_ptr(), ha.data_ptr(), n, i, r, s, _threads(),
+        gu.data_ptr(), xa.data_ptr(), b_gate.data_ptr(), _slot_stride(b_gate), b_up.data_ptr(), _slot_stride(b_up),
+        a_down.data_ptr(), h.data_ptr(), ha.data_ptr(), *_seg_args(seg), n, i, r, s, _threads(),
     )  # fmt: skip
     return h, ha
 
@@ -186,25 +200,34 @@ def lora_swiglu_backward(
     n, i, r = _check_lora_swiglu(gu, xa, b_gate, b_up, a_down)
     _check(dh_base, "dh_base", (n, i))
     _check(dha, "dha", (n, r))
-    return _lora_swiglu_bwd(gu, xa, b_gate.T.contiguous(), b_up.T.contiguous(), a_down, dh_base, dha,
-                            float(scaling), need_dgu, need_da_down)  # fmt: skip
+    return _lora_swiglu_bwd(gu, xa, b_gate, b_up, a_down, dh_base, dha, float(scaling), need_dgu, need_da_down)
 
 
-def _lora_swiglu_bwd(gu, xa, bg_t, bu_t, a_down, dh_base, dha, s, need_dgu, need_da_down):  # noqa: ANN001
-    """The kernel call behind `lora_swiglu_backward`, on already-validated tensors (bg_t = B_gate.T)."""
+def _lora_swiglu_bwd(gu, xa, b_gate, b_up, a_down, dh_base, dha, s, need_dgu, need_da_down, seg=None):  # noqa: ANN001
+    """The kernel call behind `lora_swiglu_backward`, on already-validated tensors (b_*, seg: as in
+    `_lora_swiglu_fwd`; the dB's have the b_*'s shapes, contiguous)."""
     _, n, i = gu.shape
-    r = bg_t.shape[0]
+    r = a_down.shape[0]
     dgu = gu.new_empty(2, n, i) if need_dgu else None
-    dbg_t, dbu_t = gu.new_empty(r, i), gu.new_empty(r, i)
+    dbg, dbu = gu.new_zeros(b_gate.shape), gu.new_zeros(b_up.shape)  # the kernel accumulates per slot
     dxa = gu.new_empty(n, 2 * r)
     da_down = gu.new_empty(r, i) if need_da_down else None
     _native.lora_swiglu_bwd(
-        gu.data_ptr(), xa.data_ptr(), bg_t.data_ptr(), bu_t.data_ptr(), a_down.data_ptr(),
-        dh_base.data_ptr(), dha.data_ptr(), 0 if dgu is None else dgu.data_ptr(), dbg_t.data_ptr(),
-        dbu_t.data_ptr(), dxa.data_ptr(), 0 if da_down is None else da_down.data_ptr(), n, i, r, s,
-        _threads(),
+        gu.data_ptr(), xa.data_ptr(), b_gate.data_ptr(), _slot_stride(b_gate), b_up.data_ptr(), _slot_stride(b_up),
+        a_down.data_ptr(), dh_base.data_ptr(), dha.data_ptr(), _ptr(dgu), dbg.data_ptr(), dbu.data_ptr(),
+        dxa.data_ptr(), _ptr(da_down), *_seg_args(seg), n, i, r, s, _threads(),
     )  # fmt: skip
-    return dgu, dbg_t.T.contiguous(), dbu_t.T.contiguous(), dxa, da_down
+    return dgu, dbg, dbu, dxa, da_down
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    """t's data pointer, or 0 (the kernels' "no such output") for None."""
+    return 0 if t is None else t.data_ptr()
+
+
+def _slot_stride(b: torch.Tensor) -> int:
+    """Floats between consecutive slots of a [S, M, r] stack (0 for a single [M, r] factor)."""
+    return b.stride(0) if b.dim() == 3 else 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,18 +246,17 @@ class _LoRAMLP(torch.autograd.Function):
         gu = x.new_empty(2, n, i)
         torch.mm(x, w_gate.T, out=gu[0])
         torch.mm(x, w_up.T, out=gu[1])
-        bg_t, bu_t = b_gate.T.contiguous(), b_up.T.contiguous()
-        h, ha = _lora_swiglu_fwd(gu, xa, bg_t, bu_t, a_down, scaling)
+        h, ha = _lora_swiglu_fwd(gu, xa, b_gate, b_up, a_down, scaling)
         y = torch.mm(h, w_down.T)
         y.addmm_(ha, b_down.T, alpha=scaling)  # the down LoRA expand, on the base product's output
         ctx.scaling = scaling
-        ctx.save_for_backward(x, w_gate, w_up, w_down, a_gu, bg_t, bu_t, a_down, b_down, gu, xa, ha)
+        ctx.save_for_backward(x, w_gate, w_up, w_down, a_gu, b_gate, b_up, a_down, b_down, gu, xa, ha)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):  # noqa: ANN001
-        x, w_gate, w_up, w_down, a_gu, bg_t, bu_t, a_down, b_down, gu, xa, ha = ctx.saved_tensors
+        x, w_gate, w_up, w_down, a_gu, b_gate, b_up, a_down, b_down, gu, xa, ha = ctx.saved_tensors
         s = ctx.scaling
         need = ctx.needs_input_grad
         need_x, need_ag, need_au, need_ad = need[0], need[4], need[6], need[8]
@@ -244,7 +266,7 @@ class _LoRAMLP(torch.autograd.Function):
         dha = torch.mm(dy, b_down).mul_(s)  # [N, r]
         dh_base = torch.mm(dy, w_down)  # [N, I]
         dgu, db_gate, db_up, dxa, da_down = _lora_swiglu_bwd(
-            gu, xa, bg_t, bu_t, a_down, dh_base, dha, s, need_x, need_ad
+            gu, xa, b_gate, b_up, a_down, dh_base, dha, s, need_x, need_ad
         )
         del dh_base
         dx = None
@@ -369,3 +391,156 @@ def adamw_step_(
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), step_size, sqrt_bc2,
         _threads(),
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Segmented: a different B per segment of rows (tmem_kernels.segments)
+# --------------------------------------------------------------------------------------------------
+
+
+class _HostSegments(NamedTuple):
+    """Validated segments as the kernels take them: contiguous int64 CPU tensors and their count."""
+
+    indptr: torch.Tensor
+    slot: torch.Tensor
+    count: int
+
+
+def _seg_args(seg: _HostSegments | None) -> tuple[int, int, int]:
+    """(indptr pointer, slot pointer, G) for the kernels; (0, 0, 0) means one segment using slot 0."""
+    return (0, 0, 0) if seg is None else (seg.indptr.data_ptr(), seg.slot.data_ptr(), seg.count)
+
+
+def _host_segments(seg_indptr: torch.Tensor, seg_slot: torch.Tensor, n: int, num_slots: int, op: str) -> _HostSegments:
+    check_segment_tensors(seg_indptr, seg_slot, op)
+    if seg_indptr.device.type != "cpu":
+        raise ValueError(f"{op}: the segments are on {seg_indptr.device}; the native backend reads them on the CPU")
+    slots = seg_slot.tolist()
+    check_segment_values(seg_indptr.tolist(), slots, n, num_slots, op)
+    return _HostSegments(seg_indptr.contiguous(), seg_slot.contiguous(), len(slots))
+
+
+def _check_stack_storage(b: torch.Tensor, name: str) -> None:
+    """The native backend's dtype and device for a B stack whose shape and layout are checked already."""
+    if b.device.type != "cpu":
+        raise ValueError(f"{name} is on {b.device}; the native backend runs on CPU tensors only")
+    if b.dtype != torch.float32:
+        raise TypeError(f"{name} has dtype {b.dtype}; the native backend supports torch.float32 only")
+
+
+class _SegmentedKernels:
+    """The native `segments.SegmentedKernels` (fp32, CPU; `seg` is a `_HostSegments`)."""
+
+    def expand_(self, y, xa, b, seg, scaling):  # noqa: ANN001, ANN201
+        n, m = y.shape
+        _native.lora_expand_fwd(y.data_ptr(), xa.data_ptr(), b.data_ptr(), b.stride(0), *_seg_args(seg), n, m,
+                                xa.shape[1], scaling, _threads())  # fmt: skip
+
+    def expand_backward(self, dy, xa, b, seg, scaling, need_dxa, need_db):  # noqa: ANN001, ANN201
+        n, m = dy.shape
+        dxa = dy.new_empty(xa.shape) if need_dxa else None
+        db = dy.new_zeros(b.shape) if need_db else None  # the kernel accumulates per slot
+        if need_dxa or need_db:
+            _native.lora_expand_bwd(dy.data_ptr(), xa.data_ptr(), b.data_ptr(), b.stride(0), *_seg_args(seg),
+                                    _ptr(dxa), _ptr(db), n, m, xa.shape[1], scaling, _threads())  # fmt: skip
+        return dxa, db
+
+    def gate_up_forward(self, gu, xa, b_gate, b_up, a_down, seg, scaling):  # noqa: ANN001, ANN201
+        return _lora_swiglu_fwd(gu, xa, b_gate, b_up, a_down, scaling, seg)
+
+    def gate_up_backward(self, gu, xa, b_gate, b_up, a_down, dh_base, dha, seg, scaling, need_dgu):  # noqa: ANN001, ANN201
+        dgu, dbg, dbu, dxa, _ = _lora_swiglu_bwd(gu, xa, b_gate, b_up, a_down, dh_base, dha, scaling, need_dgu,
+                                                 False, seg)  # fmt: skip
+        return dgu, dbg, dbu, dxa
+
+
+_KERNELS = _SegmentedKernels()
+
+
+def _check_scaling(scaling: object) -> float:
+    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
+    return float(scaling)
+
+
+def _check_expand(y, xa, b, seg_indptr, seg_slot, op):  # noqa: ANN001, ANN202
+    """Validate the expand's arguments (y: the base or dy); returns the `_HostSegments`."""
+    _check(y, "dy" if op.endswith("backward") else "y")
+    if y.dim() != 2:
+        raise ValueError(f"{op}: y must be [N, M], got shape {tuple(y.shape)}")
+    _check(xa, "xa")
+    if xa.dim() != 2 or xa.shape[0] != y.shape[0]:
+        raise ValueError(f"{op}: xa must be [N, r] with N = {y.shape[0]}, got shape {tuple(xa.shape)}")
+    _check_rank(xa.shape[1])
+    slots = check_b_stack(b, "b", y.shape[1], xa.shape[1], op)
+    _check_stack_storage(b, "b")
+    return _host_segments(seg_indptr, seg_slot, y.shape[0], slots, op)
+
+
+def lora_expand_segmented(
+    y: torch.Tensor,
+    xa: torch.Tensor,
+    b: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_slot: torch.Tensor,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """y + scaling * xa[rows] @ b[slot].T per segment, as `reference.lora_expand_segmented`: y [N, M],
+    xa [N, r], b [S, M, r] (contiguous blocks, any slot stride); float32 CPU; segments on the CPU.
+    Differentiable w.r.t. y, xa and b."""
+    s = _check_scaling(scaling)
+    seg = _check_expand(y, xa, b, seg_indptr, seg_slot, "lora_expand_segmented")
+    return SegmentedExpandFunction.apply(_KERNELS, seg, y, xa, b, s)
+
+
+def lora_expand_segmented_backward(
+    dy: torch.Tensor,
+    xa: torch.Tensor,
+    b: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_slot: torch.Tensor,
+    scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dxa [N, r], db [S, M, r]) of `lora_expand_segmented` given dy [N, M], in one pass over dy."""
+    s = _check_scaling(scaling)
+    seg = _check_expand(dy, xa, b, seg_indptr, seg_slot, "lora_expand_segmented_backward")
+    return _KERNELS.expand_backward(dy, xa, b, seg, s, True, True)
+
+
+def lora_mlp_segmented(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    a_gate: torch.Tensor,
+    a_up: torch.Tensor,
+    a_down: torch.Tensor,
+    b_gate: torch.Tensor,
+    b_up: torch.Tensor,
+    b_down: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_slot: torch.Tensor,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """`lora_mlp` with a different B per segment of rows, as `reference.lora_mlp_segmented`. x [N, H] -> [N, H].
+
+    w_gate, w_up [I, H]; w_down [H, I]; a_gate, a_up [r, H]; a_down [r, I]; b_gate, b_up [S, I, r];
+    b_down [S, H, r] (contiguous [out, r] blocks, any slot stride); all float32 CPU, x/w/a contiguous;
+    1 <= r <= MAX_RANK; seg_indptr, seg_slot int64 on the CPU. Differentiable w.r.t. x and the b_* stacks
+    (the w_* and a_* are frozen). The base products and shrinks run once for all rows (torch sgemm);
+    per segment only the expand epilogues and the dB reductions, in the fused kernels.
+    """
+    op = "lora_mlp_segmented"
+    n, h, i, r, slots = lora_mlp_segmented_shapes(x, w_gate, w_up, w_down, a_gate, a_up, a_down, b_gate, b_up,
+                                                  b_down, op)  # fmt: skip
+    _check_rank(r)
+    for name, t in dict(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down, a_gate=a_gate, a_up=a_up, a_down=a_down).items():
+        _check(t, name)
+    for name, b in (("b_gate", b_gate), ("b_up", b_up), ("b_down", b_down)):
+        _check_stack_storage(b, name)
+    s = _check_scaling(scaling)
+    seg = _host_segments(seg_indptr, seg_slot, n, slots, op)
+    w_gate, w_up, w_down, a_down = (t.detach() for t in (w_gate, w_up, w_down, a_down))
+    a_gu = torch.cat([a_gate.detach(), a_up.detach()])  # [2r, H]: one shrink product for gate and up
+    return SegmentedLoRAMLPFunction.apply(_KERNELS, seg, x, w_gate, w_up, w_down, a_gu, a_down, b_gate, b_up,
+                                          b_down, s)  # fmt: skip

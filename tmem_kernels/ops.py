@@ -22,12 +22,13 @@ class KernelOps:
     lora_mlp: Callable
     sgd_step_: Callable
     adamw_step_: Callable
+    lora_mlp_segmented: Callable  # a different B per segment of rows (tmem_kernels.segments)
 
 
-_MODULES = {
-    "torch": ("tmem_kernels.reference", "tmem_kernels.reference"),
-    "triton": ("tmem_kernels.lora_mlp", "tmem_kernels.update"),
-    "native": ("tmem_kernels.native", "tmem_kernels.native"),
+_MODULES = {  # (lora_mlp, optimizer steps, lora_mlp_segmented)
+    "torch": ("tmem_kernels.reference", "tmem_kernels.reference", "tmem_kernels.reference"),
+    "triton": ("tmem_kernels.lora_mlp", "tmem_kernels.update", "tmem_kernels.lora_segmented"),
+    "native": ("tmem_kernels.native", "tmem_kernels.native", "tmem_kernels.native"),
 }
 
 
@@ -35,8 +36,8 @@ def get_ops(name: str) -> KernelOps:
     """The op set of backend `name` ("torch", "triton" or "native"); ImportError if unavailable."""
     if name not in _MODULES:
         raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
-    mlp_mod, update_mod = (importlib.import_module(m) for m in _MODULES[name])
-    return KernelOps(name, mlp_mod.lora_mlp, update_mod.sgd_step_, update_mod.adamw_step_)
+    mlp_mod, update_mod, seg_mod = (importlib.import_module(m) for m in _MODULES[name])
+    return KernelOps(name, mlp_mod.lora_mlp, update_mod.sgd_step_, update_mod.adamw_step_, seg_mod.lora_mlp_segmented)
 
 
 def available(name: str) -> bool:

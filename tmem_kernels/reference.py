@@ -12,6 +12,9 @@ Shapes, for one decoder layer's MLP with fast weights on gate, up and down (rank
     h    = silu(gate) * up
     y    = h @ w_down.T + scaling * (h @ a_down.T) @ b_down.T          -> [N, H]
 
+Many sessions in one batch (`lora_mlp_segmented`, `lora_expand_segmented`): the A's are shared and each
+contiguous segment of rows uses its own B from [S, out, r] stacks (see `tmem_kernels.segments`).
+
 Everything here is differentiable torch; nothing here is fast.
 """
 
@@ -22,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from tmem_kernels.segments import host_segments, lora_mlp_segmented_shapes
 
 
 class LoRAMLPGrads(NamedTuple):
@@ -87,6 +92,81 @@ def lora_mlp_backward(
         inputs = [x_, *bs] + (as_ if train_a else [])
         grads = torch.autograd.grad(y, inputs, dy)
     return LoRAMLPGrads(*grads)
+
+
+# --------------------------------------------------------------------------------------------------
+# Segmented: many adapters in one batch (Punica's SGMV). Rows seg_indptr[g]:seg_indptr[g+1] use slot
+# seg_slot[g] of the stacked B's [S, out, r] (-1: no adapter); see `tmem_kernels.segments`. The A's are
+# shared by every slot (the SVD init's A0), so the shrink x @ A.T is one product for the whole batch.
+# --------------------------------------------------------------------------------------------------
+
+
+def lora_expand_segmented(
+    y: torch.Tensor,
+    xa: torch.Tensor,
+    b: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_slot: torch.Tensor,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """y + scaling * xa[rows] @ b[slot].T for each segment's rows (rows of slot -1: y's). y [N, M],
+    xa [N, r], b [S, M, r] -> [N, M]; y is not modified. Differentiable w.r.t. y, xa and b."""
+    segments = host_segments(seg_indptr, seg_slot, y.shape[0], b.shape[0], "lora_expand_segmented")
+    pieces = [
+        y[start:end] if slot < 0 else y[start:end] + scaling * (xa[start:end] @ b[slot].T)
+        for start, end, slot in segments
+    ]
+    return torch.cat(pieces) if pieces else y.clone()
+
+
+def lora_expand_segmented_backward(
+    dy: torch.Tensor,
+    xa: torch.Tensor,
+    b: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_slot: torch.Tensor,
+    scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dxa [N, r], db [S, M, r]) of `lora_expand_segmented` given dy [N, M], by autograd (the spec).
+    dxa rows of slot -1 and db of slots no segment uses are zero; a slot used twice sums."""
+    with torch.enable_grad():
+        xa_ = xa.detach().requires_grad_(True)
+        b_ = b.detach().requires_grad_(True)
+        out = lora_expand_segmented(torch.zeros_like(dy), xa_, b_, seg_indptr, seg_slot, scaling)
+        dxa, db = torch.autograd.grad(out, (xa_, b_), dy, allow_unused=True, materialize_grads=True)
+    return dxa, db
+
+
+def lora_mlp_segmented(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    a_gate: torch.Tensor,
+    a_up: torch.Tensor,
+    a_down: torch.Tensor,
+    b_gate: torch.Tensor,
+    b_up: torch.Tensor,
+    b_down: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_slot: torch.Tensor,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """`lora_mlp` with a different B per segment of rows. x [N, H] -> y [N, H].
+
+    w_gate, w_up [I, H]; w_down [H, I]; a_gate, a_up [r, H]; a_down [r, I] (shared by every slot);
+    b_gate, b_up [S, I, r]; b_down [S, H, r] (any stride along dim 0); seg_indptr int64 [G+1], seg_slot
+    int64 [G] (see `tmem_kernels.segments`). Segment g's rows compute `lora_mlp` with b_*[seg_slot[g]],
+    or the bare SwiGLU MLP for slot -1. Differentiable w.r.t. x and the b_* stacks; the w_* and a_* are
+    frozen (no gradient, whatever their requires_grad).
+    """
+    lora_mlp_segmented_shapes(x, w_gate, w_up, w_down, a_gate, a_up, a_down, b_gate, b_up, b_down)
+    w_gate, w_up, w_down, a_gate, a_up, a_down = (t.detach() for t in (w_gate, w_up, w_down, a_gate, a_up, a_down))
+    seg = (seg_indptr, seg_slot)
+    gate = lora_expand_segmented(x @ w_gate.T, x @ a_gate.T, b_gate, *seg, scaling)
+    up = lora_expand_segmented(x @ w_up.T, x @ a_up.T, b_up, *seg, scaling)
+    h = F.silu(gate) * up
+    return lora_expand_segmented(h @ w_down.T, h @ a_down.T, b_down, *seg, scaling)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
