@@ -65,9 +65,12 @@ def test_batched_write_equals_sequential_writes(tiny, backend, optimizer, lr):
         alone = pool.write_examples_many({s: ex}, recipe, seed=7)[s]
         assert len(alone) == len(batched[s])
         torch.testing.assert_close(torch.tensor(batched[s]), torch.tensor(alone), rtol=1e-5, atol=1e-6)
+        # B to 1e-5 (relative Frobenius) with SGD; AdamW divides each element's step by its own gradient
+        # scale, which turns rounding-level gradient differences (other GEMM sizes) into ~2e-5: 5e-5
+        tol = 1e-5 if optimizer == "sgd" else 5e-5
         for k, v in pool.state_dict(s).items():
             err = (batched_states[s][k] - v).norm() / v.norm().clamp_min(1e-12)
-            assert err <= 1e-5, (s, k, float(err))
+            assert err <= tol, (s, k, float(err))
     pool.detach()
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from tmem_kernels.segments import row_segments
 from tmem_runtime.adapter_file import WeightsFingerprint, adapter_metadata
 from tmem_runtime.adapter_init import initial_factors
 from tmem_runtime.backends import kernel_ops, resolve_backend
@@ -43,31 +44,23 @@ class Binding:
 
     b_stacks: per adapter slot, every session's B [S, out, r] (a strided view; any float dtype, cast to
     the model's). a_views: per slot, A [r, in]. Segment g covers rows (tokens when `per_token`)
-    indptr[g]:indptr[g + 1] and reads b_stacks[.][slots[g]], or nothing when slots[g] == -1;
-    indptr None: one segment, slots[0], covers any batch.
-    writing: a write step (base weights are constants; B may be updated inside the backward by
-    `sgd_lr`).
+    indptr[g]:indptr[g + 1] and reads b_stacks[.][slots[g]], or nothing when slots[g] == -1 (int64
+    tensors, as `tmem_kernels.segments` takes them; `host_slots` the same slots on the host); indptr
+    None: one segment, slots[0], covers any batch. `device_indptr` / `device_slots`: copies on the
+    compute device for one token per row (decode), when it is not the CPU. writing: a write step (base
+    weights are constants; B may be updated inside the backward by `sgd_lr`).
     """
 
     b_stacks: tuple[torch.Tensor, ...]
     a_views: tuple[torch.Tensor, ...]
-    indptr: tuple[int, ...] | None
-    slots: tuple[int, ...]
+    indptr: torch.Tensor | None
+    slots: torch.Tensor
+    host_slots: tuple[int, ...]
     per_token: bool = False
     writing: bool = False
     sgd_lr: float | None = None
-
-
-def row_segments(slots_per_row: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(indptr, slots): runs of consecutive rows that read the same slot (-1: none)."""
-    indptr, slots = [0], []
-    for i, s in enumerate(slots_per_row):
-        if slots and slots[-1] == s:
-            indptr[-1] = i + 1
-        else:
-            slots.append(s)
-            indptr.append(i + 1)
-    return tuple(indptr), tuple(slots)
+    device_indptr: torch.Tensor | None = None
+    device_slots: torch.Tensor | None = None
 
 
 class FastWeightEngine:
@@ -205,11 +198,14 @@ class FastWeightEngine:
             if not -1 <= s < self.capacity:
                 raise ValueError(f"slot {s} is outside this engine's {self.capacity} B rows")
         indptr, slots = row_segments(rows)
-        return Binding(self.b_stacks, self.a_views, indptr, slots)
+        on_device = {}
+        if self.device.type != "cpu":
+            on_device = {"device_indptr": indptr.to(self.device), "device_slots": slots.to(self.device)}
+        return Binding(self.b_stacks, self.a_views, indptr, slots, tuple(slots.tolist()), **on_device)
 
     def binding_all_rows(self, slot: int) -> Binding:
         """Every row of any batch reads B row `slot` (FastWeights' one session)."""
-        return Binding(self.b_stacks, self.a_views, None, (slot,))
+        return Binding(self.b_stacks, self.a_views, None, torch.tensor([slot]), (slot,))
 
     @contextmanager
     def bind(self, binding: Binding | None) -> Iterator[None]:
@@ -236,23 +232,27 @@ class FastWeightEngine:
         w_grad = not binding.writing and torch.is_grad_enabled() and any(w.requires_grad for w in ws)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        indptr, slots = _token_segments(binding, shape, x2.shape[0])
         lo = 3 * k
         a = [binding.a_views[lo + j].to(x.dtype) for j in range(3)]
-        if len(slots) == 1 and slots[0] >= 0 and self.fused[k] and not w_grad:
-            b = [binding.b_stacks[lo + j][slots[0]].to(x.dtype) for j in range(3)]
+        if binding.indptr is None and self.fused[k] and not w_grad:  # one session: the fused kernel
+            b = [binding.b_stacks[lo + j][binding.host_slots[0]].to(x.dtype) for j in range(3)]
             sgd = {} if binding.sgd_lr is None else {"sgd_lr": binding.sgd_lr}
             y = self.ops.lora_mlp(x2, *ws, a[0], b[0], a[1], b[1], a[2], b[2], self.scaling, **sgd)
         else:
+            indptr, slots = _token_segments(binding, shape, x2.shape[0])
             b = [binding.b_stacks[lo + j].to(x.dtype) for j in range(3)]
-            y = composed_mlp_segmented(x2, ws, a, b, indptr, slots, self.scaling, mlp.act_fn)
+            if self.fused[k] and not w_grad:
+                y = self.ops.lora_mlp_segmented(x2, *ws, *a, *b, indptr, slots, self.scaling)
+            else:
+                segs = (indptr.tolist(), slots.tolist())
+                y = composed_mlp_segmented(x2, ws, a, b, *segs, self.scaling, mlp.act_fn)
         return y.view(*shape[:-1], y.shape[-1])
 
     def _is_identity(self, binding: Binding) -> bool:
         """Every B the binding reads is a resident row still at B0 = 0: the adapter changes nothing."""
         if binding.writing or binding.b_stacks is not self.b_stacks or not self.identity_init:
             return False
-        return all(s < 0 or self.initial[s] for s in binding.slots)
+        return all(s < 0 or self.initial[s] for s in binding.host_slots)
 
     # ---------------------------------------------------------------- detach
     def detach(self) -> PreTrainedModel:
@@ -277,18 +277,20 @@ def _weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
 
 
-def _token_segments(binding: Binding, shape: torch.Size, n_tokens: int) -> tuple[list[int], tuple[int, ...]]:
+def _token_segments(binding: Binding, shape: torch.Size, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The binding's segments in tokens of the flattened input (rows x tokens per row)."""
     if binding.indptr is None:
-        return [0, n_tokens], binding.slots
+        return torch.tensor([0, n_tokens]), binding.slots
     per_row = 1 if binding.per_token or len(shape) < 3 else shape[-2]
-    indptr = [i * per_row for i in binding.indptr]
-    if indptr[-1] != n_tokens:
+    rows = int(binding.indptr[-1])
+    if rows * per_row != n_tokens:
         raise ValueError(
-            f"the fast-weight rows name {binding.indptr[-1]} rows but the batch has {n_tokens // per_row} "
+            f"the fast-weight rows name {rows} rows but the batch has {n_tokens // max(per_row, 1)} "
             "(pass one session, or None, per row of the batch)"
         )
-    return indptr, binding.slots
+    if per_row == 1 and binding.device_indptr is not None:
+        return binding.device_indptr, binding.device_slots
+    return (binding.indptr if per_row == 1 else binding.indptr * per_row), binding.slots
 
 
 def composed_mlp_segmented(

@@ -24,7 +24,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from tmem_runtime.engine import Binding, FastWeightEngine, FastWeightsError, row_segments
+from tmem_kernels.segments import row_segments
+from tmem_runtime.engine import Binding, FastWeightEngine, FastWeightsError
 from tmem_runtime.recipes import OPTIMIZERS, Recipe
 from tmem_runtime.write import IGNORE_INDEX, StepBatch, TrunkCache, adapted_loss, plan_steps
 
@@ -96,9 +97,13 @@ class Workspace:
     def leaves(self) -> tuple[torch.Tensor, ...]:
         return self.b_leaves + self.a_leaves
 
-    def binding(self, indptr: tuple, slots: tuple, per_token: bool, sgd_lr: float | None) -> Binding:
-        """Forwards read the workspace's B leaves (and A, when it trains): segments as in `Binding`."""
-        return Binding(self.b_leaves, self.a_views, indptr, slots, per_token=per_token, writing=True, sgd_lr=sgd_lr)
+    def binding(self, indptr: torch.Tensor, slots: torch.Tensor, host_slots: tuple[int, ...], per_token: bool,
+                sgd_lr: float | None) -> Binding:  # fmt: skip
+        """Forwards read the workspace's B leaves (and A, when it trains): segments as in `Binding`.
+        One session (the common write) runs the fused single-session kernel."""
+        if len(self.slots) == 1:
+            indptr = None
+        return Binding(self.b_leaves, self.a_views, indptr, slots, host_slots, per_token, True, sgd_lr)
 
     def active(self, sessions: int) -> tuple[torch.Tensor, ...]:
         """(param, grad, exp_avg, exp_avg_sq) of the first `sessions` B rows (and A, when it trains)."""
@@ -219,12 +224,11 @@ class WriteRun:
     def _loss(self, plan: StepBatch | GenericStep) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.engine
         if self.cached:
-            indptr, slots = plan.token_segments(self.data.prefix_len)
-            binding = self.ws.binding(indptr, slots, True, self.sgd_lr)
+            binding = self.ws.binding(plan.seg_indptr, plan.seg_slot, plan.slots, True, self.sgd_lr)
             with e.bind(binding):
                 return adapted_loss(e.decoder, e.first_layer, self.data, plan)
-        indptr, _ = row_segments([w for w, n in zip(plan.slots, plan.groups) for _ in range(n)])
-        with e.bind(self.ws.binding(indptr, plan.slots, False, None)):
+        indptr, slots = row_segments([w for w, n in zip(plan.slots, plan.groups) for _ in range(n)])
+        with e.bind(self.ws.binding(indptr, slots, plan.slots, False, None)):
             return generic_loss(e, self.data, plan)
 
     def step(self, plan: StepBatch | GenericStep, step: int | torch.Tensor) -> torch.Tensor:

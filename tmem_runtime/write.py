@@ -63,7 +63,8 @@ class StepBatch:
     token is a target; targets [K]: those tokens, IGNORE_INDEX on padding slots. target_weight [K]:
     1 / (targets of its group), so each group's loss is its own mean, as if written alone;
     target_group [K]: each target's group. row_prefix [b]: each row's group, when there are several
-    groups and a shared prefix (each group then runs its own copy of the prefix). Tensors on the
+    groups and a shared prefix (each group then runs its own copy of the prefix). seg_indptr /
+    seg_slot: the adapted MLP's token segments (`token_segments`) as int64 tensors. Tensors on the
     compute device; groups and slots on the host.
     """
 
@@ -77,6 +78,8 @@ class StepBatch:
     row_prefix: torch.Tensor | None = None
     groups: tuple[int, ...] = ()
     slots: tuple[int, ...] = ()
+    seg_indptr: torch.Tensor | None = None
+    seg_slot: torch.Tensor | None = None
 
     @property
     def signature(self) -> tuple:
@@ -85,7 +88,8 @@ class StepBatch:
 
     def tensors(self) -> list[torch.Tensor]:
         optional = (self.lengths, self.row_prefix)
-        fixed = [self.rows, self.loss_index, self.targets, self.target_weight, self.target_group]
+        fixed = [self.rows, self.loss_index, self.targets, self.target_weight, self.target_group, self.seg_indptr,
+                 self.seg_slot]  # fmt: skip
         return fixed + [t for t in optional if t is not None]
 
     def clone(self) -> StepBatch:
@@ -95,6 +99,7 @@ class StepBatch:
         return StepBatch(
             self.rows.clone(), self.width, c(self.lengths), self.loss_index.clone(), self.targets.clone(),
             self.target_weight.clone(), self.target_group.clone(), c(self.row_prefix), self.groups, self.slots,
+            c(self.seg_indptr), c(self.seg_slot),
         )  # fmt: skip
 
     def copy_(self, other: StepBatch) -> None:
@@ -231,7 +236,7 @@ def plan_group_step(
         weight = torch.cat([weight, weight.new_zeros(pad)])
         target_group = torch.cat([target_group, target_group.new_zeros(pad)])
     padded = num_targets is not None or not bool((lengths == width).all())
-    return StepBatch(
+    step = StepBatch(
         rows.to(device),
         width,
         lengths.to(device) if padded else None,
@@ -243,6 +248,10 @@ def plan_group_step(
         tuple(sizes),
         tuple(slot for slot, _ in groups),
     )
+    indptr, slots = step.token_segments(p)
+    step.seg_indptr = torch.tensor(indptr, dtype=torch.long, device=device)
+    step.seg_slot = torch.tensor(slots, dtype=torch.long, device=device)
+    return step
 
 
 def plan_steps(
