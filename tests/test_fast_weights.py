@@ -419,3 +419,29 @@ def test_a_card_too_long_keeps_its_answer_and_is_counted():
     with pytest.raises(ValueError, match="flashcard too long"):
         qa_example(tokenizer, "Q?", "word " * 80, max_length=64)
     fw.detach()
+
+
+@pytest.mark.parametrize("optimizer,lr,b_tol", [("sgd", 0.5, 5e-3), ("adamw", 1e-2, 2e-2)])
+def test_bf16_model_keeps_an_fp32_master_and_tracks_peft_over_50_steps(optimizer, lr, b_tol):
+    """B and the optimizer state stay float32 whatever the model's dtype (PEFT's default keeps its
+    adapters in float32 too): after 50 steps on a bf16 model, B is within a few bf16 ulps (2^-8 =
+    0.4%) of PEFT's and the losses within 1e-3."""
+    model, _ = load_model("tiny-llama", dtype=torch.bfloat16)
+    batches = [make_batch(i) for i in range(5)] * 10
+    fast, fast_state = run_write(model, "torch", batches, lr=lr, optimizer=optimizer)
+    ref, ref_state = run_write(model, "peft", batches, lr=lr, optimizer=optimizer)
+    assert all(v.dtype == torch.float32 for v in fast_state.values())
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(ref), rtol=1e-3, atol=0)
+    assert_matrices_close(fast_state, {k: v.float() for k, v in ref_state.items()}, b_tol)
+
+
+def test_bf16_updates_below_a_bf16_ulp_still_accumulate():
+    model, _ = load_model("tiny-llama", dtype=torch.bfloat16)
+    fw = FastWeights(model, backend="torch")
+    fw.write([make_batch(0)] * 3, lr=1e-2, optimizer="adamw")
+    before = fw.store.engine.b[0].clone()
+    fw.write([make_batch(1)] * 3, lr=1e-7, optimizer="sgd")  # steps far below bf16's resolution of B
+    moved = fw.store.engine.b[0] - before
+    assert moved.abs().max() > 0
+    assert torch.equal(before.bfloat16(), fw.store.engine.b[0].bfloat16())  # a bf16 B would not have moved
+    fw.detach()
