@@ -445,3 +445,15 @@ def test_bf16_updates_below_a_bf16_ulp_still_accumulate():
     assert moved.abs().max() > 0
     assert torch.equal(before.bfloat16(), fw.store.engine.b[0].bfloat16())  # a bf16 B would not have moved
     fw.detach()
+
+
+def test_middle_layers_match_peft(tiny):
+    """Fast weights on chosen layers (here two middle ones), the layers above them frozen but run
+    every step: the same losses as PEFT with layers_to_transform."""
+    batches = [make_batch(0), make_batch(1)] * 2
+    fast, fast_state = run_write(tiny, "torch", batches, lr=1e-2, optimizer="adamw", attach={"num_layers": (2, 3)})
+    ref, ref_state = run_write(tiny, "peft", batches, lr=1e-2, optimizer="adamw", attach={"num_layers": (2, 3)})
+    assert sorted({int(k.split(".")[1]) for k in fast_state}) == [2, 3]
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(ref), rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="not indices"):
+        FastWeights(tiny, num_layers=(5, 9))

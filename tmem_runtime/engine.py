@@ -64,7 +64,8 @@ class Binding:
 
 
 class FastWeightEngine:
-    """Fast weights on gate/up/down of the last `num_layers` decoder layers, `capacity` B rows.
+    """Fast weights on gate/up/down of the last `num_layers` decoder layers (or of the layers listed),
+    `capacity` B rows.
 
     model: a transformers causal LM (modified in place until `detach()`). rank: LoRA rank r.
     init: "svd" | "random" | "pissa" (see `adapter_init`). backend: "auto" | "triton" | "native" |
@@ -76,7 +77,7 @@ class FastWeightEngine:
         model: PreTrainedModel,
         capacity: int = 1,
         rank: int = 6,
-        num_layers: int = 4,
+        num_layers: int | Sequence[int] = 4,
         init: str = "svd",
         backend: str = "auto",
         svd: str = "randomized",
