@@ -8,8 +8,9 @@ import torch
 from tmem_kernels.ops import available
 from tmem_runtime import DivergedWriteError, FastWeights, NonFiniteLossError, Recipe, load_model
 from tmem_runtime.chat import ask
-from tmem_runtime.demo_facts import FACTS, recalled
+from tmem_runtime.demo_facts import FACTS
 from tmem_runtime.examples import collate, qa_example
+from tmem_runtime.recall import recalled
 
 pytestmark = pytest.mark.slow
 
