@@ -3,13 +3,17 @@
     "torch"   the reference composition (autograd through torch ops)
     "triton"  Triton kernels (compiled on CUDA; under TRITON_INTERPRET=1 on CPU tensors)
     "native"  the pybind11 C++ extension (CPU), matrix products through torch
+
+Each op set calls the backend's torch custom ops (`tmem_kernels.library`, `torch.ops.tmem.*`), so a model
+that uses them compiles without graph breaks and exports.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from tmem_kernels import library
 
 BACKENDS = ("torch", "triton", "native")
 
@@ -24,23 +28,23 @@ class KernelOps:
     adamw_step_: Callable
 
 
-_MODULES = {
-    "torch": ("tmem_kernels.reference", "tmem_kernels.reference"),
-    "triton": ("tmem_kernels.lora_mlp", "tmem_kernels.update"),
-    "native": ("tmem_kernels.native", "tmem_kernels.native"),
+_OPS = {
+    "torch": KernelOps("torch", library.lora_mlp_torch, library.sgd_step_torch, library.adamw_step_torch),
+    "triton": KernelOps("triton", library.lora_mlp_triton, library.sgd_step_triton, library.adamw_step_triton),
+    "native": KernelOps("native", library.lora_mlp_native, library.sgd_step_native, library.adamw_step_native),
 }
 
 
 def get_ops(name: str) -> KernelOps:
     """The op set of backend `name` ("torch", "triton" or "native"); ImportError if unavailable."""
-    if name not in _MODULES:
+    if name not in _OPS:
         raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
-    mlp_mod, update_mod = (importlib.import_module(m) for m in _MODULES[name])
-    return KernelOps(name, mlp_mod.lora_mlp, update_mod.sgd_step_, update_mod.adamw_step_)
+    library.require_backend(name)
+    return _OPS[name]
 
 
 def available(name: str) -> bool:
-    """Whether backend `name` can be imported here."""
+    """Whether backend `name` can be used here."""
     try:
         get_ops(name)
     except ImportError:

@@ -1,0 +1,101 @@
+"""Chunked linear cross-entropy: the loss of a frozen head without its [K, V] logits.
+
+    hidden [K, H] (the final-normed states at the loss positions), weight [V, H] (the head, frozen),
+    targets [K] (int64, `ignore_index` where a row is not scored)
+    loss = mean over rows t != ignore_index of  logsumexp(hidden[t] @ weight.T) - (hidden[t] @ weight.T)[target]
+
+Same value as `reference.linear_cross_entropy` (F.cross_entropy on the fp32 logits; NaN when every row is
+ignored, as F.cross_entropy gives), but the rows run in chunks of C, so at most one [C, V] block of logits
+lives at a time (a 150k vocabulary makes [K, V] fp32 logits 600 kB per row). With `with_grad` the gradient
+w.r.t. hidden is computed in the same pass (softmax - one_hot, scaled by 1 / #scored rows, times the head),
+so a backward needs no second pass over the head and nothing but that [K, H] gradient is kept.
+
+Graph-safe: the chunk loop is fixed by the static K and C, nothing is read back to the host (the scored-row
+count stays a device tensor), so the function can be captured in a CUDA graph and traced by torch.compile.
+Products run in the inputs' dtype (fp32 accumulation, as a matmul does); the softmax in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "IGNORE_INDEX", "chunk_rows", "loss_and_grad"]
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_BYTES = 64 << 20  # one chunk's fp32 logits: [C, V] * 4 bytes at most (C >= 16)
+_MIN_CHUNK = 16
+
+
+def chunk_rows(num_rows: int, vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk: the largest power of 2 whose fp32 logits fit `chunk_bytes` (at least 16), capped at
+    `num_rows` (at least 1)."""
+    rows = max(_MIN_CHUNK, chunk_bytes // (4 * max(vocab, 1)))
+    rows = 1 << (rows.bit_length() - 1)
+    return max(1, min(rows, num_rows))
+
+
+def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> None:
+    """Clear errors for shapes, dtypes and devices the chunked loss would get wrong."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"linear_cross_entropy: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
+        raise ValueError(
+            "linear_cross_entropy: expected hidden [K, H], weight [V, H], targets [K]; got "
+            f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}"
+        )
+    if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"linear_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and targets "
+            f"{tuple(targets.shape)} do not agree (hidden [K, H], weight [V, H], targets [K])"
+        )
+    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"linear_cross_entropy: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one float dtype"
+        )
+    if targets.dtype != torch.long:
+        raise TypeError(f"linear_cross_entropy: targets must be int64, got {targets.dtype}")
+    if not hidden.device == weight.device == targets.device:
+        raise ValueError(
+            f"linear_cross_entropy: tensors on different devices: hidden {hidden.device}, weight {weight.device}, "
+            f"targets {targets.device}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+
+
+def loss_and_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = None,
+    with_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, d loss / d hidden) of the mean cross-entropy of hidden @ weight.T against targets, in chunks.
+
+    hidden [K, H], weight [V, H] (same float dtype), targets [K] int64 -> loss: 0-d float32; the gradient
+    [K, H] in hidden's dtype (None without `with_grad`). chunk_size: rows per chunk (default `chunk_rows`).
+    Rows whose target is `ignore_index` add nothing; targets must otherwise lie in [0, V).
+    """
+    k, v = hidden.shape[0], weight.shape[0]
+    if chunk_size is None:
+        chunk_size = chunk_rows(k, v)
+    check_inputs(hidden, weight, targets, chunk_size)
+    scored = targets != ignore_index
+    inv_count = scored.sum().to(torch.float32).reciprocal()  # inf when nothing is scored: NaN, as F.cross_entropy
+    safe_targets = torch.where(scored, targets, torch.zeros_like(targets))[:, None]
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad = torch.empty_like(hidden) if with_grad else None
+    for lo in range(0, k, chunk_size):
+        hi = min(k, lo + chunk_size)
+        logits = (hidden[lo:hi] @ weight.T).float()  # [c, V]
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, safe_targets[lo:hi]).squeeze(1)
+        total = total + torch.where(scored[lo:hi], lse - picked, 0.0).sum()
+        if grad is not None:
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+            probs.scatter_add_(1, safe_targets[lo:hi], torch.full_like(picked, -1.0)[:, None])
+            probs.mul_((scored[lo:hi] * inv_count)[:, None])
+            torch.mm(probs.to(weight.dtype), weight, out=grad[lo:hi])
+    return total * inv_count, grad
