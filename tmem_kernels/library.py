@@ -116,8 +116,14 @@ def _reference_adamw(param, grad, exp_avg, exp_avg_sq, step_tensor, step, lr, be
                           beta1, beta2, eps, weight_decay)  # fmt: skip
 
 
+def _reference_lora_mlp(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling=1.0):  # noqa: ANN001
+    _lora_shapes(x.reshape(-1, x.shape[-1]), w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+                 contiguous=False)  # fmt: skip
+    return reference.lora_mlp(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling)
+
+
 _lib.define(f"lora_mlp_torch({_LORA_ARGS}, float scaling=1.0) -> Tensor")
-_lib.impl("lora_mlp_torch", reference.lora_mlp, "CompositeImplicitAutograd")
+_lib.impl("lora_mlp_torch", _reference_lora_mlp, "CompositeImplicitAutograd")
 _lib.define("sgd_step_torch" + _SGD_SCHEMA)
 _lib.impl("sgd_step_torch", reference.sgd_step_, "CompositeImplicitAutograd")
 _lib.define("adamw_step_torch" + _ADAMW_SCHEMA)
@@ -153,9 +159,10 @@ def adamw_step_torch(
 # ------------------------------------------------------------------------------------------------
 
 
-def _lora_shapes(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down):  # noqa: ANN001
-    """Check x [N, H] and the nine MLP tensors (2-D, one dtype and device, contiguous, shapes consistent with
-    w_gate [I, H] and a_gate [r, H]); returns (N, H, I, r). Symbolic shapes welcome (the fakes use it)."""
+def _lora_shapes(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, contiguous=True):  # noqa: ANN001
+    """Check x [N, H] and the nine MLP tensors (2-D, one dtype and device, contiguous unless not asked,
+    shapes consistent with w_gate [I, H] and a_gate [r, H]); returns (N, H, I, r). Symbolic shapes welcome
+    (the fakes use it)."""
     tensors = dict(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down, a_gate=a_gate, b_gate=b_gate, a_up=a_up,
                    b_up=b_up, a_down=a_down, b_down=b_down)  # fmt: skip
     for name, t in tensors.items():
@@ -163,7 +170,7 @@ def _lora_shapes(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_
             raise ValueError(f"lora_mlp: {name} must be 2-D, got shape {tuple(t.shape)}")
         if t.dtype != x.dtype or t.device != x.device:
             raise TypeError(f"lora_mlp: {name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
-        if not t.is_contiguous():
+        if contiguous and not t.is_contiguous():
             raise ValueError(f"lora_mlp: {name} must be contiguous (call .contiguous() first)")
     (n, h), i, r = x.shape, w_gate.shape[0], a_gate.shape[0]
     expected = dict(w_gate=(i, h), w_up=(i, h), w_down=(h, i), a_gate=(r, h), b_gate=(i, r), a_up=(r, h),
