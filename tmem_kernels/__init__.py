@@ -1,7 +1,7 @@
 """tmem_kernels: the ops only (tensors in, tensors out; no transformers, no models).
 
 `reference` is the pure-torch spec of every op. The Triton kernels (`lora_mlp`, `update`), the native CPU
-extension (`native`), `rsvd` and `linear_cross_entropy` implement the same signatures and are tested
+extension (`native`), `rsvd` and `cross_entropy` implement the same signatures and are tested
 against it. `library` registers them as torch custom ops (`torch.ops.tmem.*`, table in the README); the
 functions exported here call those ops. `get_ops(backend)` gives one backend's op set.
 """

@@ -1,7 +1,7 @@
 """tmem's ops as torch custom ops (`torch.ops.tmem.*`): traceable by torch.compile and torch.export.
 
 The kernels stay where they are (`reference`, `native`, `lora_mlp` + `update` for Triton, `rsvd`,
-`linear_cross_entropy`); this module declares each op's schema, its fake (meta) implementation (shapes
+`cross_entropy`); this module declares each op's schema, its fake (meta) implementation (shapes
 only, for tracing) and its autograd formula, and the Python functions that call them. A custom op is
 opaque to the compiler: it never sees the data pointers the native extension reads or the Triton launch,
 only the schema, so `torch.compile(fullgraph=True)` does not break around them and `torch.export` can
@@ -24,7 +24,7 @@ built) registers no ops, and its functions raise ImportError when called.
 import torch
 from torch import Tensor
 
-from tmem_kernels import linear_cross_entropy as _lce
+from tmem_kernels import cross_entropy as _lce
 from tmem_kernels import reference, rsvd
 
 _MISSING: dict[str, ImportError] = {}  # backend -> why it is not available here
@@ -511,7 +511,7 @@ def randomized_svd_lora_init(
 def _linear_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, chunk_size: int, with_grad: bool
 ) -> tuple[Tensor, Tensor]:
-    """(loss 0-d float32, d loss / d hidden [K, H], empty without `with_grad`)."""
+    """(loss 0-d float32 (float64 for float64 input), d loss / d hidden [K, H], empty without `with_grad`)."""
     loss, grad = _lce.loss_and_grad(hidden, weight, targets, ignore_index, chunk_size, with_grad)
     return loss, _empty(hidden) if grad is None else grad
 
@@ -519,7 +519,8 @@ def _linear_cross_entropy(
 @_linear_cross_entropy.register_fake
 def _(hidden, weight, targets, ignore_index, chunk_size, with_grad):  # noqa: ANN001
     _lce.check_inputs(hidden, weight, targets, chunk_size)
-    return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden) if with_grad else _empty(hidden)
+    loss = hidden.new_empty((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    return loss, torch.empty_like(hidden) if with_grad else _empty(hidden)
 
 
 def _lce_setup(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -543,9 +544,9 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
 ) -> Tensor:  # fmt: skip
     """`tmem::linear_cross_entropy`: mean cross-entropy of hidden @ weight.T against targets without the
-    [K, V] logits (chunks of `chunk_size` rows, default `linear_cross_entropy.chunk_rows`).
+    [K, V] logits (chunks of `chunk_size` rows, default `cross_entropy.chunk_rows`).
 
-    hidden [K, H], weight [V, H] (one float dtype), targets [K] int64 -> 0-d float32, as
+    hidden [K, H], weight [V, H] (one float dtype), targets [K] int64 -> 0-d float32 (float64 input: float64), as
     `reference.linear_cross_entropy`. Differentiable w.r.t. hidden only: the head is frozen (a weight that
     requires grad is an error). Graph-safe: no host sync, shapes fixed by K.
     """

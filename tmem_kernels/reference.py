@@ -180,9 +180,12 @@ def svd_lora_init(w: torch.Tensor, r: int) -> torch.Tensor:
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:
-    """Mean cross-entropy of the logits hidden @ weight.T (float32) against targets, as F.cross_entropy.
+    """Mean cross-entropy of the logits hidden @ weight.T (in float32, float64 for float64 input) against
+    targets, as F.cross_entropy.
 
     hidden [K, H], weight [V, H] (the head), targets [K] int64 (`ignore_index` rows not scored) -> 0-d float32
-    (NaN when every row is ignored). Materialises the full [K, V] logits.
+    (float64) loss, NaN when every row is ignored. Materialises the full [K, V] logits.
     """
-    return F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=ignore_index)
+    logits = hidden @ weight.T
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
+                           ignore_index=ignore_index)  # fmt: skip

@@ -1,18 +1,18 @@
-"""Chunked linear cross-entropy: the loss of a frozen head without its [K, V] logits.
+"""Chunked linear cross-entropy (op `tmem::linear_cross_entropy`): the loss of a frozen head without its [K, V] logits.
 
     hidden [K, H] (the final-normed states at the loss positions), weight [V, H] (the head, frozen),
     targets [K] (int64, `ignore_index` where a row is not scored)
     loss = mean over rows t != ignore_index of  logsumexp(hidden[t] @ weight.T) - (hidden[t] @ weight.T)[target]
 
 Same value as `reference.linear_cross_entropy` (F.cross_entropy on the fp32 logits; NaN when every row is
-ignored, as F.cross_entropy gives), but the rows run in chunks of C, so at most one [C, V] block of logits
+ignored, with a zero gradient, as F.cross_entropy gives), but the rows run in chunks of C, so at most one [C, V] block of logits
 lives at a time (a 150k vocabulary makes [K, V] fp32 logits 600 kB per row). With `with_grad` the gradient
 w.r.t. hidden is computed in the same pass (softmax - one_hot, scaled by 1 / #scored rows, times the head),
 so a backward needs no second pass over the head and nothing but that [K, H] gradient is kept.
 
 Graph-safe: the chunk loop is fixed by the static K and C, nothing is read back to the host (the scored-row
 count stays a device tensor), so the function can be captured in a CUDA graph and traced by torch.compile.
-Products run in the inputs' dtype (fp32 accumulation, as a matmul does); the softmax in fp32.
+Products run in the inputs' dtype (fp32 accumulation, as a matmul does); the softmax in fp32 (fp64 for fp64).
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def loss_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(loss, d loss / d hidden) of the mean cross-entropy of hidden @ weight.T against targets, in chunks.
 
-    hidden [K, H], weight [V, H] (same float dtype), targets [K] int64 -> loss: 0-d float32; the gradient
-    [K, H] in hidden's dtype (None without `with_grad`). chunk_size: rows per chunk (default `chunk_rows`).
+    hidden [K, H], weight [V, H] (same float dtype), targets [K] int64 -> loss: 0-d float32 (float64 for
+    float64 input, the dtype the softmax runs in); the gradient [K, H] in hidden's dtype (None without `with_grad`). chunk_size: rows per chunk (default `chunk_rows`).
     Rows whose target is `ignore_index` add nothing; targets must otherwise lie in [0, V).
     """
     k, v = hidden.shape[0], weight.shape[0]
@@ -83,19 +83,24 @@ def loss_and_grad(
         chunk_size = chunk_rows(k, v)
     check_inputs(hidden, weight, targets, chunk_size)
     scored = targets != ignore_index
-    inv_count = scored.sum().to(torch.float32).reciprocal()  # inf when nothing is scored: NaN, as F.cross_entropy
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    inv_count = scored.sum().to(acc).reciprocal()  # inf when nothing is scored: NaN, as F.cross_entropy
     safe_targets = torch.where(scored, targets, torch.zeros_like(targets))[:, None]
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    total = torch.zeros((), dtype=acc, device=hidden.device)
     grad = torch.empty_like(hidden) if with_grad else None
     for lo in range(0, k, chunk_size):
         hi = min(k, lo + chunk_size)
-        logits = (hidden[lo:hi] @ weight.T).float()  # [c, V]
-        lse = torch.logsumexp(logits, dim=-1)
+        logits = (hidden[lo:hi] @ weight.T).to(acc)  # [c, V]: the one block of logits
         picked = logits.gather(1, safe_targets[lo:hi]).squeeze(1)
+        top = logits.amax(dim=-1, keepdim=True)
+        probs = logits.sub_(top).exp_()  # in place (torch.logsumexp would allocate a second [c, V] block)
+        sums = probs.sum(dim=-1, keepdim=True)
+        lse = (top + sums.log()).squeeze(1)
         total = total + torch.where(scored[lo:hi], lse - picked, 0.0).sum()
         if grad is not None:
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
-            probs.scatter_add_(1, safe_targets[lo:hi], torch.full_like(picked, -1.0)[:, None])
-            probs.mul_((scored[lo:hi] * inv_count)[:, None])
+            weights = torch.where(scored[lo:hi], inv_count, 0.0)[:, None]  # ignored rows: 0, never 0 * inf
+            probs.mul_(weights / sums)  # softmax / #scored
+            probs.scatter_add_(1, safe_targets[lo:hi], -weights)  # - one_hot / #scored
             torch.mm(probs.to(weight.dtype), weight, out=grad[lo:hi])
+        del logits, probs  # freed before the next chunk's block is allocated
     return total * inv_count, grad
