@@ -151,7 +151,7 @@ def test_sgd_in_backward_steps_b_in_place():
     library.lora_mlp_triton(got_x, *got_w, 0.5, sgd_lr=lr).backward(dy)
     want = ref.lora_mlp_backward(x, *w, dy=dy, scaling=0.5)
     torch.testing.assert_close(got_x.grad, want.dx, rtol=1e-4, atol=1e-5)  # dx read the old B's
-    for k, (name, db) in enumerate(zip(("b_gate", "b_up", "b_down"), (want.db_gate, want.db_up, want.db_down))):
+    for name, db in zip(("b_gate", "b_up", "b_down"), (want.db_gate, want.db_up, want.db_down)):
         b = got_w[NAMES.index(name)]
         assert b.grad is None, f"{name}: stepped in the backward, so no gradient"
         assert b._version > versions[NAMES.index(name)], f"{name}: the in-place update must bump its version"

@@ -1,14 +1,15 @@
-"""Chunked linear cross-entropy (op `tmem::linear_cross_entropy`): the loss of a frozen head without its [K, V] logits.
+"""Chunked linear cross-entropy (op `tmem::linear_cross_entropy`): a frozen head's loss without [K, V] logits.
 
     hidden [K, H] (the final-normed states at the loss positions), weight [V, H] (the head, frozen),
     targets [K] (int64, `ignore_index` where a row is not scored)
     loss = mean over rows t != ignore_index of  logsumexp(hidden[t] @ weight.T) - (hidden[t] @ weight.T)[target]
 
 Same value as `reference.linear_cross_entropy` (F.cross_entropy on the fp32 logits; NaN when every row is
-ignored, with a zero gradient, as F.cross_entropy gives), but the rows run in chunks of C, so at most one [C, V] block of logits
-lives at a time (a 150k vocabulary makes [K, V] fp32 logits 600 kB per row). With `with_grad` the gradient
-w.r.t. hidden is computed in the same pass (softmax - one_hot, scaled by 1 / #scored rows, times the head),
-so a backward needs no second pass over the head and nothing but that [K, H] gradient is kept.
+ignored, with a zero gradient, as F.cross_entropy gives), but the rows run in chunks of C, so at most one
+[C, V] block of logits lives at a time (a 150k vocabulary makes [K, V] fp32 logits 600 kB per row). With
+`with_grad` the gradient w.r.t. hidden is computed in the same pass (softmax - one_hot, scaled by
+1 / #scored rows, times the head), so a backward needs no second pass over the head and nothing but that
+[K, H] gradient is kept.
 
 Graph-safe: the chunk loop is fixed by the static K and C, nothing is read back to the host (the scored-row
 count stays a device tensor), so the function can be captured in a CUDA graph and traced by torch.compile.
@@ -75,7 +76,8 @@ def loss_and_grad(
     """(loss, d loss / d hidden) of the mean cross-entropy of hidden @ weight.T against targets, in chunks.
 
     hidden [K, H], weight [V, H] (same float dtype), targets [K] int64 -> loss: 0-d float32 (float64 for
-    float64 input, the dtype the softmax runs in); the gradient [K, H] in hidden's dtype (None without `with_grad`). chunk_size: rows per chunk (default `chunk_rows`).
+    float64 input, the dtype the softmax runs in); the gradient [K, H] in hidden's dtype (None without
+    `with_grad`). chunk_size: rows per chunk (default `chunk_rows`).
     Rows whose target is `ignore_index` add nothing; targets must otherwise lie in [0, V).
     """
     k, v = hidden.shape[0], weight.shape[0]
