@@ -334,3 +334,30 @@ def test_compile_inductor_native_matches_eager():
         got = torch.compile(model, fullgraph=True)(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     fw.detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+
+
+def test_public_api_and_version():
+    from pathlib import Path
+
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    root = Path(__file__).resolve().parents[1]
+    for name in tmem_kernels.__all__:
+        assert hasattr(tmem_kernels, name), name
+    assert read_configuration(root / "pyproject.toml")["project"]["version"] == tmem_kernels.__version__
+    registered = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("tmem::"))
+    readme = (root / "README.md").read_text()
+
+    def documented(op: str) -> bool:  # a row of its own, or "`sgd_step_torch` / `_native` / `_triton`"
+        base, _, backend = op.rpartition("_")
+        return f"`{op}`" in readme or (f"`{base}_torch`" in readme and f"`_{backend}`" in readme)
+
+    assert [op for op in registered if not documented(op)] == [], "ops missing from the README's op table"
+    for backend in tmem_kernels.BACKENDS:  # every backend's op is registered here
+        assert f"lora_mlp_{backend}" in registered
+    assert set(tmem_kernels.OPS) <= set(registered)
