@@ -297,6 +297,29 @@ def test_compile_fullgraph_sgd_in_backward_steps_b_as_eager():
     fw.detach()
 
 
+@pytest.mark.parametrize("backend,step_as_tensor", STEP_CASES)
+def test_compile_fullgraph_optimizer_steps_match_eager(backend, step_as_tensor):
+    dev = device_of(backend)
+    ops = tmem_kernels.get_ops(backend)
+    g = torch.Generator().manual_seed(9)
+    grad = torch.randn(333, generator=g).to(dev)
+    start = [torch.randn(333, generator=g).to(dev), torch.zeros(333, device=dev), torch.zeros(333, device=dev)]
+    step = torch.tensor(2.0, device=dev) if step_as_tensor else 2
+
+    def update(p, m, v):  # an AdamW step then an SGD step, both mutating their buffers
+        ops.adamw_step_(p, grad, m, v, step, 1e-2)
+        ops.sgd_step_(p, grad, 0.1, 0.01)
+
+    want = [t.clone() for t in start]
+    update(*want)
+    got = [t.clone() for t in start]
+    seen, _ = tmem_ops_in(update, *got)
+    if backend != "torch":
+        assert {f"tmem.adamw_step_{backend}", f"tmem.sgd_step_{backend}"} <= set(seen), seen
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 class Logits(torch.nn.Module):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
