@@ -3,7 +3,10 @@
     plain     F.cross_entropy((hidden @ W.T).float(), targets): the [K, V] logits, in the model's dtype and
               in fp32, then autograd's [K, V] gradient (`reference.linear_cross_entropy`, what the write did)
     chunked   `tmem_kernels.linear_cross_entropy` (op `tmem::linear_cross_entropy`): rows in chunks of
-              `cross_entropy.chunk_rows(K, V)`, the gradient w.r.t. hidden computed in the same pass
+              `cross_entropy.chunk_rows(K, V)`, the gradient w.r.t. hidden computed in the same pass; on
+              CUDA each chunk's softmax/gradient is the fused Triton epilogue (`cross_entropy_triton`)
+    chunked-torch (CUDA only) the same chunks with the torch epilogue (`cross_entropy.loss_and_grad`
+              called directly: its backward is one multiply)
 
 Each call is one forward + backward (hidden requires grad, the head is frozen) at SmolLM2-135M
 (H 576, V 49152) and Qwen3-4B (H 2560, V 151936) head shapes, K = 512 / 4096 loss positions, a quarter of
@@ -27,6 +30,8 @@ from tmem_kernels import reference as ref
 
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 IMPLS = {"plain": ref.linear_cross_entropy, "chunked": linear_cross_entropy}
+if DEVICE.type == "cuda":
+    IMPLS["chunked-torch"] = lambda h, w, t: cross_entropy.loss_and_grad(h.detach(), w, t, epilogue="torch")
 _results: dict[tuple[str, int], dict[str, tuple[float, int]]] = {}  # (model, K) -> impl -> (s, peak bytes)
 
 
@@ -54,7 +59,9 @@ def _step(impl: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
 
     def run() -> None:
         hidden.grad = None
-        fn(hidden, weight, targets).backward()
+        out = fn(hidden, weight, targets)
+        if isinstance(out, torch.Tensor):
+            out.backward()
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
 
@@ -97,15 +104,18 @@ def test_cross_entropy(benchmark, model: str, k: int, impl: str) -> None:
 
 def summary_lines() -> list[str]:
     lines = ["", f"linear cross-entropy fwd+bwd on {device_name()} ({DTYPE}, {torch.get_num_threads()} threads)"]
-    lines.append(f"{'model / K':<16}{'chunk':>7}" + "".join(f"{k + ' ms':>12}{k + ' MiB':>13}" for k in IMPLS)
-                 + "   chunked vs plain: time, peak")  # fmt: skip
+    lines.append(f"{'model / K':<16}{'chunk':>7}" + "".join(f"{k + ' ms':>18}{k + ' MiB':>19}" for k in IMPLS)
+                 + "   vs plain: time, peak")  # fmt: skip
     for (model, k), r in _results.items():
         chunk = cross_entropy.chunk_rows(k, CONFIGS[model]["vocab_size"])
         row = f"{model + ' ' + str(k):<16}{chunk:>7}" + "".join(
-            f"{r[i][0] * 1e3:12.1f}{r[i][1] / 2**20:13.1f}" if i in r else f"{'-':>12}{'-':>13}" for i in IMPLS
+            f"{r[i][0] * 1e3:18.1f}{r[i][1] / 2**20:19.1f}" if i in r else f"{'-':>18}{'-':>19}" for i in IMPLS
         )
-        if len(r) == 2:
-            row += f"   {r['chunked'][0] / r['plain'][0]:.2f}x, {r['chunked'][1] / max(r['plain'][1], 1):.2f}x"
+        if "plain" in r:
+            plain_t, plain_m = r["plain"]
+            row += "   " + "; ".join(
+                f"{i} {t / plain_t:.2f}x, {m / max(plain_m, 1):.2f}x" for i, (t, m) in r.items() if i != "plain"
+            )
         lines.append(row)
     return lines
 

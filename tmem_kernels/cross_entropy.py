@@ -65,6 +65,46 @@ def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
 
 
+def softmax_grad_torch(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's epilogue in torch: logits [c, V] (the head's product), targets [c] (ignored rows: any valid
+    class), weights [c] (1 / #scored, 0 on ignored rows) -> (lse - logit[target] per row [c], or 0 on
+    ignored rows; d loss / d logits [c, V] in logits' dtype, or None). The softmax runs in float32 (float64
+    for float64), in place on one block (torch.logsumexp would allocate a second one)."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    work = logits.to(acc)
+    picked = work.gather(1, targets[:, None]).squeeze(1)
+    top = work.amax(dim=-1, keepdim=True)
+    probs = work.sub_(top).exp_()
+    sums = probs.sum(dim=-1, keepdim=True)
+    row_loss = torch.where(weights != 0, (top + sums.log()).squeeze(1) - picked, 0.0)
+    if not with_grad:
+        return row_loss, None
+    probs.mul_(weights[:, None] / sums)  # softmax / #scored
+    probs.scatter_add_(1, targets[:, None], -weights[:, None])  # - one_hot / #scored
+    return row_loss, probs.to(logits.dtype)
+
+
+def _epilogue(name: str, device: torch.device, dtype: torch.dtype):  # noqa: ANN202
+    """The chunk epilogue: "torch", "triton" (`cross_entropy_triton`), or "auto" (Triton on CUDA for
+    16/32-bit floats when it is installed, else torch)."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+        if name == "triton":
+            try:
+                from tmem_kernels import cross_entropy_triton  # noqa: F401
+            except ImportError:
+                name = "torch"
+    if name == "torch":
+        return softmax_grad_torch
+    if name == "triton":
+        from tmem_kernels.cross_entropy_triton import softmax_grad_
+
+        return softmax_grad_
+    raise ValueError(f"linear_cross_entropy: epilogue must be 'auto', 'torch' or 'triton', got {name!r}")
+
+
 def loss_and_grad(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -72,37 +112,35 @@ def loss_and_grad(
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
     with_grad: bool = True,
+    epilogue: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(loss, d loss / d hidden) of the mean cross-entropy of hidden @ weight.T against targets, in chunks.
 
     hidden [K, H], weight [V, H] (same float dtype), targets [K] int64 -> loss: 0-d float32 (float64 for
     float64 input, the dtype the softmax runs in); the gradient [K, H] in hidden's dtype (None without
-    `with_grad`). chunk_size: rows per chunk (default `chunk_rows`).
+    `with_grad`). chunk_size: rows per chunk (default `chunk_rows`). epilogue: what turns a chunk's logits
+    into its losses and gradient ("auto": the fused Triton kernel on CUDA, torch otherwise).
     Rows whose target is `ignore_index` add nothing; targets must otherwise lie in [0, V).
     """
     k, v = hidden.shape[0], weight.shape[0]
     if chunk_size is None:
         chunk_size = chunk_rows(k, v)
     check_inputs(hidden, weight, targets, chunk_size)
+    finish = _epilogue(epilogue, hidden.device, hidden.dtype)
     scored = targets != ignore_index
     acc = torch.promote_types(hidden.dtype, torch.float32)
     inv_count = scored.sum().to(acc).reciprocal()  # inf when nothing is scored: NaN, as F.cross_entropy
-    safe_targets = torch.where(scored, targets, torch.zeros_like(targets))[:, None]
-    total = torch.zeros((), dtype=acc, device=hidden.device)
+    weights = torch.where(scored, inv_count, 0.0)  # ignored rows: 0, never 0 * inf
+    safe_targets = torch.where(scored, targets, torch.zeros_like(targets))
+    row_losses = []
     grad = torch.empty_like(hidden) if with_grad else None
     for lo in range(0, k, chunk_size):
         hi = min(k, lo + chunk_size)
-        logits = (hidden[lo:hi] @ weight.T).to(acc)  # [c, V]: the one block of logits
-        picked = logits.gather(1, safe_targets[lo:hi]).squeeze(1)
-        top = logits.amax(dim=-1, keepdim=True)
-        probs = logits.sub_(top).exp_()  # in place (torch.logsumexp would allocate a second [c, V] block)
-        sums = probs.sum(dim=-1, keepdim=True)
-        lse = (top + sums.log()).squeeze(1)
-        total = total + torch.where(scored[lo:hi], lse - picked, 0.0).sum()
+        logits = hidden[lo:hi] @ weight.T  # [c, V]: the one block of logits
+        row_loss, dlogits = finish(logits, safe_targets[lo:hi], weights[lo:hi], with_grad)
+        row_losses.append(row_loss)
         if grad is not None:
-            weights = torch.where(scored[lo:hi], inv_count, 0.0)[:, None]  # ignored rows: 0, never 0 * inf
-            probs.mul_(weights / sums)  # softmax / #scored
-            probs.scatter_add_(1, safe_targets[lo:hi], -weights)  # - one_hot / #scored
-            torch.mm(probs.to(weight.dtype), weight, out=grad[lo:hi])
-        del logits, probs  # freed before the next chunk's block is allocated
+            torch.mm(dlogits, weight, out=grad[lo:hi])
+        del logits, dlogits  # freed before the next chunk's block is allocated
+    total = torch.cat(row_losses).sum() if row_losses else torch.zeros((), dtype=acc, device=hidden.device)
     return total * inv_count, grad
