@@ -56,8 +56,10 @@ __all__ = [
     "sgd_step_triton",
 ]
 
-_LORA_ARGS = "Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor a_gate, Tensor b_gate, Tensor a_up, " \
-             "Tensor b_up, Tensor a_down, Tensor b_down"  # fmt: skip
+_LORA_ARGS = (
+    "Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor a_gate, Tensor b_gate, Tensor a_up, Tensor b_up, "
+    "Tensor a_down, Tensor b_down"
+)
 _SGD_SCHEMA = "(Tensor(a!) param, Tensor grad, float lr, float weight_decay=0.0) -> ()"
 _ADAMW_SCHEMA = (
     "(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor? step_tensor, float step, "
@@ -103,6 +105,29 @@ def _step_args(step: int | Tensor) -> tuple[Tensor | None, float]:
     if isinstance(step, bool) or not isinstance(step, (int, float)):
         raise TypeError(f"adamw_step_: step must be a number or a 1-element tensor, got {type(step).__name__}")
     return None, float(step)
+
+
+def _lora_shapes(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, contiguous=True):  # noqa: ANN001
+    """Check x [N, H] and the nine MLP tensors (2-D, one dtype and device, contiguous unless not asked,
+    shapes consistent with w_gate [I, H] and a_gate [r, H]); returns (N, H, I, r). Symbolic shapes welcome
+    (the fakes use it)."""
+    tensors = dict(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down, a_gate=a_gate, b_gate=b_gate, a_up=a_up,
+                   b_up=b_up, a_down=a_down, b_down=b_down)  # fmt: skip
+    for name, t in tensors.items():
+        if t.dim() != 2:
+            raise ValueError(f"lora_mlp: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"lora_mlp: {name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
+        if contiguous and not t.is_contiguous():
+            raise ValueError(f"lora_mlp: {name} must be contiguous (call .contiguous() first)")
+    (n, h), i, r = x.shape, w_gate.shape[0], a_gate.shape[0]
+    expected = dict(w_gate=(i, h), w_up=(i, h), w_down=(h, i), a_gate=(r, h), b_gate=(i, r), a_up=(r, h),
+                    b_up=(i, r), a_down=(r, i), b_down=(h, r))  # fmt: skip
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"lora_mlp: {name} has shape {tuple(tensors[name].shape)}, expected {shape} for x "
+                             f"[{n}, {h}], w_gate [{i}, {h}] and a_gate [{r}, {h}]")  # fmt: skip
+    return n, h, i, r
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,29 +182,6 @@ def adamw_step_torch(
 # ------------------------------------------------------------------------------------------------
 # native: the C++ extension (CPU, float32)
 # ------------------------------------------------------------------------------------------------
-
-
-def _lora_shapes(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, contiguous=True):  # noqa: ANN001
-    """Check x [N, H] and the nine MLP tensors (2-D, one dtype and device, contiguous unless not asked,
-    shapes consistent with w_gate [I, H] and a_gate [r, H]); returns (N, H, I, r). Symbolic shapes welcome
-    (the fakes use it)."""
-    tensors = dict(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down, a_gate=a_gate, b_gate=b_gate, a_up=a_up,
-                   b_up=b_up, a_down=a_down, b_down=b_down)  # fmt: skip
-    for name, t in tensors.items():
-        if t.dim() != 2:
-            raise ValueError(f"lora_mlp: {name} must be 2-D, got shape {tuple(t.shape)}")
-        if t.dtype != x.dtype or t.device != x.device:
-            raise TypeError(f"lora_mlp: {name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
-        if contiguous and not t.is_contiguous():
-            raise ValueError(f"lora_mlp: {name} must be contiguous (call .contiguous() first)")
-    (n, h), i, r = x.shape, w_gate.shape[0], a_gate.shape[0]
-    expected = dict(w_gate=(i, h), w_up=(i, h), w_down=(h, i), a_gate=(r, h), b_gate=(i, r), a_up=(r, h),
-                    b_up=(i, r), a_down=(r, i), b_down=(h, r))  # fmt: skip
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"lora_mlp: {name} has shape {tuple(tensors[name].shape)}, expected {shape} for x "
-                             f"[{n}, {h}], w_gate [{i}, {h}] and a_gate [{r}, {h}]")  # fmt: skip
-    return n, h, i, r
 
 
 def _native_validate(*tensors: Tensor) -> tuple[int, int, int, int]:
