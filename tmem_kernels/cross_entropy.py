@@ -18,6 +18,8 @@ Products run in the inputs' dtype (fp32 accumulation, as a matmul does); the sof
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "IGNORE_INDEX", "chunk_rows", "loss_and_grad"]
@@ -86,7 +88,10 @@ def softmax_grad_torch(
     return row_loss, probs.to(logits.dtype)
 
 
-def _epilogue(name: str, device: torch.device, dtype: torch.dtype):  # noqa: ANN202
+Epilogue = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _epilogue(name: str, device: torch.device, dtype: torch.dtype) -> Epilogue:
     """The chunk epilogue: "torch", "triton" (`cross_entropy_triton`), or "auto" (Triton on CUDA for
     16/32-bit floats when it is installed, else torch)."""
     if name == "auto":
