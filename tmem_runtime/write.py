@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tmem_kernels import linear_cross_entropy
 from tmem_runtime.decoder import Decoder, PrefixKV
 
 IGNORE_INDEX = -100
@@ -207,8 +206,7 @@ def plan_steps(
 def adapted_loss(decoder: Decoder, first_adapted: int, cache: TrunkCache, batch: StepBatch) -> torch.Tensor:
     """Mean next-token cross-entropy of one planned step through layers [first_adapted, L).
 
-    Logits are computed only at the step's target positions, in chunks of rows (`linear_cross_entropy`: never
-    all [K, V] at once) when the head is a plain bias-free linear layer. Reads no device value on the host.
+    Logits are computed only at the step's target positions. Reads no device value on the host.
     """
     p, stop = cache.prefix_len, len(decoder.layers)
     hidden = cache.hidden[:, : batch.width].index_select(0, batch.rows)
@@ -218,7 +216,4 @@ def adapted_loss(decoder: Decoder, first_adapted: int, cache: TrunkCache, batch:
     else:
         full = decoder.run_layers(hidden, first_adapted, stop, lengths=batch.lengths)
     picked = full.reshape(-1, full.shape[-1]).index_select(0, batch.loss_index)
-    head = decoder.model.lm_head
-    if isinstance(head, torch.nn.Linear) and head.bias is None:
-        return linear_cross_entropy(decoder.inner.norm(picked), head.weight, batch.targets, IGNORE_INDEX)
     return F.cross_entropy(decoder.logits(picked), batch.targets, ignore_index=IGNORE_INDEX)
