@@ -1,9 +1,9 @@
 """Fused optimizer steps (`tmem_kernels.update`) against `reference` and torch.optim, over several steps.
 
-On the `device` fixture's device (conftest.py): CUDA, or the CPU under TRITON_INTERPRET=1. fp32: within 1e-6 relative (a few ulps) of
-torch.optim.SGD / torch.optim.AdamW after 5 steps, with lr and step as numbers and as 1-element tensors
-(the CUDA-graph form); bf16 storage: within 1e-2 of the fp32 reference. Odd sizes so the last block is
-partial; one launch per step.
+On the `device` fixture's device (conftest.py): CUDA, or the CPU under TRITON_INTERPRET=1. fp32: within
+1e-6 relative (a few ulps) of torch.optim.SGD / torch.optim.AdamW after 5 steps, with lr and step as
+numbers and as 1-element tensors (the CUDA-graph form); bf16 storage: within 1e-2 of the fp32 reference.
+Odd sizes so the last block is partial; one launch per step.
 """
 
 from __future__ import annotations

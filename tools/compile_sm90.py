@@ -140,7 +140,7 @@ def compile_one(job: dict) -> dict:
         spills = re.findall(r"(\d+) bytes spill stores", log)
         out["registers"] = int(regs[0]) if regs else None
         out["spill_bytes"] = int(spills[0]) if spills else None
-        out["wgmma_serialized"] = "C7514" in log or "C7515" in log or "wgmma.mma_async instructions are serialized" in log
+        out["wgmma_serialized"] = any(tag in log for tag in ("C7514", "C7515", "instructions are serialized"))
     return out
 
 
