@@ -50,6 +50,12 @@ test-compat: $(COMPAT_STAMP)
 	  '| transformers', transformers.__version__)"
 	$(COMPAT)/bin/python -m pytest $(COMPAT_TESTS)
 
+# One prepared GPU run (at most 8 minutes on an H100), on a machine with the image's packages only: run it as
+#   pip install -e . --no-deps --no-build-isolation; make gpu-check        (results: $OUT or ./gpu_out)
+# Without CUDA it is a dry run of the same script (CUDA-only parts skipped or shortened).
+gpu-check:
+	timeout -k 10 480 bash tools/gpu_check.sh
+
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-columns=min,median,mean,rounds -s
 

@@ -15,7 +15,8 @@ Tiles by shape (`select_config`), for a card with `num_sms` SMs (an H100's 132 w
 
 Decode (`decode_path`): an inference call (no gradient) of N <= DECODE_ROWS rows on CUDA runs the base
 products through cuBLAS (`torch.matmul`, the torch composition) plus the small LoRA terms, unless the
-config asks for the fused kernels; `make gpu-check` times both sides at decode sizes and reports the winner.
+config (or $TMEM_DECODE_PATH) asks for the fused kernels; `make gpu-check` times both sides at decode
+sizes, per MLP and through a whole model, and reports the winner.
 
 fp32 precision (`dot_precision`): "tf32" tensor-core dots when torch's float32 matmul precision allows
 it (`torch.get_float32_matmul_precision() != "highest"`), IEEE otherwise; a config may pin either.
@@ -23,6 +24,7 @@ it (`torch.get_float32_matmul_precision() != "highest"`), IEEE otherwise; a conf
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -195,11 +197,15 @@ def decode_path(n: int, device: torch.device, cfg: LoRAMLPConfig) -> str:
     """How an inference call (no gradient) of n rows runs: "cublas" (torch.matmul base products + the
     small LoRA terms) or "fused" (the Triton kernels).
 
-    The rule: the config's `decode` if it is not "auto"; else "cublas" for n <= DECODE_ROWS on CUDA, and
+    The rule: the config's `decode` if it is not "auto"; else $TMEM_DECODE_PATH if set ("fused" | "cublas",
+    how a benchmark times both sides through a whole model); else "cublas" for n <= DECODE_ROWS on CUDA and
     "fused" otherwise. `make gpu-check` (benchmarks/test_bench_decode.py) times both at decode sizes.
     """
-    if cfg.decode != "auto":
-        return cfg.decode
+    choice = cfg.decode if cfg.decode != "auto" else os.environ.get("TMEM_DECODE_PATH", "auto")
+    if choice not in DECODE_PATHS:
+        raise ValueError(f"TMEM_DECODE_PATH must be one of {DECODE_PATHS}, got {choice!r}")
+    if choice != "auto":
+        return choice
     return "cublas" if device.type == "cuda" and n <= DECODE_ROWS else "fused"
 
 
