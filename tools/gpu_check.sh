@@ -60,8 +60,12 @@ phase() {  # phase NAME CAP_SECONDS LOGFILE CMD...   (the cap is clamped to what
 {
   echo "tmem gpu-check $(date -u +%Y-%m-%dT%H:%MZ) dry_run=$DRY deadline=${DEADLINE}s"
   echo "git: $(git log -1 --format='%h %s' 2>/dev/null | cut -c1-100)"
-  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv,noheader 2>&1 \
-    | sed 's/^/card: /' | head -2
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv,noheader 2>&1 \
+      | sed 's/^/card: /' | head -2
+  else
+    echo "card: none (no nvidia-smi)"
+  fi
   "$PY" - <<'EOF' 2>&1
 import importlib.metadata as md
 import platform
@@ -83,11 +87,18 @@ EOF
   echo "--- phases"
 } > "$SUMMARY"
 
-# ---- install in the background (the native CPU extension may fail to build here: nothing waits for it) ---------
+# ---- install in the background unless done already (the native CPU extension may fail to build here: nothing
+#      waits for it; a second build would overwrite the extension in place under running phases, so never twice) --
 INSTALL_LOG=$OUT/01_install.txt
-(timeout 200 "$PY" -m pip install -e . --no-deps --no-build-isolation > "$INSTALL_LOG" 2>&1
- echo "pip install rc=$?" >> "$INSTALL_LOG") &
-INSTALL_PID=$!
+if "$PY" -c "import importlib.metadata as m; m.version('tmem')" > /dev/null 2>&1; then
+  echo "tmem already installed: $("$PY" -m pip show tmem 2>/dev/null | grep -E '^(Version|Location|Editable)' | tr '\n' ' ')" \
+    > "$INSTALL_LOG"
+  INSTALL_PID=
+else
+  (timeout 200 "$PY" -m pip install -e . --no-deps --no-build-isolation > "$INSTALL_LOG" 2>&1
+   echo "pip install rc=$?" >> "$INSTALL_LOG") &
+  INSTALL_PID=$!
+fi
 
 # ---- 1. the kernel and runtime tests on CUDA -------------------------------------------------------------------
 TESTS=(tests/test_lora_mlp.py tests/test_update.py tests/test_write_steps.py tests/test_fast_weights.py)
@@ -128,7 +139,7 @@ else
 fi
 
 # ---- wrap up: the install's result, the benchmark summaries, the failures -----------------------------------
-if kill -0 "$INSTALL_PID" 2>/dev/null; then
+if [ -n "$INSTALL_PID" ] && kill -0 "$INSTALL_PID" 2>/dev/null; then
   echo "install still running at +${SECONDS}s (left running; phases used PYTHONPATH)" >> "$SUMMARY"
 else
   echo "install: $(tail -1 "$INSTALL_LOG" 2>/dev/null)" >> "$SUMMARY"
