@@ -119,9 +119,10 @@ def default_config(dtype: torch.dtype) -> LoRAMLPConfig:
 def decode_config(dtype: torch.dtype) -> LoRAMLPConfig:
     """Tiles for N <= DECODE_ROWS: 16 rows, 64-wide outputs; the forward streams the weights in 128-deep K
     steps, 4 stages. The backward (a write of a few rows) keeps 64-deep steps: bwd_dx at 128 spills."""
-    if dtype == torch.float32:
-        kc = KernelConfig(16, 64, 64, num_warps=4, num_stages=3)
-        return LoRAMLPConfig(fwd_gate_up=kc, fwd_down=kc, bwd_dh=kc, bwd_dx=kc)
+    if dtype == torch.float32:  # bwd_dx at 64-deep TF32 steps spills 68 B (Triton 3.6)
+        fwd = KernelConfig(16, 64, 64, num_warps=4, num_stages=3)
+        bwd = KernelConfig(16, 64, 32, num_warps=4, num_stages=3)
+        return LoRAMLPConfig(fwd_gate_up=fwd, fwd_down=fwd, bwd_dh=bwd, bwd_dx=bwd)
     fwd = KernelConfig(16, 64, 128, num_warps=4, num_stages=4)
     bwd = KernelConfig(16, 64, 64, num_warps=4, num_stages=3)
     return LoRAMLPConfig(fwd_gate_up=fwd, fwd_down=fwd, bwd_dh=bwd, bwd_dx=bwd)
@@ -267,7 +268,7 @@ def launch_configs(
             out[name + "_reduce"] = {
                 "grid": (triton.cdiv(rows, bm), triton.cdiv(cols, bn)),
                 "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "R_PAD": rb, "SPLIT_K": split},
-                "num_warps": 4,
+                "num_warps": 8 if bm * bn >= 64 * 64 else 4,  # fp32 IEEE at 64 x 64 spills with 4 warps
                 "num_stages": 1,
                 "dots": [(bm, bn, rb)],
             }
