@@ -119,10 +119,9 @@ def default_config(dtype: torch.dtype) -> LoRAMLPConfig:
 def decode_config(dtype: torch.dtype) -> LoRAMLPConfig:
     """Tiles for N <= DECODE_ROWS: 16 rows, 64-wide outputs; the forward streams the weights in 128-deep K
     steps, 4 stages. The backward (a write of a few rows) keeps 64-deep steps: bwd_dx at 128 spills."""
-    if dtype == torch.float32:  # bwd_dx at 64-deep TF32 steps spills 68 B (Triton 3.6)
-        fwd = KernelConfig(16, 64, 64, num_warps=4, num_stages=3)
-        bwd = KernelConfig(16, 64, 32, num_warps=4, num_stages=3)
-        return LoRAMLPConfig(fwd_gate_up=fwd, fwd_down=fwd, bwd_dh=bwd, bwd_dx=bwd)
+    if dtype == torch.float32:  # 64-deep fp32 steps spill (12-68 B under Triton 3.6)
+        kc = KernelConfig(16, 64, 32, num_warps=4, num_stages=3)
+        return LoRAMLPConfig(fwd_gate_up=kc, fwd_down=kc, bwd_dh=kc, bwd_dx=kc)
     fwd = KernelConfig(16, 64, 128, num_warps=4, num_stages=4)
     bwd = KernelConfig(16, 64, 64, num_warps=4, num_stages=3)
     return LoRAMLPConfig(fwd_gate_up=fwd, fwd_down=fwd, bwd_dh=bwd, bwd_dx=bwd)
