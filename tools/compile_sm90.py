@@ -4,8 +4,8 @@ No GPU needed: Triton's own compiler builds each kernel for GPUTarget("cuda", 90
 Triton) reports registers, spill bytes and serialised-wgmma warnings. The launches are exactly the ones
 `tmem_kernels.tiles.launch_configs` picks for the real models' shapes (SmolLM2-135M, Qwen3-4B) at decode
 sizes (1 and 16 rows) and write sizes (152 to 4096 rows), ranks 6 and 16, in the constexpr variants a run
-uses (a B-only write, a write that trains A, inference), deduplicated by what changes the code; fp32
-(IEEE and TF32 dots) at three sizes and rank 6 only, for its shared memory.
+uses (a B-only write, a write that trains A, inference), deduplicated by what changes the code; fp16 at
+rank 6 (B-only and inference), fp32 (IEEE and TF32 dots) at three sizes and rank 6, for its shared memory.
 
     python tools/compile_sm90.py --dtypes bfloat16,float16 --json out.json --table
 
@@ -62,9 +62,10 @@ def jobs(dtypes: list[str], precisions: dict[str, list[str]]) -> list[dict]:
     kernels = _kernels()
     found: dict[str, dict] = {}
     for dtype in dtypes:
-        # fp32 (shared memory only: spills are not asserted there): decode, a split write and a large write
+        # bf16: every size, both rank blocks, every variant. fp16 (the same code at another element type): rank
+        # 6. fp32 (shared memory only: spills are not asserted there): decode, a split write and a large write.
         sizes = DECODE_SIZES + WRITE_SIZES if dtype != "float32" else (1, 152, 4096)
-        ranks = RANKS if dtype != "float32" else (6,)
+        ranks = RANKS if dtype == "bfloat16" else (6,)
         for model, (h, i) in SHAPES.items():
             for n in sizes:
                 for r in ranks:
