@@ -142,7 +142,7 @@ fi
 # ---- 4. decode: the dispatch per MLP call, and per token with a written adapter vs the bare model -----------
 if ((DRY)); then
   phase decode 240 "$OUT/07_bench_decode.txt" "${PYTEST[@]}" benchmarks/test_bench_decode.py \
-    -k "N1 or tokens" "${BENCH[@]}"
+    -k "smollm2 and (N4 or tokens)" "${BENCH[@]}"
 else
   phase decode 80 "$OUT/07_bench_decode.txt" "${PYTEST[@]}" benchmarks/test_bench_decode.py "${BENCH[@]}"
 fi
@@ -163,8 +163,8 @@ fi
     [ -f "$f" ] || continue
     echo "## $(basename "$f")"
     # each suite prints its table after its last test: from the first summary header to the pytest result line
-    awk '/^(one write|lora_mlp forward|optimizer step|per-kernel|decode,)/{p=1} p && /^(=+ )?[0-9]+ (passed|failed)/{p=0} p' "$f" \
-      | head -60
+    awk '/^(one write|lora_mlp forward|optimizer step|per-kernel|decode,)/{p=1} p && /^(-----|=====)/{p=0} p' "$f" \
+      | grep -v '^\.*$' | head -60
   done
   echo "total +${SECONDS}s"
 } >> "$SUMMARY"
