@@ -55,6 +55,24 @@ def random_model(name: str, dtype: torch.dtype, device: torch.device = DEVICE) -
     return model.to(dtype).eval().requires_grad_(False)
 
 
+Example = tuple[list[int], list[int]]
+
+
+def flashcard_examples(tokens: int, vocab: int, examples: int = 16, prefix: int = 24) -> list[Example]:
+    """`examples` flashcard-like rows of tokens/examples tokens: a shared `prefix` (as a chat template gives),
+    a random "question", then a random "answer" (the row's last quarter) that carries the loss, as
+    `write_qa` trains. Returns (input_ids, labels) pairs; labels are -100 outside the answer."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.randint(0, vocab, (prefix,), generator=g).tolist()
+    length = tokens // examples
+    answer = length // 4
+    rows = []
+    for _ in range(examples):
+        ids = head + torch.randint(0, vocab, (length - prefix,), generator=g).tolist()
+        rows.append((ids, [-100] * (length - answer) + ids[-answer:]))
+    return rows
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU"
 

@@ -25,9 +25,9 @@ def examples(n: int = 6, shared: int = 9, seed: int = 0) -> list[tuple[list[int]
 
 
 @pytest.fixture
-def tiny():
+def tiny(device):
     model, _ = load_model("tiny-llama")
-    return model
+    return model.to(device)
 
 
 def test_fixed_shape_plans_give_the_same_losses(tiny):
@@ -97,11 +97,10 @@ def test_a_write_is_atomic_when_a_later_step_goes_non_finite(tiny):
     fw.detach()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_cuda_graph_write_matches_eager(optimizer):
-    model, _ = load_model("tiny-llama")
-    model.to("cuda")
+def test_cuda_graph_write_matches_eager(optimizer, tiny):
+    model = tiny
     losses, states = [], []
     for graphs in (False, True):
         fw = FastWeights(model, backend="auto", cuda_graphs=graphs)
