@@ -316,6 +316,12 @@ def _triton_validate(*tensors: Tensor, fake: bool = False) -> tuple[int, int, in
     return n, h, i, r
 
 
+def _triton_config(x: Tensor, w_gate: Tensor):  # noqa: ANN202
+    """The tiles `lora_mlp` would pick for x [N, H] on its device (tiles.select_config)."""
+    n, h = x.shape
+    return _triton_mlp.select_config(n, h, w_gate.shape[0], x.dtype, _triton_mlp.num_sms(x.device))
+
+
 if _triton_mlp is not None:
 
     @torch.library.custom_op("tmem::lora_mlp_triton", mutates_args=())
@@ -327,7 +333,7 @@ if _triton_mlp is not None:
         empty). `sgd_lr` is read by the backward only (see `lora_mlp_triton`)."""
         args = (x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down)
         _triton_validate(*args)
-        y, *saved = _triton_mlp._forward(*args, scaling, save, _triton_mlp.default_config(x.dtype))
+        y, *saved = _triton_mlp._forward(*args, scaling, save, _triton_config(x, w_gate))
         return (y, *saved) if save else (y, _empty(x), _empty(x), _empty(x), _empty(x))
 
     @_lora_mlp_triton.register_fake
@@ -349,7 +355,7 @@ if _triton_mlp is not None:
         if gate.shape != (n, w_gate.shape[0]):
             raise RuntimeError("lora_mlp_triton backward: the forward ran with save=False (no saved tensors)")
         return _triton_mlp._backward(dy.contiguous(), *args, gate, up, xa, ha, scaling, need_dx, need_db, need_da,
-                                     _triton_mlp.default_config(x.dtype))  # fmt: skip
+                                     _triton_config(x, w_gate))  # fmt: skip
 
     @torch.library.custom_op("tmem::lora_mlp_triton_backward", mutates_args=())
     def _lora_mlp_triton_backward(
@@ -447,7 +453,11 @@ def lora_mlp_triton(
         raise TypeError(f"lora_mlp: sgd_lr must be a float or None, got {type(sgd_lr).__name__}")
     trainable = (x, a_gate, b_gate, a_up, b_up, a_down, b_down)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in trainable)
-    y = torch.ops.tmem.lora_mlp_triton(_flat(x), w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+    flat = _flat(x)
+    if not save and _triton_mlp.decode_path(flat.shape[0], x.device, _triton_config(flat, w_gate)) == "cublas":
+        # a few rows in inference (decode): cuBLAS base products + the small LoRA terms (tiles.decode_path)
+        return lora_mlp_torch(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling)
+    y = torch.ops.tmem.lora_mlp_triton(flat, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
                                        float(scaling), None if sgd_lr is None else float(sgd_lr), save)[0]  # fmt: skip
     return y.view(x.shape)
 
