@@ -98,14 +98,19 @@ def test_a_write_is_atomic_when_a_later_step_goes_non_finite(tiny):
 def test_cuda_graph_write_matches_eager(optimizer):
     model, _ = load_model("tiny-llama")
     model.to("cuda")
-    losses, states = [], []
+    losses, states, stopped = [], [], []
+    until = Recipe(optimizer=optimizer, lr=1e-2, epochs=20, batch_size=4, stop_loss=2.0)  # a host read per epoch
     for graphs in (False, True):
         fw = FastWeights(model, backend="auto", cuda_graphs=graphs)
         batches = [collate(examples(6, seed=s)) for s in range(3)]
         losses.append(fw.write(batches * 3, lr=1e-2, optimizer=optimizer))
         states.append(fw.state_dict())
+        fw.reset()
+        stopped.append(fw.write_examples(examples(6), until))
         fw.detach()
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-5)
+    assert len(stopped[1]) == len(stopped[0]) and len(stopped[0]) % 2 == 0  # 2 steps per epoch
+    torch.testing.assert_close(torch.tensor(stopped[1]), torch.tensor(stopped[0]), rtol=1e-4, atol=1e-5)
     for k in states[0]:
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-3, atol=1e-5)
 
@@ -123,3 +128,56 @@ def test_an_error_mid_write_leaves_the_adapter_as_it_was(tiny):
         fw.write([collate(examples(3, seed=s)) for s in range(3)], lr=1e-2, optimizer="adamw", on_step=stop_at_step_2)
     assert all(torch.equal(fw.state_dict()[k], before[k]) for k in before)
     fw.detach()
+
+
+@pytest.mark.parametrize("backend", ["torch", "peft"])
+def test_each_rows_loss_is_its_own_and_the_mean_is_hf_loss(tiny, backend):
+    """The per-row losses a step reports (what `Recipe.stop_loss` reads) equal each row's loss run alone,
+    and the step's mean is Hugging Face's causal-LM loss of the batch, on the fast and the generic path."""
+    fw = FastWeights(tiny, init="random", backend=backend)
+    exs = examples(5)
+    order = [3, 0, 4, 1, 2]
+    with torch.no_grad():
+        want_mean = tiny(**collate([exs[i] for i in order])).loss
+        want_rows = torch.stack([tiny(**collate([exs[i]])).loss for i in order])
+        pool = fw._encode_examples(exs, pad_id=0)
+        if backend == "peft":  # the reference pads its own batches and runs the model's forward
+            cases = {"peft": (pool, torch.tensor(order))}
+        else:
+            cases = {
+                "exact plan": (pool, plan_step(pool, order, fw.device)),
+                "fixed-shape plan": (pool, plan_steps(pool, [order, [1]], fw.device, fixed_shapes=True)[0]),
+                "generic path": (collate(exs), torch.tensor(order)),
+            }
+        for name, (step_pool, plan) in cases.items():
+            mean, rows = fw._step_losses(step_pool, plan)
+            torch.testing.assert_close(mean, want_mean, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(rows, want_rows, rtol=1e-5, atol=1e-6, msg=name)
+    fw.detach()
+
+
+@pytest.mark.parametrize("backend", ["torch", "peft"])
+def test_stop_loss_ends_the_write_after_the_first_epoch_with_every_example_below_it(tiny, backend):
+    exs = examples(6)
+    recipe = Recipe(optimizer="sgd", lr=0.5, epochs=8, batch_size=8)  # SGD: epoch-by-epoch writes = one write
+    fw = FastWeights(tiny, backend=backend)
+    pool = fw._encode_examples(exs, pad_id=0)
+    every = torch.arange(6) if backend == "peft" else plan_step(pool, range(6), fw.device)
+    worst = []  # each epoch's largest example loss, before that epoch's update
+    for _ in range(recipe.epochs):
+        with torch.no_grad():
+            worst.append(float(fw._step_losses(pool, every)[1].max()))
+        fw.write_examples(exs, recipe.with_(epochs=1))
+    assert worst == sorted(worst, reverse=True), worst  # the test's premise: the worst loss falls
+    threshold = (worst[2] + worst[3]) / 2
+    fw.reset()
+    assert len(fw.write_examples(exs, recipe.with_(stop_loss=threshold))) == 4  # epoch 4 is the first below
+    fw.reset()
+    assert len(fw.write_examples(exs, recipe.with_(stop_loss=1e-9))) == 8  # never below: the cap
+    fw.reset()
+    # several steps per epoch: the check runs only at epoch ends (2 steps of 4 + 2 rows here)
+    assert len(fw.write_examples(exs, recipe.with_(batch_size=4, stop_loss=1e9))) == 2
+    assert len(fw.write([collate(exs)] * 3, lr=0.5)) == 3  # write(batches): one step per batch, no stop rule
+    fw.detach()
+    with pytest.raises(ValueError, match="stop_loss"):
+        Recipe(stop_loss=0.0)

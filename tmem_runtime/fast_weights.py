@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -34,11 +35,13 @@ from tmem_runtime.models import MLP_TARGETS, target_mlps
 from tmem_runtime.recipes import OPTIMIZERS, Recipe, get_recipe
 from tmem_runtime.write import (
     IGNORE_INDEX,
+    StepBatch,
     TrunkCache,
-    adapted_loss,
+    adapted_losses,
     encode_trunk,
     plan_steps,
     right_padded_lengths,
+    token_loss_means,
 )
 
 INITS = ("svd", "random", "pissa")
@@ -388,12 +391,17 @@ class FastWeights:
         pad_id: int = 0,
         on_step: StepCallback | None = None,
     ) -> list[float]:
-        """The recipe's epochs x batches over tokenized examples (input_ids, labels)."""
+        """The recipe's epochs x batches over tokenized examples (input_ids, labels).
+
+        With `recipe.stop_loss` set, `recipe.epochs` is a cap: the write stops after the first epoch in
+        which every example's loss (its mean over its target tokens, taken in its last step before
+        that step's update) is below `stop_loss`.
+        """
         schedule = write_schedule(len(examples), recipe, seed)
         if not schedule:
             return []
         pool = self._encode_examples(examples, pad_id)
-        return self._optimize([(pool, rows) for rows in schedule], recipe, train_a, on_step)
+        return self._optimize([(pool, rows) for rows in schedule], recipe, train_a, on_step, len(examples))
 
     # --- what differs between the fast path and the PEFT reference
     def _encode_examples(self, examples: Sequence[Example], pad_id: int) -> object:
@@ -421,14 +429,21 @@ class FastWeights:
         }
         return [next(plans[id(pool)]) for pool, _ in steps]
 
-    def _step_loss(self, pool: object, plan: object) -> torch.Tensor:
+    def _step_losses(self, pool: object, plan: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's mean loss [] and each of its rows' mean loss [b], on the device."""
         if isinstance(pool, TrunkCache):
-            return adapted_loss(self._decoder, self.first_layer, pool, plan)
-        return self._full_forward_loss({k: v[plan] for k, v in pool.items()})
+            return adapted_losses(self._decoder, self.first_layer, pool, plan)
+        return self._full_forward_losses({k: v[plan] for k, v in pool.items()})
 
-    def _full_forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The generic path: the model's own forward and HF loss on a [B, T] batch."""
-        return self.model(**{k: v.to(self.device) for k, v in batch.items()}).loss
+    def _full_forward_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generic path: the model's own forward on a [B, T] batch, HF's causal-LM loss and each row's."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        n, t = batch["labels"].shape
+        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # t predicts t + 1
+        token = F.cross_entropy(logits.reshape(n * t, -1).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        row = torch.arange(n, device=self.device).repeat_interleave(t)
+        return token_loss_means(token, targets != IGNORE_INDEX, row, n)
 
     def _trainable(self) -> tuple[torch.Tensor, ...]:
         nb = self.layout.b_numel
@@ -492,38 +507,67 @@ class FastWeights:
             and all(isinstance(pool, TrunkCache) for pool, _ in steps)
         )
 
-    def _train_step(self, pool: object, plan: object, recipe: Recipe, step: int | torch.Tensor) -> torch.Tensor:
-        """Zero grad, loss, backward, update: one step; returns the loss (before the update) on the device."""
+    def _train_step(
+        self,
+        pool: object,
+        plan: object,
+        recipe: Recipe,
+        step: int | torch.Tensor,
+        example_losses: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Zero grad, loss, backward, update: one step; returns the loss (before the update) on the device.
+
+        example_losses [N]: when given, each of the step's rows' own loss is stored at its example index.
+        """
         self._zero_grad()
         with torch.enable_grad():  # a write works even when called under torch.no_grad()
-            loss = self._step_loss(pool, plan)
+            loss, row_losses = self._step_losses(pool, plan)
         loss.backward()
         self._update(recipe, step)
+        if example_losses is not None:
+            rows = plan.rows if isinstance(plan, StepBatch) else torch.as_tensor(plan).to(self.device)
+            example_losses.index_copy_(0, rows, row_losses.detach())
         return loss.detach()
 
-    def _counted_step(self, pool: object, plan: object, recipe: Recipe, step: torch.Tensor) -> torch.Tensor:
+    def _counted_step(
+        self,
+        pool: object,
+        plan: object,
+        recipe: Recipe,
+        step: torch.Tensor,
+        example_losses: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         step.add_(1)
-        return self._train_step(pool, plan, recipe, step)
+        return self._train_step(pool, plan, recipe, step, example_losses)
 
     def _run_steps(
         self,
         steps: Sequence[tuple[object, Sequence[int]]],
         recipe: Recipe,
         on_step: StepCallback | None = None,
+        n_examples: int | None = None,
     ) -> torch.Tensor:
         """Every step of a write -> their losses [n_steps] on the device.
 
         No host sync inside the loop (unless `on_step` asks for each loss); on CUDA the steps replay
-        CUDA graphs (see `cuda_graphs.GraphedSteps`).
+        CUDA graphs (see `cuda_graphs.GraphedSteps`). With `recipe.stop_loss` and `n_examples` (the one
+        pool's examples, `recipe.batch_size` per step) the loop reads the examples' losses once per
+        epoch and stops after the first epoch in which all are below `stop_loss`.
         """
         graphed = self._uses_cuda_graphs(steps)
         plans = self._plan(steps, fixed_shapes=graphed)
+        example_losses, epoch_steps = None, 0
+        if recipe.stop_loss is not None and n_examples:
+            example_losses = torch.full((n_examples,), math.inf, device=self.device)
+            epoch_steps = math.ceil(n_examples / recipe.batch_size)
         if graphed:
             from tmem_runtime.cuda_graphs import GraphedSteps
 
             step_t = torch.zeros((), dtype=torch.float32, device=self.device)  # counted inside the graph
             graphs = {
-                id(pool): GraphedSteps(partial(self._counted_step, pool, recipe=recipe, step=step_t))
+                id(pool): GraphedSteps(
+                    partial(self._counted_step, pool, recipe=recipe, step=step_t, example_losses=example_losses)
+                )
                 for pool, _ in steps
             }
         losses = []
@@ -532,10 +576,12 @@ class FastWeights:
             if graphed:
                 loss = graphs[id(pool)](plan.signature, plan)
             else:
-                loss = self._train_step(pool, plan, recipe, k)
+                loss = self._train_step(pool, plan, recipe, k, example_losses)
             losses.append(loss)
             if on_step is not None:
                 on_step(k, len(steps), float(loss))
+            if epoch_steps and k % epoch_steps == 0 and float(example_losses.max()) < recipe.stop_loss:
+                break  # every example has reached the recipe's loss: the write's one host read per epoch
         return torch.stack(losses)
 
     def _optimize(
@@ -544,8 +590,12 @@ class FastWeights:
         recipe: Recipe,
         train_a: bool,
         on_step: StepCallback | None = None,
+        n_examples: int | None = None,
     ) -> list[float]:
-        """Run a write's steps (pool, rows); a non-finite loss or update rolls the whole write back and raises."""
+        """Run a write's steps (pool, rows); a non-finite loss or update rolls the whole write back and raises.
+
+        n_examples: the examples of the one pool `write_examples` built (the early stop of `_run_steps`).
+        """
         if recipe.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {recipe.optimizer!r}")
         if not steps:
@@ -553,7 +603,7 @@ class FastWeights:
         self._begin_write(recipe, train_a)
         self._snapshot()
         try:
-            losses = self._run_steps(steps, recipe, on_step).tolist()  # the loop's results, read once
+            losses = self._run_steps(steps, recipe, on_step, n_examples).tolist()  # the loop's results, read once
         except BaseException:
             self._rollback()  # an error mid-write (or an interrupt) leaves the adapter as it was
             raise

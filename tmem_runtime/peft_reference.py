@@ -84,11 +84,11 @@ class PeftFastWeights(FastWeights):
     def _encode_examples(self, examples: Sequence[Example], pad_id: int) -> object:
         return list(examples), pad_id
 
-    def _step_loss(self, pool: object, plan: object) -> torch.Tensor:
+    def _step_losses(self, pool: object, plan: object) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(pool, tuple):  # examples padded per batch, as a plain HF training loop would
             examples, pad_id = pool
-            return self._full_forward_loss(collate([examples[int(r)] for r in plan], pad_id))
-        return super()._step_loss(pool, plan)
+            return self._full_forward_losses(collate([examples[int(r)] for r in plan], pad_id))
+        return super()._step_losses(pool, plan)
 
     def _params(self) -> list[torch.nn.Parameter]:
         names = ("lora_B", "lora_A") if self.train_a else ("lora_B",)

@@ -14,7 +14,11 @@ OPTIMIZERS = ("sgd", "adamw")
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one write trains: `epochs` passes over the examples in batches of `batch_size`."""
+    """How one write trains: `epochs` passes over the examples in batches of `batch_size`.
+
+    stop_loss: when set, `epochs` is a cap and the write stops after the first epoch in which every
+    example's loss (mean over its answer tokens, taken in its last step) is below `stop_loss`.
+    """
 
     optimizer: str = "adamw"
     lr: float = 3e-3
@@ -22,12 +26,15 @@ class Recipe:
     batch_size: int = 16
     weight_decay: float = 0.0
     max_length: int = 256
+    stop_loss: float | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not (self.lr > 0 and self.epochs >= 1 and self.batch_size >= 1 and self.max_length >= 2):
             raise ValueError(f"invalid recipe {self}")
+        if self.stop_loss is not None and not self.stop_loss > 0:
+            raise ValueError(f"stop_loss must be positive or None, got {self.stop_loss}")
 
     def with_(self, **changes) -> Recipe:
         return replace(self, **changes)

@@ -208,6 +208,13 @@ def adapted_loss(decoder: Decoder, first_adapted: int, cache: TrunkCache, batch:
 
     Logits are computed only at the step's target positions. Reads no device value on the host.
     """
+    return adapted_losses(decoder, first_adapted, cache, batch)[0]
+
+
+def adapted_losses(
+    decoder: Decoder, first_adapted: int, cache: TrunkCache, batch: StepBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`adapted_loss` and each row's own mean loss: (loss [], row_losses [b]). No host read."""
     p, stop = cache.prefix_len, len(decoder.layers)
     hidden = cache.hidden[:, : batch.width].index_select(0, batch.rows)
     if p:
@@ -216,4 +223,21 @@ def adapted_loss(decoder: Decoder, first_adapted: int, cache: TrunkCache, batch:
     else:
         full = decoder.run_layers(hidden, first_adapted, stop, lengths=batch.lengths)
     picked = full.reshape(-1, full.shape[-1]).index_select(0, batch.loss_index)
-    return F.cross_entropy(decoder.logits(picked), batch.targets, ignore_index=IGNORE_INDEX)
+    token = F.cross_entropy(decoder.logits(picked), batch.targets, ignore_index=IGNORE_INDEX, reduction="none")
+    row = torch.div(batch.loss_index, p + batch.width, rounding_mode="floor")
+    return token_loss_means(token, batch.targets != IGNORE_INDEX, row, batch.rows.shape[0])
+
+
+def token_loss_means(
+    token_losses: torch.Tensor, valid: torch.Tensor, row: torch.Tensor, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of token losses [K] over the valid ones, and per row: (loss [], row_losses [n_rows]).
+
+    valid [K] bool, row [K]: each token's row in [0, n_rows). A row without valid tokens gets 0.
+    The mean is cross-entropy's own with ignore_index (sum over valid tokens / their count).
+    """
+    token_losses = token_losses * valid
+    count = valid.to(token_losses.dtype)
+    per_row = token_losses.new_zeros(n_rows).index_add_(0, row, token_losses)
+    per_row_count = count.new_zeros(n_rows).index_add_(0, row, count)
+    return token_losses.sum() / count.sum(), per_row / per_row_count.clamp_min(1)
