@@ -7,8 +7,10 @@ Phase 1 runs every candidate recipe on every tune fact set (tmem_runtime/fact_se
 The pick is the candidate with the highest mean recall on the tune sets among those whose mean write
 time is at most `--max-time-ratio` x today's default (measured in the same runs); ties go to the
 higher paraphrase recall, then to fewer steps. The pick is saved, then phase 2 runs it, today's
-default and any `--also` candidates on the held-out sets, same seeds. A seed sets the adapter's
-randomized-SVD init (`FastWeights(seed=)`) and the write's shuffle (`write_qa(seed=)`).
+default and any `--also` candidates on the held-out sets, same seeds; `--combined a+b ...` then runs
+those two on held-out sets written together (20 facts: two steps an epoch, so the shuffle matters).
+A seed sets the adapter's randomized-SVD init (`FastWeights(seed=)`) and the write's shuffle
+(`write_qa(seed=)`); with one step an epoch (10 facts, batch 16) it changes the losses by ~1e-4 only.
 
 Each (seed, fact set) runs all candidates back to back from a fresh adapter (`reset()`), so load on a
 shared machine hits them alike. Every run is appended to the JSON file as it finishes; a rerun skips
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 from tmem_runtime import FastWeights, load_model
-from tmem_runtime.fact_sets import fact_sets, split_names
+from tmem_runtime.fact_sets import Fact, load_fact_set, split_names
 from tmem_runtime.recall import ask_facts, write_and_recall
 from tmem_runtime.recipes import Recipe
 
@@ -48,6 +50,11 @@ CANDIDATES: dict[str, Recipe] = {
     "stop0.05-cap20": Recipe(lr=3e-3, epochs=20, stop_loss=0.05),
     "stop0.02-cap20": Recipe(lr=3e-3, epochs=20, stop_loss=0.02),
 }
+
+
+def facts_of(name: str) -> tuple[Fact, ...]:
+    """The facts of a fact set, or of several written as one ("people_and_pets+titles_b")."""
+    return tuple(f for part in name.split("+") for f in load_fact_set(part).facts)
 
 
 def run_key(recipe: str, fact_set: str, seed: int) -> str:
@@ -79,7 +86,7 @@ def run_phase(
         fw = FastWeights(model, seed=seed)
         try:
             for set_name, name in todo:
-                facts = fact_sets()[set_name].facts
+                facts = facts_of(set_name)
                 if set_name not in ckpt.data["bare"]:
                     fw.reset()
                     ckpt.data["bare"][set_name] = sum(ask_facts(model, tokenizer, facts)[1])
@@ -182,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="candidates run on the held-out sets beside the baseline and the pick (after the pick is saved)",
     )
+    p.add_argument(
+        "--combined",
+        nargs="*",
+        default=[],
+        help='held-out sets written together in one write ("a+b": 20 facts), for the baseline and the pick',
+    )
     p.add_argument("--report", action="store_true", help="print the tables from --out without running anything")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -197,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         # the pick is fixed (and saved) before any candidate meets a held-out set
         finalists = list(dict.fromkeys([BASELINE, ckpt.data["pick"], *args.also]))
         run_phase(ckpt, model, tokenizer, {n: CANDIDATES[n] for n in finalists}, held_out, args.seeds)
+        if args.combined:
+            pair = {n: CANDIDATES[n] for n in (BASELINE, ckpt.data["pick"])}
+            run_phase(ckpt, model, tokenizer, pair, args.combined, args.seeds)
         print(f"study done in {time.perf_counter() - start:.0f}s")
     chosen = ckpt.data.get("pick")
     print(f"bare model (no write): {ckpt.data['bare']}")
@@ -204,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(ckpt, names, tune))
     print(f"\n## Held-out sets ({', '.join(held_out)}), seeds {args.seeds}\n")
     print(table(ckpt, [n for n in names if runs_of(ckpt, n, held_out)], held_out))
+    combined = sorted({r["set"] for r in ckpt.data["runs"].values() if "+" in r["set"]})
+    if combined:
+        print(f"\n## Held-out sets written together (20 facts a write), seeds {args.seeds}\n")
+        print(table(ckpt, [n for n in names if runs_of(ckpt, n, combined)], combined))
     return 0
 
 
