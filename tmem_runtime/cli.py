@@ -1,4 +1,4 @@
-"""`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem bench`."""
+"""`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem make-conversations`, `tmem bench`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ commands:
   demo           the memory agent on the embedded model: writes, clears, answers (vs no memory)
   demo-weights   fast weights alone: 10 made-up facts written, recalled, then reset
   eval           LoCoMo-format evaluation of the memory channels (tmem eval --help)
+  make-conversations  seeded long conversations in LoCoMo's format: facts early, chit-chat after
   bench          the pytest-benchmark suites in benchmarks/ (extra args go to pytest)
 """
 
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         from tmem_runtime.demo import main as run
     elif command == "eval":
         from tmem_runtime.agent.evaluate import main as run
+    elif command == "make-conversations":
+        from tmem_runtime.agent.long_conversations import main as run
     elif command == "bench":
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         return subprocess.call([sys.executable, "-m", "pytest", os.path.join(root, "benchmarks"), "-s", *rest])
