@@ -129,7 +129,7 @@ def run_conversation(agent: MemoryAgent, conv: Conversation, questions: list[QA]
         read_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         prompts = [question_prompt(q, args.seed) for q in questions]
-        answers = agent.answer(prompts, [q.question for q in questions], progress=True)
+        answers = agent.answer(prompts, [q.question for q in questions])
         answer_s = time.perf_counter() - t0
     rows = []
     for q, prompt, answer in zip(questions, prompts, answers):

@@ -69,30 +69,40 @@ def fast_weights_off(fast_weights) -> Iterator[None]:
         fast_weights.load_state_dict(saved)
 
 
+_MARK = "\u241f"
+
+
 def write_flashcards(
     generator: Generator,
     context: str,
     max_new_tokens: int = 192,
     writer: Callable[[str], str] | None = None,
     mode: str = "per-turn",
+    weights: str | None = None,
 ) -> tuple[str, list, dict]:
     """Memory-writing mode: (raw text, valid pairs, drops by reason) for `context`.
 
-    mode: "per-turn" (one card per turn, batched, at most 48 new tokens each) or "array" (one JSON
-    array for the whole context, `max_new_tokens`). writer: who writes the flashcard text for a
-    context (default: the model); whatever it returns goes through the salvaging parser.
+    mode: "per-turn" (one card per turn, batched, at most 48 new tokens each, first line kept) or
+    "array" (one JSON array for the whole context, `max_new_tokens`). writer: who writes the
+    flashcard text for a context (default: the model); whatever it returns goes through the
+    salvaging parser. The prompt's fixed part (system text, worked examples) is prefilled once and
+    shared by every card; weights: a name for the model's current weights under which that prefill
+    is kept for later writes (e.g. "base" when cards are always written with the fast weights off).
     """
     if mode not in FLASHCARD_MODES:
         raise ValueError(f"flashcard mode must be one of {FLASHCARD_MODES}, got {mode!r}")
     if writer is not None:
         raw = writer(context)
     elif mode == "array":
+        shared = generator.split_chat_prompt(flashcard_messages(_MARK), _MARK)[0]
         prompt = generator.chat_prompt(flashcard_messages(context), prefill=FLASHCARD_PREFILL)
-        raw = FLASHCARD_PREFILL + generator.generate([prompt], max_new_tokens)[0]
+        raw = FLASHCARD_PREFILL + generator.generate([prompt], max_new_tokens, shared=shared, weights=weights)[0]
     else:
         turns = dated_turns(context)
+        shared = generator.split_chat_prompt(turn_flashcard_messages("", _MARK), _MARK)[0]
         prompts = [generator.chat_prompt(turn_flashcard_messages(h, t), prefill=TURN_PREFILL) for h, t in turns]
-        cards = generator.generate(prompts, min(max_new_tokens, 48), batch_size=16)
+        cards = generator.generate(prompts, min(max_new_tokens, 48), batch_size=16, shared=shared, weights=weights,
+                                   stop="line")
         replies = [TURN_PREFILL + c.split("\n")[0] for c in cards]
         raw = "\n".join(replies)
     parsed = parse_flashcards(replies if writer is None and mode == "per-turn" else raw, context=context)
@@ -128,7 +138,7 @@ def write_to_weights(
     with fast_weights_off(fast_weights) if write_with_base else nullcontext():
         if write_format == "qa":
             record.raw, record.pairs, record.dropped = write_flashcards(
-                generator, context, max_new_tokens, writer, flashcard_mode
+                generator, context, max_new_tokens, writer, flashcard_mode, "base" if write_with_base else None
             )
         elif write_format == "summary":
             record.raw = write_summary(generator, "", context, max_new_tokens)
