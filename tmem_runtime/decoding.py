@@ -40,11 +40,25 @@ class DecodeStats:
     decode_tokens: int = 0
     decode_s: float = 0.0
 
-    def add(self, other: DecodeStats) -> None:
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + self.decode_tokens
+
+    def add(self, other: DecodeStats) -> DecodeStats:
+        """Sum with `other`, in place; returns self."""
         self.prefill_tokens += other.prefill_tokens
         self.prefill_s += other.prefill_s
         self.decode_tokens += other.decode_tokens
         self.decode_s += other.decode_s
+        return self
+
+    def since(self, earlier: DecodeStats) -> DecodeStats:
+        """What was counted after `earlier` (a copy taken then) — a new object."""
+        return DecodeStats(self.prefill_tokens - earlier.prefill_tokens, self.prefill_s - earlier.prefill_s,
+                           self.decode_tokens - earlier.decode_tokens, self.decode_s - earlier.decode_s)
+
+    def copy(self) -> DecodeStats:
+        return DecodeStats(self.prefill_tokens, self.prefill_s, self.decode_tokens, self.decode_s)
 
 
 @dataclass

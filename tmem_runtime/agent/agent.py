@@ -74,6 +74,7 @@ class MemoryAgent:
         """New episode: empty context, channel forgotten (fast weights back to B = 0)."""
         self.lines: list[str] = []
         self.context_tokens = 0
+        self.tokens_read = 0  # every line observed this episode (DATE lines included)
         self.header: str | None = None
         self.session = 0
         self.triggers: list[Trigger] = []
@@ -111,6 +112,7 @@ class MemoryAgent:
         A context holding no turn (empty, or only the current DATE line) never triggers a write.
         """
         tokens = self.generator.count_tokens(line)
+        self.tokens_read += tokens + 1
         has_content = bool(self.lines) and self.lines != [self.header]
         if self.channel.writes and has_content and self.context_tokens + tokens + 1 + self.memory_tokens > self.l_max:
             self.write_memory(on_trigger)

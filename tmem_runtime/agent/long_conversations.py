@@ -2,7 +2,8 @@
 
     tmem make-conversations --out runs/long.json --n 2 --seed 0 --tokens 16000
 
-Each conversation opens with `n_facts` personal facts stated by its two speakers in the first
+Each conversation opens with `n_facts` personal facts (of different kinds: a pet's name, a job, a
+car's color, ...) stated by its two speakers in the first
 `fact_sessions` sessions (made-up names, so a model cannot know the answers beforehand), then
 chit-chat sessions (weather, coffee, lawn mowers, traffic, TV, ...) until it is about `tokens`
 tokens long. The chit-chat is built from templates with their own made-up names (cafés, shows,
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHARS_PER_TOKEN = 3.5
+FACT_KINDS = 10
 FIRST_NAMES = ["Ana", "Ben", "Carla", "Dev", "Elif", "Femi", "Greta", "Hugo", "Iris", "Jonas", "Kira", "Luca",
                "Maya", "Nils", "Olga", "Paolo", "Rosa", "Sami", "Tessa", "Viktor"]
 _ONSETS = ["b", "br", "d", "dr", "f", "g", "gl", "k", "kl", "l", "m", "n", "p", "pl", "r", "s", "sk", "st", "t",
@@ -149,15 +151,16 @@ def make_conversation(
     sample_id: str | None = None,
 ) -> dict:
     """One LoCoMo-format sample: facts in the first `fact_sessions` sessions, chit-chat until ~`tokens` tokens."""
-    if not 1 <= n_facts <= 20:
-        raise ValueError(f"n_facts must be in 1..20, got {n_facts}")
+    if not 1 <= n_facts <= FACT_KINDS:
+        raise ValueError(f"n_facts must be in 1..{FACT_KINDS}, got {n_facts}")
     rng = random.Random(seed)
     a, b = rng.sample(FIRST_NAMES, 2)
     used: set[str] = set()
-    pool = _fact_templates(rng, a, used) + _fact_templates(rng, b, used)
-    chosen = sorted(rng.sample(range(20), n_facts))
-    facts = [(a if i < 10 else b, pool[i]) for i in chosen]
-    rng.shuffle(facts)
+    pools = {a: _fact_templates(rng, a, used), b: _fact_templates(rng, b, used)}
+    facts = []  # each kind of fact once, told by one speaker or the other
+    for kind in rng.sample(range(len(pools[a])), n_facts):
+        who = rng.choice([a, b])
+        facts.append((who, pools[who][kind]))
     places = [made_up_word(rng) + " Café" for _ in range(4)]
     streets, shows = [made_up_word(rng) for _ in range(4)], [made_up_word(rng, 3) for _ in range(4)]
     conversation: dict = {"speaker_a": a, "speaker_b": b}
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output JSON file")
     p.add_argument("--n", type=int, default=2, help="how many conversations")
     p.add_argument("--seed", type=int, default=0, help="seed of the first conversation")
-    p.add_argument("--facts", type=int, default=8, help="facts per conversation (stated early)")
+    p.add_argument("--facts", type=int, default=8, help=f"facts per conversation (stated early), 1..{FACT_KINDS}")
     p.add_argument("--tokens", type=int, default=16000, help="approximate length of each conversation, tokens")
     p.add_argument("--fact-sessions", type=int, default=1, help="sessions the facts are spread over")
     p.add_argument("--turns", type=int, default=40, help="turns per session")
