@@ -218,7 +218,7 @@ def greedy_generate(
     stop_ids: Sequence[int] = (),
     stop: StopFn | None = None,
     stats: DecodeStats | None = None,
-    max_batch_tokens: int = 1 << 16,
+    max_batch_tokens: int = 1 << 15,
     pad_id: int = 0,
 ) -> list[list[int]]:
     """Greedy continuations of token-id prompts; the new tokens of each (the ending token kept).
