@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="which turns get a flashcard: all (of 5+ words) or salient (new content words, no model call)")
     p.add_argument("--card-min-score", type=int, default=4, help="salient: new content words a turn needs")
     p.add_argument("--max-cards", type=int, default=None, help="salient: at most this many cards per write")
+    p.add_argument("--named-turns", action="store_true",
+                   help="per-turn cards: show the writer each turn in the third person (I/my -> the speaker's name)")
     p.add_argument("--rank", type=int, default=6)
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--top-k", type=int, default=5, help="retrieved chunks per question")
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             channel = make_channel(memory, generator, fast_weights, write_format or "qa", args.recipe, args.seed,
                                    args.top_k, args.summary_tokens, args.device, args.flashcard_tokens,
                                    args.flashcard_mode, args.replay, args.replay_per_card, args.cards,
-                                   args.card_min_score, args.max_cards)
+                                   args.card_min_score, args.max_cards, args.named_turns)
             agent = MemoryAgent(generator, channel, args.l_max, args.answer_tokens)
             for conv in conversations:
                 questions = select_questions(conv, args.max_questions, args.max_sessions)

@@ -82,6 +82,7 @@ def write_flashcards(
     mode: str = "per-turn",
     weights: str | None = None,
     select: Callable[[list[tuple[str, str]]], list[tuple[str, str]]] | None = None,
+    named: bool = False,
 ) -> tuple[str, list, dict]:
     """Memory-writing mode: (raw text, valid pairs, drops by reason) for `context`.
 
@@ -92,7 +93,8 @@ def write_flashcards(
     shared by every card; weights: a name for the model's current weights under which that prefill
     is kept for later writes (e.g. "base" when cards are always written with the fast weights off).
     select: per-turn mode, which (DATE line, turn) pairs get a card (None: every turn of
-    MIN_TURN_WORDS words or more); a write with no turn chosen generates nothing.
+    MIN_TURN_WORDS words or more); a write with no turn chosen generates nothing. named: per-turn
+    mode, turns shown in the third person (flashcards.third_person).
     """
     if mode not in FLASHCARD_MODES:
         raise ValueError(f"flashcard mode must be one of {FLASHCARD_MODES}, got {mode!r}")
@@ -105,8 +107,8 @@ def write_flashcards(
     else:
         turns = dated_turns(context)
         turns = select(turns) if select is not None else turns
-        shared = generator.split_chat_prompt(turn_flashcard_messages("", _MARK), _MARK)[0]
-        prompts = [generator.chat_prompt(turn_flashcard_messages(h, t), prefill=TURN_PREFILL) for h, t in turns]
+        shared = generator.split_chat_prompt(turn_flashcard_messages("", _MARK, named), _MARK)[0]
+        prompts = [generator.chat_prompt(turn_flashcard_messages(h, t, named), prefill=TURN_PREFILL) for h, t in turns]
         cards = generator.generate(prompts, min(max_new_tokens, 48), batch_size=16, shared=shared, weights=weights,
                                    stop="line")
         replies = [TURN_PREFILL + c.split("\n")[0] for c in cards]
@@ -128,6 +130,7 @@ def write_to_weights(
     write_with_base: bool = True,
     replay: Sequence | Callable[[int], Sequence] = (),
     select: Callable[[list[tuple[str, str]]], list[tuple[str, str]]] | None = None,
+    named: bool = False,
 ) -> WriteRecord:
     """Turn `context` into training material of `write_format` and train it into `fast_weights`.
 
@@ -137,7 +140,8 @@ def write_to_weights(
     earlier writes cannot degrade later memory writing; the writes still accumulate.
     replay: earlier items of the same format (pairs for qa, texts otherwise) trained again with the
     new ones, or a function of the number of new items returning them; nothing new means no write
-    at all, replay or not. select: which turns get a flashcard (see `write_flashcards`).
+    at all, replay or not. select, named: which turns get a flashcard and how they are shown (see
+    `write_flashcards`).
     """
     if write_format not in WRITE_FORMATS:
         raise ValueError(f"write_format must be one of {WRITE_FORMATS}, got {write_format!r}")
@@ -146,7 +150,8 @@ def write_to_weights(
     with fast_weights_off(fast_weights) if write_with_base else nullcontext():
         if write_format == "qa":
             record.raw, record.pairs, record.dropped = write_flashcards(
-                generator, context, max_new_tokens, writer, flashcard_mode, "base" if write_with_base else None, select
+                generator, context, max_new_tokens, writer, flashcard_mode, "base" if write_with_base else None, select,
+                named,
             )
         elif write_format == "summary":
             record.raw = write_summary(generator, "", context, max_new_tokens)
