@@ -214,7 +214,7 @@ def greedy_generate(
     max_new_tokens: int,
     eos_ids: Sequence[int] | None = None,
     prefix: Prefix | Sequence[Prefix | None] | None = None,
-    batch_size: int = 16,
+    batch_size: int = 32,
     stop_ids: Sequence[int] = (),
     stop: StopFn | None = None,
     stats: DecodeStats | None = None,

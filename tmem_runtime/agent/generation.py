@@ -119,7 +119,7 @@ class Generator:
         self,
         prompts: list[list[int]],
         max_new_tokens: int,
-        batch_size: int = 16,
+        batch_size: int = 32,
         shared: list[int] | None = None,
         weights: str | None = None,
         stop: str | None = None,
@@ -150,7 +150,7 @@ class Generator:
     def _piecewise(self) -> bool:
         return supports_piecewise(self.model)
 
-    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 16, shared: str | None = None,
+    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 32, shared: str | None = None,
                  weights: str | None = None, stop: str | None = None) -> list[str]:
         """Greedy continuations of text prompts (see `generate_ids`; `shared` is text here).
 
@@ -160,7 +160,7 @@ class Generator:
         return self.generate_ids(ids, max_new_tokens, batch_size, self.encode(shared) if shared else None,
                                  weights, stop)
 
-    def generate_after_prefix(self, prefix: str, suffixes: list[str], max_new_tokens: int, batch_size: int = 16,
+    def generate_after_prefix(self, prefix: str, suffixes: list[str], max_new_tokens: int, batch_size: int = 32,
                               stop: str | None = None) -> list[str]:
         """Greedy continuations of `prefix + s` for each s: the ids of `prefix` then the ids of `s`.
 

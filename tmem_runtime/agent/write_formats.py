@@ -86,7 +86,7 @@ def write_flashcards(
 ) -> tuple[str, list, dict]:
     """Memory-writing mode: (raw text, valid pairs, drops by reason) for `context`.
 
-    mode: "per-turn" (one card per turn, batched, at most 48 new tokens each, first line kept) or
+    mode: "per-turn" (one card per turn, batches of 64, at most 48 new tokens each, first line kept) or
     "array" (one JSON array for the whole context, `max_new_tokens`). writer: who writes the
     flashcard text for a context (default: the model); whatever it returns goes through the
     salvaging parser. The prompt's fixed part (system text, worked examples) is prefilled once and
@@ -109,7 +109,7 @@ def write_flashcards(
         turns = select(turns) if select is not None else turns
         shared = generator.split_chat_prompt(turn_flashcard_messages("", _MARK, named), _MARK)[0]
         prompts = [generator.chat_prompt(turn_flashcard_messages(h, t, named), prefill=TURN_PREFILL) for h, t in turns]
-        cards = generator.generate(prompts, min(max_new_tokens, 48), batch_size=16, shared=shared, weights=weights,
+        cards = generator.generate(prompts, min(max_new_tokens, 48), batch_size=64, shared=shared, weights=weights,
                                    stop="line")
         replies = [TURN_PREFILL + c.split("\n")[0] for c in cards]
         raw = "\n".join(replies)
