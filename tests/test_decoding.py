@@ -11,6 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tmem_runtime import FastWeights, load_model
+from tmem_runtime.chat import ask
 from tmem_runtime.decoding import (
     DecodeStats,
     KVBuffer,
@@ -19,6 +20,7 @@ from tmem_runtime.decoding import (
     prefill,
     reference_generate,
 )
+from tmem_runtime.examples import chat_prompt_ids
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -170,3 +172,8 @@ def test_smollm2_flashcards_and_answers_match_the_reference():
                              gen.eos_ids)
     answers = gen.generate_after_prefix(prefix, suffixes, 24, batch_size=2)
     assert answers == [tok.decode(r, skip_special_tokens=True) for r in ref]
+
+    asked = ask(model, tok, questions, max_new_tokens=16, context=context)  # the runtime's ask(): same decoder
+    ref = reference_generate(model, [chat_prompt_ids(tok, f"{context}\n\n{q}") for q in questions], 16,
+                             gen.pad_id, None)
+    assert asked == [tok.decode(r, skip_special_tokens=True).strip() for r in ref]
