@@ -12,6 +12,12 @@ the last position only; finished rows are dropped from the batch once they are h
 Rows may carry different prefixes (one per row), the layout a session pool with a different memory
 context per row needs.
 
+Two hooks make the same loop serve other callers: `choose` picks each row's next token from its
+logits instead of the argmax (a sampler; it sees which prompt each batch row is, so each row can
+draw from its own generator), and `scope` wraps every forward of a batch in a context manager told
+which prompts its rows are (e.g. `SessionPool.rows`: a different fast-weight session per row, kept
+right as finished rows leave the batch).
+
 `reference_generate` is the spec: the plain transformers `generate`, one prompt at a time (batch 1, no
 padding). Greedy outputs of the two are equal token for token (tests/test_decoding.py). Models the
 piecewise `Decoder` cannot drive fall back to the reference.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +36,10 @@ from torch import nn
 from tmem_runtime.decoder import Decoder, supports_piecewise
 
 StopFn = Callable[[list[int]], bool]
+# (logits [b, V] of the batch's rows, prompt index of each row or -1 for a finished row) -> tokens [b]
+ChooseFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
+# prompt index of each row of the batch -> the context every forward of those rows runs in
+ScopeFn = Callable[[list[int]], AbstractContextManager]
 
 
 @dataclass
@@ -220,6 +231,8 @@ def greedy_generate(
     stats: DecodeStats | None = None,
     max_batch_tokens: int = 1 << 15,
     pad_id: int = 0,
+    choose: ChooseFn | None = None,
+    scope: ScopeFn | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of token-id prompts; the new tokens of each (the ending token kept).
 
@@ -229,12 +242,18 @@ def greedy_generate(
     when `stop(new_tokens)` is true, or after `max_new_tokens`. Up to `batch_size` rows per batch
     (fewer when rows x (prefix + suffix + new) would pass `max_batch_tokens`), rows of similar length
     together. stats: accumulates prefill/decode tokens and seconds. pad_id fills padded slots only.
+    choose: picks the next tokens instead of the argmax (see `ChooseFn`; called for every decode step
+    of every batch, finished rows marked -1). scope: every forward of a batch's rows runs inside
+    scope(their prompt indices) (see `ScopeFn`); a shared prefix is prefilled outside it, so with a
+    per-row scope pass one prefix per row (or None each).
     """
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     eos = _eos_of(model, eos_ids)
+    if not supports_piecewise(model) and (choose is not None or scope is not None):
+        raise ValueError(f"{type(model).__name__} cannot be driven piecewise: no `choose` or `scope` hooks")
     if not supports_piecewise(model):  # the spec itself: same outputs, no prefix sharing
         out = reference_generate(model, prompts, max_new_tokens, pad_id, sorted(eos) or None)
         return [_cut(row, eos, set(stop_ids), stop) for row in out]
@@ -254,7 +273,8 @@ def greedy_generate(
 
     def flush() -> None:
         rows = [(prefixes[i], list(prompts[i][len(prefixes[i] or ()) :])) for i in batch]
-        for i, new in zip(batch, _decode_batch(decoder, rows, max_new_tokens, eos, set(stop_ids), stop, stats)):
+        hooks = _Hooks(list(batch), choose, scope)
+        for i, new in zip(batch, _decode_batch(decoder, rows, max_new_tokens, eos, set(stop_ids), stop, stats, hooks)):
             outputs[i] = new
         batch.clear()
 
@@ -275,6 +295,23 @@ def _cut(row: list[int], eos: set[int], stop_ids: set[int], stop: StopFn | None)
     return row
 
 
+@dataclass
+class _Hooks:
+    """A batch's prompt indices (per batch row, in order) and the caller's `choose` / `scope`."""
+
+    origin: list[int]
+    choose: ChooseFn | None = None
+    scope: ScopeFn | None = None
+
+    def context(self, active: list[int]) -> AbstractContextManager:
+        return nullcontext() if self.scope is None else self.scope([self.origin[a] for a in active])
+
+    def tokens(self, logits: torch.Tensor, active: list[int], finished: list[bool]) -> torch.Tensor:
+        if self.choose is None:
+            return logits.argmax(-1)
+        return self.choose(logits, [-1 if done else self.origin[a] for a, done in zip(active, finished)])
+
+
 def _decode_batch(
     decoder: Decoder,
     rows: list[tuple[Prefix | None, list[int]]],
@@ -283,6 +320,7 @@ def _decode_batch(
     stop_ids: set[int],
     stop: StopFn | None,
     stats: DecodeStats | None,
+    hooks: _Hooks | None = None,
 ) -> list[list[int]]:
     """One batch: fill the prefixes, prefill the suffixes (left-padded), decode until every row ends."""
     model = decoder.model
@@ -312,19 +350,21 @@ def _decode_batch(
     keys = torch.arange(p_max + s_max, device=device)
     causal = keys[None, :] <= cols[:, None]
     allowed = (valid[:, None, : p_max + s_max] & causal[None]) | (keys[None, :] == cols[:, None])[None]
-    hidden = decoder.run_layers_at(decoder.embed(ids), positions, _additive(allowed, dtype), cache)
+    hooks = hooks or _Hooks(list(range(b)))
+    active = list(range(b))  # original row of each batch slot
+    with hooks.context(active):
+        hidden = decoder.run_layers_at(decoder.embed(ids), positions, _additive(allowed, dtype), cache)
     cache.advance(s_max)
     logits = decoder.logits(hidden[:, -1])
     if stats is not None:
         stats.prefill_tokens += sum(len(s) for _, s in rows)
         stats.prefill_s += time.perf_counter() - t0
     t0 = time.perf_counter()
-    active = list(range(b))  # original row of each batch slot
     new: list[list[int]] = [[] for _ in rows]
     next_pos = torch.tensor(lengths, device=device)
     finished = [False] * b
     for _ in range(max_new_tokens):
-        tokens = logits.argmax(-1)
+        tokens = hooks.tokens(logits, active, finished)
         for slot, tok in enumerate(tokens.tolist()):
             if finished[slot]:
                 continue
@@ -344,7 +384,8 @@ def _decode_batch(
         col = cache.length
         valid[:, col] = True
         mask = _additive(valid[:, None, : col + 1], dtype)
-        hidden = decoder.run_layers_at(decoder.embed(tokens[:, None]), next_pos[:, None], mask, cache)
+        with hooks.context(active):
+            hidden = decoder.run_layers_at(decoder.embed(tokens[:, None]), next_pos[:, None], mask, cache)
         cache.advance(1)
         next_pos = next_pos + 1
         logits = decoder.logits(hidden[:, -1])

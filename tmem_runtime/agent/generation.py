@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tmem_runtime.decoder import supports_piecewise
-from tmem_runtime.decoding import DecodeStats, Prefix, greedy_generate, prefill
+from tmem_runtime.decoding import DecodeStats, Prefix, ScopeFn, greedy_generate, prefill
 
 _SPLIT = "\u241e"  # a marker that never occurs in conversation text
 _LINE_DONE = re.compile(r"\S[^\n]*\n")
@@ -131,20 +131,42 @@ class Generator:
         max_new_tokens), "line" (also at any token holding a newline: the first line is final) or
         "answer" (also once a non-blank first line is complete).
         """
+        new = self.generate_tokens(prompts, max_new_tokens, batch_size, shared, weights, stop)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
+
+    def generate_tokens(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        batch_size: int = 32,
+        shared: list[int] | None = None,
+        weights: str | None = None,
+        stop: str | None = None,
+        scope: ScopeFn | None = None,
+    ) -> list[list[int]]:
+        """The new token ids of each prompt (see `generate_ids`; the ending token kept).
+
+        scope: every forward of a batch runs inside scope(prompt indices of its rows) (`decoding.ScopeFn`,
+        e.g. a different fast-weight session per row); with a scope nothing is prefilled outside it
+        (no shared prefix).
+        """
         if not prompts:
             return []
-        pre = None
-        if shared and self._piecewise and all(len(p) > len(shared) and p[: len(shared)] == shared for p in prompts):
+        pre: Prefix | list[None] | None = None
+        if scope is not None:
+            pre = [None] * len(prompts)
+        elif shared and self._piecewise and all(len(p) > len(shared) and p[: len(shared)] == shared for p in prompts):
             pre = self.prefix(shared, weights)
         before = (self.stats.prefill_tokens, self.stats.decode_tokens)
         new = greedy_generate(
             self.model, prompts, max_new_tokens, self.eos_ids, prefix=pre, batch_size=batch_size,
             stop_ids=self.line_ids() if stop == "line" else (),
             stop=self._first_line_done if stop == "answer" else None, stats=self.stats, pad_id=self.pad_id,
+            scope=scope,
         )
         self.counts.prefilled += self.stats.prefill_tokens - before[0]
         self.counts.generated += self.stats.decode_tokens - before[1]
-        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
+        return new
 
     @property
     def _piecewise(self) -> bool:

@@ -1,0 +1,138 @@
+"""Training checkpoints: the policy, the optimizer state and the trainer's state, checked on resume.
+
+    OUT/checkpoints/step-000040/
+        policy.safetensors      the trainable tensors (see policy.py; `tmem eval --policy` reads it)
+        optimizer.safetensors   AdamW's moments and step counts per parameter (param groups in its header)
+        trainer.json            step, configuration, and the SHA-256 of both files
+
+A checkpoint directory is written under a temporary name and renamed when complete, so a crash never
+leaves a half-written one under its real name. Loading verifies everything before changing anything:
+JSON, hashes, tensor names, shapes and finiteness; any mismatch raises `CheckpointError` and leaves
+the policy and optimizer as they were. Rollouts are seeded by (seed, step, task, member), so the
+step number, the weights and the optimizer state are all a run needs to continue exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from tmem_runtime.rl.policy import Policy, PolicyFileError, read_policy_file
+
+STATE_FILE = "trainer.json"
+POLICY_FILE = "policy.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, damaged or does not fit this run; nothing was changed."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_dir(out: str | os.PathLike, step: int) -> Path:
+    return Path(out) / "checkpoints" / f"step-{step:06d}"
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step under OUT/checkpoints (None if there is none)."""
+    root = Path(out) / "checkpoints"
+    done = sorted(p for p in root.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    sd = optimizer.state_dict()
+    tensors = {f"state/{i}/{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+               for i, st in sd["state"].items() for k, v in st.items()}
+    return tensors, {"param_groups": json.dumps(sd["param_groups"])}
+
+
+def save_checkpoint(out: str | os.PathLike, step: int, policy: Policy, optimizer: torch.optim.Optimizer,
+                    state: dict, keep: int = 2) -> Path:
+    """Write OUT/checkpoints/step-NNNNNN (atomically) and keep only the newest `keep` checkpoints."""
+    final = checkpoint_dir(out, step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    policy.save(tmp / POLICY_FILE)
+    tensors, meta = _optimizer_tensors(optimizer)
+    save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata=meta)
+    record = dict(state, step=step, files={f: sha256(tmp / f) for f in (POLICY_FILE, OPTIMIZER_FILE)})
+    (tmp / STATE_FILE).write_text(json.dumps(record, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    old = sorted(p for p in final.parent.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for p in old[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.optim.Optimizer) -> dict:
+    """Verify a checkpoint directory, then load it into `policy` and `optimizer`; returns trainer.json.
+
+    CheckpointError (and nothing changed) on a missing file, bad JSON, a hash mismatch, or tensors that
+    do not fit the policy or the optimizer."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        files = state["files"]
+        step = int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: no readable {STATE_FILE} ({exc})") from exc
+    for name in (POLICY_FILE, OPTIMIZER_FILE):
+        f = path / name
+        if not f.is_file() or sha256(f) != files.get(name):
+            raise CheckpointError(f"{path}: {name} is missing or does not match its recorded SHA-256 (corrupt)")
+    try:
+        _, policy_tensors = read_policy_file(path / POLICY_FILE)
+        with safe_open(str(path / OPTIMIZER_FILE), "pt") as f:
+            groups = json.loads((f.metadata() or {})["param_groups"])
+        opt_tensors = load_file(str(path / OPTIMIZER_FILE))
+    except (PolicyFileError, OSError, SafetensorError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    opt_state = _rebuild_optimizer_state(path, opt_tensors, groups, optimizer)
+    before = policy.state_dict()
+    try:
+        policy.load_state_dict(policy_tensors)
+        optimizer.load_state_dict(opt_state)
+    except (PolicyFileError, ValueError, RuntimeError) as exc:
+        policy.load_state_dict(before)
+        raise CheckpointError(f"{path}: {exc}") from exc
+    state["step"] = step
+    return state
+
+
+def _rebuild_optimizer_state(path: Path, tensors: dict[str, torch.Tensor], groups: list,
+                             optimizer: torch.optim.Optimizer) -> dict:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if sum(len(g["params"]) for g in groups) != len(params):
+        raise CheckpointError(f"{path}: the optimizer state is for {sum(len(g['params']) for g in groups)} "
+                              f"tensors, this policy has {len(params)}")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        _, i, name = key.split("/", 2)
+        state.setdefault(int(i), {})[name] = t
+    for i, st in state.items():
+        if not 0 <= i < len(params):
+            raise CheckpointError(f"{path}: optimizer state for tensor {i} of {len(params)}")
+        for name, t in st.items():
+            if name != "step" and tuple(t.shape) != tuple(params[i].shape):
+                raise CheckpointError(f"{path}: optimizer {name} of tensor {i} has shape {tuple(t.shape)}, "
+                                      f"expected {tuple(params[i].shape)}")
+            if not torch.isfinite(t).all():
+                raise CheckpointError(f"{path}: optimizer {name} of tensor {i} holds NaN/inf")
+    return {"state": state, "param_groups": groups}

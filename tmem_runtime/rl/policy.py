@@ -1,0 +1,213 @@
+"""The memory-writing policy: the full model, or a slow LoRA over all layers, saved on its own.
+
+"full" trains every weight of the model (the paper's setting, lr 1e-6). "lora" injects a PEFT LoRA
+(`peft.inject_adapter_in_model`: the model keeps its class, only the named Linear modules are
+wrapped) on the attention projections q/k/v/o of every decoder layer and on gate/up/down of every
+layer that carries **no** fast weights. The MLPs of the fast-weight layers are left out on purpose:
+the fast weights replace those MLPs' `forward`, and whenever a session is bound the engine reads the
+base weights (`mlp.gate_proj.weight`) directly, so a LoRA inside them would be skipped while the
+model answers from its memory and applied while it writes: the writer and the reader would be
+different models. Left out, the slow LoRA is the same in every pass, and it never touches what the
+fast weights adapt (A0 = the SVD of those MLPs' base weights stays right).
+
+The policy reads no fast weights: it writes flashcards with no session bound (the bare model plus
+its slow LoRA), as the agent writes "with the base" (write_formats.write_to_weights).
+
+A policy file is one safetensors file of the trainable tensors with a header naming the mode, the
+LoRA shape and targets, and the model it fits (architecture, sizes); a file that does not fit the
+model, or is damaged, is refused (`PolicyFileError`) and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tmem_runtime.models import decoder_layers, target_mlps
+
+POLICY_MODES = ("full", "lora")
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+FORMAT = "tmem-policy-1"
+
+
+class PolicyFileError(ValueError):
+    """A policy file that is damaged or does not fit this model; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """mode: "full" | "lora". LoRA: rank, alpha (scaling alpha / rank). fast_layers: decoder layers whose
+    MLP carries fast weights (no slow LoRA there); None: those of the model's attached fast weights,
+    else the last 4 (the engine's default)."""
+
+    mode: str = "lora"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    fast_layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in POLICY_MODES:
+            raise ValueError(f"policy must be one of {POLICY_MODES}, got {self.mode!r}")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+
+
+def fast_weight_layers(model: nn.Module, default: int = 4) -> tuple[int, ...]:
+    """Indices of the decoder layers whose MLP has fast weights attached (else the last `default`)."""
+    from tmem_runtime.fast_weights import fast_weights_of
+
+    store = fast_weights_of(model)
+    if store is not None:
+        return tuple(idx for idx, _ in store.engine.mlps)
+    return tuple(idx for idx, _ in target_mlps(model, default))
+
+
+def lora_targets(model: nn.Module, fast_layers: Sequence[int]) -> list[str]:
+    """Full module names of the slow LoRA: q/k/v/o of every layer, gate/up/down outside `fast_layers`."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = []
+    for i, layer in enumerate(decoder_layers(model)):
+        parts = [(getattr(layer, "self_attn", None), ATTENTION_TARGETS)]
+        if i not in set(fast_layers):
+            parts.append((getattr(layer, "mlp", None), MLP_TARGETS))
+        for parent, targets in parts:
+            for t in targets:
+                module = getattr(parent, t, None)
+                if isinstance(module, nn.Linear):
+                    found.append(names[id(module)])
+    if not found:
+        raise ValueError(f"{type(model).__name__} has none of {ATTENTION_TARGETS + MLP_TARGETS} to put a LoRA on")
+    return found
+
+
+def _model_identity(model: nn.Module) -> dict[str, str]:
+    cfg = model.config
+    return {"model_type": str(cfg.model_type), "hidden_size": str(cfg.hidden_size),
+            "num_hidden_layers": str(cfg.num_hidden_layers), "vocab_size": str(cfg.vocab_size)}
+
+
+class Policy:
+    """The trainable part of `model` for RL (see the module docstring). The model is changed in place:
+    "lora" wraps its target Linear modules; "full" sets requires_grad on every weight."""
+
+    def __init__(self, model: nn.Module, spec: PolicySpec = PolicySpec()) -> None:
+        self.model = model
+        fast = spec.fast_layers if spec.fast_layers is not None else fast_weight_layers(model)
+        self.spec = PolicySpec(spec.mode, spec.lora_rank, spec.lora_alpha, tuple(fast))
+        self.targets: list[str] = []
+        if self.spec.mode == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            self.targets = lora_targets(model, self.spec.fast_layers)
+            config = LoraConfig(r=self.spec.lora_rank, lora_alpha=self.spec.lora_alpha, lora_dropout=0.0,
+                                target_modules=self.targets, bias="none")
+            inject_adapter_in_model(config, model)
+            for name, p in model.named_parameters():
+                p.requires_grad_("lora_" in name)
+        else:
+            model.requires_grad_(True)
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named]
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @contextmanager
+    def adapters_off(self) -> Iterator[None]:
+        """LoRA policies: the base model inside the block (the reference policy); full: not available."""
+        if self.spec.mode != "lora":
+            raise ValueError("only a LoRA policy has its reference inside the model; keep a copy for 'full'")
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        ours = {id(p) for p in self.parameters()}
+        for m in layers:
+            m.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.enable_adapters(True)
+                for p in m.parameters():  # enable_adapters(True) marks them trainable: keep exactly ours
+                    p.requires_grad_(id(p) in ours)
+
+    # ---------------------------------------------------------------- files
+    def metadata(self) -> dict[str, str]:
+        return {"format": FORMAT, "mode": self.spec.mode, "lora_rank": str(self.spec.lora_rank),
+                "lora_alpha": str(self.spec.lora_alpha), "fast_layers": json.dumps(list(self.spec.fast_layers)),
+                "targets": json.dumps(self.targets), **_model_identity(self.model)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors by name (copies on the CPU)."""
+        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.named}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy `tensors` into the trainable weights; every name and shape must match, else PolicyFileError
+        and nothing changes."""
+        mine = dict(self.named)
+        missing, unknown = sorted(set(mine) - set(tensors)), sorted(set(tensors) - set(mine))
+        if missing or unknown:
+            raise PolicyFileError(f"policy tensors do not match: missing {missing[:3]}, unknown {unknown[:3]}")
+        for n, t in tensors.items():
+            if tuple(t.shape) != tuple(mine[n].shape):
+                raise PolicyFileError(f"policy tensor {n} has shape {tuple(t.shape)}, expected {tuple(mine[n].shape)}")
+            if not torch.isfinite(t).all():
+                raise PolicyFileError(f"policy tensor {n} holds NaN/inf")
+        with torch.no_grad():
+            for n, t in tensors.items():
+                mine[n].copy_(t)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One safetensors file, written atomically (a temporary file, then renamed)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(self.state_dict(), str(tmp), metadata=self.metadata())
+        os.replace(tmp, path)
+
+
+def read_policy_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(header, tensors) of a policy file; PolicyFileError if it is not one or is damaged."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "policy.safetensors"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise PolicyFileError(f"{path}: not a readable policy file ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise PolicyFileError(f"{path}: not a tmem policy file (format {meta.get('format')!r})")
+    return meta, tensors
+
+
+def load_policy(model: nn.Module, path: str | os.PathLike) -> Policy:
+    """Make `model` the trained writer saved at `path` (a policy file, or a checkpoint directory holding
+    policy.safetensors): inject the same slow LoRA (lora) or load every weight (full)."""
+    meta, tensors = read_policy_file(path)
+    ident = _model_identity(model)
+    wrong = {k: (meta.get(k), v) for k, v in ident.items() if meta.get(k) != v}
+    if wrong:
+        raise PolicyFileError(f"{path} was trained on another model: {wrong} (file, this model)")
+    spec = PolicySpec(meta["mode"], int(meta["lora_rank"]), float(meta["lora_alpha"]),
+                      tuple(json.loads(meta["fast_layers"])))
+    if spec.mode == "lora" and json.loads(meta["targets"]) != lora_targets(model, spec.fast_layers):
+        raise PolicyFileError(f"{path}: its LoRA targets are not this model's")
+    policy = Policy(model, spec)
+    policy.load_state_dict(tensors)
+    model.requires_grad_(False)
+    return policy

@@ -1,0 +1,43 @@
+"""What an environment hands the GRPO trainer: rollouts, one per sampled action, grouped.
+
+A rollout is one member's action for one group (the G actions sampled for the same situation: a
+memory write of one episode's context, a toy context): the sampled segments (a per-turn flashcard
+set is several prompts, each with its sampled card), its reward, and counters the trainer sums over
+the whole batch for the log (cards kept, dropped by reason, malformed samples, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tmem_runtime.rl.sampling import Completion
+
+
+@dataclass
+class Rollout:
+    """group: the group's key (unique in the step, the same on every rank). member: 0..G-1.
+    segments: the sampled completions that make up the action. reward: its outcome reward.
+    counts: counters summed over the batch for the log."""
+
+    group: str
+    member: int
+    segments: list[Completion]
+    reward: float
+    counts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        """Written tokens: what the policy gradient flows through."""
+        return sum(len(s.tokens) for s in self.segments)
+
+
+class Environment(Protocol):
+    """Tasks indexed 0..num_tasks-1 (training conversations or contexts); `rollouts` samples the actions
+    of the given members ((position in `tasks`, member index) pairs: this rank's share) and scores them.
+    Every sample is seeded by (seed, task, ..., member), so any rank produces the same rollout."""
+
+    num_tasks: int
+
+    def rollouts(self, tasks: Sequence[int], members: Sequence[tuple[int, int]], seed: int) -> list[Rollout]: ...
