@@ -29,6 +29,7 @@ from torch import nn
 from tmem_runtime.decoder import Decoder, supports_piecewise
 
 StopFn = Callable[[list[int]], bool]
+PREFILL_ROWS = 8  # suffixes prefilled together (sorted by length, so each group pads little)
 
 
 @dataclass
@@ -114,6 +115,10 @@ class KVBuffer:
     def advance(self, t: int) -> None:
         self.length += t
 
+    def rows(self, start_row: int, stop_row: int, column: int) -> _RowSlice:
+        """A cache for rows [start_row, stop_row) whose new keys/values go at `column` onwards."""
+        return _RowSlice(self, start_row, stop_row, column)
+
     def fill_prefix(self, prefix: Prefix, rows: torch.Tensor, stop: int) -> None:
         """Copy `prefix` into `rows`, ending at column `stop` (right-aligned)."""
         start = stop - len(prefix)
@@ -125,6 +130,21 @@ class KVBuffer:
         """Keep only `rows` (dropping finished ones)."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
+
+
+class _RowSlice:
+    """Some rows of a KVBuffer, written at a fixed column: a group of suffixes prefilled on its own."""
+
+    def __init__(self, buffer: KVBuffer, start_row: int, stop_row: int, column: int) -> None:
+        self.buffer, self.start_row, self.stop_row, self.column = buffer, start_row, stop_row, column
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        end = self.column + key.shape[2]
+        k = self.buffer.keys[layer_idx][self.start_row : self.stop_row]
+        v = self.buffer.values[layer_idx][self.start_row : self.stop_row]
+        k[:, :, self.column : end] = key
+        v[:, :, self.column : end] = value
+        return k[:, :, :end], v[:, :, :end]
 
 
 def _kv_shape(model: nn.Module) -> tuple[int, int]:
@@ -284,7 +304,13 @@ def _decode_batch(
     stop: StopFn | None,
     stats: DecodeStats | None,
 ) -> list[list[int]]:
-    """One batch: fill the prefixes, prefill the suffixes (left-padded), decode until every row ends."""
+    """One batch: fill the prefixes, prefill the suffixes (left-padded), decode until every row ends.
+
+    Suffixes are prefilled in groups of PREFILL_ROWS rows of similar length, each group padded only
+    to its own longest suffix; every row's suffix ends at the same column, where decoding starts.
+    """
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
+    rows = [rows[r] for r in order]
     model = decoder.model
     device, dtype = _device(model), decoder.dtype
     b = len(rows)
@@ -307,14 +333,19 @@ def _decode_batch(
         valid[r, p_max + s_max - len(s) : p_max + s_max] = True
         lengths.append(n_pre + len(s))
     t0 = time.perf_counter()
-    cache.advance(p_max)
-    cols = torch.arange(p_max, p_max + s_max, device=device)
-    keys = torch.arange(p_max + s_max, device=device)
-    causal = keys[None, :] <= cols[:, None]
-    allowed = (valid[:, None, : p_max + s_max] & causal[None]) | (keys[None, :] == cols[:, None])[None]
-    hidden = decoder.run_layers_at(decoder.embed(ids), positions, _additive(allowed, dtype), cache)
-    cache.advance(s_max)
-    logits = decoder.logits(hidden[:, -1])
+    end = p_max + s_max
+    keys = torch.arange(end, device=device)
+    last = []
+    for a in range(0, b, PREFILL_ROWS):
+        z = min(a + PREFILL_ROWS, b)
+        width = max(len(s) for _, s in rows[a:z])
+        cols = torch.arange(end - width, end, device=device)
+        allowed = (valid[a:z, None, :end] & (keys[None, :] <= cols[:, None])[None]) | (keys == cols[:, None])[None]
+        hidden = decoder.run_layers_at(decoder.embed(ids[a:z, s_max - width :]), positions[a:z, s_max - width :],
+                                       _additive(allowed, dtype), cache.rows(a, z, end - width))
+        last.append(hidden[:, -1])
+    cache.advance(end)
+    logits = decoder.logits(torch.cat(last))
     if stats is not None:
         stats.prefill_tokens += sum(len(s) for _, s in rows)
         stats.prefill_s += time.perf_counter() - t0
@@ -351,7 +382,10 @@ def _decode_batch(
     if stats is not None:
         stats.decode_tokens += sum(len(x) for x in new)
         stats.decode_s += time.perf_counter() - t0
-    return new
+    out: list[list[int]] = [[] for _ in rows]
+    for slot, r in enumerate(order):
+        out[r] = new[slot]
+    return out
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
