@@ -9,6 +9,8 @@ import torch
 
 from tmem_runtime.agent.evaluate import main, methods_of, plot, report_markdown, select_questions, summarize
 from tmem_runtime.agent.locomo import load_locomo
+from tmem_runtime.agent.timing import episode_times
+from tmem_runtime.decoding import DecodeStats
 
 FIXTURE = Path(__file__).parent / "fixtures" / "two_sessions.json"
 
@@ -30,11 +32,16 @@ def test_methods_put_prompt_space_channels_first():
 
 
 def _run(method: str, f1s: list[tuple[int, float]], losses: list[list[float]]) -> dict:
+    triggers = [dict(format="qa", written=2, dropped=1, losses=x, generate_s=0.25, train_s=0.5, train_tokens=100)
+                for x in losses]
+    reading = DecodeStats(prefill_tokens=40, prefill_s=0.2, decode_tokens=10, decode_s=0.05 * len(losses))
+    answering = DecodeStats(prefill_tokens=8, prefill_s=0.5, decode_tokens=12, decode_s=1.0)
     return dict(
         method=method, conversation="c", answers=[dict(category=c, f1=f, em=float(f == 1.0)) for c, f in f1s],
-        triggers=[dict(format="qa", written=2, dropped=1, losses=x) for x in losses],
-        read_s=1.0, answer_s=2.0, tokens_prefilled=10, tokens_generated=5, peak_rss_mb=100.0, cuda_peak_mb=None,
-        memory_trace=[(0.0, 90.0), (1.0, 100.0)],
+        triggers=triggers, read_s=1.0, answer_s=2.0, tokens_prefilled=10, tokens_generated=5, peak_rss_mb=100.0,
+        cuda_peak_mb=None, memory_trace=[(0.0, 90.0), (1.0, 100.0)],
+        time=episode_times(1.0, 2.0, reading, answering, triggers),
+        probes=[dict(tokens_read=500 * (i + 1), write=i, f1=10.0 * i, recalled=i, n=3, answers=[]) for i in range(2)],
     )
 
 
@@ -46,9 +53,17 @@ def test_summary_report_and_plots(tmp_path):
     assert report["tmem/qa"]["flashcards_written"] == 2 and report["tmem/qa"]["flashcards_dropped"] == 1
     assert report["tmem/qa"]["first_step_loss"] == 2.0 and report["tmem/qa"]["last_step_loss"] == 1.0
     assert report["tmem/qa"]["tokens_processed"] == 15 and report["tmem/qa"]["seconds_per_conversation"] == 3.0
-    md = report_markdown(report, Namespace(model="m", l_max=1, recipe="r", device="cpu", dtype="float32"))
+    md = report_markdown(report, Namespace(model="m", l_max=1, recipe="r", device="cpu", dtype="float32"), runs)
     assert "| tmem/qa | 50.0 |" in md and "2.000→1.000" in md
-    for path in plot(runs, report, tmp_path):
+    t = runs[1]["time"]  # one write: 0.25 s generating, 0.5 s training, the rest of the 1 s reading is "other"
+    assert (t["cards_s"], t["train_s"], t["other_read_s"], t["total_s"]) == (0.25, 0.5, 0.25, 3.0)
+    assert t["cards_tokens"] == 50 and t["cards_tok_s"] == 200.0 and t["train_tok_s"] == 200.0
+    assert t["answer_tok_s"] == 10.0 and t["prefill_tokens"] == 48 and t["decode_tok_s"] == round(22 / 1.05, 1)
+    assert "| tmem/qa | c | 3.0 | 0.2 (200) | 0.5 (200) | 0.2 | 2.0 (10) |" in md
+    assert "| tmem/qa | c | 500→0, 1000→10 |" in md
+    paths = plot(runs, report, tmp_path)
+    assert {p.name for p in paths} >= {"time.png", "recall.png"}
+    for path in paths:
         assert path.stat().st_size > 1000
 
 
@@ -59,7 +74,7 @@ def test_eval_end_to_end_on_two_session_fixture(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["--data", str(FIXTURE), "--memory", "none", "retrieval", "tmem", "--write-format", "qa",
                  "--model", "smollm2-135m", "--max-questions", "3", "--l-max", "64", "--answer-tokens", "8",
-                 "--flashcard-tokens", "48", "--recipe", "paper", "--out", str(out)])
+                 "--flashcard-tokens", "48", "--recipe", "paper", "--probe-every", "40", "--out", str(out)])
     torch.set_num_threads(threads)  # main() sets 1 thread on CPU
     assert code == 0
     answers = json.loads((out / "answers.json").read_text())
@@ -69,10 +84,17 @@ def test_eval_end_to_end_on_two_session_fixture(tmp_path, capsys):
         assert r["tokens_prefilled"] > 0 and r["peak_rss_mb"] > 0
     none, retrieval, tmem = answers["runs"]
     assert none["triggers"] == [] and len(retrieval["triggers"]) >= 1 and len(tmem["triggers"]) >= 1
+    for r in answers["runs"]:  # probed while reading, at least every 40 tokens; the probes' time left out
+        assert r["probes"] and all(p["n"] == 3 and 0 <= p["f1"] <= 100 for p in r["probes"])
+        assert [p["tokens_read"] for p in r["probes"]] == sorted(p["tokens_read"] for p in r["probes"])
+        t = r["time"]
+        assert abs(t["total_s"] - r["read_s"] - r["answer_s"]) <= 0.02 and t["probe_s"] > 0
+        assert t["prefill_tokens"] + t["decode_tokens"] <= r["tokens_prefilled"] + r["tokens_generated"]
+    assert tmem["time"]["cards_s"] > 0 and tmem["time"]["train_tokens"] > 0 and none["time"]["cards_s"] == 0
     for t in tmem["triggers"]:
         assert t["format"] == "qa" and t["raw"] and len(t["losses"]) == (5 if t["written"] else 0)
     report = json.loads((out / "report.json").read_text())["methods"]
     assert set(report) == {"none", "retrieval", "tmem/qa"}
-    for name in ("report.md", "f1_by_category.png", "write_loss.png", "memory.png"):
+    for name in ("report.md", "f1_by_category.png", "write_loss.png", "memory.png", "time.png", "recall.png"):
         assert (out / name).stat().st_size > 0
     assert "| tmem/qa |" in capsys.readouterr().out

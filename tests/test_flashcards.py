@@ -12,6 +12,7 @@ from tmem_runtime.agent.flashcards import (
     dated_turns,
     flashcard_messages,
     parse_flashcards,
+    third_person,
     turn_flashcard_messages,
 )
 
@@ -113,6 +114,18 @@ def test_per_turn_prompt_and_dated_turns():
                                                TURN_EXAMPLES[0][1]["instruction"] + '", "output": "x"}'])
     r = parse_flashcards(raw)
     assert r.pairs == [("Where did Ana move?", "Denver")] and r.dropped == {"echo": 1}
+
+
+def test_turns_in_the_third_person_name_the_speaker():
+    assert third_person("Ana: I'm sure my parrot likes me, I have two.") == (
+        "Ana: Ana is sure Ana's parrot likes Ana, Ana has two.")
+    assert third_person("My Place: I see") == "My Place: My Place see"  # only the text after the speaker changes
+    assert third_person("no speaker here, I think") == "no speaker here, I think"
+    plain = turn_flashcard_messages("DATE: 1 May", "Ana: I moved to Denver.")
+    named = turn_flashcard_messages("DATE: 1 May", "Ana: I moved to Denver.", named=True)
+    assert named[-1]["content"] == "DATE: 1 May\nAna: Ana moved to Denver."
+    assert "Nina: Nina started a new job" in named[1]["content"] and plain[1]["content"] == TURN_EXAMPLES[0][0]
+    assert [m["content"] for m in named[2::2]] == [m["content"] for m in plain[2::2]]  # same worked cards
 
 
 def test_replies_parsed_one_by_one_so_an_unclosed_card_cannot_swallow_the_next():

@@ -1,4 +1,4 @@
-"""Asking the model: left-padded batched greedy decoding, and chat-templated questions on top of it."""
+"""Asking the model: batched greedy decoding of chat-templated questions (shared prefix prefilled once)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tmem_runtime.decoding import greedy_generate
 from tmem_runtime.examples import chat_prompt_ids
 
 
-@torch.no_grad()
 def generate_greedy(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
@@ -18,28 +18,13 @@ def generate_greedy(
     pad_id: int,
     eos_ids: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
-    """Greedy continuations of token-id prompts, decoded as one left-padded batch.
+    """Greedy continuations of token-id prompts, batched, their common prefix prefilled once.
 
-    Returns each prompt's new tokens, a [<= max_new_tokens] tensor (pad_id after an early stop).
+    Returns each prompt's new tokens, a [<= max_new_tokens] tensor ending at the first EOS.
     `eos_ids`: the tokens that end a turn (the model's generation config when None).
     """
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    device = next(model.parameters()).device
-    stop = {} if eos_ids is None else {"eos_token_id": list(eos_ids)}
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=pad_id,
-        **stop,
-    )
-    return list(out[:, width:])
+    new = greedy_generate(model, prompts, max_new_tokens, eos_ids, pad_id=pad_id)
+    return [torch.tensor(row, dtype=torch.long) for row in new]
 
 
 def ask(

@@ -1,4 +1,5 @@
-"""`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem bench` (and `tmem --version`).
+"""`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem make-conversations`, `tmem bench` (and
+`tmem --version`).
 
 Every command takes `--threads` (torch's CPU threads) and shows its defaults in `--help`; the
 commands build their parsers with `command_parser`.
@@ -16,7 +17,8 @@ USAGE = """usage: tmem [--version] COMMAND [ARGS]   (tmem COMMAND --help: the co
 commands:
   demo           the memory agent on the embedded model: writes, clears, answers (vs no memory)
   demo-weights   fast weights alone: 10 made-up facts written, recalled, then reset
-  eval           LoCoMo-format evaluation of the memory channels
+  eval           LoCoMo-format evaluation of the memory channels (tmem eval --help)
+  make-conversations  seeded long conversations in LoCoMo's format: facts early, chit-chat after
   bench          the pytest-benchmark suites in benchmarks/ (extra args go to pytest)
 """
 
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         from tmem_runtime.demo import main as run
     elif command == "eval":
         from tmem_runtime.agent.evaluate import main as run
+    elif command == "make-conversations":
+        from tmem_runtime.agent.long_conversations import main as run
     elif command == "bench":
         return _bench(rest)
     else:

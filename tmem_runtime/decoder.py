@@ -120,14 +120,43 @@ class Decoder:
         """
         p = 0 if prefix is None or prefix.recording else prefix.get_seq_length(start)
         positions, cos_sin, mask = self._attention_inputs(hidden, p, lengths)
-        kwargs = {self._cache_kw: prefix}
+        return self._run(hidden, positions, cos_sin, mask, prefix, start, stop)
+
+    def run_layers_at(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: object | None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> torch.Tensor:
+        """Decoder layers [start, stop) on hidden [B, T, H] at explicit positions [B, T].
+
+        mask: additive [B, 1, T, K] over the K keys the cache returns (None: plain causal, no cache
+        before). cache: any object with HF's `update(key, value, layer_idx, ...)`, or None.
+        """
+        rope = self.inner.rotary_emb(hidden, positions)
+        return self._run(hidden, positions, rope, mask, cache, start, stop)
+
+    def _run(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: object | None,
+        start: int,
+        stop: int | None,
+    ) -> torch.Tensor:
+        kwargs = {self._cache_kw: cache}
         for layer in self.layers[start:stop]:
             out = layer(
                 hidden,
                 attention_mask=mask,
                 position_ids=positions,
-                position_embeddings=cos_sin,
-                use_cache=prefix is not None,
+                position_embeddings=rope,
+                use_cache=cache is not None,
                 **kwargs,
             )
             hidden = out[0] if isinstance(out, tuple) else out

@@ -10,7 +10,7 @@ model's window, keeping the most recent part.
 Answer prompts are one user turn: [explicit memory][working context] + [retrieved chunks] + LoCoMo's
 answer prompt around the question, identical for every prompt-space channel. A channel that answers
 from its weights (tmem) gets the bare question, the chat layout the runtime trains flashcards in.
-The shared part is prefilled once and its KV cache reused for every question.
+The shared part is prefilled once and its keys/values reused by every question, all questions batched.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class MemoryAgent:
         """New episode: empty context, channel forgotten (fast weights back to B = 0)."""
         self.lines: list[str] = []
         self.context_tokens = 0
+        self.tokens_read = 0  # every line observed this episode (DATE lines included)
         self.header: str | None = None
         self.session = 0
         self.triggers: list[Trigger] = []
@@ -111,6 +112,7 @@ class MemoryAgent:
         A context holding no turn (empty, or only the current DATE line) never triggers a write.
         """
         tokens = self.generator.count_tokens(line)
+        self.tokens_read += tokens + 1
         has_content = bool(self.lines) and self.lines != [self.header]
         if self.channel.writes and has_content and self.context_tokens + tokens + 1 + self.memory_tokens > self.l_max:
             self.write_memory(on_trigger)
@@ -147,10 +149,12 @@ class MemoryAgent:
             context = self.generator.keep_last_tokens(context, max(room, 0))
         return "\n\n".join(p for p in (memory, context) if p.strip())
 
-    def answer(self, questions: list[str], queries: list[str] | None = None, progress: bool = False) -> list[str]:
+    def answer(self, questions: list[str], queries: list[str] | None = None) -> list[str]:
         """Answers to `questions` with everything the agent has now (context, memory, fast weights).
 
         queries: what retrieval searches with, one per question (default: the questions themselves).
+        All questions are answered in batches that share the prompt's fixed part (prefilled once);
+        each answer stops once its first non-blank line is complete (the part `clean_answer` keeps).
         """
         shared = "" if self.channel.answers_from_weights else self.prompt_context()
         content = f"{shared}\n\n{_QUESTION_SLOT}" if shared else _QUESTION_SLOT
@@ -160,5 +164,5 @@ class MemoryAgent:
             recalled = self.channel.recall(query)
             asked = QA_PROMPT.format(question=q) if shared or recalled else q
             suffixes.append((f"{recalled}\n\n" if recalled else "") + asked + suffix)
-        raw = self.generator.generate_after_prefix(prefix, suffixes, self.answer_tokens, progress=progress)
+        raw = self.generator.generate_after_prefix(prefix, suffixes, self.answer_tokens, stop="answer")
         return [clean_answer(r) for r in raw]

@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tmem_runtime.agent.card_selection import SalientTurns, make_selector
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.retrieval import ChunkIndex
 from tmem_runtime.agent.summary import merge_summaries, write_summary
@@ -127,7 +128,11 @@ class FastWeightChannel(MemoryChannel):
 
     replay: how many earlier items of this episode (a seeded sample) are trained again with each
     write's new ones; 0 is the paper's protocol (only the new pairs). On SmolLM2-135M, 0 means each
-    write erases the previous ones (benchmarks/RESULTS.md).
+    write erases the previous ones (benchmarks/RESULTS.md). replay_per_item: if > 0, at most this
+    many replayed per new item (a write of 2 new cards replays at most 2 x replay_per_item).
+    selector: which turns get a flashcard (card_selection.SalientTurns, reset with the episode);
+    None: every turn of MIN_TURN_WORDS words or more. named: turns shown to the card writer in
+    the third person (flashcards.third_person).
     """
 
     name = "tmem"
@@ -136,26 +141,35 @@ class FastWeightChannel(MemoryChannel):
 
     def __init__(self, fast_weights, generator: Generator, write_format: str = "qa", recipe: str = "agent",
                  seed: int = 0, max_new_tokens: int = 192, writer: Callable[[str], str] | None = None,
-                 flashcard_mode: str = "per-turn", replay: int = 32):
+                 flashcard_mode: str = "per-turn", replay: int = 32, replay_per_item: int = 0,
+                 selector: SalientTurns | None = None, named: bool = False):
         if write_format not in WRITE_FORMATS:
             raise ValueError(f"write_format must be one of {WRITE_FORMATS}, got {write_format!r}")
         self.fast_weights, self.generator = fast_weights, generator
         self.write_format, self.recipe, self.seed, self.max_new_tokens = write_format, recipe, seed, max_new_tokens
         self.writer = writer  # None: the model writes its own flashcards
-        self.flashcard_mode, self.replay = flashcard_mode, replay
+        self.flashcard_mode, self.replay, self.replay_per_item = flashcard_mode, replay, replay_per_item
+        self.selector, self.named = selector, named
         self.written: list = []  # every pair (qa) or text written this episode
 
     def reset(self) -> None:
         self.fast_weights.reset()
         self.written = []
+        if self.selector is not None:
+            self.selector.reset()
+
+    def replayed(self, trigger: int, n_new: int) -> list:
+        """The earlier items trained again with a write of `n_new` new ones (seeded by the trigger)."""
+        n = min(self.replay, n_new * self.replay_per_item) if self.replay_per_item > 0 else self.replay
+        rng = random.Random(self.seed * 1000 + trigger)
+        return rng.sample(self.written, min(n, len(self.written)))
 
     def write(self, context: str, trigger: int) -> WriteEvent:
-        rng = random.Random(self.seed * 1000 + trigger)
-        replay = rng.sample(self.written, min(self.replay, len(self.written)))
         record = write_to_weights(
             self.fast_weights, self.generator, context, self.write_format, self.recipe,
             seed=self.seed + trigger, max_new_tokens=self.max_new_tokens, writer=self.writer,
-            flashcard_mode=self.flashcard_mode, replay=replay,
+            flashcard_mode=self.flashcard_mode, replay=lambda n_new: self.replayed(trigger, n_new),
+            select=self.selector, named=self.named,
         )
         self.written += record.pairs if record.format == "qa" else record.texts
         return WriteEvent(weights=record)
@@ -197,8 +211,17 @@ def make_channel(
     flashcard_tokens: int = 192,
     flashcard_mode: str = "per-turn",
     replay: int = 32,
+    replay_per_item: int = 0,
+    cards: str = "all",
+    card_min_score: int = 4,
+    max_cards: int | None = None,
+    named: bool = False,
 ) -> MemoryChannel:
-    """The channel called `name` (one of CHANNELS); tmem channels need `fast_weights` attached to the model."""
+    """The channel called `name` (one of CHANNELS); tmem channels need `fast_weights` attached to the model.
+
+    cards: "all" or "salient" (card_selection), with its `card_min_score` and `max_cards` per write.
+    named: the card writer sees turns in the third person.
+    """
     if name not in CHANNELS:
         raise ValueError(f"memory must be one of {CHANNELS}, got {name!r}")
     if name.startswith("tmem") and fast_weights is None:
@@ -210,7 +233,8 @@ def make_channel(
     if name == "retrieval":
         return RetrievalChannel(ChunkIndex(device), top_k)
     weights = FastWeightChannel(fast_weights, generator, write_format, recipe, seed, flashcard_tokens,
-                                flashcard_mode=flashcard_mode, replay=replay)
+                                flashcard_mode=flashcard_mode, replay=replay, replay_per_item=replay_per_item,
+                                selector=make_selector(cards, card_min_score, max_cards), named=named)
     if name == "tmem":
         return weights
     return HybridChannel(weights, SummaryChannel(generator, summary_tokens))

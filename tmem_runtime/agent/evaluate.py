@@ -5,9 +5,11 @@
         --max-questions 20 --l-max 1024 --out runs/locomo
 
 Writes to --out: answers.json (every question, answer, score, and every trigger's flashcards and
-losses), report.json and report.md (F1/EM per category and method, peak memory, time, tokens,
-flashcards written/dropped, write losses) and three plots (f1_by_category.png, write_loss.png,
-memory.png). The same command runs a 4B model on a GPU: --model DIR --device cuda --dtype bfloat16.
+losses), report.json and report.md (F1/EM per category and method, peak memory, tokens, flashcards
+written/dropped, write losses, and where the time went: card generation, training, answering,
+prefill and decode, with tokens/s) and plots (f1_by_category.png, write_loss.png, memory.png,
+time.png; recall.png with --probe-every: recall of the questions while reading). The same command
+runs a 4B model on a GPU: --model DIR --device cuda --dtype bfloat16.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tmem_runtime.agent.agent import MemoryAgent, Trigger
+from tmem_runtime.agent.card_selection import SELECTIONS
 from tmem_runtime.agent.channels import CHANNELS, make_channel
 from tmem_runtime.agent.flashcards import FLASHCARD_MODES
 from tmem_runtime.agent.generation import Generator
@@ -36,6 +39,8 @@ from tmem_runtime.agent.locomo import (
     score,
 )
 from tmem_runtime.agent.monitor import MemoryMonitor
+from tmem_runtime.agent.recall_probe import RecallProbe, plot_recall
+from tmem_runtime.agent.timing import episode_times, plot_times, time_table
 from tmem_runtime.agent.write_formats import WRITE_FORMATS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,6 +66,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help='write recipe: "agent" (AdamW 3e-3, 10 epochs) or a runtime name ("default", "paper")')
     p.add_argument("--replay", type=int, default=32,
                    help="earlier items of the episode trained again with each write (0: the paper's protocol)")
+    p.add_argument("--replay-per-card", type=int, default=0,
+                   help="if > 0, replay at most this many earlier items per new one (cheap writes stay cheap)")
+    p.add_argument("--cards", choices=SELECTIONS, default="all",
+                   help="which turns get a flashcard: all (of 5+ words) or salient (new content words, no model call)")
+    p.add_argument("--card-min-score", type=int, default=4, help="salient: new content words a turn needs")
+    p.add_argument("--max-cards", type=int, default=None, help="salient: at most this many cards per write")
+    p.add_argument("--named-turns", action="store_true",
+                   help="per-turn cards: show the writer each turn in the third person (I/my -> the speaker's name)")
     p.add_argument("--rank", type=int, default=6)
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--top-k", type=int, default=5, help="retrieved chunks per question")
@@ -72,6 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=None, help="model context window (default: the config's)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 by default: on a shared CPU, oversubscribed threads are ~8x slower)")
+    p.add_argument("--probe-every", type=int, default=0,
+                   help="ask the questions again after every write once this many tokens were read since the "
+                        "last probe (a channel that never writes: after the session crossing it); 0: never")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -110,36 +126,52 @@ def trigger_record(t: Trigger) -> dict:
     if w is not None:
         rec.update(format=w.format, written=w.n_written, dropped=w.n_dropped, drop_reasons=w.dropped,
                    pairs=w.pairs, raw=w.raw[:4000], losses=[round(x, 5) for x in w.losses],
-                   replayed=w.replayed, generate_s=round(w.generate_s, 3), train_s=round(w.train_s, 3))
+                   replayed=w.replayed, generate_s=round(w.generate_s, 3), train_s=round(w.train_s, 3),
+                   train_tokens=w.train_tokens)
     return rec
 
 
 def run_conversation(agent: MemoryAgent, conv: Conversation, questions: list[QA], args: argparse.Namespace,
                      label: str) -> dict:
-    """Read one conversation and answer its questions; timings, tokens, memory and every answer."""
+    """Read one conversation and answer its questions; timings, tokens, memory and every answer.
+
+    With `args.probe_every` > 0 the questions are also asked while reading (RecallProbe); that time
+    is left out of the timings.
+    """
     gen = agent.generator
     before = (gen.counts.prefilled, gen.counts.generated)
     agent.reset()
+    probe = RecallProbe(agent, questions, args.probe_every, args.seed) if getattr(args, "probe_every", 0) else None
+    on_trigger = (lambda t: probe.maybe(t.index)) if probe is not None else None
     with MemoryMonitor(args.device) as mon:
-        t0 = time.perf_counter()
+        t0, stats0 = time.perf_counter(), gen.stats.copy()
         sessions = conv.sessions[: args.max_sessions]
         for s in tqdm(sessions, desc=f"{label} {conv.sample_id} reading", unit="session", leave=False):
-            agent.read_session(s)
-        agent.finish()
-        read_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
+            agent.read_session(s, on_trigger)
+            if probe is not None and not agent.channel.writes:
+                probe.maybe()
+        agent.finish(on_trigger)
+        read_s = time.perf_counter() - t0 - (probe.seconds if probe else 0.0)
+        reading = gen.stats.since(stats0)
+        if probe is not None:
+            reading = reading.since(probe.stats)
+        t0, stats0 = time.perf_counter(), gen.stats.copy()
         prompts = [question_prompt(q, args.seed) for q in questions]
-        answers = agent.answer(prompts, [q.question for q in questions], progress=True)
+        answers = agent.answer(prompts, [q.question for q in questions])
         answer_s = time.perf_counter() - t0
+        answering = gen.stats.since(stats0)
     rows = []
     for q, prompt, answer in zip(questions, prompts, answers):
         prediction = resolve_choice(answer, q, args.seed)
         f1, em = score(prediction, q.answer, q.category)
         rows.append(dict(question=q.question, prompt=prompt, gold=q.answer, category=q.category,
                          evidence=q.evidence, prediction=prediction, f1=round(f1, 4), em=em))
+    triggers = [trigger_record(t) for t in agent.triggers]
     return dict(
-        method=label, conversation=conv.sample_id, sessions_read=len(sessions), answers=rows,
-        triggers=[trigger_record(t) for t in agent.triggers], read_s=round(read_s, 2), answer_s=round(answer_s, 2),
+        method=label, conversation=conv.sample_id, sessions_read=len(sessions), tokens_read=agent.tokens_read,
+        answers=rows, triggers=triggers, read_s=round(read_s, 2), answer_s=round(answer_s, 2),
+        time=episode_times(read_s, answer_s, reading, answering, triggers, probe.seconds if probe else 0.0),
+        probes=probe.records if probe else [],
         tokens_prefilled=gen.counts.prefilled - before[0], tokens_generated=gen.counts.generated - before[1],
         peak_rss_mb=round(mon.peak_mb, 1), cuda_peak_mb=mon.cuda_peak_mb, final_context_tokens=agent.context_tokens,
         memory_trace=[(round(t, 2), round(mb, 1)) for t, mb in mon.trace[:: max(1, len(mon.trace) // 200)]],
@@ -180,12 +212,13 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
     return report
 
 
-def report_markdown(report: dict[str, dict], args: argparse.Namespace) -> str:
-    """The report's tables as Markdown."""
+def report_markdown(report: dict[str, dict], args: argparse.Namespace, runs: list[dict] | None = None) -> str:
+    """The report's tables as Markdown (with `runs`: where the time went, and the recall probes)."""
     cats = list(CATEGORY_NAMES)
     head = "| method | F1 1-4 | EM 1-4 | " + " | ".join(f"F1 c{c} {CATEGORY_NAMES[c]} (n)" for c in cats) + " |"
     lines = [f"model {args.model}, l_max {args.l_max}, recipe {args.recipe}, device {args.device}/{args.dtype}, "
-             f"flashcards {getattr(args, 'flashcard_mode', '-')}, replay {getattr(args, 'replay', '-')}", "",
+             f"flashcards {getattr(args, 'flashcard_mode', '-')} ({getattr(args, 'cards', 'all')} turns), "
+             f"replay {getattr(args, 'replay', '-')} (per card {getattr(args, 'replay_per_card', 0) or '-'})", "",
              head, "|" + "---|" * (3 + len(cats))]
     for label, e in report.items():
         cells = []
@@ -200,6 +233,15 @@ def report_markdown(report: dict[str, dict], args: argparse.Namespace) -> str:
         lines.append(f"| {label} | {e['seconds_per_conversation']} | {e['read_s']} | {e['answer_s']} | "
                      f"{e['tokens_processed']} | {e['peak_rss_mb']} | {_fmt(e['cuda_peak_mb'])} | {e['triggers']} | "
                      f"{e['flashcards_written']} | {e['flashcards_dropped']} | {e['write_steps']} | {loss} |")
+    if runs:
+        lines += ["", "Where the time went (seconds; tokens/s in brackets; recall probes left out):", "",
+                  time_table(runs).rstrip()]
+        probed = [r for r in runs if r.get("probes")]
+        if probed:
+            lines += ["", "Recall probes (F1 x100 of the questions, asked again while reading):", "",
+                      "| method | conversation | probes: tokens read → F1 |", "|---|---|---|"]
+            lines += [f"| {r['method']} | {r['conversation']} | "
+                      + ", ".join(f"{p['tokens_read']}→{p['f1']:.0f}" for p in r["probes"]) + " |" for r in probed]
     return "\n".join(lines) + "\n"
 
 
@@ -218,7 +260,7 @@ def _save(fig, path: Path) -> Path:  # noqa: ANN001
 
 
 def plot(runs: list[dict], report: dict[str, dict], out: Path) -> list[Path]:
-    """f1_by_category.png, write_loss.png, memory.png under `out`."""
+    """f1_by_category.png, write_loss.png, memory.png, time.png (and recall.png if probed) under `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,6 +303,10 @@ def plot(runs: list[dict], report: dict[str, dict], out: Path) -> list[Path]:
     ax.set_ylabel("process RSS (MB)")
     ax.legend(fontsize=6)
     paths.append(_save(fig, out / "memory.png"))
+    if any(r.get("time") for r in runs):
+        paths.append(plot_times(runs, out / "time.png", _save))
+    if any(r.get("probes") for r in runs):
+        paths.append(plot_recall(runs, out / "recall.png", _save))
     return paths
 
 
@@ -289,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                 fast_weights = FastWeights(model, rank=args.rank, num_layers=args.num_layers, seed=args.seed)
             channel = make_channel(memory, generator, fast_weights, write_format or "qa", args.recipe, args.seed,
                                    args.top_k, args.summary_tokens, args.device, args.flashcard_tokens,
-                                   args.flashcard_mode, args.replay)
+                                   args.flashcard_mode, args.replay, args.replay_per_card, args.cards,
+                                   args.card_min_score, args.max_cards, args.named_turns)
             agent = MemoryAgent(generator, channel, args.l_max, args.answer_tokens)
             for conv in conversations:
                 questions = select_questions(conv, args.max_questions, args.max_sessions)
@@ -304,9 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         fast_weights.detach()
     report = summarize(runs)
     (out / "report.json").write_text(json.dumps(dict(args=vars(args), methods=report), indent=1))
-    (out / "report.md").write_text(report_markdown(report, args))
+    (out / "report.md").write_text(report_markdown(report, args, runs))
     plot(runs, report, out)
-    print(report_markdown(report, args))
+    print(report_markdown(report, args, runs))
     print(f"wrote {out}/answers.json, report.json, report.md and plots")
     return 0
 

@@ -76,12 +76,37 @@ def flashcard_messages(context: str) -> list[dict[str, str]]:
     ]
 
 
-def turn_flashcard_messages(header: str, line: str) -> list[dict[str, str]]:
-    """Chat messages asking for one flashcard about one dated turn (three worked examples first)."""
+_FIRST_PERSON = {"I'm": "{s} is", "I am": "{s} is", "I've": "{s} has", "I have": "{s} has", "I'll": "{s} will",
+                 "I'd": "{s} would", "I": "{s}", "my": "{s}'s", "My": "{s}'s", "myself": "{s}", "me": "{s}",
+                 "mine": "{s}'s"}
+_FIRST_PERSON_RE = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _FIRST_PERSON), key=len, reverse=True)) + r")\b")
+
+
+def third_person(line: str) -> str:
+    """A "Speaker: text" turn with the speaker's first-person words replaced by the speaker's name.
+
+    "Ana: I adopted my cat" -> "Ana: Ana adopted Ana's cat": a small model then names the person in
+    its question instead of writing "you". Grammar is not repaired ("Ana love ...").
+    """
+    speaker, sep, text = line.partition(": ")
+    if not sep or not speaker.strip():
+        return line
+    text = _FIRST_PERSON_RE.sub(lambda m: _FIRST_PERSON[m.group(1)].format(s=speaker), text)
+    return f"{speaker}: {text}"
+
+
+def turn_flashcard_messages(header: str, line: str, named: bool = False) -> list[dict[str, str]]:
+    """Chat messages asking for one flashcard about one dated turn (three worked examples first).
+
+    named: every turn (the examples' and this one) shown in the third person (`third_person`).
+    """
+    voice = third_person if named else (lambda x: x)
     messages = [{"role": "system", "content": TURN_SYSTEM}]
     for context, card in TURN_EXAMPLES:
-        messages += [{"role": "user", "content": context}, {"role": "assistant", "content": json.dumps(card)}]
-    return messages + [{"role": "user", "content": f"{header}\n{line}" if header else line}]
+        date, turn = context.split("\n", 1)
+        messages += [{"role": "user", "content": f"{date}\n{voice(turn)}"},
+                     {"role": "assistant", "content": json.dumps(card)}]
+    return messages + [{"role": "user", "content": f"{header}\n{voice(line)}" if header else voice(line)}]
 
 
 def dated_turns(context: str, min_words: int = MIN_TURN_WORDS) -> list[tuple[str, str]]:

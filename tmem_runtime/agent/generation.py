@@ -1,26 +1,26 @@
 """Text in, text out: the one place the agent tokenises, counts tokens and generates (greedy).
 
 `Generator` wraps a transformers causal LM and its tokenizer. Everything the agent and the harness
-feed the model goes through it, so its counters (`tokens_prefilled`, `tokens_generated`) are the
-run's "tokens processed". It works on any device/dtype the model is on (CPU fp32, CUDA bf16, ...).
+feed the model goes through it, so its counters are the run's "tokens processed": `counts` (tokens
+actually run through the model: a shared prefix counts once) and `stats` (tokens and seconds in
+prefill and in decode steps). Generation is the runtime's batched shared-prefix greedy decoder
+(`tmem_runtime.decoding`): the part of a batch's prompts they all share is prefilled once. It works
+on any device/dtype the model is on (CPU fp32, CUDA bf16, ...).
 """
 
 from __future__ import annotations
 
-import copy
-import warnings
+import re
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tmem_runtime.chat import generate_greedy
-
-# transformers >= 5.2x renames `past_key_values` to `cache`; older 5.x (the GPU image) only knows the former
-warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*", category=FutureWarning)
+from tmem_runtime.decoder import supports_piecewise
+from tmem_runtime.decoding import DecodeStats, Prefix, greedy_generate, prefill
 
 _SPLIT = "\u241e"  # a marker that never occurs in conversation text
+_LINE_DONE = re.compile(r"\S[^\n]*\n")
 
 
 @dataclass
@@ -40,8 +40,11 @@ class Generator:
         self.tokenizer = tokenizer
         self.window = int(window or getattr(model.config, "max_position_embeddings", 2048))
         self.counts = TokenCounts()
+        self.stats = DecodeStats()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = self._eos_ids()
+        self._line_ids: list[int] | None = None
+        self._prefixes: dict[tuple[str, tuple[int, ...]], Prefix] = {}
 
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -87,48 +90,82 @@ class Generator:
         prefix, suffix = self.chat_prompt(messages[:-1] + [last]).split(_SPLIT, 1)
         return prefix, suffix
 
-    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
-        """Greedy continuations of `prompts` (left-padded batches of `batch_size`)."""
-        outputs: list[str] = []
-        for b in range(0, len(prompts), batch_size):
-            batch = [self.encode(p) for p in prompts[b : b + batch_size]]
-            new = generate_greedy(self.model, batch, max_new_tokens, self.pad_id, self.eos_ids)
-            self.counts.prefilled += sum(len(ids) for ids in batch)
-            for row in new:
-                self.counts.generated += int((row != self.pad_id).sum())
-                outputs.append(self.tokenizer.decode(row, skip_special_tokens=True))
-        return outputs
+    def line_ids(self) -> list[int]:
+        """Every token whose text holds a newline."""
+        if self._line_ids is None:
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            self._line_ids = [i for i, t in enumerate(texts) if "\n" in t]
+        return self._line_ids
 
-    @torch.no_grad()
-    def generate_after_prefix(
-        self, prefix: str, suffixes: list[str], max_new_tokens: int, progress: bool = False
+    def _first_line_done(self, ids: list[int]) -> bool:
+        """True once the text holds a complete non-blank first line (what `clean_answer` keeps)."""
+        return "\n" in self.tokenizer.decode(ids[-1:]) and bool(_LINE_DONE.search(self.tokenizer.decode(ids)))
+
+    def prefix(self, ids: list[int], weights: str | None = None) -> Prefix:
+        """`ids` prefilled once. weights: a name for the model's current weights (e.g. "base"): the
+        prefix is kept and reused by later calls naming the same weights; the caller vouches that the
+        weights are the same then. None: not kept."""
+        key = (weights or "", tuple(ids))
+        if weights is not None and key in self._prefixes:
+            return self._prefixes[key]
+        before = self.stats.prefill_tokens
+        pre = prefill(self.model, ids, stats=self.stats)
+        self.counts.prefilled += self.stats.prefill_tokens - before
+        if weights is not None:
+            self._prefixes[key] = pre
+        return pre
+
+    def generate_ids(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        batch_size: int = 32,
+        shared: list[int] | None = None,
+        weights: str | None = None,
+        stop: str | None = None,
     ) -> list[str]:
-        """Greedy continuations of `prefix + s` for each s, prefilling the shared prefix once.
+        """Greedy continuations of token-id prompts, decoded to text.
 
-        The prefix's KV cache is computed once and copied for each suffix (batch 1 per suffix, so no
-        padding sits between prefix and suffix).
+        shared: token ids every prompt starts with, prefilled once (kept across calls under
+        `weights`, see `prefix`); None: the prompts' longest common prefix. stop: None (EOS or
+        max_new_tokens), "line" (also at any token holding a newline: the first line is final) or
+        "answer" (also once a non-blank first line is complete).
         """
-        if not suffixes:
+        if not prompts:
             return []
-        prefix_ids = torch.tensor([self.encode(prefix)], device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        if prefix_ids.shape[1] > 0:
-            self.model(input_ids=prefix_ids, past_key_values=cache, use_cache=True)
-            self.counts.prefilled += prefix_ids.shape[1]
-        outputs = []
-        for s in tqdm(suffixes, desc="answering", unit="q", disable=not progress, leave=False):
-            suffix_ids = torch.tensor([self.encode(s)], device=self.device)
-            ids = torch.cat([prefix_ids, suffix_ids], dim=1)
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                past_key_values=copy.deepcopy(cache) if prefix_ids.shape[1] > 0 else None,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.pad_id,
-                eos_token_id=self.eos_ids,
-            )
-            self.counts.prefilled += suffix_ids.shape[1]
-            self.counts.generated += out.shape[1] - ids.shape[1]
-            outputs.append(self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-        return outputs
+        pre = None
+        if shared and self._piecewise and all(len(p) > len(shared) and p[: len(shared)] == shared for p in prompts):
+            pre = self.prefix(shared, weights)
+        before = (self.stats.prefill_tokens, self.stats.decode_tokens)
+        new = greedy_generate(
+            self.model, prompts, max_new_tokens, self.eos_ids, prefix=pre, batch_size=batch_size,
+            stop_ids=self.line_ids() if stop == "line" else (),
+            stop=self._first_line_done if stop == "answer" else None, stats=self.stats, pad_id=self.pad_id,
+        )
+        self.counts.prefilled += self.stats.prefill_tokens - before[0]
+        self.counts.generated += self.stats.decode_tokens - before[1]
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
+
+    @property
+    def _piecewise(self) -> bool:
+        return supports_piecewise(self.model)
+
+    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 32, shared: str | None = None,
+                 weights: str | None = None, stop: str | None = None) -> list[str]:
+        """Greedy continuations of text prompts (see `generate_ids`; `shared` is text here).
+
+        Prompts are tokenised whole, so the model sees the same ids whether or not a prefix is shared.
+        """
+        ids = [self.encode(p) for p in prompts]
+        return self.generate_ids(ids, max_new_tokens, batch_size, self.encode(shared) if shared else None,
+                                 weights, stop)
+
+    def generate_after_prefix(self, prefix: str, suffixes: list[str], max_new_tokens: int, batch_size: int = 32,
+                              stop: str | None = None) -> list[str]:
+        """Greedy continuations of `prefix + s` for each s: the ids of `prefix` then the ids of `s`.
+
+        The prefix is prefilled once and shared by every row of every batch.
+        """
+        shared = self.encode(prefix)
+        rows = [shared + self.encode(s) for s in suffixes]
+        return self.generate_ids(rows, max_new_tokens, batch_size, shared or None, stop=stop)

@@ -22,7 +22,8 @@ from tmem_runtime.agent.flashcards import (
 )
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.summary import write_summary
-from tmem_runtime.recipes import Recipe
+from tmem_runtime.examples import qa_example, text_examples
+from tmem_runtime.recipes import Recipe, get_recipe
 
 WRITE_FORMATS = ("qa", "summary", "ntp")
 # The agent's write recipe on small models: AdamW at lr 3e-3, 10 epochs (1e-2 makes every answer the
@@ -32,9 +33,9 @@ WRITE_FORMATS = ("qa", "summary", "ntp")
 AGENT_RECIPE = Recipe(optimizer="adamw", lr=3e-3, epochs=10, batch_size=16)
 
 
-def resolve_recipe(name: str) -> str | Recipe:
-    """"agent" -> AGENT_RECIPE; any other name is passed to the runtime ("default", "paper")."""
-    return AGENT_RECIPE if name == "agent" else name
+def resolve_recipe(name: str) -> Recipe:
+    """"agent" -> AGENT_RECIPE; any other name is the runtime's ("default", "paper")."""
+    return AGENT_RECIPE if name == "agent" else get_recipe(name)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class WriteRecord:
     replayed: int = 0
     generate_s: float = 0.0
     train_s: float = 0.0
+    train_tokens: int = 0  # tokens of the rows trained on, times the recipe's epochs
 
     @property
     def n_written(self) -> int:
@@ -71,30 +73,46 @@ def fast_weights_off(fast_weights) -> Iterator[None]:
         fast_weights.load_state_dict(saved)
 
 
+_MARK = "\u241f"
+
+
 def write_flashcards(
     generator: Generator,
     context: str,
     max_new_tokens: int = 192,
     writer: Callable[[str], str] | None = None,
     mode: str = "per-turn",
+    weights: str | None = None,
+    select: Callable[[list[tuple[str, str]]], list[tuple[str, str]]] | None = None,
+    named: bool = False,
 ) -> tuple[str, list, dict]:
     """Memory-writing mode: (raw text, valid pairs, drops by reason) for `context`.
 
-    mode: "per-turn" (one card per turn, batched, at most 48 new tokens each) or "array" (one JSON
-    array for the whole context, `max_new_tokens`). writer: who writes the flashcard text for a
-    context (default: the model); whatever it returns goes through the salvaging parser.
+    mode: "per-turn" (one card per turn, batches of 64, at most 48 new tokens each, first line kept) or
+    "array" (one JSON array for the whole context, `max_new_tokens`). writer: who writes the
+    flashcard text for a context (default: the model); whatever it returns goes through the
+    salvaging parser. The prompt's fixed part (system text, worked examples) is prefilled once and
+    shared by every card; weights: a name for the model's current weights under which that prefill
+    is kept for later writes (e.g. "base" when cards are always written with the fast weights off).
+    select: per-turn mode, which (DATE line, turn) pairs get a card (None: every turn of
+    MIN_TURN_WORDS words or more); a write with no turn chosen generates nothing. named: per-turn
+    mode, turns shown in the third person (flashcards.third_person).
     """
     if mode not in FLASHCARD_MODES:
         raise ValueError(f"flashcard mode must be one of {FLASHCARD_MODES}, got {mode!r}")
     if writer is not None:
         raw = writer(context)
     elif mode == "array":
+        shared = generator.split_chat_prompt(flashcard_messages(_MARK), _MARK)[0]
         prompt = generator.chat_prompt(flashcard_messages(context), prefill=FLASHCARD_PREFILL)
-        raw = FLASHCARD_PREFILL + generator.generate([prompt], max_new_tokens)[0]
+        raw = FLASHCARD_PREFILL + generator.generate([prompt], max_new_tokens, shared=shared, weights=weights)[0]
     else:
         turns = dated_turns(context)
-        prompts = [generator.chat_prompt(turn_flashcard_messages(h, t), prefill=TURN_PREFILL) for h, t in turns]
-        cards = generator.generate(prompts, min(max_new_tokens, 48), batch_size=16)
+        turns = select(turns) if select is not None else turns
+        shared = generator.split_chat_prompt(turn_flashcard_messages("", _MARK, named), _MARK)[0]
+        prompts = [generator.chat_prompt(turn_flashcard_messages(h, t, named), prefill=TURN_PREFILL) for h, t in turns]
+        cards = generator.generate(prompts, min(max_new_tokens, 48), batch_size=64, shared=shared, weights=weights,
+                                   stop="line")
         replies = [TURN_PREFILL + c.split("\n")[0] for c in cards]
         raw = "\n".join(replies)
     parsed = parse_flashcards(replies if writer is None and mode == "per-turn" else raw, context=context)
@@ -112,7 +130,9 @@ def write_to_weights(
     writer: Callable[[str], str] | None = None,
     flashcard_mode: str = "per-turn",
     write_with_base: bool = True,
-    replay: Sequence = (),
+    replay: Sequence | Callable[[int], Sequence] = (),
+    select: Callable[[list[tuple[str, str]]], list[tuple[str, str]]] | None = None,
+    named: bool = False,
 ) -> WriteRecord:
     """Turn `context` into training material of `write_format` and train it into `fast_weights`.
 
@@ -121,7 +141,9 @@ def write_to_weights(
     writes its flashcards/summary with the fast weights switched off (snapshot, reset, restore), so
     earlier writes cannot degrade later memory writing; the writes still accumulate.
     replay: earlier items of the same format (pairs for qa, texts otherwise) trained again with the
-    new ones; nothing new means no write at all, replay or not.
+    new ones, or a function of the number of new items returning them; nothing new means no write
+    at all, replay or not. select, named: which turns get a flashcard and how they are shown (see
+    `write_flashcards`).
     """
     if write_format not in WRITE_FORMATS:
         raise ValueError(f"write_format must be one of {WRITE_FORMATS}, got {write_format!r}")
@@ -130,7 +152,8 @@ def write_to_weights(
     with fast_weights_off(fast_weights) if write_with_base else nullcontext():
         if write_format == "qa":
             record.raw, record.pairs, record.dropped = write_flashcards(
-                generator, context, max_new_tokens, writer, flashcard_mode
+                generator, context, max_new_tokens, writer, flashcard_mode, "base" if write_with_base else None, select,
+                named,
             )
         elif write_format == "summary":
             record.raw = write_summary(generator, "", context, max_new_tokens)
@@ -142,12 +165,18 @@ def write_to_weights(
     t0 = time.perf_counter()
     tokenizer = generator.tokenizer
     recipe = resolve_recipe(recipe) if isinstance(recipe, str) else recipe
+    replay = replay(record.n_written) if callable(replay) else replay
     if record.pairs:
         pairs = record.pairs + list(replay)
         record.losses = fast_weights.write_qa(tokenizer, pairs, recipe=recipe, seed=seed, loss_on="answer")
-        record.replayed = len(replay)
+        rows = [qa_example(tokenizer, q, a, "answer", recipe.max_length)[0] for q, a in pairs]
     elif record.texts:
-        record.losses = fast_weights.write_text(tokenizer, record.texts + list(replay), recipe=recipe, seed=seed)
-        record.replayed = len(replay)
+        texts = record.texts + list(replay)
+        record.losses = fast_weights.write_text(tokenizer, texts, recipe=recipe, seed=seed)
+        rows = [ids for t in texts for ids, _ in text_examples(tokenizer, t, recipe.max_length)]
+    else:
+        rows = []
     record.train_s = time.perf_counter() - t0
+    record.replayed = len(replay) if rows else 0
+    record.train_tokens = recipe.epochs * sum(len(r) for r in rows)
     return record
