@@ -1,4 +1,4 @@
-"""`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem bench` (and `tmem --version`).
+"""`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem bench`, `tmem serve` (and `tmem --version`).
 
 Every command takes `--threads` (torch's CPU threads) and shows its defaults in `--help`; the
 commands build their parsers with `command_parser`.
@@ -18,6 +18,7 @@ commands:
   demo-weights   fast weights alone: 10 made-up facts written, recalled, then reset
   eval           LoCoMo-format evaluation of the memory channels
   bench          the pytest-benchmark suites in benchmarks/ (extra args go to pytest)
+  serve          an HTTP server (OpenAI-compatible) where every conversation keeps its own fast weights
 """
 
 
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         from tmem_runtime.agent.evaluate import main as run
     elif command == "bench":
         return _bench(rest)
+    elif command == "serve":
+        from tmem_runtime.serve.main import main as run
     else:
         print(f"tmem: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
