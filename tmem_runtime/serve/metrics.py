@@ -25,6 +25,7 @@ HELP = {
     "resident_sessions": "sessions holding a B row of the engine",
     "open_sessions": "sessions loaded in this server (resident or offloaded)",
     "pool_capacity": "B rows of the engine",
+    "writes_training": "sessions whose memory write is training or being persisted now",
     "requests_total": "HTTP requests by route template and status code",
     "generated_tokens_total": "tokens generated (answers and flashcards)",
     "answer_tokens_total": "tokens generated in chat completions",

@@ -60,6 +60,7 @@ class ServeConfig:
     naive: bool = False
     backend: str = "auto"
     recipe: Recipe = AGENT_RECIPE
+    card_writer: Callable[[str], str] | None = None  # flashcard text for a context (None: the model writes it)
 
     def __post_init__(self) -> None:
         if self.naive:
@@ -86,7 +87,8 @@ class MemoryService:
                                      answer_sessions, config.naive, model_lock)
         cards = DecodeThreadGenerator(model, tokenizer, self.batcher)
         self.writer = MemoryWriter(self.pool, tokenizer, cards, self.metrics, self._persist, config.recipe,
-                                   config.max_write_sessions, config.replay, config.card_tokens, model_lock=model_lock)
+                                   config.max_write_sessions, config.replay, config.card_tokens, model_lock=model_lock,
+                                   card_writer=config.card_writer)
         self.convs: dict[tuple[str, str], Conversation] = {}
         self._lock = threading.Lock()  # the table and the per-session load locks
         self._loading: dict[tuple[str, str], threading.Lock] = {}

@@ -2,7 +2,8 @@
 
 Stage 1, flashcards (a small thread pool): a job queued from a context gets its cards from the
 agent's flashcard writer (`write_flashcards`) on a `DecodeThreadGenerator`, whose generation runs as
-bare-model rows on the decode thread; so the cards of several sessions, and the answers, share
+bare-model rows on the decode thread (or from `card_writer(context)`, text the
+flashcard parser reads, as the agent's `writer` option); so the cards of several sessions, and the answers, share
 batches. Stage 2, training (the write thread): the oldest ready job of up to `max_sessions` sessions,
 each with its replay sample (earlier cards, seeded by the trigger, as the agent's fast-weight
 channel does), trained in one `pool.write_qa_many`; then, per session, the new weights file and
@@ -63,11 +64,11 @@ class MemoryWriter:
     def __init__(self, pool: SessionPool, tokenizer: PreTrainedTokenizerBase, generator: Generator,
                  metrics: Metrics, persist: Callable[[Conversation, bool], None], recipe: Recipe,
                  max_sessions: int = 16, replay: int = 32, card_tokens: int = 48, card_threads: int = 8,
-                 model_lock: threading.Lock | None = None) -> None:
+                 model_lock: threading.Lock | None = None, card_writer: Callable[[str], str] | None = None) -> None:
         self.pool, self.tokenizer, self.generator, self.metrics = pool, tokenizer, generator, metrics
         self.persist, self.recipe = persist, recipe
         self.max_sessions, self.replay, self.card_tokens = max_sessions, replay, card_tokens
-        self.model_lock = model_lock
+        self.model_lock, self.card_writer = model_lock, card_writer
         self.cards = ThreadPoolExecutor(card_threads, thread_name_prefix="tmem-cards")
         self.waiting: dict[Conversation, None] = {}  # sessions with pending jobs, oldest first
         self.cond = threading.Condition()
@@ -103,7 +104,7 @@ class MemoryWriter:
     def _write_cards(self, conv: Conversation, job: WriteJob) -> None:
         try:
             _, pairs, _ = write_flashcards(self.generator, job.context, max_new_tokens=self.card_tokens,
-                                           mode="per-turn")
+                                           writer=self.card_writer, mode="per-turn")
         except Exception:  # the server is stopping (the job stays pending in the store), or a failed batch
             if not self.running:
                 return
@@ -158,6 +159,7 @@ class MemoryWriter:
         train = {pid: p for pid, p in pairs.items() if p}
         losses, errors = {}, {}
         t0 = time.perf_counter()
+        self.metrics.set_gauge("writes_training", len(train))
         try:
             losses = self.pool.write_qa_many(self.tokenizer, train, recipe=self.recipe) if train else {}
         except WriteError as exc:
@@ -172,6 +174,7 @@ class MemoryWriter:
                 self._finish(conv, job, pairs[conv.pool_id], losses.get(conv.pool_id, []), errors.get(conv.pool_id))
             finally:
                 conv.busy.release()
+        self.metrics.set_gauge("writes_training", 0)
 
     def _finish(self, conv: Conversation, job: WriteJob, trained: list, losses: list[float],
                 error: Exception | None) -> None:
