@@ -10,11 +10,6 @@ in the store. The durability and scale-out tests run real `tmem serve` subproces
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +23,7 @@ from tmem_runtime import FastWeights
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.chat import generate_greedy
 from tmem_runtime.serve.app import create_app
+from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
 from tmem_runtime.serve.store import SessionRecord, Store
@@ -35,7 +31,6 @@ from tmem_runtime.serve.store import SessionRecord, Store
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"key-acme": "acme", "key-globex": "globex"}
 ACME = {"Authorization": "Bearer key-acme"}
 GLOBEX = {"Authorization": "Bearer key-globex"}
@@ -51,12 +46,6 @@ def turn_cards(context: str) -> str:
             cards.append({"instruction": f"What did {speaker} say about {text.split()[0]}?",
                           "output": text.split()[-1].strip(".")})
     return json.dumps(cards)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -344,41 +333,9 @@ def test_store_commit_is_atomic(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- processes
-class ServerProcess:
-    """`tmem serve` on the tiny model in a subprocess (same port => same server id after a restart)."""
-
-    def __init__(self, store: Path, port: int, log: Path, *extra: str) -> None:
-        self.port, self.url = port, f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "tmem_runtime.cli", "serve", "--model", "tiny-llama", "--port", str(port),
-               "--store", str(store), "--capacity", "8", "--max-write-batch", "4", "--max-batch", "8", *extra]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        self.log = open(log, "ab")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.client = httpx.Client(base_url=self.url, timeout=120)
-
-    def wait_ready(self, timeout: float = 240) -> ServerProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "tmem serve exited during start-up"
-            try:
-                if self.client.get("/health").status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("tmem serve did not start")
-
-    def gauge(self, name: str) -> float:
-        for line in self.client.get("/metrics").text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        return 0.0
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self.client.close()
-        self.log.close()
+def tiny_server(store: Path, port: int, log: Path, *extra: str) -> ServerProcess:
+    return ServerProcess(["--model", "tiny-llama", "--store", str(store), "--capacity", "8", "--max-write-batch", "4",
+                          "--max-batch", "8", *extra], port, log)
 
 
 def check_store_files(root: Path) -> int:
@@ -396,7 +353,7 @@ def check_store_files(root: Path) -> int:
 
 def test_sigkill_mid_write_and_mid_answer_loses_no_acknowledged_write(tmp_path, reference_model):
     store, port = tmp_path / "store", free_port()
-    server = ServerProcess(store, port, tmp_path / "server.log").wait_ready()
+    server = tiny_server(store, port, tmp_path / "server.log").wait_ready()
     c = server.client
     assert c.post("/v1/sessions", json={"id": "durable"}).status_code == 201
     acked = []
@@ -414,7 +371,7 @@ def test_sigkill_mid_write_and_mid_answer_loses_no_acknowledged_write(tmp_path, 
         lines = stream.iter_lines()
         assert next(lines).startswith("data: ")
         deadline = time.monotonic() + 60
-        while server.gauge("tmem_writes_training") < 1:  # the big write is training now
+        while server.metric("tmem_writes_training") < 1:  # the big write is training now
             assert time.monotonic() < deadline, "the write never started"
             time.sleep(0.01)
         server.kill()  # mid-write, mid-answer
@@ -425,7 +382,7 @@ def test_sigkill_mid_write_and_mid_answer_loses_no_acknowledged_write(tmp_path, 
     record = SessionRecord(**json.loads(next(store.glob("tenants/*/*/state.json")).read_text()))
     assert [tuple(c) for c in record.written] == acked and len(record.pending) == 1  # the big write not committed
 
-    server = ServerProcess(store, port, tmp_path / "server.log").wait_ready()  # same id: reclaims, resumes
+    server = tiny_server(store, port, tmp_path / "server.log").wait_ready()  # same id: reclaims, resumes
     c = server.client
     deadline = time.monotonic() + 120
     while (stats := c.get("/v1/sessions/durable").json())["pending_writes"]:
@@ -437,7 +394,7 @@ def test_sigkill_mid_write_and_mid_answer_loses_no_acknowledged_write(tmp_path, 
     assert check_store_files(store) == 1
     resumed = ask(c, question, "durable", max_tokens=12)
     server.kill()
-    server = ServerProcess(store, port, tmp_path / "server.log").wait_ready()
+    server = tiny_server(store, port, tmp_path / "server.log").wait_ready()
     after = ask(server.client, question, "durable", max_tokens=12)
     server.kill()
     assert after == resumed == reference_answer(reference_model, weights_file(Store(store), "default", "durable"),
@@ -447,8 +404,8 @@ def test_sigkill_mid_write_and_mid_answer_loses_no_acknowledged_write(tmp_path, 
 
 def test_two_processes_share_the_store_and_hand_a_session_over(tmp_path):
     store = tmp_path / "store"
-    a = ServerProcess(store, free_port(), tmp_path / "a.log", "--lease-ttl", "3")
-    b = ServerProcess(store, free_port(), tmp_path / "b.log", "--lease-ttl", "3")
+    a = tiny_server(store, free_port(), tmp_path / "a.log", "--lease-ttl", "3")
+    b = tiny_server(store, free_port(), tmp_path / "b.log", "--lease-ttl", "3")
     a.wait_ready(), b.wait_ready()
     try:
         assert a.client.post("/v1/sessions", json={"id": "roamer"}).status_code == 201
