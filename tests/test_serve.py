@@ -219,6 +219,26 @@ def test_concurrent_sessions_share_batches_and_match_alone(served, acme, referen
     assert len(set(alone.values())) > 1  # different memories, different answers
 
 
+def test_answers_go_on_while_a_write_trains(served, acme):
+    _, service = served
+    create(acme, "writer")
+    create(acme, "reader")
+    big = [(f"What is item {i} of the list?", f"entry {i}") for i in range(64)]  # 40 write steps
+    assert remember(acme, "writer", big, wait=False).status_code == 202
+    deadline = time.monotonic() + 60
+    while not service.metrics.gauges["writes_training"].get((), 0):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    answered = 0
+    while acme.get("/v1/sessions/writer").json()["pending_writes"] and answered < 3:
+        ask(acme, "Are you there?", "reader", max_tokens=2)  # another session, answered mid-write
+        answered += 1
+    assert answered == 3 and acme.get("/v1/sessions/writer").json()["pending_writes"] == 1
+    while acme.get("/v1/sessions/writer").json()["pending_writes"]:
+        time.sleep(0.1)
+    assert acme.get("/v1/sessions/writer").json()["memories"] == len(big)
+
+
 def test_streaming_with_the_openai_client(served, acme):
     url, _ = served
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="key-acme")

@@ -281,7 +281,11 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
         request = await run_in_threadpool(service.answer, t, sid, messages, max_tokens, on_text)
         completion = _Completion(model_name, sid)
         if not body.stream:
-            result = (await _settled(request.future))[0]
+            try:
+                result = (await _settled(request.future))[0]
+            except asyncio.CancelledError:  # the client went away: its row stops at the next token
+                request.cancelled.set()
+                raise
             _count_answer(service, result, t0)
             return completion.response(result, len(request.rows[0].ids))
         request.future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, None))

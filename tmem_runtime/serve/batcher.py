@@ -26,6 +26,7 @@ from tmem_runtime.pool import SessionPool
 from tmem_runtime.residency import UnknownSessionError
 from tmem_runtime.serve.conversation import SessionGoneError
 from tmem_runtime.serve.metrics import Metrics
+from tmem_runtime.serve.worker import Worker
 
 ANSWER, CARDS = 0, 1  # request priorities: answers are batched before flashcard prompts
 
@@ -105,31 +106,19 @@ class RowProgress(StoppingCriteria):
         return RowResult(self.text[i], len(self.ids[i]), self.reason[i])
 
 
-class AnswerBatcher:
+class AnswerBatcher(Worker):
     """The decode thread (see the module docstring). Call `start()`, then `submit`; `stop()` at exit."""
 
     def __init__(self, pool: SessionPool, tokenizer: PreTrainedTokenizerBase, eos_ids: Sequence[int],
                  metrics: Metrics, max_rows: int = 32, max_sessions: int = 32, naive: bool = False,
                  model_lock: threading.Lock | None = None) -> None:
+        super().__init__("tmem-decode")
         self.pool, self.model, self.tokenizer = pool, pool.model, tokenizer
         self.eos_ids = set(eos_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.metrics, self.max_rows, self.max_sessions, self.naive = metrics, max_rows, max_sessions, naive
         self.model_lock = model_lock
         self.queue: list[Request] = []
-        self.cond = threading.Condition()
-        self.running = False
-        self.thread = threading.Thread(target=self._loop, name="tmem-decode", daemon=True)
-
-    def start(self) -> None:
-        self.running = True
-        self.thread.start()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.running = False
-            self.cond.notify_all()
-        self.thread.join(timeout=30)
 
     def submit(self, rows: list[Row], priority: int = ANSWER) -> Request:
         if not rows:

@@ -132,10 +132,13 @@ class MemoryService:
             with self._lock:
                 if key in self.convs:
                     return self.convs[key]
-            conv = self._load(tenant, session)
-            with self._lock:
-                self.convs[key] = conv
-                self._loading.pop(key, None)
+            try:
+                conv = self._load(tenant, session)
+                with self._lock:
+                    self.convs[key] = conv
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
         self.writer.submit(conv, list(conv.jobs))
         self._gauges()
         return conv

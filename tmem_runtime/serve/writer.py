@@ -31,6 +31,7 @@ from tmem_runtime.recipes import Recipe
 from tmem_runtime.serve.batcher import CARDS, AnswerBatcher, Row
 from tmem_runtime.serve.conversation import Conversation, SessionGoneError, WriteJob
 from tmem_runtime.serve.metrics import Metrics
+from tmem_runtime.serve.worker import Worker
 from tmem_runtime.sessions import WriteError
 
 logger = logging.getLogger("tmem.serve")
@@ -57,7 +58,7 @@ class DecodeThreadGenerator(Generator):
         return [r.text for r in results]
 
 
-class MemoryWriter:
+class MemoryWriter(Worker):
     """The two write stages (see the module docstring). `persist(conv, weights)` commits a session to
     the store (called with conv.lock held). Call `start()`, then `submit`; `stop()` at exit."""
 
@@ -65,26 +66,17 @@ class MemoryWriter:
                  metrics: Metrics, persist: Callable[[Conversation, bool], None], recipe: Recipe,
                  max_sessions: int = 16, replay: int = 32, card_tokens: int = 48, card_threads: int = 8,
                  model_lock: threading.Lock | None = None, card_writer: Callable[[str], str] | None = None) -> None:
+        super().__init__("tmem-write")
         self.pool, self.tokenizer, self.generator, self.metrics = pool, tokenizer, generator, metrics
         self.persist, self.recipe = persist, recipe
         self.max_sessions, self.replay, self.card_tokens = max_sessions, replay, card_tokens
         self.model_lock, self.card_writer = model_lock, card_writer
         self.cards = ThreadPoolExecutor(card_threads, thread_name_prefix="tmem-cards")
         self.waiting: dict[Conversation, None] = {}  # sessions with pending jobs, oldest first
-        self.cond = threading.Condition()
         self.dirty = False
-        self.running = False
-        self.thread = threading.Thread(target=self._loop, name="tmem-write", daemon=True)
 
-    def start(self) -> None:
-        self.running = True
-        self.thread.start()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.running = False
-            self.cond.notify_all()
-        self.thread.join(timeout=60)
+    def stop(self, timeout: float = 60) -> None:
+        super().stop(timeout)
         self.cards.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, conv: Conversation, jobs: Sequence[WriteJob]) -> None:
