@@ -128,6 +128,9 @@ def load_run(naive: bool, seconds: float, workdir: Path) -> dict:
     empty = server.metric('tmem_writes_total{outcome="empty"}')
     cards = server.metric("tmem_flashcards_total")
     card_tokens = server.metric("tmem_generated_tokens_total") - server.metric("tmem_answer_tokens_total")
+    server_side = {f"{name}_{stat}": server.metric(f"tmem_{name}_{stat}") for stat in ("sum", "count")
+                   for name in ("batch_rows", "batch_sessions", "batch_seconds", "write_batch_sessions",
+                                "write_train_seconds", "write_seconds")}
     server.kill()  # a crash at the end of the run: whatever was in flight is cut
     lost = verify(store, port, log, logs)
     latencies = sorted(x for lg in logs for x in lg.latencies)
@@ -139,7 +142,7 @@ def load_run(naive: bool, seconds: float, workdir: Path) -> dict:
         "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
         "turns": sum(lg.acked_turns for lg in logs), "writes": committed, "empty_writes": empty,
         "writes_per_min": committed / (elapsed / 60), "cards": cards, "card_tokens": card_tokens,
-        "errors": sum(len(lg.errors) for lg in logs), "lost": lost,
+        "errors": sum(len(lg.errors) for lg in logs), "lost": lost, **server_side,
     }
 
 

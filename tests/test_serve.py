@@ -20,13 +20,17 @@ import pytest
 import torch
 
 from tmem_runtime import FastWeights
+from tmem_runtime.agent.flashcards import TURN_PREFILL, turn_flashcard_messages
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.chat import generate_greedy
 from tmem_runtime.serve.app import create_app
+from tmem_runtime.serve.batcher import CARDS as CARD_PRIORITY
+from tmem_runtime.serve.batcher import Request, Row
 from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
 from tmem_runtime.serve.store import SessionRecord, Store
+from tmem_runtime.serve.writer import DecodeThreadGenerator, common_prefix
 
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
@@ -257,6 +261,33 @@ def test_streaming_with_the_openai_client(served, acme):
     assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content
     assert finish == whole.choices[0].finish_reason
     assert whole.usage.completion_tokens == 12 or whole.choices[0].finish_reason == "stop"
+
+
+def test_flashcard_prompts_share_a_cached_prefix_in_mixed_batches(served, acme):
+    """Card prompts of the model's flashcard writer: their common prefix is prefilled once and cached; in
+    one batch with a session's answer row, every row equals that row generated alone, unprefixed."""
+    _, service = served
+    create(acme, "mixer")
+    assert remember(acme, "mixer", CARDS).json()["status"] == "committed"
+    gen = DecodeThreadGenerator(service.model, service.tokenizer, service.batcher)
+    turns = [("DATE: 2 May 2024", "Nina: I adopted a puppy called Rex last week."),
+             ("DATE: 2 May 2024", "Omar: My sister works as a nurse in Porto now.")]
+    prompts = [gen.chat_prompt(turn_flashcard_messages(h, t), prefill=TURN_PREFILL) for h, t in turns]
+    ids = [gen.encode(p) for p in prompts]
+    shared = common_prefix(ids)
+    assert shared > 100 and ids[0][:shared] == ids[1][:shared]
+    pid = service.get("acme", "mixer").pool_id
+    question = service.prompt_ids([{"role": "user", "content": CARDS[0][0]}])
+    alone = [service.batcher.submit([Row(x, None, 12)]).future.result()[0].text for x in ids]
+    alone.append(service.batcher.submit([Row(question, pid, 12)]).future.result()[0].text)
+    with service.batcher.cond:  # queue both requests before the decode thread looks: one batch
+        cards = Request([Row(x[shared:], None, 12) for x in ids], CARD_PRIORITY, tuple(ids[0][:shared]))
+        answer = Request([Row(question, pid, 12)])
+        service.batcher.queue += [cards, answer]
+        service.batcher.cond.notify_all()
+    together = [r.text for r in cards.future.result()] + [answer.future.result()[0].text]
+    assert together == alone
+    assert tuple(ids[0][:shared]) in service.batcher.prefixes
 
 
 # ---------------------------------------------------------------------------------------------- isolation

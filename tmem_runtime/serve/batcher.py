@@ -1,11 +1,15 @@
 """Answers of many sessions in one batched forward: a decode thread that takes whatever is waiting.
 
 A request is one or more rows: prompt token ids, the session whose fast weights the row reads (None:
-the bare model), a token limit and a stop rule. The decode thread takes every waiting request that
-fits in `max_rows` rows of `max_sessions` sessions (answers first, then flashcard prompts, each in
-arrival order), left-pads them into one batch and runs one greedy `generate` inside
-`pool.rows(...)`, so row i reads its own session's B. Each row's text is handed to its `on_text` as
-it grows (streaming); the request's future resolves with every row's result when the batch ends.
+the bare model), a token limit and a stop rule; a request of bare rows may name a prefix, token ids
+all its rows start with (the flashcard prompt's instructions and examples), prefilled once and kept
+(`prefix_cache` of them). The decode thread takes the oldest waiting request, then every other that
+fits in `max_rows` rows of `max_sessions` sessions (answers before flashcard prompts, each in arrival
+order), and runs them as one greedy `generate` inside `pool.rows(...)`, so row i reads its own
+session's B. Each row is [its prefix, right-aligned to the longest][pad][its ids, right-aligned]: the
+prefixes' keys and values come from the cache, only the ids are prefilled. Each row's text is handed
+to its `on_text` as it grows (streaming); the request's future resolves with every row's result
+when the batch ends.
 `naive=True` takes one request per batch and holds `model_lock` around it: the baseline server,
 one session at a time.
 """
@@ -14,19 +18,24 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from tmem_runtime.pool import SessionPool
 from tmem_runtime.residency import UnknownSessionError
 from tmem_runtime.serve.conversation import SessionGoneError
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.worker import Worker
+
+# transformers >= 5.2x renames generate's `past_key_values` to `cache`; older 5.x only knows the former
+warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*", category=FutureWarning)
 
 ANSWER, CARDS = 0, 1  # request priorities: answers are batched before flashcard prompts
 
@@ -53,6 +62,7 @@ class RowResult:
 class Request:
     rows: list[Row]
     priority: int = ANSWER
+    prefix: tuple[int, ...] = ()  # every row's ids follow these (bare rows only)
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)  # e.g. the client went away
     queued_at: float = field(default_factory=time.monotonic)
@@ -111,7 +121,7 @@ class AnswerBatcher(Worker):
 
     def __init__(self, pool: SessionPool, tokenizer: PreTrainedTokenizerBase, eos_ids: Sequence[int],
                  metrics: Metrics, max_rows: int = 32, max_sessions: int = 32, naive: bool = False,
-                 model_lock: threading.Lock | None = None) -> None:
+                 model_lock: threading.Lock | None = None, prefix_cache: int = 8) -> None:
         super().__init__("tmem-decode")
         self.pool, self.model, self.tokenizer = pool, pool.model, tokenizer
         self.eos_ids = set(eos_ids)
@@ -119,11 +129,15 @@ class AnswerBatcher(Worker):
         self.metrics, self.max_rows, self.max_sessions, self.naive = metrics, max_rows, max_sessions, naive
         self.model_lock = model_lock
         self.queue: list[Request] = []
+        self.prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.prefix_cache = prefix_cache
 
-    def submit(self, rows: list[Row], priority: int = ANSWER) -> Request:
+    def submit(self, rows: list[Row], priority: int = ANSWER, prefix: Sequence[int] = ()) -> Request:
         if not rows:
             raise ValueError("a request needs at least one row")
-        request = Request(rows, priority)
+        if prefix and any(row.session is not None for row in rows):
+            raise ValueError("only bare-model rows share a cached prefix")
+        request = Request(rows, priority, tuple(prefix))
         with self.cond:
             self.queue.append(request)
             self.metrics.set_gauge("queue_depth", self.depth(), queue="answer")
@@ -134,8 +148,10 @@ class AnswerBatcher(Worker):
         return sum(len(r.rows) for r in self.queue)
 
     def _take(self) -> list[Request]:
-        """Waiting requests for one batch (called with the condition held)."""
-        order = sorted(self.queue, key=lambda r: (r.priority, r.queued_at))
+        """Waiting requests for one batch (called with the condition held): the oldest (nothing waits
+        forever), then answers before flashcard prompts."""
+        oldest = min(self.queue, key=lambda r: r.queued_at)
+        order = [oldest] + sorted((r for r in self.queue if r is not oldest), key=lambda r: (r.priority, r.queued_at))
         taken, rows, sessions = [], 0, set()
         for r in order:
             more = {row.session for row in r.rows if row.session is not None} | sessions
@@ -158,6 +174,46 @@ class AnswerBatcher(Worker):
                     return
                 batch = self._take()
             self._run(batch)
+
+    def _layout(self, batch: list[Request]) -> tuple[torch.Tensor, torch.Tensor, DynamicCache | None]:
+        """input_ids and attention_mask [rows, P + S] (prefixes right-aligned in the first P columns, ids
+        in the last S) and a cache holding the prefixes' keys/values (None when no request has one)."""
+        rows = [(r.prefix, row.ids) for r in batch for row in r.rows]
+        p, s = max(len(pre) for pre, _ in rows), max(len(ids) for _, ids in rows)
+        ids = torch.full((len(rows), p + s), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (pre, row) in enumerate(rows):
+            ids[i, p - len(pre) : p] = torch.tensor(pre, dtype=torch.long)
+            ids[i, p + s - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, p - len(pre) : p] = 1
+            mask[i, p + s - len(row) :] = 1
+        if p == 0:
+            return ids, mask, None
+        kvs = {pre: self._prefix_kv(pre) for pre in {pre for pre, _ in rows if pre}}
+        cache = DynamicCache(config=self.model.config)
+        for layer, (k0, v0) in enumerate(next(iter(kvs.values()))):
+            k = k0.new_zeros((len(rows), k0.shape[1], p, k0.shape[3]))
+            v = v0.new_zeros((len(rows), v0.shape[1], p, v0.shape[3]))
+            for i, (pre, _) in enumerate(rows):
+                if pre:
+                    k[i, :, p - len(pre) :] = kvs[pre][layer][0][0]
+                    v[i, :, p - len(pre) :] = kvs[pre][layer][1][0]
+            cache.update(k, v, layer)
+        return ids, mask, cache
+
+    def _prefix_kv(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (keys, values) [1, heads, len(prefix), dim] of the bare model over `prefix` (kept)."""
+        if prefix in self.prefixes:
+            self.prefixes.move_to_end(prefix)
+            return self.prefixes[prefix]
+        cache = DynamicCache(config=self.model.config)
+        with self.pool.rows([None]), torch.inference_mode():
+            self.model(input_ids=torch.tensor([prefix], device=self.pool.device), past_key_values=cache, use_cache=True)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self.prefixes[prefix] = kv
+        while len(self.prefixes) > self.prefix_cache:
+            self.prefixes.popitem(last=False)
+        return kv
 
     def _run(self, batch: list[Request]) -> None:
         """Generate a batch; requests naming a session no longer in the pool fail alone (SessionGoneError)."""
@@ -183,19 +239,16 @@ class AnswerBatcher(Worker):
         rows = [row for r in batch for row in r.rows]
         owners = [r for r in batch for _ in r.rows]
         t0 = time.perf_counter()
-        width = max(len(row.ids) for row in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row.ids) :] = torch.tensor(row.ids, dtype=torch.long)
-            mask[i, width - len(row.ids) :] = 1
+        with torch.inference_mode():
+            ids, mask, cache = self._layout(batch)
         progress = RowProgress(rows, owners, self.tokenizer, self.eos_ids)
         device = self.pool.device
+        extra = {} if cache is None else {"past_key_values": cache}
         with self.pool.rows([row.session for row in rows]), torch.inference_mode():
             self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                 max_new_tokens=max(row.max_tokens for row in rows), pad_token_id=self.pad_id,
-                eos_token_id=sorted(self.eos_ids), stopping_criteria=StoppingCriteriaList([progress]),
+                eos_token_id=sorted(self.eos_ids), stopping_criteria=StoppingCriteriaList([progress]), **extra,
             )
         results = [progress.result(i) for i in range(len(rows))]
         m = self.metrics

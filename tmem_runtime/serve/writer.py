@@ -35,6 +35,7 @@ from tmem_runtime.serve.worker import Worker
 from tmem_runtime.sessions import WriteError
 
 logger = logging.getLogger("tmem.serve")
+MIN_PREFIX = 16  # shorter common prefixes are not worth a cache entry
 
 
 class DecodeThreadGenerator(Generator):
@@ -49,13 +50,27 @@ class DecodeThreadGenerator(Generator):
         self.batcher, self.stop_at_newline = batcher, stop_at_newline
 
     def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 16, **options) -> list[str]:
+        """Greedy continuations; the prompts' common token prefix (the flashcard prompt's fixed part) is
+        prefilled once and cached by the decode thread."""
         if not prompts:
             return []
-        rows = [Row(self.encode(p), None, max_new_tokens, self.stop_at_newline) for p in prompts]
-        results = self.batcher.submit(rows, CARDS).future.result()
-        self.counts.prefilled += sum(len(r.ids) for r in rows)
+        ids = [self.encode(p) for p in prompts]
+        shared = common_prefix(ids) if len(ids) > 1 else 0
+        shared = shared if shared >= MIN_PREFIX else 0
+        rows = [Row(x[shared:], None, max_new_tokens, self.stop_at_newline) for x in ids]
+        results = self.batcher.submit(rows, CARDS, ids[0][:shared]).future.result()
+        self.counts.prefilled += shared + sum(len(r.ids) for r in rows)
         self.counts.generated += sum(r.tokens for r in results)
         return [r.text for r in results]
+
+
+def common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of `rows`, leaving every row at least one token of its own."""
+    n = min(len(r) for r in rows) - 1
+    for k in range(max(n, 0)):
+        if any(r[k] != rows[0][k] for r in rows):
+            return k
+    return max(n, 0)
 
 
 class MemoryWriter(Worker):
