@@ -1,10 +1,12 @@
 """Load benchmark of `tmem serve` (issue 13): the batched server against the naive one, side by side.
 
 16 sessions talk to a real server on loopback at once, each a closed loop with a real client (httpx
-for the session endpoints, the `openai` package for chat completions): append two turns (made-up
-facts; crossing l_max = 96 tokens, about every second message, writes memory: flashcards by the
-model, then training), then ask a question about one of them. After `seconds`, no new request is sent; the run ends
-when the last one returns. Then the server is SIGKILLed and restarted on the same store, and every
+for the session endpoints, the `openai` package for chat completions): append turns (made-up facts;
+crossing l_max writes memory: a flashcard per turn by the model, then training), then ask questions
+about them. Two workloads: "writes" (2 turns then 1 question per message, l_max 96: a write about
+every second message, as many flashcards as answers x 2) and "chat" (1 turn then 2 questions, l_max
+256: a write about every 12 messages, one flashcard per 2 answers). After `seconds`, no new request
+is sent; the run ends when the last one returns. Then the server is SIGKILLed and restarted on the same store, and every
 session is checked: every acknowledged turn is there (turns counter), and at least every write a
 response reported as committed; every state file and weights file reads back.
 
@@ -35,8 +37,17 @@ from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.store import SessionRecord
 
 SESSIONS = 16
-L_MAX = 96
 ANSWER_TOKENS = 24
+
+
+@dataclass(frozen=True)
+class Workload:
+    turns: int  # turns appended per message
+    questions: int  # questions asked after each message
+    l_max: int
+
+
+WORKLOADS = {"writes": Workload(turns=2, questions=1, l_max=96), "chat": Workload(turns=1, questions=2, l_max=256)}
 NAMES = ["Nina", "Omar", "Lena", "Ravi", "Sofia", "Kenji", "Amara", "Tomas", "Ines", "Yusuf", "Mila", "Arjun",
          "Clara", "Bruno", "Hana", "Diego"]
 RELATIVES = ["sister", "brother", "cousin", "neighbour", "friend", "uncle"]
@@ -76,7 +87,7 @@ class SessionLog:
     errors: list[str] = field(default_factory=list)
 
 
-async def run_session(i: int, base: str, deadline: float, log: SessionLog) -> None:
+async def run_session(i: int, base: str, deadline: float, log: SessionLog, work: Workload) -> None:
     import openai
 
     sid = f"user{i:02d}"
@@ -86,41 +97,44 @@ async def run_session(i: int, base: str, deadline: float, log: SessionLog) -> No
     async with httpx.AsyncClient(base_url=base, timeout=600) as http:
         r = await http.post("/v1/sessions", json={"id": sid})
         r.raise_for_status()
-        for k in range(0, len(turns), 2):
+        for k in range(0, len(turns), work.turns):
             if time.monotonic() >= deadline:
                 break
-            pair = [{"name": name, "content": t} for t in turns[k : k + 2]]
-            r = await http.post(f"/v1/sessions/{sid}/messages", json={"messages": pair, "date": "3 May 2024"})
+            batch = [{"name": name, "content": t} for t in turns[k : k + work.turns]]
+            r = await http.post(f"/v1/sessions/{sid}/messages", json={"messages": batch, "date": "3 May 2024"})
             if r.status_code != 200:
                 log.errors.append(r.text)
                 continue
-            log.acked_turns += len(pair)
+            log.acked_turns += len(batch)
             log.writes_seen = max(log.writes_seen, r.json()["writes"])
-            if time.monotonic() < deadline:
+            for q in range(work.questions):
+                if time.monotonic() >= deadline:
+                    break
                 t0 = time.monotonic()
                 done = await ai.chat.completions.create(
                     model="smollm2-135m", max_tokens=ANSWER_TOKENS, extra_body={"session": sid},
-                    messages=[{"role": "user", "content": questions[k]}])
+                    messages=[{"role": "user", "content": questions[max(0, k - 3 * q)]}])
                 log.latencies.append(time.monotonic() - t0)
                 log.answer_tokens += done.usage.completion_tokens
     await ai.close()
 
 
-def serve_args(store: Path, naive: bool) -> list[str]:
-    return ["--model", "smollm2-135m", "--store", str(store), "--l-max", str(L_MAX), "--capacity", "48",
+def serve_args(store: Path, naive: bool, l_max: int) -> list[str]:
+    return ["--model", "smollm2-135m", "--store", str(store), "--l-max", str(l_max), "--capacity", "48",
             "--max-batch", "32", "--max-write-batch", "16", "--max-tokens", "64", *(["--naive"] if naive else [])]
 
 
-def load_run(naive: bool, seconds: float, workdir: Path) -> dict:
+def load_run(naive: bool, seconds: float, workdir: Path, workload: str = "writes") -> dict:
     """One timed run against a fresh server and store; then the kill-restart check. Returns the figures."""
-    store, port = workdir / ("naive" if naive else "batched"), free_port()
+    work = WORKLOADS[workload]
+    store, port = workdir / f"{workload}-{'naive' if naive else 'batched'}", free_port()
     log = workdir / f"{store.name}.log"
-    server = ServerProcess(serve_args(store, naive), port, log).wait_ready()
+    server = ServerProcess(serve_args(store, naive, work.l_max), port, log).wait_ready()
     logs = [SessionLog() for _ in range(SESSIONS)]
     t0 = time.monotonic()
 
     async def clients() -> None:
-        await asyncio.gather(*(run_session(i, server.url, t0 + seconds, logs[i]) for i in range(SESSIONS)))
+        await asyncio.gather(*(run_session(i, server.url, t0 + seconds, logs[i], work) for i in range(SESSIONS)))
 
     asyncio.run(clients())
     elapsed = time.monotonic() - t0
@@ -132,12 +146,13 @@ def load_run(naive: bool, seconds: float, workdir: Path) -> dict:
                    for name in ("batch_rows", "batch_sessions", "batch_seconds", "write_batch_sessions",
                                 "write_train_seconds", "write_seconds")}
     server.kill()  # a crash at the end of the run: whatever was in flight is cut
-    lost = verify(store, port, log, logs)
+    lost = verify(store, port, log, logs, work.l_max)
     latencies = sorted(x for lg in logs for x in lg.latencies)
     tokens = sum(lg.answer_tokens for lg in logs)
     return {
-        "mode": "naive" if naive else "batched", "seconds": round(elapsed, 1), "answers": len(latencies),
-        "answer_tokens": tokens, "tokens_per_s": tokens / elapsed,
+        "workload": workload, "mode": "naive" if naive else "batched", "seconds": round(elapsed, 1),
+        "answers": len(latencies), "answer_tokens": tokens, "tokens_per_s": tokens / elapsed,
+        "all_tokens_per_s": (tokens + card_tokens) / elapsed,
         "p50_s": statistics.median(latencies) if latencies else float("nan"),
         "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
         "turns": sum(lg.acked_turns for lg in logs), "writes": committed, "empty_writes": empty,
@@ -146,7 +161,7 @@ def load_run(naive: bool, seconds: float, workdir: Path) -> dict:
     }
 
 
-def verify(store: Path, port: int, log: Path, logs: list[SessionLog]) -> int:
+def verify(store: Path, port: int, log: Path, logs: list[SessionLog], l_max: int) -> int:
     """Restart on the same store and count what was acknowledged but is missing (turns, writes, files)."""
     from safetensors import safe_open
 
@@ -156,7 +171,7 @@ def verify(store: Path, port: int, log: Path, logs: list[SessionLog]) -> int:
         if record.weights:
             with safe_open(str(state.parent / record.weights), framework="pt") as f:
                 f.keys()
-    server = ServerProcess(["--model", "smollm2-135m", "--store", str(store), "--l-max", str(L_MAX)], port,
+    server = ServerProcess(["--model", "smollm2-135m", "--store", str(store), "--l-max", str(l_max)], port,
                            log).wait_ready()
     for i, lg in enumerate(logs):
         stats = server.client.get(f"/v1/sessions/user{i:02d}").json()
@@ -166,25 +181,28 @@ def verify(store: Path, port: int, log: Path, logs: list[SessionLog]) -> int:
 
 
 def report(runs: list[dict]) -> str:
-    head = ("| server | answers | answer tokens/s | p50 latency | p99 latency | turns acked | writes (/min) "
-            "| flashcards | lost after SIGKILL + restart |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    rows = [f"| {r['mode']} | {r['answers']} | {r['tokens_per_s']:.2f} | {r['p50_s']:.1f} s | {r['p99_s']:.1f} s "
-            f"| {r['turns']} | {r['writes']:.0f} ({r['writes_per_min']:.2f}) | {r['cards']:.0f} | {r['lost']} |"
-            for r in runs]
-    by = {r["mode"]: r for r in runs}
-    lines = [head, *rows]
-    if {"naive", "batched"} <= by.keys():
-        b, n = by["batched"], by["naive"]
-        lines.append(f"\nbatched / naive: answer tokens/s {b['tokens_per_s'] / max(n['tokens_per_s'], 1e-9):.2f}x, "
-                     f"writes/min {b['writes_per_min'] / max(n['writes_per_min'], 1e-9):.2f}x, "
-                     f"p50 latency {n['p50_s'] / b['p50_s']:.2f}x lower")
+    head = ["| workload | server | answers | answer tokens/s | all tokens/s | p50 latency | p99 latency | turns acked "
+            "| writes (/min) | flashcards | lost after SIGKILL + restart |", "|---|---|" + "---:|" * 9]
+    rows = [f"| {r['workload']} | {r['mode']} | {r['answers']} | {r['tokens_per_s']:.2f} | {r['all_tokens_per_s']:.2f} "
+            f"| {r['p50_s']:.1f} s | {r['p99_s']:.1f} s | {r['turns']} | {r['writes']:.0f} ({r['writes_per_min']:.2f}) "
+            f"| {r['cards']:.0f} | {r['lost']} |" for r in runs]
+    lines = [*head, *rows, ""]
+    for workload in dict.fromkeys(r["workload"] for r in runs):
+        by = {r["mode"]: r for r in runs if r["workload"] == workload}
+        if {"naive", "batched"} <= by.keys():
+            b, n = by["batched"], by["naive"]
+            lines.append(f"{workload}: batched / naive: answer tokens/s "
+                         f"{b['tokens_per_s'] / max(n['tokens_per_s'], 1e-9):.2f}x, all generated tokens/s "
+                         f"{b['all_tokens_per_s'] / max(n['all_tokens_per_s'], 1e-9):.2f}x, writes/min "
+                         f"{b['writes_per_min'] / max(n['writes_per_min'], 1e-9):.2f}x, p50 latency "
+                         f"{n['p50_s'] / b['p50_s']:.2f}x lower")
     return "\n".join(lines)
 
 
 def test_serve_load(tmp_path):
     """The side-by-side run, shorter (TMEM_BENCH_SERVE_SECONDS, default 60 s per server)."""
     seconds = float(os.environ.get("TMEM_BENCH_SERVE_SECONDS", "60"))
-    runs = [load_run(naive, seconds, tmp_path) for naive in (True, False)]
+    runs = [load_run(naive, seconds, tmp_path, "chat") for naive in (True, False)]
     print("\n[serve]\n" + report(runs))
     assert all(r["lost"] == 0 and r["errors"] == 0 for r in runs)
 
@@ -193,10 +211,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=240, help="how long the clients send requests, per server")
     p.add_argument("--order", default="naive,batched", help="servers to run, in order (naive, batched)")
+    p.add_argument("--workloads", default="writes,chat", help=f"workloads to run, in order ({', '.join(WORKLOADS)})")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="tmem-serve-bench-") as d:
-        runs = [load_run(mode == "naive", args.seconds, Path(d)) for mode in args.order.split(",")]
+        runs = [load_run(mode == "naive", args.seconds, Path(d), w) for w in args.workloads.split(",")
+                for mode in args.order.split(",")]
     print(report(runs))
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2))

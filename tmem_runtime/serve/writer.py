@@ -115,6 +115,7 @@ class MemoryWriter(Worker):
         except Exception:  # the server is stopping (the job stays pending in the store), or a failed batch
             if not self.running:
                 return
+            logger.exception("writing flashcards failed; the write goes on with none")
             pairs = []
         with conv.lock:
             job.cards = pairs
