@@ -4,8 +4,8 @@
 for the session endpoints, the `openai` package for chat completions): append turns (made-up facts;
 crossing l_max writes memory: a flashcard per turn by the model, then training), then ask questions
 about them. Two workloads: "writes" (2 turns then 1 question per message, l_max 96: a write about
-every second message, as many flashcards as answers x 2) and "chat" (1 turn then 2 questions, l_max
-256: a write about every 12 messages, one flashcard per 2 answers). After `seconds`, no new request
+every second message, two flashcards per answer) and "chat" (1 turn then 2 questions, l_max 64: a
+write about every second message, one flashcard per two answers). After `seconds`, no new request
 is sent; the run ends when the last one returns. Then the server is SIGKILLed and restarted on the same store, and every
 session is checked: every acknowledged turn is there (turns counter), and at least every write a
 response reported as committed; every state file and weights file reads back.
@@ -47,7 +47,7 @@ class Workload:
     l_max: int
 
 
-WORKLOADS = {"writes": Workload(turns=2, questions=1, l_max=96), "chat": Workload(turns=1, questions=2, l_max=256)}
+WORKLOADS = {"writes": Workload(turns=2, questions=1, l_max=96), "chat": Workload(turns=1, questions=2, l_max=64)}
 NAMES = ["Nina", "Omar", "Lena", "Ravi", "Sofia", "Kenji", "Amara", "Tomas", "Ines", "Yusuf", "Mila", "Arjun",
          "Clara", "Bruno", "Hana", "Diego"]
 RELATIVES = ["sister", "brother", "cousin", "neighbour", "friend", "uncle"]
