@@ -6,9 +6,11 @@ crossing l_max writes memory: a flashcard per turn by the model, then training),
 about them. Two workloads: "writes" (2 turns then 1 question per message, l_max 96: a write about
 every second message, two flashcards per answer) and "chat" (1 turn then 2 questions, l_max 64: a
 write about every second message, one flashcard per two answers). After `seconds`, no new request
-is sent; the run ends when the last one returns. Then the server is SIGKILLed and restarted on the same store, and every
-session is checked: every acknowledged turn is there (turns counter), and at least every write a
-response reported as committed; every state file and weights file reads back.
+is sent; the run ends when the last one returns and every write the turns triggered is committed:
+its time is the run's time (answer tokens/s and writes/min are over it, so each server is charged
+for all the work it accepted). Then the server is SIGKILLed and restarted on the same store, and
+every session is checked: every acknowledged turn is there (turns counter), and at least every
+write a response reported as committed; every state file and weights file reads back.
 
 The naive server (`tmem serve --naive`) is the same program answering one request at a time with
 one session swapped in (a pool of one row), writing one session at a time, never overlapping an
@@ -124,8 +126,9 @@ def serve_args(store: Path, naive: bool, l_max: int) -> list[str]:
             "--max-batch", "32", "--max-write-batch", "16", "--max-tokens", "64", *(["--naive"] if naive else [])]
 
 
-def load_run(naive: bool, seconds: float, workdir: Path, workload: str = "writes") -> dict:
-    """One timed run against a fresh server and store; then the kill-restart check. Returns the figures."""
+def load_run(naive: bool, seconds: float, workdir: Path, workload: str = "writes", drain_limit: float = 900) -> dict:
+    """One timed run against a fresh server and store: the clients for `seconds`, then until every
+    write they triggered is committed (at most `drain_limit` s); then the kill-restart check."""
     work = WORKLOADS[workload]
     store, port = workdir / f"{workload}-{'naive' if naive else 'batched'}", free_port()
     log = workdir / f"{store.name}.log"
@@ -137,6 +140,8 @@ def load_run(naive: bool, seconds: float, workdir: Path, workload: str = "writes
         await asyncio.gather(*(run_session(i, server.url, t0 + seconds, logs[i], work) for i in range(SESSIONS)))
 
     asyncio.run(clients())
+    answered = time.monotonic() - t0
+    drained = drain(server, drain_limit)  # every write the turns triggered, committed
     elapsed = time.monotonic() - t0
     committed = server.metric('tmem_writes_total{outcome="committed"}')
     empty = server.metric('tmem_writes_total{outcome="empty"}')
@@ -151,6 +156,7 @@ def load_run(naive: bool, seconds: float, workdir: Path, workload: str = "writes
     tokens = sum(lg.answer_tokens for lg in logs)
     return {
         "workload": workload, "mode": "naive" if naive else "batched", "seconds": round(elapsed, 1),
+        "answering_s": round(answered, 1), "drained": drained,
         "answers": len(latencies), "answer_tokens": tokens, "tokens_per_s": tokens / elapsed,
         "all_tokens_per_s": (tokens + card_tokens) / elapsed,
         "p50_s": statistics.median(latencies) if latencies else float("nan"),
@@ -159,6 +165,16 @@ def load_run(naive: bool, seconds: float, workdir: Path, workload: str = "writes
         "writes_per_min": committed / (elapsed / 60), "cards": cards, "card_tokens": card_tokens,
         "errors": sum(len(lg.errors) for lg in logs), "lost": lost, **server_side,
     }
+
+
+def drain(server: ServerProcess, limit: float) -> bool:
+    """Wait until no session has a pending write (True), or `limit` seconds (False)."""
+    deadline = time.monotonic() + limit
+    while server.metric('tmem_queue_depth{queue="write"}') > 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1)
+    return True
 
 
 def verify(store: Path, port: int, log: Path, logs: list[SessionLog], l_max: int) -> int:
