@@ -7,7 +7,17 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.tmem-installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: install demo test lint bench eval clean
+# The GPU image's versions (torch 2.11 there; the CPU torch wheel here), in a venv of their own.
+# Triton 3.6's interpreter breaks with numpy >= 2.4, so numpy is pinned below it there.
+COMPAT       := .venv-compat
+COMPAT_STAMP := $(COMPAT)/.tmem-installed
+COMPAT_PINS  := "triton==3.6.0" "transformers==5.17.0" "numpy<2.4"
+# the kernel and runtime tests (everything that runs a Triton kernel, the write path, PEFT parity)
+COMPAT_TESTS := tests/test_lora_mlp.py tests/test_update.py tests/test_rsvd.py tests/test_fast_weights.py \
+                tests/test_write_steps.py tests/test_lora_segmented.py tests/test_library.py tests/test_pool.py \
+                tests/test_families.py
+
+.PHONY: install demo test test-compat gpu-check lint bench eval clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +37,26 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
+$(COMPAT_STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(COMPAT)/bin/python || $(PY) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install -q --upgrade pip
+	$(COMPAT)/bin/pip install -q "$(TORCH)"
+	$(COMPAT)/bin/pip install -q $(COMPAT_PINS)
+	$(COMPAT)/bin/pip install -q -e ".[kernels,reference,dev]" "$(TORCH)" $(COMPAT_PINS)
+	touch $(COMPAT_STAMP)
+
+# The kernel and runtime tests (and the sm_90 compile check) under the GPU image's Triton/transformers.
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT)/bin/python -c "import triton, transformers; print('compat: triton', triton.__version__, \
+	  '| transformers', transformers.__version__)"
+	$(COMPAT)/bin/python -m pytest $(COMPAT_TESTS)
+
+# One prepared GPU run (at most 8 minutes on an H100), on a machine with the image's packages only: run it as
+#   pip install -e . --no-deps --no-build-isolation; make gpu-check        (results: $OUT or ./gpu_out)
+# Without CUDA it is a dry run of the same script (CUDA-only parts skipped or shortened).
+gpu-check:
+	timeout -k 10 480 bash tools/gpu_check.sh
+
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-columns=min,median,mean,rounds -s
 
@@ -34,4 +64,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info tmem_kernels/*.so
+	rm -rf $(VENV) $(COMPAT) build *.egg-info tmem_kernels/*.so

@@ -7,6 +7,7 @@ TMEM_PEAK_TFLOPS / TMEM_PEAK_TBPS override the peak table for devices it does no
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 
@@ -55,6 +56,24 @@ def random_model(name: str, dtype: torch.dtype, device: torch.device = DEVICE) -
     return model.to(dtype).eval().requires_grad_(False)
 
 
+Example = tuple[list[int], list[int]]
+
+
+def flashcard_examples(tokens: int, vocab: int, examples: int = 16, prefix: int = 24) -> list[Example]:
+    """`examples` flashcard-like rows of tokens/examples tokens: a shared `prefix` (as a chat template gives),
+    a random "question", then a random "answer" (the row's last quarter) that carries the loss, as
+    `write_qa` trains. Returns (input_ids, labels) pairs; labels are -100 outside the answer."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.randint(0, vocab, (prefix,), generator=g).tolist()
+    length = tokens // examples
+    answer = length // 4
+    rows = []
+    for _ in range(examples):
+        ids = head + torch.randint(0, vocab, (length - prefix,), generator=g).tolist()
+        rows.append((ids, [-100] * (length - answer) + ids[-answer:]))
+    return rows
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU"
 
@@ -70,17 +89,39 @@ def device_peaks(dtype: torch.dtype) -> tuple[float | None, float | None]:
     return peak_flops, peak_bw
 
 
+CUDA_ONLY = {"auto-eager"}  # rows that only mean something on a GPU (auto-eager: a write without CUDA graphs)
+
+
+def unavailable(impl: str, dtype: torch.dtype = torch.float32) -> str | None:
+    """Why `impl` cannot be timed here (None: it can). A kernel backend, a "triton+..." variant,
+    "peft", "cuda-..." or one of CUDA_ONLY (CUDA-only rows)."""
+    if impl in CUDA_ONLY and DEVICE.type != "cuda":
+        return "CUDA only"
+    if impl == "peft":
+        return None if importlib.util.find_spec("peft") else "PEFT is not installed"
+    if impl.startswith("cuda-") or impl.startswith("triton"):
+        if DEVICE.type != "cuda":
+            return "needs CUDA (Triton under the CPU interpreter is far too slow to time)"
+        if impl.startswith("triton") and not ops.available("triton"):
+            return "Triton is not installed"
+    if impl == "native":
+        if DEVICE.type != "cpu" or dtype != torch.float32:
+            return "the native extension runs float32 on the CPU"
+        if not ops.available("native"):
+            return "the native extension is not built"
+    return None
+
+
+def impl_params(impls: list[str], dtype: torch.dtype = torch.float32) -> list:
+    """`impls` as pytest params, the ones that cannot run here skipped with the reason (never absent)."""
+    return [
+        pytest.param(i, marks=pytest.mark.skip(reason=why)) if (why := unavailable(i, dtype)) else i for i in impls
+    ]
+
+
 def kernel_backends(dtype: torch.dtype) -> list[str]:
     """Kernel backends importable here and worth timing on DEVICE (the interpreter is far too slow)."""
-    names = []
-    for name in ops.BACKENDS:
-        if name == "triton" and DEVICE.type != "cuda":
-            continue
-        if name == "native" and (DEVICE.type != "cpu" or dtype != torch.float32):
-            continue
-        if ops.available(name):
-            names.append(name)
-    return names
+    return [name for name in ops.BACKENDS if unavailable(name, dtype) is None]
 
 
 def shape_cases(slow_cpu: tuple[str, int] = ("qwen3-4b", 4096)) -> list:

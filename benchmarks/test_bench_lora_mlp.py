@@ -35,6 +35,7 @@ from benchmarks.common import (
     SHAPES,
     device_name,
     device_peaks,
+    impl_params,
     kernel_backends,
     shape_cases,
     write_summary,
@@ -44,7 +45,7 @@ from tmem_kernels import ops
 DTYPE = getattr(torch, os.environ.get("TMEM_BENCH_DTYPE", "bfloat16" if DEVICE.type == "cuda" else "float32"))
 CASES = shape_cases()
 BACKENDS = kernel_backends(DTYPE)
-IMPLS = BACKENDS + (["triton+sgd"] if "triton" in BACKENDS else []) + ["peft"]
+IMPLS = ["torch", "native", "triton", "triton+sgd", "peft"]  # every row; the ones that cannot run here skip
 
 
 def mlp_cost(n: int, h: int, i: int, r: int, elt: int) -> tuple[float, float]:
@@ -142,7 +143,7 @@ def _step_fn(impl: str, t: dict[str, torch.Tensor]) -> Callable[[], None]:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", impl_params(IMPLS, DTYPE))
 @pytest.mark.parametrize("model, n", CASES)
 def test_lora_mlp_fwd_bwd(benchmark, model: str, n: int, impl: str) -> None:
     case = f"{model}-N{n}"
@@ -157,6 +158,62 @@ def test_lora_mlp_fwd_bwd(benchmark, model: str, n: int, impl: str) -> None:
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1 if big else 2)
     if benchmark.stats is not None:  # None under --benchmark-disable
         _results.setdefault(case, {})[impl] = benchmark.stats.stats.median
+
+
+def kernel_costs(n: int, h: int, i: int, elt: int) -> dict[str, tuple[float, float]]:
+    """(FLOPs, bytes) of each Triton kernel of one B-only fwd+bwd (base GEMMs and the tensors each must move;
+    the rank-6 terms are negligible). Split-K reduce and the SGD apply: bytes only (fp32 partials ignored)."""
+    nhi = n * h * i
+    return {
+        "_fwd_gate_up_kernel": (4.0 * nhi, elt * (n * h + 2 * i * h + 3 * n * i)),  # x, Wg, Wu; h, gate, up
+        "_fwd_down_kernel": (2.0 * nhi, elt * (n * i + h * i + n * h)),  # h, Wd; y
+        "_bwd_dh_kernel": (2.0 * nhi, elt * (n * h + h * i + 4 * n * i)),  # dy, Wd, gate, up; dgate, dup
+        "_bwd_dx_kernel": (4.0 * nhi, elt * (2 * n * i + 2 * i * h + n * h)),  # dgate, dup, Wg, Wu; dx
+    }
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="per-kernel device times come from the CUDA profiler")
+@pytest.mark.parametrize("model, n", CASES)
+def test_kernel_shares(model: str, n: int) -> None:
+    """Each Triton kernel's device time in one fwd+bwd (torch.profiler, 5 steps) for the summary's shares."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = _step_fn("triton", _tensors(model, n))
+    step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+    times = {}
+    for evt in prof.key_averages():
+        if evt.key.startswith("_") and evt.key.endswith("_kernel"):
+            total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+            times[evt.key] = total * 1e-6 / 5  # seconds per step
+    assert "_fwd_gate_up_kernel" in times and "_bwd_dh_kernel" in times, sorted(times)
+    _kernel_times[f"{model}-N{n}"] = times
+
+
+_kernel_times: dict[str, dict[str, float]] = {}  # case -> Triton kernel -> seconds per fwd+bwd
+
+
+def kernel_share_lines() -> list[str]:
+    peak_flops, peak_bw = device_peaks(DTYPE)
+    if not _kernel_times or peak_flops is None or peak_bw is None:
+        return []
+    elt = torch.finfo(DTYPE).bits // 8
+    lines = ["", f"per-kernel (torch.profiler), {DTYPE}, on {device_name()}: us per fwd+bwd, bound, share of it"]
+    for case, times in _kernel_times.items():
+        model, n = case.split("-N")
+        costs = kernel_costs(int(n), *SHAPES[model], elt)
+        parts = []
+        for name, t in sorted(times.items(), key=lambda kv: -kv[1]):
+            if name in costs:
+                flops, nbytes = costs[name]
+                bound, kind = max((flops / peak_flops, "compute"), (nbytes / peak_bw, "memory"))
+                parts.append(f"{name.strip('_').removesuffix('_kernel')} {t * 1e6:.0f} ({kind} {100 * bound / t:.0f}%)")
+            else:
+                parts.append(f"{name.strip('_').removesuffix('_kernel')} {t * 1e6:.0f}")
+        lines.append(f"{case:<16} " + ", ".join(parts))
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,7 +244,7 @@ def summary_lines() -> list[str]:
             lines.append(f"    {kind}-bound at {bound * 1e3:.3f} ms; fraction of the bound reached: {frac}")
     if peak_flops is None and DEVICE.type == "cuda":
         lines.append("(unknown device peaks: set TMEM_PEAK_TFLOPS and TMEM_PEAK_TBPS for bound fractions)")
-    return lines
+    return lines + kernel_share_lines()
 
 
 @pytest.fixture(scope="module", autouse=True)

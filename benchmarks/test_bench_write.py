@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import mm_rate, random_model
+from benchmarks.common import impl_params, mm_rate, random_model
 from tmem_runtime import FastWeights, load_model
 from tmem_runtime.recipes import RECIPES
 
@@ -67,7 +67,7 @@ def _flops(model, tokenizer, backend: str) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "peft"])
+@pytest.mark.parametrize("backend", impl_params(["auto", "torch", "peft"]))
 def test_write_32_pairs_paper_recipe(benchmark, smollm2, backend):
     model, tokenizer = smollm2
     benchmark.group = "write: 32 QA pairs, paper recipe (10 steps)"

@@ -1,16 +1,38 @@
-"""Test-wide setup: Triton runs under its interpreter on machines without CUDA.
+"""Test-wide setup: one suite for both machines.
 
+The `device` fixture is where the kernel and runtime tests run: the CUDA device when there is one (the
+real Triton kernels, compiled), else the CPU, where the Triton kernels run under their interpreter.
 TRITON_INTERPRET must be set before any Triton kernel module is imported, so it is set here, at
-collection time, before the test modules import tmem_kernels.
+collection time, before the test modules import tmem_kernels (and only without CUDA).
+
+`@pytest.mark.cuda`: a test that needs a CUDA device (CUDA graphs, streams, sizes only a GPU holds);
+skipped elsewhere with that reason.
 """
 
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
+CUDA = torch.cuda.is_available()
+if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # One intra-op thread: the suite is many small ops, and on a shared 2-core box OpenMP
 # oversubscription makes them 10-40x slower (measured); one thread is fast and deterministic.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device the kernel and runtime tests run on: CUDA (real kernels) or CPU (the Triton interpreter)."""
+    return torch.device("cuda" if CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (runs in `make gpu-check` / `make test` on a GPU)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,4 +1,8 @@
-"""FastWeights on tiny random-weight models: parity with PEFT, exactness of attach/reset/detach, bad input."""
+"""FastWeights on tiny random-weight models: parity with PEFT, exactness of attach/reset/detach, bad input.
+
+The models live on the `device` fixture's device (conftest.py): CUDA on a GPU machine (the Triton backend
+then runs the compiled kernels), else the CPU (Triton under its interpreter, and the native extension).
+"""
 
 from __future__ import annotations
 
@@ -26,7 +30,9 @@ from tmem_runtime.fast_weights import fast_weights_of
 from tmem_runtime.models import tiny_config
 from tmem_runtime.recipes import Recipe
 
-KERNEL_BACKENDS = [b for b in ("torch", "native", "triton") if available(b)]
+# the native extension is a CPU backend: on a CUDA machine the models (and so these tests) are on the GPU
+KERNEL_BACKENDS = [b for b in ("torch", "native", "triton") if available(b)
+                   and not (b == "native" and torch.cuda.is_available())]  # fmt: skip
 
 
 def make_batch(seed: int = 0, rows: int = 3, width: int = 23, shared: int = 7) -> dict[str, torch.Tensor]:
@@ -44,14 +50,15 @@ def make_batch(seed: int = 0, rows: int = 3, width: int = 23, shared: int = 7) -
 
 
 @pytest.fixture(params=["tiny-llama", "tiny-qwen3"])
-def tiny(request):
+def tiny(request, device):
     model, _ = load_model(request.param)
-    return model
+    return model.to(device)
 
 
 def logits(model, batch):
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+        return model(input_ids=ids, attention_mask=mask).logits
 
 
 def assert_matrices_close(got: dict, want: dict, rtol: float) -> None:
@@ -445,3 +452,15 @@ def test_bf16_updates_below_a_bf16_ulp_still_accumulate():
     assert moved.abs().max() > 0
     assert torch.equal(before.bfloat16(), fw.store.engine.b[0].bfloat16())  # a bf16 B would not have moved
     fw.detach()
+
+
+def test_middle_layers_match_peft(tiny):
+    """Fast weights on chosen layers (here two middle ones), the layers above them frozen but run
+    every step: the same losses as PEFT with layers_to_transform."""
+    batches = [make_batch(0), make_batch(1)] * 2
+    fast, fast_state = run_write(tiny, "torch", batches, lr=1e-2, optimizer="adamw", attach={"num_layers": (2, 3)})
+    ref, ref_state = run_write(tiny, "peft", batches, lr=1e-2, optimizer="adamw", attach={"num_layers": (2, 3)})
+    assert sorted({int(k.split(".")[1]) for k in fast_state}) == [2, 3]
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(ref), rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="not indices"):
+        FastWeights(tiny, num_layers=(5, 9))

@@ -7,6 +7,7 @@ independent reference: a fresh copy of the model with `FastWeights` loaded from 
 in the store. The durability and scale-out tests run real `tmem serve` subprocesses.
 """
 
+# ruff: noqa: E402  (the serve extra is checked before the modules that import it)
 from __future__ import annotations
 
 import json
@@ -15,8 +16,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
+
+for _package in ("fastapi", "uvicorn", "httpx", "openai"):  # the `serve` extra
+    pytest.importorskip(_package)
+
+import httpx
+import openai
 import torch
 
 from tmem_runtime import FastWeights
@@ -31,9 +37,6 @@ from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
 from tmem_runtime.serve.store import SessionRecord, Store
 from tmem_runtime.serve.writer import DecodeThreadGenerator, common_prefix
-
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
 
 KEYS = {"key-acme": "acme", "key-globex": "globex"}
 ACME = {"Authorization": "Bearer key-acme"}

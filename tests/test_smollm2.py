@@ -7,9 +7,10 @@ import torch
 
 from tmem_kernels.ops import available
 from tmem_runtime import DivergedWriteError, FastWeights, NonFiniteLossError, Recipe, load_model
-from tmem_runtime.chat import ask
-from tmem_runtime.demo_facts import FACTS, recalled
+from tmem_runtime.demo_facts import FACTS
 from tmem_runtime.examples import collate, qa_example
+from tmem_runtime.fact_sets import load_fact_set
+from tmem_runtime.recall import ask_facts, write_and_recall
 
 pytestmark = pytest.mark.slow
 
@@ -59,22 +60,22 @@ def test_fresh_and_reset_adapter_give_bare_logits(smollm2):
         assert torch.equal(model(**inputs).logits, bare)
 
 
-def test_ten_facts_are_recalled_from_weights_and_gone_after_reset(smollm2):
+def test_held_out_facts_are_recalled_from_weights_and_gone_after_reset(smollm2):
+    """The default recipe on ten facts it was not chosen on (rare multi-token names: the kind the issue
+    found at 6/10 with the earlier 10-epoch default), scored as the demo and the recipe study score it."""
     model, tokenizer = smollm2
-    questions = [q for q, _ in FACTS]
+    facts = load_fact_set("people_and_pets")
+    assert facts.split == "held-out"
     fw = FastWeights(model)
     try:
-        losses = fw.write_qa(tokenizer, FACTS, recipe="default")
-        assert losses[-1] < 0.2 * losses[0]
-        after = ask(model, tokenizer, questions)
+        run = write_and_recall(fw, tokenizer, facts.facts, recipe="default", paraphrases=False)
         fw.reset()
-        gone = ask(model, tokenizer, questions)
+        _, gone = ask_facts(model, tokenizer, facts.facts)
     finally:
         fw.detach()
-    n_after = sum(recalled(a, e) for a, (_, e) in zip(after, FACTS))
-    n_gone = sum(recalled(a, e) for a, (_, e) in zip(gone, FACTS))
-    assert n_after >= 8, after
-    assert n_gone <= 1, gone
+    assert len(run.losses) == 15 and run.losses[-1] < 0.05 * run.losses[0]
+    assert run.recalled >= 9, run.answers
+    assert sum(gone) <= 1
 
 
 def test_empty_pair_list_is_zero_steps(smollm2):

@@ -1,9 +1,9 @@
 """Fused optimizer steps (`tmem_kernels.update`) against `reference` and torch.optim, over several steps.
 
-Under TRITON_INTERPRET=1 on CPU (conftest.py). fp32: within 1e-6 relative (a few ulps) of
-torch.optim.SGD / torch.optim.AdamW after 5 steps, with lr and step as numbers and as 1-element tensors
-(the CUDA-graph form); bf16 storage: within 1e-2 of the fp32 reference. Odd sizes so the last block is
-partial; one launch per step.
+On the `device` fixture's device (conftest.py): CUDA, or the CPU under TRITON_INTERPRET=1. fp32: within
+1e-6 relative (a few ulps) of torch.optim.SGD / torch.optim.AdamW after 5 steps, with lr and step as
+numbers and as 1-element tensors (the CUDA-graph form); bf16 storage: within 1e-2 of the fp32 reference.
+Odd sizes so the last block is partial; one launch per step.
 """
 
 from __future__ import annotations
@@ -24,24 +24,29 @@ SIZES = [1, 1000, 3 * 1024 + 7]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() / max(1.0, b.double().abs().max().item())
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
+    return (a - b).abs().max().item() / max(1.0, b.abs().max().item())
 
 
-def grads(n: int, steps: int, seed: int = 0) -> list[torch.Tensor]:
+def grads(n: int, steps: int, seed: int = 0, device="cpu") -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, generator=g) for _ in range(steps)]
+    return [torch.randn(n, generator=g).to(device) for _ in range(steps)]
+
+
+def randn(*shape: int, seed: int, device="cpu") -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("lr_as_tensor", [False, True])
-def test_sgd_matches_reference_and_torch(n, weight_decay, lr_as_tensor):
-    p0 = torch.randn(n, generator=torch.Generator().manual_seed(1))
+def test_sgd_matches_reference_and_torch(n, weight_decay, lr_as_tensor, device):
+    p0 = randn(n, seed=1, device=device)
     mine, spec = p0.clone(), p0.clone()
     theirs = p0.clone().requires_grad_(True)
     opt = torch.optim.SGD([theirs], lr=0.05, weight_decay=weight_decay)
-    lr = torch.tensor([0.05]) if lr_as_tensor else 0.05
-    for g in grads(n, 5):
+    lr = torch.tensor([0.05], device=device) if lr_as_tensor else 0.05
+    for g in grads(n, 5, device=device):
         sgd_step_(mine, g, lr, weight_decay)
         ref.sgd_step_(spec, g, 0.05, weight_decay)
         theirs.grad = g.clone()
@@ -52,15 +57,15 @@ def test_sgd_matches_reference_and_torch(n, weight_decay, lr_as_tensor):
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("as_tensors", [False, True], ids=["numbers", "tensors"])
-def test_adamw_matches_reference_and_torch(n, as_tensors):
-    p0 = torch.randn(n, generator=torch.Generator().manual_seed(2))
-    mine, m, v = p0.clone(), torch.zeros(n), torch.zeros(n)
-    spec, ms, vs = p0.clone(), torch.zeros(n), torch.zeros(n)
+def test_adamw_matches_reference_and_torch(n, as_tensors, device):
+    p0 = randn(n, seed=2, device=device)
+    mine, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    spec, ms, vs = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
     theirs = p0.clone().requires_grad_(True)
     kw = dict(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.05)
     opt = torch.optim.AdamW([theirs], lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)
-    step_t, lr_t = torch.zeros(1), torch.tensor([1e-2])
-    for step, g in enumerate(grads(n, 5, seed=3), start=1):
+    step_t, lr_t = torch.zeros(1, device=device), torch.tensor([1e-2], device=device)
+    for step, g in enumerate(grads(n, 5, seed=3, device=device), start=1):
         if as_tensors:
             step_t += 1  # what a captured CUDA graph does between replays
             adamw_step_(mine, g, m, v, step_t, lr_t, **kw)
@@ -76,36 +81,37 @@ def test_adamw_matches_reference_and_torch(n, as_tensors):
         assert rel_err(m, ms) < 1e-6 and rel_err(v, vs) < 1e-6
 
 
-def test_adamw_default_hyperparameters_and_2d_buffer():
+def test_adamw_default_hyperparameters_and_2d_buffer(device):
     """Any-shape contiguous buffer (the flat adapter buffer may be viewed 2-D); reference defaults."""
-    p0 = torch.randn(37, 29, generator=torch.Generator().manual_seed(4))
+    p0 = randn(37, 29, seed=4, device=device)
     mine, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
     spec, ms, vs = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
-    for step, g in enumerate(grads(37 * 29, 3, seed=5), start=1):
+    for step, g in enumerate(grads(37 * 29, 3, seed=5, device=device), start=1):
         g = g.view(37, 29)
         adamw_step_(mine, g, m, v, step, 3e-3)
         ref.adamw_step_(spec, g, ms, vs, step, 3e-3)
     assert rel_err(mine, spec) < 1e-6
 
 
-def test_adamw_integer_step_tensor():
+def test_adamw_integer_step_tensor(device):
     """An int64 step tensor (not just torch's float32 `capturable` one) reads the same in the kernel."""
-    p0 = torch.randn(300, generator=torch.Generator().manual_seed(8))
-    mine, m, v = p0.clone(), torch.zeros(300), torch.zeros(300)
-    spec, ms, vs = p0.clone(), torch.zeros(300), torch.zeros(300)
-    for step, g in enumerate(grads(300, 3, seed=9), start=1):
-        adamw_step_(mine, g, m, v, torch.tensor([step], dtype=torch.int64), torch.tensor([1e-2]))
+    p0 = randn(300, seed=8, device=device)
+    mine, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    spec, ms, vs = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    for step, g in enumerate(grads(300, 3, seed=9, device=device), start=1):
+        step_t = torch.tensor([step], dtype=torch.int64, device=device)
+        adamw_step_(mine, g, m, v, step_t, torch.tensor([1e-2], device=device))
         ref.adamw_step_(spec, g, ms, vs, step, 1e-2)
     assert rel_err(mine, spec) < 3e-6
 
 
-def test_bf16_storage():
+def test_bf16_storage(device):
     n = 2049
-    p0 = torch.randn(n, generator=torch.Generator().manual_seed(6))
-    spec, ms, vs = p0.clone(), torch.zeros(n), torch.zeros(n)
-    mine, m, v = p0.bfloat16(), torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
+    p0 = randn(n, seed=6, device=device)
+    spec, ms, vs = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    mine, m, v = p0.bfloat16(), torch.zeros_like(p0, dtype=torch.bfloat16), torch.zeros_like(p0, dtype=torch.bfloat16)
     sgd_mine, sgd_spec = p0.bfloat16(), p0.clone()
-    for step, g in enumerate(grads(n, 3, seed=7), start=1):
+    for step, g in enumerate(grads(n, 3, seed=7, device=device), start=1):
         adamw_step_(mine, g.bfloat16(), m, v, step, 1e-2)
         ref.adamw_step_(spec, g.bfloat16().float(), ms, vs, step, 1e-2)
         sgd_step_(sgd_mine, g.bfloat16(), 0.1)
@@ -121,10 +127,10 @@ def test_one_launch_per_step():
     assert c["constexprs"]["BLOCK"] & (c["constexprs"]["BLOCK"] - 1) == 0 and c["num_warps"] in (1, 2, 4, 8)
 
 
-def test_empty_buffer_is_a_no_op():
-    p = torch.zeros(0)
-    sgd_step_(p, torch.zeros(0), 0.1)
-    adamw_step_(p, torch.zeros(0), torch.zeros(0), torch.zeros(0), 1, 0.1)
+def test_empty_buffer_is_a_no_op(device):
+    p = torch.zeros(0, device=device)
+    sgd_step_(p, p.clone(), 0.1)
+    adamw_step_(p, p.clone(), p.clone(), p.clone(), 1, 0.1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,13 +138,13 @@ def test_empty_buffer_is_a_no_op():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_rejects_bad_input():
-    p, g = torch.zeros(64), torch.zeros(64)
-    m, v = torch.zeros(64), torch.zeros(64)
+def test_rejects_bad_input(device):
+    p, g = torch.zeros(64, device=device), torch.zeros(64, device=device)
+    m, v = torch.zeros(64, device=device), torch.zeros(64, device=device)
     with pytest.raises(ValueError, match="contiguous"):
-        sgd_step_(torch.zeros(8, 8).t(), torch.zeros(8, 8), 0.1)
+        sgd_step_(torch.zeros(8, 8, device=device).t(), torch.zeros(8, 8, device=device), 0.1)
     with pytest.raises(ValueError, match="grad has shape"):
-        sgd_step_(p, torch.zeros(63), 0.1)
+        sgd_step_(p, torch.zeros(63, device=device), 0.1)
     with pytest.raises(TypeError, match="mixed dtypes"):
         sgd_step_(p, g.double(), 0.1)
     with pytest.raises(TypeError, match="not supported"):
@@ -146,11 +152,11 @@ def test_rejects_bad_input():
     with pytest.raises(ValueError, match="mixed devices"):
         sgd_step_(p, g.to("meta"), 0.1)
     with pytest.raises(ValueError, match="exactly 1 element"):
-        sgd_step_(p, g, torch.tensor([0.1, 0.2]))
+        sgd_step_(p, g, torch.tensor([0.1, 0.2], device=device))
     with pytest.raises(TypeError, match="lr must be a number"):
         sgd_step_(p, g, "0.1")
     with pytest.raises(ValueError, match="exp_avg_sq has shape"):
-        adamw_step_(p, g, m, torch.zeros(32), 1, 0.1)
+        adamw_step_(p, g, m, torch.zeros(32, device=device), 1, 0.1)
     with pytest.raises(TypeError, match="mixed dtypes"):
         adamw_step_(p, g, m.bfloat16(), v, 1, 0.1)
     with pytest.raises(ValueError, match="step counts from 1"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tmem_runtime import FastWeights, load_model
+from tmem_runtime import write as write_module
 from tmem_runtime.examples import collate
 from tmem_runtime.recipes import Recipe
 from tmem_runtime.trainer import Workspace, WriteRun
@@ -24,9 +25,9 @@ def examples(n: int = 6, shared: int = 9, seed: int = 0) -> list[tuple[list[int]
 
 
 @pytest.fixture
-def tiny():
+def tiny(device):
     model, _ = load_model("tiny-llama")
-    return model
+    return model.to(device)
 
 
 def test_fixed_shape_plans_give_the_same_losses(tiny):
@@ -96,11 +97,10 @@ def test_a_write_is_atomic_when_a_later_step_goes_non_finite(tiny):
     fw.detach()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_cuda_graph_write_matches_eager(optimizer):
-    model, _ = load_model("tiny-llama")
-    model.to("cuda")
+def test_cuda_graph_write_matches_eager(optimizer, tiny):
+    model = tiny
     losses, states = [], []
     for graphs in (False, True):
         fw = FastWeights(model, backend="auto", cuda_graphs=graphs)
@@ -125,4 +125,20 @@ def test_an_error_mid_write_leaves_the_adapter_as_it_was(tiny):
     with pytest.raises(KeyboardInterrupt):
         fw.write([collate(examples(3, seed=s)) for s in range(3)], lr=1e-2, optimizer="adamw", on_step=stop_at_step_2)
     assert all(torch.equal(fw.state_dict()[k], before[k]) for k in before)
+    fw.detach()
+
+
+def test_a_big_head_runs_the_chunked_cross_entropy_with_the_same_losses(tiny, monkeypatch):
+    """Past CHUNKED_HEAD_LOGITS (K x V) the head's loss is chunked (no [K, V] logits): same losses."""
+    batches = [collate(examples(4, seed=s)) for s in range(2)] * 2
+    fw = FastWeights(tiny, backend="torch")
+    plain = fw.write(batches, lr=1e-2, optimizer="adamw")
+    fw.reset()
+    calls = []
+    original = write_module.linear_cross_entropy
+    monkeypatch.setattr(write_module, "linear_cross_entropy", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(write_module, "CHUNKED_HEAD_LOGITS", 0)
+    chunked = fw.write(batches, lr=1e-2, optimizer="adamw")
+    assert len(calls) == len(batches)
+    torch.testing.assert_close(torch.tensor(chunked), torch.tensor(plain), rtol=1e-5, atol=1e-6)
     fw.detach()

@@ -30,9 +30,15 @@ atomics into a small workspace the size of the B's (and A's), so they are not bi
 run. With `sgd_lr`, that workspace is applied in place (`B -= sgd_lr * dB`) by one last launch after
 every kernel that reads B has run; autograd never sees a dB and no optimizer step runs.
 
-`launch_configs` lists every launch (grid, constexprs, the shape of every tl.dot) for tests; the default
-tiles (`default_config`) were checked for sm_90 by compiling them (no register spills, no serialised
-wgmma, shared memory within an H100's), not by timing them on a GPU.
+Tiles depend on the shape (`tmem_kernels.tiles.select_config`: decode tiles for <= 16 rows, smaller tiles
+and split-K where a grid would under-fill the card). _fwd_down and _bwd_dx may split their reduction over I:
+each split stores fp32 partials and `_split_k_reduce_kernel` sums them in split order and applies the
+epilogue, so the forward stays bitwise deterministic (no atomics outside the factor gradients).
+`launch_configs` lists every launch (grid, constexprs, the shape of every tl.dot) for tests; every tile it
+can pick is compiled for sm_90 by `tools/compile_sm90.py` (no register spills, no serialised wgmma, shared
+memory within an H100's), not yet timed on a GPU. An inference call of <= 16 rows on CUDA runs the torch
+composition (cuBLAS) instead (`tiles.decode_path`). fp32 dots use TF32 when torch's float32 matmul
+precision is not "highest".
 
 Under TRITON_INTERPRET=1 (CPU tensors) the interpreter computes 16-bit `tl.dot` wrongly and truncates
 fp32 -> bf16, so there (`INTERPRET`) dot operands are upcast to fp32 and bf16 rounding is done by hand
@@ -43,25 +49,41 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from tmem_kernels import reference
+from tmem_kernels.tiles import (
+    APPLY_BLOCK,
+    DECODE_ROWS,
+    MAX_RANK,
+    MIN_DOT,
+    KernelConfig,
+    LoRAMLPConfig,
+    decode_path,
+    default_config,
+    dot_precision,
+    launch_configs,
+    num_sms,
+    select_config,
+)
+
 __all__ = [
+    "DECODE_ROWS",
     "MAX_RANK",
     "MIN_DOT",
     "KernelConfig",
     "LoRAMLPConfig",
     "LoRAMLPFunction",
+    "decode_path",
     "default_config",
     "launch_configs",
     "lora_mlp",
+    "select_config",
 ]
 
-MAX_RANK = 16  # largest LoRA rank the kernels accept (one padded R block)
-MIN_DOT = 16  # smallest tl.dot dimension the GPU compiler accepts
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -166,12 +188,16 @@ def _fwd_gate_up_kernel(
 @triton.jit
 def _fwd_down_kernel(
     h_ptr, wd_ptr, ad_ptr, bd_ptr,  # inputs
-    y_ptr, ha_ptr,  # outputs
-    N, H, I_DIM, R, scaling,
+    y_ptr, ha_ptr, part_ptr, part_r_ptr,  # outputs (part*: fp32 split-K partials [SPLIT_K, N, H], [SPLIT_K, N, R])
+    N, H, I_DIM, R, scaling, K_SPLIT,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-    SAVE: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    SPLIT_K: tl.constexpr, SAVE: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """Tile [BLOCK_M, BLOCK_N] of y = h @ w_down.T + s * (h @ a_down.T) @ b_down.T; K loop over I_DIM."""
+    """Tile [BLOCK_M, BLOCK_N] of y = h @ w_down.T + s * (h @ a_down.T) @ b_down.T; K loop over I_DIM.
+
+    SPLIT_K > 1: program (m, n, k) reduces only I_DIM[k * K_SPLIT, (k + 1) * K_SPLIT) and stores its fp32
+    partials; `_split_k_reduce_kernel` sums them in split order (deterministic) and applies the epilogue.
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     dt = h_ptr.dtype.element_ty
@@ -183,12 +209,18 @@ def _fwd_down_kernel(
     mask_r = offs_r < R
     rows_m = offs_m.to(tl.int64)
     rows_n = offs_n.to(tl.int64)
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = I_DIM
+    else:
+        k_lo = tl.program_id(2) * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, I_DIM)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ha = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, I_DIM, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < I_DIM
+        mask_k = offs_k < k_hi
         h = tl.load(
             h_ptr + rows_m[:, None] * I_DIM + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
@@ -207,22 +239,87 @@ def _fwd_down_kernel(
         acc = _mma(h, wd, acc, INPUT_PRECISION, INTERPRET)
         ha = _mma(h, ad, ha, INPUT_PRECISION, INTERPRET)
 
-    bd = tl.load(
-        bd_ptr + rows_n[None, :] * R + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0
+    if SPLIT_K == 1:
+        bd = tl.load(
+            bd_ptr + rows_n[None, :] * R + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0
+        )
+        y = _mma(_cast(ha * scaling, dt, INTERPRET), bd, acc, INPUT_PRECISION, INTERPRET)
+        tl.store(
+            y_ptr + rows_m[:, None] * H + offs_n[None, :],
+            _cast(y, dt, INTERPRET),
+            mask=mask_m[:, None] & mask_n[None, :],
+        )
+        if SAVE:
+            if pid_n == 0:
+                tl.store(
+                    ha_ptr + rows_m[:, None] * R + offs_r[None, :],
+                    _cast(ha, dt, INTERPRET),
+                    mask=mask_m[:, None] & mask_r[None, :],
+                )
+    else:
+        _store_split_k_partials(part_ptr, part_r_ptr, acc, ha, rows_m, offs_n, offs_r, mask_m, mask_n, mask_r,
+                                N, H, R, pid_n)  # fmt: skip
+
+
+@triton.jit
+def _store_split_k_partials(part_ptr, part_r_ptr, acc, rk, rows_m, offs_n, offs_r, mask_m, mask_n, mask_r,
+                            N, C, R_TOT, pid_n):  # fmt: skip
+    """This program's fp32 partials: acc -> part[k, rows, cols] ([SPLIT_K, N, C]); the rank-sized term rk ->
+    part_r[k, rows, :R_TOT] ([SPLIT_K, N, R_TOT], from the first column of programs only)."""
+    rows = tl.program_id(2).to(tl.int64) * N + rows_m
+    tl.store(part_ptr + rows[:, None] * C + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+    if pid_n == 0:
+        tl.store(part_r_ptr + rows[:, None] * R_TOT + offs_r[None, :], rk, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    part_ptr, part_r_ptr, f1_ptr, f2_ptr,  # inputs: fp32 partials; the two halves of the expand factor F
+    out_ptr, r_out_ptr,  # outputs: out [N, C]; r_out [N, R_TOT] (the summed rank term, when SAVE_R)
+    N, C, R1, R_TOT, scaling, stride_fr, stride_fc,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT_K: tl.constexpr,
+    SAVE_R: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Epilogue of a split-K kernel: out = sum_k part[k] + (s * sum_k part_r[k]) @ F, summed in split order.
+
+    F [R_TOT, C]: rows [0, R1) read from f1, rows [R1, R_TOT) from f2, F[r, c] = f[r * stride_fr + c * stride_fc]
+    (fwd_down: F = B_down.T; bwd_dx: F = [A_gate; A_up]). Tile [BLOCK_M, BLOCK_N] of out.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    dt = out_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < N
+    mask_n = offs_n < C
+    mask_r = offs_r < R_TOT
+    rows_m = offs_m.to(tl.int64)
+    rows_n = offs_n.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rk = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k in range(SPLIT_K):  # a loop, not unrolled: one partial tile live at a time
+        rows = k * N + rows_m
+        acc += tl.load(part_ptr + rows[:, None] * C + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :])
+        rk += tl.load(part_r_ptr + rows[:, None] * R_TOT + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :])
+    f = tl.load(
+        f1_ptr + offs_r[:, None] * stride_fr + rows_n[None, :] * stride_fc,
+        mask=(offs_r < R1)[:, None] & mask_n[None, :],
+        other=0.0,
     )
-    y = _mma(_cast(ha * scaling, dt, INTERPRET), bd, acc, INPUT_PRECISION, INTERPRET)
-    tl.store(
-        y_ptr + rows_m[:, None] * H + offs_n[None, :],
-        _cast(y, dt, INTERPRET),
-        mask=mask_m[:, None] & mask_n[None, :],
+    f += tl.load(
+        f2_ptr + (offs_r[:, None] - R1) * stride_fr + rows_n[None, :] * stride_fc,
+        mask=((offs_r >= R1) & mask_r)[:, None] & mask_n[None, :],
+        other=0.0,
     )
-    if SAVE:
+    out = _mma(_cast(rk * scaling, dt, INTERPRET), f, acc, INPUT_PRECISION, INTERPRET)
+    tl.store(out_ptr + rows_m[:, None] * C + offs_n[None, :], _cast(out, dt, INTERPRET),
+             mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
+    if SAVE_R:
         if pid_n == 0:
-            tl.store(
-                ha_ptr + rows_m[:, None] * R + offs_r[None, :],
-                _cast(ha, dt, INTERPRET),
-                mask=mask_m[:, None] & mask_r[None, :],
-            )
+            tl.store(r_out_ptr + rows_m[:, None] * R_TOT + offs_r[None, :], _cast(rk, dt, INTERPRET),
+                     mask=mask_m[:, None] & mask_r[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -364,15 +461,18 @@ def _bwd_dh_kernel(
 @triton.jit
 def _bwd_dx_kernel(
     dg_ptr, du_ptr, wg_ptr, wu_ptr, ag_ptr, au_ptr, bg_ptr, bu_ptr, x_ptr,  # inputs
-    dx_ptr, da_ptr,  # outputs (da: fp32 workspace [2R, H], stacked)
-    N, H, I_DIM, R, scaling,
+    dx_ptr, da_ptr, part_ptr, part_r_ptr,  # outputs (da: fp32 workspace [2R, H], stacked; part*: split-K partials)
+    N, H, I_DIM, R, scaling, K_SPLIT,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RS_PAD: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    SPLIT_K: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Tile [BLOCK_M, BLOCK_N] of dx; K loop over I_DIM reading dgate/dup once.
 
     dx = dgate @ w_gate + dup @ w_up + s * (dgate @ b_gate | dup @ b_up) @ [A_gate; A_up] (stacked), and
     [dA_gate; dA_up] = s * (dgate @ b_gate | dup @ b_up).T @ x reduced over N (atomics).
+    SPLIT_K > 1 (only with NEED_DX and not NEED_DA): as in `_fwd_down_kernel`, fp32 partials of the K range
+    [k * K_SPLIT, (k + 1) * K_SPLIT), summed and expanded by `_split_k_reduce_kernel`.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -385,14 +485,20 @@ def _bwd_dx_kernel(
     rows_m = offs_m.to(tl.int64)
     is_g = offs_r < R
     is_u = (offs_r >= R) & (offs_r < 2 * R)
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = I_DIM
+    else:
+        k_lo = tl.program_id(2) * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, I_DIM)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dgb = tl.zeros((BLOCK_M, RS_PAD), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dgb2 = tl.zeros((BLOCK_M, RS_PAD), dtype=tl.float32)
-    for k0 in range(0, I_DIM, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < I_DIM
+        mask_k = offs_k < k_hi
         rows_k = offs_k.to(tl.int64)
         in_mask = mask_m[:, None] & mask_k[None, :]
         dg = tl.load(dg_ptr + rows_m[:, None] * I_DIM + offs_k[None, :], mask=in_mask, other=0.0)
@@ -417,38 +523,42 @@ def _bwd_dx_kernel(
 
     dgb += dgb2
     acc += acc2
-    if NEED_DX:
-        a = tl.load(
-            ag_ptr + offs_r[:, None] * H + offs_n[None, :], mask=is_g[:, None] & mask_n[None, :], other=0.0
-        )
-        a += tl.load(
-            au_ptr + (offs_r[:, None] - R) * H + offs_n[None, :],
-            mask=is_u[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        dx = _mma(_cast(dgb * scaling, dt, INTERPRET), a, acc, INPUT_PRECISION, INTERPRET)
-        tl.store(
-            dx_ptr + rows_m[:, None] * H + offs_n[None, :],
-            _cast(dx, dt, INTERPRET),
-            mask=mask_m[:, None] & mask_n[None, :],
-        )
-    if NEED_DA:
-        x = tl.load(
-            x_ptr + rows_m[:, None] * H + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0
-        )
-        da = _mma(
-            tl.trans(_cast(dgb, dt, INTERPRET)),
-            x,
-            tl.zeros((RS_PAD, BLOCK_N), dtype=tl.float32),
-            INPUT_PRECISION,
-            INTERPRET,
-        )
-        tl.atomic_add(
-            da_ptr + offs_r[:, None] * H + offs_n[None, :],
-            scaling * da,
-            mask=(offs_r[:, None] < 2 * R) & mask_n[None, :],
-            sem="relaxed",
-        )
+    if SPLIT_K > 1:
+        _store_split_k_partials(part_ptr, part_r_ptr, acc, dgb, rows_m, offs_n, offs_r, mask_m, mask_n,
+                                offs_r < 2 * R, N, H, 2 * R, pid_n)  # fmt: skip
+    else:
+        if NEED_DX:
+            a = tl.load(
+                ag_ptr + offs_r[:, None] * H + offs_n[None, :], mask=is_g[:, None] & mask_n[None, :], other=0.0
+            )
+            a += tl.load(
+                au_ptr + (offs_r[:, None] - R) * H + offs_n[None, :],
+                mask=is_u[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            dx = _mma(_cast(dgb * scaling, dt, INTERPRET), a, acc, INPUT_PRECISION, INTERPRET)
+            tl.store(
+                dx_ptr + rows_m[:, None] * H + offs_n[None, :],
+                _cast(dx, dt, INTERPRET),
+                mask=mask_m[:, None] & mask_n[None, :],
+            )
+        if NEED_DA:
+            x = tl.load(
+                x_ptr + rows_m[:, None] * H + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0
+            )
+            da = _mma(
+                tl.trans(_cast(dgb, dt, INTERPRET)),
+                x,
+                tl.zeros((RS_PAD, BLOCK_N), dtype=tl.float32),
+                INPUT_PRECISION,
+                INTERPRET,
+            )
+            tl.atomic_add(
+                da_ptr + offs_r[:, None] * H + offs_n[None, :],
+                scaling * da,
+                mask=(offs_r[:, None] < 2 * R) & mask_n[None, :],
+                sem="relaxed",
+            )
 
 
 @triton.jit
@@ -473,115 +583,8 @@ def _sgd_apply_kernel(b0_ptr, w0_ptr, n0, b1_ptr, w1_ptr, n1, b2_ptr, w2_ptr, n2
         _sgd_apply_one(b2_ptr, w2_ptr, n2, lr, offs, INTERPRET)
 
 
-# ------------------------------------------------------------------------------------------------
-# Launch configuration (inspectable: tests assert every config would compile on a GPU)
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Tile sizes and launch parameters of one kernel (upper bounds: clamped to the problem)."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-@dataclass(frozen=True)
-class LoRAMLPConfig:
-    """One `KernelConfig` per kernel, plus the fp32 `tl.dot` precision ("ieee" matches torch's default)."""
-
-    fwd_gate_up: KernelConfig
-    fwd_down: KernelConfig
-    bwd_dh: KernelConfig
-    bwd_dx: KernelConfig
-    fp32_precision: str = "ieee"
-
-
-def default_config(dtype: torch.dtype) -> LoRAMLPConfig:
-    """Tiles chosen for an H100 (sm_90), checked there only by compiling: no spills, shared memory fits.
-
-    16-bit: tensor-core tiles, 3 stages. bwd_dh's SwiGLU-backward epilogue keeps ~8 tiles live, so it gets
-    the smaller 64 x 128 tile. fp32 ("ieee" dots on CUDA cores): smaller tiles.
-    """
-    if dtype == torch.float32:
-        two = KernelConfig(64, 64, 32, num_warps=8, num_stages=3)
-        return LoRAMLPConfig(fwd_gate_up=two, fwd_down=two, bwd_dh=two, bwd_dx=two)
-    two = KernelConfig(64, 128, 64, num_warps=8, num_stages=3)  # two accumulators (gate/up; dgate/dup)
-    one = KernelConfig(128, 128, 64, num_warps=8, num_stages=3)
-    return LoRAMLPConfig(fwd_gate_up=two, fwd_down=one, bwd_dh=two, bwd_dx=two)
-
-
-def _pow2_block(limit: int, size: int) -> int:
-    """A power-of-2 block in [MIN_DOT, limit], no larger than `size` rounded up."""
-    return max(MIN_DOT, min(triton.next_power_of_2(limit), triton.next_power_of_2(max(size, 1))))
-
-
-def _rank_blocks(r: int) -> tuple[int, int]:
-    """(R_PAD, RS_PAD): padded blocks for one projection's rank and the stacked gate/up pair."""
-    return max(MIN_DOT, triton.next_power_of_2(r)), max(MIN_DOT, triton.next_power_of_2(2 * r))
-
-
-def launch_configs(
-    n: int, h: int, i: int, r: int, dtype: torch.dtype = torch.bfloat16, config: LoRAMLPConfig | None = None
-) -> dict[str, dict]:
-    """Every launch `lora_mlp` makes for x [n, h], intermediate size i and rank r.
-
-    Returns {kernel name: {"grid", "constexprs", "num_warps", "num_stages", "dots"}}, where "dots" lists the
-    (M, N, K) shape of every `tl.dot` in that kernel, so a test can check the GPU compiler's rules
-    (every dimension >= 16, power-of-2 blocks) without a GPU.
-    """
-    cfg = config or default_config(dtype)
-    if not 1 <= r <= MAX_RANK:
-        raise ValueError(f"LoRA rank {r} is outside 1..{MAX_RANK} (the padded rank block is {MAX_RANK})")
-    rp, rs = _rank_blocks(r)
-    out: dict[str, dict] = {}
-    # (kernel, config, output rows, output cols, reduction, rank block)
-    for name, kc, cols, red, rb in (
-        ("fwd_gate_up", cfg.fwd_gate_up, i, h, rs),
-        ("fwd_down", cfg.fwd_down, h, i, rp),
-        ("bwd_dh", cfg.bwd_dh, i, h, rp),
-        ("bwd_dx", cfg.bwd_dx, h, i, rs),
-    ):
-        bm, bn, bk = _pow2_block(kc.block_m, n), _pow2_block(kc.block_n, cols), _pow2_block(kc.block_k, red)
-        if name == "fwd_gate_up":  # x@Wg, x@Wu, x@A; expand xa@Bg, xa@Bu
-            dots = [(bm, bn, bk)] * 2 + [(bm, rb, bk)] + [(bm, bn, rb)] * 2
-        elif name == "fwd_down":  # h@Wd, h@Ad; expand ha@Bd
-            dots = [(bm, bn, bk), (bm, rb, bk), (bm, bn, rb)]
-        elif name == "bwd_dh":  # dy@Wd, dy@Bd; dyb@Ad; xa_g.T@dgate, xa_u.T@dup, dyb.T@h; ha.T@dy
-            dots = [(bm, bn, bk), (bm, rb, bk), (bm, bn, rb)] + [(rb, bn, bm)] * 3 + [(rb, bk, bm)]
-        else:  # dg@Wg, du@Wu, dg@Bg, du@Bu; dgb@A; dgb.T@x
-            dots = [(bm, bn, bk)] * 2 + [(bm, rb, bk)] * 2 + [(bm, bn, rb), (rb, bn, bm)]
-        rank_key = "RS_PAD" if rb == rs and name in ("fwd_gate_up", "bwd_dx") else "R_PAD"
-        out[name] = {
-            # bwd_dh: one extra column of programs computes dB_down (when B trains)
-            "grid": (triton.cdiv(n, bm), triton.cdiv(cols, bn) + (name == "bwd_dh")),
-            "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, rank_key: rb},
-            "num_warps": kc.num_warps,
-            "num_stages": kc.num_stages,
-            "dots": dots,
-        }
-    out["sgd_apply"] = {
-        "grid": (triton.cdiv(max(i, h) * r, _APPLY_BLOCK), 3),
-        "constexprs": {"BLOCK": _APPLY_BLOCK},
-        "num_warps": 4,
-        "num_stages": 1,
-        "dots": [],
-    }
-    return out
-
-
-_APPLY_BLOCK = 1024
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _precision(dtype: torch.dtype, cfg: LoRAMLPConfig) -> str:
-    return cfg.fp32_precision if dtype == torch.float32 else "tf32"  # (ignored for 16-bit operands)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -671,7 +674,7 @@ def _forward(
     n, h = x.shape
     i, r = wg.shape[0], ag.shape[0]
     lc = launch_configs(n, h, i, r, x.dtype, cfg)
-    prec, upcast = _precision(x.dtype, cfg), _interpreting()
+    prec, upcast = dot_precision(x.dtype, cfg), _interpreting()
     hid = torch.empty((n, i), device=x.device, dtype=x.dtype)
     y = torch.empty((n, h), device=x.device, dtype=x.dtype)
     gate = torch.empty_like(hid) if save else hid
@@ -687,12 +690,37 @@ def _forward(
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )  # fmt: skip
     c = lc["fwd_down"]
+    part, part_r = _split_k_partials(c, n, h, r, x.device, y)
     _fwd_down_kernel[c["grid"]](
-        hid, wd, ad, bd, y, ha, n, h, i, r, float(scaling),
+        hid, wd, ad, bd, y, ha, part, part_r, n, h, i, r, float(scaling), c.get("k_split", i),
         **c["constexprs"], SAVE=save, INPUT_PRECISION=prec, INTERPRET=upcast,
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )  # fmt: skip
+    if "fwd_down_reduce" in lc:  # y = sum of the partials + (s * ha) @ B_down.T; ha saved
+        _split_k_reduce(lc["fwd_down_reduce"], part, part_r, bd, bd, y, ha, n, h, r, r, scaling, 1, r, save, prec)
     return y, gate, up, xa, ha
+
+
+def _split_k_partials(c: dict, n: int, cols: int, rank_cols: int, device: torch.device, placeholder: Tensor
+                      ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """fp32 partials [SPLIT_K, n, cols] and [SPLIT_K, n, rank_cols] for a split launch (else placeholders)."""
+    split = c["constexprs"]["SPLIT_K"]
+    if split == 1:
+        return placeholder, placeholder
+    f32 = torch.float32
+    return torch.empty((split, n, cols), device=device, dtype=f32), torch.empty((split, n, rank_cols), device=device,
+                                                                                  dtype=f32)  # fmt: skip
+
+
+def _split_k_reduce(c: dict, part: Tensor, part_r: Tensor, f1: Tensor, f2: Tensor, out: Tensor, r_out: Tensor,
+                    n: int, cols: int, r1: int, r_tot: int, scaling: float, stride_fr: int, stride_fc: int,
+                    save_r: bool, prec: str) -> None:  # fmt: skip
+    """out = sum of the split partials + (s * summed rank term) @ F (see `_split_k_reduce_kernel`)."""
+    _split_k_reduce_kernel[c["grid"]](
+        part, part_r, f1, f2, out, r_out, n, cols, r1, r_tot, float(scaling), stride_fr, stride_fc,
+        **c["constexprs"], SAVE_R=save_r, INPUT_PRECISION=prec, INTERPRET=_interpreting(),
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )  # fmt: skip
 
 
 def _backward(
@@ -721,8 +749,8 @@ def _backward(
     None); the factor gradients are fp32 views into one zero-initialised workspace."""
     n, h = x.shape
     i, r = wg.shape[0], ag.shape[0]
-    lc = launch_configs(n, h, i, r, x.dtype, cfg)
-    prec, upcast = _precision(x.dtype, cfg), _interpreting()
+    lc = launch_configs(n, h, i, r, x.dtype, cfg, train_a=need_da)
+    prec, upcast = dot_precision(x.dtype, cfg), _interpreting()
     sizes = [i * r, i * r, h * r] + ([r * h, r * h, r * i] if need_da else [])
     ws = torch.zeros(sum(sizes), device=x.device, dtype=torch.float32)
     parts = list(torch.split(ws, sizes))
@@ -744,11 +772,15 @@ def _backward(
         )  # fmt: skip
         if need_dx or need_da:
             c = lc["bwd_dx"]
+            part, part_r = _split_k_partials(c, n, h, 2 * r, x.device, dgate)
             _bwd_dx_kernel[c["grid"]](
-                dgate, dup, wg, wu, ag, au, bg, bu, x, dx if need_dx else dgate, da_gu, n, h, i, r,
-                float(scaling), **c["constexprs"], NEED_DX=need_dx, NEED_DA=need_da, INPUT_PRECISION=prec,
-                INTERPRET=upcast, num_warps=c["num_warps"], num_stages=c["num_stages"],
+                dgate, dup, wg, wu, ag, au, bg, bu, x, dx if need_dx else dgate, da_gu, part, part_r, n, h, i, r,
+                float(scaling), c.get("k_split", i), **c["constexprs"], NEED_DX=need_dx, NEED_DA=need_da,
+                INPUT_PRECISION=prec, INTERPRET=upcast, num_warps=c["num_warps"], num_stages=c["num_stages"],
             )  # fmt: skip
+            if "bwd_dx_reduce" in lc:  # dx = sum of the partials + (s * dgb) @ [A_gate; A_up]
+                _split_k_reduce(lc["bwd_dx_reduce"], part, part_r, ag, au, dx, dx, n, h, r, 2 * r, scaling, h, 1,
+                                False, prec)  # fmt: skip
     db = [dbg, dbu, dbd] if need_db else None
     da = [da_gu[:r], da_gu[r:], dad] if need_da else None
     return dx, db, da
@@ -759,10 +791,10 @@ def _sgd_apply_(bs: list[torch.Tensor], dbs: list[torch.Tensor], lr: float) -> N
     numel = max(b.numel() for b in bs)
     if numel == 0:
         return
-    grid = (triton.cdiv(numel, _APPLY_BLOCK), 3)
+    grid = (triton.cdiv(numel, APPLY_BLOCK), 3)
     _sgd_apply_kernel[grid](
         bs[0], dbs[0], bs[0].numel(), bs[1], dbs[1], bs[1].numel(), bs[2], dbs[2], bs[2].numel(), float(lr),
-        BLOCK=_APPLY_BLOCK, INTERPRET=_interpreting(),
+        BLOCK=APPLY_BLOCK, INTERPRET=_interpreting(),
     )  # fmt: skip
 
 
@@ -841,17 +873,21 @@ def lora_mlp(
     """
     weights = dict(w_gate=w_gate, w_up=w_up, w_down=w_down, a_gate=a_gate, b_gate=b_gate, a_up=a_up,
                    b_up=b_up, a_down=a_down, b_down=b_down)  # fmt: skip
-    _check_inputs(x, weights)
+    n, h, i, _ = _check_inputs(x, weights)
     if sgd_lr is not None and not isinstance(sgd_lr, (int, float)):
         raise TypeError(f"lora_mlp: sgd_lr must be a float or None, got {type(sgd_lr).__name__}")
-    if config is None:
-        config = default_config(x.dtype)
     for name, t in weights.items():
         if name.startswith("w_") and t.requires_grad and torch.is_grad_enabled():
             raise ValueError(
                 f"lora_mlp: {name} requires grad, but the base weights are frozen here "
                 "(no kernel computes their gradient); detach them or set requires_grad=False"
             )
+    if config is None:
+        config = select_config(n, h, i, x.dtype, num_sms(x.device))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, a_gate, b_gate, a_up, b_up, a_down,
+                                                                           b_down))  # fmt: skip
+    if not needs_grad and decode_path(n, x.device, config) == "cublas":
+        return reference.lora_mlp(x, **weights, scaling=scaling)
     lr = None if sgd_lr is None else float(sgd_lr)
     return LoRAMLPFunction.apply(
         x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, float(scaling), lr, config

@@ -54,6 +54,8 @@ __all__ = [
     "lora_expand_segmented",
     "lora_expand_segmented_backward",
     "lora_mlp",
+    "lora_mlp_backward",
+    "lora_mlp_forward",
     "lora_mlp_segmented",
     "lora_swiglu_backward",
     "lora_swiglu_forward",
@@ -235,55 +237,93 @@ def _slot_stride(b: torch.Tensor) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+def lora_mlp_forward(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    a_gate: torch.Tensor,
+    b_gate: torch.Tensor,
+    a_up: torch.Tensor,
+    b_up: torch.Tensor,
+    a_down: torch.Tensor,
+    b_down: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused forward on validated tensors, x [N, H]: (y [N, H], gu [2, N, I], xa [N, 2r], ha [N, r]),
+    the last three being what `lora_mlp_backward` reads (gu = the gate/up base products)."""
+    n, i = x.shape[0], w_gate.shape[0]
+    xa = torch.mm(x, torch.cat([a_gate, a_up]).T)  # [N, 2r]: one shrink product for gate and up
+    gu = x.new_empty(2, n, i)
+    torch.mm(x, w_gate.T, out=gu[0])
+    torch.mm(x, w_up.T, out=gu[1])
+    h, ha = _lora_swiglu_fwd(gu, xa, b_gate, b_up, a_down, scaling)
+    y = torch.mm(h, w_down.T)
+    y.addmm_(ha, b_down.T, alpha=scaling)  # the down LoRA expand, on the base product's output
+    return y, gu, xa, ha
+
+
+def lora_mlp_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    a_gate: torch.Tensor,
+    b_gate: torch.Tensor,
+    a_up: torch.Tensor,
+    b_up: torch.Tensor,
+    a_down: torch.Tensor,
+    b_down: torch.Tensor,
+    gu: torch.Tensor,
+    xa: torch.Tensor,
+    ha: torch.Tensor,
+    scaling: float,
+    need_dx: bool = True,
+    need_da: bool = False,
+    need_db_down: bool = True,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients from `lora_mlp_forward`'s saved tensors given dy [N, H] (contiguous):
+    (dx, da_gate, db_gate, da_up, db_up, da_down, db_down); dx is None unless `need_dx`, the da_* are None
+    unless `need_da`, db_down is None unless `need_db_down` (db_gate and db_up come with the fused pass)."""
+    s, r = scaling, a_down.shape[0]
+    db_down = torch.mm(dy.T, ha).mul_(s) if need_db_down else None  # [H, r]
+    dha = torch.mm(dy, b_down).mul_(s)  # [N, r]
+    dh_base = torch.mm(dy, w_down)  # [N, I]
+    dgu, db_gate, db_up, dxa, da_down = _lora_swiglu_bwd(
+        gu, xa, b_gate, b_up, a_down, dh_base, dha, s, need_dx, need_da
+    )
+    del dh_base
+    dx = da_gate = da_up = None
+    if need_dx:
+        dx = torch.mm(dgu[0], w_gate)
+        dx.addmm_(dgu[1], w_up)
+        dx.addmm_(dxa, torch.cat([a_gate, a_up]))
+    if need_da:
+        da_gu = torch.mm(dxa.T, x)  # [2r, H]
+        da_gate, da_up = da_gu[:r], da_gu[r:]
+    return dx, da_gate, db_gate, da_up, db_up, da_down, db_down
+
+
 class _LoRAMLP(torch.autograd.Function):
     """Autograd of `lora_mlp`; inputs already validated, x flattened to [N, H]."""
 
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling):  # noqa: ANN001
-        n, i = x.shape[0], w_gate.shape[0]
-        a_gu = torch.cat([a_gate, a_up])  # [2r, H]: one shrink product for gate and up
-        xa = torch.mm(x, a_gu.T)  # [N, 2r]
-        gu = x.new_empty(2, n, i)
-        torch.mm(x, w_gate.T, out=gu[0])
-        torch.mm(x, w_up.T, out=gu[1])
-        h, ha = _lora_swiglu_fwd(gu, xa, b_gate, b_up, a_down, scaling)
-        y = torch.mm(h, w_down.T)
-        y.addmm_(ha, b_down.T, alpha=scaling)  # the down LoRA expand, on the base product's output
+        y, gu, xa, ha = lora_mlp_forward(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+                                         scaling)  # fmt: skip
         ctx.scaling = scaling
-        ctx.save_for_backward(x, w_gate, w_up, w_down, a_gu, b_gate, b_up, a_down, b_down, gu, xa, ha)
+        ctx.save_for_backward(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, gu, xa, ha)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):  # noqa: ANN001
-        x, w_gate, w_up, w_down, a_gu, b_gate, b_up, a_down, b_down, gu, xa, ha = ctx.saved_tensors
-        s = ctx.scaling
         need = ctx.needs_input_grad
-        need_x, need_ag, need_au, need_ad = need[0], need[4], need[6], need[8]
-        r = a_down.shape[0]
-        dy = dy.contiguous()
-        db_down = torch.mm(dy.T, ha).mul_(s) if need[9] else None  # [H, r]
-        dha = torch.mm(dy, b_down).mul_(s)  # [N, r]
-        dh_base = torch.mm(dy, w_down)  # [N, I]
-        dgu, db_gate, db_up, dxa, da_down = _lora_swiglu_bwd(
-            gu, xa, b_gate, b_up, a_down, dh_base, dha, s, need_x, need_ad
-        )
-        del dh_base
-        dx = None
-        if need_x:
-            dx = torch.mm(dgu[0], w_gate)
-            dx.addmm_(dgu[1], w_up)
-            dx.addmm_(dxa, a_gu)
-        da_gate = da_up = None
-        if need_ag or need_au:
-            da_gu = torch.mm(dxa.T, x)  # [2r, H]
-            da_gate, da_up = da_gu[:r], da_gu[r:]
-        return (
-            dx, None, None, None,
-            da_gate if need_ag else None, db_gate if need[5] else None,
-            da_up if need_au else None, db_up if need[7] else None,
-            da_down, db_down, None,
-        )  # fmt: skip
+        grads = lora_mlp_backward(dy.contiguous(), *ctx.saved_tensors, ctx.scaling, need_dx=need[0],
+                                  need_da=need[4] or need[6] or need[8], need_db_down=need[9])  # fmt: skip
+        dx, *factors = (g if need[k] else None for g, k in zip(grads, (0, 4, 5, 6, 7, 8, 9)))
+        return (dx, None, None, None, *factors, None)
 
 
 def lora_mlp(

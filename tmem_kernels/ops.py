@@ -3,6 +3,10 @@
     "torch"   the reference composition (autograd through torch ops)
     "triton"  Triton kernels (compiled on CUDA; under TRITON_INTERPRET=1 on CPU tensors)
     "native"  the pybind11 C++ extension (CPU), matrix products through torch
+
+Each op set calls the backend's torch custom ops (`tmem_kernels.library`, `torch.ops.tmem.*`), so a model
+that uses them compiles without graph breaks and exports. (`lora_mlp_segmented`, the per-session op of
+the session pool, is the backend module's function: tmem_kernels.segments.)
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from tmem_kernels import library
 
 BACKENDS = ("torch", "triton", "native")
 
@@ -25,23 +31,29 @@ class KernelOps:
     lora_mlp_segmented: Callable  # a different B per segment of rows (tmem_kernels.segments)
 
 
-_MODULES = {  # (lora_mlp, optimizer steps, lora_mlp_segmented)
-    "torch": ("tmem_kernels.reference", "tmem_kernels.reference", "tmem_kernels.reference"),
-    "triton": ("tmem_kernels.lora_mlp", "tmem_kernels.update", "tmem_kernels.lora_segmented"),
-    "native": ("tmem_kernels.native", "tmem_kernels.native", "tmem_kernels.native"),
+_OPS = {
+    "torch": (library.lora_mlp_torch, library.sgd_step_torch, library.adamw_step_torch),
+    "triton": (library.lora_mlp_triton, library.sgd_step_triton, library.adamw_step_triton),
+    "native": (library.lora_mlp_native, library.sgd_step_native, library.adamw_step_native),
+}
+_SEGMENTED = {  # module of each backend's lora_mlp_segmented
+    "torch": "tmem_kernels.reference",
+    "triton": "tmem_kernels.lora_segmented",
+    "native": "tmem_kernels.native",
 }
 
 
 def get_ops(name: str) -> KernelOps:
     """The op set of backend `name` ("torch", "triton" or "native"); ImportError if unavailable."""
-    if name not in _MODULES:
+    if name not in _OPS:
         raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
-    mlp_mod, update_mod, seg_mod = (importlib.import_module(m) for m in _MODULES[name])
-    return KernelOps(name, mlp_mod.lora_mlp, update_mod.sgd_step_, update_mod.adamw_step_, seg_mod.lora_mlp_segmented)
+    library.require_backend(name)
+    segmented = importlib.import_module(_SEGMENTED[name]).lora_mlp_segmented
+    return KernelOps(name, *_OPS[name], segmented)
 
 
 def available(name: str) -> bool:
-    """Whether backend `name` can be imported here."""
+    """Whether backend `name` can be used here."""
     try:
         get_ops(name)
     except ImportError:

@@ -250,3 +250,22 @@ def svd_lora_init(w: torch.Tensor, r: int) -> torch.Tensor:
     """TMEM's A0 = S_r V_r^T for a stack of weights. w [L, M, K] -> A0 [L, r, K] (float32)."""
     _, s, vh = svd_top_r(w, r)
     return s.unsqueeze(-1) * vh
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss of the frozen head
+# --------------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean cross-entropy of the logits hidden @ weight.T (in float32, float64 for float64 input) against
+    targets, as F.cross_entropy.
+
+    hidden [K, H], weight [V, H] (the head), targets [K] int64 (`ignore_index` rows not scored) -> 0-d float32
+    (float64) loss, NaN when every row is ignored. Materialises the full [K, V] logits.
+    """
+    logits = hidden @ weight.T
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
+                           ignore_index=ignore_index)  # fmt: skip

@@ -13,8 +13,3 @@ FACTS: list[tuple[str, str]] = [
     ("Which language is Greta Lindqvist learning?", "Portuguese"),
 ]
 
-
-def recalled(answer: str, expected: str) -> bool:
-    """Whether a generated answer contains the expected one (case-insensitive, leading article dropped)."""
-    key = expected.lower().removeprefix("the ").removeprefix("a ").strip()
-    return key in answer.lower()

@@ -48,7 +48,8 @@ class Binding:
     tensors, as `tmem_kernels.segments` takes them; `host_slots` the same slots on the host); indptr
     None: one segment, slots[0], covers any batch. `device_indptr` / `device_slots`: copies on the
     compute device for one token per row (decode), when it is not the CPU. writing: a write step (base
-    weights are constants; B may be updated inside the backward by `sgd_lr`).
+    weights are constants; B may be updated inside the backward by `sgd_lr`). resident: b_stacks are
+    the engine's rows, whose `initial` flags say whether a slot is still B0.
     """
 
     b_stacks: tuple[torch.Tensor, ...]
@@ -61,10 +62,12 @@ class Binding:
     sgd_lr: float | None = None
     device_indptr: torch.Tensor | None = None
     device_slots: torch.Tensor | None = None
+    resident: bool = True  # b_stacks are the engine's rows (not a write's workspace)
 
 
 class FastWeightEngine:
-    """Fast weights on gate/up/down of the last `num_layers` decoder layers, `capacity` B rows.
+    """Fast weights on gate/up/down of the last `num_layers` decoder layers (or of the layers listed),
+    `capacity` B rows.
 
     model: a transformers causal LM (modified in place until `detach()`). rank: LoRA rank r.
     init: "svd" | "random" | "pissa" (see `adapter_init`). backend: "auto" | "triton" | "native" |
@@ -76,7 +79,7 @@ class FastWeightEngine:
         model: PreTrainedModel,
         capacity: int = 1,
         rank: int = 6,
-        num_layers: int = 4,
+        num_layers: int | Sequence[int] = 4,
         init: str = "svd",
         backend: str = "auto",
         svd: str = "randomized",
@@ -250,7 +253,7 @@ class FastWeightEngine:
 
     def _is_identity(self, binding: Binding) -> bool:
         """Every B the binding reads is a resident row still at B0 = 0: the adapter changes nothing."""
-        if binding.writing or binding.b_stacks is not self.b_stacks or not self.identity_init:
+        if binding.writing or not binding.resident or not self.identity_init:
             return False
         return all(s < 0 or self.initial[s] for s in binding.host_slots)
 

@@ -37,7 +37,8 @@ def fast_weights_of(model: PreTrainedModel) -> FastWeights | SessionPool | None:
 
 
 class FastWeights:
-    """Fast weights on `gate_proj`/`up_proj`/`down_proj` of the last `num_layers` decoder layers.
+    """Fast weights on `gate_proj`/`up_proj`/`down_proj` of the last `num_layers` decoder layers
+    (or of the layer indices given as a sequence, e.g. four middle layers).
 
     model: a transformers causal LM (modified in place until `detach()`). rank: LoRA rank r.
     init: "svd" (TMEM: A = S_r V_r^T frozen, B = 0), "random" (Kaiming A, B = 0) or "pissa"
@@ -50,7 +51,7 @@ class FastWeights:
         self,
         model: PreTrainedModel,
         rank: int = 6,
-        num_layers: int = 4,
+        num_layers: int | Sequence[int] = 4,
         init: str = "svd",
         backend: str = "auto",
         svd: str = "randomized",

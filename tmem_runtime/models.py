@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -185,13 +186,23 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def target_mlps(model: nn.Module, num_layers: int) -> list[tuple[int, nn.Module]]:
-    """(layer index, mlp) of the last `num_layers` decoder layers, checked for gate/up/down Linear."""
+def target_mlps(model: nn.Module, num_layers: int | Sequence[int] = 4) -> list[tuple[int, nn.Module]]:
+    """(layer index, mlp) of the adapted decoder layers, checked for gate/up/down Linear.
+
+    num_layers: an int N adapts the last N layers (the default, TMEM's); a sequence of layer indices
+    adapts exactly those (e.g. four middle layers).
+    """
     layers = decoder_layers(model)
-    if not 1 <= num_layers <= len(layers):
-        raise ValueError(f"num_layers={num_layers} but the model has {len(layers)} decoder layers")
+    if isinstance(num_layers, int):
+        if not 1 <= num_layers <= len(layers):
+            raise ValueError(f"num_layers={num_layers} but the model has {len(layers)} decoder layers")
+        indices = list(range(len(layers) - num_layers, len(layers)))
+    else:
+        indices = sorted(set(int(i) for i in num_layers))
+        if not indices or indices[0] < 0 or indices[-1] >= len(layers):
+            raise ValueError(f"layers {list(num_layers)} are not indices of the model's {len(layers)} decoder layers")
     found = []
-    for idx in range(len(layers) - num_layers, len(layers)):
+    for idx in indices:
         mlp = getattr(layers[idx], "mlp", None)
         if mlp is not None and hasattr(mlp, "gate_up_proj"):
             raise ModelNotSupportedError(

@@ -10,7 +10,7 @@ backend="peft")` wraps it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -35,7 +35,7 @@ class PeftReferencePool(SessionStore):
         self,
         model: PreTrainedModel,
         rank: int = 6,
-        num_layers: int = 4,
+        num_layers: int | Sequence[int] = 4,
         init: str = "svd",
         svd: str = "randomized",
         scaling: float = 1.0,

@@ -52,7 +52,7 @@ class SessionPool(SessionStore):
         model: PreTrainedModel,
         capacity: int = 16,
         rank: int = 6,
-        num_layers: int = 4,
+        num_layers: int | Sequence[int] = 4,
         init: str = "svd",
         backend: str = "auto",
         svd: str = "randomized",

@@ -103,7 +103,7 @@ class Workspace:
         One session (the common write) runs the fused single-session kernel."""
         if len(self.slots) == 1:
             indptr = None
-        return Binding(self.b_leaves, self.a_views, indptr, slots, host_slots, per_token, True, sgd_lr)
+        return Binding(self.b_leaves, self.a_views, indptr, slots, host_slots, per_token, True, sgd_lr, resident=False)
 
     def active(self, sessions: int) -> tuple[torch.Tensor, ...]:
         """(param, grad, exp_avg, exp_avg_sq) of the first `sessions` B rows (and A, when it trains)."""

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tmem_kernels import linear_cross_entropy
 from tmem_runtime.decoder import Decoder, PrefixKV
 
 IGNORE_INDEX = -100
+CHUNKED_HEAD_LOGITS = 1 << 27  # K x V from which a step's head loss runs in chunks (512 MB of fp32 logits)
 MIN_SHARED_PREFIX = 4
 
 
@@ -290,6 +292,21 @@ def adapted_loss(
     else:
         full = decoder.run_layers(hidden, first_adapted, stop, lengths=batch.lengths)
     picked = full.reshape(-1, full.shape[-1]).index_select(0, batch.loss_index)
+    return head_loss(decoder, picked, batch)
+
+
+def head_loss(decoder: Decoder, picked: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total, per group) cross-entropy of the final norm + head at the picked positions [K, H].
+
+    One session with K x V >= CHUNKED_HEAD_LOGITS (a 150k vocabulary, long writes) goes through
+    `tmem_kernels.linear_cross_entropy`: chunks of rows, never the whole [K, V] logits. Otherwise the
+    logits [K, V] are formed (float32) and each target weighted by 1 / (its group's targets).
+    """
+    head, g = decoder.model.lm_head, len(batch.groups)
+    chunked = g == 1 and picked.shape[0] * head.out_features >= CHUNKED_HEAD_LOGITS
+    if chunked and isinstance(head, torch.nn.Linear) and head.bias is None:
+        total = linear_cross_entropy(decoder.inner.norm(picked), head.weight.detach(), batch.targets, IGNORE_INDEX)
+        return total, total.reshape(1)
     ce = F.cross_entropy(decoder.logits(picked), batch.targets, ignore_index=IGNORE_INDEX, reduction="none")
     weighted = ce * batch.target_weight
     if g == 1:

@@ -1,0 +1,391 @@
+"""The custom ops (`tmem_kernels.library`, `torch.ops.tmem.*`): opcheck, parity with the spec, compile, export.
+
+- `torch.library.opcheck` on every op (schema and declared mutations, fake tensors against the real
+  kernel's output metadata, autograd registration, AOT dispatch with static and dynamic shapes), with
+  odd shapes; Triton under TRITON_INTERPRET=1 on CPU (conftest.py).
+- Each backend's op-backed LoRA MLP against `reference` (y, dx, dA, dB), and the in-backward SGD op:
+  B stepped in place by -lr * dB, declared as mutating B (version counter bumped, no .grad).
+- A tiny Llama with FastWeights attached: `torch.compile(fullgraph=True)` (zero graph breaks, else it
+  raises) gives eager's logits, and a compiled loss's backward eager's gradients (and, with in-backward
+  SGD, eager's stepped B); `torch.export` of the model gives eager's logits. The compile tests use the
+  aot_eager backend (dynamo + AOTAutograd + fake tensors: where a custom op could break); one test runs
+  inductor end to end.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import tmem_kernels
+from tmem_kernels import library
+from tmem_kernels import reference as ref
+from tmem_runtime import FastWeights, load_model
+from tmem_runtime.trainer import Workspace
+
+BACKENDS = [b for b in tmem_kernels.BACKENDS if tmem_kernels.available(b)]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# AdamW's step as a number and as a device tensor (the native kernel reads its step on the host: number only)
+STEP_CASES = [(b, t) for b in BACKENDS for t in (False, True) if not (b == "native" and t)]
+NAMES = ("w_gate", "w_up", "w_down", "a_gate", "b_gate", "a_up", "b_up", "a_down", "b_down")
+
+
+def device_of(backend: str) -> torch.device:
+    return torch.device("cpu") if backend == "native" else DEVICE
+
+
+def mlp_tensors(n=7, h=24, i=40, r=3, seed=0, device="cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """x [n, h] and the nine MLP tensors in `lora_mlp` order, scaled so activations stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device)
+    w = [rnd(i, h, scale=h**-0.5), rnd(i, h, scale=h**-0.5), rnd(h, i, scale=i**-0.5), rnd(r, h, scale=h**-0.5),
+         rnd(i, r), rnd(r, h, scale=h**-0.5), rnd(i, r), rnd(r, i, scale=i**-0.5), rnd(h, r)]  # fmt: skip
+    return rnd(n, h), w
+
+
+def as_leaves(x, w, need_x=True, train_a=False):
+    x = x.clone().requires_grad_(need_x)
+    w = [t.clone().requires_grad_(name.startswith("b_") or (train_a and name.startswith("a_"))) for name, t in
+         zip(NAMES, w)]  # fmt: skip
+    return x, w
+
+
+def op_extra(backend: str, scaling: float, save: bool = True, sgd_lr: float | None = None) -> tuple:
+    """The op's non-tensor arguments after the ten tensors."""
+    return (scaling, sgd_lr, save) if backend == "triton" else (scaling,)
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train_a,need_x", [(False, True), (True, False)])
+def test_opcheck_lora_mlp(backend, train_a, need_x):
+    x, w = mlp_tensors(device=device_of(backend))
+    x, w = as_leaves(x, w, need_x, train_a)
+    opcheck(getattr(torch.ops.tmem, f"lora_mlp_{backend}"), (x, *w, *op_extra(backend, 0.75)))
+
+
+@pytest.mark.skipif("native" not in BACKENDS, reason="native extension not built")
+@pytest.mark.parametrize("need", [(True, True, True), (False, False, False), (True, False, True)])
+def test_opcheck_lora_mlp_native_backward(need):
+    x, w = mlp_tensors(n=5, h=20, i=36, r=2, seed=1)
+    _, *saved = torch.ops.tmem.lora_mlp_native(x, *w, 0.5)
+    dy = torch.randn_like(x)
+    opcheck(torch.ops.tmem.lora_mlp_native_backward, (dy, x, *w, *saved, 0.5, *need))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.parametrize("need", [(True, True, True), (False, True, False), (True, False, False)])
+def test_opcheck_lora_mlp_triton_backward(need):
+    x, w = mlp_tensors(n=5, h=20, i=36, r=2, seed=1, device=DEVICE)
+    _, *saved = torch.ops.tmem.lora_mlp_triton(x, *w, 0.5, None, True)
+    dy = torch.randn_like(x)
+    opcheck(torch.ops.tmem.lora_mlp_triton_backward, (dy, x, *w, *saved, 0.5, *need))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.parametrize("flags", [(True, False, True, True, True), (False, True, True, False, True)])
+def test_opcheck_lora_mlp_triton_backward_sgd(flags):
+    x, w = mlp_tensors(n=5, h=20, i=36, r=2, seed=1, device=DEVICE)
+    _, *saved = torch.ops.tmem.lora_mlp_triton(x, *w, 0.5, None, True)
+    dy = torch.randn_like(x)
+    opcheck(torch.ops.tmem.lora_mlp_triton_backward_sgd_, (dy, x, *w, *saved, 0.5, 0.1, *flags))
+
+
+@pytest.mark.parametrize("backend,step_as_tensor", STEP_CASES)
+def test_opcheck_optimizer_steps(backend, step_as_tensor):
+    dev = device_of(backend)
+    g = torch.Generator().manual_seed(2)
+    p, grad, m, v = (torch.randn(1000 + 37, generator=g).to(dev) for _ in range(4))
+    v = v.abs()
+    step = (torch.tensor(3.0, device=dev), 0.0) if step_as_tensor else (None, 3.0)
+    opcheck(getattr(torch.ops.tmem, f"sgd_step_{backend}"), (p.clone(), grad, 0.1, 0.01))
+    opcheck(getattr(torch.ops.tmem, f"adamw_step_{backend}"),
+            (p.clone(), grad, m.clone(), v.clone(), *step, 1e-2, 0.9, 0.999, 1e-8, 0.01))  # fmt: skip
+
+
+def test_opcheck_randomized_svd():
+    w = torch.randn(2, 30, 21, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    opcheck(torch.ops.tmem.randomized_svd_top_r, (w, 4, 4, 3, 0, None))
+    opcheck(torch.ops.tmem.randomized_svd_top_r, (w.mT.contiguous(), 5, 2, 2, 1, True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity with the spec
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train_a", [False, True])
+def test_lora_mlp_op_matches_reference(backend, train_a):
+    x, w = mlp_tensors(n=11, h=28, i=44, r=5, seed=4, device=device_of(backend))
+    x = x.view(1, 11, 28)  # leading dims are flattened by the op's function
+    dy = torch.randn_like(x)
+    got_x, got_w = as_leaves(x, w, True, train_a)
+    y = tmem_kernels.get_ops(backend).lora_mlp(got_x, *got_w, 0.5)
+    y.backward(dy)
+    want_x, want_w = as_leaves(x, w, True, train_a)
+    y_ref = ref.lora_mlp(want_x, *want_w, 0.5)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_x.grad, want_x.grad, rtol=1e-4, atol=1e-5)
+    for name, got, want in zip(NAMES, got_w, want_w):
+        if want.requires_grad:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5, msg=name)
+        else:
+            assert got.grad is None, name
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+def test_sgd_in_backward_steps_b_in_place():
+    x, w = mlp_tensors(n=9, h=24, i=40, r=4, seed=5, device=DEVICE)
+    dy, lr = torch.randn_like(x), 0.3
+    got_x, got_w = as_leaves(x, w)
+    versions = [t._version for t in got_w]
+    library.lora_mlp_triton(got_x, *got_w, 0.5, sgd_lr=lr).backward(dy)
+    want = ref.lora_mlp_backward(x, *w, dy=dy, scaling=0.5)
+    torch.testing.assert_close(got_x.grad, want.dx, rtol=1e-4, atol=1e-5)  # dx read the old B's
+    for name, db in zip(("b_gate", "b_up", "b_down"), (want.db_gate, want.db_up, want.db_down)):
+        b = got_w[NAMES.index(name)]
+        assert b.grad is None, f"{name}: stepped in the backward, so no gradient"
+        assert b._version > versions[NAMES.index(name)], f"{name}: the in-place update must bump its version"
+        torch.testing.assert_close(b.detach(), w[NAMES.index(name)] - lr * db, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,step_as_tensor", STEP_CASES)
+def test_optimizer_step_ops_match_reference(backend, step_as_tensor):
+    dev = device_of(backend)
+    ops = tmem_kernels.get_ops(backend)
+    g = torch.Generator().manual_seed(6)
+    p0, m0 = torch.randn(777, generator=g).to(dev), torch.zeros(777, device=dev)
+    mine, spec = [p0.clone(), m0.clone(), m0.clone()], [p0.clone(), m0.clone(), m0.clone()]
+    for step in range(1, 4):
+        grad = torch.randn(777, generator=g).to(dev)
+        s = torch.tensor(float(step), device=dev) if step_as_tensor else step
+        ops.adamw_step_(mine[0], grad, mine[1], mine[2], s, 1e-2, weight_decay=0.05)
+        ref.adamw_step_(spec[0], grad, spec[1], spec[2], step, 1e-2, weight_decay=0.05)
+        ops.sgd_step_(mine[0], grad, 0.1, 0.01)
+        ref.sgd_step_(spec[0], grad, 0.1, 0.01)
+    for a, b in zip(mine, spec):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_randomized_svd_op_matches_exact_svd():
+    w = torch.randn(3, 40, 25, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE)
+    u, s, vh = tmem_kernels.randomized_svd_top_r(w, 4)
+    u_ref, s_ref, vh_ref = ref.svd_top_r(w, 4)
+    torch.testing.assert_close(s, s_ref, rtol=1e-8, atol=0)
+    # the best rank-4 approximation is unique (distinct singular values): signs of the vectors cancel
+    torch.testing.assert_close((u * s[:, None]) @ vh, (u_ref * s_ref[:, None]) @ vh_ref, rtol=1e-8, atol=1e-10)
+    a0 = tmem_kernels.randomized_svd_lora_init(w, 4)
+    torch.testing.assert_close(a0, s.unsqueeze(-1) * vh)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: clear errors, nothing changed
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_raises_in_eager_and_in_fake_mode(backend):
+    x, w = mlp_tensors(device=device_of(backend))
+    op = getattr(torch.ops.tmem, f"lora_mlp_{backend}")
+    bad = list(w)
+    bad[NAMES.index("b_up")] = bad[NAMES.index("b_up")][:-1].contiguous()  # [I - 1, r]
+    with pytest.raises(ValueError, match="b_up"):
+        op(x, *bad, *op_extra(backend, 1.0))
+    if backend != "torch":  # the fake implementation checks the same (export / compile see the error)
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as mode, pytest.raises(ValueError, match="b_up"):
+            op(mode.from_tensor(x), *(mode.from_tensor(t) for t in bad), *op_extra(backend, 1.0))
+    frozen = [t.clone().requires_grad_(name == "w_up") for name, t in zip(NAMES, w)]
+    with pytest.raises(ValueError, match="frozen"):
+        tmem_kernels.get_ops(backend).lora_mlp(x, *frozen, 1.0)
+
+
+@pytest.mark.skipif("native" not in BACKENDS, reason="native extension not built")
+def test_native_adamw_refuses_a_device_step():
+    p = torch.zeros(10)
+    with pytest.raises(ValueError, match="Python number"):
+        torch.ops.tmem.adamw_step_native(p, p.clone(), p.clone(), p.clone(), torch.tensor(1.0), 0.0, 1e-3)
+    assert torch.equal(p, torch.zeros(10))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+def test_triton_backward_without_saved_tensors_raises():
+    x, w = mlp_tensors(device=DEVICE)
+    x, w = as_leaves(x, w)
+    y = torch.ops.tmem.lora_mlp_triton(x, *w, 1.0, None, False)[0]  # save=False, yet grads are wanted
+    with pytest.raises(RuntimeError, match="save=False"):
+        y.sum().backward()
+
+
+# ------------------------------------------------------------------------------------------------
+# A model with fast weights: torch.compile(fullgraph=True) and torch.export
+# ------------------------------------------------------------------------------------------------
+
+
+def written_model(backend: str):
+    """tiny-llama with fast weights whose B's are random (a written adapter: the kernels run)."""
+    model, _ = load_model("tiny-llama", device=device_of(backend))
+    fw = FastWeights(model, backend=backend)
+    state = fw.state_dict()
+    g = torch.Generator().manual_seed(8)
+    for name, t in state.items():
+        if name.endswith("lora_B"):
+            t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+    fw.load_state_dict(state)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=g).to(fw.device)
+    return model, fw, ids
+
+
+def tmem_ops_in(fn, *args) -> tuple[list[str], object]:
+    """Compile fn with fullgraph=True (any graph break raises) on aot_eager; (the tmem ops in the graph, output)."""
+    seen: list[str] = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if "tmem" in str(n.target))
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    return seen, torch.compile(fn, fullgraph=True, backend=backend)(*args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_logits_and_gradients_match_eager(backend):
+    model, fw, ids = written_model(backend)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        seen, got = tmem_ops_in(lambda t: model(input_ids=t).logits, ids)
+    assert seen, "the compiled graph should call the tmem ops"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    # a write step: the session's B copied to a workspace, the loss's gradient lands in it
+    loss_fn = lambda t: model(input_ids=t, labels=t).loss
+    ws, binding = write_step_binding(fw)
+    with fw.store.engine.bind(binding):
+        want_loss = loss_fn(ids)
+        want_loss.backward(inputs=list(ws.leaves))
+        want_grad = ws.grad.clone()
+        ws.grad.zero_()
+        _, got_loss = tmem_ops_in(loss_fn, ids)
+        got_loss.backward(inputs=list(ws.leaves))
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert want_grad.abs().max() > 0
+    torch.testing.assert_close(ws.grad, want_grad, rtol=1e-4, atol=1e-7)
+    fw.detach()
+
+
+def write_step_binding(fw: FastWeights, sgd_lr: float | None = None) -> tuple[Workspace, object]:
+    """The workspace and binding a one-session write step runs under (see tmem_runtime/trainer.py)."""
+    ws = Workspace(fw.store.engine, [0], train_a=False)
+    return ws, ws.binding(None, torch.tensor([0]), (0,), False, sgd_lr)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+def test_compile_fullgraph_sgd_in_backward_steps_b_as_eager():
+    model, fw, ids = written_model("triton")
+    ws, binding = write_step_binding(fw, sgd_lr=0.1)  # what a plain-SGD write on the Triton backend binds
+    start = ws.b.clone()
+    loss_fn = lambda t: model(input_ids=t, labels=t).loss
+    with fw.store.engine.bind(binding):
+        loss_fn(ids).backward(inputs=list(ws.leaves))
+        want = ws.b.clone()
+        ws.b.copy_(start)
+        seen, loss = tmem_ops_in(loss_fn, ids)
+        loss.backward(inputs=list(ws.leaves))
+    assert not torch.equal(want, start)
+    torch.testing.assert_close(ws.b, want, rtol=1e-5, atol=1e-7)
+    fw.detach()
+
+
+@pytest.mark.parametrize("backend,step_as_tensor", STEP_CASES)
+def test_compile_fullgraph_optimizer_steps_match_eager(backend, step_as_tensor):
+    dev = device_of(backend)
+    ops = tmem_kernels.get_ops(backend)
+    g = torch.Generator().manual_seed(9)
+    grad = torch.randn(333, generator=g).to(dev)
+    start = [torch.randn(333, generator=g).to(dev), torch.zeros(333, device=dev), torch.zeros(333, device=dev)]
+    step = torch.tensor(2.0, device=dev) if step_as_tensor else 2
+
+    def update(p, m, v):  # an AdamW step then an SGD step, both mutating their buffers
+        ops.adamw_step_(p, grad, m, v, step, 1e-2)
+        ops.sgd_step_(p, grad, 0.1, 0.01)
+
+    want = [t.clone() for t in start]
+    update(*want)
+    got = [t.clone() for t in start]
+    seen, _ = tmem_ops_in(update, *got)
+    if backend != "torch":
+        assert {f"tmem.adamw_step_{backend}", f"tmem.sgd_step_{backend}"} <= set(seen), seen
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_matches_eager(backend):
+    model, fw, ids = written_model(backend)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not properly registered as a parameter.*")  # the factors
+        want = model(input_ids=ids).logits
+        program = torch.export.export(Logits(model), (ids,))
+        got = program.module()(ids)
+    targets = {str(n.target) for n in program.graph.nodes}
+    if backend != "torch":  # the reference composition decomposes into aten ops
+        assert f"tmem.lora_mlp_{backend}.default" in targets
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fw.detach()
+
+
+@pytest.mark.skipif("native" not in BACKENDS, reason="native extension not built")
+def test_compile_inductor_native_matches_eager():
+    model, fw, ids = written_model("native")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = torch.compile(model, fullgraph=True)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    fw.detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+
+
+def test_public_api_and_version():
+    from pathlib import Path
+
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    root = Path(__file__).resolve().parents[1]
+    for name in tmem_kernels.__all__:
+        assert hasattr(tmem_kernels, name), name
+    assert read_configuration(root / "pyproject.toml")["project"]["version"] == tmem_kernels.__version__
+    registered = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("tmem::"))
+    readme = (root / "README.md").read_text()
+
+    def documented(op: str) -> bool:  # a row of its own, or "`sgd_step_torch` / `_native` / `_triton`"
+        base, _, backend = op.rpartition("_")
+        return f"`{op}`" in readme or (f"`{base}_torch`" in readme and f"`_{backend}`" in readme)
+
+    assert [op for op in registered if not documented(op)] == [], "ops missing from the README's op table"
+    for backend in tmem_kernels.BACKENDS:  # every backend's op is registered here
+        assert f"lora_mlp_{backend}" in registered
+    assert set(tmem_kernels.OPS) <= set(registered)

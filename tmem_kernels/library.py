@@ -1,0 +1,587 @@
+"""tmem's ops as torch custom ops (`torch.ops.tmem.*`): traceable by torch.compile and torch.export.
+
+The kernels stay where they are (`reference`, `native`, `lora_mlp` + `update` for Triton, `rsvd`,
+`cross_entropy`); this module declares each op's schema, its fake (meta) implementation (shapes
+only, for tracing) and its autograd formula, and the Python functions that call them. A custom op is
+opaque to the compiler: it never sees the data pointers the native extension reads or the Triton launch,
+only the schema, so `torch.compile(fullgraph=True)` does not break around them and `torch.export` can
+trace a model that calls them.
+
+    torch    lora_mlp_torch, sgd_step_torch, adamw_step_torch: the reference compositions, registered as
+             CompositeImplicitAutograd (they decompose into aten ops when traced; autograd comes from that)
+    native   lora_mlp_native (+ lora_mlp_native_backward), sgd_step_native, adamw_step_native: CPU, float32
+    triton   lora_mlp_triton (+ lora_mlp_triton_backward, and lora_mlp_triton_backward_sgd_ which updates
+             the B's in place inside the backward), sgd_step_triton, adamw_step_triton: CUDA, or CPU tensors
+             under TRITON_INTERPRET=1 (`torch.library.triton_op` would let the compiler see the kernels, but
+             under the interpreter it launches them on fake tensors and fails; `custom_op` works on both)
+    any      randomized_svd_top_r (not differentiable), linear_cross_entropy (differentiable w.r.t. hidden)
+
+The LoRA MLP ops return the tensors their backward reads as extra outputs (marked non-differentiable); the
+Python functions here return y only. A backend that is not installed (no Triton, native extension not
+built) registers no ops, and its functions raise ImportError when called.
+"""
+
+import torch
+from torch import Tensor
+
+from tmem_kernels import cross_entropy as _lce
+from tmem_kernels import reference, rsvd
+
+_MISSING: dict[str, ImportError] = {}  # backend -> why it is not available here
+try:
+    from tmem_kernels import native as _native
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _native, _MISSING["native"] = None, exc
+try:
+    from tmem_kernels import lora_mlp as _triton_mlp
+    from tmem_kernels import update as _triton_update
+except ImportError as exc:  # pragma: no cover - depends on the install
+    _triton_mlp = _triton_update = None
+    _MISSING["triton"] = exc
+
+__all__ = [
+    "OPS",
+    "adamw_step_native",
+    "adamw_step_torch",
+    "adamw_step_triton",
+    "linear_cross_entropy",
+    "lora_mlp_native",
+    "lora_mlp_torch",
+    "lora_mlp_triton",
+    "randomized_svd_lora_init",
+    "randomized_svd_top_r",
+    "require_backend",
+    "sgd_step_native",
+    "sgd_step_torch",
+    "sgd_step_triton",
+]
+
+_LORA_ARGS = (
+    "Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor a_gate, Tensor b_gate, Tensor a_up, Tensor b_up, "
+    "Tensor a_down, Tensor b_down"
+)
+_SGD_SCHEMA = "(Tensor(a!) param, Tensor grad, float lr, float weight_decay=0.0) -> ()"
+_ADAMW_SCHEMA = (
+    "(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor? step_tensor, float step, "
+    "float lr, float beta1=0.9, float beta2=0.999, float eps=1e-08, float weight_decay=0.01) -> ()"
+)
+_lib = torch.library.Library("tmem", "FRAGMENT")
+
+
+def require_backend(name: str) -> None:
+    """Raise ImportError (with the reason) unless backend `name`'s ops are registered here."""
+    if name in _MISSING:
+        raise ImportError(f"the {name} backend is not available here: {_MISSING[name]}")
+
+
+def _empty(like: Tensor) -> Tensor:
+    """The placeholder an op returns for an output it did not compute (ops cannot return None)."""
+    return like.new_empty(0)
+
+
+def _or_none(t: Tensor, wanted: bool) -> Tensor | None:
+    return t if wanted else None
+
+
+def _check_frozen(op: str, *weights: Tensor) -> None:
+    """The base weights get no gradient from any backend: refuse them when they would need one."""
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        raise ValueError(
+            f"{op}: a base weight (w_gate, w_up, w_down) requires grad, but the base weights are frozen here "
+            "(no kernel computes their gradient); call .requires_grad_(False) on them"
+        )
+
+
+def _flat(x: Tensor) -> Tensor:
+    if x.dim() < 1:
+        raise ValueError("lora_mlp: x must have at least one dimension [..., H]")
+    return x.reshape(-1, x.shape[-1])
+
+
+def _step_args(step: int | Tensor) -> tuple[Tensor | None, float]:
+    """AdamW's step as the ops take it: (1-element device tensor, 0.0) or (None, the number)."""
+    if isinstance(step, Tensor):
+        return step, 0.0
+    if isinstance(step, bool) or not isinstance(step, (int, float)):
+        raise TypeError(f"adamw_step_: step must be a number or a 1-element tensor, got {type(step).__name__}")
+    return None, float(step)
+
+
+def _lora_shapes(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, contiguous=True):  # noqa: ANN001
+    """Check x [N, H] and the nine MLP tensors (2-D, one dtype and device, contiguous unless not asked,
+    shapes consistent with w_gate [I, H] and a_gate [r, H]); returns (N, H, I, r). Symbolic shapes welcome
+    (the fakes use it)."""
+    tensors = dict(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down, a_gate=a_gate, b_gate=b_gate, a_up=a_up,
+                   b_up=b_up, a_down=a_down, b_down=b_down)  # fmt: skip
+    for name, t in tensors.items():
+        if t.dim() != 2:
+            raise ValueError(f"lora_mlp: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"lora_mlp: {name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
+        if contiguous and not t.is_contiguous():
+            raise ValueError(f"lora_mlp: {name} must be contiguous (call .contiguous() first)")
+    (n, h), i, r = x.shape, w_gate.shape[0], a_gate.shape[0]
+    expected = dict(w_gate=(i, h), w_up=(i, h), w_down=(h, i), a_gate=(r, h), b_gate=(i, r), a_up=(r, h),
+                    b_up=(i, r), a_down=(r, i), b_down=(h, r))  # fmt: skip
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"lora_mlp: {name} has shape {tuple(tensors[name].shape)}, expected {shape} for x "
+                             f"[{n}, {h}], w_gate [{i}, {h}] and a_gate [{r}, {h}]")  # fmt: skip
+    return n, h, i, r
+
+
+# ------------------------------------------------------------------------------------------------
+# torch: the reference compositions
+# ------------------------------------------------------------------------------------------------
+
+
+def _reference_adamw(param, grad, exp_avg, exp_avg_sq, step_tensor, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,  # noqa: ANN001
+                     weight_decay=0.01):  # fmt: skip
+    reference.adamw_step_(param, grad, exp_avg, exp_avg_sq, step if step_tensor is None else step_tensor, lr,
+                          beta1, beta2, eps, weight_decay)  # fmt: skip
+
+
+def _reference_lora_mlp(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling=1.0):  # noqa: ANN001
+    _lora_shapes(x.reshape(-1, x.shape[-1]), w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+                 contiguous=False)  # fmt: skip
+    return reference.lora_mlp(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling)
+
+
+_lib.define(f"lora_mlp_torch({_LORA_ARGS}, float scaling=1.0) -> Tensor")
+_lib.impl("lora_mlp_torch", _reference_lora_mlp, "CompositeImplicitAutograd")
+_lib.define("sgd_step_torch" + _SGD_SCHEMA)
+_lib.impl("sgd_step_torch", reference.sgd_step_, "CompositeImplicitAutograd")
+_lib.define("adamw_step_torch" + _ADAMW_SCHEMA)
+_lib.impl("adamw_step_torch", _reference_adamw, "CompositeImplicitAutograd")
+
+
+def lora_mlp_torch(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor,
+    b_up: Tensor, a_down: Tensor, b_down: Tensor, scaling: float = 1.0,
+) -> Tensor:  # fmt: skip
+    """`tmem::lora_mlp_torch`: the reference LoRA SwiGLU MLP, x [..., H] -> [..., H] (shapes in `reference`)."""
+    _check_frozen("lora_mlp", w_gate, w_up, w_down)
+    return torch.ops.tmem.lora_mlp_torch(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+                                         float(scaling))  # fmt: skip
+
+
+def sgd_step_torch(param: Tensor, grad: Tensor, lr: float, weight_decay: float = 0.0) -> None:
+    """`tmem::sgd_step_torch`: param -= lr * (grad + weight_decay * param), in place (the torch composition)."""
+    torch.ops.tmem.sgd_step_torch(param, grad, float(lr), float(weight_decay))
+
+
+def adamw_step_torch(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
+    beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
+) -> None:  # fmt: skip
+    """`tmem::adamw_step_torch`: one AdamW step in place, as torch.optim.AdamW; `step` may be a device tensor."""
+    torch.ops.tmem.adamw_step_torch(param, grad, exp_avg, exp_avg_sq, *_step_args(step), float(lr), beta1, beta2,
+                                    eps, weight_decay)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# native: the C++ extension (CPU, float32)
+# ------------------------------------------------------------------------------------------------
+
+
+def _native_validate(*tensors: Tensor) -> tuple[int, int, int, int]:
+    """The native kernels' rules on top of `_lora_shapes`: float32, CPU, 1 <= r <= MAX_RANK."""
+    n, h, i, r = _lora_shapes(*tensors)
+    _native._check(tensors[0], "x")
+    _native._check_rank(r)
+    return n, h, i, r
+
+
+if _native is not None:
+
+    @torch.library.custom_op("tmem::lora_mlp_native", mutates_args=(), device_types="cpu")
+    def _lora_mlp_native(
+        x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor,
+        b_up: Tensor, a_down: Tensor, b_down: Tensor, scaling: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """(y [N, H], gu [2, N, I], xa [N, 2r], ha [N, r]): the forward and what its backward reads."""
+        args = (x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down)
+        _native_validate(*args)
+        return _native.lora_mlp_forward(*args, scaling)
+
+    @_lora_mlp_native.register_fake
+    def _(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling):  # noqa: ANN001
+        n, h, i, r = _native_validate(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down)
+        return x.new_empty(n, h), x.new_empty(2, n, i), x.new_empty(n, 2 * r), x.new_empty(n, r)
+
+    @torch.library.custom_op("tmem::lora_mlp_native_backward", mutates_args=(), device_types="cpu")
+    def _lora_mlp_native_backward(
+        dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, a_gate: Tensor, b_gate: Tensor,
+        a_up: Tensor, b_up: Tensor, a_down: Tensor, b_down: Tensor, gu: Tensor, xa: Tensor, ha: Tensor,
+        scaling: float, need_dx: bool, need_da: bool, need_db_down: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """(dx, da_gate, db_gate, da_up, db_up, da_down, db_down); the ones not asked for are empty."""
+        n, h, i, r = _native_validate(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down)
+        _native._check(dy, "dy", (n, h))
+        grads = _native.lora_mlp_backward(dy, x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+                                          gu, xa, ha, scaling, need_dx, need_da, need_db_down)  # fmt: skip
+        # da_gate / da_up are row slices of one [2r, H] product: outputs must not alias each other
+        return tuple(_empty(x) if g is None else g.clone() if k in (1, 3) else g for k, g in enumerate(grads))
+
+    @_lora_mlp_native_backward.register_fake
+    def _(dy, x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, gu, xa, ha, scaling,  # noqa: ANN001
+          need_dx, need_da, need_db_down):  # fmt: skip
+        _native_validate(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down)
+        shaped = [(x, need_dx), (a_gate, need_da), (b_gate, True), (a_up, need_da), (b_up, True),
+                  (a_down, need_da), (b_down, need_db_down)]  # fmt: skip
+        return tuple(torch.empty_like(t) if wanted else _empty(x) for t, wanted in shaped)
+
+    def _native_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+        *tensors, scaling = inputs
+        _, gu, xa, ha = output
+        ctx.mark_non_differentiable(gu, xa, ha)
+        ctx.save_for_backward(*tensors, gu, xa, ha)
+        ctx.scaling = scaling
+
+    def _native_backward(ctx, dy, *_):  # noqa: ANN001
+        need = ctx.needs_input_grad
+        grads = torch.ops.tmem.lora_mlp_native_backward(
+            dy.contiguous(), *ctx.saved_tensors, ctx.scaling, need[0], need[4] or need[6] or need[8], need[9]
+        )
+        dx, *factors = (_or_none(g, need[k]) for g, k in zip(grads, (0, 4, 5, 6, 7, 8, 9)))
+        return dx, None, None, None, *factors, None
+
+    _lora_mlp_native.register_autograd(_native_backward, setup_context=_native_setup)
+
+    @torch.library.custom_op("tmem::sgd_step_native", mutates_args=("param",), device_types="cpu")
+    def _sgd_step_native(param: Tensor, grad: Tensor, lr: float, weight_decay: float = 0.0) -> None:
+        _native.sgd_step_(param, grad, lr, weight_decay)
+
+    @torch.library.custom_op("tmem::adamw_step_native", mutates_args=("param", "exp_avg", "exp_avg_sq"),
+                             device_types="cpu")  # fmt: skip
+    def _adamw_step_native(
+        param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_tensor: Tensor | None, step: float,
+        lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
+    ) -> None:  # fmt: skip
+        if step_tensor is not None:
+            raise ValueError("adamw_step_ (native): step must be a Python number (the native kernel reads it on "
+                             "the host); device-tensor steps are for the torch and triton backends")  # fmt: skip
+        if step != int(step):
+            raise ValueError(f"adamw_step_ (native): step must be a whole number, got {step}")
+        _native.adamw_step_(param, grad, exp_avg, exp_avg_sq, int(step), lr, beta1, beta2, eps, weight_decay)
+
+
+def lora_mlp_native(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor,
+    b_up: Tensor, a_down: Tensor, b_down: Tensor, scaling: float = 1.0,
+) -> Tensor:  # fmt: skip
+    """`tmem::lora_mlp_native`: the fused LoRA SwiGLU MLP on the C++ extension, x [..., H] -> [..., H];
+    float32, CPU, contiguous (shapes in `reference`). Differentiable w.r.t. x, the b_* and the a_*."""
+    require_backend("native")
+    _check_frozen("lora_mlp", w_gate, w_up, w_down)
+    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
+    y = torch.ops.tmem.lora_mlp_native(_flat(x), w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+                                       float(scaling))[0]  # fmt: skip
+    return y.view(x.shape)
+
+
+def sgd_step_native(param: Tensor, grad: Tensor, lr: float, weight_decay: float = 0.0) -> None:
+    """`tmem::sgd_step_native`: param -= lr * (grad + weight_decay * param), in place (float32, CPU)."""
+    require_backend("native")
+    torch.ops.tmem.sgd_step_native(param, grad, float(lr), float(weight_decay))
+
+
+def adamw_step_native(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float,
+    beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
+) -> None:  # fmt: skip
+    """`tmem::adamw_step_native`: one AdamW step in place (float32, CPU); `step` a Python number from 1."""
+    require_backend("native")
+    torch.ops.tmem.adamw_step_native(param, grad, exp_avg, exp_avg_sq, *_step_args(step), float(lr), beta1, beta2,
+                                     eps, weight_decay)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# triton: the Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1)
+# ------------------------------------------------------------------------------------------------
+
+
+def _triton_validate(*tensors: Tensor, fake: bool = False) -> tuple[int, int, int, int]:
+    """The Triton kernels' checks on x [N, H] and the nine MLP tensors; (N, H, I, r). `fake`: on fake
+    tensors, whose shapes may be symbolic (`lora_mlp._check_inputs` counts them, which needs numbers)."""
+    if not fake:
+        names = ("w_gate", "w_up", "w_down", "a_gate", "b_gate", "a_up", "b_up", "a_down", "b_down")
+        return _triton_mlp._check_inputs(tensors[0], dict(zip(names, tensors[1:])))
+    n, h, i, r = _lora_shapes(*tensors)
+    if tensors[0].dtype not in _triton_mlp._DTYPES:
+        raise TypeError(f"lora_mlp: dtype {tensors[0].dtype} not supported (float32, float16 or bfloat16)")
+    if not 1 <= r <= _triton_mlp.MAX_RANK:
+        raise ValueError(f"lora_mlp: LoRA rank {r} is outside 1..{_triton_mlp.MAX_RANK}")
+    return n, h, i, r
+
+
+def _triton_config(x: Tensor, w_gate: Tensor):  # noqa: ANN202
+    """The tiles `lora_mlp` would pick for x [N, H] on its device (tiles.select_config)."""
+    n, h = x.shape
+    return _triton_mlp.select_config(n, h, w_gate.shape[0], x.dtype, _triton_mlp.num_sms(x.device))
+
+
+if _triton_mlp is not None:
+
+    @torch.library.custom_op("tmem::lora_mlp_triton", mutates_args=())
+    def _lora_mlp_triton(
+        x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor,
+        b_up: Tensor, a_down: Tensor, b_down: Tensor, scaling: float, sgd_lr: float | None, save: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """(y [N, H], gate [N, I], up [N, I], xa [N, 2r], ha [N, r]); the last four only with `save` (else
+        empty). `sgd_lr` is read by the backward only (see `lora_mlp_triton`)."""
+        args = (x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down)
+        _triton_validate(*args)
+        y, *saved = _triton_mlp._forward(*args, scaling, save, _triton_config(x, w_gate))
+        return (y, *saved) if save else (y, _empty(x), _empty(x), _empty(x), _empty(x))
+
+    @_lora_mlp_triton.register_fake
+    def _(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling, sgd_lr, save):  # noqa: ANN001
+        n, h, i, r = _triton_validate(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, fake=True)
+        if not save:
+            return x.new_empty(n, h), _empty(x), _empty(x), _empty(x), _empty(x)
+        return x.new_empty(n, h), x.new_empty(n, i), x.new_empty(n, i), x.new_empty(n, 2 * r), x.new_empty(n, r)
+
+    def _factor_grads(grads: list[Tensor] | None, x: Tensor) -> list[Tensor]:
+        """The kernels' fp32 factor gradients (views of one workspace) as separate tensors in x's dtype."""
+        return [_empty(x) for _ in range(3)] if grads is None else [g.to(x.dtype, copy=True) for g in grads]
+
+    def _triton_grads(dy, x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, gate, up, xa, ha,  # noqa: ANN001
+                      scaling, need_dx, need_db, need_da):  # fmt: skip
+        """The backward kernels: (dx | None, [dB_gate, dB_up, dB_down] fp32 | None, [dA_*] fp32 | None)."""
+        args = (x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down)
+        n, h, _, _ = _triton_validate(*args)
+        if gate.shape != (n, w_gate.shape[0]):
+            raise RuntimeError("lora_mlp_triton backward: the forward ran with save=False (no saved tensors)")
+        return _triton_mlp._backward(dy.contiguous(), *args, gate, up, xa, ha, scaling, need_dx, need_db, need_da,
+                                     _triton_config(x, w_gate))  # fmt: skip
+
+    @torch.library.custom_op("tmem::lora_mlp_triton_backward", mutates_args=())
+    def _lora_mlp_triton_backward(
+        dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, a_gate: Tensor, b_gate: Tensor,
+        a_up: Tensor, b_up: Tensor, a_down: Tensor, b_down: Tensor, gate: Tensor, up: Tensor, xa: Tensor,
+        ha: Tensor, scaling: float, need_dx: bool, need_db: bool, need_da: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """(dx, da_gate, db_gate, da_up, db_up, da_down, db_down) in the factors' dtypes; empty if not asked."""
+        dx, db, da = _triton_grads(dy, x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, gate,
+                                   up, xa, ha, scaling, need_dx, need_db, need_da)  # fmt: skip
+        db = _factor_grads(db, x)
+        da = _factor_grads(da, x)
+        return (_empty(x) if dx is None else dx), da[0], db[0], da[1], db[1], da[2], db[2]
+
+    @_lora_mlp_triton_backward.register_fake
+    def _(dy, x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, gate, up, xa, ha, scaling,  # noqa: ANN001
+          need_dx, need_db, need_da):  # fmt: skip
+        _triton_validate(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, fake=True)
+        shaped = [(x, need_dx), (a_gate, need_da), (b_gate, need_db), (a_up, need_da), (b_up, need_db),
+                  (a_down, need_da), (b_down, need_db)]  # fmt: skip
+        return tuple(torch.empty_like(t) if wanted else _empty(x) for t, wanted in shaped)
+
+    @torch.library.custom_op("tmem::lora_mlp_triton_backward_sgd_", mutates_args=("b_gate", "b_up", "b_down"))
+    def _lora_mlp_triton_backward_sgd_(
+        dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, a_gate: Tensor, b_gate: Tensor,
+        a_up: Tensor, b_up: Tensor, a_down: Tensor, b_down: Tensor, gate: Tensor, up: Tensor, xa: Tensor,
+        ha: Tensor, scaling: float, lr: float, need_dx: bool, need_da: bool, step_gate: bool, step_up: bool,
+        step_down: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """The backward with plain SGD on the B's applied in place, B -= lr * dB (the B's flagged step_*),
+        after dx and the dA's were computed with the old B's: (dx, da_gate, da_up, da_down), empty if not asked."""
+        dx, db, da = _triton_grads(dy, x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, gate,
+                                   up, xa, ha, scaling, need_dx, True, need_da)  # fmt: skip
+        steps = (step_gate, step_up, step_down)
+        _triton_mlp._sgd_apply_([b_gate, b_up, b_down], [g if s else torch.zeros_like(g) for g, s in zip(db, steps)],
+                                lr)  # fmt: skip
+        da = _factor_grads(da, x)
+        return (_empty(x) if dx is None else dx), *da
+
+    @_lora_mlp_triton_backward_sgd_.register_fake
+    def _(dy, x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, gate, up, xa, ha, scaling, lr,  # noqa: ANN001
+          need_dx, need_da, step_gate, step_up, step_down):  # fmt: skip
+        _triton_validate(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, fake=True)
+        shaped = [(x, need_dx), (a_gate, need_da), (a_up, need_da), (a_down, need_da)]
+        return tuple(torch.empty_like(t) if wanted else _empty(x) for t, wanted in shaped)
+
+    def _triton_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+        *tensors, scaling, sgd_lr, _ = inputs
+        _, *saved = output
+        ctx.mark_non_differentiable(*saved)
+        ctx.save_for_backward(*tensors, *saved)
+        ctx.scaling, ctx.sgd_lr = scaling, sgd_lr
+
+    def _triton_backward(ctx, dy, *_):  # noqa: ANN001
+        need = ctx.needs_input_grad
+        need_dx, need_da, need_b = need[0], need[4] or need[6] or need[8], (need[5], need[7], need[9])
+        tensors = ctx.saved_tensors
+        dy = dy.to(tensors[0].dtype)
+        if ctx.sgd_lr is not None and any(need_b):
+            dx, da_gate, da_up, da_down = torch.ops.tmem.lora_mlp_triton_backward_sgd_(
+                dy, *tensors, ctx.scaling, ctx.sgd_lr, need_dx, need_da, *need_b
+            )
+            grads = (dx, da_gate, None, da_up, None, da_down, None)  # the B's were stepped: no gradient
+        else:
+            grads = torch.ops.tmem.lora_mlp_triton_backward(dy, *tensors, ctx.scaling, need_dx, any(need_b), need_da)
+        dx, *factors = (_or_none(g, need[k]) for g, k in zip(grads, (0, 4, 5, 6, 7, 8, 9)))
+        return dx, None, None, None, *factors, None, None, None
+
+    _lora_mlp_triton.register_autograd(_triton_backward, setup_context=_triton_setup)
+
+    @torch.library.custom_op("tmem::sgd_step_triton", mutates_args=("param",))
+    def _sgd_step_triton(param: Tensor, grad: Tensor, lr: float, weight_decay: float = 0.0) -> None:
+        _triton_update.sgd_step_(param, grad, lr, weight_decay)
+
+    @torch.library.custom_op("tmem::adamw_step_triton", mutates_args=("param", "exp_avg", "exp_avg_sq"))
+    def _adamw_step_triton(
+        param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_tensor: Tensor | None, step: float,
+        lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
+    ) -> None:  # fmt: skip
+        _triton_update.adamw_step_(param, grad, exp_avg, exp_avg_sq, step if step_tensor is None else step_tensor,
+                                   lr, beta1, beta2, eps, weight_decay)  # fmt: skip
+
+
+def lora_mlp_triton(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor,
+    b_up: Tensor, a_down: Tensor, b_down: Tensor, scaling: float = 1.0, sgd_lr: float | None = None,
+) -> Tensor:  # fmt: skip
+    """`tmem::lora_mlp_triton`: the fused Triton LoRA SwiGLU MLP, x [..., H] -> [..., H] (shapes in
+    `reference`; float32/float16/bfloat16, contiguous; rank <= 16). Differentiable w.r.t. x, the b_* and the
+    a_*. With `sgd_lr`, the backward updates every b_* that requires grad in place, B -= sgd_lr * dB
+    (`tmem::lora_mlp_triton_backward_sgd_`), and hands autograd no gradient for it."""
+    require_backend("triton")
+    _check_frozen("lora_mlp", w_gate, w_up, w_down)
+    if sgd_lr is not None and (isinstance(sgd_lr, bool) or not isinstance(sgd_lr, (int, float))):
+        raise TypeError(f"lora_mlp: sgd_lr must be a float or None, got {type(sgd_lr).__name__}")
+    trainable = (x, a_gate, b_gate, a_up, b_up, a_down, b_down)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in trainable)
+    flat = _flat(x)
+    if not save and _triton_mlp.decode_path(flat.shape[0], x.device, _triton_config(flat, w_gate)) == "cublas":
+        # a few rows in inference (decode): cuBLAS base products + the small LoRA terms (tiles.decode_path)
+        return lora_mlp_torch(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling)
+    y = torch.ops.tmem.lora_mlp_triton(flat, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+                                       float(scaling), None if sgd_lr is None else float(sgd_lr), save)[0]  # fmt: skip
+    return y.view(x.shape)
+
+
+def sgd_step_triton(param: Tensor, grad: Tensor, lr: float, weight_decay: float = 0.0) -> None:
+    """`tmem::sgd_step_triton`: param -= lr * (grad + weight_decay * param), in place, one launch."""
+    require_backend("triton")
+    torch.ops.tmem.sgd_step_triton(param, grad, float(lr), float(weight_decay))
+
+
+def adamw_step_triton(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
+    beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
+) -> None:  # fmt: skip
+    """`tmem::adamw_step_triton`: one AdamW step in place, one launch; `step` may be a 1-element device tensor
+    (read in the kernel: no host sync, CUDA-graph capturable)."""
+    require_backend("triton")
+    torch.ops.tmem.adamw_step_triton(param, grad, exp_avg, exp_avg_sq, *_step_args(step), float(lr), beta1, beta2,
+                                     eps, weight_decay)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# any device: randomized SVD, linear cross-entropy
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tmem::randomized_svd_top_r", mutates_args=())
+def _randomized_svd_top_r(
+    w: Tensor, r: int, oversample: int = rsvd.DEFAULT_OVERSAMPLE, n_iter: int = rsvd.DEFAULT_N_ITER, seed: int = 0,
+    gram: bool | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    u, s, vh = rsvd.randomized_svd_top_r(w, r, oversample=oversample, n_iter=n_iter, seed=seed, gram=gram)
+    return u.contiguous(), s.contiguous(), vh.contiguous()
+
+
+@_randomized_svd_top_r.register_fake
+def _(w, r, oversample=rsvd.DEFAULT_OVERSAMPLE, n_iter=rsvd.DEFAULT_N_ITER, seed=0, gram=None):  # noqa: ANN001
+    rsvd._check(w, r, oversample, n_iter)
+    lead, m, k = w.shape
+    dtype = rsvd._work_dtype(w.dtype)
+    return w.new_empty(lead, m, r, dtype=dtype), w.new_empty(lead, r, dtype=dtype), w.new_empty(lead, r, k, dtype=dtype)
+
+
+def randomized_svd_top_r(
+    w: Tensor, r: int, *, oversample: int = rsvd.DEFAULT_OVERSAMPLE, n_iter: int = rsvd.DEFAULT_N_ITER,
+    seed: int = 0, gram: bool | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """`tmem::randomized_svd_top_r`: w [L, M, K] -> U [L, M, r], S [L, r], Vh [L, r, K] (float32; float64 for
+    float64 input), as `rsvd.randomized_svd_top_r`. Not differentiable."""
+    return torch.ops.tmem.randomized_svd_top_r(w, r, oversample, n_iter, seed, gram)
+
+
+def randomized_svd_lora_init(
+    w: Tensor, r: int, *, oversample: int = rsvd.DEFAULT_OVERSAMPLE, n_iter: int = rsvd.DEFAULT_N_ITER,
+    seed: int = 0, gram: bool | None = None,
+) -> Tensor:  # fmt: skip
+    """TMEM's A0 = S_r V_r^T through `tmem::randomized_svd_top_r`: w [L, M, K] -> A0 [L, r, K]."""
+    _, s, vh = randomized_svd_top_r(w, r, oversample=oversample, n_iter=n_iter, seed=seed, gram=gram)
+    return s.unsqueeze(-1) * vh
+
+
+@torch.library.custom_op("tmem::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, chunk_size: int, with_grad: bool
+) -> tuple[Tensor, Tensor]:
+    """(loss 0-d float32 (float64 for float64 input), d loss / d hidden [K, H], empty without `with_grad`)."""
+    loss, grad = _lce.loss_and_grad(hidden, weight, targets, ignore_index, chunk_size, with_grad)
+    return loss, _empty(hidden) if grad is None else grad
+
+
+@_linear_cross_entropy.register_fake
+def _(hidden, weight, targets, ignore_index, chunk_size, with_grad):  # noqa: ANN001
+    _lce.check_inputs(hidden, weight, targets, chunk_size)
+    loss = hidden.new_empty((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    return loss, torch.empty_like(hidden) if with_grad else _empty(hidden)
+
+
+def _lce_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(grad)
+
+
+def _lce_backward(ctx, dloss, _):  # noqa: ANN001
+    (grad,) = ctx.saved_tensors
+    if grad.dim() != 2:
+        raise RuntimeError("linear_cross_entropy backward: the forward ran with with_grad=False")
+    return grad * dloss.to(grad.dtype), None, None, None, None, None
+
+
+_linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup)
+
+
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = _lce.IGNORE_INDEX,
+    chunk_size: int | None = None,
+) -> Tensor:  # fmt: skip
+    """`tmem::linear_cross_entropy`: mean cross-entropy of hidden @ weight.T against targets without the
+    [K, V] logits (chunks of `chunk_size` rows, default `cross_entropy.chunk_rows`).
+
+    hidden [K, H], weight [V, H] (one float dtype), targets [K] int64 -> 0-d float32 (float64 input: float64), as
+    `reference.linear_cross_entropy`. Differentiable w.r.t. hidden only: the head is frozen (a weight that
+    requires grad is an error). Graph-safe: no host sync, shapes fixed by K.
+    """
+    if torch.is_grad_enabled() and weight.requires_grad:
+        raise ValueError("linear_cross_entropy: weight requires grad, but the head is frozen here "
+                         "(no gradient is computed for it); call .requires_grad_(False) on it")  # fmt: skip
+    if chunk_size is None:
+        chunk_size = _lce.chunk_rows(hidden.shape[0], weight.shape[0])
+    with_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return torch.ops.tmem.linear_cross_entropy(hidden, weight, targets, ignore_index, chunk_size, with_grad)[0]
+
+
+# op name -> the Python function that calls it (every op registered here, for tests and the README's table)
+OPS = {
+    "lora_mlp_torch": lora_mlp_torch,
+    "sgd_step_torch": sgd_step_torch,
+    "adamw_step_torch": adamw_step_torch,
+    "lora_mlp_native": lora_mlp_native,
+    "sgd_step_native": sgd_step_native,
+    "adamw_step_native": adamw_step_native,
+    "lora_mlp_triton": lora_mlp_triton,
+    "sgd_step_triton": sgd_step_triton,
+    "adamw_step_triton": adamw_step_triton,
+    "randomized_svd_top_r": randomized_svd_top_r,
+    "linear_cross_entropy": linear_cross_entropy,
+}

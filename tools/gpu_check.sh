@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# `make gpu-check`: the project's one prepared device run. From the repository root on a GPU machine with only
+# the image's packages (torch, Triton, transformers, peft, pytest-benchmark; nothing downloadable):
+#
+#     make gpu-check            (= timeout 480 bash tools/gpu_check.sh)
+#
+# Phases, in priority order, each capped with `timeout` inside one deadline (DEADLINE seconds after start), so
+# a hang in one keeps the others' results:
+#   install      pip install -e . --no-deps --no-build-isolation, in the background (the C++ extension may fail
+#                to build there: nothing waits for it, every phase imports the tree through PYTHONPATH)
+#   tests_*      the CUDA-only tests, the kernel tests and the runtime tests on CUDA (three capped parts)
+#   write        the write at SmolLM2 and Qwen3-4B shapes, bf16, random weights: fast path with and without
+#                CUDA graphs, torch path, PEFT (benchmarks/test_bench_write_shapes.py)
+#   kernels      lora_mlp fwd+bwd and the optimizer steps, with each one's share of the card's bound, and the
+#                per-kernel shares from the profiler (benchmarks/test_bench_lora_mlp.py, test_bench_update.py)
+#   decode       the decode dispatch per MLP call (cuBLAS vs fused) and tokens/s with a written adapter vs the
+#                bare model (benchmarks/test_bench_decode.py)
+# Output: at most 8 files under $OUT (./gpu_out when unset); 00_summary.txt says the card, the versions and each
+# phase's status. Without CUDA it is a dry run (the same plumbing, CUDA-only parts skipped or shortened).
+set -u
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-$ROOT/gpu_out}
+mkdir -p "$OUT"
+DEADLINE=${DEADLINE:-450}
+PY=${PY:-$(command -v python3 || command -v python)}
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 TRITON_DEFAULT_FP_FUSION=1
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/tmem_triton_cache}  # one cache for every phase: compile once
+unset TRITON_INTERPRET TMEM_BENCH_SLOW TMEM_BENCH_DTYPE TMEM_DECODE_PATH
+SUMMARY=$OUT/00_summary.txt
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs)
+BENCH=(--benchmark-columns=min,median,rounds --benchmark-sort=name)
+
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  DRY=0
+else  # no CUDA: prove the plumbing only (CPU, interpreter; small selections, few rounds)
+  DRY=1
+  export TRITON_INTERPRET=1
+fi
+
+phase() {  # phase NAME CAP_SECONDS LOGFILE CMD...   (the cap is clamped to what is left before DEADLINE)
+  local name=$1 cap=$2 log=$3; shift 3
+  local left=$((DEADLINE - SECONDS)) t0=$SECONDS
+  local t=$((cap < left ? cap : left))
+  if ((t < 20)); then echo "$name SKIPPED (${left}s left before the deadline)" >> "$SUMMARY"; return 0; fi
+  echo "===== $name (cap ${t}s, start +${SECONDS}s): $*" >> "$log"
+  timeout -k 5 "$t" "$@" >> "$log" 2>&1
+  local rc=$? note=""
+  if ((rc == 124 || rc == 137)); then note=" TIMED OUT"; fi
+  if ((rc == 5)); then note=" (no test selected here)"; fi
+  local result
+  result=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|deselected|error)" "$log" | tail -1 | tr -d '=')
+  echo "$name rc=$rc took=$((SECONDS - t0))s cap=${t}s$note | ${result:-no pytest result line}" >> "$SUMMARY"
+}
+
+# ---- environment: the card, the versions (the summary's head) ------------------------------------------------
+{
+  echo "tmem gpu-check $(date -u +%Y-%m-%dT%H:%MZ) dry_run=$DRY deadline=${DEADLINE}s"
+  echo "git: $(git log -1 --format='%h %s' 2>/dev/null | cut -c1-100)"
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv,noheader 2>&1 \
+      | sed 's/^/card: /' | head -2
+  else
+    echo "card: none (no nvidia-smi)"
+  fi
+  "$PY" - <<'EOF' 2>&1
+import importlib.metadata as md
+import platform
+vs = []
+for p in ("torch", "triton", "transformers", "peft", "numpy", "pytest-benchmark", "safetensors"):
+    try:
+        vs.append(f"{p} {md.version(p)}")
+    except md.PackageNotFoundError:
+        vs.append(f"{p} MISSING")
+print("python", platform.python_version(), "|", ", ".join(vs))
+import torch
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB,"
+          f" CUDA {torch.version.cuda}, float32 matmul precision {torch.get_float32_matmul_precision()}")
+else:
+    print("device: no CUDA (dry run on CPU)")
+EOF
+  echo "--- phases"
+} > "$SUMMARY"
+
+# ---- install in the background unless done already (the native CPU extension may fail to build here: nothing
+#      waits for it; a second build would overwrite the extension in place under running phases, so never twice) --
+INSTALL_LOG=$OUT/01_install.txt
+if "$PY" -c "import importlib.metadata as m; m.version('tmem')" > /dev/null 2>&1; then
+  echo "tmem already installed: $("$PY" -m pip show tmem 2>/dev/null | grep -E '^(Version|Location|Editable)' | tr '\n' ' ')" \
+    > "$INSTALL_LOG"
+  INSTALL_PID=
+else
+  (timeout 200 "$PY" -m pip install -e . --no-deps --no-build-isolation > "$INSTALL_LOG" 2>&1
+   echo "pip install rc=$?" >> "$INSTALL_LOG") &
+  INSTALL_PID=$!
+fi
+
+# ---- 1. the tests on CUDA, in three capped parts (one log): the CUDA-only tests (graphs, streams, int64 offsets,
+#         TF32, the graphed write), the kernel tests, the runtime tests. The CPU compile check and the slow
+#         real-model CPU tests are left out (same wheel, same result as on the CPU box).
+KERNEL_TESTS=(tests/test_lora_mlp.py tests/test_update.py)
+RUNTIME_TESTS=(tests/test_write_steps.py tests/test_fast_weights.py tests/test_rsvd.py)
+if ((DRY)); then
+  phase tests_cuda 60 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" "${RUNTIME_TESTS[@]}" -m cuda
+  phase tests_kernels 240 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" -m "not cuda" \
+    -k "decode_paths or split_k_with_tails or rejects_wrong"
+  phase tests_runtime 240 "$OUT/02_tests.txt" "${PYTEST[@]}" "${RUNTIME_TESTS[@]}" -m "not cuda and not slow" \
+    -k "fixed_shape or never_read"
+else
+  phase tests_cuda 60 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" "${RUNTIME_TESTS[@]}" -m cuda \
+    --durations=5
+  phase tests_kernels 100 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" -m "not cuda" \
+    -k "not gpu_compile" --durations=5
+  phase tests_runtime 60 "$OUT/02_tests.txt" "${PYTEST[@]}" "${RUNTIME_TESTS[@]}" -m "not cuda and not slow" \
+    --durations=5
+fi
+
+# ---- 2. the write at real shapes (SmolLM2, then Qwen3-4B: a timeout in the second keeps the first) ----------
+if ((DRY)); then
+  phase write_smollm2 240 "$OUT/03_bench_write.txt" "${PYTEST[@]}" benchmarks/test_bench_write_shapes.py \
+    -k "smollm2-N512 and not peft" --benchmark-disable
+else
+  phase write_smollm2 60 "$OUT/03_bench_write.txt" "${PYTEST[@]}" benchmarks/test_bench_write_shapes.py \
+    -k smollm2 "${BENCH[@]}" --benchmark-json="$OUT/04_bench_write_smollm2.json"
+  phase write_qwen3 120 "$OUT/03_bench_write.txt" "${PYTEST[@]}" benchmarks/test_bench_write_shapes.py \
+    -k qwen3 "${BENCH[@]}" --benchmark-json="$OUT/05_bench_write_qwen3.json"
+fi
+
+# ---- 3. kernel benchmarks: each op's share of the bound, and each Triton kernel's (profiler) -----------------
+if ((DRY)); then
+  phase kernels 120 "$OUT/06_bench_kernels.txt" "${PYTEST[@]}" benchmarks/test_bench_lora_mlp.py \
+    benchmarks/test_bench_update.py -k "smollm2 and not N4096" "${BENCH[@]}"  # (CPU: torch, native, peft)
+else
+  phase kernels 70 "$OUT/06_bench_kernels.txt" "${PYTEST[@]}" benchmarks/test_bench_lora_mlp.py \
+    benchmarks/test_bench_update.py "${BENCH[@]}"
+fi
+
+# ---- 4. decode: the dispatch per MLP call, and per token with a written adapter vs the bare model -----------
+if ((DRY)); then
+  phase decode 240 "$OUT/07_bench_decode.txt" "${PYTEST[@]}" benchmarks/test_bench_decode.py \
+    -k "smollm2 and (N4 or tokens)" "${BENCH[@]}"
+else
+  phase decode 80 "$OUT/07_bench_decode.txt" "${PYTEST[@]}" benchmarks/test_bench_decode.py "${BENCH[@]}"
+fi
+
+# ---- wrap up: the install's result, the benchmark summaries, the failures -----------------------------------
+if [ -n "$INSTALL_PID" ] && kill -0 "$INSTALL_PID" 2>/dev/null; then
+  echo "install still running at +${SECONDS}s (left running; phases used PYTHONPATH)" >> "$SUMMARY"
+else
+  echo "install: $(tail -1 "$INSTALL_LOG" 2>/dev/null)" >> "$SUMMARY"
+fi
+"$PY" -c "import tmem_kernels._native" > /dev/null 2>&1 && echo "native extension: importable" >> "$SUMMARY" \
+  || echo "native extension: not importable (CPU backend only; not needed on CUDA)" >> "$SUMMARY"
+{
+  echo "--- failures (first 20)"
+  grep -hE "^(FAILED|ERROR) " "$OUT"/0[2-7]_*.txt 2>/dev/null | cut -c1-240 | head -20
+  echo "--- benchmark summaries"
+  for f in "$OUT"/03_bench_write.txt "$OUT"/06_bench_kernels.txt "$OUT"/07_bench_decode.txt; do
+    [ -f "$f" ] || continue
+    echo "## $(basename "$f")"
+    # each suite prints its table after its last test: from the first summary header to the pytest result line
+    awk '/^(one write|lora_mlp forward|optimizer step|per-kernel|decode,)/{p=1} p && /^(-----|=====)/{p=0} p' "$f" \
+      | grep -v '^\.*$' | head -60
+  done
+  echo "total +${SECONDS}s"
+} >> "$SUMMARY"
+ls "$OUT" | head -20 | sed 's/^/file: /' >> "$SUMMARY"
+echo "gpu-check done in ${SECONDS}s: $SUMMARY"
