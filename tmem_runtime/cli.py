@@ -1,5 +1,5 @@
-"""`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem make-conversations`, `tmem bench` (and
-`tmem --version`).
+"""`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem make-conversations`, `tmem bench`, `tmem serve`
+(and `tmem --version`).
 
 Every command takes `--threads` (torch's CPU threads) and shows its defaults in `--help`; the
 commands build their parsers with `command_parser`.
@@ -20,6 +20,7 @@ commands:
   eval           LoCoMo-format evaluation of the memory channels (tmem eval --help)
   make-conversations  seeded long conversations in LoCoMo's format: facts early, chit-chat after
   bench          the pytest-benchmark suites in benchmarks/ (extra args go to pytest)
+  serve          an HTTP server (OpenAI-compatible) where every conversation keeps its own fast weights
 """
 
 
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         from tmem_runtime.agent.long_conversations import main as run
     elif command == "bench":
         return _bench(rest)
+    elif command == "serve":
+        from tmem_runtime.serve.main import main as run
     else:
         print(f"tmem: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
