@@ -1,4 +1,4 @@
-"""`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem bench` (and `tmem --version`).
+"""`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem ablate`, `tmem bench` (and `tmem --version`).
 
 Every command takes `--threads` (torch's CPU threads) and shows its defaults in `--help`; the
 commands build their parsers with `command_parser`.
@@ -17,6 +17,7 @@ commands:
   demo           the memory agent on the embedded model: writes, clears, answers (vs no memory)
   demo-weights   fast weights alone: 10 made-up facts written, recalled, then reset
   eval           LoCoMo-format evaluation of the memory channels
+  ablate         the paper's design claims re-measured: init, rank, layers, format, capacity
   bench          the pytest-benchmark suites in benchmarks/ (extra args go to pytest)
 """
 
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         from tmem_runtime.demo import main as run
     elif command == "eval":
         from tmem_runtime.agent.evaluate import main as run
+    elif command == "ablate":
+        from tmem_runtime.ablations.command import main as run
     elif command == "bench":
         return _bench(rest)
     else:
