@@ -68,9 +68,10 @@ def next_token_logprobs(model: PreTrainedModel, prompts: Sequence[Sequence[int]]
 
 
 def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) in nats per row, from log-probabilities [..., V]; 0 * log 0 counts as 0."""
+    """KL(p || q) in nats per row (float64), from log-probabilities [..., V]; 0 * log 0 counts as 0."""
     if logp.shape != logq.shape:
         raise ValueError(f"log-probability shapes differ: {tuple(logp.shape)} vs {tuple(logq.shape)}")
+    logp, logq = logp.double(), logq.double()
     p = logp.exp()
     terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
     return terms.sum(-1)

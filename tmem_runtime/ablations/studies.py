@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -204,8 +205,8 @@ def format_study(
     l_max: int = 768, answer_tokens: int = 16, threads: int = 1,
 ) -> None:
     """`tmem eval` (tmem channel) once per (format, conversation) into its own directory; one that has
-    a report.json is done. Every other setting is `tmem eval`'s default (per-turn cards, replay 32,
-    the agent recipe)."""
+    a report.json is done (cost.json beside it: the process's CPU and wall seconds). Every other
+    setting is `tmem eval`'s default (per-turn cards, replay 32, the agent recipe)."""
     from tmem_runtime.agent.evaluate import main as evaluate
 
     for conversation in conversations:
@@ -214,11 +215,14 @@ def format_study(
             if (d / "report.json").exists():
                 continue
             log.info("format %s on %s", f, conversation)
+            wall, cpu = time.perf_counter(), time.process_time()
             evaluate([
                 "--data", data, "--memory", "tmem", "--write-format", f, "--conversations", conversation,
                 "--max-sessions", str(max_sessions), "--l-max", str(l_max), "--answer-tokens", str(answer_tokens),
                 "--threads", str(threads), "--out", str(d),
             ])  # fmt: skip
+            cost = {"cpu_s": round(time.process_time() - cpu, 1), "wall_s": round(time.perf_counter() - wall, 1)}
+            (d / "cost.json").write_text(json.dumps(cost))
 
 
 # ------------------------------------------------------------------ capacity
