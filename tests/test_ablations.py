@@ -237,3 +237,15 @@ def test_recall_by_write_and_capacity_on_hand_made_runs():
     kept = capacity([[1.0], [0.9, 1.0], [0.6, 1.0, 1.0]], 8)
     assert kept == Capacity(held=24, fell_at=None) and kept.censored and kept.fmt() == ">= 24 (never fell)"
     assert capacity(fading, 8, threshold=0.8).held == 8
+
+
+def test_recall_difference_pairs_facts_and_averages_seeds():
+    from tmem_runtime.ablations.report import fact_hits, recall_difference
+
+    base = [{"set": "s", "hits": [True, False, True, False]}]  # one seed: a deterministic write
+    runs = [{"set": "s", "hits": [True, True, False, False]}, {"set": "s", "hits": [True, True, True, False]}]
+    assert fact_hits(runs) == {("s", 0): 1.0, ("s", 1): 1.0, ("s", 2): 0.5, ("s", 3): 0.0}
+    iv = recall_difference(runs, base)  # per fact: 0, +1, -0.5, 0
+    assert iv.n == 4 and iv.mean == pytest.approx(0.125)
+    assert -0.5 <= iv.low < iv.mean < iv.high <= 1.0  # a resampled mean lies between the extreme facts
+    assert recall_difference(runs, [{"set": "other", "hits": [True]}]) is None
