@@ -49,6 +49,7 @@ CONFIGS: dict[str, AdapterConfig] = {
     "random": AdapterConfig(init="random"),
     "random-scaled": AdapterConfig(scaled_random=True),
     "pissa": AdapterConfig(init="pissa"),
+    "pissa-train-a": AdapterConfig(init="pissa", train_a=True),  # PiSSA as PEFT trains it: both factors
     "rank2": AdapterConfig(rank=2),
     "rank16": AdapterConfig(rank=16),
     "middle4": AdapterConfig(layers=MIDDLE_LAYERS),

@@ -38,7 +38,8 @@ from tmem_runtime.sessions import pad_id
 
 log = logging.getLogger(__name__)
 
-INIT_PLAN = [(c, r) for r in ("default", "paper") for c in ("svd", "random", "random-scaled", "pissa")]
+INITS = ("svd", "random", "random-scaled", "pissa")
+INIT_PLAN = [*((c, "default") for c in INITS), ("pissa-train-a", "default"), *((c, "paper") for c in INITS)]
 PLACE_PLAN = [(c, "default") for c in ("svd", "rank2", "rank16", "middle4", "last8", "train-a")]
 ALL_SEEDS = {("svd", "default")}  # run every seed even where it changes nothing: the check that it doesn't
 
