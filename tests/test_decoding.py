@@ -62,6 +62,15 @@ def test_matches_reference_with_a_found_common_prefix(tiny):
     assert stats.decode_tokens == sum(len(r) for r in ref)
 
 
+def test_suffixes_prefilled_in_groups_of_their_own_length(tiny, monkeypatch):
+    import tmem_runtime.decoding as decoding
+
+    monkeypatch.setattr(decoding, "PREFILL_ROWS", 2)  # 7 rows -> 4 groups, each padded to its own width
+    prompts = _prompts(10, 6, [9, 1, 4, 12, 2, 7, 3])
+    out = greedy_generate(tiny, prompts, 10, eos_ids=[2], batch_size=7)
+    assert out == reference_generate(tiny, prompts, 10, pad_id=0, eos_ids=[2])
+
+
 def test_rows_with_different_prefixes_share_a_batch(tiny):
     a, b = _prompts(1, 7, [3, 6]), _prompts(2, 15, [1, 4, 2])
     pa, pb = prefill(tiny, a[0][:7]), prefill(tiny, b[0][:15])

@@ -1,4 +1,5 @@
-"""`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem make-conversations`, `tmem bench` (and `tmem --version`).
+"""`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem make-conversations`, `tmem ablate`, `tmem bench`,
+`tmem serve` (and `tmem --version`).
 
 Every command takes `--threads` (torch's CPU threads) and shows its defaults in `--help`; the
 commands build their parsers with `command_parser`.
@@ -18,7 +19,9 @@ commands:
   demo-weights   fast weights alone: 10 made-up facts written, recalled, then reset
   eval           LoCoMo-format evaluation of the memory channels (tmem eval --help)
   make-conversations  seeded long conversations in LoCoMo's format: facts early, chit-chat after
+  ablate         the paper's design claims re-measured: init, rank, layers, format, capacity
   bench          the pytest-benchmark suites in benchmarks/ (extra args go to pytest)
+  serve          an HTTP server (OpenAI-compatible) where every conversation keeps its own fast weights
 """
 
 
@@ -73,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         from tmem_runtime.agent.evaluate import main as run
     elif command == "make-conversations":
         from tmem_runtime.agent.long_conversations import main as run
+    elif command == "ablate":
+        from tmem_runtime.ablations.command import main as run
     elif command == "bench":
         return _bench(rest)
+    elif command == "serve":
+        from tmem_runtime.serve.main import main as run
     else:
         print(f"tmem: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ Two hooks make the same loop serve other callers: `choose` picks each row's next
 logits instead of the argmax (a sampler; it sees which prompt each batch row is, so each row can
 draw from its own generator), and `scope` wraps every forward of a batch in a context manager told
 which prompts its rows are (e.g. `SessionPool.rows`: a different fast-weight session per row, kept
-right as finished rows leave the batch).
+right as rows are reordered by length and as finished rows leave the batch).
 
 `reference_generate` is the spec: the plain transformers `generate`, one prompt at a time (batch 1, no
 padding). Greedy outputs of the two are equal token for token (tests/test_decoding.py). Models the
@@ -40,6 +40,7 @@ StopFn = Callable[[list[int]], bool]
 ChooseFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
 # prompt index of each row of the batch -> the context every forward of those rows runs in
 ScopeFn = Callable[[list[int]], AbstractContextManager]
+PREFILL_ROWS = 8  # suffixes prefilled together (sorted by length, so each group pads little)
 
 
 @dataclass
@@ -125,6 +126,10 @@ class KVBuffer:
     def advance(self, t: int) -> None:
         self.length += t
 
+    def rows(self, start_row: int, stop_row: int, column: int) -> _RowSlice:
+        """A cache for rows [start_row, stop_row) whose new keys/values go at `column` onwards."""
+        return _RowSlice(self, start_row, stop_row, column)
+
     def fill_prefix(self, prefix: Prefix, rows: torch.Tensor, stop: int) -> None:
         """Copy `prefix` into `rows`, ending at column `stop` (right-aligned)."""
         start = stop - len(prefix)
@@ -136,6 +141,21 @@ class KVBuffer:
         """Keep only `rows` (dropping finished ones)."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
+
+
+class _RowSlice:
+    """Some rows of a KVBuffer, written at a fixed column: a group of suffixes prefilled on its own."""
+
+    def __init__(self, buffer: KVBuffer, start_row: int, stop_row: int, column: int) -> None:
+        self.buffer, self.start_row, self.stop_row, self.column = buffer, start_row, stop_row, column
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        end = self.column + key.shape[2]
+        k = self.buffer.keys[layer_idx][self.start_row : self.stop_row]
+        v = self.buffer.values[layer_idx][self.start_row : self.stop_row]
+        k[:, :, self.column : end] = key
+        v[:, :, self.column : end] = value
+        return k[:, :, :end], v[:, :, :end]
 
 
 def _kv_shape(model: nn.Module) -> tuple[int, int]:
@@ -244,8 +264,9 @@ def greedy_generate(
     together. stats: accumulates prefill/decode tokens and seconds. pad_id fills padded slots only.
     choose: picks the next tokens instead of the argmax (see `ChooseFn`; called for every decode step
     of every batch, finished rows marked -1). scope: every forward of a batch's rows runs inside
-    scope(their prompt indices) (see `ScopeFn`); a shared prefix is prefilled outside it, so with a
-    per-row scope pass one prefix per row (or None each).
+    scope(their prompt indices) (see `ScopeFn`); a prefix is prefilled outside it, so with a scope no
+    common prefix is looked for (prefix None means no prefix), and a prefix passed in must not depend
+    on the scope.
     """
     if not prompts:
         return []
@@ -257,7 +278,7 @@ def greedy_generate(
     if not supports_piecewise(model):  # the spec itself: same outputs, no prefix sharing
         out = reference_generate(model, prompts, max_new_tokens, pad_id, sorted(eos) or None)
         return [_cut(row, eos, set(stop_ids), stop) for row in out]
-    if prefix is None:
+    if prefix is None and scope is None:
         n = common_prefix_length(prompts) if len(prompts) > 1 else 0
         prefix = prefill(model, prompts[0][:n], stats=stats) if n else None
     prefixes = list(prefix) if isinstance(prefix, (list, tuple)) else [prefix] * len(prompts)
@@ -303,13 +324,19 @@ class _Hooks:
     choose: ChooseFn | None = None
     scope: ScopeFn | None = None
 
-    def context(self, active: list[int]) -> AbstractContextManager:
-        return nullcontext() if self.scope is None else self.scope([self.origin[a] for a in active])
+    def reordered(self, order: list[int]) -> _Hooks:
+        """The same hooks for the batch's rows taken in `order`."""
+        return _Hooks([self.origin[r] for r in order], self.choose, self.scope)
 
-    def tokens(self, logits: torch.Tensor, active: list[int], finished: list[bool]) -> torch.Tensor:
+    def context(self, rows: list[int]) -> AbstractContextManager:
+        """The context a forward of these batch rows runs in."""
+        return nullcontext() if self.scope is None else self.scope([self.origin[r] for r in rows])
+
+    def tokens(self, logits: torch.Tensor, rows: list[int], finished: list[bool]) -> torch.Tensor:
+        """The next token of each batch row from its logits [b, V]."""
         if self.choose is None:
             return logits.argmax(-1)
-        return self.choose(logits, [-1 if done else self.origin[a] for a, done in zip(active, finished)])
+        return self.choose(logits, [-1 if done else self.origin[r] for r, done in zip(rows, finished)])
 
 
 def _decode_batch(
@@ -322,7 +349,14 @@ def _decode_batch(
     stats: DecodeStats | None,
     hooks: _Hooks | None = None,
 ) -> list[list[int]]:
-    """One batch: fill the prefixes, prefill the suffixes (left-padded), decode until every row ends."""
+    """One batch: fill the prefixes, prefill the suffixes (left-padded), decode until every row ends.
+
+    Suffixes are prefilled in groups of PREFILL_ROWS rows of similar length, each group padded only
+    to its own longest suffix; every row's suffix ends at the same column, where decoding starts.
+    """
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
+    rows = [rows[r] for r in order]
+    hooks = (hooks or _Hooks(list(range(len(order))))).reordered(order)
     model = decoder.model
     device, dtype = _device(model), decoder.dtype
     b = len(rows)
@@ -345,21 +379,25 @@ def _decode_batch(
         valid[r, p_max + s_max - len(s) : p_max + s_max] = True
         lengths.append(n_pre + len(s))
     t0 = time.perf_counter()
-    cache.advance(p_max)
-    cols = torch.arange(p_max, p_max + s_max, device=device)
-    keys = torch.arange(p_max + s_max, device=device)
-    causal = keys[None, :] <= cols[:, None]
-    allowed = (valid[:, None, : p_max + s_max] & causal[None]) | (keys[None, :] == cols[:, None])[None]
-    hooks = hooks or _Hooks(list(range(b)))
-    active = list(range(b))  # original row of each batch slot
-    with hooks.context(active):
-        hidden = decoder.run_layers_at(decoder.embed(ids), positions, _additive(allowed, dtype), cache)
-    cache.advance(s_max)
-    logits = decoder.logits(hidden[:, -1])
+    end = p_max + s_max
+    keys = torch.arange(end, device=device)
+    last = []
+    for a in range(0, b, PREFILL_ROWS):
+        z = min(a + PREFILL_ROWS, b)
+        width = max(len(s) for _, s in rows[a:z])
+        cols = torch.arange(end - width, end, device=device)
+        allowed = (valid[a:z, None, :end] & (keys[None, :] <= cols[:, None])[None]) | (keys == cols[:, None])[None]
+        with hooks.context(list(range(a, z))):
+            hidden = decoder.run_layers_at(decoder.embed(ids[a:z, s_max - width :]), positions[a:z, s_max - width :],
+                                           _additive(allowed, dtype), cache.rows(a, z, end - width))
+        last.append(hidden[:, -1])
+    cache.advance(end)
+    logits = decoder.logits(torch.cat(last))
     if stats is not None:
         stats.prefill_tokens += sum(len(s) for _, s in rows)
         stats.prefill_s += time.perf_counter() - t0
     t0 = time.perf_counter()
+    active = list(range(b))  # original row of each batch slot
     new: list[list[int]] = [[] for _ in rows]
     next_pos = torch.tensor(lengths, device=device)
     finished = [False] * b
@@ -392,7 +430,10 @@ def _decode_batch(
     if stats is not None:
         stats.decode_tokens += sum(len(x) for x in new)
         stats.decode_s += time.perf_counter() - t0
-    return new
+    out: list[list[int]] = [[] for _ in rows]
+    for slot, r in enumerate(order):
+        out[r] = new[slot]
+    return out
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

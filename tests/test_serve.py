@@ -1,0 +1,493 @@
+"""`tmem serve`: every endpoint, streaming, batching, tenants, bad input, kill-and-restart, two processes.
+
+The in-process server (uvicorn in a thread) runs the tiny random Llama with the embedded model's
+tokenizer; its flashcards come from a deterministic card writer (one card per turn), so a write
+triggered by the budget trains known cards. Answers are checked token for token against an
+independent reference: a fresh copy of the model with `FastWeights` loaded from the session's file
+in the store. The durability and scale-out tests run real `tmem serve` subprocesses.
+"""
+
+# ruff: noqa: E402  (the serve extra is checked before the modules that import it)
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+for _package in ("fastapi", "uvicorn", "httpx", "openai"):  # the `serve` extra
+    pytest.importorskip(_package)
+
+import httpx
+import openai
+import torch
+
+from tmem_runtime import FastWeights
+from tmem_runtime.agent.flashcards import TURN_PREFILL, turn_flashcard_messages
+from tmem_runtime.agent.generation import Generator
+from tmem_runtime.chat import generate_greedy
+from tmem_runtime.serve.app import create_app
+from tmem_runtime.serve.batcher import CARDS as CARD_PRIORITY
+from tmem_runtime.serve.batcher import Request, Row
+from tmem_runtime.serve.launch import ServerProcess, free_port
+from tmem_runtime.serve.main import load_serving_model
+from tmem_runtime.serve.service import MemoryService, ServeConfig
+from tmem_runtime.serve.store import SessionRecord, Store
+from tmem_runtime.serve.writer import DecodeThreadGenerator, common_prefix
+
+KEYS = {"key-acme": "acme", "key-globex": "globex"}
+ACME = {"Authorization": "Bearer key-acme"}
+GLOBEX = {"Authorization": "Bearer key-globex"}
+CARDS = [("What is the name of Mira's cat?", "Biscuit"), ("Where does Nina work?", "the city library")]
+
+
+def turn_cards(context: str) -> str:
+    """A deterministic flashcard writer: one card per turn of 5+ words, answer = the turn's last word."""
+    cards = []
+    for line in context.splitlines():
+        speaker, _, text = line.partition(": ")
+        if not line.startswith("DATE:") and len(text.split()) >= 5:
+            cards.append({"instruction": f"What did {speaker} say about {text.split()[0]}?",
+                          "output": text.split()[-1].strip(".")})
+    return json.dumps(cards)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(base url, service) of an in-process server with two tenants."""
+    import uvicorn
+
+    torch.manual_seed(0)
+    model, tokenizer = load_serving_model("tiny-llama")
+    config = ServeConfig(capacity=8, l_max=48, max_rows=8, max_write_sessions=4, max_tokens=64,
+                         card_writer=turn_cards)
+    service = MemoryService(model, tokenizer, Store(tmp_path_factory.mktemp("store")), config)
+    app = create_app(service, "tiny-llama", KEYS, max_body=64 * 1024)
+    app.router.on_startup.append(service.start)
+    app.router.on_shutdown.append(service.stop)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{server.config.port}", service
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    """A second, independent copy of the served model (same seed) for reference answers."""
+    return load_serving_model("tiny-llama")
+
+
+@pytest.fixture()
+def acme(served):
+    with httpx.Client(base_url=served[0], headers=ACME, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture()
+def globex(served):
+    with httpx.Client(base_url=served[0], headers=GLOBEX, timeout=120) as c:
+        yield c
+
+
+def ask(client: httpx.Client, question: str, session: str | None = None, max_tokens: int = 8) -> str:
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens}
+    if session is not None:
+        body["session"] = session
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def reference_answer(reference_model, weights: Path | None, question: str, max_tokens: int = 8) -> str:
+    """Greedy answer of a fresh model copy with FastWeights loaded from a session's weights file."""
+    model, tokenizer = reference_model
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    fw = FastWeights(model)
+    try:
+        if weights is not None:
+            fw.load(weights)
+        row = generate_greedy(model, [ids], max_tokens, tokenizer.pad_token_id, Generator(model, tokenizer).eos_ids)[0]
+    finally:
+        fw.detach()
+    return tokenizer.decode(row, skip_special_tokens=True)
+
+
+def weights_file(store: Store, tenant: str, session: str) -> Path | None:
+    return store.read(tenant, session)[1]
+
+
+def create(client: httpx.Client, session: str) -> dict:
+    r = client.post("/v1/sessions", json={"id": session})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def remember(client: httpx.Client, session: str, cards, wait: bool = True) -> httpx.Response:
+    return client.post(f"/v1/sessions/{session}/memories",
+                       json={"memories": [{"question": q, "answer": a} for q, a in cards], "wait": wait})
+
+
+# ---------------------------------------------------------------------------------------------- endpoints
+def test_health_models_and_metrics(served, acme):
+    assert acme.get("/health").json()["status"] == "ok"
+    assert acme.get("/v1/models").json()["data"][0]["id"] == "tiny-llama"
+    create(acme, "metrics-probe")
+    ask(acme, "Hello?", "metrics-probe")
+    text = acme.get("/metrics").text
+    for name in ("tmem_queue_depth{queue=\"answer\"}", "tmem_queue_depth{queue=\"write\"}", "tmem_resident_sessions",
+                 "tmem_batch_rows_bucket", "tmem_batch_sessions_count", "tmem_write_seconds_sum",
+                 "tmem_answer_tokens_total"):
+        assert name in text, name
+    samples = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert all(len(ln.rsplit(" ", 1)) == 2 and float(ln.rsplit(" ", 1)[1]) >= 0 for ln in samples)
+    assert "metrics-probe" not in text and "acme" not in text  # no session or tenant names
+
+
+def test_session_lifecycle_and_exact_answers(served, acme, reference_model):
+    url, service = served
+    stats = create(acme, "alice")
+    assert stats["writes"] == 0 and stats["memories"] == 0 and stats["weights_bytes"] > 0
+    assert acme.post("/v1/sessions", json={"id": "alice"}).status_code == 409
+    bare = ask(acme, CARDS[0][0])
+    assert ask(acme, CARDS[0][0], "alice") == bare  # B = 0: the bare model exactly
+
+    r = remember(acme, "alice", CARDS)
+    assert r.status_code == 200 and r.json()["status"] == "committed"
+    assert r.json()["steps"] == service.config.recipe.epochs  # 2 cards: one batch per epoch
+    assert acme.get("/v1/sessions/alice/memories").json()["data"] == [{"question": q, "answer": a} for q, a in CARDS]
+    stats = acme.get("/v1/sessions/alice").json()
+    assert (stats["writes"], stats["cards"], stats["pending_writes"]) == (1, 2, 0)
+    assert {"id": "alice", "server": service.config.server_id} in acme.get("/v1/sessions").json()["data"]
+
+    answer = ask(acme, CARDS[0][0], "alice")
+    assert answer == reference_answer(reference_model, weights_file(service.store, "acme", "alice"), CARDS[0][0])
+    header = acme.post("/v1/chat/completions", headers={"X-Tmem-Session": "alice"},
+                       json={"messages": [{"role": "user", "content": CARDS[0][0]}], "max_tokens": 8})
+    assert header.json()["choices"][0]["message"]["content"] == answer
+
+    reset = acme.delete("/v1/sessions/alice").json()
+    assert reset["reset"] and reset["writes"] == 0 and reset["memories"] == 0
+    assert acme.get("/v1/sessions/alice/memories").json()["data"] == []
+    assert ask(acme, CARDS[0][0], "alice") == bare
+    assert acme.delete("/v1/sessions/alice", params={"remove": "true"}).json()["removed"]
+    assert acme.get("/v1/sessions/alice").status_code == 404
+
+
+def test_messages_trigger_a_batched_write(served, acme):
+    _, service = served
+    create(acme, "chatty")
+    turns = [{"name": "Nina", "content": "I moved to Porto last week with Ana."},
+             {"name": "Omar", "content": "I adopted a small puppy called Rex."},
+             {"name": "Nina", "content": "We fly to Lisbon in June for music."}]
+    r = acme.post("/v1/sessions/chatty/messages", json={"messages": turns[:2], "date": "2 March 2021"}).json()
+    assert r["triggered"] == [] and r["context_turns"] == 3  # DATE line + 2 turns, under l_max=48
+    r = acme.post("/v1/sessions/chatty/messages", json={"messages": turns[2:], "wait": True}).json()
+    assert len(r["triggered"]) == 1 and r["writes_done"][0]["error"] is None
+    expected = [("What did Nina say about I?", "Ana"), ("What did Omar say about I?", "Rex")]
+    assert [tuple(c) for c in r["writes_done"][0]["cards"]] == expected
+    assert r["writes"] == 1 and r["pending_writes"] == 0
+    assert r["context_turns"] == 2  # cleared, re-opened under the DATE line, then the new turn
+    record, weights = service.store.read("acme", "chatty")
+    assert weights is not None and weights.is_file() and record.written == [list(c) for c in expected]
+    assert record.lines == ["DATE: 2 March 2021", "Nina: We fly to Lisbon in June for music."]
+
+
+def test_concurrent_sessions_share_batches_and_match_alone(served, acme, reference_model):
+    _, service = served
+    names = [f"batch{i}" for i in range(4)]
+    for s in names:
+        create(acme, s)
+    cards = {s: [(f"What is code {i}?", f"number {i * 7 + 3}")] for i, s in enumerate(names)}
+    with ThreadPoolExecutor(4) as ex:  # four writes at once: batched into fewer pool writes
+        outcomes = list(ex.map(lambda s: remember(acme, s, cards[s]).json(), names))
+    assert all(o["status"] == "committed" for o in outcomes)
+    question = "What is code 2?"
+    alone = {s: ask(acme, question, s) for s in names}
+    multi = service.metrics.histograms["batch_sessions"]
+    before = multi.count - multi.counts[0]  # batches that held two sessions or more
+    with ThreadPoolExecutor(9) as ex:
+        busy = ex.submit(ask, acme, "Keep the decode thread busy.", None, 64)  # the 8 below queue up meanwhile
+        time.sleep(0.3)
+        together = list(ex.map(lambda s: ask(acme, question, s), names * 2))
+        busy.result()
+    assert together == [alone[s] for s in names * 2]
+    assert multi.count - multi.counts[0] > before
+    for s in names:
+        assert alone[s] == reference_answer(reference_model, weights_file(service.store, "acme", s), question)
+    assert len(set(alone.values())) > 1  # different memories, different answers
+
+
+def test_answers_go_on_while_a_write_trains(served, acme):
+    _, service = served
+    create(acme, "writer")
+    create(acme, "reader")
+    big = [(f"What is item {i} of the list?", f"entry {i}") for i in range(64)]  # 40 write steps
+    assert remember(acme, "writer", big, wait=False).status_code == 202
+    deadline = time.monotonic() + 60
+    while not service.metrics.gauges["writes_training"].get((), 0):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    answered = 0
+    while acme.get("/v1/sessions/writer").json()["pending_writes"] and answered < 3:
+        ask(acme, "Are you there?", "reader", max_tokens=2)  # another session, answered mid-write
+        answered += 1
+    assert answered == 3 and acme.get("/v1/sessions/writer").json()["pending_writes"] == 1
+    while acme.get("/v1/sessions/writer").json()["pending_writes"]:
+        time.sleep(0.1)
+    assert acme.get("/v1/sessions/writer").json()["memories"] == len(big)
+
+
+def test_streaming_with_the_openai_client(served, acme):
+    url, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="key-acme")
+    create(acme, "streamer")
+    remember(acme, "streamer", CARDS)
+    messages = [{"role": "user", "content": CARDS[1][0]}]
+    whole = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12,
+                                           extra_body={"session": "streamer"})
+    pieces, finish = [], None
+    for chunk in client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12, stream=True,
+                                                extra_body={"session": "streamer"}):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert whole.usage.completion_tokens == 12 or whole.choices[0].finish_reason == "stop"
+
+
+def test_flashcard_prompts_share_a_cached_prefix_in_mixed_batches(served, acme):
+    """Card prompts of the model's flashcard writer: their common prefix is prefilled once and cached; in
+    one batch with a session's answer row, every row equals that row generated alone, unprefixed."""
+    _, service = served
+    create(acme, "mixer")
+    assert remember(acme, "mixer", CARDS).json()["status"] == "committed"
+    gen = DecodeThreadGenerator(service.model, service.tokenizer, service.batcher)
+    turns = [("DATE: 2 May 2024", "Nina: I adopted a puppy called Rex last week."),
+             ("DATE: 2 May 2024", "Omar: My sister works as a nurse in Porto now.")]
+    prompts = [gen.chat_prompt(turn_flashcard_messages(h, t), prefill=TURN_PREFILL) for h, t in turns]
+    ids = [gen.encode(p) for p in prompts]
+    shared = common_prefix(ids)
+    assert shared > 100 and ids[0][:shared] == ids[1][:shared]
+    pid = service.get("acme", "mixer").pool_id
+    question = service.prompt_ids([{"role": "user", "content": CARDS[0][0]}])
+    alone = [service.batcher.submit([Row(x, None, 12)]).future.result()[0].text for x in ids]
+    alone.append(service.batcher.submit([Row(question, pid, 12)]).future.result()[0].text)
+    with service.batcher.cond:  # queue both requests before the decode thread looks: one batch
+        cards = Request([Row(x[shared:], None, 12) for x in ids], CARD_PRIORITY, tuple(ids[0][:shared]))
+        answer = Request([Row(question, pid, 12)])
+        service.batcher.queue += [cards, answer]
+        service.batcher.cond.notify_all()
+    together = [r.text for r in cards.future.result()] + [answer.future.result()[0].text]
+    assert together == alone
+    assert tuple(ids[0][:shared]) in service.batcher.prefixes
+
+
+# ---------------------------------------------------------------------------------------------- isolation
+def test_tenants_cannot_reach_each_others_sessions(served, acme, globex):
+    create(acme, "secret")
+    assert remember(acme, "secret", CARDS[:1]).json()["status"] == "committed"
+    before = acme.get("/v1/sessions/secret").json()
+    attempts = [
+        globex.get("/v1/sessions/secret"),
+        globex.get("/v1/sessions/secret/memories"),
+        globex.post("/v1/sessions/secret/messages", json={"messages": [{"content": "I am someone else today."}]}),
+        remember(globex, "secret", CARDS[1:]),
+        globex.delete("/v1/sessions/secret"),
+        globex.delete("/v1/sessions/secret", params={"remove": "true"}),
+        globex.post("/v1/sessions/secret/release"),
+        globex.post("/v1/chat/completions", json={"session": "secret", "messages": [{"role": "user", "content": "x"}]}),
+        globex.post("/v1/chat/completions", headers={"X-Tmem-Session": "secret"},
+                    json={"messages": [{"role": "user", "content": "hi"}]}),
+    ]
+    assert [a.status_code for a in attempts] == [404] * len(attempts)
+    assert all(a.json()["error"]["code"] == "session_not_found" for a in attempts)
+    assert "secret" not in [s["id"] for s in globex.get("/v1/sessions").json()["data"]]
+    create(globex, "secret")  # the same id in another tenant is another session
+    assert globex.get("/v1/sessions/secret/memories").json()["data"] == []
+    assert acme.get("/v1/sessions/secret").json() == before
+    assert acme.get("/v1/sessions/secret/memories").json()["data"] == [{"question": CARDS[0][0], "answer": CARDS[0][1]}]
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-acme"}):
+        r = httpx.get(f"{served[0]}/v1/sessions/secret", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_bad_input_gets_a_clear_4xx(served, acme):
+    create(acme, "sturdy")
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = [
+        (acme.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400),
+        (acme.post("/v1/chat/completions", json={}), 400),
+        (acme.post("/v1/chat/completions", json={"messages": []}), 400),
+        (acme.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]}), 400),
+        (acme.post("/v1/chat/completions", json={"messages": "hello"}), 400),
+        (acme.post("/v1/chat/completions", json={**chat, "max_tokens": 0}), 400),
+        (acme.post("/v1/chat/completions", json={**chat, "max_tokens": 10_000}), 400),
+        (acme.post("/v1/chat/completions", json={**chat, "n": 3}), 400),
+        (acme.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 700}]}), 400),
+        (acme.post("/v1/chat/completions", json={**chat, "session": "nobody"}), 404),
+        (acme.post("/v1/chat/completions", json={**chat, "session": "../../etc"}), 400),
+        (acme.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 70_000}]}), 413),
+        (acme.post("/v1/sessions", json={"id": "has space"}), 400),
+        (acme.post("/v1/sessions", json={"id": 7}), 400),
+        (acme.get("/v1/sessions/" + "x" * 200), 400),
+        (acme.post("/v1/sessions/sturdy/messages", json={"messages": []}), 400),
+        (acme.post("/v1/sessions/sturdy/messages", json={"messages": [{"content": ""}]}), 400),
+        (acme.post("/v1/sessions/sturdy/messages", json={"turns": ["hi"]}), 400),
+        (acme.post("/v1/sessions/sturdy/memories", json={"memories": []}), 400),
+        (acme.post("/v1/sessions/sturdy/memories", json={"memories": [{"question": "q"}]}), 400),
+        (acme.post("/v1/sessions/sturdy/memories", json={"memories": [{"question": " ", "answer": " "}]}), 400),
+        (acme.post("/v1/sessions/nobody/memories", json={"memories": [{"question": "q", "answer": "a"}]}), 404),
+        (acme.post("/v1/sessions/nobody/messages", json={"messages": [{"content": "hello there"}]}), 404),
+        (acme.delete("/v1/sessions/nobody"), 404),
+        (acme.get("/v1/nothing-here"), 404),
+    ]
+    for response, status in cases:
+        assert response.status_code == status, (response.request.url, response.text)
+        assert response.json()["error"]["message"], response.text
+    assert "max_tokens" in cases[6][0].json()["error"]["message"]
+    assert "window" in cases[8][0].json()["error"]["message"]
+    assert acme.get("/v1/sessions/sturdy").json()["turns"] == 0  # nothing half-applied
+    assert ask(acme, "still alive?", "sturdy")
+
+
+# ---------------------------------------------------------------------------------------------- store
+def test_store_commit_is_atomic(tmp_path):
+    store = Store(tmp_path)
+    store.create("t", "s")
+    record, _ = store.read("t", "s")
+    record.lines = ["first"]
+    store.commit("t", "s", record, lambda path: path.write_bytes(b"weights one"))
+    assert store.read("t", "s")[1].read_bytes() == b"weights one"
+
+    def killed(path: Path) -> None:  # the new weights file is written, then the process dies
+        path.write_bytes(b"weights two")
+        raise KeyboardInterrupt
+
+    crashed = SessionRecord(**{**record.__dict__, "lines": ["second"]})
+    with pytest.raises(KeyboardInterrupt):
+        store.commit("t", "s", crashed, killed)
+    d = store.session_dir("t", "s")
+    (d / "state.json.x1y2.tmp").write_bytes(b'{"truncat')  # a state.json cut short before its rename
+    after, weights = store.read("t", "s")
+    assert after.lines == ["first"] and weights.read_bytes() == b"weights one"
+    assert sorted(f.name for f in d.iterdir()) == [".lock", "state.json", weights.name]
+    with pytest.raises(ValueError):
+        store.session_dir("t", "../escape")
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def tiny_server(store: Path, port: int, log: Path, *extra: str) -> ServerProcess:
+    return ServerProcess(["--model", "tiny-llama", "--store", str(store), "--capacity", "8", "--max-write-batch", "4",
+                          "--max-batch", "8", *extra], port, log)
+
+
+def check_store_files(root: Path) -> int:
+    """Every state.json parses and names a readable weights file; returns the number of sessions."""
+    from safetensors import safe_open
+
+    states = list(root.glob("tenants/*/*/state.json"))
+    for state in states:
+        record = SessionRecord(**json.loads(state.read_text()))
+        if record.weights:
+            with safe_open(str(state.parent / record.weights), framework="pt") as f:
+                assert f.metadata()["format"].startswith("tmem-fast-weights")
+    return len(states)
+
+
+def test_sigkill_mid_write_and_mid_answer_loses_no_acknowledged_write(tmp_path, reference_model):
+    store, port = tmp_path / "store", free_port()
+    server = tiny_server(store, port, tmp_path / "server.log").wait_ready()
+    c = server.client
+    assert c.post("/v1/sessions", json={"id": "durable"}).status_code == 201
+    acked = []
+    for card in CARDS:
+        r = remember(c, "durable", [card])
+        assert r.json()["status"] == "committed"
+        acked.append(card)
+    question = CARDS[0][0]
+    answer = ask(c, question, "durable", max_tokens=12)
+    big = [(f"What is fact number {i}?", f"value {i}") for i in range(64)]
+    assert remember(c, "durable", big, wait=False).status_code == 202  # acknowledged: persisted as pending
+    with c.stream("POST", "/v1/chat/completions", json={
+            "session": "durable", "stream": True, "max_tokens": 250,
+            "messages": [{"role": "user", "content": "Tell me everything."}]}) as stream:
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data: ")
+        deadline = time.monotonic() + 60
+        while server.metric("tmem_writes_training") < 1:  # the big write is training now
+            assert time.monotonic() < deadline, "the write never started"
+            time.sleep(0.01)
+        server.kill()  # mid-write, mid-answer
+        with pytest.raises(httpx.HTTPError):
+            rest = list(lines)
+            assert "data: [DONE]" not in rest, "the answer had finished before the kill"
+    assert check_store_files(store) == 1
+    record = SessionRecord(**json.loads(next(store.glob("tenants/*/*/state.json")).read_text()))
+    assert [tuple(c) for c in record.written] == acked and len(record.pending) == 1  # the big write not committed
+
+    server = tiny_server(store, port, tmp_path / "server.log").wait_ready()  # same id: reclaims, resumes
+    c = server.client
+    deadline = time.monotonic() + 120
+    while (stats := c.get("/v1/sessions/durable").json())["pending_writes"]:
+        assert time.monotonic() < deadline, "the resumed write never finished"
+        time.sleep(0.2)
+    assert stats["writes"] == 3 and stats["memories"] == len(acked) + len(big)
+    memories = [(m["question"], m["answer"]) for m in c.get("/v1/sessions/durable/memories").json()["data"]]
+    assert memories == acked + big
+    assert check_store_files(store) == 1
+    resumed = ask(c, question, "durable", max_tokens=12)
+    server.kill()
+    server = tiny_server(store, port, tmp_path / "server.log").wait_ready()
+    after = ask(server.client, question, "durable", max_tokens=12)
+    server.kill()
+    assert after == resumed == reference_answer(reference_model, weights_file(Store(store), "default", "durable"),
+                                                question, 12)
+    assert answer == reference_answer(reference_model, None, question, 12) or answer != after
+
+
+def test_two_processes_share_the_store_and_hand_a_session_over(tmp_path):
+    store = tmp_path / "store"
+    a = tiny_server(store, free_port(), tmp_path / "a.log", "--lease-ttl", "3")
+    b = tiny_server(store, free_port(), tmp_path / "b.log", "--lease-ttl", "3")
+    a.wait_ready(), b.wait_ready()
+    try:
+        assert a.client.post("/v1/sessions", json={"id": "roamer"}).status_code == 201
+        assert remember(a.client, "roamer", CARDS).json()["status"] == "committed"
+        answer = ask(a.client, CARDS[0][0], "roamer", max_tokens=12)
+
+        refused = b.client.get("/v1/sessions/roamer")
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "session_elsewhere"
+        assert refused.headers["X-Tmem-Server"] == a.url
+        assert b.client.post("/v1/chat/completions", json={
+            "session": "roamer", "messages": [{"role": "user", "content": "hi"}]}).status_code == 409
+        assert b.client.get("/v1/sessions").json()["data"] == [{"id": "roamer", "server": f"127.0.0.1:{a.port}"}]
+
+        assert a.client.post("/v1/sessions/roamer/release").json()["released"]
+        assert b.client.get("/v1/sessions/roamer").json()["memories"] == len(CARDS)
+        assert ask(b.client, CARDS[0][0], "roamer", max_tokens=12) == answer  # same weights on the other process
+        assert a.client.get("/v1/sessions/roamer").status_code == 409
+        r = b.client.post("/v1/sessions/roamer/messages", json={"messages": [{"content": "short turn here ok"}]})
+        assert r.json()["context_turns"] == 1
+
+        b.kill()  # B dies holding the lease: A takes over once it expires, with B's acknowledged turn
+        deadline = time.monotonic() + 30
+        while (r := a.client.get("/v1/sessions/roamer")).status_code == 409:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert r.status_code == 200 and r.json()["context_turns"] == 1 and r.json()["memories"] == len(CARDS)
+        assert ask(a.client, CARDS[0][0], "roamer", max_tokens=12) == answer
+    finally:
+        for p in (a, b):
+            if p.proc.poll() is None:
+                p.kill()

@@ -1,0 +1,78 @@
+"""`tmem ablate --out DIR`: init, preconditioning, rank and place, write format, capacity.
+
+Every study checkpoints to a JSON file under --out as each run finishes (the format study: one
+`tmem eval` directory per format and conversation), so the same command resumes after a restart;
+`--report-only` rebuilds report.md and the plots from what is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from tmem_runtime.ablations.capacity import REPLAY_MODES
+from tmem_runtime.ablations.runs import ResultStore
+from tmem_runtime.cli import apply_threads, command_parser
+from tmem_runtime.fact_sets import split_names
+
+STUDIES = ("precondition", "init", "place", "capacity", "format")
+CONVERSATIONS = ["conv-26", "conv-30", "conv-42", "conv-48"]  # 89 questions of categories 1-4 in 3 sessions
+log = logging.getLogger("tmem.ablate")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = command_parser("tmem ablate", __doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="checkpoints, report.md and plots")
+    p.add_argument("--only", nargs="+", choices=STUDIES, default=list(STUDIES), help="studies to run")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--sets", nargs="+", default=split_names("held-out"), help="fact sets (init, place, precondition)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--data", default="../shared/data/locomo10.json", help="LoCoMo JSON (read by path)")
+    p.add_argument("--conversations", nargs="+", default=CONVERSATIONS)
+    p.add_argument("--max-sessions", type=int, default=3, help="sessions read per conversation (format study)")
+    p.add_argument("--capacity-size", type=int, default=8, help="facts per write (capacity study)")
+    p.add_argument("--replay", nargs="+", choices=REPLAY_MODES, default=list(REPLAY_MODES))
+    p.add_argument("--capacity-seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--report-only", action="store_true", help="only rebuild report.md and the plots")
+    return p.parse_args(argv)
+
+
+def run_studies(args: argparse.Namespace) -> None:
+    """Run the chosen studies in STUDIES order (each skips what its checkpoint holds)."""
+    from tmem_runtime import load_model
+    from tmem_runtime.ablations import studies
+
+    out = args.out
+    facts = [s for s in ("precondition", "init", "place", "capacity") if s in args.only]
+    if facts:
+        model, tokenizer = load_model(args.model)
+        neutral = studies.neutral_reference(model, tokenizer)
+        if "precondition" in facts:
+            studies.precondition_study(ResultStore(out / "precondition.json"), model, tokenizer, args.sets)
+        for name, plan in (("init", studies.INIT_PLAN), ("place", studies.PLACE_PLAN)):
+            if name in facts:
+                store = ResultStore(out / "facts.json")
+                studies.fact_study(store, model, tokenizer, plan, args.sets, args.seeds, neutral)
+        if "capacity" in facts:
+            store = ResultStore(out / "capacity.json")
+            studies.capacity_study(store, model, tokenizer, args.replay, args.capacity_seeds,
+                                   args.capacity_size, out / "adapters")
+    if "format" in args.only:
+        if not Path(args.data).exists():
+            raise SystemExit(f"LoCoMo data not found at {args.data} (pass --data)")
+        studies.format_study(out, args.data, args.conversations, args.max_sessions, threads=args.threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    apply_threads(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        run_studies(args)
+    from tmem_runtime.ablations.report import write_report
+
+    path = write_report(args.out)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,13 @@
+"""`tmem serve`: an HTTP server where every conversation keeps its own fast-weight memory.
+
+    store.py          the session files (atomic commits, leases) that several servers share
+    conversation.py   one served session: working context (the agent's budget trigger), queued writes
+    batcher.py        the decode thread: waiting requests answered in one batched generate, a memory per row
+    writer.py         the write thread: flashcards through the decode thread, batched training, commits
+    service.py        sessions of tenants on one SessionPool, loaded from and persisted to the store
+    app.py            the HTTP API (FastAPI): OpenAI chat completions + session endpoints
+    metrics.py        Prometheus text
+    worker.py         the threads' common start/stop
+    main.py           the `tmem serve` command
+    launch.py         a server subprocess, for scripts, tests and benchmarks
+"""

@@ -1,0 +1,397 @@
+"""The HTTP API (FastAPI): OpenAI-compatible chat completions plus the session endpoints.
+
+    POST   /v1/chat/completions          OpenAI's body; `session` (or header X-Tmem-Session): whose
+                                         fast weights answer (none: the bare model); `stream` (SSE)
+    POST   /v1/sessions                  create a session ({"id": ...}, or a generated id)
+    GET    /v1/sessions                  the caller's sessions
+    GET    /v1/sessions/{id}             counters: writes, cards, context tokens, pending writes, bytes
+    DELETE /v1/sessions/{id}             reset (no memory, empty context); ?remove=true deletes it
+    POST   /v1/sessions/{id}/messages    append turns; crossing l_max queues a memory write
+    POST   /v1/sessions/{id}/memories    explicit flashcards, one write (waits for it unless wait=false)
+    GET    /v1/sessions/{id}/memories    every flashcard trained into the session
+    POST   /v1/sessions/{id}/release     hand the session to whichever server sharing the store asks next
+    GET    /v1/models, /health, /metrics
+
+API keys (`Authorization: Bearer KEY`) map to tenants; session ids are scoped to the tenant, so a
+tenant can only ever name its own sessions. Errors are OpenAI-shaped JSON ({"error": {"message",
+"type", "code"}}) with a 4xx status for anything the client can fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tmem_runtime.serve.batcher import RowResult
+from tmem_runtime.serve.service import (
+    LeaseHeldError,
+    MemoryService,
+    SessionExistsError,
+    SessionGoneError,
+    UnknownSessionError,
+)
+from tmem_runtime.serve.store import check_id
+
+logger = logging.getLogger("tmem.serve")
+DEFAULT_TENANT = "default"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers
+        super().__init__(message)
+
+
+# ---------------------------------------------------------------- request bodies
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str = Field(max_length=100_000)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] = Field(max_length=100_000)
+    name: str | None = Field(None, max_length=64)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat completion body; sampling fields are accepted and ignored (decoding is greedy)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    session: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+
+
+class Turn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field("user", min_length=1, max_length=32)
+    name: str | None = Field(None, min_length=1, max_length=64)
+    content: str = Field(min_length=1, max_length=20_000)
+
+    def line(self) -> str:
+        """The turn as one context line, `Speaker: text` (the agent's rendering of a turn)."""
+        speaker = self.name or self.role.capitalize()
+        return " ".join(f"{speaker}: {self.content}".split())
+
+
+class MessagesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Turn] = Field(min_length=1, max_length=256)
+    date: str | None = Field(None, min_length=1, max_length=200)
+    wait: bool = False
+
+
+class Flashcard(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(min_length=1, max_length=1000)
+    answer: str = Field(min_length=1, max_length=400)
+
+
+class MemoriesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    memories: list[Flashcard] = Field(min_length=1, max_length=256)
+    wait: bool = True
+
+
+class CreateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = None
+
+
+# ---------------------------------------------------------------- the app
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` (declared or streamed) gets 413 before the app
+    sees it; a body within the limit is read whole and handed on."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = f"request body over the limit of {self.max_bytes} bytes"
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await _send_error(send, 413, too_big)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await _send_error(send, 413, too_big)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # e.g. a streaming response waiting for the client to leave
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+async def _send_error(send, status: int, message: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": None}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, str] | None = None,
+               max_body: int = 1 << 20) -> FastAPI:
+    """The API over `service`. api_keys: key -> tenant (None or empty: no auth, one tenant "default")."""
+    keys = {_digest(k): check_id("tenant", t) for k, t in (api_keys or {}).items()}
+    app = FastAPI(title="tmem serve", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, max_bytes=max_body)
+    _install_error_handlers(app)
+    cfg = service.config
+
+    def tenant(authorization: str | None = Header(None), x_api_key: str | None = Header(None)) -> str:
+        if not keys:
+            return DEFAULT_TENANT
+        key = x_api_key or (authorization[7:].strip() if authorization and authorization[:7].lower() == "bearer "
+                            else None)
+        found = keys.get(_digest(key)) if key else None
+        if found is None:
+            raise ApiError(401, "missing or invalid API key (Authorization: Bearer KEY)", "authentication_error",
+                           "invalid_api_key")
+        return found
+
+    def session_id(session: str) -> str:
+        return check_id("session", session)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        service.metrics.inc("requests_total", route=getattr(route, "path", "unmatched"), code=str(response.status_code))
+        return response
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "server": cfg.server_id, "model": model_name, "naive": cfg.naive,
+                "sessions_loaded": len(service.convs)}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(service.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    def models(t: str = Depends(tenant)) -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "tmem", "created": 0}]}
+
+    @app.post("/v1/sessions", status_code=201)
+    def create(body: CreateRequest | None = None, t: str = Depends(tenant)) -> dict:
+        sid = check_id("session", body.id) if body is not None and body.id is not None else uuid.uuid4().hex
+        service.create(t, sid)
+        return service.stats(t, sid)
+
+    @app.get("/v1/sessions")
+    def list_sessions(t: str = Depends(tenant)) -> dict:
+        return {"object": "list", "data": service.sessions(t)}
+
+    @app.get("/v1/sessions/{session}")
+    def stats(session: str, t: str = Depends(tenant)) -> dict:
+        return service.stats(t, session_id(session))
+
+    @app.delete("/v1/sessions/{session}")
+    def reset(session: str, remove: bool = False, t: str = Depends(tenant)) -> dict:
+        sid = session_id(session)
+        if remove:
+            service.remove(t, sid)
+            return {"id": sid, "removed": True}
+        return {"id": sid, "reset": True, **service.reset(t, sid)}
+
+    @app.post("/v1/sessions/{session}/release")
+    def release(session: str, t: str = Depends(tenant)) -> dict:
+        sid = session_id(session)
+        service.release(t, sid)
+        return {"id": sid, "released": True, "server": cfg.server_id}
+
+    @app.post("/v1/sessions/{session}/messages")
+    async def messages(session: str, body: MessagesRequest, t: str = Depends(tenant)) -> dict:
+        sid = session_id(session)
+        summary, jobs = await run_in_threadpool(service.append, t, sid, [m.line() for m in body.messages], body.date)
+        out = {"id": sid, **summary, "triggered": [j.id for j in jobs]}
+        if body.wait and jobs:
+            out["writes_done"] = [await _settled(j.done) for j in jobs]
+            out.update(await run_in_threadpool(service.stats, t, sid))
+        return out
+
+    @app.post("/v1/sessions/{session}/memories")
+    async def remember(session: str, body: MemoriesRequest, t: str = Depends(tenant)):
+        sid = session_id(session)
+        cards = [(c.question.strip(), c.answer.strip()) for c in body.memories]
+        if not all(q and a for q, a in cards):
+            raise ApiError(400, "every memory needs a non-blank question and answer")
+        job = await run_in_threadpool(service.remember, t, sid, cards)
+        if not body.wait:
+            return JSONResponse({"id": job.id, "status": "pending"}, status_code=202)
+        outcome = await _settled(job.done)
+        return {**outcome, "status": "committed" if outcome["error"] is None else "rolled_back"}
+
+    @app.get("/v1/sessions/{session}/memories")
+    def memories(session: str, t: str = Depends(tenant)) -> dict:
+        cards = service.memories(t, session_id(session))
+        return {"object": "list", "data": [{"question": q, "answer": a} for q, a in cards]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, t: str = Depends(tenant), x_tmem_session: str | None = Header(None)):
+        sid = body.session or x_tmem_session
+        sid = None if sid is None else session_id(sid)
+        max_tokens = body.max_completion_tokens or body.max_tokens or min(cfg.max_tokens, 128)
+        if max_tokens > cfg.max_tokens:
+            raise ApiError(400, f"max_tokens={max_tokens} is over this server's limit of {cfg.max_tokens}")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        on_text = (lambda s: loop.call_soon_threadsafe(pieces.put_nowait, s)) if body.stream else None
+        t0 = time.perf_counter()
+        request = await run_in_threadpool(service.answer, t, sid, messages, max_tokens, on_text)
+        completion = _Completion(model_name, sid)
+        if not body.stream:
+            try:
+                result = (await _settled(request.future))[0]
+            except asyncio.CancelledError:  # the client went away: its row stops at the next token
+                request.cancelled.set()
+                raise
+            _count_answer(service, result, t0)
+            return completion.response(result, len(request.rows[0].ids))
+        request.future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, None))
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield completion.chunk({"role": "assistant", "content": ""})
+                while (piece := await pieces.get()) is not None:
+                    yield completion.chunk({"content": piece})
+                try:
+                    result = request.future.result()[0]
+                except Exception as exc:  # the batch failed after the stream began
+                    yield f"data: {json.dumps(_error_body(_as_api_error(exc)))}\n\n"
+                else:
+                    _count_answer(service, result, t0)
+                    yield completion.chunk({}, result.finish_reason, result, len(request.rows[0].ids))
+                yield "data: [DONE]\n\n"
+            finally:
+                request.cancelled.set()  # the client went away mid-stream: its row stops at the next token
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+class _Completion:
+    """OpenAI chat.completion / chat.completion.chunk bodies of one answer."""
+
+    def __init__(self, model: str, session: str | None) -> None:
+        self.id, self.created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        self.model, self.session = model, session
+
+    def _usage(self, result: RowResult, prompt_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": result.tokens,
+                "total_tokens": prompt_tokens + result.tokens}
+
+    def response(self, result: RowResult, prompt_tokens: int) -> dict:
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "session": self.session, "usage": self._usage(result, prompt_tokens),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                             "finish_reason": result.finish_reason, "logprobs": None}]}
+
+    def chunk(self, delta: dict, finish: str | None = None, result: RowResult | None = None,
+              prompt_tokens: int = 0) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "session": self.session,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        if result is not None:
+            body["usage"] = self._usage(result, prompt_tokens)
+        return f"data: {json.dumps(body)}\n\n"
+
+
+def _count_answer(service: MemoryService, result: RowResult, t0: float) -> None:
+    service.metrics.inc("answer_tokens_total", result.tokens)
+    service.metrics.observe("answer_seconds", time.perf_counter() - t0)
+
+
+async def _settled(future):
+    return await asyncio.wrap_future(future)
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _as_api_error(exc: Exception) -> ApiError:
+    """The client-facing status of an exception from the service (500 only for the unexpected)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, UnknownSessionError):
+        return ApiError(404, str(exc), "not_found_error", "session_not_found")
+    if isinstance(exc, SessionExistsError):
+        return ApiError(409, str(exc), "conflict_error", "session_exists")
+    if isinstance(exc, LeaseHeldError):
+        return ApiError(409, str(exc), "conflict_error", "session_elsewhere", {"X-Tmem-Server": exc.url or exc.owner})
+    if isinstance(exc, SessionGoneError):
+        return ApiError(409, str(exc), "conflict_error", "session_gone")
+    if isinstance(exc, ValueError):
+        return ApiError(400, str(exc))
+    logger.exception("unexpected error", exc_info=exc)
+    return ApiError(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
+def _error_body(err: ApiError) -> dict:
+    return {"error": {"message": err.message, "type": err.kind, "code": err.code}}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def respond(err: ApiError) -> JSONResponse:
+        return JSONResponse(_error_body(err), status_code=err.status, headers=dict(err.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in exc.errors()[:5]:
+            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+        return respond(ApiError(400, "invalid request: " + "; ".join(parts)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return respond(ApiError(exc.status_code, str(exc.detail), "invalid_request_error"))
+
+    async def known(request: Request, exc: Exception) -> JSONResponse:
+        return respond(_as_api_error(exc))
+
+    for kind in (ApiError, UnknownSessionError, SessionExistsError, LeaseHeldError, SessionGoneError, ValueError,
+                 Exception):
+        app.add_exception_handler(kind, known)

@@ -1,0 +1,72 @@
+"""`tmem serve` in a subprocess, for scripts, tests and benchmarks: start, wait until healthy, kill.
+
+    server = ServerProcess(["--model", "tiny-llama", "--store", "st"], port=8100, log="serve.log").wait_ready()
+    httpx.get(server.url + "/health"); server.kill()     # SIGKILL: the store must survive it
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServerProcess:
+    """`python -m tmem_runtime.cli serve --port PORT ARGS` (one torch thread unless ARGS say otherwise).
+    Restarting on the same port gives the same server id, so it reclaims its sessions' leases."""
+
+    def __init__(self, args: Sequence[str], port: int, log: str | os.PathLike | None = None) -> None:
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "tmem_runtime.cli", "serve", "--port", str(port), *args]
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+        self.log = open(log, "ab") if log is not None else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.client = httpx.Client(base_url=self.url, timeout=300)
+
+    def wait_ready(self, timeout: float = 300) -> ServerProcess:
+        """Block until GET /health answers (RuntimeError if the process exits, TimeoutError)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tmem serve exited with status {self.proc.returncode} during start-up")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"tmem serve on port {self.port} did not start in {timeout} s")
+
+    def metric(self, name: str) -> float:
+        """The value of one sample of GET /metrics (`name` with its labels, e.g. 'tmem_x{a="b"}'); 0 if absent."""
+        for line in self.client.get("/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: nothing is flushed or closed by the server."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=60)
+        self.client.close()
+        if self.log is not subprocess.DEVNULL:
+            self.log.close()
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,97 @@
+"""`tmem serve`: the model, the store and the HTTP API on uvicorn.
+
+    tmem serve --model smollm2-135m --host 127.0.0.1 --port 8000 --capacity 64 --store ./tmem-store
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tmem_runtime.cli import apply_threads, command_parser
+from tmem_runtime.models import DEFAULT_MODEL, load_model, smollm2_dir
+from tmem_runtime.serve.service import MemoryService, ServeConfig
+from tmem_runtime.serve.store import Store
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_serving_model(name: str, tokenizer: str | None = None, device: str = "cpu",
+                       dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and its tokenizer. A tiny random model ("tiny-llama") takes the embedded model's
+    tokenizer (or `tokenizer`) and gets its vocabulary, seeded, so every load is the same model."""
+    model, tok = load_model(name, dtype=DTYPES[dtype], device=device)
+    if tokenizer is not None or tok is None:
+        path = smollm2_dir() if tokenizer in (None, DEFAULT_MODEL) else Path(tokenizer)
+        tok = AutoTokenizer.from_pretrained(path)
+    if model.get_input_embeddings().num_embeddings < len(tok):
+        torch.manual_seed(0)
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        model.requires_grad_(False)
+    return model, tok
+
+
+def read_api_keys(path: str | None) -> dict[str, str]:
+    """{key: tenant} from a JSON file (None: no keys, no auth)."""
+    if path is None:
+        return {}
+    keys = json.loads(Path(path).read_text())
+    if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
+        raise ValueError(f"{path}: expected a JSON object {{\"api key\": \"tenant\"}}")
+    return keys
+
+
+def build_parser():
+    p = command_parser("tmem serve", "an HTTP server where every conversation keeps its own fast-weight memory")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m, tiny-<type>, or a local HF directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (none: the model's; tiny models: "
+                   "the embedded model's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--store", default="tmem-store", help="directory of every session's files (shared by servers)")
+    p.add_argument("--capacity", type=int, default=64, help="sessions' fast weights held on the device at once")
+    p.add_argument("--l-max", type=int, default=1024, help="working-context token budget before a memory write")
+    p.add_argument("--max-batch", type=int, default=32, help="rows (answers, flashcard prompts) per batched generate")
+    p.add_argument("--max-write-batch", type=int, default=16, help="sessions per batched memory write")
+    p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a completion may ask for")
+    p.add_argument("--replay", type=int, default=32, help="earlier flashcards trained again with each write")
+    p.add_argument("--api-keys", default=None, help="JSON file {\"key\": \"tenant\"}; none: no auth, one tenant")
+    p.add_argument("--server-id", default=None, help="this server's name in session leases (none: host:port)")
+    p.add_argument("--url", default=None, help="where clients reach this server (none: http://host:port)")
+    p.add_argument("--lease-ttl", type=float, default=30.0, help="seconds a session lease lasts unrenewed")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
+    p.add_argument("--naive", action="store_true", help="the baseline: one request and one session at a time")
+    p.add_argument("--backend", default="auto", help="fast-weight kernels: auto | triton | native | torch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--log-level", default="warning")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    import uvicorn
+
+    from tmem_runtime.serve.app import create_app
+
+    args = build_parser().parse_args(argv)
+    apply_threads(args)
+    logging.basicConfig(level=args.log_level.upper())
+    model, tokenizer = load_serving_model(args.model, args.tokenizer, args.device, args.dtype)
+    address = f"{args.host}:{args.port}"
+    config = ServeConfig(
+        server_id=args.server_id or address, url=args.url or f"http://{address}", capacity=args.capacity,
+        l_max=args.l_max, max_rows=args.max_batch, max_write_sessions=args.max_write_batch,
+        max_tokens=args.max_tokens, replay=args.replay, lease_ttl=args.lease_ttl, naive=args.naive,
+        backend=args.backend,
+    )
+    service = MemoryService(model, tokenizer, Store(args.store), config)
+    app = create_app(service, os.path.basename(args.model.rstrip("/")), read_api_keys(args.api_keys), args.max_body)
+    app.router.on_startup.append(service.start)
+    app.router.on_shutdown.append(service.stop)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,103 @@
+"""The server's counters, gauges and histograms, rendered as Prometheus text (`GET /metrics`).
+
+Every name gets the `tmem_` prefix. Nothing here names a tenant or a session.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import defaultdict
+
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+HISTOGRAMS = {
+    "batch_rows": (SIZE_BUCKETS, "rows per batched generate (answers and flashcard prompts)"),
+    "batch_sessions": (SIZE_BUCKETS, "distinct sessions (fast weights) per batched generate"),
+    "batch_seconds": (SECONDS_BUCKETS, "seconds per batched generate"),
+    "answer_seconds": (SECONDS_BUCKETS, "seconds from a chat completion's arrival to its last token"),
+    "write_batch_sessions": (SIZE_BUCKETS, "sessions per batched memory write"),
+    "write_seconds": (SECONDS_BUCKETS, "seconds from a memory write's acknowledgement to its commit"),
+    "write_train_seconds": (SECONDS_BUCKETS, "seconds of training per batched memory write"),
+}
+HELP = {
+    "queue_depth": "rows waiting for the decode thread (answer) or writes waiting for training (write)",
+    "resident_sessions": "sessions holding a B row of the engine",
+    "open_sessions": "sessions loaded in this server (resident or offloaded)",
+    "pool_capacity": "B rows of the engine",
+    "writes_training": "sessions whose memory write is training or being persisted now",
+    "requests_total": "HTTP requests by route template and status code",
+    "generated_tokens_total": "tokens generated (answers and flashcards)",
+    "answer_tokens_total": "tokens generated in chat completions",
+    "writes_total": "memory writes committed and persisted, by outcome",
+    "flashcards_total": "new flashcards trained",
+}
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self.buckets, value)
+        if i < len(self.buckets):
+            self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out, running = [], 0
+        for b, c in zip(self.buckets, self.counts):
+            running += c
+            out.append(f'{name}_bucket{{le="{b}"}} {running}')
+        out += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+        return out
+
+
+class Metrics:
+    """Thread-safe counters (`inc`), gauges (`set_gauge`) and histograms (`observe`), with labels."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counters: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
+        self.gauges: dict[str, dict[tuple, float]] = defaultdict(dict)
+        self.histograms = {name: Histogram(buckets) for name, (buckets, _) in HISTOGRAMS.items()}
+
+    def inc(self, name: str, value: float = 1, **labels: str) -> None:
+        with self._lock:
+            self.counters[name][tuple(sorted(labels.items()))] += value
+
+    def set_gauge(self, name: str, value: float, **labels: str) -> None:
+        with self._lock:
+            self.gauges[name][tuple(sorted(labels.items()))] = value
+
+    def observe(self, name: str, value: float) -> None:
+        with self._lock:
+            self.histograms[name].observe(value)
+
+    def counter(self, name: str, **labels: str) -> float:
+        with self._lock:
+            return self.counters[name].get(tuple(sorted(labels.items())), 0.0)
+
+    def render(self) -> str:
+        """Prometheus text exposition format (version 0.0.4)."""
+        lines = []
+        with self._lock:
+            for kind, table in (("counter", self.counters), ("gauge", self.gauges)):
+                for name in sorted(table):
+                    full = f"tmem_{name}"
+                    lines += [f"# HELP {full} {HELP.get(name, name)}", f"# TYPE {full} {kind}"]
+                    for labels, value in sorted(table[name].items()):
+                        lines.append(f"{full}{_labels(labels)} {value:g}")
+            for name, h in self.histograms.items():
+                full = f"tmem_{name}"
+                lines += [f"# HELP {full} {HISTOGRAMS[name][1]}", f"# TYPE {full} histogram", *h.lines(full)]
+        return "\n".join(lines) + "\n"
+
+
+def _labels(labels: tuple) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                     for k, v in labels)
+    return "{" + inner + "}"

@@ -1,0 +1,312 @@
+"""MemoryService: the server without HTTP. Sessions of tenants, on one SessionPool, backed by the store.
+
+    service = MemoryService(model, tokenizer, Store(dir), ServeConfig(...)); service.start()
+    service.create("acme", "alice"); service.append("acme", "alice", ["Nina: I moved to Porto."])
+    request = service.answer("acme", "alice", [{"role": "user", "content": "Where does Nina live?"}], 32)
+    request.future.result()[0].text
+
+A session is loaded into this server on first use: its lease is claimed in the store (another live
+server's lease refuses it: `LeaseHeldError`), its weights file loaded into a pool session, and its
+pending writes resumed. A renewal thread keeps the leases of loaded sessions; one found taken over
+is dropped. `release` hands a session over: it is persisted with its pending writes and unloaded, and
+the lease freed, so that any server sharing the store serves it next. Every change a client is told
+of (turns appended, a write committed, a reset) is in the store first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tmem_runtime.agent.generation import Generator
+from tmem_runtime.agent.write_formats import AGENT_RECIPE
+from tmem_runtime.engine import FastWeightsError
+from tmem_runtime.pool import SessionPool
+from tmem_runtime.recipes import Recipe
+from tmem_runtime.serve.batcher import AnswerBatcher, Request, Row
+from tmem_runtime.serve.conversation import Card, Conversation, SessionGoneError, WriteJob
+from tmem_runtime.serve.metrics import Metrics
+from tmem_runtime.serve.store import LeaseHeldError, SessionExistsError, Store
+from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter
+
+
+class UnknownSessionError(KeyError):
+    """No such session in this tenant (HTTP 404)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class ServeConfig:
+    """What a server does. capacity: the pool's B rows; the decode thread batches at most `max_rows`
+    rows of at most capacity - max_write_sessions - 1 sessions (the rest of the rows are for writes)."""
+
+    server_id: str = "local"
+    url: str = ""
+    capacity: int = 64
+    l_max: int = 1024
+    max_rows: int = 32
+    max_write_sessions: int = 16
+    max_tokens: int = 256
+    replay: int = 32
+    card_tokens: int = 48
+    lease_ttl: float = 30.0
+    naive: bool = False
+    backend: str = "auto"
+    recipe: Recipe = AGENT_RECIPE
+    card_writer: Callable[[str], str] | None = None  # flashcard text for a context (None: the model writes it)
+
+    def __post_init__(self) -> None:
+        if self.naive:
+            self.capacity, self.max_rows, self.max_write_sessions = 1, 1, 1
+        elif self.capacity < self.max_write_sessions + 2:
+            raise ValueError(f"capacity {self.capacity} must be at least max_write_sessions + 2 "
+                             f"({self.max_write_sessions + 2}): writes, a save and an answer need rows at once")
+        if min(self.l_max, self.max_rows, self.max_tokens, self.max_write_sessions) < 1 or self.lease_ttl <= 0:
+            raise ValueError(f"invalid serve config {self}")
+
+
+class MemoryService:
+    """Tenants' sessions on one model (see the module docstring)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, store: Store,
+                 config: ServeConfig) -> None:
+        self.model, self.tokenizer, self.store, self.config = model, tokenizer, store, config
+        self.pool = SessionPool(model, capacity=config.capacity, backend=config.backend)
+        self.generator = Generator(model, tokenizer)
+        self.metrics = Metrics()
+        model_lock = threading.Lock() if config.naive else None
+        answer_sessions = max(1, config.capacity - config.max_write_sessions - 1)
+        self.batcher = AnswerBatcher(self.pool, tokenizer, self.generator.eos_ids, self.metrics, config.max_rows,
+                                     answer_sessions, config.naive, model_lock)
+        cards = DecodeThreadGenerator(model, tokenizer, self.batcher)
+        self.writer = MemoryWriter(self.pool, tokenizer, cards, self.metrics, self._persist, config.recipe,
+                                   config.max_write_sessions, config.replay, config.card_tokens, model_lock=model_lock,
+                                   card_writer=config.card_writer)
+        self.convs: dict[tuple[str, str], Conversation] = {}
+        self._lock = threading.Lock()  # the table and the per-session load locks
+        self._loading: dict[tuple[str, str], threading.Lock] = {}
+        self._load_ids = itertools.count(1)  # pool ids are unique per load, so a late unload never closes a newer load
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew_leases, name="tmem-leases", daemon=True)
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the threads, then load the sessions this server held before a restart (their pending
+        writes resume)."""
+        self.batcher.start()
+        self.writer.start()
+        self._renewer.start()
+        for tenant, session in list(self.store.leased_to(self.config.server_id)):
+            try:
+                self.get(tenant, session)
+            except (LeaseHeldError, UnknownSessionError):
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.writer.stop()
+        self.batcher.stop()
+
+    # ---------------------------------------------------------------- sessions
+    def create(self, tenant: str, session: str) -> Conversation:
+        """A new session (SessionExistsError if the id is taken in the tenant), loaded here."""
+        self.store.create(tenant, session)
+        return self.get(tenant, session)
+
+    def get(self, tenant: str, session: str) -> Conversation:
+        """The loaded session, loading it from the store if needed (UnknownSessionError, LeaseHeldError)."""
+        key = (tenant, session)
+        with self._lock:
+            conv = self.convs.get(key)
+            if conv is not None:
+                return conv
+            load_lock = self._loading.setdefault(key, threading.Lock())
+        with load_lock:
+            with self._lock:
+                if key in self.convs:
+                    return self.convs[key]
+            try:
+                conv = self._load(tenant, session)
+                with self._lock:
+                    self.convs[key] = conv
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
+        self.writer.submit(conv, list(conv.jobs))
+        self._gauges()
+        return conv
+
+    def _load(self, tenant: str, session: str) -> Conversation:
+        if not self.store.exists(tenant, session):
+            raise UnknownSessionError(f"no session {session!r}")
+        self.store.claim(tenant, session, self.config.server_id, self.config.url, self.config.lease_ttl)
+        record, weights = self.store.read(tenant, session)
+        conv = Conversation(tenant, session, f"{tenant}/{session}#{next(self._load_ids)}", self.generator,
+                            self.config.l_max, record)
+        self.pool.open(conv.pool_id)
+        if weights is not None:
+            self.pool.load(conv.pool_id, weights)
+        return conv
+
+    def sessions(self, tenant: str) -> list[dict]:
+        """The tenant's sessions in the store, with the server whose lease each has."""
+        out = []
+        for s in self.store.sessions(tenant):
+            lease = self.store.lease(tenant, s)
+            live = lease is not None and lease.expires > time.time()
+            out.append({"id": s, "server": lease.owner if live else None})
+        return out
+
+    def append(self, tenant: str, session: str, turns: list[str],
+               date: str | None = None) -> tuple[dict, list[WriteJob]]:
+        """Append turns (persisted before this returns); returns the session's counters and the writes
+        the turns triggered."""
+        conv = self.get(tenant, session)
+        with conv.lock:
+            self._check_active(conv)
+            jobs = conv.append(turns, date)
+            self._persist(conv, weights=False)
+            summary = conv.summary()
+        self.writer.submit(conv, jobs)
+        return summary, jobs
+
+    def remember(self, tenant: str, session: str, cards: list[Card]) -> WriteJob:
+        """Queue explicit flashcards as one write (persisted as pending before this returns)."""
+        conv = self.get(tenant, session)
+        with conv.lock:
+            self._check_active(conv)
+            job = conv.remember(cards)
+            self._persist(conv, weights=False)
+        self.writer.submit(conv, [job])
+        return job
+
+    def stats(self, tenant: str, session: str) -> dict:
+        conv = self.get(tenant, session)
+        with conv.lock:
+            summary = conv.summary()
+        return {"id": session, **summary, "weights_bytes": self.pool.bytes_per_session(),
+                "store_bytes": self.store.size(tenant, session), "server": self.config.server_id}
+
+    def memories(self, tenant: str, session: str) -> list[Card]:
+        conv = self.get(tenant, session)
+        with conv.lock:
+            return list(conv.written)
+
+    def reset(self, tenant: str, session: str) -> dict:
+        """Back to the initial state: no memory, empty context; pending writes are abandoned."""
+        conv = self.get(tenant, session)
+        with conv.busy, conv.lock:  # no write of it is training or committing
+            self._check_active(conv)
+            dropped = conv.reset()
+            conv.weights = None
+            self.pool.reset(conv.pool_id)
+            self._persist(conv, weights=False)
+            summary = conv.summary()
+        _abandon(dropped, "the session was reset")
+        return summary
+
+    def release(self, tenant: str, session: str) -> None:
+        """Unload the session and free its lease (its pending writes stay in the store for the next server)."""
+        self._unload(self.get(tenant, session), lambda conv: self.store.release(tenant, session, self.config.server_id))
+
+    def remove(self, tenant: str, session: str) -> None:
+        """Forget the session: unloaded and its files deleted."""
+        self._unload(self.get(tenant, session), lambda conv: self.store.remove(tenant, session))
+
+    def _unload(self, conv: Conversation, then: Callable[[Conversation], None]) -> None:
+        with conv.busy, conv.lock:
+            self._check_active(conv)
+            conv.active = False
+        self._drop(conv)
+        then(conv)
+
+    def _drop(self, conv: Conversation) -> None:
+        """Forget a loaded session here (the store keeps it): unload its pool row once no batch uses it."""
+        conv.active = False
+        with self._lock:
+            if self.convs.get((conv.tenant, conv.session)) is conv:
+                del self.convs[(conv.tenant, conv.session)]
+        _abandon(list(conv.jobs), "the session moved to another server or was removed")
+        while conv.pool_id in self.pool:
+            try:
+                self.pool.close(conv.pool_id)
+            except FastWeightsError:  # a running batch reads it: wait for the batch to end
+                time.sleep(0.02)
+        self._gauges()
+
+    def _check_active(self, conv: Conversation) -> None:
+        if not conv.active:
+            raise SessionGoneError("the session was released or removed; retry the request")
+
+    def _persist(self, conv: Conversation, weights: bool) -> None:
+        """Commit the session to the store (conv.lock held), after checking this server still holds its
+        lease (if not, the session is dropped here and SessionGoneError raised)."""
+        lease = self.store.lease(conv.tenant, conv.session)
+        if lease is None or lease.owner != self.config.server_id:
+            threading.Thread(target=self._drop, args=(conv,), daemon=True).start()
+            raise SessionGoneError("this server no longer holds the session's lease; retry the request")
+        record = conv.to_record()
+        save = (lambda path: self.pool.save(conv.pool_id, path)) if weights else None
+        self.store.commit(conv.tenant, conv.session, record, save)
+        conv.sync_record(record)
+
+    def _renew_leases(self) -> None:
+        period = self.config.lease_ttl / 3
+        while not self._stop.wait(period):
+            with self._lock:
+                loaded = list(self.convs.values())
+            for conv in loaded:
+                try:
+                    self.store.claim(conv.tenant, conv.session, self.config.server_id, self.config.url,
+                                     self.config.lease_ttl)
+                except (LeaseHeldError, KeyError):
+                    self._drop(conv)
+
+    # ---------------------------------------------------------------- answers
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat-templated prompt's token ids (the layout flashcards are trained in)."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def answer(self, tenant: str, session: str | None, messages: list[dict[str, str]], max_tokens: int,
+               on_text: Callable[[str], None] | None = None) -> Request:
+        """Queue a chat completion reading `session`'s fast weights (None: the bare model). ValueError if
+        the prompt and max_tokens do not fit the model's window."""
+        conv = self.get(tenant, session) if session is not None else None
+        ids = self.prompt_ids(messages)
+        if len(ids) + max_tokens > self.generator.window:
+            raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} it exceeds the "
+                             f"model's window of {self.generator.window} tokens")
+        if conv is not None:
+            self._check_active(conv)
+        return self.batcher.submit([Row(ids, None if conv is None else conv.pool_id, max_tokens, on_text=on_text)])
+
+    # ---------------------------------------------------------------- metrics
+    def _gauges(self) -> None:
+        c = self.pool.counters()
+        self.metrics.set_gauge("resident_sessions", c["resident"])
+        self.metrics.set_gauge("open_sessions", c["open"])
+        self.metrics.set_gauge("pool_capacity", c["capacity"])
+        with self._lock:
+            loaded = list(self.convs.values())
+        self.metrics.set_gauge("queue_depth", sum(len(conv.jobs) for conv in loaded), queue="write")
+
+    def metrics_text(self) -> str:
+        self._gauges()
+        return self.metrics.render()
+
+
+def _abandon(jobs: list[WriteJob], why: str) -> None:
+    for job in jobs:
+        job.settle(error=SessionGoneError(why))
+
+
+__all__ = ["LeaseHeldError", "MemoryService", "ServeConfig", "SessionExistsError", "SessionGoneError",
+           "UnknownSessionError"]

@@ -1,0 +1,224 @@
+"""The store: every served session's files, in one directory that several server processes share.
+
+    STORE/tenants/<hex tenant>/<hex session>/
+        state.json                 working context, pending writes, written flashcards, counters
+        weights-<seq>.safetensors  the fast weights after the session's write number <seq> (pool.save)
+        lease.json                 which server serves the session, and until when
+        .lock                      flock'd while the lease changes hands
+
+Every file is replaced atomically (temp file, fsync, rename). A write's commit point is the rename
+of state.json naming the new weights file: a server killed before it restarts from the previous
+state.json and its weights file, one killed after it from the new ones. Weights files that no
+state.json names (left by such a kill) are removed when the session is next loaded. Ids are
+checked against ID_PATTERN and stored hex-encoded, so no id can name a path outside its tenant.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
+STATE_VERSION = 1
+
+
+class SessionExistsError(ValueError):
+    """A session id that is already taken in its tenant."""
+
+
+class LeaseHeldError(RuntimeError):
+    """Another live server holds the session's lease (`owner`: its id, `url`: where it answers)."""
+
+    def __init__(self, owner: str, url: str, expires: float) -> None:
+        self.owner, self.url, self.expires = owner, url, expires
+        super().__init__(f"session is served by {owner} ({url}) until its lease expires or it is released")
+
+
+def check_id(kind: str, value: str) -> str:
+    """`value` if it is a valid tenant or session id, else a ValueError saying what is allowed."""
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"invalid {kind} id {value!r}: 1-128 characters of letters, digits and _ . : @ -, "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass
+class SessionRecord:
+    """What state.json holds: everything of a session but its weights (see the module docstring)."""
+
+    lines: list[str] = field(default_factory=list)  # the working context, one turn (or DATE line) each
+    header: str | None = None  # the current DATE line
+    context_tokens: int = 0
+    triggers: int = 0  # memory writes triggered so far (seeds each write's replay sample)
+    pending: list[dict] = field(default_factory=list)  # acknowledged writes not yet trained, in order
+    written: list[list[str]] = field(default_factory=list)  # every (question, answer) trained, in order
+    stats: dict[str, int] = field(default_factory=dict)
+    seq: int = 0  # weights files written so far
+    weights: str | None = None  # the current weights file (None: the initial state)
+    version: int = STATE_VERSION
+
+
+@dataclass(frozen=True)
+class Lease:
+    owner: str
+    url: str
+    expires: float
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` atomically (temp file in the same directory, fsync, rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class Store:
+    """The session files under `root` (created if missing); safe to share between processes."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        (self.root / "tenants").mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- paths
+    def tenant_dir(self, tenant: str) -> Path:
+        return self.root / "tenants" / check_id("tenant", tenant).encode().hex()
+
+    def session_dir(self, tenant: str, session: str) -> Path:
+        return self.tenant_dir(tenant) / check_id("session", session).encode().hex()
+
+    def exists(self, tenant: str, session: str) -> bool:
+        return (self.session_dir(tenant, session) / "state.json").is_file()
+
+    def sessions(self, tenant: str) -> list[str]:
+        """The tenant's session ids, sorted."""
+        root = self.tenant_dir(tenant)
+        if not root.is_dir():
+            return []
+        return sorted(bytes.fromhex(d.name).decode() for d in root.iterdir() if (d / "state.json").is_file())
+
+    # ---------------------------------------------------------------- state
+    def create(self, tenant: str, session: str) -> SessionRecord:
+        """A new session in its initial state; SessionExistsError if the id is taken in the tenant."""
+        d = self.session_dir(tenant, session)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked(d, create=True):
+            if (d / "state.json").is_file():
+                raise SessionExistsError(f"session {session!r} already exists")
+            record = SessionRecord()
+            atomic_write(d / "state.json", _encode(record))
+        return record
+
+    def read(self, tenant: str, session: str) -> tuple[SessionRecord, Path | None]:
+        """The session's state and its weights file (None: initial state). KeyError if it does not exist.
+        Leftovers of a killed commit (weights files state.json does not name, temp files) are removed."""
+        d = self.session_dir(tenant, session)
+        try:
+            raw = json.loads((d / "state.json").read_bytes())
+        except FileNotFoundError:
+            raise KeyError(session) from None
+        record = SessionRecord(**raw)
+        _remove_leftovers(d, record.weights)
+        return record, (d / record.weights if record.weights else None)
+
+    def commit(self, tenant: str, session: str, record: SessionRecord,
+               save_weights: Callable[[Path], None] | None = None) -> None:
+        """Persist `record`; with `save_weights`, first a new weights file (written by it) that the new
+        state.json names: its rename is the commit point. Weights files it does not name are removed."""
+        d = self.session_dir(tenant, session)
+        if save_weights is not None:
+            record.seq += 1
+            record.weights = f"weights-{record.seq:08d}.safetensors"
+            save_weights(d / record.weights)
+        atomic_write(d / "state.json", _encode(record))
+        _remove_leftovers(d, record.weights)
+
+    def size(self, tenant: str, session: str) -> int:
+        """Bytes of the session's files."""
+        d = self.session_dir(tenant, session)
+        return sum(f.stat().st_size for f in d.iterdir() if f.is_file()) if d.is_dir() else 0
+
+    def remove(self, tenant: str, session: str) -> None:
+        shutil.rmtree(self.session_dir(tenant, session), ignore_errors=True)
+
+    # ---------------------------------------------------------------- leases
+    def claim(self, tenant: str, session: str, owner: str, url: str, ttl: float) -> Lease:
+        """Take (or renew) the session's lease for `ttl` seconds: it must be free, expired or ours,
+        else LeaseHeldError. KeyError if the session does not exist."""
+        d = self.session_dir(tenant, session)
+        if not (d / "state.json").is_file():
+            raise KeyError(session)
+        with self._locked(d):
+            held = self.lease(tenant, session)
+            if held is not None and held.owner != owner and held.expires > time.time():
+                raise LeaseHeldError(held.owner, held.url, held.expires)
+            lease = Lease(owner, url, time.time() + ttl)
+            atomic_write(d / "lease.json", json.dumps(asdict(lease)).encode())
+        return lease
+
+    def lease(self, tenant: str, session: str) -> Lease | None:
+        return _read_lease(self.session_dir(tenant, session) / "lease.json")
+
+    def release(self, tenant: str, session: str, owner: str) -> None:
+        """Give the lease up (only if `owner` holds it)."""
+        d = self.session_dir(tenant, session)
+        if not d.is_dir():
+            return
+        with self._locked(d):
+            held = self.lease(tenant, session)
+            if held is not None and held.owner == owner:
+                (d / "lease.json").unlink(missing_ok=True)
+
+    def leased_to(self, owner: str) -> Iterator[tuple[str, str]]:
+        """(tenant, session) of every session whose lease names `owner` (expired or not)."""
+        for t in (self.root / "tenants").iterdir():
+            for s in t.iterdir():
+                held = _read_lease(s / "lease.json")
+                if held is not None and held.owner == owner and (s / "state.json").is_file():
+                    yield bytes.fromhex(t.name).decode(), bytes.fromhex(s.name).decode()
+
+    @contextmanager
+    def _locked(self, d: Path, create: bool = False) -> Iterator[None]:
+        if create:
+            d.mkdir(exist_ok=True)
+        with open(d / ".lock", "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_leftovers(d: Path, weights: str | None) -> None:
+    """Weights files other than `weights`, and temp files: what a killed commit leaves behind."""
+    for f in d.iterdir():
+        if (f.name.startswith("weights-") and f.name != weights) or f.name.startswith("state.json."):
+            f.unlink(missing_ok=True)
+
+
+def _read_lease(path: Path) -> Lease | None:
+    try:
+        return Lease(**json.loads(path.read_bytes()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def _encode(record: SessionRecord) -> bytes:
+    return json.dumps(asdict(record), ensure_ascii=False).encode()
