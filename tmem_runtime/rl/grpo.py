@@ -35,9 +35,9 @@ def group_advantages(rewards: Sequence[float], groups: Sequence[Hashable], eps: 
         if len(idx) < 2:
             continue
         r = torch.tensor([float(rewards[i]) for i in idx], dtype=torch.float64)
-        std = r.std(unbiased=True)
-        if float(std) == 0.0:
+        if bool(r.max() == r.min()):  # all equal (their std may round to 1e-17, not 0): no signal
             continue
+        std = r.std(unbiased=True)
         adv = (r - r.mean()) / (std + eps)
         for i, a in zip(idx, adv.tolist()):
             out[i] = a

@@ -1,0 +1,244 @@
+"""Learning to write (tmem_runtime/rl): GRPO's pieces, the policy-gradient mask, the stop-gradient at
+the write, seeded sampling, checkpoints and resume, bad input, and a toy reward that training raises.
+
+Tiny random models (seconds each); the episode environment runs on a tiny model with SmolLM2's
+tokenizer (random weights write no valid card: every sample is malformed, reward 0, counted).
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from tmem_runtime import SessionPool, load_model
+from tmem_runtime.rl.checkpoint import CheckpointError, latest_checkpoint
+from tmem_runtime.rl.grpo import clipped_token_loss, group_advantages, k3_kl
+from tmem_runtime.rl.policy import Policy, PolicyFileError, PolicySpec, load_policy
+from tmem_runtime.rl.sampling import sample_completions
+from tmem_runtime.rl.scoring import PolicyScorer
+from tmem_runtime.rl.toy import EOS, PlantedFactEnv
+from tmem_runtime.rl.trainer import LOG_FILE, GRPOConfig, GRPOTrainer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(mode: str = "full", seed: int = 0) -> Policy:
+    model, _ = load_model("tiny-llama", seed=seed)
+    return Policy(model, PolicySpec(mode))
+
+
+# ---------------------------------------------------------------- GRPO's arithmetic
+def test_group_advantages_on_hand_made_rewards():
+    rewards = [1.0, 0.0, 0.5, 0.5, 0.7, 0.2, 0.2, 0.2, 1.0, 0.0]
+    groups = ["a", "a", "a", "a", "solo", "eq", "eq", "eq", "t", "t"]
+    adv = group_advantages(rewards, groups)
+    # group a: mean 0.5, std (Bessel) sqrt(0.5/3)
+    std = math.sqrt(((0.5**2) * 2) / 3)
+    assert adv[:4] == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.0, 0.0], abs=1e-12)
+    assert adv[2] == adv[3] == 0.0  # ties at the mean: equal advantages
+    assert adv[4] == 0.0  # a group of one carries no signal
+    assert adv[5:8] == [0.0, 0.0, 0.0]  # all equal: no signal
+    std_t = math.sqrt(0.5)
+    assert adv[8:] == pytest.approx([0.5 / (std_t + 1e-4), -0.5 / (std_t + 1e-4)], abs=1e-12)
+    assert group_advantages([0.3, 0.9, 0.3], [1, 2, 1]) == [0.0, 0.0, 0.0]  # groups need not be contiguous
+    with pytest.raises(ValueError):
+        group_advantages([1.0], [1, 2])
+
+
+def test_clipped_loss_and_k3_kl_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.2], [0.1, 0.4]]))
+    old = torch.log(torch.tensor([[0.25, 0.2], [0.2, 0.4]]))
+    adv = torch.tensor([1.0, -2.0])
+    loss, clipped = clipped_token_loss(logp, old, adv, 0.2, 0.2)
+    # ratios: 2 (clipped to 1.2, A>0), 1, 0.5 (clipped to 0.8, A<0: min picks -1.6), 1
+    assert loss.flatten().tolist() == pytest.approx([-1.2, -1.0, 1.6, 2.0])
+    assert clipped.tolist() == [[True, False], [True, False]]
+    ref = torch.log(torch.tensor([[0.25, 0.2], [0.2, 0.4]]))
+    d = ref - logp
+    assert torch.allclose(k3_kl(logp, ref), d.exp() - d - 1)
+    with_kl, _ = clipped_token_loss(logp, old, adv, 0.2, 0.2, ref, beta=0.5)
+    assert torch.allclose(with_kl, loss + 0.5 * (d.exp() - d - 1))
+    with pytest.raises(ValueError):
+        clipped_token_loss(logp, old, adv, beta=0.1)
+
+
+# ---------------------------------------------------------------- the policy-gradient mask
+ROWS = [([1, 7, 9, 11, 13], [20, 21, 2]), ([1, 7, 9, 12], [30]), ([1, 7, 9, 11, 40, 41], [50, 51, 52, 53])]
+
+
+def reference_logp(model, rows, temperature=1.0):
+    """log p of each completion token from one plain forward per row (prompt + completion)."""
+    out = []
+    for prompt, comp in rows:
+        ids = torch.tensor([list(prompt) + list(comp)])
+        logits = model(input_ids=ids).logits[0] / temperature
+        logp = torch.log_softmax(logits.float(), -1)
+        out.append(torch.stack([logp[len(prompt) - 1 + j, t] for j, t in enumerate(comp)]))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_policy_gradient_mask_is_exactly_the_written_tokens(mode):
+    policy = tiny(mode)
+    scorer = PolicyScorer(policy.model)
+    logp, mask = scorer(ROWS, 0.7)
+    assert mask.tolist() == [[j < len(c) for j in range(4)] for _, c in ROWS]
+    assert (logp[~mask] == 0).all()
+    ref = reference_logp(policy.model, ROWS, 0.7)
+    for i, r in enumerate(ref):
+        assert torch.allclose(logp[i, : len(r)], r, atol=1e-5)
+    # the gradient of the masked sum is that of the written tokens' log-probabilities, nothing else
+    (logp * mask).sum().backward()
+    got = [p.grad.clone() for p in policy.parameters()]
+    policy.model.zero_grad(set_to_none=True)
+    torch.stack([x.sum() for x in reference_logp(policy.model, ROWS, 0.7)]).sum().backward()
+    for g, p in zip(got, policy.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-5)
+
+
+def test_policy_reads_no_fast_weights_and_none_get_a_gradient():
+    policy = tiny("lora")
+    model = policy.model
+    before, _ = PolicyScorer(model)(ROWS)
+    pool = SessionPool(model, capacity=2)
+    pool.open("s")
+    state = {k: torch.randn_like(v) * 0.5 if "lora_B" in k else v for k, v in pool.state_dict("s").items()}
+    pool.load_state_dict("s", state)
+    logp, mask = PolicyScorer(model)(ROWS)  # no session bound: the policy alone
+    assert torch.allclose(logp, before, atol=1e-6)
+    ids = torch.tensor([ROWS[0][0]])
+    with pool.rows(["s"]):  # (the session does change the model when it is bound)
+        bound = model(input_ids=ids).logits
+    assert not torch.allclose(bound, model(input_ids=ids).logits, atol=1e-3)
+    (logp * mask).sum().backward()
+    assert all(p.grad is not None for p in policy.parameters())
+    for k, v in pool.state_dict("s").items():  # nothing reached the session
+        assert not v.requires_grad and v.grad is None and torch.equal(v, state[k])
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_write_inside_a_training_step_leaves_every_policy_grad_untouched(mode):
+    policy = tiny(mode)
+    pool = SessionPool(policy.model, capacity=2)
+    pool.open("s")
+    logp, mask = PolicyScorer(policy.model)(ROWS)
+    (logp * mask).sum().backward()  # a training step's gradients so far
+    grads = {n: p.grad.clone() for n, p in policy.named}
+    flags = {n: p.requires_grad for n, p in policy.model.named_parameters()}
+    ids = torch.tensor([[1, 5, 9, 13, 17, 2], [1, 6, 10, 14, 18, 2]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    b_before = pool.state_dict("s")
+    losses = pool.write("s", [batch, batch], lr=1e-2, optimizer="adamw")
+    assert len(losses) == 2 and any(not torch.equal(v, b_before[k]) for k, v in pool.state_dict("s").items())
+    for n, p in policy.named:
+        assert torch.equal(p.grad, grads[n]), n
+    assert {n: p.requires_grad for n, p in policy.model.named_parameters()} == flags
+
+
+# ---------------------------------------------------------------- sampling
+def test_sampling_is_seeded_per_prompt_and_its_logprobs_are_the_scorers():
+    policy = tiny("full")
+    prompts = [[1, 7, 9, 11, 13], [1, 7, 9, 12], [1, 8, 40, 41, 42, 43, 44]]
+    seeds = [11, 22, 33]
+    together = sample_completions(policy.model, prompts, seeds, 1.0, 6, [EOS])
+    alone = [sample_completions(policy.model, [p], [s], 1.0, 6, [EOS])[0] for p, s in zip(prompts, seeds)]
+    assert [c.tokens for c in together] == [c.tokens for c in alone]  # its batch does not change a row's draw
+    other = sample_completions(policy.model, prompts, [12, 23, 34], 1.0, 6, [EOS])
+    assert [c.tokens for c in other] != [c.tokens for c in together]
+    logp, mask = PolicyScorer(policy.model)([(c.prompt, c.tokens) for c in together])
+    for i, c in enumerate(together):
+        assert len(c.logprobs) == len(c.tokens) == int(mask[i].sum())
+        assert torch.allclose(logp[i, : len(c.tokens)], torch.tensor(c.logprobs), atol=1e-4)
+
+
+# ---------------------------------------------------------------- training, checkpoints, bad input
+def toy_trainer(out, steps_config: dict | None = None, env_cls=PlantedFactEnv, seed: int = 0) -> GRPOTrainer:
+    policy = tiny("full", seed)
+    cfg = dict(group_size=8, batch=2, lr=1e-2, save_every=2, kl_every=1, updates_per_batch=2)
+    cfg.update(steps_config or {})
+    return GRPOTrainer(policy, env_cls(policy.model, num_tasks=8), GRPOConfig(**cfg), out)
+
+
+def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
+    whole = toy_trainer(tmp_path / "whole")
+    whole.train(4)
+    first = toy_trainer(tmp_path / "split")
+    first.train(2)
+    second = toy_trainer(tmp_path / "split")  # a new process: the model as loaded, then the checkpoint
+    assert second.resume() == 2
+    second.train(4)
+    for (n, a), (_, b) in zip(whole.policy.named, second.policy.named):
+        assert torch.equal(a, b), n
+    sa, sb = whole.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    log_a = [json.loads(x) for x in (tmp_path / "whole" / LOG_FILE).read_text().splitlines()]
+    log_b = [json.loads(x) for x in (tmp_path / "split" / LOG_FILE).read_text().splitlines()]
+    keys = ("step", "reward", "loss", "kl", "grad_norm")
+    assert [[r[k] for k in keys] for r in log_a] == [[r[k] for k in keys] for r in log_b]
+    assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(tmp_path):
+    trainer = toy_trainer(tmp_path)
+    trainer.train(2)
+    ckpt = latest_checkpoint(tmp_path)
+    fresh = toy_trainer(tmp_path / "other", seed=1)
+    weights = [p.detach().clone() for p in fresh.policy.parameters()]
+    data = bytearray((ckpt / "policy.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (ckpt / "policy.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        fresh.resume(ckpt)
+    (ckpt / "trainer.json").write_text("{not json")
+    with pytest.raises(CheckpointError):
+        fresh.resume(ckpt)
+    assert fresh.step == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights, fresh.policy.parameters()))
+    (ckpt / "policy.safetensors").write_bytes(bytes(data[: len(data) // 2]))  # cut short
+    with pytest.raises(PolicyFileError):
+        load_policy(load_model("tiny-llama")[0], ckpt / "policy.safetensors")
+    fresh.policy.save(tmp_path / "policy.safetensors")
+    with pytest.raises(PolicyFileError, match="another model"):
+        load_policy(load_model("tiny-qwen3")[0], tmp_path / "policy.safetensors")
+
+
+class NaNRewardEnv(PlantedFactEnv):
+    """Scores every sample NaN: the advantages and so the loss are NaN."""
+
+    def score(self, tokens, planted):
+        _, counts = super().score(tokens, planted)
+        return math.nan, counts
+
+
+def test_a_nan_loss_skips_the_step_changes_nothing_and_says_why(tmp_path):
+    trainer = toy_trainer(tmp_path, {"save_every": 0}, env_cls=NaNRewardEnv)
+    weights = [p.detach().clone() for p in trainer.policy.parameters()]
+    record = trainer.train_step()
+    assert record["skipped"] == "non-finite loss" and record["loss"] is None
+    assert all(torch.equal(a, b) for a, b in zip(weights, trainer.policy.parameters()))
+    assert trainer.optimizer.state_dict()["state"] == {}
+    assert all(p.grad is None for p in trainer.policy.parameters())
+    logged = json.loads((tmp_path / LOG_FILE).read_text().splitlines()[-1])
+    assert logged["skipped"] == "non-finite loss" and logged["step"] == 1
+
+
+def test_toy_reward_rises_on_held_out_contexts(tmp_path):
+    policy = tiny("full")
+    env = PlantedFactEnv(policy.model, num_tasks=32)
+    held_out = PlantedFactEnv(policy.model, num_tasks=32, offset=10_000)
+    before = held_out.mean_reward(samples=4)
+    trainer = GRPOTrainer(policy, env, GRPOConfig(group_size=16, batch=4, lr=1e-2, save_every=0, kl_every=0),
+                          tmp_path)
+    trainer.train(30)
+    after = held_out.mean_reward(samples=4)
+    assert before < 0.03 and after > before + 0.08, (before, after)
