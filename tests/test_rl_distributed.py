@@ -32,7 +32,12 @@ def run(out: Path) -> None:
     ctx = init_distributed("cpu")
     model, _ = load_model("tiny-llama")
     policy = Policy(model, PolicySpec("full"))
-    trainer = GRPOTrainer(policy, PlantedFactEnv(model, num_tasks=6), GRPOConfig(**CONFIG), out / "run", ctx)
+    class EvenTokens(PlantedFactEnv):  # a dense reward (the share of even card tokens): every group learns
+        def score(self, tokens, planted):
+            _, counts = super().score(tokens, planted)
+            return sum(t % 2 == 0 for t in tokens) / len(tokens), counts
+
+    trainer = GRPOTrainer(policy, EvenTokens(model, num_tasks=6), GRPOConfig(**CONFIG), out / "run", ctx)
     grads: dict[str, torch.Tensor] = {}
     step = trainer.optimizer.step
 
