@@ -1,5 +1,5 @@
 """`tmem demo`, `tmem demo-weights`, `tmem eval`, `tmem make-conversations`, `tmem ablate`, `tmem bench`,
-`tmem serve` (and `tmem --version`).
+`tmem serve`, `tmem rl` (and `tmem --version`).
 
 Every command takes `--threads` (torch's CPU threads) and shows its defaults in `--help`; the
 commands build their parsers with `command_parser`.
@@ -22,6 +22,7 @@ commands:
   ablate         the paper's design claims re-measured: init, rank, layers, format, capacity
   bench          the pytest-benchmark suites in benchmarks/ (extra args go to pytest)
   serve          an HTTP server (OpenAI-compatible) where every conversation keeps its own fast weights
+  rl             GRPO on the memory writer: flashcards rewarded by the answers they enable (torchrun-ready)
 """
 
 
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(rest)
     elif command == "serve":
         from tmem_runtime.serve.main import main as run
+    elif command == "rl":
+        from tmem_runtime.rl.command import main as run
     else:
         print(f"tmem: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

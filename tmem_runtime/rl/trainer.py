@@ -9,8 +9,11 @@ One step (every rank runs the same code; one process is the case world = 1):
     clipped ratio loss (+ beta KL), scaled world / N_total so DDP's average is the batch mean ──>
     backward (DDP all-reduces once, on the last micro-batch) ──> finite? ──> clip, AdamW step
 
-A non-finite loss or gradient on any rank skips the step on every rank: gradients dropped, no
-parameter or optimizer state changed, the reason logged. Rollouts are seeded by (seed, step, task,
+Rollouts whose advantage is 0 (flat groups) add exactly 0 to the loss and its gradient when beta
+is 0, so they are not scored; a batch where no rank has any makes no update (logged as skipped: "no
+signal"; AdamW's momentum does not move the weights on a batch that carries nothing). A non-finite
+loss or gradient on any rank skips the step on every rank: gradients dropped, no parameter or
+optimizer state changed, the reason logged. Rollouts are seeded by (seed, step, task,
 member), so a run resumed from a checkpoint continues exactly as the uninterrupted run, and a
 2-process run computes the same update as one process on the whole batch.
 
@@ -161,7 +164,11 @@ class GRPOTrainer:
 
     def _update(self, rollouts: list[Rollout], advantages: dict, n_total: int, step: int) -> dict:
         cfg, ctx = self.config, self.ctx
-        trainable = sorted((r for r in rollouts if r.n_tokens > 0), key=lambda r: (r.group, r.member))
+        # a rollout whose advantage is 0 adds exactly 0 to the loss and its gradient (without KL): not scored
+        trainable = sorted((r for r in rollouts if r.n_tokens > 0 and (cfg.beta > 0 or advantages[(r.group, r.member)])),
+                           key=lambda r: (r.group, r.member))
+        if not ctx.all_reduce([len(trainable)], op="max")[0]:
+            return {"skipped": "no signal", "loss": 0.0, "kl": None, "clip_frac": None, "grad_norm": None}
         chunks = _micro_batches(trainable, cfg.micro_batch_rows)
         want_kl = cfg.beta > 0 or (cfg.kl_every > 0 and step % cfg.kl_every == 0)
         old: dict[int, torch.Tensor] = {}
@@ -290,6 +297,6 @@ def _postfix(rec: dict) -> str:
     parts = [f"reward {rec['reward']:.3f}"]
     if rec.get("valid_card_rate") is not None:
         parts.append(f"valid {rec['valid_card_rate']:.2f}")
-    parts.append("skipped" if rec.get("skipped") else f"loss {rec['loss']:+.4f}")
+    parts.append(f"skipped ({rec['skipped']})" if rec.get("skipped") else f"loss {rec['loss']:+.4f}")
     return ", ".join(parts)
 

@@ -1,0 +1,151 @@
+"""`tmem rl`: GRPO on the memory-writing policy over generated conversations, one process or torchrun.
+
+    tmem make-conversations --out runs/train.json --n 64 --seed 0 --tokens 3000
+    tmem make-conversations --out runs/held.json --n 8 --seed 1000 --tokens 3000
+    tmem rl --data runs/train.json --held-out runs/held.json --steps 200 --out runs/rl
+    torchrun --nproc-per-node 8 -m tmem_runtime.rl.command --data ... (the same code: NCCL on GPUs, gloo on CPUs)
+
+OUT gets log.jsonl (one record per step), checkpoints/step-N/ (policy.safetensors: what `tmem eval
+--policy` loads; the optimizer state; trainer.json), held_out.json (the greedy writer's reward and
+card rates on the held-out conversations, before and after) and plots (rl_*.png). Run again with the
+same OUT to continue from its newest checkpoint exactly (--fresh: start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from tmem_runtime.cli import command_parser
+
+PLOTTED = (("reward", "reward (mean F1 after the write)"), ("valid_card_rate", "valid-card rate"),
+           ("kl", "KL to the reference"), ("loss", "loss"))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = command_parser("tmem rl", __doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="training conversations, LoCoMo-format JSON (tmem make-conversations)")
+    p.add_argument("--held-out", default=None, help="held-out conversations: the greedy writer scored before/after")
+    p.add_argument("--out", required=True, help="output directory (log, checkpoints, plots); resumed if it has any")
+    p.add_argument("--steps", type=int, default=20, help="GRPO steps in all (a resumed run continues to this)")
+    p.add_argument("--group-size", type=int, default=4, help="flashcard sets sampled per memory write (G)")
+    p.add_argument("--batch", type=int, default=1, help="conversations per step, over all ranks")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (the paper: 1e-6, full model)")
+    p.add_argument("--policy", choices=("full", "lora"), default="lora",
+                   help="train every weight, or a slow LoRA over all layers (not the fast-weight MLPs)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m or a local HF model directory")
+    p.add_argument("--flashcard-mode", choices=("per-turn", "array"), default="per-turn")
+    p.add_argument("--l-max", type=int, default=512, help="the agent's budget (tokens): where it writes")
+    p.add_argument("--replay", type=int, default=8, help="earlier episode cards trained again with each write")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the flashcards")
+    p.add_argument("--beta", type=float, default=0.0, help="KL weight (0: outcome reward only, the paper's)")
+    p.add_argument("--kl-every", type=int, default=1, help="log the KL to the reference every k steps (0: never)")
+    p.add_argument("--updates-per-batch", type=int, default=1, help="optimizer steps per batch of rollouts")
+    p.add_argument("--micro-batch-rows", type=int, default=16, help="scored rows per forward/backward")
+    p.add_argument("--save-every", type=int, default=5, help="checkpoint every k steps (and at the end)")
+    p.add_argument("--rank", type=int, default=6, help="fast-weight rank")
+    p.add_argument("--num-layers", type=int, default=4, help="fast-weight layers (the last N)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="ignore checkpoints in OUT and start over")
+    return p.parse_args(argv)
+
+
+def load_conversations(path: str) -> list:
+    """Training or held-out conversations; LoCoMo's own (sample ids conv-*) are refused: it stays for evaluation."""
+    from tmem_runtime.agent.locomo import load_locomo
+
+    conversations = load_locomo(path)
+    locomo = [c.sample_id for c in conversations if c.sample_id.startswith("conv-")]
+    if locomo:
+        raise SystemExit(f"{path} holds LoCoMo conversations ({locomo[:3]}): train on generated ones "
+                         "(tmem make-conversations); LoCoMo stays for evaluation")
+    if not any(c.qa for c in conversations):
+        raise SystemExit(f"{path} has no questions: nothing to reward")
+    return conversations
+
+
+def plot_log(out: Path) -> list[Path]:
+    """One PNG per logged quantity (reward, valid-card rate, KL, loss) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
+    paths = []
+    for key, title in PLOTTED:
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        if points:
+            ax.plot(*zip(*points), marker=".")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        fig.tight_layout()
+        paths.append(out / f"rl_{key}.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(max(1, args.threads))
+    from tmem_runtime import SessionPool, load_model
+    from tmem_runtime.agent.generation import Generator
+    from tmem_runtime.rl.distributed import close_distributed, init_distributed
+    from tmem_runtime.rl.environment import MemoryEnvConfig, MemoryWriteEnv, evaluate_writer
+    from tmem_runtime.rl.policy import Policy, PolicySpec
+    from tmem_runtime.rl.trainer import GRPOConfig, GRPOTrainer
+
+    ctx = init_distributed(args.device)
+    out = Path(args.out)
+    train = load_conversations(args.data)
+    held = load_conversations(args.held_out) if args.held_out else []
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model, tokenizer = load_model(args.model, dtype=dtype, device=ctx.device, seed=args.seed)
+    if tokenizer is None:
+        raise SystemExit(f"{args.model} has no tokenizer: the memory writer needs a real model")
+    policy = Policy(model, PolicySpec(args.policy, args.lora_rank, 2.0 * args.lora_rank,
+                                      tuple(range(model.config.num_hidden_layers - args.num_layers,
+                                                  model.config.num_hidden_layers))))
+    pool = SessionPool(model, capacity=args.group_size + 2, rank=args.rank, num_layers=args.num_layers,
+                       seed=args.seed)
+    generator = Generator(model, tokenizer)
+    env_config = MemoryEnvConfig(args.flashcard_mode, args.l_max, replay=args.replay, temperature=args.temperature)
+    env = MemoryWriteEnv(pool, generator, train, env_config)
+    config = GRPOConfig(group_size=args.group_size, batch=args.batch, lr=args.lr, temperature=args.temperature,
+                        beta=args.beta, kl_every=args.kl_every, updates_per_batch=args.updates_per_batch,
+                        micro_batch_rows=args.micro_batch_rows, save_every=args.save_every, seed=args.seed)
+    trainer = GRPOTrainer(policy, env, config, out, ctx)
+    start = 0 if args.fresh else trainer.resume()
+    if start == 0 and ctx.is_main:
+        (out / "log.jsonl").unlink(missing_ok=True)  # a run from step 0 logs from step 1
+    held_env = MemoryWriteEnv(pool, generator, held, env_config) if held else None
+    report_path = out / "held_out.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() and start else {}
+    if held_env is not None and ctx.is_main and "before" not in report:
+        report["before"] = evaluate_writer(held_env, range(len(held)))
+        report_path.write_text(json.dumps(report, indent=1))
+        print(f"held-out before: {report['before']}")
+    trainer.train(args.steps)
+    if held_env is not None and ctx.is_main:
+        report["after"] = dict(evaluate_writer(held_env, range(len(held))), step=trainer.step)
+        report_path.write_text(json.dumps(report, indent=1))
+        print(f"held-out after {trainer.step} steps: {report['after']}")
+    if ctx.is_main:
+        plot_log(out)
+        print(f"wrote {out}/log.jsonl, checkpoints/, rl_*.png" + (", held_out.json" if held_env else ""))
+    close_distributed(ctx)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
