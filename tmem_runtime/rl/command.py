@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m or a local HF model directory")
     p.add_argument("--flashcard-mode", choices=("per-turn", "array"), default="per-turn")
+    p.add_argument("--eval-modes", nargs="+", choices=("per-turn", "array"), default=None,
+                   help="flashcard modes the held-out conversations are scored in (default: --flashcard-mode)")
     p.add_argument("--l-max", type=int, default=512, help="the agent's budget (tokens): where it writes")
     p.add_argument("--replay", type=int, default=8, help="earlier episode cards trained again with each write")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the flashcards")
@@ -128,21 +131,23 @@ def main(argv: list[str] | None = None) -> int:
     start = 0 if args.fresh else trainer.resume()
     if start == 0 and ctx.is_main:
         (out / "log.jsonl").unlink(missing_ok=True)  # a run from step 0 logs from step 1
-    held_env = MemoryWriteEnv(pool, generator, held, env_config) if held else None
     report_path = out / "held_out.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() and start else {}
-    if held_env is not None and ctx.is_main and "before" not in report:
-        report["before"] = evaluate_writer(held_env, range(len(held)))
-        report_path.write_text(json.dumps(report, indent=1))
-        print(f"held-out before: {report['before']}")
+
+    def score_held_out(when: str) -> None:  # the greedy writer on the held-out conversations, each mode
+        for mode in (args.eval_modes or [args.flashcard_mode]) if held and ctx.is_main else []:
+            env_mode = MemoryWriteEnv(pool, generator, held, replace(env_config, flashcard_mode=mode))
+            report.setdefault(when, {})[mode] = dict(evaluate_writer(env_mode, range(len(held))), step=trainer.step)
+            report_path.write_text(json.dumps(report, indent=1))
+            print(f"held-out {when} ({mode}, step {trainer.step}): {report[when][mode]}")
+
+    if "before" not in report:
+        score_held_out("before")
     trainer.train(args.steps)
-    if held_env is not None and ctx.is_main:
-        report["after"] = dict(evaluate_writer(held_env, range(len(held))), step=trainer.step)
-        report_path.write_text(json.dumps(report, indent=1))
-        print(f"held-out after {trainer.step} steps: {report['after']}")
+    score_held_out("after")
     if ctx.is_main:
         plot_log(out)
-        print(f"wrote {out}/log.jsonl, checkpoints/, rl_*.png" + (", held_out.json" if held_env else ""))
+        print(f"wrote {out}/log.jsonl, checkpoints/, rl_*.png" + (", held_out.json" if held else ""))
     close_distributed(ctx)
     return 0
 

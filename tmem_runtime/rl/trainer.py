@@ -165,7 +165,8 @@ class GRPOTrainer:
     def _update(self, rollouts: list[Rollout], advantages: dict, n_total: int, step: int) -> dict:
         cfg, ctx = self.config, self.ctx
         # a rollout whose advantage is 0 adds exactly 0 to the loss and its gradient (without KL): not scored
-        trainable = sorted((r for r in rollouts if r.n_tokens > 0 and (cfg.beta > 0 or advantages[(r.group, r.member)])),
+        trainable = sorted((r for r in rollouts
+                            if r.n_tokens > 0 and (cfg.beta > 0 or advantages[(r.group, r.member)])),
                            key=lambda r: (r.group, r.member))
         if not ctx.all_reduce([len(trainable)], op="max")[0]:
             return {"skipped": "no signal", "loss": 0.0, "kl": None, "clip_frac": None, "grad_norm": None}
