@@ -242,3 +242,75 @@ def test_toy_reward_rises_on_held_out_contexts(tmp_path):
     trainer.train(30)
     after = held_out.mean_reward(samples=4)
     assert before < 0.03 and after > before + 0.08, (before, after)
+
+
+# ---------------------------------------------------------------- per-row sessions in the batched decoder
+def test_scope_gives_each_row_its_own_session_through_the_sorted_grouped_prefill():
+    from tmem_runtime.decoding import greedy_generate
+
+    model, _ = load_model("tiny-llama")
+    pool = SessionPool(model, capacity=4)
+    for k, name in enumerate(["a", "b", "c"]):
+        pool.open(name)
+        g = torch.Generator().manual_seed(k)
+        pool.load_state_dict(name, {n: torch.randn(v.shape, generator=g) if "lora_B" in n else v
+                                    for n, v in pool.state_dict(name).items()})
+    # 11 rows of different lengths (more than one prefill group of 8, reordered by length), sessions mixed
+    prompts = [[1] + [3 + (7 * i + j) % 400 for j in range(2 + (5 * i) % 9)] for i in range(11)]
+    sessions = [["a", "b", "c", None][i % 4] for i in range(11)]
+    together = greedy_generate(model, prompts, 6, [2], batch_size=16,
+                               scope=lambda idx: pool.rows([sessions[i] for i in idx]))
+    for p, s, got in zip(prompts, sessions, together):
+        with pool.rows([s]):
+            alone = greedy_generate(model, [p], 6, [2])[0]
+        assert got == alone
+    assert len({tuple(t) for t in together}) > 3  # the sessions do differ
+
+
+def test_choose_follows_rows_reordered_by_suffix_length():
+    from tmem_runtime.decoding import greedy_generate, prefill
+    from tmem_runtime.rl.sampling import RowSampler
+
+    model, _ = load_model("tiny-llama")
+    shared = [1, 30, 31, 32, 33, 34, 35]
+    pre = prefill(model, shared)
+    # the batch comes sorted by whole length; the decoder re-sorts by suffix length (prefixed rows first)
+    prompts = [[1, 50, 51, 52, 53], shared + [60], [1, 70, 71, 72, 73, 74], shared + [80, 81], [1, 90, 91, 92]]
+    prefixes = [None, pre, None, pre, None]
+    seeds = [5, 6, 7, 8, 9]
+    sampler = RowSampler(seeds, 1.0, EOS, torch.device("cpu"))
+    together = greedy_generate(model, prompts, 5, [EOS], prefix=prefixes, choose=sampler)
+    for i, p in enumerate(prompts):
+        alone = RowSampler([seeds[i]], 1.0, EOS, torch.device("cpu"))
+        assert greedy_generate(model, [p], 5, [EOS], prefix=[prefixes[i]], choose=alone)[0] == together[i]
+        assert alone.logprobs[0] == pytest.approx(sampler.logprobs[i], abs=1e-5)
+
+
+# ---------------------------------------------------------------- the episode environment, bad samples
+def test_samples_without_a_valid_card_get_reward_0_counted_and_the_step_goes_on(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tmem_runtime.agent.generation import Generator
+    from tmem_runtime.agent.locomo import load_locomo
+    from tmem_runtime.agent.long_conversations import make_conversation
+    from tmem_runtime.models import smollm2_dir, tiny_config
+    from tmem_runtime.rl.environment import MemoryEnvConfig, MemoryWriteEnv
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    torch.manual_seed(0)  # random weights with SmolLM2's vocabulary: the "cards" are noise
+    model = AutoModelForCausalLM.from_config(tiny_config("tiny-llama", vocab_size=len(tokenizer))).eval()
+    model.requires_grad_(False)
+    (tmp_path / "conv.json").write_text(json.dumps([make_conversation(3, n_facts=2, tokens=150, turns_per_session=6)]))
+    conversations = load_locomo(tmp_path / "conv.json")
+    policy = Policy(model, PolicySpec("lora"))
+    pool = SessionPool(model, capacity=6)
+    env = MemoryWriteEnv(pool, Generator(model, tokenizer), conversations,
+                         MemoryEnvConfig(l_max=200, card_tokens=10, answer_tokens=4))
+    trainer = GRPOTrainer(policy, env, GRPOConfig(group_size=3, batch=1, lr=1e-2, save_every=0), tmp_path / "run")
+    weights = [p.detach().clone() for p in policy.parameters()]
+    record = trainer.train_step()
+    assert record["rollouts"] == 3 * record["groups"] > 0
+    counts = record["counts"]
+    assert record["reward"] == 0.0 and counts["malformed"] == counts["samples"] == 3 * record["groups"]
+    assert record["valid_card_rate"] == 0.0 and record["skipped"] == "no signal"
+    assert all(torch.equal(a, b) for a, b in zip(weights, policy.parameters()))
