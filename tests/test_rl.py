@@ -212,6 +212,23 @@ def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(tmp_path):
         load_policy(load_model("tiny-qwen3")[0], tmp_path / "policy.safetensors")
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_saved_policy_loads_into_a_fresh_model_as_the_trained_writer(tmp_path, mode):
+    policy = tiny(mode)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # as if trained
+    policy.save(tmp_path / "policy.safetensors")
+    want, _ = PolicyScorer(policy.model)(ROWS)
+    fresh, _ = load_model("tiny-llama")
+    loaded = load_policy(fresh, tmp_path / "policy.safetensors", num_layers=4)
+    assert loaded.spec == policy.spec and not any(p.requires_grad for p in fresh.parameters())
+    assert torch.allclose(PolicyScorer(fresh)(ROWS)[0], want, atol=1e-6)
+    if mode == "lora":  # its LoRA leaves the fast-weight MLPs out: other fast-weight layers are refused
+        with pytest.raises(PolicyFileError, match="layers"):
+            load_policy(load_model("tiny-llama")[0], tmp_path / "policy.safetensors", num_layers=2)
+
+
 class NaNRewardEnv(PlantedFactEnv):
     """Scores every sample NaN: the advantages and so the loss are NaN."""
 

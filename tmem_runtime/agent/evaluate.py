@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="ask the questions again after every write once this many tokens were read since the "
                         "last probe (a channel that never writes: after the session crossing it); 0: never")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policy", default=None,
+                   help="a trained memory writer (tmem rl): its policy.safetensors or checkpoint directory")
     return p.parse_args(argv)
 
 
@@ -324,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, seed=args.seed)
     if tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer; the agent needs a real model")
+    if args.policy:  # before the fast weights: its slow LoRA never sits in their MLPs
+        from tmem_runtime.rl.policy import load_policy
+
+        load_policy(model, args.policy, args.num_layers)
     generator = Generator(model, tokenizer, args.window)
     fast_weights = None
     runs: list[dict] = []

@@ -195,9 +195,11 @@ def read_policy_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str,
     return meta, tensors
 
 
-def load_policy(model: nn.Module, path: str | os.PathLike) -> Policy:
+def load_policy(model: nn.Module, path: str | os.PathLike, num_layers: int | None = None) -> Policy:
     """Make `model` the trained writer saved at `path` (a policy file, or a checkpoint directory holding
-    policy.safetensors): inject the same slow LoRA (lora) or load every weight (full)."""
+    policy.safetensors): inject the same slow LoRA (lora) or load every weight (full). num_layers: the
+    fast weights the model will carry (the last N layers); a policy trained beside other fast-weight
+    layers is refused (its LoRA would sit in their MLPs)."""
     meta, tensors = read_policy_file(path)
     ident = _model_identity(model)
     wrong = {k: (meta.get(k), v) for k, v in ident.items() if meta.get(k) != v}
@@ -205,6 +207,10 @@ def load_policy(model: nn.Module, path: str | os.PathLike) -> Policy:
         raise PolicyFileError(f"{path} was trained on another model: {wrong} (file, this model)")
     spec = PolicySpec(meta["mode"], int(meta["lora_rank"]), float(meta["lora_alpha"]),
                       tuple(json.loads(meta["fast_layers"])))
+    fast = tuple(i for i, _ in target_mlps(model, num_layers)) if num_layers is not None else spec.fast_layers
+    if spec.mode == "lora" and spec.fast_layers != fast:
+        raise PolicyFileError(f"{path} was trained with fast weights on layers {list(spec.fast_layers)}, "
+                              f"not the last {num_layers}")
     if spec.mode == "lora" and json.loads(meta["targets"]) != lora_targets(model, spec.fast_layers):
         raise PolicyFileError(f"{path}: its LoRA targets are not this model's")
     policy = Policy(model, spec)
