@@ -331,3 +331,23 @@ def test_samples_without_a_valid_card_get_reward_0_counted_and_the_step_goes_on(
     assert record["reward"] == 0.0 and counts["malformed"] == counts["samples"] == 3 * record["groups"]
     assert record["valid_card_rate"] == 0.0 and record["skipped"] == "no signal"
     assert all(torch.equal(a, b) for a, b in zip(weights, policy.parameters()))
+
+
+def test_tmem_rl_trains_on_generated_conversations_only(tmp_path, capsys):
+    from tmem_runtime.agent.long_conversations import make_conversation
+    from tmem_runtime.rl.command import load_conversations, parse_args
+
+    sample = make_conversation(1, n_facts=2, tokens=100, turns_per_session=6)
+    (tmp_path / "gen.json").write_text(json.dumps([sample]))
+    assert [c.sample_id for c in load_conversations(str(tmp_path / "gen.json"))] == ["long-1"]
+    (tmp_path / "locomo.json").write_text(json.dumps([dict(sample, sample_id="conv-26")]))
+    with pytest.raises(SystemExit, match="LoCoMo"):
+        load_conversations(str(tmp_path / "locomo.json"))
+    (tmp_path / "empty.json").write_text(json.dumps([dict(sample, qa=[])]))
+    with pytest.raises(SystemExit, match="no questions"):
+        load_conversations(str(tmp_path / "empty.json"))
+    args = parse_args(["--data", "d.json", "--out", "o"])
+    assert (args.policy, args.group_size, args.steps) == ("lora", 4, 20)
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "(default: lora)" in capsys.readouterr().out  # defaults shown in --help
