@@ -89,3 +89,28 @@ def test_two_gloo_processes_make_the_one_process_update(tmp_path):
 
 if __name__ == "__main__":
     run(Path(sys.argv[1]))
+
+
+def test_tmem_rl_runs_under_torchrun_and_writes_its_files(tmp_path):
+    from tmem_runtime.agent.long_conversations import make_conversations
+
+    (tmp_path / "train.json").write_text(json.dumps(make_conversations(2, 0, n_facts=2, tokens=100,
+                                                                       turns_per_session=6)))
+    (tmp_path / "held.json").write_text(json.dumps(make_conversations(2, 100, n_facts=2, tokens=100,
+                                                                      turns_per_session=6)))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "rl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "tmem_runtime.rl.command", "--model", "tiny-llama", "--data", str(tmp_path / "train.json"),
+           "--held-out", str(tmp_path / "held.json"), "--steps", "1", "--group-size", "2", "--batch", "2",
+           "--l-max", "200", "--kl-every", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert record["step"] == 1 and record["rollouts"] == 2 * record["groups"] > 0  # both ranks' rollouts
+    assert record["reward"] == 0.0 and record["malformed"] == 1.0  # random weights write no valid card
+    assert (out / "checkpoints" / "step-000001" / "policy.safetensors").is_file()
+    assert all((out / f"rl_{k}.png").stat().st_size > 0 for k in ("reward", "valid_card_rate", "kl", "loss"))
+    held = json.loads((out / "held_out.json").read_text())
+    assert held["before"]["per-turn"]["groups"] == held["after"]["per-turn"]["groups"] > 0

@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="train every weight, or a slow LoRA over all layers (not the fast-weight MLPs)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m or a local HF model directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (none: the model's; tiny models: "
+                   "the embedded model's)")
     p.add_argument("--flashcard-mode", choices=("per-turn", "array"), default="per-turn")
     p.add_argument("--eval-modes", nargs="+", choices=("per-turn", "array"), default=None,
                    help="flashcard modes the held-out conversations are scored in (default: --flashcard-mode)")
@@ -101,21 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(max(1, args.threads))
-    from tmem_runtime import SessionPool, load_model
+    from tmem_runtime import SessionPool
     from tmem_runtime.agent.generation import Generator
     from tmem_runtime.rl.distributed import close_distributed, init_distributed
     from tmem_runtime.rl.environment import MemoryEnvConfig, MemoryWriteEnv, evaluate_writer
     from tmem_runtime.rl.policy import Policy, PolicySpec
     from tmem_runtime.rl.trainer import GRPOConfig, GRPOTrainer
+    from tmem_runtime.serve.main import load_serving_model
 
     ctx = init_distributed(args.device)
     out = Path(args.out)
     train = load_conversations(args.data)
     held = load_conversations(args.held_out) if args.held_out else []
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    model, tokenizer = load_model(args.model, dtype=dtype, device=ctx.device, seed=args.seed)
-    if tokenizer is None:
-        raise SystemExit(f"{args.model} has no tokenizer: the memory writer needs a real model")
+    model, tokenizer = load_serving_model(args.model, args.tokenizer, str(ctx.device), args.dtype)
     policy = Policy(model, PolicySpec(args.policy, args.lora_rank, 2.0 * args.lora_rank,
                                       tuple(range(model.config.num_hidden_layers - args.num_layers,
                                                   model.config.num_hidden_layers))))
@@ -133,13 +133,16 @@ def main(argv: list[str] | None = None) -> int:
         (out / "log.jsonl").unlink(missing_ok=True)  # a run from step 0 logs from step 1
     report_path = out / "held_out.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() and start else {}
+    report = ctx.all_gather_objects(report)[0]  # rank 0's: every rank skips or scores "before" alike
 
-    def score_held_out(when: str) -> None:  # the greedy writer on the held-out conversations, each mode
-        for mode in (args.eval_modes or [args.flashcard_mode]) if held and ctx.is_main else []:
+    def score_held_out(when: str) -> None:  # the greedy writer on the held-out conversations (shared by the ranks)
+        for mode in (args.eval_modes or [args.flashcard_mode]) if held else []:
             env_mode = MemoryWriteEnv(pool, generator, held, replace(env_config, flashcard_mode=mode))
-            report.setdefault(when, {})[mode] = dict(evaluate_writer(env_mode, range(len(held))), step=trainer.step)
-            report_path.write_text(json.dumps(report, indent=1))
-            print(f"held-out {when} ({mode}, step {trainer.step}): {report[when][mode]}")
+            scores = evaluate_writer(env_mode, range(len(held)), ctx)
+            if ctx.is_main:
+                report.setdefault(when, {})[mode] = dict(scores, step=trainer.step)
+                report_path.write_text(json.dumps(report, indent=1))
+                print(f"held-out {when} ({mode}, step {trainer.step}): {report[when][mode]}")
 
     if "before" not in report:
         score_held_out("before")

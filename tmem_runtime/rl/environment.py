@@ -45,6 +45,7 @@ from tmem_runtime.agent.locomo import QA, Conversation, question_prompt, resolve
 from tmem_runtime.agent.write_formats import resolve_recipe
 from tmem_runtime.examples import chat_prompt_ids
 from tmem_runtime.pool import SessionPool
+from tmem_runtime.rl.distributed import DistContext
 from tmem_runtime.rl.rollout import Rollout
 from tmem_runtime.rl.sampling import Completion, rollout_seed, sample_completions
 from tmem_runtime.sessions import WriteError
@@ -313,11 +314,15 @@ def mean_reward(rollouts: Sequence[Rollout]) -> float:
 
 
 @torch.no_grad()
-def evaluate_writer(env: MemoryWriteEnv, tasks: Sequence[int]) -> dict[str, float]:
-    """The greedy writer on `tasks`: mean reward (F1 of the answers after each write) and card rates."""
-    rollouts = env.greedy_rollouts(tasks)
+def evaluate_writer(env: MemoryWriteEnv, tasks: Sequence[int], ctx: DistContext | None = None) -> dict[str, float]:
+    """The greedy writer on `tasks`: mean reward (F1 of the answers after each write) and card rates.
+    With a distributed `ctx` every rank scores its share of the tasks and every rank gets the total."""
+    ctx = ctx or DistContext()
+    mine = [(r.reward, r.counts) for r in env.greedy_rollouts(ctx.shard(list(tasks)))]
+    scored = [x for part in ctx.all_gather_objects(mine) for x in part]
     counts: dict[str, float] = {}
-    for r in rollouts:
-        for k, v in r.counts.items():
+    for _, c in scored:
+        for k, v in c.items():
             counts[k] = counts.get(k, 0.0) + v
-    return {"reward": mean_reward(rollouts), "groups": len(rollouts), **env.metrics(counts)}
+    reward = sum(r for r, _ in scored) / len(scored) if scored else 0.0
+    return {"reward": reward, "groups": len(scored), **env.metrics(counts)}
