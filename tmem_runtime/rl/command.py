@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     train = load_conversations(args.data)
     held = load_conversations(args.held_out) if args.held_out else []
     model, tokenizer = load_serving_model(args.model, args.tokenizer, str(ctx.device), args.dtype)
+    torch.manual_seed(args.seed)  # the slow LoRA's A (rank 0's: DDP broadcasts it)
     policy = Policy(model, PolicySpec(args.policy, args.lora_rank, 2.0 * args.lora_rank,
                                       tuple(range(model.config.num_hidden_layers - args.num_layers,
                                                   model.config.num_hidden_layers))))
