@@ -152,10 +152,9 @@ class Generator:
         """
         if not prompts:
             return []
-        pre: Prefix | list[None] | None = None
-        if scope is not None:
-            pre = [None] * len(prompts)
-        elif shared and self._piecewise and all(len(p) > len(shared) and p[: len(shared)] == shared for p in prompts):
+        pre: Prefix | None = None  # (with a scope greedy_generate looks for no common prefix either)
+        if scope is None and shared and self._piecewise and all(len(p) > len(shared) and p[: len(shared)] == shared
+                                                                for p in prompts):
             pre = self.prefix(shared, weights)
         before = (self.stats.prefill_tokens, self.stats.decode_tokens)
         new = greedy_generate(
