@@ -10,7 +10,8 @@ suffixes are prefilled; pads are skipped by an additive mask and per-row positio
 sees exactly its own prefix + suffix at positions 0..n-1, as it would alone. Logits are computed at
 the last position only; finished rows are dropped from the batch once they are half of it.
 Rows may carry different prefixes (one per row), the layout a session pool with a different memory
-context per row needs.
+context per row needs; `bind` runs every forward inside a context chosen by the rows it holds (e.g.
+`SessionPool.rows`: a different memory per row), batches and dropped rows included.
 
 `reference_generate` is the spec: the plain transformers `generate`, one prompt at a time (batch 1, no
 padding). Greedy outputs of the two are equal token for token (tests/test_decoding.py). Models the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +31,8 @@ from torch import nn
 from tmem_runtime.decoder import Decoder, supports_piecewise
 
 StopFn = Callable[[list[int]], bool]
+# Given the indices (into `prompts`) of the rows a forward runs, the context it runs in.
+RowBinding = Callable[[Sequence[int]], AbstractContextManager]
 PREFILL_ROWS = 8  # suffixes prefilled together (sorted by length, so each group pads little)
 
 
@@ -60,6 +64,11 @@ class DecodeStats:
 
     def copy(self) -> DecodeStats:
         return DecodeStats(self.prefill_tokens, self.prefill_s, self.decode_tokens, self.decode_s)
+
+    def scaled(self, share: float) -> DecodeStats:
+        """`share` of these counts (tokens rounded): one party's part of a joint decode — a new object."""
+        return DecodeStats(round(self.prefill_tokens * share), self.prefill_s * share,
+                           round(self.decode_tokens * share), self.decode_s * share)
 
 
 @dataclass
@@ -240,25 +249,33 @@ def greedy_generate(
     stats: DecodeStats | None = None,
     max_batch_tokens: int = 1 << 15,
     pad_id: int = 0,
+    bind: RowBinding | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of token-id prompts; the new tokens of each (the ending token kept).
 
     prompts: full token ids (they start with their prefix's ids). prefix: one Prefix for all rows, one
     per row (None: no prefix for that row), or None: the longest common prefix of two or more prompts
-    is found and prefilled here. A row ends at an EOS (`eos_ids`, default the model's), at a token in `stop_ids`,
-    when `stop(new_tokens)` is true, or after `max_new_tokens`. Up to `batch_size` rows per batch
-    (fewer when rows x (prefix + suffix + new) would pass `max_batch_tokens`), rows of similar length
-    together. stats: accumulates prefill/decode tokens and seconds. pad_id fills padded slots only.
+    is found and prefilled here (without `bind`). A row ends at an EOS (`eos_ids`, default the
+    model's), at a token in `stop_ids`, when `stop(new_tokens)` is true, or after `max_new_tokens`.
+    Up to `batch_size` rows per batch (fewer when rows x (prefix + suffix + new) would pass
+    `max_batch_tokens`), rows of similar length together. stats: accumulates prefill/decode tokens
+    and seconds. pad_id fills padded slots only.
+    bind: each forward runs inside bind(indices of its rows in `prompts`); the rows' prefixes are the
+    caller's then (prefilled under whatever binding their rows need): none is searched for here.
     """
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     eos = _eos_of(model, eos_ids)
+    binding = bind or (lambda rows: nullcontext())
     if not supports_piecewise(model):  # the spec itself: same outputs, no prefix sharing
-        out = reference_generate(model, prompts, max_new_tokens, pad_id, sorted(eos) or None)
+        out = []
+        for i, p in enumerate(prompts):
+            with binding([i]):
+                out += reference_generate(model, [p], max_new_tokens, pad_id, sorted(eos) or None)
         return [_cut(row, eos, set(stop_ids), stop) for row in out]
-    if prefix is None:
+    if prefix is None and bind is None:
         n = common_prefix_length(prompts) if len(prompts) > 1 else 0
         prefix = prefill(model, prompts[0][:n], stats=stats) if n else None
     prefixes = list(prefix) if isinstance(prefix, (list, tuple)) else [prefix] * len(prompts)
@@ -274,7 +291,9 @@ def greedy_generate(
 
     def flush() -> None:
         rows = [(prefixes[i], list(prompts[i][len(prefixes[i] or ()) :])) for i in batch]
-        for i, new in zip(batch, _decode_batch(decoder, rows, max_new_tokens, eos, set(stop_ids), stop, stats)):
+        members = list(batch)
+        bound = lambda slots: binding([members[r] for r in slots])  # noqa: E731 (rows of this batch -> prompts)
+        for i, new in zip(batch, _decode_batch(decoder, rows, max_new_tokens, eos, set(stop_ids), stop, stats, bound)):
             outputs[i] = new
         batch.clear()
 
@@ -303,8 +322,11 @@ def _decode_batch(
     stop_ids: set[int],
     stop: StopFn | None,
     stats: DecodeStats | None,
+    bind: RowBinding,
 ) -> list[list[int]]:
     """One batch: fill the prefixes, prefill the suffixes (left-padded), decode until every row ends.
+
+    bind(rows) is the context of a forward over `rows` (indices into `rows` as given).
 
     Suffixes are prefilled in groups of PREFILL_ROWS rows of similar length, each group padded only
     to its own longest suffix; every row's suffix ends at the same column, where decoding starts.
@@ -341,8 +363,10 @@ def _decode_batch(
         width = max(len(s) for _, s in rows[a:z])
         cols = torch.arange(end - width, end, device=device)
         allowed = (valid[a:z, None, :end] & (keys[None, :] <= cols[:, None])[None]) | (keys == cols[:, None])[None]
-        hidden = decoder.run_layers_at(decoder.embed(ids[a:z, s_max - width :]), positions[a:z, s_max - width :],
-                                       _additive(allowed, dtype), cache.rows(a, z, end - width))
+        with bind(order[a:z]):
+            hidden = decoder.run_layers_at(decoder.embed(ids[a:z, s_max - width :]),
+                                           positions[a:z, s_max - width :], _additive(allowed, dtype),
+                                           cache.rows(a, z, end - width))
         last.append(hidden[:, -1])
     cache.advance(end)
     logits = decoder.logits(torch.cat(last))
@@ -375,7 +399,8 @@ def _decode_batch(
         col = cache.length
         valid[:, col] = True
         mask = _additive(valid[:, None, : col + 1], dtype)
-        hidden = decoder.run_layers_at(decoder.embed(tokens[:, None]), next_pos[:, None], mask, cache)
+        with bind([order[r] for r in active]):
+            hidden = decoder.run_layers_at(decoder.embed(tokens[:, None]), next_pos[:, None], mask, cache)
         cache.advance(1)
         next_pos = next_pos + 1
         logits = decoder.logits(hidden[:, -1])
