@@ -66,13 +66,16 @@ def smollm2():
     torch.set_num_threads(threads)
 
 
+CARDS = dict(cards="salient", max_cards=3)  # few cards per write: a short test
+
+
 @pytest.fixture(scope="module")
 def two_conversations(tmp_path_factory):
     """Two short generated conversations (facts early, chit-chat after) as a LoCoMo-format file."""
     from tmem_runtime.agent.long_conversations import make_conversations
 
     path = tmp_path_factory.mktemp("pooled") / "two.json"
-    path.write_text(json.dumps(make_conversations(2, seed=5, n_facts=3, tokens=450, turns_per_session=6)))
+    path.write_text(json.dumps(make_conversations(2, seed=5, n_facts=3, tokens=300, turns_per_session=5)))
     return path
 
 
@@ -94,7 +97,7 @@ def test_agents_in_one_pool_answer_as_they_do_one_by_one(smollm2, two_conversati
 
     fw = FastWeights(model)
     spec = []
-    agent = MemoryAgent(gen, make_channel("tmem", gen, fw), l_max=150, answer_tokens=12)
+    agent = MemoryAgent(gen, make_channel("tmem", gen, fw, **CARDS), l_max=150, answer_tokens=12)
     for c, qs in zip(convs, questions):
         agent.reset()
         agent.read(c)
@@ -102,8 +105,8 @@ def test_agents_in_one_pool_answer_as_they_do_one_by_one(smollm2, two_conversati
     fw.detach()
 
     pool = SessionPool(model, capacity=2)
-    agents = [MemoryAgent(gen, make_channel("tmem", gen, PoolSession(pool, c.sample_id)), l_max=150, answer_tokens=12)
-              for c in convs]
+    agents = [MemoryAgent(gen, make_channel("tmem", gen, PoolSession(pool, c.sample_id), **CARDS), l_max=150,
+                          answer_tokens=12) for c in convs]
     for a, c in zip(agents, convs):
         a.read(c)
         assert len(a.triggers) >= 2  # the budget triggered writes into this conversation's session
@@ -127,6 +130,7 @@ def test_eval_side_by_side_equals_one_by_one(smollm2, two_conversations, tmp_pat
     runs = {}
     for mode in ("one", "side"):
         argv = ["--data", str(two_conversations), "--memory", "tmem", "--l-max", "150", "--answer-tokens", "12",
+                "--cards", "salient", "--max-cards", "3",
                 "--out", str(tmp_path / mode)] + (["--side-by-side"] if mode == "side" else [])
         assert evaluate.main(argv) == 0
         runs[mode] = json.loads((tmp_path / mode / "answers.json").read_text())["runs"]
