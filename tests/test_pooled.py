@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tmem_runtime import FastWeights, Recipe, SessionPool, load_model
-from tmem_runtime.decoding import greedy_generate, prefill
+from tmem_runtime.decoding import DecodeStats, greedy_generate, prefill
 from tmem_runtime.write import IGNORE_INDEX
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,6 +53,15 @@ def test_bind_gives_each_row_its_session_through_batches_and_dropped_rows(name):
     assert [o for o, b, s in zip(out, bare, sessions) if s is None] == [b for b, s in zip(bare, sessions) if s is None]
     assert sum(o != b for o, b, s in zip(out, bare, sessions) if s is not None) >= 4  # the memories answered
     pool.detach()
+
+
+def test_a_joint_decode_is_shared_out_by_questions():
+    """run_side_by_side charges each episode its share of the joint decode's counts."""
+    joint = DecodeStats(prefill_tokens=30, prefill_s=3.0, decode_tokens=12, decode_s=1.5)
+    parts = [joint.scaled(1 / 3), joint.scaled(2 / 3)]
+    assert [p.prefill_tokens for p in parts] == [10, 20] and [p.decode_tokens for p in parts] == [4, 8]
+    assert sum(p.prefill_s for p in parts) == pytest.approx(3.0) and parts[0].decode_s == pytest.approx(0.5)
+    assert joint.prefill_tokens == 30  # a new object
 
 
 # --------------------------------------------------------------------------- the agent on SmolLM2
