@@ -262,7 +262,7 @@ def test_toy_reward_rises_on_held_out_contexts(tmp_path):
 
 
 # ---------------------------------------------------------------- per-row sessions in the batched decoder
-def test_scope_gives_each_row_its_own_session_through_the_sorted_grouped_prefill():
+def test_bind_gives_each_row_its_own_session_through_the_sorted_grouped_prefill():
     from tmem_runtime.decoding import greedy_generate
 
     model, _ = load_model("tiny-llama")
@@ -276,7 +276,7 @@ def test_scope_gives_each_row_its_own_session_through_the_sorted_grouped_prefill
     prompts = [[1] + [3 + (7 * i + j) % 400 for j in range(2 + (5 * i) % 9)] for i in range(11)]
     sessions = [["a", "b", "c", None][i % 4] for i in range(11)]
     together = greedy_generate(model, prompts, 6, [2], batch_size=16,
-                               scope=lambda idx: pool.rows([sessions[i] for i in idx]))
+                               bind=lambda idx: pool.rows([sessions[i] for i in idx]))
     for p, s, got in zip(prompts, sessions, together):
         with pool.rows([s]):
             alone = greedy_generate(model, [p], 6, [2])[0]

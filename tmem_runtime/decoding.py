@@ -10,13 +10,10 @@ suffixes are prefilled; pads are skipped by an additive mask and per-row positio
 sees exactly its own prefix + suffix at positions 0..n-1, as it would alone. Logits are computed at
 the last position only; finished rows are dropped from the batch once they are half of it.
 Rows may carry different prefixes (one per row), the layout a session pool with a different memory
-context per row needs.
-
-Two hooks make the same loop serve other callers: `choose` picks each row's next token from its
-logits instead of the argmax (a sampler; it sees which prompt each batch row is, so each row can
-draw from its own generator), and `scope` wraps every forward of a batch in a context manager told
-which prompts its rows are (e.g. `SessionPool.rows`: a different fast-weight session per row, kept
-right as rows are reordered by length and as finished rows leave the batch).
+context per row needs; `bind` runs every forward inside a context chosen by the rows it holds (e.g.
+`SessionPool.rows`: a different memory per row), batches and dropped rows included; `choose` picks
+each row's next token from its logits instead of the argmax (a sampler: told which prompt each row
+is, it can draw every row from that prompt's own generator, whatever the batch).
 
 `reference_generate` is the spec: the plain transformers `generate`, one prompt at a time (batch 1, no
 padding). Greedy outputs of the two are equal token for token (tests/test_decoding.py). Models the
@@ -36,10 +33,10 @@ from torch import nn
 from tmem_runtime.decoder import Decoder, supports_piecewise
 
 StopFn = Callable[[list[int]], bool]
-# (logits [b, V] of the batch's rows, prompt index of each row or -1 for a finished row) -> tokens [b]
+# Given the indices (into `prompts`) of the rows a forward runs, the context it runs in.
+RowBinding = Callable[[Sequence[int]], AbstractContextManager]
+# (logits [b, V] of a decode step's rows, the index into `prompts` of each row, -1 for a finished row) -> tokens [b]
 ChooseFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
-# prompt index of each row of the batch -> the context every forward of those rows runs in
-ScopeFn = Callable[[list[int]], AbstractContextManager]
 PREFILL_ROWS = 8  # suffixes prefilled together (sorted by length, so each group pads little)
 
 
@@ -71,6 +68,11 @@ class DecodeStats:
 
     def copy(self) -> DecodeStats:
         return DecodeStats(self.prefill_tokens, self.prefill_s, self.decode_tokens, self.decode_s)
+
+    def scaled(self, share: float) -> DecodeStats:
+        """`share` of these counts (tokens rounded): one party's part of a joint decode — a new object."""
+        return DecodeStats(round(self.prefill_tokens * share), self.prefill_s * share,
+                           round(self.decode_tokens * share), self.decode_s * share)
 
 
 @dataclass
@@ -251,34 +253,37 @@ def greedy_generate(
     stats: DecodeStats | None = None,
     max_batch_tokens: int = 1 << 15,
     pad_id: int = 0,
+    bind: RowBinding | None = None,
     choose: ChooseFn | None = None,
-    scope: ScopeFn | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of token-id prompts; the new tokens of each (the ending token kept).
 
     prompts: full token ids (they start with their prefix's ids). prefix: one Prefix for all rows, one
     per row (None: no prefix for that row), or None: the longest common prefix of two or more prompts
-    is found and prefilled here. A row ends at an EOS (`eos_ids`, default the model's), at a token in `stop_ids`,
-    when `stop(new_tokens)` is true, or after `max_new_tokens`. Up to `batch_size` rows per batch
-    (fewer when rows x (prefix + suffix + new) would pass `max_batch_tokens`), rows of similar length
-    together. stats: accumulates prefill/decode tokens and seconds. pad_id fills padded slots only.
-    choose: picks the next tokens instead of the argmax (see `ChooseFn`; called for every decode step
-    of every batch, finished rows marked -1). scope: every forward of a batch's rows runs inside
-    scope(their prompt indices) (see `ScopeFn`); a prefix is prefilled outside it, so with a scope no
-    common prefix is looked for (prefix None means no prefix), and a prefix passed in must not depend
-    on the scope.
+    is found and prefilled here (without `bind`). A row ends at an EOS (`eos_ids`, default the
+    model's), at a token in `stop_ids`, when `stop(new_tokens)` is true, or after `max_new_tokens`.
+    Up to `batch_size` rows per batch (fewer when rows x (prefix + suffix + new) would pass
+    `max_batch_tokens`), rows of similar length together. stats: accumulates prefill/decode tokens
+    and seconds. pad_id fills padded slots only.
+    bind: each forward runs inside bind(indices of its rows in `prompts`); the rows' prefixes are the
+    caller's then (prefilled under whatever binding their rows need): none is searched for here.
+    choose: picks the next token of every row at every decode step instead of the argmax (`ChooseFn`).
     """
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     eos = _eos_of(model, eos_ids)
-    if not supports_piecewise(model) and (choose is not None or scope is not None):
-        raise ValueError(f"{type(model).__name__} cannot be driven piecewise: no `choose` or `scope` hooks")
+    binding = bind or (lambda rows: nullcontext())
+    if choose is not None and not supports_piecewise(model):
+        raise ValueError(f"{type(model).__name__} cannot be driven piecewise: no `choose` hook")
     if not supports_piecewise(model):  # the spec itself: same outputs, no prefix sharing
-        out = reference_generate(model, prompts, max_new_tokens, pad_id, sorted(eos) or None)
+        out = []
+        for i, p in enumerate(prompts):
+            with binding([i]):
+                out += reference_generate(model, [p], max_new_tokens, pad_id, sorted(eos) or None)
         return [_cut(row, eos, set(stop_ids), stop) for row in out]
-    if prefix is None and scope is None:
+    if prefix is None and bind is None:
         n = common_prefix_length(prompts) if len(prompts) > 1 else 0
         prefix = prefill(model, prompts[0][:n], stats=stats) if n else None
     prefixes = list(prefix) if isinstance(prefix, (list, tuple)) else [prefix] * len(prompts)
@@ -294,8 +299,12 @@ def greedy_generate(
 
     def flush() -> None:
         rows = [(prefixes[i], list(prompts[i][len(prefixes[i] or ()) :])) for i in batch]
-        hooks = _Hooks(list(batch), choose, scope)
-        for i, new in zip(batch, _decode_batch(decoder, rows, max_new_tokens, eos, set(stop_ids), stop, stats, hooks)):
+        members = list(batch)
+        bound = lambda slots: binding([members[r] for r in slots])  # noqa: E731 (rows of this batch -> prompts)
+        pick = None if choose is None else (lambda logits, slots: choose(logits, [members[r] if r >= 0 else -1
+                                                                                   for r in slots]))
+        for i, new in zip(batch, _decode_batch(decoder, rows, max_new_tokens, eos, set(stop_ids), stop, stats, bound,
+                                               pick)):
             outputs[i] = new
         batch.clear()
 
@@ -316,29 +325,6 @@ def _cut(row: list[int], eos: set[int], stop_ids: set[int], stop: StopFn | None)
     return row
 
 
-@dataclass
-class _Hooks:
-    """A batch's prompt indices (per batch row, in order) and the caller's `choose` / `scope`."""
-
-    origin: list[int]
-    choose: ChooseFn | None = None
-    scope: ScopeFn | None = None
-
-    def reordered(self, order: list[int]) -> _Hooks:
-        """The same hooks for the batch's rows taken in `order`."""
-        return _Hooks([self.origin[r] for r in order], self.choose, self.scope)
-
-    def context(self, rows: list[int]) -> AbstractContextManager:
-        """The context a forward of these batch rows runs in."""
-        return nullcontext() if self.scope is None else self.scope([self.origin[r] for r in rows])
-
-    def tokens(self, logits: torch.Tensor, rows: list[int], finished: list[bool]) -> torch.Tensor:
-        """The next token of each batch row from its logits [b, V]."""
-        if self.choose is None:
-            return logits.argmax(-1)
-        return self.choose(logits, [-1 if done else self.origin[r] for r, done in zip(rows, finished)])
-
-
 def _decode_batch(
     decoder: Decoder,
     rows: list[tuple[Prefix | None, list[int]]],
@@ -347,16 +333,19 @@ def _decode_batch(
     stop_ids: set[int],
     stop: StopFn | None,
     stats: DecodeStats | None,
-    hooks: _Hooks | None = None,
+    bind: RowBinding,
+    choose: ChooseFn | None = None,
 ) -> list[list[int]]:
     """One batch: fill the prefixes, prefill the suffixes (left-padded), decode until every row ends.
+
+    bind(rows) is the context of a forward over `rows` (indices into `rows` as given); choose(logits,
+    rows) the next tokens (the same indices, -1 for a finished row), None: the argmax.
 
     Suffixes are prefilled in groups of PREFILL_ROWS rows of similar length, each group padded only
     to its own longest suffix; every row's suffix ends at the same column, where decoding starts.
     """
     order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
     rows = [rows[r] for r in order]
-    hooks = (hooks or _Hooks(list(range(len(order))))).reordered(order)
     model = decoder.model
     device, dtype = _device(model), decoder.dtype
     b = len(rows)
@@ -387,9 +376,10 @@ def _decode_batch(
         width = max(len(s) for _, s in rows[a:z])
         cols = torch.arange(end - width, end, device=device)
         allowed = (valid[a:z, None, :end] & (keys[None, :] <= cols[:, None])[None]) | (keys == cols[:, None])[None]
-        with hooks.context(list(range(a, z))):
-            hidden = decoder.run_layers_at(decoder.embed(ids[a:z, s_max - width :]), positions[a:z, s_max - width :],
-                                           _additive(allowed, dtype), cache.rows(a, z, end - width))
+        with bind(order[a:z]):
+            hidden = decoder.run_layers_at(decoder.embed(ids[a:z, s_max - width :]),
+                                           positions[a:z, s_max - width :], _additive(allowed, dtype),
+                                           cache.rows(a, z, end - width))
         last.append(hidden[:, -1])
     cache.advance(end)
     logits = decoder.logits(torch.cat(last))
@@ -402,7 +392,10 @@ def _decode_batch(
     next_pos = torch.tensor(lengths, device=device)
     finished = [False] * b
     for _ in range(max_new_tokens):
-        tokens = hooks.tokens(logits, active, finished)
+        if choose is None:
+            tokens = logits.argmax(-1)
+        else:
+            tokens = choose(logits, [-1 if done else order[active[s]] for s, done in enumerate(finished)])
         for slot, tok in enumerate(tokens.tolist()):
             if finished[slot]:
                 continue
@@ -422,7 +415,7 @@ def _decode_batch(
         col = cache.length
         valid[:, col] = True
         mask = _additive(valid[:, None, : col + 1], dtype)
-        with hooks.context(active):
+        with bind([order[r] for r in active]):
             hidden = decoder.run_layers_at(decoder.embed(tokens[:, None]), next_pos[:, None], mask, cache)
         cache.advance(1)
         next_pos = next_pos + 1

@@ -149,12 +149,10 @@ class MemoryAgent:
             context = self.generator.keep_last_tokens(context, max(room, 0))
         return "\n\n".join(p for p in (memory, context) if p.strip())
 
-    def answer(self, questions: list[str], queries: list[str] | None = None) -> list[str]:
-        """Answers to `questions` with everything the agent has now (context, memory, fast weights).
+    def answer_prompts(self, questions: list[str], queries: list[str] | None = None) -> tuple[str, list[str]]:
+        """(shared prefix, one suffix per question): the answer prompts, as text.
 
         queries: what retrieval searches with, one per question (default: the questions themselves).
-        All questions are answered in batches that share the prompt's fixed part (prefilled once);
-        each answer stops once its first non-blank line is complete (the part `clean_answer` keeps).
         """
         shared = "" if self.channel.answers_from_weights else self.prompt_context()
         content = f"{shared}\n\n{_QUESTION_SLOT}" if shared else _QUESTION_SLOT
@@ -164,5 +162,21 @@ class MemoryAgent:
             recalled = self.channel.recall(query)
             asked = QA_PROMPT.format(question=q) if shared or recalled else q
             suffixes.append((f"{recalled}\n\n" if recalled else "") + asked + suffix)
-        raw = self.generator.generate_after_prefix(prefix, suffixes, self.answer_tokens, stop="answer")
+        return prefix, suffixes
+
+    def answer(self, questions: list[str], queries: list[str] | None = None) -> list[str]:
+        """Answers to `questions` with everything the agent has now (context, memory, fast weights).
+
+        queries: what retrieval searches with, one per question (default: the questions themselves).
+        All questions are answered in batches that share the prompt's fixed part (prefilled once);
+        each answer stops once its first non-blank line is complete (the part `clean_answer` keeps).
+        A channel whose memory is a session of a SessionPool answers with that session's rows.
+        """
+        prefix, suffixes = self.answer_prompts(questions, queries)
+        pooled = self.channel.pool_session()
+        if pooled is None:
+            raw = self.generator.generate_after_prefix(prefix, suffixes, self.answer_tokens, stop="answer")
+        else:
+            raw = self.generator.generate_for_sessions(pooled[0], [(pooled[1], prefix, suffixes)], self.answer_tokens,
+                                                       stop="answer")[0]
         return [clean_answer(r) for r in raw]

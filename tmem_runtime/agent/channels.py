@@ -11,12 +11,17 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tmem_runtime.agent.card_selection import SalientTurns, make_selector
 from tmem_runtime.agent.generation import Generator
+from tmem_runtime.agent.pooled import PoolSession
 from tmem_runtime.agent.retrieval import ChunkIndex
 from tmem_runtime.agent.summary import merge_summaries, write_summary
 from tmem_runtime.agent.write_formats import WRITE_FORMATS, WriteRecord, fast_weights_off, write_to_weights
+
+if TYPE_CHECKING:
+    from tmem_runtime.pool import SessionPool
 
 CHANNELS = ("none", "summary", "retrieval", "tmem", "tmem+summary")
 
@@ -49,6 +54,11 @@ class MemoryChannel:
 
     def write(self, context: str, trigger: int) -> WriteEvent:
         return WriteEvent()
+
+    def pool_session(self) -> tuple[SessionPool, str] | None:
+        """(pool, session id) when this channel's memory is a session of a SessionPool (its answers must
+        read that session's rows); None: the model as it is (bare, or its FastWeights)."""
+        return None
 
 
 class SummaryChannel(MemoryChannel):
@@ -174,6 +184,10 @@ class FastWeightChannel(MemoryChannel):
         self.written += record.pairs if record.format == "qa" else record.texts
         return WriteEvent(weights=record)
 
+    def pool_session(self) -> tuple[SessionPool, str] | None:
+        fw = self.fast_weights
+        return (fw.pool, fw.session) if isinstance(fw, PoolSession) else None
+
 
 class HybridChannel(MemoryChannel):
     """tmem+summary: the context is written into the weights and into the rolling summary."""
@@ -196,6 +210,9 @@ class HybridChannel(MemoryChannel):
         with fast_weights_off(self.weights.fast_weights):  # notes written by the base model, as in `summary`
             event.summary = self.summary.write(context, trigger).summary
         return event
+
+    def pool_session(self) -> tuple[SessionPool, str] | None:
+        return self.weights.pool_session()
 
 
 def make_channel(

@@ -9,7 +9,6 @@ full conversation (which fits this small demo's window: an upper bound, not a pe
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from importlib import resources
@@ -21,6 +20,7 @@ from tmem_runtime.agent.agent import MemoryAgent, Trigger
 from tmem_runtime.agent.channels import make_channel
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.locomo import load_locomo, question_prompt, score
+from tmem_runtime.cli import apply_threads, command_parser
 
 DEMO_CONVERSATION = "demo_conversation.json"
 
@@ -53,22 +53,22 @@ def print_trigger(t: Trigger, l_max: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns 0."""
-    p = argparse.ArgumentParser(prog="tmem demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data", default=None, help="a LoCoMo-format file (default: the shipped demo conversation)")
+    p = command_parser("tmem demo", __doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m or a local HF model directory")
+    p.add_argument("--data", default=None, help="a LoCoMo-format file (None: the shipped demo conversation)")
     p.add_argument("--l-max", type=int, default=150, help="working-context budget in tokens")
-    p.add_argument("--write-format", choices=("qa", "summary", "ntp"), default="qa")
+    p.add_argument("--write-format", choices=("qa", "summary", "ntp"), default="qa", help="what a write trains on")
     p.add_argument("--recipe", default="agent", help='"agent" (AdamW 3e-3) or a runtime recipe name')
     p.add_argument("--replay", type=int, default=32, help="earlier flashcards trained again per write (0: paper)")
-    p.add_argument("--flashcard-tokens", type=int, default=160)
-    p.add_argument("--flashcard-mode", choices=("per-turn", "array"), default="per-turn")
-    p.add_argument("--answer-tokens", type=int, default=16)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a shared CPU)")
+    p.add_argument("--flashcard-tokens", type=int, default=160, help="max new tokens of one memory write")
+    p.add_argument("--flashcard-mode", choices=("per-turn", "array"), default="per-turn",
+                   help="one card per turn (small models) or one JSON array per context (the paper's)")
+    p.add_argument("--answer-tokens", type=int, default=16, help="max new tokens per answer")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.device == "cpu":
-        torch.set_num_threads(args.threads)
+        apply_threads(args)
     from tmem_runtime import FastWeights, load_model
 
     start = time.perf_counter()

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from tmem_runtime.agent.agent import MemoryAgent, Trigger
 from tmem_runtime.agent.card_selection import SELECTIONS
-from tmem_runtime.agent.channels import CHANNELS, make_channel
+from tmem_runtime.agent.channels import CHANNELS, MemoryChannel, make_channel
 from tmem_runtime.agent.flashcards import FLASHCARD_MODES
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.locomo import (
@@ -39,29 +39,32 @@ from tmem_runtime.agent.locomo import (
     score,
 )
 from tmem_runtime.agent.monitor import MemoryMonitor
+from tmem_runtime.agent.pooled import PoolSession, answer_together
 from tmem_runtime.agent.recall_probe import RecallProbe, plot_recall
 from tmem_runtime.agent.timing import episode_times, plot_times, time_table
 from tmem_runtime.agent.write_formats import WRITE_FORMATS
+from tmem_runtime.cli import apply_threads, command_parser
+from tmem_runtime.decoding import DecodeStats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tmem eval", description=__doc__.split("\n\n")[0])
+    p = command_parser("tmem eval", __doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="LoCoMo-format JSON file")
     p.add_argument("--memory", nargs="+", choices=CHANNELS, default=["tmem"], help="channels to evaluate")
     p.add_argument("--write-format", nargs="+", choices=WRITE_FORMATS, default=["qa"],
                    help="what tmem channels train on (each format is a separate method)")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m or a local HF model directory")
-    p.add_argument("--conversations", nargs="*", default=None, help="sample ids (default: all)")
+    p.add_argument("--conversations", nargs="*", default=None, help="sample ids (None: every conversation in the file)")
     p.add_argument("--max-questions", type=int, default=None, help="questions per conversation (all categories)")
     p.add_argument("--max-sessions", type=int, default=None,
                    help="read only the first N sessions; only questions whose evidence lies there are asked")
     p.add_argument("--l-max", type=int, default=1024, help="budget: working context + explicit memory, tokens")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model weights dtype")
     p.add_argument("--recipe", default="agent",
                    help='write recipe: "agent" (AdamW 3e-3, 10 epochs) or a runtime name ("default", "paper")')
     p.add_argument("--replay", type=int, default=32,
@@ -74,21 +77,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-cards", type=int, default=None, help="salient: at most this many cards per write")
     p.add_argument("--named-turns", action="store_true",
                    help="per-turn cards: show the writer each turn in the third person (I/my -> the speaker's name)")
-    p.add_argument("--rank", type=int, default=6)
-    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--rank", type=int, default=6, help="fast weights: LoRA rank")
+    p.add_argument("--num-layers", type=int, default=4, help="fast weights: last N decoder layers")
     p.add_argument("--top-k", type=int, default=5, help="retrieved chunks per question")
     p.add_argument("--summary-tokens", type=int, default=512, help="cap on the rolling summary, tokens")
-    p.add_argument("--answer-tokens", type=int, default=24)
+    p.add_argument("--answer-tokens", type=int, default=24, help="max new tokens per answer")
     p.add_argument("--flashcard-tokens", type=int, default=192, help="max new tokens of one memory write")
     p.add_argument("--flashcard-mode", choices=FLASHCARD_MODES, default="per-turn",
                    help="one card per turn (small models) or one JSON array per context (the paper's)")
-    p.add_argument("--window", type=int, default=None, help="model context window (default: the config's)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1 by default: on a shared CPU, oversubscribed threads are ~8x slower)")
+    p.add_argument("--window", type=int, default=None, help="model context window (None: the config's)")
     p.add_argument("--probe-every", type=int, default=0,
                    help="ask the questions again after every write once this many tokens were read since the "
                         "last probe (a channel that never writes: after the session crossing it); 0: never")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--side-by-side", action="store_true",
+                   help="tmem methods: every conversation a session of one SessionPool, all their questions "
+                        "answered in one batched decode (a different memory per row); same answers as without")
+    p.add_argument("--seed", type=int, default=0, help="seed of adapter init, card order and replay")
     p.add_argument("--policy", default=None,
                    help="a trained memory writer (tmem rl): its policy.safetensors or checkpoint directory")
     return p.parse_args(argv)
@@ -140,6 +144,23 @@ def run_conversation(agent: MemoryAgent, conv: Conversation, questions: list[QA]
     With `args.probe_every` > 0 the questions are also asked while reading (RecallProbe); that time
     is left out of the timings.
     """
+    episode = read_episode(agent, conv, questions, args, label)
+    gen = agent.generator
+    with MemoryMonitor(args.device) as mon:
+        t0, stats0 = time.perf_counter(), gen.stats.copy()
+        answers = agent.answer(*episode_questions(questions, args.seed))
+        answer_s = time.perf_counter() - t0
+    return finish_episode(episode, answers, answer_s, gen.stats.since(stats0), mon)
+
+
+def episode_questions(questions: list[QA], seed: int) -> tuple[list[str], list[str]]:
+    """(prompts as LoCoMo asks them, retrieval queries) of an episode's questions."""
+    return [question_prompt(q, seed) for q in questions], [q.question for q in questions]
+
+
+def read_episode(agent: MemoryAgent, conv: Conversation, questions: list[QA], args: argparse.Namespace,
+                 label: str) -> dict:
+    """Reset the agent and read `conv` (probing recall while reading if asked): the episode so far."""
     gen = agent.generator
     before = (gen.counts.prefilled, gen.counts.generated)
     agent.reset()
@@ -157,27 +178,57 @@ def run_conversation(agent: MemoryAgent, conv: Conversation, questions: list[QA]
         reading = gen.stats.since(stats0)
         if probe is not None:
             reading = reading.since(probe.stats)
-        t0, stats0 = time.perf_counter(), gen.stats.copy()
-        prompts = [question_prompt(q, args.seed) for q in questions]
-        answers = agent.answer(prompts, [q.question for q in questions])
-        answer_s = time.perf_counter() - t0
-        answering = gen.stats.since(stats0)
+    return dict(agent=agent, conv=conv, questions=questions, seed=args.seed, label=label, sessions=sessions,
+                probe=probe, read_s=read_s, reading=reading, monitor=mon,
+                counts=(gen.counts.prefilled - before[0], gen.counts.generated - before[1]))
+
+
+def finish_episode(episode: dict, answers: list[str], answer_s: float, answering: DecodeStats,
+                   answer_monitor: MemoryMonitor) -> dict:
+    """The episode's record: every answer scored, timings, tokens, memory (see `run_conversation`)."""
+    agent, conv, probe, seed = episode["agent"], episode["conv"], episode["probe"], episode["seed"]
+    mon = episode["monitor"]
+    prompts, _ = episode_questions(episode["questions"], seed)
     rows = []
-    for q, prompt, answer in zip(questions, prompts, answers):
-        prediction = resolve_choice(answer, q, args.seed)
+    for q, prompt, answer in zip(episode["questions"], prompts, answers):
+        prediction = resolve_choice(answer, q, seed)
         f1, em = score(prediction, q.answer, q.category)
         rows.append(dict(question=q.question, prompt=prompt, gold=q.answer, category=q.category,
                          evidence=q.evidence, prediction=prediction, f1=round(f1, 4), em=em))
     triggers = [trigger_record(t) for t in agent.triggers]
+    read_s, tokens = episode["read_s"], episode["counts"]
+    generated = answering.decode_tokens
     return dict(
-        method=label, conversation=conv.sample_id, sessions_read=len(sessions), tokens_read=agent.tokens_read,
-        answers=rows, triggers=triggers, read_s=round(read_s, 2), answer_s=round(answer_s, 2),
-        time=episode_times(read_s, answer_s, reading, answering, triggers, probe.seconds if probe else 0.0),
+        method=episode["label"], conversation=conv.sample_id, sessions_read=len(episode["sessions"]),
+        tokens_read=agent.tokens_read, answers=rows, triggers=triggers, read_s=round(read_s, 2),
+        answer_s=round(answer_s, 2),
+        time=episode_times(read_s, answer_s, episode["reading"], answering, triggers, probe.seconds if probe else 0.0),
         probes=probe.records if probe else [],
-        tokens_prefilled=gen.counts.prefilled - before[0], tokens_generated=gen.counts.generated - before[1],
-        peak_rss_mb=round(mon.peak_mb, 1), cuda_peak_mb=mon.cuda_peak_mb, final_context_tokens=agent.context_tokens,
+        tokens_prefilled=tokens[0] + answering.prefill_tokens, tokens_generated=tokens[1] + generated,
+        peak_rss_mb=round(max(mon.peak_mb, answer_monitor.peak_mb), 1),
+        cuda_peak_mb=max(mon.cuda_peak_mb or 0, answer_monitor.cuda_peak_mb or 0) or None,
+        final_context_tokens=agent.context_tokens,
         memory_trace=[(round(t, 2), round(mb, 1)) for t, mb in mon.trace[:: max(1, len(mon.trace) // 200)]],
     )
+
+
+def run_side_by_side(episodes: list[dict]) -> list[dict]:
+    """Read episodes (agents of one Generator, pooled memories) answered together: every question of
+    every episode in one batched decode, a different memory per row (`pooled.answer_together`).
+
+    Each record's answer time and answering tokens are its share of the joint decode (by questions).
+    """
+    gen = episodes[0]["agent"].generator
+    asked = [episode_questions(e["questions"], e["seed"]) for e in episodes]
+    with MemoryMonitor(episodes[0]["monitor"].device) as mon:
+        t0, stats0 = time.perf_counter(), gen.stats.copy()
+        answers = answer_together([e["agent"] for e in episodes], [p for p, _ in asked], [q for _, q in asked])
+        answer_s = time.perf_counter() - t0
+        answering = gen.stats.since(stats0)
+    total = max(1, sum(len(e["questions"]) for e in episodes))
+    return [finish_episode(e, a, answer_s * len(e["questions"]) / total,
+                           answering.scaled(len(e["questions"]) / total), mon)
+            for e, a in zip(episodes, answers)]
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -317,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if torch.device(args.device).type == "cpu":
-        torch.set_num_threads(args.threads)
-    from tmem_runtime import FastWeights, load_model
+        apply_threads(args)
+    from tmem_runtime import FastWeights, SessionPool, load_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,30 +382,47 @@ def main(argv: list[str] | None = None) -> int:
 
         load_policy(model, args.policy, args.num_layers)
     generator = Generator(model, tokenizer, args.window)
-    fast_weights = None
-    runs: list[dict] = []
     methods = methods_of(args)
+    pooled = [m for m in methods if m[0].startswith("tmem")] if args.side_by_side else []
+    fast_weights = pool = None
+    if pooled:  # one session per (tmem method, conversation), answered together at the end
+        pool = SessionPool(model, capacity=len(pooled) * len(conversations), rank=args.rank,
+                           num_layers=args.num_layers, seed=args.seed)
+    runs: list[dict] = []
+    waiting: list[dict] = []  # read pooled episodes, answered together at the end
     with tqdm(total=len(methods) * len(conversations), desc="eval", unit="episode") as bar:
+
+        def record(done: list[dict]) -> None:
+            runs.extend(done)
+            for r in done:
+                bar.set_postfix_str(f"{r['method']} {r['conversation']}: {len(r['triggers'])} writes, "
+                                    f"F1 {_mean([a['f1'] for a in r['answers']])}")
+            bar.update(len(done))
+            (out / "answers.json").write_text(json.dumps(dict(args=vars(args), runs=runs), indent=1))
+
         for memory, write_format in methods:
             label = method_label(memory, write_format)
+            if (memory, write_format) in pooled:
+                for conv in conversations:
+                    session = PoolSession(pool, f"{label} {conv.sample_id}")
+                    agent = MemoryAgent(generator, channel_of(args, memory, write_format, generator, session),
+                                        args.l_max, args.answer_tokens)
+                    questions = select_questions(conv, args.max_questions, args.max_sessions)
+                    waiting.append(read_episode(agent, conv, questions, args, label))
+                continue
             if memory.startswith("tmem") and fast_weights is None:
                 fast_weights = FastWeights(model, rank=args.rank, num_layers=args.num_layers, seed=args.seed)
-            channel = make_channel(memory, generator, fast_weights, write_format or "qa", args.recipe, args.seed,
-                                   args.top_k, args.summary_tokens, args.device, args.flashcard_tokens,
-                                   args.flashcard_mode, args.replay, args.replay_per_card, args.cards,
-                                   args.card_min_score, args.max_cards, args.named_turns)
-            agent = MemoryAgent(generator, channel, args.l_max, args.answer_tokens)
+            agent = MemoryAgent(generator, channel_of(args, memory, write_format, generator, fast_weights),
+                                args.l_max, args.answer_tokens)
             for conv in conversations:
                 questions = select_questions(conv, args.max_questions, args.max_sessions)
-                runs.append(run_conversation(agent, conv, questions, args, label))
-                r = runs[-1]
-                bar.set_postfix_str(f"{label} {conv.sample_id}: {len(r['triggers'])} writes, "
-                                    f"F1 {_mean([a['f1'] for a in r['answers']])}")
-                bar.update(1)
-                (out / "answers.json").write_text(json.dumps(dict(args=vars(args), runs=runs), indent=1))
+                record([run_conversation(agent, conv, questions, args, label)])
             agent.reset()
-    if fast_weights is not None:
-        fast_weights.detach()
+        if waiting:
+            record(run_side_by_side(waiting))
+    for handle in (fast_weights, pool):
+        if handle is not None:
+            handle.detach()
     report = summarize(runs)
     (out / "report.json").write_text(json.dumps(dict(args=vars(args), methods=report), indent=1))
     (out / "report.md").write_text(report_markdown(report, args, runs))
@@ -362,6 +430,14 @@ def main(argv: list[str] | None = None) -> int:
     print(report_markdown(report, args, runs))
     print(f"wrote {out}/answers.json, report.json, report.md and plots")
     return 0
+
+
+def channel_of(args: argparse.Namespace, memory: str, write_format: str | None, generator: Generator,
+               fast_weights: object) -> MemoryChannel:
+    """The channel of one method as the command line sets it up."""
+    return make_channel(memory, generator, fast_weights, write_format or "qa", args.recipe, args.seed, args.top_k,
+                        args.summary_tokens, args.device, args.flashcard_tokens, args.flashcard_mode, args.replay,
+                        args.replay_per_card, args.cards, args.card_min_score, args.max_cards, args.named_turns)
 
 
 if __name__ == "__main__":

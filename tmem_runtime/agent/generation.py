@@ -11,13 +11,18 @@ on any device/dtype the model is on (CPU fp32, CUDA bf16, ...).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tmem_runtime.decoder import supports_piecewise
-from tmem_runtime.decoding import DecodeStats, Prefix, ScopeFn, greedy_generate, prefill
+from tmem_runtime.decoding import DecodeStats, Prefix, RowBinding, greedy_generate, prefill
+
+if TYPE_CHECKING:
+    from tmem_runtime.pool import SessionPool
 
 _SPLIT = "\u241e"  # a marker that never occurs in conversation text
 _LINE_DONE = re.compile(r"\S[^\n]*\n")
@@ -142,26 +147,35 @@ class Generator:
         shared: list[int] | None = None,
         weights: str | None = None,
         stop: str | None = None,
-        scope: ScopeFn | None = None,
+        bind: RowBinding | None = None,
     ) -> list[list[int]]:
-        """The new token ids of each prompt (see `generate_ids`; the ending token kept).
-
-        scope: every forward of a batch runs inside scope(prompt indices of its rows) (`decoding.ScopeFn`,
-        e.g. a different fast-weight session per row); with a scope nothing is prefilled outside it
-        (no shared prefix).
-        """
+        """The new token ids of each prompt (see `generate_ids`; the ending token kept). bind: every
+        forward runs inside bind(indices of its rows) (`decoding.RowBinding`, e.g. a different
+        fast-weight session per row); with a binding nothing is prefilled outside it (`shared` unused)."""
         if not prompts:
             return []
-        pre: Prefix | None = None  # (with a scope greedy_generate looks for no common prefix either)
-        if scope is None and shared and self._piecewise and all(len(p) > len(shared) and p[: len(shared)] == shared
-                                                                for p in prompts):
+        pre = None
+        if bind is None and shared and self._piecewise and all(len(p) > len(shared) and p[: len(shared)] == shared
+                                                               for p in prompts):
             pre = self.prefix(shared, weights)
+        return self._decode_tokens(prompts, pre, max_new_tokens, batch_size, stop, bind)
+
+    def _decode(self, prompts: list[list[int]], prefix: Prefix | list[Prefix | None] | None, max_new_tokens: int,
+                batch_size: int, stop: str | None, bind: RowBinding | None = None) -> list[str]:
+        """greedy_generate with this generator's stops and counters; the new text of each prompt."""
+        new = self._decode_tokens(prompts, prefix, max_new_tokens, batch_size, stop, bind)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
+
+    def _decode_tokens(self, prompts: list[list[int]], prefix: Prefix | list[Prefix | None] | None,
+                       max_new_tokens: int, batch_size: int, stop: str | None,
+                       bind: RowBinding | None = None) -> list[list[int]]:
+        """greedy_generate with this generator's stops and counters; the new token ids of each prompt."""
         before = (self.stats.prefill_tokens, self.stats.decode_tokens)
         new = greedy_generate(
-            self.model, prompts, max_new_tokens, self.eos_ids, prefix=pre, batch_size=batch_size,
+            self.model, prompts, max_new_tokens, self.eos_ids, prefix=prefix, batch_size=batch_size,
             stop_ids=self.line_ids() if stop == "line" else (),
             stop=self._first_line_done if stop == "answer" else None, stats=self.stats, pad_id=self.pad_id,
-            scope=scope,
+            bind=bind,
         )
         self.counts.prefilled += self.stats.prefill_tokens - before[0]
         self.counts.generated += self.stats.decode_tokens - before[1]
@@ -190,3 +204,29 @@ class Generator:
         shared = self.encode(prefix)
         rows = [shared + self.encode(s) for s in suffixes]
         return self.generate_ids(rows, max_new_tokens, batch_size, shared or None, stop=stop)
+
+    def generate_for_sessions(self, pool: SessionPool, jobs: Sequence[tuple[str | None, str, Sequence[str]]],
+                              max_new_tokens: int, batch_size: int = 32, stop: str | None = None) -> list[list[str]]:
+        """Each job (session, prefix, suffixes) continued as `generate_after_prefix(prefix, suffixes)` with the
+        model reading only that session of `pool` (None: the bare model): every job's rows in one batched
+        decode, a different memory per row (`pool.rows`). Each prefix is prefilled once, under its session.
+        Returns one list of continuations per job.
+        """
+        prompts, prefixes, sessions, sizes = [], [], [], []
+        for session, prefix, suffixes in jobs:
+            shared = self.encode(prefix)
+            pre = None
+            if shared and suffixes and self._piecewise:
+                with pool.rows([session]):
+                    pre = self.prefix(shared)
+            for s in suffixes:
+                prompts.append(shared + self.encode(s))
+                prefixes.append(pre)
+                sessions.append(session)
+            sizes.append(len(suffixes))
+        if not prompts:
+            return [[] for _ in jobs]
+        texts = self._decode(prompts, prefixes, max_new_tokens, batch_size, stop,
+                             bind=lambda rows: pool.rows([sessions[i] for i in rows]))
+        starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        return [texts[a : a + n] for a, n in zip(starts, sizes)]

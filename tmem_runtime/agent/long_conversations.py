@@ -15,7 +15,6 @@ gives about that on this text); the estimate only decides when to stop adding se
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import random
@@ -198,7 +197,9 @@ def make_conversations(n: int, seed: int = 0, **kwargs) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """`tmem make-conversations`: write seeded long conversations to a LoCoMo-format JSON file."""
-    p = argparse.ArgumentParser(prog="tmem make-conversations", description=__doc__.split("\n\n")[0])
+    from tmem_runtime.cli import apply_threads, command_parser
+
+    p = command_parser("tmem make-conversations", __doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output JSON file")
     p.add_argument("--n", type=int, default=2, help="how many conversations")
     p.add_argument("--seed", type=int, default=0, help="seed of the first conversation")
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fact-sessions", type=int, default=1, help="sessions the facts are spread over")
     p.add_argument("--turns", type=int, default=40, help="turns per session")
     args = p.parse_args(argv)
+    apply_threads(args)  # (nothing here runs torch; every command takes --threads)
     data = make_conversations(args.n, args.seed, n_facts=args.facts, tokens=args.tokens,
                               fact_sessions=args.fact_sessions, turns_per_session=args.turns)
     out = Path(args.out)

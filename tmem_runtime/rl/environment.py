@@ -288,7 +288,7 @@ class MemoryWriteEnv:
         rows = [(names[s.member], q) for s in answering for q in w.questions]
         prompts = [chat_prompt_ids(tok, question_prompt(q, seed=0)) for _, q in rows]
         new = self.generator.generate_tokens(prompts, self.config.answer_tokens, 64, stop="answer",
-                                             scope=lambda idx: self.pool.rows([rows[i][0] for i in idx]))
+                                             bind=lambda idx: self.pool.rows([rows[i][0] for i in idx]))
         f1: dict[str, list[float]] = {}
         for (name, q), ids in zip(rows, new):
             answer = resolve_choice(clean_answer(tok.decode(ids, skip_special_tokens=True)), q, 0)

@@ -1,0 +1,73 @@
+"""The `tmem` command line: usage, version, every command's --help (defaults shown), unknown commands.
+
+Run in-process through `tmem_runtime.cli.main` (argparse's --help exits via SystemExit); no model loads.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tmem_runtime.cli import USAGE, main
+
+# command -> options whose default its --help must show (one or two each, with the value)
+DEFAULTS = {
+    "demo": {"--l-max": "150", "--replay": "32"},
+    "demo-weights": {"--threads": "1"},
+    "eval": {"--l-max": "1024", "--cards": "all", "--recipe": "agent"},
+    "make-conversations": {"--tokens": "16000", "--n": "2"},
+    "ablate": {"--threads": "1"},
+    "bench": {"--threads": "1"},
+    "serve": {"--threads": "1"},
+}
+
+ALL_SHOWN = ("demo", "eval", "make-conversations")  # the agent's commands: every option documented
+
+
+def _help_of(command: str, capsys: pytest.CaptureFixture) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_usage_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    listed = re.findall(r"^  ([a-z][a-z-]+)\s", out, flags=re.M)
+    assert sorted(listed) == sorted(DEFAULTS)
+    assert main([]) == 0 and capsys.readouterr().out == USAGE + "\n"
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert re.match(r"tmem \S+ \(torch \S+, transformers \S+\)", out)
+
+
+@pytest.mark.parametrize("command", sorted(DEFAULTS))
+def test_every_command_help_shows_its_defaults(command, capsys):
+    out = _help_of(command, capsys)
+    assert out.startswith(f"usage: tmem {command}")
+    # one entry per option, as argparse lays them out ("  --name METAVAR  help ... (default: X)")
+    raw = re.split(r"\n  (?=-)", out.split("options:")[1])[1:]
+    entries = {e.split()[0].rstrip(","): " ".join(e.split()) for e in raw}
+    assert entries["--threads"].endswith("(default: 1)")
+    for option, default in DEFAULTS[command].items():
+        assert entries[option].endswith(f"(default: {default})"), entries[option]
+    if command in ALL_SHOWN:  # every option documents its default
+        assert all("(default:" in e for option, e in entries.items() if option != "-h"), command
+
+
+def test_unknown_command_exits_2(capsys):
+    assert main(["no-such-command"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'no-such-command'" in err and "commands:" in err
+
+
+def test_bad_option_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["make-conversations", "--tokens", "many"])
+    assert exit_info.value.code == 2
+    assert "invalid int value" in capsys.readouterr().err
