@@ -13,7 +13,8 @@ Rollouts whose advantage is 0 (flat groups) add exactly 0 to the loss and its gr
 is 0, so they are not scored; a batch where no rank has any makes no update (logged as skipped: "no
 signal"; AdamW's momentum does not move the weights on a batch that carries nothing). A non-finite
 loss or gradient on any rank skips the step on every rank: gradients dropped, no parameter or
-optimizer state changed, the reason logged. Rollouts are seeded by (seed, step, task,
+optimizer state changed, the reason logged (with updates_per_batch > 1, the batch's earlier
+updates stand). Rollouts are seeded by (seed, step, task,
 member), so a run resumed from a checkpoint continues exactly as the uninterrupted run, and a
 2-process run computes the same update as one process on the whole batch.
 
