@@ -20,9 +20,10 @@ DEFAULTS = {
     "ablate": {"--threads": "1"},
     "bench": {"--threads": "1"},
     "serve": {"--threads": "1"},
+    "rl": {"--policy": "lora", "--group-size": "4", "--lr": "1e-05"},
 }
 
-ALL_SHOWN = ("demo", "eval", "make-conversations")  # the agent's commands: every option documented
+ALL_SHOWN = ("demo", "eval", "make-conversations", "rl")  # the agent's commands: every option documented
 
 
 def _help_of(command: str, capsys: pytest.CaptureFixture) -> str:

@@ -38,11 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (the paper: 1e-6, full model)")
     p.add_argument("--policy", choices=("full", "lora"), default="lora",
                    help="train every weight, or a slow LoRA over all layers (not the fast-weight MLPs)")
-    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-rank", type=int, default=16, help="rank of the slow LoRA (alpha 2 x rank)")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m or a local HF model directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (none: the model's; tiny models: "
                    "the embedded model's)")
-    p.add_argument("--flashcard-mode", choices=("per-turn", "array"), default="per-turn")
+    p.add_argument("--flashcard-mode", choices=("per-turn", "array"), default="per-turn",
+                   help="one card per turn (small models) or one JSON array per context (the paper's)")
     p.add_argument("--eval-modes", nargs="+", choices=("per-turn", "array"), default=None,
                    help="flashcard modes the held-out conversations are scored in (default: --flashcard-mode)")
     p.add_argument("--l-max", type=int, default=512, help="the agent's budget (tokens): where it writes")
@@ -56,8 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=6, help="fast-weight rank")
     p.add_argument("--num-layers", type=int, default=4, help="fast-weight layers (the last N)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the model's dtype")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task order, samples, writes and LoRA init")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in OUT and start over")
     return p.parse_args(argv)
 
