@@ -100,6 +100,27 @@ def test_rows_that_stop_early_are_dropped_and_the_rest_match(tiny, monkeypatch):
     assert out == [r[:3] for r in ref] and max(calls) == 3
 
 
+def test_each_row_can_have_its_own_stop_function(tiny):
+    prompts = _prompts(11, 8, [2, 6, 3, 5, 4])
+    ref = reference_generate(tiny, prompts, 14, pad_id=0, eos_ids=[2])
+    limits = [1, 9, None, 4, 14]  # row i stops after limits[i] tokens (None: no stop function)
+    seen: list[list[int]] = [[] for _ in prompts]
+
+    def after(i: int, n: int):
+        return lambda row: seen[i].append(len(row)) or len(row) == n
+
+    stops = [None if n is None else after(i, n) for i, n in enumerate(limits)]
+    out = greedy_generate(tiny, prompts, 14, eos_ids=[2], batch_size=5, stop=stops)
+    expected = [r if n is None else _cut(r, {2})[:n] for r, n in zip(ref, limits)]
+    assert out == expected
+    for i, n in enumerate(limits):  # called after each of its own row's tokens the decoder did not end
+        if n is not None:
+            by_decoder = out[i][-1] == 2 or len(out[i]) == 14
+            assert seen[i] == list(range(1, len(out[i]) + (0 if by_decoder else 1)))
+    with pytest.raises(ValueError, match="2 stop functions for 5 prompts"):
+        greedy_generate(tiny, prompts, 4, stop=stops[:2])
+
+
 def test_a_prefix_extended_in_two_parts_equals_one_prefill(tiny):
     prompts = _prompts(5, 30, [4, 2, 6])
     whole = prefill(tiny, prompts[0][:30])

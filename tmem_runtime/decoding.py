@@ -249,7 +249,7 @@ def greedy_generate(
     prefix: Prefix | Sequence[Prefix | None] | None = None,
     batch_size: int = 32,
     stop_ids: Sequence[int] = (),
-    stop: StopFn | None = None,
+    stop: StopFn | Sequence[StopFn | None] | None = None,
     stats: DecodeStats | None = None,
     max_batch_tokens: int = 1 << 15,
     pad_id: int = 0,
@@ -261,7 +261,10 @@ def greedy_generate(
     prompts: full token ids (they start with their prefix's ids). prefix: one Prefix for all rows, one
     per row (None: no prefix for that row), or None: the longest common prefix of two or more prompts
     is found and prefilled here (without `bind`). A row ends at an EOS (`eos_ids`, default the
-    model's), at a token in `stop_ids`, when `stop(new_tokens)` is true, or after `max_new_tokens`.
+    model's), at a token in `stop_ids`, when `stop(new_tokens)` is true, or after `max_new_tokens`;
+    `stop` is one function for every row or one per prompt (None: none for that row), called with
+    the row's new tokens after each new token that did not end it otherwise (a caller may stream
+    from it).
     Up to `batch_size` rows per batch (fewer when rows x (prefix + suffix + new) would pass
     `max_batch_tokens`), rows of similar length together. stats: accumulates prefill/decode tokens
     and seconds. pad_id fills padded slots only.
@@ -274,6 +277,9 @@ def greedy_generate(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     eos = _eos_of(model, eos_ids)
+    stops = list(stop) if isinstance(stop, (list, tuple)) else [stop] * len(prompts)
+    if len(stops) != len(prompts):
+        raise ValueError(f"{len(stops)} stop functions for {len(prompts)} prompts")
     binding = bind or (lambda rows: nullcontext())
     if choose is not None and not supports_piecewise(model):
         raise ValueError(f"{type(model).__name__} cannot be driven piecewise: no `choose` hook")
@@ -282,7 +288,7 @@ def greedy_generate(
         for i, p in enumerate(prompts):
             with binding([i]):
                 out += reference_generate(model, [p], max_new_tokens, pad_id, sorted(eos) or None)
-        return [_cut(row, eos, set(stop_ids), stop) for row in out]
+        return [_cut(row, eos, set(stop_ids), row_stop) for row, row_stop in zip(out, stops)]
     if prefix is None and bind is None:
         n = common_prefix_length(prompts) if len(prompts) > 1 else 0
         prefix = prefill(model, prompts[0][:n], stats=stats) if n else None
@@ -303,8 +309,8 @@ def greedy_generate(
         bound = lambda slots: binding([members[r] for r in slots])  # noqa: E731 (rows of this batch -> prompts)
         pick = None if choose is None else (lambda logits, slots: choose(logits, [members[r] if r >= 0 else -1
                                                                                    for r in slots]))
-        for i, new in zip(batch, _decode_batch(decoder, rows, max_new_tokens, eos, set(stop_ids), stop, stats, bound,
-                                               pick)):
+        for i, new in zip(batch, _decode_batch(decoder, rows, max_new_tokens, eos, set(stop_ids),
+                                               [stops[i] for i in batch], stats, bound, pick)):
             outputs[i] = new
         batch.clear()
 
@@ -331,21 +337,21 @@ def _decode_batch(
     max_new_tokens: int,
     eos: set[int],
     stop_ids: set[int],
-    stop: StopFn | None,
+    stops: list[StopFn | None],
     stats: DecodeStats | None,
     bind: RowBinding,
     choose: ChooseFn | None = None,
 ) -> list[list[int]]:
     """One batch: fill the prefixes, prefill the suffixes (left-padded), decode until every row ends.
 
-    bind(rows) is the context of a forward over `rows` (indices into `rows` as given); choose(logits,
-    rows) the next tokens (the same indices, -1 for a finished row), None: the argmax.
+    bind(rows) is the context of a forward over `rows` (indices into `rows` as given); stops[r]: row r's;
+    choose(logits, rows) the next tokens (the same indices, -1 for a finished row), None: the argmax.
 
     Suffixes are prefilled in groups of PREFILL_ROWS rows of similar length, each group padded only
     to its own longest suffix; every row's suffix ends at the same column, where decoding starts.
     """
     order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
-    rows = [rows[r] for r in order]
+    rows, stops = [rows[r] for r in order], [stops[r] for r in order]
     model = decoder.model
     device, dtype = _device(model), decoder.dtype
     b = len(rows)
@@ -399,9 +405,10 @@ def _decode_batch(
         for slot, tok in enumerate(tokens.tolist()):
             if finished[slot]:
                 continue
-            row = new[active[slot]]
-            row.append(tok)
-            if tok in eos or tok in stop_ids or len(row) == max_new_tokens or (stop is not None and stop(row)):
+            r = active[slot]
+            new[r].append(tok)
+            stop = stops[r]
+            if tok in eos or tok in stop_ids or len(new[r]) == max_new_tokens or (stop is not None and stop(new[r])):
                 finished[slot] = True
         if all(finished):
             break

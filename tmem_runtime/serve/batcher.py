@@ -5,11 +5,11 @@ the bare model), a token limit and a stop rule; a request of bare rows may name 
 all its rows start with (the flashcard prompt's instructions and examples), prefilled once and kept
 (`prefix_cache` of them). The decode thread takes the oldest waiting request, then every other that
 fits in `max_rows` rows of `max_sessions` sessions (answers before flashcard prompts, each in arrival
-order), and runs them as one greedy `generate` inside `pool.rows(...)`, so row i reads its own
-session's B. Each row is [its prefix, right-aligned to the longest][pad][its ids, right-aligned]: the
-prefixes' keys and values come from the cache, only the ids are prefilled. Each row's text is handed
-to its `on_text` as it grows (streaming); the request's future resolves with every row's result
-when the batch ends.
+order), and decodes them together with the runtime's batched greedy decoder
+(`tmem_runtime.decoding.greedy_generate`), every forward bound to its rows' sessions by
+`pool.rows(...)`, so row i reads its own session's B; cached prefixes are copied in, only the ids are
+prefilled. Each row's text is handed to its `on_text` as it grows (streaming); the request's future
+resolves with every row's result when the batch ends.
 `naive=True` takes one request per batch and holds `model_lock` around it: the baseline server,
 one session at a time.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -26,16 +25,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedTokenizerBase
 
+from tmem_runtime.decoder import supports_piecewise
+from tmem_runtime.decoding import Prefix, greedy_generate, prefill
 from tmem_runtime.pool import SessionPool
 from tmem_runtime.residency import UnknownSessionError
 from tmem_runtime.serve.conversation import SessionGoneError
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.worker import Worker
-
-# transformers >= 5.2x renames generate's `past_key_values` to `cache`; older 5.x only knows the former
-warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*", category=FutureWarning)
 
 ANSWER, CARDS = 0, 1  # request priorities: answers are batched before flashcard prompts
 
@@ -68,8 +66,14 @@ class Request:
     queued_at: float = field(default_factory=time.monotonic)
 
 
-class RowProgress(StoppingCriteria):
-    """Per-row decoding state, updated from each step's new tokens: text so far, stop rules, streaming."""
+class RowProgress:
+    """Per-row decoding state: text so far, the rows' own stop rules, streaming.
+
+    `stop(i)` is row i's stop function for `greedy_generate` (called with the row's new tokens after
+    each token): it updates the text, hands the new piece to the row's `on_text` and ends the row at
+    its newline (one-line rows), its token limit, or a cancelled request. `close(i, tokens)` settles
+    a row the decoder ended itself (an end-of-turn token, or the batch's token limit).
+    """
 
     def __init__(self, rows: Sequence[Row], owners: Sequence[Request], tokenizer: PreTrainedTokenizerBase,
                  eos_ids: set[int]) -> None:
@@ -79,28 +83,31 @@ class RowProgress(StoppingCriteria):
         self.text, self.sent = [""] * n, [0] * n
         self.done, self.reason = [False] * n, ["length"] * n
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs) -> torch.Tensor:
-        for i, token in enumerate(input_ids[:, -1].tolist()):
-            if not self.done[i]:
-                self._step(i, token)
-        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+    def stop(self, i: int) -> Callable[[list[int]], bool]:
+        return lambda tokens: self._step(i, tokens)
 
-    def _step(self, i: int, token: int) -> None:
+    def _step(self, i: int, tokens: list[int]) -> bool:
         row = self.rows[i]
-        if token in self.eos_ids:
-            self._finish(i, "stop")
-            return
-        self.ids[i].append(token)
-        text = self.tokenizer.decode(self.ids[i], skip_special_tokens=True)
+        self.ids[i] = list(tokens)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         if row.stop_at_newline and "\n" in text:  # a one-line row (a flashcard): its first line is final
             self.text[i] = text.split("\n")[0]
             self._finish(i, "stop")
+        else:
+            self.text[i] = text
+            if len(tokens) >= row.max_tokens or self.owners[i].cancelled.is_set():
+                self._finish(i, "length")
+            elif not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+                self._emit(i)
+        return self.done[i]
+
+    def close(self, i: int, tokens: list[int]) -> None:
+        """Settle row i from the tokens the decoder returned, unless its own rule ended it already."""
+        if self.done[i]:
             return
-        self.text[i] = text
-        if len(self.ids[i]) >= row.max_tokens or self.owners[i].cancelled.is_set():
-            self._finish(i, "length")
-        elif not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
-            self._emit(i)
+        ended = bool(tokens) and tokens[-1] in self.eos_ids  # the end-of-turn token is not text
+        if not self._step(i, tokens[:-1] if ended else tokens):
+            self._finish(i, "stop" if ended else "length")
 
     def _finish(self, i: int, reason: str) -> None:
         self.done[i], self.reason[i] = True, reason
@@ -129,7 +136,7 @@ class AnswerBatcher(Worker):
         self.metrics, self.max_rows, self.max_sessions, self.naive = metrics, max_rows, max_sessions, naive
         self.model_lock = model_lock
         self.queue: list[Request] = []
-        self.prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.prefixes: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()
         self.prefix_cache = prefix_cache
 
     def submit(self, rows: list[Row], priority: int = ANSWER, prefix: Sequence[int] = ()) -> Request:
@@ -175,45 +182,18 @@ class AnswerBatcher(Worker):
                 batch = self._take()
             self._run(batch)
 
-    def _layout(self, batch: list[Request]) -> tuple[torch.Tensor, torch.Tensor, DynamicCache | None]:
-        """input_ids and attention_mask [rows, P + S] (prefixes right-aligned in the first P columns, ids
-        in the last S) and a cache holding the prefixes' keys/values (None when no request has one)."""
-        rows = [(r.prefix, row.ids) for r in batch for row in r.rows]
-        p, s = max(len(pre) for pre, _ in rows), max(len(ids) for _, ids in rows)
-        ids = torch.full((len(rows), p + s), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (pre, row) in enumerate(rows):
-            ids[i, p - len(pre) : p] = torch.tensor(pre, dtype=torch.long)
-            ids[i, p + s - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[i, p - len(pre) : p] = 1
-            mask[i, p + s - len(row) :] = 1
-        if p == 0:
-            return ids, mask, None
-        kvs = {pre: self._prefix_kv(pre) for pre in {pre for pre, _ in rows if pre}}
-        cache = DynamicCache(config=self.model.config)
-        for layer, (k0, v0) in enumerate(next(iter(kvs.values()))):
-            k = k0.new_zeros((len(rows), k0.shape[1], p, k0.shape[3]))
-            v = v0.new_zeros((len(rows), v0.shape[1], p, v0.shape[3]))
-            for i, (pre, _) in enumerate(rows):
-                if pre:
-                    k[i, :, p - len(pre) :] = kvs[pre][layer][0][0]
-                    v[i, :, p - len(pre) :] = kvs[pre][layer][1][0]
-            cache.update(k, v, layer)
-        return ids, mask, cache
-
-    def _prefix_kv(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's (keys, values) [1, heads, len(prefix), dim] of the bare model over `prefix` (kept)."""
-        if prefix in self.prefixes:
-            self.prefixes.move_to_end(prefix)
-            return self.prefixes[prefix]
-        cache = DynamicCache(config=self.model.config)
+    def _prefix(self, ids: tuple[int, ...]) -> Prefix | None:
+        """The bare model's keys/values over `ids`, prefilled once and kept (`prefix_cache` of them)."""
+        if not ids or not supports_piecewise(self.model):
+            return None
+        if ids in self.prefixes:
+            self.prefixes.move_to_end(ids)
+            return self.prefixes[ids]
         with self.pool.rows([None]), torch.inference_mode():
-            self.model(input_ids=torch.tensor([prefix], device=self.pool.device), past_key_values=cache, use_cache=True)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        self.prefixes[prefix] = kv
+            self.prefixes[ids] = prefill(self.model, ids)
         while len(self.prefixes) > self.prefix_cache:
             self.prefixes.popitem(last=False)
-        return kv
+        return self.prefixes[ids]
 
     def _run(self, batch: list[Request]) -> None:
         """Generate a batch; requests naming a session no longer in the pool fail alone (SessionGoneError)."""
@@ -238,18 +218,19 @@ class AnswerBatcher(Worker):
     def _generate(self, batch: list[Request]) -> list[list[RowResult]]:
         rows = [row for r in batch for row in r.rows]
         owners = [r for r in batch for _ in r.rows]
+        sessions = [row.session for row in rows]
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            ids, mask, cache = self._layout(batch)
         progress = RowProgress(rows, owners, self.tokenizer, self.eos_ids)
-        device = self.pool.device
-        extra = {} if cache is None else {"past_key_values": cache}
-        with self.pool.rows([row.session for row in rows]), torch.inference_mode():
-            self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                max_new_tokens=max(row.max_tokens for row in rows), pad_token_id=self.pad_id,
-                eos_token_id=sorted(self.eos_ids), stopping_criteria=StoppingCriteriaList([progress]), **extra,
+        with torch.inference_mode():
+            prefixes = [self._prefix(r.prefix) for r in batch for _ in r.rows]
+            tokens = greedy_generate(
+                self.model, [[*r.prefix, *row.ids] for r in batch for row in r.rows],
+                max(row.max_tokens for row in rows), sorted(self.eos_ids), prefixes, batch_size=len(rows),
+                stop=[progress.stop(i) for i in range(len(rows))], pad_id=self.pad_id,
+                bind=lambda members: self.pool.rows([sessions[i] for i in members]),
             )
+        for i, row_tokens in enumerate(tokens):
+            progress.close(i, row_tokens)
         results = [progress.result(i) for i in range(len(rows))]
         m = self.metrics
         m.observe("batch_rows", len(rows))
