@@ -76,6 +76,7 @@ def smollm2():
 
 
 CARDS = dict(cards="salient", max_cards=3)  # few cards per write: a short test
+L_MAX = 200
 
 
 @pytest.fixture(scope="module")
@@ -88,33 +89,45 @@ def two_conversations(tmp_path_factory):
     return path
 
 
-@pytest.mark.slow
-def test_agents_in_one_pool_answer_as_they_do_one_by_one(smollm2, two_conversations):
-    """Two conversations read by tmem agents: one by one on FastWeights (the spec), then as two sessions
-    of one SessionPool with every question answered in one batched decode (and each agent alone):
-    the same answers, hence the same F1."""
+@pytest.fixture(scope="module")
+def one_by_one(smollm2, two_conversations):
+    """The spec: each conversation read by a tmem agent on FastWeights, then its questions answered,
+    one conversation after the other. Returns (answers per conversation, flashcards per conversation)."""
     from tmem_runtime.agent.agent import MemoryAgent
     from tmem_runtime.agent.channels import make_channel
     from tmem_runtime.agent.generation import Generator
-    from tmem_runtime.agent.locomo import load_locomo, score
+    from tmem_runtime.agent.locomo import load_locomo
+
+    model, tok = smollm2
+    gen = Generator(model, tok)
+    fw = FastWeights(model)
+    agent = MemoryAgent(gen, make_channel("tmem", gen, fw, **CARDS), l_max=L_MAX, answer_tokens=12)
+    answers, cards = [], []
+    for c in load_locomo(two_conversations):
+        agent.reset()
+        agent.read(c)
+        answers.append(agent.answer([q.question for q in c.qa]))
+        cards.append([t.event.weights.pairs for t in agent.triggers])
+    fw.detach()
+    return answers, cards
+
+
+@pytest.mark.slow
+def test_agents_in_one_pool_answer_as_they_do_one_by_one(smollm2, two_conversations, one_by_one):
+    """The same conversations as two sessions of one SessionPool, every question answered in one batched
+    decode (and each agent alone): the answers of the one-by-one run, hence its F1."""
+    from tmem_runtime.agent.agent import MemoryAgent
+    from tmem_runtime.agent.channels import make_channel
+    from tmem_runtime.agent.generation import Generator
+    from tmem_runtime.agent.locomo import load_locomo
     from tmem_runtime.agent.pooled import PoolSession, answer_together
 
     model, tok = smollm2
     gen = Generator(model, tok)
     convs = load_locomo(two_conversations)
     questions = [[q.question for q in c.qa] for c in convs]
-
-    fw = FastWeights(model)
-    spec = []
-    agent = MemoryAgent(gen, make_channel("tmem", gen, fw, **CARDS), l_max=150, answer_tokens=12)
-    for c, qs in zip(convs, questions):
-        agent.reset()
-        agent.read(c)
-        spec.append(agent.answer(qs))
-    fw.detach()
-
     pool = SessionPool(model, capacity=2)
-    agents = [MemoryAgent(gen, make_channel("tmem", gen, PoolSession(pool, c.sample_id), **CARDS), l_max=150,
+    agents = [MemoryAgent(gen, make_channel("tmem", gen, PoolSession(pool, c.sample_id), **CARDS), l_max=L_MAX,
                           answer_tokens=12) for c in convs]
     for a, c in zip(agents, convs):
         a.read(c)
@@ -122,29 +135,29 @@ def test_agents_in_one_pool_answer_as_they_do_one_by_one(smollm2, two_conversati
     together = answer_together(agents, questions)
     alone = [a.answer(qs) for a, qs in zip(agents, questions)]
     pool.detach()
+    spec, _ = one_by_one
     assert together == spec
     assert alone == spec
     assert spec[0] != spec[1]  # different memories answered
-    f1 = [[score(x, q.answer, q.category)[0] for x, q in zip(ans, c.qa)] for ans, c in zip(together, convs)]
-    assert f1 == [[score(x, q.answer, q.category)[0] for x, q in zip(ans, c.qa)] for ans, c in zip(spec, convs)]
 
 
 @pytest.mark.slow
-def test_eval_side_by_side_equals_one_by_one(smollm2, two_conversations, tmp_path, monkeypatch):
-    """`tmem eval --side-by-side`: the tmem episodes of two conversations as sessions of one pool, answered
-    in one decode; every prediction and F1 equals the run without it."""
+def test_eval_side_by_side_equals_one_by_one(smollm2, two_conversations, one_by_one, tmp_path, monkeypatch):
+    """`tmem eval --side-by-side`: the tmem episodes of the two conversations as sessions of one pool,
+    answered in one decode: every prediction and flashcard of the one-by-one run, and its F1."""
     from tmem_runtime.agent import evaluate
+    from tmem_runtime.agent.locomo import load_locomo, score
 
     monkeypatch.setattr("tmem_runtime.load_model", lambda *a, **k: smollm2)
-    runs = {}
-    for mode in ("one", "side"):
-        argv = ["--data", str(two_conversations), "--memory", "tmem", "--l-max", "150", "--answer-tokens", "12",
-                "--cards", "salient", "--max-cards", "3",
-                "--out", str(tmp_path / mode)] + (["--side-by-side"] if mode == "side" else [])
-        assert evaluate.main(argv) == 0
-        runs[mode] = json.loads((tmp_path / mode / "answers.json").read_text())["runs"]
-    for one, side in zip(runs["one"], runs["side"]):
-        assert side["method"] == one["method"] and side["conversation"] == one["conversation"]
-        assert [(a["prediction"], a["f1"]) for a in side["answers"]] == [(a["prediction"], a["f1"]) for a in
-                                                                         one["answers"]]
-        assert [t["pairs"] for t in side["triggers"]] == [t["pairs"] for t in one["triggers"]]
+    argv = ["--data", str(two_conversations), "--memory", "tmem", "--l-max", str(L_MAX), "--answer-tokens", "12",
+            "--cards", "salient", "--max-cards", "3", "--side-by-side", "--out", str(tmp_path)]
+    assert evaluate.main(argv) == 0
+    runs = json.loads((tmp_path / "answers.json").read_text())["runs"]
+    spec, cards = one_by_one
+    convs = load_locomo(two_conversations)
+    assert [r["conversation"] for r in runs] == [c.sample_id for c in convs]
+    for run, answers, pairs, conv in zip(runs, spec, cards, convs):
+        assert [a["prediction"] for a in run["answers"]] == answers
+        assert [a["f1"] for a in run["answers"]] == [round(score(x, q.answer, q.category)[0], 4)
+                                                     for x, q in zip(answers, conv.qa)]
+        assert [[tuple(p) for p in t["pairs"]] for t in run["triggers"]] == [[tuple(p) for p in t] for t in pairs]

@@ -132,6 +132,9 @@ class RetrievalChannel(MemoryChannel):
 class FastWeightChannel(MemoryChannel):
     """TMEM: each trigger trains the context (as `write_format`) into the fast weights.
 
+    fast_weights: a FastWeights attached to the model, or a `pooled.PoolSession` (one session of a
+    SessionPool; answers then read that session's rows).
+
     It answers from the weights alone: the end of the conversation is one more write, and questions
     are asked bare, in the chat layout the flashcards were trained in (on SmolLM2-135M any context
     in front of the question stops the adapter from recalling; benchmarks/RESULTS.md).

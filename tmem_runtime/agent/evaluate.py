@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -158,8 +159,26 @@ def episode_questions(questions: list[QA], seed: int) -> tuple[list[str], list[s
     return [question_prompt(q, seed) for q in questions], [q.question for q in questions]
 
 
+@dataclass
+class ReadEpisode:
+    """A conversation read by an agent, its questions not yet answered (what `finish_episode` scores)."""
+
+    agent: MemoryAgent
+    conv: Conversation
+    questions: list[QA]
+    seed: int
+    label: str
+    sessions_read: int
+    probe: RecallProbe | None
+    read_s: float  # probes left out
+    reading: DecodeStats  # probes left out
+    monitor: MemoryMonitor
+    prefilled: int  # generator tokens while reading (probes included)
+    generated: int
+
+
 def read_episode(agent: MemoryAgent, conv: Conversation, questions: list[QA], args: argparse.Namespace,
-                 label: str) -> dict:
+                 label: str) -> ReadEpisode:
     """Reset the agent and read `conv` (probing recall while reading if asked): the episode so far."""
     gen = agent.generator
     before = (gen.counts.prefilled, gen.counts.generated)
@@ -178,33 +197,30 @@ def read_episode(agent: MemoryAgent, conv: Conversation, questions: list[QA], ar
         reading = gen.stats.since(stats0)
         if probe is not None:
             reading = reading.since(probe.stats)
-    return dict(agent=agent, conv=conv, questions=questions, seed=args.seed, label=label, sessions=sessions,
-                probe=probe, read_s=read_s, reading=reading, monitor=mon,
-                counts=(gen.counts.prefilled - before[0], gen.counts.generated - before[1]))
+    return ReadEpisode(agent, conv, questions, args.seed, label, len(sessions), probe, read_s, reading, mon,
+                       gen.counts.prefilled - before[0], gen.counts.generated - before[1])
 
 
-def finish_episode(episode: dict, answers: list[str], answer_s: float, answering: DecodeStats,
+def finish_episode(episode: ReadEpisode, answers: list[str], answer_s: float, answering: DecodeStats,
                    answer_monitor: MemoryMonitor) -> dict:
-    """The episode's record: every answer scored, timings, tokens, memory (see `run_conversation`)."""
-    agent, conv, probe, seed = episode["agent"], episode["conv"], episode["probe"], episode["seed"]
-    mon = episode["monitor"]
-    prompts, _ = episode_questions(episode["questions"], seed)
+    """The episode's record: every answer scored, timings, tokens, memory (the trace: while reading)."""
+    e, agent = episode, episode.agent
+    prompts, _ = episode_questions(e.questions, e.seed)
     rows = []
-    for q, prompt, answer in zip(episode["questions"], prompts, answers):
-        prediction = resolve_choice(answer, q, seed)
+    for q, prompt, answer in zip(e.questions, prompts, answers):
+        prediction = resolve_choice(answer, q, e.seed)
         f1, em = score(prediction, q.answer, q.category)
         rows.append(dict(question=q.question, prompt=prompt, gold=q.answer, category=q.category,
                          evidence=q.evidence, prediction=prediction, f1=round(f1, 4), em=em))
     triggers = [trigger_record(t) for t in agent.triggers]
-    read_s, tokens = episode["read_s"], episode["counts"]
-    generated = answering.decode_tokens
+    probe_s = e.probe.seconds if e.probe else 0.0
+    mon = e.monitor
     return dict(
-        method=episode["label"], conversation=conv.sample_id, sessions_read=len(episode["sessions"]),
-        tokens_read=agent.tokens_read, answers=rows, triggers=triggers, read_s=round(read_s, 2),
-        answer_s=round(answer_s, 2),
-        time=episode_times(read_s, answer_s, episode["reading"], answering, triggers, probe.seconds if probe else 0.0),
-        probes=probe.records if probe else [],
-        tokens_prefilled=tokens[0] + answering.prefill_tokens, tokens_generated=tokens[1] + generated,
+        method=e.label, conversation=e.conv.sample_id, sessions_read=e.sessions_read, tokens_read=agent.tokens_read,
+        answers=rows, triggers=triggers, read_s=round(e.read_s, 2), answer_s=round(answer_s, 2),
+        time=episode_times(e.read_s, answer_s, e.reading, answering, triggers, probe_s),
+        probes=e.probe.records if e.probe else [],
+        tokens_prefilled=e.prefilled + answering.prefill_tokens, tokens_generated=e.generated + answering.decode_tokens,
         peak_rss_mb=round(max(mon.peak_mb, answer_monitor.peak_mb), 1),
         cuda_peak_mb=max(mon.cuda_peak_mb or 0, answer_monitor.cuda_peak_mb or 0) or None,
         final_context_tokens=agent.context_tokens,
@@ -212,22 +228,21 @@ def finish_episode(episode: dict, answers: list[str], answer_s: float, answering
     )
 
 
-def run_side_by_side(episodes: list[dict]) -> list[dict]:
+def run_side_by_side(episodes: list[ReadEpisode]) -> list[dict]:
     """Read episodes (agents of one Generator, pooled memories) answered together: every question of
     every episode in one batched decode, a different memory per row (`pooled.answer_together`).
 
     Each record's answer time and answering tokens are its share of the joint decode (by questions).
     """
-    gen = episodes[0]["agent"].generator
-    asked = [episode_questions(e["questions"], e["seed"]) for e in episodes]
-    with MemoryMonitor(episodes[0]["monitor"].device) as mon:
+    gen = episodes[0].agent.generator
+    asked = [episode_questions(e.questions, e.seed) for e in episodes]
+    with MemoryMonitor(episodes[0].monitor.device) as mon:
         t0, stats0 = time.perf_counter(), gen.stats.copy()
-        answers = answer_together([e["agent"] for e in episodes], [p for p, _ in asked], [q for _, q in asked])
+        answers = answer_together([e.agent for e in episodes], [p for p, _ in asked], [q for _, q in asked])
         answer_s = time.perf_counter() - t0
         answering = gen.stats.since(stats0)
-    total = max(1, sum(len(e["questions"]) for e in episodes))
-    return [finish_episode(e, a, answer_s * len(e["questions"]) / total,
-                           answering.scaled(len(e["questions"]) / total), mon)
+    total = max(1, sum(len(e.questions) for e in episodes))
+    return [finish_episode(e, a, answer_s * len(e.questions) / total, answering.scaled(len(e.questions) / total), mon)
             for e, a in zip(episodes, answers)]
 
 
@@ -389,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         pool = SessionPool(model, capacity=len(pooled) * len(conversations), rank=args.rank,
                            num_layers=args.num_layers, seed=args.seed)
     runs: list[dict] = []
-    waiting: list[dict] = []  # read pooled episodes, answered together at the end
+    waiting: list[ReadEpisode] = []  # read pooled episodes, answered together at the end
     with tqdm(total=len(methods) * len(conversations), desc="eval", unit="episode") as bar:
 
         def record(done: list[dict]) -> None:

@@ -136,10 +136,11 @@ def write_to_weights(
 ) -> WriteRecord:
     """Turn `context` into training material of `write_format` and train it into `fast_weights`.
 
-    `fast_weights`: a tmem_runtime FastWeights attached to generator.model. Zero valid items means
-    zero steps (losses == []). writer: see `write_flashcards` (qa only). write_with_base: the model
-    writes its flashcards/summary with the fast weights switched off (snapshot, reset, restore), so
-    earlier writes cannot degrade later memory writing; the writes still accumulate.
+    `fast_weights`: a tmem_runtime FastWeights attached to generator.model (or a `pooled.PoolSession`).
+    Zero valid items means zero steps (losses == []). writer: see `write_flashcards` (qa only).
+    write_with_base: the model writes its flashcards/summary with the fast weights switched off
+    (snapshot, reset, restore), so earlier writes cannot degrade later memory writing; the writes
+    still accumulate.
     replay: earlier items of the same format (pairs for qa, texts otherwise) trained again with the
     new ones, or a function of the number of new items returning them; nothing new means no write
     at all, replay or not. select, named: which turns get a flashcard and how they are shown (see
