@@ -3,7 +3,9 @@
 Recall is in percent of facts; intervals are 95% percentile bootstraps: over facts (paired: the same
 fact under two settings, each setting's hits averaged over its seeds) for recall differences, over
 runs for drift, over (fact set, matrix) pairs for the gradient measures, over questions (paired) for
-LoCoMo F1. Costs are CPU seconds of the runs themselves (one torch thread, on a shared machine).
+LoCoMo F1. Costs are the runs' own CPU time and wall time (one torch thread, on a 2-core machine
+shared with other jobs: wall is up to several times CPU). Wall is summed over the runs that recorded it
+(older checkpoints hold CPU time only: "n/a").
 """
 
 from __future__ import annotations
@@ -57,6 +59,23 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} CPU min"
 
 
+def _cost_text(cpu_s: float, items: Sequence[dict], wall_field: str) -> str:
+    """"x CPU min, y wall min" where every item recorded its wall time, else how many did."""
+    timed = [i[wall_field] for i in items if wall_field in i]
+    if not timed:
+        return f"{_minutes(cpu_s)}, wall n/a"
+    partial = "" if len(timed) == len(items) else f" ({len(timed)} of {len(items)} runs timed)"
+    return f"{_minutes(cpu_s)}, {sum(timed) / 60:.1f} wall min{partial}"
+
+
+def per_set_recall(runs: Sequence[dict]) -> str:
+    """Recall % per fact set (mean over seeds), in the runs' order, e.g. "titles_b 90 / places 100"."""
+    sets = list(dict.fromkeys(r["set"] for r in runs))
+    return " / ".join(
+        f"{s} {100 * statistics.mean(h for r in runs if r['set'] == s for h in r['hits']):.0f}" for s in sets
+    )
+
+
 # ------------------------------------------------------------------ fact runs (init, place)
 def fact_hits(runs: Sequence[dict], field: str = "hits") -> dict[tuple[str, int], float]:
     """(fact set, fact index) -> the fact's hit rate over the runs' seeds."""
@@ -84,7 +103,7 @@ def fact_rows(store: ResultStore, plan: Sequence[tuple[str, str]], baseline: str
     """The fact-study table for `plan` and a summary per (config, recipe) for plots and verdicts."""
     head = ["config", "recipe", "runs", "recall %", "Δ vs svd, pts [95% CI]", "paraphrase %", "Δ paraphrase",
             "loss first→last", "KL chat", "KL text", "top-1 kept", "write s (median)", "write CPU s",
-            "bytes/session", "cost"]  # fmt: skip
+            "bytes/session", "recall % per set", "cost"]  # fmt: skip
     rows, summary = [], {}
     for name, recipe in plan:
         runs = store.runs(config=name, recipe=recipe)
@@ -111,7 +130,7 @@ def fact_rows(store: ResultStore, plan: Sequence[tuple[str, str]], baseline: str
             pdiff.fmt(100) if pdiff else "-", f"{losses[0]:.2f}→{losses[-1]:.3f}",
             f"{kl_chat.mean:.2f} [{kl_chat.low:.2f}, {kl_chat.high:.2f}]", f"{entry['kl_text']:.3f}",
             f"{100 * entry['top1']:.0f}%", f"{entry['write_s']:.1f}", f"{entry['write_cpu_s']:.1f}",
-            f"{entry['bytes']:,}", _minutes(entry["cost"]),
+            f"{entry['bytes']:,}", per_set_recall(runs), _cost_text(entry["cost"], real, "run_s"),
         ])  # fmt: skip
     return _table(head, rows), summary
 
@@ -199,6 +218,7 @@ def precondition_section(data: dict, out: Path) -> Lines:
     err = max(r["first_step_rel_error"] for r in data["runs"].values())
     lines += [f"Check: the first SGD step's B equals -lr G A^T to {err:.1e} (relative, worst matrix): the "
               "measured G is the gradient the runtime's write follows.", ""]
+    adamw_steps = "/".join(sorted({str(len(r["adamw_losses"])) for r in data["runs"].values()}))
     rows = []
     for i, name in enumerate(names):
         mine = [u for u in units if u["slot"] == i]
@@ -212,7 +232,7 @@ def precondition_section(data: dict, out: Path) -> Lines:
                      ])  # fmt: skip
     lines += _table(["matrix", "σ1/σ6", "σ2/σ6", "σ7/σ6", "‖Gv_i‖ max/min over i", "share of var(log ‖dB_i‖) "
                      "from σ_i", "G energy in top-6 vs random 6-dim", "‖B_i‖ max/min after SGD (5 steps)",
-                     "‖B_i‖ max/min after AdamW (10 steps)"], rows)  # fmt: skip
+                     f"‖B_i‖ max/min after AdamW ({adamw_steps} steps)"], rows)  # fmt: skip
     share = mean_interval([u["share"] for u in units])
     ratio = mean_interval([u["energy_top"] / u["energy_random"] for u in units])
     sig_spread = mean_interval([_spread(u["sigma"]) for u in units])
@@ -227,8 +247,8 @@ def precondition_section(data: dict, out: Path) -> Lines:
     per_stage = {st: statistics.mean(u["share"] for u in precondition_units(data, st)) for st in stages}
     lines += ["Share from σ_i over the write: " + ", ".join(f"{k} {v:.2f}" for k, v in per_stage.items()), ""]
     lines += [f"![preconditioning]({plot_precondition(data, units, out / 'precondition.png')})", ""]
-    cost = sum(r["cpu_s"] for r in data["runs"].values())
-    lines += [f"Cost: {_minutes(cost)} ({len(data['runs'])} sets: 5 gradient measurements + 5 SGD steps + one "
+    cost = _cost_text(sum(r["cpu_s"] for r in data["runs"].values()), list(data["runs"].values()), "wall_s")
+    lines += [f"Cost: {cost} ({len(data['runs'])} sets: 5 gradient measurements + 5 SGD steps + one "
               "AdamW write + one measurement each).", ""]
     return lines
 
@@ -339,7 +359,8 @@ def capacity_section(store: ResultStore, out: Path) -> Lines:
                      ", ".join(str(len(r["writes"]) * r["size"]) for r in mine),
                      ", ".join(f"{t}" for t in total), ", ".join(f"{100 * w['recall'][0]:.0f}%" for w in last),
                      str(sum(w["steps"] for r in mine for w in r["writes"])),
-                     _minutes(sum(w["run_cpu_s"] for r in mine for w in r["writes"]))])  # fmt: skip
+                     _cost_text(sum(w["run_cpu_s"] for r in mine for w in r["writes"]),
+                                [w for r in mine for w in r["writes"]], "run_s")])  # fmt: skip
     head = ["replay", "facts held before the first write fell below 50% (per seed)", "facts written",
             "facts recalled after the last write", "first write after the last", "write steps", "cost"]
     lines = _table(head, rows)

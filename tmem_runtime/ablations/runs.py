@@ -154,6 +154,7 @@ def recall_run(
         "write_s": round(write_s, 3),
         "write_cpu_s": round(write_cpu_s, 3),
         "run_cpu_s": round(time.process_time() - cpu, 3),
+        "run_s": round(time.perf_counter() - wall, 3),
         "drift": drift(before, after, groups).as_dict(),
         "bytes_per_session": session_bytes(fw, train_a),
         "recipe_steps": get_recipe(recipe).epochs,

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 INITS = ("svd", "random", "random-scaled", "pissa")
 INIT_PLAN = [*((c, "default") for c in INITS), ("pissa-train-a", "default"), *((c, "paper") for c in INITS)]
 PLACE_PLAN = [(c, "default") for c in ("svd", "rank2", "rank16", "middle4", "last8", "train-a")]
-ALL_SEEDS = {("svd", "default")}  # run every seed even where it changes nothing: the check that it doesn't
 
 
 def neutral_reference(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):  # noqa: ANN201
@@ -62,11 +61,12 @@ def fact_study(
     sets: Sequence[str],
     seeds: Sequence[int],
     neutral,  # noqa: ANN001
+    all_seeds: bool = False,
 ) -> None:
     """Every (config, recipe) x seed x fact set not in `store`: a fresh adapter state, one write, recall.
 
     A seed at which the write cannot differ from seed 0's (`seed_changes_write`) is recorded as a copy
-    of seed 0's run (`"same_as_seed": 0`), except for the configurations in ALL_SEEDS."""
+    of seed 0's run (`"same_as_seed": 0`) unless `all_seeds`."""
     for name, recipe in plan:
         config = CONFIGS[name]
         for seed in seeds:
@@ -74,7 +74,7 @@ def fact_study(
             if not todo:
                 continue
             n_cards = max(len(load_fact_set(s).facts) for s in todo)
-            if seed != seeds[0] and (name, recipe) not in ALL_SEEDS:
+            if seed != seeds[0] and not all_seeds:
                 if not seed_changes_write(config, get_recipe(recipe), n_cards):
                     for s in todo:
                         first = store.get(fact_key(name, recipe, s, seeds[0]))
@@ -165,7 +165,7 @@ def precondition_study(
         for s in sets:
             if s in store:
                 continue
-            cpu = time.process_time()
+            wall, cpu = time.perf_counter(), time.process_time()
             pairs = load_fact_set(s).pairs
             examples, _ = qa_examples(tokenizer, pairs, "answer", paper.max_length)
             batch = collate(examples, pad_id(tokenizer))
@@ -187,6 +187,7 @@ def precondition_study(
             record["b_norms_adamw"] = b_column_norms(fw)
             record["adamw_end"] = profile_now(fw, batch, seed)[0]
             record["cpu_s"] = round(time.process_time() - cpu, 2)
+            record["wall_s"] = round(time.perf_counter() - wall, 2)
             store.put(s, record)
             log.info("precondition %s: first SGD step vs -lr G A^T rel. error %.2e", s, record["first_step_rel_error"])
     finally:
@@ -244,16 +245,18 @@ def capacity_study(
     seeds: Sequence[int],
     size: int,
     adapters: Path,
+    max_writes: int | None = None,
 ) -> None:
-    """Per (seed, replay mode): writes of `size` facts (default recipe) and, after each, every fact
-    written so far asked. The adapter is saved after each write, so a restart resumes mid-run."""
+    """Per (seed, replay mode): up to `max_writes` writes of `size` facts (default recipe) and, after
+    each, every fact written so far asked. The adapter is saved after each write, so a restart resumes
+    mid-run."""
     for seed in seeds:
         facts = capacity_facts(seed)
-        plan = write_plan(len(facts), size)
+        plan = write_plan(len(facts), size)[:max_writes]
         for mode in modes:
             key = f"{mode}|{seed}"
             record = store.get(key) or {"mode": mode, "seed": seed, "size": size, "writes": []}
-            if len(record["writes"]) == len(plan):
+            if len(record["writes"]) >= len(plan):
                 continue
             path = adapters / f"capacity-{mode}-{seed}.safetensors"
             fw = FastWeights(model, seed=seed)
@@ -274,6 +277,7 @@ def capacity_study(
                         "replayed": len(replay), "steps": len(losses), "losses": [round(x, 5) for x in losses],
                         "write_s": round(write_s, 2), "write_cpu_s": round(write_cpu, 2),
                         "run_cpu_s": round(time.process_time() - cpu, 2),
+                        "run_s": round(time.perf_counter() - wall, 2),
                         "recall": recall_by_write(hit_of, plan, w), "hits": [hit_of[i] for i in asked],
                     })  # fmt: skip
                     fw.save(path)
