@@ -290,3 +290,10 @@ def test_capacity_study_stops_at_max_writes_and_a_resumed_run_equals_an_uninterr
     resumed, whole = run(tmp_path / "a", 3), run(tmp_path / "b", 3)
     assert resumed["writes"][:2] == part["writes"] and len(resumed["writes"]) == 3
     assert resumed["writes"][2]["losses"] == pytest.approx(whole["writes"][2]["losses"], rel=1e-5)
+
+
+def test_every_neutral_chat_question_has_its_right_answers():
+    from tmem_runtime.ablations.drift import NEUTRAL_KEYS, NEUTRAL_QUESTIONS
+
+    assert len(NEUTRAL_KEYS) == len(NEUTRAL_QUESTIONS)
+    assert all(keys and all(k == k.lower() for k in keys) for keys in NEUTRAL_KEYS)

@@ -68,6 +68,17 @@ def _cost_text(cpu_s: float, items: Sequence[dict], wall_field: str) -> str:
     return f"{_minutes(cpu_s)}, {sum(timed) / 60:.1f} wall min{partial}"
 
 
+def neutral_right(runs: Sequence[dict]) -> str:
+    """Right answers to the 10 neutral chat questions, bare and after the write (mean over the runs that
+    asked them), e.g. "4.0→3.3 (9 runs)"; "-" for checkpoints from before they were asked."""
+    asked = [r["drift"] for r in runs if "neutral_right_after" in r["drift"]]
+    if not asked:
+        return "-"
+    before = statistics.mean(sum(d["neutral_right_before"]) for d in asked)
+    after = statistics.mean(sum(d["neutral_right_after"]) for d in asked)
+    return f"{before:.1f}→{after:.1f} ({len(asked)} runs)"
+
+
 def per_set_recall(runs: Sequence[dict]) -> str:
     """Recall % per fact set (mean over seeds), in the runs' order, e.g. "titles_b 90 / places 100"."""
     sets = list(dict.fromkeys(r["set"] for r in runs))
@@ -102,8 +113,8 @@ def mean_losses(runs: Sequence[dict]) -> list[float]:
 def fact_rows(store: ResultStore, plan: Sequence[tuple[str, str]], baseline: str = "svd") -> tuple[Lines, dict]:
     """The fact-study table for `plan` and a summary per (config, recipe) for plots and verdicts."""
     head = ["config", "recipe", "runs", "recall %", "Δ vs svd, pts [95% CI]", "paraphrase %", "Δ paraphrase",
-            "loss first→last", "KL chat", "KL text", "top-1 kept", "write s (median)", "write CPU s",
-            "bytes/session", "recall % per set", "cost"]  # fmt: skip
+            "loss first→last", "KL chat", "KL text", "top-1 kept", "neutral answers right (bare→after)",
+            "write s (median)", "write CPU s", "bytes/session", "recall % per set", "cost"]  # fmt: skip
     rows, summary = [], {}
     for name, recipe in plan:
         runs = store.runs(config=name, recipe=recipe)
@@ -129,7 +140,8 @@ def fact_rows(store: ResultStore, plan: Sequence[tuple[str, str]], baseline: str
             f"{entry['recall']:.1f}", diff.fmt(100) if diff else "-", f"{entry['paraphrase']:.1f}",
             pdiff.fmt(100) if pdiff else "-", f"{losses[0]:.2f}→{losses[-1]:.3f}",
             f"{kl_chat.mean:.2f} [{kl_chat.low:.2f}, {kl_chat.high:.2f}]", f"{entry['kl_text']:.3f}",
-            f"{100 * entry['top1']:.0f}%", f"{entry['write_s']:.1f}", f"{entry['write_cpu_s']:.1f}",
+            f"{100 * entry['top1']:.0f}%", neutral_right(runs), f"{entry['write_s']:.1f}",
+            f"{entry['write_cpu_s']:.1f}",
             f"{entry['bytes']:,}", per_set_recall(runs), _cost_text(entry["cost"], real, "run_s"),
         ])  # fmt: skip
     return _table(head, rows), summary

@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tmem_runtime.ablations.capacity import recall_by_write, replay_for, write_plan
-from tmem_runtime.ablations.drift import neutral_prompts, next_token_logprobs
+from tmem_runtime.ablations.drift import neutral_answers_right, neutral_prompts, next_token_logprobs
 from tmem_runtime.ablations.runs import (
     CONFIGS,
     ResultStore,
@@ -44,9 +44,11 @@ PLACE_PLAN = [(c, "default") for c in ("svd", "rank2", "rank16", "middle4", "las
 
 
 def neutral_reference(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):  # noqa: ANN201
-    """(neutral prompt ids, groups, the bare model's next-token log-probabilities): call before attaching."""
+    """(neutral prompt ids, groups, the bare model's next-token log-probabilities, whether the bare model
+    answers each neutral chat question right): call before attaching."""
     prompts, groups = neutral_prompts(tokenizer)
-    return prompts, groups, next_token_logprobs(model, prompts, pad_id(tokenizer))
+    right = neutral_answers_right(model, tokenizer)[1]
+    return prompts, groups, next_token_logprobs(model, prompts, pad_id(tokenizer)), right
 
 
 def fact_key(config: str, recipe: str, fact_set: str, seed: int) -> str:
