@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tmem_runtime.ablations.capacity import REPLAY_MODES
 from tmem_runtime.ablations.runs import CONFIGS, ResultStore
+from tmem_runtime.ablations.studies import FORMATS, NO_MEMORY
 from tmem_runtime.cli import apply_threads, command_parser
 from tmem_runtime.fact_sets import split_names
 
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every seed even where it cannot change the write (else: recorded as seed 0's copy)")
     p.add_argument("--data", default="../shared/data/locomo10.json", help="LoCoMo JSON (read by path)")
     p.add_argument("--conversations", nargs="+", default=CONVERSATIONS, help="LoCoMo conversations (format study)")
+    p.add_argument("--formats", nargs="+", choices=[*FORMATS, NO_MEMORY], default=[*FORMATS, NO_MEMORY],
+                   help=f"write formats (format study; {NO_MEMORY!r}: the no-memory channel, the floor)")
     p.add_argument("--max-sessions", type=int, default=3, help="sessions read per conversation (format study)")
     p.add_argument("--capacity-size", type=int, default=8, help="facts per write (capacity study)")
     p.add_argument("--replay", nargs="+", choices=REPLAY_MODES, default=["none", "sample32"],
@@ -81,7 +84,7 @@ def run_studies(args: argparse.Namespace) -> None:
     if "format" in args.only:
         if not Path(args.data).exists():
             raise SystemExit(f"LoCoMo data not found at {args.data} (pass --data)")
-        studies.format_study(out, args.data, args.conversations, args.max_sessions, threads=args.threads)
+        studies.format_study(out, args.data, args.conversations, args.max_sessions, args.formats, threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:

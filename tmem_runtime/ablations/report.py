@@ -20,7 +20,7 @@ from tmem_runtime.ablations.capacity import capacity, first_write_curve
 from tmem_runtime.ablations.runs import CONFIGS, ResultStore
 from tmem_runtime.ablations.spectrum import log_slope, share_of_variance
 from tmem_runtime.ablations.stats import Interval, mean_interval, paired_difference
-from tmem_runtime.ablations.studies import FORMATS, INIT_PLAN, PLACE_PLAN, format_dir
+from tmem_runtime.ablations.studies import FORMATS, INIT_PLAN, NO_MEMORY, PLACE_PLAN, format_dir
 
 Lines = list[str]
 
@@ -290,17 +290,19 @@ def plot_precondition(data: dict, units: Sequence[dict], path: Path) -> str:
 
 
 # ------------------------------------------------------------------ write formats
-def format_answers(out: Path, conversations: Sequence[str]) -> dict[str, list[dict]]:
+def format_answers(
+    out: Path, conversations: Sequence[str], formats: Sequence[str] = FORMATS
+) -> dict[str, list[dict]]:
     """Per format, the answers of the conversations every format has finished, in one order."""
-    done = [c for c in conversations if all((format_dir(out, f, c) / "report.json").exists() for f in FORMATS)]
-    answers: dict[str, list[dict]] = {f: [] for f in FORMATS}
+    done = [c for c in conversations if all((format_dir(out, f, c) / "report.json").exists() for f in formats)]
+    answers: dict[str, list[dict]] = {f: [] for f in formats}
     for c in done:
         per = {f: json.loads((format_dir(out, f, c) / "answers.json").read_text())["runs"][0]["answers"]
-               for f in FORMATS}  # fmt: skip
-        questions = [a["question"] for a in per[FORMATS[0]]]
-        if any([a["question"] for a in per[f]] != questions for f in FORMATS):
+               for f in formats}  # fmt: skip
+        questions = [a["question"] for a in per[formats[0]]]
+        if any([a["question"] for a in per[f]] != questions for f in formats):
             raise ValueError(f"{c}: the formats were asked different questions")
-        for f in FORMATS:
+        for f in formats:
             answers[f] += [{**a, "conversation": c} for a in per[f]]
     return answers
 
@@ -313,25 +315,32 @@ def format_section(out: Path) -> Lines:
     if not main[FORMATS[0]]:
         return ["(no conversation finished for every format yet)", ""]
     convs = sorted({a["conversation"] for a in main[FORMATS[0]]})
+    floor = format_answers(out, convs, [*FORMATS, NO_MEMORY])[NO_MEMORY]  # only if it ran on every one
+    methods = list(FORMATS)
+    if len(floor) == len(answers[FORMATS[0]]):
+        main[NO_MEMORY] = [a for a in floor if a["category"] in (1, 2, 3, 4)]
+        methods.append(NO_MEMORY)
     lines = [f"`tmem eval --memory tmem` per format, conversations {', '.join(convs)}, first 3 sessions each, "
              f"every question whose evidence lies there: **{len(main[FORMATS[0]])} questions of categories 1-4** "
              "(the same for every format; paired).", ""]
     rows = []
-    for f in FORMATS:
+    for f in methods:
         f1 = mean_interval([a["f1"] for a in main[f]])
         em = statistics.mean(a["em"] for a in main[f])
         reports = [json.loads((format_dir(out, f, c) / "report.json").read_text())["methods"] for c in convs]
         entry = [next(iter(r.values())) for r in reports]
         costs = [json.loads(p.read_text()) for c in convs if (p := format_dir(out, f, c) / "cost.json").exists()]
         rows.append([f, f"{100 * f1.mean:.1f} [{100 * f1.low:.1f}, {100 * f1.high:.1f}]", f"{100 * em:.1f}",
-                     str(sum(e["triggers"] for e in entry)), str(sum(e["write_steps"] for e in entry)),
-                     str(sum(e["flashcards_written"] for e in entry)),
+                     str(sum(e.get("triggers", 0) for e in entry)), str(sum(e.get("write_steps", 0) for e in entry)),
+                     str(sum(e.get("flashcards_written", 0) for e in entry)),
                      _minutes(sum(c["cpu_s"] for c in costs)) + f" ({len(costs)} conv.)",
                      f"{sum(c['wall_s'] for c in costs) / 60:.0f} min"])  # fmt: skip
     lines += _table(["format", "F1 1-4 [95% CI]", "EM 1-4", "writes", "write steps", "cards", "cost", "wall"], rows)
     lines += [""]
     diffs = {}
-    for x, y in (("qa", "summary"), ("qa", "ntp"), ("summary", "ntp")):
+    pairs = [("qa", "summary"), ("qa", "ntp"), ("summary", "ntp")]
+    pairs += [(f, NO_MEMORY) for f in FORMATS] if NO_MEMORY in main else []
+    for x, y in pairs:
         diffs[(x, y)] = paired_difference([a["f1"] for a in main[x]], [a["f1"] for a in main[y]])
     lines += _table(["difference", "F1 points [95% CI]", "CI excludes 0"],
                     [[f"{x} − {y}", d.fmt(100), "yes" if d.excludes_zero() else "no"] for (x, y), d in diffs.items()])
@@ -342,8 +351,8 @@ def format_section(out: Path) -> Lines:
 def plot_formats(main: dict, diffs: dict, path: Path) -> str:
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ivs = [mean_interval([a["f1"] for a in main[f]]) for f in FORMATS]
-    ax1.bar(FORMATS, [100 * i.mean for i in ivs], capsize=4,
+    ivs = [mean_interval([a["f1"] for a in main[f]]) for f in main]
+    ax1.bar(list(main), [100 * i.mean for i in ivs], capsize=4,
             yerr=[[100 * (i.mean - i.low) for i in ivs], [100 * (i.high - i.mean) for i in ivs]])  # fmt: skip
     ax1.set_ylabel("LoCoMo F1, categories 1-4 (x100)")
     labels = [f"{x} − {y}" for x, y in diffs]

@@ -198,6 +198,7 @@ def precondition_study(
 
 # ------------------------------------------------------------------ write formats on LoCoMo
 FORMATS = ("qa", "summary", "ntp")
+NO_MEMORY = "none"  # the floor: `tmem eval --memory none` (nothing kept when the context is cleared)
 
 
 def format_dir(out: Path, write_format: str, conversation: str) -> Path:
@@ -210,7 +211,8 @@ def format_study(
 ) -> None:
     """`tmem eval` (tmem channel) once per (format, conversation) into its own directory; one that has
     a report.json is done (cost.json beside it: the process's CPU and wall seconds). Every other
-    setting is `tmem eval`'s default (per-turn cards, replay 32, the agent recipe)."""
+    setting is `tmem eval`'s default (per-turn cards, replay 32, the agent recipe). The format
+    NO_MEMORY runs the no-memory channel instead: the floor the formats are measured against."""
     from tmem_runtime.agent.evaluate import main as evaluate
 
     for conversation in conversations:
@@ -220,8 +222,9 @@ def format_study(
                 continue
             log.info("format %s on %s", f, conversation)
             wall, cpu = time.perf_counter(), time.process_time()
+            memory = ["none"] if f == NO_MEMORY else ["tmem", "--write-format", f]
             evaluate([
-                "--data", data, "--memory", "tmem", "--write-format", f, "--conversations", conversation,
+                "--data", data, "--memory", *memory, "--conversations", conversation,
                 "--max-sessions", str(max_sessions), "--l-max", str(l_max), "--answer-tokens", str(answer_tokens),
                 "--threads", str(threads), "--out", str(d),
             ])  # fmt: skip
