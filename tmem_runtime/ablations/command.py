@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="../shared/data/locomo10.json", help="LoCoMo JSON (read by path)")
     p.add_argument("--conversations", nargs="+", default=CONVERSATIONS, help="LoCoMo conversations (format study)")
     p.add_argument("--formats", nargs="+", choices=[*FORMATS, NO_MEMORY], default=[*FORMATS, NO_MEMORY],
-                   help=f"write formats (format study; {NO_MEMORY!r}: the no-memory channel, the floor)")
+                   help=f"write formats (format study; {NO_MEMORY!r}: no memory, the read sessions in the prompt)")
     p.add_argument("--max-sessions", type=int, default=3, help="sessions read per conversation (format study)")
     p.add_argument("--capacity-size", type=int, default=8, help="facts per write (capacity study)")
     p.add_argument("--replay", nargs="+", choices=REPLAY_MODES, default=["none", "sample32"],

@@ -198,7 +198,7 @@ def precondition_study(
 
 # ------------------------------------------------------------------ write formats on LoCoMo
 FORMATS = ("qa", "summary", "ntp")
-NO_MEMORY = "none"  # the floor: `tmem eval --memory none` (nothing kept when the context is cleared)
+NO_MEMORY = "none"  # `tmem eval --memory none`: no write, no clear; the read sessions stay in the prompt
 
 
 def format_dir(out: Path, write_format: str, conversation: str) -> Path:
@@ -212,7 +212,8 @@ def format_study(
     """`tmem eval` (tmem channel) once per (format, conversation) into its own directory; one that has
     a report.json is done (cost.json beside it: the process's CPU and wall seconds). Every other
     setting is `tmem eval`'s default (per-turn cards, replay 32, the agent recipe). The format
-    NO_MEMORY runs the no-memory channel instead: the floor the formats are measured against."""
+    NO_MEMORY runs the no-memory channel instead (the paper's "no memory, full context" baseline: the
+    read sessions stay in the prompt), what the formats are measured against."""
     from tmem_runtime.agent.evaluate import main as evaluate
 
     for conversation in conversations:
