@@ -183,13 +183,15 @@ def plot_place(summary: dict, path: Path) -> str:
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     names = [c for c, _ in PLACE_PLAN if (c, "default") in summary]
-    for c in names:
+    for i, c in enumerate(names):
         e = summary[(c, "default")]
-        ax1.scatter(e["bytes"] / 1024, e["recall"])
-        ax1.annotate(c, (e["bytes"] / 1024, e["recall"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax1.scatter(e["bytes"] / 1024, e["recall"], color=_color(2 * i), marker="o", label=f"{c}: asked")
+        ax1.scatter(e["bytes"] / 1024, e["paraphrase"], color=_color(2 * i), marker="x", label=f"{c}: paraphrase")
     ax1.set_xscale("log")
+    ax1.set_ylim(0, 105)
     ax1.set_xlabel("KiB per session (float32 B, + A when trained)")
-    ax1.set_ylabel("recall of held-out facts, %")
+    ax1.set_ylabel("recall of held-out facts, % (o asked, x paraphrased)")
+    ax1.legend(fontsize=6, ncol=2, loc="lower right")
     kls = [summary[(c, "default")]["kl_chat"] for c in names]
     ax2.bar(names, [k.mean for k in kls], yerr=[[k.mean - k.low for k in kls], [k.high - k.mean for k in kls]],
             capsize=3)  # fmt: skip
