@@ -387,8 +387,25 @@ def capacity_section(store: ResultStore, out: Path) -> Lines:
     head = ["replay", "facts held before the first write fell below 50% (per seed)", "facts written",
             "facts recalled after the last write", "first write after the last", "write steps", "cost"]
     lines = _table(head, rows)
+    lines += ["", "Recall (%) of the first write's facts after each write (the decay), and of every fact written "
+              "so far:", "", *curve_table(runs, "first"), "", *curve_table(runs, "all")]
     lines += ["", f"![capacity]({plot_capacity(runs, modes, out / 'capacity.png')})", ""]
     return lines
+
+
+def curve_table(runs: Sequence[dict], which: str) -> Lines:
+    """Per run, recall (%) after each write: of the first write's facts ("first") or of every fact
+    written so far ("all")."""
+    size, longest = runs[0]["size"], max(len(r["writes"]) for r in runs)
+    rows = []
+    for r in runs:
+        if which == "first":
+            values = first_write_curve([w["recall"] for w in r["writes"]])
+        else:
+            values = [sum(w["hits"]) / len(w["hits"]) for w in r["writes"]]
+        rows.append([r["mode"], str(r["seed"]), *(f"{100 * v:.0f}" for v in values), *[""] * (longest - len(values))])
+    head = ["replay", "seed", *(f"{which} after {size * (w + 1)}" for w in range(longest))]
+    return _table(head, rows)
 
 
 def plot_capacity(runs: Sequence[dict], modes: Sequence[str], path: Path) -> str:
