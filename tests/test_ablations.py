@@ -264,7 +264,7 @@ def test_ablate_help_shows_every_default_and_the_default_sets_are_three_held_out
     args = parse_args(["--out", "x"])
     sets = [load_fact_set(s) for s in args.sets]
     assert len({s.kind for s in sets}) == 3 and {s.split for s in sets} == {"held-out"}
-    assert args.seeds == [0, 1, 2] and args.capacity_writes == 8 and len(args.conversations) == 3
+    assert args.seeds == [0, 1, 2] and args.capacity_writes == 12 and len(args.conversations) == 6
 
 
 def test_capacity_study_stops_at_max_writes_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path):

@@ -4,9 +4,10 @@ Every study checkpoints to a JSON file under --out as each run finishes (the for
 `tmem eval` directory per format and conversation), so the same command resumes after a restart;
 `--report-only` rebuilds report.md and the plots from what is there.
 
-The defaults are the scale of benchmarks/RESULTS-ablations.md (about 2.5 hours on one CPU thread of a
-shared 2-core machine): 3 fact sets of 3 kinds x 3 seeds, 3 LoCoMo conversations, one capacity seed of
-8 writes. Larger: e.g. `--sets` every held-out set, `--conversations` a fourth, `--capacity-writes 12`.
+The defaults are the scale of benchmarks/RESULTS-ablations.md (about 1.3 CPU hours, 4.3 wall hours on
+one thread of a 2-core machine shared with other jobs): 3 held-out fact sets of 3 kinds x 3 seeds, 6
+LoCoMo conversations (126 questions), 2 fact orders of 12 capacity writes. Smaller: `--seeds 0`,
+`--conversations conv-26 conv-30`, `--capacity-writes 4`; larger: `--sets` every held-out set.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from tmem_runtime.cli import apply_threads, command_parser
 from tmem_runtime.fact_sets import split_names
 
 STUDIES = ("precondition", "init", "place", "capacity", "format")
-CONVERSATIONS = ["conv-26", "conv-30", "conv-42"]  # 64 questions of categories 1-4 in their first 3 sessions
+# 126 questions of categories 1-4 whose evidence lies in the first 3 sessions
+CONVERSATIONS = ["conv-26", "conv-30", "conv-42", "conv-48", "conv-49", "conv-43"]
 SETS = ["numbers_and_dates_b", "titles_b", "people_and_pets"]  # held-out, three kinds: numbers/dates, titles, names
 log = logging.getLogger("tmem.ablate")
 
@@ -49,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity-size", type=int, default=8, help="facts per write (capacity study)")
     p.add_argument("--replay", nargs="+", choices=REPLAY_MODES, default=["none", "sample32"],
                    help="replay of earlier facts with each write (capacity study)")
-    p.add_argument("--capacity-seeds", nargs="+", type=int, default=[0], help="fact orders (capacity study)")
-    p.add_argument("--capacity-writes", type=int, default=8, help="writes per capacity run (at most 12)")
+    p.add_argument("--capacity-seeds", nargs="+", type=int, default=[0, 1], help="fact orders (capacity study)")
+    p.add_argument("--capacity-writes", type=int, default=12, help="writes per capacity run (at most 12)")
     p.add_argument("--report-only", action="store_true", help="only rebuild report.md and the plots")
     return p
 
