@@ -249,3 +249,51 @@ def test_recall_difference_pairs_facts_and_averages_seeds():
     assert iv.n == 4 and iv.mean == pytest.approx(0.125)
     assert -0.5 <= iv.low < iv.mean < iv.high <= 1.0  # a resampled mean lies between the extreme facts
     assert recall_difference(runs, [{"set": "other", "hits": [True]}]) is None
+
+
+# ------------------------------------------------------------------ the command and a resumed study
+def test_ablate_help_shows_every_default_and_the_default_sets_are_three_held_out_kinds():
+    from tmem_runtime.ablations.command import build_parser, parse_args
+    from tmem_runtime.fact_sets import load_fact_set
+
+    parser = build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert all(a.help for a in options), [a.dest for a in options if not a.help]  # help: the default is shown
+    text = parser.format_help()
+    assert text.count("(default:") == len(options)
+    args = parse_args(["--out", "x"])
+    sets = [load_fact_set(s) for s in args.sets]
+    assert len({s.kind for s in sets}) == 3 and {s.split for s in sets} == {"held-out"}
+    assert args.seeds == [0, 1, 2] and args.capacity_writes == 12 and len(args.conversations) == 6
+
+
+def test_capacity_study_stops_at_max_writes_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tmem_runtime.ablations.runs import ResultStore
+    from tmem_runtime.ablations.studies import capacity_study
+    from tmem_runtime.models import _tiny_tokenizer, tiny_config
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("tiny-llama", vocab_size=len(tokenizer))).eval()
+    model.requires_grad_(False)
+
+    def run(out, writes: int) -> dict:
+        capacity_study(ResultStore(out / "c.json"), model, tokenizer, ["sample32"], [0], 2, out / "ad", writes)
+        return ResultStore(out / "c.json").get("sample32|0")
+
+    part = run(tmp_path / "a", 2)
+    assert [len(w["recall"]) for w in part["writes"]] == [1, 2]
+    assert [w["replayed"] for w in part["writes"]] == [0, 2]
+    assert all(w["run_s"] >= w["write_s"] > 0 for w in part["writes"])
+    resumed, whole = run(tmp_path / "a", 3), run(tmp_path / "b", 3)
+    assert resumed["writes"][:2] == part["writes"] and len(resumed["writes"]) == 3
+    assert resumed["writes"][2]["losses"] == pytest.approx(whole["writes"][2]["losses"], rel=1e-5)
+
+
+def test_every_neutral_chat_question_has_its_right_answers():
+    from tmem_runtime.ablations.drift import NEUTRAL_KEYS, NEUTRAL_QUESTIONS
+
+    assert len(NEUTRAL_KEYS) == len(NEUTRAL_QUESTIONS)
+    assert all(keys and all(k == k.lower() for k in keys) for keys in NEUTRAL_KEYS)

@@ -27,6 +27,18 @@ NEUTRAL_QUESTIONS = (
     "Which planet is closest to the Sun?",
     "How do you say thank you in Spanish?",
 )
+NEUTRAL_KEYS = (  # per neutral question: an answer counts as right if it contains one of these (lowercase)
+    ("paris",),
+    ("8", "eight"),
+    ("shakespeare",),
+    ("blue",),
+    ("56", "fifty-six", "fifty six"),
+    ("banana", "lemon", "pineapple", "mango"),
+    ("honey",),
+    ("pacific",),
+    ("mercury",),
+    ("gracias",),
+)
 NEUTRAL_TEXTS = (
     "The capital of Italy is",
     "Water boils at a temperature of",
@@ -48,6 +60,15 @@ def neutral_prompts(tokenizer: PreTrainedTokenizerBase) -> tuple[list[list[int]]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids += [bos + tokenizer(t, add_special_tokens=False)["input_ids"] for t in NEUTRAL_TEXTS]
     return ids, ["chat"] * len(NEUTRAL_QUESTIONS) + ["text"] * len(NEUTRAL_TEXTS)
+
+
+def neutral_answers_right(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], list[bool]]:
+    """Greedy answers to the neutral chat questions and whether each is right (NEUTRAL_KEYS): whether a
+    write's drift on these prompts changes what the model says, not only its first-token distribution."""
+    from tmem_runtime.chat import ask
+
+    answers = ask(model, tokenizer, list(NEUTRAL_QUESTIONS))
+    return answers, [any(k in a.lower() for k in keys) for a, keys in zip(answers, NEUTRAL_KEYS)]
 
 
 @torch.no_grad()

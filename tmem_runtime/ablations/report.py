@@ -3,7 +3,9 @@
 Recall is in percent of facts; intervals are 95% percentile bootstraps: over facts (paired: the same
 fact under two settings, each setting's hits averaged over its seeds) for recall differences, over
 runs for drift, over (fact set, matrix) pairs for the gradient measures, over questions (paired) for
-LoCoMo F1. Costs are CPU seconds of the runs themselves (one torch thread, on a shared machine).
+LoCoMo F1. Costs are the runs' own CPU time and wall time (one torch thread, on a 2-core machine
+shared with other jobs: wall is up to several times CPU). Wall is summed over the runs that recorded it
+(older checkpoints hold CPU time only: "n/a").
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from tmem_runtime.ablations.capacity import capacity, first_write_curve
 from tmem_runtime.ablations.runs import CONFIGS, ResultStore
 from tmem_runtime.ablations.spectrum import log_slope, share_of_variance
 from tmem_runtime.ablations.stats import Interval, mean_interval, paired_difference
-from tmem_runtime.ablations.studies import FORMATS, INIT_PLAN, PLACE_PLAN, format_dir
+from tmem_runtime.ablations.studies import FORMATS, INIT_PLAN, NO_MEMORY, PLACE_PLAN, format_dir
 
 Lines = list[str]
 
@@ -57,6 +59,34 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} CPU min"
 
 
+def _cost_text(cpu_s: float, items: Sequence[dict], wall_field: str) -> str:
+    """"x CPU min, y wall min" where every item recorded its wall time, else how many did."""
+    timed = [i[wall_field] for i in items if wall_field in i]
+    if not timed:
+        return f"{_minutes(cpu_s)}, wall n/a"
+    partial = "" if len(timed) == len(items) else f" ({len(timed)} of {len(items)} runs timed)"
+    return f"{_minutes(cpu_s)}, {sum(timed) / 60:.1f} wall min{partial}"
+
+
+def neutral_right(runs: Sequence[dict]) -> str:
+    """Right answers to the 10 neutral chat questions, bare and after the write (mean over the runs that
+    asked them), e.g. "4.0→3.3 (9 runs)"; "-" for checkpoints from before they were asked."""
+    asked = [r["drift"] for r in runs if "neutral_right_after" in r["drift"]]
+    if not asked:
+        return "-"
+    before = statistics.mean(sum(d["neutral_right_before"]) for d in asked)
+    after = statistics.mean(sum(d["neutral_right_after"]) for d in asked)
+    return f"{before:.1f}→{after:.1f} ({len(asked)} runs)"
+
+
+def per_set_recall(runs: Sequence[dict]) -> str:
+    """Recall % per fact set (mean over seeds), in the runs' order, e.g. "titles_b 90 / places 100"."""
+    sets = list(dict.fromkeys(r["set"] for r in runs))
+    return " / ".join(
+        f"{s} {100 * statistics.mean(h for r in runs if r['set'] == s for h in r['hits']):.0f}" for s in sets
+    )
+
+
 # ------------------------------------------------------------------ fact runs (init, place)
 def fact_hits(runs: Sequence[dict], field: str = "hits") -> dict[tuple[str, int], float]:
     """(fact set, fact index) -> the fact's hit rate over the runs' seeds."""
@@ -83,8 +113,8 @@ def mean_losses(runs: Sequence[dict]) -> list[float]:
 def fact_rows(store: ResultStore, plan: Sequence[tuple[str, str]], baseline: str = "svd") -> tuple[Lines, dict]:
     """The fact-study table for `plan` and a summary per (config, recipe) for plots and verdicts."""
     head = ["config", "recipe", "runs", "recall %", "Δ vs svd, pts [95% CI]", "paraphrase %", "Δ paraphrase",
-            "loss first→last", "KL chat", "KL text", "top-1 kept", "write s (median)", "write CPU s",
-            "bytes/session", "cost"]  # fmt: skip
+            "loss first→last", "KL chat", "KL text", "top-1 kept", "neutral answers right (bare→after)",
+            "write s (median)", "write CPU s", "bytes/session", "recall % per set", "cost"]  # fmt: skip
     rows, summary = [], {}
     for name, recipe in plan:
         runs = store.runs(config=name, recipe=recipe)
@@ -110,8 +140,9 @@ def fact_rows(store: ResultStore, plan: Sequence[tuple[str, str]], baseline: str
             f"{entry['recall']:.1f}", diff.fmt(100) if diff else "-", f"{entry['paraphrase']:.1f}",
             pdiff.fmt(100) if pdiff else "-", f"{losses[0]:.2f}→{losses[-1]:.3f}",
             f"{kl_chat.mean:.2f} [{kl_chat.low:.2f}, {kl_chat.high:.2f}]", f"{entry['kl_text']:.3f}",
-            f"{100 * entry['top1']:.0f}%", f"{entry['write_s']:.1f}", f"{entry['write_cpu_s']:.1f}",
-            f"{entry['bytes']:,}", _minutes(entry["cost"]),
+            f"{100 * entry['top1']:.0f}%", neutral_right(runs), f"{entry['write_s']:.1f}",
+            f"{entry['write_cpu_s']:.1f}",
+            f"{entry['bytes']:,}", per_set_recall(runs), _cost_text(entry["cost"], real, "run_s"),
         ])  # fmt: skip
     return _table(head, rows), summary
 
@@ -152,13 +183,15 @@ def plot_place(summary: dict, path: Path) -> str:
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     names = [c for c, _ in PLACE_PLAN if (c, "default") in summary]
-    for c in names:
+    for i, c in enumerate(names):
         e = summary[(c, "default")]
-        ax1.scatter(e["bytes"] / 1024, e["recall"])
-        ax1.annotate(c, (e["bytes"] / 1024, e["recall"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax1.scatter(e["bytes"] / 1024, e["recall"], color=_color(2 * i), marker="o", label=f"{c}: asked")
+        ax1.scatter(e["bytes"] / 1024, e["paraphrase"], color=_color(2 * i), marker="x", label=f"{c}: paraphrase")
     ax1.set_xscale("log")
+    ax1.set_ylim(0, 105)
     ax1.set_xlabel("KiB per session (float32 B, + A when trained)")
-    ax1.set_ylabel("recall of held-out facts, %")
+    ax1.set_ylabel("recall of held-out facts, % (o asked, x paraphrased)")
+    ax1.legend(fontsize=6, ncol=2, loc="lower right")
     kls = [summary[(c, "default")]["kl_chat"] for c in names]
     ax2.bar(names, [k.mean for k in kls], yerr=[[k.mean - k.low for k in kls], [k.high - k.mean for k in kls]],
             capsize=3)  # fmt: skip
@@ -199,6 +232,7 @@ def precondition_section(data: dict, out: Path) -> Lines:
     err = max(r["first_step_rel_error"] for r in data["runs"].values())
     lines += [f"Check: the first SGD step's B equals -lr G A^T to {err:.1e} (relative, worst matrix): the "
               "measured G is the gradient the runtime's write follows.", ""]
+    adamw_steps = "/".join(sorted({str(len(r["adamw_losses"])) for r in data["runs"].values()}))
     rows = []
     for i, name in enumerate(names):
         mine = [u for u in units if u["slot"] == i]
@@ -212,7 +246,7 @@ def precondition_section(data: dict, out: Path) -> Lines:
                      ])  # fmt: skip
     lines += _table(["matrix", "σ1/σ6", "σ2/σ6", "σ7/σ6", "‖Gv_i‖ max/min over i", "share of var(log ‖dB_i‖) "
                      "from σ_i", "G energy in top-6 vs random 6-dim", "‖B_i‖ max/min after SGD (5 steps)",
-                     "‖B_i‖ max/min after AdamW (10 steps)"], rows)  # fmt: skip
+                     f"‖B_i‖ max/min after AdamW ({adamw_steps} steps)"], rows)  # fmt: skip
     share = mean_interval([u["share"] for u in units])
     ratio = mean_interval([u["energy_top"] / u["energy_random"] for u in units])
     sig_spread = mean_interval([_spread(u["sigma"]) for u in units])
@@ -227,8 +261,8 @@ def precondition_section(data: dict, out: Path) -> Lines:
     per_stage = {st: statistics.mean(u["share"] for u in precondition_units(data, st)) for st in stages}
     lines += ["Share from σ_i over the write: " + ", ".join(f"{k} {v:.2f}" for k, v in per_stage.items()), ""]
     lines += [f"![preconditioning]({plot_precondition(data, units, out / 'precondition.png')})", ""]
-    cost = sum(r["cpu_s"] for r in data["runs"].values())
-    lines += [f"Cost: {_minutes(cost)} ({len(data['runs'])} sets: 5 gradient measurements + 5 SGD steps + one "
+    cost = _cost_text(sum(r["cpu_s"] for r in data["runs"].values()), list(data["runs"].values()), "wall_s")
+    lines += [f"Cost: {cost} ({len(data['runs'])} sets: 5 gradient measurements + 5 SGD steps + one "
               "AdamW write + one measurement each).", ""]
     return lines
 
@@ -258,17 +292,19 @@ def plot_precondition(data: dict, units: Sequence[dict], path: Path) -> str:
 
 
 # ------------------------------------------------------------------ write formats
-def format_answers(out: Path, conversations: Sequence[str]) -> dict[str, list[dict]]:
+def format_answers(
+    out: Path, conversations: Sequence[str], formats: Sequence[str] = FORMATS
+) -> dict[str, list[dict]]:
     """Per format, the answers of the conversations every format has finished, in one order."""
-    done = [c for c in conversations if all((format_dir(out, f, c) / "report.json").exists() for f in FORMATS)]
-    answers: dict[str, list[dict]] = {f: [] for f in FORMATS}
+    done = [c for c in conversations if all((format_dir(out, f, c) / "report.json").exists() for f in formats)]
+    answers: dict[str, list[dict]] = {f: [] for f in formats}
     for c in done:
         per = {f: json.loads((format_dir(out, f, c) / "answers.json").read_text())["runs"][0]["answers"]
-               for f in FORMATS}  # fmt: skip
-        questions = [a["question"] for a in per[FORMATS[0]]]
-        if any([a["question"] for a in per[f]] != questions for f in FORMATS):
+               for f in formats}  # fmt: skip
+        questions = [a["question"] for a in per[formats[0]]]
+        if any([a["question"] for a in per[f]] != questions for f in formats):
             raise ValueError(f"{c}: the formats were asked different questions")
-        for f in FORMATS:
+        for f in formats:
             answers[f] += [{**a, "conversation": c} for a in per[f]]
     return answers
 
@@ -281,25 +317,32 @@ def format_section(out: Path) -> Lines:
     if not main[FORMATS[0]]:
         return ["(no conversation finished for every format yet)", ""]
     convs = sorted({a["conversation"] for a in main[FORMATS[0]]})
+    floor = format_answers(out, convs, [*FORMATS, NO_MEMORY])[NO_MEMORY]  # only if it ran on every one
+    methods = list(FORMATS)
+    if len(floor) == len(answers[FORMATS[0]]):
+        main[NO_MEMORY] = [a for a in floor if a["category"] in (1, 2, 3, 4)]
+        methods.append(NO_MEMORY)
     lines = [f"`tmem eval --memory tmem` per format, conversations {', '.join(convs)}, first 3 sessions each, "
              f"every question whose evidence lies there: **{len(main[FORMATS[0]])} questions of categories 1-4** "
              "(the same for every format; paired).", ""]
     rows = []
-    for f in FORMATS:
+    for f in methods:
         f1 = mean_interval([a["f1"] for a in main[f]])
         em = statistics.mean(a["em"] for a in main[f])
         reports = [json.loads((format_dir(out, f, c) / "report.json").read_text())["methods"] for c in convs]
         entry = [next(iter(r.values())) for r in reports]
         costs = [json.loads(p.read_text()) for c in convs if (p := format_dir(out, f, c) / "cost.json").exists()]
         rows.append([f, f"{100 * f1.mean:.1f} [{100 * f1.low:.1f}, {100 * f1.high:.1f}]", f"{100 * em:.1f}",
-                     str(sum(e["triggers"] for e in entry)), str(sum(e["write_steps"] for e in entry)),
-                     str(sum(e["flashcards_written"] for e in entry)),
+                     str(sum(e.get("triggers", 0) for e in entry)), str(sum(e.get("write_steps", 0) for e in entry)),
+                     str(sum(e.get("flashcards_written", 0) for e in entry)),
                      _minutes(sum(c["cpu_s"] for c in costs)) + f" ({len(costs)} conv.)",
                      f"{sum(c['wall_s'] for c in costs) / 60:.0f} min"])  # fmt: skip
     lines += _table(["format", "F1 1-4 [95% CI]", "EM 1-4", "writes", "write steps", "cards", "cost", "wall"], rows)
     lines += [""]
     diffs = {}
-    for x, y in (("qa", "summary"), ("qa", "ntp"), ("summary", "ntp")):
+    pairs = [("qa", "summary"), ("qa", "ntp"), ("summary", "ntp")]
+    pairs += [(f, NO_MEMORY) for f in FORMATS] if NO_MEMORY in main else []
+    for x, y in pairs:
         diffs[(x, y)] = paired_difference([a["f1"] for a in main[x]], [a["f1"] for a in main[y]])
     lines += _table(["difference", "F1 points [95% CI]", "CI excludes 0"],
                     [[f"{x} − {y}", d.fmt(100), "yes" if d.excludes_zero() else "no"] for (x, y), d in diffs.items()])
@@ -310,8 +353,8 @@ def format_section(out: Path) -> Lines:
 def plot_formats(main: dict, diffs: dict, path: Path) -> str:
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ivs = [mean_interval([a["f1"] for a in main[f]]) for f in FORMATS]
-    ax1.bar(FORMATS, [100 * i.mean for i in ivs], capsize=4,
+    ivs = [mean_interval([a["f1"] for a in main[f]]) for f in main]
+    ax1.bar(list(main), [100 * i.mean for i in ivs], capsize=4,
             yerr=[[100 * (i.mean - i.low) for i in ivs], [100 * (i.high - i.mean) for i in ivs]])  # fmt: skip
     ax1.set_ylabel("LoCoMo F1, categories 1-4 (x100)")
     labels = [f"{x} − {y}" for x, y in diffs]
@@ -339,12 +382,30 @@ def capacity_section(store: ResultStore, out: Path) -> Lines:
                      ", ".join(str(len(r["writes"]) * r["size"]) for r in mine),
                      ", ".join(f"{t}" for t in total), ", ".join(f"{100 * w['recall'][0]:.0f}%" for w in last),
                      str(sum(w["steps"] for r in mine for w in r["writes"])),
-                     _minutes(sum(w["run_cpu_s"] for r in mine for w in r["writes"]))])  # fmt: skip
+                     _cost_text(sum(w["run_cpu_s"] for r in mine for w in r["writes"]),
+                                [w for r in mine for w in r["writes"]], "run_s")])  # fmt: skip
     head = ["replay", "facts held before the first write fell below 50% (per seed)", "facts written",
             "facts recalled after the last write", "first write after the last", "write steps", "cost"]
     lines = _table(head, rows)
+    lines += ["", "Recall (%) of the first write's facts after each write (the decay), and of every fact written "
+              "so far:", "", *curve_table(runs, "first"), "", *curve_table(runs, "all")]
     lines += ["", f"![capacity]({plot_capacity(runs, modes, out / 'capacity.png')})", ""]
     return lines
+
+
+def curve_table(runs: Sequence[dict], which: str) -> Lines:
+    """Per run, recall (%) after each write: of the first write's facts ("first") or of every fact
+    written so far ("all")."""
+    size, longest = runs[0]["size"], max(len(r["writes"]) for r in runs)
+    rows = []
+    for r in runs:
+        if which == "first":
+            values = first_write_curve([w["recall"] for w in r["writes"]])
+        else:
+            values = [sum(w["hits"]) / len(w["hits"]) for w in r["writes"]]
+        rows.append([r["mode"], str(r["seed"]), *(f"{100 * v:.0f}" for v in values), *[""] * (longest - len(values))])
+    head = ["replay", "seed", *(f"{which} after {size * (w + 1)}" for w in range(longest))]
+    return _table(head, rows)
 
 
 def plot_capacity(runs: Sequence[dict], modes: Sequence[str], path: Path) -> str:

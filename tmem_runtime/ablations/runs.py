@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tmem_runtime.ablations.drift import drift, next_token_logprobs
+from tmem_runtime.ablations.drift import drift, neutral_answers_right, next_token_logprobs
 from tmem_runtime.fact_sets import Fact
 from tmem_runtime.fast_weights import FastWeights
 from tmem_runtime.recall import ask_facts
@@ -132,12 +132,14 @@ def recall_run(
     recipe: str | Recipe,
     seed: int,
     train_a: bool,
-    neutral: tuple[list[list[int]], list[str], torch.Tensor],
+    neutral: tuple[list[list[int]], list[str], torch.Tensor, list[bool]],
 ) -> dict:
     """Write `facts` from the current state, then ask them (and their paraphrases) and the neutral
-    prompts. neutral: (prompt ids, groups, the bare model's next-token log-probabilities).
-    Returns the record: hits, losses per step, write wall/CPU seconds, drift, bytes per session."""
-    prompts, groups, before = neutral
+    prompts. neutral: (prompt ids, groups, the bare model's next-token log-probabilities, whether the
+    bare model answers each neutral chat question right).
+    Returns the record: hits, losses per step, write wall/CPU seconds, drift (with the neutral chat
+    questions' answers after the write), bytes per session."""
+    prompts, groups, before, right_before = neutral
     wall, cpu = time.perf_counter(), time.process_time()
     losses = fw.write_qa(tokenizer, [(f.question, f.answer) for f in facts], recipe, seed, train_a=train_a)
     write_s, write_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
@@ -145,6 +147,7 @@ def recall_run(
     _, para_hits = ask_facts(fw.model, tokenizer, facts, paraphrase=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     after = next_token_logprobs(fw.model, prompts, pad)
+    neutral_answers, right_after = neutral_answers_right(fw.model, tokenizer)
     return {
         "hits": hits,
         "paraphrase_hits": para_hits,
@@ -154,7 +157,13 @@ def recall_run(
         "write_s": round(write_s, 3),
         "write_cpu_s": round(write_cpu_s, 3),
         "run_cpu_s": round(time.process_time() - cpu, 3),
-        "drift": drift(before, after, groups).as_dict(),
+        "run_s": round(time.perf_counter() - wall, 3),
+        "drift": {
+            **drift(before, after, groups).as_dict(),
+            "neutral_answers": neutral_answers,
+            "neutral_right_before": right_before,
+            "neutral_right_after": right_after,
+        },
         "bytes_per_session": session_bytes(fw, train_a),
         "recipe_steps": get_recipe(recipe).epochs,
     }

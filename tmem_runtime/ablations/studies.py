@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tmem_runtime.ablations.capacity import recall_by_write, replay_for, write_plan
-from tmem_runtime.ablations.drift import neutral_prompts, next_token_logprobs
+from tmem_runtime.ablations.drift import neutral_answers_right, neutral_prompts, next_token_logprobs
 from tmem_runtime.ablations.runs import (
     CONFIGS,
     ResultStore,
@@ -41,13 +41,14 @@ log = logging.getLogger(__name__)
 INITS = ("svd", "random", "random-scaled", "pissa")
 INIT_PLAN = [*((c, "default") for c in INITS), ("pissa-train-a", "default"), *((c, "paper") for c in INITS)]
 PLACE_PLAN = [(c, "default") for c in ("svd", "rank2", "rank16", "middle4", "last8", "train-a")]
-ALL_SEEDS = {("svd", "default")}  # run every seed even where it changes nothing: the check that it doesn't
 
 
 def neutral_reference(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):  # noqa: ANN201
-    """(neutral prompt ids, groups, the bare model's next-token log-probabilities): call before attaching."""
+    """(neutral prompt ids, groups, the bare model's next-token log-probabilities, whether the bare model
+    answers each neutral chat question right): call before attaching."""
     prompts, groups = neutral_prompts(tokenizer)
-    return prompts, groups, next_token_logprobs(model, prompts, pad_id(tokenizer))
+    right = neutral_answers_right(model, tokenizer)[1]
+    return prompts, groups, next_token_logprobs(model, prompts, pad_id(tokenizer)), right
 
 
 def fact_key(config: str, recipe: str, fact_set: str, seed: int) -> str:
@@ -62,11 +63,12 @@ def fact_study(
     sets: Sequence[str],
     seeds: Sequence[int],
     neutral,  # noqa: ANN001
+    all_seeds: bool = False,
 ) -> None:
     """Every (config, recipe) x seed x fact set not in `store`: a fresh adapter state, one write, recall.
 
     A seed at which the write cannot differ from seed 0's (`seed_changes_write`) is recorded as a copy
-    of seed 0's run (`"same_as_seed": 0`), except for the configurations in ALL_SEEDS."""
+    of seed 0's run (`"same_as_seed": 0`) unless `all_seeds`."""
     for name, recipe in plan:
         config = CONFIGS[name]
         for seed in seeds:
@@ -74,7 +76,7 @@ def fact_study(
             if not todo:
                 continue
             n_cards = max(len(load_fact_set(s).facts) for s in todo)
-            if seed != seeds[0] and (name, recipe) not in ALL_SEEDS:
+            if seed != seeds[0] and not all_seeds:
                 if not seed_changes_write(config, get_recipe(recipe), n_cards):
                     for s in todo:
                         first = store.get(fact_key(name, recipe, s, seeds[0]))
@@ -165,7 +167,7 @@ def precondition_study(
         for s in sets:
             if s in store:
                 continue
-            cpu = time.process_time()
+            wall, cpu = time.perf_counter(), time.process_time()
             pairs = load_fact_set(s).pairs
             examples, _ = qa_examples(tokenizer, pairs, "answer", paper.max_length)
             batch = collate(examples, pad_id(tokenizer))
@@ -187,6 +189,7 @@ def precondition_study(
             record["b_norms_adamw"] = b_column_norms(fw)
             record["adamw_end"] = profile_now(fw, batch, seed)[0]
             record["cpu_s"] = round(time.process_time() - cpu, 2)
+            record["wall_s"] = round(time.perf_counter() - wall, 2)
             store.put(s, record)
             log.info("precondition %s: first SGD step vs -lr G A^T rel. error %.2e", s, record["first_step_rel_error"])
     finally:
@@ -195,6 +198,7 @@ def precondition_study(
 
 # ------------------------------------------------------------------ write formats on LoCoMo
 FORMATS = ("qa", "summary", "ntp")
+NO_MEMORY = "none"  # `tmem eval --memory none`: no write, no clear; the read sessions stay in the prompt
 
 
 def format_dir(out: Path, write_format: str, conversation: str) -> Path:
@@ -207,7 +211,9 @@ def format_study(
 ) -> None:
     """`tmem eval` (tmem channel) once per (format, conversation) into its own directory; one that has
     a report.json is done (cost.json beside it: the process's CPU and wall seconds). Every other
-    setting is `tmem eval`'s default (per-turn cards, replay 32, the agent recipe)."""
+    setting is `tmem eval`'s default (per-turn cards, replay 32, the agent recipe). The format
+    NO_MEMORY runs the no-memory channel instead (the paper's "no memory, full context" baseline: the
+    read sessions stay in the prompt), what the formats are measured against."""
     from tmem_runtime.agent.evaluate import main as evaluate
 
     for conversation in conversations:
@@ -217,8 +223,9 @@ def format_study(
                 continue
             log.info("format %s on %s", f, conversation)
             wall, cpu = time.perf_counter(), time.process_time()
+            memory = ["none"] if f == NO_MEMORY else ["tmem", "--write-format", f]
             evaluate([
-                "--data", data, "--memory", "tmem", "--write-format", f, "--conversations", conversation,
+                "--data", data, "--memory", *memory, "--conversations", conversation,
                 "--max-sessions", str(max_sessions), "--l-max", str(l_max), "--answer-tokens", str(answer_tokens),
                 "--threads", str(threads), "--out", str(d),
             ])  # fmt: skip
@@ -244,16 +251,18 @@ def capacity_study(
     seeds: Sequence[int],
     size: int,
     adapters: Path,
+    max_writes: int | None = None,
 ) -> None:
-    """Per (seed, replay mode): writes of `size` facts (default recipe) and, after each, every fact
-    written so far asked. The adapter is saved after each write, so a restart resumes mid-run."""
+    """Per (seed, replay mode): up to `max_writes` writes of `size` facts (default recipe) and, after
+    each, every fact written so far asked. The adapter is saved after each write, so a restart resumes
+    mid-run."""
     for seed in seeds:
         facts = capacity_facts(seed)
-        plan = write_plan(len(facts), size)
+        plan = write_plan(len(facts), size)[:max_writes]
         for mode in modes:
             key = f"{mode}|{seed}"
             record = store.get(key) or {"mode": mode, "seed": seed, "size": size, "writes": []}
-            if len(record["writes"]) == len(plan):
+            if len(record["writes"]) >= len(plan):
                 continue
             path = adapters / f"capacity-{mode}-{seed}.safetensors"
             fw = FastWeights(model, seed=seed)
@@ -274,6 +283,7 @@ def capacity_study(
                         "replayed": len(replay), "steps": len(losses), "losses": [round(x, 5) for x in losses],
                         "write_s": round(write_s, 2), "write_cpu_s": round(write_cpu, 2),
                         "run_cpu_s": round(time.process_time() - cpu, 2),
+                        "run_s": round(time.perf_counter() - wall, 2),
                         "recall": recall_by_write(hit_of, plan, w), "hits": [hit_of[i] for i in asked],
                     })  # fmt: skip
                     fw.save(path)
