@@ -23,7 +23,7 @@ DEFAULTS = {
     "rl": {"--policy": "lora", "--group-size": "4", "--lr": "1e-05"},
 }
 
-ALL_SHOWN = ("demo", "eval", "make-conversations", "rl")  # the agent's commands: every option documented
+ALL_SHOWN = tuple(DEFAULTS)  # every option of every command documents its default
 
 
 def _help_of(command: str, capsys: pytest.CaptureFixture) -> str:

@@ -51,8 +51,8 @@ def build_parser():
     p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m, tiny-<type>, or a local HF directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (none: the model's; tiny models: "
                    "the embedded model's)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--store", default="tmem-store", help="directory of every session's files (shared by servers)")
     p.add_argument("--capacity", type=int, default=64, help="sessions' fast weights held on the device at once")
     p.add_argument("--l-max", type=int, default=1024, help="working-context token budget before a memory write")
@@ -67,9 +67,9 @@ def build_parser():
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
     p.add_argument("--naive", action="store_true", help="the baseline: one request and one session at a time")
     p.add_argument("--backend", default="auto", help="fast-weight kernels: auto | triton | native | torch")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--device", default="cpu", help="torch device of the model and the pool")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     return p
 
 
