@@ -5,7 +5,8 @@
                                vs the bare model's step at batch 16 (no fast weights)
     batched write:             8 sessions x 8 flashcards in one write_qa_many vs 8 write_qa one by one
 
-On SmolLM2-135M (CPU; random weights at its shapes where the package is missing). Goals: the
+On SmolLM2-135M (CPU, float32); on a GPU, random weights at its shapes in bfloat16 (the GPU image has no
+SmolLM2 package: TMEM_BENCH_TOKENIZER names a tokenizer directory for the flashcards). Goals: the
 batched decode step >= 4x faster than 16 swapped steps and <= 1.3x the bare step; the batched write
 >= 1.5x faster than sequential writes. Memory per resident session is printed.
 
@@ -14,11 +15,13 @@ batched decode step >= 4x faster than 16 swapped steps and <= 1.3x the bare step
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import DynamicCache
 
-from benchmarks.common import write_summary
+from benchmarks.common import DEVICE, random_model, write_summary
 from benchmarks.test_bench_write import PAIRS, _model
 from tmem_runtime import FastWeights, SessionPool
 from tmem_runtime.recipes import RECIPES
@@ -32,6 +35,11 @@ RECIPE = RECIPES["paper"].with_(epochs=2, batch_size=8)
 @pytest.fixture(scope="module")
 def smollm2():
     torch.manual_seed(0)
+    if DEVICE.type == "cuda":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(os.environ["TMEM_BENCH_TOKENIZER"])
+        return random_model("smollm2", torch.bfloat16), tokenizer
     return _model()
 
 
@@ -52,7 +60,7 @@ def states(smollm2):
 def _prefilled(model, rows: int):
     """(last tokens [rows, 1], cache of a PROMPT-token prefix, its length) for timing one decode step."""
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(100, 40000, (rows, PROMPT + 1), generator=gen)
+    ids = torch.randint(100, 40000, (rows, PROMPT + 1), generator=gen).to(model.device)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=ids[:, :PROMPT], past_key_values=cache, use_cache=True)
@@ -65,6 +73,17 @@ def _step(model, last, cache):
     cache.crop(-1)  # drop the step's token: the same step again next round
 
 
+def _synced(fn):
+    """`fn`, then a wait for the device: a timed round ends when its kernels have run."""
+
+    def run(*args):
+        fn(*args)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
 @pytest.mark.parametrize("impl", ["bare_batch16", "pool_batch16", "swap_16x1"])
 def test_decode_step(benchmark, smollm2, states, impl):
     model, _ = smollm2
@@ -72,7 +91,7 @@ def test_decode_step(benchmark, smollm2, states, impl):
     benchmark.group = f"one decode step, {SESSIONS} sessions (SmolLM2-135M, {PROMPT}-token context)"
     if impl == "bare_batch16":
         last, cache = _prefilled(model, SESSIONS)
-        benchmark.pedantic(_step, args=(model, last, cache), rounds=30, warmup_rounds=3)
+        benchmark.pedantic(_synced(_step), args=(model, last, cache), rounds=30, warmup_rounds=3)
     elif impl == "pool_batch16":
         pool = SessionPool(model, capacity=SESSIONS, backend="auto")
         for s in names:
@@ -80,7 +99,7 @@ def test_decode_step(benchmark, smollm2, states, impl):
             pool.load_state_dict(s, states[s])
         with pool.rows(names):
             last, cache = _prefilled(model, SESSIONS)
-            benchmark.pedantic(_step, args=(model, last, cache), rounds=30, warmup_rounds=3)
+            benchmark.pedantic(_synced(_step), args=(model, last, cache), rounds=30, warmup_rounds=3)
         RESULTS["bytes_per_session"] = pool.bytes_per_session()
         RESULTS["bytes_writing"] = pool.bytes_per_session(writing=True)
         pool.detach()
@@ -96,7 +115,7 @@ def test_decode_step(benchmark, smollm2, states, impl):
                 fw.load_state_dict(states[s])
                 _step(model, last, cache)
 
-        benchmark.pedantic(sixteen_swapped_steps, rounds=10, warmup_rounds=1)
+        benchmark.pedantic(_synced(sixteen_swapped_steps), rounds=10, warmup_rounds=1)
         fw.detach()
     RESULTS[impl] = benchmark.stats.stats.median
 

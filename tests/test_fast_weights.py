@@ -98,7 +98,7 @@ def test_triton_sgd_write_steps_b_inside_the_backward(tiny):
     buffer is never written (no dB materialised) while B moves (its parity with PEFT is tested above)."""
     if tiny.config.model_type != "llama":
         pytest.skip("Triton runs under the interpreter on CPU: one model keeps the suite fast")
-    fw = FastWeights(tiny, backend="triton")
+    fw = FastWeights(tiny, backend="triton", cuda_graphs=False)  # counts Python calls: a graph replays without them
     engine = fw.store.engine
     calls = []
     engine.ops = replace(engine.ops, sgd_step_=lambda *a, **k: (calls.append(1), engine.ops.sgd_step_)[0])
@@ -147,7 +147,8 @@ def test_svd_init_is_top_singular_directions(tiny):
     w = tiny.model.layers[layer].mlp.down_proj.weight.float()
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     a = sd[f"layers.{layer}.mlp.down_proj.lora_A"]
-    torch.testing.assert_close(a.abs(), (s[:6, None] * vh[:6]).abs(), rtol=1e-4, atol=1e-5)
+    atol = 1e-5 if w.device.type == "cpu" else 1e-4  # two different SVD solvers on a GPU (measured 2.8e-5 on H200)
+    torch.testing.assert_close(a.abs(), (s[:6, None] * vh[:6]).abs(), rtol=1e-4, atol=atol)
     assert all(v.abs().max() == 0 for k, v in sd.items() if k.endswith("lora_B"))
     assert sorted({int(k.split(".")[1]) for k in sd}) == list(range(2, 6))
     fw.detach()
@@ -276,14 +277,14 @@ def test_write_schedule_is_seeded_epochs_of_batches():
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_base_weights_that_require_grad_are_constants_to_a_write(backend):
+def test_base_weights_that_require_grad_are_constants_to_a_write(backend, device):
     """A model built the ordinary way (every parameter requires grad): the write works, touches no
     flag and leaks nothing into any base weight's .grad (an RL policy trains those same weights)."""
     torch.manual_seed(0)
     config = tiny_config("tiny-llama")
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(device)
     assert all(p.requires_grad for p in model.parameters())
-    reference, _ = load_model("tiny-llama")
+    reference, _ = load_model("tiny-llama", device=device)
     reference.load_state_dict(model.state_dict())
     batches = [make_batch(0), make_batch(1)] * 2
     fw = FastWeights(model, backend=backend)
@@ -408,6 +409,7 @@ def test_a_diverging_write_is_rolled_back(tiny):
     fw.detach()
 
 
+@pytest.mark.slow  # the real tokenizer
 def test_a_card_too_long_keeps_its_answer_and_is_counted():
     _, tokenizer = load_model("smollm2-135m")
     model, _ = load_model("tiny-llama")
