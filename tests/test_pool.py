@@ -74,6 +74,27 @@ def test_batched_write_equals_sequential_writes(tiny, backend, optimizer, lr):
     pool.detach()
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adamw", 1e-2)])
+def test_a_graphed_batched_write_equals_the_eager_one(optimizer, lr):
+    """The batched write of four sessions captured in CUDA graphs (the default on a GPU) vs eager: its
+    segments live on the device, so nothing in a captured step may read them on the host."""
+    model, _ = load_model("tiny-llama", device="cuda")
+    recipe = Recipe(optimizer=optimizer, lr=lr, epochs=3, batch_size=4)
+    losses, states = [], []
+    for graphs in (False, True):
+        pool = SessionPool(model, capacity=4, backend="auto", cuda_graphs=graphs)
+        for s in SESSIONS:
+            pool.open(s)
+        losses.append(pool.write_examples_many(SESSIONS, recipe, seed=7))
+        states.append({s: pool.state_dict(s) for s in SESSIONS})
+        pool.detach()
+    for s in SESSIONS:
+        torch.testing.assert_close(torch.tensor(losses[1][s]), torch.tensor(losses[0][s]), rtol=1e-4, atol=1e-5)
+        for k, v in states[0][s].items():
+            torch.testing.assert_close(states[1][s][k], v, rtol=1e-3, atol=1e-5)
+
+
 def test_per_row_forward_equals_the_model_with_only_that_session(tiny):
     """Row i of one batch reads session i (or none): its logits are those of the model with only that
     session attached (FastWeights), to 1e-5; None rows are the bare model."""

@@ -284,6 +284,8 @@ def _token_segments(binding: Binding, shape: torch.Size, n_tokens: int) -> tuple
     """The binding's segments in tokens of the flattened input (rows x tokens per row)."""
     if binding.indptr is None:
         return torch.tensor([0, n_tokens]), binding.slots
+    if binding.writing:  # the trainer's segments cover its batch by construction; they live on the device,
+        return binding.indptr, binding.slots  # where a captured (CUDA-graph) step must not read them back
     per_row = 1 if binding.per_token or len(shape) < 3 else shape[-2]
     rows = int(binding.indptr[-1])
     if rows * per_row != n_tokens:

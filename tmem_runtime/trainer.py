@@ -205,9 +205,14 @@ class WriteRun:
         ]
         self.slots = [slots[i] for i in self.order]
         self.cached = isinstance(data, TrunkCache)
+        # a captured step must never read the device on the host: several sessions' segments are device
+        # tensors that only the Triton kernels take as they are (the torch ops and the composed non-SiLU MLP
+        # read them back), so those writes run eagerly
+        one_session = len(slots) == 1
         self.graphed = (
-            cuda_graphs and engine.device.type == "cuda" and engine.backend in ("triton", "torch") and self.cached
-        )
+            cuda_graphs and engine.device.type == "cuda" and self.cached and all(engine.fused)
+            and (engine.backend == "triton" or (engine.backend == "torch" and one_session))
+        )  # fmt: skip
         self.sgd_lr = recipe.lr if self._sgd_in_backward(len(slots)) else None
 
     def _sgd_in_backward(self, sessions: int) -> bool:
