@@ -89,10 +89,14 @@ def test_a_graphed_batched_write_equals_the_eager_one(optimizer, lr):
         losses.append(pool.write_examples_many(SESSIONS, recipe, seed=7))
         states.append({s: pool.state_dict(s) for s in SESSIONS})
         pool.detach()
+    # graphed steps run at fixed (padded) shapes, so other GEMM tilings: rounding-level differences, which
+    # AdamW (per-element scaling) and SGD at lr 0.5 grow over the steps (H200: losses 2e-4 relative, B 8e-4
+    # at most); a session reading another's B or a stale segment would be off by far more
     for s in SESSIONS:
-        torch.testing.assert_close(torch.tensor(losses[1][s]), torch.tensor(losses[0][s]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(losses[1][s]), torch.tensor(losses[0][s]), rtol=1e-3, atol=1e-5)
         for k, v in states[0][s].items():
-            torch.testing.assert_close(states[1][s][k], v, rtol=1e-3, atol=1e-5)
+            err = (states[1][s][k] - v).norm() / v.norm().clamp_min(1e-12)
+            assert err <= 5e-3, (s, k, float(err))
 
 
 def test_per_row_forward_equals_the_model_with_only_that_session(tiny):
