@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tmem_runtime import FastWeights, load_model
+from tmem_runtime import FastWeights, load_model, static_write
 from tmem_runtime import write as write_module
 from tmem_runtime.examples import collate
 from tmem_runtime.recipes import Recipe
+from tmem_runtime.static_write import StaticWrites
 from tmem_runtime.trainer import Workspace, WriteRun
 from tmem_runtime.write import IGNORE_INDEX, adapted_loss, plan_step, plan_steps
 
@@ -111,6 +112,78 @@ def test_cuda_graph_write_matches_eager(optimizer, tiny):
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-5)
     for k in states[0]:
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-3, atol=1e-5)
+
+
+# writes of 6, 5, 6, 11, 3 and 6 cards: suffix widths 20, 17, 20, 35, 11, 20 -> buckets 32, 32, 32, 64, 32, 32
+WRITE_SIZES = [(6, 1), (5, 2), (6, 3), (11, 4), (3, 5), (6, 6)]
+
+
+def _writes(
+    model, recipe: Recipe, static: str, backend: str = "torch"
+) -> tuple[list[list[float]], dict[str, torch.Tensor], object]:
+    """The WRITE_SIZES writes into one FastWeights; static: "none" (plain), "kept" (the graphed path's
+    buffers kept per bucket, eager steps), "fresh" (the same, new buffers for every write) or "graphs"
+    (the default on CUDA)."""
+    fw = FastWeights(model, backend=backend, cuda_graphs=static == "graphs")
+    if static in ("kept", "fresh"):  # what the pool builds on CUDA, here without graphs
+        fw.store._static = StaticWrites(fw.store.engine, graphs=False)
+    losses = []
+    for n, seed in WRITE_SIZES:
+        if static == "fresh":
+            fw.store._static.buckets.clear()
+        losses.append(fw.write_examples(examples(n, seed=seed), recipe))
+    state, buckets = fw.state_dict(), fw.store._static
+    fw.detach()
+    return losses, state, buckets
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adamw", 1e-2)])
+def test_writes_on_kept_buffers_equal_plain_writes(tiny, optimizer, lr, monkeypatch):
+    """Six writes through the buffers a graphed write keeps per shape bucket (copied in, padded to the
+    bucket, reused by later writes of the bucket, the oldest bucket dropped past MAX_BUCKETS): bit for
+    bit the writes on fresh buffers, and the losses and B of plain writes. Padding adds zero to every
+    gradient, but other GEMM shapes round differently: SGD keeps B to 1e-6; AdamW's per-element scaling
+    turns rounding-level gradients (of elements whose true gradient is ~0) into whole steps (1.4%)."""
+    monkeypatch.setattr(static_write, "MAX_BUCKETS", 1)  # the 64-wide write evicts the 32-wide bucket
+    recipe = Recipe(optimizer=optimizer, lr=lr, epochs=2, batch_size=4)
+    plain, plain_state, _ = _writes(tiny, recipe, "none")
+    kept, kept_state, buckets = _writes(tiny, recipe, "kept")
+    fresh, fresh_state, _ = _writes(tiny, recipe, "fresh")
+    assert [k[1] for k in buckets.buckets] == [32]  # one bucket kept: the last write's
+    assert kept == fresh and all(torch.equal(kept_state[k], v) for k, v in fresh_state.items())
+    for a, b in zip(kept, plain):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
+    if optimizer == "sgd":
+        for k, v in plain_state.items():
+            assert (kept_state[k] - v).norm() <= 1e-6 * v.norm(), k
+
+
+def test_writes_of_one_bucket_share_its_buffers(tiny):
+    fw = FastWeights(tiny, backend="torch")
+    fw.store._static = kept = StaticWrites(fw.store.engine, graphs=False)
+    fw.write_examples(examples(6, seed=1), Recipe(lr=1e-2, epochs=1))
+    (bucket,) = kept.buckets.values()
+    assert bucket.hidden.shape[:2] == (16, 32) and bucket.prefix_hidden.shape[1] == 9
+    fw.write_examples(examples(5, seed=2), Recipe(lr=1e-2, epochs=1))  # 5 rows, 17 wide: the same bucket
+    assert list(kept.buckets.values()) == [bucket]
+    fw.write_examples(examples(5, seed=2), Recipe(lr=2e-2, epochs=1))  # another lr: a constant of the graphs
+    assert len(kept.buckets) == 2
+    fw.detach()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adamw", 1e-2)])
+def test_graphs_replayed_across_writes_match_eager_writes(tiny, optimizer, lr):
+    """On CUDA the writes replay graphs that earlier writes of their bucket captured: the same losses and
+    B as eager steps on the same buffers (same kernels, same shapes)."""
+    recipe = Recipe(optimizer=optimizer, lr=lr, epochs=2, batch_size=4)
+    eager, eager_state, _ = _writes(tiny, recipe, "kept", backend="auto")
+    graphed, graphed_state, buckets = _writes(tiny, recipe, "graphs", backend="auto")
+    assert sorted(k[1] for k in buckets.buckets) == [32, 64]
+    for a, b in zip(graphed, eager):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
+    for k, v in eager_state.items():
+        assert (graphed_state[k] - v).norm() <= 1e-5 * v.norm(), k
 
 
 def test_an_error_mid_write_leaves_the_adapter_as_it_was(tiny):

@@ -5,7 +5,8 @@ different rows. Each step is hundreds of small kernel launches, so on a GPU the 
 arithmetic, can bound it. `GraphedSteps` runs the first step of each shape eagerly on a side stream
 (a real step, which also warms up autograd, the allocator and Triton's JIT), captures the next one,
 and replays that graph for every later step of the shape with the step's inputs copied into the
-graph's static `StepBatch`. Nothing in a replayed step reads the device from the host.
+graph's static `StepBatch`. Nothing in a replayed step reads the device from the host. The graphs
+live as long as the buffers they read (`static_write.StaticWrite`): across writes.
 """
 
 from __future__ import annotations
@@ -20,19 +21,20 @@ StepFn = Callable[[StepBatch], torch.Tensor]
 
 
 class GraphedSteps:
-    """step_fn(batch) -> loss [] runs one whole training step; calls with a key replay its graph.
+    """Calls with a key replay that key's graph of one whole training step.
 
-    Steps that share a key must have the same StepBatch signature and read the same cached tensors
-    (the graph bakes in their addresses). Returns each step's loss as a fresh device tensor.
+    step_fn(batch) -> loss [] runs the step; it is called (eagerly, then captured) only the first time
+    a key is seen. Steps that share a key must have the same StepBatch signature and read the same
+    tensors otherwise (the graph bakes in their addresses). Returns each step's loss as a fresh
+    device tensor.
     """
 
-    def __init__(self, step_fn: StepFn) -> None:
-        self.step_fn = step_fn
+    def __init__(self) -> None:
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream()  # warm-up and capture on one stream (library handles are per stream)
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, StepBatch, torch.Tensor]] = {}
 
-    def __call__(self, key: Hashable, batch: StepBatch) -> torch.Tensor:
+    def __call__(self, key: Hashable, batch: StepBatch, step_fn: StepFn) -> torch.Tensor:
         entry = self.graphs.get(key)
         if entry is not None:
             graph, static, loss = entry
@@ -41,12 +43,12 @@ class GraphedSteps:
             return loss.clone()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
-            loss = self.step_fn(batch).clone()
+            loss = step_fn(batch).clone()
         torch.cuda.current_stream().wait_stream(self.stream)
         static = batch.clone()
         graph = torch.cuda.CUDAGraph()
         # records and runs nothing: the eager step above was this shape's real first step
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-            static_loss = self.step_fn(static)
+            static_loss = step_fn(static)
         self.graphs[key] = (graph, static, static_loss)
         return loss

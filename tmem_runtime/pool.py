@@ -35,6 +35,7 @@ from tmem_runtime.layout import AdapterLayout
 from tmem_runtime.recipes import Recipe
 from tmem_runtime.residency import Residency
 from tmem_runtime.sessions import Schedules, SessionStats, SessionStore, WriteError, check_batch
+from tmem_runtime.static_write import StaticWrites
 from tmem_runtime.trainer import StepCallback, WriteRun
 from tmem_runtime.write import encode_trunk, right_padded_lengths
 
@@ -64,6 +65,7 @@ class SessionPool(SessionStore):
     ) -> None:
         self.engine = FastWeightEngine(model, capacity, rank, num_layers, init, backend, svd, scaling, seed)
         self.cuda_graphs = cuda_graphs
+        self._init_static()
         self.residency = Residency(self.engine, offload, offload_dir)
         self.stats: dict[str, SessionStats] = {}
         self._swap = SwapChecker(self.engine)
@@ -78,16 +80,23 @@ class SessionPool(SessionStore):
         self._idle = threading.Condition(self._lock)
         self._local = threading.local()
 
+    def _init_static(self) -> None:
+        # on CUDA, writes run on buffers kept per shape bucket and replay the CUDA graphs captured on them
+        on_cuda = self.cuda_graphs and self.engine.device.type == "cuda"
+        self._static = StaticWrites(self.engine) if on_cuda else None
+
     def __getstate__(self) -> dict:
-        """Copies (copy.deepcopy of the model, pickling) carry every session but no lock or open block."""
+        """Copies (copy.deepcopy of the model, pickling) carry every session but no lock, open block or
+        CUDA graph (a copy captures its own, on its own buffers)."""
         state = dict(self.__dict__)
-        for k in ("_lock", "_write_lock", "_readers", "_committing", "_idle", "_local"):
+        for k in ("_lock", "_write_lock", "_readers", "_committing", "_idle", "_local", "_static"):
             state.pop(k)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._init_threading()
+        self._init_static()
 
     # ---------------------------------------------------------------- sessions
     @property
@@ -223,7 +232,7 @@ class SessionPool(SessionStore):
                 return {s: [] for s in names}
             with torch.inference_mode(False):
                 encoded = self._encode(data)
-            run = WriteRun(self.engine, encoded, schedules, slots, recipe, train_a, self.cuda_graphs)
+            run = WriteRun(self.engine, encoded, schedules, slots, recipe, train_a, self._static)
             outcome = run.train(on_step)
             with self._exclusive():
                 run.commit(outcome)

@@ -19,7 +19,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from tmem_kernels.segments import row_segments
 from tmem_runtime.engine import Binding, FastWeightEngine, FastWeightsError
 from tmem_runtime.recipes import OPTIMIZERS, Recipe
 from tmem_runtime.write import IGNORE_INDEX, StepBatch, TrunkCache, adapted_loss, plan_steps
+
+if TYPE_CHECKING:
+    from tmem_runtime.static_write import StaticWrites
 
 StepCallback = Callable[[int, "int | None", float], None]
 Rows = Sequence[int]
@@ -68,19 +71,16 @@ class Workspace:
 
     def __init__(self, engine: FastWeightEngine, slots: Sequence[int], train_a: bool) -> None:
         lay = engine.layout
-        self.engine, self.slots, self.train_a = engine, list(slots), train_a
-        w, nb = len(self.slots), lay.b_numel
+        self.engine, self.train_a = engine, train_a
+        w, nb = len(slots), lay.b_numel
         numel = w * nb + (lay.a_numel if train_a else 0)
-        with torch.no_grad():
-            self.param = torch.empty(numel, dtype=torch.float32, device=engine.device)
-            self.b = self.param[: w * nb].view(w, nb)
-            self.b.copy_(engine.b[torch.as_tensor(self.slots, device=engine.device)])
-            self.a = self.param[w * nb :] if train_a else None
-            if self.a is not None:
-                self.a.copy_(engine.a)
-        self.grad = torch.zeros_like(self.param)
-        self.exp_avg = torch.zeros_like(self.param)
-        self.exp_avg_sq = torch.zeros_like(self.param)
+        self.param = torch.empty(numel, dtype=torch.float32, device=engine.device)
+        self.b = self.param[: w * nb].view(w, nb)
+        self.a = self.param[w * nb :] if train_a else None
+        self.grad = torch.empty_like(self.param)
+        self.exp_avg = torch.empty_like(self.param)
+        self.exp_avg_sq = torch.empty_like(self.param)
+        self.load(slots)
         grad_b = self.grad[: w * nb].view(w, nb)
         self.b_leaves = tuple(
             _leaf(lay.b_stack(self.b, i), lay.b_stack(grad_b, i)) for i in range(len(lay.slots))
@@ -92,6 +92,19 @@ class Workspace:
             self.a_leaves = tuple(_leaf(lay.a_view(self.a, i), lay.a_view(grad_a, i)) for i in range(len(lay.slots)))
             a_views = self.a_leaves
         self.a_views = a_views
+
+    def load(self, slots: Sequence[int]) -> None:
+        """(Re)start from the engine rows `slots` (as many as this workspace holds): B (and A) copied in,
+        gradient and moments zeroed, in place (so graphs captured on this workspace stay valid)."""
+        if len(slots) != self.b.shape[0]:
+            raise ValueError(f"this workspace holds {self.b.shape[0]} sessions, not {len(slots)}")
+        self.slots = list(slots)
+        with torch.no_grad():
+            self.b.copy_(self.engine.b[torch.as_tensor(self.slots, device=self.engine.device)])
+            if self.a is not None:
+                self.a.copy_(self.engine.a)
+            for t in (self.grad, self.exp_avg, self.exp_avg_sq):
+                t.zero_()
 
     @property
     def leaves(self) -> tuple[torch.Tensor, ...]:
@@ -183,7 +196,7 @@ class WriteRun:
         slots: Sequence[int],
         recipe: Recipe,
         train_a: bool = False,
-        cuda_graphs: bool = True,
+        static: StaticWrites | None = None,
     ) -> None:
         if recipe.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {recipe.optimizer!r}")
@@ -205,15 +218,16 @@ class WriteRun:
         ]
         self.slots = [slots[i] for i in self.order]
         self.cached = isinstance(data, TrunkCache)
-        # a captured step must never read the device on the host: several sessions' segments are device
-        # tensors that only the Triton kernels take as they are (the torch ops and the composed non-SiLU MLP
-        # read them back), so those writes run eagerly
+        self.sgd_lr = recipe.lr if self._sgd_in_backward(len(slots)) else None
+        # static buffers (and their CUDA graphs) only where a captured step never reads the device on the
+        # host: several sessions' segments are device tensors that only the Triton kernels take as they
+        # are (the torch ops and the composed non-SiLU MLP read them back), so those writes run eagerly
         one_session = len(slots) == 1
-        self.graphed = (
-            cuda_graphs and engine.device.type == "cuda" and self.cached and all(engine.fused)
+        static_ok = (
+            static is not None and self.cached and all(engine.fused)
             and (engine.backend == "triton" or (engine.backend == "torch" and one_session))
         )  # fmt: skip
-        self.sgd_lr = recipe.lr if self._sgd_in_backward(len(slots)) else None
+        self.static = static.get(data, len(slots), train_a, recipe, self.sgd_lr) if static_ok else None
 
     def _sgd_in_backward(self, sessions: int) -> bool:
         """Plain SGD on one session's float32 B with the Triton kernels: the backward kernel applies
@@ -265,21 +279,16 @@ class WriteRun:
     # ---------------------------------------------------------------- the whole write
     def plans(self) -> list:
         if self.cached:
-            return plan_steps(self.data, self.steps, self.engine.device, fixed_shapes=self.graphed)
+            return plan_steps(self.data, self.steps, self.engine.device, fixed_shapes=self.static is not None)
         return plan_generic(self.data, self.steps, self.engine.device)
 
     def run_steps(self, on_step: StepCallback | None = None) -> torch.Tensor:
         """Every step -> losses [n_steps, W] on the device. No host sync inside the loop (unless
         `on_step` asks for each loss); on CUDA the steps replay CUDA graphs."""
         plans = self.plans()
-        if self.graphed:
-            from tmem_runtime.cuda_graphs import GraphedSteps
-
-            step_t = torch.zeros((), dtype=torch.float32, device=self.engine.device)  # counted in the graph
-            graphs = GraphedSteps(partial(self._counted_step, step=step_t))
         losses = []
         for k, plan in enumerate(plans, start=1):
-            loss = graphs(plan.signature, plan) if self.graphed else self.step(plan, k)
+            loss = self.static.run_step(plan, self._counted_step) if self.static else self.step(plan, k)
             losses.append(loss)
             if on_step is not None:
                 on_step(k, len(plans), float(loss.sum()))
@@ -289,7 +298,11 @@ class WriteRun:
         """Train and check each session; nothing is committed yet (see `commit`)."""
         n = len(self.slots)
         with torch.inference_mode(False):
-            self.ws = Workspace(self.engine, self.slots, self.train_a)
+            if self.static is None:
+                self.ws = Workspace(self.engine, self.slots, self.train_a)
+            else:  # the bucket's buffers: this write's cache and rows copied in
+                self.data = self.static.load(self.data, self.slots)
+                self.ws = self.static.workspace
             if not self.steps:
                 return WriteOutcome([[] for _ in range(n)], [None] * n)
             table = self.run_steps(on_step).tolist()  # the loop's results, read once

@@ -26,6 +26,7 @@ from tmem_runtime.decoder import Decoder, PrefixKV
 IGNORE_INDEX = -100
 CHUNKED_HEAD_LOGITS = 1 << 27  # K x V from which a step's head loss runs in chunks (512 MB of fp32 logits)
 MIN_SHARED_PREFIX = 4
+TARGET_BUCKET = 64  # fixed-shape steps pad their target count to a multiple of this (CUDA graphs, see plan_steps)
 
 
 @dataclass
@@ -264,15 +265,21 @@ def plan_steps(
 ) -> list[StepBatch]:
     """One StepBatch per entry of `schedule`: cache rows of one session, or [(slot, rows), ...].
 
-    fixed_shapes: every step runs the cache's full width with the schedule's largest target count,
-    so steps differ at most in their row counts (for CUDA graphs).
+    fixed_shapes: every step runs the cache's full width with the schedule's largest target count
+    rounded up to TARGET_BUCKET, so steps differ at most in their row counts, and writes of similar
+    cards in their shapes not at all (for CUDA graphs).
     """
     steps = [list(s) if s and isinstance(s[0], tuple) else [(0, s)] for s in schedule]
     if not fixed_shapes:
         return [plan_group_step(cache, groups, device) for groups in steps]
     width = cache.hidden.shape[1]
     counts = [int((cache.labels[[r for _, rows in g for r in rows], 1:] != IGNORE_INDEX).sum()) for g in steps]
-    return [plan_group_step(cache, groups, device, width, max(counts)) for groups in steps]
+    targets = round_up(max(counts), TARGET_BUCKET)
+    return [plan_group_step(cache, groups, device, width, targets) for groups in steps]
+
+
+def round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 def adapted_loss(
