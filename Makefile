@@ -17,7 +17,7 @@ COMPAT_TESTS := tests/test_lora_mlp.py tests/test_update.py tests/test_rsvd.py t
                 tests/test_write_steps.py tests/test_lora_segmented.py tests/test_library.py tests/test_pool.py \
                 tests/test_families.py
 
-.PHONY: install demo test test-compat gpu-check lint bench eval clean
+.PHONY: install demo test test-compat gpu-check gpu-prepare lint bench eval clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -56,6 +56,11 @@ test-compat: $(COMPAT_STAMP)
 # Without CUDA it is a dry run of the same script (CUDA-only parts skipped or shortened).
 gpu-check:
 	timeout -k 10 480 bash tools/gpu_check.sh
+
+# Here, before a device run: the SmolLM2 tokenizer into .gpu/tokenizer (git-ignored; carry `.gpu`), for the
+# benchmarks that tokenize flashcards (the GPU image has no SmolLM2 package and reaches no hub).
+gpu-prepare: $(STAMP)
+	$(BIN)/python -c "from tmem_runtime.models import load_model; load_model()[1].save_pretrained('.gpu/tokenizer')"
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-columns=min,median,mean,rounds -s

@@ -1,14 +1,17 @@
 """The session pool, side by side in one run (issue 10):
 
-    decode step, 16 sessions:  one batch of 16 rows, each reading its own session (pool.rows)
-                               vs 16 one-row steps with a swap (load_state_dict) before each
-                               vs the bare model's step at batch 16 (no fast weights)
-    batched write:             8 sessions x 8 flashcards in one write_qa_many vs 8 write_qa one by one
+    decode step, S sessions:  one batch of S rows, each reading its own session (pool.rows) out of
+                              the pool's resident ones, vs S one-row steps with a swap
+                              (load_state_dict) before each, vs the bare model's step at batch S
+    batched write:            W sessions x 8 flashcards in one write_qa_many vs W write_qa one by one
 
-On SmolLM2-135M (CPU, float32); on a GPU, random weights at its shapes in bfloat16 (the GPU image has no
-SmolLM2 package: TMEM_BENCH_TOKENIZER names a tokenizer directory for the flashcards). Goals: the
-batched decode step >= 4x faster than 16 swapped steps and <= 1.3x the bare step; the batched write
->= 1.5x faster than sequential writes. Memory per resident session is printed.
+Cases: SmolLM2-135M with S = 16, W = 8 (CPU: the real model, float32; GPU: random weights at its shapes,
+bf16); on a GPU also Qwen3-4B shapes (bf16, random weights) with S = 64 out of 1,000 resident sessions
+and W = 16. The GPU image has no SmolLM2 package: TMEM_BENCH_TOKENIZER names a tokenizer directory for
+the flashcards (`make gpu-prepare` puts one in .gpu/tokenizer). Goals: CPU, the batched decode step
+>= 4x faster than the swapped steps and <= 1.3x the bare step, the batched write >= 1.5x faster than
+sequential writes; GPU at Qwen3-4B shapes, the batched step within 1.1x of bare with 1,000 sessions
+resident, the batched write of 16 sessions >= 8x faster. Memory per resident session is printed.
 
     pytest benchmarks/test_bench_pool.py
 """
@@ -16,6 +19,7 @@ batched decode step >= 4x faster than 16 swapped steps and <= 1.3x the bare step
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -26,35 +30,60 @@ from benchmarks.test_bench_write import PAIRS, _model
 from tmem_runtime import FastWeights, SessionPool
 from tmem_runtime.recipes import RECIPES
 
-SESSIONS = 16
 PROMPT = 48
-RESULTS: dict[str, float] = {}
 RECIPE = RECIPES["paper"].with_(epochs=2, batch_size=8)
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    torch.manual_seed(0)
-    if DEVICE.type == "cuda":
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(os.environ["TMEM_BENCH_TOKENIZER"])
-        return random_model("smollm2", torch.bfloat16), tokenizer
-    return _model()
+@dataclass(frozen=True)
+class Case:
+    name: str
+    sessions: int  # rows of the decode batch, one session each
+    resident: int  # sessions open in the pool while it decodes
+    writers: int  # sessions of the batched write (8 flashcards each)
 
 
-@pytest.fixture(scope="module")
-def states(smollm2):
-    """16 written sessions' state dicts (one pool write of 4 cards each)."""
-    model, tokenizer = smollm2
-    pool = SessionPool(model, capacity=SESSIONS, backend="auto")
-    names = [f"s{i}" for i in range(SESSIONS)]
-    for s in names:
-        pool.open(s)
-    pool.write_qa_many(tokenizer, {s: PAIRS[2 * i : 2 * i + 4] for i, s in enumerate(names)}, recipe=RECIPE)
-    out = {s: pool.state_dict(s) for s in names}
-    pool.detach()
-    return out
+CASES = [Case("smollm2", 16, 16, 8)] + ([Case("qwen3-4b", 64, 1000, 16)] if DEVICE.type == "cuda" else [])
+RESULTS: dict[tuple[str, str], float] = {}
+_loaded: dict[str, tuple] = {}
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: c.name)
+def case(request) -> Case:
+    return request.param
+
+
+def _loaded_model(case: Case) -> tuple:
+    """(model, tokenizer) of `case`, one model kept at a time (Qwen3-4B is large)."""
+    if case.name not in _loaded:
+        _loaded.clear()
+        torch.manual_seed(0)
+        if DEVICE.type == "cuda":
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(os.environ["TMEM_BENCH_TOKENIZER"])
+            _loaded[case.name] = random_model(case.name, torch.bfloat16), tokenizer
+        else:
+            _loaded[case.name] = _model()
+    return _loaded[case.name]
+
+
+_states: dict[str, dict] = {}
+
+
+def _written_states(case: Case) -> dict[str, dict[str, torch.Tensor]]:
+    """`case.sessions` written sessions' state dicts (one pool write of 4 cards each)."""
+    if case.name not in _states:
+        model, tokenizer = _loaded_model(case)
+        pool = SessionPool(model, capacity=case.sessions, backend="auto")
+        names = [f"s{i}" for i in range(case.sessions)]
+        for s in names:
+            pool.open(s)
+        cards = {s: (PAIRS * 3)[2 * i % 32 : 2 * i % 32 + 4] for i, s in enumerate(names)}
+        pool.write_qa_many(tokenizer, cards, recipe=RECIPE)
+        _states.clear()
+        _states[case.name] = {s: pool.state_dict(s) for s in names}
+        pool.detach()
+    return _states[case.name]
 
 
 def _prefilled(model, rows: int):
@@ -84,24 +113,27 @@ def _synced(fn):
     return run
 
 
-@pytest.mark.parametrize("impl", ["bare_batch16", "pool_batch16", "swap_16x1"])
-def test_decode_step(benchmark, smollm2, states, impl):
-    model, _ = smollm2
-    names = list(states)
-    benchmark.group = f"one decode step, {SESSIONS} sessions (SmolLM2-135M, {PROMPT}-token context)"
-    if impl == "bare_batch16":
-        last, cache = _prefilled(model, SESSIONS)
+@pytest.mark.parametrize("impl", ["bare", "pool", "swapped"])
+def test_decode_step(benchmark, case, impl):
+    model, _ = _loaded_model(case)
+    states = _written_states(case)
+    names, n = list(states), case.sessions
+    benchmark.group = f"one decode step, {n} sessions ({case.name}, {PROMPT}-token context)"
+    if impl == "bare":
+        last, cache = _prefilled(model, n)
         benchmark.pedantic(_synced(_step), args=(model, last, cache), rounds=30, warmup_rounds=3)
-    elif impl == "pool_batch16":
-        pool = SessionPool(model, capacity=SESSIONS, backend="auto")
+    elif impl == "pool":
+        pool = SessionPool(model, capacity=case.resident, backend="auto")
         for s in names:
             pool.open(s)
             pool.load_state_dict(s, states[s])
+        for i in range(case.resident - n):  # the rest of the resident sessions (not in the batch)
+            pool.open(f"idle{i}")
         with pool.rows(names):
-            last, cache = _prefilled(model, SESSIONS)
+            last, cache = _prefilled(model, n)
             benchmark.pedantic(_synced(_step), args=(model, last, cache), rounds=30, warmup_rounds=3)
-        RESULTS["bytes_per_session"] = pool.bytes_per_session()
-        RESULTS["bytes_writing"] = pool.bytes_per_session(writing=True)
+        RESULTS[case.name, "bytes_per_session"] = pool.bytes_per_session()
+        RESULTS[case.name, "bytes_writing"] = pool.bytes_per_session(writing=True)
         pool.detach()
     else:
         fw = FastWeights(model, backend="auto")
@@ -110,22 +142,23 @@ def test_decode_step(benchmark, smollm2, states, impl):
             fw.load_state_dict(states[s])
             caches.append(_prefilled(model, 1))
 
-        def sixteen_swapped_steps():
+        def swapped_steps():
             for s, (last, cache) in zip(names, caches):
                 fw.load_state_dict(states[s])
                 _step(model, last, cache)
 
-        benchmark.pedantic(_synced(sixteen_swapped_steps), rounds=10, warmup_rounds=1)
+        benchmark.pedantic(_synced(swapped_steps), rounds=3 if n > 16 else 10, warmup_rounds=1)
         fw.detach()
-    RESULTS[impl] = benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        RESULTS[case.name, impl] = benchmark.stats.stats.median
 
 
-@pytest.mark.parametrize("impl", ["batched_8x8", "sequential_8x8"])
-def test_write_8_sessions(benchmark, smollm2, impl):
-    model, tokenizer = smollm2
-    names = [f"w{i}" for i in range(8)]
-    cards = {s: PAIRS[4 * i : 4 * i + 8] if 4 * i + 8 <= len(PAIRS) else PAIRS[-8:] for i, s in enumerate(names)}
-    pool = SessionPool(model, capacity=8, backend="auto")
+@pytest.mark.parametrize("impl", ["batched", "sequential"])
+def test_write_sessions(benchmark, case, impl):
+    model, tokenizer = _loaded_model(case)
+    names = [f"w{i}" for i in range(case.writers)]
+    cards = {s: (PAIRS * 2)[4 * i % 32 : 4 * i % 32 + 8] for i, s in enumerate(names)}
+    pool = SessionPool(model, capacity=case.writers, backend="auto")
     for s in names:
         pool.open(s)
 
@@ -135,32 +168,35 @@ def test_write_8_sessions(benchmark, smollm2, impl):
     def sequential():
         return {s: pool.write_qa(s, tokenizer, cards[s], recipe=RECIPE) for s in names}
 
-    benchmark.group = "write: 8 sessions x 8 flashcards (SmolLM2-135M)"
-    losses = benchmark.pedantic(batched if impl == "batched_8x8" else sequential, rounds=3, warmup_rounds=1)
-    assert len(losses) == 8
+    benchmark.group = f"write: {case.writers} sessions x 8 flashcards ({case.name})"
+    losses = benchmark.pedantic(batched if impl == "batched" else sequential, rounds=3, warmup_rounds=1)
+    assert len(losses) == case.writers
     pool.detach()
-    RESULTS[impl] = benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        RESULTS[case.name, impl] = benchmark.stats.stats.median
 
 
 @pytest.fixture(scope="module", autouse=True)
 def summary(request):
     yield
-    r = RESULTS
     lines = ["[pool]"]
-    if {"bare_batch16", "pool_batch16", "swap_16x1"} <= r.keys():
-        lines.append(
-            f"  decode step: pool {r['pool_batch16'] * 1e3:.1f} ms, bare {r['bare_batch16'] * 1e3:.1f} ms "
-            f"({r['pool_batch16'] / r['bare_batch16']:.2f}x bare), 16 swapped steps {r['swap_16x1'] * 1e3:.1f} ms "
-            f"(pool {r['swap_16x1'] / r['pool_batch16']:.1f}x faster)"
-        )
-    if {"batched_8x8", "sequential_8x8"} <= r.keys():
-        lines.append(
-            f"  write 8x8: batched {r['batched_8x8']:.2f} s, sequential {r['sequential_8x8']:.2f} s "
-            f"({r['sequential_8x8'] / r['batched_8x8']:.2f}x)"
-        )
-    if "bytes_per_session" in r:
-        lines.append(
-            f"  memory per resident session: {r['bytes_per_session'] / 1e3:.0f} kB (B, fp32); "
-            f"{r['bytes_writing'] / 1e3:.0f} kB while written (+ grad, AdamW moments)"
-        )
+    for c in CASES:
+        r = {k: v for (name, k), v in RESULTS.items() if name == c.name}
+        if {"bare", "pool", "swapped"} <= r.keys():
+            lines.append(
+                f"  {c.name} decode step, {c.sessions} sessions ({c.resident} resident): pool "
+                f"{r['pool'] * 1e3:.1f} ms, bare {r['bare'] * 1e3:.1f} ms ({r['pool'] / r['bare']:.2f}x bare), "
+                f"{c.sessions} swapped steps {r['swapped'] * 1e3:.1f} ms (pool {r['swapped'] / r['pool']:.1f}x faster)"
+            )
+        if {"batched", "sequential"} <= r.keys():
+            lines.append(
+                f"  {c.name} write {c.writers}x8: batched {r['batched']:.2f} s, sequential {r['sequential']:.2f} s "
+                f"({r['sequential'] / r['batched']:.2f}x)"
+            )
+        if "bytes_per_session" in r:
+            lines.append(
+                f"  {c.name} memory per resident session: {r['bytes_per_session'] / 1e3:.0f} kB (B, fp32); "
+                f"{r['bytes_writing'] / 1e3:.0f} kB while written (+ grad, AdamW moments); "
+                f"{c.resident} resident: {c.resident * r['bytes_per_session'] / 1e9:.2f} GB"
+            )
     write_summary(request.config, lines)

@@ -13,6 +13,9 @@
 #                CUDA graphs, torch path, PEFT (benchmarks/test_bench_write_shapes.py)
 #   kernels      lora_mlp fwd+bwd and the optimizer steps, with each one's share of the card's bound, and the
 #                per-kernel shares from the profiler (benchmarks/test_bench_lora_mlp.py, test_bench_update.py)
+#   pool         the session pool at SmolLM2 and Qwen3-4B shapes: a decode batch of one session per row vs the
+#                bare model and vs swapping, 1,000 resident sessions, batched vs sequential writes
+#                (benchmarks/test_bench_pool.py; needs a tokenizer: `make gpu-prepare` here, carry .gpu)
 #   decode       the decode dispatch per MLP call (cuBLAS vs fused) and tokens/s with a written adapter vs the
 #                bare model (benchmarks/test_bench_decode.py)
 # Output: at most 8 files under $OUT (./gpu_out when unset); 00_summary.txt says the card, the versions and each
@@ -29,6 +32,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 TRITON_DEFAULT_FP_FUSION=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/tmem_triton_cache}  # one cache for every phase: compile once
 unset TRITON_INTERPRET TMEM_BENCH_SLOW TMEM_BENCH_DTYPE TMEM_DECODE_PATH
+if [ -z "${TMEM_BENCH_TOKENIZER:-}" ] && [ -d "$ROOT/.gpu/tokenizer" ]; then
+  export TMEM_BENCH_TOKENIZER=$ROOT/.gpu/tokenizer  # from `make gpu-prepare`
+fi
 SUMMARY=$OUT/00_summary.txt
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs)
 BENCH=(--benchmark-columns=min,median,rounds --benchmark-sort=name)
@@ -103,7 +109,7 @@ fi
 #         TF32, the graphed write), the kernel tests, the runtime tests. The CPU compile check and the slow
 #         real-model CPU tests are left out (same wheel, same result as on the CPU box).
 KERNEL_TESTS=(tests/test_lora_mlp.py tests/test_update.py)
-RUNTIME_TESTS=(tests/test_write_steps.py tests/test_fast_weights.py tests/test_rsvd.py)
+RUNTIME_TESTS=(tests/test_write_steps.py tests/test_fast_weights.py tests/test_rsvd.py tests/test_pool.py)
 if ((DRY)); then
   phase tests_cuda 60 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" "${RUNTIME_TESTS[@]}" -m cuda
   phase tests_kernels 240 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" -m "not cuda" \
@@ -111,7 +117,7 @@ if ((DRY)); then
   phase tests_runtime 240 "$OUT/02_tests.txt" "${PYTEST[@]}" "${RUNTIME_TESTS[@]}" -m "not cuda and not slow" \
     -k "fixed_shape or never_read"
 else
-  phase tests_cuda 60 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" "${RUNTIME_TESTS[@]}" -m cuda \
+  phase tests_cuda 90 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" "${RUNTIME_TESTS[@]}" -m cuda \
     --durations=5
   phase tests_kernels 100 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" -m "not cuda" \
     -k "not gpu_compile" --durations=5
@@ -127,10 +133,19 @@ else
   phase write_smollm2 60 "$OUT/03_bench_write.txt" "${PYTEST[@]}" benchmarks/test_bench_write_shapes.py \
     -k smollm2 "${BENCH[@]}" --benchmark-json="$OUT/04_bench_write_smollm2.json"
   phase write_qwen3 120 "$OUT/03_bench_write.txt" "${PYTEST[@]}" benchmarks/test_bench_write_shapes.py \
-    -k qwen3 "${BENCH[@]}" --benchmark-json="$OUT/05_bench_write_qwen3.json"
+    -k qwen3 "${BENCH[@]}"
 fi
 
-# ---- 3. kernel benchmarks: each op's share of the bound, and each Triton kernel's (profiler) -----------------
+# ---- 3. the session pool (skipped without a tokenizer: the GPU image has none) ----------------------------------
+if ((DRY)); then
+  echo "pool SKIPPED (dry run: the CPU figures come from \`make bench\`)" >> "$SUMMARY"
+elif [ -z "${TMEM_BENCH_TOKENIZER:-}" ]; then
+  echo "pool SKIPPED (no tokenizer: run \`make gpu-prepare\` before the device run and carry .gpu)" >> "$SUMMARY"
+else
+  phase pool 110 "$OUT/05_bench_pool.txt" "${PYTEST[@]}" benchmarks/test_bench_pool.py "${BENCH[@]}" -s
+fi
+
+# ---- 4. kernel benchmarks: each op's share of the bound, and each Triton kernel's (profiler) -----------------
 if ((DRY)); then
   phase kernels 120 "$OUT/06_bench_kernels.txt" "${PYTEST[@]}" benchmarks/test_bench_lora_mlp.py \
     benchmarks/test_bench_update.py -k "smollm2 and not N4096" "${BENCH[@]}"  # (CPU: torch, native, peft)
@@ -139,7 +154,7 @@ else
     benchmarks/test_bench_update.py "${BENCH[@]}"
 fi
 
-# ---- 4. decode: the dispatch per MLP call, and per token with a written adapter vs the bare model -----------
+# ---- 5. decode: the dispatch per MLP call, and per token with a written adapter vs the bare model -----------
 if ((DRY)); then
   phase decode 240 "$OUT/07_bench_decode.txt" "${PYTEST[@]}" benchmarks/test_bench_decode.py \
     -k "smollm2 and (N4 or tokens)" "${BENCH[@]}"
@@ -159,11 +174,11 @@ fi
   echo "--- failures (first 20)"
   grep -hE "^(FAILED|ERROR) " "$OUT"/0[2-7]_*.txt 2>/dev/null | cut -c1-240 | head -20
   echo "--- benchmark summaries"
-  for f in "$OUT"/03_bench_write.txt "$OUT"/06_bench_kernels.txt "$OUT"/07_bench_decode.txt; do
+  for f in "$OUT"/03_bench_write.txt "$OUT"/06_bench_kernels.txt "$OUT"/05_bench_pool.txt "$OUT"/07_bench_decode.txt; do
     [ -f "$f" ] || continue
     echo "## $(basename "$f")"
     # each suite prints its table after its last test: from the first summary header to the pytest result line
-    awk '/^(one write|lora_mlp forward|optimizer step|per-kernel|decode,)/{p=1} p && /^(-----|=====)/{p=0} p' "$f" \
+    awk '/^(one write|lora_mlp forward|optimizer step|per-kernel|decode,|\[pool\])/{p=1} p && /^(-----|=====)/{p=0} p' "$f" \
       | grep -v '^\.*$' | head -60
   done
   echo "total +${SECONDS}s"
