@@ -96,8 +96,9 @@ def test_a_graphed_batched_write_equals_the_eager_one(optimizer, lr):
     for s in SESSIONS:
         for eager, graphed in zip(*losses):
             torch.testing.assert_close(torch.tensor(graphed[s]), torch.tensor(eager[s]), rtol=1e-5, atol=1e-6)
+        tol = 1e-5 if optimizer == "sgd" else 3e-2  # see B_TOLERANCE in test_write_steps.py
         for k, v in states[0][s].items():
-            assert (states[1][s][k] - v).norm() <= 1e-5 * v.norm(), (s, k)
+            assert (states[1][s][k] - v).norm() <= tol * v.norm(), (s, k)
 
 
 def test_per_row_forward_equals_the_model_with_only_that_session(tiny):

@@ -171,6 +171,13 @@ def test_writes_of_one_bucket_share_its_buffers(tiny):
     fw.detach()
 
 
+# graphed vs eager steps on CUDA: the same kernels, but reductions with atomics may round differently;
+# AdamW's per-element scaling turns that into whole steps for elements whose gradient is ~0 (1.4% of B's
+# norm measured for padded vs unpadded shapes on the CPU). The losses, compared to 1e-5, catch a stale
+# buffer: every later write's losses read the B the earlier ones left.
+B_TOLERANCE = {"sgd": 1e-5, "adamw": 3e-2}
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adamw", 1e-2)])
 def test_graphs_replayed_across_writes_match_eager_writes(tiny, optimizer, lr):
@@ -182,8 +189,9 @@ def test_graphs_replayed_across_writes_match_eager_writes(tiny, optimizer, lr):
     assert sorted(k[1] for k in buckets.buckets) == [32, 64]
     for a, b in zip(graphed, eager):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
+    tol = B_TOLERANCE[optimizer]
     for k, v in eager_state.items():
-        assert (graphed_state[k] - v).norm() <= 1e-5 * v.norm(), k
+        assert (graphed_state[k] - v).norm() <= tol * v.norm(), k
 
 
 def test_an_error_mid_write_leaves_the_adapter_as_it_was(tiny):
