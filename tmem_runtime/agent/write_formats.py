@@ -76,6 +76,29 @@ def fast_weights_off(fast_weights) -> Iterator[None]:
 _MARK = "\u241f"
 
 
+def writing_prompts(
+    generator: Generator, context: str, mode: str, named: bool = False, turns: list[tuple[str, str]] | None = None
+) -> tuple[list[str], str]:
+    """(chat prompts, their fixed shared part) of memory-writing mode for `context`: one prompt in
+    "array" mode (the JSON opening prefilled), one per (DATE line, turn) in "per-turn" mode (`turns`,
+    default every dated turn of `context`; named: turns in the third person)."""
+    if mode == "array":
+        shared = generator.split_chat_prompt(flashcard_messages(_MARK), _MARK)[0]
+        return [generator.chat_prompt(flashcard_messages(context), prefill=FLASHCARD_PREFILL)], shared
+    turns = dated_turns(context) if turns is None else turns
+    shared = generator.split_chat_prompt(turn_flashcard_messages("", _MARK, named), _MARK)[0]
+    prompts = [generator.chat_prompt(turn_flashcard_messages(h, t, named), prefill=TURN_PREFILL) for h, t in turns]
+    return prompts, shared
+
+
+def card_texts(mode: str, completions: list[str]) -> str | list[str]:
+    """What `parse_flashcards` reads from the completions of `writing_prompts`: the array (its prefill
+    and the one completion), or each turn's card (its prefill and the completion's first line)."""
+    if mode == "array":
+        return FLASHCARD_PREFILL + completions[0]
+    return [TURN_PREFILL + c.split("\n")[0] for c in completions]
+
+
 def write_flashcards(
     generator: Generator,
     context: str,
@@ -101,21 +124,19 @@ def write_flashcards(
     if mode not in FLASHCARD_MODES:
         raise ValueError(f"flashcard mode must be one of {FLASHCARD_MODES}, got {mode!r}")
     if writer is not None:
-        raw = writer(context)
+        texts = raw = writer(context)
     elif mode == "array":
-        shared = generator.split_chat_prompt(flashcard_messages(_MARK), _MARK)[0]
-        prompt = generator.chat_prompt(flashcard_messages(context), prefill=FLASHCARD_PREFILL)
-        raw = FLASHCARD_PREFILL + generator.generate([prompt], max_new_tokens, shared=shared, weights=weights)[0]
+        prompts, shared = writing_prompts(generator, context, mode)
+        texts = raw = card_texts(mode, generator.generate(prompts, max_new_tokens, shared=shared, weights=weights))
     else:
         turns = dated_turns(context)
         turns = select(turns) if select is not None else turns
-        shared = generator.split_chat_prompt(turn_flashcard_messages("", _MARK, named), _MARK)[0]
-        prompts = [generator.chat_prompt(turn_flashcard_messages(h, t, named), prefill=TURN_PREFILL) for h, t in turns]
+        prompts, shared = writing_prompts(generator, context, mode, named, turns)
         cards = generator.generate(prompts, min(max_new_tokens, 48), batch_size=64, shared=shared, weights=weights,
                                    stop="line")
-        replies = [TURN_PREFILL + c.split("\n")[0] for c in cards]
-        raw = "\n".join(replies)
-    parsed = parse_flashcards(replies if writer is None and mode == "per-turn" else raw, context=context)
+        texts = card_texts(mode, cards)
+        raw = "\n".join(texts)
+    parsed = parse_flashcards(texts, context=context)
     return raw, parsed.pairs, dict(parsed.dropped)
 
 

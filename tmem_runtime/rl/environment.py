@@ -31,18 +31,10 @@ import torch
 
 from tmem_runtime.agent.agent import MemoryAgent, clean_answer
 from tmem_runtime.agent.channels import MemoryChannel, WriteEvent
-from tmem_runtime.agent.flashcards import (
-    FLASHCARD_MODES,
-    FLASHCARD_PREFILL,
-    TURN_PREFILL,
-    dated_turns,
-    flashcard_messages,
-    parse_flashcards,
-    turn_flashcard_messages,
-)
+from tmem_runtime.agent.flashcards import FLASHCARD_MODES, parse_flashcards
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.locomo import QA, Conversation, question_prompt, resolve_choice, score
-from tmem_runtime.agent.write_formats import resolve_recipe
+from tmem_runtime.agent.write_formats import card_texts, resolve_recipe, writing_prompts
 from tmem_runtime.examples import chat_prompt_ids
 from tmem_runtime.pool import SessionPool
 from tmem_runtime.rl.distributed import DistContext
@@ -52,7 +44,6 @@ from tmem_runtime.sessions import WriteError
 
 EPISODE = "episode"
 FORMAT_DROPS = ("unparseable", "missing_key", "not_text", "empty", "too_long", "echo")
-_MARK = "\u241f"
 
 
 @dataclass
@@ -213,15 +204,9 @@ class MemoryWriteEnv:
     def prompts(self, context: str) -> tuple[list[list[int]], list[int], str | None]:
         """(prompt ids, shared prefix ids, stop) of the memory-writing mode for `context`: one prompt in
         array mode (the JSON opening prefilled), one per turn in per-turn mode."""
-        gen, named = self.generator, self.config.named
-        if self.config.flashcard_mode == "array":
-            shared = gen.split_chat_prompt(flashcard_messages(_MARK), _MARK)[0]
-            prompt = gen.chat_prompt(flashcard_messages(context), prefill=FLASHCARD_PREFILL)
-            return [gen.encode(prompt)], gen.encode(shared), None
-        shared = gen.split_chat_prompt(turn_flashcard_messages("", _MARK, named), _MARK)[0]
-        prompts = [gen.encode(gen.chat_prompt(turn_flashcard_messages(h, t, named), prefill=TURN_PREFILL))
-                   for h, t in dated_turns(context)]
-        return prompts, gen.encode(shared), "line"
+        gen, mode = self.generator, self.config.flashcard_mode
+        prompts, shared = writing_prompts(gen, context, mode, self.config.named)
+        return [gen.encode(p) for p in prompts], gen.encode(shared), None if mode == "array" else "line"
 
     def _max_tokens(self) -> int:
         return self.config.card_tokens if self.config.flashcard_mode == "array" else min(self.config.card_tokens, 48)
@@ -244,11 +229,8 @@ class MemoryWriteEnv:
 
     def _parsed(self, w: WriteContext, member: int, segments: list[Completion]) -> _Sample:
         tok = self.generator.tokenizer
-        if self.config.flashcard_mode == "array":
-            texts: str | list[str] = FLASHCARD_PREFILL + tok.decode(segments[0].tokens, skip_special_tokens=True)
-        else:
-            texts = [TURN_PREFILL + tok.decode(s.tokens, skip_special_tokens=True).split("\n")[0] for s in segments]
-        parsed = parse_flashcards(texts, context=w.text)
+        completions = [tok.decode(s.tokens, skip_special_tokens=True) for s in segments]
+        parsed = parse_flashcards(card_texts(self.config.flashcard_mode, completions), context=w.text)
         drops = dict(parsed.dropped)
         kept = len(parsed.pairs)
         found = kept + sum(drops.values())
