@@ -78,7 +78,7 @@ class StaticWrites:
 
     def get(self, cache: TrunkCache, sessions: int, train_a: bool, recipe: Recipe, sgd_lr: float | None) -> StaticWrite:
         """The bucket for a write of `sessions` sessions over `cache` (made, and the oldest dropped, if new)."""
-        n, s, h = cache.hidden.shape
+        n, s = cache.hidden.shape[:2]
         rows, width = round_up(n, ROW_BUCKET), round_up(s, WIDTH_BUCKET)
         key = (rows, width, cache.prefix_len, sessions, train_a, recipe.optimizer, recipe.lr, recipe.weight_decay,
                sgd_lr)  # fmt: skip
