@@ -18,14 +18,13 @@ resident, the batched write of 16 sessions >= 8x faster. Memory per resident ses
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from benchmarks.common import DEVICE, random_model, write_summary
+from benchmarks.common import DEVICE, write_summary
 from benchmarks.test_bench_write import PAIRS, _model
 from tmem_runtime import FastWeights, SessionPool
 from tmem_runtime.recipes import RECIPES
@@ -44,7 +43,6 @@ class Case:
 
 CASES = [Case("smollm2", 16, 16, 8)] + ([Case("qwen3-4b", 64, 1000, 16)] if DEVICE.type == "cuda" else [])
 RESULTS: dict[tuple[str, str], float] = {}
-_loaded: dict[str, tuple] = {}
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: c.name)
@@ -52,38 +50,26 @@ def case(request) -> Case:
     return request.param
 
 
-def _loaded_model(case: Case) -> tuple:
-    """(model, tokenizer) of `case`, one model kept at a time (Qwen3-4B is large)."""
-    if case.name not in _loaded:
-        _loaded.clear()
-        torch.manual_seed(0)
-        if DEVICE.type == "cuda":
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(os.environ["TMEM_BENCH_TOKENIZER"])
-            _loaded[case.name] = random_model(case.name, torch.bfloat16), tokenizer
-        else:
-            _loaded[case.name] = _model()
-    return _loaded[case.name]
+@pytest.fixture(scope="module")
+def loaded(case: Case) -> tuple:
+    """(model, tokenizer) of `case` (pytest keeps one case's at a time: Qwen3-4B is large)."""
+    torch.manual_seed(0)
+    return _model(case.name, torch.bfloat16, DEVICE) if DEVICE.type == "cuda" else _model()
 
 
-_states: dict[str, dict] = {}
-
-
-def _written_states(case: Case) -> dict[str, dict[str, torch.Tensor]]:
+@pytest.fixture(scope="module")
+def states(case: Case, loaded: tuple) -> dict[str, dict[str, torch.Tensor]]:
     """`case.sessions` written sessions' state dicts (one pool write of 4 cards each)."""
-    if case.name not in _states:
-        model, tokenizer = _loaded_model(case)
-        pool = SessionPool(model, capacity=case.sessions, backend="auto")
-        names = [f"s{i}" for i in range(case.sessions)]
-        for s in names:
-            pool.open(s)
-        cards = {s: (PAIRS * 3)[2 * i % 32 : 2 * i % 32 + 4] for i, s in enumerate(names)}
-        pool.write_qa_many(tokenizer, cards, recipe=RECIPE)
-        _states.clear()
-        _states[case.name] = {s: pool.state_dict(s) for s in names}
-        pool.detach()
-    return _states[case.name]
+    model, tokenizer = loaded
+    pool = SessionPool(model, capacity=case.sessions, backend="auto")
+    names = [f"s{i}" for i in range(case.sessions)]
+    for s in names:
+        pool.open(s)
+    cards = {s: (PAIRS * 3)[2 * i % 32 : 2 * i % 32 + 4] for i, s in enumerate(names)}
+    pool.write_qa_many(tokenizer, cards, recipe=RECIPE)
+    out = {s: pool.state_dict(s) for s in names}
+    pool.detach()
+    return out
 
 
 def _prefilled(model, rows: int):
@@ -114,9 +100,8 @@ def _synced(fn):
 
 
 @pytest.mark.parametrize("impl", ["bare", "pool", "swapped"])
-def test_decode_step(benchmark, case, impl):
-    model, _ = _loaded_model(case)
-    states = _written_states(case)
+def test_decode_step(benchmark, case, loaded, states, impl):
+    model, _ = loaded
     names, n = list(states), case.sessions
     benchmark.group = f"one decode step, {n} sessions ({case.name}, {PROMPT}-token context)"
     if impl == "bare":
@@ -154,8 +139,8 @@ def test_decode_step(benchmark, case, impl):
 
 
 @pytest.mark.parametrize("impl", ["batched", "sequential"])
-def test_write_sessions(benchmark, case, impl):
-    model, tokenizer = _loaded_model(case)
+def test_write_sessions(benchmark, case, loaded, impl):
+    model, tokenizer = loaded
     names = [f"w{i}" for i in range(case.writers)]
     cards = {s: (PAIRS * 2)[4 * i % 32 : 4 * i % 32 + 8] for i, s in enumerate(names)}
     pool = SessionPool(model, capacity=case.writers, backend="auto")

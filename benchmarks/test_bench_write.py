@@ -36,15 +36,18 @@ ATTRIBUTES = [
 PAIRS = [(q.format(n=n), vals[i]) for q, vals in ATTRIBUTES for i, n in enumerate(NAMES)]  # 32 pairs
 
 
-def _model():
-    name = os.environ.get("TMEM_BENCH_MODEL", "smollm2-135m")
-    try:
-        return load_model(name)
-    except FileNotFoundError:  # GPU image: no SmolLM2 package; random weights at its shapes
-        from transformers import AutoTokenizer
+def _model(shapes: str = "smollm2", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(model, tokenizer): SmolLM2-135M itself (or TMEM_BENCH_MODEL) in float32 on the CPU where it is
+    installed; otherwise random weights at `shapes` in `dtype` on `device`, with the tokenizer in the
+    directory TMEM_BENCH_TOKENIZER names (the GPU image has no SmolLM2 package and reaches no hub)."""
+    if shapes == "smollm2" and dtype == torch.float32 and torch.device(device).type == "cpu":
+        try:
+            return load_model(os.environ.get("TMEM_BENCH_MODEL", "smollm2-135m"))
+        except FileNotFoundError:
+            pass
+    from transformers import AutoTokenizer
 
-        model = random_model("smollm2", torch.float32, torch.device("cpu"))
-        return model, AutoTokenizer.from_pretrained(os.environ["TMEM_BENCH_TOKENIZER"])
+    return random_model(shapes, dtype, device), AutoTokenizer.from_pretrained(os.environ["TMEM_BENCH_TOKENIZER"])
 
 
 @pytest.fixture(scope="module")
