@@ -70,7 +70,7 @@ def run_studies(args: argparse.Namespace) -> None:
     facts = [s for s in ("precondition", "init", "place", "capacity") if s in args.only]
     if facts:
         model, tokenizer = load_model(args.model)
-        neutral = studies.neutral_reference(model, tokenizer)
+        neutral = studies.neutral_reference(model, tokenizer) if {"init", "place"} & set(facts) else None
         if "precondition" in facts:
             studies.precondition_study(ResultStore(out / "precondition.json"), model, tokenizer,
                                        args.precondition_sets)

@@ -136,8 +136,7 @@ class Generator:
         max_new_tokens), "line" (also at any token holding a newline: the first line is final) or
         "answer" (also once a non-blank first line is complete).
         """
-        new = self.generate_tokens(prompts, max_new_tokens, batch_size, shared, weights, stop)
-        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
+        return self._texts(self.generate_tokens(prompts, max_new_tokens, batch_size, shared, weights, stop))
 
     def generate_tokens(
         self,
@@ -160,11 +159,8 @@ class Generator:
             pre = self.prefix(shared, weights)
         return self._decode_tokens(prompts, pre, max_new_tokens, batch_size, stop, bind)
 
-    def _decode(self, prompts: list[list[int]], prefix: Prefix | list[Prefix | None] | None, max_new_tokens: int,
-                batch_size: int, stop: str | None, bind: RowBinding | None = None) -> list[str]:
-        """greedy_generate with this generator's stops and counters; the new text of each prompt."""
-        new = self._decode_tokens(prompts, prefix, max_new_tokens, batch_size, stop, bind)
-        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
+    def _texts(self, rows: list[list[int]]) -> list[str]:
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
     def _decode_tokens(self, prompts: list[list[int]], prefix: Prefix | list[Prefix | None] | None,
                        max_new_tokens: int, batch_size: int, stop: str | None,
@@ -226,7 +222,7 @@ class Generator:
             sizes.append(len(suffixes))
         if not prompts:
             return [[] for _ in jobs]
-        texts = self._decode(prompts, prefixes, max_new_tokens, batch_size, stop,
-                             bind=lambda rows: pool.rows([sessions[i] for i in rows]))
+        texts = self._texts(self._decode_tokens(prompts, prefixes, max_new_tokens, batch_size, stop,
+                                                bind=lambda rows: pool.rows([sessions[i] for i in rows])))
         starts = [sum(sizes[:j]) for j in range(len(sizes))]
         return [texts[a : a + n] for a, n in zip(starts, sizes)]
