@@ -43,8 +43,8 @@ def ask_facts(
 class RecallRun:
     """One write of a fact set and the answers after it.
 
-    losses: per-step write losses. answers/hits: the written questions. paraphrase_*: the rephrased
-    questions (empty when the set has none).
+    losses: per-step write losses. write_seconds / write_cpu_seconds: the write's wall and CPU time.
+    answers/hits: the written questions. paraphrase_*: the rephrased questions (empty when the set has none).
     """
 
     losses: list[float]
@@ -53,6 +53,7 @@ class RecallRun:
     hits: list[bool]
     paraphrase_answers: list[str] = field(default_factory=list)
     paraphrase_hits: list[bool] = field(default_factory=list)
+    write_cpu_seconds: float = 0.0
 
     @property
     def recalled(self) -> int:
@@ -67,16 +68,18 @@ def write_and_recall(
     seed: int = 0,
     paraphrases: bool = True,
     on_step: StepCallback | None = None,
+    train_a: bool = False,
 ) -> RecallRun:
     """Write `facts` (write_qa, loss on answers) on top of the adapter's state, then ask each question.
 
     The adapter keeps the write; call `fast_weights.reset()` first for a write from a fresh state.
     """
-    start = time.perf_counter()
-    losses = fast_weights.write_qa(tokenizer, [(f.question, f.answer) for f in facts], recipe, seed, on_step=on_step)
-    seconds = time.perf_counter() - start
+    start, cpu = time.perf_counter(), time.process_time()
+    pairs = [(f.question, f.answer) for f in facts]
+    losses = fast_weights.write_qa(tokenizer, pairs, recipe, seed, on_step=on_step, train_a=train_a)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     answers, hits = ask_facts(fast_weights.model, tokenizer, facts)
-    run = RecallRun(losses, seconds, answers, hits)
+    run = RecallRun(losses, seconds, answers, hits, write_cpu_seconds=cpu_seconds)
     if paraphrases:
         run.paraphrase_answers, run.paraphrase_hits = ask_facts(fast_weights.model, tokenizer, facts, paraphrase=True)
     return run

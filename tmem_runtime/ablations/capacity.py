@@ -8,9 +8,10 @@ then the recall of write k's facts after write w (k <= w).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from tmem_runtime.agent.channels import replay_sample
 
 REPLAY_MODES = ("none", "sample32", "all")
 
@@ -30,8 +31,7 @@ def replay_for(mode: str, earlier: Sequence[int], write_index: int, seed: int) -
     if mode == "all":
         return list(earlier)
     if mode == "sample32":
-        rng = random.Random(seed * 1000 + write_index)
-        return rng.sample(list(earlier), min(32, len(earlier)))
+        return replay_sample(list(earlier), 32, seed, write_index)
     raise ValueError(f"replay mode must be one of {REPLAY_MODES}, got {mode!r}")
 
 

@@ -18,8 +18,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tmem_runtime.ablations.drift import drift, neutral_answers_right, next_token_logprobs
 from tmem_runtime.fact_sets import Fact
 from tmem_runtime.fast_weights import FastWeights
-from tmem_runtime.recall import ask_facts
+from tmem_runtime.recall import write_and_recall
 from tmem_runtime.recipes import Recipe, get_recipe
+from tmem_runtime.sessions import pad_id
 
 MIDDLE_LAYERS = (13, 14, 15, 16)  # four middle decoder layers of SmolLM2-135M's 30
 
@@ -141,21 +142,17 @@ def recall_run(
     questions' answers after the write), bytes per session."""
     prompts, groups, before, right_before = neutral
     wall, cpu = time.perf_counter(), time.process_time()
-    losses = fw.write_qa(tokenizer, [(f.question, f.answer) for f in facts], recipe, seed, train_a=train_a)
-    write_s, write_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
-    answers, hits = ask_facts(fw.model, tokenizer, facts)
-    _, para_hits = ask_facts(fw.model, tokenizer, facts, paraphrase=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    after = next_token_logprobs(fw.model, prompts, pad)
+    run = write_and_recall(fw, tokenizer, facts, recipe, seed, train_a=train_a)
+    after = next_token_logprobs(fw.model, prompts, pad_id(tokenizer))
     neutral_answers, right_after = neutral_answers_right(fw.model, tokenizer)
     return {
-        "hits": hits,
-        "paraphrase_hits": para_hits,
-        "answers": answers,
-        "losses": [round(x, 5) for x in losses],
-        "steps": len(losses),
-        "write_s": round(write_s, 3),
-        "write_cpu_s": round(write_cpu_s, 3),
+        "hits": run.hits,
+        "paraphrase_hits": run.paraphrase_hits,
+        "answers": run.answers,
+        "losses": [round(x, 5) for x in run.losses],
+        "steps": len(run.losses),
+        "write_s": round(run.write_seconds, 3),
+        "write_cpu_s": round(run.write_cpu_seconds, 3),
         "run_cpu_s": round(time.process_time() - cpu, 3),
         "run_s": round(time.perf_counter() - wall, 3),
         "drift": {

@@ -129,6 +129,12 @@ class RetrievalChannel(MemoryChannel):
         return WriteEvent(chunks_indexed=len(chunks))
 
 
+def replay_sample(items: list, n: int, seed: int, index: int) -> list:
+    """Up to `n` of `items`, a sample seeded by (seed, index): Random(seed * 1000 + index), the agent's
+    replay of earlier cards with write `index` (and the capacity study's, which must match it)."""
+    return random.Random(seed * 1000 + index).sample(items, min(n, len(items)))
+
+
 class FastWeightChannel(MemoryChannel):
     """TMEM: each trigger trains the context (as `write_format`) into the fast weights.
 
@@ -174,8 +180,7 @@ class FastWeightChannel(MemoryChannel):
     def replayed(self, trigger: int, n_new: int) -> list:
         """The earlier items trained again with a write of `n_new` new ones (seeded by the trigger)."""
         n = min(self.replay, n_new * self.replay_per_item) if self.replay_per_item > 0 else self.replay
-        rng = random.Random(self.seed * 1000 + trigger)
-        return rng.sample(self.written, min(n, len(self.written)))
+        return replay_sample(self.written, n, self.seed, trigger)
 
     def write(self, context: str, trigger: int) -> WriteEvent:
         record = write_to_weights(
