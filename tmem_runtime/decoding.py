@@ -281,9 +281,9 @@ def greedy_generate(
     if len(stops) != len(prompts):
         raise ValueError(f"{len(stops)} stop functions for {len(prompts)} prompts")
     binding = bind or (lambda rows: nullcontext())
-    if choose is not None and not supports_piecewise(model):
-        raise ValueError(f"{type(model).__name__} cannot be driven piecewise: no `choose` hook")
     if not supports_piecewise(model):  # the spec itself: same outputs, no prefix sharing
+        if choose is not None:
+            raise ValueError(f"{type(model).__name__} cannot be driven piecewise: no `choose` hook")
         out = []
         for i, p in enumerate(prompts):
             with binding([i]):
@@ -305,12 +305,8 @@ def greedy_generate(
 
     def flush() -> None:
         rows = [(prefixes[i], list(prompts[i][len(prefixes[i] or ()) :])) for i in batch]
-        members = list(batch)
-        bound = lambda slots: binding([members[r] for r in slots])  # noqa: E731 (rows of this batch -> prompts)
-        pick = None if choose is None else (lambda logits, slots: choose(logits, [members[r] if r >= 0 else -1
-                                                                                   for r in slots]))
-        for i, new in zip(batch, _decode_batch(decoder, rows, max_new_tokens, eos, set(stop_ids),
-                                               [stops[i] for i in batch], stats, bound, pick)):
+        for i, new in zip(batch, _decode_batch(decoder, rows, batch, max_new_tokens, eos, set(stop_ids),
+                                               [stops[i] for i in batch], stats, binding, choose)):
             outputs[i] = new
         batch.clear()
 
@@ -334,6 +330,7 @@ def _cut(row: list[int], eos: set[int], stop_ids: set[int], stop: StopFn | None)
 def _decode_batch(
     decoder: Decoder,
     rows: list[tuple[Prefix | None, list[int]]],
+    prompt_index: list[int],
     max_new_tokens: int,
     eos: set[int],
     stop_ids: set[int],
@@ -344,14 +341,14 @@ def _decode_batch(
 ) -> list[list[int]]:
     """One batch: fill the prefixes, prefill the suffixes (left-padded), decode until every row ends.
 
-    bind(rows) is the context of a forward over `rows` (indices into `rows` as given); stops[r]: row r's;
-    choose(logits, rows) the next tokens (the same indices, -1 for a finished row), None: the argmax.
+    prompt_index[r]: row r's index among greedy_generate's prompts, the index `bind` and `choose` are
+    told (`RowBinding`, `ChooseFn`; -1 for a finished row); stops[r]: row r's; choose None: the argmax.
 
     Suffixes are prefilled in groups of PREFILL_ROWS rows of similar length, each group padded only
     to its own longest suffix; every row's suffix ends at the same column, where decoding starts.
     """
     order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
-    rows, stops = [rows[r] for r in order], [stops[r] for r in order]
+    rows, stops, prompt_index = [rows[r] for r in order], [stops[r] for r in order], [prompt_index[r] for r in order]
     model = decoder.model
     device, dtype = _device(model), decoder.dtype
     b = len(rows)
@@ -382,7 +379,7 @@ def _decode_batch(
         width = max(len(s) for _, s in rows[a:z])
         cols = torch.arange(end - width, end, device=device)
         allowed = (valid[a:z, None, :end] & (keys[None, :] <= cols[:, None])[None]) | (keys == cols[:, None])[None]
-        with bind(order[a:z]):
+        with bind(prompt_index[a:z]):
             hidden = decoder.run_layers_at(decoder.embed(ids[a:z, s_max - width :]),
                                            positions[a:z, s_max - width :], _additive(allowed, dtype),
                                            cache.rows(a, z, end - width))
@@ -401,7 +398,7 @@ def _decode_batch(
         if choose is None:
             tokens = logits.argmax(-1)
         else:
-            tokens = choose(logits, [-1 if done else order[active[s]] for s, done in enumerate(finished)])
+            tokens = choose(logits, [-1 if done else prompt_index[active[s]] for s, done in enumerate(finished)])
         for slot, tok in enumerate(tokens.tolist()):
             if finished[slot]:
                 continue
@@ -422,7 +419,7 @@ def _decode_batch(
         col = cache.length
         valid[:, col] = True
         mask = _additive(valid[:, None, : col + 1], dtype)
-        with bind([order[r] for r in active]):
+        with bind([prompt_index[r] for r in active]):
             hidden = decoder.run_layers_at(decoder.embed(tokens[:, None]), next_pos[:, None], mask, cache)
         cache.advance(1)
         next_pos = next_pos + 1
