@@ -119,10 +119,15 @@ class KVBuffer:
         self.length = 0
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        end = self.length + key.shape[2]
-        k, v = self.keys[layer_idx], self.values[layer_idx]
-        k[:, :, self.length : end] = key
-        v[:, :, self.length : end] = value
+        return self.write(layer_idx, slice(None), self.length, key, value)
+
+    def write(self, layer_idx: int, rows: slice, column: int, key: torch.Tensor, value: torch.Tensor):
+        """Write `rows`' new keys/values [b, H_kv, T, D] at columns [column, column + T); returns those
+        rows' keys and values up to there."""
+        end = column + key.shape[2]
+        k, v = self.keys[layer_idx][rows], self.values[layer_idx][rows]
+        k[:, :, column:end] = key
+        v[:, :, column:end] = value
         return k[:, :, :end], v[:, :, :end]
 
     def advance(self, t: int) -> None:
@@ -152,12 +157,7 @@ class _RowSlice:
         self.buffer, self.start_row, self.stop_row, self.column = buffer, start_row, stop_row, column
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        end = self.column + key.shape[2]
-        k = self.buffer.keys[layer_idx][self.start_row : self.stop_row]
-        v = self.buffer.values[layer_idx][self.start_row : self.stop_row]
-        k[:, :, self.column : end] = key
-        v[:, :, self.column : end] = value
-        return k[:, :, :end], v[:, :, :end]
+        return self.buffer.write(layer_idx, slice(self.start_row, self.stop_row), self.column, key, value)
 
 
 def _kv_shape(model: nn.Module) -> tuple[int, int]:
