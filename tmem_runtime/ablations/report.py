@@ -326,8 +326,9 @@ def format_section(out: Path) -> Lines:
              f"every question whose evidence lies there: **{len(main[FORMATS[0]])} questions of categories 1-4** "
              "(the same for every format; paired).", ""]
     rows = []
+    f1s = {f: mean_interval([a["f1"] for a in main[f]]) for f in methods}
     for f in methods:
-        f1 = mean_interval([a["f1"] for a in main[f]])
+        f1 = f1s[f]
         em = statistics.mean(a["em"] for a in main[f])
         reports = [json.loads((format_dir(out, f, c) / "report.json").read_text())["methods"] for c in convs]
         entry = [next(iter(r.values())) for r in reports]
@@ -346,15 +347,16 @@ def format_section(out: Path) -> Lines:
         diffs[(x, y)] = paired_difference([a["f1"] for a in main[x]], [a["f1"] for a in main[y]])
     lines += _table(["difference", "F1 points [95% CI]", "CI excludes 0"],
                     [[f"{x} − {y}", d.fmt(100), "yes" if d.excludes_zero() else "no"] for (x, y), d in diffs.items()])
-    lines += ["", f"![write formats]({plot_formats(main, diffs, out / 'format.png')})", ""]
+    lines += ["", f"![write formats]({plot_formats(f1s, diffs, out / 'format.png')})", ""]
     return lines
 
 
-def plot_formats(main: dict, diffs: dict, path: Path) -> str:
+def plot_formats(f1s: dict, diffs: dict, path: Path) -> str:
+    """Each method's F1 interval (`f1s`: method -> Interval) and the paired differences, side by side."""
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ivs = [mean_interval([a["f1"] for a in main[f]]) for f in main]
-    ax1.bar(list(main), [100 * i.mean for i in ivs], capsize=4,
+    ivs = list(f1s.values())
+    ax1.bar(list(f1s), [100 * i.mean for i in ivs], capsize=4,
             yerr=[[100 * (i.mean - i.low) for i in ivs], [100 * (i.high - i.mean) for i in ivs]])  # fmt: skip
     ax1.set_ylabel("LoCoMo F1, categories 1-4 (x100)")
     labels = [f"{x} − {y}" for x, y in diffs]
