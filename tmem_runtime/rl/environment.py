@@ -44,6 +44,7 @@ from tmem_runtime.sessions import WriteError
 
 EPISODE = "episode"
 FORMAT_DROPS = ("unparseable", "missing_key", "not_text", "empty", "too_long", "echo")
+Prompts = tuple[list[list[int]], list[int], str | None]  # (prompt ids, shared prefix ids, stop)
 
 
 @dataclass
@@ -174,10 +175,17 @@ class MemoryWriteEnv:
         out = []
         for w in writes[: asked[-1] + 1]:
             replay = self._replay(written, seed, task, w.index)
+            prompts = self.prompts(w.text)
+            best = None  # the policy's greedy set for w: computed once, for the group and for the memory
             if w.questions:
-                out += self._group(b, task, w, members, seed, replay, greedy, bool(written))
+                if greedy:
+                    best = self._greedy_set(w, prompts)
+                    samples = [best]
+                else:
+                    samples = self._sample_sets(w, prompts, members, seed, task)
+                out += self._group(b, task, w, samples, members, seed, replay, bool(written))
             if w.index < asked[-1]:
-                cards = self._greedy_set(w).pairs
+                cards = (best if best is not None else self._greedy_set(w, prompts)).pairs
                 if cards:
                     self.pool.write_qa_many(self.generator.tokenizer, {EPISODE: cards + replay}, self.recipe,
                                             seed=rollout_seed(seed, task, w.index, "episode") & 0xFFFF)
@@ -192,16 +200,15 @@ class MemoryWriteEnv:
         if session not in self.pool:
             self.pool.open(session)
 
-    def _group(self, b: int, task: int, w: WriteContext, members: list[int], seed: int, replay: list,
-               greedy: bool, from_memory: bool) -> list[Rollout]:
-        samples = [self._greedy_set(w)] if greedy else self._sample_sets(w, members, seed, task)
+    def _group(self, b: int, task: int, w: WriteContext, samples: list[_Sample], members: list[int], seed: int,
+               replay: list, from_memory: bool) -> list[Rollout]:
         for s, g in zip(samples, members):
             s.member = g
         rewards = self._rewards(w, samples, replay, from_memory, seed, task)
         return [Rollout(f"{b}:{task}/w{w.index}", s.member, s.segments, r, s.counts) for s, r in zip(samples, rewards)]
 
     # ---------------------------------------------------------------- writing flashcards
-    def prompts(self, context: str) -> tuple[list[list[int]], list[int], str | None]:
+    def prompts(self, context: str) -> Prompts:
         """(prompt ids, shared prefix ids, stop) of the memory-writing mode for `context`: one prompt in
         array mode (the JSON opening prefilled), one per turn in per-turn mode."""
         gen, mode = self.generator, self.config.flashcard_mode
@@ -211,8 +218,9 @@ class MemoryWriteEnv:
     def _max_tokens(self) -> int:
         return self.config.card_tokens if self.config.flashcard_mode == "array" else min(self.config.card_tokens, 48)
 
-    def _sample_sets(self, w: WriteContext, members: list[int], seed: int, task: int) -> list[_Sample]:
-        prompts, shared, stop = self.prompts(w.text)
+    def _sample_sets(self, w: WriteContext, prompts: Prompts, members: list[int], seed: int,
+                     task: int) -> list[_Sample]:
+        prompts, shared, stop = prompts
         gen = self.generator
         rows = [(g, j) for g in members for j in range(len(prompts))]
         done = sample_completions(
@@ -222,8 +230,8 @@ class MemoryWriteEnv:
         n = len(prompts)
         return [self._parsed(w, g, done[i * n : (i + 1) * n]) for i, g in enumerate(members)]
 
-    def _greedy_set(self, w: WriteContext) -> _Sample:
-        prompts, shared, stop = self.prompts(w.text)
+    def _greedy_set(self, w: WriteContext, prompts: Prompts) -> _Sample:
+        prompts, shared, stop = prompts
         new = self.generator.generate_tokens(prompts, self._max_tokens(), 64, shared, None, stop)
         return self._parsed(w, 0, [Completion(p, t) for p, t in zip(prompts, new)])
 
