@@ -188,6 +188,23 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
     assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
+def test_a_checkpoint_left_half_renamed_by_a_crash_is_never_picked(tmp_path):
+    import shutil
+
+    trainer = toy_trainer(tmp_path, {"keep_checkpoints": 2})
+    trainer.train(2)
+    root = tmp_path / "checkpoints"
+    assert latest_checkpoint(tmp_path) == root / "step-000002"
+    shutil.copytree(root / "step-000002", root / "step-000003.tmp")  # complete, but crashed before its rename
+    (root / "step-000009").mkdir()  # no trainer.json: never finished
+    assert latest_checkpoint(tmp_path) == root / "step-000002"
+    assert toy_trainer(tmp_path).resume() == 2
+    trainer.train(4)  # saves step 4, keeps the 2 newest complete ones
+    assert latest_checkpoint(tmp_path) == root / "step-000004"
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["step-000002", "step-000003.tmp", "step-000004", "step-000009"]
+
+
 def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(tmp_path):
     trainer = toy_trainer(tmp_path)
     trainer.train(2)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tmem_runtime.rl.policy import Policy, PolicyFileError, read_policy_file
 STATE_FILE = "trainer.json"
 POLICY_FILE = "policy.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+CHECKPOINT_NAME = re.compile(r"step-(\d{6,})")  # checkpoint_dir's names
 
 
 class CheckpointError(ValueError):
@@ -47,10 +49,18 @@ def checkpoint_dir(out: str | os.PathLike, step: int) -> Path:
     return Path(out) / "checkpoints" / f"step-{step:06d}"
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoint directories in `root` (OUT/checkpoints), lowest step first: named exactly
+    step-NNNNNN (not a step-NNNNNN.tmp left by a crash) and holding trainer.json."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found) if p.is_dir() and (p / STATE_FILE).is_file()]
+
+
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     """The complete checkpoint with the highest step under OUT/checkpoints (None if there is none)."""
-    root = Path(out) / "checkpoints"
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file()) if root.is_dir() else []
+    done = complete_checkpoints(Path(out) / "checkpoints")
     return done[-1] if done else None
 
 
@@ -75,7 +85,7 @@ def save_checkpoint(out: str | os.PathLike, step: int, policy: Policy, optimizer
     (tmp / STATE_FILE).write_text(json.dumps(record, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    old = sorted(p for p in final.parent.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    old = complete_checkpoints(final.parent)
     for p in old[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     return final
