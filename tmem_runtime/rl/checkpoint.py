@@ -22,10 +22,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
-from tmem_runtime.rl.policy import Policy, PolicyFileError, read_policy_file
+from tmem_runtime.rl.policy import Policy, PolicyFileError, read_policy_file, read_safetensors
 
 STATE_FILE = "trainer.json"
 POLICY_FILE = "policy.safetensors"
@@ -109,9 +109,8 @@ def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.op
             raise CheckpointError(f"{path}: {name} is missing or does not match its recorded SHA-256 (corrupt)")
     try:
         _, policy_tensors = read_policy_file(path / POLICY_FILE)
-        with safe_open(str(path / OPTIMIZER_FILE), "pt") as f:
-            groups = json.loads((f.metadata() or {})["param_groups"])
-        opt_tensors = load_file(str(path / OPTIMIZER_FILE))
+        opt_meta, opt_tensors = read_safetensors(path / OPTIMIZER_FILE)
+        groups = json.loads(opt_meta["param_groups"])
     except (PolicyFileError, OSError, SafetensorError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     opt_state = _rebuild_optimizer_state(path, opt_tensors, groups, optimizer)

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from tmem_runtime.adapter_file import save_adapter
 from tmem_runtime.models import decoder_layers, target_mlps
 
 POLICY_MODES = ("full", "lora")
@@ -171,10 +171,13 @@ class Policy:
 
     def save(self, path: str | os.PathLike) -> None:
         """One safetensors file, written atomically (a temporary file, then renamed)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(self.state_dict(), str(tmp), metadata=self.metadata())
-        os.replace(tmp, path)
+        save_adapter(path, self.state_dict(), self.metadata())
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(header, tensors on the CPU) of a safetensors file, read through one open."""
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
 
 
 def read_policy_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -183,11 +186,7 @@ def read_policy_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str,
     if path.is_dir():
         path = path / "policy.safetensors"
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
+        meta, tensors = read_safetensors(path)
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
         raise PolicyFileError(f"{path}: not a readable policy file ({exc})") from exc
     if meta.get("format") != FORMAT:
