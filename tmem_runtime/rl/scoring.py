@@ -22,22 +22,9 @@ import torch
 from torch import nn
 
 from tmem_runtime.decoder import Decoder, PrefixKV, supports_piecewise
+from tmem_runtime.decoding import common_prefix_length
 
 Row = tuple[Sequence[int], Sequence[int]]  # (prompt ids, completion ids)
-
-
-def shared_prefix_length(rows: Sequence[Row]) -> int:
-    """Tokens every row's prompt starts with, at most min(prompt length) - 1 (the last prompt token of
-    each row is in its own part: its position predicts the first completion token)."""
-    if len(rows) < 2:
-        return 0
-    first, n = rows[0][0], min(len(p) for p, _ in rows) - 1
-    for p, _ in rows[1:]:
-        i = 0
-        while i < n and p[i] == first[i]:
-            i += 1
-        n = i
-    return max(n, 0)
 
 
 class PolicyScorer(nn.Module):
@@ -68,10 +55,12 @@ class PolicyScorer(nn.Module):
         return next(self.model.parameters()).device
 
     def _hidden_shared(self, rows: Sequence[Row]) -> torch.Tensor:
-        """Normed final hidden states [M, H] at every completion-predicting position, rows in order."""
+        """Normed final hidden states [M, H] at every completion-predicting position, rows in order. The prefix
+        every row's prompt shares (at most min(prompt length) - 1 tokens: the last prompt token of each row is
+        in its own part, its position predicts the first completion token) runs once; a single row shares none."""
         decoder = Decoder(self.model)
         device = self._device()
-        p = shared_prefix_length(rows)
+        p = common_prefix_length([prompt for prompt, _ in rows]) if len(rows) > 1 else 0
         tails = [list(prompt[p:]) + list(comp[:-1]) for prompt, comp in rows]
         lengths = torch.tensor([len(t) for t in tails], device=device)
         ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=device)
