@@ -203,16 +203,18 @@ class GRPOTrainer:
                     n_tok = torch.tensor([r.n_tokens for r in chunk], dtype=tok_loss.dtype, device=tok_loss.device)
                     loss = (per_rollout / n_tok).sum() * (ctx.world / max(n_total, 1))
                     loss.backward()
-                    bad = max(bad, 0.0 if math.isfinite(loss.item()) else 1.0)  # (then every rank skips)
-                    sums[0] += loss.item() / ctx.world
+                    value = loss.item()
+                    bad = max(bad, 0.0 if math.isfinite(value) else 1.0)  # (then every rank skips)
+                    sums[0] += value / ctx.world
+                    tokens = float(sum(r.n_tokens for r in chunk))  # = mask.sum(), known here
                     if ci in ref:
                         kl = k3_kl(logp.detach(), ref[ci])
                         sums[1] += float((kl * mask).sum())
-                        sums[2] += float(mask.sum())
+                        sums[2] += tokens
                     sums[3] += float((clipped & mask).sum())
-                    sums[4] += float(mask.sum())
-            grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in self.policy.parameters()
-                               if p.grad is not None)
+                    sums[4] += tokens
+            finite = [torch.isfinite(p.grad).all() for p in self.policy.parameters() if p.grad is not None]
+            grads_finite = bool(torch.stack(finite).all()) if finite else True  # one sync for every tensor
             loss_bad, grad_bad = ctx.all_reduce([bad, 0.0 if grads_finite else 1.0], op="max")
             loss_sum, kl_sum, kl_n, clip_n, tok_n = ctx.all_reduce(sums, op="sum")
             if loss_bad or grad_bad:
