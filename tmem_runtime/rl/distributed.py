@@ -35,10 +35,6 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def backend(self) -> str | None:
-        return dist.get_backend() if self.group else None
-
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's contiguous block of `items` (blocks differ in size by at most one)."""
         n = len(items)

@@ -38,7 +38,7 @@ from tmem_runtime.agent.write_formats import card_texts, resolve_recipe, writing
 from tmem_runtime.examples import chat_prompt_ids
 from tmem_runtime.pool import SessionPool
 from tmem_runtime.rl.distributed import DistContext
-from tmem_runtime.rl.rollout import Rollout
+from tmem_runtime.rl.rollout import Rollout, sum_counts
 from tmem_runtime.rl.sampling import Completion, rollout_seed, sample_completions
 from tmem_runtime.sessions import WriteError
 
@@ -299,10 +299,6 @@ class MemoryWriteEnv:
                 "malformed": counts.get("malformed", 0.0) / n, "cards_per_sample": counts.get("grounded", 0.0) / n}
 
 
-def mean_reward(rollouts: Sequence[Rollout]) -> float:
-    return sum(r.reward for r in rollouts) / len(rollouts) if rollouts else 0.0
-
-
 @torch.no_grad()
 def evaluate_writer(env: MemoryWriteEnv, tasks: Sequence[int], ctx: DistContext | None = None) -> dict[str, float]:
     """The greedy writer on `tasks`: mean reward (F1 of the answers after each write) and card rates.
@@ -310,9 +306,6 @@ def evaluate_writer(env: MemoryWriteEnv, tasks: Sequence[int], ctx: DistContext 
     ctx = ctx or DistContext()
     mine = [(r.reward, r.counts) for r in env.greedy_rollouts(ctx.shard(list(tasks)))]
     scored = [x for part in ctx.all_gather_objects(mine) for x in part]
-    counts: dict[str, float] = {}
-    for _, c in scored:
-        for k, v in c.items():
-            counts[k] = counts.get(k, 0.0) + v
+    counts = sum_counts(c for _, c in scored)
     reward = sum(r for r, _ in scored) / len(scored) if scored else 0.0
     return {"reward": reward, "groups": len(scored), **env.metrics(counts)}

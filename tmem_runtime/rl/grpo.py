@@ -75,8 +75,3 @@ def clipped_token_loss(
     clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
     return loss, clipped
 
-
-def per_output_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over each output's written tokens: values, mask [N, C] -> [N] (0 for an output without tokens)."""
-    m = mask.to(values.dtype)
-    return (values * m).sum(-1) / m.sum(-1).clamp_min(1)

@@ -121,9 +121,6 @@ class Policy:
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named]
 
-    def numel(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     @contextmanager
     def adapters_off(self) -> Iterator[None]:
         """LoRA policies: the base model inside the block (the reference policy); full: not available."""

@@ -8,7 +8,7 @@ the whole batch for the log (cards kept, dropped by reason, malformed samples, .
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,6 +31,15 @@ class Rollout:
     def n_tokens(self) -> int:
         """Written tokens: what the policy gradient flows through."""
         return sum(len(s.tokens) for s in self.segments)
+
+
+def sum_counts(counts: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Rollouts' counters summed key by key (a key missing from a rollout counts 0)."""
+    total: dict[str, float] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 class Environment(Protocol):

@@ -44,7 +44,7 @@ from tmem_runtime.rl.checkpoint import latest_checkpoint, load_checkpoint, save_
 from tmem_runtime.rl.distributed import DistContext
 from tmem_runtime.rl.grpo import clipped_token_loss, group_advantages, k3_kl
 from tmem_runtime.rl.policy import Policy
-from tmem_runtime.rl.rollout import Environment, Rollout
+from tmem_runtime.rl.rollout import Environment, Rollout, sum_counts
 from tmem_runtime.rl.sampling import rollout_seed
 from tmem_runtime.rl.scoring import PolicyScorer
 
@@ -151,10 +151,7 @@ class GRPOTrainer:
 
     def _batch_record(self, step: int, everything: list, advantages: dict) -> dict:
         rewards = [r for _, _, r, _, _ in everything]
-        counts: dict[str, float] = {}
-        for *_, c in everything:
-            for k, v in c.items():
-                counts[k] = counts.get(k, 0) + v
+        counts = sum_counts(c for *_, c in everything)
         mean = sum(rewards) / len(rewards) if rewards else 0.0
         std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)) if rewards else 0.0
         groups = {g for g, *_ in everything}
