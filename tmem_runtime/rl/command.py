@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     from tmem_runtime import SessionPool
     from tmem_runtime.agent.generation import Generator
+    from tmem_runtime.models import target_mlps
     from tmem_runtime.rl.distributed import close_distributed, init_distributed
     from tmem_runtime.rl.environment import MemoryEnvConfig, MemoryWriteEnv, evaluate_writer
     from tmem_runtime.rl.policy import Policy, PolicySpec
@@ -118,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     held = load_conversations(args.held_out) if args.held_out else []
     model, tokenizer = load_serving_model(args.model, args.tokenizer, str(ctx.device), args.dtype)
     torch.manual_seed(args.seed)  # the slow LoRA's A (rank 0's: DDP broadcasts it)
-    policy = Policy(model, PolicySpec(args.policy, args.lora_rank, 2.0 * args.lora_rank,
-                                      tuple(range(model.config.num_hidden_layers - args.num_layers,
-                                                  model.config.num_hidden_layers))))
+    fast_layers = tuple(i for i, _ in target_mlps(model, args.num_layers))  # the last N (N checked)
+    policy = Policy(model, PolicySpec(args.policy, args.lora_rank, 2.0 * args.lora_rank, fast_layers))
     pool = SessionPool(model, capacity=args.group_size + 2, rank=args.rank, num_layers=args.num_layers,
                        seed=args.seed)
     generator = Generator(model, tokenizer)
