@@ -28,7 +28,9 @@ import torch
 from tmem_runtime import FastWeights
 from tmem_runtime.agent.flashcards import TURN_PREFILL, turn_flashcard_messages
 from tmem_runtime.agent.generation import Generator
+from tmem_runtime.agent.write_formats import write_flashcards, writing_prompts
 from tmem_runtime.chat import generate_greedy
+from tmem_runtime.decoding import common_prefix_length
 from tmem_runtime.serve.app import create_app
 from tmem_runtime.serve.batcher import CARDS as CARD_PRIORITY
 from tmem_runtime.serve.batcher import Request, Row
@@ -36,7 +38,7 @@ from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
 from tmem_runtime.serve.store import SessionRecord, Store
-from tmem_runtime.serve.writer import DecodeThreadGenerator, common_prefix
+from tmem_runtime.serve.writer import DecodeThreadGenerator
 
 KEYS = {"key-acme": "acme", "key-globex": "globex"}
 ACME = {"Authorization": "Bearer key-acme"}
@@ -277,7 +279,7 @@ def test_flashcard_prompts_share_a_cached_prefix_in_mixed_batches(served, acme):
              ("DATE: 2 May 2024", "Omar: My sister works as a nurse in Porto now.")]
     prompts = [gen.chat_prompt(turn_flashcard_messages(h, t), prefill=TURN_PREFILL) for h, t in turns]
     ids = [gen.encode(p) for p in prompts]
-    shared = common_prefix(ids)
+    shared = common_prefix_length(ids)
     assert shared > 100 and ids[0][:shared] == ids[1][:shared]
     pid = service.get("acme", "mixer").pool_id
     question = service.prompt_ids([{"role": "user", "content": CARDS[0][0]}])
@@ -291,6 +293,26 @@ def test_flashcard_prompts_share_a_cached_prefix_in_mixed_batches(served, acme):
     together = [r.text for r in cards.future.result()] + [answer.future.result()[0].text]
     assert together == alone
     assert tuple(ids[0][:shared]) in service.batcher.prefixes
+
+
+def test_card_writes_of_different_dates_reuse_one_cached_prefix(served):
+    """The flashcard prompt's fixed part (`shared` of writing_prompts) is the cached prefix: one-turn writes
+    under different DATE lines reuse one entry, and each card equals its prompt decoded whole, unprefixed."""
+    _, service = served
+    gen = DecodeThreadGenerator(service.model, service.tokenizer, service.batcher)
+    contexts = ["DATE: 2 May 2024\nNina: I adopted a puppy called Rex last week.",
+                "DATE: 9 June 2025\nOmar: My sister works as a nurse in Porto now."]
+    before = set(service.batcher.prefixes)
+    raws = [write_flashcards(gen, c, max_new_tokens=12, mode="per-turn")[0] for c in contexts]
+    prompts, shared = writing_prompts(gen, contexts[0], "per-turn")
+    key = tuple(gen.encode(shared))
+    assert len(key) > 100 and set(service.batcher.prefixes) - before <= {key} and key in service.batcher.prefixes
+    alone = []
+    for c in contexts:
+        ids = gen.encode(writing_prompts(gen, c, "per-turn")[0][0])
+        assert tuple(ids[: len(key)]) == key
+        alone.append(service.batcher.submit([Row(ids, None, 12, stop_at_newline=True)]).future.result()[0].text)
+    assert raws == [TURN_PREFILL + a for a in alone]
 
 
 # ---------------------------------------------------------------------------------------------- isolation

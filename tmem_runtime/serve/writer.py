@@ -35,42 +35,32 @@ from tmem_runtime.serve.worker import Worker
 from tmem_runtime.sessions import WriteError
 
 logger = logging.getLogger("tmem.serve")
-MIN_PREFIX = 16  # shorter common prefixes are not worth a cache entry
 
 
 class DecodeThreadGenerator(Generator):
-    """A Generator whose `generate` runs on the decode thread as bare-model rows, batched with other work.
+    """A Generator whose `generate` runs on the decode thread as bare-model rows, batched with other work."""
 
-    stop_at_newline: every row ends at its first newline (the per-turn flashcards keep only that line).
-    """
-
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batcher: AnswerBatcher,
-                 stop_at_newline: bool = True) -> None:
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batcher: AnswerBatcher) -> None:
         super().__init__(model, tokenizer)
-        self.batcher, self.stop_at_newline = batcher, stop_at_newline
+        self.batcher = batcher
 
-    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 16, **options) -> list[str]:
-        """Greedy continuations; the prompts' common token prefix (the flashcard prompt's fixed part) is
-        prefilled once and cached by the decode thread."""
+    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 16, shared: str | None = None,
+                 weights: str | None = None, stop: str | None = None) -> list[str]:
+        """Greedy continuations (see `Generator.generate`): `shared` (text every prompt starts with, e.g. the
+        flashcard prompt's fixed part) is the request's prefix, prefilled once and cached by the decode
+        thread (always under the bare model, so `weights` adds nothing); stop="line": each row ends at its
+        first newline. batch_size is the decode thread's to choose."""
         if not prompts:
             return []
         ids = [self.encode(p) for p in prompts]
-        shared = common_prefix(ids) if len(ids) > 1 else 0
-        shared = shared if shared >= MIN_PREFIX else 0
-        rows = [Row(x[shared:], None, max_new_tokens, self.stop_at_newline) for x in ids]
-        results = self.batcher.submit(rows, CARDS, ids[0][:shared]).future.result()
-        self.counts.prefilled += shared + sum(len(r.ids) for r in rows)
+        prefix = self.encode(shared) if shared else []
+        if not all(len(x) > len(prefix) and x[: len(prefix)] == prefix for x in ids):
+            prefix = []  # the prompts do not all start with its tokens: no shared prefill
+        rows = [Row(x[len(prefix) :], None, max_new_tokens, stop == "line") for x in ids]
+        results = self.batcher.submit(rows, CARDS, prefix).future.result()
+        self.counts.prefilled += len(prefix) + sum(len(r.ids) for r in rows)
         self.counts.generated += sum(r.tokens for r in results)
         return [r.text for r in results]
-
-
-def common_prefix(rows: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common prefix of `rows`, leaving every row at least one token of its own."""
-    n = min(len(r) for r in rows) - 1
-    for k in range(max(n, 0)):
-        if any(r[k] != rows[0][k] for r in rows):
-            return k
-    return max(n, 0)
 
 
 class MemoryWriter(Worker):
