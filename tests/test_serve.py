@@ -315,6 +315,32 @@ def test_card_writes_of_different_dates_reuse_one_cached_prefix(served):
     assert raws == [TURN_PREFILL + a for a in alone]
 
 
+def test_line_tokens_find_the_first_newline_as_the_decoded_text_does():
+    """One-line rows end when their new token is one of `Generator.line_ids`: over SmolLM2's tokenizer
+    that is exactly when the decoded text (special tokens skipped) first holds a newline."""
+    import random
+
+    from tmem_runtime import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    line_ids = set(Generator(model, tokenizer).line_ids())
+    vocab = len(tokenizer)
+    assert line_ids == {i for i in range(vocab) if "\n" in tokenizer.decode([i], skip_special_tokens=True)}
+    rng = random.Random(0)
+    text = "Nina: I moved to Porto \u2014 caf\u00e9s, \u6e2f\u53e3 and \U0001f431 cats.\n\nOmar:  ok\r\n\tdone"
+    sequences = [tokenizer(text, add_special_tokens=False)["input_ids"]]
+    sequences += [[rng.randrange(vocab) for _ in range(48)] for _ in range(40)]  # partial UTF-8 bytes too
+    sequences += [[rng.choice(sorted(line_ids)) if rng.random() < 0.05 else rng.randrange(vocab) for _ in range(48)]
+                  for _ in range(40)]
+    checked = 0
+    for seq in sequences:
+        for n in range(1, len(seq) + 1):
+            by_text = "\n" in tokenizer.decode(seq[:n], skip_special_tokens=True)
+            assert by_text == any(t in line_ids for t in seq[:n]), seq[:n]
+            checked += by_text
+    assert checked > 100  # both outcomes seen
+
+
 # ---------------------------------------------------------------------------------------------- isolation
 def test_tenants_cannot_reach_each_others_sessions(served, acme, globex):
     create(acme, "secret")

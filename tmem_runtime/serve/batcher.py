@@ -70,17 +70,19 @@ class RowProgress:
     """Per-row decoding state: text so far, the rows' own stop rules, streaming.
 
     `stop(i)` is row i's stop function for `greedy_generate` (called with the row's new tokens after
-    each token): it updates the text, hands the new piece to the row's `on_text` and ends the row at
-    its newline (one-line rows), its token limit, or a cancelled request. `close(i, tokens)` settles
-    a row the decoder ended itself (an end-of-turn token, or the batch's token limit).
+    each token): it ends the row at its newline (one-line rows: the new token is one of `line_ids`,
+    the tokens whose text holds a newline), its token limit, or a cancelled request, and hands a
+    streaming row's new text to its `on_text`. `close(i, tokens)` settles a row the decoder ended
+    itself (an end-of-turn token, or the batch's token limit). Only streaming rows are decoded at
+    every step; the others once, when they end.
     """
 
     def __init__(self, rows: Sequence[Row], owners: Sequence[Request], tokenizer: PreTrainedTokenizerBase,
-                 eos_ids: set[int]) -> None:
-        self.rows, self.owners, self.tokenizer, self.eos_ids = rows, owners, tokenizer, eos_ids
+                 eos_ids: set[int], line_ids: set[int]) -> None:
+        self.rows, self.owners, self.tokenizer = rows, owners, tokenizer
+        self.eos_ids, self.line_ids = eos_ids, line_ids
         n = len(rows)
-        self.ids: list[list[int]] = [[] for _ in range(n)]
-        self.text, self.sent = [""] * n, [0] * n
+        self.tokens, self.text, self.sent = [0] * n, [""] * n, [0] * n
         self.done, self.reason = [False] * n, ["length"] * n
 
     def stop(self, i: int) -> Callable[[list[int]], bool]:
@@ -88,16 +90,14 @@ class RowProgress:
 
     def _step(self, i: int, tokens: list[int]) -> bool:
         row = self.rows[i]
-        self.ids[i] = list(tokens)
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if row.stop_at_newline and "\n" in text:  # a one-line row (a flashcard): its first line is final
-            self.text[i] = text.split("\n")[0]
-            self._finish(i, "stop")
-        else:
-            self.text[i] = text
-            if len(tokens) >= row.max_tokens or self.owners[i].cancelled.is_set():
-                self._finish(i, "length")
-            elif not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+        self.tokens[i] = len(tokens)
+        if row.stop_at_newline and tokens and tokens[-1] in self.line_ids:  # a one-line row: its first line is final
+            self._finish(i, "stop", tokens)
+        elif len(tokens) >= row.max_tokens or self.owners[i].cancelled.is_set():
+            self._finish(i, "length", tokens)
+        elif row.on_text is not None:
+            self.text[i] = self._decode(i, tokens)
+            if not self.text[i].endswith("\ufffd"):  # hold back a partial UTF-8 character
                 self._emit(i)
         return self.done[i]
 
@@ -107,9 +107,14 @@ class RowProgress:
             return
         ended = bool(tokens) and tokens[-1] in self.eos_ids  # the end-of-turn token is not text
         if not self._step(i, tokens[:-1] if ended else tokens):
-            self._finish(i, "stop" if ended else "length")
+            self._finish(i, "stop" if ended else "length", tokens[:-1] if ended else tokens)
 
-    def _finish(self, i: int, reason: str) -> None:
+    def _decode(self, i: int, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return text.split("\n")[0] if self.rows[i].stop_at_newline else text
+
+    def _finish(self, i: int, reason: str, tokens: list[int]) -> None:
+        self.text[i] = self._decode(i, tokens)
         self.done[i], self.reason[i] = True, reason
         self._emit(i)
 
@@ -120,18 +125,18 @@ class RowProgress:
             self.rows[i].on_text(delta)
 
     def result(self, i: int) -> RowResult:
-        return RowResult(self.text[i], len(self.ids[i]), self.reason[i])
+        return RowResult(self.text[i], self.tokens[i], self.reason[i])
 
 
 class AnswerBatcher(Worker):
     """The decode thread (see the module docstring). Call `start()`, then `submit`; `stop()` at exit."""
 
     def __init__(self, pool: SessionPool, tokenizer: PreTrainedTokenizerBase, eos_ids: Sequence[int],
-                 metrics: Metrics, max_rows: int = 32, max_sessions: int = 32, naive: bool = False,
-                 model_lock: threading.Lock | None = None, prefix_cache: int = 8) -> None:
+                 line_ids: Sequence[int], metrics: Metrics, max_rows: int = 32, max_sessions: int = 32,
+                 naive: bool = False, model_lock: threading.Lock | None = None, prefix_cache: int = 8) -> None:
         super().__init__("tmem-decode")
         self.pool, self.model, self.tokenizer = pool, pool.model, tokenizer
-        self.eos_ids = set(eos_ids)
+        self.eos_ids, self.line_ids = set(eos_ids), set(line_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.metrics, self.max_rows, self.max_sessions, self.naive = metrics, max_rows, max_sessions, naive
         self.model_lock = model_lock
@@ -220,7 +225,7 @@ class AnswerBatcher(Worker):
         owners = [r for r in batch for _ in r.rows]
         sessions = [row.session for row in rows]
         t0 = time.perf_counter()
-        progress = RowProgress(rows, owners, self.tokenizer, self.eos_ids)
+        progress = RowProgress(rows, owners, self.tokenizer, self.eos_ids, self.line_ids)
         with torch.inference_mode():
             prefixes = [self._prefix(r.prefix) for r in batch for _ in r.rows]
             tokens = greedy_generate(

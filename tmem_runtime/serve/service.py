@@ -83,8 +83,8 @@ class MemoryService:
         self.metrics = Metrics()
         model_lock = threading.Lock() if config.naive else None
         answer_sessions = max(1, config.capacity - config.max_write_sessions - 1)
-        self.batcher = AnswerBatcher(self.pool, tokenizer, self.generator.eos_ids, self.metrics, config.max_rows,
-                                     answer_sessions, config.naive, model_lock)
+        self.batcher = AnswerBatcher(self.pool, tokenizer, self.generator.eos_ids, self.generator.line_ids(),
+                                     self.metrics, config.max_rows, answer_sessions, config.naive, model_lock)
         cards = DecodeThreadGenerator(model, tokenizer, self.batcher)
         self.writer = MemoryWriter(self.pool, tokenizer, cards, self.metrics, self._persist, config.recipe,
                                    config.max_write_sessions, config.replay, config.card_tokens, model_lock=model_lock,
