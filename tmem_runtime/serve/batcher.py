@@ -188,13 +188,14 @@ class AnswerBatcher(Worker):
             self._run(batch)
 
     def _prefix(self, ids: tuple[int, ...]) -> Prefix | None:
-        """The bare model's keys/values over `ids`, prefilled once and kept (`prefix_cache` of them)."""
+        """The bare model's keys/values over `ids`, prefilled once and kept (`prefix_cache` of them); called
+        under `_generate`'s inference mode."""
         if not ids or not supports_piecewise(self.model):
             return None
         if ids in self.prefixes:
             self.prefixes.move_to_end(ids)
             return self.prefixes[ids]
-        with self.pool.rows([None]), torch.inference_mode():
+        with self.pool.rows([None]):
             self.prefixes[ids] = prefill(self.model, ids)
         while len(self.prefixes) > self.prefix_cache:
             self.prefixes.popitem(last=False)
@@ -227,7 +228,7 @@ class AnswerBatcher(Worker):
         t0 = time.perf_counter()
         progress = RowProgress(rows, owners, self.tokenizer, self.eos_ids, self.line_ids)
         with torch.inference_mode():
-            prefixes = [self._prefix(r.prefix) for r in batch for _ in r.rows]
+            prefixes = [pre for r in batch for pre in [self._prefix(r.prefix)] * len(r.rows)]
             tokens = greedy_generate(
                 self.model, [[*r.prefix, *row.ids] for r in batch for row in r.rows],
                 max(row.max_tokens for row in rows), sorted(self.eos_ids), prefixes, batch_size=len(rows),
