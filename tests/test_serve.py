@@ -303,9 +303,15 @@ def test_card_writes_of_different_dates_reuse_one_cached_prefix(served):
     contexts = ["DATE: 2 May 2024\nNina: I adopted a puppy called Rex last week.",
                 "DATE: 9 June 2025\nOmar: My sister works as a nurse in Porto now."]
     before = set(service.batcher.prefixes)
-    raws = [write_flashcards(gen, c, max_new_tokens=12, mode="per-turn")[0] for c in contexts]
+    raws, prefilled = [], []
+    for c in contexts:
+        raws.append(write_flashcards(gen, c, max_new_tokens=12, mode="per-turn")[0])
+        prefilled.append(gen.counts.prefilled - sum(prefilled))
     prompts, shared = writing_prompts(gen, contexts[0], "per-turn")
     key = tuple(gen.encode(shared))
+    suffixes = [len(gen.encode(writing_prompts(gen, c, "per-turn")[0][0])) - len(key) for c in contexts]
+    assert prefilled[0] == suffixes[0] + (0 if key in before else len(key))
+    assert prefilled[1] == suffixes[1]  # the second write found the prefix cached: only its own tokens ran
     assert len(key) > 100 and set(service.batcher.prefixes) - before <= {key} and key in service.batcher.prefixes
     alone = []
     for c in contexts:

@@ -64,6 +64,7 @@ class Request:
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)  # e.g. the client went away
     queued_at: float = field(default_factory=time.monotonic)
+    prefilled: int = 0  # prompt tokens run through the model for it: its prefix only when not found cached
 
 
 class RowProgress:
@@ -228,7 +229,13 @@ class AnswerBatcher(Worker):
         t0 = time.perf_counter()
         progress = RowProgress(rows, owners, self.tokenizer, self.eos_ids, self.line_ids)
         with torch.inference_mode():
-            prefixes = [pre for r in batch for pre in [self._prefix(r.prefix)] * len(r.rows)]
+            prefixes = []
+            for r in batch:
+                cached = r.prefix in self.prefixes
+                pre = self._prefix(r.prefix)
+                prefix_runs = (0 if cached else 1) if pre is not None else len(r.rows)  # None: in every row
+                r.prefilled = sum(len(row.ids) for row in r.rows) + len(r.prefix) * prefix_runs
+                prefixes += [pre] * len(r.rows)
             tokens = greedy_generate(
                 self.model, [[*r.prefix, *row.ids] for r in batch for row in r.rows],
                 max(row.max_tokens for row in rows), sorted(self.eos_ids), prefixes, batch_size=len(rows),

@@ -57,8 +57,9 @@ class DecodeThreadGenerator(Generator):
         if not all(len(x) > len(prefix) and x[: len(prefix)] == prefix for x in ids):
             prefix = []  # the prompts do not all start with its tokens: no shared prefill
         rows = [Row(x[len(prefix) :], None, max_new_tokens, stop == "line") for x in ids]
-        results = self.batcher.submit(rows, CARDS, prefix).future.result()
-        self.counts.prefilled += len(prefix) + sum(len(r.ids) for r in rows)
+        request = self.batcher.submit(rows, CARDS, prefix)
+        results = request.future.result()
+        self.counts.prefilled += request.prefilled
         self.counts.generated += sum(r.tokens for r in results)
         return [r.text for r in results]
 
