@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tmem_runtime.agent.generation import Generator
 from tmem_runtime.decoder import supports_piecewise
 from tmem_runtime.decoding import Prefix, greedy_generate, prefill
 from tmem_runtime.pool import SessionPool
@@ -130,15 +131,17 @@ class RowProgress:
 
 
 class AnswerBatcher(Worker):
-    """The decode thread (see the module docstring). Call `start()`, then `submit`; `stop()` at exit."""
+    """The decode thread (see the module docstring). Call `start()`, then `submit`; `stop()` at exit.
 
-    def __init__(self, pool: SessionPool, tokenizer: PreTrainedTokenizerBase, eos_ids: Sequence[int],
-                 line_ids: Sequence[int], metrics: Metrics, max_rows: int = 32, max_sessions: int = 32,
-                 naive: bool = False, model_lock: threading.Lock | None = None, prefix_cache: int = 8) -> None:
+    generator: the model's tokenizer, end-of-turn ids, pad id and line-token ids are read from it.
+    """
+
+    def __init__(self, pool: SessionPool, generator: Generator, metrics: Metrics, max_rows: int = 32,
+                 max_sessions: int = 32, naive: bool = False, model_lock: threading.Lock | None = None,
+                 prefix_cache: int = 8) -> None:
         super().__init__("tmem-decode")
-        self.pool, self.model, self.tokenizer = pool, pool.model, tokenizer
-        self.eos_ids, self.line_ids = set(eos_ids), set(line_ids)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.pool, self.model, self.tokenizer = pool, pool.model, generator.tokenizer
+        self.eos_ids, self.line_ids, self.pad_id = set(generator.eos_ids), set(generator.line_ids()), generator.pad_id
         self.metrics, self.max_rows, self.max_sessions, self.naive = metrics, max_rows, max_sessions, naive
         self.model_lock = model_lock
         self.queue: list[Request] = []

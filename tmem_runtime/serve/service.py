@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.write_formats import AGENT_RECIPE
 from tmem_runtime.engine import FastWeightsError
 from tmem_runtime.pool import SessionPool
@@ -79,14 +78,13 @@ class MemoryService:
                  config: ServeConfig) -> None:
         self.model, self.tokenizer, self.store, self.config = model, tokenizer, store, config
         self.pool = SessionPool(model, capacity=config.capacity, backend=config.backend)
-        self.generator = Generator(model, tokenizer)
         self.metrics = Metrics()
         model_lock = threading.Lock() if config.naive else None
         answer_sessions = max(1, config.capacity - config.max_write_sessions - 1)
-        self.batcher = AnswerBatcher(self.pool, tokenizer, self.generator.eos_ids, self.generator.line_ids(),
-                                     self.metrics, config.max_rows, answer_sessions, config.naive, model_lock)
-        cards = DecodeThreadGenerator(model, tokenizer, self.batcher)
-        self.writer = MemoryWriter(self.pool, tokenizer, cards, self.metrics, self._persist, config.recipe,
+        self.generator = DecodeThreadGenerator(model, tokenizer)  # cards, token counts and the batcher's ids
+        self.batcher = self.generator.batcher = AnswerBatcher(self.pool, self.generator, self.metrics, config.max_rows,
+                                                              answer_sessions, config.naive, model_lock)
+        self.writer = MemoryWriter(self.pool, tokenizer, self.generator, self.metrics, self._persist, config.recipe,
                                    config.max_write_sessions, config.replay, config.card_tokens, model_lock=model_lock,
                                    card_writer=config.card_writer)
         self.convs: dict[tuple[str, str], Conversation] = {}

@@ -38,9 +38,14 @@ logger = logging.getLogger("tmem.serve")
 
 
 class DecodeThreadGenerator(Generator):
-    """A Generator whose `generate` runs on the decode thread as bare-model rows, batched with other work."""
+    """A Generator whose `generate` runs on the decode thread as bare-model rows, batched with other work.
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batcher: AnswerBatcher) -> None:
+    batcher: the decode thread; it may be set after construction (it reads its ids from this generator),
+    before the first `generate`.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 batcher: AnswerBatcher | None = None) -> None:
         super().__init__(model, tokenizer)
         self.batcher = batcher
 
@@ -52,6 +57,8 @@ class DecodeThreadGenerator(Generator):
         first newline. batch_size is the decode thread's to choose."""
         if not prompts:
             return []
+        if self.batcher is None:
+            raise RuntimeError("DecodeThreadGenerator.generate needs its batcher (the decode thread)")
         ids = [self.encode(p) for p in prompts]
         prefix = self.encode(shared) if shared else []
         if not all(len(x) > len(prefix) and x[: len(prefix)] == prefix for x in ids):
