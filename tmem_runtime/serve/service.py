@@ -270,8 +270,7 @@ class MemoryService:
     # ---------------------------------------------------------------- answers
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The chat-templated prompt's token ids (the layout flashcards are trained in)."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.generator.encode(self.generator.chat_prompt(messages))
 
     def answer(self, tenant: str, session: str | None, messages: list[dict[str, str]], max_tokens: int,
                on_text: Callable[[str], None] | None = None) -> Request:
