@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -71,20 +71,27 @@ def adapter_metadata(model: nn.Module, fingerprint: WeightsFingerprint, init: st
     }
 
 
-def save_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write `tensors` and `metadata` to one safetensors file atomically (temp file + fsync + rename)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Replace `path` by the file `write(tmp)` writes, atomically: a temp file in the same directory,
+    fsynced, then renamed over `path` (the temp file is removed if anything fails)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` and `metadata` to one safetensors file atomically (`atomic_write`)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 def read_adapter(

@@ -20,12 +20,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from tmem_runtime.adapter_file import atomic_write
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
 STATE_VERSION = 1
@@ -76,18 +77,9 @@ class Lease:
     expires: float
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` by `data` atomically (temp file in the same directory, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` atomically (`adapter_file.atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 class Store:
@@ -123,7 +115,7 @@ class Store:
             if (d / "state.json").is_file():
                 raise SessionExistsError(f"session {session!r} already exists")
             record = SessionRecord()
-            atomic_write(d / "state.json", _encode(record))
+            _write_atomically(d / "state.json", _encode(record))
         return record
 
     def read(self, tenant: str, session: str) -> tuple[SessionRecord, Path | None]:
@@ -147,7 +139,7 @@ class Store:
             record.seq += 1
             record.weights = f"weights-{record.seq:08d}.safetensors"
             save_weights(d / record.weights)
-        atomic_write(d / "state.json", _encode(record))
+        _write_atomically(d / "state.json", _encode(record))
         _remove_leftovers(d, record.weights)
 
     def size(self, tenant: str, session: str) -> int:
@@ -170,7 +162,7 @@ class Store:
             if held is not None and held.owner != owner and held.expires > time.time():
                 raise LeaseHeldError(held.owner, held.url, held.expires)
             lease = Lease(owner, url, time.time() + ttl)
-            atomic_write(d / "lease.json", json.dumps(asdict(lease)).encode())
+            _write_atomically(d / "lease.json", json.dumps(asdict(lease)).encode())
         return lease
 
     def lease(self, tenant: str, session: str) -> Lease | None:
