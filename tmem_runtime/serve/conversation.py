@@ -160,10 +160,6 @@ class Conversation:
         return {"id": job.id, "cards": [list(c) for c in new], "replayed": max(0, len(trained) - len(new)),
                 "steps": steps, "error": None if error is None else str(error)}
 
-    @property
-    def context(self) -> str:
-        return self.agent.context
-
     def summary(self) -> dict:
         """Counters for the stats endpoint."""
         return {**self.stats, "pending_writes": len(self.jobs), "context_tokens": self.agent.context_tokens,

@@ -75,10 +75,6 @@ class Metrics:
         with self._lock:
             self.histograms[name].observe(value)
 
-    def counter(self, name: str, **labels: str) -> float:
-        with self._lock:
-            return self.counters[name].get(tuple(sorted(labels.items())), 0.0)
-
     def render(self) -> str:
         """Prometheus text exposition format (version 0.0.4)."""
         lines = []
