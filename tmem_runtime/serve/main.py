@@ -13,12 +13,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tmem_runtime.agent.evaluate import DTYPES
 from tmem_runtime.cli import apply_threads, command_parser
-from tmem_runtime.models import DEFAULT_MODEL, load_model, smollm2_dir
+from tmem_runtime.models import DEFAULT_MODEL, _tiny_tokenizer, load_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
 from tmem_runtime.serve.store import Store
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_serving_model(name: str, tokenizer: str | None = None, device: str = "cpu",
@@ -27,8 +26,8 @@ def load_serving_model(name: str, tokenizer: str | None = None, device: str = "c
     tokenizer (or `tokenizer`) and gets its vocabulary, seeded, so every load is the same model."""
     model, tok = load_model(name, dtype=DTYPES[dtype], device=device)
     if tokenizer is not None or tok is None:
-        path = smollm2_dir() if tokenizer in (None, DEFAULT_MODEL) else Path(tokenizer)
-        tok = AutoTokenizer.from_pretrained(path)
+        embedded = tokenizer in (None, DEFAULT_MODEL)
+        tok = _tiny_tokenizer() if embedded else AutoTokenizer.from_pretrained(Path(tokenizer))
     if model.get_input_embeddings().num_embeddings < len(tok):
         torch.manual_seed(0)
         model.resize_token_embeddings(len(tok), mean_resizing=False)
