@@ -147,11 +147,12 @@ def load_run(naive: bool, seconds: float, workdir: Path, workload: str = "writes
     answered = time.monotonic() - t0
     drained = drain(server, drain_limit)  # every write the turns triggered, committed
     elapsed = time.monotonic() - t0
-    committed = server.metric('tmem_writes_total{outcome="committed"}')
-    empty = server.metric('tmem_writes_total{outcome="empty"}')
-    cards = server.metric("tmem_flashcards_total")
-    card_tokens = server.metric("tmem_generated_tokens_total") - server.metric("tmem_answer_tokens_total")
-    server_side = {f"{name}_{stat}": server.metric(f"tmem_{name}_{stat}") for stat in ("sum", "count")
+    metrics = server.metrics()  # one scrape: every figure below from the same moment
+    committed = metrics.get('tmem_writes_total{outcome="committed"}', 0.0)
+    empty = metrics.get('tmem_writes_total{outcome="empty"}', 0.0)
+    cards = metrics.get("tmem_flashcards_total", 0.0)
+    card_tokens = metrics.get("tmem_generated_tokens_total", 0.0) - metrics.get("tmem_answer_tokens_total", 0.0)
+    server_side = {f"{name}_{stat}": metrics.get(f"tmem_{name}_{stat}", 0.0) for stat in ("sum", "count")
                    for name in ("batch_rows", "batch_sessions", "batch_seconds", "write_batch_sessions",
                                 "write_train_seconds", "write_seconds")}
     server.kill()  # a crash at the end of the run: whatever was in flight is cut

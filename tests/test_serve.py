@@ -469,6 +469,9 @@ def test_sigkill_mid_write_and_mid_answer_loses_no_acknowledged_write(tmp_path, 
         r = remember(c, "durable", [card])
         assert r.json()["status"] == "committed"
         acked.append(card)
+    metrics = server.metrics()  # one scrape, every sample
+    assert metrics['tmem_writes_total{outcome="committed"}'] == len(acked) == server.metric("tmem_flashcards_total")
+    assert metrics["tmem_write_seconds_count"] == len(acked) and "tmem_resident_sessions" in metrics
     question = CARDS[0][0]
     answer = ask(c, question, "durable", max_tokens=12)
     big = [(f"What is fact number {i}?", f"value {i}") for i in range(64)]

@@ -46,12 +46,18 @@ class ServerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"tmem serve on port {self.port} did not start in {timeout} s")
 
+    def metrics(self) -> dict[str, float]:
+        """Every sample of one GET /metrics: {name with its labels (e.g. 'tmem_x{a="b"}'): value}."""
+        samples = {}
+        for line in self.client.get("/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples.setdefault(name, float(value))
+        return samples
+
     def metric(self, name: str) -> float:
         """The value of one sample of GET /metrics (`name` with its labels, e.g. 'tmem_x{a="b"}'); 0 if absent."""
-        for line in self.client.get("/metrics").text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        return self.metrics().get(name, 0.0)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: nothing is flushed or closed by the server."""
