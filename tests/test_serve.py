@@ -348,6 +348,37 @@ def test_line_tokens_find_the_first_newline_as_the_decoded_text_does():
 
 
 # ---------------------------------------------------------------------------------------------- isolation
+def test_a_drop_racing_another_drop_of_one_session_returns(served, acme, monkeypatch):
+    """Two threads may drop one session (the lease renewer, a persist, an unload): the later one can find
+    it closed between its check and its close. It must return, not raise: raised inside the renewer,
+    that killed the lease thread, and no lease was renewed after."""
+    _, service = served
+    create(acme, "raced")
+    conv = service.get("acme", "raced")
+    service.pool.close(conv.pool_id)  # the other drop, done in between
+    stale = _StaleFirstCheck(service.pool)
+    monkeypatch.setattr(service, "pool", stale)
+    service._drop(conv)  # its first check still sees the session
+    monkeypatch.undo()
+    assert stale.checks == 1 and conv.pool_id not in service.pool
+    assert ("acme", "raced") not in service.convs
+    assert service.get("acme", "raced").pool_id != conv.pool_id  # the store kept it: it loads again
+
+
+class _StaleFirstCheck:
+    """A pool whose first membership check answers as it did before another thread closed the session."""
+
+    def __init__(self, pool) -> None:
+        self.pool, self.checks = pool, 0
+
+    def __contains__(self, session: str) -> bool:
+        self.checks += 1
+        return self.checks == 1 or session in self.pool
+
+    def __getattr__(self, name: str):
+        return getattr(self.pool, name)
+
+
 def test_tenants_cannot_reach_each_others_sessions(served, acme, globex):
     create(acme, "secret")
     assert remember(acme, "secret", CARDS[:1]).json()["status"] == "committed"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tmem_runtime import residency
 from tmem_runtime.agent.write_formats import AGENT_RECIPE
 from tmem_runtime.engine import FastWeightsError
 from tmem_runtime.pool import SessionPool
@@ -235,6 +236,8 @@ class MemoryService:
         while conv.pool_id in self.pool:
             try:
                 self.pool.close(conv.pool_id)
+            except residency.UnknownSessionError:  # another drop (renewer, persist, unload) closed it first
+                break
             except FastWeightsError:  # a running batch reads it: wait for the batch to end
                 time.sleep(0.02)
         self._gauges()
