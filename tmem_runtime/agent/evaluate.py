@@ -46,8 +46,8 @@ from tmem_runtime.agent.timing import episode_times, plot_times, time_table
 from tmem_runtime.agent.write_formats import WRITE_FORMATS
 from tmem_runtime.cli import apply_threads, command_parser
 from tmem_runtime.decoding import DecodeStats
+from tmem_runtime.models import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 log = logging.getLogger(__name__)
 
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tmem_runtime.agent.evaluate import DTYPES
 from tmem_runtime.cli import apply_threads, command_parser
-from tmem_runtime.models import DEFAULT_MODEL, _tiny_tokenizer, load_model
+from tmem_runtime.models import DEFAULT_MODEL, DTYPES, _tiny_tokenizer, load_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
 from tmem_runtime.serve.store import Store
 
