@@ -135,14 +135,15 @@ def serve_args(store: Path, naive: bool, l_max: int) -> list[str]:
             "--max-batch", "32", "--max-write-batch", "16", "--max-tokens", "64", *(["--naive"] if naive else [])]
 
 
-def load_run(naive: bool, messages: int, workdir: Path, workload: str = "writes", cap: float = 1800) -> dict:
+def load_run(naive: bool, messages: int, workdir: Path, workload: str = "writes", cap: float = 1800,
+             cpus: list[int] | None = None) -> dict:
     """One run against a fresh server and store: every session's `messages` messages (no new one after
     `cap` s), then until every write they triggered is committed (at most `cap` s more); then the
-    kill-restart check."""
+    kill-restart check. cpus: the cores the server may use (None: all)."""
     work = WORKLOADS[workload]
     store, port = workdir / f"{workload}-{'naive' if naive else 'batched'}", free_port()
     log = workdir / f"{store.name}.log"
-    server = ServerProcess(serve_args(store, naive, work.l_max), port, log).wait_ready()
+    server = ServerProcess(serve_args(store, naive, work.l_max), port, log, cpus).wait_ready()
     logs = [SessionLog() for _ in range(SESSIONS)]
     t0 = time.monotonic()
 
@@ -166,7 +167,7 @@ def load_run(naive: bool, messages: int, workdir: Path, workload: str = "writes"
     latencies = sorted(x for lg in logs for x in lg.latencies)
     tokens = sum(lg.answer_tokens for lg in logs)
     return {
-        "workload": workload, "mode": "naive" if naive else "batched", "seconds": round(elapsed, 1),
+        "workload": workload, "mode": "naive" if naive else "batched", "cpus": cpus, "seconds": round(elapsed, 1),
         "answering_s": round(answered, 1), "drained": drained, "messages": messages,
         "cut": sum(lg.cut for lg in logs), "answers": len(latencies), "answers_per_s": len(latencies) / elapsed,
         "answer_tokens": tokens, "tokens_per_s": tokens / elapsed,
@@ -248,10 +249,12 @@ def main() -> None:
     p.add_argument("--cap", type=float, default=1800, help="seconds after which no new message is sent, per server")
     p.add_argument("--order", default="naive,batched", help="servers to run, in order (naive, batched)")
     p.add_argument("--workloads", default="writes,chat", help=f"workloads to run, in order ({', '.join(WORKLOADS)})")
+    p.add_argument("--cpus", default=None, help="cores the servers may use, e.g. 0 or 0,1 (default: all)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args()
+    cpus = None if args.cpus is None else [int(c) for c in args.cpus.split(",")]
     with tempfile.TemporaryDirectory(prefix="tmem-serve-bench-") as d:
-        runs = [load_run(mode == "naive", args.messages, Path(d), w, args.cap) for w in args.workloads.split(",")
+        runs = [load_run(mode == "naive", args.messages, Path(d), w, args.cap, cpus) for w in args.workloads.split(",")
                 for mode in args.order.split(",")]
     print(report(runs))
     if args.json:

@@ -21,15 +21,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class ServerProcess:
     """`python -m tmem_runtime.cli serve --port PORT ARGS` (one torch thread unless ARGS say otherwise).
-    Restarting on the same port gives the same server id, so it reclaims its sessions' leases."""
+    Restarting on the same port gives the same server id, so it reclaims its sessions' leases.
+    cpus: the CPU cores the server (every thread of it) may run on; None: any."""
 
-    def __init__(self, args: Sequence[str], port: int, log: str | os.PathLike | None = None) -> None:
+    def __init__(self, args: Sequence[str], port: int, log: str | os.PathLike | None = None,
+                 cpus: Sequence[int] | None = None) -> None:
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "tmem_runtime.cli", "serve", "--port", str(port), *args]
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
         self.log = open(log, "ab") if log is not None else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))  # inherited by every thread
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=pin)
         self.client = httpx.Client(base_url=self.url, timeout=300)
 
     def wait_ready(self, timeout: float = 300) -> ServerProcess:
