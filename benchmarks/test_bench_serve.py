@@ -20,7 +20,7 @@ The naive server (`tmem serve --naive`) is the same program answering one reques
 one session swapped in (a pool of one row), writing one session at a time, never overlapping an
 answer and a write. Same model (SmolLM2-135M on CPU), same clients, same requests.
 
-    python -m benchmarks.test_bench_serve --messages 6       # the figures in benchmarks/RESULTS.md
+    python -m benchmarks.test_bench_serve --messages 8       # the figures in benchmarks/RESULTS.md
     TMEM_BENCH_SERVE_MESSAGES=2 pytest benchmarks/test_bench_serve.py -s   # shorter (or TMEM_BENCH_SLOW=1)
 """
 
@@ -245,7 +245,7 @@ def test_serve_load(tmp_path):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--messages", type=int, default=6, help="messages each session sends (then its questions)")
+    p.add_argument("--messages", type=int, default=8, help="messages each session sends (then its questions)")
     p.add_argument("--cap", type=float, default=1800, help="seconds after which no new message is sent, per server")
     p.add_argument("--order", default="naive,batched", help="servers to run, in order (naive, batched)")
     p.add_argument("--workloads", default="writes,chat", help=f"workloads to run, in order ({', '.join(WORKLOADS)})")

@@ -11,6 +11,7 @@ in the store. The durability and scale-out tests run real `tmem serve` subproces
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -472,9 +473,9 @@ def test_store_commit_is_atomic(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- processes
-def tiny_server(store: Path, port: int, log: Path, *extra: str) -> ServerProcess:
+def tiny_server(store: Path, port: int, log: Path, *extra: str, cpus: list[int] | None = None) -> ServerProcess:
     return ServerProcess(["--model", "tiny-llama", "--store", str(store), "--capacity", "8", "--max-write-batch", "4",
-                          "--max-batch", "8", *extra], port, log)
+                          "--max-batch", "8", *extra], port, log, cpus)
 
 
 def check_store_files(root: Path) -> int:
@@ -547,9 +548,11 @@ def test_sigkill_mid_write_and_mid_answer_loses_no_acknowledged_write(tmp_path, 
 def test_two_processes_share_the_store_and_hand_a_session_over(tmp_path):
     store = tmp_path / "store"
     a = tiny_server(store, free_port(), tmp_path / "a.log", "--lease-ttl", "3")
-    b = tiny_server(store, free_port(), tmp_path / "b.log", "--lease-ttl", "3")
+    b = tiny_server(store, free_port(), tmp_path / "b.log", "--lease-ttl", "3", cpus=[0])
     a.wait_ready(), b.wait_ready()
     try:
+        threads = list(Path(f"/proc/{b.proc.pid}/task").iterdir())  # b pinned: every thread it started, too
+        assert len(threads) > 1 and all(os.sched_getaffinity(int(t.name)) == {0} for t in threads)
         assert a.client.post("/v1/sessions", json={"id": "roamer"}).status_code == 201
         assert remember(a.client, "roamer", CARDS).json()["status"] == "committed"
         answer = ask(a.client, CARDS[0][0], "roamer", max_tokens=12)
