@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tmem_kernels import ops
+from tmem_runtime.models import MODEL_CONFIGS
 
 RANK = 6
 SHAPES = {"smollm2": (576, 1536), "qwen3-4b": (2560, 9728)}  # (hidden, intermediate)
@@ -25,16 +26,7 @@ if os.environ.get("TMEM_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["TMEM_BENCH_THREADS"]))
 
 # random-weight stand-ins at the real models' shapes (timing only)
-CONFIGS = {
-    "smollm2": dict(
-        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
-    ),
-    "qwen3-4b": dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-    ),
-}  # fmt: skip
+CONFIGS = {"smollm2": MODEL_CONFIGS["smollm2-135m"], "qwen3-4b": MODEL_CONFIGS["qwen3-4b"]}
 
 # dense peaks: name substring -> (16-bit tensor-core FLOP/s, fp32 non-tensor FLOP/s, bytes/s); first match wins
 PEAKS = {

@@ -87,3 +87,17 @@ def test_load_model_takes_dtype_device_and_attention_and_loads_gemma2(tmp_path):
     llama, _ = load_model("tiny-llama", attn_implementation="eager")
     assert llama.config._attn_implementation == "eager"
     assert load_model("tiny-llama")[0].config._attn_implementation == "sdpa"
+
+
+def test_shapes_models_have_the_real_configs_and_seeded_random_weights():
+    """"shapes-<model>": a real model's shapes with random weights (timing runs without its files)."""
+    model, tokenizer = load_model("shapes-smollm2-135m", dtype=torch.bfloat16)
+    real, _ = load_model("smollm2-135m")
+    assert tokenizer is None and model.dtype == torch.bfloat16 and not any(p.requires_grad for p in model.parameters())
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    assert shapes == {n: p.shape for n, p in real.named_parameters()}
+    again, _ = load_model("shapes-smollm2-135m", dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight.float(), real.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="shapes-qwen3-4b"):
+        load_model("shapes-qwen3-8b")

