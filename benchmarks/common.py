@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tmem_kernels import ops
-from tmem_runtime.models import MODEL_CONFIGS
+from tmem_runtime.models import MODEL_CONFIGS, load_model
 
 RANK = 6
 SHAPES = {"smollm2": (576, 1536), "qwen3-4b": (2560, 9728)}  # (hidden, intermediate)
@@ -26,7 +26,8 @@ if os.environ.get("TMEM_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["TMEM_BENCH_THREADS"]))
 
 # random-weight stand-ins at the real models' shapes (timing only)
-CONFIGS = {"smollm2": MODEL_CONFIGS["smollm2-135m"], "qwen3-4b": MODEL_CONFIGS["qwen3-4b"]}
+MODEL_NAMES = {"smollm2": "smollm2-135m", "qwen3-4b": "qwen3-4b"}  # the benchmarks' names -> MODEL_CONFIGS
+CONFIGS = {name: MODEL_CONFIGS[full] for name, full in MODEL_NAMES.items()}
 
 # dense peaks: name substring -> (16-bit tensor-core FLOP/s, fp32 non-tensor FLOP/s, bytes/s); first match wins
 PEAKS = {
@@ -39,13 +40,9 @@ PEAKS = {
 
 
 def random_model(name: str, dtype: torch.dtype, device: torch.device = DEVICE) -> torch.nn.Module:
-    """A frozen, eval-mode causal LM with CONFIGS[name]'s shapes and random weights (seeded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**CONFIGS[name]))
-    return model.to(dtype).eval().requires_grad_(False)
+    """A frozen, eval-mode causal LM with CONFIGS[name]'s shapes and random weights (seeded):
+    `load_model("shapes-<model>")`, built on `device` in `dtype`."""
+    return load_model(f"shapes-{MODEL_NAMES[name]}", dtype=dtype, device=device)[0]
 
 
 Example = tuple[list[int], list[int]]

@@ -173,12 +173,13 @@ def load_model(
     """
     if name_or_path.startswith(("tiny-", "shapes-")):
         torch.manual_seed(seed)
-        config = tiny_config(name_or_path) if name_or_path.startswith("tiny-") else shapes_config(name_or_path)
+        shapes = name_or_path.startswith("shapes-")
+        config = shapes_config(name_or_path) if shapes else tiny_config(name_or_path)
         model_class = AutoModelForCausalLM._model_mapping[type(config)]
         attn = attn_implementation or attention_implementation(model_class, device)
         # real shapes are built where they run (a 4B model initialised on the GPU, not copied there); tiny
         # models on the CPU, so that a seed gives the same weights on every device
-        with torch.device(device if name_or_path.startswith("shapes-") else "cpu"):
+        with torch.device(device if shapes else "cpu"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         tokenizer = None
     else:
