@@ -11,6 +11,10 @@
 All paths run in one process on the same prompts, side by side; outputs are checked equal to the
 spec's (token for token) and the ratios printed. SmolLM2-135M (CPU), fp32.
 
+3. The decode step's products (pytest-benchmark): `greedy_generate` of 32 tokens for 1, 4 and 16 rows
+   with the model's linears packed for oneDNN (`tmem_runtime.packed_linears`, load_model's CPU default)
+   vs plain nn.Linear (MKL on the row-major weights); the same tokens from both.
+
     pytest benchmarks/test_bench_decoding.py -s
 """
 
@@ -27,7 +31,8 @@ from tmem_runtime import load_model
 from tmem_runtime.agent.flashcards import TURN_PREFILL, turn_flashcard_messages
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.long_conversations import make_conversation
-from tmem_runtime.decoding import common_prefix_length, greedy_generate, reference_generate
+from tmem_runtime.decoding import DecodeStats, common_prefix_length, greedy_generate, reference_generate
+from tmem_runtime.packed_linears import AVAILABLE
 
 RESULTS: dict[str, float] = {}
 
@@ -108,3 +113,35 @@ def test_answers_10_questions_after_a_shared_context(setup):
           f"copied cache per question (8e09ad3) {t_old:.1f} s, one batch {t_new:.1f} s "
           f"-> {t_old / t_new:.1f}x vs 8e09ad3, {t_spec / t_new:.1f}x vs one by one; "
           f"8e09ad3 path equal to the spec: {old == spec}")
+
+
+DECODE_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def plain_model():
+    return load_model("smollm2-135m", packed_linears=False)[0]
+
+
+@pytest.mark.skipif(not AVAILABLE, reason="this torch has no oneDNN")
+@pytest.mark.parametrize("rows", [1, 4, 16])
+@pytest.mark.parametrize("impl", ["packed", "plain"])
+def test_decode_step_packed_linears(benchmark, setup, plain_model, rows, impl):
+    packed_model, gen = setup[0], setup[1]
+    model = packed_model if impl == "packed" else plain_model
+    prompts = [gen.encode(f"Tell me about item {i} and who owns it.") for i in range(rows)]
+    stats = DecodeStats()
+
+    def run():
+        with torch.inference_mode():
+            return greedy_generate(model, prompts, DECODE_TOKENS, eos_ids=[], stats=stats, batch_size=rows)
+
+    benchmark.group = f"decode {rows} rows x {DECODE_TOKENS} tokens (SmolLM2, fp32, CPU)"
+    tokens = benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    RESULTS[f"{impl} {rows}"] = stats.decode_s / stats.decode_tokens * rows  # seconds per decode step
+    if impl == "plain" and f"packed {rows}" in RESULTS:
+        with torch.inference_mode():
+            assert greedy_generate(packed_model, prompts, DECODE_TOKENS, eos_ids=[], batch_size=rows) == tokens
+        step = {k: RESULTS[f"{k} {rows}"] * 1e3 for k in ("packed", "plain")}
+        print(f"\n[decode step] {rows} rows: packed {step['packed']:.1f} ms, plain {step['plain']:.1f} ms "
+              f"-> {step['plain'] / step['packed']:.2f}x")
