@@ -174,6 +174,37 @@ def test_more_sessions_than_capacity_move_out_and_back(tiny, tmp_path, offload):
     pool.detach()
 
 
+def test_a_sessions_version_changes_with_its_weights_only(tiny):
+    """version(s) changes on open, write, reset and load (never repeating), not on reads or on a move to
+    host memory and back; another session's write leaves it alone; closed or unknown ids are refused."""
+    pool = SessionPool(tiny, capacity=1, backend="torch")
+    pool.open("a")
+    pool.open("b")  # capacity 1: "a" and "b" take turns on the engine's one row
+    seen = {pool.version("a"), pool.version("b")}
+    v = pool.version("a")
+    pool.write_examples_many({"a": examples(3, 1)}, Recipe(lr=1e-2, epochs=2))
+    assert pool.version("a") not in seen
+    seen.add(v := pool.version("a"))
+    state = pool.state_dict("a")
+    b = pool.version("b")
+    pool.write_examples_many({"b": examples(2, 2)}, Recipe(lr=1e-2, epochs=1))  # "a" moves out and back
+    assert pool.version("a") == v and pool.version("b") not in seen | {b}
+    assert pool.counters()["evictions"] >= 1
+    with torch.no_grad(), pool.rows(["a"]):
+        tiny(input_ids=torch.randint(3, 500, (1, 5)))
+    assert pool.version("a") == v
+    for change in (lambda: pool.reset("a"), lambda: pool.load_state_dict("a", state)):
+        change()
+        assert pool.version("a") not in seen
+        seen.add(pool.version("a"))
+    pool.close("a")
+    with pytest.raises(UnknownSessionError):
+        pool.version("a")
+    pool.open("a")
+    assert pool.version("a") not in seen
+    pool.detach()
+
+
 def test_bad_input_is_refused_and_changes_nothing(tiny):
     pool = SessionPool(tiny, capacity=2, backend="torch")
     pool.open("a")

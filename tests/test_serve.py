@@ -293,7 +293,7 @@ def test_flashcard_prompts_share_a_cached_prefix_in_mixed_batches(served, acme):
         service.batcher.cond.notify_all()
     together = [r.text for r in cards.future.result()] + [answer.future.result()[0].text]
     assert together == alone
-    assert tuple(ids[0][:shared]) in service.batcher.prefixes
+    assert (tuple(ids[0][:shared]), None, 0) in service.batcher.prefixes  # bare rows: no session, no version
 
 
 def test_card_writes_of_different_dates_reuse_one_cached_prefix(served):
@@ -309,17 +309,50 @@ def test_card_writes_of_different_dates_reuse_one_cached_prefix(served):
         raws.append(write_flashcards(gen, c, max_new_tokens=12, mode="per-turn")[0])
         prefilled.append(gen.counts.prefilled - sum(prefilled))
     prompts, shared = writing_prompts(gen, contexts[0], "per-turn")
-    key = tuple(gen.encode(shared))
-    suffixes = [len(gen.encode(writing_prompts(gen, c, "per-turn")[0][0])) - len(key) for c in contexts]
-    assert prefilled[0] == suffixes[0] + (0 if key in before else len(key))
+    fixed = tuple(gen.encode(shared))
+    key = (fixed, None, 0)
+    suffixes = [len(gen.encode(writing_prompts(gen, c, "per-turn")[0][0])) - len(fixed) for c in contexts]
+    assert prefilled[0] == suffixes[0] + (0 if key in before else len(fixed))
     assert prefilled[1] == suffixes[1]  # the second write found the prefix cached: only its own tokens ran
-    assert len(key) > 100 and set(service.batcher.prefixes) - before <= {key} and key in service.batcher.prefixes
+    assert len(fixed) > 100 and set(service.batcher.prefixes) - before <= {key} and key in service.batcher.prefixes
     alone = []
     for c in contexts:
         ids = gen.encode(writing_prompts(gen, c, "per-turn")[0][0])
-        assert tuple(ids[: len(key)]) == key
+        assert tuple(ids[: len(fixed)]) == fixed
         alone.append(service.batcher.submit([Row(ids, None, 12, stop_at_newline=True)]).future.result()[0].text)
     assert raws == [TURN_PREFILL + a for a in alone]
+
+
+def test_answers_reuse_a_sessions_preamble_until_its_weights_change(served, acme, reference_model):
+    """An answer's chat preamble (system text, user header) is prefilled under its session's weights once per
+    version of them: a second question prefills only its own tokens; after a write (or a reset) the
+    preamble is prefilled again, and every answer equals a fresh model's, prompt decoded whole."""
+    _, service = served
+    create(acme, "pre")
+    pid = service.get("acme", "pre").pool_id
+    preamble = tuple(service.preamble)
+    assert len(preamble) >= 8
+
+    def answer(question: str) -> tuple[str, int, int]:
+        request = service.answer("acme", "pre", [{"role": "user", "content": question}], 8)
+        own = len(service.prompt_ids([{"role": "user", "content": question}])) - len(preamble)
+        return request.future.result()[0].text, request.prefilled, own
+
+    def check(question: str, cached: bool) -> None:
+        text, prefilled, own = answer(question)
+        assert prefilled == own + (0 if cached else len(preamble))
+        assert text == reference_answer(reference_model, weights_file(service.store, "acme", "pre"), question)
+
+    check(CARDS[0][0], cached=False)  # B0: first use of this version
+    check(CARDS[1][0], cached=True)
+    version = service.pool.version(pid)
+    assert (preamble, pid, version) in service.batcher.prefixes
+    assert remember(acme, "pre", CARDS).json()["status"] == "committed"
+    assert service.pool.version(pid) != version
+    check(CARDS[0][0], cached=False)  # the write changed B: the old keys/values are not reused
+    check(CARDS[1][0], cached=True)
+    acme.delete("/v1/sessions/pre")
+    check(CARDS[0][0], cached=False)
 
 
 def test_line_tokens_find_the_first_newline_as_the_decoded_text_does():

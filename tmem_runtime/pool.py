@@ -68,6 +68,8 @@ class SessionPool(SessionStore):
         self._init_static()
         self.residency = Residency(self.engine, offload, offload_dir)
         self.stats: dict[str, SessionStats] = {}
+        self._versions: dict[str, int] = {}  # see version()
+        self._last_version = 0
         self._swap = SwapChecker(self.engine)
         self._init_threading()
         model._tmem_fast_weights = self
@@ -124,23 +126,41 @@ class SessionPool(SessionStore):
         with self._lock:
             return session in self.residency
 
+    def version(self, session: str) -> int:
+        """A number that changes whenever `session`'s fast weights may have changed (open, write, reset,
+        load; every session on a write of A) and is never reused, e.g. to key what was computed from them."""
+        with self._lock:
+            self.residency.check(session)  # UnknownSessionError
+            if session not in self._versions:
+                self._changed([session])
+            return self._versions[session]
+
+    def _changed(self, sessions: Sequence[str]) -> None:
+        with self._lock:
+            for s in sessions:
+                self._last_version += 1
+                self._versions[s] = self._last_version
+
     def open(self, session: str) -> None:
         """A new session in the initial state (B = B0). ValueError if the id is taken."""
         with self._lock:
             self.residency.open(session)
             self.stats[session] = SessionStats()
+            self._changed([session])
 
     def close(self, session: str) -> None:
         """Forget a session: its row (or offloaded copy) is freed."""
         with self._lock:
             self.residency.close(session)
             del self.stats[session]
+            self._versions.pop(session, None)
 
     def reset(self, session: str) -> None:
         """Back to the initial state (B = B0): the episode boundary."""
         with self._exclusive(), torch.inference_mode(False):
             self.engine.reset_rows([self.residency.slot(session)])
             self.stats[session] = SessionStats()
+            self._changed([session])
 
     def counters(self) -> dict[str, int]:
         """Residency counters and sizes: evictions, restores, resident and open sessions, bytes."""
@@ -236,6 +256,7 @@ class SessionPool(SessionStore):
             outcome = run.train(on_step)
             with self._exclusive():
                 run.commit(outcome)
+                self._changed(list(self._versions) if train_a else names)
         losses, errors = {}, {}
         with self._lock:
             for s, steps, e in zip(names, outcome.losses, outcome.errors):
@@ -284,6 +305,7 @@ class SessionPool(SessionStore):
         a mismatch (ValueError). A must equal the pool's shared A."""
         with self._exclusive(), _outside_inference_mode():
             self.engine.set_row(self.residency.slot(session), self._swap.b_row(state))
+            self._changed([session])
 
     def detach(self) -> PreTrainedModel:
         """Remove the fast weights from the model (exactly as it was); the pool is unusable after."""

@@ -21,20 +21,11 @@
 # Output: at most 8 files under $OUT (./gpu_out when unset); 00_summary.txt says the card, the versions and each
 # phase's status. Without CUDA it is a dry run (the same plumbing, CUDA-only parts skipped or shortened).
 set -u
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
-OUT=${OUT:-$ROOT/gpu_out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_env.sh"  # ROOT (cwd), OUT, PY, PYTHONPATH, offline, TMEM_BENCH_TOKENIZER
 DEADLINE=${DEADLINE:-450}
-PY=${PY:-$(command -v python3 || command -v python)}
-export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 TRITON_DEFAULT_FP_FUSION=1
+export TRITON_DEFAULT_FP_FUSION=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/tmem_triton_cache}  # one cache for every phase: compile once
 unset TRITON_INTERPRET TMEM_BENCH_SLOW TMEM_BENCH_DTYPE TMEM_DECODE_PATH
-if [ -z "${TMEM_BENCH_TOKENIZER:-}" ] && [ -d "$ROOT/.gpu/tokenizer" ]; then
-  export TMEM_BENCH_TOKENIZER=$ROOT/.gpu/tokenizer  # from `make gpu-prepare`
-fi
 SUMMARY=$OUT/00_summary.txt
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs)
 BENCH=(--benchmark-columns=min,median,rounds --benchmark-sort=name)

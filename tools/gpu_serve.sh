@@ -5,17 +5,10 @@
 # "memories" workload (explicit flashcards, one write per message) comes first; then "chat" (the model's own
 # cards: empty writes here, so it times answers and card generation). Output: $OUT/06_serve.txt and .json.
 set -u
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
-OUT=${OUT:-$ROOT/gpu_out}
-mkdir -p "$OUT"
-PY=${PY:-$(command -v python3 || command -v python)}
-export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export TOKENIZERS_PARALLELISM=false
-TOKENIZER=${TMEM_BENCH_TOKENIZER:-$ROOT/.gpu/tokenizer}
+source "$(dirname "$0")/gpu_env.sh"  # ROOT (cwd), OUT, PY, PYTHONPATH, offline, TMEM_BENCH_TOKENIZER
 if ! "$PY" -c "import fastapi, uvicorn, httpx, openai" 2> /dev/null; then  # not in the GPU image: from .gpu/wheels
   SITE=/tmp/tmem_serve_site
-  "$PY" -m pip install -q --no-index --find-links "$ROOT/.gpu/wheels" --target "$SITE" fastapi uvicorn httpx openai \
+  "$PY" -m pip install -q --find-links "$ROOT/.gpu/wheels" --target "$SITE" fastapi uvicorn httpx openai \
     > "$OUT/06_serve_install.txt" 2>&1 || echo "pip install of the serve stack failed (see 06_serve_install.txt)"
   export PYTHONPATH=$PYTHONPATH:$SITE  # (shadows the image's copies of shared dependencies: equal or newer)
 fi
@@ -25,7 +18,7 @@ if [ "$DEVICE" = cuda ]; then  # the issue's shapes on the card
 else  # no CUDA: a dry run of the same plumbing at SmolLM2's shapes
   ARGS=(--model shapes-smollm2-135m --device cpu --dtype float32 --messages 1)
 fi
-[ -d "$TOKENIZER" ] && ARGS+=(--tokenizer "$TOKENIZER")
+[ -n "${TMEM_BENCH_TOKENIZER:-}" ] && ARGS+=(--tokenizer "$TMEM_BENCH_TOKENIZER")
 {
   echo "tmem gpu-serve $(date -u +%Y-%m-%dT%H:%MZ) device=$DEVICE git=$(git log -1 --format=%h 2>/dev/null)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/card: /'

@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tmem_runtime.decoder import supports_piecewise
-from tmem_runtime.decoding import DecodeStats, Prefix, RowBinding, greedy_generate, prefill
+from tmem_runtime.decoding import DecodeStats, Prefix, RowBinding, common_prefix_length, greedy_generate, prefill
 
 if TYPE_CHECKING:
     from tmem_runtime.pool import SessionPool
@@ -83,6 +83,12 @@ class Generator:
         """The chat template rendered with the assistant turn opened (and `prefill` already written)."""
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text + prefill
+
+    def chat_preamble(self) -> list[int]:
+        """Token ids every chat prompt opening with a user message starts with (the template's default
+        system text and the user header; [] when there is none)."""
+        probes = [self.encode(self.chat_prompt([{"role": "user", "content": c}])) for c in ("Yes?", "No.")]
+        return probes[0][: common_prefix_length(probes)]
 
     def split_chat_prompt(self, messages: list[dict[str, str]], marker: str) -> tuple[str, str]:
         """Render `messages` and cut the text at `marker` (a substring of the last message, removed).

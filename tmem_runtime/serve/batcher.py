@@ -1,9 +1,11 @@
 """Answers of many sessions in one batched forward: a decode thread that takes whatever is waiting.
 
 A request is one or more rows: prompt token ids, the session whose fast weights the row reads (None:
-the bare model), a token limit and a stop rule; a request of bare rows may name a prefix, token ids
-all its rows start with (the flashcard prompt's instructions and examples), prefilled once and kept
-(`prefix_cache` of them). The decode thread takes the oldest waiting request, then every other that
+the bare model), a token limit and a stop rule; a request whose rows read one session (or none) may
+name a prefix, token ids all its rows start with (the flashcard prompt's instructions and examples;
+the chat template's system preamble of an answer), prefilled once under that session's weights and
+kept (`prefix_cache` of them, keyed by the ids, the session and `pool.version(session)`, so a write
+makes the next request prefill it again). The decode thread takes the oldest waiting request, then every other that
 fits in `max_rows` rows of `max_sessions` sessions (answers before flashcard prompts, each in arrival
 order), and decodes them together with the runtime's batched greedy decoder
 (`tmem_runtime.decoding.greedy_generate`), every forward bound to its rows' sessions by
@@ -61,7 +63,7 @@ class RowResult:
 class Request:
     rows: list[Row]
     priority: int = ANSWER
-    prefix: tuple[int, ...] = ()  # every row's ids follow these (bare rows only)
+    prefix: tuple[int, ...] = ()  # every row's ids follow these (rows of one session, or bare rows)
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)  # e.g. the client went away
     queued_at: float = field(default_factory=time.monotonic)
@@ -138,21 +140,21 @@ class AnswerBatcher(Worker):
 
     def __init__(self, pool: SessionPool, generator: Generator, metrics: Metrics, max_rows: int = 32,
                  max_sessions: int = 32, naive: bool = False, model_lock: threading.Lock | None = None,
-                 prefix_cache: int = 8) -> None:
+                 prefix_cache: int = 64) -> None:
         super().__init__("tmem-decode")
         self.pool, self.model, self.tokenizer = pool, pool.model, generator.tokenizer
         self.eos_ids, self.line_ids, self.pad_id = set(generator.eos_ids), set(generator.line_ids()), generator.pad_id
         self.metrics, self.max_rows, self.max_sessions, self.naive = metrics, max_rows, max_sessions, naive
         self.model_lock = model_lock
         self.queue: list[Request] = []
-        self.prefixes: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()
+        self.prefixes: OrderedDict[tuple, Prefix] = OrderedDict()  # (ids, session, version) -> keys/values
         self.prefix_cache = prefix_cache
 
     def submit(self, rows: list[Row], priority: int = ANSWER, prefix: Sequence[int] = ()) -> Request:
         if not rows:
             raise ValueError("a request needs at least one row")
-        if prefix and any(row.session is not None for row in rows):
-            raise ValueError("only bare-model rows share a cached prefix")
+        if prefix and len({row.session for row in rows}) > 1:
+            raise ValueError("a cached prefix is shared by rows of one session (or bare rows) only")
         request = Request(rows, priority, tuple(prefix))
         with self.cond:
             self.queue.append(request)
@@ -191,19 +193,27 @@ class AnswerBatcher(Worker):
                 batch = self._take()
             self._run(batch)
 
-    def _prefix(self, ids: tuple[int, ...]) -> Prefix | None:
-        """The bare model's keys/values over `ids`, prefilled once and kept (`prefix_cache` of them); called
-        under `_generate`'s inference mode."""
-        if not ids or not supports_piecewise(self.model):
+    def _prefix_key(self, r: Request) -> tuple | None:
+        """What `r`'s prefix keys/values depend on: its ids, its rows' session and that session's version."""
+        if not r.prefix or not supports_piecewise(self.model):
             return None
-        if ids in self.prefixes:
-            self.prefixes.move_to_end(ids)
-            return self.prefixes[ids]
-        with self.pool.rows([None]):
-            self.prefixes[ids] = prefill(self.model, ids)
+        session = r.rows[0].session
+        return r.prefix, session, 0 if session is None else self.pool.version(session)
+
+    def _prefix(self, key: tuple | None) -> Prefix | None:
+        """The keys/values over a request's prefix under its session's weights (`_prefix_key`), prefilled
+        once and kept (`prefix_cache` of them); called under `_generate`'s inference mode."""
+        if key is None:
+            return None
+        if key in self.prefixes:
+            self.prefixes.move_to_end(key)
+            return self.prefixes[key]
+        ids, session, _ = key
+        with self.pool.rows([session]):
+            self.prefixes[key] = prefill(self.model, ids)
         while len(self.prefixes) > self.prefix_cache:
             self.prefixes.popitem(last=False)
-        return self.prefixes[ids]
+        return self.prefixes[key]
 
     def _run(self, batch: list[Request]) -> None:
         """Generate a batch; requests naming a session no longer in the pool fail alone (SessionGoneError)."""
@@ -234,8 +244,9 @@ class AnswerBatcher(Worker):
         with torch.inference_mode():
             prefixes = []
             for r in batch:
-                cached = r.prefix in self.prefixes
-                pre = self._prefix(r.prefix)
+                key = self._prefix_key(r)
+                cached = key in self.prefixes
+                pre = self._prefix(key)
                 prefix_runs = (0 if cached else 1) if pre is not None else len(r.rows)  # None: in every row
                 r.prefilled = sum(len(row.ids) for row in r.rows) + len(r.prefix) * prefix_runs
                 prefixes += [pre] * len(r.rows)

@@ -34,6 +34,8 @@ from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.store import LeaseHeldError, SessionExistsError, Store
 from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter
 
+MIN_CACHED_PREFIX = 8  # an answer's chat preamble shorter than this is prefilled with the rest of its prompt
+
 
 class UnknownSessionError(KeyError):
     """No such session in this tenant (HTTP 404)."""
@@ -88,6 +90,7 @@ class MemoryService:
         self.writer = MemoryWriter(self.pool, tokenizer, self.generator, self.metrics, self._persist, config.recipe,
                                    config.max_write_sessions, config.replay, config.card_tokens, model_lock=model_lock,
                                    card_writer=config.card_writer)
+        self.preamble = self.generator.chat_preamble()  # answers' shared prefix, cached per session version
         self.convs: dict[tuple[str, str], Conversation] = {}
         self._lock = threading.Lock()  # the table and the per-session load locks
         self._loading: dict[tuple[str, str], threading.Lock] = {}
@@ -286,7 +289,10 @@ class MemoryService:
                              f"model's window of {self.generator.window} tokens")
         if conv is not None:
             self._check_active(conv)
-        return self.batcher.submit([Row(ids, None if conv is None else conv.pool_id, max_tokens, on_text=on_text)])
+        p = self.preamble
+        prefix = p if len(p) >= MIN_CACHED_PREFIX and len(ids) > len(p) and ids[: len(p)] == p else []
+        row = Row(ids[len(prefix) :], None if conv is None else conv.pool_id, max_tokens, on_text=on_text)
+        return self.batcher.submit([row], prefix=prefix)
 
     # ---------------------------------------------------------------- metrics
     def _gauges(self) -> None:
