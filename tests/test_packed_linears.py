@@ -18,7 +18,14 @@ from torch import nn
 from tests.test_families import FAMILIES
 from tmem_runtime import load_model
 from tmem_runtime.decoding import greedy_generate
-from tmem_runtime.packed_linears import AVAILABLE, PackedLinear, pack_linears, packable_dtypes, unpack_linears
+from tmem_runtime.packed_linears import (
+    AVAILABLE,
+    PackedLinear,
+    _packed,
+    pack_linears,
+    packable_dtypes,
+    unpack_linears,
+)
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason="this torch has no oneDNN")
 
@@ -41,6 +48,16 @@ def test_equals_f_linear(shape, bias):
     plain, packed = _pair(bias=bias)
     x = torch.randn(*shape)
     assert packed._uses_packed(x)
+    _close(packed(x), F.linear(x, plain.weight, plain.bias))
+
+
+def test_packed_under_inference_mode_serves_no_grad_calls_after():
+    plain, packed = _pair()
+    x = torch.randn(4, 64)
+    with torch.inference_mode():
+        _close(packed(x), F.linear(x, plain.weight, plain.bias))  # packs inside inference mode
+    with torch.no_grad():
+        _close(packed(x), F.linear(x, plain.weight, plain.bias))
     _close(packed(x), F.linear(x, plain.weight, plain.bias))
 
 
@@ -131,7 +148,9 @@ def test_packed_model_keeps_its_parameters_and_logits(family):
     twin = copy.deepcopy(model)
     with torch.no_grad():
         _close(twin(input_ids=ids).logits, want)
+    assert len(_packed) > 0
     assert unpack_linears(model) == len(linears)
+    assert not any(m.weight in _packed for m in linears.values())
     assert all(type(model.get_submodule(n)) is nn.Linear for n in linears)
     assert all(p is params[n] for n, p in model.named_parameters())
 

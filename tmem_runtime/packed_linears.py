@@ -54,8 +54,7 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
         with _lock:
             entry = _packed.get(weight)
             if entry is None or entry[:2] != stamp:
-                with torch.no_grad():
-                    entry = (*stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS))
+                entry = (*stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS))
                 _packed[weight] = entry
     return entry[2]
 
@@ -105,7 +104,9 @@ def _swap(model: nn.Module, old: type[nn.Linear], new: type[nn.Linear]) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is old:
-                setattr(parent, name, made.setdefault(id(child), _rebuilt(child, new)))
+                if id(child) not in made:
+                    made[id(child)] = _rebuilt(child, new)
+                setattr(parent, name, made[id(child)])
     return len(made)
 
 
@@ -118,5 +119,9 @@ def pack_linears(model: nn.Module) -> int:
 
 
 def unpack_linears(model: nn.Module) -> int:
-    """Undo `pack_linears`: plain nn.Linear modules again, same parameters; returns how many."""
+    """Undo `pack_linears`: plain nn.Linear modules again, same parameters, their packed copies freed;
+    returns how many."""
+    for m in model.modules():
+        if type(m) is PackedLinear:
+            _packed.pop(m.weight, None)
     return _swap(model, PackedLinear, nn.Linear)
