@@ -36,7 +36,8 @@ def packable_dtypes() -> tuple[torch.dtype, ...]:
     """Weight dtypes packed on this CPU (bfloat16 where oneDNN has a bf16 path for it)."""
     if not AVAILABLE:
         return ()
-    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return (torch.float32, torch.bfloat16) if bf16 is not None and bf16() else (torch.float32,)
 
 
 _PACKABLE = packable_dtypes()
