@@ -192,8 +192,7 @@ def load_model(
         path = smollm2_dir() if name_or_path == DEFAULT_MODEL else Path(name_or_path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"{name_or_path!r} is neither a known model name ({DEFAULT_MODEL}, tiny-<model_type>, "
-                "shapes-<model>) "
+                f"{name_or_path!r} is neither a known model name ({DEFAULT_MODEL}, tiny-<model_type>, shapes-<model>) "
                 "nor a local Hugging Face model directory (no config.json); nothing is downloaded"
             )
         config = AutoConfig.from_pretrained(path)
@@ -203,7 +202,9 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(device).eval()
     model.requires_grad_(False)
-    if packed_linears if packed_linears is not None else torch.device(device).type == "cpu":
+    if packed_linears is None:
+        packed_linears = torch.device(device).type == "cpu"
+    if packed_linears:
         pack_linears(model)
     return model, tokenizer
 
