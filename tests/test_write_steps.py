@@ -54,6 +54,40 @@ def test_fixed_shape_plans_give_the_same_losses(tiny):
     fw.detach()
 
 
+def test_adapted_mlps_run_only_real_tokens(tiny):
+    """A step's padding never reaches an adapted MLP (the prefix once per session, then the rows' real
+    tokens), and skipping it changes no loss or gradient against the fixed-shape (padded) step."""
+    fw = FastWeights(tiny, init="random", backend="torch")
+    engine, device = fw.store.engine, fw.device
+    cache = fw.store._encode(collate(examples()))
+    groups = [(0, [3, 0]), (1, [5, 1, 2])]  # two sessions' rows in one step, lengths 5 to 20
+    exact = write_module.plan_group_step(cache, groups, device)
+    fixed = write_module.plan_group_step(cache, groups, device, width=cache.hidden.shape[1], num_targets=64)
+    real = int(cache.lengths[[3, 0, 5, 1, 2]].sum())
+    assert exact.token_index is not None and exact.token_index.shape[0] == real and fixed.token_index is None
+    assert exact.seg_indptr.tolist() == [0, 9, 18, 18 + int(cache.lengths[[3, 0]].sum()), 18 + real]
+    seen = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+             for layer in engine.decoder.layers[engine.first_layer:]]  # fmt: skip
+    ws = Workspace(engine, [0, 0], train_a=False)  # two workspace sessions, both from the one row
+    results = []
+    for plan in (exact, fixed):
+        seen.clear()
+        binding = ws.binding(plan.seg_indptr, plan.seg_slot, plan.slots, True, None)
+        with torch.enable_grad(), engine.bind(binding):
+            total, per_group = adapted_loss(engine.decoder, engine.first_layer, cache, plan)
+            grads = torch.autograd.grad(total, list(ws.leaves))
+        results.append((per_group.detach(), grads, list(seen)))
+    for h in hooks:
+        h.remove()
+    assert results[0][2] == [2 * 9 + real] * len(hooks)
+    assert results[1][2] == [2 * 9 + 5 * cache.hidden.shape[1]] * len(hooks)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    fw.detach()
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_write_steps_never_read_the_device(tiny, optimizer):
     """On the meta device any host read of a tensor (.item(), bool(), nonzero, .tolist()) raises, so

@@ -32,7 +32,7 @@ def supports_piecewise(model: nn.Module) -> bool:
     inner = getattr(model, "model", None)
     if not all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "norm", "layers")):
         return False
-    # `run_layers_after_prefix` drives a layer's halves itself: the pre-norm Llama layer layout
+    # `run_adapted_layers` drives a layer's halves itself: the pre-norm Llama layer layout
     block = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
     return hasattr(model, "lm_head") and all(hasattr(layer, a) for layer in inner.layers for a in block)
 
@@ -162,39 +162,57 @@ class Decoder:
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
-    def run_layers_after_prefix(
+    def run_adapted_layers(
         self,
-        prefix_hidden: torch.Tensor,
         hidden: torch.Tensor,
         start: int,
         stop: int,
         lengths: torch.Tensor | None = None,
+        prefix_hidden: torch.Tensor | None = None,
         row_prefix: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layers [start, stop) on shared prefixes [G, P, H] and the rows that continue them [B, T, H].
+        token_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Layers [start, stop) on rows [B, T, H], each adapted MLP called once per layer on every token.
 
-        G == 1: every row continues the one prefix. G > 1 (a write of G sessions, whose adapted layers
-        differ): row i continues prefix row_prefix[i] ([B] on the device). Per layer, attention runs
-        on the prefixes (their keys/values kept) and then on the rows (attending to their prefix); the
-        MLP then runs once on the prefix tokens and the row tokens together, in that order
-        ([G * P + B * T, H]), so every MLP, and the fast weights in it, is called once per layer. That
-        is what lets a backward kernel update B in place. `lengths` [B] as in `run_layers`.
-        Returns (prefixes [G, P, H], rows [B, T, H]).
+        That one call is what lets a backward kernel update B in place. Per layer, attention runs on
+        the shared prefixes `prefix_hidden` [G, P, H] (if any; their keys/values kept) and then on the
+        rows (attending to their prefix); then the MLP runs once on [prefix tokens ; row tokens]
+        ([G * P + N, H], in that order). G == 1: every row continues the one prefix; G > 1 (a write of
+        G sessions, whose adapted layers differ): row i continues prefix row_prefix[i] ([B] on the
+        device). `lengths` [B] as in `run_layers`. token_index [N]: the row tokens the MLPs run, as
+        flat positions in [B, T] (the real ones: a padding position keeps its value, which no real
+        token reads); None: all B * T. Returns (prefixes [G, P, H] or None, rows [B, T, H]).
         """
-        b, t, width = hidden.shape
-        g, p = prefix_hidden.shape[:2]
-        prefix_inputs = self._attention_inputs(prefix_hidden, 0, None)
+        p = 0 if prefix_hidden is None else prefix_hidden.shape[1]
         row_inputs = self._attention_inputs(hidden, p, lengths)
-        kv = PrefixKV(row_prefix)
+        prefix_inputs = None if prefix_hidden is None else self._attention_inputs(prefix_hidden, 0, None)
+        kv = PrefixKV(row_prefix) if p else None
         for layer in self.layers[start:stop]:
-            kv.recording = True
-            prefix_hidden = self._attention_block(layer, prefix_hidden, *prefix_inputs, kv)
-            kv.recording = False
+            if kv is not None:
+                kv.recording = True
+                prefix_hidden = self._attention_block(layer, prefix_hidden, *prefix_inputs, kv)
+                kv.recording = False
             hidden = self._attention_block(layer, hidden, *row_inputs, kv)
-            tokens = torch.cat([prefix_hidden.reshape(g * p, width), hidden.reshape(b * t, width)])
-            tokens = tokens + layer.mlp(layer.post_attention_layernorm(tokens))
-            prefix_hidden, hidden = tokens[: g * p].view(g, p, width), tokens[g * p :].view(b, t, width)
+            prefix_hidden, hidden = self._mlp_block(layer, prefix_hidden, hidden, token_index)
         return prefix_hidden, hidden
+
+    @staticmethod
+    def _mlp_block(
+        layer: nn.Module, prefix: torch.Tensor | None, hidden: torch.Tensor, token_index: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """x + mlp(post_attention_layernorm(x)) over [prefix tokens ; row tokens (those at token_index)]
+        in one MLP call: the second half of a pre-norm decoder layer (see `run_adapted_layers`)."""
+        b, t, width = hidden.shape
+        flat = hidden.reshape(b * t, width)
+        rows = flat if token_index is None else flat.index_select(0, token_index)
+        n_prefix = 0 if prefix is None else prefix.shape[0] * prefix.shape[1]
+        tokens = rows if prefix is None else torch.cat([prefix.reshape(n_prefix, width), rows])
+        tokens = tokens + layer.mlp(layer.post_attention_layernorm(tokens))
+        if prefix is not None:
+            prefix = tokens[:n_prefix].view_as(prefix)
+        rows = tokens[n_prefix:]
+        flat = rows if token_index is None else flat.index_copy(0, token_index, rows)
+        return prefix, flat.view(b, t, width)
 
     def _attention_inputs(
         self, hidden: torch.Tensor, past: int, lengths: torch.Tensor | None
@@ -218,7 +236,7 @@ class Decoder:
         positions: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-        kv: PrefixKV,
+        kv: PrefixKV | None,
     ) -> torch.Tensor:
         """hidden + self_attn(input_layernorm(hidden)): the first half of a pre-norm decoder layer."""
         out = layer.self_attn(
@@ -226,7 +244,7 @@ class Decoder:
             attention_mask=mask,
             position_ids=positions,
             position_embeddings=rope,
-            use_cache=True,
+            use_cache=kv is not None,
             **{self._attn_cache_kw: kv},
         )
         return hidden + (out[0] if isinstance(out, tuple) else out)

@@ -3,8 +3,9 @@
     examples ──trunk (layers below the first adapted one), no grad, once──> TrunkCache
              (tokens every example shares — the chat template's preamble — run once, batch 1)
     per step: rows of the cache ──adapted layers (fast weights; the shared prefix again once, its MLP
-             tokens joined to the rows' so each MLP runs once)──> final norm ──> lm_head at the
-             loss positions only ──> cross-entropy (mean over non-ignored tokens, as HF computes it)
+             tokens joined to the rows' real tokens, never their padding, so each MLP runs once)──>
+             final norm ──> lm_head at the loss positions only ──> cross-entropy (mean over
+             non-ignored tokens, as HF computes it)
 
 Each step is planned on the host before the first one runs (`plan_steps`), so the step loop never
 reads a device value: on CUDA it replays as graphs (`cuda_graphs`).
@@ -66,9 +67,11 @@ class StepBatch:
     token is a target; targets [K]: those tokens, IGNORE_INDEX on padding slots. target_weight [K]:
     1 / (targets of its group), so each group's loss is its own mean, as if written alone;
     target_group [K]: each target's group. row_prefix [b]: each row's group, when there are several
-    groups and a shared prefix (each group then runs its own copy of the prefix). seg_indptr /
-    seg_slot: the adapted MLP's token segments (`token_segments`) as int64 tensors. Tensors on the
-    compute device; groups and slots on the host.
+    groups and a shared prefix (each group then runs its own copy of the prefix). token_index [T]:
+    the rows' real tokens as flat positions in [b, width], the only row tokens the adapted MLPs run
+    (None: every position, padding included: fixed shapes, or no row padded). seg_indptr / seg_slot:
+    the adapted MLP's token segments (`mlp_token_segments`) as int64 tensors. Tensors on the compute
+    device; groups and slots on the host.
     """
 
     rows: torch.Tensor
@@ -83,14 +86,16 @@ class StepBatch:
     slots: tuple[int, ...] = ()
     seg_indptr: torch.Tensor | None = None
     seg_slot: torch.Tensor | None = None
+    token_index: torch.Tensor | None = None
 
     @property
     def signature(self) -> tuple:
         """Steps with equal signatures run the same kernels on same-shaped tensors (one CUDA graph)."""
-        return (self.rows.shape[0], self.width, self.lengths is None, self.targets.shape[0], self.groups, self.slots)
+        shape = (self.rows.shape[0], self.width, self.lengths is None, self.targets.shape[0], self.groups, self.slots)
+        return shape + (None if self.token_index is None else self.token_index.shape[0],)
 
     def tensors(self) -> list[torch.Tensor]:
-        optional = (self.lengths, self.row_prefix)
+        optional = (self.lengths, self.row_prefix, self.token_index)
         fixed = [self.rows, self.loss_index, self.targets, self.target_weight, self.target_group, self.seg_indptr,
                  self.seg_slot]  # fmt: skip
         return fixed + [t for t in optional if t is not None]
@@ -102,7 +107,7 @@ class StepBatch:
         return StepBatch(
             self.rows.clone(), self.width, c(self.lengths), self.loss_index.clone(), self.targets.clone(),
             self.target_weight.clone(), self.target_group.clone(), c(self.row_prefix), self.groups, self.slots,
-            c(self.seg_indptr), c(self.seg_slot),
+            c(self.seg_indptr), c(self.seg_slot), c(self.token_index),
         )  # fmt: skip
 
     def copy_(self, other: StepBatch) -> None:
@@ -112,18 +117,16 @@ class StepBatch:
         for dst, src in zip(self.tensors(), other.tensors()):
             dst.copy_(src, non_blocking=True)
 
-    def token_segments(self, prefix_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(indptr, slots) over the adapted MLP's tokens: [each group's prefix copy (P tokens each);
-        every row's `width` tokens], as `Decoder.run_layers_after_prefix` (or `run_layers`) lays them out."""
-        indptr, slots = [0], []
-        if prefix_len:
-            for s in self.slots:
-                indptr.append(indptr[-1] + prefix_len)
-                slots.append(s)
-        for n, s in zip(self.groups, self.slots):
-            indptr.append(indptr[-1] + n * self.width)
-            slots.append(s)
-        return tuple(indptr), tuple(slots)
+
+def mlp_token_segments(prefix_len: int, group_tokens: Sequence[int], slots: Sequence[int]) -> tuple[list, list]:
+    """(indptr, slots) over an adapted MLP's tokens as `Decoder.run_adapted_layers` lays them out: each
+    group's prefix copy (prefix_len tokens each), then each group's row tokens (group_tokens[g])."""
+    sizes = ([prefix_len] * len(slots) if prefix_len else []) + list(group_tokens)
+    owners = (list(slots) if prefix_len else []) + list(slots)
+    indptr = [0]
+    for n in sizes:
+        indptr.append(indptr[-1] + n)
+    return indptr, owners
 
 
 def right_padded_lengths(attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -238,8 +241,15 @@ def plan_group_step(
         picked = torch.cat([picked, picked.new_full((pad,), IGNORE_INDEX)])
         weight = torch.cat([weight, weight.new_zeros(pad)])
         target_group = torch.cat([target_group, target_group.new_zeros(pad)])
-    padded = num_targets is not None or not bool((lengths == width).all())
-    step = StepBatch(
+    fixed = num_targets is not None
+    padded = fixed or not bool((lengths == width).all())
+    token_index, row_tokens = None, torch.full_like(lengths, width)
+    if padded and not fixed:  # the MLPs skip the padding (fixed shapes keep it: one CUDA graph per write)
+        real = torch.arange(width)[None] < lengths[:, None]
+        token_index, row_tokens = real.reshape(-1).nonzero().squeeze(1), lengths
+    group_tokens = torch.zeros(len(groups), dtype=torch.long).index_add_(0, row_group, row_tokens)
+    indptr, slots = mlp_token_segments(p, group_tokens.tolist(), [slot for slot, _ in groups])
+    return StepBatch(
         rows.to(device),
         width,
         lengths.to(device) if padded else None,
@@ -250,11 +260,10 @@ def plan_group_step(
         row_group.to(device) if p and len(groups) > 1 else None,
         tuple(sizes),
         tuple(slot for slot, _ in groups),
+        torch.tensor(indptr, dtype=torch.long, device=device),
+        torch.tensor(slots, dtype=torch.long, device=device),
+        None if token_index is None else token_index.to(device),
     )
-    indptr, slots = step.token_segments(p)
-    step.seg_indptr = torch.tensor(indptr, dtype=torch.long, device=device)
-    step.seg_slot = torch.tensor(slots, dtype=torch.long, device=device)
-    return step
 
 
 def plan_steps(
@@ -290,14 +299,16 @@ def adapted_loss(
     Reads no device value on the host."""
     p, stop, g = cache.prefix_len, len(decoder.layers), len(batch.groups)
     hidden = cache.hidden[:, : batch.width].index_select(0, batch.rows)
+    prefix = None
     if p:
         prefix = cache.prefix_hidden if g == 1 else cache.prefix_hidden.expand(g, -1, -1)
-        prefix, rows = decoder.run_layers_after_prefix(prefix, hidden, first_adapted, stop, batch.lengths,
-                                                       batch.row_prefix)  # fmt: skip
+    prefix, rows = decoder.run_adapted_layers(hidden, first_adapted, stop, batch.lengths, prefix, batch.row_prefix,
+                                              batch.token_index)  # fmt: skip
+    if p:
         prefix = prefix.expand(rows.shape[0], -1, -1) if g == 1 else prefix.index_select(0, batch.row_prefix)
         full = torch.cat([prefix, rows], dim=1)  # [b, P+width, H]
     else:
-        full = decoder.run_layers(hidden, first_adapted, stop, lengths=batch.lengths)
+        full = rows
     picked = full.reshape(-1, full.shape[-1]).index_select(0, batch.loss_index)
     return head_loss(decoder, picked, batch)
 
