@@ -276,6 +276,7 @@ def main() -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (random-weight models)")
     p.add_argument("--device", default="cpu", help="the servers' torch device")
     p.add_argument("--dtype", default="float32", help="the servers' model dtype")
+    p.add_argument("--naive-threads", type=int, default=1, help="torch threads of each naive-server thread")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args()
     cpus = None if args.cpus is None else [int(c) for c in args.cpus.split(",")]
@@ -285,7 +286,8 @@ def main() -> None:
         runs = []
         for w in args.workloads.split(","):
             for mode in args.order.split(","):
-                runs.append(load_run(mode == "naive", args.messages, Path(d), w, args.cap, cpus, model_args))
+                threads = ["--threads", str(args.naive_threads)] if mode == "naive" else []
+                runs.append(load_run(mode == "naive", args.messages, Path(d), w, args.cap, cpus, model_args + threads))
                 print(json.dumps(runs[-1]), flush=True)  # each run's figures as it ends (a cut-off keeps them)
     print(report(runs))
     if args.json:

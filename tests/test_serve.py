@@ -35,10 +35,12 @@ from tmem_runtime.decoding import common_prefix_length
 from tmem_runtime.serve.app import create_app
 from tmem_runtime.serve.batcher import CARDS as CARD_PRIORITY
 from tmem_runtime.serve.batcher import Request, Row
+from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
 from tmem_runtime.serve.store import SessionRecord, Store
+from tmem_runtime.serve.worker import Worker
 from tmem_runtime.serve.writer import DecodeThreadGenerator
 
 KEYS = {"key-acme": "acme", "key-globex": "globex"}
@@ -234,6 +236,8 @@ def test_answers_go_on_while_a_write_trains(served, acme):
     create(acme, "writer")
     create(acme, "reader")
     big = [(f"What is item {i} of the list?", f"entry {i}") for i in range(64)]  # 40 write steps
+    steps = service.metrics.counters["write_steps_total"]
+    before = {c: steps[(("cores", c),)] for c in ("own", "both")}
     assert remember(acme, "writer", big, wait=False).status_code == 202
     deadline = time.monotonic() + 60
     while not service.metrics.gauges["writes_training"].get((), 0):
@@ -247,6 +251,79 @@ def test_answers_go_on_while_a_write_trains(served, acme):
     while acme.get("/v1/sessions/writer").json()["pending_writes"]:
         time.sleep(0.1)
     assert acme.get("/v1/sessions/writer").json()["memories"] == len(big)
+    ran = {c: steps[(("cores", c),)] - before[c] for c in ("own", "both")}
+    assert ran["own"] + ran["both"] == 40  # CPU: steps while no answer waited borrowed the decode thread's core,
+    assert ran["own"] >= 1 and ran["both"] >= 1  # those while one waited or decoded did not
+
+
+def openmp_max_threads() -> int | None:
+    """omp_get_max_threads() of the calling thread, from the OpenMP runtime torch loaded (Linux), or None."""
+    import ctypes
+
+    maps = Path("/proc/self/maps")
+    libs = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line} if maps.exists() else set()
+    return ctypes.CDLL(sorted(libs)[0]).omp_get_max_threads() if libs else None
+
+
+def test_server_threads_run_the_servers_torch_threads():
+    """OpenMP keeps its thread count per thread: a thread started after torch.set_num_threads(n) runs
+    OpenMP's default (OMP_NUM_THREADS, else every core), so `--threads` must be applied in each worker."""
+    if openmp_max_threads() is None:
+        pytest.skip("no libgomp loaded (not Linux, or torch built without OpenMP)")
+
+    class Probe(Worker):
+        def _loop(self) -> None:
+            seen.append(openmp_max_threads())
+
+    seen, threads = [], torch.get_num_threads()
+    torch.set_num_threads(3)  # differs from every default here (OMP_NUM_THREADS unset or 1; 2 cores)
+    try:
+        probe = Probe("probe")
+    finally:
+        torch.set_num_threads(threads)
+    probe.start()
+    probe.thread.join(10)
+    plain = threading.Thread(target=lambda: seen.append(openmp_max_threads()))
+    plain.start()
+    plain.join(10)
+    assert seen[0] == 3 and seen[1] != 3  # the worker runs what its builder ran; a plain thread would not
+
+
+def test_a_batch_waits_for_a_wide_write_step_and_no_step_goes_wide_while_it_decodes():
+    threads = torch.get_num_threads()
+    cores = CoreLoan(threads, cores=2 * threads)
+    entered, leave = threading.Event(), threading.Event()
+
+    def batch():
+        with cores.decoding():
+            entered.set()
+            leave.wait(30)
+
+    decode = threading.Thread(target=batch)
+    try:
+        cores.before_training()  # nothing waits to decode: the first step runs on both threads' shares
+        assert cores.wide and torch.get_num_threads() == 2 * threads
+        decode.start()
+        assert not entered.wait(0.3)  # the batch is held while the wide step runs ...
+        cores.after_step(1, 3, 0.0)
+        assert entered.wait(10) and not cores.wide and torch.get_num_threads() == threads  # ... and no longer
+        cores.after_step(2, 3, 0.0)  # still decoding: step 3 runs on the write thread's own share too
+        assert not cores.wide
+        leave.set()
+        decode.join(10)
+        cores.after_step(3, 3, 0.0)  # the last step: nothing after it to widen
+        assert not cores.wide and cores.steps == {"own": 2, "both": 1}
+    finally:
+        leave.set()
+        cores.training_done()
+    assert torch.get_num_threads() == threads
+    off = CoreLoan(threads, enabled=False)  # a GPU server: nothing is lent, nothing waits
+    off.before_training()
+    with off.decoding():
+        assert not off.wide and torch.get_num_threads() == threads
+    assert not CoreLoan(threads, cores=threads).enabled  # no core beyond its own: nothing to borrow
+    with pytest.raises(ValueError, match="at least 1"):
+        CoreLoan(0)
 
 
 def test_streaming_with_the_openai_client(served, acme):

@@ -4,6 +4,7 @@
     conversation.py   one served session: working context (the agent's budget trigger), queued writes
     batcher.py        the decode thread: waiting requests answered in one batched generate, a memory per row
     writer.py         the write thread: flashcards through the decode thread, batched training, commits
+    cores.py          on a CPU, training borrows the decode thread's cores while it is idle
     service.py        sessions of tenants on one SessionPool, loaded from and persisted to the store
     app.py            the HTTP API (FastAPI): OpenAI chat completions + session endpoints
     metrics.py        Prometheus text

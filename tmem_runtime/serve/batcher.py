@@ -35,6 +35,7 @@ from tmem_runtime.decoding import Prefix, greedy_generate, prefill
 from tmem_runtime.pool import SessionPool
 from tmem_runtime.residency import UnknownSessionError
 from tmem_runtime.serve.conversation import SessionGoneError
+from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.worker import Worker
 
@@ -140,7 +141,7 @@ class AnswerBatcher(Worker):
 
     def __init__(self, pool: SessionPool, generator: Generator, metrics: Metrics, max_rows: int = 32,
                  max_sessions: int = 32, naive: bool = False, model_lock: threading.Lock | None = None,
-                 prefix_cache: int = 64) -> None:
+                 prefix_cache: int = 64, cores: CoreLoan | None = None) -> None:
         super().__init__("tmem-decode")
         self.pool, self.model, self.tokenizer = pool, pool.model, generator.tokenizer
         self.eos_ids, self.line_ids, self.pad_id = set(generator.eos_ids), set(generator.line_ids()), generator.pad_id
@@ -149,6 +150,7 @@ class AnswerBatcher(Worker):
         self.queue: list[Request] = []
         self.prefixes: OrderedDict[tuple, Prefix] = OrderedDict()  # (ids, session, version) -> keys/values
         self.prefix_cache = prefix_cache
+        self.cores = cores or CoreLoan(1, enabled=False)
 
     def submit(self, rows: list[Row], priority: int = ANSWER, prefix: Sequence[int] = ()) -> Request:
         if not rows:
@@ -223,7 +225,7 @@ class AnswerBatcher(Worker):
                 r.future.set_exception(SessionGoneError("the session was released or removed; retry the request"))
             batch = [r for r in batch if r not in gone]
             try:
-                with self.model_lock or nullcontext():
+                with self.cores.decoding(), self.model_lock or nullcontext():
                     results = self._generate(batch) if batch else []
             except UnknownSessionError:  # unloaded between the check and the batch: check again
                 continue

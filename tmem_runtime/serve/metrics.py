@@ -31,6 +31,8 @@ HELP = {
     "answer_tokens_total": "tokens generated in chat completions",
     "writes_total": "memory writes committed and persisted, by outcome",
     "flashcards_total": "new flashcards trained",
+    "write_steps_total": "training steps, by the cores they ran on (own: the write thread's; both: the decode "
+                         "thread's too, lent while it had nothing to do; CPU only)",
 }
 
 

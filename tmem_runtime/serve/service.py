@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tmem_runtime import residency
@@ -30,6 +31,7 @@ from tmem_runtime.pool import SessionPool
 from tmem_runtime.recipes import Recipe
 from tmem_runtime.serve.batcher import AnswerBatcher, Request, Row
 from tmem_runtime.serve.conversation import Card, Conversation, SessionGoneError, WriteJob
+from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.store import LeaseHeldError, SessionExistsError, Store
 from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter
@@ -63,6 +65,7 @@ class ServeConfig:
     backend: str = "auto"
     recipe: Recipe = AGENT_RECIPE
     card_writer: Callable[[str], str] | None = None  # flashcard text for a context (None: the model writes it)
+    lend_cores: bool = True  # CPU: training steps borrow the decode thread's torch threads while it is idle
 
     def __post_init__(self) -> None:
         if self.naive:
@@ -83,13 +86,15 @@ class MemoryService:
         self.pool = SessionPool(model, capacity=config.capacity, backend=config.backend)
         self.metrics = Metrics()
         model_lock = threading.Lock() if config.naive else None
+        cores = CoreLoan(torch.get_num_threads(), enabled=config.lend_cores and self.pool.device.type == "cpu")
         answer_sessions = max(1, config.capacity - config.max_write_sessions - 1)
         self.generator = DecodeThreadGenerator(model, tokenizer)  # cards, token counts and the batcher's ids
         self.batcher = self.generator.batcher = AnswerBatcher(self.pool, self.generator, self.metrics, config.max_rows,
-                                                              answer_sessions, config.naive, model_lock)
+                                                              answer_sessions, config.naive, model_lock,
+                                                              cores=cores)
         self.writer = MemoryWriter(self.pool, tokenizer, self.generator, self.metrics, self._persist, config.recipe,
                                    config.max_write_sessions, config.replay, config.card_tokens, model_lock=model_lock,
-                                   card_writer=config.card_writer)
+                                   card_writer=config.card_writer, cores=cores)
         self.preamble = self.generator.chat_preamble()  # answers' shared prefix, cached per session version
         self.convs: dict[tuple[str, str], Conversation] = {}
         self._lock = threading.Lock()  # the table and the per-session load locks

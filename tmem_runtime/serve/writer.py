@@ -30,6 +30,7 @@ from tmem_runtime.pool import SessionPool
 from tmem_runtime.recipes import Recipe
 from tmem_runtime.serve.batcher import CARDS, AnswerBatcher, Row
 from tmem_runtime.serve.conversation import Conversation, SessionGoneError, WriteJob
+from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.worker import Worker
 from tmem_runtime.sessions import WriteError
@@ -78,12 +79,14 @@ class MemoryWriter(Worker):
     def __init__(self, pool: SessionPool, tokenizer: PreTrainedTokenizerBase, generator: Generator,
                  metrics: Metrics, persist: Callable[[Conversation, bool], None], recipe: Recipe,
                  max_sessions: int = 16, replay: int = 32, card_tokens: int = 48, card_threads: int = 8,
-                 model_lock: threading.Lock | None = None, card_writer: Callable[[str], str] | None = None) -> None:
+                 model_lock: threading.Lock | None = None, card_writer: Callable[[str], str] | None = None,
+                 cores: CoreLoan | None = None) -> None:
         super().__init__("tmem-write")
         self.pool, self.tokenizer, self.generator, self.metrics = pool, tokenizer, generator, metrics
         self.persist, self.recipe = persist, recipe
         self.max_sessions, self.replay, self.card_tokens = max_sessions, replay, card_tokens
         self.model_lock, self.card_writer = model_lock, card_writer
+        self.cores = cores or CoreLoan(1, enabled=False)
         self.cards = ThreadPoolExecutor(card_threads, thread_name_prefix="tmem-cards")
         self.waiting: dict[Conversation, None] = {}  # sessions with pending jobs, oldest first
         self.dirty = False
@@ -166,15 +169,23 @@ class MemoryWriter(Worker):
         losses, errors = {}, {}
         t0 = time.perf_counter()
         self.metrics.set_gauge("writes_training", len(train))
+        steps_before = dict(self.cores.steps)
         try:
-            losses = self.pool.write_qa_many(self.tokenizer, train, recipe=self.recipe) if train else {}
+            if train:
+                self.cores.before_training()
+                on_step = self.cores.after_step if self.cores.enabled else None  # (it reads each step's loss)
+                losses = self.pool.write_qa_many(self.tokenizer, train, recipe=self.recipe, on_step=on_step)
         except WriteError as exc:
             losses, errors = exc.losses, exc.errors
         except Exception as exc:  # e.g. a session closed under the write: every job of this batch fails
             errors = dict.fromkeys(train, exc)
+        finally:
+            self.cores.training_done()
         if train:
             self.metrics.observe("write_train_seconds", time.perf_counter() - t0)
             self.metrics.observe("write_batch_sessions", len(train))
+            for cores, n in self.cores.steps.items():
+                self.metrics.inc("write_steps_total", n - steps_before[cores], cores=cores)
         for conv, job in picks:
             try:
                 self._finish(conv, job, pairs[conv.pool_id], losses.get(conv.pool_id, []), errors.get(conv.pool_id))
