@@ -104,3 +104,41 @@ def test_write_share_of_matmul_throughput(smollm2):
         f"-> {100 * write_rate / mm_gflops:.0f}% of the fp32 matrix-product rate"
     )
     assert write_rate > 0
+
+
+def _replaying_pool(model, tokenizer, kept: bool):
+    """A pool whose session "s" holds the 32 PAIRS (one write), trunk outputs kept or not."""
+    from tmem_runtime import SessionPool
+
+    pool = SessionPool(model, capacity=1, trunk_cache_bytes=(256 << 20) if kept else 0)
+    pool.open("s")
+    pool.write_qa("s", tokenizer, PAIRS, recipe=RECIPES["paper"])
+    return pool
+
+
+@pytest.mark.parametrize("kept", ["kept", "recomputed"])
+def test_write_replaying_32_cards(benchmark, smollm2, kept):
+    """A write as the agent and `tmem serve` make them: 4 new cards plus the 32 written before (the agent's
+    recipe, 30 steps), with the earlier cards' trunk outputs kept from their write vs run again."""
+    from tmem_runtime.agent.write_formats import AGENT_RECIPE
+
+    model, tokenizer = smollm2
+    pool, fresh = _replaying_pool(model, tokenizer, kept == "kept"), iter(range(10_000))
+
+    def new_cards():
+        pool.reset("s")
+        return (tokenizer, [(f"What is the code of locker {k}?", f"{k * 37 % 1000:03d}") for k in
+                            [next(fresh) for _ in range(4)]] + PAIRS), {"recipe": AGENT_RECIPE}  # fmt: skip
+
+    benchmark.group = "write: 4 new + 32 replayed cards, agent recipe (30 steps)"
+    try:
+        losses = benchmark.pedantic(lambda tok, cards, recipe: pool.write_qa("s", tok, cards, recipe=recipe),
+                                    setup=new_cards, rounds=3, warmup_rounds=1)  # fmt: skip
+    finally:
+        pool.detach()
+    assert len(losses) == 30
+    RESULTS[f"replay:{kept}"] = benchmark.stats.stats.median
+    if {"replay:kept", "replay:recomputed"} <= RESULTS.keys():
+        kept_s, recomputed_s = RESULTS["replay:kept"], RESULTS["replay:recomputed"]
+        print(f"\n[write replaying 32 cards] trunk kept {kept_s * 1e3:.0f} ms, run again {recomputed_s * 1e3:.0f} ms"
+              f" -> {recomputed_s / kept_s:.2f}x")

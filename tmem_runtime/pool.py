@@ -37,6 +37,7 @@ from tmem_runtime.residency import Residency
 from tmem_runtime.sessions import Schedules, SessionStats, SessionStore, WriteError, check_batch
 from tmem_runtime.static_write import StaticWrites
 from tmem_runtime.trainer import StepCallback, WriteRun
+from tmem_runtime.trunk_rows import TrunkRows
 from tmem_runtime.write import encode_trunk, right_padded_lengths
 
 
@@ -44,8 +45,9 @@ class SessionPool(SessionStore):
     """Fast weights for many named sessions of one model (see the module docstring).
 
     capacity: B rows on the model's device. offload: "host" | "disk" (with offload_dir) for sessions
-    beyond capacity. The other arguments are those of `FastWeightEngine`. `train_a` writes need a
-    pool of capacity 1 (A is shared).
+    beyond capacity. trunk_cache_bytes: examples' trunk outputs kept on the device for writes that
+    train them again (replayed flashcards; `trunk_rows.py`), 0: none. The other arguments are those of
+    `FastWeightEngine`. `train_a` writes need a pool of capacity 1 (A is shared).
     """
 
     def __init__(
@@ -62,8 +64,14 @@ class SessionPool(SessionStore):
         cuda_graphs: bool = True,
         offload: str = "host",
         offload_dir: str | os.PathLike | None = None,
+        trunk_cache_bytes: int = 256 << 20,
     ) -> None:
         self.engine = FastWeightEngine(model, capacity, rank, num_layers, init, backend, svd, scaling, seed)
+        decoder = self.engine.decoder
+        self.trunk_rows = None  # examples' trunk outputs, for writes that train them again (replayed cards)
+        if decoder is not None and trunk_cache_bytes:
+            self.trunk_rows = TrunkRows([decoder.inner.embed_tokens, *decoder.layers[: self.engine.first_layer]],
+                                        trunk_cache_bytes)  # fmt: skip
         self.cuda_graphs = cuda_graphs
         self._init_static()
         self.residency = Residency(self.engine, offload, offload_dir)
@@ -282,7 +290,9 @@ class SessionPool(SessionStore):
         e = self.engine
         if e.decoder is None or lengths is None:
             return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        return encode_trunk(e.decoder, e.first_layer, ids, lengths, labels, e.device)
+        if self.trunk_rows is not None:
+            self.trunk_rows.validate()
+        return encode_trunk(e.decoder, e.first_layer, ids, lengths, labels, e.device, kept=self.trunk_rows)
 
     # ---------------------------------------------------------------- state
     def state_dict(self, session: str) -> dict[str, torch.Tensor]:

@@ -10,7 +10,9 @@
 Each step is planned on the host before the first one runs (`plan_steps`), so the step loop never
 reads a device value: on CUDA it replays as graphs (`cuda_graphs`).
 
-The backward stops at the first adapted layer because the cached trunk output carries no grad.
+The backward stops at the first adapted layer because the cached trunk output carries no grad. A
+pool keeps its examples' trunk outputs (`trunk_rows.TrunkRows`), so a later write that trains them
+again (replayed flashcards) runs the trunk over its new examples only.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 from tmem_kernels import linear_cross_entropy
 from tmem_runtime.decoder import Decoder, PrefixKV
+from tmem_runtime.trunk_rows import TrunkRows
 
 IGNORE_INDEX = -100
 CHUNKED_HEAD_LOGITS = 1 << 27  # K x V from which a step's head loss runs in chunks (512 MB of fp32 logits)
@@ -159,10 +162,12 @@ def encode_trunk(
     labels: torch.Tensor,
     device: torch.device,
     rows_per_chunk: int = 16,
+    kept: TrunkRows | None = None,
 ) -> TrunkCache:
     """Run the frozen layers [0, first_adapted) once on `device`.
 
-    input_ids/labels [N, T] right padded, lengths [N]: host (CPU) tensors.
+    input_ids/labels [N, T] right padded, lengths [N]: host (CPU) tensors. kept: trunk outputs of
+    examples seen before (reused, and this call's added), or None.
     """
     input_ids, lengths, labels = input_ids.cpu(), lengths.cpu(), labels.cpu()
     p = shared_prefix_len(input_ids, lengths)
@@ -173,19 +178,27 @@ def encode_trunk(
         prefix_hidden = decoder.run_layers(decoder.embed(prefix_ids), 0, first_adapted, prefix=prefix_kv)
         prefix_kv.recording = False
     suffix_lengths = lengths - p
-    s = int(suffix_lengths.max())
-    n = input_ids.shape[0]
+    n, s = input_ids.shape[0], int(suffix_lengths.max())
+    keys = [tuple(input_ids[i, : lengths[i]].tolist()) for i in range(n)] if kept is not None else []
+    known = {i: row for i in range(len(keys)) if (row := kept.get(keys[i], p)) is not None}
+    todo = [i for i in range(n) if i not in known]
     hidden = None
-    for lo in range(0, n, rows_per_chunk):
-        hi = min(n, lo + rows_per_chunk)
-        chunk_len = suffix_lengths[lo:hi]
+    for lo in range(0, len(todo), rows_per_chunk):
+        rows = todo[lo : lo + rows_per_chunk]
+        chunk_len = suffix_lengths[rows]
         width = int(chunk_len.max())
-        ids = input_ids[lo:hi, p : p + width].to(device)
+        ids = input_ids[rows, p : p + width].to(device)
         padded = None if bool((chunk_len == width).all()) else chunk_len.to(device)
         h = decoder.run_layers(decoder.embed(ids), 0, first_adapted, lengths=padded, prefix=prefix_kv)
         if hidden is None:
             hidden = h.new_zeros(n, s, h.shape[-1])
-        hidden[lo:hi, :width] = h
+        hidden[torch.tensor(rows, device=device), :width] = h
+        for j, i in enumerate(rows if kept is not None else ()):
+            kept.put(keys[i], p, h[j, : int(chunk_len[j])])
+    for i, row in known.items():
+        if hidden is None:
+            hidden = row.new_zeros(n, s, row.shape[-1])
+        hidden[i, : row.shape[0]] = row
     labels = labels[:, : p + s].clone()
     valid = torch.arange(p + s)[None] < lengths[:, None]
     labels[~valid] = IGNORE_INDEX
