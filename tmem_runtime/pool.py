@@ -320,6 +320,8 @@ class SessionPool(SessionStore):
     def detach(self) -> PreTrainedModel:
         """Remove the fast weights from the model (exactly as it was); the pool is unusable after."""
         with self._exclusive():
+            if self.trunk_rows is not None:
+                self.trunk_rows.clear()  # the kept trunk outputs' memory goes with the pool
             return self.engine.detach()
 
 
