@@ -300,8 +300,9 @@ def test_concurrent_writes_and_generates_match_serial_runs(tiny):
 REPLAY_RECIPE = Recipe(optimizer="adamw", lr=1e-2, epochs=3, batch_size=4)
 
 
-def replaying_writes(model, trunk_cache_bytes: int) -> tuple[list[list[float]], dict, TrunkRows | None]:
-    """Three writes of one session, each its new examples plus every earlier one (replay), as the agent does."""
+def replaying_writes(model, trunk_cache_bytes: int) -> tuple[list[list[float]], dict, TrunkRows | None, dict]:
+    """Three writes of one session, each its new examples plus every earlier one (replay), as the agent does:
+    (losses, state, the pool's TrunkRows, its counters' trunk rows entries)."""
     pool = SessionPool(model, capacity=2, trunk_cache_bytes=trunk_cache_bytes)
     pool.open("s")
     seen, losses = [], []
@@ -313,14 +314,16 @@ def replaying_writes(model, trunk_cache_bytes: int) -> tuple[list[list[float]], 
     rows = pool.trunk_rows
     if rows is not None:  # every example kept once, its bytes counted
         assert len(rows.rows) == 12 and rows.bytes == sum(h.numel() * h.element_size() for _, h in rows.rows.values())
+    counters = {k: v for k, v in pool.counters().items() if k.startswith("trunk_rows")}
     pool.detach()
-    return losses, state, rows
+    return losses, state, rows, counters
 
 
 def test_replayed_examples_reuse_their_trunk_and_train_the_same(tiny):
-    want_losses, want_state, none = replaying_writes(tiny, 0)
-    got_losses, got_state, rows = replaying_writes(tiny, 1 << 20)
-    assert none is None
+    want_losses, want_state, none, off = replaying_writes(tiny, 0)
+    got_losses, got_state, rows, on = replaying_writes(tiny, 1 << 20)
+    assert none is None and off == {"trunk_rows_bytes": 0, "trunk_rows_hits": 0, "trunk_rows_misses": 0}
+    assert on["trunk_rows_hits"] == 12 and on["trunk_rows_misses"] == 12 and on["trunk_rows_bytes"] > 0
     assert (rows.hits, rows.misses) == (4 + 8, 12)  # writes 2 and 3 ran the trunk over their 4 new examples only
     assert not rows.rows and rows.bytes == 0  # detach() let them go
     got, want = torch.tensor(sum(got_losses, [])), torch.tensor(sum(want_losses, []))

@@ -150,7 +150,7 @@ def test_health_models_and_metrics(served, acme):
     text = acme.get("/metrics").text
     for name in ("tmem_queue_depth{queue=\"answer\"}", "tmem_queue_depth{queue=\"write\"}", "tmem_resident_sessions",
                  "tmem_batch_rows_bucket", "tmem_batch_sessions_count", "tmem_write_seconds_sum",
-                 "tmem_answer_tokens_total"):
+                 "tmem_answer_tokens_total", "tmem_trunk_rows_bytes"):
         assert name in text, name
     samples = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
     assert all(len(ln.rsplit(" ", 1)) == 2 and float(ln.rsplit(" ", 1)[1]) >= 0 for ln in samples)

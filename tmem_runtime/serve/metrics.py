@@ -25,6 +25,8 @@ HELP = {
     "resident_sessions": "sessions holding a B row of the engine",
     "open_sessions": "sessions loaded in this server (resident or offloaded)",
     "pool_capacity": "B rows of the engine",
+    "trunk_rows_bytes": "bytes of examples' trunk outputs kept for later writes (replayed flashcards)",
+    "trunk_rows_examples": "examples whose trunk output a write read back (hits) or ran (misses), since start",
     "writes_training": "sessions whose memory write is training or being persisted now",
     "requests_total": "HTTP requests by route template and status code",
     "generated_tokens_total": "tokens generated (answers and flashcards)",
