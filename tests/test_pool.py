@@ -336,13 +336,18 @@ def test_replayed_examples_reuse_their_trunk_and_train_the_same(tiny):
             assert (state[k] - v).norm() <= 5e-5 * v.norm(), k  # AdamW: rounding of other GEMM sizes
 
 
-def test_a_changed_trunk_weight_forgets_every_kept_row(tiny):
+@pytest.mark.parametrize("change", ["in place", "replaced"])
+def test_a_changed_trunk_weight_forgets_every_kept_row(tiny, change):
     pool = SessionPool(tiny, capacity=1)
     pool.open("s")
     cards = examples(3, seed=5)
     pool.write_examples_many({"s": cards}, REPLAY_RECIPE)["s"]
+    up = tiny.model.layers[0].mlp.up_proj  # a trunk layer (the adapted ones are the last 4)
     with torch.no_grad():
-        tiny.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # a trunk layer (the adapted ones are the last 4)
+        if change == "in place":
+            up.weight.mul_(1.5)
+        else:  # a new Parameter object (e.g. load_state_dict(..., assign=True))
+            up.weight = torch.nn.Parameter(up.weight * 1.5, requires_grad=False)
     pool.reset("s")
     after = pool.write_examples_many({"s": cards}, REPLAY_RECIPE)["s"]
     assert pool.trunk_rows.hits == 0 and pool.trunk_rows.misses == 6

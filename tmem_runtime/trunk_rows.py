@@ -25,7 +25,7 @@ class TrunkRows:
     def __init__(self, trunk: Iterable[nn.Module], max_bytes: int) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, not {max_bytes}")
-        self.params = [p for module in trunk for p in module.parameters()]
+        self.trunk = list(trunk)
         self.max_bytes = max_bytes
         self.rows: OrderedDict[tuple[int, ...], tuple[int, torch.Tensor]] = OrderedDict()
         self.bytes = 0
@@ -33,7 +33,10 @@ class TrunkRows:
         self._stamp = self._weights_stamp()
 
     def _weights_stamp(self) -> tuple:
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.params)
+        """What the trunk's weights are now: each parameter's identity, storage, version, dtype and device (a
+        change through the parameter bumps its version; one through `.data` would go unseen)."""
+        params = (p for module in self.trunk for p in module.parameters())
+        return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
 
     def validate(self) -> None:
         """Forget every row if a trunk weight changed since the rows were computed (call before a write)."""
