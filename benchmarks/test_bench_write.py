@@ -19,7 +19,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import impl_params, mm_rate, random_model
-from tmem_runtime import FastWeights, load_model
+from tmem_runtime import FastWeights, SessionPool, load_model
+from tmem_runtime.agent.write_formats import AGENT_RECIPE
 from tmem_runtime.recipes import RECIPES
 
 RESULTS: dict[str, float] = {}
@@ -108,8 +109,6 @@ def test_write_share_of_matmul_throughput(smollm2):
 
 def _replaying_pool(model, tokenizer, kept: bool):
     """A pool whose session "s" holds the 32 PAIRS (one write), trunk outputs kept or not."""
-    from tmem_runtime import SessionPool
-
     pool = SessionPool(model, capacity=1, trunk_cache_bytes=(256 << 20) if kept else 0)
     pool.open("s")
     pool.write_qa("s", tokenizer, PAIRS, recipe=RECIPES["paper"])
@@ -120,8 +119,6 @@ def _replaying_pool(model, tokenizer, kept: bool):
 def test_write_replaying_32_cards(benchmark, smollm2, kept):
     """A write as the agent and `tmem serve` make them: 4 new cards plus the 32 written before (the agent's
     recipe, 30 steps), with the earlier cards' trunk outputs kept from their write vs run again."""
-    from tmem_runtime.agent.write_formats import AGENT_RECIPE
-
     model, tokenizer = smollm2
     pool, fresh = _replaying_pool(model, tokenizer, kept == "kept"), iter(range(10_000))
 

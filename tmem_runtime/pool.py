@@ -294,8 +294,6 @@ class SessionPool(SessionStore):
         e = self.engine
         if e.decoder is None or lengths is None:
             return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        if self.trunk_rows is not None:
-            self.trunk_rows.validate()
         return encode_trunk(e.decoder, e.first_layer, ids, lengths, labels, e.device, kept=self.trunk_rows)
 
     # ---------------------------------------------------------------- state

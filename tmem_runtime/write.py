@@ -167,9 +167,11 @@ def encode_trunk(
     """Run the frozen layers [0, first_adapted) once on `device`.
 
     input_ids/labels [N, T] right padded, lengths [N]: host (CPU) tensors. kept: trunk outputs of
-    examples seen before (reused, and this call's added), or None.
+    examples seen before (reused unless a trunk weight changed since, and this call's added), or None.
     """
     input_ids, lengths, labels = input_ids.cpu(), lengths.cpu(), labels.cpu()
+    if kept is not None:
+        kept.validate()
     p = shared_prefix_len(input_ids, lengths)
     prefix_hidden, prefix_kv = None, None
     if p:
