@@ -337,17 +337,20 @@ def test_replayed_examples_reuse_their_trunk_and_train_the_same(tiny):
 
 
 @pytest.mark.parametrize("change", ["in place", "replaced"])
-def test_a_changed_trunk_weight_forgets_every_kept_row(tiny, change):
+@pytest.mark.parametrize("where", ["trunk layer", "first adapted attention"])
+def test_a_changed_trunk_weight_forgets_every_kept_row(tiny, change, where):
     pool = SessionPool(tiny, capacity=1)
     pool.open("s")
     cards = examples(3, seed=5)
     pool.write_examples_many({"s": cards}, REPLAY_RECIPE)["s"]
-    up = tiny.model.layers[0].mlp.up_proj  # a trunk layer (the adapted ones are the last 4)
+    # the trunk: the layers below the adapted ones (the last 4), and the first adapted layer's attention half
+    first = len(tiny.model.layers) - 4
+    linear = tiny.model.layers[0].mlp.up_proj if where == "trunk layer" else tiny.model.layers[first].self_attn.o_proj
     with torch.no_grad():
         if change == "in place":
-            up.weight.mul_(1.5)
+            linear.weight.mul_(1.5)
         else:  # a new Parameter object (e.g. load_state_dict(..., assign=True))
-            up.weight = torch.nn.Parameter(up.weight * 1.5, requires_grad=False)
+            linear.weight = torch.nn.Parameter(linear.weight * 1.5, requires_grad=False)
     pool.reset("s")
     after = pool.write_examples_many({"s": cards}, REPLAY_RECIPE)["s"]
     assert pool.trunk_rows.hits == 0 and pool.trunk_rows.misses == 6

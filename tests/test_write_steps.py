@@ -66,19 +66,23 @@ def test_adapted_mlps_run_only_real_tokens(tiny):
     real = int(cache.lengths[[3, 0, 5, 1, 2]].sum())
     assert exact.token_index is not None and exact.token_index.shape[0] == real and fixed.token_index is None
     assert exact.seg_indptr.tolist() == [0, 9, 18, 18 + int(cache.lengths[[3, 0]].sum()), 18 + real]
-    seen = []
-    hooks = [layer.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
-             for layer in engine.decoder.layers[engine.first_layer:]]  # fmt: skip
+    seen, attended = [], []
+    adapted = engine.decoder.layers[engine.first_layer:]
+    hooks = [layer.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0])) for layer in adapted]
+    attention_hooks = [layer.self_attn.register_forward_hook(lambda m, args, out, i=i: attended.append(i))
+                       for i, layer in enumerate(adapted)]  # fmt: skip
     ws = Workspace(engine, [0, 0], train_a=False)  # two workspace sessions, both from the one row
     results = []
     for plan in (exact, fixed):
-        seen.clear()
+        seen.clear(), attended.clear()
         binding = ws.binding(plan.seg_indptr, plan.seg_slot, plan.slots, True, None)
         with torch.enable_grad(), engine.bind(binding):
             total, per_group = adapted_loss(engine.decoder, engine.first_layer, cache, plan)
             grads = torch.autograd.grad(total, list(ws.leaves))
         results.append((per_group.detach(), grads, list(seen)))
-    for h in hooks:
+        # the first adapted layer's attention is the trunk's (cached); the others run on the prefixes, then the rows
+        assert sorted(attended) == [1, 1, 2, 2, 3, 3]
+    for h in hooks + attention_hooks:
         h.remove()
     assert results[0][2] == [2 * 9 + real] * len(hooks)
     assert results[1][2] == [2 * 9 + 5 * cache.hidden.shape[1]] * len(hooks)

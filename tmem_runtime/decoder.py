@@ -122,6 +122,23 @@ class Decoder:
         positions, cos_sin, mask = self._attention_inputs(hidden, p, lengths)
         return self._run(hidden, positions, cos_sin, mask, prefix, start, stop)
 
+    def run_trunk(
+        self,
+        hidden: torch.Tensor,
+        first_adapted: int,
+        lengths: torch.Tensor | None = None,
+        prefix: PrefixKV | None = None,
+    ) -> torch.Tensor:
+        """Everything below the first adapted MLP: layers [0, first_adapted), then that layer's attention half.
+
+        hidden [B, T, H] (embedded tokens) -> [B, T, H], the residual stream entering layer first_adapted's
+        MLP. Nothing in it depends on the fast weights. `lengths` and `prefix` as in `run_layers`.
+        """
+        hidden = self.run_layers(hidden, 0, first_adapted, lengths, prefix)
+        p = 0 if prefix is None or prefix.recording else prefix.get_seq_length(first_adapted)
+        layer = self.layers[first_adapted]
+        return self._attention_block(layer, hidden, *self._attention_inputs(hidden, p, lengths), prefix)
+
     def run_layers_at(
         self,
         hidden: torch.Tensor,
@@ -172,14 +189,15 @@ class Decoder:
         row_prefix: torch.Tensor | None = None,
         token_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Layers [start, stop) on rows [B, T, H], each adapted MLP called once per layer on every token.
+        """Layer `start`'s MLP half, then layers (start, stop), on rows [B, T, H] that `run_trunk(..., start)`
+        left at that MLP's input; each adapted MLP called once per layer on every token.
 
-        That one call is what lets a backward kernel update B in place. Per layer, attention runs on
-        the shared prefixes `prefix_hidden` [G, P, H] (if any; their keys/values kept) and then on the
-        rows (attending to their prefix); then the MLP runs once on [prefix tokens ; row tokens]
-        ([G * P + N, H], in that order). G == 1: every row continues the one prefix; G > 1 (a write of
-        G sessions, whose adapted layers differ): row i continues prefix row_prefix[i] ([B] on the
-        device). `lengths` [B] as in `run_layers`. token_index [N]: the row tokens the MLPs run, as
+        That one call is what lets a backward kernel update B in place. Per layer after `start`,
+        attention runs on the shared prefixes `prefix_hidden` [G, P, H] (if any; their keys/values kept)
+        and then on the rows (attending to their prefix); then the MLP runs once on [prefix tokens ; row
+        tokens] ([G * P + N, H], in that order). G == 1: every row continues the one prefix; G > 1 (a
+        write of G sessions, whose adapted layers differ): row i continues prefix row_prefix[i] ([B] on
+        the device). `lengths` [B] as in `run_layers`. token_index [N]: the row tokens the MLPs run, as
         flat positions in [B, T] (the real ones: a padding position keeps its value, which no real
         token reads); None: all B * T. Returns (prefixes [G, P, H] or None, rows [B, T, H]).
         """
@@ -188,11 +206,12 @@ class Decoder:
         prefix_inputs = None if prefix_hidden is None else self._attention_inputs(prefix_hidden, 0, None)
         kv = PrefixKV(row_prefix) if p else None
         for layer in self.layers[start:stop]:
-            if kv is not None:
-                kv.recording = True
-                prefix_hidden = self._attention_block(layer, prefix_hidden, *prefix_inputs, kv)
-                kv.recording = False
-            hidden = self._attention_block(layer, hidden, *row_inputs, kv)
+            if layer is not self.layers[start]:
+                if kv is not None:
+                    kv.recording = True
+                    prefix_hidden = self._attention_block(layer, prefix_hidden, *prefix_inputs, kv)
+                    kv.recording = False
+                hidden = self._attention_block(layer, hidden, *row_inputs, kv)
             prefix_hidden, hidden = self._mlp_block(layer, prefix_hidden, hidden, token_index)
         return prefix_hidden, hidden
 

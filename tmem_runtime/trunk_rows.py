@@ -1,6 +1,6 @@
 """Trunk outputs of examples written before, kept so that writing them again skips the frozen layers.
 
-A write runs the frozen trunk (the layers below the first adapted one) once over its examples
+A write runs the frozen trunk (everything below the first adapted MLP) once over its examples
 (`write.encode_trunk`). Writes that replay earlier flashcards (the agent's fast-weight channel,
 `tmem serve`) would run it again over the same tokens every time. `TrunkRows` keeps each example's
 trunk output, keyed by its tokens; the least recently used go first once `max_bytes` are held, and
@@ -19,7 +19,8 @@ from torch import nn
 class TrunkRows:
     """Per example (its token ids), the trunk output of its tokens from position `start` on, [L - start, H].
 
-    trunk: the modules whose weights the outputs depend on (the embedding and the frozen layers).
+    trunk: the modules whose weights the outputs depend on (the embedding, the frozen layers, the first
+    adapted layer's input norm and attention).
     """
 
     def __init__(self, trunk: Iterable[nn.Module], max_bytes: int) -> None:

@@ -1,6 +1,7 @@
 """One memory write, as data: the frozen trunk once per write, the adapted layers once per step.
 
-    examples ──trunk (layers below the first adapted one), no grad, once──> TrunkCache
+    examples ──trunk (everything below the first adapted MLP: the layers under it and its own layer's
+             attention), no grad, once──> TrunkCache
              (tokens every example shares — the chat template's preamble — run once, batch 1)
     per step: rows of the cache ──adapted layers (fast weights; the shared prefix again once, its MLP
              tokens joined to the rows' real tokens, never their padding, so each MLP runs once)──>
@@ -10,7 +11,7 @@
 Each step is planned on the host before the first one runs (`plan_steps`), so the step loop never
 reads a device value: on CUDA it replays as graphs (`cuda_graphs`).
 
-The backward stops at the first adapted layer because the cached trunk output carries no grad. A
+The backward stops at the first adapted MLP because the cached trunk output carries no grad. A
 pool keeps its examples' trunk outputs (`trunk_rows.TrunkRows`), so a later write that trains them
 again (replayed flashcards) runs the trunk over its new examples only.
 """
@@ -35,7 +36,7 @@ TARGET_BUCKET = 64  # fixed-shape steps pad their target count to a multiple of 
 
 @dataclass
 class TrunkCache:
-    """Trunk outputs (hidden states entering the first adapted layer) of N right-padded examples.
+    """Trunk outputs (the residual stream entering the first adapted MLP) of N right-padded examples.
 
     prefix_hidden [1, P, H] (None when P == 0): the shared prefix, computed once.
     hidden [N, S, H]: each example's tokens after the prefix, right padded.
@@ -164,7 +165,8 @@ def encode_trunk(
     rows_per_chunk: int = 16,
     kept: TrunkRows | None = None,
 ) -> TrunkCache:
-    """Run the frozen layers [0, first_adapted) once on `device`.
+    """Run the frozen trunk (`Decoder.run_trunk`: layers [0, first_adapted) and that layer's attention) once
+    on `device`.
 
     input_ids/labels [N, T] right padded, lengths [N]: host (CPU) tensors. kept: trunk outputs of
     examples seen before (reused unless a trunk weight changed since, and this call's added), or None.
@@ -177,7 +179,7 @@ def encode_trunk(
     if p:
         prefix_kv = PrefixKV()
         prefix_ids = input_ids[:1, :p].to(device)
-        prefix_hidden = decoder.run_layers(decoder.embed(prefix_ids), 0, first_adapted, prefix=prefix_kv)
+        prefix_hidden = decoder.run_trunk(decoder.embed(prefix_ids), first_adapted, prefix=prefix_kv)
         prefix_kv.recording = False
     suffix_lengths = lengths - p
     n, s = input_ids.shape[0], int(suffix_lengths.max())
@@ -191,7 +193,7 @@ def encode_trunk(
         width = int(chunk_len.max())
         ids = input_ids[rows, p : p + width].to(device)
         padded = None if bool((chunk_len == width).all()) else chunk_len.to(device)
-        h = decoder.run_layers(decoder.embed(ids), 0, first_adapted, lengths=padded, prefix=prefix_kv)
+        h = decoder.run_trunk(decoder.embed(ids), first_adapted, lengths=padded, prefix=prefix_kv)
         if hidden is None:
             hidden = h.new_zeros(n, s, h.shape[-1])
         hidden[torch.tensor(rows, device=device), :width] = h
@@ -310,7 +312,8 @@ def adapted_loss(
     decoder: Decoder, first_adapted: int, cache: TrunkCache, batch: StepBatch
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the groups' mean next-token cross-entropies [], each group's [G]) of one planned step
-    through layers [first_adapted, L). Logits are computed only at the step's target positions.
+    through the first adapted MLP and the layers after it. Logits are computed only at the step's target
+    positions.
     Reads no device value on the host."""
     p, stop, g = cache.prefix_len, len(decoder.layers), len(batch.groups)
     hidden = cache.hidden[:, : batch.width].index_select(0, batch.rows)
