@@ -205,8 +205,8 @@ class Decoder:
         row_inputs = self._attention_inputs(hidden, p, lengths)
         prefix_inputs = None if prefix_hidden is None else self._attention_inputs(prefix_hidden, 0, None)
         kv = PrefixKV(row_prefix) if p else None
-        for layer in self.layers[start:stop]:
-            if layer is not self.layers[start]:
+        for i, layer in enumerate(self.layers[start:stop]):
+            if i > 0:  # layer `start`'s attention ran in the trunk
                 if kv is not None:
                     kv.recording = True
                     prefix_hidden = self._attention_block(layer, prefix_hidden, *prefix_inputs, kv)
