@@ -430,6 +430,28 @@ def test_a_card_too_long_keeps_its_answer_and_is_counted():
     fw.detach()
 
 
+def test_malformed_cards_are_refused_and_any_iterable_of_pairs_is_taken():
+    """A card that is not a (question, answer) pair of strings (a dict, None, a number, a 3-tuple, a bare
+    string) is refused with a ValueError naming it, and nothing is trained; pairs as lists, or a
+    generator of pairs, train as the same list of tuples."""
+    _, tokenizer = load_model("smollm2-135m")
+    model, _ = load_model("tiny-llama")
+    with torch.no_grad():
+        model.resize_token_embeddings(len(tokenizer))
+    fw = FastWeights(model, backend="torch")
+    good = ("What is the boat called?", "Sea Lark")
+    recipe = Recipe(epochs=2)
+    for bad in ({"q": "Q?", "a": "A"}, ("Q?", None), (None, "A"), (1, 2), ("Q?", "A", "B"), "Q? A", ("Q?",)):
+        with pytest.raises(ValueError, match="flashcard 1 is not a"):
+            fw.write_qa(tokenizer, [good, bad], recipe=recipe)
+        assert fw.stats.writes == 0 and fw.stats.cards == 0
+    assert all(v.abs().sum() == 0 for k, v in fw.state_dict().items() if k.endswith("lora_B"))
+    cards = [good, ("Where is it moored?", "Port Ellen")]
+    want = fw.write_qa(tokenizer, cards, recipe=recipe)
+    fw.reset()
+    assert fw.write_qa(tokenizer, (list(c) for c in cards), recipe=recipe) == want
+    fw.detach()
+
 @pytest.mark.parametrize("optimizer,lr,b_tol", [("sgd", 0.5, 5e-3), ("adamw", 1e-2, 2e-2)])
 def test_bf16_model_keeps_an_fp32_master_and_tracks_peft_over_50_steps(optimizer, lr, b_tol):
     """B and the optimizer state stay float32 whatever the model's dtype (PEFT's default keeps its

@@ -119,6 +119,7 @@ class SessionStore:
         on the answers by default (see write_examples_many). Cards longer than recipe.max_length keep
         their answer; their question is cut (counted in `stats`, and warned)."""
         recipe = get_recipe(recipe)
+        pairs = {s: list(p) for s, p in pairs.items()}  # (any iterable of pairs: a generator is read once)
         encoded = {s: qa_examples(tokenizer, p, loss_on, recipe.max_length) for s, p in pairs.items()}
         for s, (_, cut) in encoded.items():
             self._count_cards(s, len(pairs[s]), cut, recipe.max_length)
