@@ -430,6 +430,29 @@ def test_a_card_too_long_keeps_its_answer_and_is_counted():
     fw.detach()
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_model_cast_after_attach_is_refused_clearly(backend, device):
+    """Fast weights are built for the dtype and device the model had at attach (buffers, kernels, file
+    identity): after `model.to(torch.bfloat16)` the next write or adapted forward raises FastWeightsError
+    and changes nothing. (Before, the native backend failed inside its kernel, and Triton's in-backward
+    SGD stepped a temporary copy of B: a write that silently trained nothing.) Cast back, it works."""
+    model, _ = load_model("tiny-llama")
+    model.to(device)
+    fw = FastWeights(model, backend=backend)
+    fw.write([make_batch(0)] * 2, lr=0.5)
+    state = fw.state_dict()
+    model.to(torch.bfloat16)
+    with pytest.raises(FastWeightsError, match="cast or moved"):
+        fw.write([make_batch(1)] * 2, lr=0.5)
+    with pytest.raises(FastWeightsError, match="cast or moved"):
+        logits(model, make_batch(1))
+    assert all(torch.equal(fw.state_dict()[k], v) for k, v in state.items()) and fw.stats.writes == 1
+    model.float()
+    losses = fw.write([make_batch(1)] * 2, lr=0.5)
+    b_name = next(k for k in state if k.endswith("lora_B"))
+    assert losses[1] < losses[0] and not torch.equal(fw.state_dict()[b_name], state[b_name])
+    fw.detach()
+
 def test_malformed_cards_are_refused_and_any_iterable_of_pairs_is_taken():
     """A card that is not a (question, answer) pair of strings (a dict, None, a number, a 3-tuple, a bare
     string) is refused with a ValueError naming it, and nothing is trained; pairs as lists, or a
