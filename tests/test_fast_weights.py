@@ -348,6 +348,26 @@ def test_bf16_model_on_cpu_picks_a_backend_that_runs_it():
             FastWeights(model, backend="native")
 
 
+def test_a_rank_above_a_kernels_limit_picks_a_backend_that_runs_it(device):
+    """Triton's kernels take rank <= 16 and the native ones <= 64: "auto" picks a backend that runs the
+    rank asked for (rank 32 on CUDA used to attach Triton and fail at the first write), and an explicit
+    backend that cannot is refused at construction, the model left bare."""
+    from tmem_kernels.ops import get_ops
+
+    model, _ = load_model("tiny-llama")
+    model.to(device)
+    fw = FastWeights(model, rank=32, num_layers=1)
+    assert fw.backend != "triton"
+    losses = fw.write([make_batch(0)] * 2, lr=0.5)
+    assert losses[1] < losses[0]
+    fw.detach()
+    for backend in KERNEL_BACKENDS:
+        limit = get_ops(backend).max_rank
+        if limit is not None:
+            with pytest.raises(ValueError, match=f"rank <= {limit}"):
+                FastWeights(model, rank=limit + 1, num_layers=1, backend=backend)
+            assert fast_weights_of(model) is None
+
 def test_adapter_files_move_between_directories_and_hosts(tmp_path):
     model, _ = load_model("tiny-llama", seed=3)
     for name in ("here", "there"):
