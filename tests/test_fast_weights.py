@@ -348,6 +348,26 @@ def test_bf16_model_on_cpu_picks_a_backend_that_runs_it():
             FastWeights(model, backend="native")
 
 
+def test_a_rank_above_a_kernels_limit_picks_a_backend_that_runs_it(device):
+    """Triton's kernels take rank <= 16 and the native ones <= 64: "auto" picks a backend that runs the
+    rank asked for (rank 32 on CUDA used to attach Triton and fail at the first write), and an explicit
+    backend that cannot is refused at construction, the model left bare."""
+    from tmem_kernels.ops import get_ops
+
+    model, _ = load_model("tiny-llama")
+    model.to(device)
+    fw = FastWeights(model, rank=32, num_layers=1)
+    assert fw.backend != "triton"
+    losses = fw.write([make_batch(0)] * 2, lr=0.5)
+    assert losses[1] < losses[0]
+    fw.detach()
+    for backend in KERNEL_BACKENDS:
+        limit = get_ops(backend).max_rank
+        if limit is not None:
+            with pytest.raises(ValueError, match=f"rank <= {limit}"):
+                FastWeights(model, rank=limit + 1, num_layers=1, backend=backend)
+            assert fast_weights_of(model) is None
+
 def test_adapter_files_move_between_directories_and_hosts(tmp_path):
     model, _ = load_model("tiny-llama", seed=3)
     for name in ("here", "there"):
@@ -429,6 +449,56 @@ def test_a_card_too_long_keeps_its_answer_and_is_counted():
         qa_example(tokenizer, "Q?", "word " * 80, max_length=64)
     fw.detach()
 
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_model_cast_after_attach_is_refused_clearly(backend, device):
+    """Fast weights are built for the dtype and device the model had at attach (buffers, kernels, file
+    identity): after `model.to(torch.bfloat16)` the next write or adapted forward raises FastWeightsError
+    and changes nothing. (Before, the native backend failed inside its kernel, and Triton's in-backward
+    SGD stepped a temporary copy of B: a write that silently trained nothing.) Cast back, it works."""
+    model, _ = load_model("tiny-llama")
+    model.to(device)
+    fw = FastWeights(model, backend=backend)
+    fw.write([make_batch(0)] * 2, lr=0.5)
+    state = fw.state_dict()
+    model.to(torch.bfloat16)
+    with pytest.raises(FastWeightsError, match="cast or moved"):
+        fw.write([make_batch(1)] * 2, lr=0.5)
+    with pytest.raises(FastWeightsError, match="cast or moved"):
+        logits(model, make_batch(1))
+    assert all(torch.equal(fw.state_dict()[k], v) for k, v in state.items()) and fw.stats.writes == 1
+    model.float()
+    losses = fw.write([make_batch(1)] * 2, lr=0.5)
+    b_name = next(k for k in state if k.endswith("lora_B"))
+    assert losses[1] < losses[0] and not torch.equal(fw.state_dict()[b_name], state[b_name])
+    fw.detach()
+
+def test_malformed_cards_are_refused_and_any_iterable_of_pairs_is_taken():
+    """A card that is not a (question, answer) pair of strings (a dict, None, a number, a 3-tuple, a bare
+    string) is refused with a ValueError naming it, and nothing is trained; pairs as lists, or a
+    generator of pairs, train as the same list of tuples. write_text refuses one bare string (it trained
+    each character as a text) and a text that is not a string."""
+    _, tokenizer = load_model("smollm2-135m")
+    model, _ = load_model("tiny-llama")
+    with torch.no_grad():
+        model.resize_token_embeddings(len(tokenizer))
+    fw = FastWeights(model, backend="torch")
+    good = ("What is the boat called?", "Sea Lark")
+    recipe = Recipe(epochs=2)
+    for bad in ({"q": "Q?", "a": "A"}, ("Q?", None), (None, "A"), (1, 2), ("Q?", "A", "B"), "Q? A", ("Q?",)):
+        with pytest.raises(ValueError, match="flashcard 1 is not a"):
+            fw.write_qa(tokenizer, [good, bad], recipe=recipe)
+        assert fw.stats.writes == 0 and fw.stats.cards == 0
+    for texts, match in (("The boat is called Sea Lark.", "a list of strings"), (["ok", None], "text 1 is")):
+        with pytest.raises(ValueError, match=match):
+            fw.write_text(tokenizer, texts, recipe=recipe)
+    assert fw.stats.writes == 0
+    assert all(v.abs().sum() == 0 for k, v in fw.state_dict().items() if k.endswith("lora_B"))
+    cards = [good, ("Where is it moored?", "Port Ellen")]
+    want = fw.write_qa(tokenizer, cards, recipe=recipe)
+    fw.reset()
+    assert fw.write_qa(tokenizer, (list(c) for c in cards), recipe=recipe) == want
+    fw.detach()
 
 @pytest.mark.parametrize("optimizer,lr,b_tol", [("sgd", 0.5, 5e-3), ("adamw", 1e-2, 2e-2)])
 def test_bf16_model_keeps_an_fp32_master_and_tracks_peft_over_50_steps(optimizer, lr, b_tol):

@@ -56,10 +56,15 @@ def test_a_refused_state_changes_nothing(written):
     state = written.state_dict()
     before = written.state_dict()
     b_name = next(k for k in state if k.endswith("lora_B"))
+    last_b = [k for k in state if k.endswith("lora_B")][-1]
+    a_name = next(k for k in state if k.endswith("lora_A"))
     cases = {
         "missing": {k: v for k, v in state.items() if k != b_name},
         "shape": {**state, b_name: state[b_name][:-1]},
         "finite": {**state, b_name: state[b_name] * float("inf")},
+        f"{b_name}: not a floating-point tensor": {**state, b_name: state[b_name].tolist()},
+        f"{last_b}: not a floating-point tensor": {**state, last_b: state[last_b].numpy()},
+        f"{a_name}: not a floating-point tensor": {**state, a_name: state[a_name].tolist()},
     }
     for match, bad in cases.items():
         with pytest.raises(AdapterFileError, match=match):

@@ -210,6 +210,25 @@ def test_bad_input_raises_in_eager_and_in_fake_mode(backend):
         tmem_kernels.get_ops(backend).lora_mlp(x, *frozen, 1.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optimizer_steps_refuse_bad_input_and_change_nothing(backend):
+    """Step 0, a grad or moment of another shape (one that would broadcast too): a ValueError before
+    any buffer is touched, on every backend (the torch composition decayed param and moved exp_avg first)."""
+    dev = device_of(backend)
+    p, g, m, v = (torch.full((10,), 0.5, device=dev) for _ in range(4))
+    sgd, adamw = getattr(torch.ops.tmem, f"sgd_step_{backend}"), getattr(torch.ops.tmem, f"adamw_step_{backend}")
+    short = torch.ones(1, device=dev)
+    cases = [
+        (adamw, (p, g, m, v, None, 0.0, 0.1), "step counts from 1"),
+        (adamw, (p, g, short, v, None, 1.0, 0.1), "exp_avg"),
+        (adamw, (p, short, m, v, None, 1.0, 0.1), "grad"),
+        (sgd, (p, short, 0.1, 0.01), "grad"),
+    ]
+    for op, args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            op(*args)
+        assert all(torch.equal(t, torch.full((10,), 0.5, device=dev)) for t in (p, g, m, v))
+
 @pytest.mark.skipif("native" not in BACKENDS, reason="native extension not built")
 def test_native_adamw_refuses_a_device_step():
     p = torch.zeros(10)

@@ -175,6 +175,30 @@ def test_more_sessions_than_capacity_move_out_and_back(tiny, tmp_path, offload):
     pool.detach()
 
 
+def test_offloaded_files_belong_to_one_pool(tmp_path):
+    """Two pools offloading to one directory, and a copy of a model whose pool has a session on disk,
+    each get their own sessions back exactly (same ids, different weights; the copy's restore does not
+    take the original's file)."""
+    import copy
+
+    from tmem_runtime.fast_weights import fast_weights_of
+
+    pools = [SessionPool(load_model("tiny-llama")[0], capacity=1, backend="torch", offload="disk",
+                         offload_dir=tmp_path) for _ in range(2)]  # fmt: skip
+    states = []
+    for k, pool in enumerate(pools):
+        pool.open("a")
+        pool.open("b")
+        pool.write_examples_many({"a": examples(3, 10 + k)}, Recipe(lr=1e-2, epochs=2))
+        states.append(pool.state_dict("a"))
+        pool.write_examples_many({"b": examples(2, 20 + k)}, Recipe(lr=1e-2, epochs=1))  # "a" goes to disk
+    copied = fast_weights_of(copy.deepcopy(pools[0].model))
+    for pool, want in [(copied, states[0]), *zip(pools, states)]:
+        got = pool.state_dict("a")
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert [p.counters()["disk_reads"] for p in pools] == [1, 1]
+
+
 def test_a_sessions_version_changes_with_its_weights_only(tiny):
     """version(s) changes on open, write, reset and load (never repeating), not on reads or on a move to
     host memory and back; another session's write leaves it alone; closed or unknown ids are refused."""

@@ -135,8 +135,24 @@ def _lora_shapes(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_
 # ------------------------------------------------------------------------------------------------
 
 
+def _check_step_buffers(op: str, param: Tensor, **bufs: Tensor) -> None:
+    """The reference steps' input rules, checked before anything is written: every buffer param's shape
+    (no broadcasting), as the native and Triton steps require."""
+    for name, t in bufs.items():
+        if t.shape != param.shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, param has {tuple(param.shape)}")
+
+
+def _reference_sgd(param, grad, lr, weight_decay=0.0):  # noqa: ANN001
+    _check_step_buffers("sgd_step_", param, grad=grad)
+    reference.sgd_step_(param, grad, lr, weight_decay)
+
+
 def _reference_adamw(param, grad, exp_avg, exp_avg_sq, step_tensor, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,  # noqa: ANN001
                      weight_decay=0.01):  # fmt: skip
+    _check_step_buffers("adamw_step_", param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    if step_tensor is None and step < 1:
+        raise ValueError(f"adamw_step_: step counts from 1, got {step}")
     reference.adamw_step_(param, grad, exp_avg, exp_avg_sq, step if step_tensor is None else step_tensor, lr,
                           beta1, beta2, eps, weight_decay)  # fmt: skip
 
@@ -150,7 +166,7 @@ def _reference_lora_mlp(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_d
 _lib.define(f"lora_mlp_torch({_LORA_ARGS}, float scaling=1.0) -> Tensor")
 _lib.impl("lora_mlp_torch", _reference_lora_mlp, "CompositeImplicitAutograd")
 _lib.define("sgd_step_torch" + _SGD_SCHEMA)
-_lib.impl("sgd_step_torch", reference.sgd_step_, "CompositeImplicitAutograd")
+_lib.impl("sgd_step_torch", _reference_sgd, "CompositeImplicitAutograd")
 _lib.define("adamw_step_torch" + _ADAMW_SCHEMA)
 _lib.impl("adamw_step_torch", _reference_adamw, "CompositeImplicitAutograd")
 

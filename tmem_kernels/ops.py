@@ -29,6 +29,7 @@ class KernelOps:
     sgd_step_: Callable
     adamw_step_: Callable
     lora_mlp_segmented: Callable  # a different B per segment of rows (tmem_kernels.segments)
+    max_rank: int | None  # the largest LoRA rank the kernels take (None: any)
 
 
 _OPS = {
@@ -48,8 +49,8 @@ def get_ops(name: str) -> KernelOps:
     if name not in _OPS:
         raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
     library.require_backend(name)
-    segmented = importlib.import_module(_SEGMENTED[name]).lora_mlp_segmented
-    return KernelOps(name, *_OPS[name], segmented)
+    module = importlib.import_module(_SEGMENTED[name])
+    return KernelOps(name, *_OPS[name], module.lora_mlp_segmented, getattr(module, "MAX_RANK", None))
 
 
 def available(name: str) -> bool:

@@ -1,7 +1,8 @@
 """Backend name + device -> the kernel ops the runtime wires in.
 
 "auto"    Triton on CUDA tensors; on CPU the native extension for float32 models (torch if it is not
-          built, and for other dtypes: the extension is float32-only)
+          built, and for other dtypes: the extension is float32-only); torch for a rank above the
+          kernels' limit (Triton 16, native 64)
 "triton"  Triton kernels; on CPU tensors they need TRITON_INTERPRET=1 (set before import)
 "native"  the pybind11 CPU extension
 "torch"   the pure-torch reference composition
@@ -19,19 +20,24 @@ from tmem_kernels.ops import KernelOps, available, get_ops
 RUNTIME_BACKENDS = ("auto", "triton", "native", "torch", "peft")
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """The concrete kernel backend for `name` on `device` and `dtype` (never "auto"; "peft" passes through).
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32, rank: int = 6) -> str:
+    """The concrete kernel backend for `name` on `device`, `dtype` and LoRA `rank` (never "auto"; "peft"
+    passes through).
 
     An explicit backend that cannot run this model is refused here, before anything is attached.
     """
     if name not in RUNTIME_BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {RUNTIME_BACKENDS}")
     if name == "auto":
-        if device.type == "cuda" and available("triton"):
+        if device.type == "cuda" and available("triton") and _runs_rank("triton", rank):
             return "triton"
-        if device.type == "cpu" and dtype == torch.float32 and available("native"):
+        if device.type == "cpu" and dtype == torch.float32 and available("native") and _runs_rank("native", rank):
             return "native"
         return "torch"
+    if name in ("triton", "native") and available(name) and not _runs_rank(name, rank):
+        raise ValueError(
+            f"backend={name!r} runs rank <= {get_ops(name).max_rank}, not {rank} (use backend='auto' or 'torch')"
+        )
     if name == "native" and (device.type != "cpu" or dtype != torch.float32):
         raise ValueError(
             f"backend='native' runs float32 models on the CPU; this model is {dtype} on {device.type} "
@@ -54,3 +60,8 @@ def kernel_ops(name: str) -> KernelOps:
         return get_ops(name)
     except ImportError as exc:
         raise RuntimeError(f"backend {name!r} is not available here: {exc}") from exc
+
+
+def _runs_rank(name: str, rank: int) -> bool:
+    limit = get_ops(name).max_rank
+    return limit is None or rank <= limit

@@ -104,7 +104,7 @@ class FastWeightEngine:
         )
         weight = self.mlps[0][1].gate_proj.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.backend = resolve_backend(backend, self.device, self.dtype)
+        self.backend = resolve_backend(backend, self.device, self.dtype, rank)
         self.ops = kernel_ops(self.backend)
         self.fused = [is_silu(mlp.act_fn) for _, mlp in self.mlps]
         self.fingerprint = WeightsFingerprint([w for _, mlp in self.mlps for w in _weights(mlp)])
@@ -229,6 +229,7 @@ class FastWeightEngine:
         if binding is None or self._is_identity(binding):
             return type(mlp).forward(mlp, x)  # the model's own MLP: bit-exact bare outputs
         ws = _weights(mlp)
+        self._check_weight(ws[0])
         if binding.writing:
             ws = tuple(w.detach() for w in ws)  # constants to a write, whatever their requires_grad
         # outside a write, base weights that require grad get their gradient (e.g. an RL policy)
@@ -272,8 +273,18 @@ class FastWeightEngine:
         return self.model
 
     def check_attached(self) -> None:
+        """FastWeightsError if detached, or if the model was cast or moved since attach."""
         if self.detached:
             raise FastWeightsError("these fast weights were detached from their model; attach new ones")
+        self._check_weight(self.mlps[0][1].gate_proj.weight)
+
+    def _check_weight(self, w: torch.Tensor) -> None:
+        # the buffers, the kernels (backend) and the adapter files' identity are for the attach-time dtype/device
+        if w.dtype != self.dtype or w.device != self.device:
+            raise FastWeightsError(
+                f"the model was cast or moved to {w.dtype} on {w.device} after its fast weights were attached "
+                f"for {self.dtype} on {self.device}: cast or move the model first, then attach"
+            )
 
 
 def _weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -90,7 +90,14 @@ def qa_examples(
     loss_on: str = "answer",
     max_length: int = 256,
 ) -> tuple[list[Example], int]:
-    """(examples, how many cards had their question cut to fit `max_length`) for (question, answer) pairs."""
+    """(examples, how many cards had their question cut to fit `max_length`) for (question, answer) pairs.
+
+    A card that is not a pair of strings (a dict, None, a 3-tuple, ...) raises a ValueError naming it."""
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2 or not all(
+            isinstance(x, str) for x in pair
+        ):
+            raise ValueError(f"flashcard {i} is not a (question, answer) pair of strings: {pair!r:.120}")
     examples = [qa_example(tokenizer, q, a, loss_on, max_length) for q, a in pairs]
     cut = sum(not question_fits(tokenizer, q, a, max_length) for q, a in pairs)
     return examples, cut

@@ -77,6 +77,8 @@ class SwapChecker:
         for i, name in enumerate(self.a_names):
             want = lay.a_view(self.engine.a, i)
             got = state[name]
+            if not _is_float_tensor(got):
+                raise ValueError(f"{name}: not a floating-point tensor")
             if tuple(got.shape) != tuple(want.shape):
                 raise ValueError(f"{name}: shape {tuple(got.shape)} != expected {tuple(want.shape)}")
             # equal up to the rounding of an SVD recomputed on another machine (A0 is recomputed there)
@@ -90,12 +92,14 @@ class SwapChecker:
     def _flat_b(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """The one float32 row all B tensors are views of, at the layout's offsets; else None."""
         first = state[self.b_names[0]]
-        if first.dtype != torch.float32 or first.device != self.engine.device:
+        if not isinstance(first, torch.Tensor) or first.dtype != torch.float32 or first.device != self.engine.device:
             return None
         base = first.data_ptr()
         for name, shape, off in self.b_expected:
             t = state[name]
-            if t.data_ptr() - base != off or t.shape != shape or t.dtype != first.dtype or not t.is_contiguous():
+            if not isinstance(t, torch.Tensor) or t.data_ptr() - base != off or t.shape != shape:
+                return None
+            if t.dtype != first.dtype or not t.is_contiguous():
                 return None
         storage = first.untyped_storage()
         if storage.nbytes() < (first.storage_offset() + self.scratch_row.numel()) * 4:
@@ -106,9 +110,13 @@ class SwapChecker:
         lay = self.engine.layout
         for i, name in enumerate(self.b_names):
             t = state[name]
-            if not isinstance(t, torch.Tensor) or not torch.is_floating_point(t):
+            if not _is_float_tensor(t):
                 raise ValueError(f"{name}: not a floating-point tensor")
             if tuple(t.shape) != self.b_shapes[i]:
                 raise ValueError(f"{name}: shape {tuple(t.shape)} != expected {self.b_shapes[i]}")
             lay.b_view(self.scratch_row, i).copy_(t)
         return self.scratch_row
+
+
+def _is_float_tensor(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and torch.is_floating_point(t)

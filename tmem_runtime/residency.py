@@ -3,14 +3,16 @@
 More sessions can be open than the engine has rows. A session is *resident* when it holds a row;
 using it (a write, a forward with it in the batch) makes it resident, evicting the least recently
 used unpinned session: its B row is copied to host memory, or to a safetensors file under
-`offload_dir` (written atomically), and copied back on its next use. A session still in its initial
-state is evicted for free (nothing to keep). Sessions in use by a running batch are pinned and never
-evicted; when every row is pinned, `acquire` raises `PoolFullError`. Not thread-safe by itself: the
-pool calls it under its lock.
+`offload_dir` (written atomically; named per pool, so pools may share a directory), and copied back on
+its next use. A session still in its initial state is evicted for free (nothing to keep). A copy
+(copy.deepcopy of the model, pickling) holds the offloaded rows in host memory, never the original's
+files. Sessions in use by a running batch are pinned and never evicted; when every row is pinned,
+`acquire` raises `PoolFullError`. Not thread-safe by itself: the pool calls it under its lock.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +60,17 @@ class Residency:
         self.free = list(range(engine.capacity))[::-1]
         self.pins: Counter[str] = Counter()
         self.counters = ResidencyCounters()
+        self.file_prefix = uuid.uuid4().hex  # this residency's offload files, apart from any other's
+
+    def __getstate__(self) -> dict:
+        """A copy reads the rows offloaded to disk into host memory: the files stay the original's."""
+        state = dict(self.__dict__)
+        state["away"] = {s: self._read(kept) if isinstance(kept, Path) else kept for s, kept in self.away.items()}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.file_prefix = uuid.uuid4().hex
 
     @property
     def ids(self) -> list[str]:
@@ -145,7 +158,7 @@ class Residency:
         row = self.engine.b[slot].detach()
         if self.offload == "host":
             return row.to("cpu", copy=True)
-        path = self.offload_dir / f"{_file_stem(session)}.safetensors"
+        path = self.offload_dir / f"{self.file_prefix}-{_file_stem(session)}.safetensors"
         save_adapter(path, {"b": row}, self._file_meta())
         self.counters.disk_writes += 1
         return path
@@ -157,7 +170,7 @@ class Residency:
         else:
             if isinstance(kept, Path):
                 try:
-                    kept_row = read_adapter(kept, self._file_meta(), self.engine.device)["b"]
+                    kept_row = self._read(kept)
                 except (AdapterFileError, KeyError):
                     self.away[session] = kept
                     self.free.append(slot)
@@ -169,6 +182,9 @@ class Residency:
             self.engine.set_rows([slot], kept_row[None].to(self.engine.device))
             self.counters.restores += 1
         self.resident[session] = slot
+
+    def _read(self, path: Path) -> torch.Tensor:
+        return read_adapter(path, self._file_meta(), self.engine.device)["b"]
 
     def _file_meta(self) -> dict[str, str]:
         return {**self.engine.metadata(), "format": "tmem-offloaded-row/1"}

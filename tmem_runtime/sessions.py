@@ -119,6 +119,7 @@ class SessionStore:
         on the answers by default (see write_examples_many). Cards longer than recipe.max_length keep
         their answer; their question is cut (counted in `stats`, and warned)."""
         recipe = get_recipe(recipe)
+        pairs = {s: list(p) for s, p in pairs.items()}  # (any iterable of pairs: a generator is read once)
         encoded = {s: qa_examples(tokenizer, p, loss_on, recipe.max_length) for s, p in pairs.items()}
         for s, (_, cut) in encoded.items():
             self._count_cards(s, len(pairs[s]), cut, recipe.max_length)
@@ -149,6 +150,12 @@ class SessionStore:
         on_step: StepCallback | None = None,
     ) -> list[float]:
         """Next-token training on plain texts (all tokens), cut into recipe.max_length windows."""
+        if isinstance(texts, str):
+            raise ValueError("write_text takes a list of strings, got one string (wrap it: [text])")
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise ValueError(f"text {i} is not a string: {t!r:.80}")
         recipe = get_recipe(recipe)
         examples = [ex for t in texts if t.strip() for ex in text_examples(tokenizer, t, recipe.max_length)]
         return self.write_examples_many({session: examples}, recipe, seed, pad_id(tokenizer), on_step=on_step)[session]
