@@ -196,14 +196,56 @@ def test_save_load_roundtrip_and_bad_files(tiny, tmp_path):
         other.load(path)
     other.detach()
     fw = FastWeights(tiny, backend="torch")
+    fresh = fw.state_dict()
     b_name = next(k for k in saved if k.endswith("lora_B"))
     a_name = next(k for k in saved if k.endswith("lora_A"))
     with pytest.raises(AdapterFileError, match="finite"):
         fw.load_state_dict({**saved, b_name: torch.full_like(saved[b_name], float("nan"))})
     with pytest.raises(AdapterFileError, match="A, which every session shares"):
         fw.load_state_dict({**saved, a_name: saved[a_name] + 1})
-    assert all(torch.equal(fw.state_dict()[k], FastWeights.state_dict(fw)[k]) for k in before)
+    assert before.keys() == fresh.keys() and all(torch.equal(fw.state_dict()[k], fresh[k]) for k in fresh)
     fw.detach()
+
+
+def test_a_damaged_file_is_refused_and_a_file_without_a_checksum_still_loads(tiny, tmp_path):
+    """A bit flipped in a tensor's bytes (still a finite number) fails the file's data checksum; a file
+    written before files had one loads as before."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    fw = FastWeights(tiny, backend="torch")
+    fw.write([make_batch(5)] * 2, lr=1e-2, optimizer="adamw")
+    saved = fw.state_dict()
+    path = tmp_path / "session.safetensors"
+    fw.save(path)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x01  # the last tensor's bytes: a mantissa bit of a float32, still finite
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(bytes(raw))
+    fw.reset()
+    with safe_open(str(damaged), framework="pt") as f:  # the damage is finite: only the checksum sees it
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+        meta = f.metadata()
+    with pytest.raises(AdapterFileError, match="corrupt"):
+        fw.load(damaged)
+    assert all(not v.any() for k, v in fw.state_dict().items() if k.endswith("lora_B"))  # still reset
+    old = tmp_path / "old.safetensors"
+    save_file(saved, str(old), metadata={k: v for k, v in meta.items() if k != "data_sha256"})
+    fw.load(old)
+    assert all(torch.equal(fw.state_dict()[k], saved[k]) for k in saved)
+    fw.detach()
+
+
+def test_a_file_of_another_dtype_is_refused_naming_both(tmp_path):
+    model, _ = load_model("tiny-llama", seed=3)
+    fw = FastWeights(model, backend="torch")
+    fw.write([make_batch(0)] * 2, lr=1e-2, optimizer="adamw")
+    fw.save(tmp_path / "session.safetensors")
+    fw.detach()
+    half = FastWeights(model.to(torch.bfloat16), backend="torch")
+    with pytest.raises(AdapterFileError, match="in float32, and this model's are bfloat16"):
+        half.load(tmp_path / "session.safetensors")
+    half.detach()
 
 
 def test_nan_loss_and_nan_update_roll_back(tiny):

@@ -3,7 +3,8 @@
 The header identifies the model by what it is, not where it was loaded from: the architecture, the
 adapter's layout (rank, layers, targets, shapes), the init, and a SHA-256 of the targeted base
 weights' bytes. The same weights loaded from any directory, on any host, accept the file; another
-model (or the same one fine-tuned since) refuses it.
+model (or the same one fine-tuned since) refuses it. The header also carries a SHA-256 of the tensors'
+own bytes: a file damaged after it was written (a flipped bit that is still a finite number) is refused.
 """
 
 from __future__ import annotations
@@ -61,14 +62,26 @@ class WeightsFingerprint:
 
 
 def adapter_metadata(model: nn.Module, fingerprint: WeightsFingerprint, init: str, layout) -> dict[str, str]:
-    """The header of an adapter of `layout` (an AdapterLayout) on `model`: see IDENTITY_KEYS."""
+    """The header of an adapter of `layout` (an AdapterLayout) on `model`: see IDENTITY_KEYS (and the base
+    weights' dtype, which only explains a refusal: it is part of their hash)."""
     return {
         "format": FILE_FORMAT,
         "architecture": architecture(model),
         "weights_sha256": fingerprint.hexdigest(),
+        "weights_dtype": str(fingerprint.weights[0].dtype).removeprefix("torch."),
         "init": init,
         **layout.describe(),
     }
+
+
+def data_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named CPU tensors: each one's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -88,18 +101,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 
 def save_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write `tensors` and `metadata` to one safetensors file atomically (`atomic_write`)."""
+    """Write `tensors` and `metadata` (+ "data_sha256", the tensors' checksum) to one safetensors file
+    atomically (`atomic_write`)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {**metadata, "data_sha256": data_sha256(cpu)}
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 def read_adapter(
     path: str | os.PathLike, expected: dict[str, str], device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter file, after checking its header against `expected` (AdapterFileError)."""
+    """The tensors of an adapter file on `device`, after checking its header against `expected` and its data
+    against its checksum (files written before there was one: the header only). AdapterFileError otherwise."""
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for a corrupt or missing file
@@ -110,6 +126,17 @@ def read_adapter(
         )
     for key in IDENTITY_KEYS:
         if meta.get(key) != expected[key]:
-            what = "different base weights" if key == "weights_sha256" else f"{key}={meta.get(key)!r}"
-            raise AdapterFileError(f"adapter file {path} is for {what}; this adapter has {key}={expected[key]!r}")
-    return tensors
+            raise AdapterFileError(f"adapter file {path} is for {_what_differs(key, meta, expected)}")
+    if "data_sha256" in meta and meta["data_sha256"] != data_sha256(tensors):
+        raise AdapterFileError(f"adapter file {path} is corrupt: its tensors do not match their checksum")
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def _what_differs(key: str, meta: dict[str, str], expected: dict[str, str]) -> str:
+    if key != "weights_sha256":
+        return f"{key}={meta.get(key)!r}; this adapter has {key}={expected[key]!r}"
+    theirs, ours = meta.get("weights_dtype"), expected.get("weights_dtype")
+    if theirs and ours and theirs != ours:  # the same model in another dtype hashes differently: say so
+        return (f"base weights in {theirs}, and this model's are {ours}: load it into the model in {theirs} "
+                "(or write the memory again)")  # fmt: skip
+    return f"different base weights (SHA-256 {meta.get(key, '?')[:12]}..., this model's {expected[key][:12]}...)"
