@@ -197,6 +197,13 @@ def test_offloaded_files_belong_to_one_pool(tmp_path):
         got = pool.state_dict("a")
         assert all(torch.equal(got[k], want[k]) for k in want)
     assert [p.counters()["disk_reads"] for p in pools] == [1, 1]
+    everyone = [*pools, copied]
+    files = [{f.name for f in tmp_path.glob(f"{p.residency.file_prefix}-*")} for p in everyone]
+    assert all(len(f) == 1 for f in files)  # each one's "b" is on disk now (the copy's in a file of its own)
+    pools[0].detach()  # a pool going away deletes its own offload files, not the others'
+    assert {f.name for f in tmp_path.iterdir()} == files[1] | files[2]
+    pools[1].detach(), copied.detach()
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_sessions_version_changes_with_its_weights_only(tiny):

@@ -322,10 +322,12 @@ class SessionPool(SessionStore):
             self._changed([session])
 
     def detach(self) -> PreTrainedModel:
-        """Remove the fast weights from the model (exactly as it was); the pool is unusable after."""
+        """Remove the fast weights from the model (exactly as it was); the pool is unusable after, and its
+        offload files are deleted (save sessions first to keep them)."""
         with self._exclusive():
             if self.trunk_rows is not None:
                 self.trunk_rows.clear()  # the kept trunk outputs' memory goes with the pool
+            self.residency.discard_files()
             return self.engine.detach()
 
 

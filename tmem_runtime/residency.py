@@ -106,6 +106,13 @@ class Residency:
             if isinstance(kept, Path):
                 kept.unlink(missing_ok=True)
 
+    def discard_files(self) -> None:
+        """Delete every offload file of this residency (the pool is going away: nothing will read them)."""
+        for session, kept in self.away.items():
+            if isinstance(kept, Path):
+                kept.unlink(missing_ok=True)
+                self.away[session] = None
+
     def acquire(self, sessions: Sequence[str]) -> list[int]:
         """Make `sessions` resident and pin them; returns their rows. Undo with `release`."""
         unique = list(dict.fromkeys(self.check(s) for s in sessions))
