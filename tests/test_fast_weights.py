@@ -578,3 +578,25 @@ def test_middle_layers_match_peft(tiny):
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(ref), rtol=1e-4, atol=0)
     with pytest.raises(ValueError, match="not indices"):
         FastWeights(tiny, num_layers=(5, 9))
+
+
+@pytest.mark.parametrize("backend", ["torch", "peft"])
+def test_writes_run_with_dropout_off_and_leave_the_models_mode_alone(backend):
+    """A model in train mode with dropout (as a constructor leaves it) writes exactly what it writes in
+    eval mode, every time; its modules' modes are what they were after the write."""
+    results = []
+    for mode in ("train", "train", "eval"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_config("tiny-llama", attention_dropout=0.5)).train(mode == "train")
+        model.model.layers[0].eval()  # a mixed model: one module the user put in eval mode
+        modes = {name: m.training for name, m in model.named_modules()}
+        assert any(modes.values()) == (mode == "train")
+        fw = FastWeights(model, backend=backend)
+        torch.manual_seed(1 + len(results))  # dropout would draw other masks each time
+        losses = fw.write([make_batch(2)] * 3, lr=1e-2, optimizer="adamw")
+        results.append((losses, fw.state_dict()))
+        fw.detach()
+        assert {name: m.training for name, m in model.named_modules()} == modes
+    for losses, state in results[1:]:
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(results[0][0]), rtol=0, atol=0)
+        assert all(torch.equal(state[k], v) for k, v in results[0][1].items())

@@ -5,18 +5,21 @@ batches) into one call of the store's `_write(sessions, batch, schedules, recipe
 one padded batch of every session's examples and, per session, the batch rows of each of its steps.
 `SessionPool` (the kernels' engine) and `PeftReferencePool` (the PEFT reference) implement `_write`,
 the session table and the state; both inherit the rest from here, so the two paths see exactly the
-same tokens, batches and schedules.
+same tokens, batches and schedules. A write runs with dropout off (the model in eval mode for its
+duration, every module's mode restored after): a write is a function of its cards and its seed.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from tmem_runtime.adapter_file import AdapterFileError, read_adapter, save_adapter
@@ -57,6 +60,7 @@ class SessionStore:
     """The write API shared by the session stores (see the module docstring)."""
 
     stats: dict[str, SessionStats]
+    model: nn.Module
 
     # ---------------------------------------------------------------- what a store implements
     def _write(
@@ -84,6 +88,11 @@ class SessionStore:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- writes
+    def _train(self, *write_args) -> dict[str, list[float]]:
+        """`_write(*write_args)` with dropout off."""
+        with eval_mode(self.model):
+            return self._write(*write_args)
+
     def write_examples_many(
         self,
         examples: Mapping[str, Sequence[Example]],
@@ -103,7 +112,7 @@ class SessionStore:
             schedules.append([[offset + i for i in rows] for rows in write_schedule(len(examples[s]), recipe, seed)])
             offset += len(examples[s])
         flat = [ex for s in names for ex in examples[s]]
-        return self._write(names, collate(flat, pad_id) if flat else None, schedules, recipe, train_a, on_step)
+        return self._train(names, collate(flat, pad_id) if flat else None, schedules, recipe, train_a, on_step)
 
     def write_qa_many(
         self,
@@ -176,7 +185,7 @@ class SessionStore:
         weight_decay and sets the divergence guard."""
         recipe = recipe or Recipe(optimizer=optimizer, lr=lr, weight_decay=weight_decay)
         batch, schedule = concat_batches(list(batches))
-        return self._write([session], batch, [schedule], recipe, train_a, on_step)[session]
+        return self._train([session], batch, [schedule], recipe, train_a, on_step)[session]
 
     def _count_cards(self, session: str, cards: int, cut: int, max_length: int) -> None:
         st = self.stats[session] if session in self.stats else None
@@ -250,3 +259,17 @@ def concat_batches(batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, to
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside the block, each module's own mode restored after. A model already in
+    eval mode is not touched (no flag is written: forwards on other threads see nothing change)."""
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
