@@ -39,7 +39,7 @@ from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
-from tmem_runtime.serve.store import SessionRecord, Store
+from tmem_runtime.serve.store import MAX_ID_LENGTH, SessionRecord, Store
 from tmem_runtime.serve.worker import Worker
 from tmem_runtime.serve.writer import DecodeThreadGenerator
 
@@ -580,6 +580,20 @@ def test_store_commit_is_atomic(tmp_path):
     assert sorted(f.name for f in d.iterdir()) == [".lock", "state.json", weights.name]
     with pytest.raises(ValueError):
         store.session_dir("t", "../escape")
+
+
+def test_the_longest_ids_name_sessions_and_longer_ones_get_400(served, acme):
+    """Ids are stored hex-encoded, one file name each: the longest valid id must still fit one (255 bytes)."""
+    longest = "L" * MAX_ID_LENGTH
+    assert create(acme, longest)["id"] == longest
+    assert remember(acme, longest, CARDS[:1]).json()["status"] == "committed"
+    assert acme.get(f"/v1/sessions/{longest}").json()["memories"] == 1
+    assert longest in [s["id"] for s in acme.get("/v1/sessions").json()["data"]]
+    store = Store(served[1].store.root)
+    store.create("t" * MAX_ID_LENGTH, longest)
+    assert store.sessions("t" * MAX_ID_LENGTH) == [longest]
+    for response in (acme.post("/v1/sessions", json={"id": longest + "L"}), acme.get(f"/v1/sessions/{longest}L")):
+        assert response.status_code == 400 and f"1-{MAX_ID_LENGTH} characters" in response.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------------------------------------- processes
