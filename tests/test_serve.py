@@ -534,6 +534,8 @@ def test_bad_input_gets_a_clear_4xx(served, acme):
         (acme.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 700}]}), 400),
         (acme.post("/v1/chat/completions", json={**chat, "session": "nobody"}), 404),
         (acme.post("/v1/chat/completions", json={**chat, "session": "../../etc"}), 400),
+        (acme.post("/v1/chat/completions", json={**chat, "session": ""}), 400),
+        (acme.post("/v1/chat/completions", json=chat, headers={"X-Tmem-Session": ""}), 400),
         (acme.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 70_000}]}), 413),
         (acme.post("/v1/sessions", json={"id": "has space"}), 400),
         (acme.post("/v1/sessions", json={"id": 7}), 400),

@@ -268,8 +268,8 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, t: str = Depends(tenant), x_tmem_session: str | None = Header(None)):
-        sid = body.session or x_tmem_session
-        sid = None if sid is None else session_id(sid)
+        sid = body.session if body.session is not None else x_tmem_session
+        sid = None if sid is None else session_id(sid)  # "" is an invalid id, never the bare model
         max_tokens = body.max_completion_tokens or body.max_tokens or min(cfg.max_tokens, 128)
         if max_tokens > cfg.max_tokens:
             raise ApiError(400, f"max_tokens={max_tokens} is over this server's limit of {cfg.max_tokens}")
