@@ -537,6 +537,8 @@ def test_bad_input_gets_a_clear_4xx(served, acme):
         (acme.post("/v1/chat/completions", json={**chat, "session": ""}), 400),
         (acme.post("/v1/chat/completions", json=chat, headers={"X-Tmem-Session": ""}), 400),
         (acme.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 70_000}]}), 413),
+        (acme.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                   headers={"content-type": "application/json"}), 400),  # a lone surrogate: no text to tokenize
         (acme.post("/v1/sessions", json={"id": "has space"}), 400),
         (acme.post("/v1/sessions", json={"id": 7}), 400),
         (acme.get("/v1/sessions/" + "x" * 200), 400),

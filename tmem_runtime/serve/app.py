@@ -27,7 +27,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -67,7 +67,7 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] = Field(max_length=100_000)
+    content: Annotated[str, Field(max_length=100_000)] | Annotated[list[ContentPart], Field(max_length=256)]
     name: str | None = Field(None, max_length=64)
 
     def text(self) -> str:
