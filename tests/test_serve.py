@@ -346,6 +346,30 @@ def test_streaming_with_the_openai_client(served, acme):
     assert whole.usage.completion_tokens == 12 or whole.choices[0].finish_reason == "stop"
 
 
+def test_a_completion_whose_client_left_is_never_generated(served):
+    """A non-streaming client that disconnects while its completion waits for the decode thread: the
+    completion is dropped, not generated for nobody (and the decode thread goes on)."""
+    url, service = served
+    gate, generated = threading.Event(), service.metrics.counters["generated_tokens_total"]
+    blocker = service.batcher.submit([Row(service.prompt_ids([{"role": "user", "content": "Hold on."}]), None, 4,
+                                          on_text=lambda text: gate.wait(60))])  # the decode thread waits on it
+    left = service.metrics.counters["requests_total"]
+    key = (("code", "499"), ("route", "/v1/chat/completions"))
+    before, tokens = left[key], generated[()]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(f"{url}/v1/chat/completions", headers=ACME, timeout=1,
+                   json={"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 64})
+    deadline = time.monotonic() + 30
+    while left[key] == before:  # the server saw the disconnect
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    gate.set()
+    assert blocker.future.result(timeout=60)[0].tokens <= 4
+    with httpx.Client(base_url=url, headers=ACME, timeout=120) as client:
+        assert ask(client, "Still there?", max_tokens=3)
+    assert generated[()] - tokens <= 4 + 3  # the blocker and the last answer, nothing for the client that left
+
+
 def test_flashcard_prompts_share_a_cached_prefix_in_mixed_batches(served, acme):
     """Card prompts of the model's flashcard writer: their common prefix is prefilled once and cached; in
     one batch with a session's answer row, every row equals that row generated alone, unprefixed."""

@@ -31,11 +31,12 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tmem_runtime.serve.batcher import Request as BatchRequest
 from tmem_runtime.serve.batcher import RowResult
 from tmem_runtime.serve.service import (
     LeaseHeldError,
@@ -267,7 +268,8 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
         return {"object": "list", "data": [{"question": q, "answer": a} for q, a in cards]}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, t: str = Depends(tenant), x_tmem_session: str | None = Header(None)):
+    async def chat(body: ChatRequest, http: Request, t: str = Depends(tenant),
+                   x_tmem_session: str | None = Header(None)):
         sid = body.session if body.session is not None else x_tmem_session
         sid = None if sid is None else session_id(sid)  # "" is an invalid id, never the bare model
         max_tokens = body.max_completion_tokens or body.max_tokens or min(cfg.max_tokens, 128)
@@ -281,11 +283,10 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
         request = await run_in_threadpool(service.answer, t, sid, messages, max_tokens, on_text)
         completion = _Completion(model_name, sid)
         if not body.stream:
-            try:
-                result = (await _settled(request.future))[0]
-            except asyncio.CancelledError:  # the client went away: its row stops at the next token
-                request.cancelled.set()
-                raise
+            results = await _unless_disconnected(request, http)
+            if results is None:
+                return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+            result = results[0]
             _count_answer(service, result, t0)
             return completion.response(result, len(request.rows[0].ids))
         request.future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, None))
@@ -303,8 +304,9 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
                     _count_answer(service, result, t0)
                     yield completion.chunk({}, result.finish_reason, result, len(request.rows[0].ids))
                 yield "data: [DONE]\n\n"
-            finally:
-                request.cancelled.set()  # the client went away mid-stream: its row stops at the next token
+            finally:  # the client went away mid-stream: its row stops at the next token (or never runs)
+                request.cancelled.set()
+                request.future.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -345,6 +347,28 @@ def _count_answer(service: MemoryService, result: RowResult, t0: float) -> None:
 
 async def _settled(future):
     return await asyncio.wrap_future(future)
+
+
+async def _unless_disconnected(request: BatchRequest, http: Request) -> list[RowResult] | None:
+    """The request's results, or None if the client disconnects first: the request is then cancelled
+    (never batched if it still waits; else its rows stop at their next token)."""
+    answer = asyncio.wrap_future(request.future)
+    gone = asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if answer.done():
+        return answer.result()
+    request.cancelled.set()
+    answer.cancel()  # cancels the request's future too while it waits in the queue
+    return None
+
+
+async def _disconnected(http: Request) -> None:
+    """Returns once the client has disconnected (the body has been read: all that comes is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _digest(key: str) -> str:

@@ -169,7 +169,8 @@ class AnswerBatcher(Worker):
 
     def _take(self) -> list[Request]:
         """Waiting requests for one batch (called with the condition held): the oldest (nothing waits
-        forever), then answers before flashcard prompts."""
+        forever), then answers before flashcard prompts. Those whose future was cancelled while they
+        waited are dropped; the others' futures are marked running (cancel() no longer takes)."""
         oldest = min(self.queue, key=lambda r: r.queued_at)
         order = [oldest] + sorted((r for r in self.queue if r is not oldest), key=lambda r: (r.priority, r.queued_at))
         taken, rows, sessions = [], 0, set()
@@ -182,7 +183,7 @@ class AnswerBatcher(Worker):
         for r in taken:
             self.queue.remove(r)
         self.metrics.set_gauge("queue_depth", self.depth(), queue="answer")
-        return taken
+        return [r for r in taken if r.future.set_running_or_notify_cancel()]  # a cancelled one is never run
 
     def _loop(self) -> None:
         while True:
@@ -190,7 +191,8 @@ class AnswerBatcher(Worker):
                 self.cond.wait_for(lambda: self.queue or not self.running)
                 if not self.running:
                     for r in self.queue:
-                        r.future.set_exception(RuntimeError("the server is shutting down"))
+                        if r.future.set_running_or_notify_cancel():
+                            r.future.set_exception(RuntimeError("the server is shutting down"))
                     return
                 batch = self._take()
             self._run(batch)
