@@ -514,6 +514,26 @@ class _StaleFirstCheck:
         return getattr(self.pool, name)
 
 
+def test_a_card_that_cannot_be_trained_fails_its_own_write_only(served, acme, globex):
+    """Two sessions' writes in one batch, one of them with a card whose answer alone is over max_length
+    (e.g. resumed from a store an older server wrote; the API refuses such a card): the other commits."""
+    _, service = served
+    create(acme, "overlong")
+    create(globex, "neighbour")
+    bad, good = service.get("acme", "overlong"), service.get("globex", "neighbour")
+    with bad.busy, good.busy:  # the write thread cannot take either until both are queued
+        with bad.lock:
+            bad_job = bad.remember([("What is this?", "\U0001f436" * 400)])
+        service.writer.submit(bad, [bad_job])
+        good_job = service.remember("globex", "neighbour", CARDS[:1])
+    service.writer.wake()
+    assert good_job.done.result(timeout=120)["error"] is None
+    assert "flashcard too long" in bad_job.done.result(timeout=120)["error"]
+    assert globex.get("/v1/sessions/neighbour/memories").json()["data"] == [{"question": CARDS[0][0],
+                                                                           "answer": CARDS[0][1]}]
+    assert acme.get("/v1/sessions/overlong").json()["rollbacks"] == 1
+
+
 def test_tenants_cannot_reach_each_others_sessions(served, acme, globex):
     create(acme, "secret")
     assert remember(acme, "secret", CARDS[:1]).json()["status"] == "committed"
@@ -572,6 +592,8 @@ def test_bad_input_gets_a_clear_4xx(served, acme):
         (acme.post("/v1/sessions/sturdy/memories", json={"memories": []}), 400),
         (acme.post("/v1/sessions/sturdy/memories", json={"memories": [{"question": "q"}]}), 400),
         (acme.post("/v1/sessions/sturdy/memories", json={"memories": [{"question": " ", "answer": " "}]}), 400),
+        (acme.post("/v1/sessions/sturdy/memories", json={"memories": [{"question": "q", "answer": "🐶" * 400}]}),
+         400),  # ~1200 answer tokens: no training example of max_length holds it
         (acme.post("/v1/sessions/nobody/memories", json={"memories": [{"question": "q", "answer": "a"}]}), 404),
         (acme.post("/v1/sessions/nobody/messages", json={"messages": [{"content": "hello there"}]}), 404),
         (acme.delete("/v1/sessions/nobody"), 404),
@@ -582,7 +604,8 @@ def test_bad_input_gets_a_clear_4xx(served, acme):
         assert response.json()["error"]["message"], response.text
     assert "max_tokens" in cases[6][0].json()["error"]["message"]
     assert "window" in cases[8][0].json()["error"]["message"]
-    assert acme.get("/v1/sessions/sturdy").json()["turns"] == 0  # nothing half-applied
+    sturdy = acme.get("/v1/sessions/sturdy").json()
+    assert (sturdy["turns"], sturdy["pending_writes"], sturdy["rollbacks"]) == (0, 0, 0)  # nothing half-applied
     assert ask(acme, "still alive?", "sturdy")
 
 

@@ -34,7 +34,7 @@ from tmem_runtime.serve.conversation import Card, Conversation, SessionGoneError
 from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.store import LeaseHeldError, SessionExistsError, Store
-from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter
+from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter, check_cards
 
 MIN_CACHED_PREFIX = 8  # an answer's chat preamble shorter than this is prefilled with the rest of its prompt
 
@@ -185,7 +185,9 @@ class MemoryService:
         return summary, jobs
 
     def remember(self, tenant: str, session: str, cards: list[Card]) -> WriteJob:
-        """Queue explicit flashcards as one write (persisted as pending before this returns)."""
+        """Queue explicit flashcards as one write (persisted as pending before this returns); ValueError
+        if a card cannot be trained (its answer alone is longer than the recipe's max_length tokens)."""
+        check_cards(self.tokenizer, cards, self.config.recipe)
         conv = self.get(tenant, session)
         with conv.lock:
             self._check_active(conv)
