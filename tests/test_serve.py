@@ -346,6 +346,31 @@ def test_streaming_with_the_openai_client(served, acme):
     assert whole.usage.completion_tokens == 12 or whole.choices[0].finish_reason == "stop"
 
 
+def test_openai_options_are_honoured_or_refused_never_ignored(served, acme):
+    """Greedy decoding: sampling options change nothing; options it cannot honour get a 400 naming them."""
+    client = openai.OpenAI(base_url=f"{served[0]}/v1", api_key="key-acme", max_retries=0)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    greedy = ask(acme, messages[0]["content"])
+    accepted = [{"temperature": 0.9, "top_p": 0.5, "seed": 7, "user": "u-1", "n": 1}, {"n": None, "stream": None},
+                {"response_format": {"type": "text"}, "tool_choice": "none", "logprobs": False, "top_logprobs": 0},
+                {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "modalities": ["text"]}]
+    for options in accepted:
+        r = acme.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, **options})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy, (options, r.text)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    refused = {"n": {"n": 2}, "logprobs": {"logprobs": True}, "tools": {"tools": [tool]},
+               "response_format": {"response_format": {"type": "json_object"}},
+               "logit_bias": {"logit_bias": {"5": 100}},
+               "frequency_penalty": {"frequency_penalty": 0.5}, "presence_penalty": {"presence_penalty": -1},
+               "audio": {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}}
+    for name, options in refused.items():
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=8, **options)
+        assert name in err.value.body["message"], (name, err.value.body)
+    r = acme.post("/v1/chat/completions", json={"messages": messages, "tool_choice": "required", "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("invalid request: logprobs, tools: ")
+
+
 def test_a_completion_whose_client_left_is_never_generated(served):
     """A non-streaming client that disconnects while its completion waits for the decode thread: the
     completion is dropped, not generated for nobody (and the decode thread goes on)."""

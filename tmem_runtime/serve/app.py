@@ -32,7 +32,7 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -76,7 +76,10 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """OpenAI's chat completion body; sampling fields are accepted and ignored (decoding is greedy)."""
+    """OpenAI's chat completion body. Decoding is greedy: temperature, top_p and seed are accepted and
+    change nothing; what greedy decoding of text cannot honour (several choices, logprobs, tools, a
+    JSON response format, logit bias, penalties, audio) is refused (400), never ignored. Any option
+    may be null (as absent)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -84,8 +87,38 @@ class ChatRequest(BaseModel):
     session: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
+    stream: bool | None = False
+    n: int | None = Field(None, ge=1, le=1)
+    logprobs: bool | None = None  # the options below are refused unless absent, null or neutral
+    top_logprobs: int | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    logit_bias: dict | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    modalities: list[str] | None = None
+    audio: dict | None = None
+
+    @model_validator(mode="after")
+    def _honourable(self) -> ChatRequest:
+        no_tools = (None, "none", "auto")
+        asked = {
+            "logprobs": bool(self.logprobs or self.top_logprobs),
+            "tools": bool(self.tools or self.functions) or self.tool_choice not in no_tools
+            or self.function_call not in no_tools,
+            "response_format": (self.response_format or {}).get("type", "text") != "text",
+            "logit_bias": bool(self.logit_bias),
+            "frequency_penalty": bool(self.frequency_penalty),
+            "presence_penalty": bool(self.presence_penalty),
+            "audio": self.audio is not None or any(m != "text" for m in self.modalities or ()),
+        }
+        if any(asked.values()):
+            refused = ", ".join(name for name, given in asked.items() if given)
+            raise ValueError(f"{refused}: not supported by this server (greedy decoding of text)")
+        return self
 
 
 class Turn(BaseModel):
@@ -406,7 +439,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         parts = []
         for e in exc.errors()[:5]:
             where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+            msg = str(e.get("msg")).removeprefix("Value error, ")  # a validator's own ValueError
+            parts.append(f"{where}: {msg}" if where else msg)
         return respond(ApiError(400, "invalid request: " + "; ".join(parts)))
 
     @app.exception_handler(StarletteHTTPException)
