@@ -371,6 +371,29 @@ def test_openai_options_are_honoured_or_refused_never_ignored(served, acme):
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("invalid request: logprobs, tools: ")
 
 
+def test_stop_texts_end_the_answer_where_the_first_begins(served, acme):
+    """OpenAI's `stop`: the answer is the greedy text up to the first stop text (excluded), finish_reason
+    "stop"; streamed pieces never show part of a stop text."""
+    client = openai.OpenAI(base_url=f"{served[0]}/v1", api_key="key-acme", max_retries=0)
+    messages = [{"role": "user", "content": "Describe the sea."}]
+    greedy = ask(acme, messages[0]["content"], max_tokens=24)
+    n = len(greedy)
+    assert n > 12
+    for stop in (greedy[n // 2 : n // 2 + 4], [greedy[-4:], greedy[3:6]], ["never in the answer"]):
+        stops = [stop] if isinstance(stop, str) else stop
+        found = [greedy.find(s) for s in stops if s in greedy]
+        expected = greedy[: min(found)] if found else greedy  # the first occurrence of any of them ends it
+        whole = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=24, stop=stop)
+        assert whole.choices[0].message.content == expected, stop
+        assert whole.choices[0].finish_reason == ("length" if expected == greedy else "stop")
+        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="tiny-llama", messages=messages, max_tokens=24, stop=stop, stream=True) if c.choices]
+        assert "".join(pieces) == expected
+    for bad in ([], [""], ["a", "b", "c", "d", "e"]):
+        r = acme.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4, "stop": bad})
+        assert r.status_code == (200 if bad == [] else 400), (bad, r.text)
+
+
 def test_a_completion_whose_client_left_is_never_generated(served):
     """A non-streaming client that disconnects while its completion waits for the decode thread: the
     completion is dropped, not generated for nobody (and the decode thread goes on)."""

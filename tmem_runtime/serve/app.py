@@ -75,11 +75,14 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+StopText = Annotated[str, Field(min_length=1, max_length=200)]
+
+
 class ChatRequest(BaseModel):
     """OpenAI's chat completion body. Decoding is greedy: temperature, top_p and seed are accepted and
-    change nothing; what greedy decoding of text cannot honour (several choices, logprobs, tools, a
-    JSON response format, logit bias, penalties, audio) is refused (400), never ignored. Any option
-    may be null (as absent)."""
+    change nothing; `stop` (up to 4 texts) ends the answer where the first of them begins; what greedy
+    decoding of text cannot honour (several choices, logprobs, tools, a JSON response format, logit
+    bias, penalties, audio) is refused (400), never ignored. Any option may be null (as absent)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -89,6 +92,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool | None = False
     n: int | None = Field(None, ge=1, le=1)
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
     logprobs: bool | None = None  # the options below are refused unless absent, null or neutral
     top_logprobs: int | None = None
     tools: list | None = None
@@ -313,7 +317,8 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
         pieces: asyncio.Queue = asyncio.Queue()
         on_text = (lambda s: loop.call_soon_threadsafe(pieces.put_nowait, s)) if body.stream else None
         t0 = time.perf_counter()
-        request = await run_in_threadpool(service.answer, t, sid, messages, max_tokens, on_text)
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        request = await run_in_threadpool(service.answer, t, sid, messages, max_tokens, on_text, stop)
         completion = _Completion(model_name, sid)
         if not body.stream:
             results = await _unless_disconnected(request, http)

@@ -51,6 +51,7 @@ class Row:
     max_tokens: int
     stop_at_newline: bool = False
     on_text: Callable[[str], None] | None = None
+    stop: tuple[str, ...] = ()  # the row ends where the first of these begins in its text (OpenAI's `stop`)
 
 
 @dataclass
@@ -76,10 +77,11 @@ class RowProgress:
 
     `stop(i)` is row i's stop function for `greedy_generate` (called with the row's new tokens after
     each token): it ends the row at its newline (one-line rows: the new token is one of `line_ids`,
-    the tokens whose text holds a newline), its token limit, or a cancelled request, and hands a
-    streaming row's new text to its `on_text`. `close(i, tokens)` settles a row the decoder ended
-    itself (an end-of-turn token, or the batch's token limit). Only streaming rows are decoded at
-    every step; the others once, when they end.
+    the tokens whose text holds a newline), at one of its stop texts (its text is cut where that
+    begins), its token limit, or a cancelled request, and hands a streaming row's new text to its
+    `on_text` (holding back an end that may still become a stop text). `close(i, tokens)` settles a
+    row the decoder ended itself (an end-of-turn token, or the batch's token limit). Only streaming
+    rows and rows with stop texts are decoded at every step; the others once, when they end.
     """
 
     def __init__(self, rows: Sequence[Row], owners: Sequence[Request], tokenizer: PreTrainedTokenizerBase,
@@ -96,14 +98,18 @@ class RowProgress:
     def _step(self, i: int, tokens: list[int]) -> bool:
         row = self.rows[i]
         self.tokens[i] = len(tokens)
+        text = self._decode(i, tokens) if row.stop or row.on_text is not None else None
+        end = _stop_index(text, row.stop) if row.stop else None
         if row.stop_at_newline and tokens and tokens[-1] in self.line_ids:  # a one-line row: its first line is final
             self._finish(i, "stop", tokens)
+        elif end is not None:
+            self._finish(i, "stop", tokens, text[:end])
         elif len(tokens) >= row.max_tokens or self.owners[i].cancelled.is_set():
-            self._finish(i, "length", tokens)
+            self._finish(i, "length", tokens, text)
         elif row.on_text is not None:
-            self.text[i] = self._decode(i, tokens)
-            if not self.text[i].endswith("\ufffd"):  # hold back a partial UTF-8 character
-                self._emit(i)
+            self.text[i] = text
+            if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+                self._emit(i, held=_stop_overlap(text, row.stop))
         return self.done[i]
 
     def close(self, i: int, tokens: list[int]) -> None:
@@ -118,19 +124,33 @@ class RowProgress:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return text.split("\n")[0] if self.rows[i].stop_at_newline else text
 
-    def _finish(self, i: int, reason: str, tokens: list[int]) -> None:
-        self.text[i] = self._decode(i, tokens)
+    def _finish(self, i: int, reason: str, tokens: list[int], text: str | None = None) -> None:
+        """End row i with `text` (None: its tokens' text)."""
+        self.text[i] = self._decode(i, tokens) if text is None else text
         self.done[i], self.reason[i] = True, reason
         self._emit(i)
 
-    def _emit(self, i: int) -> None:
-        delta = self.text[i][self.sent[i] :]
-        self.sent[i] = len(self.text[i])
+    def _emit(self, i: int, held: int = 0) -> None:
+        """Hand row i's text not yet sent, but for its last `held` characters, to its `on_text`."""
+        end = max(self.sent[i], len(self.text[i]) - held)
+        delta = self.text[i][self.sent[i] : end]
+        self.sent[i] = end
         if delta and self.rows[i].on_text is not None:
             self.rows[i].on_text(delta)
 
     def result(self, i: int) -> RowResult:
         return RowResult(self.text[i], self.tokens[i], self.reason[i])
+
+
+def _stop_index(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first of `stops` to occur in `text` begins (None: none occurs)."""
+    found = [k for k in (text.find(s) for s in stops) if k >= 0]
+    return min(found) if found else None
+
+
+def _stop_overlap(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of `text` begin one of `stops` (the next tokens may complete it)."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 class AnswerBatcher(Worker):

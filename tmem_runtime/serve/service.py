@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -286,9 +286,10 @@ class MemoryService:
         return self.generator.encode(self.generator.chat_prompt(messages))
 
     def answer(self, tenant: str, session: str | None, messages: list[dict[str, str]], max_tokens: int,
-               on_text: Callable[[str], None] | None = None) -> Request:
-        """Queue a chat completion reading `session`'s fast weights (None: the bare model). ValueError if
-        the prompt and max_tokens do not fit the model's window."""
+               on_text: Callable[[str], None] | None = None, stop: Sequence[str] = ()) -> Request:
+        """Queue a chat completion reading `session`'s fast weights (None: the bare model), ending where
+        the first of the `stop` texts begins. ValueError if the prompt and max_tokens do not fit the
+        model's window."""
         conv = self.get(tenant, session) if session is not None else None
         ids = self.prompt_ids(messages)
         if len(ids) + max_tokens > self.generator.window:
@@ -298,7 +299,8 @@ class MemoryService:
             self._check_active(conv)
         p = self.preamble
         prefix = p if len(p) >= MIN_CACHED_PREFIX and len(ids) > len(p) and ids[: len(p)] == p else []
-        row = Row(ids[len(prefix) :], None if conv is None else conv.pool_id, max_tokens, on_text=on_text)
+        row = Row(ids[len(prefix) :], None if conv is None else conv.pool_id, max_tokens, on_text=on_text,
+                  stop=tuple(stop))
         return self.batcher.submit([row], prefix=prefix)
 
     # ---------------------------------------------------------------- metrics
