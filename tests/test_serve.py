@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -655,6 +656,43 @@ def test_bad_input_gets_a_clear_4xx(served, acme):
     sturdy = acme.get("/v1/sessions/sturdy").json()
     assert (sturdy["turns"], sturdy["pending_writes"], sturdy["rollbacks"]) == (0, 0, 0)  # nothing half-applied
     assert ask(acme, "still alive?", "sturdy")
+
+
+def test_an_unexpected_error_is_a_counted_json_500_on_a_connection_that_stays_open(served, monkeypatch):
+    url, service = served
+
+    def broken(tenant: str, session: str) -> dict:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(service, "stats", broken)
+    errors = service.metrics.counters["requests_total"]
+    key = (("code", "500"), ("route", "/v1/sessions/{session}"))
+    before = errors[key]
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:  # two requests on one keep-alive connection
+        replies = []
+        for path in ("/v1/sessions/anyone", "/health"):
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-acme\r\n\r\n".encode())
+            replies.append(_read_response(s))
+    (status, body), (health, _) = replies
+    assert status == 500 and json.loads(body)["error"] == {"message": "internal error: RuntimeError",
+                                                           "type": "server_error", "code": None}
+    assert health == 200 and errors[key] == before + 1
+
+
+def _read_response(s: socket.socket) -> tuple[int, bytes]:
+    """(status, body) of one HTTP/1.1 response with a content-length, read from a socket (0, b"" if it closed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return 0, b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += s.recv(65536)
+    return int(head.split()[1]), body
 
 
 # ---------------------------------------------------------------------------------------------- store

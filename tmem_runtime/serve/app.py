@@ -231,7 +231,10 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
 
     @app.middleware("http")
     async def count(request: Request, call_next):
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # unexpected: answered (and counted) here, as Starlette's last resort would close
+            response = _respond(_as_api_error(exc))  # the connection after its 500
         route = request.scope.get("route")
         service.metrics.inc("requests_total", route=getattr(route, "path", "unmatched"), code=str(response.status_code))
         return response
@@ -435,10 +438,11 @@ def _error_body(err: ApiError) -> dict:
     return {"error": {"message": err.message, "type": err.kind, "code": err.code}}
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    def respond(err: ApiError) -> JSONResponse:
-        return JSONResponse(_error_body(err), status_code=err.status, headers=dict(err.headers or {}))
+def _respond(err: ApiError) -> JSONResponse:
+    return JSONResponse(_error_body(err), status_code=err.status, headers=dict(err.headers or {}))
 
+
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
@@ -446,15 +450,14 @@ def _install_error_handlers(app: FastAPI) -> None:
             where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
             msg = str(e.get("msg")).removeprefix("Value error, ")  # a validator's own ValueError
             parts.append(f"{where}: {msg}" if where else msg)
-        return respond(ApiError(400, "invalid request: " + "; ".join(parts)))
+        return _respond(ApiError(400, "invalid request: " + "; ".join(parts)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return respond(ApiError(exc.status_code, str(exc.detail), "invalid_request_error"))
+        return _respond(ApiError(exc.status_code, str(exc.detail), "invalid_request_error"))
 
     async def known(request: Request, exc: Exception) -> JSONResponse:
-        return respond(_as_api_error(exc))
+        return _respond(_as_api_error(exc))
 
-    for kind in (ApiError, UnknownSessionError, SessionExistsError, LeaseHeldError, SessionGoneError, ValueError,
-                 Exception):
+    for kind in (ApiError, UnknownSessionError, SessionExistsError, LeaseHeldError, SessionGoneError, ValueError):
         app.add_exception_handler(kind, known)
