@@ -653,6 +653,9 @@ def test_bad_input_gets_a_clear_4xx(served, acme):
         assert response.json()["error"]["message"], response.text
     assert "max_tokens" in cases[6][0].json()["error"]["message"]
     assert "window" in cases[8][0].json()["error"]["message"]
+    for headers in ({"content-type": "text/plain"}, {"content-type": ""}):  # e.g. curl -d without -H content-type
+        r = acme.post("/v1/sessions/sturdy/messages", content=b'{"messages": [{"content": "hello"}]}', headers=headers)
+        assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
     sturdy = acme.get("/v1/sessions/sturdy").json()
     assert (sturdy["turns"], sturdy["pending_writes"], sturdy["rollbacks"]) == (0, 0, 0)  # nothing half-applied
     assert ask(acme, "still alive?", "sturdy")

@@ -449,6 +449,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         for e in exc.errors()[:5]:
             where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
             msg = str(e.get("msg")).removeprefix("Value error, ")  # a validator's own ValueError
+            if tuple(e.get("loc", ())) == ("body",) and e.get("type") == "model_attributes_type":  # not an object,
+                msg = "the body must be a JSON object, sent with Content-Type: application/json"  # or not read as JSON
             parts.append(f"{where}: {msg}" if where else msg)
         return _respond(ApiError(400, "invalid request: " + "; ".join(parts)))
 
