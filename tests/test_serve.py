@@ -335,15 +335,19 @@ def test_streaming_with_the_openai_client(served, acme):
     messages = [{"role": "user", "content": CARDS[1][0]}]
     whole = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12,
                                            extra_body={"session": "streamer"})
-    pieces, finish = [], None
+    pieces, finish, usage = [], None, None
     for chunk in client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12, stream=True,
                                                 extra_body={"session": "streamer"}):
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
         if chunk.choices and chunk.choices[0].finish_reason:
             finish = chunk.choices[0].finish_reason
+        usage = chunk.usage or usage
     assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content
     assert finish == whole.choices[0].finish_reason
+    prompt = len(served[1].prompt_ids(messages))  # the whole chat-templated prompt, its cached preamble too
+    assert whole.usage.prompt_tokens == usage.prompt_tokens == prompt > len(served[1].preamble)
+    assert whole.usage.total_tokens == prompt + whole.usage.completion_tokens and usage == whole.usage
     assert whole.usage.completion_tokens == 12 or whole.choices[0].finish_reason == "stop"
 
 

@@ -323,13 +323,14 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         request = await run_in_threadpool(service.answer, t, sid, messages, max_tokens, on_text, stop)
         completion = _Completion(model_name, sid)
+        prompt_tokens = len(request.prefix) + len(request.rows[0].ids)  # the cached chat preamble is in the prompt
         if not body.stream:
             results = await _unless_disconnected(request, http)
             if results is None:
                 return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
             result = results[0]
             _count_answer(service, result, t0)
-            return completion.response(result, len(request.rows[0].ids))
+            return completion.response(result, prompt_tokens)
         request.future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, None))
 
         async def events() -> AsyncIterator[str]:
@@ -343,7 +344,7 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
                     yield f"data: {json.dumps(_error_body(_as_api_error(exc)))}\n\n"
                 else:
                     _count_answer(service, result, t0)
-                    yield completion.chunk({}, result.finish_reason, result, len(request.rows[0].ids))
+                    yield completion.chunk({}, result.finish_reason, result, prompt_tokens)
                 yield "data: [DONE]\n\n"
             finally:  # the client went away mid-stream: its row stops at the next token (or never runs)
                 request.cancelled.set()
