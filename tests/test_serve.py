@@ -348,6 +348,11 @@ def test_streaming_with_the_openai_client(served, acme):
     prompt = len(served[1].prompt_ids(messages))  # the whole chat-templated prompt, its cached preamble too
     assert whole.usage.prompt_tokens == usage.prompt_tokens == prompt > len(served[1].preamble)
     assert whole.usage.total_tokens == prompt + whole.usage.completion_tokens and usage == whole.usage
+    *_, last, usage_only = client.chat.completions.create(  # OpenAI's layout: usage in a chunk with no choice
+        model="tiny-llama", messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True},
+        extra_body={"session": "streamer"})
+    assert last.choices[0].finish_reason == finish and last.usage is None
+    assert usage_only.choices == [] and usage_only.usage == whole.usage
     assert whole.usage.completion_tokens == 12 or whole.choices[0].finish_reason == "stop"
 
 

@@ -78,6 +78,11 @@ class ChatMessage(BaseModel):
 StopText = Annotated[str, Field(min_length=1, max_length=200)]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool | None = None  # usage in a last chunk of its own (no choice), as OpenAI sends it
+
+
 class ChatRequest(BaseModel):
     """OpenAI's chat completion body. Decoding is greedy: temperature, top_p and seed are accepted and
     change nothing; `stop` (up to 4 texts) ends the answer where the first of them begins; what greedy
@@ -92,6 +97,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool | None = False
     n: int | None = Field(None, ge=1, le=1)
+    stream_options: StreamOptions | None = None
     stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
     logprobs: bool | None = None  # the options below are refused unless absent, null or neutral
     top_logprobs: int | None = None
@@ -344,7 +350,11 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
                     yield f"data: {json.dumps(_error_body(_as_api_error(exc)))}\n\n"
                 else:
                     _count_answer(service, result, t0)
-                    yield completion.chunk({}, result.finish_reason, result, prompt_tokens)
+                    if body.stream_options is not None and body.stream_options.include_usage:
+                        yield completion.chunk({}, result.finish_reason)  # then OpenAI's usage chunk: no choice
+                        yield completion.chunk(None, None, result, prompt_tokens)
+                    else:
+                        yield completion.chunk({}, result.finish_reason, result, prompt_tokens)
                 yield "data: [DONE]\n\n"
             finally:  # the client went away mid-stream: its row stops at the next token (or never runs)
                 request.cancelled.set()
@@ -372,11 +382,12 @@ class _Completion:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": result.finish_reason, "logprobs": None}]}
 
-    def chunk(self, delta: dict, finish: str | None = None, result: RowResult | None = None,
+    def chunk(self, delta: dict | None, finish: str | None = None, result: RowResult | None = None,
               prompt_tokens: int = 0) -> str:
+        """One SSE event: the choice's `delta` (None: no choice, as OpenAI's usage chunk), with usage if `result`."""
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "session": self.session,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                "session": self.session, "choices": choices}
         if result is not None:
             body["usage"] = self._usage(result, prompt_tokens)
         return f"data: {json.dumps(body)}\n\n"
