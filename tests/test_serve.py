@@ -39,7 +39,7 @@ from tmem_runtime.serve.batcher import Request, Row
 from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
-from tmem_runtime.serve.service import MemoryService, ServeConfig
+from tmem_runtime.serve.service import MemoryService, ServeConfig, SessionGoneError
 from tmem_runtime.serve.store import MAX_ID_LENGTH, SessionRecord, Store
 from tmem_runtime.serve.worker import Worker
 from tmem_runtime.serve.writer import DecodeThreadGenerator
@@ -426,6 +426,32 @@ def test_a_completion_whose_client_left_is_never_generated(served):
     with httpx.Client(base_url=url, headers=ACME, timeout=120) as client:
         assert ask(client, "Still there?", max_tokens=3)
     assert generated[()] - tokens <= 4 + 3  # the blocker and the last answer, nothing for the client that left
+
+
+def test_removing_a_session_mid_batch_fails_its_answer_and_leaves_the_others_streams_whole(served, acme):
+    """A session removed while its answer streams in a batch with another session's: its answer fails
+    (session_gone); the other's stream is its answer once, exactly as asked alone (the batch is not redone)."""
+    _, service = served
+    for s in ("leaving", "staying"):
+        create(acme, s)
+    remember(acme, "staying", CARDS[1:])
+    messages = [{"role": "user", "content": "Tell me about the library."}]
+    alone = ask(acme, messages[0]["content"], "staying", max_tokens=24)
+    gate, first = threading.Event(), threading.Event()
+    blocker = service.batcher.submit([Row(service.prompt_ids(messages), None, 2, on_text=lambda t: gate.wait(60))])
+    pieces = []
+    leaving = service.answer("acme", "leaving", messages, 24, on_text=lambda t: first.set())
+    staying = service.answer("acme", "staying", messages, 24, on_text=pieces.append)
+    gate.set()  # both run in the next batch
+    blocker.future.result(timeout=60)
+    assert first.wait(60)
+    remove = threading.Thread(target=service.remove, args=("acme", "leaving"))
+    remove.start()
+    with pytest.raises(SessionGoneError):
+        leaving.future.result(timeout=60)
+    assert staying.future.result(timeout=60)[0].text == "".join(pieces) == alone
+    remove.join(timeout=60)
+    assert acme.get("/v1/sessions/leaving").status_code == 404
 
 
 def test_flashcard_prompts_share_a_cached_prefix_in_mixed_batches(served, acme):

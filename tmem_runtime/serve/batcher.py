@@ -40,6 +40,7 @@ from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.worker import Worker
 
 ANSWER, CARDS = 0, 1  # request priorities: answers are batched before flashcard prompts
+GONE = "the session was released or removed; retry the request"
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Request:
     prefix: tuple[int, ...] = ()  # every row's ids follow these (rows of one session, or bare rows)
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)  # e.g. the client went away
+    gone: bool = False  # a session it reads was unloaded while it ran: it fails (SessionGoneError)
     queued_at: float = field(default_factory=time.monotonic)
     prefilled: int = 0  # prompt tokens run through the model for it: its prefix only when not found cached
 
@@ -168,6 +170,7 @@ class AnswerBatcher(Worker):
         self.metrics, self.max_rows, self.max_sessions, self.naive = metrics, max_rows, max_sessions, naive
         self.model_lock = model_lock
         self.queue: list[Request] = []
+        self.generating: list[Request] = []  # the batch being generated (guarded by cond)
         self.prefixes: OrderedDict[tuple, Prefix] = OrderedDict()  # (ids, session, version) -> keys/values
         self.prefix_cache = prefix_cache
         self.cores = cores or CoreLoan(1, enabled=False)
@@ -239,24 +242,50 @@ class AnswerBatcher(Worker):
             self.prefixes.popitem(last=False)
         return self.prefixes[key]
 
+    def unload(self, session: str, close: Callable[[], None]) -> None:
+        """Call `close` (which unloads `session` from the pool) once no batch reads it: rows of the running
+        batch that read it stop at their next token and their requests fail (SessionGoneError); no new
+        batch starts until `close` returns. Never call it on the decode thread."""
+        with self.cond:
+            reading = [r for r in self.generating if any(row.session == session for row in r.rows)]
+            for r in reading:
+                r.gone = True
+                r.cancelled.set()
+            self.cond.wait_for(lambda: not any(r in self.generating for r in reading))
+            close()
+
     def _run(self, batch: list[Request]) -> None:
-        """Generate a batch; requests naming a session no longer in the pool fail alone (SessionGoneError)."""
+        """Generate a batch (`generating` meanwhile: see `unload`); requests naming a session no longer in
+        the pool fail alone (SessionGoneError)."""
+        with self.cond:
+            self.generating = batch
+        try:
+            self._run_batch(batch)
+        finally:
+            with self.cond:
+                self.generating = []
+                self.cond.notify_all()
+
+    def _run_batch(self, batch: list[Request]) -> None:
         while batch:
             gone = [r for r in batch if any(row.session is not None and row.session not in self.pool for row in r.rows)]
             for r in gone:
-                r.future.set_exception(SessionGoneError("the session was released or removed; retry the request"))
+                r.future.set_exception(SessionGoneError(GONE))
             batch = [r for r in batch if r not in gone]
             try:
                 with self.cores.decoding(), self.model_lock or nullcontext():
                     results = self._generate(batch) if batch else []
-            except UnknownSessionError:  # unloaded between the check and the batch: check again
+            except UnknownSessionError:  # unloaded other than by `unload`: check again
                 continue
             except Exception as exc:  # a failed batch fails its requests, never the thread
                 for r in batch:
                     r.future.set_exception(exc)
                 return
             for r, res in zip(batch, results):
-                r.future.set_result(res)
+                if r.gone:
+                    r.future.set_exception(SessionGoneError(GONE))
+                else:
+                    r.future.set_result(res)
             return
 
     def _generate(self, batch: list[Request]) -> list[list[RowResult]]:

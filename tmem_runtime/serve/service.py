@@ -244,8 +244,8 @@ class MemoryService:
                 del self.convs[(conv.tenant, conv.session)]
         _abandon(list(conv.jobs), "the session moved to another server or was removed")
         while conv.pool_id in self.pool:
-            try:
-                self.pool.close(conv.pool_id)
+            try:  # once no answer batch reads it (its rows there stop and fail), so no other row's batch is redone
+                self.batcher.unload(conv.pool_id, lambda: self.pool.close(conv.pool_id))
             except residency.UnknownSessionError:  # another drop (renewer, persist, unload) closed it first
                 break
             except FastWeightsError:  # a running batch reads it: wait for the batch to end
