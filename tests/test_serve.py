@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +39,8 @@ from tmem_runtime.serve.batcher import Request, Row
 from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
-from tmem_runtime.serve.service import MemoryService, ServeConfig
-from tmem_runtime.serve.store import SessionRecord, Store
+from tmem_runtime.serve.service import MemoryService, ServeConfig, SessionGoneError
+from tmem_runtime.serve.store import MAX_ID_LENGTH, SessionRecord, Store
 from tmem_runtime.serve.worker import Worker
 from tmem_runtime.serve.writer import DecodeThreadGenerator
 
@@ -334,16 +335,123 @@ def test_streaming_with_the_openai_client(served, acme):
     messages = [{"role": "user", "content": CARDS[1][0]}]
     whole = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12,
                                            extra_body={"session": "streamer"})
-    pieces, finish = [], None
+    pieces, finish, usage = [], None, None
     for chunk in client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12, stream=True,
                                                 extra_body={"session": "streamer"}):
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
         if chunk.choices and chunk.choices[0].finish_reason:
             finish = chunk.choices[0].finish_reason
+        usage = chunk.usage or usage
     assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content
     assert finish == whole.choices[0].finish_reason
+    prompt = len(served[1].prompt_ids(messages))  # the whole chat-templated prompt, its cached preamble too
+    assert whole.usage.prompt_tokens == usage.prompt_tokens == prompt > len(served[1].preamble)
+    assert whole.usage.total_tokens == prompt + whole.usage.completion_tokens and usage == whole.usage
+    *_, last, usage_only = client.chat.completions.create(  # OpenAI's layout: usage in a chunk with no choice
+        model="tiny-llama", messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True},
+        extra_body={"session": "streamer"})
+    assert last.choices[0].finish_reason == finish and last.usage is None
+    assert usage_only.choices == [] and usage_only.usage == whole.usage
     assert whole.usage.completion_tokens == 12 or whole.choices[0].finish_reason == "stop"
+
+
+def test_openai_options_are_honoured_or_refused_never_ignored(served, acme):
+    """Greedy decoding: sampling options change nothing; options it cannot honour get a 400 naming them."""
+    client = openai.OpenAI(base_url=f"{served[0]}/v1", api_key="key-acme", max_retries=0)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    greedy = ask(acme, messages[0]["content"])
+    accepted = [{"temperature": 0.9, "top_p": 0.5, "seed": 7, "user": "u-1", "n": 1}, {"n": None, "stream": None},
+                {"response_format": {"type": "text"}, "tool_choice": "none", "logprobs": False, "top_logprobs": 0},
+                {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "modalities": ["text"]}]
+    for options in accepted:
+        r = acme.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, **options})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy, (options, r.text)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    refused = {"n": {"n": 2}, "logprobs": {"logprobs": True}, "tools": {"tools": [tool]},
+               "response_format": {"response_format": {"type": "json_object"}},
+               "logit_bias": {"logit_bias": {"5": 100}},
+               "frequency_penalty": {"frequency_penalty": 0.5}, "presence_penalty": {"presence_penalty": -1},
+               "audio": {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}}
+    for name, options in refused.items():
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=8, **options)
+        assert name in err.value.body["message"], (name, err.value.body)
+    r = acme.post("/v1/chat/completions", json={"messages": messages, "tool_choice": "required", "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("invalid request: logprobs, tools: ")
+
+
+def test_stop_texts_end_the_answer_where_the_first_begins(served, acme):
+    """OpenAI's `stop`: the answer is the greedy text up to the first stop text (excluded), finish_reason
+    "stop"; streamed pieces never show part of a stop text."""
+    client = openai.OpenAI(base_url=f"{served[0]}/v1", api_key="key-acme", max_retries=0)
+    messages = [{"role": "user", "content": "Describe the sea."}]
+    greedy = ask(acme, messages[0]["content"], max_tokens=24)
+    n = len(greedy)
+    assert n > 12
+    for stop in (greedy[n // 2 : n // 2 + 4], [greedy[-4:], greedy[3:6]], ["never in the answer"]):
+        stops = [stop] if isinstance(stop, str) else stop
+        found = [greedy.find(s) for s in stops if s in greedy]
+        expected = greedy[: min(found)] if found else greedy  # the first occurrence of any of them ends it
+        whole = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=24, stop=stop)
+        assert whole.choices[0].message.content == expected, stop
+        assert whole.choices[0].finish_reason == ("length" if expected == greedy else "stop")
+        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="tiny-llama", messages=messages, max_tokens=24, stop=stop, stream=True) if c.choices]
+        assert "".join(pieces) == expected
+    for bad in ([], [""], ["a", "b", "c", "d", "e"]):
+        r = acme.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4, "stop": bad})
+        assert r.status_code == (200 if bad == [] else 400), (bad, r.text)
+
+
+def test_a_completion_whose_client_left_is_never_generated(served):
+    """A non-streaming client that disconnects while its completion waits for the decode thread: the
+    completion is dropped, not generated for nobody (and the decode thread goes on)."""
+    url, service = served
+    gate, generated = threading.Event(), service.metrics.counters["generated_tokens_total"]
+    blocker = service.batcher.submit([Row(service.prompt_ids([{"role": "user", "content": "Hold on."}]), None, 4,
+                                          on_text=lambda text: gate.wait(60))])  # the decode thread waits on it
+    left = service.metrics.counters["requests_total"]
+    key = (("code", "499"), ("route", "/v1/chat/completions"))
+    before, tokens = left[key], generated[()]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(f"{url}/v1/chat/completions", headers=ACME, timeout=1,
+                   json={"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 64})
+    deadline = time.monotonic() + 30
+    while left[key] == before:  # the server saw the disconnect
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    gate.set()
+    assert blocker.future.result(timeout=60)[0].tokens <= 4
+    with httpx.Client(base_url=url, headers=ACME, timeout=120) as client:
+        assert ask(client, "Still there?", max_tokens=3)
+    assert generated[()] - tokens <= 4 + 3  # the blocker and the last answer, nothing for the client that left
+
+
+def test_removing_a_session_mid_batch_fails_its_answer_and_leaves_the_others_streams_whole(served, acme):
+    """A session removed while its answer streams in a batch with another session's: its answer fails
+    (session_gone); the other's stream is its answer once, exactly as asked alone (the batch is not redone)."""
+    _, service = served
+    for s in ("leaving", "staying"):
+        create(acme, s)
+    remember(acme, "staying", CARDS[1:])
+    messages = [{"role": "user", "content": "Tell me about the library."}]
+    alone = ask(acme, messages[0]["content"], "staying", max_tokens=24)
+    gate, first = threading.Event(), threading.Event()
+    blocker = service.batcher.submit([Row(service.prompt_ids(messages), None, 2, on_text=lambda t: gate.wait(60))])
+    pieces = []
+    leaving = service.answer("acme", "leaving", messages, 24, on_text=lambda t: first.set())
+    staying = service.answer("acme", "staying", messages, 24, on_text=pieces.append)
+    gate.set()  # both run in the next batch
+    blocker.future.result(timeout=60)
+    assert first.wait(60)
+    remove = threading.Thread(target=service.remove, args=("acme", "leaving"))
+    remove.start()
+    with pytest.raises(SessionGoneError):
+        leaving.future.result(timeout=60)
+    assert staying.future.result(timeout=60)[0].text == "".join(pieces) == alone
+    remove.join(timeout=60)
+    assert acme.get("/v1/sessions/leaving").status_code == 404
 
 
 def test_flashcard_prompts_share_a_cached_prefix_in_mixed_batches(served, acme):
@@ -490,6 +598,26 @@ class _StaleFirstCheck:
         return getattr(self.pool, name)
 
 
+def test_a_card_that_cannot_be_trained_fails_its_own_write_only(served, acme, globex):
+    """Two sessions' writes in one batch, one of them with a card whose answer alone is over max_length
+    (e.g. resumed from a store an older server wrote; the API refuses such a card): the other commits."""
+    _, service = served
+    create(acme, "overlong")
+    create(globex, "neighbour")
+    bad, good = service.get("acme", "overlong"), service.get("globex", "neighbour")
+    with bad.busy, good.busy:  # the write thread cannot take either until both are queued
+        with bad.lock:
+            bad_job = bad.remember([("What is this?", "\U0001f436" * 400)])
+        service.writer.submit(bad, [bad_job])
+        good_job = service.remember("globex", "neighbour", CARDS[:1])
+    service.writer.wake()
+    assert good_job.done.result(timeout=120)["error"] is None
+    assert "flashcard too long" in bad_job.done.result(timeout=120)["error"]
+    assert globex.get("/v1/sessions/neighbour/memories").json()["data"] == [{"question": CARDS[0][0],
+                                                                           "answer": CARDS[0][1]}]
+    assert acme.get("/v1/sessions/overlong").json()["rollbacks"] == 1
+
+
 def test_tenants_cannot_reach_each_others_sessions(served, acme, globex):
     create(acme, "secret")
     assert remember(acme, "secret", CARDS[:1]).json()["status"] == "committed"
@@ -511,7 +639,8 @@ def test_tenants_cannot_reach_each_others_sessions(served, acme, globex):
     assert "secret" not in [s["id"] for s in globex.get("/v1/sessions").json()["data"]]
     create(globex, "secret")  # the same id in another tenant is another session
     assert globex.get("/v1/sessions/secret/memories").json()["data"] == []
-    assert acme.get("/v1/sessions/secret").json() == before
+    after = acme.get("/v1/sessions/secret").json()
+    assert {**after, "store_bytes": 0} == {**before, "store_bytes": 0}  # (a lease renewal rewrites lease.json's expiry)
     assert acme.get("/v1/sessions/secret/memories").json()["data"] == [{"question": CARDS[0][0], "answer": CARDS[0][1]}]
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-acme"}):
         r = httpx.get(f"{served[0]}/v1/sessions/secret", headers=headers)
@@ -533,7 +662,11 @@ def test_bad_input_gets_a_clear_4xx(served, acme):
         (acme.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 700}]}), 400),
         (acme.post("/v1/chat/completions", json={**chat, "session": "nobody"}), 404),
         (acme.post("/v1/chat/completions", json={**chat, "session": "../../etc"}), 400),
+        (acme.post("/v1/chat/completions", json={**chat, "session": ""}), 400),
+        (acme.post("/v1/chat/completions", json=chat, headers={"X-Tmem-Session": ""}), 400),
         (acme.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 70_000}]}), 413),
+        (acme.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                   headers={"content-type": "application/json"}), 400),  # a lone surrogate: no text to tokenize
         (acme.post("/v1/sessions", json={"id": "has space"}), 400),
         (acme.post("/v1/sessions", json={"id": 7}), 400),
         (acme.get("/v1/sessions/" + "x" * 200), 400),
@@ -543,6 +676,8 @@ def test_bad_input_gets_a_clear_4xx(served, acme):
         (acme.post("/v1/sessions/sturdy/memories", json={"memories": []}), 400),
         (acme.post("/v1/sessions/sturdy/memories", json={"memories": [{"question": "q"}]}), 400),
         (acme.post("/v1/sessions/sturdy/memories", json={"memories": [{"question": " ", "answer": " "}]}), 400),
+        (acme.post("/v1/sessions/sturdy/memories", json={"memories": [{"question": "q", "answer": "🐶" * 400}]}),
+         400),  # ~1200 answer tokens: no training example of max_length holds it
         (acme.post("/v1/sessions/nobody/memories", json={"memories": [{"question": "q", "answer": "a"}]}), 404),
         (acme.post("/v1/sessions/nobody/messages", json={"messages": [{"content": "hello there"}]}), 404),
         (acme.delete("/v1/sessions/nobody"), 404),
@@ -553,8 +688,49 @@ def test_bad_input_gets_a_clear_4xx(served, acme):
         assert response.json()["error"]["message"], response.text
     assert "max_tokens" in cases[6][0].json()["error"]["message"]
     assert "window" in cases[8][0].json()["error"]["message"]
-    assert acme.get("/v1/sessions/sturdy").json()["turns"] == 0  # nothing half-applied
+    for headers in ({"content-type": "text/plain"}, {"content-type": ""}):  # e.g. curl -d without -H content-type
+        r = acme.post("/v1/sessions/sturdy/messages", content=b'{"messages": [{"content": "hello"}]}', headers=headers)
+        assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
+    sturdy = acme.get("/v1/sessions/sturdy").json()
+    assert (sturdy["turns"], sturdy["pending_writes"], sturdy["rollbacks"]) == (0, 0, 0)  # nothing half-applied
     assert ask(acme, "still alive?", "sturdy")
+
+
+def test_an_unexpected_error_is_a_counted_json_500_on_a_connection_that_stays_open(served, monkeypatch):
+    url, service = served
+
+    def broken(tenant: str, session: str) -> dict:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(service, "stats", broken)
+    errors = service.metrics.counters["requests_total"]
+    key = (("code", "500"), ("route", "/v1/sessions/{session}"))
+    before = errors[key]
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:  # two requests on one keep-alive connection
+        replies = []
+        for path in ("/v1/sessions/anyone", "/health"):
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-acme\r\n\r\n".encode())
+            replies.append(_read_response(s))
+    (status, body), (health, _) = replies
+    assert status == 500 and json.loads(body)["error"] == {"message": "internal error: RuntimeError",
+                                                           "type": "server_error", "code": None}
+    assert health == 200 and errors[key] == before + 1
+
+
+def _read_response(s: socket.socket) -> tuple[int, bytes]:
+    """(status, body) of one HTTP/1.1 response with a content-length, read from a socket (0, b"" if it closed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return 0, b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += s.recv(65536)
+    return int(head.split()[1]), body
 
 
 # ---------------------------------------------------------------------------------------------- store
@@ -580,6 +756,20 @@ def test_store_commit_is_atomic(tmp_path):
     assert sorted(f.name for f in d.iterdir()) == [".lock", "state.json", weights.name]
     with pytest.raises(ValueError):
         store.session_dir("t", "../escape")
+
+
+def test_the_longest_ids_name_sessions_and_longer_ones_get_400(served, acme):
+    """Ids are stored hex-encoded, one file name each: the longest valid id must still fit one (255 bytes)."""
+    longest = "L" * MAX_ID_LENGTH
+    assert create(acme, longest)["id"] == longest
+    assert remember(acme, longest, CARDS[:1]).json()["status"] == "committed"
+    assert acme.get(f"/v1/sessions/{longest}").json()["memories"] == 1
+    assert longest in [s["id"] for s in acme.get("/v1/sessions").json()["data"]]
+    store = Store(served[1].store.root)
+    store.create("t" * MAX_ID_LENGTH, longest)
+    assert store.sessions("t" * MAX_ID_LENGTH) == [longest]
+    for response in (acme.post("/v1/sessions", json={"id": longest + "L"}), acme.get(f"/v1/sessions/{longest}L")):
+        assert response.status_code == 400 and f"1-{MAX_ID_LENGTH} characters" in response.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------------------------------------- processes

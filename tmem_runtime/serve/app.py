@@ -27,15 +27,16 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tmem_runtime.serve.batcher import Request as BatchRequest
 from tmem_runtime.serve.batcher import RowResult
 from tmem_runtime.serve.service import (
     LeaseHeldError,
@@ -67,15 +68,26 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] = Field(max_length=100_000)
+    content: Annotated[str, Field(max_length=100_000)] | Annotated[list[ContentPart], Field(max_length=256)]
     name: str | None = Field(None, max_length=64)
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+StopText = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool | None = None  # usage in a last chunk of its own (no choice), as OpenAI sends it
+
+
 class ChatRequest(BaseModel):
-    """OpenAI's chat completion body; sampling fields are accepted and ignored (decoding is greedy)."""
+    """OpenAI's chat completion body. Decoding is greedy: temperature, top_p and seed are accepted and
+    change nothing; `stop` (up to 4 texts) ends the answer where the first of them begins; what greedy
+    decoding of text cannot honour (several choices, logprobs, tools, a JSON response format, logit
+    bias, penalties, audio) is refused (400), never ignored. Any option may be null (as absent)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -83,8 +95,40 @@ class ChatRequest(BaseModel):
     session: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
+    stream: bool | None = False
+    n: int | None = Field(None, ge=1, le=1)
+    stream_options: StreamOptions | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
+    logprobs: bool | None = None  # the options below are refused unless absent, null or neutral
+    top_logprobs: int | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    logit_bias: dict | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    modalities: list[str] | None = None
+    audio: dict | None = None
+
+    @model_validator(mode="after")
+    def _honourable(self) -> ChatRequest:
+        no_tools = (None, "none", "auto")
+        asked = {
+            "logprobs": bool(self.logprobs or self.top_logprobs),
+            "tools": bool(self.tools or self.functions) or self.tool_choice not in no_tools
+            or self.function_call not in no_tools,
+            "response_format": (self.response_format or {}).get("type", "text") != "text",
+            "logit_bias": bool(self.logit_bias),
+            "frequency_penalty": bool(self.frequency_penalty),
+            "presence_penalty": bool(self.presence_penalty),
+            "audio": self.audio is not None or any(m != "text" for m in self.modalities or ()),
+        }
+        if any(asked.values()):
+            refused = ", ".join(name for name, given in asked.items() if given)
+            raise ValueError(f"{refused}: not supported by this server (greedy decoding of text)")
+        return self
 
 
 class Turn(BaseModel):
@@ -193,7 +237,10 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
 
     @app.middleware("http")
     async def count(request: Request, call_next):
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # unexpected: answered (and counted) here, as Starlette's last resort would close
+            response = _respond(_as_api_error(exc))  # the connection after its 500
         route = request.scope.get("route")
         service.metrics.inc("requests_total", route=getattr(route, "path", "unmatched"), code=str(response.status_code))
         return response
@@ -267,9 +314,10 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
         return {"object": "list", "data": [{"question": q, "answer": a} for q, a in cards]}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, t: str = Depends(tenant), x_tmem_session: str | None = Header(None)):
-        sid = body.session or x_tmem_session
-        sid = None if sid is None else session_id(sid)
+    async def chat(body: ChatRequest, http: Request, t: str = Depends(tenant),
+                   x_tmem_session: str | None = Header(None)):
+        sid = body.session if body.session is not None else x_tmem_session
+        sid = None if sid is None else session_id(sid)  # "" is an invalid id, never the bare model
         max_tokens = body.max_completion_tokens or body.max_tokens or min(cfg.max_tokens, 128)
         if max_tokens > cfg.max_tokens:
             raise ApiError(400, f"max_tokens={max_tokens} is over this server's limit of {cfg.max_tokens}")
@@ -278,16 +326,17 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
         pieces: asyncio.Queue = asyncio.Queue()
         on_text = (lambda s: loop.call_soon_threadsafe(pieces.put_nowait, s)) if body.stream else None
         t0 = time.perf_counter()
-        request = await run_in_threadpool(service.answer, t, sid, messages, max_tokens, on_text)
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        request = await run_in_threadpool(service.answer, t, sid, messages, max_tokens, on_text, stop)
         completion = _Completion(model_name, sid)
+        prompt_tokens = len(request.prefix) + len(request.rows[0].ids)  # the cached chat preamble is in the prompt
         if not body.stream:
-            try:
-                result = (await _settled(request.future))[0]
-            except asyncio.CancelledError:  # the client went away: its row stops at the next token
-                request.cancelled.set()
-                raise
+            results = await _unless_disconnected(request, http)
+            if results is None:
+                return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+            result = results[0]
             _count_answer(service, result, t0)
-            return completion.response(result, len(request.rows[0].ids))
+            return completion.response(result, prompt_tokens)
         request.future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, None))
 
         async def events() -> AsyncIterator[str]:
@@ -301,10 +350,15 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
                     yield f"data: {json.dumps(_error_body(_as_api_error(exc)))}\n\n"
                 else:
                     _count_answer(service, result, t0)
-                    yield completion.chunk({}, result.finish_reason, result, len(request.rows[0].ids))
+                    if body.stream_options is not None and body.stream_options.include_usage:
+                        yield completion.chunk({}, result.finish_reason)  # then OpenAI's usage chunk: no choice
+                        yield completion.chunk(None, None, result, prompt_tokens)
+                    else:
+                        yield completion.chunk({}, result.finish_reason, result, prompt_tokens)
                 yield "data: [DONE]\n\n"
-            finally:
-                request.cancelled.set()  # the client went away mid-stream: its row stops at the next token
+            finally:  # the client went away mid-stream: its row stops at the next token (or never runs)
+                request.cancelled.set()
+                request.future.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -328,11 +382,12 @@ class _Completion:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": result.finish_reason, "logprobs": None}]}
 
-    def chunk(self, delta: dict, finish: str | None = None, result: RowResult | None = None,
+    def chunk(self, delta: dict | None, finish: str | None = None, result: RowResult | None = None,
               prompt_tokens: int = 0) -> str:
+        """One SSE event: the choice's `delta` (None: no choice, as OpenAI's usage chunk), with usage if `result`."""
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "session": self.session,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                "session": self.session, "choices": choices}
         if result is not None:
             body["usage"] = self._usage(result, prompt_tokens)
         return f"data: {json.dumps(body)}\n\n"
@@ -345,6 +400,28 @@ def _count_answer(service: MemoryService, result: RowResult, t0: float) -> None:
 
 async def _settled(future):
     return await asyncio.wrap_future(future)
+
+
+async def _unless_disconnected(request: BatchRequest, http: Request) -> list[RowResult] | None:
+    """The request's results, or None if the client disconnects first: the request is then cancelled
+    (never batched if it still waits; else its rows stop at their next token)."""
+    answer = asyncio.wrap_future(request.future)
+    gone = asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if answer.done():
+        return answer.result()
+    request.cancelled.set()
+    answer.cancel()  # cancels the request's future too while it waits in the queue
+    return None
+
+
+async def _disconnected(http: Request) -> None:
+    """Returns once the client has disconnected (the body has been read: all that comes is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _digest(key: str) -> str:
@@ -373,25 +450,28 @@ def _error_body(err: ApiError) -> dict:
     return {"error": {"message": err.message, "type": err.kind, "code": err.code}}
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    def respond(err: ApiError) -> JSONResponse:
-        return JSONResponse(_error_body(err), status_code=err.status, headers=dict(err.headers or {}))
+def _respond(err: ApiError) -> JSONResponse:
+    return JSONResponse(_error_body(err), status_code=err.status, headers=dict(err.headers or {}))
 
+
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
         for e in exc.errors()[:5]:
             where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-        return respond(ApiError(400, "invalid request: " + "; ".join(parts)))
+            msg = str(e.get("msg")).removeprefix("Value error, ")  # a validator's own ValueError
+            if tuple(e.get("loc", ())) == ("body",) and e.get("type") == "model_attributes_type":  # not an object,
+                msg = "the body must be a JSON object, sent with Content-Type: application/json"  # or not read as JSON
+            parts.append(f"{where}: {msg}" if where else msg)
+        return _respond(ApiError(400, "invalid request: " + "; ".join(parts)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return respond(ApiError(exc.status_code, str(exc.detail), "invalid_request_error"))
+        return _respond(ApiError(exc.status_code, str(exc.detail), "invalid_request_error"))
 
     async def known(request: Request, exc: Exception) -> JSONResponse:
-        return respond(_as_api_error(exc))
+        return _respond(_as_api_error(exc))
 
-    for kind in (ApiError, UnknownSessionError, SessionExistsError, LeaseHeldError, SessionGoneError, ValueError,
-                 Exception):
+    for kind in (ApiError, UnknownSessionError, SessionExistsError, LeaseHeldError, SessionGoneError, ValueError):
         app.add_exception_handler(kind, known)

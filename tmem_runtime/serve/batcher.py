@@ -40,6 +40,7 @@ from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.worker import Worker
 
 ANSWER, CARDS = 0, 1  # request priorities: answers are batched before flashcard prompts
+GONE = "the session was released or removed; retry the request"
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Row:
     max_tokens: int
     stop_at_newline: bool = False
     on_text: Callable[[str], None] | None = None
+    stop: tuple[str, ...] = ()  # the row ends where the first of these begins in its text (OpenAI's `stop`)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Request:
     prefix: tuple[int, ...] = ()  # every row's ids follow these (rows of one session, or bare rows)
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)  # e.g. the client went away
+    gone: bool = False  # a session it reads was unloaded while it ran: it fails (SessionGoneError)
     queued_at: float = field(default_factory=time.monotonic)
     prefilled: int = 0  # prompt tokens run through the model for it: its prefix only when not found cached
 
@@ -76,10 +79,11 @@ class RowProgress:
 
     `stop(i)` is row i's stop function for `greedy_generate` (called with the row's new tokens after
     each token): it ends the row at its newline (one-line rows: the new token is one of `line_ids`,
-    the tokens whose text holds a newline), its token limit, or a cancelled request, and hands a
-    streaming row's new text to its `on_text`. `close(i, tokens)` settles a row the decoder ended
-    itself (an end-of-turn token, or the batch's token limit). Only streaming rows are decoded at
-    every step; the others once, when they end.
+    the tokens whose text holds a newline), at one of its stop texts (its text is cut where that
+    begins), its token limit, or a cancelled request, and hands a streaming row's new text to its
+    `on_text` (holding back an end that may still become a stop text). `close(i, tokens)` settles a
+    row the decoder ended itself (an end-of-turn token, or the batch's token limit). Only streaming
+    rows and rows with stop texts are decoded at every step; the others once, when they end.
     """
 
     def __init__(self, rows: Sequence[Row], owners: Sequence[Request], tokenizer: PreTrainedTokenizerBase,
@@ -96,14 +100,18 @@ class RowProgress:
     def _step(self, i: int, tokens: list[int]) -> bool:
         row = self.rows[i]
         self.tokens[i] = len(tokens)
+        text = self._decode(i, tokens) if row.stop or row.on_text is not None else None
+        end = _stop_index(text, row.stop) if row.stop else None
         if row.stop_at_newline and tokens and tokens[-1] in self.line_ids:  # a one-line row: its first line is final
             self._finish(i, "stop", tokens)
+        elif end is not None:
+            self._finish(i, "stop", tokens, text[:end])
         elif len(tokens) >= row.max_tokens or self.owners[i].cancelled.is_set():
-            self._finish(i, "length", tokens)
+            self._finish(i, "length", tokens, text)
         elif row.on_text is not None:
-            self.text[i] = self._decode(i, tokens)
-            if not self.text[i].endswith("\ufffd"):  # hold back a partial UTF-8 character
-                self._emit(i)
+            self.text[i] = text
+            if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+                self._emit(i, held=_stop_overlap(text, row.stop))
         return self.done[i]
 
     def close(self, i: int, tokens: list[int]) -> None:
@@ -118,19 +126,33 @@ class RowProgress:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return text.split("\n")[0] if self.rows[i].stop_at_newline else text
 
-    def _finish(self, i: int, reason: str, tokens: list[int]) -> None:
-        self.text[i] = self._decode(i, tokens)
+    def _finish(self, i: int, reason: str, tokens: list[int], text: str | None = None) -> None:
+        """End row i with `text` (None: its tokens' text)."""
+        self.text[i] = self._decode(i, tokens) if text is None else text
         self.done[i], self.reason[i] = True, reason
         self._emit(i)
 
-    def _emit(self, i: int) -> None:
-        delta = self.text[i][self.sent[i] :]
-        self.sent[i] = len(self.text[i])
+    def _emit(self, i: int, held: int = 0) -> None:
+        """Hand row i's text not yet sent, but for its last `held` characters, to its `on_text`."""
+        end = max(self.sent[i], len(self.text[i]) - held)
+        delta = self.text[i][self.sent[i] : end]
+        self.sent[i] = end
         if delta and self.rows[i].on_text is not None:
             self.rows[i].on_text(delta)
 
     def result(self, i: int) -> RowResult:
         return RowResult(self.text[i], self.tokens[i], self.reason[i])
+
+
+def _stop_index(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first of `stops` to occur in `text` begins (None: none occurs)."""
+    found = [k for k in (text.find(s) for s in stops) if k >= 0]
+    return min(found) if found else None
+
+
+def _stop_overlap(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of `text` begin one of `stops` (the next tokens may complete it)."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 class AnswerBatcher(Worker):
@@ -148,6 +170,7 @@ class AnswerBatcher(Worker):
         self.metrics, self.max_rows, self.max_sessions, self.naive = metrics, max_rows, max_sessions, naive
         self.model_lock = model_lock
         self.queue: list[Request] = []
+        self.generating: list[Request] = []  # the batch being generated (guarded by cond)
         self.prefixes: OrderedDict[tuple, Prefix] = OrderedDict()  # (ids, session, version) -> keys/values
         self.prefix_cache = prefix_cache
         self.cores = cores or CoreLoan(1, enabled=False)
@@ -169,7 +192,8 @@ class AnswerBatcher(Worker):
 
     def _take(self) -> list[Request]:
         """Waiting requests for one batch (called with the condition held): the oldest (nothing waits
-        forever), then answers before flashcard prompts."""
+        forever), then answers before flashcard prompts. Those whose future was cancelled while they
+        waited are dropped; the others' futures are marked running (cancel() no longer takes)."""
         oldest = min(self.queue, key=lambda r: r.queued_at)
         order = [oldest] + sorted((r for r in self.queue if r is not oldest), key=lambda r: (r.priority, r.queued_at))
         taken, rows, sessions = [], 0, set()
@@ -182,7 +206,7 @@ class AnswerBatcher(Worker):
         for r in taken:
             self.queue.remove(r)
         self.metrics.set_gauge("queue_depth", self.depth(), queue="answer")
-        return taken
+        return [r for r in taken if r.future.set_running_or_notify_cancel()]  # a cancelled one is never run
 
     def _loop(self) -> None:
         while True:
@@ -190,7 +214,8 @@ class AnswerBatcher(Worker):
                 self.cond.wait_for(lambda: self.queue or not self.running)
                 if not self.running:
                     for r in self.queue:
-                        r.future.set_exception(RuntimeError("the server is shutting down"))
+                        if r.future.set_running_or_notify_cancel():
+                            r.future.set_exception(RuntimeError("the server is shutting down"))
                     return
                 batch = self._take()
             self._run(batch)
@@ -217,24 +242,50 @@ class AnswerBatcher(Worker):
             self.prefixes.popitem(last=False)
         return self.prefixes[key]
 
+    def unload(self, session: str, close: Callable[[], None]) -> None:
+        """Call `close` (which unloads `session` from the pool) once no batch reads it: rows of the running
+        batch that read it stop at their next token and their requests fail (SessionGoneError); no new
+        batch starts until `close` returns. Never call it on the decode thread."""
+        with self.cond:
+            reading = [r for r in self.generating if any(row.session == session for row in r.rows)]
+            for r in reading:
+                r.gone = True
+                r.cancelled.set()
+            self.cond.wait_for(lambda: not any(r in self.generating for r in reading))
+            close()
+
     def _run(self, batch: list[Request]) -> None:
-        """Generate a batch; requests naming a session no longer in the pool fail alone (SessionGoneError)."""
+        """Generate a batch (`generating` meanwhile: see `unload`); requests naming a session no longer in
+        the pool fail alone (SessionGoneError)."""
+        with self.cond:
+            self.generating = batch
+        try:
+            self._run_batch(batch)
+        finally:
+            with self.cond:
+                self.generating = []
+                self.cond.notify_all()
+
+    def _run_batch(self, batch: list[Request]) -> None:
         while batch:
             gone = [r for r in batch if any(row.session is not None and row.session not in self.pool for row in r.rows)]
             for r in gone:
-                r.future.set_exception(SessionGoneError("the session was released or removed; retry the request"))
+                r.future.set_exception(SessionGoneError(GONE))
             batch = [r for r in batch if r not in gone]
             try:
                 with self.cores.decoding(), self.model_lock or nullcontext():
                     results = self._generate(batch) if batch else []
-            except UnknownSessionError:  # unloaded between the check and the batch: check again
+            except UnknownSessionError:  # unloaded other than by `unload`: check again
                 continue
             except Exception as exc:  # a failed batch fails its requests, never the thread
                 for r in batch:
                     r.future.set_exception(exc)
                 return
             for r, res in zip(batch, results):
-                r.future.set_result(res)
+                if r.gone:
+                    r.future.set_exception(SessionGoneError(GONE))
+                else:
+                    r.future.set_result(res)
             return
 
     def _generate(self, batch: list[Request]) -> list[list[RowResult]]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +34,7 @@ from tmem_runtime.serve.conversation import Card, Conversation, SessionGoneError
 from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.store import LeaseHeldError, SessionExistsError, Store
-from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter
+from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter, check_cards
 
 MIN_CACHED_PREFIX = 8  # an answer's chat preamble shorter than this is prefilled with the rest of its prompt
 
@@ -185,7 +185,9 @@ class MemoryService:
         return summary, jobs
 
     def remember(self, tenant: str, session: str, cards: list[Card]) -> WriteJob:
-        """Queue explicit flashcards as one write (persisted as pending before this returns)."""
+        """Queue explicit flashcards as one write (persisted as pending before this returns); ValueError
+        if a card cannot be trained (its answer alone is longer than the recipe's max_length tokens)."""
+        check_cards(self.tokenizer, cards, self.config.recipe)
         conv = self.get(tenant, session)
         with conv.lock:
             self._check_active(conv)
@@ -242,8 +244,8 @@ class MemoryService:
                 del self.convs[(conv.tenant, conv.session)]
         _abandon(list(conv.jobs), "the session moved to another server or was removed")
         while conv.pool_id in self.pool:
-            try:
-                self.pool.close(conv.pool_id)
+            try:  # once no answer batch reads it (its rows there stop and fail), so no other row's batch is redone
+                self.batcher.unload(conv.pool_id, lambda: self.pool.close(conv.pool_id))
             except residency.UnknownSessionError:  # another drop (renewer, persist, unload) closed it first
                 break
             except FastWeightsError:  # a running batch reads it: wait for the batch to end
@@ -284,9 +286,10 @@ class MemoryService:
         return self.generator.encode(self.generator.chat_prompt(messages))
 
     def answer(self, tenant: str, session: str | None, messages: list[dict[str, str]], max_tokens: int,
-               on_text: Callable[[str], None] | None = None) -> Request:
-        """Queue a chat completion reading `session`'s fast weights (None: the bare model). ValueError if
-        the prompt and max_tokens do not fit the model's window."""
+               on_text: Callable[[str], None] | None = None, stop: Sequence[str] = ()) -> Request:
+        """Queue a chat completion reading `session`'s fast weights (None: the bare model), ending where
+        the first of the `stop` texts begins. ValueError if the prompt and max_tokens do not fit the
+        model's window."""
         conv = self.get(tenant, session) if session is not None else None
         ids = self.prompt_ids(messages)
         if len(ids) + max_tokens > self.generator.window:
@@ -296,7 +299,8 @@ class MemoryService:
             self._check_active(conv)
         p = self.preamble
         prefix = p if len(p) >= MIN_CACHED_PREFIX and len(ids) > len(p) and ids[: len(p)] == p else []
-        row = Row(ids[len(prefix) :], None if conv is None else conv.pool_id, max_tokens, on_text=on_text)
+        row = Row(ids[len(prefix) :], None if conv is None else conv.pool_id, max_tokens, on_text=on_text,
+                  stop=tuple(stop))
         return self.batcher.submit([row], prefix=prefix)
 
     # ---------------------------------------------------------------- metrics

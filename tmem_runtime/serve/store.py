@@ -10,7 +10,8 @@ Every file is replaced atomically (temp file, fsync, rename). A write's commit p
 of state.json naming the new weights file: a server killed before it restarts from the previous
 state.json and its weights file, one killed after it from the new ones. Weights files that no
 state.json names (left by such a kill) are removed when the session is next loaded. Ids are
-checked against ID_PATTERN and stored hex-encoded, so no id can name a path outside its tenant.
+checked against ID_PATTERN and stored hex-encoded, so no id can name a path outside its tenant; an id
+is at most MAX_ID_LENGTH characters, so its hex name fits a file name (255 bytes on common filesystems).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 
 from tmem_runtime.adapter_file import atomic_write
 
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
+MAX_ID_LENGTH = 127  # hex-encoded: 254 bytes, under NAME_MAX (255)
+ID_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{MAX_ID_LENGTH - 1}}}")
 STATE_VERSION = 1
 
 
@@ -48,7 +50,7 @@ def check_id(kind: str, value: str) -> str:
     """`value` if it is a valid tenant or session id, else a ValueError saying what is allowed."""
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise ValueError(
-            f"invalid {kind} id {value!r}: 1-128 characters of letters, digits and _ . : @ -, "
+            f"invalid {kind} id {value!r}: 1-{MAX_ID_LENGTH} characters of letters, digits and _ . : @ -, "
             "starting with a letter or digit"
         )
     return value

@@ -26,16 +26,24 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.write_formats import write_flashcards
+from tmem_runtime.examples import qa_example
 from tmem_runtime.pool import SessionPool
 from tmem_runtime.recipes import Recipe
 from tmem_runtime.serve.batcher import CARDS, AnswerBatcher, Row
-from tmem_runtime.serve.conversation import Conversation, SessionGoneError, WriteJob
+from tmem_runtime.serve.conversation import Card, Conversation, SessionGoneError, WriteJob
 from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.worker import Worker
 from tmem_runtime.sessions import WriteError
 
 logger = logging.getLogger("tmem.serve")
+
+
+def check_cards(tokenizer: PreTrainedTokenizerBase, cards: Sequence[Card], recipe: Recipe) -> None:
+    """ValueError naming the first card that cannot be trained: its answer alone does not fit
+    `recipe.max_length` tokens (a longer question is cut to fit, as the write does)."""
+    for question, answer in cards:
+        qa_example(tokenizer, question, answer, max_length=recipe.max_length)
 
 
 class DecodeThreadGenerator(Generator):
@@ -160,13 +168,17 @@ class MemoryWriter(Worker):
             self._train_and_commit(picks)
 
     def _train_and_commit(self, picks: list[tuple[Conversation, WriteJob]]) -> None:
-        pairs = {}
+        pairs, errors = {}, {}
         for conv, job in picks:
             with conv.lock:
                 replayed = random.Random(job.trigger).sample(conv.written, min(self.replay, len(conv.written)))
             pairs[conv.pool_id] = list(job.cards) + replayed if job.cards else []
-        train = {pid: p for pid, p in pairs.items() if p}
-        losses, errors = {}, {}
+            try:  # a card that cannot be trained fails its own write, not the batch's other sessions'
+                check_cards(self.tokenizer, job.cards or [], self.recipe)
+            except ValueError as exc:
+                errors[conv.pool_id] = exc
+        train = {pid: p for pid, p in pairs.items() if p and pid not in errors}
+        losses = {}
         t0 = time.perf_counter()
         self.metrics.set_gauge("writes_training", len(train))
         steps_before = dict(self.cores.steps)
@@ -176,9 +188,10 @@ class MemoryWriter(Worker):
                 on_step = self.cores.after_step if self.cores.enabled else None  # (it reads each step's loss)
                 losses = self.pool.write_qa_many(self.tokenizer, train, recipe=self.recipe, on_step=on_step)
         except WriteError as exc:
-            losses, errors = exc.losses, exc.errors
+            losses = exc.losses
+            errors.update(exc.errors)
         except Exception as exc:  # e.g. a session closed under the write: every job of this batch fails
-            errors = dict.fromkeys(train, exc)
+            errors.update(dict.fromkeys(train, exc))
         finally:
             self.cores.training_done()
         if train:
