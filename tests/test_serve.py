@@ -257,6 +257,45 @@ def test_answers_go_on_while_a_write_trains(served, acme):
     assert ran["own"] >= 1 and ran["both"] >= 1  # those while one waited or decoded did not
 
 
+def test_a_stopping_server_stops_a_write_at_its_next_step_and_keeps_it_pending(tmp_path):
+    """SIGTERM (the ASGI shutdown calls service.stop) during a long CPU write: stop returns after one more
+    step, not after the write; the write is not committed, stays pending in the store, and a server
+    started on the store trains it."""
+    from tmem_runtime.recipes import Recipe
+
+    model, tokenizer = load_serving_model("tiny-llama")
+    long = Recipe(optimizer="adamw", lr=1e-3, epochs=2000, batch_size=16)  # 8,000 steps: minutes
+    service = MemoryService(model, tokenizer, Store(tmp_path), ServeConfig(capacity=4, max_write_sessions=2,
+                                                                           recipe=long))  # fmt: skip
+    service.start()
+    service.create("t", "s")
+    cards = [(f"What is item {i} of the list?", f"entry {i}") for i in range(64)]
+    job = service.remember("t", "s", cards)
+    steps = service.writer.cores.steps  # counted at each step's end
+    deadline = time.monotonic() + 60
+    while sum(steps.values()) < 3:  # the write is training
+        assert time.monotonic() < deadline, "the write never started"
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    service.stop()
+    stopped_in = time.monotonic() - t0
+    assert stopped_in < 5 and not service.writer.thread.is_alive()
+    assert sum(steps.values()) < 8000 and not job.done.done()
+    record, weights = Store(tmp_path).read("t", "s")
+    assert weights is None and len(record.pending) == 1 and not record.written
+    service.pool.detach()
+
+    service = MemoryService(model, tokenizer, Store(tmp_path), ServeConfig(capacity=4, max_write_sessions=2,
+                                                                           recipe=Recipe(epochs=1)))  # fmt: skip
+    service.start()  # reclaims its session (same server id) and resumes the pending write
+    deadline = time.monotonic() + 60
+    while service.stats("t", "s")["pending_writes"]:
+        assert time.monotonic() < deadline, "the resumed write never finished"
+        time.sleep(0.05)
+    assert service.stats("t", "s")["memories"] == len(cards)
+    service.stop()
+
+
 def openmp_max_threads() -> int | None:
     """omp_get_max_threads() of the calling thread, from the OpenMP runtime torch loaded (Linux), or None."""
     import ctypes

@@ -9,7 +9,9 @@ each with its replay sample (earlier cards, seeded by the trigger, as the agent'
 channel does), trained in one `pool.write_qa_many`; then, per session, the new weights file and
 state are committed to the store (`persist`) and only then does the job's future resolve. While a
 write trains, the decode thread keeps answering: the pool holds new batches back only for the
-commit's copy of the B rows.
+commit's copy of the B rows. A server stopping stops a CPU write at its next step, uncommitted: its
+jobs stay pending in the store and resume on restart (a GPU write is over in moments; its steps are
+never synced to check).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ from tmem_runtime.serve.worker import Worker
 from tmem_runtime.sessions import WriteError
 
 logger = logging.getLogger("tmem.serve")
+
+
+class WriteStopped(Exception):
+    """The server is stopping: the write ended at a step boundary, nothing committed."""
 
 
 def check_cards(tokenizer: PreTrainedTokenizerBase, cards: Sequence[Card], recipe: Recipe) -> None:
@@ -182,11 +188,14 @@ class MemoryWriter(Worker):
         t0 = time.perf_counter()
         self.metrics.set_gauge("writes_training", len(train))
         steps_before = dict(self.cores.steps)
+        stopped = False
         try:
             if train:
                 self.cores.before_training()
-                on_step = self.cores.after_step if self.cores.enabled else None  # (it reads each step's loss)
+                on_step = self._after_step if self.pool.device.type == "cpu" else None  # (it reads each loss)
                 losses = self.pool.write_qa_many(self.tokenizer, train, recipe=self.recipe, on_step=on_step)
+        except WriteStopped:
+            stopped = True
         except WriteError as exc:
             losses = exc.losses
             errors.update(exc.errors)
@@ -201,10 +210,19 @@ class MemoryWriter(Worker):
                 self.metrics.inc("write_steps_total", n - steps_before[cores], cores=cores)
         for conv, job in picks:
             try:
-                self._finish(conv, job, pairs[conv.pool_id], losses.get(conv.pool_id, []), errors.get(conv.pool_id))
+                if not stopped:  # (stopped: the jobs stay pending, in the store as they were)
+                    self._finish(conv, job, pairs[conv.pool_id], losses.get(conv.pool_id, []),
+                                 errors.get(conv.pool_id))  # fmt: skip
             finally:
                 conv.busy.release()
         self.metrics.set_gauge("writes_training", 0)
+
+    def _after_step(self, step: int, steps: int, loss: float) -> None:
+        """Each step of a CPU write: the core loan's turn, then WriteStopped if the server is stopping."""
+        if self.cores.enabled:
+            self.cores.after_step(step, steps, loss)
+        if not self.running:
+            raise WriteStopped
 
     def _finish(self, conv: Conversation, job: WriteJob, trained: list, losses: list[float],
                 error: Exception | None) -> None:
