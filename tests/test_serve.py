@@ -155,6 +155,9 @@ def test_health_models_and_metrics(served, acme):
         assert name in text, name
     samples = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
     assert all(len(ln.rsplit(" ", 1)) == 2 and float(ln.rsplit(" ", 1)[1]) >= 0 for ln in samples)
+    types = dict(ln.split()[2:4] for ln in text.splitlines() if ln.startswith("# TYPE"))
+    assert all(kind == "counter" for name, kind in types.items() if name.endswith("_total"))
+    assert types["tmem_trunk_rows_examples_total"] == "counter" and types["tmem_trunk_rows_bytes"] == "gauge"
     assert "metrics-probe" not in text and "acme" not in text  # no session or tenant names
 
 

@@ -26,7 +26,7 @@ HELP = {
     "open_sessions": "sessions loaded in this server (resident or offloaded)",
     "pool_capacity": "B rows of the engine",
     "trunk_rows_bytes": "bytes of examples' trunk outputs kept for later writes (replayed flashcards)",
-    "trunk_rows_examples": "examples whose trunk output a write read back (hits) or ran (misses), since start",
+    "trunk_rows_examples_total": "examples whose trunk output a write read back (hits) or ran (misses)",
     "writes_training": "sessions whose memory write is training or being persisted now",
     "requests_total": "HTTP requests by route template and status code",
     "generated_tokens_total": "tokens generated (answers and flashcards)",
@@ -59,7 +59,7 @@ class Histogram:
 
 
 class Metrics:
-    """Thread-safe counters (`inc`), gauges (`set_gauge`) and histograms (`observe`), with labels."""
+    """Thread-safe counters (`inc`, `set_total`), gauges (`set_gauge`) and histograms (`observe`), with labels."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -70,6 +70,11 @@ class Metrics:
     def inc(self, name: str, value: float = 1, **labels: str) -> None:
         with self._lock:
             self.counters[name][tuple(sorted(labels.items()))] += value
+
+    def set_total(self, name: str, value: float, **labels: str) -> None:
+        """A counter whose running total is kept elsewhere (e.g. the pool's): its value now."""
+        with self._lock:
+            self.counters[name][tuple(sorted(labels.items()))] = value
 
     def set_gauge(self, name: str, value: float, **labels: str) -> None:
         with self._lock:

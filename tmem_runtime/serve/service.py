@@ -311,7 +311,7 @@ class MemoryService:
         self.metrics.set_gauge("pool_capacity", c["capacity"])
         self.metrics.set_gauge("trunk_rows_bytes", c["trunk_rows_bytes"])
         for outcome in ("hits", "misses"):
-            self.metrics.set_gauge("trunk_rows_examples", c[f"trunk_rows_{outcome}"], outcome=outcome)
+            self.metrics.set_total("trunk_rows_examples_total", c[f"trunk_rows_{outcome}"], outcome=outcome)
         with self._lock:
             loaded = list(self.convs.values())
         self.metrics.set_gauge("queue_depth", sum(len(conv.jobs) for conv in loaded), queue="write")
