@@ -208,6 +208,16 @@ def test_messages_trigger_a_batched_write(served, acme):
     record, weights = service.store.read("acme", "chatty")
     assert weights is not None and weights.is_file() and record.written == [list(c) for c in expected]
     assert record.lines == ["DATE: 2 March 2021", "Nina: We fly to Lisbon in June for music."]
+    # write: true writes what the context holds now, under l_max (the end of a conversation)
+    r = acme.post("/v1/sessions/chatty/messages", json={"write": True, "wait": True}).json()
+    assert len(r["triggered"]) == 1 and [tuple(c) for c in r["writes_done"][0]["cards"]] == [
+        ("What did Nina say about We?", "music")]
+    assert r["writes"] == 2 and r["context_turns"] == 0 and r["context_tokens"] == 0
+    assert acme.post("/v1/sessions/chatty/messages", json={"write": True}).json()["triggered"] == []  # no turn
+    record, _ = service.store.read("acme", "chatty")
+    assert record.lines == [] and len(record.written) == 3
+    r = acme.post("/v1/sessions/chatty/messages", json={"messages": []})
+    assert r.status_code == 400 and "at least one turn" in r.json()["error"]["message"]
 
 
 def test_concurrent_sessions_share_batches_and_match_alone(served, acme, reference_model):

@@ -6,7 +6,7 @@
     GET    /v1/sessions                  the caller's sessions
     GET    /v1/sessions/{id}             counters: writes, cards, context tokens, pending writes, bytes
     DELETE /v1/sessions/{id}             reset (no memory, empty context); ?remove=true deletes it
-    POST   /v1/sessions/{id}/messages    append turns; crossing l_max queues a memory write
+    POST   /v1/sessions/{id}/messages    append turns; crossing l_max (or write: true) queues a memory write
     POST   /v1/sessions/{id}/memories    explicit flashcards, one write (waits for it unless wait=false)
     GET    /v1/sessions/{id}/memories    every flashcard trained into the session
     POST   /v1/sessions/{id}/release     hand the session to whichever server sharing the store asks next
@@ -145,9 +145,16 @@ class Turn(BaseModel):
 
 class MessagesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    messages: list[Turn] = Field(min_length=1, max_length=256)
+    messages: list[Turn] = Field(default_factory=list, max_length=256)
     date: str | None = Field(None, min_length=1, max_length=200)
+    write: bool = False  # then write the working context into memory now, whatever its length
     wait: bool = False
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> MessagesRequest:
+        if not self.messages and not self.write:
+            raise ValueError("messages needs at least one turn (or write: true, to write the context as it is)")
+        return self
 
 
 class Flashcard(BaseModel):
@@ -289,7 +296,8 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
     @app.post("/v1/sessions/{session}/messages")
     async def messages(session: str, body: MessagesRequest, t: str = Depends(tenant)) -> dict:
         sid = session_id(session)
-        summary, jobs = await run_in_threadpool(service.append, t, sid, [m.line() for m in body.messages], body.date)
+        summary, jobs = await run_in_threadpool(service.append, t, sid, [m.line() for m in body.messages], body.date,
+                                                body.write)  # fmt: skip
         out = {"id": sid, **summary, "triggered": [j.id for j in jobs]}
         if body.wait and jobs:
             out["writes_done"] = [await _settled(j.done) for j in jobs]

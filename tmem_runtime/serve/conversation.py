@@ -113,8 +113,10 @@ class Conversation:
         self.seq, self.weights = record.seq, record.weights
 
     # ---------------------------------------------------------------- what clients add
-    def append(self, turns: list[str], date: str | None = None) -> list[WriteJob]:
-        """Add turns (one line each) under an optional DATE line; returns the writes they triggered."""
+    def append(self, turns: list[str], date: str | None = None, write: bool = False) -> list[WriteJob]:
+        """Add turns (one line each) under an optional DATE line; write: then write what the working
+        context holds (the agent's end-of-conversation write; nothing if it holds no turn). Returns the
+        writes this triggered."""
         before = len(self.jobs)
         a = self.agent
         if date is not None and f"DATE: {date}" != a.header:
@@ -122,6 +124,8 @@ class Conversation:
             a.observe(a.header)
         for line in turns:
             a.observe(line)
+        if write:
+            a.finish()
         self.stats["turns"] += len(turns)
         return self.jobs[before:]
 

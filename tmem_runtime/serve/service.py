@@ -171,14 +171,14 @@ class MemoryService:
             out.append({"id": s, "server": lease.owner if live else None})
         return out
 
-    def append(self, tenant: str, session: str, turns: list[str],
-               date: str | None = None) -> tuple[dict, list[WriteJob]]:
-        """Append turns (persisted before this returns); returns the session's counters and the writes
-        the turns triggered."""
+    def append(self, tenant: str, session: str, turns: list[str], date: str | None = None,
+               write: bool = False) -> tuple[dict, list[WriteJob]]:
+        """Append turns (persisted before this returns); write: then write the working context into
+        memory whatever its length. Returns the session's counters and the writes this triggered."""
         conv = self.get(tenant, session)
         with conv.lock:
             self._check_active(conv)
-            jobs = conv.append(turns, date)
+            jobs = conv.append(turns, date, write)
             self._persist(conv, weights=False)
             summary = conv.summary()
         self.writer.submit(conv, jobs)
