@@ -72,3 +72,10 @@ def test_bad_option_exits_2(capsys):
         main(["make-conversations", "--tokens", "many"])
     assert exit_info.value.code == 2
     assert "invalid int value" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_capacity_too_small_before_loading_a_model(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--model", "no-such-model", "--capacity", "2", "--store", "unused"])
+    assert exit_info.value.code == 2
+    assert "capacity 2 must be at least max_write_sessions + 2 (3)" in capsys.readouterr().err

@@ -55,7 +55,8 @@ def build_parser():
     p.add_argument("--capacity", type=int, default=64, help="sessions' fast weights held on the device at once")
     p.add_argument("--l-max", type=int, default=1024, help="working-context token budget before a memory write")
     p.add_argument("--max-batch", type=int, default=32, help="rows (answers, flashcard prompts) per batched generate")
-    p.add_argument("--max-write-batch", type=int, default=16, help="sessions per batched memory write")
+    p.add_argument("--max-write-batch", type=int, default=None, help="sessions per batched memory write "
+                   "(none: a quarter of --capacity, at most 16)")
     p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a completion may ask for")
     p.add_argument("--replay", type=int, default=32, help="earlier flashcards trained again with each write")
     p.add_argument("--api-keys", default=None, help="JSON file {\"key\": \"tenant\"}; none: no auth, one tenant")
@@ -76,17 +77,22 @@ def main(argv: list[str]) -> int:
 
     from tmem_runtime.serve.app import create_app
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     apply_threads(args)
     logging.basicConfig(level=args.log_level.upper())
-    model, tokenizer = load_serving_model(args.model, args.tokenizer, args.device, args.dtype)
     address = f"{args.host}:{args.port}"
-    config = ServeConfig(
-        server_id=args.server_id or address, url=args.url or f"http://{address}", capacity=args.capacity,
-        l_max=args.l_max, max_rows=args.max_batch, max_write_sessions=args.max_write_batch,
-        max_tokens=args.max_tokens, replay=args.replay, lease_ttl=args.lease_ttl, naive=args.naive,
-        backend=args.backend,
-    )
+    write_batch = args.max_write_batch or min(16, max(1, args.capacity // 4))
+    try:  # checked before the model loads
+        config = ServeConfig(
+            server_id=args.server_id or address, url=args.url or f"http://{address}", capacity=args.capacity,
+            l_max=args.l_max, max_rows=args.max_batch, max_write_sessions=write_batch,
+            max_tokens=args.max_tokens, replay=args.replay, lease_ttl=args.lease_ttl, naive=args.naive,
+            backend=args.backend,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    model, tokenizer = load_serving_model(args.model, args.tokenizer, args.device, args.dtype)
     service = MemoryService(model, tokenizer, Store(args.store), config)
     app = create_app(service, os.path.basename(args.model.rstrip("/")), read_api_keys(args.api_keys), args.max_body)
     app.router.on_startup.append(service.start)
