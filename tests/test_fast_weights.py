@@ -515,6 +515,7 @@ def test_a_model_cast_after_attach_is_refused_clearly(backend, device):
     assert losses[1] < losses[0] and not torch.equal(fw.state_dict()[b_name], state[b_name])
     fw.detach()
 
+@pytest.mark.slow  # the embedded model's tokenizer
 def test_malformed_cards_are_refused_and_any_iterable_of_pairs_is_taken():
     """A card that is not a (question, answer) pair of strings (a dict, None, a number, a 3-tuple, a bare
     string) is refused with a ValueError naming it, and nothing is trained; pairs as lists, or a

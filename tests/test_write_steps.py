@@ -209,6 +209,28 @@ def test_writes_of_one_bucket_share_its_buffers(tiny):
     fw.detach()
 
 
+def test_static_buffers_are_made_outside_inference_mode_and_dropped_when_a_weight_moves(tiny):
+    """A graph reads fixed addresses: a write after a model weight moved (same values, new storage) must not
+    replay buckets made before. Buckets made by a write called inside inference mode are normal tensors
+    (a later write outside it copies into them)."""
+    fw = FastWeights(tiny, backend="torch")
+    fw.store._static = kept = StaticWrites(fw.store.engine, graphs=False)
+    cards, recipe = examples(6, seed=1), Recipe(lr=1e-2, epochs=1)
+    with torch.inference_mode():
+        first = fw.write_examples(cards, recipe)
+    (bucket,) = kept.buckets.values()
+    assert not bucket.hidden.is_inference() and not bucket.step.is_inference()
+    fw.reset()
+    assert fw.write_examples(cards, recipe) == first and list(kept.buckets.values()) == [bucket]
+    norm = tiny.model.norm
+    norm.weight.data = norm.weight.data.clone()  # the same values somewhere else
+    fw.reset()
+    assert fw.write_examples(cards, recipe) == first
+    (fresh,) = kept.buckets.values()
+    assert fresh is not bucket
+    fw.detach()
+
+
 # graphed vs eager steps on CUDA: the same kernels, but reductions with atomics may round differently;
 # AdamW's per-element scaling turns that into whole steps for elements whose gradient is ~0 (1.4% of B's
 # norm measured for padded vs unpadded shapes on the CPU). The losses, compared to 1e-5, catch a stale

@@ -14,6 +14,10 @@ captured:
 The padding is inert: rows past N are never selected, tokens past a row's length are masked in
 attention and carry no target, so they add exactly zero to every gradient. At most MAX_BUCKETS
 buckets are kept (least recently used first out), each with its own CUDA graph memory pool.
+A graph also bakes in the model's own weights' addresses: when any of the model's parameters or
+buffers lives elsewhere than at the last write (the model cast or moved and back, a weight replaced,
+`load_state_dict(assign=True)`), every bucket is dropped and the next write captures anew. Buffers are
+made outside inference mode, whatever the caller's (a write may be called inside it).
 Off CUDA the same buffers run eager steps (how the CPU tests prove this path).
 """
 
@@ -75,16 +79,28 @@ class StaticWrites:
         self.engine = engine
         self.graphs = graphs and engine.device.type == "cuda"
         self.buckets: OrderedDict[tuple, StaticWrite] = OrderedDict()
+        self._stamp = self._weights_stamp()
+
+    def _weights_stamp(self) -> tuple:
+        """Where the model's parameters and buffers live now (what a captured graph reads)."""
+        model = self.engine.model
+        return tuple((t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
 
     def get(self, cache: TrunkCache, sessions: int, train_a: bool, recipe: Recipe, sgd_lr: float | None) -> StaticWrite:
-        """The bucket for a write of `sessions` sessions over `cache` (made, and the oldest dropped, if new)."""
+        """The bucket for a write of `sessions` sessions over `cache` (made, and the oldest dropped, if new).
+        Every bucket is dropped first if a model weight moved since the last call."""
+        stamp = self._weights_stamp()
+        if stamp != self._stamp:
+            self.buckets.clear()
+            self._stamp = stamp
         n, s = cache.hidden.shape[:2]
         rows, width = round_up(n, ROW_BUCKET), round_up(s, WIDTH_BUCKET)
         key = (rows, width, cache.prefix_len, sessions, train_a, recipe.optimizer, recipe.lr, recipe.weight_decay,
                sgd_lr)  # fmt: skip
         found = self.buckets.pop(key, None)
         if found is None:
-            found = self._new(rows, width, cache, sessions, train_a)
+            with torch.inference_mode(False):
+                found = self._new(rows, width, cache, sessions, train_a)
             while len(self.buckets) >= MAX_BUCKETS:
                 self.buckets.popitem(last=False)
         self.buckets[key] = found
