@@ -390,6 +390,18 @@ def test_bf16_model_on_cpu_picks_a_backend_that_runs_it():
             FastWeights(model, backend="native")
 
 
+def test_auto_on_cuda_picks_the_torch_composition_for_one_session_and_triton_for_a_pool():
+    """The dispatch rule (backends.py; measured on an H200: benchmarks/RESULTS-gpu.md). A rule on names: no
+    CUDA tensor is made, so it holds here as on a GPU."""
+    from tmem_runtime.backends import resolve_backend
+
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda, torch.bfloat16, 6, sessions=1) == "torch"
+    assert resolve_backend("auto", cuda, torch.bfloat16, 6, sessions=64) == ("triton" if available("triton")
+                                                                            else "torch")  # fmt: skip
+    assert resolve_backend("auto", cuda, torch.bfloat16, 32, sessions=64) == "torch"  # above Triton's rank 16
+
+
 def test_a_rank_above_a_kernels_limit_picks_a_backend_that_runs_it(device):
     """Triton's kernels take rank <= 16 and the native ones <= 64: "auto" picks a backend that runs the
     rank asked for (rank 32 on CUDA used to attach Triton and fail at the first write), and an explicit

@@ -1,7 +1,10 @@
 """Backend name + device -> the kernel ops the runtime wires in.
 
-"auto"    Triton on CUDA tensors; on CPU the native extension for float32 models (torch if it is not
-          built, and for other dtypes: the extension is float32-only); torch for a rank above the
+"auto"    on CUDA: Triton for an engine of several sessions (a pool: its segments stay on the device, its
+          writes replay CUDA graphs), the torch composition (cuBLAS GEMMs + the small LoRA terms) for
+          one session, measured faster than Triton at every write shape on an H200, twice
+          (benchmarks/RESULTS-gpu.md); on CPU the native extension for float32 models (torch if it is
+          not built, and for other dtypes: the extension is float32-only); torch for a rank above the
           kernels' limit (Triton 16, native 64)
 "triton"  Triton kernels; on CPU tensors they need TRITON_INTERPRET=1 (set before import)
 "native"  the pybind11 CPU extension
@@ -20,16 +23,18 @@ from tmem_kernels.ops import KernelOps, available, get_ops
 RUNTIME_BACKENDS = ("auto", "triton", "native", "torch", "peft")
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32, rank: int = 6) -> str:
-    """The concrete kernel backend for `name` on `device`, `dtype` and LoRA `rank` (never "auto"; "peft"
-    passes through).
+def resolve_backend(
+    name: str, device: torch.device, dtype: torch.dtype = torch.float32, rank: int = 6, sessions: int = 1
+) -> str:
+    """The concrete kernel backend for `name` on `device`, `dtype`, LoRA `rank` and an engine of `sessions`
+    B rows (never "auto"; "peft" passes through).
 
     An explicit backend that cannot run this model is refused here, before anything is attached.
     """
     if name not in RUNTIME_BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {RUNTIME_BACKENDS}")
     if name == "auto":
-        if device.type == "cuda" and available("triton") and _runs_rank("triton", rank):
+        if device.type == "cuda" and sessions > 1 and available("triton") and _runs_rank("triton", rank):
             return "triton"
         if device.type == "cpu" and dtype == torch.float32 and available("native") and _runs_rank("native", rank):
             return "native"

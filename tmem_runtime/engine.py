@@ -104,7 +104,7 @@ class FastWeightEngine:
         )
         weight = self.mlps[0][1].gate_proj.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.backend = resolve_backend(backend, self.device, self.dtype, rank)
+        self.backend = resolve_backend(backend, self.device, self.dtype, rank, capacity)
         self.ops = kernel_ops(self.backend)
         self.fused = [is_silu(mlp.act_fn) for _, mlp in self.mlps]
         self.fingerprint = WeightsFingerprint([w for _, mlp in self.mlps for w in _weights(mlp)])
