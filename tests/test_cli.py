@@ -79,3 +79,21 @@ def test_serve_refuses_a_capacity_too_small_before_loading_a_model(capsys):
         main(["serve", "--model", "no-such-model", "--capacity", "2", "--store", "unused"])
     assert exit_info.value.code == 2
     assert "capacity 2 must be at least max_write_sessions + 2 (3)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, option", [
+    ("eval", ["--l-max", "0"]), ("eval", ["--max-questions", "-1"]), ("eval", ["--answer-tokens", "0"]),
+    ("eval", ["--top-k", "0"]), ("eval", ["--replay", "-1"]), ("eval", ["--recipe", "no-such-recipe"]),
+    ("demo", ["--l-max", "-5"]), ("demo", ["--recipe", "no-such-recipe"]),
+    ("make-conversations", ["--n", "0"]), ("make-conversations", ["--facts", "100"]),
+    ("make-conversations", ["--turns", "0"]), ("rl", ["--steps", "-1"]), ("rl", ["--group-size", "0"]),
+])
+def test_out_of_range_options_are_usage_errors_before_anything_runs(command, option, tmp_path, capsys):
+    need = {"eval": ["--data", "unused.json", "--out", str(tmp_path / "o")],
+            "rl": ["--data", "unused.json", "--out", str(tmp_path / "o")],
+            "make-conversations": ["--out", str(tmp_path / "o.json")], "demo": []}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *need, *option])
+    assert exit_info.value.code == 2
+    assert option[0] in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written

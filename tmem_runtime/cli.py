@@ -11,6 +11,7 @@ import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 USAGE = """usage: tmem [--version] COMMAND [ARGS]   (tmem COMMAND --help: the command's options and defaults)
 
@@ -42,6 +43,20 @@ def command_parser(prog: str, description: str | None) -> argparse.ArgumentParse
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=formatter)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a shared CPU)")
     return p
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse `type`: an int in [low, high] (high None: no bound); anything else is a usage error."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value"
+    return parse
 
 
 def apply_threads(args: argparse.Namespace) -> None:

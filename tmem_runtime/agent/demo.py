@@ -20,7 +20,8 @@ from tmem_runtime.agent.agent import MemoryAgent, Trigger
 from tmem_runtime.agent.channels import make_channel
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.locomo import load_locomo, question_prompt, score
-from tmem_runtime.cli import apply_threads, command_parser
+from tmem_runtime.agent.write_formats import recipe_name
+from tmem_runtime.cli import apply_threads, command_parser, int_in
 
 DEMO_CONVERSATION = "demo_conversation.json"
 
@@ -56,14 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     p = command_parser("tmem demo", __doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m or a local HF model directory")
     p.add_argument("--data", default=None, help="a LoCoMo-format file (None: the shipped demo conversation)")
-    p.add_argument("--l-max", type=int, default=150, help="working-context budget in tokens")
+    p.add_argument("--l-max", type=int_in(1), default=150, help="working-context budget in tokens")
     p.add_argument("--write-format", choices=("qa", "summary", "ntp"), default="qa", help="what a write trains on")
-    p.add_argument("--recipe", default="agent", help='"agent" (AdamW 3e-3) or a runtime recipe name')
-    p.add_argument("--replay", type=int, default=32, help="earlier flashcards trained again per write (0: paper)")
-    p.add_argument("--flashcard-tokens", type=int, default=160, help="max new tokens of one memory write")
+    p.add_argument("--recipe", type=recipe_name, default="agent", help='"agent" (AdamW 3e-3) or a runtime recipe name')
+    p.add_argument("--replay", type=int_in(0), default=32, help="earlier flashcards trained again per write (0: paper)")
+    p.add_argument("--flashcard-tokens", type=int_in(1), default=160, help="max new tokens of one memory write")
     p.add_argument("--flashcard-mode", choices=("per-turn", "array"), default="per-turn",
                    help="one card per turn (small models) or one JSON array per context (the paper's)")
-    p.add_argument("--answer-tokens", type=int, default=16, help="max new tokens per answer")
+    p.add_argument("--answer-tokens", type=int_in(1), default=16, help="max new tokens per answer")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

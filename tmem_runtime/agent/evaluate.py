@@ -43,8 +43,8 @@ from tmem_runtime.agent.monitor import MemoryMonitor
 from tmem_runtime.agent.pooled import PoolSession, answer_together
 from tmem_runtime.agent.recall_probe import RecallProbe, plot_recall
 from tmem_runtime.agent.timing import episode_times, plot_times, time_table
-from tmem_runtime.agent.write_formats import WRITE_FORMATS
-from tmem_runtime.cli import apply_threads, command_parser
+from tmem_runtime.agent.write_formats import WRITE_FORMATS, recipe_name
+from tmem_runtime.cli import apply_threads, command_parser, int_in
 from tmem_runtime.decoding import DecodeStats
 from tmem_runtime.models import DTYPES
 
@@ -59,35 +59,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="what tmem channels train on (each format is a separate method)")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m or a local HF model directory")
     p.add_argument("--conversations", nargs="*", default=None, help="sample ids (None: every conversation in the file)")
-    p.add_argument("--max-questions", type=int, default=None, help="questions per conversation (all categories)")
-    p.add_argument("--max-sessions", type=int, default=None,
+    p.add_argument("--max-questions", type=int_in(0), default=None, help="questions per conversation (all categories)")
+    p.add_argument("--max-sessions", type=int_in(1), default=None,
                    help="read only the first N sessions; only questions whose evidence lies there are asked")
-    p.add_argument("--l-max", type=int, default=1024, help="budget: working context + explicit memory, tokens")
+    p.add_argument("--l-max", type=int_in(1), default=1024, help="budget: working context + explicit memory, tokens")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model weights dtype")
-    p.add_argument("--recipe", default="agent",
+    p.add_argument("--recipe", type=recipe_name, default="agent",
                    help='write recipe: "agent" (AdamW 3e-3, 10 epochs) or a runtime name ("default", "paper")')
-    p.add_argument("--replay", type=int, default=32,
+    p.add_argument("--replay", type=int_in(0), default=32,
                    help="earlier items of the episode trained again with each write (0: the paper's protocol)")
-    p.add_argument("--replay-per-card", type=int, default=0,
+    p.add_argument("--replay-per-card", type=int_in(0), default=0,
                    help="if > 0, replay at most this many earlier items per new one (cheap writes stay cheap)")
     p.add_argument("--cards", choices=SELECTIONS, default="all",
                    help="which turns get a flashcard: all (of 5+ words) or salient (new content words, no model call)")
-    p.add_argument("--card-min-score", type=int, default=4, help="salient: new content words a turn needs")
-    p.add_argument("--max-cards", type=int, default=None, help="salient: at most this many cards per write")
+    p.add_argument("--card-min-score", type=int_in(0), default=4, help="salient: new content words a turn needs")
+    p.add_argument("--max-cards", type=int_in(1), default=None, help="salient: at most this many cards per write")
     p.add_argument("--named-turns", action="store_true",
                    help="per-turn cards: show the writer each turn in the third person (I/my -> the speaker's name)")
-    p.add_argument("--rank", type=int, default=6, help="fast weights: LoRA rank")
-    p.add_argument("--num-layers", type=int, default=4, help="fast weights: last N decoder layers")
-    p.add_argument("--top-k", type=int, default=5, help="retrieved chunks per question")
-    p.add_argument("--summary-tokens", type=int, default=512, help="cap on the rolling summary, tokens")
-    p.add_argument("--answer-tokens", type=int, default=24, help="max new tokens per answer")
-    p.add_argument("--flashcard-tokens", type=int, default=192, help="max new tokens of one memory write")
+    p.add_argument("--rank", type=int_in(1), default=6, help="fast weights: LoRA rank")
+    p.add_argument("--num-layers", type=int_in(1), default=4, help="fast weights: last N decoder layers")
+    p.add_argument("--top-k", type=int_in(1), default=5, help="retrieved chunks per question")
+    p.add_argument("--summary-tokens", type=int_in(1), default=512, help="cap on the rolling summary, tokens")
+    p.add_argument("--answer-tokens", type=int_in(1), default=24, help="max new tokens per answer")
+    p.add_argument("--flashcard-tokens", type=int_in(1), default=192, help="max new tokens of one memory write")
     p.add_argument("--flashcard-mode", choices=FLASHCARD_MODES, default="per-turn",
                    help="one card per turn (small models) or one JSON array per context (the paper's)")
-    p.add_argument("--window", type=int, default=None, help="model context window (None: the config's)")
-    p.add_argument("--probe-every", type=int, default=0,
+    p.add_argument("--window", type=int_in(1), default=None, help="model context window (None: the config's)")
+    p.add_argument("--probe-every", type=int_in(0), default=0,
                    help="ask the questions again after every write once this many tokens were read since the "
                         "last probe (a channel that never writes: after the session crossing it); 0: never")
     p.add_argument("--side-by-side", action="store_true",
