@@ -97,3 +97,37 @@ def test_out_of_range_options_are_usage_errors_before_anything_runs(command, opt
     assert exit_info.value.code == 2
     assert option[0] in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("command", ["eval", "demo", "rl"])
+@pytest.mark.parametrize("text, message", [(None, "no such file"), ('[{"conversation": ', "not valid JSON"),
+                                           ("[]", "holds no conversations")])
+def test_a_bad_data_file_is_refused_before_a_model_loads_or_out_is_made(command, text, message, tmp_path):
+    data = tmp_path / "data.json"
+    if text is not None:
+        data.write_text(text)
+    out = ["--out", str(tmp_path / "o")] if command != "demo" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--data", str(data), *out, "--model", "no-such-model"])
+    assert message in str(exit_info.value.code) and str(data) in str(exit_info.value.code)
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_names_the_known_conversations_for_an_unknown_id(tmp_path):
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "two_sessions.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--data", str(fixture), "--conversations", "conv-404", "--out", str(tmp_path / "o"),
+              "--model", "no-such-model"])
+    assert "['conv-404'] are not in" in str(exit_info.value.code) and "fx-1" in str(exit_info.value.code)
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_refuses_a_conversation_with_nothing_to_ask(tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text('[{"sample_id": "s", "conversation": {"session_1": [{"speaker": "A", "text": "hi"}]}, '
+                    '"qa": [{"question": "q?", "adversarial_answer": "x", "category": 5}]}]')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--data", str(data), "--model", "no-such-model"])
+    assert "has no questions of categories 1-4" in str(exit_info.value.code)

@@ -73,10 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     from tmem_runtime import FastWeights, load_model
 
     start = time.perf_counter()
-    conv = load_locomo(args.data or demo_data_path())[0]
+    try:
+        conv = load_locomo(args.data or demo_data_path())[0]
+    except ValueError as exc:
+        raise SystemExit(f"tmem demo: {exc}") from None
+    questions = [q for q in conv.qa if q.category != 5]
+    if not questions:
+        raise SystemExit(f"tmem demo: conversation {conv.sample_id!r} has no questions of categories 1-4 to ask")
     model, tokenizer = load_model(args.model, device=args.device)
     gen = Generator(model, tokenizer)
-    questions = [q for q in conv.qa if q.category != 5]
     prompts = [question_prompt(q) for q in questions]
     print(f"tmem demo: {args.model}, conversation {conv.sample_id!r}: {len(conv.sessions)} sessions, "
           f"{gen.count_tokens(conv.render())} tokens; l_max={args.l_max}, write format {args.write_format}, "

@@ -386,9 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         apply_threads(args)
     from tmem_runtime import FastWeights, SessionPool, load_model
 
+    try:  # before anything is made or loaded
+        conversations = load_locomo(args.data, args.conversations)
+    except ValueError as exc:
+        raise SystemExit(f"tmem eval: {exc}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    conversations = load_locomo(args.data, args.conversations)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, seed=args.seed)
     if tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer; the agent needs a real model")

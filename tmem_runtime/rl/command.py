@@ -67,7 +67,10 @@ def load_conversations(path: str) -> list:
     """Training or held-out conversations; LoCoMo's own (sample ids conv-*) are refused: it stays for evaluation."""
     from tmem_runtime.agent.locomo import load_locomo
 
-    conversations = load_locomo(path)
+    try:
+        conversations = load_locomo(path)
+    except ValueError as exc:
+        raise SystemExit(f"tmem rl: {exc}") from None
     locomo = [c.sample_id for c in conversations if c.sample_id.startswith("conv-")]
     if locomo:
         raise SystemExit(f"{path} holds LoCoMo conversations ({locomo[:3]}): train on generated ones "
