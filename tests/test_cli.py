@@ -131,3 +131,15 @@ def test_demo_refuses_a_conversation_with_nothing_to_ask(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--data", str(data), "--model", "no-such-model"])
     assert "has no questions of categories 1-4" in str(exit_info.value.code)
+
+
+def test_eval_refuses_an_out_it_cannot_make(tmp_path):
+    from pathlib import Path
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    fixture = Path(__file__).parent / "fixtures" / "two_sessions.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--data", str(fixture), "--out", str(blocker / "run"), "--model", "no-such-model"])
+    assert f"cannot make --out {blocker / 'run'}" in str(exit_info.value.code)
+    assert blocker.read_text() == "kept"

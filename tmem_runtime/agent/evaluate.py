@@ -9,7 +9,8 @@ losses), report.json and report.md (F1/EM per category and method, peak memory, 
 written/dropped, write losses, and where the time went: card generation, training, answering,
 prefill and decode, with tokens/s) and plots (f1_by_category.png, write_loss.png, memory.png,
 time.png; recall.png with --probe-every: recall of the questions while reading). The same command
-runs a 4B model on a GPU: --model DIR --device cuda --dtype bfloat16.
+runs a 4B model on a GPU: --model DIR --device cuda --dtype bfloat16. Run again with the same --out and
+settings to resume an interrupted run (the episodes it saved are kept); --fresh starts over.
 """
 
 from __future__ import annotations
@@ -96,7 +97,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of adapter init, card order and replay")
     p.add_argument("--policy", default=None,
                    help="a trained memory writer (tmem rl): its policy.safetensors or checkpoint directory")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over in --out (default: a run with the same settings there is resumed, keeping the "
+                        "episodes it saved; one with other settings is refused)")
     return p.parse_args(argv)
+
+
+_NOT_SETTINGS = ("out", "threads", "fresh")  # what a rerun may change and still resume
+
+
+def _settings(args: dict) -> dict:
+    return json.loads(json.dumps({k: v for k, v in args.items() if k not in _NOT_SETTINGS}))
+
+
+def saved_runs(out: Path, args: argparse.Namespace) -> list[dict]:
+    """The episodes an earlier run with the same settings saved in `out`/answers.json ([] if none or
+    --fresh). A run with other settings is refused, since going on would overwrite its answers."""
+    path = out / "answers.json"
+    if args.fresh or not path.is_file():
+        return []
+    try:
+        saved = json.loads(path.read_text())
+        theirs, runs = _settings(saved["args"]), list(saved["runs"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"tmem eval: {path} is not a tmem eval answers file ({exc}): pass --fresh to "
+                         "overwrite it, or another --out") from None
+    mine = _settings(vars(args))
+    changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if changed:
+        raise SystemExit(f"tmem eval: {out} holds a run with other settings ({', '.join(changed)}): pass --fresh "
+                         "to overwrite it, or another --out")
+    return runs
 
 
 def select_questions(conv: Conversation, max_questions: int | None, max_sessions: int | None) -> list[QA]:
@@ -391,7 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(f"tmem eval: {exc}") from None
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"tmem eval: cannot make --out {out}: {exc.strerror or exc}") from None
+    runs = saved_runs(out, args)  # resumed: these episodes are not run again
+    done = {(r["method"], r["conversation"]) for r in runs}
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, seed=args.seed)
     if tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer; the agent needs a real model")
@@ -406,22 +442,21 @@ def main(argv: list[str] | None = None) -> int:
     if pooled:  # one session per (tmem method, conversation), answered together at the end
         pool = SessionPool(model, capacity=len(pooled) * len(conversations), rank=args.rank,
                            num_layers=args.num_layers, seed=args.seed)
-    runs: list[dict] = []
     waiting: list[ReadEpisode] = []  # read pooled episodes, answered together at the end
-    with tqdm(total=len(methods) * len(conversations), desc="eval", unit="episode") as bar:
+    with tqdm(total=len(methods) * len(conversations), initial=len(runs), desc="eval", unit="episode") as bar:
 
-        def record(done: list[dict]) -> None:
-            runs.extend(done)
-            for r in done:
+        def record(finished: list[dict]) -> None:
+            runs.extend(finished)
+            for r in finished:
                 bar.set_postfix_str(f"{r['method']} {r['conversation']}: {len(r['triggers'])} writes, "
                                     f"F1 {_mean([a['f1'] for a in r['answers']])}")
-            bar.update(len(done))
+            bar.update(len(finished))
             (out / "answers.json").write_text(json.dumps(dict(args=vars(args), runs=runs), indent=1))
 
         for memory, write_format in methods:
             label = method_label(memory, write_format)
             if (memory, write_format) in pooled:
-                for conv in conversations:
+                for conv in (c for c in conversations if (label, c.sample_id) not in done):
                     session = PoolSession(pool, f"{label} {conv.sample_id}")
                     agent = MemoryAgent(generator, channel_of(args, memory, write_format, generator, session),
                                         args.l_max, args.answer_tokens)
@@ -432,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                 fast_weights = FastWeights(model, rank=args.rank, num_layers=args.num_layers, seed=args.seed)
             agent = MemoryAgent(generator, channel_of(args, memory, write_format, generator, fast_weights),
                                 args.l_max, args.answer_tokens)
-            for conv in conversations:
+            for conv in (c for c in conversations if (label, c.sample_id) not in done):
                 questions = select_questions(conv, args.max_questions, args.max_sessions)
                 record([run_conversation(agent, conv, questions, args, label)])
             agent.reset()
