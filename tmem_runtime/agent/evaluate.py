@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tmem_runtime.adapter_file import atomic_write
 from tmem_runtime.agent.agent import MemoryAgent, Trigger
 from tmem_runtime.agent.card_selection import SELECTIONS
 from tmem_runtime.agent.channels import CHANNELS, MemoryChannel, make_channel
@@ -451,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix_str(f"{r['method']} {r['conversation']}: {len(r['triggers'])} writes, "
                                     f"F1 {_mean([a['f1'] for a in r['answers']])}")
             bar.update(len(finished))
-            (out / "answers.json").write_text(json.dumps(dict(args=vars(args), runs=runs), indent=1))
+            text = json.dumps(dict(args=vars(args), runs=runs), indent=1)
+            atomic_write(out / "answers.json", lambda tmp: Path(tmp).write_text(text))  # Ctrl-C: the last one stays
 
         for memory, write_format in methods:
             label = method_label(memory, write_format)
