@@ -8,7 +8,8 @@
 OUT gets log.jsonl (one record per step), checkpoints/step-N/ (policy.safetensors: what `tmem eval
 --policy` loads; the optimizer state; trainer.json), held_out.json (the greedy writer's reward and
 card rates on the held-out conversations, before and after) and plots (rl_*.png). Run again with the
-same OUT to continue from its newest checkpoint exactly (--fresh: start over).
+same OUT to continue from its newest checkpoint exactly (--fresh: start over); a checkpoint trained with
+other GRPO settings (group size, batch, lr, temperature, clip, beta, seed, ...) is refused.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from tmem_runtime import SessionPool
     from tmem_runtime.agent.generation import Generator
     from tmem_runtime.models import target_mlps
+    from tmem_runtime.rl.checkpoint import CheckpointError
     from tmem_runtime.rl.distributed import close_distributed, init_distributed
     from tmem_runtime.rl.environment import MemoryEnvConfig, MemoryWriteEnv, evaluate_writer
     from tmem_runtime.rl.policy import Policy, PolicySpec
@@ -133,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
                         beta=args.beta, kl_every=args.kl_every, updates_per_batch=args.updates_per_batch,
                         micro_batch_rows=args.micro_batch_rows, save_every=args.save_every, seed=args.seed)
     trainer = GRPOTrainer(policy, env, config, out, ctx)
-    start = 0 if args.fresh else trainer.resume()
+    try:
+        start = 0 if args.fresh else trainer.resume()
+    except CheckpointError as exc:
+        raise SystemExit(f"tmem rl: {exc}") from None
     if start == 0 and ctx.is_main:
         (out / "log.jsonl").unlink(missing_ok=True)  # a run from step 0 logs from step 1
     report_path = out / "held_out.json"
