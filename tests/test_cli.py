@@ -87,11 +87,14 @@ def test_serve_refuses_a_capacity_too_small_before_loading_a_model(capsys):
     ("demo", ["--l-max", "-5"]), ("demo", ["--recipe", "no-such-recipe"]),
     ("make-conversations", ["--n", "0"]), ("make-conversations", ["--facts", "100"]),
     ("make-conversations", ["--turns", "0"]), ("rl", ["--steps", "-1"]), ("rl", ["--group-size", "0"]),
+    ("ablate", ["--capacity-writes", "13"]), ("ablate", ["--max-sessions", "0"]), ("ablate", ["--recipes", "bogus"]),
+    ("ablate", ["--sets", "no-such-set"]), ("ablate", ["--precondition-sets", "no-such-set"]),
 ])
 def test_out_of_range_options_are_usage_errors_before_anything_runs(command, option, tmp_path, capsys):
     need = {"eval": ["--data", "unused.json", "--out", str(tmp_path / "o")],
             "rl": ["--data", "unused.json", "--out", str(tmp_path / "o")],
-            "make-conversations": ["--out", str(tmp_path / "o.json")], "demo": []}[command]
+            "make-conversations": ["--out", str(tmp_path / "o.json")], "demo": [],
+            "ablate": ["--out", str(tmp_path / "o"), "--model", "no-such-model"]}[command]
     with pytest.raises(SystemExit) as exit_info:
         main([command, *need, *option])
     assert exit_info.value.code == 2
@@ -143,3 +146,14 @@ def test_eval_refuses_an_out_it_cannot_make(tmp_path):
         main(["eval", "--data", str(fixture), "--out", str(blocker / "run"), "--model", "no-such-model"])
     assert f"cannot make --out {blocker / 'run'}" in str(exit_info.value.code)
     assert blocker.read_text() == "kept"
+
+
+@pytest.mark.parametrize("data, message", [("missing.json", "no such file"), ("two_sessions.json", "conv-26")])
+def test_ablate_checks_its_locomo_data_before_the_hour_of_studies_before_it(data, message, tmp_path):
+    from pathlib import Path
+
+    path = Path(__file__).parent / "fixtures" / data
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ablate", "--out", str(tmp_path / "o"), "--data", str(path), "--model", "no-such-model"])
+    assert message in str(exit_info.value.code) and str(path) in str(exit_info.value.code)
+    assert not (tmp_path / "o").exists()
