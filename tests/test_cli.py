@@ -157,3 +157,11 @@ def test_ablate_checks_its_locomo_data_before_the_hour_of_studies_before_it(data
         main(["ablate", "--out", str(tmp_path / "o"), "--data", str(path), "--model", "no-such-model"])
     assert message in str(exit_info.value.code) and str(path) in str(exit_info.value.code)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", sorted(DEFAULTS))
+def test_threads_below_one_is_a_usage_error_in_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--threads", "0", "--help"])  # parsed before --help acts: no command runs
+    assert exit_info.value.code == 2
+    assert "argument --threads: must be >= 1, got 0" in capsys.readouterr().err

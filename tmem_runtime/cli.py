@@ -41,7 +41,7 @@ def command_parser(prog: str, description: str | None) -> argparse.ArgumentParse
     """A command's parser: defaults shown in --help, and --threads (applied by `apply_threads`)."""
     formatter = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=formatter)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a shared CPU)")
+    p.add_argument("--threads", type=int_in(1), default=1, help="torch CPU threads (1: fastest on a shared CPU)")
     return p
 
 
