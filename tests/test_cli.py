@@ -165,3 +165,10 @@ def test_threads_below_one_is_a_usage_error_in_every_command(command, capsys):
         main([command, "--threads", "0", "--help"])  # parsed before --help acts: no command runs
     assert exit_info.value.code == 2
     assert "argument --threads: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_make_conversations_refuses_an_out_it_cannot_write(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["make-conversations", "--out", str(tmp_path), "--n", "1", "--tokens", "100"])  # a directory
+    assert f"cannot write {tmp_path}" in str(exit_info.value.code)
+    assert not list(tmp_path.iterdir())

@@ -213,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     data = make_conversations(args.n, args.seed, n_facts=args.facts, tokens=args.tokens,
                               fact_sessions=args.fact_sessions, turns_per_session=args.turns)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
+    except OSError as exc:
+        raise SystemExit(f"tmem make-conversations: cannot write {out}: {exc.strerror or exc}") from None
     print(f"wrote {len(data)} conversations to {out}")
     return 0
