@@ -172,3 +172,10 @@ def test_make_conversations_refuses_an_out_it_cannot_write(tmp_path):
         main(["make-conversations", "--out", str(tmp_path), "--n", "1", "--tokens", "100"])  # a directory
     assert f"cannot write {tmp_path}" in str(exit_info.value.code)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["demo", "demo-weights"])
+def test_a_model_path_that_is_not_a_model_is_one_line_not_a_traceback(command, tmp_path, capsys):
+    assert main([command, "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tmem {command}: '{tmp_path}' is neither a known model name") and "Traceback" not in err

@@ -107,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    return run(rest)
+    try:
+        return run(rest)
+    except FileNotFoundError as exc:  # a --model or other path that is not there: its message, no traceback
+        print(f"tmem {command}: {exc.strerror if exc.filename else exc}"
+              + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
