@@ -79,3 +79,103 @@ def test_serve_refuses_a_capacity_too_small_before_loading_a_model(capsys):
         main(["serve", "--model", "no-such-model", "--capacity", "2", "--store", "unused"])
     assert exit_info.value.code == 2
     assert "capacity 2 must be at least max_write_sessions + 2 (3)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, option", [
+    ("eval", ["--l-max", "0"]), ("eval", ["--max-questions", "-1"]), ("eval", ["--answer-tokens", "0"]),
+    ("eval", ["--top-k", "0"]), ("eval", ["--replay", "-1"]), ("eval", ["--recipe", "no-such-recipe"]),
+    ("demo", ["--l-max", "-5"]), ("demo", ["--recipe", "no-such-recipe"]),
+    ("make-conversations", ["--n", "0"]), ("make-conversations", ["--facts", "100"]),
+    ("make-conversations", ["--turns", "0"]), ("rl", ["--steps", "-1"]), ("rl", ["--group-size", "0"]),
+    ("ablate", ["--capacity-writes", "13"]), ("ablate", ["--max-sessions", "0"]), ("ablate", ["--recipes", "bogus"]),
+    ("ablate", ["--sets", "no-such-set"]), ("ablate", ["--precondition-sets", "no-such-set"]),
+])
+def test_out_of_range_options_are_usage_errors_before_anything_runs(command, option, tmp_path, capsys):
+    need = {"eval": ["--data", "unused.json", "--out", str(tmp_path / "o")],
+            "rl": ["--data", "unused.json", "--out", str(tmp_path / "o")],
+            "make-conversations": ["--out", str(tmp_path / "o.json")], "demo": [],
+            "ablate": ["--out", str(tmp_path / "o"), "--model", "no-such-model"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *need, *option])
+    assert exit_info.value.code == 2
+    assert option[0] in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("command", ["eval", "demo", "rl"])
+@pytest.mark.parametrize("text, message", [(None, "no such file"), ('[{"conversation": ', "not valid JSON"),
+                                           ("[]", "holds no conversations")])
+def test_a_bad_data_file_is_refused_before_a_model_loads_or_out_is_made(command, text, message, tmp_path):
+    data = tmp_path / "data.json"
+    if text is not None:
+        data.write_text(text)
+    out = ["--out", str(tmp_path / "o")] if command != "demo" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--data", str(data), *out, "--model", "no-such-model"])
+    assert message in str(exit_info.value.code) and str(data) in str(exit_info.value.code)
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_names_the_known_conversations_for_an_unknown_id(tmp_path):
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "two_sessions.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--data", str(fixture), "--conversations", "conv-404", "--out", str(tmp_path / "o"),
+              "--model", "no-such-model"])
+    assert "['conv-404'] are not in" in str(exit_info.value.code) and "fx-1" in str(exit_info.value.code)
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_refuses_a_conversation_with_nothing_to_ask(tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text('[{"sample_id": "s", "conversation": {"session_1": [{"speaker": "A", "text": "hi"}]}, '
+                    '"qa": [{"question": "q?", "adversarial_answer": "x", "category": 5}]}]')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--data", str(data), "--model", "no-such-model"])
+    assert "has no questions of categories 1-4" in str(exit_info.value.code)
+
+
+def test_eval_refuses_an_out_it_cannot_make(tmp_path):
+    from pathlib import Path
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    fixture = Path(__file__).parent / "fixtures" / "two_sessions.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--data", str(fixture), "--out", str(blocker / "run"), "--model", "no-such-model"])
+    assert f"cannot make --out {blocker / 'run'}" in str(exit_info.value.code)
+    assert blocker.read_text() == "kept"
+
+
+@pytest.mark.parametrize("data, message", [("missing.json", "no such file"), ("two_sessions.json", "conv-26")])
+def test_ablate_checks_its_locomo_data_before_the_hour_of_studies_before_it(data, message, tmp_path):
+    from pathlib import Path
+
+    path = Path(__file__).parent / "fixtures" / data
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ablate", "--out", str(tmp_path / "o"), "--data", str(path), "--model", "no-such-model"])
+    assert message in str(exit_info.value.code) and str(path) in str(exit_info.value.code)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", sorted(DEFAULTS))
+def test_threads_below_one_is_a_usage_error_in_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--threads", "0", "--help"])  # parsed before --help acts: no command runs
+    assert exit_info.value.code == 2
+    assert "argument --threads: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_make_conversations_refuses_an_out_it_cannot_write(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["make-conversations", "--out", str(tmp_path), "--n", "1", "--tokens", "100"])  # a directory
+    assert f"cannot write {tmp_path}" in str(exit_info.value.code)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["demo", "demo-weights"])
+def test_a_model_path_that_is_not_a_model_is_one_line_not_a_traceback(command, tmp_path, capsys):
+    assert main([command, "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tmem {command}: '{tmp_path}' is neither a known model name") and "Traceback" not in err

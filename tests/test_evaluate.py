@@ -98,3 +98,55 @@ def test_eval_end_to_end_on_two_session_fixture(tmp_path, capsys):
     for name in ("report.md", "f1_by_category.png", "write_loss.png", "memory.png", "time.png", "recall.png"):
         assert (out / name).stat().st_size > 0
     assert "| tmem/qa |" in capsys.readouterr().out
+
+
+def test_eval_resumes_an_interrupted_run_and_refuses_to_overwrite_another(tmp_path):
+    """Rerun into the same --out: episodes an interrupted run saved are kept as they are, the rest run;
+    other settings are refused (their answers would be overwritten) unless --fresh."""
+    threads = torch.get_num_threads()
+    out = tmp_path / "run"
+    argv = ["--data", str(FIXTURE), "--memory", "none", "retrieval", "--model", "smollm2-135m",
+            "--max-questions", "2", "--l-max", "64", "--answer-tokens", "4", "--out", str(out)]
+    assert main(argv) == 0
+    saved = json.loads((out / "answers.json").read_text())
+    first, second = saved["runs"]
+    saved["runs"] = [first]  # what a run interrupted after its first episode leaves
+    (out / "answers.json").write_text(json.dumps(saved))
+    assert main(argv) == 0
+    resumed = json.loads((out / "answers.json").read_text())["runs"]
+    assert resumed[0] == first  # kept, not re-run (its timings are the first run's)
+    assert resumed[1]["method"] == "retrieval" and resumed[1]["answers"] == second["answers"]
+    assert set(json.loads((out / "report.json").read_text())["methods"]) == {"none", "retrieval"}
+    before = (out / "answers.json").read_text()
+    with pytest.raises(SystemExit, match="other settings.*max_questions"):
+        main([*argv, "--max-questions", "3"])
+    assert (out / "answers.json").read_text() == before
+    assert main([*argv, "--fresh", "--memory", "none"]) == 0
+    assert [r["method"] for r in json.loads((out / "answers.json").read_text())["runs"]] == ["none"]
+    torch.set_num_threads(threads)
+
+
+def test_an_interrupt_while_saving_leaves_the_episodes_saved_before(tmp_path, monkeypatch):
+    """Ctrl-C while answers.json is being written: the file still holds every episode saved before (valid
+    JSON), so the rerun resumes from them."""
+    threads = torch.get_num_threads()
+    out = tmp_path / "run"
+    writes, real_write_text = [], Path.write_text
+
+    def interrupted_second_save(self: Path, text: str, *args, **kwargs) -> int:
+        if "answers.json" in self.name:
+            writes.append(self.name)
+            if len(writes) == 2:
+                real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+                raise KeyboardInterrupt
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", interrupted_second_save)
+    argv = ["--data", str(FIXTURE), "--memory", "none", "retrieval", "--model", "smollm2-135m",
+            "--max-questions", "2", "--l-max", "64", "--answer-tokens", "4", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    torch.set_num_threads(threads)
+    runs = json.loads((out / "answers.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["none"]
+    assert sorted(p.name for p in out.iterdir()) == ["answers.json"]  # no temp file left

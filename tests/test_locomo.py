@@ -95,3 +95,24 @@ def test_load_fixture():
     assert load_locomo(FIXTURE, ["fx-1"])[0].sample_id == "fx-1"
     with pytest.raises(ValueError, match="not in"):
         load_locomo(FIXTURE, ["conv-404"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"conversation": {"session_1": [', "not valid JSON"),
+    ('{"foo": 1}', "not a LoCoMo sample"),
+    ("[1, 2]", "not a LoCoMo sample"),
+    ("[]", "no conversations"),
+    ('[{"sample_id": "x", "conversation": {"session_1": [{"text": "hi"}]}, "qa": [{"question": "q"}]}]',
+     "question 0 of sample 'x'"),
+])
+def test_a_file_that_is_not_locomo_is_refused_with_a_clear_message(text, message, tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        load_locomo(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_missing_file_is_refused_with_its_path(tmp_path):
+    with pytest.raises(ValueError, match=r"no such file.*nope\.json"):
+        load_locomo(tmp_path / "nope.json")

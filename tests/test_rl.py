@@ -368,3 +368,13 @@ def test_tmem_rl_trains_on_generated_conversations_only(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     assert "(default: lora)" in capsys.readouterr().out  # defaults shown in --help
+
+
+def test_resuming_with_other_training_settings_is_refused_and_changes_nothing(tmp_path):
+    toy_trainer(tmp_path).train(2)
+    other = toy_trainer(tmp_path, {"group_size": 4, "lr": 1e-3})
+    weights = [p.detach().clone() for p in other.policy.parameters()]
+    with pytest.raises(CheckpointError, match=r"group_size 8 -> 4, lr 0.01 -> 0.001"):
+        other.resume()
+    assert other.step == 0 and all(torch.equal(a, b) for a, b in zip(weights, other.policy.parameters()))
+    assert toy_trainer(tmp_path, {"save_every": 1, "micro_batch_rows": 4}).resume() == 2  # bookkeeping may change

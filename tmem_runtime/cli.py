@@ -11,6 +11,7 @@ import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 USAGE = """usage: tmem [--version] COMMAND [ARGS]   (tmem COMMAND --help: the command's options and defaults)
 
@@ -40,8 +41,22 @@ def command_parser(prog: str, description: str | None) -> argparse.ArgumentParse
     """A command's parser: defaults shown in --help, and --threads (applied by `apply_threads`)."""
     formatter = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=formatter)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a shared CPU)")
+    p.add_argument("--threads", type=int_in(1), default=1, help="torch CPU threads (1: fastest on a shared CPU)")
     return p
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse `type`: an int in [low, high] (high None: no bound); anything else is a usage error."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value"
+    return parse
 
 
 def apply_threads(args: argparse.Namespace) -> None:
@@ -92,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    return run(rest)
+    try:
+        return run(rest)
+    except FileNotFoundError as exc:  # a --model or other path that is not there: its message, no traceback
+        print(f"tmem {command}: {exc.strerror if exc.filename else exc}"
+              + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ from pathlib import Path
 from tmem_runtime.ablations.capacity import REPLAY_MODES
 from tmem_runtime.ablations.runs import CONFIGS, ResultStore
 from tmem_runtime.ablations.studies import FORMATS, NO_MEMORY
-from tmem_runtime.cli import apply_threads, command_parser
-from tmem_runtime.fact_sets import split_names
+from tmem_runtime.cli import apply_threads, command_parser, int_in
+from tmem_runtime.fact_sets import fact_sets, split_names
+from tmem_runtime.recipes import RECIPES
 
 STUDIES = ("precondition", "init", "place", "capacity", "format")
 # 126 questions of categories 1-4 whose evidence lies in the first 3 sessions
@@ -35,24 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="checkpoints, report.md and plots")
     p.add_argument("--only", nargs="+", choices=STUDIES, default=list(STUDIES), help="studies to run")
     p.add_argument("--model", default="smollm2-135m", help="load_model name or a local HF directory")
-    p.add_argument("--sets", nargs="+", default=SETS, help="fact sets (init, place)")
-    p.add_argument("--precondition-sets", nargs="+", default=split_names("held-out"), help="fact sets (precondition)")
+    p.add_argument("--sets", nargs="+", choices=list(fact_sets()), default=SETS, metavar="SET",
+                   help="fact sets (init, place)")
+    p.add_argument("--precondition-sets", nargs="+", choices=list(fact_sets()), default=split_names("held-out"),
+                   metavar="SET", help="fact sets (precondition)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="write seeds (init, place)")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                    help="adapter configurations to run (init, place)")
-    p.add_argument("--recipes", nargs="+", default=["default", "paper"], help="write recipes to run (init)")
+    p.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["default", "paper"],
+                   help="write recipes to run (init)")
     p.add_argument("--all-seeds", action="store_true",
                    help="run every seed even where it cannot change the write (else: recorded as seed 0's copy)")
     p.add_argument("--data", default="../shared/data/locomo10.json", help="LoCoMo JSON (read by path)")
     p.add_argument("--conversations", nargs="+", default=CONVERSATIONS, help="LoCoMo conversations (format study)")
     p.add_argument("--formats", nargs="+", choices=[*FORMATS, NO_MEMORY], default=[*FORMATS, NO_MEMORY],
                    help=f"write formats (format study; {NO_MEMORY!r}: no memory, the read sessions in the prompt)")
-    p.add_argument("--max-sessions", type=int, default=3, help="sessions read per conversation (format study)")
-    p.add_argument("--capacity-size", type=int, default=8, help="facts per write (capacity study)")
+    p.add_argument("--max-sessions", type=int_in(1), default=3, help="sessions read per conversation (format study)")
+    p.add_argument("--capacity-size", type=int_in(1), default=8, help="facts per write (capacity study)")
     p.add_argument("--replay", nargs="+", choices=REPLAY_MODES, default=["none", "sample32"],
                    help="replay of earlier facts with each write (capacity study)")
     p.add_argument("--capacity-seeds", nargs="+", type=int, default=[0, 1], help="fact orders (capacity study)")
-    p.add_argument("--capacity-writes", type=int, default=12, help="writes per capacity run (at most 12)")
+    p.add_argument("--capacity-writes", type=int_in(1, 12), default=12, help="writes per capacity run (at most 12)")
     p.add_argument("--report-only", action="store_true", help="only rebuild report.md and the plots")
     return p
 
@@ -84,14 +88,19 @@ def run_studies(args: argparse.Namespace) -> None:
             studies.capacity_study(store, model, tokenizer, args.replay, args.capacity_seeds,
                                    args.capacity_size, out / "adapters", args.capacity_writes)
     if "format" in args.only:
-        if not Path(args.data).exists():
-            raise SystemExit(f"LoCoMo data not found at {args.data} (pass --data)")
         studies.format_study(out, args.data, args.conversations, args.max_sessions, args.formats, threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     apply_threads(args)
+    if "format" in args.only and not args.report_only:  # checked now, not after the hour of studies before it
+        from tmem_runtime.agent.locomo import load_locomo
+
+        try:
+            load_locomo(args.data, args.conversations)
+        except ValueError as exc:
+            raise SystemExit(f"tmem ablate: {exc} (pass --data, --conversations)") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:

@@ -20,7 +20,8 @@ from tmem_runtime.agent.agent import MemoryAgent, Trigger
 from tmem_runtime.agent.channels import make_channel
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.locomo import load_locomo, question_prompt, score
-from tmem_runtime.cli import apply_threads, command_parser
+from tmem_runtime.agent.write_formats import recipe_name
+from tmem_runtime.cli import apply_threads, command_parser, int_in
 
 DEMO_CONVERSATION = "demo_conversation.json"
 
@@ -56,14 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     p = command_parser("tmem demo", __doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m or a local HF model directory")
     p.add_argument("--data", default=None, help="a LoCoMo-format file (None: the shipped demo conversation)")
-    p.add_argument("--l-max", type=int, default=150, help="working-context budget in tokens")
+    p.add_argument("--l-max", type=int_in(1), default=150, help="working-context budget in tokens")
     p.add_argument("--write-format", choices=("qa", "summary", "ntp"), default="qa", help="what a write trains on")
-    p.add_argument("--recipe", default="agent", help='"agent" (AdamW 3e-3) or a runtime recipe name')
-    p.add_argument("--replay", type=int, default=32, help="earlier flashcards trained again per write (0: paper)")
-    p.add_argument("--flashcard-tokens", type=int, default=160, help="max new tokens of one memory write")
+    p.add_argument("--recipe", type=recipe_name, default="agent", help='"agent" (AdamW 3e-3) or a runtime recipe name')
+    p.add_argument("--replay", type=int_in(0), default=32, help="earlier flashcards trained again per write (0: paper)")
+    p.add_argument("--flashcard-tokens", type=int_in(1), default=160, help="max new tokens of one memory write")
     p.add_argument("--flashcard-mode", choices=("per-turn", "array"), default="per-turn",
                    help="one card per turn (small models) or one JSON array per context (the paper's)")
-    p.add_argument("--answer-tokens", type=int, default=16, help="max new tokens per answer")
+    p.add_argument("--answer-tokens", type=int_in(1), default=16, help="max new tokens per answer")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,10 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     from tmem_runtime import FastWeights, load_model
 
     start = time.perf_counter()
-    conv = load_locomo(args.data or demo_data_path())[0]
+    try:
+        conv = load_locomo(args.data or demo_data_path())[0]
+    except ValueError as exc:
+        raise SystemExit(f"tmem demo: {exc}") from None
+    questions = [q for q in conv.qa if q.category != 5]
+    if not questions:
+        raise SystemExit(f"tmem demo: conversation {conv.sample_id!r} has no questions of categories 1-4 to ask")
     model, tokenizer = load_model(args.model, device=args.device)
     gen = Generator(model, tokenizer)
-    questions = [q for q in conv.qa if q.category != 5]
     prompts = [question_prompt(q) for q in questions]
     print(f"tmem demo: {args.model}, conversation {conv.sample_id!r}: {len(conv.sessions)} sessions, "
           f"{gen.count_tokens(conv.render())} tokens; l_max={args.l_max}, write format {args.write_format}, "

@@ -9,7 +9,8 @@ losses), report.json and report.md (F1/EM per category and method, peak memory, 
 written/dropped, write losses, and where the time went: card generation, training, answering,
 prefill and decode, with tokens/s) and plots (f1_by_category.png, write_loss.png, memory.png,
 time.png; recall.png with --probe-every: recall of the questions while reading). The same command
-runs a 4B model on a GPU: --model DIR --device cuda --dtype bfloat16.
+runs a 4B model on a GPU: --model DIR --device cuda --dtype bfloat16. Run again with the same --out and
+settings to resume an interrupted run (the episodes it saved are kept); --fresh starts over.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tmem_runtime.adapter_file import atomic_write
 from tmem_runtime.agent.agent import MemoryAgent, Trigger
 from tmem_runtime.agent.card_selection import SELECTIONS
 from tmem_runtime.agent.channels import CHANNELS, MemoryChannel, make_channel
@@ -43,8 +45,8 @@ from tmem_runtime.agent.monitor import MemoryMonitor
 from tmem_runtime.agent.pooled import PoolSession, answer_together
 from tmem_runtime.agent.recall_probe import RecallProbe, plot_recall
 from tmem_runtime.agent.timing import episode_times, plot_times, time_table
-from tmem_runtime.agent.write_formats import WRITE_FORMATS
-from tmem_runtime.cli import apply_threads, command_parser
+from tmem_runtime.agent.write_formats import WRITE_FORMATS, recipe_name
+from tmem_runtime.cli import apply_threads, command_parser, int_in
 from tmem_runtime.decoding import DecodeStats
 from tmem_runtime.models import DTYPES
 
@@ -59,35 +61,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="what tmem channels train on (each format is a separate method)")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m or a local HF model directory")
     p.add_argument("--conversations", nargs="*", default=None, help="sample ids (None: every conversation in the file)")
-    p.add_argument("--max-questions", type=int, default=None, help="questions per conversation (all categories)")
-    p.add_argument("--max-sessions", type=int, default=None,
+    p.add_argument("--max-questions", type=int_in(0), default=None, help="questions per conversation (all categories)")
+    p.add_argument("--max-sessions", type=int_in(1), default=None,
                    help="read only the first N sessions; only questions whose evidence lies there are asked")
-    p.add_argument("--l-max", type=int, default=1024, help="budget: working context + explicit memory, tokens")
+    p.add_argument("--l-max", type=int_in(1), default=1024, help="budget: working context + explicit memory, tokens")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model weights dtype")
-    p.add_argument("--recipe", default="agent",
+    p.add_argument("--recipe", type=recipe_name, default="agent",
                    help='write recipe: "agent" (AdamW 3e-3, 10 epochs) or a runtime name ("default", "paper")')
-    p.add_argument("--replay", type=int, default=32,
+    p.add_argument("--replay", type=int_in(0), default=32,
                    help="earlier items of the episode trained again with each write (0: the paper's protocol)")
-    p.add_argument("--replay-per-card", type=int, default=0,
+    p.add_argument("--replay-per-card", type=int_in(0), default=0,
                    help="if > 0, replay at most this many earlier items per new one (cheap writes stay cheap)")
     p.add_argument("--cards", choices=SELECTIONS, default="all",
                    help="which turns get a flashcard: all (of 5+ words) or salient (new content words, no model call)")
-    p.add_argument("--card-min-score", type=int, default=4, help="salient: new content words a turn needs")
-    p.add_argument("--max-cards", type=int, default=None, help="salient: at most this many cards per write")
+    p.add_argument("--card-min-score", type=int_in(0), default=4, help="salient: new content words a turn needs")
+    p.add_argument("--max-cards", type=int_in(1), default=None, help="salient: at most this many cards per write")
     p.add_argument("--named-turns", action="store_true",
                    help="per-turn cards: show the writer each turn in the third person (I/my -> the speaker's name)")
-    p.add_argument("--rank", type=int, default=6, help="fast weights: LoRA rank")
-    p.add_argument("--num-layers", type=int, default=4, help="fast weights: last N decoder layers")
-    p.add_argument("--top-k", type=int, default=5, help="retrieved chunks per question")
-    p.add_argument("--summary-tokens", type=int, default=512, help="cap on the rolling summary, tokens")
-    p.add_argument("--answer-tokens", type=int, default=24, help="max new tokens per answer")
-    p.add_argument("--flashcard-tokens", type=int, default=192, help="max new tokens of one memory write")
+    p.add_argument("--rank", type=int_in(1), default=6, help="fast weights: LoRA rank")
+    p.add_argument("--num-layers", type=int_in(1), default=4, help="fast weights: last N decoder layers")
+    p.add_argument("--top-k", type=int_in(1), default=5, help="retrieved chunks per question")
+    p.add_argument("--summary-tokens", type=int_in(1), default=512, help="cap on the rolling summary, tokens")
+    p.add_argument("--answer-tokens", type=int_in(1), default=24, help="max new tokens per answer")
+    p.add_argument("--flashcard-tokens", type=int_in(1), default=192, help="max new tokens of one memory write")
     p.add_argument("--flashcard-mode", choices=FLASHCARD_MODES, default="per-turn",
                    help="one card per turn (small models) or one JSON array per context (the paper's)")
-    p.add_argument("--window", type=int, default=None, help="model context window (None: the config's)")
-    p.add_argument("--probe-every", type=int, default=0,
+    p.add_argument("--window", type=int_in(1), default=None, help="model context window (None: the config's)")
+    p.add_argument("--probe-every", type=int_in(0), default=0,
                    help="ask the questions again after every write once this many tokens were read since the "
                         "last probe (a channel that never writes: after the session crossing it); 0: never")
     p.add_argument("--side-by-side", action="store_true",
@@ -96,7 +98,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of adapter init, card order and replay")
     p.add_argument("--policy", default=None,
                    help="a trained memory writer (tmem rl): its policy.safetensors or checkpoint directory")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over in --out (default: a run with the same settings there is resumed, keeping the "
+                        "episodes it saved; one with other settings is refused)")
     return p.parse_args(argv)
+
+
+_NOT_SETTINGS = ("out", "threads", "fresh")  # what a rerun may change and still resume
+
+
+def _settings(args: dict) -> dict:
+    return json.loads(json.dumps({k: v for k, v in args.items() if k not in _NOT_SETTINGS}))
+
+
+def saved_runs(out: Path, args: argparse.Namespace) -> list[dict]:
+    """The episodes an earlier run with the same settings saved in `out`/answers.json ([] if none or
+    --fresh). A run with other settings is refused, since going on would overwrite its answers."""
+    path = out / "answers.json"
+    if args.fresh or not path.is_file():
+        return []
+    try:
+        saved = json.loads(path.read_text())
+        theirs, runs = _settings(saved["args"]), list(saved["runs"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"tmem eval: {path} is not a tmem eval answers file ({exc}): pass --fresh to "
+                         "overwrite it, or another --out") from None
+    mine = _settings(vars(args))
+    changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if changed:
+        raise SystemExit(f"tmem eval: {out} holds a run with other settings ({', '.join(changed)}): pass --fresh "
+                         "to overwrite it, or another --out")
+    return runs
 
 
 def select_questions(conv: Conversation, max_questions: int | None, max_sessions: int | None) -> list[QA]:
@@ -386,9 +418,17 @@ def main(argv: list[str] | None = None) -> int:
         apply_threads(args)
     from tmem_runtime import FastWeights, SessionPool, load_model
 
+    try:  # before anything is made or loaded
+        conversations = load_locomo(args.data, args.conversations)
+    except ValueError as exc:
+        raise SystemExit(f"tmem eval: {exc}") from None
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    conversations = load_locomo(args.data, args.conversations)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"tmem eval: cannot make --out {out}: {exc.strerror or exc}") from None
+    runs = saved_runs(out, args)  # resumed: these episodes are not run again
+    done = {(r["method"], r["conversation"]) for r in runs}
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, seed=args.seed)
     if tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer; the agent needs a real model")
@@ -403,22 +443,22 @@ def main(argv: list[str] | None = None) -> int:
     if pooled:  # one session per (tmem method, conversation), answered together at the end
         pool = SessionPool(model, capacity=len(pooled) * len(conversations), rank=args.rank,
                            num_layers=args.num_layers, seed=args.seed)
-    runs: list[dict] = []
     waiting: list[ReadEpisode] = []  # read pooled episodes, answered together at the end
-    with tqdm(total=len(methods) * len(conversations), desc="eval", unit="episode") as bar:
+    with tqdm(total=len(methods) * len(conversations), initial=len(runs), desc="eval", unit="episode") as bar:
 
-        def record(done: list[dict]) -> None:
-            runs.extend(done)
-            for r in done:
+        def record(finished: list[dict]) -> None:
+            runs.extend(finished)
+            for r in finished:
                 bar.set_postfix_str(f"{r['method']} {r['conversation']}: {len(r['triggers'])} writes, "
                                     f"F1 {_mean([a['f1'] for a in r['answers']])}")
-            bar.update(len(done))
-            (out / "answers.json").write_text(json.dumps(dict(args=vars(args), runs=runs), indent=1))
+            bar.update(len(finished))
+            text = json.dumps(dict(args=vars(args), runs=runs), indent=1)
+            atomic_write(out / "answers.json", lambda tmp: Path(tmp).write_text(text))  # Ctrl-C: the last one stays
 
         for memory, write_format in methods:
             label = method_label(memory, write_format)
             if (memory, write_format) in pooled:
-                for conv in conversations:
+                for conv in (c for c in conversations if (label, c.sample_id) not in done):
                     session = PoolSession(pool, f"{label} {conv.sample_id}")
                     agent = MemoryAgent(generator, channel_of(args, memory, write_format, generator, session),
                                         args.l_max, args.answer_tokens)
@@ -429,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                 fast_weights = FastWeights(model, rank=args.rank, num_layers=args.num_layers, seed=args.seed)
             agent = MemoryAgent(generator, channel_of(args, memory, write_format, generator, fast_weights),
                                 args.l_max, args.answer_tokens)
-            for conv in conversations:
+            for conv in (c for c in conversations if (label, c.sample_id) not in done):
                 questions = select_questions(conv, args.max_questions, args.max_sessions)
                 record([run_conversation(agent, conv, questions, args, label)])
             agent.reset()

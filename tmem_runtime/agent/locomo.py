@@ -108,12 +108,16 @@ def _parse_conversation(raw: dict) -> Conversation:
         if turns:
             sessions.append(Session(index=n, date_time=str(conv.get(f"session_{n}_date_time", "")), turns=turns))
     qa = []
-    for q in raw.get("qa", []):
-        category = int(q["category"])
-        answer = q.get("answer", q.get("adversarial_answer", "")) if category != 5 else q.get(
-            "adversarial_answer", q.get("answer", "")
-        )
-        qa.append(QA(str(q["question"]), str(answer), category, [str(e) for e in q.get("evidence", [])]))
+    for j, q in enumerate(raw.get("qa", [])):
+        try:
+            category = int(q["category"])
+            answer = q.get("answer", q.get("adversarial_answer", "")) if category != 5 else q.get(
+                "adversarial_answer", q.get("answer", "")
+            )
+            qa.append(QA(str(q["question"]), str(answer), category, [str(e) for e in q.get("evidence", [])]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"question {j} of sample {raw.get('sample_id')!r} is malformed "
+                             f"({type(exc).__name__}: {exc}); it needs 'question' and 'category'") from None
     return Conversation(
         sample_id=str(raw.get("sample_id", "")),
         speaker_a=str(conv.get("speaker_a", "")),
@@ -124,11 +128,31 @@ def _parse_conversation(raw: dict) -> Conversation:
 
 
 def load_locomo(path: str | Path, sample_ids: list[str] | None = None) -> list[Conversation]:
-    """Read a LoCoMo-format JSON file (a list of samples); keep `sample_ids` in the file's order if given."""
-    data = json.loads(Path(path).read_text())
+    """Read a LoCoMo-format JSON file (a list of samples); keep `sample_ids` in the file's order if given.
+
+    A file that is missing, not JSON, or not LoCoMo's layout raises ValueError saying which and where.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"no such file: {path}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({exc}); a LoCoMo file is a JSON list of samples") from None
     if isinstance(data, dict):
         data = [data]
-    conversations = [_parse_conversation(raw) for raw in data]
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path} holds no conversations (a LoCoMo file is a non-empty JSON list of samples)")
+    conversations = []
+    for i, raw in enumerate(data):
+        if not isinstance(raw, dict) or not isinstance(raw.get("conversation"), dict):
+            raise ValueError(f"{path}: item {i} is not a LoCoMo sample (a dict with a 'conversation' dict of "
+                             "session_N turn lists, and 'qa')")
+        try:
+            conversations.append(_parse_conversation(raw))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{path}: sample {i} is malformed: {exc}") from None
     if sample_ids:
         known = {c.sample_id for c in conversations}
         missing = [s for s in sample_ids if s not in known]

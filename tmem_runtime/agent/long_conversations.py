@@ -197,22 +197,26 @@ def make_conversations(n: int, seed: int = 0, **kwargs) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """`tmem make-conversations`: write seeded long conversations to a LoCoMo-format JSON file."""
-    from tmem_runtime.cli import apply_threads, command_parser
+    from tmem_runtime.cli import apply_threads, command_parser, int_in
 
     p = command_parser("tmem make-conversations", __doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output JSON file")
-    p.add_argument("--n", type=int, default=2, help="how many conversations")
+    p.add_argument("--n", type=int_in(1), default=2, help="how many conversations")
     p.add_argument("--seed", type=int, default=0, help="seed of the first conversation")
-    p.add_argument("--facts", type=int, default=8, help=f"facts per conversation (stated early), 1..{FACT_KINDS}")
-    p.add_argument("--tokens", type=int, default=16000, help="approximate length of each conversation, tokens")
-    p.add_argument("--fact-sessions", type=int, default=1, help="sessions the facts are spread over")
-    p.add_argument("--turns", type=int, default=40, help="turns per session")
+    p.add_argument("--facts", type=int_in(1, FACT_KINDS), default=8,
+                   help=f"facts per conversation (stated early), 1..{FACT_KINDS}")
+    p.add_argument("--tokens", type=int_in(0), default=16000, help="approximate length of each conversation, tokens")
+    p.add_argument("--fact-sessions", type=int_in(1), default=1, help="sessions the facts are spread over")
+    p.add_argument("--turns", type=int_in(1), default=40, help="turns per session")
     args = p.parse_args(argv)
     apply_threads(args)  # (nothing here runs torch; every command takes --threads)
     data = make_conversations(args.n, args.seed, n_facts=args.facts, tokens=args.tokens,
                               fact_sessions=args.fact_sessions, turns_per_session=args.turns)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
+    except OSError as exc:
+        raise SystemExit(f"tmem make-conversations: cannot write {out}: {exc.strerror or exc}") from None
     print(f"wrote {len(data)} conversations to {out}")
     return 0

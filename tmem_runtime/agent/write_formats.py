@@ -6,6 +6,7 @@ same recipe; only the training material differs (the paper's write-format ablati
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -36,6 +37,15 @@ AGENT_RECIPE = Recipe(optimizer="adamw", lr=3e-3, epochs=10, batch_size=16)
 def resolve_recipe(name: str) -> Recipe:
     """"agent" -> AGENT_RECIPE; any other name is the runtime's ("default", "paper")."""
     return AGENT_RECIPE if name == "agent" else get_recipe(name)
+
+
+def recipe_name(name: str) -> str:
+    """An argparse `type`: a name `resolve_recipe` knows, returned as given (else a usage error)."""
+    try:
+        resolve_recipe(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f'{exc} (or "agent")') from None
+    return name
 
 
 @dataclass

@@ -91,18 +91,25 @@ def save_checkpoint(out: str | os.PathLike, step: int, policy: Policy, optimizer
     return final
 
 
-def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.optim.Optimizer,
+                    config: dict | None = None) -> dict:
     """Verify a checkpoint directory, then load it into `policy` and `optimizer`; returns trainer.json.
 
-    CheckpointError (and nothing changed) on a missing file, bad JSON, a hash mismatch, or tensors that
-    do not fit the policy or the optimizer."""
+    CheckpointError (and nothing changed) on a missing file, bad JSON, a hash mismatch, tensors that
+    do not fit the policy or the optimizer, or a saved "config" that differs from `config` (if given)
+    in any of its keys."""
     path = Path(path)
     try:
         state = json.loads((path / STATE_FILE).read_text())
         files = state["files"]
         step = int(state["step"])
+        saved = dict(state.get("config", {}))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: no readable {STATE_FILE} ({exc})") from exc
+    changed = [f"{k} {saved.get(k)} -> {v}" for k, v in (config or {}).items() if saved.get(k) != v]
+    if changed:
+        raise CheckpointError(f"{path} was trained with other settings ({', '.join(changed)}): resume with "
+                              "the same ones, or start over (--fresh)")
     for name in (POLICY_FILE, OPTIMIZER_FILE):
         f = path / name
         if not f.is_file() or sha256(f) != files.get(name):

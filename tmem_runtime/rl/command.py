@@ -8,7 +8,8 @@
 OUT gets log.jsonl (one record per step), checkpoints/step-N/ (policy.safetensors: what `tmem eval
 --policy` loads; the optimizer state; trainer.json), held_out.json (the greedy writer's reward and
 card rates on the held-out conversations, before and after) and plots (rl_*.png). Run again with the
-same OUT to continue from its newest checkpoint exactly (--fresh: start over).
+same OUT to continue from its newest checkpoint exactly (--fresh: start over); a checkpoint trained with
+other GRPO settings (group size, batch, lr, temperature, clip, beta, seed, ...) is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tmem_runtime.cli import command_parser
+from tmem_runtime.cli import command_parser, int_in
 
 PLOTTED = (("reward", "reward (mean F1 after the write)"), ("valid_card_rate", "valid-card rate"),
            ("kl", "KL to the reference"), ("loss", "loss"))
@@ -32,13 +33,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="training conversations, LoCoMo-format JSON (tmem make-conversations)")
     p.add_argument("--held-out", default=None, help="held-out conversations: the greedy writer scored before/after")
     p.add_argument("--out", required=True, help="output directory (log, checkpoints, plots); resumed if it has any")
-    p.add_argument("--steps", type=int, default=20, help="GRPO steps in all (a resumed run continues to this)")
-    p.add_argument("--group-size", type=int, default=4, help="flashcard sets sampled per memory write (G)")
-    p.add_argument("--batch", type=int, default=1, help="conversations per step, over all ranks")
+    p.add_argument("--steps", type=int_in(0), default=20, help="GRPO steps in all (a resumed run continues to this)")
+    p.add_argument("--group-size", type=int_in(1), default=4, help="flashcard sets sampled per memory write (G)")
+    p.add_argument("--batch", type=int_in(1), default=1, help="conversations per step, over all ranks")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (the paper: 1e-6, full model)")
     p.add_argument("--policy", choices=("full", "lora"), default="lora",
                    help="train every weight, or a slow LoRA over all layers (not the fast-weight MLPs)")
-    p.add_argument("--lora-rank", type=int, default=16, help="rank of the slow LoRA (alpha 2 x rank)")
+    p.add_argument("--lora-rank", type=int_in(1), default=16, help="rank of the slow LoRA (alpha 2 x rank)")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m or a local HF model directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (none: the model's; tiny models: "
                    "the embedded model's)")
@@ -46,16 +47,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="one card per turn (small models) or one JSON array per context (the paper's)")
     p.add_argument("--eval-modes", nargs="+", choices=("per-turn", "array"), default=None,
                    help="flashcard modes the held-out conversations are scored in (default: --flashcard-mode)")
-    p.add_argument("--l-max", type=int, default=512, help="the agent's budget (tokens): where it writes")
-    p.add_argument("--replay", type=int, default=8, help="earlier episode cards trained again with each write")
+    p.add_argument("--l-max", type=int_in(1), default=512, help="the agent's budget (tokens): where it writes")
+    p.add_argument("--replay", type=int_in(0), default=8, help="earlier episode cards trained again with each write")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the flashcards")
     p.add_argument("--beta", type=float, default=0.0, help="KL weight (0: outcome reward only, the paper's)")
-    p.add_argument("--kl-every", type=int, default=1, help="log the KL to the reference every k steps (0: never)")
-    p.add_argument("--updates-per-batch", type=int, default=1, help="optimizer steps per batch of rollouts")
-    p.add_argument("--micro-batch-rows", type=int, default=16, help="scored rows per forward/backward")
-    p.add_argument("--save-every", type=int, default=5, help="checkpoint every k steps (and at the end)")
-    p.add_argument("--rank", type=int, default=6, help="fast-weight rank")
-    p.add_argument("--num-layers", type=int, default=4, help="fast-weight layers (the last N)")
+    p.add_argument("--kl-every", type=int_in(0), default=1, help="log the KL to the reference every k steps (0: never)")
+    p.add_argument("--updates-per-batch", type=int_in(1), default=1, help="optimizer steps per batch of rollouts")
+    p.add_argument("--micro-batch-rows", type=int_in(1), default=16, help="scored rows per forward/backward")
+    p.add_argument("--save-every", type=int_in(0), default=5, help="checkpoint every k steps (and at the end)")
+    p.add_argument("--rank", type=int_in(1), default=6, help="fast-weight rank")
+    p.add_argument("--num-layers", type=int_in(1), default=4, help="fast-weight layers (the last N)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the model's dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of the task order, samples, writes and LoRA init")
@@ -67,7 +68,10 @@ def load_conversations(path: str) -> list:
     """Training or held-out conversations; LoCoMo's own (sample ids conv-*) are refused: it stays for evaluation."""
     from tmem_runtime.agent.locomo import load_locomo
 
-    conversations = load_locomo(path)
+    try:
+        conversations = load_locomo(path)
+    except ValueError as exc:
+        raise SystemExit(f"tmem rl: {exc}") from None
     locomo = [c.sample_id for c in conversations if c.sample_id.startswith("conv-")]
     if locomo:
         raise SystemExit(f"{path} holds LoCoMo conversations ({locomo[:3]}): train on generated ones "
@@ -107,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from tmem_runtime import SessionPool
     from tmem_runtime.agent.generation import Generator
     from tmem_runtime.models import target_mlps
+    from tmem_runtime.rl.checkpoint import CheckpointError
     from tmem_runtime.rl.distributed import close_distributed, init_distributed
     from tmem_runtime.rl.environment import MemoryEnvConfig, MemoryWriteEnv, evaluate_writer
     from tmem_runtime.rl.policy import Policy, PolicySpec
@@ -130,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
                         beta=args.beta, kl_every=args.kl_every, updates_per_batch=args.updates_per_batch,
                         micro_batch_rows=args.micro_batch_rows, save_every=args.save_every, seed=args.seed)
     trainer = GRPOTrainer(policy, env, config, out, ctx)
-    start = 0 if args.fresh else trainer.resume()
+    try:
+        start = 0 if args.fresh else trainer.resume()
+    except CheckpointError as exc:
+        raise SystemExit(f"tmem rl: {exc}") from None
     if start == 0 and ctx.is_main:
         (out / "log.jsonl").unlink(missing_ok=True)  # a run from step 0 logs from step 1
     report_path = out / "held_out.json"

@@ -49,6 +49,8 @@ from tmem_runtime.rl.sampling import rollout_seed
 from tmem_runtime.rl.scoring import PolicyScorer
 
 LOG_FILE = "log.jsonl"
+# GRPOConfig fields a resumed run may change: bookkeeping, not what the steps compute (the others are refused)
+RESUMABLE_CHANGES = ("micro_batch_rows", "kl_every", "save_every", "keep_checkpoints")
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,8 @@ class GRPOTrainer:
         path = Path(path) if path is not None else latest_checkpoint(self.out)
         if path is None:
             return 0
-        state = load_checkpoint(path, self.policy, self.optimizer)
+        fixed = {k: v for k, v in asdict(self.config).items() if k not in RESUMABLE_CHANGES}
+        state = load_checkpoint(path, self.policy, self.optimizer, fixed)
         self.step = int(state["step"])
         log = self.out / LOG_FILE
         if self.ctx.is_main and log.is_file():
