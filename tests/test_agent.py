@@ -104,6 +104,15 @@ def test_trigger_fires_at_the_budget_and_clears_the_context(generator):
 
 
 @pytest.mark.slow
+def test_a_turn_that_is_not_valid_unicode_is_refused_and_changes_nothing(generator):
+    agent = MemoryAgent(generator, make_channel("none", generator), l_max=100)
+    agent.observe("Ana: I moved to Porto.")
+    before = (list(agent.lines), agent.context_tokens, agent.tokens_read)
+    with pytest.raises(ValueError, match="not valid unicode: surrogates not allowed at character 8"):
+        agent.observe("Ana: Hi \ud800 there")  # a lone surrogate, as json.loads('"\\ud800"') gives
+    assert (agent.lines, agent.context_tokens, agent.tokens_read) == before
+
+
 def test_none_channel_never_writes_and_keeps_the_most_recent_part(generator):
     agent = MemoryAgent(generator, make_channel("none", generator), l_max=10, window=160 + 40)
     agent.read(_conversation())

@@ -64,7 +64,13 @@ class Generator:
         return next(self.model.parameters()).device
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, no special tokens added."""
+        """Token ids of `text`, no special tokens added. ValueError if `text` is not valid unicode (a lone
+        surrogate, as JSON can hold: the tokenizer's own error names nothing)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"text is not valid unicode: {exc.reason} at character {exc.start} "
+                             f"({text[max(0, exc.start - 20):exc.start]!r}...)") from None  # fmt: skip
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def count_tokens(self, text: str) -> int:
