@@ -80,4 +80,5 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistContext
 
 def close_distributed(ctx: DistContext) -> None:
     if ctx.group and dist.is_initialized():
+        dist.barrier()  # every rank done (rank 0 plots last) before any tears its group down
         dist.destroy_process_group()
