@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -162,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         plot_log(out)
         print(f"wrote {out}/log.jsonl, checkpoints/, rl_*.png" + (", held_out.json" if held else ""))
     close_distributed(ctx)
+    if ctx.group:  # a torchrun worker, its files written and closed: leave without the interpreter's teardown,
+        sys.stdout.flush()  # which once deadlocked on a native mutex at exit (CI, 2026-11-27: 300 s, py-spy)
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
