@@ -139,6 +139,12 @@ class Decoder:
         layer = self.layers[first_adapted]
         return self._attention_block(layer, hidden, *self._attention_inputs(hidden, p, lengths), prefix)
 
+    def trunk_modules(self, first_adapted: int) -> list[nn.Module]:
+        """The modules whose weights `run_trunk(..., first_adapted)` reads: the embedding, layers
+        [0, first_adapted), and that layer's input norm and attention."""
+        first = self.layers[first_adapted]
+        return [self.inner.embed_tokens, *self.layers[:first_adapted], first.input_layernorm, first.self_attn]
+
     def run_layers_at(
         self,
         hidden: torch.Tensor,

@@ -70,10 +70,7 @@ class SessionPool(SessionStore):
         decoder = self.engine.decoder
         self.trunk_rows = None  # examples' trunk outputs, for writes that train them again (replayed cards)
         if decoder is not None and trunk_cache_bytes:
-            first = decoder.layers[self.engine.first_layer]  # its attention half is in the trunk, its MLP is not
-            trunk = [decoder.inner.embed_tokens, *decoder.layers[: self.engine.first_layer], first.input_layernorm,
-                     first.self_attn]  # fmt: skip
-            self.trunk_rows = TrunkRows(trunk, trunk_cache_bytes)
+            self.trunk_rows = TrunkRows(decoder.trunk_modules(self.engine.first_layer), trunk_cache_bytes)
         self.cuda_graphs = cuda_graphs
         self._init_static()
         self.residency = Residency(self.engine, offload, offload_dir)
