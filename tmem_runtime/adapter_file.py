@@ -20,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from tmem_runtime.tensor_stamp import tensors_stamp
+
 FILE_FORMAT = "tmem-fast-weights/2"
 IDENTITY_KEYS = ("format", "architecture", "weights_sha256", "rank", "layers", "targets", "init", "shapes")
 
@@ -50,7 +52,7 @@ class WeightsFingerprint:
         self._digest = ""
 
     def hexdigest(self) -> str:
-        key = tuple((w.data_ptr(), w._version) for w in self.weights)
+        key = tensors_stamp(self.weights)
         if key != self._key:
             h = hashlib.sha256()
             for w in self.weights:

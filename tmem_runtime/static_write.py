@@ -31,6 +31,7 @@ import torch
 
 from tmem_runtime.engine import FastWeightEngine
 from tmem_runtime.recipes import Recipe
+from tmem_runtime.tensor_stamp import tensors_stamp
 from tmem_runtime.trainer import Workspace
 from tmem_runtime.write import IGNORE_INDEX, StepBatch, TrunkCache, round_up
 
@@ -84,7 +85,7 @@ class StaticWrites:
     def _weights_stamp(self) -> tuple:
         """Where the model's parameters and buffers live now (what a captured graph reads)."""
         model = self.engine.model
-        return tuple((t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
+        return tensors_stamp((*model.parameters(), *model.buffers()), values=False)
 
     def get(self, cache: TrunkCache, sessions: int, train_a: bool, recipe: Recipe, sgd_lr: float | None) -> StaticWrite:
         """The bucket for a write of `sessions` sessions over `cache` (made, and the oldest dropped, if new).

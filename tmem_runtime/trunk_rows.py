@@ -15,6 +15,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from tmem_runtime.tensor_stamp import tensors_stamp
+
 
 class TrunkRows:
     """Per example (its token ids), the trunk output of its tokens from position `start` on, [L - start, H].
@@ -34,10 +36,8 @@ class TrunkRows:
         self._stamp = self._weights_stamp()
 
     def _weights_stamp(self) -> tuple:
-        """What the trunk's weights are now: each parameter's identity, storage, version, dtype and device (a
-        change through the parameter bumps its version; one through `.data` would go unseen)."""
-        params = (p for module in self.trunk for p in module.parameters())
-        return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        """What the trunk's weights are now (parameters read afresh: a replaced one is seen)."""
+        return tensors_stamp(p for module in self.trunk for p in module.parameters())
 
     def validate(self) -> None:
         """Forget every row if a trunk weight changed since the rows were computed (call before a write)."""
