@@ -95,12 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     apply_threads(args)
     if "format" in args.only and not args.report_only:  # checked now, not after the hour of studies before it
-        from tmem_runtime.agent.locomo import load_locomo
+        from tmem_runtime.agent.locomo import read_locomo
 
-        try:
-            load_locomo(args.data, args.conversations)
-        except ValueError as exc:
-            raise SystemExit(f"tmem ablate: {exc} (pass --data, --conversations)") from None
+        read_locomo("tmem ablate", args.data, args.conversations, hint=" (pass --data, --conversations)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:

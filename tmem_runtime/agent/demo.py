@@ -19,7 +19,7 @@ import torch
 from tmem_runtime.agent.agent import MemoryAgent, Trigger
 from tmem_runtime.agent.channels import make_channel
 from tmem_runtime.agent.generation import Generator
-from tmem_runtime.agent.locomo import load_locomo, question_prompt, score
+from tmem_runtime.agent.locomo import question_prompt, read_locomo, score
 from tmem_runtime.agent.write_formats import recipe_name
 from tmem_runtime.cli import apply_threads, command_parser, int_in
 
@@ -73,10 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from tmem_runtime import FastWeights, load_model
 
     start = time.perf_counter()
-    try:
-        conv = load_locomo(args.data or demo_data_path())[0]
-    except ValueError as exc:
-        raise SystemExit(f"tmem demo: {exc}") from None
+    conv = read_locomo("tmem demo", args.data or demo_data_path())[0]
     questions = [q for q in conv.qa if q.category != 5]
     if not questions:
         raise SystemExit(f"tmem demo: conversation {conv.sample_id!r} has no questions of categories 1-4 to ask")

@@ -36,8 +36,8 @@ from tmem_runtime.agent.locomo import (
     CATEGORY_NAMES,
     QA,
     Conversation,
-    load_locomo,
     question_prompt,
+    read_locomo,
     resolve_choice,
     score,
 )
@@ -418,10 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_threads(args)
     from tmem_runtime import FastWeights, SessionPool, load_model
 
-    try:  # before anything is made or loaded
-        conversations = load_locomo(args.data, args.conversations)
-    except ValueError as exc:
-        raise SystemExit(f"tmem eval: {exc}") from None
+    conversations = read_locomo("tmem eval", args.data, args.conversations)  # before anything is made or loaded
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -247,3 +247,14 @@ def score(prediction: str, gold: str, category: int) -> tuple[float, float]:
     if category in (2, 3, 4):
         return token_f1(prediction, gold), exact_match(prediction, gold)
     raise ValueError(f"unknown LoCoMo category {category}")
+
+
+def read_locomo(
+    command: str, path: str | Path, sample_ids: list[str] | None = None, hint: str = ""
+) -> list[Conversation]:
+    """`load_locomo` for a command line: a file it refuses ends the command with its message (SystemExit
+    "`command`: ...`hint`"), not a traceback."""
+    try:
+        return load_locomo(path, sample_ids)
+    except ValueError as exc:
+        raise SystemExit(f"{command}: {exc}{hint}") from None

@@ -67,12 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_conversations(path: str) -> list:
     """Training or held-out conversations; LoCoMo's own (sample ids conv-*) are refused: it stays for evaluation."""
-    from tmem_runtime.agent.locomo import load_locomo
+    from tmem_runtime.agent.locomo import read_locomo
 
-    try:
-        conversations = load_locomo(path)
-    except ValueError as exc:
-        raise SystemExit(f"tmem rl: {exc}") from None
+    conversations = read_locomo("tmem rl", path)
     locomo = [c.sample_id for c in conversations if c.sample_id.startswith("conv-")]
     if locomo:
         raise SystemExit(f"{path} holds LoCoMo conversations ({locomo[:3]}): train on generated ones "
