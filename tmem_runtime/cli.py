@@ -45,6 +45,12 @@ def command_parser(prog: str, description: str | None) -> argparse.ArgumentParse
     return p
 
 
+def add_fast_weight_options(p: argparse.ArgumentParser) -> None:
+    """--rank and --num-layers: the fast weights' LoRA rank and how many last decoder layers they adapt."""
+    p.add_argument("--rank", type=int_in(1), default=6, help="fast weights: LoRA rank")
+    p.add_argument("--num-layers", type=int_in(1), default=4, help="fast weights: last N decoder layers")
+
+
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse `type`: an int in [low, high] (high None: no bound); anything else is a usage error."""
 

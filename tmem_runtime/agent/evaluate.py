@@ -46,7 +46,7 @@ from tmem_runtime.agent.pooled import PoolSession, answer_together
 from tmem_runtime.agent.recall_probe import RecallProbe, plot_recall
 from tmem_runtime.agent.timing import episode_times, plot_times, time_table
 from tmem_runtime.agent.write_formats import WRITE_FORMATS, recipe_name
-from tmem_runtime.cli import apply_threads, command_parser, int_in
+from tmem_runtime.cli import add_fast_weight_options, apply_threads, command_parser, int_in
 from tmem_runtime.decoding import DecodeStats
 from tmem_runtime.models import DTYPES
 
@@ -80,8 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-cards", type=int_in(1), default=None, help="salient: at most this many cards per write")
     p.add_argument("--named-turns", action="store_true",
                    help="per-turn cards: show the writer each turn in the third person (I/my -> the speaker's name)")
-    p.add_argument("--rank", type=int_in(1), default=6, help="fast weights: LoRA rank")
-    p.add_argument("--num-layers", type=int_in(1), default=4, help="fast weights: last N decoder layers")
+    add_fast_weight_options(p)
     p.add_argument("--top-k", type=int_in(1), default=5, help="retrieved chunks per question")
     p.add_argument("--summary-tokens", type=int_in(1), default=512, help="cap on the rolling summary, tokens")
     p.add_argument("--answer-tokens", type=int_in(1), default=24, help="max new tokens per answer")
