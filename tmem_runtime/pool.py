@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
+from torch.profiler import record_function
 from transformers import PreTrainedModel
 
 from tmem_runtime.engine import FastWeightEngine, FastWeightsError
@@ -261,11 +262,11 @@ class SessionPool(SessionStore):
         with self._write_lock, self._resident(names) as slots:
             if not any(schedules):
                 return {s: [] for s in names}
-            with torch.inference_mode(False):
+            with torch.inference_mode(False), record_function("tmem.write.trunk"):
                 encoded = self._encode(data)
             run = WriteRun(self.engine, encoded, schedules, slots, recipe, train_a, self._static)
             outcome = run.train(on_step)
-            with self._exclusive():
+            with self._exclusive(), record_function("tmem.write.commit"):
                 run.commit(outcome)
                 self._changed(list(self._versions) if train_a else names)
         losses, errors = {}, {}

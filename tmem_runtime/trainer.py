@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from tmem_kernels.segments import row_segments
 from tmem_runtime.engine import Binding, FastWeightEngine, FastWeightsError
@@ -298,16 +299,20 @@ class WriteRun:
         """Train and check each session; nothing is committed yet (see `commit`)."""
         n = len(self.slots)
         with torch.inference_mode(False):
-            if self.static is None:
-                self.ws = Workspace(self.engine, self.slots, self.train_a)
-            else:  # the bucket's buffers: this write's cache and rows copied in
-                self.data = self.static.load(self.data, self.slots)
-                self.ws = self.static.workspace
+            with record_function("tmem.write.load"):
+                if self.static is None:
+                    self.ws = Workspace(self.engine, self.slots, self.train_a)
+                else:  # the bucket's buffers: this write's cache and rows copied in
+                    self.data = self.static.load(self.data, self.slots)
+                    self.ws = self.static.workspace
             if not self.steps:
                 return WriteOutcome([[] for _ in range(n)], [None] * n)
-            table = self.run_steps(on_step).tolist()  # the loop's results, read once
-            finite_b = torch.isfinite(self.ws.b).all(dim=1).tolist()
-            finite_a = self.ws.a is None or bool(torch.isfinite(self.ws.a).all())
+            with record_function("tmem.write.steps"):
+                losses_dev = self.run_steps(on_step)
+            with record_function("tmem.write.check"):
+                table = losses_dev.tolist()  # the loop's results, read once (the write's one wait for the device)
+                finite_b = torch.isfinite(self.ws.b).all(dim=1).tolist()
+                finite_a = self.ws.a is None or bool(torch.isfinite(self.ws.a).all())
         losses = [[row[w] for row in table[: self.counts[w]]] for w in range(n)]
         errors = [write_error(losses[w], finite_b[w] and finite_a, self.recipe) for w in range(n)]
         inverse = {i: w for w, i in enumerate(self.order)}

@@ -11,6 +11,8 @@
 #   tests_*      the CUDA-only tests, the kernel tests and the runtime tests on CUDA (three capped parts)
 #   write        the write at SmolLM2 and Qwen3-4B shapes, bf16, random weights: fast path with and without
 #                CUDA graphs, torch path, PEFT (benchmarks/test_bench_write_shapes.py)
+#   profile      where one Qwen3-4B write's time goes: host phases, device busy time, launches and waits, top
+#                kernels (benchmarks/profile_write.py)
 #   kernels      lora_mlp fwd+bwd and the optimizer steps, with each one's share of the card's bound, and the
 #                per-kernel shares from the profiler (benchmarks/test_bench_lora_mlp.py, test_bench_update.py)
 #   pool         the session pool at SmolLM2 and Qwen3-4B shapes: a decode batch of one session per row vs the
@@ -43,12 +45,14 @@ phase() {  # phase NAME CAP_SECONDS LOGFILE CMD...   (the cap is clamped to what
   local t=$((cap < left ? cap : left))
   if ((t < 20)); then echo "$name SKIPPED (${left}s left before the deadline)" >> "$SUMMARY"; return 0; fi
   echo "===== $name (cap ${t}s, start +${SECONDS}s): $*" >> "$log"
+  local from=$(wc -l < "$log")
   timeout -k 5 "$t" "$@" >> "$log" 2>&1
   local rc=$? note=""
   if ((rc == 124 || rc == 137)); then note=" TIMED OUT"; fi
   if ((rc == 5)); then note=" (no test selected here)"; fi
   local result
-  result=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|deselected|error)" "$log" | tail -1 | tr -d '=')
+  result=$(tail -n +$((from + 1)) "$log" | grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|deselected|error)" \
+    | tail -1 | tr -d '=')  # this phase's own lines only (phases share logs)
   echo "$name rc=$rc took=$((SECONDS - t0))s cap=${t}s$note | ${result:-no pytest result line}" >> "$SUMMARY"
 }
 
@@ -126,6 +130,12 @@ else
   phase write_qwen3 120 "$OUT/03_bench_write.txt" "${PYTEST[@]}" benchmarks/test_bench_write_shapes.py \
     -k qwen3 "${BENCH[@]}"
 fi
+# where one write's time goes (host phases, device busy time, launches and waits, top kernels): same log
+if ((DRY)); then
+  phase profile 120 "$OUT/03_bench_write.txt" "$PY" benchmarks/profile_write.py --writes 1
+else
+  phase profile 75 "$OUT/03_bench_write.txt" "$PY" benchmarks/profile_write.py
+fi
 
 # ---- 3. the session pool (skipped without a tokenizer: the GPU image has none) ----------------------------------
 if ((DRY)); then
@@ -172,6 +182,10 @@ fi
     awk '/^(one write|lora_mlp forward|optimizer step|per-kernel|decode,|\[pool\])/{p=1} p && /^(-----|=====)/{p=0} p' "$f" \
       | grep -v '^\.*$' | head -60
   done
+  if [ -f "$OUT/03_bench_write.txt" ]; then
+    echo "## profile of one write"
+    sed -n '/^profile of one write/,/^=====/p' "$OUT/03_bench_write.txt" | grep -v -e '^=====' -e USDT | head -90
+  fi
   echo "total +${SECONDS}s"
 } >> "$SUMMARY"
 ls "$OUT" | head -20 | sed 's/^/file: /' >> "$SUMMARY"
