@@ -530,9 +530,9 @@ def test_a_model_cast_after_attach_is_refused_clearly(backend, device):
 @pytest.mark.slow  # the embedded model's tokenizer
 def test_malformed_cards_are_refused_and_any_iterable_of_pairs_is_taken():
     """A card that is not a (question, answer) pair of strings (a dict, None, a number, a 3-tuple, a bare
-    string) is refused with a ValueError naming it, and nothing is trained; pairs as lists, or a
-    generator of pairs, train as the same list of tuples. write_text refuses one bare string (it trained
-    each character as a text) and a text that is not a string."""
+    string) or holds a lone surrogate is refused with a ValueError naming it, and nothing is trained; pairs
+    as lists, or a generator of pairs, train as the same list of tuples. write_text refuses one bare string
+    (it trained each character as a text), a text that is not a string, and one that is not valid unicode."""
     _, tokenizer = load_model("smollm2-135m")
     model, _ = load_model("tiny-llama")
     with torch.no_grad():
@@ -544,7 +544,13 @@ def test_malformed_cards_are_refused_and_any_iterable_of_pairs_is_taken():
         with pytest.raises(ValueError, match="flashcard 1 is not a"):
             fw.write_qa(tokenizer, [good, bad], recipe=recipe)
         assert fw.stats.writes == 0 and fw.stats.cards == 0
-    for texts, match in (("The boat is called Sea Lark.", "a list of strings"), (["ok", None], "text 1 is")):
+    with pytest.raises(ValueError, match="flashcard 1 is not valid unicode: surrogates not allowed at character 7"):
+        fw.write_qa(tokenizer, [good, ("Who is \ud800?", "Ana")], recipe=recipe)  # as json.loads('"\\ud800"') gives
+    for texts, match in (
+        ("The boat is called Sea Lark.", "a list of strings"),
+        (["ok", None], "text 1 is"),
+        (["ok", "Sea \udfff Lark"], "text is not valid unicode"),
+    ):
         with pytest.raises(ValueError, match=match):
             fw.write_text(tokenizer, texts, recipe=recipe)
     assert fw.stats.writes == 0

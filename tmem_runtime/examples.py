@@ -19,6 +19,18 @@ Example = tuple[list[int], list[int]]
 LOSS_ON = ("answer", "all")
 
 
+def check_unicode(text: str, what: str = "text") -> None:
+    """ValueError if `text` is not valid unicode (a lone surrogate, as JSON and Python strings can hold:
+    the tokenizer's own error names nothing)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} is not valid unicode: {exc.reason} at character {exc.start} "
+            f"({text[max(0, exc.start - 20) : exc.start]!r}...)"
+        ) from None
+
+
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
     """Token ids of the chat-template prompt asking `question`, ending where the answer starts."""
     messages = [{"role": "user", "content": question}]
@@ -98,6 +110,8 @@ def qa_examples(
             isinstance(x, str) for x in pair
         ):
             raise ValueError(f"flashcard {i} is not a (question, answer) pair of strings: {pair!r:.120}")
+        for part in pair:
+            check_unicode(part, f"flashcard {i}")
     examples = [qa_example(tokenizer, q, a, loss_on, max_length) for q, a in pairs]
     cut = sum(not question_fits(tokenizer, q, a, max_length) for q, a in pairs)
     return examples, cut
@@ -105,6 +119,7 @@ def qa_examples(
 
 def text_examples(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int = 256) -> list[Example]:
     """Plain text as next-token examples on every token, cut into windows of `max_length` tokens."""
+    check_unicode(text)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     step = max_length - len(bos)

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tmem_runtime.decoder import supports_piecewise
 from tmem_runtime.decoding import DecodeStats, Prefix, RowBinding, common_prefix_length, greedy_generate, prefill
+from tmem_runtime.examples import check_unicode
 
 if TYPE_CHECKING:
     from tmem_runtime.pool import SessionPool
@@ -66,11 +67,7 @@ class Generator:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens added. ValueError if `text` is not valid unicode (a lone
         surrogate, as JSON can hold: the tokenizer's own error names nothing)."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"text is not valid unicode: {exc.reason} at character {exc.start} "
-                             f"({text[max(0, exc.start - 20):exc.start]!r}...)") from None  # fmt: skip
+        check_unicode(text)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def count_tokens(self, text: str) -> int:
