@@ -19,7 +19,7 @@ from tmem_runtime import (
     load_model,
 )
 from tmem_runtime.static_write import StaticWrites
-from tmem_runtime.trunk_rows import TrunkRows
+from tmem_runtime.trunk_rows import MAX_PREFIXES, TrunkRows
 from tmem_runtime.write import IGNORE_INDEX
 
 BACKENDS = [b for b in ("torch", "native") if available(b)]
@@ -344,10 +344,16 @@ def replaying_writes(model, trunk_cache_bytes: int) -> tuple[list[list[float]], 
     state = pool.state_dict("s")
     rows = pool.trunk_rows
     if rows is not None:  # what is kept is counted, within its bytes
-        assert rows.bytes == sum(h.numel() * h.element_size() for _, h in rows.rows.values()) <= rows.max_bytes
+        kept = [h for _, h in rows.rows.values()]
+        kept += [t for h, kv, _ in rows.prefixes.values() for t in kv_tensors(h, kv)]
+        assert rows.bytes == sum(t.numel() * t.element_size() for t in kept) <= rows.max_bytes
     counters = {k: v for k, v in pool.counters().items() if k.startswith("trunk_rows")}
     pool.detach()
     return losses, state, rows, counters
+
+
+def kv_tensors(hidden, kv) -> list[torch.Tensor]:
+    return [hidden, *(t for pair in kv.kv.values() for t in pair)]
 
 
 def test_replayed_examples_reuse_their_trunk_and_train_the_same(tiny):
@@ -385,11 +391,46 @@ def test_a_changed_trunk_weight_forgets_every_kept_row(tiny, change, where):
     pool.reset("s")
     after = pool.write_examples_many({"s": cards}, REPLAY_RECIPE)["s"]
     assert pool.trunk_rows.hits == 0 and pool.trunk_rows.misses == 6
+    assert (pool.trunk_rows.prefix_hits, pool.trunk_rows.prefix_misses) == (0, 2)  # the second ran it again
     pool.detach()
     fresh = SessionPool(tiny, capacity=1, trunk_cache_bytes=0)
     fresh.open("s")
     want = fresh.write_examples_many({"s": cards}, REPLAY_RECIPE)["s"]
     torch.testing.assert_close(torch.tensor(after), torch.tensor(want))
+
+
+def test_a_shared_prefix_runs_the_trunk_once_across_writes_and_trains_the_same(tiny):
+    """Writes of new cards that share the chat preamble: the first runs the trunk over it, later ones read
+    its output and keys/values back (bit-identical losses and B to a pool that keeps nothing); a prefix
+    of other tokens runs again; at most MAX_PREFIXES are kept, counted in the bytes."""
+    recipe = Recipe(optimizer="adamw", lr=1e-2, epochs=2, batch_size=4)
+    results = []
+    for cache_bytes in (1 << 20, 0):
+        pool = SessionPool(tiny, capacity=1, trunk_cache_bytes=cache_bytes)
+        pool.open("s")
+        losses = [pool.write_examples_many({"s": examples(4, seed=k)}, recipe, seed=k)["s"] for k in range(3)]
+        results.append((losses, pool.state_dict("s")))
+        if cache_bytes:
+            pool.detach()
+    (got, got_state), (want, want_state) = results
+    assert got == want and all(torch.equal(got_state[k], v) for k, v in want_state.items())
+    pool.detach()
+    pool = SessionPool(tiny, capacity=1)
+    pool.open("s")
+    for k in range(3):
+        pool.write_examples_many({"s": examples(4, seed=k)}, recipe, seed=k)
+    kept = pool.trunk_rows
+    assert (kept.prefix_hits, kept.prefix_misses) == (2, 1) and len(kept.prefixes) == 1
+    counters = pool.counters()
+    assert (counters["trunk_prefix_hits"], counters["trunk_prefix_misses"]) == (2, 1)
+    h, kv, size = next(iter(kept.prefixes.values()))
+    assert h.shape[:2] == (1, 9) and size == sum(t.numel() * t.element_size() for t in kv_tensors(h, kv))
+    for k in range(MAX_PREFIXES + 1):  # other preambles: each runs once, the oldest kept goes first
+        other = [([7 + k] * 9 + ids[9:], labels) for ids, labels in examples(4, seed=10 + k)]
+        pool.write_examples_many({"s": other}, recipe)
+    assert len(kept.prefixes) == MAX_PREFIXES and kept.prefix_misses == 1 + MAX_PREFIXES + 1
+    assert tuple([7 + MAX_PREFIXES] * 9) in kept.prefixes and tuple(examples(1, 0)[0][0][:9]) not in kept.prefixes
+    pool.detach()
 
 
 def test_kept_rows_stay_within_their_bytes_least_recently_used_out():

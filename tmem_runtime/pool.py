@@ -47,7 +47,8 @@ class SessionPool(SessionStore):
 
     capacity: B rows on the model's device. offload: "host" | "disk" (with offload_dir) for sessions
     beyond capacity. trunk_cache_bytes: examples' trunk outputs kept on the device for writes that
-    train them again (replayed flashcards; `trunk_rows.py`), 0: none. The other arguments are those of
+    train them again (replayed flashcards), and the shared prefixes' (the chat preamble every card starts
+    with; `trunk_rows.py`), 0: none. The other arguments are those of
     `FastWeightEngine`. `train_a` writes need a pool of capacity 1 (A is shared).
     """
 
@@ -172,7 +173,8 @@ class SessionPool(SessionStore):
 
     def counters(self) -> dict[str, int]:
         """Residency counters and sizes: evictions, restores, resident and open sessions, bytes; the kept
-        trunk rows' bytes and hits/misses (examples whose trunk a write read back / ran)."""
+        trunk outputs' bytes and hits/misses (examples, and shared prefixes, whose trunk a write read back /
+        ran)."""
         with self._lock:
             c, kept = self.residency.counters, self.trunk_rows
             return {
@@ -188,6 +190,8 @@ class SessionPool(SessionStore):
                 "trunk_rows_bytes": 0 if kept is None else kept.bytes,
                 "trunk_rows_hits": 0 if kept is None else kept.hits,
                 "trunk_rows_misses": 0 if kept is None else kept.misses,
+                "trunk_prefix_hits": 0 if kept is None else kept.prefix_hits,
+                "trunk_prefix_misses": 0 if kept is None else kept.prefix_misses,
             }
 
     def bytes_per_session(self, writing: bool = False) -> int:

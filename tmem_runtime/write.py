@@ -169,7 +169,8 @@ def encode_trunk(
     on `device`.
 
     input_ids/labels [N, T] right padded, lengths [N]: host (CPU) tensors. kept: trunk outputs of
-    examples seen before (reused unless a trunk weight changed since, and this call's added), or None.
+    examples and shared prefixes seen before (reused unless a trunk weight changed since, and this call's
+    added), or None.
     """
     input_ids, lengths, labels = input_ids.cpu(), lengths.cpu(), labels.cpu()
     if kept is not None:
@@ -177,10 +178,17 @@ def encode_trunk(
     p = shared_prefix_len(input_ids, lengths)
     prefix_hidden, prefix_kv = None, None
     if p:
-        prefix_kv = PrefixKV()
-        prefix_ids = input_ids[:1, :p].to(device)
-        prefix_hidden = decoder.run_trunk(decoder.embed(prefix_ids), first_adapted, prefix=prefix_kv)
-        prefix_kv.recording = False
+        key = tuple(input_ids[0, :p].tolist())
+        found = None if kept is None else kept.get_prefix(key)
+        if found is None:
+            prefix_kv = PrefixKV()
+            prefix_ids = input_ids[:1, :p].to(device)
+            prefix_hidden = decoder.run_trunk(decoder.embed(prefix_ids), first_adapted, prefix=prefix_kv)
+            prefix_kv.recording = False
+            if kept is not None:
+                kept.put_prefix(key, prefix_hidden, prefix_kv)
+        else:
+            prefix_hidden, prefix_kv = found
     suffix_lengths = lengths - p
     n, s = input_ids.shape[0], int(suffix_lengths.max())
     keys = [tuple(input_ids[i, : lengths[i]].tolist()) for i in range(n)] if kept is not None else []
