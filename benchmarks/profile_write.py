@@ -3,7 +3,8 @@
     python benchmarks/profile_write.py                           # Qwen3-4B shapes on CUDA, SmolLM2's on CPU
     python benchmarks/profile_write.py --model smollm2 --tokens 512 --backends auto torch
 
-For each (model, tokens, backend): a write of 16 flashcard-like examples with the paper recipe (5 SGD steps)
+For each (model, tokens, backend): a write of 16 new flashcard-like examples (the same chat preamble in every
+write, other cards) with the paper recipe (5 SGD steps)
 on a random-weight model at the real shapes (bf16 on CUDA, fp32 on CPU), as
 `benchmarks/test_bench_write_shapes.py` times it. After two warm-up writes it prints
 
@@ -27,6 +28,8 @@ import argparse
 import statistics
 import time
 from collections import Counter
+from collections.abc import Iterator
+from itertools import count
 
 import torch
 from torch.autograd import DeviceType
@@ -52,10 +55,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def wall_times(fw: FastWeights, examples, writes: int) -> list[float]:
-    """Seconds per write, each from a synchronised start to its (synchronising) return."""
+def wall_times(fw: FastWeights, cards: Iterator[list], writes: int) -> list[float]:
+    """Seconds per write of the next examples from `cards`, each from a synchronised start to its
+    (synchronising) return."""
     times = []
     for _ in range(writes):
+        examples = next(cards)
         _sync()
         t = time.perf_counter()
         fw.write_examples(examples, RECIPE)
@@ -116,14 +121,14 @@ def report(prof: profile, wall_s: float) -> list[str]:
 
 
 def profile_case(model: torch.nn.Module, name: str, tokens: int, backend: str, writes: int) -> list[str]:
-    examples = flashcard_examples(tokens, model.config.vocab_size, EXAMPLES, PREFIX)
+    cards = (flashcard_examples(tokens, model.config.vocab_size, EXAMPLES, PREFIX, seed) for seed in count())
     fw = FastWeights(model, backend=backend)
     try:
-        wall_times(fw, examples, 2)  # warm-up: JIT, autotuning, CUDA-graph capture of this shape's bucket
-        times = wall_times(fw, examples, writes)
+        wall_times(fw, cards, 2)  # warm-up: JIT, autotuning, CUDA-graph capture of this shape's bucket
+        times = wall_times(fw, cards, writes)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
         with profile(activities=activities) as prof:
-            profiled = wall_times(fw, examples, 1)[0]
+            profiled = wall_times(fw, cards, 1)[0]
         head = (
             f"{name}-N{tokens} backend={backend} (resolved: {fw.backend}), {DTYPE}, {device_name()}: "
             f"write median {statistics.median(times) * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms over {writes}"

@@ -142,19 +142,27 @@ def test_decode_step(benchmark, case, loaded, states, impl):
 def test_write_sessions(benchmark, case, loaded, impl):
     model, tokenizer = loaded
     names = [f"w{i}" for i in range(case.writers)]
-    cards = {s: (PAIRS * 2)[4 * i % 32 : 4 * i % 32 + 8] for i, s in enumerate(names)}
     pool = SessionPool(model, capacity=case.writers, backend="auto")
     for s in names:
         pool.open(s)
+    rounds = iter(range(1000))
 
-    def batched():
+    def new_cards():  # every round writes new cards (their trunk runs), 8 per session
+        k = next(rounds)
+        cards = {s: [(f"What is the code of locker {k}-{i}-{j}?", f"{(k * 131 + i * 17 + j) % 1000:03d}")
+                     for j in range(8)] for i, s in enumerate(names)}  # fmt: skip
+        return (cards,), {}
+
+    def batched(cards):
         return pool.write_qa_many(tokenizer, cards, recipe=RECIPE)
 
-    def sequential():
+    def sequential(cards):
         return {s: pool.write_qa(s, tokenizer, cards[s], recipe=RECIPE) for s in names}
 
-    benchmark.group = f"write: {case.writers} sessions x 8 flashcards ({case.name})"
-    losses = benchmark.pedantic(batched if impl == "batched" else sequential, rounds=3, warmup_rounds=1)
+    benchmark.group = f"write: {case.writers} sessions x 8 new flashcards ({case.name})"
+    losses = benchmark.pedantic(
+        batched if impl == "batched" else sequential, setup=new_cards, rounds=3, warmup_rounds=1
+    )
     assert len(losses) == case.writers
     pool.detach()
     if benchmark.stats is not None:  # None under --benchmark-disable

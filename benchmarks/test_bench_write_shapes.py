@@ -1,7 +1,8 @@
 """End to end at real shapes: one write on random-weight SmolLM2-135M and Qwen3-4B, 512 and 4096 tokens.
 
-One write = 16 flashcard-like examples of tokens/16 tokens each (a 24-token prefix all share, as a chat
-template gives, then random tokens; the loss on each row's last quarter, its "answer") with the paper's
+One write = 16 new flashcard-like examples of tokens/16 tokens each (a 24-token prefix all share, as a chat
+template gives, the same in every write, then random tokens; the loss on each row's last quarter, its
+"answer") with the paper's
 recipe (SGD, lr 5e-4, 5 epochs, batch 16 -> 5 steps). Every path runs in the same process, on the same
 model, side by side:
 
@@ -88,9 +89,14 @@ def test_write_at_real_shapes(benchmark, model_name: str, tokens: int, impl: str
         benchmark.group = f"write {case} (paper recipe, 5 steps)"
         benchmark.extra_info.update(case=case, impl=impl, device=device_name(), dtype=str(DTYPE))
         big = DEVICE.type == "cpu" and tokens >= 4096
+        seeds = iter(range(1, 1000))
+
+        def new_cards():  # every round writes new cards (their trunk runs), under the same chat preamble
+            return (flashcard_examples(tokens, model.config.vocab_size, EXAMPLES, PREFIX, next(seeds)), RECIPE), {}
+
         losses = benchmark.pedantic(
             fw.write_examples,
-            args=(examples, RECIPE),
+            setup=new_cards,
             rounds=1 if big else (2 if DEVICE.type == "cpu" else 5),
             warmup_rounds=0 if big else 1,
         )
