@@ -56,16 +56,23 @@ def test_fixed_shape_plans_give_the_same_losses(tiny):
 
 def test_adapted_mlps_run_only_real_tokens(tiny):
     """A step's padding never reaches an adapted MLP (the prefix once per session, then the rows' real
-    tokens), and skipping it changes no loss or gradient against the fixed-shape (padded) step."""
+    tokens); a fixed-shape step runs them then one padding position up to its fixed token count, and
+    neither changes a loss or a gradient."""
     fw = FastWeights(tiny, init="random", backend="torch")
     engine, device = fw.store.engine, fw.device
     cache = fw.store._encode(collate(examples()))
     groups = [(0, [3, 0]), (1, [5, 1, 2])]  # two sessions' rows in one step, lengths 5 to 20
     exact = write_module.plan_group_step(cache, groups, device)
-    fixed = write_module.plan_group_step(cache, groups, device, width=cache.hidden.shape[1], num_targets=64)
     real = int(cache.lengths[[3, 0, 5, 1, 2]].sum())
-    assert exact.token_index is not None and exact.token_index.shape[0] == real and fixed.token_index is None
+    tokens = write_module.round_up(real, write_module.TOKEN_BUCKET)
+    fixed = write_module.plan_group_step(cache, groups, device, cache.hidden.shape[1], 64, tokens)
+    assert exact.token_index is not None and exact.token_index.shape[0] == real
+    assert fixed.token_index.shape[0] == tokens and torch.equal(fixed.token_index[:real], exact.token_index)
+    pad = fixed.token_index[real:]  # one padding position again and again: beyond its row's length
+    assert len(set(pad.tolist())) == 1 and pad[0] % cache.hidden.shape[1] >= cache.lengths[[3, 0, 5, 1, 2]][
+        pad[0] // cache.hidden.shape[1]]  # fmt: skip
     assert exact.seg_indptr.tolist() == [0, 9, 18, 18 + int(cache.lengths[[3, 0]].sum()), 18 + real]
+    assert fixed.seg_indptr.tolist() == exact.seg_indptr.tolist()[:-1] + [18 + tokens]  # the padding: last group
     seen, attended = [], []
     adapted = engine.decoder.layers[engine.first_layer:]
     hooks = [layer.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0])) for layer in adapted]
@@ -85,7 +92,7 @@ def test_adapted_mlps_run_only_real_tokens(tiny):
     for h in hooks + attention_hooks:
         h.remove()
     assert results[0][2] == [2 * 9 + real] * len(hooks)
-    assert results[1][2] == [2 * 9 + 5 * cache.hidden.shape[1]] * len(hooks)
+    assert results[1][2] == [2 * 9 + tokens] * len(hooks)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -32,6 +32,7 @@ IGNORE_INDEX = -100
 CHUNKED_HEAD_LOGITS = 1 << 27  # K x V from which a step's head loss runs in chunks (512 MB of fp32 logits)
 MIN_SHARED_PREFIX = 4
 TARGET_BUCKET = 64  # fixed-shape steps pad their target count to a multiple of this (CUDA graphs, see plan_steps)
+TOKEN_BUCKET = 64  # ... and their adapted MLPs' token count
 
 
 @dataclass
@@ -73,7 +74,8 @@ class StepBatch:
     target_group [K]: each target's group. row_prefix [b]: each row's group, when there are several
     groups and a shared prefix (each group then runs its own copy of the prefix). token_index [T]:
     the rows' real tokens as flat positions in [b, width], the only row tokens the adapted MLPs run
-    (None: every position, padding included: fixed shapes, or no row padded). seg_indptr / seg_slot:
+    (fixed shapes: followed by one padding position repeated up to a fixed count); None: every position
+    (no row padded). seg_indptr / seg_slot:
     the adapted MLP's token segments (`mlp_token_segments`) as int64 tensors. Tensors on the compute
     device; groups and slots on the host.
     """
@@ -223,9 +225,10 @@ def plan_step(
     device: torch.device,
     width: int | None = None,
     num_targets: int | None = None,
+    num_tokens: int | None = None,
 ) -> StepBatch:
     """The StepBatch of cache rows `rows` training one session (workspace slot 0)."""
-    return plan_group_step(cache, [(0, rows)], device, width, num_targets)
+    return plan_group_step(cache, [(0, rows)], device, width, num_targets, num_tokens)
 
 
 def plan_group_step(
@@ -234,12 +237,16 @@ def plan_group_step(
     device: torch.device,
     width: int | None = None,
     num_targets: int | None = None,
+    num_tokens: int | None = None,
 ) -> StepBatch:
     """The StepBatch of `groups` [(workspace slot, cache rows), ...], from the cache's host-side data.
 
-    By default the step runs exactly the tokens those rows need. `width` (>= their longest row) and
-    `num_targets` (>= their target count) fix the shapes instead, so that every step of a write can
-    replay one CUDA graph; padding targets are IGNORE_INDEX with weight 0 and change no loss.
+    By default the step runs exactly the tokens those rows need. `width` (>= their longest row),
+    `num_targets` (>= their target count) and `num_tokens` (>= their real tokens) fix the shapes
+    instead, so that every step of a write can replay one CUDA graph: padding targets are IGNORE_INDEX
+    with weight 0, and the adapted MLPs run the real tokens then, up to num_tokens (at most rows x
+    width), one padding position again and again (its value reaches no real token, so its gradient is
+    exactly 0); none of it changes a loss or a gradient.
     """
     rows = torch.cat([torch.as_tensor(r, dtype=torch.long).cpu().reshape(-1) for _, r in groups])
     sizes = [len(torch.as_tensor(r).reshape(-1)) for _, r in groups]
@@ -269,10 +276,17 @@ def plan_group_step(
     fixed = num_targets is not None
     padded = fixed or not bool((lengths == width).all())
     token_index, row_tokens = None, torch.full_like(lengths, width)
-    if padded and not fixed:  # the MLPs skip the padding (fixed shapes keep it: one CUDA graph per write)
-        real = torch.arange(width)[None] < lengths[:, None]
-        token_index, row_tokens = real.reshape(-1).nonzero().squeeze(1), lengths
+    if padded:  # the MLPs skip the padding
+        real = (torch.arange(width)[None] < lengths[:, None]).reshape(-1)
+        token_index, row_tokens = real.nonzero().squeeze(1), lengths
     group_tokens = torch.zeros(len(groups), dtype=torch.long).index_add_(0, row_group, row_tokens)
+    if num_tokens is not None and token_index is not None:  # a fixed token count (see the docstring)
+        if num_tokens < len(token_index):
+            raise ValueError(f"num_tokens {num_tokens} < the {len(token_index)} real tokens of these rows")
+        pad = min(num_tokens, real.numel()) - len(token_index)
+        if pad > 0:  # (then some position is padding)
+            token_index = torch.cat([token_index, (~real).nonzero()[0].expand(pad)])
+            group_tokens[-1] += pad  # the last group's segment runs them: B gets their zero gradient
     indptr, slots = mlp_token_segments(p, group_tokens.tolist(), [slot for slot, _ in groups])
     return StepBatch(
         rows.to(device),
@@ -299,17 +313,19 @@ def plan_steps(
 ) -> list[StepBatch]:
     """One StepBatch per entry of `schedule`: cache rows of one session, or [(slot, rows), ...].
 
-    fixed_shapes: every step runs the cache's full width with the schedule's largest target count
-    rounded up to TARGET_BUCKET, so steps differ at most in their row counts, and writes of similar
-    cards in their shapes not at all (for CUDA graphs).
+    fixed_shapes: every step runs the cache's full width, with the schedule's largest target count
+    rounded up to TARGET_BUCKET and its largest real token count rounded up to TOKEN_BUCKET (the adapted
+    MLPs' rows), so steps differ at most in their row counts, and writes of similar cards in their shapes
+    not at all (for CUDA graphs).
     """
     steps = [list(s) if s and isinstance(s[0], tuple) else [(0, s)] for s in schedule]
     if not fixed_shapes:
         return [plan_group_step(cache, groups, device) for groups in steps]
     width = cache.hidden.shape[1]
-    counts = [int((cache.labels[[r for _, rows in g for r in rows], 1:] != IGNORE_INDEX).sum()) for g in steps]
-    targets = round_up(max(counts), TARGET_BUCKET)
-    return [plan_group_step(cache, groups, device, width, targets) for groups in steps]
+    step_rows = [[r for _, rows in g for r in rows] for g in steps]
+    targets = round_up(max(int((cache.labels[r, 1:] != IGNORE_INDEX).sum()) for r in step_rows), TARGET_BUCKET)
+    tokens = round_up(max(int(cache.lengths[r].sum()) for r in step_rows), TOKEN_BUCKET)
+    return [plan_group_step(cache, groups, device, width, targets, tokens) for groups in steps]
 
 
 def round_up(n: int, step: int) -> int:
