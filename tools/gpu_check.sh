@@ -4,22 +4,24 @@
 #
 #     make gpu-check            (= timeout 480 bash tools/gpu_check.sh)
 #
-# Phases, in priority order, each capped with `timeout` inside one deadline (DEADLINE seconds after start), so
-# a hang in one keeps the others' results:
+# Phases, in the order they run, each capped with `timeout` inside one deadline (DEADLINE seconds after start), so
+# a hang in one keeps the others' results, and what a tight deadline cuts is what earlier runs already showed:
 #   install      pip install -e . --no-deps --no-build-isolation, in the background (the C++ extension may fail
 #                to build there: nothing waits for it, every phase imports the tree through PYTHONPATH)
-#   tests_*      the CUDA-only tests, the kernel tests and the runtime tests on CUDA (three capped parts)
-#   write        the write at SmolLM2 and Qwen3-4B shapes, bf16, random weights: fast path with and without
-#                CUDA graphs, torch path, PEFT (benchmarks/test_bench_write_shapes.py)
+#   tests_cuda, tests_runtime   the CUDA-only tests (graphs, streams, int64 offsets, graphed writes) and the
+#                runtime tests on CUDA
+#   write_qwen3  the write at Qwen3-4B shapes, bf16, random weights: fast path with and without CUDA graphs,
+#                torch path, PEFT (benchmarks/test_bench_write_shapes.py)
 #   profile      where one Qwen3-4B write's time goes: host phases, device busy time, launches and waits, top
 #                kernels (benchmarks/profile_write.py)
-#   kernels      lora_mlp fwd+bwd and the optimizer steps, with each one's share of the card's bound, and the
-#                per-kernel shares from the profiler (benchmarks/test_bench_lora_mlp.py, test_bench_update.py)
+#   decode       the decode dispatch per MLP call (cuBLAS vs fused) and tokens/s with a written adapter vs the
+#                bare model (benchmarks/test_bench_decode.py)
 #   pool         the session pool at SmolLM2 and Qwen3-4B shapes: a decode batch of one session per row vs the
 #                bare model and vs swapping, 1,000 resident sessions, batched vs sequential writes
 #                (benchmarks/test_bench_pool.py; needs a tokenizer: `make gpu-prepare` here, carry .gpu)
-#   decode       the decode dispatch per MLP call (cuBLAS vs fused) and tokens/s with a written adapter vs the
-#                bare model (benchmarks/test_bench_decode.py)
+#   tests_kernels, kernels   the kernel tests on CUDA vs float64; lora_mlp fwd+bwd and the optimizer steps with
+#                each one's share of the card's bound, per-kernel shares from the profiler
+#   write_smollm2   the write at SmolLM2 shapes
 # Output: at most 8 files under $OUT (./gpu_out when unset); 00_summary.txt says the card, the versions and each
 # phase's status. Without CUDA it is a dry run (the same plumbing, CUDA-only parts skipped or shortened).
 set -u
@@ -100,67 +102,55 @@ else
   INSTALL_PID=$!
 fi
 
-# ---- 1. the tests on CUDA, in three capped parts (one log): the CUDA-only tests (graphs, streams, int64 offsets,
-#         TF32, the graphed write), the kernel tests, the runtime tests. The CPU compile check and the slow
-#         real-model CPU tests are left out (same wheel, same result as on the CPU box).
+# Order: what a run can newly tell first. The CUDA-only and runtime tests (fixes since the last run), the write
+# at Qwen3-4B shapes and its profile, decode, the pool; then the kernel tests and kernel benchmarks (kernels
+# unchanged since they last passed) and the write at SmolLM2 shapes, which a tight deadline may cut.
 KERNEL_TESTS=(tests/test_lora_mlp.py tests/test_update.py)
 RUNTIME_TESTS=(tests/test_write_steps.py tests/test_fast_weights.py tests/test_rsvd.py tests/test_pool.py)
-if ((DRY)); then
+WRITE_BENCH=("${PYTEST[@]}" benchmarks/test_bench_write_shapes.py)
+KERNEL_BENCH=("${PYTEST[@]}" benchmarks/test_bench_lora_mlp.py benchmarks/test_bench_update.py)
+POOL_READY=1
+if [ -z "${TMEM_BENCH_TOKENIZER:-}" ]; then POOL_READY=0; fi
+
+if ((DRY)); then  # the same phases, shortened (CPU, interpreter)
   phase tests_cuda 60 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" "${RUNTIME_TESTS[@]}" -m cuda
-  phase tests_kernels 240 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" -m "not cuda" \
-    -k "decode_paths or split_k_with_tails or rejects_wrong"
   phase tests_runtime 240 "$OUT/02_tests.txt" "${PYTEST[@]}" "${RUNTIME_TESTS[@]}" -m "not cuda and not slow" \
     -k "fixed_shape or never_read"
-else
-  phase tests_cuda 90 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" "${RUNTIME_TESTS[@]}" -m cuda \
-    --durations=5
-  phase tests_kernels 100 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" -m "not cuda" \
-    -k "not gpu_compile" --durations=5
-  phase tests_runtime 60 "$OUT/02_tests.txt" "${PYTEST[@]}" "${RUNTIME_TESTS[@]}" -m "not cuda and not slow" \
-    --durations=5
-fi
-
-# ---- 2. the write at real shapes (SmolLM2, then Qwen3-4B: a timeout in the second keeps the first) ----------
-if ((DRY)); then
-  phase write_smollm2 240 "$OUT/03_bench_write.txt" "${PYTEST[@]}" benchmarks/test_bench_write_shapes.py \
-    -k "smollm2-N512 and not peft" --benchmark-disable
-else
-  phase write_smollm2 60 "$OUT/03_bench_write.txt" "${PYTEST[@]}" benchmarks/test_bench_write_shapes.py \
-    -k smollm2 "${BENCH[@]}" --benchmark-json="$OUT/04_bench_write_smollm2.json"
-  phase write_qwen3 120 "$OUT/03_bench_write.txt" "${PYTEST[@]}" benchmarks/test_bench_write_shapes.py \
-    -k qwen3 "${BENCH[@]}"
-fi
-# where one write's time goes (host phases, device busy time, launches and waits, top kernels): same log
-if ((DRY)); then
+  phase write_smollm2 240 "$OUT/03_bench_write.txt" "${WRITE_BENCH[@]}" -k "smollm2-N512 and not peft" \
+    --benchmark-disable  # (Qwen3-4B's fp32 weights are 16 GB: its shapes run on CUDA only)
   phase profile 120 "$OUT/03_bench_write.txt" "$PY" benchmarks/profile_write.py --writes 1
-else
-  phase profile 75 "$OUT/03_bench_write.txt" "$PY" benchmarks/profile_write.py
-fi
-
-# ---- 3. the session pool (skipped without a tokenizer: the GPU image has none) ----------------------------------
-if ((DRY)); then
-  echo "pool SKIPPED (dry run: the CPU figures come from \`make bench\`)" >> "$SUMMARY"
-elif [ -z "${TMEM_BENCH_TOKENIZER:-}" ]; then
-  echo "pool SKIPPED (no tokenizer: run \`make gpu-prepare\` before the device run and carry .gpu)" >> "$SUMMARY"
-else
-  phase pool 110 "$OUT/05_bench_pool.txt" "${PYTEST[@]}" benchmarks/test_bench_pool.py "${BENCH[@]}" -s
-fi
-
-# ---- 4. kernel benchmarks: each op's share of the bound, and each Triton kernel's (profiler) -----------------
-if ((DRY)); then
-  phase kernels 120 "$OUT/06_bench_kernels.txt" "${PYTEST[@]}" benchmarks/test_bench_lora_mlp.py \
-    benchmarks/test_bench_update.py -k "smollm2 and not N4096" "${BENCH[@]}"  # (CPU: torch, native, peft)
-else
-  phase kernels 70 "$OUT/06_bench_kernels.txt" "${PYTEST[@]}" benchmarks/test_bench_lora_mlp.py \
-    benchmarks/test_bench_update.py "${BENCH[@]}"
-fi
-
-# ---- 5. decode: the dispatch per MLP call, and per token with a written adapter vs the bare model -----------
-if ((DRY)); then
   phase decode 240 "$OUT/07_bench_decode.txt" "${PYTEST[@]}" benchmarks/test_bench_decode.py \
     -k "smollm2 and (N4 or tokens)" "${BENCH[@]}"
+  echo "pool SKIPPED (dry run: the CPU figures come from \`make bench\`)" >> "$SUMMARY"
+  phase tests_kernels 240 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" -m "not cuda" \
+    -k "decode_paths or split_k_with_tails or rejects_wrong"
+  phase kernels 120 "$OUT/06_bench_kernels.txt" "${KERNEL_BENCH[@]}" -k "smollm2 and not N4096" "${BENCH[@]}"
 else
+  # ---- 1. the tests on CUDA that changed since the last run: CUDA-only (graphs, streams, int64 offsets, TF32,
+  #         graphed writes) and runtime (FastWeights, write steps, rSVD, pool). The CPU compile check and the
+  #         slow real-model CPU tests are left out (same wheel, same result as on the CPU box).
+  phase tests_cuda 90 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" "${RUNTIME_TESTS[@]}" -m cuda \
+    --durations=5
+  phase tests_runtime 60 "$OUT/02_tests.txt" "${PYTEST[@]}" "${RUNTIME_TESTS[@]}" -m "not cuda and not slow" \
+    --durations=5
+  # ---- 2. the write at Qwen3-4B shapes (auto, auto-eager, torch, PEFT), then where one write's time goes
+  phase write_qwen3 120 "$OUT/03_bench_write.txt" "${WRITE_BENCH[@]}" -k qwen3 "${BENCH[@]}"
+  phase profile 75 "$OUT/03_bench_write.txt" "$PY" benchmarks/profile_write.py
+  # ---- 3. decode: the dispatch per MLP call, and per token with a written adapter vs the bare model
   phase decode 80 "$OUT/07_bench_decode.txt" "${PYTEST[@]}" benchmarks/test_bench_decode.py "${BENCH[@]}"
+  # ---- 4. the session pool (needs a tokenizer: the GPU image has none)
+  if ((POOL_READY)); then
+    phase pool 110 "$OUT/05_bench_pool.txt" "${PYTEST[@]}" benchmarks/test_bench_pool.py "${BENCH[@]}" -s
+  else
+    echo "pool SKIPPED (no tokenizer: run \`make gpu-prepare\` before the device run and carry .gpu)" >> "$SUMMARY"
+  fi
+  # ---- 5. the kernel tests on CUDA vs float64, the kernel benchmarks (each op's and each Triton kernel's share
+  #         of the bound), the write at SmolLM2 shapes
+  phase tests_kernels 100 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" -m "not cuda" \
+    -k "not gpu_compile" --durations=5
+  phase kernels 70 "$OUT/06_bench_kernels.txt" "${KERNEL_BENCH[@]}" "${BENCH[@]}"
+  phase write_smollm2 60 "$OUT/03_bench_write.txt" "${WRITE_BENCH[@]}" -k smollm2 "${BENCH[@]}" \
+    --benchmark-json="$OUT/04_bench_write_smollm2.json"
 fi
 
 # ---- wrap up: the install's result, the benchmark summaries, the failures -----------------------------------
