@@ -54,6 +54,24 @@ def test_fixed_shape_plans_give_the_same_losses(tiny):
     fw.detach()
 
 
+@pytest.mark.parametrize("chunk_tokens", [1, 30, 4096])
+def test_trunk_chunks_give_the_rows_of_one_pass(tiny, chunk_tokens):
+    """The trunk runs the rows in chunks of about `chunk_tokens` padded tokens (one row at least): every
+    chunking gives each row the trunk output of a single pass over all rows."""
+    fw = FastWeights(tiny, backend="torch")
+    e = fw.store.engine
+    batch = collate(examples(7))
+    lengths = batch["attention_mask"].sum(dim=1)
+    args = (e.decoder, e.first_layer, batch["input_ids"], lengths, batch["labels"], fw.device)
+    whole = write_module.encode_trunk(*args, chunk_tokens=10**6)
+    got = write_module.encode_trunk(*args, chunk_tokens=chunk_tokens)
+    assert torch.equal(got.lengths, whole.lengths) and torch.equal(got.labels, whole.labels)
+    torch.testing.assert_close(got.prefix_hidden, whole.prefix_hidden, rtol=0, atol=0)
+    for i, n in enumerate(got.lengths.tolist()):
+        torch.testing.assert_close(got.hidden[i, :n], whole.hidden[i, :n], rtol=1e-5, atol=1e-6)
+    fw.detach()
+
+
 def test_adapted_mlps_run_only_real_tokens(tiny):
     """A step's padding never reaches an adapted MLP (the prefix once per session, then the rows' real
     tokens); a fixed-shape step runs them then one padding position up to its fixed token count, and

@@ -164,15 +164,16 @@ def encode_trunk(
     lengths: torch.Tensor,
     labels: torch.Tensor,
     device: torch.device,
-    rows_per_chunk: int = 16,
+    chunk_tokens: int = 4096,
     kept: TrunkRows | None = None,
 ) -> TrunkCache:
     """Run the frozen trunk (`Decoder.run_trunk`: layers [0, first_adapted) and that layer's attention) once
     on `device`.
 
-    input_ids/labels [N, T] right padded, lengths [N]: host (CPU) tensors. kept: trunk outputs of
-    examples and shared prefixes seen before (reused unless a trunk weight changed since, and this call's
-    added), or None.
+    input_ids/labels [N, T] right padded, lengths [N]: host (CPU) tensors. The rows run in chunks of about
+    `chunk_tokens` padded tokens (at least one row), which bounds the trunk's activations. kept: trunk
+    outputs of examples and shared prefixes seen before (reused unless a trunk weight changed since, and
+    this call's added), or None.
     """
     input_ids, lengths, labels = input_ids.cpu(), lengths.cpu(), labels.cpu()
     if kept is not None:
@@ -197,6 +198,7 @@ def encode_trunk(
     known = {i: row for i in range(len(keys)) if (row := kept.get(keys[i], p)) is not None}
     todo = [i for i in range(n) if i not in known]
     hidden = None
+    rows_per_chunk = max(1, chunk_tokens // max(1, int(suffix_lengths[todo].max()) if todo else 1))
     for lo in range(0, len(todo), rows_per_chunk):
         rows = todo[lo : lo + rows_per_chunk]
         chunk_len = suffix_lengths[rows]
