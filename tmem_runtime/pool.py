@@ -47,9 +47,9 @@ class SessionPool(SessionStore):
 
     capacity: B rows on the model's device. offload: "host" | "disk" (with offload_dir) for sessions
     beyond capacity. trunk_cache_bytes: examples' trunk outputs kept on the device for writes that
-    train them again (replayed flashcards), and the shared prefixes' (the chat preamble every card starts
-    with; `trunk_rows.py`), 0: none. The other arguments are those of
-    `FastWeightEngine`. `train_a` writes need a pool of capacity 1 (A is shared).
+    train them again (replayed flashcards), and the shared prefixes' (the chat preamble every card
+    starts with; `trunk_rows.py`), 0: none. The other arguments are those of `FastWeightEngine`.
+    `train_a` writes need a pool of capacity 1 (A is shared).
     """
 
     def __init__(

@@ -13,8 +13,9 @@ captured:
 
 The padding is inert: rows past N are never selected, tokens past a row's length are masked in
 attention and carry no target, so they add exactly zero to every gradient; the adapted MLPs run the
-real tokens only, padded to a fixed count (`write.plan_steps`) by repeating one padding position. At most MAX_BUCKETS
-buckets are kept (least recently used first out), each with its own CUDA graph memory pool.
+real tokens only, padded to a fixed count (`write.plan_steps`) by repeating one padding position.
+At most MAX_BUCKETS buckets are kept (least recently used first out), each with its own CUDA graph
+memory pool.
 A graph also bakes in the model's own weights' addresses: when any of the model's parameters or
 buffers lives elsewhere than at the last write (the model cast or moved and back, a weight replaced,
 `load_state_dict(assign=True)`), every bucket is dropped and the next write captures anew. Buffers are

@@ -75,9 +75,8 @@ class StepBatch:
     groups and a shared prefix (each group then runs its own copy of the prefix). token_index [T]:
     the rows' real tokens as flat positions in [b, width], the only row tokens the adapted MLPs run
     (fixed shapes: followed by one padding position repeated up to a fixed count); None: every position
-    (no row padded). seg_indptr / seg_slot:
-    the adapted MLP's token segments (`mlp_token_segments`) as int64 tensors. Tensors on the compute
-    device; groups and slots on the host.
+    (no row padded). seg_indptr / seg_slot: the adapted MLP's token segments (`mlp_token_segments`) as
+    int64 tensors. Tensors on the compute device; groups and slots on the host.
     """
 
     rows: torch.Tensor
