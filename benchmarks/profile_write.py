@@ -1,10 +1,11 @@
 """Where one write's time goes: the host's phases, the device's kernels, and who waits for whom.
 
     python benchmarks/profile_write.py                           # Qwen3-4B shapes on CUDA, SmolLM2's on CPU
-    python benchmarks/profile_write.py --model smollm2 --tokens 512 --backends auto torch
+    python benchmarks/profile_write.py --model smollm2 --cases 16x512 --backends auto torch
 
-For each (model, tokens, backend): a write of 16 new flashcard-like examples (the same chat preamble in every
-write, other cards) with the paper recipe (5 SGD steps)
+For each (model, case, backend): a write of new flashcard-like examples (case "CxN": C cards of N/C tokens; the
+same chat preamble in every write, other cards) with the paper recipe (5 epochs of batches of 16: 5 SGD steps
+for 16 cards, 10 for 32)
 on a random-weight model at the real shapes (bf16 on CUDA, fp32 on CPU), as
 `benchmarks/test_bench_write_shapes.py` times it. After two warm-up writes it prints
 
@@ -41,7 +42,7 @@ from tmem_runtime.recipes import RECIPES
 
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 RECIPE = RECIPES["paper"]
-EXAMPLES, PREFIX = 16, 24
+PREFIX = 24  # the chat preamble's tokens, shared by every card
 PHASES = ("tmem.write.trunk", "tmem.write.load", "tmem.write.steps", "tmem.write.check", "tmem.write.commit")
 RUNTIME_CALLS = (  # CUDA runtime / driver calls worth counting: launches, waits, copies, allocator traffic
     "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch",
@@ -120,8 +121,9 @@ def report(prof: profile, wall_s: float) -> list[str]:
     return lines
 
 
-def profile_case(model: torch.nn.Module, name: str, tokens: int, backend: str, writes: int) -> list[str]:
-    cards = (flashcard_examples(tokens, model.config.vocab_size, EXAMPLES, PREFIX, seed) for seed in count())
+def profile_case(model: torch.nn.Module, name: str, case: str, backend: str, writes: int) -> list[str]:
+    examples, tokens = (int(x) for x in case.split("x"))
+    cards = (flashcard_examples(tokens, model.config.vocab_size, examples, PREFIX, seed) for seed in count())
     fw = FastWeights(model, backend=backend)
     try:
         wall_times(fw, cards, 2)  # warm-up: JIT, autotuning, CUDA-graph capture of this shape's bucket
@@ -130,7 +132,8 @@ def profile_case(model: torch.nn.Module, name: str, tokens: int, backend: str, w
         with profile(activities=activities) as prof:
             profiled = wall_times(fw, cards, 1)[0]
         head = (
-            f"{name}-N{tokens} backend={backend} (resolved: {fw.backend}), {DTYPE}, {device_name()}: "
+            f"{name}, {examples} cards x {tokens // examples} tokens, backend={backend} (resolved: {fw.backend}), "
+            f"{DTYPE}, {device_name()}: "
             f"write median {statistics.median(times) * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms over {writes}"
         )
         return [head, *report(prof, profiled)]
@@ -142,16 +145,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cuda = DEVICE.type == "cuda"
     parser.add_argument("--model", nargs="+", default=["qwen3-4b"] if cuda else ["smollm2"], choices=list(SHAPES))
-    parser.add_argument("--tokens", nargs="+", type=int, default=[512, 4096] if cuda else [512])
+    parser.add_argument("--cases", nargs="+", default=["16x512", "32x1024", "16x4096"] if cuda else ["16x512"],
+                        help="CxN: a write of C cards, N tokens in all (32x1024: issue 9's 32 flashcards)")
     parser.add_argument("--backends", nargs="+", default=["auto", "torch"] if cuda else ["auto"])
     parser.add_argument("--writes", type=int, default=5, help="timed writes per case (after two warm-up writes)")
     args = parser.parse_args(argv)
     print(f"profile of one write (benchmarks/profile_write.py), {DTYPE}, on {device_name()}", flush=True)
     for name in args.model:
         model = random_model(name, DTYPE)
-        for tokens in args.tokens:
+        for case in args.cases:
             for backend in args.backends:
-                print("\n".join(profile_case(model, name, tokens, backend, args.writes)), flush=True)
+                print("\n".join(profile_case(model, name, case, backend, args.writes)), flush=True)
         del model
 
 
