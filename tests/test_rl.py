@@ -162,11 +162,12 @@ def test_sampling_is_seeded_per_prompt_and_its_logprobs_are_the_scorers():
 
 
 # ---------------------------------------------------------------- training, checkpoints, bad input
-def toy_trainer(out, steps_config: dict | None = None, env_cls=PlantedFactEnv, seed: int = 0) -> GRPOTrainer:
+def toy_trainer(out, steps_config: dict | None = None, env_cls=PlantedFactEnv, seed: int = 0,
+                settings: dict | None = None) -> GRPOTrainer:
     policy = tiny("full", seed)
     cfg = dict(group_size=8, batch=2, lr=1e-2, save_every=2, kl_every=1, updates_per_batch=2)
     cfg.update(steps_config or {})
-    return GRPOTrainer(policy, env_cls(policy.model, num_tasks=8), GRPOConfig(**cfg), out)
+    return GRPOTrainer(policy, env_cls(policy.model, num_tasks=8), GRPOConfig(**cfg), out, settings=settings)
 
 
 def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
@@ -378,3 +379,18 @@ def test_resuming_with_other_training_settings_is_refused_and_changes_nothing(tm
         other.resume()
     assert other.step == 0 and all(torch.equal(a, b) for a, b in zip(weights, other.policy.parameters()))
     assert toy_trainer(tmp_path, {"save_every": 1, "micro_batch_rows": 4}).resume() == 2  # bookkeeping may change
+
+
+def test_resuming_with_other_environment_settings_is_refused_and_changes_nothing(tmp_path):
+    env = {"l_max": 512, "flashcard_mode": "per-turn", "num_layers": 4}
+    toy_trainer(tmp_path, settings=env).train(2)
+    state = json.loads((tmp_path / "checkpoints" / "step-000002" / "trainer.json").read_text())
+    assert state["settings"] == env
+    other = toy_trainer(tmp_path, settings=dict(env, l_max=256, flashcard_mode="array"))
+    weights = [p.detach().clone() for p in other.policy.parameters()]
+    with pytest.raises(CheckpointError, match=r"flashcard_mode per-turn -> array, l_max 512 -> 256"):
+        other.resume()
+    assert other.step == 0 and all(torch.equal(a, b) for a, b in zip(weights, other.policy.parameters()))
+    with pytest.raises(CheckpointError, match=r"num_layers 4 -> None"):
+        toy_trainer(tmp_path, settings={"l_max": 512, "flashcard_mode": "per-turn"}).resume()
+    assert toy_trainer(tmp_path, settings=dict(env)).resume() == 2
