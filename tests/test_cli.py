@@ -148,6 +148,28 @@ def test_eval_refuses_an_out_it_cannot_make(tmp_path):
     assert blocker.read_text() == "kept"
 
 
+@pytest.mark.parametrize("command, options", [
+    ("eval", ["--data", "FIXTURE"]),
+    ("ablate", ["--only", "init", "capacity"]),
+])
+def test_a_failed_model_load_leaves_no_empty_out_behind(command, options, tmp_path, capsys):
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "two_sessions.json"
+    out = tmp_path / "runs" / "new"
+    options = [str(fixture) if o == "FIXTURE" else o for o in options]
+    assert main([command, *options, "--out", str(out), "--model", "no-such-model"]) == 2
+    assert "is neither a known model name" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ablate_report_only_refuses_an_out_with_no_results(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ablate", "--report-only", "--out", str(tmp_path / "none")])
+    assert "holds no results to report" in str(exit_info.value.code)
+    assert not (tmp_path / "none").exists()
+
+
 @pytest.mark.parametrize("data, message", [("missing.json", "no such file"), ("two_sessions.json", "conv-26")])
 def test_ablate_checks_its_locomo_data_before_the_hour_of_studies_before_it(data, message, tmp_path):
     from pathlib import Path

@@ -146,3 +146,68 @@ def test_ungrounded_answers_are_dropped_when_the_context_is_given():
     assert r.pairs == [("Where did Ana move?", "Denver"), ("What is the parrot called?", "kiwi!")]
     assert r.dropped == {"ungrounded": 1}
     assert len(parse_flashcards(cards).pairs) == 3  # no context, no grounding check
+
+
+def test_answers_in_any_script_are_grounded_in_a_context_in_that_script():
+    ctx = "DATE: 1 May\nAna: Я переехала в Москву. 我住在东京，在咖啡店工作。Café Müller opened."
+    cards = json.dumps([{"instruction": "Where did Ana move?", "output": "Москву"},
+                        {"instruction": "Where does Ana live?", "output": "东京"},
+                        {"instruction": "What opened?", "output": "Café Müller"},
+                        {"instruction": "Where is Ana flying?", "output": "Лиссабон"},  # not in the context
+                        {"instruction": "Which city?", "output": "大阪"}])  # no character of it in the context
+    r = parse_flashcards(cards, context=ctx)
+    assert r.pairs == [("Where did Ana move?", "Москву"), ("Where does Ana live?", "东京"),
+                       ("What opened?", "Café Müller")]
+    assert r.dropped == {"ungrounded": 2}
+
+
+class _SliceCountingStr(str):
+    """A reply that counts the characters its slices copy (the parser's work on it)."""
+
+    copied = 0
+
+    def __getitem__(self, key):
+        part = super().__getitem__(key)
+        _SliceCountingStr.copied += len(part)
+        return part
+
+
+def test_a_huge_reply_is_parsed_in_one_pass_not_quadratic_work():
+    # a custom writer (or a model with a large max_new_tokens) may return megabytes: the parser must
+    # read it in linear work (it once copied the whole text before every quote: minutes at 2 MB)
+    card = '{"instruction": "Where did Ana move?", "output": "Denver"}, '
+    reply = _SliceCountingStr("[" + card * 2000 + "]")
+    _SliceCountingStr.copied = 0
+    r = parse_flashcards(reply)
+    assert r.pairs == [("Where did Ana move?", "Denver")] and r.dropped == {"duplicate": 1999}
+    assert _SliceCountingStr.copied <= 2 * len(reply)
+
+
+def test_a_card_too_long_to_train_is_dropped_and_the_write_goes_on_with_the_others():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tmem_runtime import FastWeights
+    from tmem_runtime.agent.generation import Generator
+    from tmem_runtime.agent.write_formats import AGENT_RECIPE, write_to_weights
+    from tmem_runtime.models import _tiny_tokenizer, tiny_config
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("tiny-llama", vocab_size=len(tokenizer))).eval()
+    model.requires_grad_(False)
+    fw = FastWeights(model)
+    url = "https://example.com/" + "/".join(f"part{i}x" for i in range(120))  # one "word", ~700 tokens
+    ctx = f"DATE: 1 May\nAna: my photos are at {url}\nBen: I adopted a parrot named Zorblat."
+    long_card = {"instruction": "Where are Ana's photos?", "output": url}
+    good_card = {"instruction": "What did Ben adopt?", "output": "a parrot named Zorblat"}
+    gen = Generator(model, tokenizer)
+    bare = {k: v.clone() for k, v in fw.state_dict().items()}
+    record = write_to_weights(fw, gen, ctx, writer=lambda c: json.dumps([long_card]))
+    assert record.pairs == [] and record.dropped == {"too_long": 1} and record.losses == []
+    assert all(torch.equal(bare[k], v) for k, v in fw.state_dict().items())  # nothing written, nothing changed
+    record = write_to_weights(fw, gen, ctx, writer=lambda c: json.dumps([long_card, good_card]))
+    assert record.pairs == [("What did Ben adopt?", "a parrot named Zorblat")] and record.dropped == {"too_long": 1}
+    assert len(record.losses) == AGENT_RECIPE.epochs  # one card: one step per epoch
+    assert not all(torch.equal(bare[k], v) for k, v in fw.state_dict().items())
+    fw.detach()

@@ -16,7 +16,7 @@ from tmem_runtime import SessionPool, load_model
 from tmem_runtime.rl.checkpoint import CheckpointError, latest_checkpoint
 from tmem_runtime.rl.grpo import clipped_token_loss, group_advantages, k3_kl
 from tmem_runtime.rl.policy import Policy, PolicyFileError, PolicySpec, load_policy
-from tmem_runtime.rl.sampling import sample_completions
+from tmem_runtime.rl.sampling import rollout_seed, sample_completions
 from tmem_runtime.rl.scoring import PolicyScorer
 from tmem_runtime.rl.toy import EOS, PlantedFactEnv
 from tmem_runtime.rl.trainer import LOG_FILE, GRPOConfig, GRPOTrainer
@@ -162,11 +162,66 @@ def test_sampling_is_seeded_per_prompt_and_its_logprobs_are_the_scorers():
 
 
 # ---------------------------------------------------------------- training, checkpoints, bad input
-def toy_trainer(out, steps_config: dict | None = None, env_cls=PlantedFactEnv, seed: int = 0) -> GRPOTrainer:
+def toy_trainer(out, steps_config: dict | None = None, env_cls=PlantedFactEnv, seed: int = 0,
+                settings: dict | None = None) -> GRPOTrainer:
     policy = tiny("full", seed)
     cfg = dict(group_size=8, batch=2, lr=1e-2, save_every=2, kl_every=1, updates_per_batch=2)
     cfg.update(steps_config or {})
-    return GRPOTrainer(policy, env_cls(policy.model, num_tasks=8), GRPOConfig(**cfg), out)
+    return GRPOTrainer(policy, env_cls(policy.model, num_tasks=8), GRPOConfig(**cfg), out, settings=settings)
+
+
+class _WritingPlantedFactEnv(PlantedFactEnv):
+    """The toy reward, each sample first written (prompt and card, next-token) into its own fast-weight
+    session on the policy's model: the memory env's order (sample, write, score) on a toy reward."""
+
+    def __init__(self, model, pool, **kw):
+        super().__init__(model, **kw)
+        self.pool = pool
+
+    def rollouts(self, tasks, members, seed):
+        out = super().rollouts(tasks, members, seed)
+        for r in out:
+            name = f"m{r.member}"
+            if name not in self.pool:
+                self.pool.open(name)
+            self.pool.reset(name)
+            ids = torch.tensor([list(r.segments[0].prompt) + list(r.segments[0].tokens)])
+            self.pool.write(name, [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}], lr=0.1)
+        return out
+
+
+def test_the_policy_gradient_is_the_hand_computed_grpo_estimate_with_writes_in_the_rollouts(tmp_path):
+    # the gradient the optimizer steps with == d/dθ of -1/N Σ_i A_i mean_t log p(o_it): REINFORCE with group-
+    # normalised advantages (computed here from the rewards), log-probs from plain forwards of the bare model;
+    # the fast-weight writes inside the rollouts add nothing to it (the gradient stops at the write)
+    policy = tiny("full")
+    env = _WritingPlantedFactEnv(policy.model, SessionPool(policy.model, capacity=8), num_tasks=8, card_tokens=12)
+    cfg = GRPOConfig(group_size=8, batch=8, lr=1e-3, save_every=0, kl_every=0, max_grad_norm=1e9)
+    trainer = GRPOTrainer(policy, env, cfg, tmp_path)
+    stepped = {}
+    trainer.optimizer.register_step_pre_hook(
+        lambda *_: stepped.update(grads=[p.grad.clone() for p in policy.parameters()]))
+    tasks = trainer.tasks_for(1)
+    with torch.no_grad():  # the same samples as the trainer's (seeded by step, task and member)
+        rollouts = PlantedFactEnv.rollouts(env, tasks, [(b, g) for b in range(len(tasks)) for g in range(8)],
+                                           rollout_seed(cfg.seed, "step", 1))
+    assert trainer.train_step()["skipped"] is None
+    by_group: dict = {}
+    for r in rollouts:
+        by_group.setdefault(r.group, []).append(r.reward)
+    advantage = {}
+    for r in rollouts:
+        rewards = by_group[r.group]
+        mean = sum(rewards) / len(rewards)
+        std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / (len(rewards) - 1))
+        advantage[r.group, r.member] = 0.0 if max(rewards) == min(rewards) else (r.reward - mean) / (std + 1e-4)
+    assert sum(a != 0 for a in advantage.values()) >= 2  # some signal: the check below is not 0 == 0
+    written = [r for r in rollouts if r.n_tokens > 0]
+    fresh = tiny("full")  # the policy before its update
+    logps = reference_logp(fresh.model, [(r.segments[0].prompt, r.segments[0].tokens) for r in written])
+    (-sum(advantage[r.group, r.member] * lp.mean() for r, lp in zip(written, logps)) / len(written)).backward()
+    for got, p in zip(stepped["grads"], fresh.parameters()):
+        assert torch.allclose(got, p.grad, rtol=1e-4, atol=1e-6 * float(p.grad.abs().max()) + 1e-9)
 
 
 def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
@@ -378,3 +433,18 @@ def test_resuming_with_other_training_settings_is_refused_and_changes_nothing(tm
         other.resume()
     assert other.step == 0 and all(torch.equal(a, b) for a, b in zip(weights, other.policy.parameters()))
     assert toy_trainer(tmp_path, {"save_every": 1, "micro_batch_rows": 4}).resume() == 2  # bookkeeping may change
+
+
+def test_resuming_with_other_environment_settings_is_refused_and_changes_nothing(tmp_path):
+    env = {"l_max": 512, "flashcard_mode": "per-turn", "num_layers": 4}
+    toy_trainer(tmp_path, settings=env).train(2)
+    state = json.loads((tmp_path / "checkpoints" / "step-000002" / "trainer.json").read_text())
+    assert state["settings"] == env
+    other = toy_trainer(tmp_path, settings=dict(env, l_max=256, flashcard_mode="array"))
+    weights = [p.detach().clone() for p in other.policy.parameters()]
+    with pytest.raises(CheckpointError, match=r"flashcard_mode per-turn -> array, l_max 512 -> 256"):
+        other.resume()
+    assert other.step == 0 and all(torch.equal(a, b) for a, b in zip(weights, other.policy.parameters()))
+    with pytest.raises(CheckpointError, match=r"num_layers 4 -> None"):
+        toy_trainer(tmp_path, settings={"l_max": 512, "flashcard_mode": "per-turn"}).resume()
+    assert toy_trainer(tmp_path, settings=dict(env)).resume() == 2

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 USAGE = """usage: tmem [--version] COMMAND [ARGS]   (tmem COMMAND --help: the command's options and defaults)
 
@@ -63,6 +64,27 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
 
     parse.__name__ = "int"  # argparse names the type in "invalid int value"
     return parse
+
+
+def check_out_dir(command: str, out: Path) -> None:
+    """SystemExit "COMMAND: cannot make --out OUT: why" if `out` cannot be made as a directory. Checked before
+    a model loads, and the directory made only after (`make_out_dir`): a failed load leaves nothing behind."""
+    if out.exists():
+        if not out.is_dir():
+            raise SystemExit(f"{command}: cannot make --out {out}: it is a file")
+        return
+    above = next(p for p in out.absolute().parents if p.exists())
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        why = "Not a directory" if not above.is_dir() else "Permission denied"
+        raise SystemExit(f"{command}: cannot make --out {out}: {why} ({above})")
+
+
+def make_out_dir(command: str, out: Path) -> None:
+    """`out` made (with its parents), or SystemExit "COMMAND: cannot make --out OUT: why"."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"{command}: cannot make --out {out}: {exc.strerror or exc}") from None
 
 
 def apply_threads(args: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from tmem_runtime.ablations.capacity import REPLAY_MODES
 from tmem_runtime.ablations.runs import CONFIGS, ResultStore
 from tmem_runtime.ablations.studies import FORMATS, NO_MEMORY
-from tmem_runtime.cli import apply_threads, command_parser, int_in
+from tmem_runtime.cli import apply_threads, check_out_dir, command_parser, int_in, make_out_dir
 from tmem_runtime.fact_sets import fact_sets, split_names
 from tmem_runtime.recipes import RECIPES
 
@@ -99,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
 
         read_locomo("tmem ablate", args.data, args.conversations, hint=" (pass --data, --conversations)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    args.out.mkdir(parents=True, exist_ok=True)
+    check_out_dir("tmem ablate", args.out)  # made by the studies' first result: a failed model load leaves nothing
     if not args.report_only:
         run_studies(args)
+    elif not args.out.is_dir():
+        raise SystemExit(f"tmem ablate: {args.out} holds no results to report (run the studies first)")
+    make_out_dir("tmem ablate", args.out)
     from tmem_runtime.ablations.report import write_report
 
     path = write_report(args.out)

@@ -46,7 +46,14 @@ from tmem_runtime.agent.pooled import PoolSession, answer_together
 from tmem_runtime.agent.recall_probe import RecallProbe, plot_recall
 from tmem_runtime.agent.timing import episode_times, plot_times, time_table
 from tmem_runtime.agent.write_formats import WRITE_FORMATS, recipe_name
-from tmem_runtime.cli import add_fast_weight_options, apply_threads, command_parser, int_in
+from tmem_runtime.cli import (
+    add_fast_weight_options,
+    apply_threads,
+    check_out_dir,
+    command_parser,
+    int_in,
+    make_out_dir,
+)
 from tmem_runtime.decoding import DecodeStats
 from tmem_runtime.models import DTYPES
 
@@ -419,10 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     conversations = read_locomo("tmem eval", args.data, args.conversations)  # before anything is made or loaded
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SystemExit(f"tmem eval: cannot make --out {out}: {exc.strerror or exc}") from None
+    check_out_dir("tmem eval", out)  # made once the model has loaded: a failed load leaves no empty --out
     runs = saved_runs(out, args)  # resumed: these episodes are not run again
     done = {(r["method"], r["conversation"]) for r in runs}
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, seed=args.seed)
@@ -432,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         from tmem_runtime.rl.policy import load_policy
 
         load_policy(model, args.policy, args.num_layers)
+    make_out_dir("tmem eval", out)
     generator = Generator(model, tokenizer, args.window)
     methods = methods_of(args)
     pooled = [m for m in methods if m[0].startswith("tmem")] if args.side_by_side else []

@@ -135,7 +135,9 @@ class ParseResult:
 def _balanced_objects(text: str) -> list[str]:
     """Every top-level `{...}` substring (quotes respected); an unclosed last object is returned as is."""
     objects, depth, start, in_str, quote, escaped = [], 0, -1, False, "", False
+    last = ""  # the last non-blank character before `ch` (kept as we go: a huge reply stays linear)
     for i, ch in enumerate(text):
+        prev, last = last, (last if ch.isspace() else ch)
         if in_str:
             if escaped:
                 escaped = False
@@ -146,7 +148,6 @@ def _balanced_objects(text: str) -> list[str]:
             continue
         if ch in "\"'" and depth > 0:
             # a quote opens a string only where JSON would allow one (after { , : [ or space)
-            prev = text[:i].rstrip()[-1:] if text[:i].rstrip() else ""
             if ch == '"' or prev in "{,:[":
                 in_str, quote = True, ch
             continue
@@ -259,8 +260,14 @@ _STOPWORDS = frozenset(
 )
 
 
+# Han, kana: scripts written without spaces, where each character is a word for grounding
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_CONTENT_WORD = re.compile(rf"[{_UNSPACED}]|[^\W_{_UNSPACED}]+")
+
+
 def _content_words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOPWORDS}
+    """Lower-cased words of any script (letters and digits; each Han/kana character alone), stopwords out."""
+    return {w for w in _CONTENT_WORD.findall(text.lower()) if w not in _STOPWORDS}
 
 
 def parse_flashcards(

@@ -150,6 +150,20 @@ def write_flashcards(
     return raw, parsed.pairs, dict(parsed.dropped)
 
 
+def trainable_cards(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -> tuple[list, int]:
+    """(the cards `write_qa` can train in `max_length` tokens, how many were left out): a card whose answer
+    alone does not fit (a long unbroken "word": a URL, text in a script without spaces) is refused there,
+    and would end the whole write."""
+    kept = []
+    for q, a in pairs:
+        try:
+            qa_example(tokenizer, q, a, "answer", max_length)
+        except ValueError:
+            continue
+        kept.append((q, a))
+    return kept, len(pairs) - len(kept)
+
+
 def write_to_weights(
     fast_weights,
     generator: Generator,
@@ -168,7 +182,8 @@ def write_to_weights(
     """Turn `context` into training material of `write_format` and train it into `fast_weights`.
 
     `fast_weights`: a tmem_runtime FastWeights attached to generator.model (or a `pooled.PoolSession`).
-    Zero valid items means zero steps (losses == []). writer: see `write_flashcards` (qa only).
+    Zero valid items means zero steps (losses == []); a card too long for the recipe's max_length is
+    dropped ("too_long", see `trainable_cards`). writer: see `write_flashcards` (qa only).
     write_with_base: the model writes its flashcards/summary with the fast weights switched off
     (snapshot, reset, restore), so earlier writes cannot degrade later memory writing; the writes
     still accumulate.
@@ -197,6 +212,9 @@ def write_to_weights(
     t0 = time.perf_counter()
     tokenizer = generator.tokenizer
     recipe = resolve_recipe(recipe) if isinstance(recipe, str) else recipe
+    record.pairs, too_long = trainable_cards(tokenizer, record.pairs, recipe.max_length)
+    if too_long:
+        record.dropped["too_long"] = record.dropped.get("too_long", 0) + too_long
     replay = replay(record.n_written) if callable(replay) else replay
     if record.pairs:
         pairs = record.pairs + list(replay)

@@ -92,21 +92,28 @@ def save_checkpoint(out: str | os.PathLike, step: int, policy: Policy, optimizer
 
 
 def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.optim.Optimizer,
-                    config: dict | None = None) -> dict:
+                    config: dict | None = None, settings: dict | None = None) -> dict:
     """Verify a checkpoint directory, then load it into `policy` and `optimizer`; returns trainer.json.
 
     CheckpointError (and nothing changed) on a missing file, bad JSON, a hash mismatch, tensors that
-    do not fit the policy or the optimizer, or a saved "config" that differs from `config` (if given)
-    in any of its keys."""
+    do not fit the policy or the optimizer, a saved "config" that differs from `config` (if given)
+    in any of its keys, or saved "settings" (the environment's, recorded since they were saved) that
+    differ from `settings` in any of theirs."""
     path = Path(path)
     try:
         state = json.loads((path / STATE_FILE).read_text())
         files = state["files"]
         step = int(state["step"])
         saved = dict(state.get("config", {}))
+        saved_settings = state.get("settings")
+        saved_settings = None if saved_settings is None else dict(saved_settings)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: no readable {STATE_FILE} ({exc})") from exc
     changed = [f"{k} {saved.get(k)} -> {v}" for k, v in (config or {}).items() if saved.get(k) != v]
+    if saved_settings is not None:  # (older checkpoints recorded none: nothing to compare)
+        mine = json.loads(json.dumps(settings or {}))  # as JSON holds them (tuples are lists)
+        changed += [f"{k} {saved_settings.get(k)} -> {mine.get(k)}" for k in sorted(mine.keys() | saved_settings)
+                    if saved_settings.get(k) != mine.get(k)]
     if changed:
         raise CheckpointError(f"{path} was trained with other settings ({', '.join(changed)}): resume with "
                               "the same ones, or start over (--fresh)")

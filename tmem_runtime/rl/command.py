@@ -9,7 +9,8 @@ OUT gets log.jsonl (one record per step), checkpoints/step-N/ (policy.safetensor
 --policy` loads; the optimizer state; trainer.json), held_out.json (the greedy writer's reward and
 card rates on the held-out conversations, before and after) and plots (rl_*.png). Run again with the
 same OUT to continue from its newest checkpoint exactly (--fresh: start over); a checkpoint trained with
-other GRPO settings (group size, batch, lr, temperature, clip, beta, seed, ...) is refused.
+other GRPO settings (group size, batch, lr, temperature, clip, beta, seed, ...) or other environment
+settings (budget, flashcard mode, replay, policy, fast-weight rank and layers, dtype) is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -131,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     config = GRPOConfig(group_size=args.group_size, batch=args.batch, lr=args.lr, temperature=args.temperature,
                         beta=args.beta, kl_every=args.kl_every, updates_per_batch=args.updates_per_batch,
                         micro_batch_rows=args.micro_batch_rows, save_every=args.save_every, seed=args.seed)
-    trainer = GRPOTrainer(policy, env, config, out, ctx)
+    settings = dict(asdict(env_config), policy=args.policy, lora_rank=args.lora_rank, rank=args.rank,
+                    num_layers=args.num_layers, dtype=args.dtype)  # what the steps also depend on
+    trainer = GRPOTrainer(policy, env, config, out, ctx, settings=settings)
     try:
         start = 0 if args.fresh else trainer.resume()
     except CheckpointError as exc:

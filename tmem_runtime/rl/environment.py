@@ -34,7 +34,7 @@ from tmem_runtime.agent.channels import MemoryChannel, WriteEvent
 from tmem_runtime.agent.flashcards import FLASHCARD_MODES, parse_flashcards
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.locomo import QA, Conversation, question_prompt, resolve_choice, score
-from tmem_runtime.agent.write_formats import card_texts, resolve_recipe, writing_prompts
+from tmem_runtime.agent.write_formats import card_texts, resolve_recipe, trainable_cards, writing_prompts
 from tmem_runtime.examples import chat_prompt_ids
 from tmem_runtime.pool import SessionPool
 from tmem_runtime.rl.distributed import DistContext
@@ -240,6 +240,9 @@ class MemoryWriteEnv:
         completions = [tok.decode(s.tokens, skip_special_tokens=True) for s in segments]
         parsed = parse_flashcards(card_texts(self.config.flashcard_mode, completions), context=w.text)
         drops = dict(parsed.dropped)
+        parsed.pairs, too_long = trainable_cards(tok, parsed.pairs, self.recipe.max_length)
+        if too_long:
+            drops["too_long"] = drops.get("too_long", 0) + too_long
         kept = len(parsed.pairs)
         found = kept + sum(drops.values())
         candidates = max(found, len(segments) if self.config.flashcard_mode == "per-turn" else 1)

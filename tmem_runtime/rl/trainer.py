@@ -90,12 +90,16 @@ class GRPOTrainer:
 
     out: directory of the log (log.jsonl) and checkpoints. reference: the KL reference for a "full"
     policy (default: a copy of the model as it is now); a LoRA policy's reference is its base model.
+    settings: what else the steps depend on (the environment's settings: budget, flashcard mode, the
+    fast weights' shape, ...), JSON values; recorded in every checkpoint, a resume with others is refused.
     """
 
     def __init__(self, policy: Policy, env: Environment, config: GRPOConfig, out: str | Path,
-                 ctx: DistContext | None = None, reference: nn.Module | None = None) -> None:
+                 ctx: DistContext | None = None, reference: nn.Module | None = None,
+                 settings: dict | None = None) -> None:
         ctx = ctx or DistContext()
         self.policy, self.env, self.config, self.ctx = policy, env, config, ctx
+        self.settings = dict(settings or {})
         self.out = Path(out)
         self.scorer = PolicyScorer(policy.model)
         self.ddp: nn.Module = DistributedDataParallel(self.scorer) if ctx.group else self.scorer
@@ -261,7 +265,8 @@ class GRPOTrainer:
         path = None
         if self.ctx.is_main:
             path = save_checkpoint(self.out, self.step, self.policy, self.optimizer,
-                                   {"config": asdict(self.config)}, self.config.keep_checkpoints)
+                                   {"config": asdict(self.config), "settings": self.settings},
+                                   self.config.keep_checkpoints)
         self.ctx.barrier()
         return path
 
@@ -272,7 +277,7 @@ class GRPOTrainer:
         if path is None:
             return 0
         fixed = {k: v for k, v in asdict(self.config).items() if k not in RESUMABLE_CHANGES}
-        state = load_checkpoint(path, self.policy, self.optimizer, fixed)
+        state = load_checkpoint(path, self.policy, self.optimizer, fixed, self.settings)
         self.step = int(state["step"])
         log = self.out / LOG_FILE
         if self.ctx.is_main and log.is_file():
