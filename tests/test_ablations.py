@@ -297,3 +297,44 @@ def test_every_neutral_chat_question_has_its_right_answers():
 
     assert len(NEUTRAL_KEYS) == len(NEUTRAL_QUESTIONS)
     assert all(keys and all(k == k.lower() for k in keys) for keys in NEUTRAL_KEYS)
+
+
+def test_a_checkpoint_of_other_settings_is_refused_and_left_as_it_was(tmp_path):
+    """`tmem ablate` resumes from its checkpoints: one whose records were made with another model or study
+    size is refused before any work (resuming would mix two experiments in one table), and left as it was;
+    the same settings resume; a checkpoint of before settings were recorded is taken and adopts them."""
+    from tmem_runtime.ablations.command import main
+    from tmem_runtime.ablations.runs import ResultStore
+
+    path = tmp_path / "capacity.json"
+    store = ResultStore(path, {"model": "smollm2-135m", "size": 8})
+    store.put("none|0", {"writes": []})
+    before = path.read_text()
+    with pytest.raises(SystemExit, match=r"other settings \(model 'smollm2-135m' -> 'tiny-llama', size 8 -> 4\)"):
+        main(["--out", str(tmp_path), "--only", "capacity", "--model", "tiny-llama", "--capacity-size", "4"])
+    assert path.read_text() == before
+    assert ResultStore(path, {"model": "smollm2-135m", "size": 8}).get("none|0") == {"writes": []}
+    old = tmp_path / "old.json"
+    old.write_text('{"runs": {"k": {"x": 1}}}')  # made before settings were recorded
+    adopted = ResultStore(old, {"model": "m"})
+    adopted.put("k2", {})
+    assert ResultStore(old, {"model": "m"}).data["settings"] == {"model": "m"}
+
+
+def test_a_format_study_done_with_other_settings_is_refused(tmp_path):
+    """The format study skips a (format, conversation) whose `tmem eval` report exists: only when that run
+    had the same settings (another --max-sessions is refused, not silently reused)."""
+    import json
+
+    from tmem_runtime.ablations.studies import format_dir, format_study
+    from tmem_runtime.agent.evaluate import parse_args
+
+    d = format_dir(tmp_path, "none", "conv-26")
+    d.mkdir(parents=True)
+    argv = ["--data", "data.json", "--memory", "none", "--conversations", "conv-26", "--max-sessions", "3",
+            "--l-max", "768", "--answer-tokens", "16", "--threads", "1", "--out", str(d)]  # fmt: skip
+    (d / "answers.json").write_text(json.dumps({"args": vars(parse_args(argv)), "runs": []}, default=str))
+    (d / "report.json").write_text("{}")
+    format_study(tmp_path, "data.json", ["conv-26"], 3, ["none"])  # done, same settings: skipped
+    with pytest.raises(SystemExit, match=r"format study: .*other settings \(max_sessions\)"):
+        format_study(tmp_path, "data.json", ["conv-26"], 2, ["none"])

@@ -492,7 +492,11 @@ def test_removing_a_session_mid_batch_fails_its_answer_and_leaves_the_others_str
     gate, first = threading.Event(), threading.Event()
     blocker = service.batcher.submit([Row(service.prompt_ids(messages), None, 2, on_text=lambda t: gate.wait(60))])
     pieces = []
-    leaving = service.answer("acme", "leaving", messages, 24, on_text=lambda t: first.set())
+    def leaving_text(_: str) -> None:  # after its first piece, the answer waits for the removal to reach it
+        first.set()
+        leaving.cancelled.wait(60)
+
+    leaving = service.answer("acme", "leaving", messages, 24, on_text=leaving_text)
     staying = service.answer("acme", "staying", messages, 24, on_text=pieces.append)
     gate.set()  # both run in the next batch
     blocker.future.result(timeout=60)

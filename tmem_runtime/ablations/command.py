@@ -72,20 +72,24 @@ def run_studies(args: argparse.Namespace) -> None:
 
     out = args.out
     facts = [s for s in ("precondition", "init", "place", "capacity") if s in args.only]
+    model_settings = {"model": args.model}  # the checkpoints are opened (their settings checked) before the model loads
+    pre = ResultStore(out / "precondition.json", model_settings) if "precondition" in facts else None
+    fact_store = ResultStore(out / "facts.json", model_settings) if {"init", "place"} & set(facts) else None
+    capacity = None
+    if "capacity" in facts:
+        capacity = ResultStore(out / "capacity.json", {**model_settings, "size": args.capacity_size})
     if facts:
         model, tokenizer = load_model(args.model)
-        neutral = studies.neutral_reference(model, tokenizer) if {"init", "place"} & set(facts) else None
-        if "precondition" in facts:
-            studies.precondition_study(ResultStore(out / "precondition.json"), model, tokenizer,
-                                       args.precondition_sets)
+        neutral = studies.neutral_reference(model, tokenizer) if fact_store is not None else None
+        if pre is not None:
+            studies.precondition_study(pre, model, tokenizer, args.precondition_sets)
         for name, plan in (("init", studies.INIT_PLAN), ("place", studies.PLACE_PLAN)):
             if name in facts:
                 chosen = [(c, r) for c, r in plan if c in args.configs and r in args.recipes]
-                store = ResultStore(out / "facts.json")
-                studies.fact_study(store, model, tokenizer, chosen, args.sets, args.seeds, neutral, args.all_seeds)
-        if "capacity" in facts:
-            store = ResultStore(out / "capacity.json")
-            studies.capacity_study(store, model, tokenizer, args.replay, args.capacity_seeds,
+                studies.fact_study(fact_store, model, tokenizer, chosen, args.sets, args.seeds, neutral,
+                                   args.all_seeds)  # fmt: skip
+        if capacity is not None:
+            studies.capacity_study(capacity, model, tokenizer, args.replay, args.capacity_seeds,
                                    args.capacity_size, out / "adapters", args.capacity_writes)
     if "format" in args.only:
         studies.format_study(out, args.data, args.conversations, args.max_sessions, args.formats, threads=args.threads)

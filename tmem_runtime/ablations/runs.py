@@ -60,11 +60,23 @@ CONFIGS: dict[str, AdapterConfig] = {
 
 
 class ResultStore:
-    """A JSON file {"runs": {key: record}, ...}: saved atomically after every `put`."""
+    """A JSON file {"runs": {key: record}, "settings": {...}}: saved atomically after every `put`.
 
-    def __init__(self, path: Path) -> None:
+    settings: what its records depend on beyond their keys (the model, a study's sizes). A file whose
+    records were made with other settings is refused (SystemExit naming them): resuming would mix two
+    experiments in one table. None: not checked (reading a report)."""
+
+    def __init__(self, path: Path, settings: dict | None = None) -> None:
         self.path = Path(path)
         self.data: dict = json.loads(self.path.read_text()) if self.path.exists() else {"runs": {}}
+        if settings is not None:
+            saved = self.data.get("settings")
+            if saved is not None and self.data["runs"] and saved != settings:
+                changed = ", ".join(f"{k} {saved.get(k)!r} -> {settings.get(k)!r}"
+                                    for k in sorted(saved.keys() | settings.keys()) if saved.get(k) != settings.get(k))
+                raise SystemExit(f"tmem ablate: {self.path} holds results made with other settings ({changed}): "
+                                 "use another --out, or delete that file to start its studies over")  # fmt: skip
+            self.data["settings"] = settings
 
     def __contains__(self, key: str) -> bool:
         return key in self.data["runs"]

@@ -215,20 +215,26 @@ def format_study(
     NO_MEMORY runs the no-memory channel instead (the paper's "no memory, full context" baseline: the
     read sessions stay in the prompt), what the formats are measured against."""
     from tmem_runtime.agent.evaluate import main as evaluate
+    from tmem_runtime.agent.evaluate import parse_args, saved_runs
 
     for conversation in conversations:
         for f in formats:
             d = format_dir(out, f, conversation)
-            if (d / "report.json").exists():
-                continue
-            log.info("format %s on %s", f, conversation)
-            wall, cpu = time.perf_counter(), time.process_time()
             memory = ["none"] if f == NO_MEMORY else ["tmem", "--write-format", f]
-            evaluate([
+            argv = [
                 "--data", data, "--memory", *memory, "--conversations", conversation,
                 "--max-sessions", str(max_sessions), "--l-max", str(l_max), "--answer-tokens", str(answer_tokens),
                 "--threads", str(threads), "--out", str(d),
-            ])  # fmt: skip
+            ]  # fmt: skip
+            if (d / "report.json").exists():  # done: with these settings, or refused
+                try:
+                    saved_runs(d, parse_args(argv))
+                except SystemExit as exc:
+                    raise SystemExit(f"tmem ablate: format study: {exc}; or delete {d}") from None
+                continue
+            log.info("format %s on %s", f, conversation)
+            wall, cpu = time.perf_counter(), time.process_time()
+            evaluate(argv)
             cost = {"cpu_s": round(time.process_time() - cpu, 1), "wall_s": round(time.perf_counter() - wall, 1)}
             (d / "cost.json").write_text(json.dumps(cost))
 
