@@ -86,7 +86,7 @@ def test_serve_refuses_a_capacity_too_small_before_loading_a_model(capsys):
     ("eval", ["--top-k", "0"]), ("eval", ["--replay", "-1"]), ("eval", ["--recipe", "no-such-recipe"]),
     ("demo", ["--l-max", "-5"]), ("demo", ["--recipe", "no-such-recipe"]),
     ("make-conversations", ["--n", "0"]), ("make-conversations", ["--facts", "100"]),
-    ("make-conversations", ["--turns", "0"]), ("rl", ["--steps", "-1"]), ("rl", ["--group-size", "0"]),
+    ("make-conversations", ["--turns", "0"]), ("rl", ["--steps", "-1"]), ("rl", ["--group-size", "1"]),
     ("ablate", ["--capacity-writes", "13"]), ("ablate", ["--max-sessions", "0"]), ("ablate", ["--recipes", "bogus"]),
     ("ablate", ["--sets", "no-such-set"]), ("ablate", ["--precondition-sets", "no-such-set"]),
 ])

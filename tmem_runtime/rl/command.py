@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--held-out", default=None, help="held-out conversations: the greedy writer scored before/after")
     p.add_argument("--out", required=True, help="output directory (log, checkpoints, plots); resumed if it has any")
     p.add_argument("--steps", type=int_in(0), default=20, help="GRPO steps in all (a resumed run continues to this)")
-    p.add_argument("--group-size", type=int_in(1), default=4, help="flashcard sets sampled per memory write (G)")
+    p.add_argument("--group-size", type=int_in(2), default=4,
+                   help="flashcard sets sampled per memory write (G >= 2: advantages are relative to the group)")
     p.add_argument("--batch", type=int_in(1), default=1, help="conversations per step, over all ranks")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (the paper: 1e-6, full model)")
     p.add_argument("--policy", choices=("full", "lora"), default="lora",
