@@ -175,6 +175,30 @@ def test_more_sessions_than_capacity_move_out_and_back(tiny, tmp_path, offload):
     pool.detach()
 
 
+def test_a_failed_offload_loses_no_session(tiny, tmp_path):
+    """An eviction whose offload file cannot be written (here the offload dir is a file; a full disk is
+    the same) raises and leaves every session where it was, its weights intact; once the directory is
+    usable again the same write runs."""
+    offload_dir = tmp_path / "offload"
+    pool = SessionPool(tiny, capacity=2, backend="torch", offload="disk", offload_dir=offload_dir)
+    states = {}
+    for s in ("a", "b", "c"):
+        pool.open(s)
+    for s in ("a", "b"):
+        pool.write_examples_many({s: examples(3, ord(s))}, Recipe(lr=1e-2, epochs=1))
+        states[s] = pool.state_dict(s)
+    offload_dir.write_text("not a directory")
+    with pytest.raises(OSError):
+        pool.write_examples_many({"c": examples(2, 5)}, Recipe(lr=1e-2, epochs=1))  # must evict "a"
+    assert sorted(pool.sessions) == ["a", "b", "c"] and pool.counters()["resident"] == 2
+    offload_dir.unlink()
+    pool.write_examples_many({"c": examples(2, 5)}, Recipe(lr=1e-2, epochs=1))
+    for s, want in states.items():
+        got = pool.state_dict(s)
+        assert all(torch.equal(got[k], want[k]) for k in want), s
+    pool.detach()
+
+
 def test_offloaded_files_belong_to_one_pool(tmp_path):
     """Two pools offloading to one directory, and a copy of a model whose pool has a session on disk,
     each get their own sessions back exactly (same ids, different weights; the copy's restore does not

@@ -154,8 +154,10 @@ class Residency:
                 f"all {self.engine.capacity} rows hold sessions in use by running batches; "
                 "raise the pool's capacity or wait for a batch to finish"
             )
-        slot = self.resident.pop(victim)
-        self.away[victim] = self._evict(victim, slot)
+        slot = self.resident[victim]
+        kept = self._evict(victim, slot)  # a failed offload (disk full, bad offload_dir) changes nothing
+        del self.resident[victim]
+        self.away[victim] = kept
         self.counters.evictions += 1
         return slot
 
