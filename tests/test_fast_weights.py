@@ -444,6 +444,26 @@ def test_adapter_files_move_between_directories_and_hosts(tmp_path):
         f.detach()
 
 
+def test_a_file_of_another_scaling_is_refused_and_changes_nothing(tiny, tmp_path):
+    """B trained at one scaling means another adapter at another (the delta is scaling * B A): a file
+    saved at scaling 1 is refused by fast weights attached with scaling 2, which keep their own B."""
+    fw = FastWeights(tiny, backend="torch")
+    fw.write([make_batch(0)] * 2, lr=1e-2, optimizer="adamw")
+    fw.save(tmp_path / "session.safetensors")
+    fw.detach()
+    other = FastWeights(tiny, backend="torch", scaling=2.0)
+    other.write([make_batch(1)], lr=1e-2, optimizer="adamw")
+    before = other.state_dict()
+    with pytest.raises(AdapterFileError, match=r"scaling=1\.0; this adapter applies B with scaling=2\.0"):
+        other.load(tmp_path / "session.safetensors")
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
+    other.save(tmp_path / "scaled.safetensors")
+    other.reset()
+    other.load(tmp_path / "scaled.safetensors")  # its own scaling loads
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
+    other.detach()
+
+
 def test_a_detached_handle_refuses_writes_and_a_second_detach(tiny):
     fw = FastWeights(tiny, backend="torch")
     fw.detach()

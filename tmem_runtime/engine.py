@@ -158,7 +158,7 @@ class FastWeightEngine:
 
     def metadata(self) -> dict[str, str]:
         """What an adapter of this engine fits: architecture, base-weight hash, init, layout."""
-        return adapter_metadata(self.model, self.fingerprint, self.init, self.layout)
+        return adapter_metadata(self.model, self.fingerprint, self.init, self.layout, self.scaling)
 
     def set_rows(self, slots: Sequence[int], b_rows: torch.Tensor) -> None:
         """B rows of `slots` := b_rows [len(slots), b_numel] (float32 master and compute copy)."""
