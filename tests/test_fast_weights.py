@@ -195,6 +195,10 @@ def test_save_load_roundtrip_and_bad_files(tiny, tmp_path):
     with pytest.raises(AdapterFileError, match="rank"):
         other.load(path)
     other.detach()
+    other = FastWeights(tiny, num_layers=2, backend="torch")  # other layers (so other weights): named as layers
+    with pytest.raises(AdapterFileError, match="layers="):
+        other.load(path)
+    other.detach()
     fw = FastWeights(tiny, backend="torch")
     fresh = fw.state_dict()
     b_name = next(k for k in saved if k.endswith("lora_B"))

@@ -23,7 +23,9 @@ from torch import nn
 from tmem_runtime.tensor_stamp import tensors_stamp
 
 FILE_FORMAT = "tmem-fast-weights/2"
-IDENTITY_KEYS = ("format", "architecture", "weights_sha256", "rank", "layers", "targets", "init", "shapes")
+# (checked in this order: the layout before the hash of the weights it targets, so the first difference named
+# is the one to fix: another num_layers targets other weights too)
+IDENTITY_KEYS = ("format", "architecture", "rank", "layers", "targets", "init", "shapes", "weights_sha256")
 
 
 class AdapterFileError(RuntimeError):
