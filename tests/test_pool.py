@@ -230,6 +230,23 @@ def test_offloaded_files_belong_to_one_pool(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resident_bytes_count_every_buffer_the_engine_holds(dtype):
+    """counters()["bytes_resident_total"] is what the engine's buffers take: for a bf16 model the compute
+    copies of A and B beside their float32 masters too; it stays the same across writes and evictions."""
+    model, _ = load_model("tiny-llama", dtype=dtype)
+    pool = SessionPool(model, capacity=3, backend="torch")
+    e = pool.engine
+    lay, extra = e.layout, 2 if dtype == torch.bfloat16 else 0  # bytes per number of a compute copy
+    want = (lay.a_numel * 2 + lay.b_numel * 4) * 4 + (lay.a_numel + 3 * lay.b_numel) * extra
+    assert pool.counters()["bytes_resident_total"] == want
+    for s in "abcd":
+        pool.open(s)
+        pool.write_examples_many({s: examples(2, ord(s))}, Recipe(lr=1e-2, epochs=1))
+    assert pool.counters()["evictions"] == 1 and pool.counters()["bytes_resident_total"] == want
+    pool.detach()
+
+
 def test_a_sessions_version_changes_with_its_weights_only(tiny):
     """version(s) changes on open, write, reset and load (never repeating), not on reads or on a move to
     host memory and back; another session's write leaves it alone; closed or unknown ids are refused."""
