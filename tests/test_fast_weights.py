@@ -211,6 +211,16 @@ def test_save_load_roundtrip_and_bad_files(tiny, tmp_path):
     fw.detach()
 
 
+def test_a_file_name_of_255_bytes_saves(tiny, tmp_path):
+    fw = FastWeights(tiny, backend="torch")
+    fw.write([make_batch(5)], lr=1e-2, optimizer="adamw")
+    path = tmp_path / ("n" * 243 + ".safetensors")  # the longest name a file may have
+    fw.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    fw.load(path)
+    fw.detach()
+
+
 def test_a_damaged_file_is_refused_and_a_file_without_a_checksum_still_loads(tiny, tmp_path):
     """A bit flipped in a tensor's bytes (still a finite number) fails the file's data checksum; a file
     written before files had one loads as before."""

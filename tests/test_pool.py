@@ -199,6 +199,21 @@ def test_a_failed_offload_loses_no_session(tiny, tmp_path):
     pool.detach()
 
 
+def test_a_long_session_id_is_offloaded_to_disk(tiny, tmp_path):
+    """A session id whose hex would pass a file name's 255 bytes is offloaded under its SHA-256."""
+    pool = SessionPool(tiny, capacity=1, backend="torch", offload="disk", offload_dir=tmp_path)
+    long_id = "tenant/" + "x" * 200
+    for s in (long_id, "b"):
+        pool.open(s)
+    pool.write_examples_many({long_id: examples(3, 1)}, Recipe(lr=1e-2, epochs=1))
+    want = pool.state_dict(long_id)
+    pool.write_examples_many({"b": examples(2, 2)}, Recipe(lr=1e-2, epochs=1))  # the long one goes to disk
+    assert pool.counters()["disk_writes"] == 1
+    got = pool.state_dict(long_id)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    pool.detach()
+
+
 def test_offloaded_files_belong_to_one_pool(tmp_path):
     """Two pools offloading to one directory, and a copy of a model whose pool has a session on disk,
     each get their own sessions back exactly (same ids, different weights; the copy's restore does not

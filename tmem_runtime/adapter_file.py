@@ -96,7 +96,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Replace `path` by the file `write(tmp)` writes, atomically: a temp file in the same directory,
     fsynced, then renamed over `path` (the temp file is removed if anything fails)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    # (the temp file's name is the target's cut short: a name of up to 255 bytes still gets its temp file)
+    fd, tmp = tempfile.mkstemp(prefix=path.name[:128] + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
