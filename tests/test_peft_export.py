@@ -185,3 +185,32 @@ def test_a_peft_adapter_with_pefts_own_init_is_refused_and_one_layer_as_an_int_i
     import_peft(one, tmp_path / "one")
     assert all(torch.equal(one.state_dict()[k], v) for k, v in want.items())
     one.detach()
+
+
+def test_concurrent_exports_to_one_directory_all_succeed(tmp_path):
+    """Four threads exporting sessions to the same directory: none fails (each file is replaced atomically),
+    and the directory imports."""
+    import threading
+
+    model, _ = load_model("tiny-llama")
+    pool = SessionPool(model, capacity=4, backend="torch")
+    for s in "abcd":
+        pool.open(s)
+    errors = []
+
+    def export(session: str) -> None:
+        try:
+            for _ in range(20):
+                export_peft((pool, session), tmp_path / "same")
+        except Exception as exc:  # any failure is the finding
+            errors.append(exc)
+
+    threads = [threading.Thread(target=export, args=(s,)) for s in "abcd"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(p.name for p in (tmp_path / "same").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    import_peft((pool, "a"), tmp_path / "same")
+    pool.detach()

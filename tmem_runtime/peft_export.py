@@ -22,7 +22,7 @@ from pathlib import Path
 from safetensors import safe_open
 from transformers import PreTrainedModel
 
-from tmem_runtime.adapter_file import AdapterFileError, save_adapter
+from tmem_runtime.adapter_file import AdapterFileError, atomic_write, save_adapter
 from tmem_runtime.fast_weights import FastWeights
 from tmem_runtime.sessions import SessionStore
 
@@ -102,9 +102,8 @@ def export_peft(source: Source, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_adapter(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
-    tmp = directory / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(peft_config(layout, scaling), indent=2))
-    os.replace(tmp, directory / CONFIG_FILE)
+    config = json.dumps(peft_config(layout, scaling), indent=2)
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config))
     return directory
 
 
