@@ -67,6 +67,17 @@ def test_gemma_activation_is_not_taken_for_silu(family):
     fw.detach()
 
 
+def test_a_tiny_multimodal_model_is_tiny_and_refused_clearly():
+    """tiny-gemma3 (Gemma3ForConditionalGeneration) takes the tiny sizes for its language model and a
+    one-layer vision tower (the family's defaults were 3.3B parameters, 13 GB); fast weights attach to
+    the text-only Gemma3ForCausalLM ("tiny-gemma3_text") and refuse this one by name."""
+    model, _ = load_model("tiny-gemma3")
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert model.config.text_config.hidden_size == 72 and model.config.text_config.num_hidden_layers == 6
+    with pytest.raises(ModelNotSupportedError, match="Gemma3ForConditionalGeneration"):
+        FastWeights(model)
+
+
 def test_phi3_fused_gate_up_is_refused_clearly():
     model, _ = load_model("tiny-phi3")
     with pytest.raises(ModelNotSupportedError, match="gate_up_proj"):

@@ -195,6 +195,10 @@ def test_save_load_roundtrip_and_bad_files(tiny, tmp_path):
     with pytest.raises(AdapterFileError, match="rank"):
         other.load(path)
     other.detach()
+    other = FastWeights(tiny, num_layers=2, backend="torch")  # other layers (so other weights): named as layers
+    with pytest.raises(AdapterFileError, match="layers="):
+        other.load(path)
+    other.detach()
     fw = FastWeights(tiny, backend="torch")
     fresh = fw.state_dict()
     b_name = next(k for k in saved if k.endswith("lora_B"))
@@ -204,6 +208,16 @@ def test_save_load_roundtrip_and_bad_files(tiny, tmp_path):
     with pytest.raises(AdapterFileError, match="A, which every session shares"):
         fw.load_state_dict({**saved, a_name: saved[a_name] + 1})
     assert before.keys() == fresh.keys() and all(torch.equal(fw.state_dict()[k], fresh[k]) for k in fresh)
+    fw.detach()
+
+
+def test_a_file_name_of_255_bytes_saves(tiny, tmp_path):
+    fw = FastWeights(tiny, backend="torch")
+    fw.write([make_batch(5)], lr=1e-2, optimizer="adamw")
+    path = tmp_path / ("n" * 243 + ".safetensors")  # the longest name a file may have
+    fw.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    fw.load(path)
     fw.detach()
 
 
@@ -442,6 +456,26 @@ def test_adapter_files_move_between_directories_and_hosts(tmp_path):
         stranger.load(tmp_path / "session.safetensors")
     for f in (fw, other, stranger):
         f.detach()
+
+
+def test_a_file_of_another_scaling_is_refused_and_changes_nothing(tiny, tmp_path):
+    """B trained at one scaling means another adapter at another (the delta is scaling * B A): a file
+    saved at scaling 1 is refused by fast weights attached with scaling 2, which keep their own B."""
+    fw = FastWeights(tiny, backend="torch")
+    fw.write([make_batch(0)] * 2, lr=1e-2, optimizer="adamw")
+    fw.save(tmp_path / "session.safetensors")
+    fw.detach()
+    other = FastWeights(tiny, backend="torch", scaling=2.0)
+    other.write([make_batch(1)], lr=1e-2, optimizer="adamw")
+    before = other.state_dict()
+    with pytest.raises(AdapterFileError, match=r"scaling=1\.0; this adapter applies B with scaling=2\.0"):
+        other.load(tmp_path / "session.safetensors")
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
+    other.save(tmp_path / "scaled.safetensors")
+    other.reset()
+    other.load(tmp_path / "scaled.safetensors")  # its own scaling loads
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
+    other.detach()
 
 
 def test_a_detached_handle_refuses_writes_and_a_second_detach(tiny):

@@ -175,6 +175,45 @@ def test_more_sessions_than_capacity_move_out_and_back(tiny, tmp_path, offload):
     pool.detach()
 
 
+def test_a_failed_offload_loses_no_session(tiny, tmp_path):
+    """An eviction whose offload file cannot be written (here the offload dir is a file; a full disk is
+    the same) raises and leaves every session where it was, its weights intact; once the directory is
+    usable again the same write runs."""
+    offload_dir = tmp_path / "offload"
+    pool = SessionPool(tiny, capacity=2, backend="torch", offload="disk", offload_dir=offload_dir)
+    states = {}
+    for s in ("a", "b", "c"):
+        pool.open(s)
+    for s in ("a", "b"):
+        pool.write_examples_many({s: examples(3, ord(s))}, Recipe(lr=1e-2, epochs=1))
+        states[s] = pool.state_dict(s)
+    offload_dir.write_text("not a directory")
+    with pytest.raises(OSError):
+        pool.write_examples_many({"c": examples(2, 5)}, Recipe(lr=1e-2, epochs=1))  # must evict "a"
+    assert sorted(pool.sessions) == ["a", "b", "c"] and pool.counters()["resident"] == 2
+    offload_dir.unlink()
+    pool.write_examples_many({"c": examples(2, 5)}, Recipe(lr=1e-2, epochs=1))
+    for s, want in states.items():
+        got = pool.state_dict(s)
+        assert all(torch.equal(got[k], want[k]) for k in want), s
+    pool.detach()
+
+
+def test_a_long_session_id_is_offloaded_to_disk(tiny, tmp_path):
+    """A session id whose hex would pass a file name's 255 bytes is offloaded under its SHA-256."""
+    pool = SessionPool(tiny, capacity=1, backend="torch", offload="disk", offload_dir=tmp_path)
+    long_id = "tenant/" + "x" * 200
+    for s in (long_id, "b"):
+        pool.open(s)
+    pool.write_examples_many({long_id: examples(3, 1)}, Recipe(lr=1e-2, epochs=1))
+    want = pool.state_dict(long_id)
+    pool.write_examples_many({"b": examples(2, 2)}, Recipe(lr=1e-2, epochs=1))  # the long one goes to disk
+    assert pool.counters()["disk_writes"] == 1
+    got = pool.state_dict(long_id)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    pool.detach()
+
+
 def test_offloaded_files_belong_to_one_pool(tmp_path):
     """Two pools offloading to one directory, and a copy of a model whose pool has a session on disk,
     each get their own sessions back exactly (same ids, different weights; the copy's restore does not
@@ -204,6 +243,23 @@ def test_offloaded_files_belong_to_one_pool(tmp_path):
     assert {f.name for f in tmp_path.iterdir()} == files[1] | files[2]
     pools[1].detach(), copied.detach()
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resident_bytes_count_every_buffer_the_engine_holds(dtype):
+    """counters()["bytes_resident_total"] is what the engine's buffers take: for a bf16 model the compute
+    copies of A and B beside their float32 masters too; it stays the same across writes and evictions."""
+    model, _ = load_model("tiny-llama", dtype=dtype)
+    pool = SessionPool(model, capacity=3, backend="torch")
+    e = pool.engine
+    lay, extra = e.layout, 2 if dtype == torch.bfloat16 else 0  # bytes per number of a compute copy
+    want = (lay.a_numel * 2 + lay.b_numel * 4) * 4 + (lay.a_numel + 3 * lay.b_numel) * extra
+    assert pool.counters()["bytes_resident_total"] == want
+    for s in "abcd":
+        pool.open(s)
+        pool.write_examples_many({s: examples(2, ord(s))}, Recipe(lr=1e-2, epochs=1))
+    assert pool.counters()["evictions"] == 1 and pool.counters()["bytes_resident_total"] == want
+    pool.detach()
 
 
 def test_a_sessions_version_changes_with_its_weights_only(tiny):

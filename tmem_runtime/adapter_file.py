@@ -1,8 +1,8 @@
 """One session's adapter as a safetensors file: atomic writes, and a header that says what it fits.
 
 The header identifies the model by what it is, not where it was loaded from: the architecture, the
-adapter's layout (rank, layers, targets, shapes), the init, and a SHA-256 of the targeted base
-weights' bytes. The same weights loaded from any directory, on any host, accept the file; another
+adapter's layout (rank, layers, targets, shapes), the init, the scaling, and a SHA-256 of the targeted
+base weights' bytes. The same weights loaded from any directory, on any host, accept the file; another
 model (or the same one fine-tuned since) refuses it. The header also carries a SHA-256 of the tensors'
 own bytes: a file damaged after it was written (a flipped bit that is still a finite number) is refused.
 """
@@ -23,7 +23,9 @@ from torch import nn
 from tmem_runtime.tensor_stamp import tensors_stamp
 
 FILE_FORMAT = "tmem-fast-weights/2"
-IDENTITY_KEYS = ("format", "architecture", "weights_sha256", "rank", "layers", "targets", "init", "shapes")
+# (checked in this order: the layout before the hash of the weights it targets, so the first difference named
+# is the one to fix: another num_layers targets other weights too)
+IDENTITY_KEYS = ("format", "architecture", "rank", "layers", "targets", "init", "shapes", "weights_sha256")
 
 
 class AdapterFileError(RuntimeError):
@@ -63,15 +65,19 @@ class WeightsFingerprint:
         return self._digest
 
 
-def adapter_metadata(model: nn.Module, fingerprint: WeightsFingerprint, init: str, layout) -> dict[str, str]:
-    """The header of an adapter of `layout` (an AdapterLayout) on `model`: see IDENTITY_KEYS (and the base
-    weights' dtype, which only explains a refusal: it is part of their hash)."""
+def adapter_metadata(
+    model: nn.Module, fingerprint: WeightsFingerprint, init: str, layout, scaling: float
+) -> dict[str, str]:
+    """The header of an adapter of `layout` (an AdapterLayout) on `model`: see IDENTITY_KEYS, the scaling B
+    is applied with (checked where a file records it) and the base weights' dtype (which only explains a
+    refusal: it is part of their hash)."""
     return {
         "format": FILE_FORMAT,
         "architecture": architecture(model),
         "weights_sha256": fingerprint.hexdigest(),
         "weights_dtype": str(fingerprint.weights[0].dtype).removeprefix("torch."),
         "init": init,
+        "scaling": repr(float(scaling)),
         **layout.describe(),
     }
 
@@ -90,7 +96,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Replace `path` by the file `write(tmp)` writes, atomically: a temp file in the same directory,
     fsynced, then renamed over `path` (the temp file is removed if anything fails)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    # (the temp file's name is the target's cut short: a name of up to 255 bytes still gets its temp file)
+    fd, tmp = tempfile.mkstemp(prefix=path.name[:128] + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -129,6 +136,11 @@ def read_adapter(
     for key in IDENTITY_KEYS:
         if meta.get(key) != expected[key]:
             raise AdapterFileError(f"adapter file {path} is for {_what_differs(key, meta, expected)}")
+    if meta.get("scaling", expected["scaling"]) != expected["scaling"]:  # (older files do not say: taken)
+        raise AdapterFileError(
+            f"adapter file {path} was written with scaling={meta['scaling']}; this adapter applies B with "
+            f"scaling={expected['scaling']} (attach with the file's scaling)"
+        )
     if "data_sha256" in meta and meta["data_sha256"] != data_sha256(tensors):
         raise AdapterFileError(f"adapter file {path} is corrupt: its tensors do not match their checksum")
     return {k: v.to(device) for k, v in tensors.items()}

@@ -158,7 +158,13 @@ class FastWeightEngine:
 
     def metadata(self) -> dict[str, str]:
         """What an adapter of this engine fits: architecture, base-weight hash, init, layout."""
-        return adapter_metadata(self.model, self.fingerprint, self.init, self.layout)
+        return adapter_metadata(self.model, self.fingerprint, self.init, self.layout, self.scaling)
+
+    def buffer_bytes(self) -> int:
+        """Bytes the engine holds: A and every B row (float32 masters, and the compute-dtype copies of a
+        bf16/fp16 model), A0 and B0, and PiSSA's copies of the original weights."""
+        held = {id(t): t for t in (self.a, self.b, self.a0, self.b0, self.a_compute, self.b_compute, *self._originals)}
+        return sum(t.numel() * t.element_size() for t in held.values())
 
     def set_rows(self, slots: Sequence[int], b_rows: torch.Tensor) -> None:
         """B rows of `slots` := b_rows [len(slots), b_numel] (float32 master and compute copy)."""

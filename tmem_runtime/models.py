@@ -107,6 +107,14 @@ def smollm2_dir() -> Path:
     return target
 
 
+# the vision tower of a tiny multimodal model: one layer, 2 x 2 patches of a 28-pixel image (4 tokens)
+TINY_VISION = dict(
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=28, patch_size=14),
+    mm_tokens_per_image=4,
+)  # fmt: skip
+
+
 def tiny_config(name: str, **overrides) -> PretrainedConfig:
     """Small random-weight configs for kernel tests and shape sweeps (odd sizes on purpose).
 
@@ -132,6 +140,10 @@ def tiny_config(name: str, **overrides) -> PretrainedConfig:
         common["head_dim"] = 24
     common.update(overrides)
     try:
+        config_class = type(AutoConfig.for_model(model_type))
+        if "text_config" in getattr(config_class, "sub_configs", {}):  # a multimodal family (Gemma3): the sizes
+            # are its language model's, and its vision tower is as small (not the family's defaults: billions)
+            return AutoConfig.for_model(model_type, text_config=common, **TINY_VISION)
         return AutoConfig.for_model(model_type, **common)
     except ValueError as exc:
         raise ValueError(f"unknown tiny config {name!r}: {exc}") from None

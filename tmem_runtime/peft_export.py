@@ -15,19 +15,32 @@ by residuals, which a LoRA file cannot carry, so it is refused.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 from safetensors import safe_open
 from transformers import PreTrainedModel
 
-from tmem_runtime.adapter_file import AdapterFileError, save_adapter
+from tmem_runtime.adapter_file import AdapterFileError, atomic_write, save_adapter
 from tmem_runtime.fast_weights import FastWeights
 from tmem_runtime.sessions import SessionStore
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 Source = FastWeights | tuple[SessionStore, str]
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha where a config leaves it out
+# LoraConfig options that make an adapter more than B A on the targeted modules at one scaling
+UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA (a magnitude vector per module)",
+    "rank_pattern": "a rank per module",
+    "alpha_pattern": "a scaling per module",
+    "bias": "trained biases",
+    "lora_bias": "a bias on lora_B",
+    "modules_to_save": "whole trained modules",
+    "trainable_token_indices": "trained token embeddings",
+    "layer_replication": "replicated layers",
+}
 
 
 def _store(source: Source) -> tuple[SessionStore, str, PreTrainedModel, str, float]:
@@ -89,15 +102,17 @@ def export_peft(source: Source, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_adapter(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
-    tmp = directory / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(peft_config(layout, scaling), indent=2))
-    os.replace(tmp, directory / CONFIG_FILE)
+    config = json.dumps(peft_config(layout, scaling), indent=2)
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config))
     return directory
 
 
 def import_peft(target: Source, directory: str | os.PathLike) -> None:
     """Load a PEFT LoRA directory of this model (same rank, targets, layers, scaling and A) into a
-    session. Anything else raises AdapterFileError and changes nothing."""
+    session: lora_A must be the A every session shares (a directory export_peft wrote, its lora_B trained
+    anywhere; PEFT's own init draws another A). Anything else, and any PEFT option a plain B A on these
+    modules cannot carry (DoRA, per-module ranks or alphas, biases, modules_to_save, ...), raises
+    AdapterFileError and changes nothing. use_rslora is read as PEFT reads it (scaling lora_alpha / sqrt(r))."""
     store, session, model, _, scaling = _store(target)
     directory = Path(directory)
     layout = store.layout
@@ -109,15 +124,29 @@ def import_peft(target: Source, directory: str | os.PathLike) -> None:
         raise AdapterFileError(f"cannot read PEFT adapter {directory}: {exc}") from exc
     want = peft_config(layout, scaling)
     for key in ("peft_type", "r", "target_modules", "layers_to_transform"):
-        got = sorted(config.get(key) or []) if key in ("target_modules", "layers_to_transform") else config.get(key)
+        got = config.get(key)
+        if key == "layers_to_transform" and isinstance(got, int):
+            got = [got]  # PEFT takes one layer index as an int
+        if key in ("target_modules", "layers_to_transform") and isinstance(got, list):
+            got = sorted(got)
         if got != want[key]:
             raise AdapterFileError(
                 f"PEFT adapter {directory} has {key}={config.get(key)!r}; this adapter needs {want[key]!r}"
             )
-    alpha = float(config.get("lora_alpha", config["r"]))
-    if abs(alpha / config["r"] - scaling) > 1e-6 * max(1.0, abs(scaling)):
+    for key, what in UNSUPPORTED_OPTIONS.items():
+        if config.get(key) not in (None, False, {}, [], "none"):
+            raise AdapterFileError(
+                f"PEFT adapter {directory} has {key}={config[key]!r}: {what}, which tmem's fast weights (one "
+                "B A per targeted module, one scaling) cannot carry"
+            )
+    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise AdapterFileError(f"PEFT adapter {directory} has lora_alpha={alpha!r}: not a number")
+    theirs = alpha / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])  # PEFT's scaling
+    if abs(theirs - scaling) > 1e-6 * max(1.0, abs(scaling)):
         raise AdapterFileError(
-            f"PEFT adapter {directory} has scaling lora_alpha/r = {alpha}/{config['r']}; tmem uses {scaling}"
+            f"PEFT adapter {directory} has scaling {theirs} (lora_alpha={alpha}, r={config['r']}, "
+            f"use_rslora={bool(config.get('use_rslora'))}); tmem uses {scaling}"
         )
     state = {}
     for i, path in enumerate(_module_paths(model, layout)):
@@ -125,7 +154,11 @@ def import_peft(target: Source, directory: str | os.PathLike) -> None:
             key = f"base_model.model.{path}.{kind}.weight"
             if key not in tensors:
                 raise AdapterFileError(f"PEFT adapter {directory} has no {key}: it is for another model")
-            state[name] = tensors[key]
+            state[name] = tensors.pop(key)
+    if tensors:  # trained tensors beyond B A (biases, magnitudes, saved modules): a LoRA of this layout has none
+        raise AdapterFileError(
+            f"PEFT adapter {directory} holds tensors a LoRA of these fast weights does not: {sorted(tensors)[:3]}"
+        )
     try:
         store.load_state_dict(session, state)
     except ValueError as exc:

@@ -80,7 +80,7 @@ class PeftReferencePool(SessionStore):
         return self._modules[0].base_layer.weight.device
 
     def metadata(self) -> dict[str, str]:
-        return adapter_metadata(self.model, self.fingerprint, self.init, self.layout)
+        return adapter_metadata(self.model, self.fingerprint, self.init, self.layout, 1.0)
 
     # ---------------------------------------------------------------- the one session
     def open(self, session: str) -> None:

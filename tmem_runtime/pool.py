@@ -172,9 +172,9 @@ class SessionPool(SessionStore):
             self._changed([session])
 
     def counters(self) -> dict[str, int]:
-        """Residency counters and sizes: evictions, restores, resident and open sessions, bytes; the kept
-        trunk outputs' bytes and hits/misses (examples, and shared prefixes, whose trunk a write read back /
-        ran)."""
+        """Residency counters and sizes: evictions, restores, resident and open sessions, bytes (the engine's
+        buffers: see `FastWeightEngine.buffer_bytes`); the kept trunk outputs' bytes and hits/misses
+        (examples, and shared prefixes, whose trunk a write read back / ran)."""
         with self._lock:
             c, kept = self.residency.counters, self.trunk_rows
             return {
@@ -186,7 +186,7 @@ class SessionPool(SessionStore):
                 "disk_writes": c.disk_writes,
                 "disk_reads": c.disk_reads,
                 "bytes_per_session": self.bytes_per_session(),
-                "bytes_resident_total": self.engine.b.numel() * 4 + self.engine.a.numel() * 4,
+                "bytes_resident_total": self.engine.buffer_bytes(),
                 "trunk_rows_bytes": 0 if kept is None else kept.bytes,
                 "trunk_rows_hits": 0 if kept is None else kept.hits,
                 "trunk_rows_misses": 0 if kept is None else kept.misses,

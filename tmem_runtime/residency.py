@@ -12,6 +12,7 @@ files. Sessions in use by a running batch are pinned and never evicted; when eve
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
@@ -154,8 +155,10 @@ class Residency:
                 f"all {self.engine.capacity} rows hold sessions in use by running batches; "
                 "raise the pool's capacity or wait for a batch to finish"
             )
-        slot = self.resident.pop(victim)
-        self.away[victim] = self._evict(victim, slot)
+        slot = self.resident[victim]
+        kept = self._evict(victim, slot)  # a failed offload (disk full, bad offload_dir) changes nothing
+        del self.resident[victim]
+        self.away[victim] = kept
         self.counters.evictions += 1
         return slot
 
@@ -198,5 +201,7 @@ class Residency:
 
 
 def _file_stem(session: str) -> str:
-    """A file name for any session id (hex of its UTF-8 bytes: no path tricks, no collisions)."""
-    return session.encode().hex()
+    """A file name for any session id (hex of its UTF-8 bytes: no path tricks, no collisions); a long id's
+    SHA-256 instead (a file name has at most 255 bytes; "sha256-" is no hex, so the two never meet)."""
+    stem = session.encode().hex()
+    return stem if len(stem) <= 128 else "sha256-" + hashlib.sha256(session.encode()).hexdigest()
