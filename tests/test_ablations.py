@@ -267,7 +267,7 @@ def test_ablate_help_shows_every_default_and_the_default_sets_are_three_held_out
     assert args.seeds == [0, 1, 2] and args.capacity_writes == 12 and len(args.conversations) == 6
 
 
-def test_capacity_study_stops_at_max_writes_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+def test_capacity_study_stops_at_max_writes_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from tmem_runtime.ablations.runs import ResultStore
@@ -287,9 +287,27 @@ def test_capacity_study_stops_at_max_writes_and_a_resumed_run_equals_an_uninterr
     assert [len(w["recall"]) for w in part["writes"]] == [1, 2]
     assert [w["replayed"] for w in part["writes"]] == [0, 2]
     assert all(w["run_s"] >= w["write_s"] > 0 for w in part["writes"])
+    assert [p.name for p in (tmp_path / "a" / "ad").iterdir()] == ["capacity-sample32-0-2w.safetensors"]
     resumed, whole = run(tmp_path / "a", 3), run(tmp_path / "b", 3)
     assert resumed["writes"][:2] == part["writes"] and len(resumed["writes"]) == 3
     assert resumed["writes"][2]["losses"] == pytest.approx(whole["writes"][2]["losses"], rel=1e-5)
+    # killed between saving write 3's adapter and recording write 3: the resume starts from write 2's adapter
+    run(tmp_path / "c", 2)
+    put = ResultStore.put
+
+    def killed(self, key, record):
+        if len(record["writes"]) == 3:
+            raise KeyboardInterrupt
+        put(self, key, record)
+
+    monkeypatch.setattr(ResultStore, "put", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "c", 3)
+    monkeypatch.undo()
+    assert len(list((tmp_path / "c" / "ad").iterdir())) == 2  # write 2's and write 3's adapters
+    crashed = run(tmp_path / "c", 3)
+    assert crashed["writes"][2]["losses"] == pytest.approx(whole["writes"][2]["losses"], rel=1e-5)
+    assert crashed["writes"][2]["hits"] == whole["writes"][2]["hits"]
 
 
 def test_every_neutral_chat_question_has_its_right_answers():

@@ -260,8 +260,9 @@ def capacity_study(
     max_writes: int | None = None,
 ) -> None:
     """Per (seed, replay mode): up to `max_writes` writes of `size` facts (default recipe) and, after
-    each, every fact written so far asked. The adapter is saved after each write, so a restart resumes
-    mid-run."""
+    each, every fact written so far asked. The adapter is saved after each write, named by its write count,
+    before the record (then the previous file goes), so a restart at any point resumes mid-run from the
+    adapter of the last recorded write."""
     for seed in seeds:
         facts = capacity_facts(seed)
         plan = write_plan(len(facts), size)[:max_writes]
@@ -270,11 +271,13 @@ def capacity_study(
             record = store.get(key) or {"mode": mode, "seed": seed, "size": size, "writes": []}
             if len(record["writes"]) >= len(plan):
                 continue
-            path = adapters / f"capacity-{mode}-{seed}.safetensors"
+            def path(writes: int, mode: str = mode, seed: int = seed) -> Path:  # the adapter after `writes` writes
+                return adapters / f"capacity-{mode}-{seed}-{writes}w.safetensors"
+
             fw = FastWeights(model, seed=seed)
             try:
                 if record["writes"]:
-                    fw.load(path)
+                    fw.load(path(len(record["writes"])))
                 for w in range(len(record["writes"]), len(plan)):
                     earlier = [i for k in range(w) for i in plan[k]]
                     replay = replay_for(mode, earlier, w, seed)
@@ -292,8 +295,9 @@ def capacity_study(
                         "run_s": round(time.perf_counter() - wall, 2),
                         "recall": recall_by_write(hit_of, plan, w), "hits": [hit_of[i] for i in asked],
                     })  # fmt: skip
-                    fw.save(path)
+                    fw.save(path(w + 1))
                     store.put(key, record)
+                    path(w).unlink(missing_ok=True)
                     log.info("capacity %s seed %d write %d: first write %.2f, all %.2f, %d steps, %.0fs",
                              mode, seed, w, record["writes"][-1]["recall"][0], sum(hits) / len(hits),
                              len(losses), write_s)
