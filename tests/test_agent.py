@@ -156,3 +156,26 @@ def test_early_fact_is_answered_from_the_fast_weights(generator, fast_weights):
     fast_weights.reset()  # control: without the write the model cannot know it
     (control,) = agent.answer([question])
     assert "zorblat" not in control.lower()
+
+
+@pytest.mark.slow
+def test_a_summary_as_large_as_the_budget_is_refused_clearly(generator):
+    """The rolling summary sits in the working context: with a cap of l_max tokens or more every turn would
+    trigger a write, so the agent refuses it (tmem+summary counts its summary); a smaller cap is taken."""
+    from tmem_runtime.agent.channels import HybridChannel, SummaryChannel
+
+    channel = make_channel("summary", generator, summary_tokens=512)
+    with pytest.raises(ValueError, match=r"l_max 512 leaves no room .* up to 512 tokens"):
+        MemoryAgent(generator, channel, l_max=512)
+    assert MemoryAgent(generator, channel, l_max=513).l_max == 513
+    assert HybridChannel(None, SummaryChannel(generator, 300)).max_memory_tokens() == 300
+    assert make_channel("none", generator).max_memory_tokens() == 0
+
+
+def test_eval_refuses_a_summary_cap_at_or_above_the_budget_before_loading_anything(tmp_path):
+    from tmem_runtime.agent.evaluate import main
+
+    with pytest.raises(SystemExit, match="--summary-tokens 512 must be below --l-max 512"):
+        main(["--data", str(tmp_path / "missing.json"), "--memory", "summary", "--l-max", "512",
+              "--out", str(tmp_path / "o")])  # fmt: skip
+    assert not (tmp_path / "o").exists()

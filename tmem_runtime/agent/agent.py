@@ -65,6 +65,12 @@ class MemoryAgent:
 
     def __init__(self, generator: Generator, channel: MemoryChannel, l_max: int = 1024, answer_tokens: int = 24,
                  reserve: int = 160, window: int | None = None):
+        if channel.writes and channel.max_memory_tokens() >= l_max:
+            raise ValueError(
+                f"l_max {l_max} leaves no room for the context beside the {channel.name} memory of up to "
+                f"{channel.max_memory_tokens()} tokens, which sits in it: every turn would trigger a write. "
+                "Raise l_max above it, or lower the summary's tokens (--summary-tokens)"
+            )
         self.generator, self.channel, self.l_max = generator, channel, l_max
         self.answer_tokens, self.reserve = answer_tokens, reserve
         self.window = window or generator.window

@@ -49,6 +49,10 @@ class MemoryChannel:
     def memory_text(self) -> str:
         return ""
 
+    def max_memory_tokens(self) -> int:
+        """The most tokens `memory_text` can take in the working context (0: none)."""
+        return 0
+
     def recall(self, question: str) -> str:
         return ""
 
@@ -77,6 +81,9 @@ class SummaryChannel(MemoryChannel):
 
     def memory_text(self) -> str:
         return f"Notes on the earlier conversation:\n{self.summary}" if self.summary else ""
+
+    def max_memory_tokens(self) -> int:
+        return self.max_tokens
 
     def write(self, context: str, trigger: int) -> WriteEvent:
         notes = write_summary(self.generator, self.summary, context, self.max_new_tokens)
@@ -212,6 +219,9 @@ class HybridChannel(MemoryChannel):
 
     def memory_text(self) -> str:
         return self.summary.memory_text()
+
+    def max_memory_tokens(self) -> int:
+        return self.summary.max_memory_tokens()
 
     def write(self, context: str, trigger: int) -> WriteEvent:
         event = self.weights.write(context, trigger)

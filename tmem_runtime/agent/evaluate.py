@@ -420,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the evaluation; returns a process exit code (0 on success)."""
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if any("summary" in m for m, _ in methods_of(args)) and args.summary_tokens >= args.l_max:
+        raise SystemExit(f"tmem eval: --summary-tokens {args.summary_tokens} must be below --l-max {args.l_max}: the "
+                         "summary sits in the working context, so every turn would trigger a write")  # fmt: skip
     if torch.device(args.device).type == "cpu":
         apply_threads(args)
     from tmem_runtime import FastWeights, SessionPool, load_model
