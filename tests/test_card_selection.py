@@ -49,3 +49,15 @@ def test_replay_per_new_card_caps_the_replayed_sample():
     assert len(channel.replayed(3, n_new=2)) == 8 and len(channel.replayed(3, n_new=20)) == 32
     assert channel.replayed(3, n_new=0) == []
     assert set(channel.replayed(3, 2)) <= set(channel.written)
+
+
+def test_turns_in_any_script_are_scored_by_their_new_words():
+    """Content words of any script count (Cyrillic, accented Latin), each Han/kana character on its own (those
+    scripts have no spaces); a turn repeating what was said scores as little in any script."""
+    selector = SalientTurns(min_score=4)
+    for turn in ("Мария: Моя сестра работает медсестрой в Москве.", "小明: 我妹妹在东京当护士。",
+                 "Zoé: Ma sœur travaille à l'hôpital de Besançon."):  # fmt: skip
+        first = selector.score(turn)
+        assert first >= 4, turn
+        selector([("DATE: 1 May 2024", turn)])
+        assert selector.score(turn) == 0, turn  # nothing new the second time

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import re
 
+from tmem_runtime.agent.flashcards import UNSPACED
+
 SELECTIONS = ("all", "salient")
-_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*|\d+")
+# words of any script (letters, then letters, apostrophes or hyphens), numbers, and each character of the
+# scripts written without spaces (Han, kana) on its own, as flashcards' grounding counts them
+_WORD = re.compile(rf"[{UNSPACED}]|[^\W\d_{UNSPACED}][^\W\d_{UNSPACED}'-]*|\d+")
+_UNSPACED_CHAR = re.compile(rf"[{UNSPACED}]")
 _SPEAKER = re.compile(r"^\s*[^:\s][^:]{0,40}:\s")
 _STOPWORDS = frozenset(
     """a about after again all also am an and any are as at back be because been before being but by can could
@@ -50,7 +55,8 @@ class SalientTurns:
         """What `line` (a "Speaker: text" turn) adds to the words seen so far."""
         text = _SPEAKER.sub("", line, count=1)
         words = _words(text)
-        content = {w.lower() for w in words if len(w) > 2 and w.lower() not in _STOPWORDS and not w.isdigit()}
+        content = {w.lower() for w in words if (len(w) > 2 or _UNSPACED_CHAR.fullmatch(w))
+                   and w.lower() not in _STOPWORDS and not w.isdigit()}  # fmt: skip
         names = {w.lower() for i, w in enumerate(words) if i and w[0].isupper() and w.lower() not in _STOPWORDS}
         new = content - self.seen
         return len(new) + len(names & new) + any(w.isdigit() for w in words)

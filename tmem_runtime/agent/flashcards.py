@@ -261,8 +261,8 @@ _STOPWORDS = frozenset(
 
 
 # Han, kana: scripts written without spaces, where each character is a word for grounding
-_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_CONTENT_WORD = re.compile(rf"[{_UNSPACED}]|[^\W_{_UNSPACED}]+")
+UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_CONTENT_WORD = re.compile(rf"[{UNSPACED}]|[^\W_{UNSPACED}]+")
 
 
 def _content_words(text: str) -> set[str]:
