@@ -147,15 +147,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", nargs="+", default=["qwen3-4b"] if cuda else ["smollm2"], choices=list(SHAPES))
     parser.add_argument("--cases", nargs="+", default=["16x512", "32x1024", "16x4096"] if cuda else ["16x512"],
                         help="CxN: a write of C cards, N tokens in all (32x1024: issue 9's 32 flashcards)")
-    parser.add_argument("--backends", nargs="+", default=["auto", "torch"] if cuda else ["auto"])
+    parser.add_argument("--backends", nargs="+", default=["auto", "triton"] if cuda else ["auto"],
+                        help="(on CUDA `auto` is the torch composition for one session: triton is the other side)")
     parser.add_argument("--writes", type=int, default=5, help="timed writes per case (after two warm-up writes)")
     args = parser.parse_args(argv)
     print(f"profile of one write (benchmarks/profile_write.py), {DTYPE}, on {device_name()}", flush=True)
     for name in args.model:
         model = random_model(name, DTYPE)
-        for case in args.cases:
-            for backend in args.backends:
-                print("\n".join(profile_case(model, name, case, backend, args.writes)), flush=True)
+        for backend in args.backends:
+            for case in args.cases:
+                try:
+                    lines = profile_case(model, name, case, backend, args.writes)
+                except Exception as exc:  # one case's failure keeps the others' profiles (a device run is rare)
+                    lines = [f"{name} {case} backend={backend}: FAILED {type(exc).__name__}: {exc}"]
+                print("\n".join(lines), flush=True)
         del model
 
 
