@@ -13,7 +13,7 @@ from tmem_kernels.ops import available
 from tmem_runtime import FastWeights, ModelNotSupportedError, load_model
 from tmem_runtime.models import is_silu
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "olmo2"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "gemma3", "olmo2"]  # gemma3: multimodal
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -67,15 +67,32 @@ def test_gemma_activation_is_not_taken_for_silu(family):
     fw.detach()
 
 
-def test_a_tiny_multimodal_model_is_tiny_and_refused_clearly():
+def test_a_multimodal_model_takes_fast_weights_on_its_text_decoder(tmp_path):
     """tiny-gemma3 (Gemma3ForConditionalGeneration) takes the tiny sizes for its language model and a
-    one-layer vision tower (the family's defaults were 3.3B parameters, 13 GB); fast weights attach to
-    the text-only Gemma3ForCausalLM ("tiny-gemma3_text") and refuse this one by name."""
+    one-layer vision tower (the family's defaults were 3.3B parameters, 13 GB). Fast weights sit on its
+    text decoder's last four MLPs (`model.language_model.layers`, never the vision tower's), and its
+    adapter files and PEFT export work as for a text-only model (logits as above: FAMILIES)."""
+    from peft import PeftModel
+
+    from tmem_runtime.peft_export import export_peft
+
     model, _ = load_model("tiny-gemma3")
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
     assert model.config.text_config.hidden_size == 72 and model.config.text_config.num_hidden_layers == 6
-    with pytest.raises(ModelNotSupportedError, match="Gemma3ForConditionalGeneration"):
-        FastWeights(model)
+    fw = FastWeights(model, backend="torch")
+    text_mlps = {id(layer.mlp) for layer in model.model.language_model.layers[-4:]}
+    assert {id(mlp) for _, mlp in fw.store.engine.mlps} == text_mlps
+    fw.load_state_dict(_random_b(fw, seed=1))
+    batch = _batch()
+    want = _logits(model, batch)
+    fw.save(tmp_path / "a.safetensors")
+    export_peft(fw, tmp_path / "peft")
+    fw.reset()
+    fw.load(tmp_path / "a.safetensors")
+    torch.testing.assert_close(_logits(model, batch), want, rtol=0, atol=0)
+    fw.detach()
+    peft_model = PeftModel.from_pretrained(model, tmp_path / "peft")
+    torch.testing.assert_close(_logits(peft_model, batch), want, rtol=1e-5, atol=1e-5)
 
 
 def test_phi3_fused_gate_up_is_refused_clearly():

@@ -33,11 +33,13 @@ class AdapterFileError(RuntimeError):
 
 
 def architecture(model: nn.Module) -> str:
-    """model_type, class and sizes: what the adapter's shapes mean."""
+    """model_type, class and sizes (of the text decoder, for a multimodal model): what the adapter's shapes
+    mean."""
     cfg = model.config
+    text = cfg.get_text_config()  # (the config itself for a text-only model)
     return (
-        f"{cfg.model_type}:{type(model).__name__}:layers={cfg.num_hidden_layers}:hidden={cfg.hidden_size}"
-        f":intermediate={getattr(cfg, 'intermediate_size', '?')}:vocab={cfg.vocab_size}"
+        f"{cfg.model_type}:{type(model).__name__}:layers={text.num_hidden_layers}:hidden={text.hidden_size}"
+        f":intermediate={getattr(text, 'intermediate_size', '?')}:vocab={text.vocab_size}"
     )
 
 

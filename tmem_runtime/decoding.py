@@ -161,7 +161,7 @@ class _RowSlice:
 
 
 def _kv_shape(model: nn.Module) -> tuple[int, int]:
-    cfg = model.config
+    cfg = model.config.get_text_config()
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return heads, head_dim

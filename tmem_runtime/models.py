@@ -223,7 +223,9 @@ def load_model(
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of decoder layers, or ModelNotSupportedError saying what is missing."""
-    candidates = [getattr(model, "model", None), getattr(model, "transformer", None), model]
+    inner = getattr(model, "model", None)
+    # (a multimodal model's text decoder: Gemma3ForConditionalGeneration's `model.language_model`)
+    candidates = [inner, getattr(inner, "language_model", None), getattr(model, "transformer", None), model]
     for root in candidates:
         layers = getattr(root, "layers", None)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:

@@ -91,9 +91,9 @@ def lora_targets(model: nn.Module, fast_layers: Sequence[int]) -> list[str]:
 
 
 def _model_identity(model: nn.Module) -> dict[str, str]:
-    cfg = model.config
-    return {"model_type": str(cfg.model_type), "hidden_size": str(cfg.hidden_size),
-            "num_hidden_layers": str(cfg.num_hidden_layers), "vocab_size": str(cfg.vocab_size)}
+    cfg, text = model.config, model.config.get_text_config()  # (sizes of a multimodal model's text decoder)
+    return {"model_type": str(cfg.model_type), "hidden_size": str(text.hidden_size),
+            "num_hidden_layers": str(text.num_hidden_layers), "vocab_size": str(text.vocab_size)}
 
 
 class Policy:
