@@ -229,6 +229,108 @@ def test_optimizer_steps_refuse_bad_input_and_change_nothing(backend):
             op(*args)
         assert all(torch.equal(t, torch.full((10,), 0.5, device=dev)) for t in (p, g, m, v))
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optimizer_steps_refuse_mixed_dtypes_or_devices_and_change_nothing(backend):
+    """A moment of another dtype (the torch composition decayed param, then failed) or a buffer on the meta
+    device (every backend returned without stepping: a silent no-op): an error, every buffer unchanged."""
+    dev = device_of(backend)
+    p, g, m, v = (torch.full((10,), 0.5, device=dev) for _ in range(4))
+    sgd, adamw = getattr(torch.ops.tmem, f"sgd_step_{backend}"), getattr(torch.ops.tmem, f"adamw_step_{backend}")
+    f64, meta = torch.zeros(10, dtype=torch.float64, device=dev), torch.zeros(10, device="meta")
+    cases = [
+        (adamw, (p, g, f64, v, None, 1.0, 0.1)),
+        (adamw, (p, g, m, meta, None, 1.0, 0.1)),
+        (adamw, (p, meta, m, v, None, 1.0, 0.1)),
+        (sgd, (p, meta, 0.1, 0.01)),
+        (sgd, (p, g.double(), 0.1, 0.01)),
+    ]
+    for op, args in cases:
+        with pytest.raises((TypeError, ValueError), match="dtype|device|meta"):
+            op(*args)
+        assert all(torch.equal(t, torch.full((10,), 0.5, device=dev)) for t in (p, g, m, v))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optimizer_steps_run_outside_autograd(backend):
+    """As torch.optim's steps: param may be an nn.Parameter (the torch composition raised "a leaf Variable
+    that requires grad is being used in an in-place operation"), and a grad that requires grad records no
+    graph into param (the torch composition gave param a grad_fn)."""
+    dev = device_of(backend)
+    ops = tmem_kernels.get_ops(backend)
+    gen = torch.Generator().manual_seed(10)
+    p0, grad0 = torch.randn(50, generator=gen).to(dev), torch.randn(50, generator=gen).to(dev)
+    want = [p0.clone(), torch.zeros(50, device=dev), torch.zeros(50, device=dev)]
+    ref.adamw_step_(*want[:1], grad0, *want[1:], 1, 1e-2)
+    ref.sgd_step_(want[0], grad0, 0.1, 0.01)
+    param, grad = torch.nn.Parameter(p0.clone()), grad0.clone().requires_grad_(True)
+    m, v = torch.zeros(50, device=dev), torch.zeros(50, device=dev)
+    ops.adamw_step_(param, grad, m, v, 1, 1e-2)
+    ops.sgd_step_(param, grad, 0.1, 0.01)
+    assert param.is_leaf and param.grad_fn is None and m.grad_fn is None and v.grad_fn is None
+    for got, exp in zip((param.detach(), m, v), want):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_mlp_torch_refuses_0d_and_integer_x():
+    x, w = mlp_tensors()
+    with pytest.raises(ValueError, match="at least one dimension"):  # was an IndexError
+        tmem_kernels.lora_mlp_torch(x[0, 0], *w)
+    with pytest.raises(TypeError, match="floating"):  # was addmm's "not implemented for 'Long'"
+        tmem_kernels.lora_mlp_torch(x.long(), *(t.long() for t in w))
+
+
+def test_linear_cross_entropy_refuses_double_backward():
+    """Its gradient is computed in the forward, detached from hidden: a gradient penalty through it silently
+    lost the loss's Hessian term. With create_graph=True it now raises; a plain backward is unchanged."""
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(9, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(37, 16, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 37, (9,), generator=g)
+    h = hidden.clone().requires_grad_(True)
+    loss = tmem_kernels.linear_cross_entropy(h, weight, targets) + 0.5 * h.pow(2).sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, h, create_graph=True)
+    (got,) = torch.autograd.grad(tmem_kernels.linear_cross_entropy(h, weight, targets), h)
+    (want,) = torch.autograd.grad(ref.linear_cross_entropy(h, weight, targets), h)
+    torch.testing.assert_close(got, want)
+
+
+def test_ops_run_outside_cpu_autocast():
+    """In torch.autocast("cpu", bfloat16): the native LoRA MLP failed ("self and mat2 must have the same dtype"),
+    its backward too; the rSVD returned bf16 (its fake says float32) ~4e3x less accurate; the cross-entropy
+    with a gradient failed ("Expected out tensor to have dtype BFloat16"). Each now gives its result outside
+    autocast (float32 for the native op, whatever its inputs' dtype)."""
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(2, 60, 41, generator=g)
+    hidden, weight, targets = torch.randn(9, 16, generator=g), torch.randn(37, 16, generator=g), torch.arange(9)
+    want_svd = tmem_kernels.randomized_svd_top_r(w, 4)
+    h = hidden.clone().requires_grad_(True)
+    want_loss = tmem_kernels.linear_cross_entropy(h, weight, targets)
+    (want_grad,) = torch.autograd.grad(want_loss, h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for got, want in zip(tmem_kernels.randomized_svd_top_r(w, 4), want_svd):
+            torch.testing.assert_close(got, want)  # dtype float32 included
+        loss = tmem_kernels.linear_cross_entropy(h, weight, targets)
+        (grad,) = torch.autograd.grad(loss, h)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(grad, want_grad)
+    if "native" not in BACKENDS:
+        return
+    x, w = mlp_tensors(n=6)
+    got_x, got_w = as_leaves(x, w, True, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = tmem_kernels.lora_mlp_native(got_x, *got_w, 0.5)
+        y.backward(torch.ones_like(y))  # the backward inside the region too
+    want_x, want_w = as_leaves(x, w, True, True)
+    y_ref = ref.lora_mlp(want_x, *want_w, 0.5)
+    y_ref.backward(torch.ones_like(y_ref))
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    for got, want in zip((got_x, *got_w), (want_x, *want_w)):
+        if want.requires_grad:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif("native" not in BACKENDS, reason="native extension not built")
 def test_native_adamw_refuses_a_device_step():
     p = torch.zeros(10)
@@ -405,6 +507,16 @@ def test_public_api_and_version():
         return f"`{op}`" in readme or (f"`{base}_torch`" in readme and f"`_{backend}`" in readme)
 
     assert [op for op in registered if not documented(op)] == [], "ops missing from the README's op table"
+    section = readme.split("## Kernel ops")[1].split("\n## ")[0]
+    table = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    listed = [name.strip("` ") for cell in table for name in cell.split(" / ")]
+    base = ""
+    for k, name in enumerate(listed):  # "`sgd_step_torch` / `_native` / `_triton`": the first names the base
+        base = name.rpartition("_")[0] if not name.startswith("_") else base
+        listed[k] = base + name if name.startswith("_") else name
+    assert listed and [op for op in listed if op not in registered] == [], "README rows of ops that do not exist"
+    mentioned = lambda name: name in listed or f"`{name}" in readme or f"tmem_kernels.{name}(" in readme  # noqa: E731
+    assert [name for name in tmem_kernels.__all__ if not mentioned(name)] == [], "exports the README never mentions"
     for backend in tmem_kernels.BACKENDS:  # every backend's op is registered here
         assert f"lora_mlp_{backend}" in registered
     assert set(tmem_kernels.OPS) <= set(registered)

@@ -137,29 +137,42 @@ def _lora_shapes(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_
 
 def _check_step_buffers(op: str, param: Tensor, **bufs: Tensor) -> None:
     """The reference steps' input rules, checked before anything is written: every buffer param's shape
-    (no broadcasting), as the native and Triton steps require."""
+    (no broadcasting), dtype and device, as the native and Triton steps require (a buffer of another dtype
+    failed half-way, after param was decayed; one on the meta device made the step a silent no-op)."""
     for name, t in bufs.items():
         if t.shape != param.shape:
             raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, param has {tuple(param.shape)}")
+        if t.dtype != param.dtype:
+            raise TypeError(f"{op}: mixed dtypes: param is {param.dtype} but {name} is {t.dtype}")
+        if t.device != param.device:
+            raise ValueError(f"{op}: mixed devices: param is on {param.device} but {name} is on {t.device}")
 
 
+# Both steps run outside autograd, as torch.optim's do: param may be a leaf that requires grad (an
+# nn.Parameter), and a grad that requires grad records no graph into param.
+@torch.no_grad()
 def _reference_sgd(param, grad, lr, weight_decay=0.0):  # noqa: ANN001
     _check_step_buffers("sgd_step_", param, grad=grad)
     reference.sgd_step_(param, grad, lr, weight_decay)
 
 
+@torch.no_grad()
 def _reference_adamw(param, grad, exp_avg, exp_avg_sq, step_tensor, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,  # noqa: ANN001
                      weight_decay=0.01):  # fmt: skip
     _check_step_buffers("adamw_step_", param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     if step_tensor is None and step < 1:
         raise ValueError(f"adamw_step_: step counts from 1, got {step}")
+    if step_tensor is not None and (step_tensor.numel() != 1 or step_tensor.device != param.device):
+        raise ValueError(f"adamw_step_: step_tensor must have 1 element on param's device ({param.device}), got "
+                         f"shape {tuple(step_tensor.shape)} on {step_tensor.device}")  # fmt: skip
     reference.adamw_step_(param, grad, exp_avg, exp_avg_sq, step if step_tensor is None else step_tensor, lr,
                           beta1, beta2, eps, weight_decay)  # fmt: skip
 
 
 def _reference_lora_mlp(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling=1.0):  # noqa: ANN001
-    _lora_shapes(x.reshape(-1, x.shape[-1]), w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
-                 contiguous=False)  # fmt: skip
+    _lora_shapes(_flat(x), w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, contiguous=False)
+    if not x.is_floating_point():
+        raise TypeError(f"lora_mlp: x is {x.dtype}; the torch backend takes floating-point tensors")
     return reference.lora_mlp(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling)
 
 
@@ -263,10 +276,21 @@ if _native is not None:
         return dx, None, None, None, *factors, None
 
     _lora_mlp_native.register_autograd(_native_backward, setup_context=_native_setup)
+    # In a CPU autocast region the kernels' torch products were cast to bf16 beside float32 operands (an
+    # error); the native kernels are float32: their inputs are cast to it and they run outside autocast.
+    torch.library.register_autocast("tmem::lora_mlp_native", "cpu", torch.float32)
+    torch.library.register_autocast("tmem::lora_mlp_native_backward", "cpu", torch.float32)
 
     @torch.library.custom_op("tmem::sgd_step_native", mutates_args=("param",), device_types="cpu")
     def _sgd_step_native(param: Tensor, grad: Tensor, lr: float, weight_decay: float = 0.0) -> None:
         _native.sgd_step_(param, grad, lr, weight_decay)
+
+    # The steps' fakes check what the kernels check: a buffer on the meta device beside CPU ones dispatches
+    # to the fake, which must refuse it (torch's default fake for a mutating op did nothing: a silent no-op).
+    @_sgd_step_native.register_fake
+    def _(param, grad, lr, weight_decay=0.0):  # noqa: ANN001
+        _native._check(param, "param")
+        _native._check_same(param, "param", grad=grad)
 
     @torch.library.custom_op("tmem::adamw_step_native", mutates_args=("param", "exp_avg", "exp_avg_sq"),
                              device_types="cpu")  # fmt: skip
@@ -274,12 +298,25 @@ if _native is not None:
         param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_tensor: Tensor | None, step: float,
         lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
     ) -> None:  # fmt: skip
+        _native_adamw_check(param, grad, exp_avg, exp_avg_sq, step_tensor, step)
+        _native.adamw_step_(param, grad, exp_avg, exp_avg_sq, int(step), lr, beta1, beta2, eps, weight_decay)
+
+    @_adamw_step_native.register_fake
+    def _(param, grad, exp_avg, exp_avg_sq, step_tensor, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,  # noqa: ANN001
+          weight_decay=0.01):  # fmt: skip
+        _native_adamw_check(param, grad, exp_avg, exp_avg_sq, step_tensor, step)
+
+    def _native_adamw_check(param, grad, exp_avg, exp_avg_sq, step_tensor, step) -> None:  # noqa: ANN001
+        """The native AdamW step's rules: four float32 CPU buffers of one shape, a whole step from 1."""
         if step_tensor is not None:
             raise ValueError("adamw_step_ (native): step must be a Python number (the native kernel reads it on "
                              "the host); device-tensor steps are for the torch and triton backends")  # fmt: skip
         if step != int(step):
             raise ValueError(f"adamw_step_ (native): step must be a whole number, got {step}")
-        _native.adamw_step_(param, grad, exp_avg, exp_avg_sq, int(step), lr, beta1, beta2, eps, weight_decay)
+        if step < 1:
+            raise ValueError(f"step counts from 1, got {step}")
+        _native._check(param, "param")
+        _native._check_same(param, "param", grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
 
 
 def lora_mlp_native(
@@ -454,6 +491,17 @@ if _triton_mlp is not None:
         _triton_update.adamw_step_(param, grad, exp_avg, exp_avg_sq, step if step_tensor is None else step_tensor,
                                    lr, beta1, beta2, eps, weight_decay)  # fmt: skip
 
+    @_sgd_step_triton.register_fake
+    def _(param, grad, lr, weight_decay=0.0):  # noqa: ANN001
+        _triton_update._check("sgd_step_", param, grad=grad)
+
+    @_adamw_step_triton.register_fake
+    def _(param, grad, exp_avg, exp_avg_sq, step_tensor, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,  # noqa: ANN001
+          weight_decay=0.01):  # fmt: skip
+        _triton_update._check("adamw_step_", param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+        if step_tensor is not None:
+            _triton_update._scalar_arg("adamw_step_", "step", step_tensor, param)
+
 
 def lora_mlp_triton(
     x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor,
@@ -505,7 +553,8 @@ def _randomized_svd_top_r(
     w: Tensor, r: int, oversample: int = rsvd.DEFAULT_OVERSAMPLE, n_iter: int = rsvd.DEFAULT_N_ITER, seed: int = 0,
     gram: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    u, s, vh = rsvd.randomized_svd_top_r(w, r, oversample=oversample, n_iter=n_iter, seed=seed, gram=gram)
+    with torch.autocast(w.device.type, enabled=False):  # float32 (float64) products, as the fake promises
+        u, s, vh = rsvd.randomized_svd_top_r(w, r, oversample=oversample, n_iter=n_iter, seed=seed, gram=gram)
     return u.contiguous(), s.contiguous(), vh.contiguous()
 
 
@@ -540,7 +589,8 @@ def _linear_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, chunk_size: int, with_grad: bool
 ) -> tuple[Tensor, Tensor]:
     """(loss 0-d float32 (float64 for float64 input), d loss / d hidden [K, H], empty without `with_grad`)."""
-    loss, grad = _lce.loss_and_grad(hidden, weight, targets, ignore_index, chunk_size, with_grad)
+    with torch.autocast(hidden.device.type, enabled=False):  # products in the inputs' dtype, as documented
+        loss, grad = _lce.loss_and_grad(hidden, weight, targets, ignore_index, chunk_size, with_grad)
     return loss, _empty(hidden) if grad is None else grad
 
 
@@ -561,6 +611,11 @@ def _lce_backward(ctx, dloss, _):  # noqa: ANN001
     (grad,) = ctx.saved_tensors
     if grad.dim() != 2:
         raise RuntimeError("linear_cross_entropy backward: the forward ran with with_grad=False")
+    if torch.is_grad_enabled() and ctx.needs_input_grad[0]:  # create_graph=True
+        # the gradient was computed in the forward, detached from hidden: differentiating it again would
+        # silently drop the loss's Hessian term (a gradient penalty came out wrong), so refuse it
+        raise RuntimeError("linear_cross_entropy: double backward (create_graph=True) is not supported; its "
+                           "gradient w.r.t. hidden is not differentiable (use reference.linear_cross_entropy)")
     return grad * dloss.to(grad.dtype), None, None, None, None, None
 
 
