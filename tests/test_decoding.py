@@ -160,6 +160,24 @@ def test_bad_input_gets_a_clear_error(tiny):
     assert greedy_generate(tiny, [], 4) == []
 
 
+def test_max_new_tokens_and_the_window_are_checked_before_anything_runs(tiny):
+    """0 new tokens: nothing per prompt; negative: refused; a prompt that with its new tokens passes the
+    model's window (max_position_embeddings) is refused, not run at positions the model never saw. The same
+    on the piecewise path and the reference path (a GPT-2), which used to differ (the reference refused 0,
+    and failed on a long prompt with an IndexError from inside the model)."""
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    for model in (tiny, gpt2):
+        window = model.config.max_position_embeddings
+        prompts = _prompts(9, 4, [2, 3], vocab=64)
+        assert greedy_generate(model, prompts, 0) == [[], []]
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+            greedy_generate(model, prompts, -1)
+        long = _prompts(9, window - 3, [1], vocab=64)
+        assert len(greedy_generate(model, long, 2, eos_ids=[])[0]) == 2  # exactly fills the window
+        with pytest.raises(ValueError, match=f"window of {window} positions"):
+            greedy_generate(model, long, 3)
+
+
 def test_models_the_decoder_cannot_drive_use_the_reference():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()

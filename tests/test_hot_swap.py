@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from tmem_runtime import AdapterFileError, FastWeights, Recipe, SessionPool, load_model
 from tmem_runtime.write import IGNORE_INDEX
@@ -86,3 +89,44 @@ def test_a_state_moves_between_pool_sessions():
     pool.load_state_dict("b", pool.state_dict("a"))
     assert all(torch.equal(pool.state_dict("b")[k], v) for k, v in pool.state_dict("a").items())
     pool.detach()
+
+
+def test_a_swap_from_another_thread_waits_for_a_running_generate():
+    """A load while generate() runs on another thread waits for it to end: every token reads the weights
+    it started with (logits to 1e-5 of a run with no swap), and after it the swapped-in ones (those of
+    a fresh attach loading that state)."""
+    model, _ = load_model("tiny-llama")
+    written = FastWeights(model, backend="torch")
+    written.write_examples(_examples(0), Recipe(lr=1e-2, epochs=2))
+    first = written.state_dict()
+    written.write_examples(_examples(5), Recipe(lr=3e-2, epochs=3))
+    second = written.state_dict()
+    written.load_state_dict(first)
+    ids = torch.randint(3, 500, (2, 7), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    want = model.generate(ids, **kw)
+    swapper = threading.Thread(target=written.load_state_dict, args=(second,))
+
+    class SwapMidway(LogitsProcessor):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls == 2:
+                swapper.start()
+                swapper.join(0.5)  # (returns at once where the swap does not wait)
+            return scores
+
+    got = model.generate(ids, logits_processor=LogitsProcessorList([SwapMidway()]), **kw)
+    swapper.join()
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    after = model.generate(ids, **kw)
+    written.detach()
+    fresh = FastWeights(model, backend="torch")
+    fresh.load_state_dict(second)
+    for a, b in zip(after.logits, model.generate(ids, **kw).logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after.logits[-1], want.logits[-1], atol=1e-3)
+    fresh.detach()

@@ -150,6 +150,43 @@ def test_generate_with_a_different_memory_per_row(tiny):
     pool.detach()
 
 
+def test_beams_and_return_sequences_read_their_prompts_session(tiny):
+    """generate() expands each prompt into beams / return sequences before its first forward: every copy
+    reads its prompt's session (sequences and beam scores those of the model with only that session,
+    generated alone), and a rows list that matches the expanded batch but not the prompts is refused."""
+    pool = SessionPool(tiny, capacity=2, backend="torch")
+    pool.open("p")
+    pool.open("q")
+    pool.write_examples_many({"p": examples(4, 1), "q": examples(4, 2)}, Recipe(lr=3e-2, epochs=5))
+    states = {s: pool.state_dict(s) for s in ("p", "q")}
+    ids = torch.randint(3, 500, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # left padding
+    rows = ["p", None, "q"]
+    kw = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    with pool.rows(rows):
+        mixed = tiny.generate(ids, attention_mask=mask, **kw)
+        again = tiny(input_ids=ids, attention_mask=mask).logits  # a forward after generate(): the named rows
+    with pytest.raises(ValueError, match="1 prompts"), pool.rows(["p", "q"]):  # 2 rows = 1 prompt x 2 beams
+        tiny.generate(ids[:1], max_new_tokens=2, num_beams=2, do_sample=False, pad_token_id=0)
+    pool.detach()
+    for i, s in enumerate(rows):
+        fw = None if s is None else FastWeights(tiny, backend="torch")
+        if fw is not None:
+            fw.load_state_dict(states[s])
+        n = int(mask[i].sum())
+        alone = tiny.generate(ids[i : i + 1, -n:], attention_mask=mask[i : i + 1, -n:], **kw)
+        with torch.no_grad():
+            logits = tiny(input_ids=ids[i : i + 1, -n:]).logits[0]
+        if fw is not None:
+            fw.detach()
+        assert torch.equal(mixed.sequences[2 * i : 2 * i + 2, -5:], alone.sequences[:, -5:]), s
+        torch.testing.assert_close(mixed.sequences_scores[2 * i : 2 * i + 2], alone.sequences_scores,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again[i, -n:], logits, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("offload", ["host", "disk"])
 def test_more_sessions_than_capacity_move_out_and_back(tiny, tmp_path, offload):
     pool = SessionPool(tiny, capacity=2, backend="torch", offload=offload, offload_dir=tmp_path)

@@ -261,7 +261,8 @@ def greedy_generate(
     prompts: full token ids (they start with their prefix's ids). prefix: one Prefix for all rows, one
     per row (None: no prefix for that row), or None: the longest common prefix of two or more prompts
     is found and prefilled here (without `bind`). A row ends at an EOS (`eos_ids`, default the
-    model's), at a token in `stop_ids`, when `stop(new_tokens)` is true, or after `max_new_tokens`;
+    model's), at a token in `stop_ids`, when `stop(new_tokens)` is true, or after `max_new_tokens` (0:
+    nothing is run; a prompt + max_new_tokens past the model's `max_position_embeddings`: ValueError);
     `stop` is one function for every row or one per prompt (None: none for that row), called with
     the row's new tokens after each new token that did not end it otherwise (a caller may stream
     from it).
@@ -276,6 +277,15 @@ def greedy_generate(
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts)
+    if window is not None and longest + max_new_tokens > window:
+        raise ValueError(f"a prompt of {longest} tokens + {max_new_tokens} new ones passes the model's window of "
+                         f"{window} positions")
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
     eos = _eos_of(model, eos_ids)
     stops = list(stop) if isinstance(stop, (list, tuple)) else [stop] * len(prompts)
     if len(stops) != len(prompts):

@@ -15,10 +15,11 @@ The engine knows nothing of session names, files or tokenizers: `SessionPool` an
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -63,6 +64,7 @@ class Binding:
     device_indptr: torch.Tensor | None = None
     device_slots: torch.Tensor | None = None
     resident: bool = True  # b_stacks are the engine's rows (not a write's workspace)
+    unexpanded: Binding | None = None  # the binding whose rows generate() expanded into this one (see below)
 
 
 class FastWeightEngine:
@@ -116,6 +118,8 @@ class FastWeightEngine:
         self.detached = False
         for k, (_, mlp) in enumerate(self.mlps):
             mlp.forward = partial(self._mlp_forward, k, mlp)
+        if hasattr(model, "_expand_inputs_for_generation"):  # generate()'s beams and return sequences
+            model._expand_inputs_for_generation = partial(self._expand_for_generation, model)
         self.decoder = Decoder(model) if supports_piecewise(model) else None
         model._tmem_fast_weights = self
 
@@ -229,6 +233,33 @@ class FastWeightEngine:
     def current_binding(self) -> Binding | None:
         return getattr(self._local, "binding", None) or self.default_binding
 
+    def _expand_for_generation(self, model: PreTrainedModel, *args, **kwargs):
+        """The model's `_expand_inputs_for_generation`, with this thread's rows binding expanded alike.
+
+        generate() repeats each prompt's row `expand_size` times (beams, num_return_sequences) before its
+        first forward; the rows named for the prompts are repeated the same way, so every copy reads its
+        prompt's session. Rows that do not match the prompts' batch are refused here, where a list that
+        happens to match the expanded batch would otherwise give a prompt's beams different sessions.
+        """
+        own = inspect.getattr_static(type(model), "_expand_inputs_for_generation").__get__(model, type(model))
+        params = dict(zip(("expand_size", "is_encoder_decoder", "input_ids"), args), **kwargs)
+        binding = getattr(self._local, "binding", None)
+        ids = params.get("input_ids")
+        if binding is not None and binding.indptr is not None and not binding.writing and ids is not None:
+            binding = binding.unexpanded or binding
+            rows, expand = int(binding.indptr[-1]), int(params.get("expand_size", 1))
+            if rows != ids.shape[0]:
+                raise ValueError(
+                    f"the fast-weight rows name {rows} rows but generate() was given {ids.shape[0]} prompts "
+                    "(pass one session, or None, per prompt: beams and return sequences are expanded here)"
+                )
+            if expand > 1:
+                on_device = binding.device_indptr
+                binding = replace(binding, indptr=binding.indptr * expand, unexpanded=binding,
+                                  device_indptr=None if on_device is None else on_device * expand)
+            self._local.binding = binding  # until the rows() block ends (its bind() restores the outer binding)
+        return own(*args, **kwargs)
+
     # ---------------------------------------------------------------- the adapted MLP
     def _mlp_forward(self, k: int, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         binding = self.current_binding()
@@ -271,6 +302,7 @@ class FastWeightEngine:
             raise FastWeightsError("these fast weights were already detached")
         for _, mlp in self.mlps:
             mlp.__dict__.pop("forward", None)
+        self.model.__dict__.pop("_expand_inputs_for_generation", None)
         with torch.no_grad():
             for i, orig in enumerate(self._originals):
                 getattr(self.mlps[i // 3][1], self.layout.slots[i].target).weight.copy_(orig)
@@ -305,6 +337,8 @@ def _token_segments(binding: Binding, shape: torch.Size, n_tokens: int) -> tuple
         return binding.indptr, binding.slots  # where a captured (CUDA-graph) step must not read them back
     per_row = 1 if binding.per_token or len(shape) < 3 else shape[-2]
     rows = int(binding.indptr[-1])
+    if rows * per_row != n_tokens and binding.unexpanded is not None:  # a forward after generate() expanded
+        return _token_segments(binding.unexpanded, shape, n_tokens)  # the rows, on the batch they were named for
     if rows * per_row != n_tokens:
         raise ValueError(
             f"the fast-weight rows name {rows} rows but the batch has {n_tokens // max(per_row, 1)} "

@@ -13,18 +13,20 @@ a batched write runs the frozen trunk once for every session's cards (see `train
 
 More open sessions than `capacity` are kept off the engine, in host memory or on disk, and moved back
 on use (see `residency.py`). Thread safety: every method may be called from any thread. Forwards
-inside `rows(...)` run concurrently; a write's commit waits until no `rows` block is open and new
-blocks wait for the commit, so every forward sees each session entirely before or entirely after a
-write. Writes run one at a time. A thread inside a `rows` block must not write (it would wait for
-itself): that raises an error.
+inside `rows(...)` run concurrently; a write's commit (and a swap, a reset) waits until no `rows` block
+or `model.generate(...)` call is open and new ones wait for the commit, so every forward, and every
+token of a generate, sees each session entirely before or entirely after a write. Writes run one at a
+time. A thread inside a `rows` block or a generate must not write (it would wait for itself): that
+raises an error.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 
 import torch
 from torch.profiler import record_function
@@ -81,6 +83,8 @@ class SessionPool(SessionStore):
         self._last_version = 0
         self._swap = SwapChecker(self.engine)
         self._init_threading()
+        if hasattr(model, "generate"):  # a whole generate() reads one state of the rows (see `_generate`)
+            model.generate = partial(self._generate, model)
         model._tmem_fast_weights = self
 
     def _init_threading(self) -> None:
@@ -213,7 +217,8 @@ class SessionPool(SessionStore):
         """The pool's lock, held once no rows() block is open (new ones wait): the engine's rows may
         change inside. (Fast when nothing reads: the hot-swap path.)"""
         if getattr(self._local, "reading", 0):
-            raise FastWeightsError("a write, swap or reset inside a pool.rows() block would wait for itself")
+            raise FastWeightsError("a write, swap or reset inside a pool.rows() block or generate() "
+                                   "would wait for itself")
         with self._lock:
             if self._readers:
                 self._committing = True
@@ -228,24 +233,42 @@ class SessionPool(SessionStore):
     @contextmanager
     def rows(self, sessions: Sequence[str | None]) -> Iterator[None]:
         """Forwards on this thread inside the block read session sessions[i] for batch row i (None:
-        the bare model). The list's length must be the batch's; generate() keeps it for every step."""
+        the bare model). The list's length must be the batch's (generate(): the prompts'; their beams and
+        return sequences read their prompt's session); generate() keeps it for every step."""
         names = [s for s in sessions if s is not None]
+        with self._reading(lambda: self.residency.acquire(names)) as slots:
+            try:
+                it = iter(slots)
+                binding = self.engine.binding_for_rows([None if s is None else next(it) for s in sessions])
+                with self.engine.bind(binding):
+                    yield
+            finally:
+                with self._lock:
+                    self.residency.release(names)
+
+    @contextmanager
+    def _reading(self, acquire: Callable[[], list[int]] = list) -> Iterator[list[int]]:
+        """A block no write's commit, swap or reset runs inside (they wait for it, and new blocks wait for
+        them); yields acquire(), called under the pool's lock. Nested blocks on one thread do not wait."""
         with self._lock:
-            self._idle.wait_for(lambda: not self._committing)
-            slots = self.residency.acquire(names)
+            if not getattr(self._local, "reading", 0):  # (an outer block on this thread holds commits off)
+                self._idle.wait_for(lambda: not self._committing)
+            held = acquire()
             self._readers += 1
         self._local.reading = getattr(self._local, "reading", 0) + 1
         try:
-            it = iter(slots)
-            binding = self.engine.binding_for_rows([None if s is None else next(it) for s in sessions])
-            with self.engine.bind(binding):
-                yield
+            yield held
         finally:
             self._local.reading -= 1
             with self._lock:
-                self.residency.release(names)
                 self._readers -= 1
                 self._idle.notify_all()
+
+    def _generate(self, model: PreTrainedModel, *args, **kwargs):
+        """The model's own generate(), run as one reading block: a write's commit, a swap or a reset from
+        another thread waits for it to end, so every token of it reads the same fast weights."""
+        with self._reading():
+            return type(model).generate(model, *args, **kwargs)
 
     # ---------------------------------------------------------------- writes
     def _write(
@@ -262,7 +285,7 @@ class SessionPool(SessionStore):
         if train_a and self.engine.capacity > 1:
             raise ValueError("A is shared by every session of a pool: train_a needs a pool of capacity 1")
         if getattr(self._local, "reading", 0):
-            raise FastWeightsError("a write inside a pool.rows() block would wait for itself")
+            raise FastWeightsError("a write inside a pool.rows() block or generate() would wait for itself")
         with self._write_lock, self._resident(names) as slots:
             if not any(schedules):
                 return {s: [] for s in names}
@@ -330,6 +353,7 @@ class SessionPool(SessionStore):
             if self.trunk_rows is not None:
                 self.trunk_rows.clear()  # the kept trunk outputs' memory goes with the pool
             self.residency.discard_files()
+            self.model.__dict__.pop("generate", None)
             return self.engine.detach()
 
 
