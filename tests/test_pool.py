@@ -545,3 +545,19 @@ def test_kept_rows_stay_within_their_bytes_least_recently_used_out():
     assert not rows.rows and rows.bytes == 0
     with pytest.raises(ValueError, match=">= 0"):
         TrunkRows([layer], -1)
+
+
+def test_a_state_dict_waits_for_a_commit_in_progress(tiny):
+    """A commit (write, swap, reset) writes B rows holding the pool's lock: a state_dict from another thread
+    waits for it, so it never reads a row half written."""
+    pool = SessionPool(tiny, capacity=2)
+    pool.open("s")
+    out = []
+    with pool._exclusive():  # what a commit holds while it writes the rows
+        reader = threading.Thread(target=lambda: out.append(pool.state_dict("s")))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive() and not out
+    reader.join(30)
+    assert len(out) == 1
+    pool.detach()

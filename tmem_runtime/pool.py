@@ -327,7 +327,7 @@ class SessionPool(SessionStore):
     def state_dict(self, session: str) -> dict[str, torch.Tensor]:
         """A snapshot {"layers.L.mlp.T.lora_A": [r, in], "...lora_B": [out, r]}: B copied, A shared
         (one snapshot of A0 for every state dict while A is unchanged; treat it as read-only)."""
-        with self._resident([session]) as (slot,), torch.inference_mode(False):
+        with self._resident([session]) as (slot,), torch.inference_mode(False), self._lock:  # (commits hold it)
             b_row = self.engine.b[slot].detach().clone()
             lay = self.engine.layout
             return {**self._a_state(), **{lay.b_name(i): lay.b_view(b_row, i) for i in range(len(lay.slots))}}
