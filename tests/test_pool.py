@@ -549,7 +549,8 @@ def test_kept_rows_stay_within_their_bytes_least_recently_used_out():
 
 def test_a_state_dict_waits_for_a_commit_in_progress(tiny):
     """A commit (write, swap, reset) writes B rows holding the pool's lock: a state_dict from another thread
-    waits for it, so it never reads a row half written."""
+    waits for it, so it never reads a row half written. (Here the wait is at pinning the session; the copy
+    itself also runs under the lock, for a commit that starts between the two.)"""
     pool = SessionPool(tiny, capacity=2)
     pool.open("s")
     out = []
