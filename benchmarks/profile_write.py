@@ -92,7 +92,8 @@ def report(prof: profile, wall_s: float) -> list[str]:
         + ", ".join(f"{n.rsplit('.', 1)[1]} {us / 1e3:.2f}" for n, us in spans.items())
         + f"; outside them {max(wall_s * 1e6 - covered, 0) / 1e3:.2f}"
     )
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    # (the runtime's ranges also show on the device's timeline, as annotations spanning their kernels: left out)
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith("tmem.")]
     if kernels:
         busy = busy_us([(e.time_range.start, e.time_range.end) for e in kernels])
         lines.append(
