@@ -85,7 +85,8 @@ def report(prof: profile, wall_s: float) -> list[str]:
     """The profiled write's phases, device occupancy, runtime calls and top operators, as text lines."""
     events = prof.events()
     lines = [f"  profiled write: {wall_s * 1e3:.1f} ms wall"]
-    spans = {name: sum(e.time_range.elapsed_us() for e in events if e.name == name) for name in PHASES}
+    host_events = [e for e in events if e.device_type == DeviceType.CPU]
+    spans = {name: sum(e.time_range.elapsed_us() for e in host_events if e.name == name) for name in PHASES}
     covered = sum(spans.values())
     lines.append(
         "  host phases (ms): "
@@ -105,9 +106,9 @@ def report(prof: profile, wall_s: float) -> list[str]:
             by_kernel[e.name] += e.time_range.elapsed_us()
         lines.append("  top kernels (device ms, name):")
         lines += [f"    {us / 1e3:8.3f}  {name[:110]}" for name, us in by_kernel.most_common(12)]
-    calls = Counter(e.name for e in events if e.name in RUNTIME_CALLS)
+    calls = Counter(e.name for e in host_events if e.name in RUNTIME_CALLS)
     call_us: Counter[str] = Counter()
-    for e in events:
+    for e in host_events:
         if e.name in RUNTIME_CALLS:
             call_us[e.name] += e.time_range.elapsed_us()
     if calls:
