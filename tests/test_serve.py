@@ -39,6 +39,7 @@ from tmem_runtime.serve.batcher import Request, Row
 from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
+from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.service import MemoryService, ServeConfig, SessionGoneError
 from tmem_runtime.serve.store import MAX_ID_LENGTH, SessionRecord, Store
 from tmem_runtime.serve.worker import Worker
@@ -159,6 +160,22 @@ def test_health_models_and_metrics(served, acme):
     assert all(kind == "counter" for name, kind in types.items() if name.endswith("_total"))
     assert types["tmem_trunk_rows_examples_total"] == "counter" and types["tmem_trunk_rows_bytes"] == "gauge"
     assert "metrics-probe" not in text and "acme" not in text  # no session or tenant names
+
+
+def test_metrics_render_every_sample_exactly_and_escape_labels():
+    """A busy server's counters pass a million: every increment must still show (no 6-digit rounding)."""
+    m = Metrics()
+    m.inc("generated_tokens_total", 1_234_567)
+    before = m.render()
+    m.inc("generated_tokens_total")
+    m.set_gauge("trunk_rows_bytes", 268_435_456)
+    m.set_gauge("writes_training", 0.25)
+    m.inc("requests_total", route='a\\b"c\nd', code="200")
+    samples = [ln for ln in m.render().splitlines() if ln and not ln.startswith("#")]
+    assert "tmem_generated_tokens_total 1234567" in before.splitlines()
+    assert {"tmem_generated_tokens_total 1234568", "tmem_trunk_rows_bytes 268435456",
+            "tmem_writes_training 0.25"} <= set(samples)
+    assert 'tmem_requests_total{code="200",route="a\\\\b\\"c\\nd"} 1' in samples  # one line, escaped
 
 
 def test_session_lifecycle_and_exact_answers(served, acme, reference_model):
