@@ -832,6 +832,39 @@ def test_store_commit_is_atomic(tmp_path):
         store.session_dir("t", "../escape")
 
 
+def test_store_size_while_commits_replace_files(tmp_path):
+    """GET /v1/sessions/{id} sums the session's files while a write commits (which removes the old
+    weights file): a file gone between the listing and its stat is not an error (it was a 500)."""
+    store = Store(tmp_path)
+    store.create("t", "s")
+    record, _ = store.read("t", "s")
+    commits = 400
+
+    def commit() -> None:
+        for _ in range(commits):
+            store.commit("t", "s", record, lambda path: path.write_bytes(b"w" * 1000))
+
+    writer = threading.Thread(target=commit)
+    writer.start()
+    sizes = []
+    while writer.is_alive():
+        sizes.append(store.size("t", "s"))
+    writer.join()
+    assert record.seq == commits and len(sizes) > commits and all(s > 0 for s in sizes)
+    d = store.session_dir("t", "s")
+    assert store.size("t", "s") == sum(f.stat().st_size for f in d.iterdir())
+
+
+def test_a_claim_removes_the_temp_file_of_a_claim_killed_before_its_rename(tmp_path):
+    store = Store(tmp_path)
+    store.create("t", "s")
+    d = store.session_dir("t", "s")
+    (d / "lease.json.k1ll3d.tmp").write_bytes(b'{"owner": "a"')  # a renewal SIGKILLed mid-write
+    store.claim("t", "s", "b", "http://b", ttl=30)
+    assert sorted(f.name for f in d.iterdir()) == [".lock", "lease.json", "state.json"]
+    assert store.lease("t", "s").owner == "b"
+
+
 def test_the_longest_ids_name_sessions_and_longer_ones_get_400(served, acme):
     """Ids are stored hex-encoded, one file name each: the longest valid id must still fit one (255 bytes)."""
     longest = "L" * MAX_ID_LENGTH

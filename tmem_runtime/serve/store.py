@@ -9,7 +9,8 @@
 Every file is replaced atomically (temp file, fsync, rename). A write's commit point is the rename
 of state.json naming the new weights file: a server killed before it restarts from the previous
 state.json and its weights file, one killed after it from the new ones. Weights files that no
-state.json names (left by such a kill) are removed when the session is next loaded. Ids are
+state.json names (left by such a kill) are removed when the session is next loaded, a killed
+claim's temp file by the next claim. Ids are
 checked against ID_PATTERN and stored hex-encoded, so no id can name a path outside its tenant; an id
 is at most MAX_ID_LENGTH characters, so its hex name fits a file name (255 bytes on common filesystems).
 """
@@ -145,9 +146,18 @@ class Store:
         _remove_leftovers(d, record.weights)
 
     def size(self, tenant: str, session: str) -> int:
-        """Bytes of the session's files."""
+        """Bytes of the session's files (a file a commit removes meanwhile counts as gone)."""
         d = self.session_dir(tenant, session)
-        return sum(f.stat().st_size for f in d.iterdir() if f.is_file()) if d.is_dir() else 0
+        if not d.is_dir():
+            return 0
+        total = 0
+        with os.scandir(d) as entries:
+            for f in entries:
+                try:
+                    total += f.stat().st_size if f.is_file() else 0
+                except FileNotFoundError:  # an old weights file or a temp file, removed by a commit
+                    pass
+        return total
 
     def remove(self, tenant: str, session: str) -> None:
         shutil.rmtree(self.session_dir(tenant, session), ignore_errors=True)
@@ -163,6 +173,8 @@ class Store:
             held = self.lease(tenant, session)
             if held is not None and held.owner != owner and held.expires > time.time():
                 raise LeaseHeldError(held.owner, held.url, held.expires)
+            for f in d.glob("lease.json.*"):  # a temp file of a claim killed before its rename (claims hold the lock)
+                f.unlink(missing_ok=True)
             lease = Lease(owner, url, time.time() + ttl)
             _write_atomically(d / "lease.json", json.dumps(asdict(lease)).encode())
         return lease
