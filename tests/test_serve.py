@@ -41,7 +41,7 @@ from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.service import MemoryService, ServeConfig, SessionGoneError
-from tmem_runtime.serve.store import MAX_ID_LENGTH, SessionRecord, Store
+from tmem_runtime.serve.store import MAX_ID_LENGTH, LeaseLostError, SessionRecord, Store
 from tmem_runtime.serve.worker import Worker
 from tmem_runtime.serve.writer import DecodeThreadGenerator
 
@@ -863,6 +863,32 @@ def test_a_claim_removes_the_temp_file_of_a_claim_killed_before_its_rename(tmp_p
     store.claim("t", "s", "b", "http://b", ttl=30)
     assert sorted(f.name for f in d.iterdir()) == [".lock", "lease.json", "state.json"]
     assert store.lease("t", "s").owner == "b"
+
+
+def test_a_claim_of_an_expired_lease_waits_for_the_holders_commit_and_then_it_cannot_commit(tmp_path):
+    """Server a's lease ran out (its renewal was late) while a write of it commits: server b, taking the
+    session over, must read that commit, and a must commit nothing after b's claim (it would overwrite
+    b's state and weights file: same seq)."""
+    store = Store(tmp_path)
+    store.create("t", "s")
+    store.claim("t", "s", "a", "http://a", ttl=0.01)
+    time.sleep(0.05)
+    record, _ = store.read("t", "s")
+    claimed: list = []
+    b = threading.Thread(target=lambda: claimed.append(store.claim("t", "s", "b", "http://b", ttl=30)))
+
+    def save(path: Path) -> None:  # b asks for the session while a's commit is under way
+        b.start()
+        b.join(timeout=0.5)
+        assert not claimed, "b claimed the session in the middle of a's commit"
+        path.write_bytes(b"a's write")
+
+    store.commit("t", "s", record, save, owner="a")
+    b.join()
+    assert claimed[0].owner == "b" and store.read("t", "s")[1].read_bytes() == b"a's write"
+    with pytest.raises(LeaseLostError):
+        store.commit("t", "s", record, lambda path: path.write_bytes(b"a's late write"), owner="a")
+    assert store.read("t", "s")[1].read_bytes() == b"a's write" and record.seq == 1
 
 
 def test_the_longest_ids_name_sessions_and_longer_ones_get_400(served, acme):

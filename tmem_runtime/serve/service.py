@@ -33,7 +33,7 @@ from tmem_runtime.serve.batcher import AnswerBatcher, Request, Row
 from tmem_runtime.serve.conversation import Card, Conversation, SessionGoneError, WriteJob
 from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.metrics import Metrics
-from tmem_runtime.serve.store import LeaseHeldError, SessionExistsError, Store
+from tmem_runtime.serve.store import LeaseHeldError, LeaseLostError, SessionExistsError, Store
 from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter, check_cards
 
 MIN_CACHED_PREFIX = 8  # an answer's chat preamble shorter than this is prefilled with the rest of its prompt
@@ -257,15 +257,15 @@ class MemoryService:
             raise SessionGoneError("the session was released or removed; retry the request")
 
     def _persist(self, conv: Conversation, weights: bool) -> None:
-        """Commit the session to the store (conv.lock held), after checking this server still holds its
-        lease (if not, the session is dropped here and SessionGoneError raised)."""
-        lease = self.store.lease(conv.tenant, conv.session)
-        if lease is None or lease.owner != self.config.server_id:
-            threading.Thread(target=self._drop, args=(conv,), daemon=True).start()
-            raise SessionGoneError("this server no longer holds the session's lease; retry the request")
+        """Commit the session to the store (conv.lock held) if this server still holds its lease (checked
+        by the commit, under the lease's lock; if not, the session is dropped here and SessionGoneError raised)."""
         record = conv.to_record()
         save = (lambda path: self.pool.save(conv.pool_id, path)) if weights else None
-        self.store.commit(conv.tenant, conv.session, record, save)
+        try:
+            self.store.commit(conv.tenant, conv.session, record, save, owner=self.config.server_id)
+        except LeaseLostError:
+            threading.Thread(target=self._drop, args=(conv,), daemon=True).start()
+            raise SessionGoneError("this server no longer holds the session's lease; retry the request") from None
         conv.sync_record(record)
 
     def _renew_leases(self) -> None:

@@ -24,7 +24,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,10 @@ class LeaseHeldError(RuntimeError):
     def __init__(self, owner: str, url: str, expires: float) -> None:
         self.owner, self.url, self.expires = owner, url, expires
         super().__init__(f"session is served by {owner} ({url}) until its lease expires or it is released")
+
+
+class LeaseLostError(RuntimeError):
+    """A commit by a server whose lease the session no longer names: nothing was committed."""
 
 
 def check_id(kind: str, value: str) -> str:
@@ -134,16 +138,22 @@ class Store:
         return record, (d / record.weights if record.weights else None)
 
     def commit(self, tenant: str, session: str, record: SessionRecord,
-               save_weights: Callable[[Path], None] | None = None) -> None:
+               save_weights: Callable[[Path], None] | None = None, owner: str | None = None) -> None:
         """Persist `record`; with `save_weights`, first a new weights file (written by it) that the new
-        state.json names: its rename is the commit point. Weights files it does not name are removed."""
+        state.json names: its rename is the commit point. Weights files it does not name are removed.
+        owner: commit only if the session's lease names it (else LeaseLostError), holding the lease's
+        lock to the commit point, so no other server claims the session (and reads it) in between."""
         d = self.session_dir(tenant, session)
-        if save_weights is not None:
-            record.seq += 1
-            record.weights = f"weights-{record.seq:08d}.safetensors"
-            save_weights(d / record.weights)
-        _write_atomically(d / "state.json", _encode(record))
-        _remove_leftovers(d, record.weights)
+        with self._locked(d) if owner is not None else nullcontext():
+            held = self.lease(tenant, session) if owner is not None else None
+            if owner is not None and (held is None or held.owner != owner):
+                raise LeaseLostError(f"session {session!r} is no longer leased to {owner}")
+            if save_weights is not None:
+                record.seq += 1
+                record.weights = f"weights-{record.seq:08d}.safetensors"
+                save_weights(d / record.weights)
+            _write_atomically(d / "state.json", _encode(record))
+            _remove_leftovers(d, record.weights)
 
     def size(self, tenant: str, session: str) -> int:
         """Bytes of the session's files (a file a commit removes meanwhile counts as gone)."""
