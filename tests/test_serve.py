@@ -528,6 +528,30 @@ def test_removing_a_session_mid_batch_fails_its_answer_and_leaves_the_others_str
     assert acme.get("/v1/sessions/leaving").status_code == 404
 
 
+def test_a_card_prompt_past_the_window_fails_no_answer_batched_with_it(served, acme):
+    """A very long turn's card prompt does not fit the model's window: it gets no card text, and neither
+    it nor a row submitted past the window ever joins a batch (there it failed every other session's answer)."""
+    _, service = served
+    create(acme, "neighbour")
+    messages = [{"role": "user", "content": "Tell me about the library."}]
+    alone = ask(acme, messages[0]["content"], "neighbour", max_tokens=8)
+    window, gate = service.generator.window, threading.Event()
+    blocker = service.batcher.submit([Row(service.prompt_ids(messages), None, 2, on_text=lambda t: gate.wait(300))])
+    answer = service.answer("acme", "neighbour", messages, 8)  # waits for the next batch
+    long_turn = "Nina: " + " ".join(["seven"] * window)
+    prompts = [service.generator.chat_prompt([{"role": "user", "content": t}]) for t in ("Nina: hi there", long_turn)]
+    cards = ThreadPoolExecutor(1).submit(service.generator.generate, prompts, 4)
+    with pytest.raises(ValueError, match="window"):
+        service.batcher.submit([Row([1] * window, None, 1)], CARD_PRIORITY)
+    while service.batcher.depth() < 2:  # the card request's short row is queued with the answer
+        time.sleep(0.01)
+    gate.set()
+    blocker.future.result(timeout=300)
+    assert answer.future.result(timeout=300)[0].text == alone
+    short, long = cards.result(timeout=300)
+    assert long == "" and short == service.generator.generate(prompts[:1], 4)[0]
+
+
 def test_flashcard_prompts_share_a_cached_prefix_in_mixed_batches(served, acme):
     """Card prompts of the model's flashcard writer: their common prefix is prefilled once and cached; in
     one batch with a session's answer row, every row equals that row generated alone, unprefixed."""
