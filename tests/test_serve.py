@@ -915,6 +915,33 @@ def test_a_claim_of_an_expired_lease_waits_for_the_holders_commit_and_then_it_ca
     assert store.read("t", "s")[1].read_bytes() == b"a's write" and record.seq == 1
 
 
+def test_a_failed_lease_renewal_is_retried_and_the_renewals_go_on(tmp_path, monkeypatch):
+    """A renewal that fails with an unexpected error (a full disk; a session removed under the claim) is
+    retried next period: it stopped the renewal thread, and every lease of the server then ran out."""
+    model, tokenizer = load_serving_model("tiny-llama")
+    store = Store(tmp_path)
+    service = MemoryService(model, tokenizer, store, ServeConfig(capacity=3, max_write_sessions=1, lease_ttl=0.3))
+    service.start()
+    try:
+        service.create("t", "s")
+        claim, failures = store.claim, [OSError(28, "No space left on device")]
+
+        def failing_claim(*args, **kwargs):
+            if failures:
+                raise failures.pop()
+            return claim(*args, **kwargs)
+
+        monkeypatch.setattr(store, "claim", failing_claim)
+        deadline = time.monotonic() + 60
+        while failures or store.lease("t", "s").expires < time.time() + 0.25:  # renewed after the failure
+            assert time.monotonic() < deadline, "the lease was never renewed again"
+            time.sleep(0.02)
+        time.sleep(0.6)  # two ttls: still ours
+        assert store.lease("t", "s").expires > time.time() and service.stats("t", "s")["server"] == "local"
+    finally:
+        service.stop()
+
+
 def test_the_longest_ids_name_sessions_and_longer_ones_get_400(served, acme):
     """Ids are stored hex-encoded, one file name each: the longest valid id must still fit one (255 bytes)."""
     longest = "L" * MAX_ID_LENGTH

@@ -16,6 +16,7 @@ of (turns appended, a write committed, a reset) is in the store first.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.store import LeaseHeldError, LeaseLostError, SessionExistsError, Store
 from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter, check_cards
 
+logger = logging.getLogger("tmem.serve")
 MIN_CACHED_PREFIX = 8  # an answer's chat preamble shorter than this is prefilled with the rest of its prompt
 
 
@@ -279,6 +281,8 @@ class MemoryService:
                                      self.config.lease_ttl)
                 except (LeaseHeldError, KeyError):
                     self._drop(conv)
+                except Exception:  # e.g. a full disk, or a session removed under the claim: the next period retries
+                    logger.exception("renewing the lease of a session failed")
 
     # ---------------------------------------------------------------- answers
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
