@@ -40,7 +40,7 @@ from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.metrics import Metrics
-from tmem_runtime.serve.service import MemoryService, ServeConfig, SessionGoneError
+from tmem_runtime.serve.service import MemoryService, ServeConfig, SessionGoneError, UnknownSessionError
 from tmem_runtime.serve.store import MAX_ID_LENGTH, LeaseLostError, SessionRecord, Store
 from tmem_runtime.serve.worker import Worker
 from tmem_runtime.serve.writer import DecodeThreadGenerator
@@ -694,6 +694,50 @@ class _StaleFirstCheck:
 
     def __getattr__(self, name: str):
         return getattr(self.pool, name)
+
+
+def test_a_failed_load_never_lets_two_requests_load_one_session(served, monkeypatch):
+    """A load that fails (no such session yet) while another request waits to load the same id: the
+    waiting request and a third one load it once, as one Conversation (two loads trained and
+    committed each pending write twice, each from its own copy of the session)."""
+    _, service = served
+    exists, calls = service.store.exists, []
+    first, failed_load, third = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_exists(tenant: str, session: str) -> bool:
+        calls.append(session)
+        if len(calls) == 1:  # the first load: it finds no session, once the second request waits for it
+            first.set()
+            failed_load.wait(60)
+            return False
+        if len(calls) == 2:  # the second load: the third request gets a chance to load beside it
+            third.wait(2)
+        else:
+            third.set()
+        return exists(tenant, session)
+
+    monkeypatch.setattr(service.store, "exists", slow_exists)
+    results: dict[str, object] = {}
+
+    def get(name: str) -> None:
+        try:
+            results[name] = service.get("acme", "latecomer")
+        except Exception as exc:
+            results[name] = exc
+
+    one, two, three = (threading.Thread(target=get, args=(n,)) for n in ("one", "two", "three"))
+    one.start()
+    assert first.wait(60)
+    service.store.create("acme", "latecomer")
+    two.start()
+    time.sleep(0.3)  # two waits for one's load
+    failed_load.set()
+    one.join(60)
+    three.start()
+    two.join(60), three.join(60)
+    assert isinstance(results["one"], UnknownSessionError)
+    assert results["two"] is results["three"] is service.convs[("acme", "latecomer")]
+    assert [s for s in service.pool.sessions if s.startswith("acme/latecomer#")] == [results["two"].pool_id]
 
 
 def test_a_card_that_cannot_be_trained_fails_its_own_write_only(served, acme, globex):

@@ -132,22 +132,26 @@ class MemoryService:
     def get(self, tenant: str, session: str) -> Conversation:
         """The loaded session, loading it from the store if needed (UnknownSessionError, LeaseHeldError)."""
         key = (tenant, session)
-        with self._lock:
-            conv = self.convs.get(key)
-            if conv is not None:
-                return conv
-            load_lock = self._loading.setdefault(key, threading.Lock())
-        with load_lock:
+        while True:
             with self._lock:
-                if key in self.convs:
-                    return self.convs[key]
-            try:
-                conv = self._load(tenant, session)
+                conv = self.convs.get(key)
+                if conv is not None:
+                    return conv
+                load_lock = self._loading.setdefault(key, threading.Lock())
+            with load_lock:
                 with self._lock:
-                    self.convs[key] = conv
-            finally:
-                with self._lock:
-                    self._loading.pop(key, None)
+                    if key in self.convs:
+                        return self.convs[key]
+                    if self._loading.get(key) is not load_lock:  # a failed load let it go: a newer lock
+                        continue  # may guard a load in progress now
+                try:
+                    conv = self._load(tenant, session)
+                    with self._lock:
+                        self.convs[key] = conv
+                finally:
+                    with self._lock:
+                        self._loading.pop(key, None)
+            break
         self.writer.submit(conv, list(conv.jobs))
         self._gauges()
         return conv
