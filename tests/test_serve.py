@@ -543,7 +543,9 @@ def test_a_card_prompt_past_the_window_fails_no_answer_batched_with_it(served, a
     cards = ThreadPoolExecutor(1).submit(service.generator.generate, prompts, 4)
     with pytest.raises(ValueError, match="window"):
         service.batcher.submit([Row([1] * window, None, 1)], CARD_PRIORITY)
+    deadline = time.monotonic() + 300
     while service.batcher.depth() < 2:  # the card request's short row is queued with the answer
+        assert time.monotonic() < deadline, "the card request never reached the queue"
         time.sleep(0.01)
     gate.set()
     blocker.future.result(timeout=300)
