@@ -39,8 +39,9 @@ from tmem_runtime.serve.batcher import Request, Row
 from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
-from tmem_runtime.serve.service import MemoryService, ServeConfig, SessionGoneError
-from tmem_runtime.serve.store import MAX_ID_LENGTH, SessionRecord, Store
+from tmem_runtime.serve.metrics import Metrics
+from tmem_runtime.serve.service import MemoryService, ServeConfig, SessionGoneError, UnknownSessionError
+from tmem_runtime.serve.store import MAX_ID_LENGTH, LeaseLostError, SessionRecord, Store
 from tmem_runtime.serve.worker import Worker
 from tmem_runtime.serve.writer import DecodeThreadGenerator
 
@@ -159,6 +160,22 @@ def test_health_models_and_metrics(served, acme):
     assert all(kind == "counter" for name, kind in types.items() if name.endswith("_total"))
     assert types["tmem_trunk_rows_examples_total"] == "counter" and types["tmem_trunk_rows_bytes"] == "gauge"
     assert "metrics-probe" not in text and "acme" not in text  # no session or tenant names
+
+
+def test_metrics_render_every_sample_exactly_and_escape_labels():
+    """A busy server's counters pass a million: every increment must still show (no 6-digit rounding)."""
+    m = Metrics()
+    m.inc("generated_tokens_total", 1_234_567)
+    before = m.render()
+    m.inc("generated_tokens_total")
+    m.set_gauge("trunk_rows_bytes", 268_435_456)
+    m.set_gauge("writes_training", 0.25)
+    m.inc("requests_total", route='a\\b"c\nd', code="200")
+    samples = [ln for ln in m.render().splitlines() if ln and not ln.startswith("#")]
+    assert "tmem_generated_tokens_total 1234567" in before.splitlines()
+    assert {"tmem_generated_tokens_total 1234568", "tmem_trunk_rows_bytes 268435456",
+            "tmem_writes_training 0.25"} <= set(samples)
+    assert 'tmem_requests_total{code="200",route="a\\\\b\\"c\\nd"} 1' in samples  # one line, escaped
 
 
 def test_session_lifecycle_and_exact_answers(served, acme, reference_model):
@@ -511,6 +528,32 @@ def test_removing_a_session_mid_batch_fails_its_answer_and_leaves_the_others_str
     assert acme.get("/v1/sessions/leaving").status_code == 404
 
 
+def test_a_card_prompt_past_the_window_fails_no_answer_batched_with_it(served, acme):
+    """A very long turn's card prompt does not fit the model's window: it gets no card text, and neither
+    it nor a row submitted past the window ever joins a batch (there it failed every other session's answer)."""
+    _, service = served
+    create(acme, "neighbour")
+    messages = [{"role": "user", "content": "Tell me about the library."}]
+    alone = ask(acme, messages[0]["content"], "neighbour", max_tokens=8)
+    window, gate = service.generator.window, threading.Event()
+    blocker = service.batcher.submit([Row(service.prompt_ids(messages), None, 2, on_text=lambda t: gate.wait(300))])
+    answer = service.answer("acme", "neighbour", messages, 8)  # waits for the next batch
+    long_turn = "Nina: " + " ".join(["seven"] * window)
+    prompts = [service.generator.chat_prompt([{"role": "user", "content": t}]) for t in ("Nina: hi there", long_turn)]
+    cards = ThreadPoolExecutor(1).submit(service.generator.generate, prompts, 4)
+    with pytest.raises(ValueError, match="window"):
+        service.batcher.submit([Row([1] * window, None, 1)], CARD_PRIORITY)
+    deadline = time.monotonic() + 300
+    while service.batcher.depth() < 2:  # the card request's short row is queued with the answer
+        assert time.monotonic() < deadline, "the card request never reached the queue"
+        time.sleep(0.01)
+    gate.set()
+    blocker.future.result(timeout=300)
+    assert answer.future.result(timeout=300)[0].text == alone
+    short, long = cards.result(timeout=300)
+    assert long == "" and short == service.generator.generate(prompts[:1], 4)[0]
+
+
 def test_flashcard_prompts_share_a_cached_prefix_in_mixed_batches(served, acme):
     """Card prompts of the model's flashcard writer: their common prefix is prefilled once and cached; in
     one batch with a session's answer row, every row equals that row generated alone, unprefixed."""
@@ -653,6 +696,50 @@ class _StaleFirstCheck:
 
     def __getattr__(self, name: str):
         return getattr(self.pool, name)
+
+
+def test_a_failed_load_never_lets_two_requests_load_one_session(served, monkeypatch):
+    """A load that fails (no such session yet) while another request waits to load the same id: the
+    waiting request and a third one load it once, as one Conversation (two loads trained and
+    committed each pending write twice, each from its own copy of the session)."""
+    _, service = served
+    exists, calls = service.store.exists, []
+    first, failed_load, third = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_exists(tenant: str, session: str) -> bool:
+        calls.append(session)
+        if len(calls) == 1:  # the first load: it finds no session, once the second request waits for it
+            first.set()
+            failed_load.wait(60)
+            return False
+        if len(calls) == 2:  # the second load: the third request gets a chance to load beside it
+            third.wait(2)
+        else:
+            third.set()
+        return exists(tenant, session)
+
+    monkeypatch.setattr(service.store, "exists", slow_exists)
+    results: dict[str, object] = {}
+
+    def get(name: str) -> None:
+        try:
+            results[name] = service.get("acme", "latecomer")
+        except Exception as exc:
+            results[name] = exc
+
+    one, two, three = (threading.Thread(target=get, args=(n,)) for n in ("one", "two", "three"))
+    one.start()
+    assert first.wait(60)
+    service.store.create("acme", "latecomer")
+    two.start()
+    time.sleep(0.3)  # two waits for one's load
+    failed_load.set()
+    one.join(60)
+    three.start()
+    two.join(60), three.join(60)
+    assert isinstance(results["one"], UnknownSessionError)
+    assert results["two"] is results["three"] is service.convs[("acme", "latecomer")]
+    assert [s for s in service.pool.sessions if s.startswith("acme/latecomer#")] == [results["two"].pool_id]
 
 
 def test_a_card_that_cannot_be_trained_fails_its_own_write_only(served, acme, globex):
@@ -813,6 +900,92 @@ def test_store_commit_is_atomic(tmp_path):
     assert sorted(f.name for f in d.iterdir()) == [".lock", "state.json", weights.name]
     with pytest.raises(ValueError):
         store.session_dir("t", "../escape")
+
+
+def test_store_size_while_commits_replace_files(tmp_path):
+    """GET /v1/sessions/{id} sums the session's files while a write commits (which removes the old
+    weights file): a file gone between the listing and its stat is not an error (it was a 500)."""
+    store = Store(tmp_path)
+    store.create("t", "s")
+    record, _ = store.read("t", "s")
+    commits = 400
+
+    def commit() -> None:
+        for _ in range(commits):
+            store.commit("t", "s", record, lambda path: path.write_bytes(b"w" * 1000))
+
+    writer = threading.Thread(target=commit)
+    writer.start()
+    sizes = []
+    while writer.is_alive():
+        sizes.append(store.size("t", "s"))
+    writer.join()
+    assert record.seq == commits and len(sizes) > commits and all(s > 0 for s in sizes)
+    d = store.session_dir("t", "s")
+    assert store.size("t", "s") == sum(f.stat().st_size for f in d.iterdir())
+
+
+def test_a_claim_removes_the_temp_file_of_a_claim_killed_before_its_rename(tmp_path):
+    store = Store(tmp_path)
+    store.create("t", "s")
+    d = store.session_dir("t", "s")
+    (d / "lease.json.k1ll3d.tmp").write_bytes(b'{"owner": "a"')  # a renewal SIGKILLed mid-write
+    store.claim("t", "s", "b", "http://b", ttl=30)
+    assert sorted(f.name for f in d.iterdir()) == [".lock", "lease.json", "state.json"]
+    assert store.lease("t", "s").owner == "b"
+
+
+def test_a_claim_of_an_expired_lease_waits_for_the_holders_commit_and_then_it_cannot_commit(tmp_path):
+    """Server a's lease ran out (its renewal was late) while a write of it commits: server b, taking the
+    session over, must read that commit, and a must commit nothing after b's claim (it would overwrite
+    b's state and weights file: same seq)."""
+    store = Store(tmp_path)
+    store.create("t", "s")
+    store.claim("t", "s", "a", "http://a", ttl=0.01)
+    time.sleep(0.05)
+    record, _ = store.read("t", "s")
+    claimed: list = []
+    b = threading.Thread(target=lambda: claimed.append(store.claim("t", "s", "b", "http://b", ttl=30)))
+
+    def save(path: Path) -> None:  # b asks for the session while a's commit is under way
+        b.start()
+        b.join(timeout=0.5)
+        assert not claimed, "b claimed the session in the middle of a's commit"
+        path.write_bytes(b"a's write")
+
+    store.commit("t", "s", record, save, owner="a")
+    b.join()
+    assert claimed[0].owner == "b" and store.read("t", "s")[1].read_bytes() == b"a's write"
+    with pytest.raises(LeaseLostError):
+        store.commit("t", "s", record, lambda path: path.write_bytes(b"a's late write"), owner="a")
+    assert store.read("t", "s")[1].read_bytes() == b"a's write" and record.seq == 1
+
+
+def test_a_failed_lease_renewal_is_retried_and_the_renewals_go_on(tmp_path, monkeypatch):
+    """A renewal that fails with an unexpected error (a full disk; a session removed under the claim) is
+    retried next period: it stopped the renewal thread, and every lease of the server then ran out."""
+    model, tokenizer = load_serving_model("tiny-llama")
+    store = Store(tmp_path)
+    service = MemoryService(model, tokenizer, store, ServeConfig(capacity=3, max_write_sessions=1, lease_ttl=0.3))
+    service.start()
+    try:
+        service.create("t", "s")
+        claim, failures = store.claim, [OSError(28, "No space left on device")]
+
+        def failing_claim(*args, **kwargs):
+            if failures:
+                raise failures.pop()
+            return claim(*args, **kwargs)
+
+        monkeypatch.setattr(store, "claim", failing_claim)
+        deadline = time.monotonic() + 60
+        while failures or store.lease("t", "s").expires < time.time() + 0.25:  # renewed after the failure
+            assert time.monotonic() < deadline, "the lease was never renewed again"
+            time.sleep(0.02)
+        time.sleep(0.6)  # two ttls: still ours
+        assert store.lease("t", "s").expires > time.time() and service.stats("t", "s")["server"] == "local"
+    finally:
+        service.stop()
 
 
 def test_the_longest_ids_name_sessions_and_longer_ones_get_400(served, acme):

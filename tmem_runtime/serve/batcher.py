@@ -167,6 +167,7 @@ class AnswerBatcher(Worker):
         super().__init__("tmem-decode")
         self.pool, self.model, self.tokenizer = pool, pool.model, generator.tokenizer
         self.eos_ids, self.line_ids, self.pad_id = set(generator.eos_ids), set(generator.line_ids()), generator.pad_id
+        self.window = generator.window
         self.metrics, self.max_rows, self.max_sessions, self.naive = metrics, max_rows, max_sessions, naive
         self.model_lock = model_lock
         self.queue: list[Request] = []
@@ -180,6 +181,10 @@ class AnswerBatcher(Worker):
             raise ValueError("a request needs at least one row")
         if prefix and len({row.session for row in rows}) > 1:
             raise ValueError("a cached prefix is shared by rows of one session (or bare rows) only")
+        longest = max(len(prefix) + len(row.ids) + row.max_tokens for row in rows)
+        if longest > self.window:  # refused here: in a batch it would fail every request batched with it
+            raise ValueError(f"a row of {longest} tokens (prompt + max_tokens) passes the model's window of "
+                             f"{self.window} tokens")
         request = Request(rows, priority, tuple(prefix))
         with self.cond:
             self.queue.append(request)

@@ -93,16 +93,21 @@ class Metrics:
                     full = f"tmem_{name}"
                     lines += [f"# HELP {full} {HELP.get(name, name)}", f"# TYPE {full} {kind}"]
                     for labels, value in sorted(table[name].items()):
-                        lines.append(f"{full}{_labels(labels)} {value:g}")
+                        lines.append(f"{full}{_labels(labels)} {_number(value)}")
             for name, h in self.histograms.items():
                 full = f"tmem_{name}"
                 lines += [f"# HELP {full} {HISTOGRAMS[name][1]}", f"# TYPE {full} histogram", *h.lines(full)]
         return "\n".join(lines) + "\n"
 
 
+def _number(value: float) -> str:
+    """A sample's value, exact: an integral value in full (never 6 digits and an exponent), else repr."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def _labels(labels: tuple) -> str:
+    """{k="v",...} with each value escaped as the text format wants (backslash, double quote, newline)."""
     if not labels:
         return ""
-    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                     for k, v in labels)
-    return "{" + inner + "}"
+    escape = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
+    return "{" + ",".join(f'{k}="{str(v).translate(escape)}"' for k, v in labels) + "}"

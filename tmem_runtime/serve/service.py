@@ -16,6 +16,7 @@ of (turns appended, a write committed, a reset) is in the store first.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,9 +34,10 @@ from tmem_runtime.serve.batcher import AnswerBatcher, Request, Row
 from tmem_runtime.serve.conversation import Card, Conversation, SessionGoneError, WriteJob
 from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.metrics import Metrics
-from tmem_runtime.serve.store import LeaseHeldError, SessionExistsError, Store
+from tmem_runtime.serve.store import LeaseHeldError, LeaseLostError, SessionExistsError, Store
 from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter, check_cards
 
+logger = logging.getLogger("tmem.serve")
 MIN_CACHED_PREFIX = 8  # an answer's chat preamble shorter than this is prefilled with the rest of its prompt
 
 
@@ -130,22 +132,26 @@ class MemoryService:
     def get(self, tenant: str, session: str) -> Conversation:
         """The loaded session, loading it from the store if needed (UnknownSessionError, LeaseHeldError)."""
         key = (tenant, session)
-        with self._lock:
-            conv = self.convs.get(key)
-            if conv is not None:
-                return conv
-            load_lock = self._loading.setdefault(key, threading.Lock())
-        with load_lock:
+        while True:
             with self._lock:
-                if key in self.convs:
-                    return self.convs[key]
-            try:
-                conv = self._load(tenant, session)
+                conv = self.convs.get(key)
+                if conv is not None:
+                    return conv
+                load_lock = self._loading.setdefault(key, threading.Lock())
+            with load_lock:
                 with self._lock:
-                    self.convs[key] = conv
-            finally:
-                with self._lock:
-                    self._loading.pop(key, None)
+                    if key in self.convs:
+                        return self.convs[key]
+                    if self._loading.get(key) is not load_lock:  # a failed load let it go: a newer lock
+                        continue  # may guard a load in progress now
+                try:
+                    conv = self._load(tenant, session)
+                    with self._lock:
+                        self.convs[key] = conv
+                finally:
+                    with self._lock:
+                        self._loading.pop(key, None)
+            break
         self.writer.submit(conv, list(conv.jobs))
         self._gauges()
         return conv
@@ -257,15 +263,15 @@ class MemoryService:
             raise SessionGoneError("the session was released or removed; retry the request")
 
     def _persist(self, conv: Conversation, weights: bool) -> None:
-        """Commit the session to the store (conv.lock held), after checking this server still holds its
-        lease (if not, the session is dropped here and SessionGoneError raised)."""
-        lease = self.store.lease(conv.tenant, conv.session)
-        if lease is None or lease.owner != self.config.server_id:
-            threading.Thread(target=self._drop, args=(conv,), daemon=True).start()
-            raise SessionGoneError("this server no longer holds the session's lease; retry the request")
+        """Commit the session to the store (conv.lock held) if this server still holds its lease (checked
+        by the commit, under the lease's lock; if not, the session is dropped here and SessionGoneError raised)."""
         record = conv.to_record()
         save = (lambda path: self.pool.save(conv.pool_id, path)) if weights else None
-        self.store.commit(conv.tenant, conv.session, record, save)
+        try:
+            self.store.commit(conv.tenant, conv.session, record, save, owner=self.config.server_id)
+        except LeaseLostError:
+            threading.Thread(target=self._drop, args=(conv,), daemon=True).start()
+            raise SessionGoneError("this server no longer holds the session's lease; retry the request") from None
         conv.sync_record(record)
 
     def _renew_leases(self) -> None:
@@ -279,6 +285,8 @@ class MemoryService:
                                      self.config.lease_ttl)
                 except (LeaseHeldError, KeyError):
                     self._drop(conv)
+                except Exception:  # e.g. a full disk, or a session removed under the claim: the next period retries
+                    logger.exception("renewing the lease of a session failed")
 
     # ---------------------------------------------------------------- answers
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:

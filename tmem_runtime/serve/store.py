@@ -9,7 +9,8 @@
 Every file is replaced atomically (temp file, fsync, rename). A write's commit point is the rename
 of state.json naming the new weights file: a server killed before it restarts from the previous
 state.json and its weights file, one killed after it from the new ones. Weights files that no
-state.json names (left by such a kill) are removed when the session is next loaded. Ids are
+state.json names (left by such a kill) are removed when the session is next loaded, a killed
+claim's temp file by the next claim. Ids are
 checked against ID_PATTERN and stored hex-encoded, so no id can name a path outside its tenant; an id
 is at most MAX_ID_LENGTH characters, so its hex name fits a file name (255 bytes on common filesystems).
 """
@@ -23,7 +24,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,10 @@ class LeaseHeldError(RuntimeError):
     def __init__(self, owner: str, url: str, expires: float) -> None:
         self.owner, self.url, self.expires = owner, url, expires
         super().__init__(f"session is served by {owner} ({url}) until its lease expires or it is released")
+
+
+class LeaseLostError(RuntimeError):
+    """A commit by a server whose lease the session no longer names: nothing was committed."""
 
 
 def check_id(kind: str, value: str) -> str:
@@ -133,21 +138,36 @@ class Store:
         return record, (d / record.weights if record.weights else None)
 
     def commit(self, tenant: str, session: str, record: SessionRecord,
-               save_weights: Callable[[Path], None] | None = None) -> None:
+               save_weights: Callable[[Path], None] | None = None, owner: str | None = None) -> None:
         """Persist `record`; with `save_weights`, first a new weights file (written by it) that the new
-        state.json names: its rename is the commit point. Weights files it does not name are removed."""
+        state.json names: its rename is the commit point. Weights files it does not name are removed.
+        owner: commit only if the session's lease names it (else LeaseLostError), holding the lease's
+        lock to the commit point, so no other server claims the session (and reads it) in between."""
         d = self.session_dir(tenant, session)
-        if save_weights is not None:
-            record.seq += 1
-            record.weights = f"weights-{record.seq:08d}.safetensors"
-            save_weights(d / record.weights)
-        _write_atomically(d / "state.json", _encode(record))
-        _remove_leftovers(d, record.weights)
+        with self._locked(d) if owner is not None else nullcontext():
+            held = self.lease(tenant, session) if owner is not None else None
+            if owner is not None and (held is None or held.owner != owner):
+                raise LeaseLostError(f"session {session!r} is no longer leased to {owner}")
+            if save_weights is not None:
+                record.seq += 1
+                record.weights = f"weights-{record.seq:08d}.safetensors"
+                save_weights(d / record.weights)
+            _write_atomically(d / "state.json", _encode(record))
+            _remove_leftovers(d, record.weights)
 
     def size(self, tenant: str, session: str) -> int:
-        """Bytes of the session's files."""
+        """Bytes of the session's files (a file a commit removes meanwhile counts as gone)."""
         d = self.session_dir(tenant, session)
-        return sum(f.stat().st_size for f in d.iterdir() if f.is_file()) if d.is_dir() else 0
+        if not d.is_dir():
+            return 0
+        total = 0
+        with os.scandir(d) as entries:
+            for f in entries:
+                try:
+                    total += f.stat().st_size if f.is_file() else 0
+                except FileNotFoundError:  # an old weights file or a temp file, removed by a commit
+                    pass
+        return total
 
     def remove(self, tenant: str, session: str) -> None:
         shutil.rmtree(self.session_dir(tenant, session), ignore_errors=True)
@@ -163,6 +183,8 @@ class Store:
             held = self.lease(tenant, session)
             if held is not None and held.owner != owner and held.expires > time.time():
                 raise LeaseHeldError(held.owner, held.url, held.expires)
+            for f in d.glob("lease.json.*"):  # a temp file of a claim killed before its rename (claims hold the lock)
+                f.unlink(missing_ok=True)
             lease = Lease(owner, url, time.time() + ttl)
             _write_atomically(d / "lease.json", json.dumps(asdict(lease)).encode())
         return lease

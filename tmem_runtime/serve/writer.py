@@ -69,21 +69,29 @@ class DecodeThreadGenerator(Generator):
         """Greedy continuations (see `Generator.generate`): `shared` (text every prompt starts with, e.g. the
         flashcard prompt's fixed part) is the request's prefix, prefilled once and cached by the decode
         thread (always under the bare model, so `weights` adds nothing); stop="line": each row ends at its
-        first newline. batch_size is the decode thread's to choose."""
-        if not prompts:
-            return []
+        first newline. batch_size is the decode thread's to choose. A prompt that does not fit the model's
+        window with max_new_tokens (e.g. a card prompt of a very long turn) gets "" (and a warning)."""
         if self.batcher is None:
             raise RuntimeError("DecodeThreadGenerator.generate needs its batcher (the decode thread)")
         ids = [self.encode(p) for p in prompts]
+        fits = [i for i, x in enumerate(ids) if len(x) + max_new_tokens <= self.window]
+        if len(fits) < len(ids):
+            logger.warning("%d prompt(s) too long for the model's window of %d tokens: no text for them",
+                           len(ids) - len(fits), self.window)
+        if not fits:
+            return [""] * len(prompts)
         prefix = self.encode(shared) if shared else []
-        if not all(len(x) > len(prefix) and x[: len(prefix)] == prefix for x in ids):
+        if not all(len(ids[i]) > len(prefix) and ids[i][: len(prefix)] == prefix for i in fits):
             prefix = []  # the prompts do not all start with its tokens: no shared prefill
-        rows = [Row(x[len(prefix) :], None, max_new_tokens, stop == "line") for x in ids]
+        rows = [Row(ids[i][len(prefix) :], None, max_new_tokens, stop == "line") for i in fits]
         request = self.batcher.submit(rows, CARDS, prefix)
         results = request.future.result()
         self.counts.prefilled += request.prefilled
         self.counts.generated += sum(r.tokens for r in results)
-        return [r.text for r in results]
+        texts = [""] * len(prompts)
+        for i, r in zip(fits, results):
+            texts[i] = r.text
+        return texts
 
 
 class MemoryWriter(Worker):
