@@ -356,3 +356,26 @@ def test_a_format_study_done_with_other_settings_is_refused(tmp_path):
     format_study(tmp_path, "data.json", ["conv-26"], 3, ["none"])  # done, same settings: skipped
     with pytest.raises(SystemExit, match=r"format study: .*other settings \(max_sessions\)"):
         format_study(tmp_path, "data.json", ["conv-26"], 2, ["none"])
+
+
+def test_the_report_has_a_section_only_for_a_fact_study_that_ran(tmp_path):
+    """`tmem ablate --only init --configs svd --recipes paper` (the smallest run) records one run that only the
+    init study plans: the report shows that study (its table row and plot) and no empty "rank, layers" table
+    or plot for the place study, which did not run."""
+    import warnings
+
+    from tmem_runtime.ablations.report import write_report
+    from tmem_runtime.ablations.runs import ResultStore
+
+    hits = [True, False] * 5
+    drift_record = {"mean_kl_chat": 0.26, "mean_kl_text": 0.14, "top1_kept": 0.75,
+                    "neutral_right_before": [True] * 4 + [False] * 6, "neutral_right_after": [True] * 2 + [False] * 8}
+    ResultStore(tmp_path / "facts.json", {"model": "smollm2-135m"}).put("svd|paper|titles_b|0", {
+        "config": "svd", "recipe": "paper", "set": "titles_b", "seed": 0, "hits": hits, "paraphrase_hits": hits,
+        "losses": [6.4, 5.8, 5.3], "write_s": 2.3, "write_cpu_s": 2.3, "run_cpu_s": 11.4, "run_s": 11.5,
+        "drift": drift_record, "bytes_per_session": 350208})  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns on a legend of an empty plot
+        report = write_report(tmp_path).read_text()
+    assert "## 1. Init" in report and "| svd (" in report and (tmp_path / "init.png").exists()
+    assert "## 3. Rank, layers" not in report and not (tmp_path / "place.png").exists()

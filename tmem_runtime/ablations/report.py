@@ -440,11 +440,13 @@ def write_report(out: Path) -> Path:
     out = Path(out)
     lines = ["# tmem ablate", "", __doc__.split("\n\n", 1)[1].strip(), ""]
     facts = ResultStore(out / "facts.json")
-    if facts.data["runs"]:
-        table, summary = fact_rows(facts, INIT_PLAN)
+    # a study with no run of its own (e.g. `--only init`) gets no section: no empty table, no empty plot
+    table, summary = fact_rows(facts, INIT_PLAN)
+    if summary:
         lines += ["## 1. Init: svd vs random vs pissa", "", *table, "",
                   f"![init]({plot_init(summary, out / 'init.png')})", ""]  # fmt: skip
-        table, summary = fact_rows(facts, PLACE_PLAN)
+    table, summary = fact_rows(facts, PLACE_PLAN)
+    if summary:
         lines += ["## 3. Rank, layers, train_a", "", *table, "",
                   f"![place]({plot_place(summary, out / 'place.png')})", ""]  # fmt: skip
     pre = ResultStore(out / "precondition.json")
