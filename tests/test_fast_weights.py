@@ -221,6 +221,23 @@ def test_a_file_name_of_255_bytes_saves(tiny, tmp_path):
     fw.detach()
 
 
+def test_a_save_flushes_the_file_then_its_directory_entry(tiny, tmp_path, monkeypatch):
+    """Durable against power loss, not only a killed process: the file's bytes are fsynced before the
+    rename, and its directory after it (the rename is a directory entry)."""
+    import os
+    import stat
+
+    from tmem_runtime import adapter_file
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(adapter_file.os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_mode), real_fsync(fd)))
+    fw = FastWeights(tiny, backend="torch")
+    fw.save(tmp_path / "a.safetensors")
+    assert [stat.S_ISREG(m) for m in synced] == [True, False] and stat.S_ISDIR(synced[1])
+    fw.detach()
+
+
 def test_a_damaged_file_is_refused_and_a_file_without_a_checksum_still_loads(tiny, tmp_path):
     """A bit flipped in a tensor's bytes (still a finite number) fails the file's data checksum; a file
     written before files had one loads as before."""

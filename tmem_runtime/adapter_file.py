@@ -96,7 +96,8 @@ def data_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Replace `path` by the file `write(tmp)` writes, atomically: a temp file in the same directory,
-    fsynced, then renamed over `path` (the temp file is removed if anything fails)."""
+    fsynced, then renamed over `path`, then the directory fsynced, so the rename too survives a power
+    loss (the temp file is removed if anything fails)."""
     path = Path(path)
     # (the temp file's name is the target's cut short: a name of up to 255 bytes still gets its temp file)
     fd, tmp = tempfile.mkstemp(prefix=path.name[:128] + ".", suffix=".tmp", dir=path.parent)
@@ -106,9 +107,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_directory(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Flush a directory's entries to disk (POSIX; elsewhere a rename is as durable as the platform makes it)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
