@@ -6,7 +6,7 @@
         lease.json                 which server serves the session, and until when
         .lock                      flock'd while the lease changes hands
 
-Every file is replaced atomically (temp file, fsync, rename). A write's commit point is the rename
+Every file is replaced atomically (temp file, fsync, rename, directory fsync). A write's commit point is the rename
 of state.json naming the new weights file: a server killed before it restarts from the previous
 state.json and its weights file, one killed after it from the new ones. Weights files that no
 state.json names (left by such a kill) are removed when the session is next loaded, a killed
