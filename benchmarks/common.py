@@ -124,18 +124,22 @@ def shape_cases(slow_cpu: tuple[str, int] = ("qwen3-4b", 4096)) -> list:
     ]
 
 
+def sync() -> None:
+    """Wait for DEVICE's queued work (a no-op on the CPU): where a timed interval ends."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def mm_rate(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, rounds: int = 20) -> float:
     """Measured torch.mm throughput (FLOP/s) for [m, k] x [k, n] on DEVICE (median of `rounds`)."""
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     w = torch.randn(k, n, device=DEVICE).to(dtype)
     times = []
     for _ in range(rounds + 1):
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         torch.mm(x, w)
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
     return 2 * m * k * n / sorted(times[1:])[rounds // 2]
 

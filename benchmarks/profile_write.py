@@ -36,7 +36,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import DEVICE, SHAPES, device_name, flashcard_examples, random_model
+from benchmarks.common import DEVICE, SHAPES, device_name, flashcard_examples, random_model, sync
 from tmem_runtime import FastWeights
 from tmem_runtime.recipes import RECIPES
 
@@ -51,21 +51,16 @@ RUNTIME_CALLS = (  # CUDA runtime / driver calls worth counting: launches, waits
 )  # fmt: skip
 
 
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def wall_times(fw: FastWeights, cards: Iterator[list], writes: int) -> list[float]:
     """Seconds per write of the next examples from `cards`, each from a synchronised start to its
     (synchronising) return."""
     times = []
     for _ in range(writes):
         examples = next(cards)
-        _sync()
+        sync()
         t = time.perf_counter()
         fw.write_examples(examples, RECIPE)
-        _sync()
+        sync()
         times.append(time.perf_counter() - t)
     return times
 

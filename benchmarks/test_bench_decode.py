@@ -35,6 +35,7 @@ from benchmarks.common import (
     device_peaks,
     flashcard_examples,
     random_model,
+    sync,
     write_summary,
 )
 from tmem_kernels.lora_mlp import lora_mlp, select_config
@@ -65,11 +66,6 @@ def _mlp_tensors(model: str, n: int) -> dict[str, torch.Tensor]:
                 b_down=rnd(h, RANK, scale=1e-2))  # fmt: skip
 
 
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("impl", MLP_IMPLS)
 @pytest.mark.parametrize("model, n", [pytest.param(m, n, id=f"{m}-N{n}") for m in SHAPES for n in ROWS])
 def test_decode_mlp(benchmark, model: str, n: int, impl: str) -> None:
@@ -85,7 +81,7 @@ def test_decode_mlp(benchmark, model: str, n: int, impl: str) -> None:
     def run() -> None:
         with torch.no_grad():
             call()
-        _sync()
+        sync()
 
     benchmark.group = f"decode MLP {model}-N{n}"
     benchmark.extra_info.update(impl=impl, device=device_name(), dtype=str(DTYPE))
@@ -124,7 +120,7 @@ def test_decode_tokens(benchmark, monkeypatch, model_name: str, impl: str) -> No
         with torch.no_grad():
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
                                  min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)  # fmt: skip
-        _sync()
+        sync()
         return out
 
     benchmark.group = f"decode {NEW_TOKENS} tokens {model_name}"

@@ -24,7 +24,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from benchmarks.common import DEVICE, write_summary
+from benchmarks.common import DEVICE, sync, write_summary
 from benchmarks.test_bench_write import PAIRS, _model
 from tmem_runtime import FastWeights, SessionPool
 from tmem_runtime.recipes import RECIPES
@@ -93,8 +93,7 @@ def _synced(fn):
 
     def run(*args):
         fn(*args)
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
 
     return run
 
