@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the evaluation; returns a process exit code (0 on success)."""
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if any("summary" in m for m, _ in methods_of(args)) and args.summary_tokens >= args.l_max:
+    methods = methods_of(args)
+    if any("summary" in m for m, _ in methods) and args.summary_tokens >= args.l_max:
         raise SystemExit(f"tmem eval: --summary-tokens {args.summary_tokens} must be below --l-max {args.l_max}: the "
                          "summary sits in the working context, so every turn would trigger a write")  # fmt: skip
     if torch.device(args.device).type == "cpu":
@@ -441,7 +442,6 @@ def main(argv: list[str] | None = None) -> int:
         load_policy(model, args.policy, args.num_layers)
     make_out_dir("tmem eval", out)
     generator = Generator(model, tokenizer, args.window)
-    methods = methods_of(args)
     pooled = [m for m in methods if m[0].startswith("tmem")] if args.side_by_side else []
     fast_weights = pool = None
     if pooled:  # one session per (tmem method, conversation), answered together at the end
