@@ -197,7 +197,8 @@ def encode_trunk(
     known = {i: row for i in range(len(keys)) if (row := kept.get(keys[i], p)) is not None}
     todo = [i for i in range(n) if i not in known]
     hidden = None
-    rows_per_chunk = max(1, chunk_tokens // max(1, int(suffix_lengths[todo].max()) if todo else 1))
+    widest = int(suffix_lengths[todo].max()) if todo else 1  # (every row has a token past the prefix)
+    rows_per_chunk = max(1, chunk_tokens // widest)
     for lo in range(0, len(todo), rows_per_chunk):
         rows = todo[lo : lo + rows_per_chunk]
         chunk_len = suffix_lengths[rows]

@@ -145,9 +145,10 @@ class Store:
         lock to the commit point, so no other server claims the session (and reads it) in between."""
         d = self.session_dir(tenant, session)
         with self._locked(d) if owner is not None else nullcontext():
-            held = self.lease(tenant, session) if owner is not None else None
-            if owner is not None and (held is None or held.owner != owner):
-                raise LeaseLostError(f"session {session!r} is no longer leased to {owner}")
+            if owner is not None:
+                held = self.lease(tenant, session)
+                if held is None or held.owner != owner:
+                    raise LeaseLostError(f"session {session!r} is no longer leased to {owner}")
             if save_weights is not None:
                 record.seq += 1
                 record.weights = f"weights-{record.seq:08d}.safetensors"
