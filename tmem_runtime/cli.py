@@ -11,7 +11,7 @@ import argparse
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 USAGE = """usage: tmem [--version] COMMAND [ARGS]   (tmem COMMAND --help: the command's options and defaults)
@@ -64,6 +64,12 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
 
     parse.__name__ = "int"  # argparse names the type in "invalid int value"
     return parse
+
+
+def changed_settings(saved: Mapping, current: Mapping) -> list[str]:
+    """The keys, sorted, whose values differ between a saved run's settings and this run's (a key only one
+    side has counts): what refuses a resume that would mix two experiments."""
+    return sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
 
 
 def check_out_dir(command: str, out: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tmem_runtime.ablations.drift import drift, neutral_answers_right, next_token_logprobs
+from tmem_runtime.cli import changed_settings
 from tmem_runtime.fact_sets import Fact
 from tmem_runtime.fast_weights import FastWeights
 from tmem_runtime.recall import write_and_recall
@@ -72,8 +73,9 @@ class ResultStore:
         if settings is not None:
             saved = self.data.get("settings")
             if saved is not None and self.data["runs"] and saved != settings:
-                changed = ", ".join(f"{k} {saved.get(k)!r} -> {settings.get(k)!r}"
-                                    for k in sorted(saved.keys() | settings.keys()) if saved.get(k) != settings.get(k))
+                changed = ", ".join(
+                    f"{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed_settings(saved, settings)
+                )
                 raise SystemExit(f"tmem ablate: {self.path} holds results made with other settings ({changed}): "
                                  "use another --out, or delete that file to start its studies over")  # fmt: skip
             self.data["settings"] = settings

@@ -49,6 +49,7 @@ from tmem_runtime.agent.write_formats import WRITE_FORMATS, recipe_name
 from tmem_runtime.cli import (
     add_fast_weight_options,
     apply_threads,
+    changed_settings,
     check_out_dir,
     command_parser,
     int_in,
@@ -130,7 +131,7 @@ def saved_runs(out: Path, args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"tmem eval: {path} is not a tmem eval answers file ({exc}): pass --fresh to "
                          "overwrite it, or another --out") from None
     mine = _settings(vars(args))
-    changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    changed = changed_settings(theirs, mine)
     if changed:
         raise SystemExit(f"tmem eval: {out} holds a run with other settings ({', '.join(changed)}): pass --fresh "
                          "to overwrite it, or another --out")

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from tmem_runtime.cli import changed_settings
 from tmem_runtime.rl.policy import Policy, PolicyFileError, read_policy_file, read_safetensors
 
 STATE_FILE = "trainer.json"
@@ -112,8 +113,7 @@ def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.op
     changed = [f"{k} {saved.get(k)} -> {v}" for k, v in (config or {}).items() if saved.get(k) != v]
     if saved_settings is not None:  # (older checkpoints recorded none: nothing to compare)
         mine = json.loads(json.dumps(settings or {}))  # as JSON holds them (tuples are lists)
-        changed += [f"{k} {saved_settings.get(k)} -> {mine.get(k)}" for k in sorted(mine.keys() | saved_settings)
-                    if saved_settings.get(k) != mine.get(k)]
+        changed += [f"{k} {saved_settings.get(k)} -> {mine.get(k)}" for k in changed_settings(saved_settings, mine)]
     if changed:
         raise CheckpointError(f"{path} was trained with other settings ({', '.join(changed)}): resume with "
                               "the same ones, or start over (--fresh)")
