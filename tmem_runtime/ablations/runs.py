@@ -6,7 +6,6 @@ Results go to a JSON checkpoint (`ResultStore`) as each run finishes; a rerun sk
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tmem_runtime.ablations.drift import drift, neutral_answers_right, next_token_logprobs
+from tmem_runtime.adapter_file import atomic_write
 from tmem_runtime.cli import changed_settings
 from tmem_runtime.fact_sets import Fact
 from tmem_runtime.fast_weights import FastWeights
@@ -92,9 +92,8 @@ class ResultStore:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        text = json.dumps(self.data, indent=1)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
 
     def runs(self, **match) -> list[dict]:
         """Records whose fields equal every `match` item."""
