@@ -200,6 +200,8 @@ def load_run(naive: bool, messages: int, workdir: Path, workload: str = "writes"
         "turns": sum(lg.acked_turns for lg in logs), "writes": committed, "empty_writes": empty,
         "writes_per_min": committed / (elapsed / 60), "cards": cards, "card_tokens": card_tokens,
         "errors": sum(len(lg.errors) for lg in logs), "lost": lost, **server_side,
+        "commit_waits": metrics.get("tmem_commit_waits_total", 0.0),  # writes held back by an answer of their session
+        "commit_wait_s": metrics.get("tmem_commit_wait_seconds_total", 0.0),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -554,7 +555,7 @@ def test_a_state_dict_waits_for_a_commit_in_progress(tiny):
     pool = SessionPool(tiny, capacity=2)
     pool.open("s")
     out = []
-    with pool._exclusive():  # what a commit holds while it writes the rows
+    with pool._locks.commit(["s"]):  # what a commit holds while it writes the rows
         reader = threading.Thread(target=lambda: out.append(pool.state_dict("s")))
         reader.start()
         reader.join(0.5)
@@ -562,3 +563,119 @@ def test_a_state_dict_waits_for_a_commit_in_progress(tiny):
     reader.join(30)
     assert len(out) == 1
     pool.detach()
+
+
+# ---------------------------------------------------------------- read blocks across forwards
+def wait_for_a_waiting_commit(pool: SessionPool, writer: threading.Thread) -> None:
+    """Until `writer` (a thread writing, swapping or resetting) waits for a read block to end."""
+    deadline = time.monotonic() + 120
+    while not pool._locks.commits_waiting:
+        assert writer.is_alive() and time.monotonic() < deadline, "the commit never waited"
+        time.sleep(0.01)
+
+
+def test_a_reading_block_sees_its_session_unchanged_while_other_sessions_commit(tiny):
+    """Inside pool.reading(["s"]) (e.g. around a decode loop that binds its rows per forward), a write of
+    "s" from another thread trains but commits only when the block ends, so every forward inside reads
+    one state of "s"; a write of another session commits meanwhile, and bare rows never wait."""
+    pool = SessionPool(tiny, capacity=3, backend="torch")
+    for s in ("s", "t"):
+        pool.open(s)
+    pool.write_examples_many({"s": examples(3, 1)}, Recipe(lr=3e-2, epochs=2))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+
+    def logits(session):
+        with torch.no_grad(), pool.rows([session]):
+            return tiny(input_ids=ids).logits
+
+    recipe = Recipe(lr=3e-2, epochs=3)
+    write_s = threading.Thread(target=lambda: pool.write_examples_many({"s": examples(4, 2)}, recipe))
+    with pool.reading(["s"]):
+        before, version = logits("s"), pool.version("s")
+        write_s.start()
+        wait_for_a_waiting_commit(pool, write_s)
+        version_t = pool.version("t")
+        write_t = threading.Thread(target=lambda: pool.write_examples_many({"t": examples(4, 3)}, recipe))
+        write_t.start()  # (it waits for the write of "s" to end: writes run one at a time)
+        assert torch.equal(logits("s"), before) and pool.version("s") == version
+        assert pool.version("t") == version_t
+    write_s.join(timeout=120)
+    write_t.join(timeout=120)
+    assert not write_s.is_alive() and not write_t.is_alive()
+    assert pool.version("s") != version and pool.version("t") != version_t
+    assert not torch.allclose(logits("s"), before, atol=1e-4)
+    version = pool.version("s")
+    with pool.reading(["t"]):  # a block reading other sessions does not hold a commit of "s" back
+        reset = threading.Thread(target=pool.reset, args=("s",))
+        reset.start()
+        reset.join(timeout=60)
+        assert not reset.is_alive() and pool.version("s") != version
+    pool.detach()
+
+
+def test_a_plain_forward_and_greedy_generate_read_one_state_of_fast_weights(tiny):
+    """A forward of a model with FastWeights, outside generate(), is a read block of its own: a hot swap
+    from another thread landing mid-forward waits for it to end, so the forward reads the old state
+    in all four layers. Likewise every token of a greedy_generate without `bind`."""
+    from tmem_runtime.decoding import greedy_generate
+
+    fw = FastWeights(tiny, backend="torch")
+    fw.write_examples(examples(4, 1), Recipe(lr=3e-2, epochs=3))
+    old = fw.state_dict()
+    other = FastWeights(load_model("tiny-llama")[0], backend="torch")  # same weights, another memory
+    other.write_examples(examples(4, 2), Recipe(lr=3e-2, epochs=3))
+    new = other.state_dict()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        want_old = tiny(input_ids=ids).logits
+    want_tokens = greedy_generate(tiny, [ids[0].tolist()], 6, eos_ids=[])
+    fw.load_state_dict(new)
+    with torch.no_grad():
+        want_new = tiny(input_ids=ids).logits
+    fw.load_state_dict(old)
+
+    middle, resume = threading.Event(), threading.Event()
+    layer = tiny.model.layers[len(tiny.model.layers) // 2]
+
+    def pause(*_):  # a forward halfway through its layers
+        middle.set()
+        assert resume.wait(60)
+
+    results = {}
+    hook = layer.register_forward_hook(pause)
+    reader = threading.Thread(target=lambda: results.update(out=tiny(input_ids=ids).logits.detach()))
+    reader.start()
+    assert middle.wait(60)
+    hook.remove()
+    swap = threading.Thread(target=fw.load_state_dict, args=(new,))
+    swap.start()
+    wait_for_a_waiting_commit(fw.store, swap)
+    resume.set()
+    reader.join(timeout=60)
+    swap.join(timeout=60)
+    torch.testing.assert_close(results["out"], want_old, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(input_ids=ids).logits, want_new, rtol=0, atol=0)
+
+    fw.load_state_dict(old)
+    first, resume = threading.Event(), threading.Event()
+
+    def stop(tokens):  # called after each new token: the first one pauses the decode
+        if len(tokens) == 1:
+            first.set()
+            assert resume.wait(60)
+        return False
+
+    reader = threading.Thread(target=lambda: results.update(
+        tokens=greedy_generate(tiny, [ids[0].tolist()], 6, eos_ids=[], stop=stop)))
+    reader.start()
+    assert first.wait(60)
+    swap = threading.Thread(target=fw.load_state_dict, args=(new,))
+    swap.start()
+    wait_for_a_waiting_commit(fw.store, swap)
+    resume.set()
+    reader.join(timeout=60)
+    swap.join(timeout=60)
+    assert results["tokens"] == want_tokens
+    fw.detach()
+    other.detach()

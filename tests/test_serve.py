@@ -35,7 +35,7 @@ from tmem_runtime.chat import generate_greedy
 from tmem_runtime.decoding import common_prefix_length
 from tmem_runtime.serve.app import create_app
 from tmem_runtime.serve.batcher import CARDS as CARD_PRIORITY
-from tmem_runtime.serve.batcher import Request, Row
+from tmem_runtime.serve.batcher import AnswerBatcher, Request, Row
 from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
@@ -507,8 +507,14 @@ def test_removing_a_session_mid_batch_fails_its_answer_and_leaves_the_others_str
     remember(acme, "staying", CARDS[1:])
     messages = [{"role": "user", "content": "Tell me about the library."}]
     alone = ask(acme, messages[0]["content"], "staying", max_tokens=24)
-    gate, first = threading.Event(), threading.Event()
-    blocker = service.batcher.submit([Row(service.prompt_ids(messages), None, 2, on_text=lambda t: gate.wait(300))])
+    gate, first, blocking = threading.Event(), threading.Event(), threading.Event()
+
+    def blocking_text(_: str) -> None:  # the blocker's batch holds the decode thread until both answers queue
+        blocking.set()
+        gate.wait(300)
+
+    blocker = service.batcher.submit([Row(service.prompt_ids(messages), None, 2, on_text=blocking_text)])
+    assert blocking.wait(300)  # (else all three could share one batch, the blocker's then waiting for the removal)
     pieces = []
     def leaving_text(_: str) -> None:  # after its first piece, the answer waits for the removal to reach it
         first.set()
@@ -1112,3 +1118,49 @@ def test_two_processes_share_the_store_and_hand_a_session_over(tmp_path):
         for p in (a, b):
             if p.proc.poll() is None:
                 p.kill()
+
+
+def test_an_answer_reads_one_state_of_its_session_while_a_write_of_it_commits():
+    """A write of a session whose answer is being decoded commits only when that answer's batch ends:
+    every token of the answer reads the weights it began with (the batch is one pool.reading block)."""
+    from tmem_runtime import Recipe, SessionPool
+
+    model, tokenizer = load_serving_model("tiny-llama")
+    pool = SessionPool(model, capacity=2, backend="torch")
+    pool.open("s")
+    recipe = Recipe(lr=3e-2, epochs=2)
+    pool.write_qa_many(tokenizer, {"s": CARDS}, recipe=recipe)
+    batcher = AnswerBatcher(pool, Generator(model, tokenizer), Metrics())
+    batcher.start()
+    try:
+        ids = tokenizer("Where does Nina work?", add_special_tokens=False)["input_ids"]
+        want = batcher.submit([Row(ids, "s", 8)]).future.result(timeout=60)[0]
+        assert want.tokens == 8
+        first, resume = threading.Event(), threading.Event()
+
+        def on_text(_text):  # the first piece of the answer's text pauses the decode thread
+            if not first.is_set():
+                first.set()
+                assert resume.wait(60)
+
+        paused = batcher.submit([Row(ids, "s", 8, on_text=on_text)])
+        assert first.wait(60)
+        version = pool.version("s")
+        more = [(f"What is item {i}?", f"entry {i}") for i in range(4)]
+        write = threading.Thread(target=lambda: pool.write_qa_many(tokenizer, {"s": more}, recipe=recipe))
+        write.start()
+        deadline = time.monotonic() + 120
+        while not pool._locks.commits_waiting:  # trained, waiting for the answer's batch to end
+            assert write.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        assert pool.version("s") == version
+        resume.set()
+        got = paused.future.result(timeout=60)[0]
+        write.join(timeout=60)
+        assert (got.text, got.tokens) == (want.text, want.tokens)
+        assert not write.is_alive() and pool.version("s") != version
+        assert pool.counters()["commit_waits"] == 1 and pool.counters()["commit_wait_seconds"] > 0
+    finally:
+        resume.set()
+        batcher.stop()
+        pool.detach()

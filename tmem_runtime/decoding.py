@@ -241,6 +241,12 @@ def _eos_of(model: nn.Module, eos_ids: Sequence[int] | None) -> set[int]:
 
 
 @torch.no_grad()
+def _fast_weights_unchanged(model: nn.Module) -> AbstractContextManager:
+    """The `reading()` block of the fast weights attached to `model` (FastWeights or SessionPool), if any."""
+    store = getattr(model, "_tmem_fast_weights", None)
+    return store.reading() if hasattr(store, "reading") else nullcontext()
+
+
 def greedy_generate(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -272,6 +278,8 @@ def greedy_generate(
     bind: each forward runs inside bind(indices of its rows in `prompts`); the rows' prefixes are the
     caller's then (prefilled under whatever binding their rows need): none is searched for here.
     choose: picks the next token of every row at every decode step instead of the argmax (`ChooseFn`).
+    Fast weights attached to the model are not changed by another thread's write, swap or reset while
+    it runs (without `bind`: the model's own; with it, open the pool's `reading` block around the call).
     """
     if not prompts:
         return []
@@ -290,43 +298,45 @@ def greedy_generate(
     stops = list(stop) if isinstance(stop, (list, tuple)) else [stop] * len(prompts)
     if len(stops) != len(prompts):
         raise ValueError(f"{len(stops)} stop functions for {len(prompts)} prompts")
-    binding = bind or (lambda rows: nullcontext())
-    if not supports_piecewise(model):  # the spec itself: same outputs, no prefix sharing
-        if choose is not None:
-            raise ValueError(f"{type(model).__name__} cannot be driven piecewise: no `choose` hook")
-        out = []
-        for i, p in enumerate(prompts):
-            with binding([i]):
-                out += reference_generate(model, [p], max_new_tokens, pad_id, sorted(eos) or None)
-        return [_cut(row, eos, set(stop_ids), row_stop) for row, row_stop in zip(out, stops)]
-    if prefix is None and bind is None:
-        n = common_prefix_length(prompts) if len(prompts) > 1 else 0
-        prefix = prefill(model, prompts[0][:n], stats=stats) if n else None
-    prefixes = list(prefix) if isinstance(prefix, (list, tuple)) else [prefix] * len(prompts)
-    if len(prefixes) != len(prompts):
-        raise ValueError(f"{len(prefixes)} prefixes for {len(prompts)} prompts")
-    for p, pre in zip(prompts, prefixes):
-        if pre is not None and (len(p) <= len(pre) or tuple(p[: len(pre)]) != pre.ids):
-            raise ValueError("each prompt must start with its prefix's ids and extend it by at least one token")
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outputs: list[list[int]] = [[] for _ in prompts]
-    decoder = Decoder(model)
-    batch: list[int] = []
+    # without `bind`, every forward reads the model's default fast weights: they stay unchanged throughout
+    with _fast_weights_unchanged(model) if bind is None else nullcontext():
+        binding = bind or (lambda rows: nullcontext())
+        if not supports_piecewise(model):  # the spec itself: same outputs, no prefix sharing
+            if choose is not None:
+                raise ValueError(f"{type(model).__name__} cannot be driven piecewise: no `choose` hook")
+            out = []
+            for i, p in enumerate(prompts):
+                with binding([i]):
+                    out += reference_generate(model, [p], max_new_tokens, pad_id, sorted(eos) or None)
+            return [_cut(row, eos, set(stop_ids), row_stop) for row, row_stop in zip(out, stops)]
+        if prefix is None and bind is None:
+            n = common_prefix_length(prompts) if len(prompts) > 1 else 0
+            prefix = prefill(model, prompts[0][:n], stats=stats) if n else None
+        prefixes = list(prefix) if isinstance(prefix, (list, tuple)) else [prefix] * len(prompts)
+        if len(prefixes) != len(prompts):
+            raise ValueError(f"{len(prefixes)} prefixes for {len(prompts)} prompts")
+        for p, pre in zip(prompts, prefixes):
+            if pre is not None and (len(p) <= len(pre) or tuple(p[: len(pre)]) != pre.ids):
+                raise ValueError("each prompt must start with its prefix's ids and extend it by at least one token")
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        outputs: list[list[int]] = [[] for _ in prompts]
+        decoder = Decoder(model)
+        batch: list[int] = []
 
-    def flush() -> None:
-        rows = [(prefixes[i], list(prompts[i][len(prefixes[i] or ()) :])) for i in batch]
-        for i, new in zip(batch, _decode_batch(decoder, rows, batch, max_new_tokens, eos, set(stop_ids),
-                                               [stops[i] for i in batch], stats, binding, choose)):
-            outputs[i] = new
-        batch.clear()
+        def flush() -> None:
+            rows = [(prefixes[i], list(prompts[i][len(prefixes[i] or ()) :])) for i in batch]
+            for i, new in zip(batch, _decode_batch(decoder, rows, batch, max_new_tokens, eos, set(stop_ids),
+                                                   [stops[i] for i in batch], stats, binding, choose)):
+                outputs[i] = new
+            batch.clear()
 
-    for i in order:
-        width = max(len(prompts[j]) for j in batch + [i]) + max_new_tokens
-        if batch and (len(batch) >= batch_size or (len(batch) + 1) * width > max_batch_tokens):
-            flush()
-        batch.append(i)
-    flush()
-    return outputs
+        for i in order:
+            width = max(len(prompts[j]) for j in batch + [i]) + max_new_tokens
+            if batch and (len(batch) >= batch_size or (len(batch) + 1) * width > max_batch_tokens):
+                flush()
+            batch.append(i)
+        flush()
+        return outputs
 
 
 def _cut(row: list[int], eos: set[int], stop_ids: set[int], stop: StopFn | None) -> list[int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -201,6 +202,11 @@ class FastWeights:
         or corruption nothing changes (AdapterFileError)."""
         self._check()
         self.store.load(SESSION, path)
+
+    def reading(self) -> AbstractContextManager[None]:
+        """A block in which this thread's forwards see the fast weights unchanged: a write, swap or reset
+        from another thread waits for it to end (generate() and each plain forward are such blocks)."""
+        return self.store.reading() if isinstance(self.store, SessionPool) else nullcontext()
 
     def detach(self) -> PreTrainedModel:
         """Remove the fast weights; the model is exactly as it was before attach. Returns it."""

@@ -13,18 +13,19 @@ a batched write runs the frozen trunk once for every session's cards (see `train
 
 More open sessions than `capacity` are kept off the engine, in host memory or on disk, and moved back
 on use (see `residency.py`). Thread safety: every method may be called from any thread. Forwards
-inside `rows(...)` run concurrently; a write's commit (and a swap, a reset) waits until no `rows` block
-or `model.generate(...)` call is open and new ones wait for the commit, so every forward, and every
-token of a generate, sees each session entirely before or entirely after a write. Writes run one at a
-time. A thread inside a `rows` block or a generate must not write (it would wait for itself): that
-raises an error.
+run concurrently; a write's commit (and a swap, a reset) waits until no open `rows` block, `reading`
+block, `model.generate(...)` call or plain forward reads a session it changes, and new ones that read
+them wait for the commit (`session_locks.py`), so every forward, every token of a generate and every
+forward inside a `reading` block sees each session entirely before or entirely after a write. Blocks
+reading other sessions go on meanwhile. Writes run one at a time. A thread inside a `rows` or
+`reading` block or a generate must not write (it would wait for itself): that raises an error.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 
@@ -37,6 +38,7 @@ from tmem_runtime.hot_swap import SwapChecker
 from tmem_runtime.layout import AdapterLayout
 from tmem_runtime.recipes import Recipe
 from tmem_runtime.residency import Residency
+from tmem_runtime.session_locks import SessionLocks
 from tmem_runtime.sessions import Schedules, SessionStats, SessionStore, WriteError, check_batch
 from tmem_runtime.static_write import StaticWrites
 from tmem_runtime.trainer import StepCallback, WriteRun
@@ -85,15 +87,16 @@ class SessionPool(SessionStore):
         self._init_threading()
         if hasattr(model, "generate"):  # a whole generate() reads one state of the rows (see `_generate`)
             model.generate = partial(self._generate, model)
+        self._forward_hooks = (  # so does each plain forward (see `_forward_begins`)
+            model.register_forward_pre_hook(self._forward_begins),
+            model.register_forward_hook(self._forward_ends, always_call=True),
+        )
         model._tmem_fast_weights = self
 
     def _init_threading(self) -> None:
         self._lock = threading.RLock()  # the session table and the engine's rows
         self._write_lock = threading.Lock()  # one write at a time
-        self._readers = 0  # open rows() blocks
-        self._committing = False
-        self._idle = threading.Condition(self._lock)
-        self._local = threading.local()
+        self._locks = SessionLocks(self._lock)  # read blocks and commits
 
     def _init_static(self) -> None:
         # on CUDA, writes run on buffers kept per shape bucket and replay the CUDA graphs captured on them
@@ -104,7 +107,7 @@ class SessionPool(SessionStore):
         """Copies (copy.deepcopy of the model, pickling) carry every session but no lock, open block or
         CUDA graph (a copy captures its own, on its own buffers)."""
         state = dict(self.__dict__)
-        for k in ("_lock", "_write_lock", "_readers", "_committing", "_idle", "_local", "_static"):
+        for k in ("_lock", "_write_lock", "_locks", "_static"):
             state.pop(k)
         return state
 
@@ -170,15 +173,16 @@ class SessionPool(SessionStore):
 
     def reset(self, session: str) -> None:
         """Back to the initial state (B = B0): the episode boundary."""
-        with self._exclusive(), torch.inference_mode(False):
+        with self._locks.commit([session]), torch.inference_mode(False):
             self.engine.reset_rows([self.residency.slot(session)])
             self.stats[session] = SessionStats()
             self._changed([session])
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> dict[str, int | float]:
         """Residency counters and sizes: evictions, restores, resident and open sessions, bytes (the engine's
         buffers: see `FastWeightEngine.buffer_bytes`); the kept trunk outputs' bytes and hits/misses
-        (examples, and shared prefixes, whose trunk a write read back / ran)."""
+        (examples, and shared prefixes, whose trunk a write read back / ran); commits (writes, swaps,
+        resets) that waited for read blocks of their sessions to end, and their seconds waited in all."""
         with self._lock:
             c, kept = self.residency.counters, self.trunk_rows
             return {
@@ -196,6 +200,8 @@ class SessionPool(SessionStore):
                 "trunk_rows_misses": 0 if kept is None else kept.misses,
                 "trunk_prefix_hits": 0 if kept is None else kept.prefix_hits,
                 "trunk_prefix_misses": 0 if kept is None else kept.prefix_misses,
+                "commit_waits": self._locks.waits,
+                "commit_wait_seconds": self._locks.wait_seconds,
             }
 
     def bytes_per_session(self, writing: bool = False) -> int:
@@ -212,31 +218,16 @@ class SessionPool(SessionStore):
             with self._lock:
                 self.residency.release(sessions)
 
-    @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """The pool's lock, held once no rows() block is open (new ones wait): the engine's rows may
-        change inside. (Fast when nothing reads: the hot-swap path.)"""
-        if getattr(self._local, "reading", 0):
-            raise FastWeightsError("a write, swap or reset inside a pool.rows() block or generate() "
-                                   "would wait for itself")
-        with self._lock:
-            if self._readers:
-                self._committing = True
-                try:
-                    self._idle.wait_for(lambda: self._readers == 0)
-                finally:
-                    self._committing = False
-                    self._idle.notify_all()
-            yield
-
     # ---------------------------------------------------------------- forwards
     @contextmanager
     def rows(self, sessions: Sequence[str | None]) -> Iterator[None]:
         """Forwards on this thread inside the block read session sessions[i] for batch row i (None:
         the bare model). The list's length must be the batch's (generate(): the prompts'; their beams and
-        return sequences read their prompt's session); generate() keeps it for every step."""
+        return sequences read their prompt's session); generate() keeps it for every step. Each forward
+        sees each session whole; to see them unchanged across the forwards of several blocks (e.g. a
+        decode loop that binds its rows per step), open a `reading` block around them."""
         names = [s for s in sessions if s is not None]
-        with self._reading(lambda: self.residency.acquire(names)) as slots:
+        with self._locks.reading(names, lambda: self.residency.acquire(names)) as slots:
             try:
                 it = iter(slots)
                 binding = self.engine.binding_for_rows([None if s is None else next(it) for s in sessions])
@@ -246,29 +237,32 @@ class SessionPool(SessionStore):
                 with self._lock:
                     self.residency.release(names)
 
-    @contextmanager
-    def _reading(self, acquire: Callable[[], list[int]] = list) -> Iterator[list[int]]:
-        """A block no write's commit, swap or reset runs inside (they wait for it, and new blocks wait for
-        them); yields acquire(), called under the pool's lock. Nested blocks on one thread do not wait."""
-        with self._lock:
-            if not getattr(self._local, "reading", 0):  # (an outer block on this thread holds commits off)
-                self._idle.wait_for(lambda: not self._committing)
-            held = acquire()
-            self._readers += 1
-        self._local.reading = getattr(self._local, "reading", 0) + 1
-        try:
-            yield held
-        finally:
-            self._local.reading -= 1
-            with self._lock:
-                self._readers -= 1
-                self._idle.notify_all()
+    def reading(self, sessions: Iterable[str] | None = None) -> AbstractContextManager[None]:
+        """A block in which every forward of this thread sees each of `sessions` as it was when the block
+        began: a write's commit, a swap or a reset of any of them waits for the block to end (and new
+        blocks reading them, on other threads, wait for that commit). Other sessions change meanwhile.
+        None: what a forward outside rows() reads (a FastWeights' one session; a pool's bare model)."""
+        return self._locks.reading(self._plain_reads() if sessions is None else list(sessions))
+
+    def _plain_reads(self) -> list[str] | None:
+        """The sessions a forward outside rows() reads: every one under a default binding, else none."""
+        return None if self.engine.default_binding is not None else []
 
     def _generate(self, model: PreTrainedModel, *args, **kwargs):
-        """The model's own generate(), run as one reading block: a write's commit, a swap or a reset from
+        """The model's own generate(), run as one read block: a write's commit, a swap or a reset from
         another thread waits for it to end, so every token of it reads the same fast weights."""
-        with self._reading():
+        with self.reading():
             return type(model).generate(model, *args, **kwargs)
+
+    def _forward_begins(self, model: PreTrainedModel, args: tuple) -> None:
+        """The model's forward pre-hook: a forward outside any read block is one (see `reading()`);
+        nothing under torch.compile, which traces the forward rather than runs it."""
+        if not torch.compiler.is_compiling():
+            self._locks.forward_begins(self._plain_reads())
+
+    def _forward_ends(self, model: PreTrainedModel, args: tuple, output: object) -> None:
+        if not torch.compiler.is_compiling():
+            self._locks.forward_ends()
 
     # ---------------------------------------------------------------- writes
     def _write(
@@ -284,8 +278,9 @@ class SessionPool(SessionStore):
             raise ValueError("a session appears twice in one batched write")
         if train_a and self.engine.capacity > 1:
             raise ValueError("A is shared by every session of a pool: train_a needs a pool of capacity 1")
-        if getattr(self._local, "reading", 0):
-            raise FastWeightsError("a write inside a pool.rows() block or generate() would wait for itself")
+        if self._locks.reading_here:
+            raise FastWeightsError("a write inside a pool.rows() block, a reading() block or generate() "
+                                   "would wait for itself")
         with self._write_lock, self._resident(names) as slots:
             if not any(schedules):
                 return {s: [] for s in names}
@@ -293,7 +288,7 @@ class SessionPool(SessionStore):
                 encoded = self._encode(data)
             run = WriteRun(self.engine, encoded, schedules, slots, recipe, train_a, self._static)
             outcome = run.train(on_step)
-            with self._exclusive(), record_function("tmem.write.commit"):
+            with self._locks.commit(None if train_a else names), record_function("tmem.write.commit"):
                 run.commit(outcome)
                 self._changed(list(self._versions) if train_a else names)
         losses, errors = {}, {}
@@ -342,14 +337,16 @@ class SessionPool(SessionStore):
     def load_state_dict(self, session: str, state: Mapping[str, torch.Tensor]) -> None:
         """Hot swap: validate (see hot_swap), then copy B into the session's row; nothing changes on
         a mismatch (ValueError). A must equal the pool's shared A."""
-        with self._exclusive(), _outside_inference_mode():
+        with self._locks.commit([session]), _outside_inference_mode():
             self.engine.set_row(self.residency.slot(session), self._swap.b_row(state))
             self._changed([session])
 
     def detach(self) -> PreTrainedModel:
         """Remove the fast weights from the model (exactly as it was); the pool is unusable after, and its
         offload files are deleted (save sessions first to keep them)."""
-        with self._exclusive():
+        with self._locks.commit(None):
+            for hook in self._forward_hooks:
+                hook.remove()
             if self.trunk_rows is not None:
                 self.trunk_rows.clear()  # the kept trunk outputs' memory goes with the pool
             self.residency.discard_files()

@@ -5,13 +5,15 @@ the bare model), a token limit and a stop rule; a request whose rows read one se
 name a prefix, token ids all its rows start with (the flashcard prompt's instructions and examples;
 the chat template's system preamble of an answer), prefilled once under that session's weights and
 kept (`prefix_cache` of them, keyed by the ids, the session and `pool.version(session)`, so a write
-makes the next request prefill it again). The decode thread takes the oldest waiting request, then every other that
-fits in `max_rows` rows of `max_sessions` sessions (answers before flashcard prompts, each in arrival
-order), and decodes them together with the runtime's batched greedy decoder
+makes the next request prefill it again). The decode thread takes the oldest waiting request, then
+every other that fits in `max_rows` rows of `max_sessions` sessions (answers before flashcard
+prompts, each in arrival order), and decodes them together with the runtime's batched greedy decoder
 (`tmem_runtime.decoding.greedy_generate`), every forward bound to its rows' sessions by
-`pool.rows(...)`, so row i reads its own session's B; cached prefixes are copied in, only the ids are
-prefilled. Each row's text is handed to its `on_text` as it grows (streaming); the request's future
-resolves with every row's result when the batch ends.
+`pool.rows(...)`, so row i reads its own session's B, inside one `pool.reading` block for the whole
+batch, so each answer reads one state of its session (a write of it commits before or after the
+batch; the write thread waits for that, answers of other sessions never do); cached prefixes are
+copied in, only the ids are prefilled. Each row's text is handed to its `on_text` as it grows
+(streaming); the request's future resolves with every row's result when the batch ends.
 `naive=True` takes one request per batch and holds `model_lock` around it: the baseline server,
 one session at a time.
 """
@@ -299,7 +301,8 @@ class AnswerBatcher(Worker):
         sessions = [row.session for row in rows]
         t0 = time.perf_counter()
         progress = RowProgress(rows, owners, self.tokenizer, self.eos_ids, self.line_ids)
-        with torch.inference_mode():
+        # one read block for the whole batch: a write of one of its sessions commits before or after every answer
+        with self.pool.reading({s for s in sessions if s is not None}), torch.inference_mode():
             prefixes = []
             for r in batch:
                 key = self._prefix_key(r)

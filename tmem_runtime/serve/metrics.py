@@ -28,6 +28,8 @@ HELP = {
     "trunk_rows_bytes": "bytes of examples' trunk outputs kept for later writes (replayed flashcards)",
     "trunk_rows_examples_total": "examples whose trunk output a write read back (hits) or ran (misses)",
     "writes_training": "sessions whose memory write is training or being persisted now",
+    "commit_waits_total": "memory writes (and resets) whose commit waited for a batch answering their session",
+    "commit_wait_seconds_total": "seconds commits waited for batches answering their sessions",
     "requests_total": "HTTP requests by route template and status code",
     "generated_tokens_total": "tokens generated (answers and flashcards)",
     "answer_tokens_total": "tokens generated in chat completions",

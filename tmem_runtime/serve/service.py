@@ -320,6 +320,8 @@ class MemoryService:
         self.metrics.set_gauge("trunk_rows_bytes", c["trunk_rows_bytes"])
         for outcome in ("hits", "misses"):
             self.metrics.set_total("trunk_rows_examples_total", c[f"trunk_rows_{outcome}"], outcome=outcome)
+        self.metrics.set_total("commit_waits_total", c["commit_waits"])
+        self.metrics.set_total("commit_wait_seconds_total", c["commit_wait_seconds"])
         with self._lock:
             loaded = list(self.convs.values())
         self.metrics.set_gauge("queue_depth", sum(len(conv.jobs) for conv in loaded), queue="write")
