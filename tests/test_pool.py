@@ -634,26 +634,31 @@ def test_a_plain_forward_and_greedy_generate_read_one_state_of_fast_weights(tiny
         want_new = tiny(input_ids=ids).logits
     fw.load_state_dict(old)
 
+    def swapped_during(read, pause: threading.Event, resume: threading.Event):
+        """read() on a thread until it sets `pause`; then a hot swap to `new` from another thread, which
+        must wait for the read to end (it is resumed once the swap waits); read()'s result."""
+        out = {}
+        reader = threading.Thread(target=lambda: out.update(result=read()))
+        reader.start()
+        assert pause.wait(60)
+        swap = threading.Thread(target=fw.load_state_dict, args=(new,))
+        swap.start()
+        wait_for_a_waiting_commit(fw.store, swap)
+        resume.set()
+        reader.join(timeout=60)
+        swap.join(timeout=60)
+        return out["result"]
+
     middle, resume = threading.Event(), threading.Event()
-    layer = tiny.model.layers[len(tiny.model.layers) // 2]
 
     def pause(*_):  # a forward halfway through its layers
         middle.set()
         assert resume.wait(60)
 
-    results = {}
-    hook = layer.register_forward_hook(pause)
-    reader = threading.Thread(target=lambda: results.update(out=tiny(input_ids=ids).logits.detach()))
-    reader.start()
-    assert middle.wait(60)
+    hook = tiny.model.layers[len(tiny.model.layers) // 2].register_forward_hook(pause)
+    got = swapped_during(lambda: tiny(input_ids=ids).logits.detach(), middle, resume)
     hook.remove()
-    swap = threading.Thread(target=fw.load_state_dict, args=(new,))
-    swap.start()
-    wait_for_a_waiting_commit(fw.store, swap)
-    resume.set()
-    reader.join(timeout=60)
-    swap.join(timeout=60)
-    torch.testing.assert_close(results["out"], want_old, rtol=0, atol=0)
+    torch.testing.assert_close(got, want_old, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(tiny(input_ids=ids).logits, want_new, rtol=0, atol=0)
 
@@ -666,16 +671,7 @@ def test_a_plain_forward_and_greedy_generate_read_one_state_of_fast_weights(tiny
             assert resume.wait(60)
         return False
 
-    reader = threading.Thread(target=lambda: results.update(
-        tokens=greedy_generate(tiny, [ids[0].tolist()], 6, eos_ids=[], stop=stop)))
-    reader.start()
-    assert first.wait(60)
-    swap = threading.Thread(target=fw.load_state_dict, args=(new,))
-    swap.start()
-    wait_for_a_waiting_commit(fw.store, swap)
-    resume.set()
-    reader.join(timeout=60)
-    swap.join(timeout=60)
-    assert results["tokens"] == want_tokens
+    got = swapped_during(lambda: greedy_generate(tiny, [ids[0].tolist()], 6, eos_ids=[], stop=stop), first, resume)
+    assert got == want_tokens
     fw.detach()
     other.detach()
