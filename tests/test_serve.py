@@ -473,13 +473,28 @@ def test_stop_texts_end_the_answer_where_the_first_begins(served, acme):
         assert r.status_code == (200 if bad == [] else 400), (bad, r.text)
 
 
+def hold_the_decode_thread(service: MemoryService, tokens: int = 2) -> tuple[Request, threading.Event]:
+    """A bare row whose batch holds the decode thread (from its first piece of text) until the returned
+    event is set. Returns once that batch runs, so requests made after it queue for the next batch
+    (under load the decode thread may take a while to start it, and then takes whatever else waits)."""
+    gate, running = threading.Event(), threading.Event()
+
+    def hold(_: str) -> None:
+        running.set()
+        gate.wait(300)
+
+    hello = service.prompt_ids([{"role": "user", "content": "Hold on."}])
+    blocker = service.batcher.submit([Row(hello, None, tokens, on_text=hold)])
+    assert running.wait(300)
+    return blocker, gate
+
+
 def test_a_completion_whose_client_left_is_never_generated(served):
     """A non-streaming client that disconnects while its completion waits for the decode thread: the
     completion is dropped, not generated for nobody (and the decode thread goes on)."""
     url, service = served
-    gate, generated = threading.Event(), service.metrics.counters["generated_tokens_total"]
-    blocker = service.batcher.submit([Row(service.prompt_ids([{"role": "user", "content": "Hold on."}]), None, 4,
-                                          on_text=lambda text: gate.wait(60))])  # the decode thread waits on it
+    generated = service.metrics.counters["generated_tokens_total"]
+    blocker, gate = hold_the_decode_thread(service, 4)
     left = service.metrics.counters["requests_total"]
     key = (("code", "499"), ("route", "/v1/chat/completions"))
     before, tokens = left[key], generated[()]
@@ -507,14 +522,8 @@ def test_removing_a_session_mid_batch_fails_its_answer_and_leaves_the_others_str
     remember(acme, "staying", CARDS[1:])
     messages = [{"role": "user", "content": "Tell me about the library."}]
     alone = ask(acme, messages[0]["content"], "staying", max_tokens=24)
-    gate, first, blocking = threading.Event(), threading.Event(), threading.Event()
-
-    def blocking_text(_: str) -> None:  # the blocker's batch holds the decode thread until both answers queue
-        blocking.set()
-        gate.wait(300)
-
-    blocker = service.batcher.submit([Row(service.prompt_ids(messages), None, 2, on_text=blocking_text)])
-    assert blocking.wait(300)  # (else all three could share one batch, the blocker's then waiting for the removal)
+    first = threading.Event()
+    blocker, gate = hold_the_decode_thread(service)  # until both answers queue
     pieces = []
     def leaving_text(_: str) -> None:  # after its first piece, the answer waits for the removal to reach it
         first.set()
@@ -541,8 +550,8 @@ def test_a_card_prompt_past_the_window_fails_no_answer_batched_with_it(served, a
     create(acme, "neighbour")
     messages = [{"role": "user", "content": "Tell me about the library."}]
     alone = ask(acme, messages[0]["content"], "neighbour", max_tokens=8)
-    window, gate = service.generator.window, threading.Event()
-    blocker = service.batcher.submit([Row(service.prompt_ids(messages), None, 2, on_text=lambda t: gate.wait(300))])
+    window = service.generator.window
+    blocker, gate = hold_the_decode_thread(service)
     answer = service.answer("acme", "neighbour", messages, 8)  # waits for the next batch
     long_turn = "Nina: " + " ".join(["seven"] * window)
     prompts = [service.generator.chat_prompt([{"role": "user", "content": t}]) for t in ("Nina: hi there", long_turn)]
