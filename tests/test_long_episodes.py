@@ -20,6 +20,7 @@ from tmem_runtime.agent.locomo import Conversation, Session, Turn
 from tmem_runtime.agent.pooled import PoolSession
 from tmem_runtime.fast_weights import fast_weights_of
 from tmem_runtime.serve.main import load_serving_model
+from tmem_runtime.trainer import NonFiniteLossError
 
 SHORT = Recipe(optimizer="adamw", lr=3e-3, epochs=1, batch_size=8)
 
@@ -88,3 +89,97 @@ def test_a_long_agent_episode_counts_every_write_clears_each_context_and_resets_
     assert fw.stats.writes == fw.stats.steps == fw.stats.cards == 0
     assert agent.triggers == [] and agent.lines == [] and channel.written == []
     assert pool.engine.initial[slot] and torch.equal(pool.engine.b[slot], pool.engine.b0)
+
+
+def _cards(k: int, n: int = 3) -> list[tuple[str, str]]:
+    """n flashcards of write k, each different."""
+    names, facts = ("Mira", "Nina", "Leo", "Ana"), ("teal", "in Porto", "clocks", "a cat called Biscuit")
+    return [(f"What did {names[(k + j) % 4]} mention in week {k} ({j})?", facts[(k * n + j) % 4]) for j in range(n)]
+
+
+def _b_rows(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.double().reshape(-1) for n, v in sorted(state.items()) if "lora_B" in n])
+
+
+def _float64_reference(fw: FastWeights, untouched) -> FastWeights:
+    """The PEFT reference (full forward, torch.optim, everything float64) on a float64 copy of the model,
+    holding fw's state (its A too: the SVD of the cast weights is not bit-identical)."""
+    ref = FastWeights(copy.deepcopy(untouched).double(), backend="peft")
+    ref.load_state_dict({k: v.double() for k, v in fw.state_dict().items()})
+    return ref
+
+
+def test_sgd_writes_over_an_episode_track_a_float64_reference(tiny):
+    """SGD, write after write: B and every loss of the float32 fast path stay within float32 rounding of a
+    float64 run of the same steps (no error that grows with the episode)."""
+    model, tok, untouched = tiny
+    recipe = Recipe(optimizer="sgd", lr=0.05, epochs=1, batch_size=4)
+    fw = FastWeights(model)
+    ref = _float64_reference(fw, untouched)
+    errors = []
+    for k in range(1, 9):
+        got, want = fw.write_qa(tok, _cards(k), recipe, seed=k), ref.write_qa(tok, _cards(k), recipe, seed=k)
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-5)
+        b, b_ref = _b_rows(fw.state_dict()), _b_rows(ref.state_dict())
+        errors.append(float((b - b_ref).norm() / b_ref.norm()))
+    assert max(errors) < 2e-6, errors
+    assert errors[-1] < 2 * errors[1] + 1e-7  # not growing
+    ref.detach()
+
+
+def test_a_late_adamw_write_is_as_exact_as_the_first_and_a_late_nan_rolls_back_whole(tiny):
+    """After 20 AdamW writes (|B| many times the first write's) one more write moves B as the float64
+    reference moves it from the same state (AdamW's moments and step count are per write: nothing
+    accumulates across writes to overflow). A write that goes NaN that late leaves every stored tensor
+    bit-equal and the counters right, and the next write trains on."""
+    model, tok, untouched = tiny
+    recipe = Recipe(optimizer="adamw", lr=3e-3, epochs=2, batch_size=4)
+    fw = FastWeights(model)
+    first = fw.write_qa(tok, _cards(0), recipe)
+    norm_first = float(_b_rows(fw.state_dict()).norm())
+    for k in range(1, 20):
+        fw.write_qa(tok, _cards(k), recipe, seed=k)
+    before = {k: v.clone() for k, v in fw.state_dict().items()}
+    b0 = _b_rows(before)
+    assert torch.isfinite(b0).all() and float(b0.norm()) > 5 * norm_first
+    ref = _float64_reference(fw, untouched)
+    got, want = fw.write_qa(tok, _cards(20), recipe, seed=20), ref.write_qa(tok, _cards(20), recipe, seed=20)
+    assert got == pytest.approx(want, rel=1e-5)
+    step, step_ref = _b_rows(fw.state_dict()) - b0, _b_rows(ref.state_dict()) - b0
+    assert float((step - step_ref).norm() / step_ref.norm()) < 1e-3
+    ref.detach()
+
+    stats = copy.copy(fw.stats)
+    before = {k: v.clone() for k, v in fw.state_dict().items()}
+    blow_up = Recipe(optimizer="sgd", lr=1e30, epochs=3, batch_size=1, divergence_factor=None)
+    with pytest.raises(NonFiniteLossError):
+        fw.write_qa(tok, _cards(31), blow_up)
+    after = fw.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (fw.stats.writes, fw.stats.steps, fw.stats.rollbacks) == (stats.writes, stats.steps, stats.rollbacks + 1)
+    assert len(fw.write_qa(tok, _cards(32), recipe)) == 2 and first
+
+
+def test_reset_after_a_long_episode_is_a_fresh_attach_bit_for_bit(tiny):
+    """100 optimizer steps of writes and hot swaps, then reset(): the state dict, the logits
+    and the next write's losses and B equal those of fast weights freshly attached to an untouched copy."""
+    model, tok, untouched = tiny
+    recipe = Recipe(optimizer="adamw", lr=3e-3, epochs=2, batch_size=4)
+    fw = FastWeights(model)
+    for k in range(1, 51):
+        fw.write_qa(tok, _cards(k), recipe, seed=k)
+        if k % 10 == 0:
+            fw.load_state_dict(fw.state_dict())
+    assert fw.stats.steps == 100
+    fw.reset()
+    fresh_model = copy.deepcopy(untouched)
+    fresh = FastWeights(fresh_model)
+    got, want = fw.state_dict(), fresh.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(ids).logits, fresh_model(ids).logits)
+    assert torch.equal(model(ids).logits, untouched(ids).logits)  # B = 0: the bare model
+    assert fw.write_qa(tok, _cards(7), recipe) == fresh.write_qa(tok, _cards(7), recipe)
+    got, want = fw.state_dict(), fresh.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    fresh.detach()
