@@ -183,3 +183,38 @@ def test_reset_after_a_long_episode_is_a_fresh_attach_bit_for_bit(tiny):
     got, want = fw.state_dict(), fresh.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
     fresh.detach()
+
+
+def test_a_server_keeps_at_most_max_loaded_sessions_and_reloads_a_released_one_as_it_was(tiny, tmp_path):
+    """A server that meets session after session (a new user every few minutes, for hours) holds at most
+    `max_loaded` of them (their B rows, contexts, cards, leases): the least recently used idle ones are
+    released to the store. One asked again loads as it was: its memories, counters and answers."""
+    from tmem_runtime.serve.service import MemoryService, ServeConfig
+    from tmem_runtime.serve.store import Store
+
+    model, tok, _ = tiny
+    config = ServeConfig(capacity=4, max_write_sessions=2, max_loaded=3, recipe=Recipe(epochs=2, batch_size=4),
+                         lend_cores=False)
+    service = MemoryService(model, tok, Store(tmp_path), config)
+    service.start()
+
+    def ask(session: str, i: int) -> str:
+        messages = [{"role": "user", "content": _cards(i)[0][0]}]
+        return service.answer("t", session, messages, 6).future.result(timeout=120)[0].text
+
+    try:
+        answers = {}
+        for i in range(8):
+            s = f"user{i}"
+            service.create("t", s)
+            assert service.remember("t", s, _cards(i)).done.result(timeout=120)["error"] is None
+            answers[s] = ask(s, i)
+            assert len(service.convs) <= 3 and len(service.pool.sessions) <= 3
+        released = [s for s in answers if ("t", s) not in service.convs]
+        assert len(released) == 5 and all(Store(tmp_path).lease("t", s) is None for s in released)
+        for i, (s, text) in enumerate(answers.items()):
+            assert ask(s, i) == text
+            assert service.stats("t", s)["memories"] == 3 and service.stats("t", s)["writes"] == 1
+            assert len(service.convs) <= 3 and len(service.pool.sessions) <= 3
+    finally:
+        service.stop()
