@@ -33,11 +33,10 @@ from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.write_formats import write_flashcards, writing_prompts
 from tmem_runtime.chat import generate_greedy
 from tmem_runtime.decoding import common_prefix_length
-from tmem_runtime.serve.app import create_app
 from tmem_runtime.serve.batcher import CARDS as CARD_PRIORITY
 from tmem_runtime.serve.batcher import AnswerBatcher, Request, Row
 from tmem_runtime.serve.cores import CoreLoan
-from tmem_runtime.serve.launch import ServerProcess, free_port
+from tmem_runtime.serve.launch import ServerProcess, free_port, serve_in_thread
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.service import MemoryService, ServeConfig, SessionGoneError, UnknownSessionError
@@ -65,24 +64,13 @@ def turn_cards(context: str) -> str:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(base url, service) of an in-process server with two tenants."""
-    import uvicorn
-
     torch.manual_seed(0)
     model, tokenizer = load_serving_model("tiny-llama")
     config = ServeConfig(capacity=8, l_max=48, max_rows=8, max_write_sessions=4, max_tokens=64,
                          card_writer=turn_cards)
     service = MemoryService(model, tokenizer, Store(tmp_path_factory.mktemp("store")), config)
-    app = create_app(service, "tiny-llama", KEYS, max_body=64 * 1024)
-    app.router.on_startup.append(service.start)
-    app.router.on_shutdown.append(service.stop)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.config.port}", service
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(service, "tiny-llama", KEYS, max_body=64 * 1024) as url:
+        yield url, service
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from tmem_runtime.agent.agent import MemoryAgent
     from tmem_runtime.pool import SessionPool
     from tmem_runtime.recipes import Recipe
+    from tmem_runtime.sessions import SessionStats
 
 
 class PoolSession:
@@ -45,6 +46,11 @@ class PoolSession:
                    seed: int = 0) -> list[float]:
         """Next-token training on `texts` into this session (as FastWeights.write_text)."""
         return self.pool.write_text(self.session, tokenizer, texts, recipe, seed)
+
+    @property
+    def stats(self) -> SessionStats:
+        """The session's writes, steps, cards, truncated cards and rollbacks since it was opened (or reset)."""
+        return self.pool.stats[self.session]
 
     def reset(self) -> None:
         """B back to B0: the episode boundary."""

@@ -10,7 +10,7 @@ import argparse
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tmem_runtime.agent.flashcards import (
     FLASHCARD_MODES,
@@ -74,13 +74,15 @@ class WriteRecord:
 
 @contextmanager
 def fast_weights_off(fast_weights) -> Iterator[None]:
-    """Run a block on the base model: snapshot the fast weights, reset them (B = 0), restore after."""
-    saved = fast_weights.state_dict()
+    """Run a block on the base model: snapshot the fast weights, reset them (B = 0), restore after. Not an
+    episode boundary: the session's `stats` (writes, steps, cards, rollbacks so far) are restored too."""
+    saved, stats = fast_weights.state_dict(), replace(fast_weights.stats)
     fast_weights.reset()
     try:
         yield
     finally:
         fast_weights.load_state_dict(saved)
+        vars(fast_weights.stats).update(vars(stats))
 
 
 _MARK = "\u241f"

@@ -1,7 +1,11 @@
-"""`tmem serve` in a subprocess, for scripts, tests and benchmarks: start, wait until healthy, kill.
+"""`tmem serve` in a subprocess, for scripts, tests and benchmarks: start, wait until healthy, kill; or
+in this process, in a thread.
 
     server = ServerProcess(["--model", "tiny-llama", "--store", "st"], port=8100, log="serve.log").wait_ready()
     httpx.get(server.url + "/health"); server.kill()     # SIGKILL: the store must survive it
+
+    with serve_in_thread(service, "tiny-llama", api_keys) as url:   # uvicorn on a free port, stopped after
+        httpx.get(url + "/health")
 """
 
 from __future__ import annotations
@@ -10,11 +14,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    from tmem_runtime.serve.service import MemoryService
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,3 +89,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def serve_in_thread(service: MemoryService, model_name: str, api_keys: Mapping[str, str] | None = None,
+                    max_body: int = 1 << 20) -> Iterator[str]:
+    """`service`'s HTTP app on uvicorn in a daemon thread of this process, on a free loopback port; yields
+    its base URL. The app's start-up starts the service, and leaving the block shuts both down."""
+    import uvicorn
+
+    from tmem_runtime.serve.app import create_app
+
+    app = create_app(service, model_name, api_keys, max_body=max_body)
+    app.router.on_startup.append(service.start)
+    app.router.on_shutdown.append(service.stop)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the in-process server exited during start-up")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)

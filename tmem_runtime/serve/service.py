@@ -19,6 +19,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -68,6 +69,8 @@ class ServeConfig:
     recipe: Recipe = AGENT_RECIPE
     card_writer: Callable[[str], str] | None = None  # flashcard text for a context (None: the model writes it)
     lend_cores: bool = True  # CPU: training steps borrow the decode thread's torch threads while it is idle
+    max_loaded: int = 1024  # sessions loaded at once; past it the least recently used idle ones are released
+
 
     def __post_init__(self) -> None:
         if self.naive:
@@ -75,7 +78,8 @@ class ServeConfig:
         elif self.capacity < self.max_write_sessions + 2:
             raise ValueError(f"capacity {self.capacity} must be at least max_write_sessions + 2 "
                              f"({self.max_write_sessions + 2}): writes, a save and an answer need rows at once")
-        if min(self.l_max, self.max_rows, self.max_tokens, self.max_write_sessions) < 1 or self.lease_ttl <= 0:
+        if min(self.l_max, self.max_rows, self.max_tokens, self.max_write_sessions, self.max_loaded) < 1 \
+                or self.lease_ttl <= 0:
             raise ValueError(f"invalid serve config {self}")
 
 
@@ -98,7 +102,7 @@ class MemoryService:
                                    config.max_write_sessions, config.replay, config.card_tokens, model_lock=model_lock,
                                    card_writer=config.card_writer, cores=cores)
         self.preamble = self.generator.chat_preamble()  # answers' shared prefix, cached per session version
-        self.convs: dict[tuple[str, str], Conversation] = {}
+        self.convs: OrderedDict[tuple[str, str], Conversation] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()  # the table and the per-session load locks
         self._loading: dict[tuple[str, str], threading.Lock] = {}
         self._load_ids = itertools.count(1)  # pool ids are unique per load, so a late unload never closes a newer load
@@ -136,6 +140,7 @@ class MemoryService:
             with self._lock:
                 conv = self.convs.get(key)
                 if conv is not None:
+                    self.convs.move_to_end(key)
                     return conv
                 load_lock = self._loading.setdefault(key, threading.Lock())
             with load_lock:
@@ -153,8 +158,39 @@ class MemoryService:
                         self._loading.pop(key, None)
             break
         self.writer.submit(conv, list(conv.jobs))
+        self._release_idle(keep=conv)
         self._gauges()
         return conv
+
+    def _release_idle(self, keep: Conversation) -> None:
+        """While more than `max_loaded` sessions are loaded, release the least recently used idle ones (no
+        pending write, none training, no answer queued or decoding): everything of them is in the store
+        already, and a later request loads them again. Bounds what a long-running server holds (host copies
+        of B rows, contexts, cards, lease renewals) whatever the number of sessions it ever served."""
+        with self._lock:
+            excess = len(self.convs) - self.config.max_loaded
+            oldest = list(self.convs.values())
+        for conv in oldest:
+            if excess <= 0:
+                return
+            if conv is keep or not conv.busy.acquire(blocking=False):  # a write of it is training
+                continue
+            try:
+                with conv.lock:
+                    if not conv.active or conv.jobs or self._answering(conv.pool_id):
+                        continue
+                    conv.active = False  # requests that got it now fail (SessionGoneError: retry) and reload it
+            finally:
+                conv.busy.release()
+            self._drop(conv)
+            self.store.release(conv.tenant, conv.session, self.config.server_id)
+            excess -= 1
+
+    def _answering(self, pool_id: str) -> bool:
+        """Whether a request queued or decoding reads the session `pool_id`."""
+        b = self.batcher
+        with b.cond:
+            return any(row.session == pool_id for r in (*b.queue, *b.generating) for row in r.rows)
 
     def _load(self, tenant: str, session: str) -> Conversation:
         if not self.store.exists(tenant, session):
