@@ -639,8 +639,18 @@ def test_answers_reuse_a_sessions_preamble_until_its_weights_change(served, acme
     assert service.pool.version(pid) != version
     check(CARDS[0][0], cached=False)  # the write changed B: the old keys/values are not reused
     check(CARDS[1][0], cached=True)
+    kept = [k for k in service.batcher.prefixes if k[1] == pid]
+    assert kept == [(preamble, pid, service.pool.version(pid))]  # the superseded version's entry is gone
     acme.delete("/v1/sessions/pre")
     check(CARDS[0][0], cached=False)
+    create(acme, "pre-gone")
+    ask(acme, CARDS[0][0], "pre-gone")
+    gone = service.get("acme", "pre-gone").pool_id
+    assert acme.post("/v1/sessions/pre-gone/release").status_code == 200
+    assert any(k[1] == gone for k in service.batcher.prefixes)
+    create(acme, "pre-next")
+    ask(acme, CARDS[0][0], "pre-next")  # the next prefill drops entries of sessions no longer loaded
+    assert not any(k[1] == gone for k in service.batcher.prefixes)
 
 
 def test_line_tokens_find_the_first_newline_as_the_decoded_text_does():

@@ -146,6 +146,13 @@ class RowProgress:
         return RowResult(self.text[i], self.tokens[i], self.reason[i])
 
 
+def _stale(cached: tuple, new: tuple, pool: SessionPool) -> bool:
+    """Whether a cached prefix's key (ids, session, version) can no longer be asked for once `new` is
+    prefilled: `new` is its session's newer version of the same ids, or its session left the pool."""
+    ids, session, _ = cached
+    return (ids, session) == new[:2] or (session is not None and session not in pool)
+
+
 def _stop_index(text: str, stops: Sequence[str]) -> int | None:
     """Where the first of `stops` to occur in `text` begins (None: none occurs)."""
     found = [k for k in (text.find(s) for s in stops) if k >= 0]
@@ -236,13 +243,17 @@ class AnswerBatcher(Worker):
 
     def _prefix(self, key: tuple | None) -> Prefix | None:
         """The keys/values over a request's prefix under its session's weights (`_prefix_key`), prefilled
-        once and kept (`prefix_cache` of them); called under `_generate`'s inference mode."""
+        once and kept (`prefix_cache` of them, the least recently used out; an entry goes as soon as a new
+        version of its session's prefills, or once its session is unloaded); called under `_generate`'s
+        inference mode."""
         if key is None:
             return None
         if key in self.prefixes:
             self.prefixes.move_to_end(key)
             return self.prefixes[key]
         ids, session, _ = key
+        for old in [k for k in self.prefixes if _stale(k, key, self.pool)]:
+            del self.prefixes[old]
         with self.pool.rows([session]):
             self.prefixes[key] = prefill(self.model, ids)
         while len(self.prefixes) > self.prefix_cache:
