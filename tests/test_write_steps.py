@@ -279,6 +279,23 @@ def test_graphs_replayed_across_writes_match_eager_writes(tiny, optimizer, lr):
         assert (graphed_state[k] - v).norm() <= tol * v.norm(), k
 
 
+@pytest.mark.cuda
+def test_graphs_past_the_cap_are_dropped_and_captured_again_with_the_same_results(tiny, monkeypatch):
+    """A bucket keeps at most MAX_GRAPHS graphs (here 1): the writes drop and capture graphs again as their
+    step shapes alternate, with the same losses and B as eager steps on the same buffers."""
+    from tmem_runtime import cuda_graphs
+
+    recipe = Recipe(optimizer="sgd", lr=0.5, epochs=2, batch_size=3)  # steps of 3 rows, then the rest
+    eager, eager_state, _ = _writes(tiny, recipe, "kept", backend="auto")
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 1)
+    graphed, graphed_state, kept = _writes(tiny, recipe, "graphs", backend="auto")
+    assert all(len(bucket.graphs.graphs) <= 1 for bucket in kept.buckets.values())
+    for a, b in zip(graphed, eager):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
+    for k, v in eager_state.items():
+        assert (graphed_state[k] - v).norm() <= B_TOLERANCE["sgd"] * v.norm(), k
+
+
 def test_an_error_mid_write_leaves_the_adapter_as_it_was(tiny):
     fw = FastWeights(tiny, backend="torch")
     fw.write([collate(examples(3))], lr=1e-2, optimizer="adamw")

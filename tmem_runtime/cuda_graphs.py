@@ -6,11 +6,15 @@ arithmetic, can bound it. `GraphedSteps` runs the first step of each shape eager
 (a real step, which also warms up autograd, the allocator and Triton's JIT), captures the next one,
 and replays that graph for every later step of the shape with the step's inputs copied into the
 graph's static `StepBatch`. Nothing in a replayed step reads the device from the host. The graphs
-live as long as the buffers they read (`static_write.StaticWrite`): across writes.
+live as long as the buffers they read (`static_write.StaticWrite`): across writes. At most MAX_GRAPHS
+are kept per bucket, the least recently replayed dropped first: a batched write's steps differ in how
+their rows split among its sessions (part of a step's shape), so over a long run of batched writes the
+shapes a bucket sees keep growing (a CPU simulation of 300 writes: 374 and rising).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 import torch
@@ -18,6 +22,7 @@ import torch
 from tmem_runtime.write import StepBatch
 
 StepFn = Callable[[StepBatch], torch.Tensor]
+MAX_GRAPHS = 64
 
 
 class GraphedSteps:
@@ -26,17 +31,19 @@ class GraphedSteps:
     step_fn(batch) -> loss [] runs the step; it is called (eagerly, then captured) only the first time
     a key is seen. Steps that share a key must have the same StepBatch signature and read the same
     tensors otherwise (the graph bakes in their addresses). Returns each step's loss as a fresh
-    device tensor.
+    device tensor. Keeps at most `max_graphs` graphs (default MAX_GRAPHS; the least recently replayed go first).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_graphs: int | None = None) -> None:
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream()  # warm-up and capture on one stream (library handles are per stream)
-        self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, StepBatch, torch.Tensor]] = {}
+        self.graphs: OrderedDict[Hashable, tuple[torch.cuda.CUDAGraph, StepBatch, torch.Tensor]] = OrderedDict()
+        self.max_graphs = MAX_GRAPHS if max_graphs is None else max_graphs
 
     def __call__(self, key: Hashable, batch: StepBatch, step_fn: StepFn) -> torch.Tensor:
         entry = self.graphs.get(key)
         if entry is not None:
+            self.graphs.move_to_end(key)
             graph, static, loss = entry
             static.copy_(batch)
             graph.replay()
@@ -51,4 +58,6 @@ class GraphedSteps:
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             static_loss = step_fn(static)
         self.graphs[key] = (graph, static, static_loss)
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)  # (its memory stays in the pool, for the next capture)
         return loss
