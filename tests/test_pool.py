@@ -376,6 +376,33 @@ def test_a_bad_session_in_a_batched_write_rolls_back_alone(tiny):
     pool.detach()
 
 
+@pytest.mark.slow  # the real tokenizer
+def test_a_rolled_back_flashcard_write_counts_no_cards():
+    """Stats count the cards of committed writes only: in a batched write whose one session rolls back,
+    that session's cards are not counted; the other's are."""
+    _, tokenizer = load_model("smollm2-135m")
+    model, _ = load_model("tiny-llama")
+    with torch.no_grad():  # the tiny model's vocabulary is small: map the real tokenizer's ids into it
+        model.resize_token_embeddings(len(tokenizer))
+    pool = SessionPool(model, capacity=2, backend="torch")
+    pool.open("good")
+    pool.open("bad")
+    good = [("Where does Nina work?", "the city library"), ("Who is Mira?", "a painter")]
+    bad = [("What is the zyzzyva's quorum?", "xylophonic")]
+    ids = lambda cards: {t for q, a in cards for t in tokenizer(q + " " + a)["input_ids"]}  # noqa: E731
+    with torch.no_grad():
+        model.model.embed_tokens.weight[sorted(ids(bad) - ids(good) - ids([("", "")]))] = float("inf")
+    with pytest.raises(WriteError) as info:
+        pool.write_qa_many(tokenizer, {"good": good, "bad": bad}, Recipe(lr=1e-2, epochs=1))
+    assert set(info.value.errors) == {"bad"}
+    assert (pool.stats["good"].cards, pool.stats["bad"].cards) == (2, 0)
+    assert (pool.stats["good"].writes, pool.stats["bad"].rollbacks) == (1, 1)
+    with pytest.raises(FastWeightsError):  # a single session's rolled-back write: no cards either
+        pool.write_qa("bad", tokenizer, bad, Recipe(lr=1e-2, epochs=1))
+    assert pool.stats["bad"].cards == 0 and pool.stats["bad"].rollbacks == 2
+    pool.detach()
+
+
 def test_concurrent_writes_and_generates_match_serial_runs(tiny):
     """Threads writing some sessions while others generate with other sessions: every result equals
     the same call made alone (writes serialise; a generate sees each session before or after a write)."""

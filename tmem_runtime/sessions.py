@@ -126,14 +126,21 @@ class SessionStore:
     ) -> dict[str, list[float]]:
         """(question, answer) flashcards of several sessions in one batched write, chat-templated, loss
         on the answers by default (see write_examples_many). Cards longer than recipe.max_length keep
-        their answer; their question is cut (counted in `stats`, and warned)."""
+        their answer; their question is cut (warned, and counted in `stats` with the cards, once the
+        session's write committed: a rolled-back write counts none)."""
         recipe = get_recipe(recipe)
         pairs = {s: list(p) for s, p in pairs.items()}  # (any iterable of pairs: a generator is read once)
         encoded = {s: qa_examples(tokenizer, p, loss_on, recipe.max_length) for s, p in pairs.items()}
         for s, (_, cut) in encoded.items():
-            self._count_cards(s, len(pairs[s]), cut, recipe.max_length)
+            _warn_cut(s, cut, recipe.max_length)
         examples = {s: ex for s, (ex, _) in encoded.items()}
-        return self.write_examples_many(examples, recipe, seed, pad_id(tokenizer), train_a, on_step)
+        try:
+            losses = self.write_examples_many(examples, recipe, seed, pad_id(tokenizer), train_a, on_step)
+        except WriteError as exc:  # the sessions whose write committed count their cards
+            self._count_cards({s: (len(pairs[s]), encoded[s][1]) for s in exc.losses})
+            raise
+        self._count_cards({s: (len(pairs[s]), encoded[s][1]) for s in losses})
+        return losses
 
     def write_qa(
         self,
@@ -187,16 +194,12 @@ class SessionStore:
         batch, schedule = concat_batches(list(batches))
         return self._train([session], batch, [schedule], recipe, train_a, on_step)[session]
 
-    def _count_cards(self, session: str, cards: int, cut: int, max_length: int) -> None:
-        st = self.stats[session] if session in self.stats else None
-        if st is not None:
-            st.cards, st.truncated_cards = st.cards + cards, st.truncated_cards + cut
-        if cut:
-            warnings.warn(
-                f"{cut} flashcard(s) of session {session!r} were longer than max_length={max_length}: "
-                "their questions were cut to fit (answers kept whole)",
-                stacklevel=4,
-            )
+    def _count_cards(self, written: Mapping[str, tuple[int, int]]) -> None:
+        """Add {session: (cards, cards cut)} of committed writes to the sessions' stats."""
+        for session, (cards, cut) in written.items():
+            st = self.stats.get(session)
+            if st is not None:
+                st.cards, st.truncated_cards = st.cards + cards, st.truncated_cards + cut
 
     # ---------------------------------------------------------------- files
     def save(self, session: str, path: str | os.PathLike) -> None:
@@ -211,6 +214,15 @@ class SessionStore:
             self.load_state_dict(session, tensors)
         except ValueError as exc:
             raise AdapterFileError(f"adapter file {path}: {exc}") from exc
+
+
+def _warn_cut(session: str, cut: int, max_length: int) -> None:
+    if cut:
+        warnings.warn(
+            f"{cut} flashcard(s) of session {session!r} were longer than max_length={max_length}: "
+            "their questions were cut to fit (answers kept whole)",
+            stacklevel=4,
+        )
 
 
 def check_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
