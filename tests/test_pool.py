@@ -210,6 +210,13 @@ def test_more_sessions_than_capacity_move_out_and_back(tiny, tmp_path, offload):
         assert c["disk_writes"] >= 3 and c["disk_reads"] >= 3
     pool.close("s0")
     assert "s0" not in pool.sessions
+    away = next(s for s in states if s in pool.sessions and s not in pool.residency.resident)
+    before, files = pool.counters(), sorted(tmp_path.iterdir())
+    pool.reset(away)  # an offloaded session is reset where it is: no row taken, nothing evicted for it
+    c = pool.counters()
+    assert (c["evictions"], c["restores"]) == (before["evictions"], before["restores"])
+    assert len(sorted(tmp_path.iterdir())) == len(files) - (offload == "disk")  # its offload file is gone
+    assert all(v.abs().sum() == 0 for k, v in pool.state_dict(away).items() if k.endswith("lora_B"))
     pool.detach()
 
 

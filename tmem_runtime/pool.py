@@ -174,7 +174,7 @@ class SessionPool(SessionStore):
     def reset(self, session: str) -> None:
         """Back to the initial state (B = B0): the episode boundary."""
         with self._locks.commit([session]), torch.inference_mode(False):
-            self.engine.reset_rows([self.residency.slot(session)])
+            self.residency.reset(session)  # (an offloaded session is not brought back for it)
             self.stats[session] = SessionStats()
             self._changed([session])
 

@@ -107,6 +107,17 @@ class Residency:
             if isinstance(kept, Path):
                 kept.unlink(missing_ok=True)
 
+    def reset(self, session: str) -> None:
+        """Back to B = B0: its row if resident, else its kept copy is dropped (it comes back at B0 on use,
+        taking no row now)."""
+        self.check(session)
+        if session in self.resident:
+            self.engine.reset_rows([self.resident[session]])
+            return
+        kept, self.away[session] = self.away[session], None
+        if isinstance(kept, Path):
+            kept.unlink(missing_ok=True)
+
     def discard_files(self) -> None:
         """Delete every offload file of this residency (the pool is going away: nothing will read them)."""
         for session, kept in self.away.items():
