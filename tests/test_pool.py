@@ -608,14 +608,50 @@ def wait_for_a_waiting_commit(pool: SessionPool, writer: threading.Thread) -> No
         time.sleep(0.01)
 
 
-def test_a_reading_block_sees_its_session_unchanged_while_other_sessions_commit(tiny):
-    """Inside pool.reading(["s"]) (e.g. around a decode loop that binds its rows per forward), a write of
-    "s" from another thread trains but commits only when the block ends, so every forward inside reads
-    one state of "s"; a write of another session commits meanwhile, and bare rows never wait."""
-    pool = SessionPool(tiny, capacity=3, backend="torch")
+def test_a_reading_block_reads_copies_while_writes_commit(tiny):
+    """Inside pool.reading(["s", "t"]) (e.g. around a decode loop that binds its rows per forward), the
+    rows() blocks read copies of the sessions' rows taken when it began: a write of "s" from another
+    thread commits at once (pool.version and a forward outside the block see it), while every forward
+    inside still reads the state the block began with. Its scratch rows are free again after."""
+    pool = SessionPool(tiny, capacity=4, backend="torch")
     for s in ("s", "t"):
         pool.open(s)
-    pool.write_examples_many({"s": examples(3, 1)}, Recipe(lr=3e-2, epochs=2))
+    pool.write_examples_many({"s": examples(3, 1), "t": examples(3, 2)}, Recipe(lr=3e-2, epochs=2))
+    ids = torch.tensor([[5, 6, 7, 8, 9]] * 3)
+
+    def logits(sessions):
+        with torch.no_grad(), pool.rows(sessions):
+            return tiny(input_ids=ids[: len(sessions)]).logits
+
+    before = logits(["s", "t", None])
+    free = len(pool.residency.free)
+    with pool.reading(["s", "t"]) as versions:
+        assert versions == {"s": pool.version("s"), "t": pool.version("t")}
+        assert len(pool.residency.free) == free - 2  # the copies' rows
+        write = threading.Thread(target=lambda: pool.write_examples_many({"s": examples(4, 3)}, Recipe(lr=3e-2)))
+        write.start()
+        write.join(timeout=120)
+        assert not write.is_alive() and pool.version("s") != versions["s"]  # committed, not held back
+        assert torch.equal(logits(["s", "t", None]), before)  # this block still reads the copies
+        after = threading.Thread(target=lambda: outside.append(logits(["s"])))
+        outside = []
+        after.start()
+        after.join(timeout=60)
+        assert not torch.allclose(outside[0][0], before[0], atol=1e-4)  # another thread reads the new "s"
+    assert len(pool.residency.free) == free and pool.counters()["commit_waits"] == 0
+    assert torch.equal(logits(["s"])[0], outside[0][0])
+    pool.detach()
+
+
+def test_a_reading_block_without_a_free_row_holds_its_sessions_commits_back(tiny):
+    """With no free row for a copy, a reading block reads its session in place: a write of it trains
+    but commits only when the block ends (every forward inside reads one state); a write of another
+    session commits meanwhile, and a reset of a session no block reads never waits."""
+    pool = SessionPool(tiny, capacity=2, backend="torch")
+    for s in ("s", "t"):
+        pool.open(s)
+    pool.write_examples_many({"s": examples(3, 1), "t": examples(3, 4)}, Recipe(lr=3e-2, epochs=2))
+    assert not pool.residency.free  # both rows hold sessions
     ids = torch.tensor([[5, 6, 7, 8, 9]])
 
     def logits(session):
@@ -624,19 +660,19 @@ def test_a_reading_block_sees_its_session_unchanged_while_other_sessions_commit(
 
     recipe = Recipe(lr=3e-2, epochs=3)
     write_s = threading.Thread(target=lambda: pool.write_examples_many({"s": examples(4, 2)}, recipe))
-    with pool.reading(["s"]):
-        before, version = logits("s"), pool.version("s")
+    with pool.reading(["s"]) as versions:
+        before = logits("s")
         write_s.start()
         wait_for_a_waiting_commit(pool, write_s)
         version_t = pool.version("t")
         write_t = threading.Thread(target=lambda: pool.write_examples_many({"t": examples(4, 3)}, recipe))
         write_t.start()  # (it waits for the write of "s" to end: writes run one at a time)
-        assert torch.equal(logits("s"), before) and pool.version("s") == version
+        assert torch.equal(logits("s"), before) and pool.version("s") == versions["s"]
         assert pool.version("t") == version_t
     write_s.join(timeout=120)
     write_t.join(timeout=120)
     assert not write_s.is_alive() and not write_t.is_alive()
-    assert pool.version("s") != version and pool.version("t") != version_t
+    assert pool.version("s") != versions["s"] and pool.version("t") != version_t
     assert not torch.allclose(logits("s"), before, atol=1e-4)
     version = pool.version("s")
     with pool.reading(["t"]):  # a block reading other sessions does not hold a commit of "s" back

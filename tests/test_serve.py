@@ -1127,13 +1127,15 @@ def test_two_processes_share_the_store_and_hand_a_session_over(tmp_path):
                 p.kill()
 
 
-def test_an_answer_reads_one_state_of_its_session_while_a_write_of_it_commits():
-    """A write of a session whose answer is being decoded commits only when that answer's batch ends:
-    every token of the answer reads the weights it began with (the batch is one pool.reading block)."""
+@pytest.mark.parametrize("capacity", [2, 1])
+def test_an_answer_reads_one_state_of_its_session_while_a_write_of_it_commits(capacity):
+    """Every token of an answer reads the weights its batch began with, while a write of its session
+    commits: at once (the batch reads a copy of the session's row, in a free row: capacity 2), or once
+    the batch ends (no free row: capacity 1, the session is read in place and the commit waits)."""
     from tmem_runtime import Recipe, SessionPool
 
     model, tokenizer = load_serving_model("tiny-llama")
-    pool = SessionPool(model, capacity=2, backend="torch")
+    pool = SessionPool(model, capacity=capacity, backend="torch")
     pool.open("s")
     recipe = Recipe(lr=3e-2, epochs=2)
     pool.write_qa_many(tokenizer, {"s": CARDS}, recipe=recipe)
@@ -1156,17 +1158,23 @@ def test_an_answer_reads_one_state_of_its_session_while_a_write_of_it_commits():
         more = [(f"What is item {i}?", f"entry {i}") for i in range(4)]
         write = threading.Thread(target=lambda: pool.write_qa_many(tokenizer, {"s": more}, recipe=recipe))
         write.start()
-        deadline = time.monotonic() + 120
-        while not pool._locks.commits_waiting:  # trained, waiting for the answer's batch to end
-            assert write.is_alive() and time.monotonic() < deadline
-            time.sleep(0.01)
-        assert pool.version("s") == version
+        if capacity == 2:
+            write.join(timeout=120)  # committed while the answer is paused mid-way
+            assert not write.is_alive() and pool.version("s") != version
+        else:
+            deadline = time.monotonic() + 120
+            while not pool._locks.commits_waiting:  # trained, waiting for the answer's batch to end
+                assert write.is_alive() and time.monotonic() < deadline
+                time.sleep(0.01)
+            assert pool.version("s") == version
         resume.set()
         got = paused.future.result(timeout=60)[0]
         write.join(timeout=60)
         assert (got.text, got.tokens) == (want.text, want.tokens)
         assert not write.is_alive() and pool.version("s") != version
-        assert pool.counters()["commit_waits"] == 1 and pool.counters()["commit_wait_seconds"] > 0
+        assert pool.counters()["commit_waits"] == (capacity == 1)
+        after = batcher.submit([Row(ids, "s", 8)]).future.result(timeout=60)[0]
+        assert after.text != want.text  # (the new weights answer otherwise: the pause read the old ones)
     finally:
         resume.set()
         batcher.stop()

@@ -187,6 +187,16 @@ class FastWeightEngine:
             self.b_compute_rows[slot].copy_(b_row)
         self.initial[slot] = False
 
+    def copy_rows(self, dst: Sequence[int], src: Sequence[int]) -> None:
+        """B rows of `dst` := those of `src` (master, compute copy and `initial` flag)."""
+        to, of = (torch.as_tensor(list(x), dtype=torch.long, device=self.device) for x in (dst, src))
+        with torch.no_grad():
+            self.b.index_copy_(0, to, self.b.index_select(0, of))
+            if self.b_compute is not self.b:
+                self.b_compute.index_copy_(0, to, self.b_compute.index_select(0, of))
+        for d, s in zip(dst, src):
+            self.initial[d] = self.initial[s]
+
     def reset_rows(self, slots: Sequence[int]) -> None:
         """B rows of `slots` back to B0."""
         with torch.no_grad():

@@ -17,7 +17,8 @@ run concurrently; a write's commit (and a swap, a reset) waits until no open `ro
 block, `model.generate(...)` call or plain forward reads a session it changes, and new ones that read
 them wait for the commit (`session_locks.py`), so every forward, every token of a generate and every
 forward inside a `reading` block sees each session entirely before or entirely after a write. Blocks
-reading other sessions go on meanwhile. Writes run one at a time. A thread inside a `rows` or
+reading other sessions go on meanwhile, and so do `reading` blocks that read copies of the session's
+row (`row_snapshots.py`). Writes run one at a time. A thread inside a `rows` or
 `reading` block or a generate must not write (it would wait for itself): that raises an error.
 """
 
@@ -38,6 +39,7 @@ from tmem_runtime.hot_swap import SwapChecker
 from tmem_runtime.layout import AdapterLayout
 from tmem_runtime.recipes import Recipe
 from tmem_runtime.residency import Residency
+from tmem_runtime.row_snapshots import RowSnapshots
 from tmem_runtime.session_locks import SessionLocks
 from tmem_runtime.sessions import Schedules, SessionStats, SessionStore, WriteError, check_batch
 from tmem_runtime.static_write import StaticWrites
@@ -97,6 +99,7 @@ class SessionPool(SessionStore):
         self._lock = threading.RLock()  # the session table and the engine's rows
         self._write_lock = threading.Lock()  # one write at a time
         self._locks = SessionLocks(self._lock)  # read blocks and commits
+        self._snapshots = RowSnapshots(self.engine, self.residency)  # reading() blocks' copies of rows
 
     def _init_static(self) -> None:
         # on CUDA, writes run on buffers kept per shape bucket and replay the CUDA graphs captured on them
@@ -107,7 +110,7 @@ class SessionPool(SessionStore):
         """Copies (copy.deepcopy of the model, pickling) carry every session but no lock, open block or
         CUDA graph (a copy captures its own, on its own buffers)."""
         state = dict(self.__dict__)
-        for k in ("_lock", "_write_lock", "_locks", "_static"):
+        for k in ("_lock", "_write_lock", "_locks", "_snapshots", "_static"):
             state.pop(k)
         return state
 
@@ -226,23 +229,41 @@ class SessionPool(SessionStore):
         return sequences read their prompt's session); generate() keeps it for every step. Each forward
         sees each session whole; to see them unchanged across the forwards of several blocks (e.g. a
         decode loop that binds its rows per step), open a `reading` block around them."""
-        names = [s for s in sessions if s is not None]
+        copies = self._snapshots.slots_here()  # sessions an open reading() block on this thread copied
+        names = [s for s in sessions if s is not None and s not in copies]
         with self._locks.reading(names, lambda: self.residency.acquire(names)) as slots:
             try:
                 it = iter(slots)
-                binding = self.engine.binding_for_rows([None if s is None else next(it) for s in sessions])
-                with self.engine.bind(binding):
+                rows = [None if s is None else copies[s] if s in copies else next(it) for s in sessions]
+                with self.engine.bind(self.engine.binding_for_rows(rows)):
                     yield
             finally:
                 with self._lock:
                     self.residency.release(names)
 
-    def reading(self, sessions: Iterable[str] | None = None) -> AbstractContextManager[None]:
+    def reading(self, sessions: Iterable[str] | None = None) -> AbstractContextManager[dict[str, int] | None]:
         """A block in which every forward of this thread sees each of `sessions` as it was when the block
-        began: a write's commit, a swap or a reset of any of them waits for the block to end (and new
-        blocks reading them, on other threads, wait for that commit). Other sessions change meanwhile.
-        None: what a forward outside rows() reads (a FastWeights' one session; a pool's bare model)."""
-        return self._locks.reading(self._plain_reads() if sessions is None else list(sessions))
+        began; yields {session: version()} as the block sees them. The rows() blocks inside read copies
+        of the sessions' rows (`row_snapshots.py`), so a write, swap or reset of them commits at once;
+        without a free row for its copy, a session is read in place and its commits wait for the block
+        to end (new blocks reading it, on other threads, wait for them).
+        None: what a forward outside rows() reads (a FastWeights' one session; a pool's bare model),
+        in place; yields None."""
+        if sessions is None:
+            return self._locks.reading(self._plain_reads())
+        return self._reading_copies(list(sessions))
+
+    @contextmanager
+    def _reading_copies(self, sessions: list[str]) -> Iterator[dict[str, int]]:
+        take = partial(self._snapshots.take, sessions, self.version)
+        with self._locks.reading(sessions, take, in_place=lambda snapshot: snapshot.in_place) as snapshot:
+            self._snapshots.push(snapshot)
+            try:
+                yield dict(snapshot.versions)
+            finally:
+                self._snapshots.pop()
+                with self._lock:
+                    self._snapshots.give_back(snapshot)
 
     def _plain_reads(self) -> list[str] | None:
         """The sessions a forward outside rows() reads: every one under a default binding, else none."""

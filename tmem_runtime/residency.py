@@ -151,6 +151,16 @@ class Residency:
         self.resident.move_to_end(session)
         return slot
 
+    def take_free(self, n: int) -> list[int]:
+        """Up to `n` rows that hold no session (none evicted for them), for the caller's own use until
+        `give_free`."""
+        taken = self.free[len(self.free) - min(n, len(self.free)) :]
+        del self.free[len(self.free) - len(taken) :]
+        return taken
+
+    def give_free(self, slots: Sequence[int]) -> None:
+        self.free.extend(slots)
+
     def release(self, sessions: Sequence[str]) -> None:
         for s in dict.fromkeys(sessions):
             self.pins[s] -= 1

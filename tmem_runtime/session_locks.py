@@ -63,16 +63,18 @@ class SessionLocks:
         return self._next
 
     @contextmanager
-    def reading(self, sessions: Collection[str] | None, acquire: Callable[[], T] = lambda: None) -> Iterator[T]:
+    def reading(self, sessions: Collection[str] | None, acquire: Callable[[], T] = lambda: None,
+                in_place: Callable[[T], Collection[str]] | None = None) -> Iterator[T]:
         """A block in which no commit of `sessions` (None: of any session) runs; yields acquire(), called
-        under the lock once the block is registered."""
+        under the lock once no commit of them is waiting. in_place(acquire()): the sessions of `sessions`
+        the block reads where commits write them (default: all): only those hold commits back."""
         names = None if sessions is None else frozenset(sessions)
         with self.lock:
             if not self.reading_here:
                 self._changed.wait_for(lambda: not any(_overlap(names, c) for c in self._waiting.values()))
             held = acquire()
             ticket = self._ticket()
-            self._reads[ticket] = names
+            self._reads[ticket] = names if in_place is None else frozenset(in_place(held))
         self._local.depth = getattr(self._local, "depth", 0) + 1
         try:
             yield held

@@ -10,8 +10,9 @@ every other that fits in `max_rows` rows of `max_sessions` sessions (answers bef
 prompts, each in arrival order), and decodes them together with the runtime's batched greedy decoder
 (`tmem_runtime.decoding.greedy_generate`), every forward bound to its rows' sessions by
 `pool.rows(...)`, so row i reads its own session's B, inside one `pool.reading` block for the whole
-batch, so each answer reads one state of its session (a write of it commits before or after the
-batch; the write thread waits for that, answers of other sessions never do); cached prefixes are
+batch, so each answer reads one state of its session: copies of the sessions' rows taken when the
+batch begins, so a write of one of them commits meanwhile without waiting (a session with no free
+row for its copy is read in place, and its write's commit waits for the batch); cached prefixes are
 copied in, only the ids are prefilled. Each row's text is handed to its `on_text` as it grows
 (streaming); the request's future resolves with every row's result when the batch ends.
 `naive=True` takes one request per batch and holds `model_lock` around it: the baseline server,
@@ -234,12 +235,13 @@ class AnswerBatcher(Worker):
                 batch = self._take()
             self._run(batch)
 
-    def _prefix_key(self, r: Request) -> tuple | None:
-        """What `r`'s prefix keys/values depend on: its ids, its rows' session and that session's version."""
+    def _prefix_key(self, r: Request, versions: dict[str, int]) -> tuple | None:
+        """What `r`'s prefix keys/values depend on: its ids, its rows' session and that session's version
+        (as the batch reads it: `versions`)."""
         if not r.prefix or not supports_piecewise(self.model):
             return None
         session = r.rows[0].session
-        return r.prefix, session, 0 if session is None else self.pool.version(session)
+        return r.prefix, session, 0 if session is None else versions[session]
 
     def _prefix(self, key: tuple | None) -> Prefix | None:
         """The keys/values over a request's prefix under its session's weights (`_prefix_key`), prefilled
@@ -312,11 +314,12 @@ class AnswerBatcher(Worker):
         sessions = [row.session for row in rows]
         t0 = time.perf_counter()
         progress = RowProgress(rows, owners, self.tokenizer, self.eos_ids, self.line_ids)
-        # one read block for the whole batch: a write of one of its sessions commits before or after every answer
-        with self.pool.reading({s for s in sessions if s is not None}), torch.inference_mode():
+        # the whole batch reads one state of each session (copies of their rows): a write commits meanwhile
+        with self.pool.reading(dict.fromkeys(s for s in sessions if s is not None)) as versions, \
+                torch.inference_mode():
             prefixes = []
             for r in batch:
-                key = self._prefix_key(r)
+                key = self._prefix_key(r, versions)
                 cached = key in self.prefixes
                 pre = self._prefix(key)
                 prefix_runs = (0 if cached else 1) if pre is not None else len(r.rows)  # None: in every row
