@@ -23,6 +23,7 @@ from torch.library import opcheck
 import tmem_kernels
 from tmem_kernels import library
 from tmem_kernels import reference as ref
+from tmem_kernels.tiles import DECODE_ROWS
 from tmem_runtime import FastWeights, load_model
 from tmem_runtime.trainer import Workspace
 
@@ -472,6 +473,78 @@ def test_export_matches_eager(backend):
         assert f"tmem.lora_mlp_{backend}.default" in targets
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     fw.detach()
+
+
+# row counts on either side of the decode threshold (decode tiles, and the cuBLAS path on CUDA, at or below it)
+FEW_ROWS, MANY_ROWS = DECODE_ROWS // 2, 2 * DECODE_ROWS + 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_with_dynamic_rows_runs_at_any_row_count(backend, monkeypatch):
+    """torch.export with the sequence length a Dim: the Triton op's decode-or-fused choice was a Python branch
+    on the row count in its function, which specialised the export (a guard on the rows). The choice is now
+    made inside the op, so one exported program runs below and above the threshold, and follows the
+    decode path chosen when it runs ($TMEM_DECODE_PATH read at run time, not at export)."""
+    model, fw, ids = written_model(backend)
+    seq = torch.export.Dim("seq", min=2, max=64)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not properly registered as a parameter.*")
+        program = torch.export.export(Logits(model), (ids,), dynamic_shapes={"input_ids": {1: seq}})
+        if backend != "torch":
+            assert f"tmem.lora_mlp_{backend}.default" in {str(n.target) for n in program.graph.nodes}
+        g = torch.Generator().manual_seed(13)
+        for rows in (FEW_ROWS, MANY_ROWS):
+            batch = torch.randint(0, model.config.vocab_size, (2, rows // 2), generator=g).to(fw.device)
+            want = model(input_ids=batch).logits
+            for path in ("fused", "cublas"):  # cublas: the torch composition inside the Triton op
+                monkeypatch.setenv("TMEM_DECODE_PATH", path)
+                torch.testing.assert_close(program.module()(batch), want, rtol=1e-5, atol=1e-5)
+    fw.detach()
+
+
+class LoRAMLP(torch.nn.Module):
+    """One backend's LoRA MLP op on x [N, H], the nine tensors as attributes (the B's trainable)."""
+
+    def __init__(self, backend: str, w: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.lora_mlp = tmem_kernels.get_ops(backend).lora_mlp
+        self.w = w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_mlp(x, *self.w, 0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_dynamic_rows_one_graph_for_every_row_count(backend):
+    """torch.compile(fullgraph=True, dynamic=True): no graph break (fullgraph raises on one), one graph for
+    row counts below and above the decode threshold (a recompile raises), y and the gradients as the spec's,
+    in inference and in a training step."""
+    x0, w0 = mlp_tensors(n=MANY_ROWS, seed=14, device=device_of(backend))
+    _, w = as_leaves(x0, w0)
+    seen, module = [], LoRAMLP(backend, w)
+
+    def count(gm, example_inputs):
+        seen.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend=count)
+    for k, rows in enumerate((FEW_ROWS, MANY_ROWS)):
+        x = x0[:rows].clone().requires_grad_(True)
+        with torch._dynamo.config.patch(error_on_recompile=k > 0):
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(x), ref.lora_mlp(x, *w0, 0.5), rtol=1e-4, atol=1e-5)
+            y = compiled(x)
+        want_x, want_w = as_leaves(x.detach(), w0)
+        y_ref = ref.lora_mlp(want_x, *want_w, 0.5)
+        dy = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x, *(t for t in w if t.requires_grad)], dy)
+        want = torch.autograd.grad(y_ref, [want_x, *(t for t in want_w if t.requires_grad)], dy)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    if backend != "torch":
+        assert all(any(f"lora_mlp_{backend}" in str(n.target) for n in gm.graph.nodes) for gm in seen)
 
 
 @pytest.mark.skipif("native" not in BACKENDS, reason="native extension not built")

@@ -383,10 +383,19 @@ if _triton_mlp is not None:
         b_up: Tensor, a_down: Tensor, b_down: Tensor, scaling: float, sgd_lr: float | None, save: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
         """(y [N, H], gate [N, I], up [N, I], xa [N, 2r], ha [N, r]); the last four only with `save` (else
-        empty). `sgd_lr` is read by the backward only (see `lora_mlp_triton`)."""
+        empty). `sgd_lr` is read by the backward only (see `lora_mlp_triton`).
+
+        Without `save` (inference), a few rows on CUDA run the torch composition instead (cuBLAS base
+        products + the small LoRA terms; `tiles.decode_path`). The choice is made here, on real shapes, so
+        a traced graph (torch.export, torch.compile with dynamic rows) keeps one op for every row count."""
         args = (x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down)
         _triton_validate(*args)
-        y, *saved = _triton_mlp._forward(*args, scaling, save, _triton_config(x, w_gate))
+        cfg = _triton_config(x, w_gate)
+        if not save and _triton_mlp.decode_path(x.shape[0], x.device, cfg) == "cublas":
+            with torch.autocast(x.device.type, enabled=False):  # in x's dtype, as the fake promises
+                y = reference.lora_mlp(*args, scaling)
+            return y, _empty(x), _empty(x), _empty(x), _empty(x)
+        y, *saved = _triton_mlp._forward(*args, scaling, save, cfg)
         return (y, *saved) if save else (y, _empty(x), _empty(x), _empty(x), _empty(x))
 
     @_lora_mlp_triton.register_fake
@@ -517,11 +526,9 @@ def lora_mlp_triton(
         raise TypeError(f"lora_mlp: sgd_lr must be a float or None, got {type(sgd_lr).__name__}")
     trainable = (x, a_gate, b_gate, a_up, b_up, a_down, b_down)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in trainable)
-    flat = _flat(x)
-    if not save and _triton_mlp.decode_path(flat.shape[0], x.device, _triton_config(flat, w_gate)) == "cublas":
-        # a few rows in inference (decode): cuBLAS base products + the small LoRA terms (tiles.decode_path)
-        return lora_mlp_torch(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling)
-    y = torch.ops.tmem.lora_mlp_triton(flat, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+    # no Python branch on the row count here (a few rows in inference run cuBLAS inside the op): a graph
+    # traced with dynamic rows does not specialise on them
+    y = torch.ops.tmem.lora_mlp_triton(_flat(x), w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
                                        float(scaling), None if sgd_lr is None else float(sgd_lr), save)[0]  # fmt: skip
     return y.view(x.shape)
 
