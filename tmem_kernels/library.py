@@ -130,6 +130,19 @@ def _lora_shapes(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_
     return n, h, i, r
 
 
+def _differentiable_grads(ctx, dy: Tensor, tensors: tuple[Tensor, ...], scaling: float) -> list[Tensor | None]:  # noqa: ANN001
+    """A kernel op's backward under create_graph=True (a double backward will follow): the gradients of x
+    and the nine MLP tensors (None where not needed) through the torch composition, recomputed from the
+    saved inputs, so they are differentiable again (the kernels' gradients are not). Slower than the
+    kernels' backward, and only taken when a graph of the backward is asked for."""
+    inputs, needed = tensors[:10], ctx.needs_input_grad[:10]
+    with torch.enable_grad(), torch.autocast(dy.device.type, enabled=False):
+        y = reference.lora_mlp(*inputs, scaling)
+        grads = iter(torch.autograd.grad(y, [t for t, need in zip(inputs, needed) if need], dy.to(y.dtype),
+                                         create_graph=True))  # fmt: skip
+    return [next(grads) if need else None for need in needed]
+
+
 # ------------------------------------------------------------------------------------------------
 # torch: the reference compositions
 # ------------------------------------------------------------------------------------------------
@@ -269,6 +282,8 @@ if _native is not None:
 
     def _native_backward(ctx, dy, *_):  # noqa: ANN001
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: a double backward may follow
+            return *_differentiable_grads(ctx, dy, ctx.saved_tensors, ctx.scaling), None
         grads = torch.ops.tmem.lora_mlp_native_backward(
             dy.contiguous(), *ctx.saved_tensors, ctx.scaling, need[0], need[4] or need[6] or need[8], need[9]
         )
@@ -475,6 +490,11 @@ if _triton_mlp is not None:
         need = ctx.needs_input_grad
         need_dx, need_da, need_b = need[0], need[4] or need[6] or need[8], (need[5], need[7], need[9])
         tensors = ctx.saved_tensors
+        if torch.is_grad_enabled() and ctx.sgd_lr is not None and any(need_b):
+            raise RuntimeError("lora_mlp_triton: double backward (create_graph=True) is not supported with "
+                               "sgd_lr (the backward steps the B's in place and returns no dB); drop sgd_lr")
+        if torch.is_grad_enabled():  # create_graph=True: a double backward may follow
+            return *_differentiable_grads(ctx, dy, tensors, ctx.scaling), None, None, None
         dy = dy.to(tensors[0].dtype)
         if ctx.sgd_lr is not None and any(need_b):
             dx, da_gate, da_up, da_down = torch.ops.tmem.lora_mlp_triton_backward_sgd_(
