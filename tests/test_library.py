@@ -177,6 +177,30 @@ def test_optimizer_step_ops_match_reference(backend, step_as_tensor):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend,step_as_tensor", STEP_CASES)
+def test_adamw_step_below_one_is_torch_optims_first_step(backend, step_as_tensor):
+    """torch.optim.AdamW's steps count from 1. A device-tensor step of 0 made the bias correction 1 - beta**0
+    = 0 and the update inf, silently (refusing it would need a host sync): a step tensor below 1 is now
+    taken as 1, and gives torch.optim.AdamW's first step; a number below 1 is refused on every backend."""
+    dev = device_of(backend)
+    g = torch.Generator().manual_seed(17)
+    p0, grad = torch.randn(513, generator=g).to(dev), torch.randn(513, generator=g).to(dev)
+    want = torch.nn.Parameter(p0.clone())
+    want.grad = grad.clone()
+    torch.optim.AdamW([want], lr=1e-2, weight_decay=0.05).step()
+    adamw_step_ = tmem_kernels.get_ops(backend).adamw_step_
+    for step in (0, -3, 1):
+        if not step_as_tensor and step < 1:
+            with pytest.raises(ValueError, match="counts from 1"):
+                adamw_step_(p0.clone(), grad, torch.zeros_like(p0), torch.zeros_like(p0), step, 1e-2)
+            continue
+        got, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+        adamw_step_(got, grad, m, v, torch.tensor(step, device=dev) if step_as_tensor else step, 1e-2,
+                    weight_decay=0.05)  # fmt: skip
+        assert torch.isfinite(got).all(), step
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6, msg=f"step {step}")
+
+
 def test_randomized_svd_op_matches_exact_svd():
     w = torch.randn(3, 40, 25, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE)
     u, s, vh = tmem_kernels.randomized_svd_top_r(w, 4)
