@@ -10,6 +10,9 @@
   SGD, eager's stepped B); `torch.export` of the model gives eager's logits. The compile tests use the
   aot_eager backend (dynamo + AOTAutograd + fake tensors: where a custom op could break); one test runs
   inductor end to end.
+- Dynamic rows: an export with a `Dim` on the sequence, and `torch.compile(dynamic=True)`, run one graph
+  below and above the decode threshold. Double backward through the LoRA MLP ops against the spec's;
+  AdamW with a device step below 1 against torch.optim.AdamW's first step.
 """
 
 from __future__ import annotations
@@ -70,6 +73,18 @@ def test_opcheck_lora_mlp(backend, train_a, need_x):
     x, w = mlp_tensors(device=device_of(backend))
     x, w = as_leaves(x, w, need_x, train_a)
     opcheck(getattr(torch.ops.tmem, f"lora_mlp_{backend}"), (x, *w, *op_extra(backend, 0.75)))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.parametrize("path", ["fused", "cublas"])
+def test_opcheck_lora_mlp_triton_inference_paths(path, monkeypatch):
+    """Inference (save=False) through either decode path, chosen inside the op: its fake holds for both."""
+    monkeypatch.setenv("TMEM_DECODE_PATH", path)
+    x, w = mlp_tensors(n=5, device=DEVICE)
+    opcheck(torch.ops.tmem.lora_mlp_triton, (x, *w, *op_extra("triton", 0.75, save=False)))
+    want = ref.lora_mlp(x, *w, 0.75)
+    torch.testing.assert_close(torch.ops.tmem.lora_mlp_triton(x, *w, 0.75, None, False)[0], want, rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
 
 
 @pytest.mark.skipif("native" not in BACKENDS, reason="native extension not built")
@@ -648,6 +663,8 @@ def test_public_api_and_version():
     assert listed and [op for op in listed if op not in registered] == [], "README rows of ops that do not exist"
     mentioned = lambda name: name in listed or f"`{name}" in readme or f"tmem_kernels.{name}(" in readme  # noqa: E731
     assert [name for name in tmem_kernels.__all__ if not mentioned(name)] == [], "exports the README never mentions"
+    ops = [getattr(tmem_kernels, name) for name in tmem_kernels.OPS] + [tmem_kernels.randomized_svd_lora_init]
+    assert [f.__name__ for f in ops if "[" not in (f.__doc__ or "")] == [], "op functions without shapes"
     for backend in tmem_kernels.BACKENDS:  # every backend's op is registered here
         assert f"lora_mlp_{backend}" in registered
     assert set(tmem_kernels.OPS) <= set(registered)

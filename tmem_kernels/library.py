@@ -208,7 +208,8 @@ def lora_mlp_torch(
 
 
 def sgd_step_torch(param: Tensor, grad: Tensor, lr: float, weight_decay: float = 0.0) -> None:
-    """`tmem::sgd_step_torch`: param -= lr * (grad + weight_decay * param), in place (the torch composition)."""
+    """`tmem::sgd_step_torch`: param -= lr * (grad + weight_decay * param), in place (the torch composition);
+    param, grad [...] of one shape, dtype and device."""
     torch.ops.tmem.sgd_step_torch(param, grad, float(lr), float(weight_decay))
 
 
@@ -216,7 +217,9 @@ def adamw_step_torch(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
 ) -> None:  # fmt: skip
-    """`tmem::adamw_step_torch`: one AdamW step in place, as torch.optim.AdamW; `step` may be a device tensor."""
+    """`tmem::adamw_step_torch`: one AdamW step in place, as torch.optim.AdamW; param, grad, exp_avg, exp_avg_sq
+    [...] of one shape, dtype and device. `step` counts from 1: a number, or a 1-element tensor on param's
+    device (read there, no host sync; below 1 taken as 1)."""
     torch.ops.tmem.adamw_step_torch(param, grad, exp_avg, exp_avg_sq, *_step_args(step), float(lr), beta1, beta2,
                                     eps, weight_decay)  # fmt: skip
 
@@ -350,7 +353,8 @@ def lora_mlp_native(
 
 
 def sgd_step_native(param: Tensor, grad: Tensor, lr: float, weight_decay: float = 0.0) -> None:
-    """`tmem::sgd_step_native`: param -= lr * (grad + weight_decay * param), in place (float32, CPU)."""
+    """`tmem::sgd_step_native`: param -= lr * (grad + weight_decay * param), in place; param, grad [...] of one
+    shape, float32, CPU, contiguous."""
     require_backend("native")
     torch.ops.tmem.sgd_step_native(param, grad, float(lr), float(weight_decay))
 
@@ -359,7 +363,8 @@ def adamw_step_native(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float,
     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
 ) -> None:  # fmt: skip
-    """`tmem::adamw_step_native`: one AdamW step in place (float32, CPU); `step` a Python number from 1."""
+    """`tmem::adamw_step_native`: one AdamW step in place, as torch.optim.AdamW; param, grad, exp_avg,
+    exp_avg_sq [...] of one shape, float32, CPU, contiguous; `step` a Python number from 1."""
     require_backend("native")
     torch.ops.tmem.adamw_step_native(param, grad, exp_avg, exp_avg_sq, *_step_args(step), float(lr), beta1, beta2,
                                      eps, weight_decay)  # fmt: skip
@@ -554,7 +559,8 @@ def lora_mlp_triton(
 
 
 def sgd_step_triton(param: Tensor, grad: Tensor, lr: float, weight_decay: float = 0.0) -> None:
-    """`tmem::sgd_step_triton`: param -= lr * (grad + weight_decay * param), in place, one launch."""
+    """`tmem::sgd_step_triton`: param -= lr * (grad + weight_decay * param), in place, one launch; param, grad
+    [...] of one shape, dtype (fp32, fp16, bf16) and device, contiguous."""
     require_backend("triton")
     torch.ops.tmem.sgd_step_triton(param, grad, float(lr), float(weight_decay))
 
@@ -563,8 +569,10 @@ def adamw_step_triton(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
 ) -> None:  # fmt: skip
-    """`tmem::adamw_step_triton`: one AdamW step in place, one launch; `step` may be a 1-element device tensor
-    (read in the kernel: no host sync, CUDA-graph capturable)."""
+    """`tmem::adamw_step_triton`: one AdamW step in place, as torch.optim.AdamW, one launch; param, grad,
+    exp_avg, exp_avg_sq [...] of one shape, dtype (fp32, fp16, bf16) and device, contiguous. `step` counts
+    from 1: a number, or a 1-element tensor on param's device (read in the kernel: no host sync, CUDA-graph
+    capturable; below 1 taken as 1)."""
     require_backend("triton")
     torch.ops.tmem.adamw_step_triton(param, grad, exp_avg, exp_avg_sq, *_step_args(step), float(lr), beta1, beta2,
                                      eps, weight_decay)  # fmt: skip
