@@ -10,6 +10,9 @@
   SGD, eager's stepped B); `torch.export` of the model gives eager's logits. The compile tests use the
   aot_eager backend (dynamo + AOTAutograd + fake tensors: where a custom op could break); one test runs
   inductor end to end.
+- Dynamic rows: an export with a `Dim` on the sequence, and `torch.compile(dynamic=True)`, run one graph
+  below and above the decode threshold. Double backward through the LoRA MLP ops against the spec's;
+  AdamW with a device step below 1 against torch.optim.AdamW's first step.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch.library import opcheck
 import tmem_kernels
 from tmem_kernels import library
 from tmem_kernels import reference as ref
+from tmem_kernels.tiles import DECODE_ROWS
 from tmem_runtime import FastWeights, load_model
 from tmem_runtime.trainer import Workspace
 
@@ -69,6 +73,18 @@ def test_opcheck_lora_mlp(backend, train_a, need_x):
     x, w = mlp_tensors(device=device_of(backend))
     x, w = as_leaves(x, w, need_x, train_a)
     opcheck(getattr(torch.ops.tmem, f"lora_mlp_{backend}"), (x, *w, *op_extra(backend, 0.75)))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.parametrize("path", ["fused", "cublas"])
+def test_opcheck_lora_mlp_triton_inference_paths(path, monkeypatch):
+    """Inference (save=False) through either decode path, chosen inside the op: its fake holds for both."""
+    monkeypatch.setenv("TMEM_DECODE_PATH", path)
+    x, w = mlp_tensors(n=5, device=DEVICE)
+    opcheck(torch.ops.tmem.lora_mlp_triton, (x, *w, *op_extra("triton", 0.75, save=False)))
+    want = ref.lora_mlp(x, *w, 0.75)
+    torch.testing.assert_close(torch.ops.tmem.lora_mlp_triton(x, *w, 0.75, None, False)[0], want, rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
 
 
 @pytest.mark.skipif("native" not in BACKENDS, reason="native extension not built")
@@ -174,6 +190,30 @@ def test_optimizer_step_ops_match_reference(backend, step_as_tensor):
         ref.sgd_step_(spec[0], grad, 0.1, 0.01)
     for a, b in zip(mine, spec):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,step_as_tensor", STEP_CASES)
+def test_adamw_step_below_one_is_torch_optims_first_step(backend, step_as_tensor):
+    """torch.optim.AdamW's steps count from 1. A device-tensor step of 0 made the bias correction 1 - beta**0
+    = 0 and the update inf, silently (refusing it would need a host sync): a step tensor below 1 is now
+    taken as 1, and gives torch.optim.AdamW's first step; a number below 1 is refused on every backend."""
+    dev = device_of(backend)
+    g = torch.Generator().manual_seed(17)
+    p0, grad = torch.randn(513, generator=g).to(dev), torch.randn(513, generator=g).to(dev)
+    want = torch.nn.Parameter(p0.clone())
+    want.grad = grad.clone()
+    torch.optim.AdamW([want], lr=1e-2, weight_decay=0.05).step()
+    adamw_step_ = tmem_kernels.get_ops(backend).adamw_step_
+    for step in (0, -3, 1):
+        if not step_as_tensor and step < 1:
+            with pytest.raises(ValueError, match="counts from 1"):
+                adamw_step_(p0.clone(), grad, torch.zeros_like(p0), torch.zeros_like(p0), step, 1e-2)
+            continue
+        got, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+        adamw_step_(got, grad, m, v, torch.tensor(step, device=dev) if step_as_tensor else step, 1e-2,
+                    weight_decay=0.05)  # fmt: skip
+        assert torch.isfinite(got).all(), step
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6, msg=f"step {step}")
 
 
 def test_randomized_svd_op_matches_exact_svd():
@@ -293,6 +333,40 @@ def test_linear_cross_entropy_refuses_double_backward():
     (got,) = torch.autograd.grad(tmem_kernels.linear_cross_entropy(h, weight, targets), h)
     (want,) = torch.autograd.grad(ref.linear_cross_entropy(h, weight, targets), h)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_mlp_double_backward_matches_reference(backend):
+    """create_graph=True then a gradient of the gradient (a gradient penalty, a Hessian-vector product):
+    the kernel ops' backward ops had no autograd formula, so the second backward failed late with torch's
+    "no autograd formula was registered". Under create_graph=True their backward now runs the torch
+    composition (differentiable again): both orders match the spec's, w.r.t. x, the B's and the A's."""
+    x, w = mlp_tensors(n=6, h=20, i=36, r=2, seed=15, device=device_of(backend))
+    g = torch.Generator().manual_seed(16)
+    dy = torch.randn(x.shape, generator=g).to(x.device)
+    results = []
+    for lora_mlp in (tmem_kernels.get_ops(backend).lora_mlp, ref.lora_mlp):
+        lx, lw = as_leaves(x, w, True, True)
+        leaves = [lx, *(t for t in lw if t.requires_grad)]
+        first = torch.autograd.grad(lora_mlp(lx, *lw, 0.5), leaves, dy, create_graph=True)
+        penalty = sum(f.pow(2).sum() for f in first)
+        results.append([*first, *torch.autograd.grad(penalty, leaves)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert results[1][-1].abs().max() > 0
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+def test_triton_double_backward_with_sgd_in_backward_is_refused_early():
+    """The in-backward SGD steps B in place and gives autograd no dB: with create_graph=True its first
+    backward raises a clear error, before any B is stepped."""
+    x, w = mlp_tensors(device=DEVICE)
+    x, w = as_leaves(x, w)
+    before = [t.detach().clone() for t in w]
+    y = library.lora_mlp_triton(x, *w, 0.5, sgd_lr=0.1)
+    with pytest.raises(RuntimeError, match="double backward .* not supported with sgd_lr"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert all(torch.equal(t, b) for t, b in zip(w, before))
 
 
 def test_ops_run_outside_cpu_autocast():
@@ -474,6 +548,78 @@ def test_export_matches_eager(backend):
     fw.detach()
 
 
+# row counts on either side of the decode threshold (decode tiles, and the cuBLAS path on CUDA, at or below it)
+FEW_ROWS, MANY_ROWS = DECODE_ROWS // 2, 2 * DECODE_ROWS + 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_with_dynamic_rows_runs_at_any_row_count(backend, monkeypatch):
+    """torch.export with the sequence length a Dim: the Triton op's decode-or-fused choice was a Python branch
+    on the row count in its function, which specialised the export (a guard on the rows). The choice is now
+    made inside the op, so one exported program runs below and above the threshold, and follows the
+    decode path chosen when it runs ($TMEM_DECODE_PATH read at run time, not at export)."""
+    model, fw, ids = written_model(backend)
+    seq = torch.export.Dim("seq", min=2, max=64)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not properly registered as a parameter.*")
+        program = torch.export.export(Logits(model), (ids,), dynamic_shapes={"input_ids": {1: seq}})
+        if backend != "torch":
+            assert f"tmem.lora_mlp_{backend}.default" in {str(n.target) for n in program.graph.nodes}
+        g = torch.Generator().manual_seed(13)
+        for rows in (FEW_ROWS, MANY_ROWS):
+            batch = torch.randint(0, model.config.vocab_size, (2, rows // 2), generator=g).to(fw.device)
+            want = model(input_ids=batch).logits
+            for path in ("fused", "cublas"):  # cublas: the torch composition inside the Triton op
+                monkeypatch.setenv("TMEM_DECODE_PATH", path)
+                torch.testing.assert_close(program.module()(batch), want, rtol=1e-5, atol=1e-5)
+    fw.detach()
+
+
+class LoRAMLP(torch.nn.Module):
+    """One backend's LoRA MLP op on x [N, H], the nine tensors as attributes (the B's trainable)."""
+
+    def __init__(self, backend: str, w: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.lora_mlp = tmem_kernels.get_ops(backend).lora_mlp
+        self.w = w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_mlp(x, *self.w, 0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_dynamic_rows_one_graph_for_every_row_count(backend):
+    """torch.compile(fullgraph=True, dynamic=True): no graph break (fullgraph raises on one), one graph for
+    row counts below and above the decode threshold (a recompile raises), y and the gradients as the spec's,
+    in inference and in a training step."""
+    x0, w0 = mlp_tensors(n=MANY_ROWS, seed=14, device=device_of(backend))
+    _, w = as_leaves(x0, w0)
+    seen, module = [], LoRAMLP(backend, w)
+
+    def count(gm, example_inputs):
+        seen.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend=count)
+    for k, rows in enumerate((FEW_ROWS, MANY_ROWS)):
+        x = x0[:rows].clone().requires_grad_(True)
+        with torch._dynamo.config.patch(error_on_recompile=k > 0):
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(x), ref.lora_mlp(x, *w0, 0.5), rtol=1e-4, atol=1e-5)
+            y = compiled(x)
+        want_x, want_w = as_leaves(x.detach(), w0)
+        y_ref = ref.lora_mlp(want_x, *want_w, 0.5)
+        dy = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x, *(t for t in w if t.requires_grad)], dy)
+        want = torch.autograd.grad(y_ref, [want_x, *(t for t in want_w if t.requires_grad)], dy)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    if backend != "torch":
+        assert all(any(f"lora_mlp_{backend}" in str(n.target) for n in gm.graph.nodes) for gm in seen)
+
+
 @pytest.mark.skipif("native" not in BACKENDS, reason="native extension not built")
 def test_compile_inductor_native_matches_eager():
     model, fw, ids = written_model("native")
@@ -517,6 +663,8 @@ def test_public_api_and_version():
     assert listed and [op for op in listed if op not in registered] == [], "README rows of ops that do not exist"
     mentioned = lambda name: name in listed or f"`{name}" in readme or f"tmem_kernels.{name}(" in readme  # noqa: E731
     assert [name for name in tmem_kernels.__all__ if not mentioned(name)] == [], "exports the README never mentions"
+    ops = [getattr(tmem_kernels, name) for name in tmem_kernels.OPS] + [tmem_kernels.randomized_svd_lora_init]
+    assert [f.__name__ for f in ops if "[" not in (f.__doc__ or "")] == [], "op functions without shapes"
     for backend in tmem_kernels.BACKENDS:  # every backend's op is registered here
         assert f"lora_mlp_{backend}" in registered
     assert set(tmem_kernels.OPS) <= set(registered)

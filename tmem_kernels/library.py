@@ -130,6 +130,19 @@ def _lora_shapes(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_
     return n, h, i, r
 
 
+def _differentiable_grads(ctx, dy: Tensor, tensors: tuple[Tensor, ...], scaling: float) -> list[Tensor | None]:  # noqa: ANN001
+    """A kernel op's backward under create_graph=True (a double backward will follow): the gradients of x
+    and the nine MLP tensors (None where not needed) through the torch composition, recomputed from the
+    saved inputs, so they are differentiable again (the kernels' gradients are not). Slower than the
+    kernels' backward, and only taken when a graph of the backward is asked for."""
+    inputs, needed = tensors[:10], ctx.needs_input_grad[:10]
+    with torch.enable_grad(), torch.autocast(dy.device.type, enabled=False):
+        y = reference.lora_mlp(*inputs, scaling)
+        grads = iter(torch.autograd.grad(y, [t for t, need in zip(inputs, needed) if need], dy.to(y.dtype),
+                                         create_graph=True))  # fmt: skip
+    return [next(grads) if need else None for need in needed]
+
+
 # ------------------------------------------------------------------------------------------------
 # torch: the reference compositions
 # ------------------------------------------------------------------------------------------------
@@ -195,7 +208,8 @@ def lora_mlp_torch(
 
 
 def sgd_step_torch(param: Tensor, grad: Tensor, lr: float, weight_decay: float = 0.0) -> None:
-    """`tmem::sgd_step_torch`: param -= lr * (grad + weight_decay * param), in place (the torch composition)."""
+    """`tmem::sgd_step_torch`: param -= lr * (grad + weight_decay * param), in place (the torch composition);
+    param, grad [...] of one shape, dtype and device."""
     torch.ops.tmem.sgd_step_torch(param, grad, float(lr), float(weight_decay))
 
 
@@ -203,7 +217,9 @@ def adamw_step_torch(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
 ) -> None:  # fmt: skip
-    """`tmem::adamw_step_torch`: one AdamW step in place, as torch.optim.AdamW; `step` may be a device tensor."""
+    """`tmem::adamw_step_torch`: one AdamW step in place, as torch.optim.AdamW; param, grad, exp_avg, exp_avg_sq
+    [...] of one shape, dtype and device. `step` counts from 1: a number, or a 1-element tensor on param's
+    device (read there, no host sync; below 1 taken as 1)."""
     torch.ops.tmem.adamw_step_torch(param, grad, exp_avg, exp_avg_sq, *_step_args(step), float(lr), beta1, beta2,
                                     eps, weight_decay)  # fmt: skip
 
@@ -269,6 +285,8 @@ if _native is not None:
 
     def _native_backward(ctx, dy, *_):  # noqa: ANN001
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: a double backward may follow
+            return *_differentiable_grads(ctx, dy, ctx.saved_tensors, ctx.scaling), None
         grads = torch.ops.tmem.lora_mlp_native_backward(
             dy.contiguous(), *ctx.saved_tensors, ctx.scaling, need[0], need[4] or need[6] or need[8], need[9]
         )
@@ -335,7 +353,8 @@ def lora_mlp_native(
 
 
 def sgd_step_native(param: Tensor, grad: Tensor, lr: float, weight_decay: float = 0.0) -> None:
-    """`tmem::sgd_step_native`: param -= lr * (grad + weight_decay * param), in place (float32, CPU)."""
+    """`tmem::sgd_step_native`: param -= lr * (grad + weight_decay * param), in place; param, grad [...] of one
+    shape, float32, CPU, contiguous."""
     require_backend("native")
     torch.ops.tmem.sgd_step_native(param, grad, float(lr), float(weight_decay))
 
@@ -344,7 +363,8 @@ def adamw_step_native(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float,
     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
 ) -> None:  # fmt: skip
-    """`tmem::adamw_step_native`: one AdamW step in place (float32, CPU); `step` a Python number from 1."""
+    """`tmem::adamw_step_native`: one AdamW step in place, as torch.optim.AdamW; param, grad, exp_avg,
+    exp_avg_sq [...] of one shape, float32, CPU, contiguous; `step` a Python number from 1."""
     require_backend("native")
     torch.ops.tmem.adamw_step_native(param, grad, exp_avg, exp_avg_sq, *_step_args(step), float(lr), beta1, beta2,
                                      eps, weight_decay)  # fmt: skip
@@ -383,10 +403,19 @@ if _triton_mlp is not None:
         b_up: Tensor, a_down: Tensor, b_down: Tensor, scaling: float, sgd_lr: float | None, save: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
         """(y [N, H], gate [N, I], up [N, I], xa [N, 2r], ha [N, r]); the last four only with `save` (else
-        empty). `sgd_lr` is read by the backward only (see `lora_mlp_triton`)."""
+        empty). `sgd_lr` is read by the backward only (see `lora_mlp_triton`).
+
+        Without `save` (inference), a few rows on CUDA run the torch composition instead (cuBLAS base
+        products + the small LoRA terms; `tiles.decode_path`). The choice is made here, on real shapes, so
+        a traced graph (torch.export, torch.compile with dynamic rows) keeps one op for every row count."""
         args = (x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down)
         _triton_validate(*args)
-        y, *saved = _triton_mlp._forward(*args, scaling, save, _triton_config(x, w_gate))
+        cfg = _triton_config(x, w_gate)
+        if not save and _triton_mlp.decode_path(x.shape[0], x.device, cfg) == "cublas":
+            with torch.autocast(x.device.type, enabled=False):  # in x's dtype, as the fake promises
+                y = reference.lora_mlp(*args, scaling)
+            return y, _empty(x), _empty(x), _empty(x), _empty(x)
+        y, *saved = _triton_mlp._forward(*args, scaling, save, cfg)
         return (y, *saved) if save else (y, _empty(x), _empty(x), _empty(x), _empty(x))
 
     @_lora_mlp_triton.register_fake
@@ -466,6 +495,11 @@ if _triton_mlp is not None:
         need = ctx.needs_input_grad
         need_dx, need_da, need_b = need[0], need[4] or need[6] or need[8], (need[5], need[7], need[9])
         tensors = ctx.saved_tensors
+        if torch.is_grad_enabled() and ctx.sgd_lr is not None and any(need_b):
+            raise RuntimeError("lora_mlp_triton: double backward (create_graph=True) is not supported with "
+                               "sgd_lr (the backward steps the B's in place and returns no dB); drop sgd_lr")
+        if torch.is_grad_enabled():  # create_graph=True: a double backward may follow
+            return *_differentiable_grads(ctx, dy, tensors, ctx.scaling), None, None, None
         dy = dy.to(tensors[0].dtype)
         if ctx.sgd_lr is not None and any(need_b):
             dx, da_gate, da_up, da_down = torch.ops.tmem.lora_mlp_triton_backward_sgd_(
@@ -517,17 +551,16 @@ def lora_mlp_triton(
         raise TypeError(f"lora_mlp: sgd_lr must be a float or None, got {type(sgd_lr).__name__}")
     trainable = (x, a_gate, b_gate, a_up, b_up, a_down, b_down)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in trainable)
-    flat = _flat(x)
-    if not save and _triton_mlp.decode_path(flat.shape[0], x.device, _triton_config(flat, w_gate)) == "cublas":
-        # a few rows in inference (decode): cuBLAS base products + the small LoRA terms (tiles.decode_path)
-        return lora_mlp_torch(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scaling)
-    y = torch.ops.tmem.lora_mlp_triton(flat, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+    # no Python branch on the row count here (a few rows in inference run cuBLAS inside the op): a graph
+    # traced with dynamic rows does not specialise on them
+    y = torch.ops.tmem.lora_mlp_triton(_flat(x), w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
                                        float(scaling), None if sgd_lr is None else float(sgd_lr), save)[0]  # fmt: skip
     return y.view(x.shape)
 
 
 def sgd_step_triton(param: Tensor, grad: Tensor, lr: float, weight_decay: float = 0.0) -> None:
-    """`tmem::sgd_step_triton`: param -= lr * (grad + weight_decay * param), in place, one launch."""
+    """`tmem::sgd_step_triton`: param -= lr * (grad + weight_decay * param), in place, one launch; param, grad
+    [...] of one shape, dtype (fp32, fp16, bf16) and device, contiguous."""
     require_backend("triton")
     torch.ops.tmem.sgd_step_triton(param, grad, float(lr), float(weight_decay))
 
@@ -536,8 +569,10 @@ def adamw_step_triton(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
 ) -> None:  # fmt: skip
-    """`tmem::adamw_step_triton`: one AdamW step in place, one launch; `step` may be a 1-element device tensor
-    (read in the kernel: no host sync, CUDA-graph capturable)."""
+    """`tmem::adamw_step_triton`: one AdamW step in place, as torch.optim.AdamW, one launch; param, grad,
+    exp_avg, exp_avg_sq [...] of one shape, dtype (fp32, fp16, bf16) and device, contiguous. `step` counts
+    from 1: a number, or a 1-element tensor on param's device (read in the kernel: no host sync, CUDA-graph
+    capturable; below 1 taken as 1)."""
     require_backend("triton")
     torch.ops.tmem.adamw_step_triton(param, grad, exp_avg, exp_avg_sq, *_step_args(step), float(lr), beta1, beta2,
                                      eps, weight_decay)  # fmt: skip

@@ -214,11 +214,14 @@ def adamw_step_(
     """One AdamW step in place, as torch.optim.AdamW computes it. `step` counts from 1 (this step).
 
     `step` may be a 0-d tensor on param's device (read there, no host sync; as torch's capturable AdamW).
+    Such a step below 1 is taken as 1 (torch.optim.AdamW's steps count from 1; at 0 the bias correction
+    1 - beta**0 = 0 made the update inf, and refusing it would need the host sync the tensor avoids).
     """
     param.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     if isinstance(step, torch.Tensor):
+        step = step.clamp(min=1)
         neg_step_size = -lr / (1 - beta1**step)
         denom = (exp_avg_sq.sqrt() / (1 - beta2**step).sqrt()).add_(eps).div_(neg_step_size)
         param.addcdiv_(exp_avg, denom)

@@ -92,7 +92,7 @@ def _adamw_kernel(
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lr = _scalar(lr_ptr, lr_val, LR_IS_PTR)
     if STEP_IS_PTR:
-        step = tl.load(step_ptr).to(tl.float32)
+        step = tl.maximum(tl.load(step_ptr).to(tl.float32), 1.0)  # steps count from 1 (see adamw_step_)
         bc1 = 1.0 - tl.exp2(step * tl.log2(beta1))
         bc2 = 1.0 - tl.exp2(step * tl.log2(beta2))
         step_size = tl.math.div_rn(lr, bc1)
@@ -209,7 +209,9 @@ def adamw_step_(
 
     param, grad, exp_avg, exp_avg_sq: same shape, dtype and device, contiguous. `step` counts from 1 (this
     step). `step` and `lr`: numbers, or 1-element tensors on param's device read inside the kernel (no
-    host sync; bias corrections then computed in fp32 on the device, like torch's capturable AdamW).
+    host sync; bias corrections then computed in fp32 on the device, like torch's capturable AdamW). A
+    number below 1 is refused; a step tensor below 1 is taken as 1 (checking it would need a host sync;
+    at 0 the bias correction 1 - beta**0 = 0 made the update inf), as `reference.adamw_step_`.
     """
     _check("adamw_step_", param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     lr_t, lr_v = _scalar_arg("adamw_step_", "lr", lr, param)
