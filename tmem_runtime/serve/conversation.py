@@ -91,6 +91,8 @@ class Conversation:
         self.lock = threading.RLock()  # everything below
         self.busy = threading.Lock()  # held while one of its writes trains and commits
         self.active = True  # False once released, purged or dropped: queued work for it is abandoned
+        self.uses = 0  # requests using it now, and when it was last used (guarded by its LoadedSessions' lock)
+        self.last_used = time.monotonic()
         self.jobs = [WriteJob.from_json(j) for j in record.pending]
         self.agent = MemoryAgent(generator, QueuedChannel(self.jobs), l_max=l_max)
         self.written: list[Card] = [(q, a) for q, a in record.written]
@@ -151,6 +153,7 @@ class Conversation:
     def finish(self, job: WriteJob, trained: list[Card], steps: int, error: Exception | None) -> dict:
         """Record a trained (or rolled back) job; returns its outcome for the client."""
         self.jobs.remove(job)
+        self.last_used = time.monotonic()  # (idle time counts from its last write too)
         if error is not None:
             self.stats["rollbacks"] += 1
         elif not job.cards:

@@ -63,6 +63,9 @@ def build_parser():
     p.add_argument("--server-id", default=None, help="this server's name in session leases (none: host:port)")
     p.add_argument("--url", default=None, help="where clients reach this server (none: http://host:port)")
     p.add_argument("--lease-ttl", type=float, default=30.0, help="seconds a session lease lasts unrenewed")
+    p.add_argument("--idle-unload-seconds", type=float, default=600.0,
+                   help="seconds a session goes unused (no request, no pending write) before it is unloaded from this "
+                   "server; its next request loads it again (0: never)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
     p.add_argument("--naive", action="store_true", help="the baseline: one request and one session at a time")
     p.add_argument("--backend", default="auto", help="fast-weight kernels: auto | triton | native | torch")
@@ -87,8 +90,8 @@ def main(argv: list[str]) -> int:
         config = ServeConfig(
             server_id=args.server_id or address, url=args.url or f"http://{address}", capacity=args.capacity,
             l_max=args.l_max, max_rows=args.max_batch, max_write_sessions=write_batch,
-            max_tokens=args.max_tokens, replay=args.replay, lease_ttl=args.lease_ttl, naive=args.naive,
-            backend=args.backend,
+            max_tokens=args.max_tokens, replay=args.replay, lease_ttl=args.lease_ttl,
+            idle_unload=args.idle_unload_seconds, naive=args.naive, backend=args.backend,
         )
     except ValueError as exc:
         parser.error(str(exc))

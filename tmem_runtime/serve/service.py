@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,7 @@ from tmem_runtime.recipes import Recipe
 from tmem_runtime.serve.batcher import AnswerBatcher, Request, Row
 from tmem_runtime.serve.conversation import Card, Conversation, SessionGoneError, WriteJob
 from tmem_runtime.serve.cores import CoreLoan
+from tmem_runtime.serve.loaded import LoadedSessions
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.store import LeaseHeldError, LeaseLostError, SessionExistsError, Store
 from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter, check_cards
@@ -63,6 +66,7 @@ class ServeConfig:
     replay: int = 32
     card_tokens: int = 48
     lease_ttl: float = 30.0
+    idle_unload: float = 600.0  # seconds unused before a session is unloaded from this server (0: never)
     naive: bool = False
     backend: str = "auto"
     recipe: Recipe = AGENT_RECIPE
@@ -75,7 +79,8 @@ class ServeConfig:
         elif self.capacity < self.max_write_sessions + 2:
             raise ValueError(f"capacity {self.capacity} must be at least max_write_sessions + 2 "
                              f"({self.max_write_sessions + 2}): writes, a save and an answer need rows at once")
-        if min(self.l_max, self.max_rows, self.max_tokens, self.max_write_sessions) < 1 or self.lease_ttl <= 0:
+        if min(self.l_max, self.max_rows, self.max_tokens, self.max_write_sessions) < 1 or self.lease_ttl <= 0 \
+                or self.idle_unload < 0:
             raise ValueError(f"invalid serve config {self}")
 
 
@@ -98,12 +103,12 @@ class MemoryService:
                                    config.max_write_sessions, config.replay, config.card_tokens, model_lock=model_lock,
                                    card_writer=config.card_writer, cores=cores)
         self.preamble = self.generator.chat_preamble()  # answers' shared prefix, cached per session version
-        self.convs: dict[tuple[str, str], Conversation] = {}
-        self._lock = threading.Lock()  # the table and the per-session load locks
-        self._loading: dict[tuple[str, str], threading.Lock] = {}
+        self.loaded = LoadedSessions(self._load)
+        self.convs = self.loaded.convs  # (read under self.loaded.lock)
+        self.unloaded_idle = 0  # sessions unloaded for being idle
         self._load_ids = itertools.count(1)  # pool ids are unique per load, so a late unload never closes a newer load
         self._stop = threading.Event()
-        self._renewer = threading.Thread(target=self._renew_leases, name="tmem-leases", daemon=True)
+        self._renewer = threading.Thread(target=self._upkeep, name="tmem-upkeep", daemon=True)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -129,32 +134,22 @@ class MemoryService:
         self.store.create(tenant, session)
         return self.get(tenant, session)
 
-    def get(self, tenant: str, session: str) -> Conversation:
-        """The loaded session, loading it from the store if needed (UnknownSessionError, LeaseHeldError)."""
-        key = (tenant, session)
-        while True:
-            with self._lock:
-                conv = self.convs.get(key)
-                if conv is not None:
-                    return conv
-                load_lock = self._loading.setdefault(key, threading.Lock())
-            with load_lock:
-                with self._lock:
-                    if key in self.convs:
-                        return self.convs[key]
-                    if self._loading.get(key) is not load_lock:  # a failed load let it go: a newer lock
-                        continue  # may guard a load in progress now
-                try:
-                    conv = self._load(tenant, session)
-                    with self._lock:
-                        self.convs[key] = conv
-                finally:
-                    with self._lock:
-                        self._loading.pop(key, None)
-            break
-        self.writer.submit(conv, list(conv.jobs))
-        self._gauges()
+    def get(self, tenant: str, session: str, hold: bool = False) -> Conversation:
+        """The loaded session, loading it from the store if needed (UnknownSessionError, LeaseHeldError).
+        hold: the caller uses it until `let_go` (it is not unloaded as idle meanwhile)."""
+        conv, loaded_now = self.loaded.get(tenant, session, hold)
+        if loaded_now:
+            self.writer.submit(conv, list(conv.jobs))
+            self._gauges()
         return conv
+
+    @contextmanager
+    def _using(self, tenant: str, session: str) -> Iterator[Conversation]:
+        conv = self.get(tenant, session, hold=True)
+        try:
+            yield conv
+        finally:
+            self.loaded.let_go(conv)
 
     def _load(self, tenant: str, session: str) -> Conversation:
         if not self.store.exists(tenant, session):
@@ -181,8 +176,7 @@ class MemoryService:
                write: bool = False) -> tuple[dict, list[WriteJob]]:
         """Append turns (persisted before this returns); write: then write the working context into
         memory whatever its length. Returns the session's counters and the writes this triggered."""
-        conv = self.get(tenant, session)
-        with conv.lock:
+        with self._using(tenant, session) as conv, conv.lock:
             self._check_active(conv)
             jobs = conv.append(turns, date, write)
             self._persist(conv, weights=False)
@@ -194,8 +188,7 @@ class MemoryService:
         """Queue explicit flashcards as one write (persisted as pending before this returns); ValueError
         if a card cannot be trained (its answer alone is longer than the recipe's max_length tokens)."""
         check_cards(self.tokenizer, cards, self.config.recipe)
-        conv = self.get(tenant, session)
-        with conv.lock:
+        with self._using(tenant, session) as conv, conv.lock:
             self._check_active(conv)
             job = conv.remember(cards)
             self._persist(conv, weights=False)
@@ -203,21 +196,18 @@ class MemoryService:
         return job
 
     def stats(self, tenant: str, session: str) -> dict:
-        conv = self.get(tenant, session)
-        with conv.lock:
+        with self._using(tenant, session) as conv, conv.lock:
             summary = conv.summary()
         return {"id": session, **summary, "weights_bytes": self.pool.bytes_per_session(),
                 "store_bytes": self.store.size(tenant, session), "server": self.config.server_id}
 
     def memories(self, tenant: str, session: str) -> list[Card]:
-        conv = self.get(tenant, session)
-        with conv.lock:
+        with self._using(tenant, session) as conv, conv.lock:
             return list(conv.written)
 
     def reset(self, tenant: str, session: str) -> dict:
         """Back to the initial state: no memory, empty context; pending writes are abandoned."""
-        conv = self.get(tenant, session)
-        with conv.busy, conv.lock:  # no write of it is training or committing
+        with self._using(tenant, session) as conv, conv.busy, conv.lock:  # no write of it is training or committing
             self._check_active(conv)
             dropped = conv.reset()
             conv.weights = None
@@ -229,11 +219,13 @@ class MemoryService:
 
     def release(self, tenant: str, session: str) -> None:
         """Unload the session and free its lease (its pending writes stay in the store for the next server)."""
-        self._unload(self.get(tenant, session), lambda conv: self.store.release(tenant, session, self.config.server_id))
+        with self._using(tenant, session) as conv:
+            self._unload(conv, lambda conv: self.store.release(tenant, session, self.config.server_id))
 
     def remove(self, tenant: str, session: str) -> None:
         """Forget the session: unloaded and its files deleted."""
-        self._unload(self.get(tenant, session), lambda conv: self.store.remove(tenant, session))
+        with self._using(tenant, session) as conv:
+            self._unload(conv, lambda conv: self.store.remove(tenant, session))
 
     def _unload(self, conv: Conversation, then: Callable[[Conversation], None]) -> None:
         with conv.busy, conv.lock:
@@ -245,9 +237,7 @@ class MemoryService:
     def _drop(self, conv: Conversation) -> None:
         """Forget a loaded session here (the store keeps it): unload its pool row once no batch uses it."""
         conv.active = False
-        with self._lock:
-            if self.convs.get((conv.tenant, conv.session)) is conv:
-                del self.convs[(conv.tenant, conv.session)]
+        self.loaded.remove(conv)
         _abandon(list(conv.jobs), "the session moved to another server or was removed")
         while conv.pool_id in self.pool:
             try:  # once no answer batch reads it (its rows there stop and fail), so no other row's batch is redone
@@ -274,19 +264,43 @@ class MemoryService:
             raise SessionGoneError("this server no longer holds the session's lease; retry the request") from None
         conv.sync_record(record)
 
-    def _renew_leases(self) -> None:
-        period = self.config.lease_ttl / 3
+    def _upkeep(self) -> None:
+        """The upkeep thread: every lease_ttl / 3 seconds (more often for a short idle_unload), renew the
+        leases, then unload the idle sessions."""
+        idle = self.config.idle_unload
+        period = min(self.config.lease_ttl / 3, idle / 2 if idle else math.inf)
         while not self._stop.wait(period):
-            with self._lock:
-                loaded = list(self.convs.values())
-            for conv in loaded:
+            self._renew_leases()
+            if idle:
                 try:
-                    self.store.claim(conv.tenant, conv.session, self.config.server_id, self.config.url,
-                                     self.config.lease_ttl)
-                except (LeaseHeldError, KeyError):
-                    self._drop(conv)
-                except Exception:  # e.g. a full disk, or a session removed under the claim: the next period retries
-                    logger.exception("renewing the lease of a session failed")
+                    self.unload_idle()
+                except Exception:  # e.g. a full disk under a release: the next period retries the others
+                    logger.exception("unloading an idle session failed")
+
+    def _renew_leases(self) -> None:
+        for conv in self.loaded.loaded():
+            try:
+                self.store.claim(conv.tenant, conv.session, self.config.server_id, self.config.url,
+                                 self.config.lease_ttl)
+            except (LeaseHeldError, KeyError):
+                self._drop(conv)
+            except Exception:  # e.g. a full disk, or a session removed under the claim: the next period retries
+                logger.exception("renewing the lease of a session failed")
+
+    def unload_idle(self) -> int:
+        """Unload the sessions unused for `idle_unload` seconds, with no write pending and no request in
+        progress (`LoadedSessions.take_idle`), and give their leases up: the store has them already, and
+        their next request loads them again. Returns how many."""
+        taken = self.loaded.take_idle(self.config.idle_unload)
+        for conv, gate in taken:
+            try:
+                self._drop(conv)
+                self.store.release(conv.tenant, conv.session, self.config.server_id)
+            finally:
+                self.loaded.unloaded(conv, gate)
+            self.unloaded_idle += 1
+            self.metrics.inc("sessions_unloaded_total", reason="idle")
+        return len(taken)
 
     # ---------------------------------------------------------------- answers
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -297,19 +311,27 @@ class MemoryService:
                on_text: Callable[[str], None] | None = None, stop: Sequence[str] = ()) -> Request:
         """Queue a chat completion reading `session`'s fast weights (None: the bare model), ending where
         the first of the `stop` texts begins. ValueError if the prompt and max_tokens do not fit the
-        model's window."""
-        conv = self.get(tenant, session) if session is not None else None
-        ids = self.prompt_ids(messages)
-        if len(ids) + max_tokens > self.generator.window:
-            raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} it exceeds the "
-                             f"model's window of {self.generator.window} tokens")
+        model's window. The session is held (never unloaded as idle) until the answer ends."""
+        conv = self.get(tenant, session, hold=True) if session is not None else None
+        try:
+            ids = self.prompt_ids(messages)
+            if len(ids) + max_tokens > self.generator.window:
+                raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} it exceeds the "
+                                 f"model's window of {self.generator.window} tokens")
+            if conv is not None:
+                self._check_active(conv)
+            p = self.preamble
+            prefix = p if len(p) >= MIN_CACHED_PREFIX and len(ids) > len(p) and ids[: len(p)] == p else []
+            row = Row(ids[len(prefix) :], None if conv is None else conv.pool_id, max_tokens, on_text=on_text,
+                      stop=tuple(stop))
+            request = self.batcher.submit([row], prefix=prefix)
+        except BaseException:
+            if conv is not None:
+                self.loaded.let_go(conv)
+            raise
         if conv is not None:
-            self._check_active(conv)
-        p = self.preamble
-        prefix = p if len(p) >= MIN_CACHED_PREFIX and len(ids) > len(p) and ids[: len(p)] == p else []
-        row = Row(ids[len(prefix) :], None if conv is None else conv.pool_id, max_tokens, on_text=on_text,
-                  stop=tuple(stop))
-        return self.batcher.submit([row], prefix=prefix)
+            request.future.add_done_callback(lambda _: self.loaded.let_go(conv))
+        return request
 
     # ---------------------------------------------------------------- metrics
     def _gauges(self) -> None:
@@ -320,9 +342,7 @@ class MemoryService:
         self.metrics.set_gauge("trunk_rows_bytes", c["trunk_rows_bytes"])
         for outcome in ("hits", "misses"):
             self.metrics.set_total("trunk_rows_examples_total", c[f"trunk_rows_{outcome}"], outcome=outcome)
-        with self._lock:
-            loaded = list(self.convs.values())
-        self.metrics.set_gauge("queue_depth", sum(len(conv.jobs) for conv in loaded), queue="write")
+        self.metrics.set_gauge("queue_depth", sum(len(conv.jobs) for conv in self.loaded.loaded()), queue="write")
 
     def metrics_text(self) -> str:
         self._gauges()

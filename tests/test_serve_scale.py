@@ -1,0 +1,164 @@
+"""`tmem serve` at scale: idle sessions unloaded, lease renewal in O(1) store operations, turns appended in O(turn).
+
+The services here run in-process (no HTTP) on the tiny random Llama, with the deterministic card
+writer of test_serve; answers are checked token for token against the same independent reference.
+"""
+
+# ruff: noqa: E402  (the serve extra is checked before the modules that import it)
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+for _package in ("fastapi", "uvicorn", "httpx"):  # the `serve` extra
+    pytest.importorskip(_package)
+
+from tests.test_serve import CARDS, reference_answer, turn_cards, weights_file
+from tmem_runtime.serve.main import load_serving_model
+from tmem_runtime.serve.service import MemoryService, ServeConfig
+from tmem_runtime.serve.store import Store
+
+QUESTION = [{"role": "user", "content": CARDS[0][0]}]
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    """An independent copy of the served model, for reference answers (test_serve's)."""
+    return load_serving_model("tiny-llama")
+
+
+@pytest.fixture()
+def model():
+    """A fresh copy of the tiny model per service (a model holds one pool)."""
+    return load_serving_model("tiny-llama")
+
+
+def start_service(model, store: Store, **config) -> MemoryService:
+    service = MemoryService(*model, store, ServeConfig(capacity=4, max_write_sessions=1, l_max=48, max_tokens=16,
+                                                       card_writer=turn_cards, **config))
+    service.start()
+    return service
+
+
+@pytest.fixture()
+def idle_service(model, tmp_path):
+    service = start_service(model, Store(tmp_path), idle_unload=1.0)
+    yield service
+    service.stop()
+
+
+def answer(service: MemoryService, session: str) -> str:
+    return service.answer("t", session, QUESTION, 8).future.result(timeout=60)[0].text
+
+
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def unloaded_total(service: MemoryService) -> float:
+    lines = [ln for ln in service.metrics_text().splitlines() if ln.startswith("tmem_sessions_unloaded_total")]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- idle unload
+def test_an_idle_session_is_unloaded_and_its_next_request_loads_it_as_it_was(idle_service, reference_model):
+    """Unused for idle_unload seconds, a session leaves the process (conversation, pool session, lease);
+    its next request loads it from the store and answers exactly as before, with its context and counters."""
+    s = idle_service
+    s.create("t", "idle")
+    assert s.remember("t", "idle", CARDS).done.result(timeout=60)["error"] is None
+    s.append("t", "idle", ["Nina: a short turn"], date="2 March 2024")
+    before, stats = answer(s, "idle"), s.stats("t", "idle")
+    conv = s.convs[("t", "idle")]
+    wait_until(lambda: ("t", "idle") not in s.convs, "the idle session was never unloaded")
+    assert not conv.active and conv.pool_id not in s.pool and s.store.lease("t", "idle") is None
+    assert s.unloaded_idle == 1 == unloaded_total(s)
+    assert s.pool.counters()["open"] == 0
+
+    after = answer(s, "idle")
+    again = s.convs[("t", "idle")]
+    assert again is not conv and again.pool_id != conv.pool_id and s.store.lease("t", "idle").owner == "local"
+    assert after == before == reference_answer(reference_model, weights_file(s.store, "t", "idle"), CARDS[0][0])
+    assert {**s.stats("t", "idle"), "store_bytes": 0} == {**stats, "store_bytes": 0}
+    assert again.agent.lines == conv.agent.lines == ["DATE: 2 March 2024", "Nina: a short turn"]
+
+
+def test_a_session_with_a_pending_write_or_an_answer_in_progress_is_never_unloaded(idle_service):
+    """A write pending (its training not started), an answer streaming, an answer queued behind it: each
+    session stays loaded however long that lasts; once they are over, each is unloaded."""
+    s = idle_service
+    for name in ("writing", "streaming", "queued"):
+        s.create("t", name)
+    writing = s.get("t", "writing")
+    gate, first = threading.Event(), threading.Event()
+
+    def stream(_: str) -> None:
+        first.set()
+        gate.wait(60)
+
+    with writing.busy:  # the write thread cannot take its write until this ends
+        job = s.remember("t", "writing", CARDS[:1])
+        streaming = s.answer("t", "streaming", QUESTION, 4, on_text=stream)
+        assert first.wait(60)
+        queued = s.answer("t", "queued", QUESTION, 4)  # waits for the decode thread, which waits for the gate
+        time.sleep(2.5)  # over two idle periods
+        assert s.unload_idle() == 0 and s.unloaded_idle == 0
+        assert {("t", "writing"), ("t", "streaming"), ("t", "queued")} <= set(s.convs)
+        gate.set()
+    s.writer.wake()  # (it found the write's session busy)
+    assert streaming.future.result(timeout=60)[0].tokens > 0 and queued.future.result(timeout=60)[0].tokens > 0
+    assert job.done.result(timeout=60)["error"] is None
+    wait_until(lambda: not s.convs, "the sessions were never unloaded once their work ended")
+    assert s.unloaded_idle == 3 and s.stats("t", "writing")["memories"] == 1
+
+
+def test_a_request_during_an_unload_waits_and_loads_the_session_after_its_lease_is_given_up(model, tmp_path,
+                                                                                            monkeypatch):
+    """The unload gives the lease up last: a request that arrives meanwhile must not load the session
+    before that (its claim would be given up under it: every later commit refused)."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0)  # unloaded here by hand
+    try:
+        s.create("t", "s")
+        s.append("t", "s", ["Nina: one turn"])
+        releasing, go_on, release = threading.Event(), threading.Event(), store.release
+
+        def slow_release(*args) -> None:
+            releasing.set()
+            go_on.wait(60)
+            release(*args)
+
+        monkeypatch.setattr(store, "release", slow_release)
+        s.convs[("t", "s")].last_used -= 10
+        s.config.idle_unload = 1
+        unloading = threading.Thread(target=s.unload_idle)
+        unloading.start()
+        assert releasing.wait(60)
+        got: list = []
+        getter = threading.Thread(target=lambda: got.append(s.append("t", "s", ["Nina: another turn"])))
+        getter.start()
+        getter.join(0.5)
+        assert not got, "a request loaded the session while its unload was giving its lease up"
+        go_on.set()
+        unloading.join(300), getter.join(300)
+        assert got[0][0]["context_turns"] == 2 and store.lease("t", "s").owner == "local"
+        assert store.read("t", "s")[0].stats["turns"] == 2 and s.unloaded_idle == 1
+    finally:
+        s.stop()
+
+
+def test_idle_unload_zero_never_unloads(model, tmp_path):
+    s = start_service(model, Store(tmp_path), idle_unload=0, lease_ttl=0.3)
+    try:
+        s.create("t", "kept")
+        time.sleep(0.5)
+        assert ("t", "kept") in s.convs and s.unloaded_idle == 0
+    finally:
+        s.stop()
+    with pytest.raises(ValueError):
+        ServeConfig(idle_unload=-1)
