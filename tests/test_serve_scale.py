@@ -7,8 +7,10 @@ writer of test_serve; answers are checked token for token against the same indep
 # ruff: noqa: E402  (the serve extra is checked before the modules that import it)
 from __future__ import annotations
 
+import json
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -18,7 +20,7 @@ for _package in ("fastapi", "uvicorn", "httpx"):  # the `serve` extra
 from tests.test_serve import CARDS, reference_answer, turn_cards, weights_file
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
-from tmem_runtime.serve.store import Store
+from tmem_runtime.serve.store import LeaseHeldError, LeaseLostError, Store
 
 QUESTION = [{"role": "user", "content": CARDS[0][0]}]
 
@@ -75,9 +77,9 @@ def test_an_idle_session_is_unloaded_and_its_next_request_loads_it_as_it_was(idl
     s.append("t", "idle", ["Nina: a short turn"], date="2 March 2024")
     before, stats = answer(s, "idle"), s.stats("t", "idle")
     conv = s.convs[("t", "idle")]
-    wait_until(lambda: ("t", "idle") not in s.convs, "the idle session was never unloaded")
+    wait_until(lambda: s.unloaded_idle == 1, "the idle session was never unloaded")
+    assert ("t", "idle") not in s.convs and unloaded_total(s) == 1
     assert not conv.active and conv.pool_id not in s.pool and s.store.lease("t", "idle") is None
-    assert s.unloaded_idle == 1 == unloaded_total(s)
     assert s.pool.counters()["open"] == 0
 
     after = answer(s, "idle")
@@ -113,8 +115,8 @@ def test_a_session_with_a_pending_write_or_an_answer_in_progress_is_never_unload
     s.writer.wake()  # (it found the write's session busy)
     assert streaming.future.result(timeout=60)[0].tokens > 0 and queued.future.result(timeout=60)[0].tokens > 0
     assert job.done.result(timeout=60)["error"] is None
-    wait_until(lambda: not s.convs, "the sessions were never unloaded once their work ended")
-    assert s.unloaded_idle == 3 and s.stats("t", "writing")["memories"] == 1
+    wait_until(lambda: s.unloaded_idle == 3, "the sessions were never unloaded once their work ended")
+    assert not s.convs and s.stats("t", "writing")["memories"] == 1
 
 
 def test_a_request_during_an_unload_waits_and_loads_the_session_after_its_lease_is_given_up(model, tmp_path,
@@ -162,3 +164,94 @@ def test_idle_unload_zero_never_unloads(model, tmp_path):
         s.stop()
     with pytest.raises(ValueError):
         ServeConfig(idle_unload=-1)
+
+
+# ---------------------------------------------------------------------------------------------- leases
+def file_versions(root) -> dict[str, int]:
+    """{path: mtime in ns} of every file under `root` but the lock files."""
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
+
+
+def test_a_renewal_round_writes_one_file_whatever_the_number_of_sessions(model, tmp_path):
+    """A server holding 40 sessions renews every one of their leases by one write: its own lease record."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0)  # (its upkeep thread renews every 10 s: not during this test)
+    try:
+        for i in range(40):
+            s.create("t", f"s{i}")
+        before, expiry = file_versions(tmp_path), [store.lease("t", f"s{i}").expires for i in range(40)]
+        time.sleep(0.01)
+        s._renew_leases()
+        after = file_versions(tmp_path)
+        changed = [p for p in after if before.get(p) != after[p]]
+        assert changed == [str(tmp_path / "servers" / (b"local".hex() + ".json"))]
+        assert all(store.lease("t", f"s{i}").expires > expiry[i] for i in range(40))
+        assert all(store.lease("t", f"s{i}").owner == "local" for i in range(40))
+    finally:
+        s.stop()
+
+
+def test_after_a_late_renewal_the_sessions_another_server_took_are_dropped_and_the_rest_claimed_again(
+        model, tmp_path):
+    """This server's lease ran out (its renewal came late): another server took one of its sessions
+    meanwhile. The next renewal starts a new epoch and claims every loaded session again: the taken one
+    is dropped here (its commits refused), the other kept, its lease live again."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0)
+    try:
+        for name in ("kept", "taken"):
+            s.create("t", name)
+        old = store.lease("t", "kept")
+        store.servers._write(replace(store.servers.read("local"), expires=time.time() - 1))  # ran out
+        assert store.lease("t", "kept").expires < time.time()
+        store.claim("t", "taken", "other", "http://other", ttl=30)
+        taken = s.convs[("t", "taken")]
+        s._renew_leases()
+        assert ("t", "taken") not in s.convs and not taken.active and taken.pool_id not in s.pool
+        kept = store.lease("t", "kept")
+        assert kept.owner == "local" and kept.epoch != old.epoch and kept.expires > time.time()
+        assert s.convs[("t", "kept")].lease_epoch == kept.epoch
+        with pytest.raises(LeaseLostError):
+            store.commit("t", "taken", store.read("t", "taken")[0], owner="local")
+        with pytest.raises(LeaseHeldError):
+            s.get("t", "taken")
+    finally:
+        s.stop()
+
+
+def test_a_renewal_whose_write_lands_after_its_lease_ran_out_starts_a_new_epoch(tmp_path, monkeypatch):
+    """A server paused in the middle of its renewal until its lease ran out: another server claimed its
+    session then. The renewal's write lands after that: it must not extend the old epoch (the session
+    would then look leased to both), so the server finds the session lost when it claims it again."""
+    store = Store(tmp_path)
+    store.create("t", "s")
+    first = store.claim("t", "s", "a", "http://a", ttl=0.3)
+    write, paused = store.servers._write, []
+
+    def paused_write(lease):
+        if lease.owner == "a" and not paused:  # a pauses before its write lands; b claims the session meanwhile
+            paused.append(lease)
+            time.sleep(max(0.0, first.expires - time.time()) + 0.05)
+            assert store.claim("t", "s", "b", "http://b", ttl=30).owner == "b"
+        return write(lease)
+
+    monkeypatch.setattr(store.servers, "_write", paused_write)
+    renewed = store.renew("a", "http://a", ttl=30)
+    assert paused and renewed.epoch != first.epoch and renewed.expires > time.time()
+    held = store.lease("t", "s")
+    assert held.owner == "b" and held.expires > time.time()
+    with pytest.raises(LeaseHeldError):
+        store.claim("t", "s", "a", "http://a", ttl=30)
+    with pytest.raises(LeaseLostError):
+        store.commit("t", "s", store.read("t", "s")[0], owner="a")
+
+
+def test_a_lease_written_by_an_older_server_is_honoured(tmp_path):
+    store = Store(tmp_path)
+    store.create("t", "s")
+    lease = store.session_dir("t", "s") / "lease.json"
+    lease.write_text(json.dumps({"owner": "old", "url": "http://old", "expires": time.time() + 30}))
+    with pytest.raises(LeaseHeldError):
+        store.claim("t", "s", "new", "http://new", ttl=30)
+    lease.write_text(json.dumps({"owner": "old", "url": "http://old", "expires": time.time() - 1}))
+    assert store.claim("t", "s", "new", "http://new", ttl=30).owner == store.lease("t", "s").owner == "new"

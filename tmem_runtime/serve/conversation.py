@@ -93,6 +93,7 @@ class Conversation:
         self.active = True  # False once released, purged or dropped: queued work for it is abandoned
         self.uses = 0  # requests using it now, and when it was last used (guarded by its LoadedSessions' lock)
         self.last_used = time.monotonic()
+        self.lease_epoch = ""  # the epoch of this server's lease its store lease names (store.claim)
         self.jobs = [WriteJob.from_json(j) for j in record.pending]
         self.agent = MemoryAgent(generator, QueuedChannel(self.jobs), l_max=l_max)
         self.written: list[Card] = [(q, a) for q, a in record.written]

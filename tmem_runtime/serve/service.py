@@ -154,10 +154,11 @@ class MemoryService:
     def _load(self, tenant: str, session: str) -> Conversation:
         if not self.store.exists(tenant, session):
             raise UnknownSessionError(f"no session {session!r}")
-        self.store.claim(tenant, session, self.config.server_id, self.config.url, self.config.lease_ttl)
+        lease = self.store.claim(tenant, session, self.config.server_id, self.config.url, self.config.lease_ttl)
         record, weights = self.store.read(tenant, session)
         conv = Conversation(tenant, session, f"{tenant}/{session}#{next(self._load_ids)}", self.generator,
                             self.config.l_max, record)
+        conv.lease_epoch = lease.epoch
         self.pool.open(conv.pool_id)
         if weights is not None:
             self.pool.load(conv.pool_id, weights)
@@ -278,14 +279,24 @@ class MemoryService:
                     logger.exception("unloading an idle session failed")
 
     def _renew_leases(self) -> None:
+        """Renew this server's lease (one store write: every session's lease lasts while it does); after
+        a late renewal (a new epoch), claim each loaded session again, dropping those another server took."""
+        cfg = self.config
+        try:
+            epoch = self.store.renew(cfg.server_id, cfg.url, cfg.lease_ttl).epoch
+        except Exception:  # e.g. a full disk: the next period retries
+            logger.exception("renewing this server's lease failed")
+            return
         for conv in self.loaded.loaded():
+            if conv.lease_epoch == epoch:
+                continue
             try:
-                self.store.claim(conv.tenant, conv.session, self.config.server_id, self.config.url,
-                                 self.config.lease_ttl)
+                conv.lease_epoch = self.store.claim(conv.tenant, conv.session, cfg.server_id, cfg.url,
+                                                    cfg.lease_ttl).epoch
             except (LeaseHeldError, KeyError):
                 self._drop(conv)
             except Exception:  # e.g. a full disk, or a session removed under the claim: the next period retries
-                logger.exception("renewing the lease of a session failed")
+                logger.exception("claiming a session again after a late lease renewal failed")
 
     def unload_idle(self) -> int:
         """Unload the sessions unused for `idle_unload` seconds, with no write pending and no request in

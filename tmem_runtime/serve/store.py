@@ -3,8 +3,9 @@
     STORE/tenants/<hex tenant>/<hex session>/
         state.json                 working context, pending writes, written flashcards, counters
         weights-<seq>.safetensors  the fast weights after the session's write number <seq> (pool.save)
-        lease.json                 which server serves the session, and until when
+        lease.json                 which server serves the session (and that server's epoch)
         .lock                      flock'd while the lease changes hands
+    STORE/servers/                 each server's lease record: until when its sessions' leases last (leases.py)
 
 Every file is replaced atomically (temp file, fsync, rename, directory fsync). A write's commit point is the rename
 of state.json naming the new weights file: a server killed before it restarts from the previous
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tmem_runtime.adapter_file import atomic_write
+from tmem_runtime.serve.leases import ServerLeases
 
 MAX_ID_LENGTH = 127  # hex-encoded: 254 bytes, under NAME_MAX (255)
 ID_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{MAX_ID_LENGTH - 1}}}")
@@ -79,9 +81,12 @@ class SessionRecord:
 
 @dataclass(frozen=True)
 class Lease:
+    """A session's lease: the server holding it, where it answers, until when, in which of its epochs."""
+
     owner: str
     url: str
     expires: float
+    epoch: str = ""
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -95,6 +100,7 @@ class Store:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         (self.root / "tenants").mkdir(parents=True, exist_ok=True)
+        self.servers = ServerLeases(self.root / "servers")
 
     # ---------------------------------------------------------------- paths
     def tenant_dir(self, tenant: str) -> Path:
@@ -146,8 +152,8 @@ class Store:
         d = self.session_dir(tenant, session)
         with self._locked(d) if owner is not None else nullcontext():
             if owner is not None:
-                held = self.lease(tenant, session)
-                if held is None or held.owner != owner:
+                held = _read_lease_file(d / "lease.json")
+                if held is None or held["owner"] != owner:
                     raise LeaseLostError(f"session {session!r} is no longer leased to {owner}")
             if save_weights is not None:
                 record.seq += 1
@@ -175,23 +181,42 @@ class Store:
 
     # ---------------------------------------------------------------- leases
     def claim(self, tenant: str, session: str, owner: str, url: str, ttl: float) -> Lease:
-        """Take (or renew) the session's lease for `ttl` seconds: it must be free, expired or ours,
-        else LeaseHeldError. KeyError if the session does not exist."""
+        """Take the session's lease for `owner` in its server lease's current epoch (the server lease
+        renewed for `ttl` seconds if it had expired): the session's lease must be free, expired or
+        `owner`'s, else LeaseHeldError. The lease lasts while the server's does (`renew`). KeyError if the
+        session does not exist."""
         d = self.session_dir(tenant, session)
         if not (d / "state.json").is_file():
             raise KeyError(session)
+        server = self.servers.live(owner, url, ttl)
         with self._locked(d):
+            now = time.time()  # (before the server lease is read: see leases.py)
             held = self.lease(tenant, session)
-            if held is not None and held.owner != owner and held.expires > time.time():
+            if held is not None and held.owner != owner and held.expires > now:
                 raise LeaseHeldError(held.owner, held.url, held.expires)
             for f in d.glob("lease.json.*"):  # a temp file of a claim killed before its rename (claims hold the lock)
                 f.unlink(missing_ok=True)
-            lease = Lease(owner, url, time.time() + ttl)
-            _write_atomically(d / "lease.json", json.dumps(asdict(lease)).encode())
-        return lease
+            if held is None or held.owner != owner or held.epoch != server.epoch:
+                _write_atomically(d / "lease.json", json.dumps({"owner": owner, "epoch": server.epoch}).encode())
+        return Lease(owner, server.url, server.expires, server.epoch)
+
+    def renew(self, owner: str, url: str, ttl: float) -> Lease:
+        """Renew the leases of every session `owner` holds in its current epoch, by `ttl` seconds: one
+        write. Sessions whose lease names another epoch (the returned one changed: a late renewal) must
+        be claimed again; a claim refused means another server has taken the session."""
+        server = self.servers.renew(owner, url, ttl)
+        return Lease(owner, server.url, server.expires, server.epoch)
 
     def lease(self, tenant: str, session: str) -> Lease | None:
-        return _read_lease(self.session_dir(tenant, session) / "lease.json")
+        """The session's lease (expires: 0 if its server's lease has since moved to another epoch)."""
+        held = _read_lease_file(self.session_dir(tenant, session) / "lease.json")
+        if held is None:
+            return None
+        if "epoch" not in held:  # written by an older server: its own expiry
+            return Lease(held["owner"], held.get("url", ""), float(held.get("expires", 0.0)))
+        server = self.servers.read(held["owner"])
+        live = server is not None and server.epoch == held["epoch"]
+        return Lease(held["owner"], server.url if server else "", server.expires if live else 0.0, held["epoch"])
 
     def release(self, tenant: str, session: str, owner: str) -> None:
         """Give the lease up (only if `owner` holds it)."""
@@ -199,16 +224,16 @@ class Store:
         if not d.is_dir():
             return
         with self._locked(d):
-            held = self.lease(tenant, session)
-            if held is not None and held.owner == owner:
+            held = _read_lease_file(d / "lease.json")
+            if held is not None and held["owner"] == owner:
                 (d / "lease.json").unlink(missing_ok=True)
 
     def leased_to(self, owner: str) -> Iterator[tuple[str, str]]:
         """(tenant, session) of every session whose lease names `owner` (expired or not)."""
         for t in (self.root / "tenants").iterdir():
             for s in t.iterdir():
-                held = _read_lease(s / "lease.json")
-                if held is not None and held.owner == owner and (s / "state.json").is_file():
+                held = _read_lease_file(s / "lease.json")
+                if held is not None and held["owner"] == owner and (s / "state.json").is_file():
                     yield bytes.fromhex(t.name).decode(), bytes.fromhex(s.name).decode()
 
     @contextmanager
@@ -230,11 +255,14 @@ def _remove_leftovers(d: Path, weights: str | None) -> None:
             f.unlink(missing_ok=True)
 
 
-def _read_lease(path: Path) -> Lease | None:
+def _read_lease_file(path: Path) -> dict | None:
+    """A session's lease.json ({"owner", "epoch"}; {"owner", "url", "expires"} from older servers), None
+    if there is none (or a torn one: claims write it atomically, so only a foreign file can be)."""
     try:
-        return Lease(**json.loads(path.read_bytes()))
-    except (FileNotFoundError, ValueError, TypeError):
+        held = json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
         return None
+    return held if isinstance(held, dict) and isinstance(held.get("owner"), str) else None
 
 
 def _encode(record: SessionRecord) -> bytes:
