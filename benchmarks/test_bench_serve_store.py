@@ -47,7 +47,7 @@ def service(root: str) -> MemoryService:
                                                                      l_max=1 << 30, idle_unload=0))
 
 
-def lease_round(sessions: int, rounds: int = 20) -> dict:
+def lease_round(sessions: int, rounds: int = 5) -> dict:
     with tempfile.TemporaryDirectory() as root:
         s = service(root)
         for i in range(sessions):

@@ -8,9 +8,11 @@ writer of test_serve; answers are checked token for token against the same indep
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -38,8 +40,8 @@ def model():
 
 
 def start_service(model, store: Store, **config) -> MemoryService:
-    service = MemoryService(*model, store, ServeConfig(capacity=4, max_write_sessions=1, l_max=48, max_tokens=16,
-                                                       card_writer=turn_cards, **config))
+    config = {"capacity": 4, "max_write_sessions": 1, "l_max": 48, "max_tokens": 16, **config}
+    service = MemoryService(*model, store, ServeConfig(card_writer=turn_cards, **config))
     service.start()
     return service
 
@@ -255,3 +257,146 @@ def test_a_lease_written_by_an_older_server_is_honoured(tmp_path):
         store.claim("t", "s", "new", "http://new", ttl=30)
     lease.write_text(json.dumps({"owner": "old", "url": "http://old", "expires": time.time() - 1}))
     assert store.claim("t", "s", "new", "http://new", ttl=30).owner == store.lease("t", "s").owner == "new"
+
+
+# ---------------------------------------------------------------------------------------------- turns log
+def session_files(store: Store, session: str) -> dict[str, bytes]:
+    d = store.session_dir("t", session)
+    return {f.name: f.read_bytes() for f in d.iterdir() if f.name not in (".lock", "lease.json")}
+
+
+def test_appending_a_turn_writes_the_turn_alone_and_a_commit_folds_the_log_into_the_state(model, tmp_path):
+    """However long the context and the memory, an appended turn adds one line to the turns log (state.json
+    untouched); a restart reads every turn back; a write's commit writes them into state.json and starts
+    a new log."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0, l_max=1 << 20)
+    try:
+        s.create("t", "long")
+        s.append("t", "long", [f"Nina: this is turn number {i} of a long day." for i in range(300)], date="1 May")
+        assert s.remember("t", "long", CARDS).done.result(timeout=60)["error"] is None
+        before = session_files(store, "long")
+        s.append("t", "long", ["Leo: short."])
+        after = session_files(store, "long")
+        log = "turns-00000002.log"  # (the state was committed whole twice: the write queued, then trained)
+        assert after["state.json"] == before["state.json"] and len(before["state.json"]) > 14_000
+        assert log not in before and 0 < len(after[log]) < 250
+        assert json.loads(after[log])["lines"] == ["Leo: short."]
+        conv = s.get("t", "long")
+        expected = {"lines": conv.agent.lines, "context_tokens": conv.agent.context_tokens, "stats": conv.stats}
+    finally:
+        s.stop()
+    record, _ = Store(tmp_path).read("t", "long")
+    assert {"lines": record.lines, "context_tokens": record.context_tokens, "stats": record.stats} == expected
+    assert record.lines[-1] == "Leo: short." and record.stats["turns"] == 301 and len(record.lines) == 302
+
+    model2 = load_serving_model("tiny-llama")
+    s = start_service(model2, store, idle_unload=0, l_max=1 << 20)  # restarted: loads state + log
+    try:
+        assert s.stats("t", "long")["context_turns"] == 302
+        assert s.remember("t", "long", CARDS[:1]).done.result(timeout=60)["error"] is None
+        files = session_files(store, "long")
+        assert not [f for f in files if f.startswith("turns-")]  # folded into state.json
+        assert json.loads(files["state.json"])["lines"] == expected["lines"]
+    finally:
+        s.stop()
+
+
+def test_a_torn_last_line_of_the_turns_log_is_ignored_and_the_next_append_starts_on_its_own_line(tmp_path):
+    """A SIGKILL in the middle of an append leaves any prefix of its line: every cut loads the turns
+    before it, and the next append's turn loads after them."""
+    store = Store(tmp_path)
+    store.create("t", "s")
+    for i in range(3):
+        store.append_turns("t", "s", 0, {"at": i, "lines": [f"turn {i}"], "header": None, "context_tokens": i + 1,
+                                         "stats": {"turns": i + 1}})
+    log = store.session_dir("t", "s") / "turns-00000000.log"
+    whole = log.read_bytes()
+    last = whole.rindex(b"\n", 0, len(whole) - 1) + 1  # where the last line begins
+    for cut in range(last, len(whole)):
+        log.write_bytes(whole[:cut])
+        record, _ = store.read("t", "s")
+        assert record.lines == ["turn 0", "turn 1"] and record.stats == {"turns": 2}, cut
+    log.write_bytes(whole[: last + 7])
+    store.append_turns("t", "s", 0, {"at": 2, "lines": ["turn 2 again"], "header": None, "context_tokens": 3,
+                                     "stats": {"turns": 3}})
+    record, _ = store.read("t", "s")
+    assert record.lines == ["turn 0", "turn 1", "turn 2 again"] and record.context_tokens == 3
+
+
+KILLED_APPENDER = """
+import sys
+from tmem_runtime.serve.store import Store
+store = Store(sys.argv[1])
+for i in range(100000):
+    store.append_turns("t", "s", 0, {"at": i, "lines": [f"turn {i} " + "x" * 2000], "header": None,
+                                     "context_tokens": i, "stats": {"turns": i + 1}})
+    print(i, flush=True)  # acknowledged
+"""
+
+
+def test_every_acknowledged_turn_survives_a_sigkill_in_the_middle_of_appends(tmp_path):
+    import subprocess
+    import sys
+
+    store = Store(tmp_path)
+    store.create("t", "s")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_APPENDER, str(tmp_path)], stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    acked = -1
+    while acked < 200:
+        acked = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    acked = max([acked, *(int(x) for x in proc.stdout.read().split())])
+    record, _ = store.read("t", "s")
+    assert len(record.lines) > acked and record.stats == {"turns": len(record.lines)}
+    assert [line.split()[1] for line in record.lines] == [str(i) for i in range(len(record.lines))]
+
+
+def test_after_a_failed_append_the_next_one_commits_the_whole_state(model, tmp_path, monkeypatch):
+    """An append that fails mid-line (a full disk) leaves its turn in the session but maybe not in the
+    log: the next append must not log an entry the store cannot place; it commits the state whole."""
+    import tmem_runtime.serve.store as store_module
+
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0)
+    try:
+        s.create("t", "s")
+        s.append("t", "s", ["Nina: first"])
+        append_entry = store_module.append_entry
+
+        def full_disk(path, entry) -> None:
+            with open(path, "ab") as f:
+                f.write(b'{"at": 1, "lines": ["Nina: sec')
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(store_module, "append_entry", full_disk)
+        with pytest.raises(OSError):
+            s.append("t", "s", ["Nina: second"])
+        monkeypatch.setattr(store_module, "append_entry", append_entry)
+        s.append("t", "s", ["Nina: third"])
+        assert store.read("t", "s")[0].lines == ["Nina: first", "Nina: second", "Nina: third"]
+        s.append("t", "s", ["Nina: fourth"])  # (logged again)
+        assert store.read("t", "s")[0].lines[-1] == "Nina: fourth" and s.get("t", "s").logged == 1
+    finally:
+        s.stop()
+
+
+def test_a_store_written_before_turns_logs_loads_and_takes_appends(model, tmp_path):
+    store = Store(tmp_path)
+    d = store.session_dir("t", "old")
+    d.mkdir(parents=True)
+    (d / "state.json").write_text(json.dumps({
+        "lines": ["DATE: 1 May", "Nina: hello there"], "header": "DATE: 1 May", "context_tokens": 12, "triggers": 0,
+        "pending": [], "written": [list(CARDS[0])], "stats": {"turns": 1, "writes": 1, "cards": 1}, "seq": 0,
+        "weights": None, "version": 1}))
+    s = start_service(model, store, idle_unload=0)
+    try:
+        assert s.stats("t", "old")["context_turns"] == 2 and s.memories("t", "old") == [CARDS[0]]
+        s.append("t", "old", ["Leo: hi"])
+        assert (d / "turns-00000000.log").is_file()
+        record, _ = store.read("t", "old")
+        assert record.lines == ["DATE: 1 May", "Nina: hello there", "Leo: hi"] and record.stats["turns"] == 2
+    finally:
+        s.stop()

@@ -7,10 +7,13 @@
 
 A session is loaded into this server on first use: its lease is claimed in the store (another live
 server's lease refuses it: `LeaseHeldError`), its weights file loaded into a pool session, and its
-pending writes resumed. A renewal thread keeps the leases of loaded sessions; one found taken over
-is dropped. `release` hands a session over: it is persisted with its pending writes and unloaded, and
-the lease freed, so that any server sharing the store serves it next. Every change a client is told
-of (turns appended, a write committed, a reset) is in the store first.
+pending writes resumed. An upkeep thread renews this server's lease (one store write keeps every
+loaded session's; after a late renewal each is claimed again, and one found taken over is dropped),
+and unloads the sessions unused for `idle_unload` seconds (`LoadedSessions.take_idle`): their next
+request loads them again. `release` hands a session over: it is persisted with its pending writes and
+unloaded, and the lease freed, so that any server sharing the store serves it next. Every change a
+client is told of (turns appended, a write committed, a reset) is in the store first; appended turns
+go to the session's turns log (O(turn)), everything else rewrites its state.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter, check
 
 logger = logging.getLogger("tmem.serve")
 MIN_CACHED_PREFIX = 8  # an answer's chat preamble shorter than this is prefilled with the rest of its prompt
+MAX_LOGGED = 1024  # turns-log entries after which a session's next append commits its state whole
 
 
 class UnknownSessionError(KeyError):
@@ -108,7 +112,7 @@ class MemoryService:
         self.unloaded_idle = 0  # sessions unloaded for being idle
         self._load_ids = itertools.count(1)  # pool ids are unique per load, so a late unload never closes a newer load
         self._stop = threading.Event()
-        self._renewer = threading.Thread(target=self._upkeep, name="tmem-upkeep", daemon=True)
+        self._upkeep_thread = threading.Thread(target=self._upkeep, name="tmem-upkeep", daemon=True)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -116,7 +120,8 @@ class MemoryService:
         writes resume)."""
         self.batcher.start()
         self.writer.start()
-        self._renewer.start()
+        self._renew_leases()  # (this server's lease record names its url now)
+        self._upkeep_thread.start()
         for tenant, session in list(self.store.leased_to(self.config.server_id)):
             try:
                 self.get(tenant, session)
@@ -136,7 +141,7 @@ class MemoryService:
 
     def get(self, tenant: str, session: str, hold: bool = False) -> Conversation:
         """The loaded session, loading it from the store if needed (UnknownSessionError, LeaseHeldError).
-        hold: the caller uses it until `let_go` (it is not unloaded as idle meanwhile)."""
+        hold: the caller uses it until `self.loaded.let_go(conv)` (it is not unloaded as idle meanwhile)."""
         conv, loaded_now = self.loaded.get(tenant, session, hold)
         if loaded_now:
             self.writer.submit(conv, list(conv.jobs))
@@ -179,8 +184,8 @@ class MemoryService:
         memory whatever its length. Returns the session's counters and the writes this triggered."""
         with self._using(tenant, session) as conv, conv.lock:
             self._check_active(conv)
-            jobs = conv.append(turns, date, write)
-            self._persist(conv, weights=False)
+            jobs, entry = conv.append(turns, date, write)
+            self._persist(conv, weights=False, turns=entry)
             summary = conv.summary()
         self.writer.submit(conv, jobs)
         return summary, jobs
@@ -253,17 +258,27 @@ class MemoryService:
         if not conv.active:
             raise SessionGoneError("the session was released or removed; retry the request")
 
-    def _persist(self, conv: Conversation, weights: bool) -> None:
+    def _persist(self, conv: Conversation, weights: bool, turns: dict | None = None) -> None:
         """Commit the session to the store (conv.lock held) if this server still holds its lease (checked
-        by the commit, under the lease's lock; if not, the session is dropped here and SessionGoneError raised)."""
-        record = conv.to_record()
-        save = (lambda path: self.pool.save(conv.pool_id, path)) if weights else None
+        by the commit, under the lease's lock; if not, the session is dropped here and SessionGoneError raised).
+        turns: only turns were appended (`Conversation.append`'s entry): appended to the session's turns log
+        (O(turn)), unless the log is due for compaction or a persist failed since the last whole commit."""
+        owner = self.config.server_id
+        log = turns is not None and conv.log_follows and conv.logged < MAX_LOGGED
+        conv.log_follows = False  # (until this persist succeeds: after a failure, only a whole commit is right)
         try:
-            self.store.commit(conv.tenant, conv.session, record, save, owner=self.config.server_id)
+            if log:
+                self.store.append_turns(conv.tenant, conv.session, conv.log, turns, owner=owner)
+                conv.logged += 1
+            else:
+                record = conv.to_record()
+                save = (lambda path: self.pool.save(conv.pool_id, path)) if weights else None
+                self.store.commit(conv.tenant, conv.session, record, save, owner=owner)
+                conv.sync_record(record)
         except LeaseLostError:
             threading.Thread(target=self._drop, args=(conv,), daemon=True).start()
             raise SessionGoneError("this server no longer holds the session's lease; retry the request") from None
-        conv.sync_record(record)
+        conv.log_follows = True
 
     def _upkeep(self) -> None:
         """The upkeep thread: every lease_ttl / 3 seconds (more often for a short idle_unload), renew the

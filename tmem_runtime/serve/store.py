@@ -2,6 +2,7 @@
 
     STORE/tenants/<hex tenant>/<hex session>/
         state.json                 working context, pending writes, written flashcards, counters
+        turns-<generation>.log     turns appended since state.json was written (turn_log.py)
         weights-<seq>.safetensors  the fast weights after the session's write number <seq> (pool.save)
         lease.json                 which server serves the session (and that server's epoch)
         .lock                      flock'd while the lease changes hands
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from tmem_runtime.adapter_file import atomic_write
 from tmem_runtime.serve.leases import ServerLeases
+from tmem_runtime.serve.turn_log import PREFIX, append_entry, log_name, read_entries
 
 MAX_ID_LENGTH = 127  # hex-encoded: 254 bytes, under NAME_MAX (255)
 ID_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{MAX_ID_LENGTH - 1}}}")
@@ -76,7 +78,17 @@ class SessionRecord:
     stats: dict[str, int] = field(default_factory=dict)
     seq: int = 0  # weights files written so far
     weights: str | None = None  # the current weights file (None: the initial state)
+    log: int = 0  # the generation of its turns log (turn_log.py)
     version: int = STATE_VERSION
+
+    def extend(self, entry: dict) -> bool:
+        """Apply a turns-log entry if it extends this context (it was written after `entry["at"]` lines)."""
+        if entry["at"] != len(self.lines):
+            return False
+        self.lines += entry["lines"]
+        self.header, self.context_tokens = entry.get("header"), int(entry.get("context_tokens", 0))
+        self.stats = dict(entry.get("stats", self.stats))
+        return True
 
 
 @dataclass(frozen=True)
@@ -132,35 +144,53 @@ class Store:
         return record
 
     def read(self, tenant: str, session: str) -> tuple[SessionRecord, Path | None]:
-        """The session's state and its weights file (None: initial state). KeyError if it does not exist.
-        Leftovers of a killed commit (weights files state.json does not name, temp files) are removed."""
+        """The session's state (with the turns its log adds) and its weights file (None: initial state).
+        KeyError if it does not exist. Leftovers of a killed commit (weights files and turns logs state.json
+        does not name, temp files) are removed."""
         d = self.session_dir(tenant, session)
         try:
             raw = json.loads((d / "state.json").read_bytes())
         except FileNotFoundError:
             raise KeyError(session) from None
         record = SessionRecord(**raw)
-        _remove_leftovers(d, record.weights)
+        for entry in read_entries(d / log_name(record.log)):
+            record.extend(entry)
+        _remove_leftovers(d, record)
         return record, (d / record.weights if record.weights else None)
 
     def commit(self, tenant: str, session: str, record: SessionRecord,
                save_weights: Callable[[Path], None] | None = None, owner: str | None = None) -> None:
-        """Persist `record`; with `save_weights`, first a new weights file (written by it) that the new
-        state.json names: its rename is the commit point. Weights files it does not name are removed.
-        owner: commit only if the session's lease names it (else LeaseLostError), holding the lease's
-        lock to the commit point, so no other server claims the session (and reads it) in between."""
+        """Persist `record` (it holds every turn: it starts the next turns log); with `save_weights`, first
+        a new weights file (written by it) that the new state.json names: its rename is the commit point.
+        Weights files and turns logs it does not name are removed. owner: commit only if the session's
+        lease names it (else LeaseLostError), holding the lease's lock to the commit point, so no other
+        server claims the session (and reads it) in between."""
         d = self.session_dir(tenant, session)
+        with self._leased(d, session, owner):
+            if save_weights is not None:
+                record.seq += 1
+                record.weights = f"weights-{record.seq:08d}.safetensors"
+                save_weights(d / record.weights)
+            record.log += 1
+            _write_atomically(d / "state.json", _encode(record))
+            _remove_leftovers(d, record)
+
+    def append_turns(self, tenant: str, session: str, log: int, entry: dict, owner: str | None = None) -> None:
+        """Append a turns-log entry (`turn_log`) to the session's log of generation `log` (its state's),
+        durably; owner: as `commit`'s (LeaseLostError, nothing appended)."""
+        d = self.session_dir(tenant, session)
+        with self._leased(d, session, owner):
+            append_entry(d / log_name(log), entry)
+
+    @contextmanager
+    def _leased(self, d: Path, session: str, owner: str | None) -> Iterator[None]:
+        """owner: hold the session's lock while its lease names `owner` (else LeaseLostError); None: no check."""
         with self._locked(d) if owner is not None else nullcontext():
             if owner is not None:
                 held = _read_lease_file(d / "lease.json")
                 if held is None or held["owner"] != owner:
                     raise LeaseLostError(f"session {session!r} is no longer leased to {owner}")
-            if save_weights is not None:
-                record.seq += 1
-                record.weights = f"weights-{record.seq:08d}.safetensors"
-                save_weights(d / record.weights)
-            _write_atomically(d / "state.json", _encode(record))
-            _remove_leftovers(d, record.weights)
+            yield
 
     def size(self, tenant: str, session: str) -> int:
         """Bytes of the session's files (a file a commit removes meanwhile counts as gone)."""
@@ -248,10 +278,11 @@ class Store:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _remove_leftovers(d: Path, weights: str | None) -> None:
-    """Weights files other than `weights`, and temp files: what a killed commit leaves behind."""
+def _remove_leftovers(d: Path, record: SessionRecord) -> None:
+    """Weights files and turns logs `record` does not name, and temp files: what a killed commit leaves behind."""
+    keep = (record.weights, log_name(record.log))
     for f in d.iterdir():
-        if (f.name.startswith("weights-") and f.name != weights) or f.name.startswith("state.json."):
+        if f.name.startswith(("weights-", PREFIX, "state.json.")) and f.name not in keep:
             f.unlink(missing_ok=True)
 
 
