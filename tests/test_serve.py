@@ -975,22 +975,22 @@ def test_a_claim_of_an_expired_lease_waits_for_the_holders_commit_and_then_it_ca
 
 
 def test_a_failed_lease_renewal_is_retried_and_the_renewals_go_on(tmp_path, monkeypatch):
-    """A renewal that fails with an unexpected error (a full disk; a session removed under the claim) is
-    retried next period: it stopped the renewal thread, and every lease of the server then ran out."""
+    """A renewal that fails with an unexpected error (a full disk) is retried next period: it stopped the
+    renewal thread, and every lease of the server then ran out."""
     model, tokenizer = load_serving_model("tiny-llama")
     store = Store(tmp_path)
     service = MemoryService(model, tokenizer, store, ServeConfig(capacity=3, max_write_sessions=1, lease_ttl=0.3))
     service.start()
     try:
         service.create("t", "s")
-        claim, failures = store.claim, [OSError(28, "No space left on device")]
+        renew, failures = store.renew, [OSError(28, "No space left on device")]
 
-        def failing_claim(*args, **kwargs):
+        def failing_renew(*args, **kwargs):
             if failures:
                 raise failures.pop()
-            return claim(*args, **kwargs)
+            return renew(*args, **kwargs)
 
-        monkeypatch.setattr(store, "claim", failing_claim)
+        monkeypatch.setattr(store, "renew", failing_renew)
         deadline = time.monotonic() + 60
         while failures or store.lease("t", "s").expires < time.time() + 0.25:  # renewed after the failure
             assert time.monotonic() < deadline, "the lease was never renewed again"

@@ -91,11 +91,16 @@ class Conversation:
         self.lock = threading.RLock()  # everything below
         self.busy = threading.Lock()  # held while one of its writes trains and commits
         self.active = True  # False once released, purged or dropped: queued work for it is abandoned
+        self.uses = 0  # requests using it now, and when it was last used (guarded by its LoadedSessions' lock)
+        self.last_used = time.monotonic()
+        self.lease_epoch = ""  # the epoch of this server's lease its store lease names (store.claim)
         self.jobs = [WriteJob.from_json(j) for j in record.pending]
         self.agent = MemoryAgent(generator, QueuedChannel(self.jobs), l_max=l_max)
         self.written: list[Card] = [(q, a) for q, a in record.written]
         self.stats = {k: int(record.stats.get(k, 0)) for k in STAT_KEYS}
-        self.seq, self.weights = record.seq, record.weights
+        self.seq, self.weights, self.log = record.seq, record.weights, record.log
+        self.logged = 0  # turns-log entries appended since the state was last committed whole
+        self.log_follows = True  # the store's state is this one's, but for turns the log may take
         self.agent.lines, self.agent.header = list(record.lines), record.header
         self.agent.context_tokens = record.context_tokens
         self.agent.triggers = [Trigger(i, 0, 0, 0) for i in range(record.triggers)]
@@ -105,20 +110,23 @@ class Conversation:
         return SessionRecord(
             lines=list(a.lines), header=a.header, context_tokens=a.context_tokens, triggers=len(a.triggers),
             pending=[j.to_json() for j in self.jobs], written=[list(c) for c in self.written],
-            stats=dict(self.stats), seq=self.seq, weights=self.weights,
+            stats=dict(self.stats), seq=self.seq, weights=self.weights, log=self.log,
         )
 
     def sync_record(self, record: SessionRecord) -> None:
-        """Take the weights file name and count a store commit assigned."""
-        self.seq, self.weights = record.seq, record.weights
+        """Take the weights file name, count and turns-log generation a store commit assigned."""
+        self.seq, self.weights, self.log = record.seq, record.weights, record.log
+        self.logged = 0
 
     # ---------------------------------------------------------------- what clients add
-    def append(self, turns: list[str], date: str | None = None, write: bool = False) -> list[WriteJob]:
+    def append(self, turns: list[str], date: str | None = None,
+               write: bool = False) -> tuple[list[WriteJob], dict | None]:
         """Add turns (one line each) under an optional DATE line; write: then write what the working
         context holds (the agent's end-of-conversation write; nothing if it holds no turn). Returns the
-        writes this triggered."""
-        before = len(self.jobs)
-        a = self.agent
+        writes this triggered, and the turns-log entry of the change (`SessionRecord.extend`) if it only
+        extended the working context (None: it triggered a write; the whole state is to be committed)."""
+        before, a = len(self.jobs), self.agent
+        context, start = a.lines, len(a.lines)  # (a write clears the context: the agent starts a new list)
         if date is not None and f"DATE: {date}" != a.header:
             a.header = f"DATE: {date}"
             a.observe(a.header)
@@ -127,7 +135,11 @@ class Conversation:
         if write:
             a.finish()
         self.stats["turns"] += len(turns)
-        return self.jobs[before:]
+        jobs = self.jobs[before:]
+        if jobs or a.lines is not context:
+            return jobs, None
+        return jobs, {"at": start, "lines": a.lines[start:], "header": a.header, "context_tokens": a.context_tokens,
+                      "stats": dict(self.stats)}
 
     def remember(self, cards: list[Card]) -> WriteJob:
         job = WriteJob(trigger=len(self.agent.triggers), cards=list(cards))
@@ -151,6 +163,7 @@ class Conversation:
     def finish(self, job: WriteJob, trained: list[Card], steps: int, error: Exception | None) -> dict:
         """Record a trained (or rolled back) job; returns its outcome for the client."""
         self.jobs.remove(job)
+        self.last_used = time.monotonic()  # (idle time counts from its last write too)
         if error is not None:
             self.stats["rollbacks"] += 1
         elif not job.cards:

@@ -65,6 +65,9 @@ def build_parser():
     p.add_argument("--lease-ttl", type=float, default=30.0, help="seconds a session lease lasts unrenewed")
     p.add_argument("--max-loaded", type=int, default=1024, help="sessions loaded at once; past it the least "
                    "recently used idle ones are released to the store (and loaded again on their next request)")
+    p.add_argument("--idle-unload-seconds", type=float, default=600.0,
+                   help="seconds a session goes unused (no request, no pending write) before it is unloaded from this "
+                   "server; its next request loads it again (0: never)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
     p.add_argument("--naive", action="store_true", help="the baseline: one request and one session at a time")
     p.add_argument("--backend", default="auto", help="fast-weight kernels: auto | triton | native | torch")
@@ -89,8 +92,9 @@ def main(argv: list[str]) -> int:
         config = ServeConfig(
             server_id=args.server_id or address, url=args.url or f"http://{address}", capacity=args.capacity,
             l_max=args.l_max, max_rows=args.max_batch, max_write_sessions=write_batch,
-            max_tokens=args.max_tokens, replay=args.replay, lease_ttl=args.lease_ttl, naive=args.naive,
-            backend=args.backend, max_loaded=args.max_loaded,
+            max_tokens=args.max_tokens, replay=args.replay, lease_ttl=args.lease_ttl,
+            idle_unload=args.idle_unload_seconds, max_loaded=args.max_loaded, naive=args.naive,
+            backend=args.backend,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -7,20 +7,24 @@
 
 A session is loaded into this server on first use: its lease is claimed in the store (another live
 server's lease refuses it: `LeaseHeldError`), its weights file loaded into a pool session, and its
-pending writes resumed. A renewal thread keeps the leases of loaded sessions; one found taken over
-is dropped. `release` hands a session over: it is persisted with its pending writes and unloaded, and
-the lease freed, so that any server sharing the store serves it next. Every change a client is told
-of (turns appended, a write committed, a reset) is in the store first.
+pending writes resumed. An upkeep thread renews this server's lease (one store write keeps every
+loaded session's; after a late renewal each is claimed again, and one found taken over is dropped),
+and unloads the sessions unused for `idle_unload` seconds (`LoadedSessions.take_idle`): their next
+request loads them again. `release` hands a session over: it is persisted with its pending writes and
+unloaded, and the lease freed, so that any server sharing the store serves it next. Every change a
+client is told of (turns appended, a write committed, a reset) is in the store first; appended turns
+go to the session's turns log (O(turn)), everything else rewrites its state.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +38,14 @@ from tmem_runtime.recipes import Recipe
 from tmem_runtime.serve.batcher import AnswerBatcher, Request, Row
 from tmem_runtime.serve.conversation import Card, Conversation, SessionGoneError, WriteJob
 from tmem_runtime.serve.cores import CoreLoan
+from tmem_runtime.serve.loaded import LoadedSessions
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.store import LeaseHeldError, LeaseLostError, SessionExistsError, Store
 from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter, check_cards
 
 logger = logging.getLogger("tmem.serve")
 MIN_CACHED_PREFIX = 8  # an answer's chat preamble shorter than this is prefilled with the rest of its prompt
+MAX_LOGGED = 1024  # turns-log entries after which a session's next append commits its state whole
 
 
 class UnknownSessionError(KeyError):
@@ -64,6 +70,7 @@ class ServeConfig:
     replay: int = 32
     card_tokens: int = 48
     lease_ttl: float = 30.0
+    idle_unload: float = 600.0  # seconds unused before a session is unloaded from this server (0: never)
     naive: bool = False
     backend: str = "auto"
     recipe: Recipe = AGENT_RECIPE
@@ -79,7 +86,7 @@ class ServeConfig:
             raise ValueError(f"capacity {self.capacity} must be at least max_write_sessions + 2 "
                              f"({self.max_write_sessions + 2}): writes, a save and an answer need rows at once")
         if min(self.l_max, self.max_rows, self.max_tokens, self.max_write_sessions, self.max_loaded) < 1 \
-                or self.lease_ttl <= 0:
+                or self.lease_ttl <= 0 or self.idle_unload < 0:
             raise ValueError(f"invalid serve config {self}")
 
 
@@ -102,12 +109,12 @@ class MemoryService:
                                    config.max_write_sessions, config.replay, config.card_tokens, model_lock=model_lock,
                                    card_writer=config.card_writer, cores=cores)
         self.preamble = self.generator.chat_preamble()  # answers' shared prefix, cached per session version
-        self.convs: OrderedDict[tuple[str, str], Conversation] = OrderedDict()  # least recently used first
-        self._lock = threading.Lock()  # the table and the per-session load locks
-        self._loading: dict[tuple[str, str], threading.Lock] = {}
+        self.loaded = LoadedSessions(self._load)
+        self.convs = self.loaded.convs  # (read under self.loaded.lock)
+        self.unloaded_idle = 0  # sessions unloaded for being idle
         self._load_ids = itertools.count(1)  # pool ids are unique per load, so a late unload never closes a newer load
         self._stop = threading.Event()
-        self._renewer = threading.Thread(target=self._renew_leases, name="tmem-leases", daemon=True)
+        self._upkeep_thread = threading.Thread(target=self._upkeep, name="tmem-upkeep", daemon=True)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -115,7 +122,8 @@ class MemoryService:
         writes resume)."""
         self.batcher.start()
         self.writer.start()
-        self._renewer.start()
+        self._renew_leases()  # (this server's lease record names its url now)
+        self._upkeep_thread.start()
         for tenant, session in list(self.store.leased_to(self.config.server_id)):
             try:
                 self.get(tenant, session)
@@ -133,72 +141,33 @@ class MemoryService:
         self.store.create(tenant, session)
         return self.get(tenant, session)
 
-    def get(self, tenant: str, session: str) -> Conversation:
-        """The loaded session, loading it from the store if needed (UnknownSessionError, LeaseHeldError)."""
-        key = (tenant, session)
-        while True:
-            with self._lock:
-                conv = self.convs.get(key)
-                if conv is not None:
-                    self.convs.move_to_end(key)
-                    return conv
-                load_lock = self._loading.setdefault(key, threading.Lock())
-            with load_lock:
-                with self._lock:
-                    if key in self.convs:
-                        return self.convs[key]
-                    if self._loading.get(key) is not load_lock:  # a failed load let it go: a newer lock
-                        continue  # may guard a load in progress now
-                try:
-                    conv = self._load(tenant, session)
-                    with self._lock:
-                        self.convs[key] = conv
-                finally:
-                    with self._lock:
-                        self._loading.pop(key, None)
-            break
-        self.writer.submit(conv, list(conv.jobs))
-        self._release_idle(keep=conv)
-        self._gauges()
+    def get(self, tenant: str, session: str, hold: bool = False) -> Conversation:
+        """The loaded session, loading it from the store if needed (UnknownSessionError, LeaseHeldError).
+        hold: the caller uses it until `self.loaded.let_go(conv)` (it is not unloaded as idle meanwhile)."""
+        conv, loaded_now = self.loaded.get(tenant, session, hold)
+        if loaded_now:
+            self.writer.submit(conv, list(conv.jobs))
+            if len(self.loaded.convs) > self.config.max_loaded:  # (a racy read: the bound is checked again)
+                self.unload_idle()
+            self._gauges()
         return conv
 
-    def _release_idle(self, keep: Conversation) -> None:
-        """While more than `max_loaded` sessions are loaded, release the least recently used idle ones (no
-        pending write, none training, no answer queued or decoding): everything of them is in the store
-        already, and a later request loads them again. Bounds what a long-running server holds (host copies
-        of B rows, contexts, cards, lease renewals) whatever the number of sessions it ever served."""
-        with self._lock:
-            excess = len(self.convs) - self.config.max_loaded
-            oldest = list(self.convs.values())
-        for conv in oldest:
-            if excess <= 0:
-                return
-            if conv is keep or not conv.busy.acquire(blocking=False):  # a write of it is training
-                continue
-            try:
-                with conv.lock:
-                    if not conv.active or conv.jobs or self._answering(conv.pool_id):
-                        continue
-                    conv.active = False  # requests that got it now fail (SessionGoneError: retry) and reload it
-            finally:
-                conv.busy.release()
-            self._drop(conv)
-            self.store.release(conv.tenant, conv.session, self.config.server_id)
-            excess -= 1
-
-    def _answering(self, pool_id: str) -> bool:
-        """Whether a request queued or decoding reads the session `pool_id`."""
-        b = self.batcher
-        with b.cond:
-            return any(row.session == pool_id for r in (*b.queue, *b.generating) for row in r.rows)
+    @contextmanager
+    def _using(self, tenant: str, session: str) -> Iterator[Conversation]:
+        conv = self.get(tenant, session, hold=True)
+        try:
+            yield conv
+        finally:
+            self.loaded.let_go(conv)
 
     def _load(self, tenant: str, session: str) -> Conversation:
         if not self.store.exists(tenant, session):
             raise UnknownSessionError(f"no session {session!r}")
-        self.store.claim(tenant, session, self.config.server_id, self.config.url, self.config.lease_ttl)
+        lease = self.store.claim(tenant, session, self.config.server_id, self.config.url, self.config.lease_ttl)
         record, weights = self.store.read(tenant, session)
         conv = Conversation(tenant, session, f"{tenant}/{session}#{next(self._load_ids)}", self.generator,
                             self.config.l_max, record)
+        conv.lease_epoch = lease.epoch
         self.pool.open(conv.pool_id)
         if weights is not None:
             self.pool.load(conv.pool_id, weights)
@@ -217,11 +186,10 @@ class MemoryService:
                write: bool = False) -> tuple[dict, list[WriteJob]]:
         """Append turns (persisted before this returns); write: then write the working context into
         memory whatever its length. Returns the session's counters and the writes this triggered."""
-        conv = self.get(tenant, session)
-        with conv.lock:
+        with self._using(tenant, session) as conv, conv.lock:
             self._check_active(conv)
-            jobs = conv.append(turns, date, write)
-            self._persist(conv, weights=False)
+            jobs, entry = conv.append(turns, date, write)
+            self._persist(conv, weights=False, turns=entry)
             summary = conv.summary()
         self.writer.submit(conv, jobs)
         return summary, jobs
@@ -230,8 +198,7 @@ class MemoryService:
         """Queue explicit flashcards as one write (persisted as pending before this returns); ValueError
         if a card cannot be trained (its answer alone is longer than the recipe's max_length tokens)."""
         check_cards(self.tokenizer, cards, self.config.recipe)
-        conv = self.get(tenant, session)
-        with conv.lock:
+        with self._using(tenant, session) as conv, conv.lock:
             self._check_active(conv)
             job = conv.remember(cards)
             self._persist(conv, weights=False)
@@ -239,21 +206,18 @@ class MemoryService:
         return job
 
     def stats(self, tenant: str, session: str) -> dict:
-        conv = self.get(tenant, session)
-        with conv.lock:
+        with self._using(tenant, session) as conv, conv.lock:
             summary = conv.summary()
         return {"id": session, **summary, "weights_bytes": self.pool.bytes_per_session(),
                 "store_bytes": self.store.size(tenant, session), "server": self.config.server_id}
 
     def memories(self, tenant: str, session: str) -> list[Card]:
-        conv = self.get(tenant, session)
-        with conv.lock:
+        with self._using(tenant, session) as conv, conv.lock:
             return list(conv.written)
 
     def reset(self, tenant: str, session: str) -> dict:
         """Back to the initial state: no memory, empty context; pending writes are abandoned."""
-        conv = self.get(tenant, session)
-        with conv.busy, conv.lock:  # no write of it is training or committing
+        with self._using(tenant, session) as conv, conv.busy, conv.lock:  # no write of it is training or committing
             self._check_active(conv)
             dropped = conv.reset()
             conv.weights = None
@@ -265,11 +229,13 @@ class MemoryService:
 
     def release(self, tenant: str, session: str) -> None:
         """Unload the session and free its lease (its pending writes stay in the store for the next server)."""
-        self._unload(self.get(tenant, session), lambda conv: self.store.release(tenant, session, self.config.server_id))
+        with self._using(tenant, session) as conv:
+            self._unload(conv, lambda conv: self.store.release(tenant, session, self.config.server_id))
 
     def remove(self, tenant: str, session: str) -> None:
         """Forget the session: unloaded and its files deleted."""
-        self._unload(self.get(tenant, session), lambda conv: self.store.remove(tenant, session))
+        with self._using(tenant, session) as conv:
+            self._unload(conv, lambda conv: self.store.remove(tenant, session))
 
     def _unload(self, conv: Conversation, then: Callable[[Conversation], None]) -> None:
         with conv.busy, conv.lock:
@@ -281,9 +247,7 @@ class MemoryService:
     def _drop(self, conv: Conversation) -> None:
         """Forget a loaded session here (the store keeps it): unload its pool row once no batch uses it."""
         conv.active = False
-        with self._lock:
-            if self.convs.get((conv.tenant, conv.session)) is conv:
-                del self.convs[(conv.tenant, conv.session)]
+        self.loaded.remove(conv)
         _abandon(list(conv.jobs), "the session moved to another server or was removed")
         while conv.pool_id in self.pool:
             try:  # once no answer batch reads it (its rows there stop and fail), so no other row's batch is redone
@@ -298,31 +262,77 @@ class MemoryService:
         if not conv.active:
             raise SessionGoneError("the session was released or removed; retry the request")
 
-    def _persist(self, conv: Conversation, weights: bool) -> None:
+    def _persist(self, conv: Conversation, weights: bool, turns: dict | None = None) -> None:
         """Commit the session to the store (conv.lock held) if this server still holds its lease (checked
-        by the commit, under the lease's lock; if not, the session is dropped here and SessionGoneError raised)."""
-        record = conv.to_record()
-        save = (lambda path: self.pool.save(conv.pool_id, path)) if weights else None
+        by the commit, under the lease's lock; if not, the session is dropped here and SessionGoneError raised).
+        turns: only turns were appended (`Conversation.append`'s entry): appended to the session's turns log
+        (O(turn)), unless the log is due for compaction or a persist failed since the last whole commit."""
+        owner = self.config.server_id
+        log = turns is not None and conv.log_follows and conv.logged < MAX_LOGGED
+        conv.log_follows = False  # (until this persist succeeds: after a failure, only a whole commit is right)
         try:
-            self.store.commit(conv.tenant, conv.session, record, save, owner=self.config.server_id)
+            if log:
+                self.store.append_turns(conv.tenant, conv.session, conv.log, turns, owner=owner)
+                conv.logged += 1
+            else:
+                record = conv.to_record()
+                save = (lambda path: self.pool.save(conv.pool_id, path)) if weights else None
+                self.store.commit(conv.tenant, conv.session, record, save, owner=owner)
+                conv.sync_record(record)
         except LeaseLostError:
             threading.Thread(target=self._drop, args=(conv,), daemon=True).start()
             raise SessionGoneError("this server no longer holds the session's lease; retry the request") from None
-        conv.sync_record(record)
+        conv.log_follows = True
+
+    def _upkeep(self) -> None:
+        """The upkeep thread: every lease_ttl / 3 seconds (more often for a short idle_unload), renew the
+        leases, then unload the idle sessions."""
+        idle = self.config.idle_unload
+        period = min(self.config.lease_ttl / 3, idle / 2 if idle else math.inf)
+        while not self._stop.wait(period):
+            self._renew_leases()
+            if idle:
+                try:
+                    self.unload_idle()
+                except Exception:  # e.g. a full disk under a release: the next period retries the others
+                    logger.exception("unloading an idle session failed")
 
     def _renew_leases(self) -> None:
-        period = self.config.lease_ttl / 3
-        while not self._stop.wait(period):
-            with self._lock:
-                loaded = list(self.convs.values())
-            for conv in loaded:
-                try:
-                    self.store.claim(conv.tenant, conv.session, self.config.server_id, self.config.url,
-                                     self.config.lease_ttl)
-                except (LeaseHeldError, KeyError):
-                    self._drop(conv)
-                except Exception:  # e.g. a full disk, or a session removed under the claim: the next period retries
-                    logger.exception("renewing the lease of a session failed")
+        """Renew this server's lease (one store write: every session's lease lasts while it does); after
+        a late renewal (a new epoch), claim each loaded session again, dropping those another server took."""
+        cfg = self.config
+        try:
+            epoch = self.store.renew(cfg.server_id, cfg.url, cfg.lease_ttl).epoch
+        except Exception:  # e.g. a full disk: the next period retries
+            logger.exception("renewing this server's lease failed")
+            return
+        for conv in self.loaded.loaded():
+            if conv.lease_epoch == epoch:
+                continue
+            try:
+                conv.lease_epoch = self.store.claim(conv.tenant, conv.session, cfg.server_id, cfg.url,
+                                                    cfg.lease_ttl).epoch
+            except (LeaseHeldError, KeyError):
+                self._drop(conv)
+            except Exception:  # e.g. a full disk, or a session removed under the claim: the next period retries
+                logger.exception("claiming a session again after a late lease renewal failed")
+
+    def unload_idle(self) -> int:
+        """Unload the sessions unused for `idle_unload` seconds, and while more than `max_loaded` are
+        loaded the least recently used ones, with no write pending and no request in progress
+        (`LoadedSessions.take_idle`), and give their leases up: the store has them already, and their
+        next request loads them again. Bounds what a long-running server holds (host copies of B rows,
+        contexts, cards, lease renewals) whatever the number of sessions it ever served. Returns how many."""
+        taken = self.loaded.take_idle(self.config.idle_unload, self.config.max_loaded)
+        for conv, gate in taken:
+            try:
+                self._drop(conv)
+                self.store.release(conv.tenant, conv.session, self.config.server_id)
+            finally:
+                self.loaded.unloaded(conv, gate)
+            self.unloaded_idle += 1
+            self.metrics.inc("sessions_unloaded_total", reason="idle")
+        return len(taken)
 
     # ---------------------------------------------------------------- answers
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -333,19 +343,27 @@ class MemoryService:
                on_text: Callable[[str], None] | None = None, stop: Sequence[str] = ()) -> Request:
         """Queue a chat completion reading `session`'s fast weights (None: the bare model), ending where
         the first of the `stop` texts begins. ValueError if the prompt and max_tokens do not fit the
-        model's window."""
-        conv = self.get(tenant, session) if session is not None else None
-        ids = self.prompt_ids(messages)
-        if len(ids) + max_tokens > self.generator.window:
-            raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} it exceeds the "
-                             f"model's window of {self.generator.window} tokens")
+        model's window. The session is held (never unloaded as idle) until the answer ends."""
+        conv = self.get(tenant, session, hold=True) if session is not None else None
+        try:
+            ids = self.prompt_ids(messages)
+            if len(ids) + max_tokens > self.generator.window:
+                raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} it exceeds the "
+                                 f"model's window of {self.generator.window} tokens")
+            if conv is not None:
+                self._check_active(conv)
+            p = self.preamble
+            prefix = p if len(p) >= MIN_CACHED_PREFIX and len(ids) > len(p) and ids[: len(p)] == p else []
+            row = Row(ids[len(prefix) :], None if conv is None else conv.pool_id, max_tokens, on_text=on_text,
+                      stop=tuple(stop))
+            request = self.batcher.submit([row], prefix=prefix)
+        except BaseException:
+            if conv is not None:
+                self.loaded.let_go(conv)
+            raise
         if conv is not None:
-            self._check_active(conv)
-        p = self.preamble
-        prefix = p if len(p) >= MIN_CACHED_PREFIX and len(ids) > len(p) and ids[: len(p)] == p else []
-        row = Row(ids[len(prefix) :], None if conv is None else conv.pool_id, max_tokens, on_text=on_text,
-                  stop=tuple(stop))
-        return self.batcher.submit([row], prefix=prefix)
+            request.future.add_done_callback(lambda _: self.loaded.let_go(conv))
+        return request
 
     # ---------------------------------------------------------------- metrics
     def _gauges(self) -> None:
@@ -358,9 +376,7 @@ class MemoryService:
             self.metrics.set_total("trunk_rows_examples_total", c[f"trunk_rows_{outcome}"], outcome=outcome)
         self.metrics.set_total("commit_waits_total", c["commit_waits"])
         self.metrics.set_total("commit_wait_seconds_total", c["commit_wait_seconds"])
-        with self._lock:
-            loaded = list(self.convs.values())
-        self.metrics.set_gauge("queue_depth", sum(len(conv.jobs) for conv in loaded), queue="write")
+        self.metrics.set_gauge("queue_depth", sum(len(conv.jobs) for conv in self.loaded.loaded()), queue="write")
 
     def metrics_text(self) -> str:
         self._gauges()

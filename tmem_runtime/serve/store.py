@@ -2,9 +2,11 @@
 
     STORE/tenants/<hex tenant>/<hex session>/
         state.json                 working context, pending writes, written flashcards, counters
+        turns-<generation>.log     turns appended since state.json was written (turn_log.py)
         weights-<seq>.safetensors  the fast weights after the session's write number <seq> (pool.save)
-        lease.json                 which server serves the session, and until when
+        lease.json                 which server serves the session (and that server's epoch)
         .lock                      flock'd while the lease changes hands
+    STORE/servers/                 each server's lease record: until when its sessions' leases last (leases.py)
 
 Every file is replaced atomically (temp file, fsync, rename, directory fsync). A write's commit point is the rename
 of state.json naming the new weights file: a server killed before it restarts from the previous
@@ -29,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tmem_runtime.adapter_file import atomic_write
+from tmem_runtime.serve.leases import ServerLeases
+from tmem_runtime.serve.turn_log import PREFIX, append_entry, log_name, read_entries
 
 MAX_ID_LENGTH = 127  # hex-encoded: 254 bytes, under NAME_MAX (255)
 ID_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{MAX_ID_LENGTH - 1}}}")
@@ -74,14 +78,27 @@ class SessionRecord:
     stats: dict[str, int] = field(default_factory=dict)
     seq: int = 0  # weights files written so far
     weights: str | None = None  # the current weights file (None: the initial state)
+    log: int = 0  # the generation of its turns log (turn_log.py)
     version: int = STATE_VERSION
+
+    def extend(self, entry: dict) -> bool:
+        """Apply a turns-log entry if it extends this context (it was written after `entry["at"]` lines)."""
+        if entry["at"] != len(self.lines):
+            return False
+        self.lines += entry["lines"]
+        self.header, self.context_tokens = entry.get("header"), int(entry.get("context_tokens", 0))
+        self.stats = dict(entry.get("stats", self.stats))
+        return True
 
 
 @dataclass(frozen=True)
 class Lease:
+    """A session's lease: the server holding it, where it answers, until when, in which of its epochs."""
+
     owner: str
     url: str
     expires: float
+    epoch: str = ""
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -95,6 +112,7 @@ class Store:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         (self.root / "tenants").mkdir(parents=True, exist_ok=True)
+        self.servers = ServerLeases(self.root / "servers")
 
     # ---------------------------------------------------------------- paths
     def tenant_dir(self, tenant: str) -> Path:
@@ -126,35 +144,53 @@ class Store:
         return record
 
     def read(self, tenant: str, session: str) -> tuple[SessionRecord, Path | None]:
-        """The session's state and its weights file (None: initial state). KeyError if it does not exist.
-        Leftovers of a killed commit (weights files state.json does not name, temp files) are removed."""
+        """The session's state (with the turns its log adds) and its weights file (None: initial state).
+        KeyError if it does not exist. Leftovers of a killed commit (weights files and turns logs state.json
+        does not name, temp files) are removed."""
         d = self.session_dir(tenant, session)
         try:
             raw = json.loads((d / "state.json").read_bytes())
         except FileNotFoundError:
             raise KeyError(session) from None
         record = SessionRecord(**raw)
-        _remove_leftovers(d, record.weights)
+        for entry in read_entries(d / log_name(record.log)):
+            record.extend(entry)
+        _remove_leftovers(d, record)
         return record, (d / record.weights if record.weights else None)
 
     def commit(self, tenant: str, session: str, record: SessionRecord,
                save_weights: Callable[[Path], None] | None = None, owner: str | None = None) -> None:
-        """Persist `record`; with `save_weights`, first a new weights file (written by it) that the new
-        state.json names: its rename is the commit point. Weights files it does not name are removed.
-        owner: commit only if the session's lease names it (else LeaseLostError), holding the lease's
-        lock to the commit point, so no other server claims the session (and reads it) in between."""
+        """Persist `record` (it holds every turn: it starts the next turns log); with `save_weights`, first
+        a new weights file (written by it) that the new state.json names: its rename is the commit point.
+        Weights files and turns logs it does not name are removed. owner: commit only if the session's
+        lease names it (else LeaseLostError), holding the lease's lock to the commit point, so no other
+        server claims the session (and reads it) in between."""
         d = self.session_dir(tenant, session)
-        with self._locked(d) if owner is not None else nullcontext():
-            if owner is not None:
-                held = self.lease(tenant, session)
-                if held is None or held.owner != owner:
-                    raise LeaseLostError(f"session {session!r} is no longer leased to {owner}")
+        with self._leased(d, session, owner):
             if save_weights is not None:
                 record.seq += 1
                 record.weights = f"weights-{record.seq:08d}.safetensors"
                 save_weights(d / record.weights)
+            record.log += 1
             _write_atomically(d / "state.json", _encode(record))
-            _remove_leftovers(d, record.weights)
+            _remove_leftovers(d, record)
+
+    def append_turns(self, tenant: str, session: str, log: int, entry: dict, owner: str | None = None) -> None:
+        """Append a turns-log entry (`turn_log`) to the session's log of generation `log` (its state's),
+        durably; owner: as `commit`'s (LeaseLostError, nothing appended)."""
+        d = self.session_dir(tenant, session)
+        with self._leased(d, session, owner):
+            append_entry(d / log_name(log), entry)
+
+    @contextmanager
+    def _leased(self, d: Path, session: str, owner: str | None) -> Iterator[None]:
+        """owner: hold the session's lock while its lease names `owner` (else LeaseLostError); None: no check."""
+        with self._locked(d) if owner is not None else nullcontext():
+            if owner is not None:
+                held = _read_lease_file(d / "lease.json")
+                if held is None or held["owner"] != owner:
+                    raise LeaseLostError(f"session {session!r} is no longer leased to {owner}")
+            yield
 
     def size(self, tenant: str, session: str) -> int:
         """Bytes of the session's files (a file a commit removes meanwhile counts as gone)."""
@@ -175,23 +211,42 @@ class Store:
 
     # ---------------------------------------------------------------- leases
     def claim(self, tenant: str, session: str, owner: str, url: str, ttl: float) -> Lease:
-        """Take (or renew) the session's lease for `ttl` seconds: it must be free, expired or ours,
-        else LeaseHeldError. KeyError if the session does not exist."""
+        """Take the session's lease for `owner` in its server lease's current epoch (the server lease
+        renewed for `ttl` seconds if it had expired): the session's lease must be free, expired or
+        `owner`'s, else LeaseHeldError. The lease lasts while the server's does (`renew`). KeyError if the
+        session does not exist."""
         d = self.session_dir(tenant, session)
         if not (d / "state.json").is_file():
             raise KeyError(session)
+        server = self.servers.live(owner, url, ttl)
         with self._locked(d):
+            now = time.time()  # (before the server lease is read: see leases.py)
             held = self.lease(tenant, session)
-            if held is not None and held.owner != owner and held.expires > time.time():
+            if held is not None and held.owner != owner and held.expires > now:
                 raise LeaseHeldError(held.owner, held.url, held.expires)
             for f in d.glob("lease.json.*"):  # a temp file of a claim killed before its rename (claims hold the lock)
                 f.unlink(missing_ok=True)
-            lease = Lease(owner, url, time.time() + ttl)
-            _write_atomically(d / "lease.json", json.dumps(asdict(lease)).encode())
-        return lease
+            if held is None or held.owner != owner or held.epoch != server.epoch:
+                _write_atomically(d / "lease.json", json.dumps({"owner": owner, "epoch": server.epoch}).encode())
+        return Lease(owner, server.url, server.expires, server.epoch)
+
+    def renew(self, owner: str, url: str, ttl: float) -> Lease:
+        """Renew the leases of every session `owner` holds in its current epoch, by `ttl` seconds: one
+        write. Sessions whose lease names another epoch (the returned one changed: a late renewal) must
+        be claimed again; a claim refused means another server has taken the session."""
+        server = self.servers.renew(owner, url, ttl)
+        return Lease(owner, server.url, server.expires, server.epoch)
 
     def lease(self, tenant: str, session: str) -> Lease | None:
-        return _read_lease(self.session_dir(tenant, session) / "lease.json")
+        """The session's lease (expires: 0 if its server's lease has since moved to another epoch)."""
+        held = _read_lease_file(self.session_dir(tenant, session) / "lease.json")
+        if held is None:
+            return None
+        if "epoch" not in held:  # written by an older server: its own expiry
+            return Lease(held["owner"], held.get("url", ""), float(held.get("expires", 0.0)))
+        server = self.servers.read(held["owner"])
+        live = server is not None and server.epoch == held["epoch"]
+        return Lease(held["owner"], server.url if server else "", server.expires if live else 0.0, held["epoch"])
 
     def release(self, tenant: str, session: str, owner: str) -> None:
         """Give the lease up (only if `owner` holds it)."""
@@ -199,16 +254,16 @@ class Store:
         if not d.is_dir():
             return
         with self._locked(d):
-            held = self.lease(tenant, session)
-            if held is not None and held.owner == owner:
+            held = _read_lease_file(d / "lease.json")
+            if held is not None and held["owner"] == owner:
                 (d / "lease.json").unlink(missing_ok=True)
 
     def leased_to(self, owner: str) -> Iterator[tuple[str, str]]:
         """(tenant, session) of every session whose lease names `owner` (expired or not)."""
         for t in (self.root / "tenants").iterdir():
             for s in t.iterdir():
-                held = _read_lease(s / "lease.json")
-                if held is not None and held.owner == owner and (s / "state.json").is_file():
+                held = _read_lease_file(s / "lease.json")
+                if held is not None and held["owner"] == owner and (s / "state.json").is_file():
                     yield bytes.fromhex(t.name).decode(), bytes.fromhex(s.name).decode()
 
     @contextmanager
@@ -223,18 +278,22 @@ class Store:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _remove_leftovers(d: Path, weights: str | None) -> None:
-    """Weights files other than `weights`, and temp files: what a killed commit leaves behind."""
+def _remove_leftovers(d: Path, record: SessionRecord) -> None:
+    """Weights files and turns logs `record` does not name, and temp files: what a killed commit leaves behind."""
+    keep = (record.weights, log_name(record.log))
     for f in d.iterdir():
-        if (f.name.startswith("weights-") and f.name != weights) or f.name.startswith("state.json."):
+        if f.name.startswith(("weights-", PREFIX, "state.json.")) and f.name not in keep:
             f.unlink(missing_ok=True)
 
 
-def _read_lease(path: Path) -> Lease | None:
+def _read_lease_file(path: Path) -> dict | None:
+    """A session's lease.json ({"owner", "epoch"}; {"owner", "url", "expires"} from older servers), None
+    if there is none (or a torn one: claims write it atomically, so only a foreign file can be)."""
     try:
-        return Lease(**json.loads(path.read_bytes()))
-    except (FileNotFoundError, ValueError, TypeError):
+        held = json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
         return None
+    return held if isinstance(held, dict) and isinstance(held.get("owner"), str) else None
 
 
 def _encode(record: SessionRecord) -> bytes:

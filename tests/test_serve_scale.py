@@ -1,0 +1,406 @@
+"""`tmem serve` at scale: idle sessions unloaded, lease renewal in O(1) store operations, turns appended in O(turn).
+
+The services here run in-process (no HTTP) on the tiny random Llama, with the deterministic card
+writer of test_serve; answers are checked token for token against the same independent reference.
+"""
+
+# ruff: noqa: E402  (the serve extra is checked before the modules that import it)
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+for _package in ("fastapi", "uvicorn", "httpx"):  # the `serve` extra
+    pytest.importorskip(_package)
+
+from tests.test_serve import CARDS, reference_answer, turn_cards, weights_file
+from tmem_runtime.serve.main import load_serving_model
+from tmem_runtime.serve.service import MemoryService, ServeConfig
+from tmem_runtime.serve.store import LeaseHeldError, LeaseLostError, Store
+
+QUESTION = [{"role": "user", "content": CARDS[0][0]}]
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    """An independent copy of the served model, for reference answers (test_serve's)."""
+    return load_serving_model("tiny-llama")
+
+
+@pytest.fixture()
+def model():
+    """A fresh copy of the tiny model per service (a model holds one pool)."""
+    return load_serving_model("tiny-llama")
+
+
+def start_service(model, store: Store, **config) -> MemoryService:
+    config = {"capacity": 4, "max_write_sessions": 1, "l_max": 48, "max_tokens": 16, **config}
+    service = MemoryService(*model, store, ServeConfig(card_writer=turn_cards, **config))
+    service.start()
+    return service
+
+
+@pytest.fixture()
+def idle_service(model, tmp_path):
+    service = start_service(model, Store(tmp_path), idle_unload=1.0)
+    yield service
+    service.stop()
+
+
+def answer(service: MemoryService, session: str) -> str:
+    return service.answer("t", session, QUESTION, 8).future.result(timeout=60)[0].text
+
+
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def unloaded_total(service: MemoryService) -> float:
+    lines = [ln for ln in service.metrics_text().splitlines() if ln.startswith("tmem_sessions_unloaded_total")]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- idle unload
+def test_an_idle_session_is_unloaded_and_its_next_request_loads_it_as_it_was(idle_service, reference_model):
+    """Unused for idle_unload seconds, a session leaves the process (conversation, pool session, lease);
+    its next request loads it from the store and answers exactly as before, with its context and counters."""
+    s = idle_service
+    s.create("t", "idle")
+    assert s.remember("t", "idle", CARDS).done.result(timeout=60)["error"] is None
+    s.append("t", "idle", ["Nina: a short turn"], date="2 March 2024")
+    before, stats = answer(s, "idle"), s.stats("t", "idle")
+    conv = s.convs[("t", "idle")]
+    wait_until(lambda: s.unloaded_idle == 1, "the idle session was never unloaded")
+    assert ("t", "idle") not in s.convs and unloaded_total(s) == 1
+    assert not conv.active and conv.pool_id not in s.pool and s.store.lease("t", "idle") is None
+    assert s.pool.counters()["open"] == 0
+
+    after = answer(s, "idle")
+    again = s.convs[("t", "idle")]
+    assert again is not conv and again.pool_id != conv.pool_id and s.store.lease("t", "idle").owner == "local"
+    assert after == before == reference_answer(reference_model, weights_file(s.store, "t", "idle"), CARDS[0][0])
+    assert {**s.stats("t", "idle"), "store_bytes": 0} == {**stats, "store_bytes": 0}
+    assert again.agent.lines == conv.agent.lines == ["DATE: 2 March 2024", "Nina: a short turn"]
+
+
+def test_a_session_with_a_pending_write_or_an_answer_in_progress_is_never_unloaded(idle_service):
+    """A write pending (its training not started), an answer streaming, an answer queued behind it: each
+    session stays loaded however long that lasts; once they are over, each is unloaded."""
+    s = idle_service
+    for name in ("writing", "streaming", "queued"):
+        s.create("t", name)
+    writing = s.get("t", "writing")
+    gate, first = threading.Event(), threading.Event()
+
+    def stream(_: str) -> None:
+        first.set()
+        gate.wait(60)
+
+    with writing.busy:  # the write thread cannot take its write until this ends
+        job = s.remember("t", "writing", CARDS[:1])
+        streaming = s.answer("t", "streaming", QUESTION, 4, on_text=stream)
+        assert first.wait(60)
+        queued = s.answer("t", "queued", QUESTION, 4)  # waits for the decode thread, which waits for the gate
+        time.sleep(2.5)  # over two idle periods
+        assert s.unload_idle() == 0 and s.unloaded_idle == 0
+        assert {("t", "writing"), ("t", "streaming"), ("t", "queued")} <= set(s.convs)
+        gate.set()
+    s.writer.wake()  # (it found the write's session busy)
+    assert streaming.future.result(timeout=60)[0].tokens > 0 and queued.future.result(timeout=60)[0].tokens > 0
+    assert job.done.result(timeout=60)["error"] is None
+    wait_until(lambda: s.unloaded_idle == 3, "the sessions were never unloaded once their work ended")
+    assert not s.convs and s.stats("t", "writing")["memories"] == 1
+
+
+def test_a_request_during_an_unload_waits_and_loads_the_session_after_its_lease_is_given_up(model, tmp_path,
+                                                                                            monkeypatch):
+    """The unload gives the lease up last: a request that arrives meanwhile must not load the session
+    before that (its claim would be given up under it: every later commit refused)."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0)  # unloaded here by hand
+    try:
+        s.create("t", "s")
+        s.append("t", "s", ["Nina: one turn"])
+        releasing, go_on, release = threading.Event(), threading.Event(), store.release
+
+        def slow_release(*args) -> None:
+            releasing.set()
+            go_on.wait(60)
+            release(*args)
+
+        monkeypatch.setattr(store, "release", slow_release)
+        s.convs[("t", "s")].last_used -= 10
+        s.config.idle_unload = 1
+        def unload() -> None:  # (a write thread looking at the session holds its lock a moment: not idle then)
+            while not s.unload_idle():
+                time.sleep(0.01)
+
+        unloading = threading.Thread(target=unload)
+        unloading.start()
+        assert releasing.wait(60)
+        got: list = []
+        getter = threading.Thread(target=lambda: got.append(s.append("t", "s", ["Nina: another turn"])))
+        getter.start()
+        getter.join(0.5)
+        assert not got, "a request loaded the session while its unload was giving its lease up"
+        go_on.set()
+        unloading.join(300), getter.join(300)
+        assert got[0][0]["context_turns"] == 2 and store.lease("t", "s").owner == "local"
+        assert store.read("t", "s")[0].stats["turns"] == 2 and s.unloaded_idle == 1
+    finally:
+        s.stop()
+
+
+def test_idle_unload_zero_never_unloads(model, tmp_path):
+    s = start_service(model, Store(tmp_path), idle_unload=0, lease_ttl=0.3)
+    try:
+        s.create("t", "kept")
+        time.sleep(0.5)
+        assert ("t", "kept") in s.convs and s.unloaded_idle == 0
+    finally:
+        s.stop()
+    with pytest.raises(ValueError):
+        ServeConfig(idle_unload=-1)
+
+
+# ---------------------------------------------------------------------------------------------- leases
+def file_versions(root) -> dict[str, int]:
+    """{path: mtime in ns} of every file under `root` but the lock files."""
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
+
+
+def test_a_renewal_round_writes_one_file_whatever_the_number_of_sessions(model, tmp_path):
+    """A server holding 40 sessions renews every one of their leases by one write: its own lease record."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0)  # (its upkeep thread renews every 10 s: not during this test)
+    try:
+        for i in range(40):
+            s.create("t", f"s{i}")
+        before, expiry = file_versions(tmp_path), [store.lease("t", f"s{i}").expires for i in range(40)]
+        time.sleep(0.01)
+        s._renew_leases()
+        after = file_versions(tmp_path)
+        changed = [p for p in after if before.get(p) != after[p]]
+        assert changed == [str(tmp_path / "servers" / (b"local".hex() + ".json"))]
+        assert all(store.lease("t", f"s{i}").expires > expiry[i] for i in range(40))
+        assert all(store.lease("t", f"s{i}").owner == "local" for i in range(40))
+    finally:
+        s.stop()
+
+
+def test_after_a_late_renewal_the_sessions_another_server_took_are_dropped_and_the_rest_claimed_again(
+        model, tmp_path):
+    """This server's lease ran out (its renewal came late): another server took one of its sessions
+    meanwhile. The next renewal starts a new epoch and claims every loaded session again: the taken one
+    is dropped here (its commits refused), the other kept, its lease live again."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0)
+    try:
+        for name in ("kept", "taken"):
+            s.create("t", name)
+        old = store.lease("t", "kept")
+        store.servers._write(replace(store.servers.read("local"), expires=time.time() - 1))  # ran out
+        assert store.lease("t", "kept").expires < time.time()
+        store.claim("t", "taken", "other", "http://other", ttl=30)
+        taken = s.convs[("t", "taken")]
+        s._renew_leases()
+        assert ("t", "taken") not in s.convs and not taken.active and taken.pool_id not in s.pool
+        kept = store.lease("t", "kept")
+        assert kept.owner == "local" and kept.epoch != old.epoch and kept.expires > time.time()
+        assert s.convs[("t", "kept")].lease_epoch == kept.epoch
+        with pytest.raises(LeaseLostError):
+            store.commit("t", "taken", store.read("t", "taken")[0], owner="local")
+        with pytest.raises(LeaseHeldError):
+            s.get("t", "taken")
+    finally:
+        s.stop()
+
+
+def test_a_renewal_whose_write_lands_after_its_lease_ran_out_starts_a_new_epoch(tmp_path, monkeypatch):
+    """A server paused in the middle of its renewal until its lease ran out: another server claimed its
+    session then. The renewal's write lands after that: it must not extend the old epoch (the session
+    would then look leased to both), so the server finds the session lost when it claims it again."""
+    store = Store(tmp_path)
+    store.create("t", "s")
+    first = store.claim("t", "s", "a", "http://a", ttl=0.3)
+    write, paused = store.servers._write, []
+
+    def paused_write(lease):
+        if lease.owner == "a" and not paused:  # a pauses before its write lands; b claims the session meanwhile
+            paused.append(lease)
+            time.sleep(max(0.0, first.expires - time.time()) + 0.05)
+            assert store.claim("t", "s", "b", "http://b", ttl=30).owner == "b"
+        return write(lease)
+
+    monkeypatch.setattr(store.servers, "_write", paused_write)
+    renewed = store.renew("a", "http://a", ttl=30)
+    assert paused and renewed.epoch != first.epoch and renewed.expires > time.time()
+    held = store.lease("t", "s")
+    assert held.owner == "b" and held.expires > time.time()
+    with pytest.raises(LeaseHeldError):
+        store.claim("t", "s", "a", "http://a", ttl=30)
+    with pytest.raises(LeaseLostError):
+        store.commit("t", "s", store.read("t", "s")[0], owner="a")
+
+
+def test_a_lease_written_by_an_older_server_is_honoured(tmp_path):
+    store = Store(tmp_path)
+    store.create("t", "s")
+    lease = store.session_dir("t", "s") / "lease.json"
+    lease.write_text(json.dumps({"owner": "old", "url": "http://old", "expires": time.time() + 30}))
+    with pytest.raises(LeaseHeldError):
+        store.claim("t", "s", "new", "http://new", ttl=30)
+    lease.write_text(json.dumps({"owner": "old", "url": "http://old", "expires": time.time() - 1}))
+    assert store.claim("t", "s", "new", "http://new", ttl=30).owner == store.lease("t", "s").owner == "new"
+
+
+# ---------------------------------------------------------------------------------------------- turns log
+def session_files(store: Store, session: str) -> dict[str, bytes]:
+    d = store.session_dir("t", session)
+    return {f.name: f.read_bytes() for f in d.iterdir() if f.name not in (".lock", "lease.json")}
+
+
+def test_appending_a_turn_writes_the_turn_alone_and_a_commit_folds_the_log_into_the_state(model, tmp_path):
+    """However long the context and the memory, an appended turn adds one line to the turns log (state.json
+    untouched); a restart reads every turn back; a write's commit writes them into state.json and starts
+    a new log."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0, l_max=1 << 20)
+    try:
+        s.create("t", "long")
+        s.append("t", "long", [f"Nina: this is turn number {i} of a long day." for i in range(300)], date="1 May")
+        assert s.remember("t", "long", CARDS).done.result(timeout=60)["error"] is None
+        before = session_files(store, "long")
+        s.append("t", "long", ["Leo: short."])
+        after = session_files(store, "long")
+        log = "turns-00000002.log"  # (the state was committed whole twice: the write queued, then trained)
+        assert after["state.json"] == before["state.json"] and len(before["state.json"]) > 14_000
+        assert log not in before and 0 < len(after[log]) < 250
+        assert json.loads(after[log])["lines"] == ["Leo: short."]
+        conv = s.get("t", "long")
+        expected = {"lines": conv.agent.lines, "context_tokens": conv.agent.context_tokens, "stats": conv.stats}
+    finally:
+        s.stop()
+    record, _ = Store(tmp_path).read("t", "long")
+    assert {"lines": record.lines, "context_tokens": record.context_tokens, "stats": record.stats} == expected
+    assert record.lines[-1] == "Leo: short." and record.stats["turns"] == 301 and len(record.lines) == 302
+
+    model2 = load_serving_model("tiny-llama")
+    s = start_service(model2, store, idle_unload=0, l_max=1 << 20)  # restarted: loads state + log
+    try:
+        assert s.stats("t", "long")["context_turns"] == 302
+        assert s.remember("t", "long", CARDS[:1]).done.result(timeout=60)["error"] is None
+        files = session_files(store, "long")
+        assert not [f for f in files if f.startswith("turns-")]  # folded into state.json
+        assert json.loads(files["state.json"])["lines"] == expected["lines"]
+    finally:
+        s.stop()
+
+
+def test_a_torn_last_line_of_the_turns_log_is_ignored_and_the_next_append_starts_on_its_own_line(tmp_path):
+    """A SIGKILL in the middle of an append leaves any prefix of its line: every cut loads the turns
+    before it, and the next append's turn loads after them."""
+    store = Store(tmp_path)
+    store.create("t", "s")
+    for i in range(3):
+        store.append_turns("t", "s", 0, {"at": i, "lines": [f"turn {i}"], "header": None, "context_tokens": i + 1,
+                                         "stats": {"turns": i + 1}})
+    log = store.session_dir("t", "s") / "turns-00000000.log"
+    whole = log.read_bytes()
+    last = whole.rindex(b"\n", 0, len(whole) - 1) + 1  # where the last line begins
+    for cut in range(last, len(whole)):
+        log.write_bytes(whole[:cut])
+        record, _ = store.read("t", "s")
+        assert record.lines == ["turn 0", "turn 1"] and record.stats == {"turns": 2}, cut
+    log.write_bytes(whole[: last + 7])
+    store.append_turns("t", "s", 0, {"at": 2, "lines": ["turn 2 again"], "header": None, "context_tokens": 3,
+                                     "stats": {"turns": 3}})
+    record, _ = store.read("t", "s")
+    assert record.lines == ["turn 0", "turn 1", "turn 2 again"] and record.context_tokens == 3
+
+
+KILLED_APPENDER = """
+import sys
+from tmem_runtime.serve.store import Store
+store = Store(sys.argv[1])
+for i in range(100000):
+    store.append_turns("t", "s", 0, {"at": i, "lines": [f"turn {i} " + "x" * 2000], "header": None,
+                                     "context_tokens": i, "stats": {"turns": i + 1}})
+    print(i, flush=True)  # acknowledged
+"""
+
+
+def test_every_acknowledged_turn_survives_a_sigkill_in_the_middle_of_appends(tmp_path):
+    import subprocess
+    import sys
+
+    store = Store(tmp_path)
+    store.create("t", "s")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_APPENDER, str(tmp_path)], stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    acked = -1
+    while acked < 200:
+        acked = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    acked = max([acked, *(int(x) for x in proc.stdout.read().split())])
+    record, _ = store.read("t", "s")
+    assert len(record.lines) > acked and record.stats == {"turns": len(record.lines)}
+    assert [line.split()[1] for line in record.lines] == [str(i) for i in range(len(record.lines))]
+
+
+def test_after_a_failed_append_the_next_one_commits_the_whole_state(model, tmp_path, monkeypatch):
+    """An append that fails mid-line (a full disk) leaves its turn in the session but maybe not in the
+    log: the next append must not log an entry the store cannot place; it commits the state whole."""
+    import tmem_runtime.serve.store as store_module
+
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0)
+    try:
+        s.create("t", "s")
+        s.append("t", "s", ["Nina: first"])
+        append_entry = store_module.append_entry
+
+        def full_disk(path, entry) -> None:
+            with open(path, "ab") as f:
+                f.write(b'{"at": 1, "lines": ["Nina: sec')
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(store_module, "append_entry", full_disk)
+        with pytest.raises(OSError):
+            s.append("t", "s", ["Nina: second"])
+        monkeypatch.setattr(store_module, "append_entry", append_entry)
+        s.append("t", "s", ["Nina: third"])
+        assert store.read("t", "s")[0].lines == ["Nina: first", "Nina: second", "Nina: third"]
+        s.append("t", "s", ["Nina: fourth"])  # (logged again)
+        assert store.read("t", "s")[0].lines[-1] == "Nina: fourth" and s.get("t", "s").logged == 1
+    finally:
+        s.stop()
+
+
+def test_a_store_written_before_turns_logs_loads_and_takes_appends(model, tmp_path):
+    store = Store(tmp_path)
+    d = store.session_dir("t", "old")
+    d.mkdir(parents=True)
+    (d / "state.json").write_text(json.dumps({
+        "lines": ["DATE: 1 May", "Nina: hello there"], "header": "DATE: 1 May", "context_tokens": 12, "triggers": 0,
+        "pending": [], "written": [list(CARDS[0])], "stats": {"turns": 1, "writes": 1, "cards": 1}, "seq": 0,
+        "weights": None, "version": 1}))
+    s = start_service(model, store, idle_unload=0)
+    try:
+        assert s.stats("t", "old")["context_turns"] == 2 and s.memories("t", "old") == [CARDS[0]]
+        s.append("t", "old", ["Leo: hi"])
+        assert (d / "turns-00000000.log").is_file()
+        record, _ = store.read("t", "old")
+        assert record.lines == ["DATE: 1 May", "Nina: hello there", "Leo: hi"] and record.stats["turns"] == 2
+    finally:
+        s.stop()
