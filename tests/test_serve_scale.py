@@ -140,11 +140,8 @@ def test_a_request_during_an_unload_waits_and_loads_the_session_after_its_lease_
         monkeypatch.setattr(store, "release", slow_release)
         s.convs[("t", "s")].last_used -= 10
         s.config.idle_unload = 1
-        def unload() -> None:  # (a write thread looking at the session holds its lock a moment: not idle then)
-            while not s.unload_idle():
-                time.sleep(0.01)
-
-        unloading = threading.Thread(target=unload)
+        unloading = threading.Thread(target=lambda: wait_until(lambda: s.unload_idle() == 1, "never unloaded"))
+        # (a sweep skips a session whose lock another thread holds a moment, e.g. the write thread's look at it)
         unloading.start()
         assert releasing.wait(60)
         got: list = []
