@@ -28,6 +28,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict
 from functools import partial
 
 import torch
@@ -186,23 +187,17 @@ class SessionPool(SessionStore):
         buffers: see `FastWeightEngine.buffer_bytes`); the kept trunk outputs' bytes and hits/misses
         (examples, and shared prefixes, whose trunk a write read back / ran); commits (writes, swaps,
         resets) that waited for read blocks of their sessions to end, and their seconds waited in all."""
+        kept = self.trunk_rows
+        trunk = dict.fromkeys(TrunkRows.COUNTERS, 0) if kept is None else kept.counters()
         with self._lock:
-            c, kept = self.residency.counters, self.trunk_rows
             return {
                 "capacity": self.engine.capacity,
                 "open": len(self.residency.ids),
                 "resident": len(self.residency.resident),
-                "evictions": c.evictions,
-                "restores": c.restores,
-                "disk_writes": c.disk_writes,
-                "disk_reads": c.disk_reads,
+                **asdict(self.residency.counters),  # evictions, restores, disk_writes, disk_reads
                 "bytes_per_session": self.bytes_per_session(),
                 "bytes_resident_total": self.engine.buffer_bytes(),
-                "trunk_rows_bytes": 0 if kept is None else kept.bytes,
-                "trunk_rows_hits": 0 if kept is None else kept.hits,
-                "trunk_rows_misses": 0 if kept is None else kept.misses,
-                "trunk_prefix_hits": 0 if kept is None else kept.prefix_hits,
-                "trunk_prefix_misses": 0 if kept is None else kept.prefix_misses,
+                **{f"trunk_{k}": v for k, v in trunk.items()},
                 "commit_waits": self._locks.waits,
                 "commit_wait_seconds": self._locks.wait_seconds,
             }

@@ -53,6 +53,13 @@ class TrunkRows:
             self.clear()
             self._stamp = stamp
 
+    COUNTERS = ("rows_bytes", "rows_hits", "rows_misses", "prefix_hits", "prefix_misses")
+
+    def counters(self) -> dict[str, int]:
+        """Bytes kept, and examples / shared prefixes whose trunk a write read back (hits) or ran (misses)."""
+        values = (self.bytes, self.hits, self.misses, self.prefix_hits, self.prefix_misses)
+        return dict(zip(self.COUNTERS, values))
+
     def clear(self) -> None:
         self.rows.clear()
         self.prefixes.clear()
