@@ -495,10 +495,10 @@ if _triton_mlp is not None:
         need = ctx.needs_input_grad
         need_dx, need_da, need_b = need[0], need[4] or need[6] or need[8], (need[5], need[7], need[9])
         tensors = ctx.saved_tensors
-        if torch.is_grad_enabled() and ctx.sgd_lr is not None and any(need_b):
-            raise RuntimeError("lora_mlp_triton: double backward (create_graph=True) is not supported with "
-                               "sgd_lr (the backward steps the B's in place and returns no dB); drop sgd_lr")
         if torch.is_grad_enabled():  # create_graph=True: a double backward may follow
+            if ctx.sgd_lr is not None and any(need_b):
+                raise RuntimeError("lora_mlp_triton: double backward (create_graph=True) is not supported with "
+                                   "sgd_lr (the backward steps the B's in place and returns no dB); drop sgd_lr")
             return *_differentiable_grads(ctx, dy, tensors, ctx.scaling), None, None, None
         dy = dy.to(tensors[0].dtype)
         if ctx.sgd_lr is not None and any(need_b):

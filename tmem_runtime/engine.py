@@ -189,11 +189,7 @@ class FastWeightEngine:
 
     def copy_rows(self, dst: Sequence[int], src: Sequence[int]) -> None:
         """B rows of `dst` := those of `src` (master, compute copy and `initial` flag)."""
-        to, of = (torch.as_tensor(list(x), dtype=torch.long, device=self.device) for x in (dst, src))
-        with torch.no_grad():
-            self.b.index_copy_(0, to, self.b.index_select(0, of))
-            if self.b_compute is not self.b:
-                self.b_compute.index_copy_(0, to, self.b_compute.index_select(0, of))
+        self.set_rows(dst, self.b.index_select(0, torch.as_tensor(list(src), dtype=torch.long, device=self.device)))
         for d, s in zip(dst, src):
             self.initial[d] = self.initial[s]
 

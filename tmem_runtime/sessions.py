@@ -134,12 +134,14 @@ class SessionStore:
         for s, (_, cut) in encoded.items():
             _warn_cut(s, cut, recipe.max_length)
         examples = {s: ex for s, (ex, _) in encoded.items()}
+        committed: Mapping[str, list[float]] = {}  # the sessions whose write committed count their cards
         try:
-            losses = self.write_examples_many(examples, recipe, seed, pad_id(tokenizer), train_a, on_step)
-        except WriteError as exc:  # the sessions whose write committed count their cards
-            self._count_cards({s: (len(pairs[s]), encoded[s][1]) for s in exc.losses})
+            committed = losses = self.write_examples_many(examples, recipe, seed, pad_id(tokenizer), train_a, on_step)
+        except WriteError as exc:
+            committed = exc.losses
             raise
-        self._count_cards({s: (len(pairs[s]), encoded[s][1]) for s in losses})
+        finally:
+            self._count_cards({s: (len(pairs[s]), encoded[s][1]) for s in committed})
         return losses
 
     def write_qa(

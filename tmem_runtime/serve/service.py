@@ -78,7 +78,6 @@ class ServeConfig:
     lend_cores: bool = True  # CPU: training steps borrow the decode thread's torch threads while it is idle
     max_loaded: int = 1024  # sessions loaded at once; past it the least recently used idle ones are released
 
-
     def __post_init__(self) -> None:
         if self.naive:
             self.capacity, self.max_rows, self.max_write_sessions = 1, 1, 1
