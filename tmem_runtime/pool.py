@@ -11,25 +11,25 @@ Every session shares A0 = S_r V_r^T and differs only in its B row, so a batch mi
 the base products and the shrink once and only the small expand per session (see `engine.py`), and
 a batched write runs the frozen trunk once for every session's cards (see `trainer.py`).
 
-More open sessions than `capacity` are kept off the engine, in host memory or on disk, and moved back
-on use (see `residency.py`). Thread safety: every method may be called from any thread. Forwards
-run concurrently; a write's commit (and a swap, a reset) waits until no open `rows` block, `reading`
-block, `model.generate(...)` call or plain forward reads a session it changes, and new ones that read
-them wait for the commit (`session_locks.py`), so every forward, every token of a generate and every
-forward inside a `reading` block sees each session entirely before or entirely after a write. Blocks
-reading other sessions go on meanwhile, and so do `reading` blocks that read copies of the session's
-row (`row_snapshots.py`). Writes run one at a time. A thread inside a `rows` or
-`reading` block or a generate must not write (it would wait for itself): that raises an error.
+More open sessions than `capacity` are kept off the engine, in host memory or on disk, and moved
+back on use (see `residency.py`). Thread safety: every method may be called from any thread.
+Forwards run concurrently (`pool_reads.py`); a write's commit (and a swap, a reset) waits until no
+open `rows` block, `reading` block, `model.generate(...)` call or plain forward reads a session it
+changes, and new ones that read them wait for the commit (`session_locks.py`), so every forward,
+every token of a generate and every forward inside a `reading` block sees each session entirely
+before or entirely after a write. Blocks reading other sessions go on meanwhile, and so do `reading`
+blocks that read copies of the session's row (`row_snapshots.py`). Writes run one at a time. A
+thread inside a `rows` or `reading` block or a generate must not write (it would wait for itself):
+that raises an error.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
-from functools import partial
 
 import torch
 from torch.profiler import record_function
@@ -38,9 +38,9 @@ from transformers import PreTrainedModel
 from tmem_runtime.engine import FastWeightEngine, FastWeightsError
 from tmem_runtime.hot_swap import SwapChecker
 from tmem_runtime.layout import AdapterLayout
+from tmem_runtime.pool_reads import PoolReads
 from tmem_runtime.recipes import Recipe
 from tmem_runtime.residency import Residency
-from tmem_runtime.row_snapshots import RowSnapshots
 from tmem_runtime.session_locks import SessionLocks
 from tmem_runtime.sessions import Schedules, SessionStats, SessionStore, WriteError, check_batch
 from tmem_runtime.static_write import StaticWrites
@@ -87,20 +87,10 @@ class SessionPool(SessionStore):
         self._versions: dict[str, int] = {}  # see version()
         self._last_version = 0
         self._swap = SwapChecker(self.engine)
-        self._init_threading()
-        if hasattr(model, "generate"):  # a whole generate() reads one state of the rows (see `_generate`)
-            model.generate = partial(self._generate, model)
-        self._forward_hooks = (  # so does each plain forward (see `_forward_begins`)
-            model.register_forward_pre_hook(self._forward_begins),
-            model.register_forward_hook(self._forward_ends, always_call=True),
-        )
-        model._tmem_fast_weights = self
-
-    def _init_threading(self) -> None:
-        self._lock = threading.RLock()  # the session table and the engine's rows
         self._write_lock = threading.Lock()  # one write at a time
-        self._locks = SessionLocks(self._lock)  # read blocks and commits
-        self._snapshots = RowSnapshots(self.engine, self.residency)  # reading() blocks' copies of rows
+        self._reads = PoolReads(self.engine, self.residency, self.version)  # forwards, rows(), reading()
+        self._reads.attach(model)  # generate() and plain forwards are read blocks too
+        model._tmem_fast_weights = self
 
     def _init_static(self) -> None:
         # on CUDA, writes run on buffers kept per shape bucket and replay the CUDA graphs captured on them
@@ -109,16 +99,26 @@ class SessionPool(SessionStore):
 
     def __getstate__(self) -> dict:
         """Copies (copy.deepcopy of the model, pickling) carry every session but no lock, open block or
-        CUDA graph (a copy captures its own, on its own buffers)."""
+        CUDA graph (a copy captures its own, on its own buffers; `PoolReads` drops its own)."""
         state = dict(self.__dict__)
-        for k in ("_lock", "_write_lock", "_locks", "_snapshots", "_static"):
+        for k in ("_write_lock", "_static"):
             state.pop(k)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._init_threading()
+        self._write_lock = threading.Lock()
         self._init_static()
+
+    @property
+    def _lock(self) -> threading.RLock:
+        """The lock of the session table and the engine's rows (commits hold it)."""
+        return self._reads.lock
+
+    @property
+    def _locks(self) -> SessionLocks:
+        """Open read blocks and waiting commits of the sessions."""
+        return self._reads.locks
 
     # ---------------------------------------------------------------- sessions
     @property
@@ -206,35 +206,14 @@ class SessionPool(SessionStore):
         """Bytes of one session's B row (float32; x4 while it is being written: grad and AdamW moments)."""
         return self.engine.layout.b_numel * 4 * (4 if writing else 1)
 
-    @contextmanager
-    def _resident(self, sessions: Sequence[str]) -> Iterator[list[int]]:
-        with self._lock:
-            slots = self.residency.acquire(sessions)
-        try:
-            yield slots
-        finally:
-            with self._lock:
-                self.residency.release(sessions)
-
     # ---------------------------------------------------------------- forwards
-    @contextmanager
-    def rows(self, sessions: Sequence[str | None]) -> Iterator[None]:
+    def rows(self, sessions: Sequence[str | None]) -> AbstractContextManager[None]:
         """Forwards on this thread inside the block read session sessions[i] for batch row i (None:
         the bare model). The list's length must be the batch's (generate(): the prompts'; their beams and
         return sequences read their prompt's session); generate() keeps it for every step. Each forward
         sees each session whole; to see them unchanged across the forwards of several blocks (e.g. a
         decode loop that binds its rows per step), open a `reading` block around them."""
-        copies = self._snapshots.slots_here()  # sessions an open reading() block on this thread copied
-        names = [s for s in sessions if s is not None and s not in copies]
-        with self._locks.reading(names, lambda: self.residency.acquire(names)) as slots:
-            try:
-                it = iter(slots)
-                rows = [None if s is None else copies[s] if s in copies else next(it) for s in sessions]
-                with self.engine.bind(self.engine.binding_for_rows(rows)):
-                    yield
-            finally:
-                with self._lock:
-                    self.residency.release(names)
+        return self._reads.rows(sessions)
 
     def reading(self, sessions: Iterable[str] | None = None) -> AbstractContextManager[dict[str, int] | None]:
         """A block in which every forward of this thread sees each of `sessions` as it was when the block
@@ -244,41 +223,7 @@ class SessionPool(SessionStore):
         to end (new blocks reading it, on other threads, wait for them).
         None: what a forward outside rows() reads (a FastWeights' one session; a pool's bare model),
         in place; yields None."""
-        if sessions is None:
-            return self._locks.reading(self._plain_reads())
-        return self._reading_copies(list(sessions))
-
-    @contextmanager
-    def _reading_copies(self, sessions: list[str]) -> Iterator[dict[str, int]]:
-        take = partial(self._snapshots.take, sessions, self.version)
-        with self._locks.reading(sessions, take, in_place=lambda snapshot: snapshot.in_place) as snapshot:
-            self._snapshots.push(snapshot)
-            try:
-                yield dict(snapshot.versions)
-            finally:
-                self._snapshots.pop()
-                with self._lock:
-                    self._snapshots.give_back(snapshot)
-
-    def _plain_reads(self) -> list[str] | None:
-        """The sessions a forward outside rows() reads: every one under a default binding, else none."""
-        return None if self.engine.default_binding is not None else []
-
-    def _generate(self, model: PreTrainedModel, *args, **kwargs):
-        """The model's own generate(), run as one read block: a write's commit, a swap or a reset from
-        another thread waits for it to end, so every token of it reads the same fast weights."""
-        with self.reading():
-            return type(model).generate(model, *args, **kwargs)
-
-    def _forward_begins(self, model: PreTrainedModel, args: tuple) -> None:
-        """The model's forward pre-hook: a forward outside any read block is one (see `reading()`);
-        nothing under torch.compile, which traces the forward rather than runs it."""
-        if not torch.compiler.is_compiling():
-            self._locks.forward_begins(self._plain_reads())
-
-    def _forward_ends(self, model: PreTrainedModel, args: tuple, output: object) -> None:
-        if not torch.compiler.is_compiling():
-            self._locks.forward_ends()
+        return self._reads.reading(sessions)
 
     # ---------------------------------------------------------------- writes
     def _write(
@@ -297,7 +242,7 @@ class SessionPool(SessionStore):
         if self._locks.reading_here:
             raise FastWeightsError("a write inside a pool.rows() block, a reading() block or generate() "
                                    "would wait for itself")
-        with self._write_lock, self._resident(names) as slots:
+        with self._write_lock, self._reads.resident(names) as slots:
             if not any(schedules):
                 return {s: [] for s in names}
             with torch.inference_mode(False), record_function("tmem.write.trunk"):
@@ -338,7 +283,8 @@ class SessionPool(SessionStore):
     def state_dict(self, session: str) -> dict[str, torch.Tensor]:
         """A snapshot {"layers.L.mlp.T.lora_A": [r, in], "...lora_B": [out, r]}: B copied, A shared
         (one snapshot of A0 for every state dict while A is unchanged; treat it as read-only)."""
-        with self._resident([session]) as (slot,), torch.inference_mode(False), self._lock:  # (commits hold it)
+        resident = self._reads.resident([session])
+        with resident as (slot,), torch.inference_mode(False), self._lock:  # (commits hold it)
             b_row = self.engine.b[slot].detach().clone()
             lay = self.engine.layout
             return {**self._a_state(), **{lay.b_name(i): lay.b_view(b_row, i) for i in range(len(lay.slots))}}
@@ -361,12 +307,10 @@ class SessionPool(SessionStore):
         """Remove the fast weights from the model (exactly as it was); the pool is unusable after, and its
         offload files are deleted (save sessions first to keep them)."""
         with self._locks.commit(None):
-            for hook in self._forward_hooks:
-                hook.remove()
+            self._reads.detach(self.model)
             if self.trunk_rows is not None:
                 self.trunk_rows.clear()  # the kept trunk outputs' memory goes with the pool
             self.residency.discard_files()
-            self.model.__dict__.pop("generate", None)
             return self.engine.detach()
 
 
