@@ -36,6 +36,7 @@ from tmem_kernels.lora_mlp import (
     LoRAMLPConfig,
     decode_path,
     default_config,
+    forward_path,
     launch_configs,
     lora_mlp,
     select_config,
@@ -244,6 +245,25 @@ def test_decode_paths_agree(n, dtype, device):
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
     for y in ys:
         assert y.shape == (n, 72) and y.dtype == dtype and rel_err(y, want) < tol
+
+
+def test_forward_path_is_one_choice_for_the_function_and_the_op(device, monkeypatch):
+    """`forward_path` is where `lora_mlp` and the op `tmem::lora_mlp_triton` both choose the cuBLAS path or the
+    fused kernels: an inference call takes `decode_path`'s answer, a call a backward follows runs fused. With
+    $TMEM_DECODE_PATH=cublas both run the torch composition in inference: bitwise the reference's result."""
+    from tmem_kernels.library import lora_mlp_triton
+
+    x, w = make(3, 72, 200, 6, seed=45, device=device)
+    cfg = select_config(3, 72, 200, torch.float32)
+    for d in ("fused", "cublas"):
+        pinned = LoRAMLPConfig(cfg.fwd_gate_up, cfg.fwd_down, cfg.bwd_dh, cfg.bwd_dx, decode=d)
+        assert forward_path(x, pinned, save=False) == d and forward_path(x, pinned, save=True) == "fused"
+    monkeypatch.setenv("TMEM_DECODE_PATH", "cublas")
+    assert forward_path(x, cfg, save=False) == "cublas" and forward_path(x, cfg, save=True) == "fused"
+    want = ref.lora_mlp(x, **w, scaling=0.5)
+    with torch.no_grad():
+        got = [lora_mlp(x, **w, scaling=0.5), lora_mlp_triton(x, *w.values(), 0.5)]
+    assert all(torch.equal(y, want) for y in got)
 
 
 def test_dot_precision_follows_torch():

@@ -406,12 +406,13 @@ if _triton_mlp is not None:
         empty). `sgd_lr` is read by the backward only (see `lora_mlp_triton`).
 
         Without `save` (inference), a few rows on CUDA run the torch composition instead (cuBLAS base
-        products + the small LoRA terms; `tiles.decode_path`). The choice is made here, on real shapes, so
-        a traced graph (torch.export, torch.compile with dynamic rows) keeps one op for every row count."""
+        products + the small LoRA terms; `lora_mlp.forward_path`, which `lora_mlp.lora_mlp` asks too). The
+        choice is made here, on real shapes, so a traced graph (torch.export, torch.compile with dynamic
+        rows) keeps one op for every row count."""
         args = (x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down)
         _triton_validate(*args)
         cfg = _triton_config(x, w_gate)
-        if not save and _triton_mlp.decode_path(x.shape[0], x.device, cfg) == "cublas":
+        if _triton_mlp.forward_path(x, cfg, save) == "cublas":
             with torch.autocast(x.device.type, enabled=False):  # in x's dtype, as the fake promises
                 y = reference.lora_mlp(*args, scaling)
             return y, _empty(x), _empty(x), _empty(x), _empty(x)

@@ -37,8 +37,9 @@ epilogue, so the forward stays bitwise deterministic (no atomics outside the fac
 `launch_configs` lists every launch (grid, constexprs, the shape of every tl.dot) for tests; every tile it
 can pick is compiled for sm_90 by `tools/compile_sm90.py` (no register spills, no serialised wgmma, shared
 memory within an H100's), not yet timed on a GPU. An inference call of <= 16 rows on CUDA runs the torch
-composition (cuBLAS) instead (`tiles.decode_path`). fp32 dots use TF32 when torch's float32 matmul
-precision is not "highest".
+composition (cuBLAS) instead (`forward_path`, the one place that choice is made: `lora_mlp` and the op
+`tmem::lora_mlp_triton` both ask it). fp32 dots use TF32 when torch's float32 matmul precision is not
+"highest".
 
 Under TRITON_INTERPRET=1 (CPU tensors) the interpreter computes 16-bit `tl.dot` wrongly and truncates
 fp32 -> bf16, so there (`INTERPRET`) dot operands are upcast to fp32 and bf16 rounding is done by hand
@@ -79,6 +80,7 @@ __all__ = [
     "LoRAMLPFunction",
     "decode_path",
     "default_config",
+    "forward_path",
     "launch_configs",
     "lora_mlp",
     "select_config",
@@ -847,6 +849,14 @@ class LoRAMLPFunction(torch.autograd.Function):
                 None, None, None)  # fmt: skip
 
 
+def forward_path(x: torch.Tensor, config: LoRAMLPConfig, save: bool) -> str:
+    """How a call on x [N, H] with tiles `config` runs its forward: "cublas" (the torch composition: cuBLAS
+    base products + the small LoRA terms) for an inference call (`save` False: no backward will follow) that
+    `tiles.decode_path` sends there, else "fused" (the Triton kernels). The one place this choice is made:
+    `lora_mlp` and the op `tmem::lora_mlp_triton` (library.py) both ask it, so they never disagree."""
+    return "cublas" if not save and decode_path(x.shape[0], x.device, config) == "cublas" else "fused"
+
+
 def lora_mlp(
     x: torch.Tensor,
     w_gate: torch.Tensor,
@@ -884,9 +894,8 @@ def lora_mlp(
             )
     if config is None:
         config = select_config(n, h, i, x.dtype, num_sms(x.device))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, a_gate, b_gate, a_up, b_up, a_down,
-                                                                           b_down))  # fmt: skip
-    if not needs_grad and decode_path(n, x.device, config) == "cublas":
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, a_gate, b_gate, a_up, b_up, a_down, b_down))
+    if forward_path(x, config, save) == "cublas":
         return reference.lora_mlp(x, **weights, scaling=scaling)
     lr = None if sgd_lr is None else float(sgd_lr)
     return LoRAMLPFunction.apply(
