@@ -157,6 +157,110 @@ def test_a_request_during_an_unload_waits_and_loads_the_session_after_its_lease_
         s.stop()
 
 
+def test_a_request_for_the_session_released_for_max_loaded_waits_and_gets_it_as_it_was(model, tmp_path,
+                                                                                    monkeypatch):
+    """A request that loads a session past `max_loaded` unloads the least recently used idle one on its
+    own thread; a request for that one arriving meanwhile (its lease not given up yet) waits for the
+    release, then loads it from the store: no 409, the same answer, context and counters."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0, max_loaded=1)
+    try:
+        s.create("t", "lru")
+        assert s.remember("t", "lru", CARDS).done.result(timeout=60)["error"] is None
+        s.append("t", "lru", ["Nina: a short turn"], date="2 March 2024")
+        before, stats, conv = answer(s, "lru"), s.stats("t", "lru"), s.convs[("t", "lru")]
+        releasing, go_on, release = threading.Event(), threading.Event(), store.release
+
+        def slow_release(*args) -> None:
+            releasing.set()
+            go_on.wait(60)
+            release(*args)
+
+        monkeypatch.setattr(store, "release", slow_release)
+        newcomer = threading.Thread(target=s.create, args=("t", "new"))  # past max_loaded: "lru" is released
+        newcomer.start()
+        assert releasing.wait(60) and ("t", "lru") not in s.convs and not conv.active
+        got: list = []
+        request = threading.Thread(target=lambda: got.append((answer(s, "lru"), s.stats("t", "lru"))))
+        request.start()
+        request.join(0.5)
+        assert not got, "a request loaded the session before its release gave the lease up"
+        go_on.set()
+        newcomer.join(60), request.join(120)
+        (after, stats_after), again = got[0], s.convs.get(("t", "lru"))
+        assert after == before and {**stats_after, "store_bytes": 0} == {**stats, "store_bytes": 0}
+        assert again is not None and again is not conv and again.agent.lines == conv.agent.lines
+        assert store.lease("t", "lru").owner == "local" and s.unloaded_idle >= 1
+    finally:
+        s.stop()
+
+
+def test_a_failed_release_neither_strands_the_other_unloads_nor_fails_the_request_that_made_room(model, tmp_path,
+                                                                                                monkeypatch):
+    """Three sessions taken for `max_loaded` in one sweep, the first one's lease release failing (a full
+    disk): the request whose load made the sweep still succeeds, and the other two are unloaded and
+    load again on their next request (their gates were let go: that request does not wait forever)."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0, max_loaded=3)
+    try:
+        for name in ("a", "b", "c"):
+            s.create("t", name)
+        release = store.release
+
+        def failing_release(tenant: str, session: str, owner: str) -> None:
+            if session == "a":
+                raise OSError(28, "No space left on device")
+            release(tenant, session, owner)
+
+        monkeypatch.setattr(store, "release", failing_release)
+        s.config.max_loaded = 1
+        s.create("t", "d")  # loads a fourth: a, b and c (least recently used) are taken
+        assert set(s.convs) == {("t", "d")} and s.unloaded_idle == 3
+        assert store.lease("t", "b") is None and store.lease("t", "c") is None
+        assert store.lease("t", "a").owner == "local"  # (kept: this server loads it on its next request)
+        got: list = []
+        request = threading.Thread(target=lambda: got.extend(s.stats("t", n)["server"] for n in ("b", "c", "a")))
+        request.start()
+        request.join(60)
+        assert got == ["local"] * 3, "a request for a session taken in the failed sweep never returned"
+    finally:
+        s.stop()
+
+
+def test_a_late_renewals_claim_never_lands_after_an_unload_gave_the_lease_up(model, tmp_path, monkeypatch):
+    """After a late renewal the upkeep claims each loaded session again; an idle unload of one of them at
+    that moment must not end with its lease this server's and the session loaded nowhere (refused to
+    every other server for good): either the claim comes first and the session stays, or the unload."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0)
+    try:
+        s.create("t", "s")
+        claim, claiming, go_on = store.claim, threading.Event(), threading.Event()
+
+        def slow_claim(*args, **kwargs):
+            if threading.current_thread().name == "renewer":
+                claiming.set()
+                go_on.wait(60)
+            return claim(*args, **kwargs)
+
+        monkeypatch.setattr(store, "claim", slow_claim)
+        store.servers._write(replace(store.servers.read("local"), expires=time.time() - 1))  # a late renewal
+        renewer = threading.Thread(target=s._renew_leases, name="renewer")
+        renewer.start()
+        assert claiming.wait(60)
+        s.convs[("t", "s")].last_used -= 10
+        s.config.idle_unload = 1
+        unloaded = s.unload_idle()
+        go_on.set()
+        renewer.join(60)
+        loaded, lease = ("t", "s") in s.convs, store.lease("t", "s")
+        assert loaded == (lease is not None and lease.expires > time.time()), (unloaded, loaded, lease)
+        assert unloaded == 0 and s.convs[("t", "s")].lease_epoch == lease.epoch  # (the claim held it)
+        assert s.unload_idle() == 1 and store.lease("t", "s") is None
+    finally:
+        s.stop()
+
+
 def test_idle_unload_zero_never_unloads(model, tmp_path):
     s = start_service(model, Store(tmp_path), idle_unload=0, lease_ttl=0.3)
     try:
