@@ -11,7 +11,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -20,9 +20,10 @@ for _package in ("fastapi", "uvicorn", "httpx"):  # the `serve` extra
     pytest.importorskip(_package)
 
 from tests.test_serve import CARDS, reference_answer, turn_cards, weights_file
+from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
-from tmem_runtime.serve.store import LeaseHeldError, LeaseLostError, Store
+from tmem_runtime.serve.store import STORE_FORMAT, LeaseHeldError, LeaseLostError, Store, StoreFormatError
 
 QUESTION = [{"role": "user", "content": CARDS[0][0]}]
 
@@ -362,6 +363,83 @@ def test_a_lease_written_by_an_older_server_is_honoured(tmp_path):
         store.claim("t", "s", "new", "http://new", ttl=30)
     lease.write_text(json.dumps({"owner": "old", "url": "http://old", "expires": time.time() - 1}))
     assert store.claim("t", "s", "new", "http://new", ttl=30).owner == store.lease("t", "s").owner == "new"
+    epoch = store.servers.read("new").epoch  # format 1's last lease files: {"owner", "epoch"}
+    lease.write_text(json.dumps({"owner": "new", "epoch": epoch}))
+    with pytest.raises(LeaseHeldError):
+        store.claim("t", "s", "newer", "http://newer", ttl=30)
+    lease.write_text(json.dumps({"owner": "new", "epoch": "an-ended-epoch"}))
+    assert store.claim("t", "s", "newer", "http://newer", ttl=30).owner == "newer"
+
+
+@dataclass(frozen=True)
+class LeaseBeforeEpochs:
+    """store.Lease at commit 35e037e (the last before epochs, 3347c17), verbatim."""
+
+    owner: str
+    url: str
+    expires: float
+
+
+def held_for_a_server_before_epochs(path: Path, owner: str) -> bool:
+    """Whether a server from commit 35e037e refuses to claim the session of lease file `path` (its
+    `_read_lease` and `Store.claim`'s check, verbatim): a file of any other form reads as no lease."""
+
+    def _read_lease(path: Path) -> LeaseBeforeEpochs | None:
+        try:
+            return LeaseBeforeEpochs(**json.loads(path.read_bytes()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+
+    held = _read_lease(path)
+    return held is not None and held.owner != owner and held.expires > time.time()
+
+
+def test_a_lease_file_reads_as_held_to_a_server_from_before_epochs(tmp_path):
+    """A server from before epochs sharing the store (a rolling upgrade, a downgrade) must never take a
+    session a new server holds: the lease file this code writes reads to it as a live lease of that
+    server (which it names to the client); the previous lease form, {"owner", "epoch"}, read as free."""
+    store = Store(tmp_path)
+    store.create("t", "s")
+    lease = store.session_dir("t", "s") / "lease.json"
+    claimed = store.claim("t", "s", "new", "http://new", ttl=30)
+    assert held_for_a_server_before_epochs(lease, "old")
+    assert json.loads(lease.read_bytes())["url"] == "http://new"  # where the old server sends the client
+    assert not held_for_a_server_before_epochs(lease, "new")  # (its own, to a server of the same id)
+    assert store.lease("t", "s") == claimed and claimed.epoch == store.servers.read("new").epoch
+    lease.write_text(json.dumps({"owner": "new", "epoch": claimed.epoch}))
+    assert not held_for_a_server_before_epochs(lease, "old"), "the previous form reads as held after all"
+    store.claim("t", "s", "new", "http://new", ttl=30)  # (rewritten in this form)
+    assert held_for_a_server_before_epochs(lease, "old")
+
+    store.servers._write(replace(store.servers.read("new"), expires=time.time() - 1))  # "new" died: its lease
+    assert store.lease("t", "s").expires < time.time()  # ran out, so a new server takes the session; one from
+    assert held_for_a_server_before_epochs(lease, "old")  # before epochs never does (held for good, to it)
+    assert store.claim("t", "s", "other", "http://other", ttl=30).owner == store.lease("t", "s").owner == "other"
+    with pytest.raises(LeaseHeldError):
+        store.claim("t", "s", "new", "http://new", ttl=30)
+
+
+def test_a_store_of_a_newer_format_is_refused_at_startup_and_an_older_one_opened_and_marked(tmp_path):
+    older = tmp_path / "older"  # a store from before the marker, with a session in it
+    Store(older).create("t", "s")
+    (older / "format.json").unlink()
+    assert Store(older).read("t", "s")[0].triggers == 0
+    assert json.loads((older / "format.json").read_bytes()) == {"format": STORE_FORMAT}
+    assert Store(tmp_path / "fresh").format == STORE_FORMAT and (tmp_path / "fresh" / "format.json").is_file()
+
+    newer = tmp_path / "newer"
+    Store(newer).create("t", "s")
+    marker = json.dumps({"format": STORE_FORMAT + 1}).encode()
+    (newer / "format.json").write_bytes(marker)
+    with pytest.raises(StoreFormatError, match=f"format {STORE_FORMAT + 1}, newer than this server knows"):
+        Store(newer)
+    server = ServerProcess(["--model", "tiny-llama", "--store", str(newer)], free_port(), tmp_path / "serve.log")
+    with pytest.raises(RuntimeError, match="exited"):
+        server.wait_ready(120)
+    server.kill()
+    log = (tmp_path / "serve.log").read_text()
+    assert server.proc.returncode == 1 and f"format {STORE_FORMAT + 1}, newer than this server knows" in log, log
+    assert (newer / "format.json").read_bytes() == marker and "Traceback" not in log
 
 
 # ---------------------------------------------------------------------------------------------- turns log
