@@ -19,7 +19,7 @@ import pytest
 for _package in ("fastapi", "uvicorn", "httpx"):  # the `serve` extra
     pytest.importorskip(_package)
 
-from tests.test_serve import CARDS, reference_answer, turn_cards, weights_file
+from tests.test_serve import CARDS, ask, reference_answer, remember, tiny_server, turn_cards, weights_file
 from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
@@ -272,6 +272,36 @@ def test_idle_unload_zero_never_unloads(model, tmp_path):
         s.stop()
     with pytest.raises(ValueError):
         ServeConfig(idle_unload=-1)
+
+
+def test_tmem_serve_unloads_an_idle_session_and_answers_its_next_request_from_the_same_state(tmp_path):
+    """`tmem serve --idle-unload-seconds 1` as a process: a session used, then left alone, is unloaded
+    (resident sessions 0, its lease given up); its next request loads it and gets what it had: the same
+    greedy answer, context, writes and cards."""
+    store = tmp_path / "store"
+    server = tiny_server(store, free_port(), tmp_path / "serve.log", "--idle-unload-seconds", "1").wait_ready()
+    try:
+        c = server.client
+        assert c.post("/v1/sessions", json={"id": "napper"}).status_code == 201
+        assert remember(c, "napper", CARDS).json()["status"] == "committed"
+        turns = {"date": "2 March 2024", "messages": [{"name": "Nina", "content": "a short turn"}]}
+        assert c.post("/v1/sessions/napper/messages", json=turns).json()["context_turns"] == 2
+        before, stats = ask(c, CARDS[0][0], "napper"), c.get("/v1/sessions/napper").json()
+        assert server.metric("tmem_resident_sessions") == 1 and stats["writes"] == 1 and stats["memories"] == 2
+        assert stats["context_tokens"] > 0 and Store(store).lease("default", "napper").owner == server.url[7:]
+
+        wait_until(lambda: c.get("/health").json()["sessions_unloaded_idle"] == 1, "never unloaded", timeout=30)
+        metrics = server.metrics()  # (neither scrape loads the session)
+        assert metrics["tmem_resident_sessions"] == metrics["tmem_open_sessions"] == 0
+        assert metrics['tmem_sessions_unloaded_total{reason="idle"}'] == 1
+        assert c.get("/health").json()["sessions_loaded"] == 0 and Store(store).lease("default", "napper") is None
+
+        assert ask(c, CARDS[0][0], "napper") == before  # loaded again, from the store
+        after = c.get("/v1/sessions/napper").json()
+        assert {**after, "store_bytes": 0} == {**stats, "store_bytes": 0}
+        assert server.metric("tmem_resident_sessions") == 1 and c.get("/health").json()["sessions_loaded"] == 1
+    finally:
+        server.kill()
 
 
 # ---------------------------------------------------------------------------------------------- leases
