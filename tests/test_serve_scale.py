@@ -7,6 +7,7 @@ writer of test_serve; answers are checked token for token against the same indep
 # ruff: noqa: E402  (the serve extra is checked before the modules that import it)
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -20,6 +21,8 @@ for _package in ("fastapi", "uvicorn", "httpx"):  # the `serve` extra
     pytest.importorskip(_package)
 
 from tests.test_serve import CARDS, ask, reference_answer, remember, tiny_server, turn_cards, weights_file
+from tmem_runtime.agent.agent import Trigger
+from tmem_runtime.serve.conversation import TriggerCount
 from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
@@ -302,6 +305,38 @@ def test_tmem_serve_unloads_an_idle_session_and_answers_its_next_request_from_th
         assert server.metric("tmem_resident_sessions") == 1 and c.get("/health").json()["sessions_loaded"] == 1
     finally:
         server.kill()
+
+
+def test_a_session_keeps_the_count_of_its_writes_not_a_record_of_each(model, tmp_path):
+    """A long-lived session's agent triggers write after write; the server keeps their count alone (it
+    numbers each write, seeding its replay sample): no trigger record after N writes, the same numbers
+    and counters as before, in the store too, after a reload and after a reset."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0)
+    try:
+        s.create("t", "long")
+        n, jobs = 6, []
+        for i in range(n):
+            jobs += s.append("t", "long", [f"Nina: turn number {i} has six words"], write=True)[1]
+        assert [j.trigger for j in jobs] == list(range(n))
+        assert all(j.done.result(timeout=120)["error"] is None for j in jobs)
+        triggers = s.convs[("t", "long")].agent.triggers
+        assert len(triggers) == n and not any(isinstance(o, Trigger) for o in gc.get_referents(triggers))
+        assert s.stats("t", "long")["writes"] == n and store.read("t", "long")[0].triggers == n
+        explicit = s.remember("t", "long", CARDS[:1])
+        assert explicit.trigger == n and explicit.done.result(timeout=120)["error"] is None  # (the next number)
+
+        s.convs[("t", "long")].last_used -= 10
+        s.config.idle_unload = 1
+        assert s.unload_idle() == 1
+        again = s.get("t", "long")  # loaded from the store: the count, no records
+        assert len(again.agent.triggers) == n and not any(isinstance(o, Trigger)
+                                                          for o in gc.get_referents(again.agent.triggers))
+        assert s.append("t", "long", ["Nina: one more turn of six"], write=True)[1][0].trigger == n
+        s.reset("t", "long")
+        assert len(again.agent.triggers) == 0 and isinstance(again.agent.triggers, TriggerCount)
+    finally:
+        s.stop()
 
 
 # ---------------------------------------------------------------------------------------------- leases
