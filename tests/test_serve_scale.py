@@ -7,11 +7,12 @@ writer of test_serve; answers are checked token for token against the same indep
 # ruff: noqa: E402  (the serve extra is checked before the modules that import it)
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,13 @@ import pytest
 for _package in ("fastapi", "uvicorn", "httpx"):  # the `serve` extra
     pytest.importorskip(_package)
 
-from tests.test_serve import CARDS, reference_answer, turn_cards, weights_file
+from tests.test_serve import CARDS, ask, reference_answer, remember, tiny_server, turn_cards, weights_file
+from tmem_runtime.agent.agent import Trigger
+from tmem_runtime.serve.conversation import TriggerCount
+from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
-from tmem_runtime.serve.store import LeaseHeldError, LeaseLostError, Store
+from tmem_runtime.serve.store import STORE_FORMAT, LeaseHeldError, LeaseLostError, Store, StoreFormatError
 
 QUESTION = [{"role": "user", "content": CARDS[0][0]}]
 
@@ -157,6 +161,110 @@ def test_a_request_during_an_unload_waits_and_loads_the_session_after_its_lease_
         s.stop()
 
 
+def test_a_request_for_the_session_released_for_max_loaded_waits_and_gets_it_as_it_was(model, tmp_path,
+                                                                                    monkeypatch):
+    """A request that loads a session past `max_loaded` unloads the least recently used idle one on its
+    own thread; a request for that one arriving meanwhile (its lease not given up yet) waits for the
+    release, then loads it from the store: no 409, the same answer, context and counters."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0, max_loaded=1)
+    try:
+        s.create("t", "lru")
+        assert s.remember("t", "lru", CARDS).done.result(timeout=60)["error"] is None
+        s.append("t", "lru", ["Nina: a short turn"], date="2 March 2024")
+        before, stats, conv = answer(s, "lru"), s.stats("t", "lru"), s.convs[("t", "lru")]
+        releasing, go_on, release = threading.Event(), threading.Event(), store.release
+
+        def slow_release(*args) -> None:
+            releasing.set()
+            go_on.wait(60)
+            release(*args)
+
+        monkeypatch.setattr(store, "release", slow_release)
+        newcomer = threading.Thread(target=s.create, args=("t", "new"))  # past max_loaded: "lru" is released
+        newcomer.start()
+        assert releasing.wait(60) and ("t", "lru") not in s.convs and not conv.active
+        got: list = []
+        request = threading.Thread(target=lambda: got.append((answer(s, "lru"), s.stats("t", "lru"))))
+        request.start()
+        request.join(0.5)
+        assert not got, "a request loaded the session before its release gave the lease up"
+        go_on.set()
+        newcomer.join(60), request.join(120)
+        (after, stats_after), again = got[0], s.convs.get(("t", "lru"))
+        assert after == before and {**stats_after, "store_bytes": 0} == {**stats, "store_bytes": 0}
+        assert again is not None and again is not conv and again.agent.lines == conv.agent.lines
+        assert store.lease("t", "lru").owner == "local" and s.unloaded_idle >= 1
+    finally:
+        s.stop()
+
+
+def test_a_failed_release_neither_strands_the_other_unloads_nor_fails_the_request_that_made_room(model, tmp_path,
+                                                                                                monkeypatch):
+    """Three sessions taken for `max_loaded` in one sweep, the first one's lease release failing (a full
+    disk): the request whose load made the sweep still succeeds, and the other two are unloaded and
+    load again on their next request (their gates were let go: that request does not wait forever)."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0, max_loaded=3)
+    try:
+        for name in ("a", "b", "c"):
+            s.create("t", name)
+        release = store.release
+
+        def failing_release(tenant: str, session: str, owner: str) -> None:
+            if session == "a":
+                raise OSError(28, "No space left on device")
+            release(tenant, session, owner)
+
+        monkeypatch.setattr(store, "release", failing_release)
+        s.config.max_loaded = 1
+        s.create("t", "d")  # loads a fourth: a, b and c (least recently used) are taken
+        assert set(s.convs) == {("t", "d")} and s.unloaded_idle == 3
+        assert store.lease("t", "b") is None and store.lease("t", "c") is None
+        assert store.lease("t", "a").owner == "local"  # (kept: this server loads it on its next request)
+        got: list = []
+        request = threading.Thread(target=lambda: got.extend(s.stats("t", n)["server"] for n in ("b", "c", "a")))
+        request.start()
+        request.join(60)
+        assert got == ["local"] * 3, "a request for a session taken in the failed sweep never returned"
+    finally:
+        s.stop()
+
+
+def test_a_late_renewals_claim_never_lands_after_an_unload_gave_the_lease_up(model, tmp_path, monkeypatch):
+    """After a late renewal the upkeep claims each loaded session again; an idle unload of one of them at
+    that moment must not end with its lease this server's and the session loaded nowhere (refused to
+    every other server for good): either the claim comes first and the session stays, or the unload."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0)
+    try:
+        s.create("t", "s")
+        claim, claiming, go_on = store.claim, threading.Event(), threading.Event()
+
+        def slow_claim(*args, **kwargs):
+            if threading.current_thread().name == "renewer":
+                claiming.set()
+                go_on.wait(60)
+            return claim(*args, **kwargs)
+
+        monkeypatch.setattr(store, "claim", slow_claim)
+        store.servers._write(replace(store.servers.read("local"), expires=time.time() - 1))  # a late renewal
+        renewer = threading.Thread(target=s._renew_leases, name="renewer")
+        renewer.start()
+        assert claiming.wait(60)
+        s.convs[("t", "s")].last_used -= 10
+        s.config.idle_unload = 1
+        unloaded = s.unload_idle()
+        go_on.set()
+        renewer.join(60)
+        loaded, lease = ("t", "s") in s.convs, store.lease("t", "s")
+        assert loaded == (lease is not None and lease.expires > time.time()), (unloaded, loaded, lease)
+        assert unloaded == 0 and s.convs[("t", "s")].lease_epoch == lease.epoch  # (the claim held it)
+        assert s.unload_idle() == 1 and store.lease("t", "s") is None
+    finally:
+        s.stop()
+
+
 def test_idle_unload_zero_never_unloads(model, tmp_path):
     s = start_service(model, Store(tmp_path), idle_unload=0, lease_ttl=0.3)
     try:
@@ -167,6 +275,68 @@ def test_idle_unload_zero_never_unloads(model, tmp_path):
         s.stop()
     with pytest.raises(ValueError):
         ServeConfig(idle_unload=-1)
+
+
+def test_tmem_serve_unloads_an_idle_session_and_answers_its_next_request_from_the_same_state(tmp_path):
+    """`tmem serve --idle-unload-seconds 1` as a process: a session used, then left alone, is unloaded
+    (resident sessions 0, its lease given up); its next request loads it and gets what it had: the same
+    greedy answer, context, writes and cards."""
+    store = tmp_path / "store"
+    server = tiny_server(store, free_port(), tmp_path / "serve.log", "--idle-unload-seconds", "1").wait_ready()
+    try:
+        c = server.client
+        assert c.post("/v1/sessions", json={"id": "napper"}).status_code == 201
+        assert remember(c, "napper", CARDS).json()["status"] == "committed"
+        turns = {"date": "2 March 2024", "messages": [{"name": "Nina", "content": "a short turn"}]}
+        assert c.post("/v1/sessions/napper/messages", json=turns).json()["context_turns"] == 2
+        before, stats = ask(c, CARDS[0][0], "napper"), c.get("/v1/sessions/napper").json()
+        assert server.metric("tmem_resident_sessions") == 1 and stats["writes"] == 1 and stats["memories"] == 2
+        assert stats["context_tokens"] > 0 and Store(store).lease("default", "napper").owner == server.url[7:]
+
+        wait_until(lambda: c.get("/health").json()["sessions_unloaded_idle"] == 1, "never unloaded", timeout=30)
+        metrics = server.metrics()  # (neither scrape loads the session)
+        assert metrics["tmem_resident_sessions"] == metrics["tmem_open_sessions"] == 0
+        assert metrics['tmem_sessions_unloaded_total{reason="idle"}'] == 1
+        assert c.get("/health").json()["sessions_loaded"] == 0 and Store(store).lease("default", "napper") is None
+
+        assert ask(c, CARDS[0][0], "napper") == before  # loaded again, from the store
+        after = c.get("/v1/sessions/napper").json()
+        assert {**after, "store_bytes": 0} == {**stats, "store_bytes": 0}
+        assert server.metric("tmem_resident_sessions") == 1 and c.get("/health").json()["sessions_loaded"] == 1
+    finally:
+        server.kill()
+
+
+def test_a_session_keeps_the_count_of_its_writes_not_a_record_of_each(model, tmp_path):
+    """A long-lived session's agent triggers write after write; the server keeps their count alone (it
+    numbers each write, seeding its replay sample): no trigger record after N writes, the same numbers
+    and counters as before, in the store too, after a reload and after a reset."""
+    store = Store(tmp_path)
+    s = start_service(model, store, idle_unload=0)
+    try:
+        s.create("t", "long")
+        n, jobs = 6, []
+        for i in range(n):
+            jobs += s.append("t", "long", [f"Nina: turn number {i} has six words"], write=True)[1]
+        assert [j.trigger for j in jobs] == list(range(n))
+        assert all(j.done.result(timeout=120)["error"] is None for j in jobs)
+        triggers = s.convs[("t", "long")].agent.triggers
+        assert len(triggers) == n and not any(isinstance(o, Trigger) for o in gc.get_referents(triggers))
+        assert s.stats("t", "long")["writes"] == n and store.read("t", "long")[0].triggers == n
+        explicit = s.remember("t", "long", CARDS[:1])
+        assert explicit.trigger == n and explicit.done.result(timeout=120)["error"] is None  # (the next number)
+
+        s.convs[("t", "long")].last_used -= 10
+        s.config.idle_unload = 1
+        assert s.unload_idle() == 1
+        again = s.get("t", "long")  # loaded from the store: the count, no records
+        assert len(again.agent.triggers) == n and not any(isinstance(o, Trigger)
+                                                          for o in gc.get_referents(again.agent.triggers))
+        assert s.append("t", "long", ["Nina: one more turn of six"], write=True)[1][0].trigger == n
+        s.reset("t", "long")
+        assert len(again.agent.triggers) == 0 and isinstance(again.agent.triggers, TriggerCount)
+    finally:
+        s.stop()
 
 
 # ---------------------------------------------------------------------------------------------- leases
@@ -258,6 +428,83 @@ def test_a_lease_written_by_an_older_server_is_honoured(tmp_path):
         store.claim("t", "s", "new", "http://new", ttl=30)
     lease.write_text(json.dumps({"owner": "old", "url": "http://old", "expires": time.time() - 1}))
     assert store.claim("t", "s", "new", "http://new", ttl=30).owner == store.lease("t", "s").owner == "new"
+    epoch = store.servers.read("new").epoch  # format 1's last lease files: {"owner", "epoch"}
+    lease.write_text(json.dumps({"owner": "new", "epoch": epoch}))
+    with pytest.raises(LeaseHeldError):
+        store.claim("t", "s", "newer", "http://newer", ttl=30)
+    lease.write_text(json.dumps({"owner": "new", "epoch": "an-ended-epoch"}))
+    assert store.claim("t", "s", "newer", "http://newer", ttl=30).owner == "newer"
+
+
+@dataclass(frozen=True)
+class LeaseBeforeEpochs:
+    """store.Lease at commit 35e037e (the last before epochs, 3347c17), verbatim."""
+
+    owner: str
+    url: str
+    expires: float
+
+
+def held_for_a_server_before_epochs(path: Path, owner: str) -> bool:
+    """Whether a server from commit 35e037e refuses to claim the session of lease file `path` (its
+    `_read_lease` and `Store.claim`'s check, verbatim): a file of any other form reads as no lease."""
+
+    def _read_lease(path: Path) -> LeaseBeforeEpochs | None:
+        try:
+            return LeaseBeforeEpochs(**json.loads(path.read_bytes()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+
+    held = _read_lease(path)
+    return held is not None and held.owner != owner and held.expires > time.time()
+
+
+def test_a_lease_file_reads_as_held_to_a_server_from_before_epochs(tmp_path):
+    """A server from before epochs sharing the store (a rolling upgrade, a downgrade) must never take a
+    session a new server holds: the lease file this code writes reads to it as a live lease of that
+    server (which it names to the client); the previous lease form, {"owner", "epoch"}, read as free."""
+    store = Store(tmp_path)
+    store.create("t", "s")
+    lease = store.session_dir("t", "s") / "lease.json"
+    claimed = store.claim("t", "s", "new", "http://new", ttl=30)
+    assert held_for_a_server_before_epochs(lease, "old")
+    assert json.loads(lease.read_bytes())["url"] == "http://new"  # where the old server sends the client
+    assert not held_for_a_server_before_epochs(lease, "new")  # (its own, to a server of the same id)
+    assert store.lease("t", "s") == claimed and claimed.epoch == store.servers.read("new").epoch
+    lease.write_text(json.dumps({"owner": "new", "epoch": claimed.epoch}))
+    assert not held_for_a_server_before_epochs(lease, "old"), "the previous form reads as held after all"
+    store.claim("t", "s", "new", "http://new", ttl=30)  # (rewritten in this form)
+    assert held_for_a_server_before_epochs(lease, "old")
+
+    store.servers._write(replace(store.servers.read("new"), expires=time.time() - 1))  # "new" died: its lease
+    assert store.lease("t", "s").expires < time.time()  # ran out, so a new server takes the session; one from
+    assert held_for_a_server_before_epochs(lease, "old")  # before epochs never does (held for good, to it)
+    assert store.claim("t", "s", "other", "http://other", ttl=30).owner == store.lease("t", "s").owner == "other"
+    with pytest.raises(LeaseHeldError):
+        store.claim("t", "s", "new", "http://new", ttl=30)
+
+
+def test_a_store_of_a_newer_format_is_refused_at_startup_and_an_older_one_opened_and_marked(tmp_path):
+    older = tmp_path / "older"  # a store from before the marker, with a session in it
+    Store(older).create("t", "s")
+    (older / "format.json").unlink()
+    assert Store(older).read("t", "s")[0].triggers == 0
+    assert json.loads((older / "format.json").read_bytes()) == {"format": STORE_FORMAT}
+    assert Store(tmp_path / "fresh").format == STORE_FORMAT and (tmp_path / "fresh" / "format.json").is_file()
+
+    newer = tmp_path / "newer"
+    Store(newer).create("t", "s")
+    marker = json.dumps({"format": STORE_FORMAT + 1}).encode()
+    (newer / "format.json").write_bytes(marker)
+    with pytest.raises(StoreFormatError, match=f"format {STORE_FORMAT + 1}, newer than this server knows"):
+        Store(newer)
+    server = ServerProcess(["--model", "tiny-llama", "--store", str(newer)], free_port(), tmp_path / "serve.log")
+    with pytest.raises(RuntimeError, match="exited"):
+        server.wait_ready(120)
+    server.kill()
+    log = (tmp_path / "serve.log").read_text()
+    assert server.proc.returncode == 1 and f"format {STORE_FORMAT + 1}, newer than this server knows" in log, log
+    assert (newer / "format.json").read_bytes() == marker and "Traceback" not in log
 
 
 # ---------------------------------------------------------------------------------------------- turns log

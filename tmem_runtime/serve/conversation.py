@@ -7,7 +7,8 @@ flashcards and trains them later, in a batch with other sessions' writes. Explic
 jobs whose cards are given. Jobs of one session are trained in the order they were queued.
 
 `Conversation` is plain state guarded by its `lock`; `to_record` / the constructor convert to and
-from the store's `SessionRecord`, so a restarted server resumes every pending job.
+from the store's `SessionRecord`, so a restarted server resumes every pending job. Of the agent's
+trigger records it keeps the count alone (`TriggerCount`): a session may live for years of writes.
 """
 
 from __future__ import annotations
@@ -67,6 +68,23 @@ class WriteJob:
         return cls(trigger=d["trigger"], context=d.get("context", ""), cards=cards, id=d["id"])
 
 
+class TriggerCount:
+    """The agent's `triggers` in a served session: how many writes it has triggered, and no record of
+    them (the agent only appends and counts: `len` is the next trigger's index, which seeds its write's
+    replay sample). So a session holds O(1) of them however many writes it lives through."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: int = 0) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, trigger: Trigger) -> None:
+        self.count += 1
+
+
 class QueuedChannel(MemoryChannel):
     """The agent's fast-weight channel, deferred: `write` queues the context instead of training it."""
 
@@ -103,7 +121,7 @@ class Conversation:
         self.log_follows = True  # the store's state is this one's, but for turns the log may take
         self.agent.lines, self.agent.header = list(record.lines), record.header
         self.agent.context_tokens = record.context_tokens
-        self.agent.triggers = [Trigger(i, 0, 0, 0) for i in range(record.triggers)]
+        self.agent.triggers = TriggerCount(record.triggers)
 
     def to_record(self) -> SessionRecord:
         a = self.agent
@@ -151,6 +169,7 @@ class Conversation:
         dropped = list(self.jobs)
         self.jobs.clear()
         self.agent.reset()
+        self.agent.triggers = TriggerCount()
         self.written.clear()
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         return dropped

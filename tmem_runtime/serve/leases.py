@@ -11,11 +11,17 @@ are then free (another server may have claimed some of them) until it claims eac
 it which ones it lost. So a round of renewals is one write while no renewal is late, and a claim by
 another server never sees a live lease of a server that believes its own expired (times: a reader takes
 the time before reading the record; a renewal, after its write landed).
+
+A session's lease file names the epoch by its mark (`epoch_mark`), in the field `expires` of the
+lease format of servers from before epochs ({"owner", "url", "expires"}, each session renewed on its
+own): a number past any real time, so such a server reads the lease as held by its server for good
+and never takes the session (it would otherwise read a file of another form as no lease at all).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import time
 import uuid
@@ -23,6 +29,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tmem_runtime.adapter_file import atomic_write
+
+EPOCH_MARKS = 2**52  # epoch marks lie in [2**52, 2**53): integers exact as JSON numbers, some 140 million years away
+
+
+def epoch_mark(epoch: str) -> float:
+    """The number that stands for `epoch` in a session's lease file (its `expires` field; see the module
+    docstring): in [EPOCH_MARKS, 2 * EPOCH_MARKS), from a hash of the epoch (two epochs of one server share
+    a mark with odds of 2**-52)."""
+    digest = hashlib.sha256(epoch.encode()).digest()
+    return float(EPOCH_MARKS + int.from_bytes(digest[:8], "big") % EPOCH_MARKS)
 
 
 @dataclass(frozen=True)

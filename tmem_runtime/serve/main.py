@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from tmem_runtime.cli import apply_threads, command_parser
 from tmem_runtime.models import DEFAULT_MODEL, DTYPES, _tiny_tokenizer, load_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
-from tmem_runtime.serve.store import Store
+from tmem_runtime.serve.store import Store, StoreFormatError
 
 
 def load_serving_model(name: str, tokenizer: str | None = None, device: str = "cpu",
@@ -98,8 +98,12 @@ def main(argv: list[str]) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
+    try:  # a store of a newer format is refused before the model loads
+        store = Store(args.store)
+    except StoreFormatError as exc:
+        raise SystemExit(f"tmem serve: {exc}") from None
     model, tokenizer = load_serving_model(args.model, args.tokenizer, args.device, args.dtype)
-    service = MemoryService(model, tokenizer, Store(args.store), config)
+    service = MemoryService(model, tokenizer, store, config)
     app = create_app(service, os.path.basename(args.model.rstrip("/")), read_api_keys(args.api_keys), args.max_body)
     app.router.on_startup.append(service.start)
     app.router.on_shutdown.append(service.stop)

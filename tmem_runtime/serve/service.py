@@ -308,25 +308,37 @@ class MemoryService:
         for conv in self.loaded.loaded():
             if conv.lease_epoch == epoch:
                 continue
-            try:
-                conv.lease_epoch = self.store.claim(conv.tenant, conv.session, cfg.server_id, cfg.url,
-                                                    cfg.lease_ttl).epoch
-            except (LeaseHeldError, KeyError):
+            with conv.lock:  # an unload marks the session inactive under its lock before it gives the lease up:
+                if not conv.active:  # no claim lands after that (the lease would stay this server's with the
+                    continue  # session loaded nowhere, refused to every other server)
+                try:
+                    conv.lease_epoch = self.store.claim(conv.tenant, conv.session, cfg.server_id, cfg.url,
+                                                        cfg.lease_ttl).epoch
+                    taken = False
+                except (LeaseHeldError, KeyError):
+                    taken = True
+                except Exception:  # e.g. a full disk, or a session removed under the claim: the next period retries
+                    logger.exception("claiming a session again after a late lease renewal failed")
+                    taken = False
+            if taken:  # by another server
                 self._drop(conv)
-            except Exception:  # e.g. a full disk, or a session removed under the claim: the next period retries
-                logger.exception("claiming a session again after a late lease renewal failed")
 
     def unload_idle(self) -> int:
         """Unload the sessions unused for `idle_unload` seconds, and while more than `max_loaded` are
         loaded the least recently used ones, with no write pending and no request in progress
         (`LoadedSessions.take_idle`), and give their leases up: the store has them already, and their
         next request loads them again. Bounds what a long-running server holds (host copies of B rows,
-        contexts, cards, lease renewals) whatever the number of sessions it ever served. Returns how many."""
+        contexts, cards, lease renewals) whatever the number of sessions it ever served. A request for one
+        of them meanwhile waits for its unload, then loads it again (`LoadedSessions.get`). One whose lease
+        cannot be given up (logged) stays leased here, the others are unloaded all the same; it loads here
+        again on its next request. Returns how many."""
         taken = self.loaded.take_idle(self.config.idle_unload, self.config.max_loaded)
-        for conv, gate in taken:
+        for conv, gate in taken:  # each taken session's gate is let go, whatever befalls the others
             try:
                 self._drop(conv)
                 self.store.release(conv.tenant, conv.session, self.config.server_id)
+            except Exception:  # e.g. a full disk: its lease stays this server's, which loads it on its next request
+                logger.exception("unloading session %s/%s failed", conv.tenant, conv.session)
             finally:
                 self.loaded.unloaded(conv, gate)
             self.unloaded_idle += 1

@@ -4,9 +4,10 @@
         state.json                 working context, pending writes, written flashcards, counters
         turns-<generation>.log     turns appended since state.json was written (turn_log.py)
         weights-<seq>.safetensors  the fast weights after the session's write number <seq> (pool.save)
-        lease.json                 which server serves the session (and that server's epoch)
+        lease.json                 which server serves the session, in which of its epochs (leases.py)
         .lock                      flock'd while the lease changes hands
     STORE/servers/                 each server's lease record: until when its sessions' leases last (leases.py)
+    STORE/format.json              {"format": N}: the store's format (STORE_FORMAT), written at its first use
 
 Every file is replaced atomically (temp file, fsync, rename, directory fsync). A write's commit point is the rename
 of state.json naming the new weights file: a server killed before it restarts from the previous
@@ -15,12 +16,18 @@ state.json names (left by such a kill) are removed when the session is next load
 claim's temp file by the next claim. Ids are
 checked against ID_PATTERN and stored hex-encoded, so no id can name a path outside its tenant; an id
 is at most MAX_ID_LENGTH characters, so its hex name fits a file name (255 bytes on common filesystems).
+
+Formats: a server opens a store of its format or an older one (marking an older one as its own), and
+refuses one of a newer format (`StoreFormatError`), whose files it may misread. Servers from before
+the marker (format 1) cannot refuse; the lease files of format 2 are written so that they read them as
+held (leases.py), so they never take a session a newer server serves.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -31,12 +38,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tmem_runtime.adapter_file import atomic_write
-from tmem_runtime.serve.leases import ServerLeases
+from tmem_runtime.serve.leases import EPOCH_MARKS, ServerLeases, epoch_mark
 from tmem_runtime.serve.turn_log import PREFIX, append_entry, log_name, read_entries
 
 MAX_ID_LENGTH = 127  # hex-encoded: 254 bytes, under NAME_MAX (255)
 ID_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{MAX_ID_LENGTH - 1}}}")
 STATE_VERSION = 1
+# 1: no marker; session leases {"owner", "url", "expires"}, then {"owner", "epoch"} (read as free by the
+#    servers before them). 2: this marker; session leases {"owner", "url", "expires": the epoch's mark}.
+STORE_FORMAT = 2
+FORMAT_FILE = "format.json"
+
+
+class StoreFormatError(RuntimeError):
+    """The store was written in a format this server does not know (a newer one), or its marker is unreadable."""
 
 
 class SessionExistsError(ValueError):
@@ -111,7 +126,9 @@ class Store:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        (self.root / "tenants").mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.format = _check_format(self.root)
+        (self.root / "tenants").mkdir(exist_ok=True)
         self.servers = ServerLeases(self.root / "servers")
 
     # ---------------------------------------------------------------- paths
@@ -226,8 +243,9 @@ class Store:
                 raise LeaseHeldError(held.owner, held.url, held.expires)
             for f in d.glob("lease.json.*"):  # a temp file of a claim killed before its rename (claims hold the lock)
                 f.unlink(missing_ok=True)
-            if held is None or held.owner != owner or held.epoch != server.epoch:
-                _write_atomically(d / "lease.json", json.dumps({"owner": owner, "epoch": server.epoch}).encode())
+            lease = {"owner": owner, "url": server.url, "expires": epoch_mark(server.epoch)}  # (leases.py)
+            if _read_lease_file(d / "lease.json") != lease:
+                _write_atomically(d / "lease.json", json.dumps(lease).encode())
         return Lease(owner, server.url, server.expires, server.epoch)
 
     def renew(self, owner: str, url: str, ttl: float) -> Lease:
@@ -238,15 +256,23 @@ class Store:
         return Lease(owner, server.url, server.expires, server.epoch)
 
     def lease(self, tenant: str, session: str) -> Lease | None:
-        """The session's lease (expires: 0 if its server's lease has since moved to another epoch)."""
+        """The session's lease (expires: 0 if its server's lease has since moved to another epoch; epoch:
+        "" for a lease of a server from before epochs, or one whose epoch has ended)."""
         held = _read_lease_file(self.session_dir(tenant, session) / "lease.json")
         if held is None:
             return None
-        if "epoch" not in held:  # written by an older server: its own expiry
-            return Lease(held["owner"], held.get("url", ""), float(held.get("expires", 0.0)))
+        expires = held.get("expires")
+        expires = float(expires) if isinstance(expires, (int, float)) and math.isfinite(expires) else 0.0
+        if "epoch" not in held and expires < EPOCH_MARKS:  # a server's from before epochs: its own expiry
+            return Lease(held["owner"], str(held.get("url", "")), expires)
         server = self.servers.read(held["owner"])
-        live = server is not None and server.epoch == held["epoch"]
-        return Lease(held["owner"], server.url if server else "", server.expires if live else 0.0, held["epoch"])
+        if "epoch" in held:  # {"owner", "epoch"}: format 1's last lease files
+            live = server is not None and server.epoch == held["epoch"]
+        else:
+            live = server is not None and epoch_mark(server.epoch) == expires
+        if not live:
+            return Lease(held["owner"], server.url if server else str(held.get("url", "")), 0.0)
+        return Lease(held["owner"], server.url, server.expires, server.epoch)
 
     def release(self, tenant: str, session: str, owner: str) -> None:
         """Give the lease up (only if `owner` holds it)."""
@@ -287,13 +313,37 @@ def _remove_leftovers(d: Path, record: SessionRecord) -> None:
 
 
 def _read_lease_file(path: Path) -> dict | None:
-    """A session's lease.json ({"owner", "epoch"}; {"owner", "url", "expires"} from older servers), None
-    if there is none (or a torn one: claims write it atomically, so only a foreign file can be)."""
+    """A session's lease.json ({"owner", "url", "expires": an epoch's mark}; {"owner", "epoch"} or
+    {"owner", "url", "expires": a time} from older servers), None if there is none (or a torn one: claims
+    write it atomically, so only a foreign file can be)."""
     try:
         held = json.loads(path.read_bytes())
     except (FileNotFoundError, ValueError):
         return None
     return held if isinstance(held, dict) and isinstance(held.get("owner"), str) else None
+
+
+def _check_format(root: Path) -> int:
+    """The store's format, marked as STORE_FORMAT if it has no marker (an older store, or a new one);
+    StoreFormatError if it is newer than STORE_FORMAT or its marker is unreadable."""
+    path = root / FORMAT_FILE
+    try:
+        found = json.loads(path.read_bytes())["format"]
+    except FileNotFoundError:
+        _write_atomically(path, json.dumps({"format": STORE_FORMAT}).encode())  # (two writers write the same bytes)
+        return STORE_FORMAT
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StoreFormatError(f"store {root}: unreadable format marker {path} ({exc!r})") from None
+    if not isinstance(found, int) or isinstance(found, bool):
+        raise StoreFormatError(f"store {root}: unreadable format marker {path} (format {found!r})")
+    if found > STORE_FORMAT:
+        raise StoreFormatError(
+            f"store {root} is in format {found!r}, newer than this server knows ({STORE_FORMAT}): upgrade tmem "
+            "to serve it (every server sharing a store must know its format)"
+        )
+    if found < STORE_FORMAT:
+        _write_atomically(path, json.dumps({"format": STORE_FORMAT}).encode())
+    return STORE_FORMAT
 
 
 def _encode(record: SessionRecord) -> bytes:
