@@ -5,6 +5,8 @@
     chunked   `tmem_kernels.linear_cross_entropy` (op `tmem::linear_cross_entropy`): rows in chunks of
               `cross_entropy.chunk_rows(K, V)`, the gradient w.r.t. hidden computed in the same pass; on
               CUDA each chunk's softmax/gradient is the fused Triton epilogue (`cross_entropy_triton`)
+    chunked-rows `tmem_kernels.linear_cross_entropy_rows` (op `tmem::linear_cross_entropy_rows`) with weights
+              1 / #scored, summed: the same loss through the per-row op a write's steps run
     chunked-torch (CUDA only) the same chunks with the torch epilogue (`cross_entropy.loss_and_grad`
               called directly: its backward is one multiply)
 
@@ -25,11 +27,16 @@ import pytest
 import torch
 
 from benchmarks.common import CONFIGS, DEVICE, SHAPES, SLOW, TOKENS, device_name, write_summary
-from tmem_kernels import cross_entropy, linear_cross_entropy
+from tmem_kernels import cross_entropy, linear_cross_entropy, linear_cross_entropy_rows
 from tmem_kernels import reference as ref
 
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-IMPLS = {"plain": ref.linear_cross_entropy, "chunked": linear_cross_entropy}
+IMPLS = {
+    "plain": ref.linear_cross_entropy,
+    "chunked": linear_cross_entropy,
+    # what a write's steps run (per-row weights 1 / #scored: the same mean loss)
+    "chunked-rows": lambda h, w, t: linear_cross_entropy_rows(h, w, t, (t != -100).float() / (t != -100).sum()).sum(),
+}
 if DEVICE.type == "cuda":
     IMPLS["chunked-torch"] = lambda h, w, t: cross_entropy.loss_and_grad(h.detach(), w, t, epilogue="torch")
 _results: dict[tuple[str, int], dict[str, tuple[float, int]]] = {}  # (model, K) -> impl -> (s, peak bytes)

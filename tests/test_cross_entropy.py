@@ -5,7 +5,9 @@ Odd shapes (K not a multiple of the chunk, one-row chunks, a chunk larger than K
 all ignored, every row ignored (NaN loss, zero gradient, as F.cross_entropy), a custom ignore_index; loss
 and d/d hidden in float64 (tight), float32 and bfloat16 (as close to float64 as the reference's own
 16-bit products). opcheck on the op, and torch.compile(fullgraph=True) through it (no graph break, no
-host sync), with the gradient through it.
+host sync), with the gradient through it. The same for the per-row weighted variant (op
+`tmem::linear_cross_entropy_rows`, what a write's steps use): each row's loss times its weight, and the
+gradient of any weighted sum of them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch.library import opcheck
 import tmem_kernels
 from tmem_kernels import cross_entropy as lce
 from tmem_kernels import reference as ref
-from tmem_kernels.library import linear_cross_entropy
+from tmem_kernels.library import linear_cross_entropy, linear_cross_entropy_rows
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPILOGUES = ["torch"] + (["triton"] if tmem_kernels.available("triton") else [])
@@ -154,6 +156,73 @@ def test_bad_input_raises():
         linear_cross_entropy(hidden, weight, targets, chunk_size=0)
     with pytest.raises(ValueError, match="frozen"):
         linear_cross_entropy(hidden, weight.clone().requires_grad_(True), targets)
+
+
+def rows_and_grad(fn, hidden, weight, targets, row_weight, upstream, **kw):
+    """(fn's per-row losses, d (upstream . losses) / d hidden)."""
+    h = hidden.clone().requires_grad_(True)
+    losses = fn(h, weight, targets, row_weight, **kw)
+    (losses * upstream).sum().backward()
+    return losses.detach(), h.grad
+
+
+@pytest.mark.parametrize("k,h,v,chunk,ignored", CASES)
+def test_weighted_rows_match_reference_float64(k, h, v, chunk, ignored):
+    """Per-row weights (some 0 on scored rows), an upstream gradient per row, as a batched write's groups."""
+    hidden, weight, targets = make(k, h, v, ignored=ignored)
+    g = torch.Generator().manual_seed(k)
+    row_weight = torch.rand(k, generator=g, dtype=torch.float64).to(DEVICE)
+    row_weight[::5] = 0.0
+    upstream = torch.randn(k, generator=g, dtype=torch.float64).to(DEVICE)
+    got, got_grad = rows_and_grad(linear_cross_entropy_rows, hidden, weight, targets, row_weight, upstream,
+                                  chunk_size=chunk)  # fmt: skip
+    want, want_grad = rows_and_grad(ref.linear_cross_entropy_rows, hidden, weight, targets, row_weight, upstream)
+    assert got.shape == (k,) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-12)
+    assert bool((got[list(ignored)] == 0).all()) and bool((got_grad[list(ignored)] == 0).all())
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_weighted_rows_each_epilogue_and_the_mean_loss(epilogue, dtype, tol):
+    """Both chunk epilogues; with weights 1 / #scored the rows sum to the mean loss of `linear_cross_entropy`."""
+    hidden, weight, targets = make(45, 32, 3000, dtype=dtype, seed=4, ignored=range(10, 20))
+    scored = targets != -100
+    row_weight = scored.float() / scored.sum()
+    rows, grad = lce.weighted_rows_and_grad(hidden, weight, targets, row_weight, chunk_size=16, epilogue=epilogue)
+    want, want_grad = loss_and_grad(ref.linear_cross_entropy, hidden, weight, targets)
+    assert rows.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(rows.sum(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad, want_grad, rtol=tol, atol=tol * want_grad.abs().max().item())
+    mean, mean_grad = lce.loss_and_grad(hidden, weight, targets, chunk_size=16, epilogue=epilogue)
+    torch.testing.assert_close(rows.sum(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, mean_grad, rtol=1e-6, atol=1e-6 * mean_grad.abs().max().item())
+
+
+def test_weighted_rows_opcheck_compile_and_bad_input():
+    hidden, weight, targets = make(37, 16, 101, dtype=torch.float32, ignored=range(8, 16))
+    row_weight = torch.rand(37, device=DEVICE)
+    op = torch.ops.tmem.linear_cross_entropy_rows
+    opcheck(op, (hidden.clone().requires_grad_(True), weight, targets, row_weight, -100, 8, True))
+    opcheck(op, (hidden, weight, targets, row_weight, -100, 64, False))
+    fn = lambda h: (linear_cross_entropy_rows(torch.tanh(h), weight, targets, row_weight, chunk_size=8) ** 2).sum()
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got, got_grad = loss_and_grad(lambda h, *_: compiled(h), hidden, weight, targets)
+    want, want_grad = loss_and_grad(lambda h, *_: fn(h), hidden, weight, targets)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+    with pytest.raises(ValueError, match="row_weight"):
+        linear_cross_entropy_rows(hidden, weight, targets, row_weight[:-1])
+    with pytest.raises(TypeError, match="row_weight"):
+        linear_cross_entropy_rows(hidden, weight, targets, torch.ones(37, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="frozen"):
+        linear_cross_entropy_rows(hidden, weight.clone().requires_grad_(True), targets, row_weight)
+    h = hidden.clone().requires_grad_(True)
+    losses = linear_cross_entropy_rows(h, weight, targets, row_weight)
+    with pytest.raises(RuntimeError, match="double backward"):  # its gradient is not differentiable
+        torch.autograd.grad(losses.sum(), h, create_graph=True)
 
 
 _COMPILE_SCRIPT = r"""

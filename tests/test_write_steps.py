@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tmem_runtime import FastWeights, load_model, static_write
+from tmem_runtime import FastWeights, SessionPool, load_model, static_write
 from tmem_runtime import write as write_module
 from tmem_runtime.examples import collate
 from tmem_runtime.recipes import Recipe
@@ -311,17 +311,32 @@ def test_an_error_mid_write_leaves_the_adapter_as_it_was(tiny):
     fw.detach()
 
 
-def test_a_big_head_runs_the_chunked_cross_entropy_with_the_same_losses(tiny, monkeypatch):
-    """Past CHUNKED_HEAD_LOGITS (K x V) the head's loss is chunked (no [K, V] logits): same losses."""
-    batches = [collate(examples(4, seed=s)) for s in range(2)] * 2
-    fw = FastWeights(tiny, backend="torch", cuda_graphs=False)  # counts Python calls: a graph replays without them
-    plain = fw.write(batches, lr=1e-2, optimizer="adamw")
-    fw.reset()
-    calls = []
-    original = write_module.linear_cross_entropy
-    monkeypatch.setattr(write_module, "linear_cross_entropy", lambda *a, **k: calls.append(1) or original(*a, **k))
-    monkeypatch.setattr(write_module, "CHUNKED_HEAD_LOGITS", 0)
-    chunked = fw.write(batches, lr=1e-2, optimizer="adamw")
-    assert len(calls) == len(batches)
-    torch.testing.assert_close(torch.tensor(chunked), torch.tensor(plain), rtol=1e-5, atol=1e-6)
-    fw.detach()
+@pytest.mark.parametrize("sessions", [1, 3])
+def test_the_chunked_head_loss_gives_the_losses_of_the_full_logits(tiny, monkeypatch, sessions):
+    """The head's loss through `linear_cross_entropy_rows` (on the CPU always; elsewhere past
+    CHUNKED_HEAD_LOGITS) gives the per-step losses of the full [K, V] logits, for one session and for a
+    batched write of several (each its own mean)."""
+    per_session = {f"s{i}": examples(3 + i, seed=i) for i in range(sessions)}
+    recipe = Recipe(optimizer="sgd", lr=0.5, epochs=2, batch_size=2)  # (SGD: B linear in the gradients)
+
+    def write(chunked: bool) -> dict:
+        monkeypatch.setattr(write_module, "chunked_head", lambda *a: chunked)
+        pool = SessionPool(tiny, capacity=sessions, backend="torch", cuda_graphs=False)
+        for s in per_session:
+            pool.open(s)
+        calls = []
+        original = write_module.linear_cross_entropy_rows
+        counted = lambda *a, **k: calls.append(1) or original(*a, **k)  # noqa: E731
+        monkeypatch.setattr(write_module, "linear_cross_entropy_rows", counted)
+        losses = pool.write_examples_many(per_session, recipe)
+        monkeypatch.setattr(write_module, "linear_cross_entropy_rows", original)
+        assert bool(calls) == chunked
+        state = {s: pool.state_dict(s) for s in per_session}
+        pool.detach()
+        return losses, state
+
+    (chunked, chunked_state), (plain, plain_state) = write(True), write(False)
+    for s in per_session:
+        torch.testing.assert_close(torch.tensor(chunked[s]), torch.tensor(plain[s]), rtol=1e-5, atol=1e-6)
+        for k in plain_state[s]:
+            torch.testing.assert_close(chunked_state[s][k], plain_state[s][k], rtol=1e-4, atol=1e-6)

@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "IGNORE_INDEX", "chunk_rows", "loss_and_grad"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "IGNORE_INDEX", "check_row_weight", "chunk_rows", "loss_and_grad",
+           "weighted_rows_and_grad"]
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_BYTES = 64 << 20  # one chunk's fp32 logits: [C, V] * 4 bytes at most (C >= 16)
@@ -65,6 +66,18 @@ def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         )
     if chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+
+
+def check_row_weight(row_weight: torch.Tensor, targets: torch.Tensor) -> None:
+    """Clear errors for a row weight the weighted loss would misread: a float tensor shaped as targets [K],
+    on their device."""
+    if not isinstance(row_weight, torch.Tensor) or not row_weight.is_floating_point():
+        raise TypeError(f"linear_cross_entropy_rows: row_weight must be a float tensor, got {row_weight!r:.80}")
+    if isinstance(targets, torch.Tensor) and (row_weight.shape != targets.shape or row_weight.device != targets.device):
+        raise ValueError(
+            f"linear_cross_entropy_rows: row_weight {tuple(row_weight.shape)} on {row_weight.device} must match "
+            f"targets {tuple(targets.shape)} on {targets.device}"
+        )
 
 
 def softmax_grad_torch(
@@ -127,15 +140,57 @@ def loss_and_grad(
     into its losses and gradient ("auto": the fused Triton kernel on CUDA, torch otherwise).
     Rows whose target is `ignore_index` add nothing; targets must otherwise lie in [0, V).
     """
+    scored = targets != ignore_index
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    inv_count = scored.sum().to(acc).reciprocal()  # inf when nothing is scored: NaN, as F.cross_entropy
+    weights = torch.where(scored, inv_count, 0.0)  # ignored rows: 0, never 0 * inf
+    row_losses, grad = _chunked(hidden, weight, targets, scored, weights, chunk_size, with_grad, epilogue)
+    return row_losses.sum() * inv_count, grad
+
+
+def weighted_rows_and_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    row_weight: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = None,
+    with_grad: bool = True,
+    epilogue: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(row_weight[t] x cross-entropy of row t, d (their sum) / d hidden), in chunks, as `loss_and_grad`.
+
+    hidden [K, H], weight [V, H], targets [K] int64, row_weight [K] (any float dtype, e.g. 1 / the targets
+    of the row's group: each group's loss its own mean) -> losses [K] float32 (float64 for float64 input;
+    0 on rows whose target is `ignore_index`), gradient [K, H] in hidden's dtype (None without `with_grad`).
+    Each row's loss depends on its own hidden row only, so the gradient of any weighted sum of the losses
+    is this gradient with each row scaled by its weight in that sum.
+    """
+    check_row_weight(row_weight, targets)
+    scored = targets != ignore_index
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    weights = torch.where(scored, row_weight.to(acc), 0.0)
+    row_losses, grad = _chunked(hidden, weight, targets, scored, weights, chunk_size, with_grad, epilogue)
+    return row_losses * weights, grad
+
+
+def _chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    scored: torch.Tensor,
+    weights: torch.Tensor,
+    chunk_size: int | None,
+    with_grad: bool,
+    epilogue: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(unweighted cross-entropy per row [K], 0 where `weights` is 0; the gradient of sum(weights x those)
+    w.r.t. hidden [K, H] or None): the chunk loop both losses share."""
     k, v = hidden.shape[0], weight.shape[0]
     if chunk_size is None:
         chunk_size = chunk_rows(k, v)
     check_inputs(hidden, weight, targets, chunk_size)
     finish = _epilogue(epilogue, hidden.device, hidden.dtype)
-    scored = targets != ignore_index
-    acc = torch.promote_types(hidden.dtype, torch.float32)
-    inv_count = scored.sum().to(acc).reciprocal()  # inf when nothing is scored: NaN, as F.cross_entropy
-    weights = torch.where(scored, inv_count, 0.0)  # ignored rows: 0, never 0 * inf
     safe_targets = torch.where(scored, targets, torch.zeros_like(targets))
     row_losses = []
     grad = torch.empty_like(hidden) if with_grad else None
@@ -147,5 +202,5 @@ def loss_and_grad(
         if grad is not None:
             torch.mm(dlogits, weight, out=grad[lo:hi])
         del logits, dlogits  # freed before the next chunk's block is allocated
-    total = torch.cat(row_losses).sum() if row_losses else torch.zeros((), dtype=acc, device=hidden.device)
-    return total * inv_count, grad
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    return (torch.cat(row_losses) if row_losses else torch.zeros(0, dtype=acc, device=hidden.device)), grad

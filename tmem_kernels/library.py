@@ -658,6 +658,64 @@ def _lce_backward(ctx, dloss, _):  # noqa: ANN001
 _linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup)
 
 
+@torch.library.custom_op("tmem::linear_cross_entropy_rows", mutates_args=())
+def _linear_cross_entropy_rows(
+    hidden: Tensor, weight: Tensor, targets: Tensor, row_weight: Tensor, ignore_index: int, chunk_size: int,
+    with_grad: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(row_weight x each row's loss [K] float32 (float64 for float64 input), d (their sum) / d hidden [K, H],
+    empty without `with_grad`)."""
+    with torch.autocast(hidden.device.type, enabled=False):  # products in the inputs' dtype, as documented
+        losses, grad = _lce.weighted_rows_and_grad(
+            hidden, weight, targets, row_weight, ignore_index, chunk_size, with_grad
+        )
+    return losses, _empty(hidden) if grad is None else grad
+
+
+@_linear_cross_entropy_rows.register_fake
+def _(hidden, weight, targets, row_weight, ignore_index, chunk_size, with_grad):  # noqa: ANN001
+    _lce.check_inputs(hidden, weight, targets, chunk_size)
+    _lce.check_row_weight(row_weight, targets)
+    losses = hidden.new_empty(targets.shape, dtype=torch.promote_types(hidden.dtype, torch.float32))
+    return losses, torch.empty_like(hidden) if with_grad else _empty(hidden)
+
+
+def _lce_rows_backward(ctx, dlosses, _):  # noqa: ANN001
+    (grad,) = ctx.saved_tensors
+    if grad.dim() != 2:
+        raise RuntimeError("linear_cross_entropy_rows backward: the forward ran with with_grad=False")
+    if torch.is_grad_enabled() and ctx.needs_input_grad[0]:  # create_graph=True (see _lce_backward)
+        raise RuntimeError("linear_cross_entropy_rows: double backward (create_graph=True) is not supported")
+    # each row's loss depends on its own hidden row only: scale each row of the gradient by its upstream
+    return grad * dlosses.to(grad.dtype)[:, None], None, None, None, None, None, None
+
+
+_linear_cross_entropy_rows.register_autograd(_lce_rows_backward, setup_context=_lce_setup)
+
+
+def linear_cross_entropy_rows(
+    hidden: Tensor, weight: Tensor, targets: Tensor, row_weight: Tensor, ignore_index: int = _lce.IGNORE_INDEX,
+    chunk_size: int | None = None,
+) -> Tensor:  # fmt: skip
+    """`tmem::linear_cross_entropy_rows`: each row's cross-entropy of hidden @ weight.T against its target,
+    times row_weight, without the [K, V] logits (chunks of `chunk_size` rows, default `cross_entropy.chunk_rows`).
+
+    hidden [K, H], weight [V, H] (one float dtype), targets [K] int64, row_weight [K] -> [K] float32 (float64
+    for float64 input), 0 on rows whose target is `ignore_index`, as `reference.linear_cross_entropy_rows`.
+    E.g. row_weight 1 / (the targets of the row's group), summed per group: each group's mean loss.
+    Differentiable w.r.t. hidden only (the head is frozen). Graph-safe: no host sync, shapes fixed by K.
+    """
+    if torch.is_grad_enabled() and weight.requires_grad:
+        raise ValueError("linear_cross_entropy_rows: weight requires grad, but the head is frozen here "
+                         "(no gradient is computed for it); call .requires_grad_(False) on it")  # fmt: skip
+    if chunk_size is None:
+        chunk_size = _lce.chunk_rows(hidden.shape[0], weight.shape[0])
+    with_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return torch.ops.tmem.linear_cross_entropy_rows(
+        hidden, weight, targets, row_weight, ignore_index, chunk_size, with_grad
+    )[0]
+
+
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = _lce.IGNORE_INDEX,
     chunk_size: int | None = None,
@@ -691,4 +749,5 @@ OPS = {
     "adamw_step_triton": adamw_step_triton,
     "randomized_svd_top_r": randomized_svd_top_r,
     "linear_cross_entropy": linear_cross_entropy,
+    "linear_cross_entropy_rows": linear_cross_entropy_rows,
 }

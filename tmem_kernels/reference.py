@@ -272,3 +272,19 @@ def linear_cross_entropy(
     logits = hidden @ weight.T
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
                            ignore_index=ignore_index)  # fmt: skip
+
+
+def linear_cross_entropy_rows(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor,
+    ignore_index: int = -100,
+) -> torch.Tensor:  # fmt: skip
+    """row_weight x each row's cross-entropy of the logits hidden @ weight.T (in float32, float64 for float64
+    input) against its target, 0 where the target is `ignore_index`.
+
+    hidden [K, H], weight [V, H], targets [K] int64, row_weight [K] -> [K] float32 (float64). Materialises
+    the full [K, V] logits.
+    """
+    logits = hidden @ weight.T
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    ce = F.cross_entropy(logits.to(acc), targets, ignore_index=ignore_index, reduction="none")
+    return ce * torch.where(targets != ignore_index, row_weight.to(acc), 0.0)

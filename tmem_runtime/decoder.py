@@ -278,6 +278,13 @@ class Decoder:
         """Final norm + lm_head. hidden [..., H] -> logits [..., V] (float32)."""
         return self.model.lm_head(self.inner.norm(hidden)).float()
 
+    @property
+    def linear_head(self) -> bool:
+        """Whether the logits are norm(hidden) @ lm_head.weight.T (a Linear head without bias): what
+        `tmem_kernels.linear_cross_entropy_rows` computes."""
+        head = self.model.lm_head
+        return isinstance(head, nn.Linear) and head.bias is None
+
 
 def _cache_kwarg(forward) -> str:
     """The name under which this transformers version passes the KV cache to `forward`."""

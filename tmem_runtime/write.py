@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tmem_kernels import linear_cross_entropy
+from tmem_kernels import linear_cross_entropy_rows
 from tmem_runtime.decoder import Decoder, PrefixKV
 from tmem_runtime.trunk_rows import TrunkRows
 
 IGNORE_INDEX = -100
-CHUNKED_HEAD_LOGITS = 1 << 27  # K x V from which a step's head loss runs in chunks (512 MB of fp32 logits)
+CHUNKED_HEAD_LOGITS = 1 << 27  # K x V from which a step's head loss runs in chunks off the CPU (512 MB of fp32 logits)
 MIN_SHARED_PREFIX = 4
 TARGET_BUCKET = 64  # fixed-shape steps pad their target count to a multiple of this (CUDA graphs, see plan_steps)
 TOKEN_BUCKET = 64  # ... and their adapted MLPs' token count
@@ -357,20 +357,28 @@ def adapted_loss(
     return head_loss(decoder, picked, batch)
 
 
-def head_loss(decoder: Decoder, picked: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total, per group) cross-entropy of the final norm + head at the picked positions [K, H].
+def chunked_head(device: torch.device, k: int, v: int) -> bool:
+    """Whether a step's head loss over K positions of a V-word vocabulary runs in chunks (see `head_loss`)."""
+    return device.type == "cpu" or k * v >= CHUNKED_HEAD_LOGITS
 
-    One session with K x V >= CHUNKED_HEAD_LOGITS (a 150k vocabulary, long writes) goes through
-    `tmem_kernels.linear_cross_entropy`: chunks of rows, never the whole [K, V] logits. Otherwise the
-    logits [K, V] are formed (float32) and each target weighted by 1 / (its group's targets).
+
+def head_loss(decoder: Decoder, picked: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total, per group) cross-entropy of the final norm + head at the picked positions [K, H], each target
+    weighted by 1 / (its group's targets): each group's loss its own mean.
+
+    A plain linear head goes through `tmem_kernels.linear_cross_entropy_rows` (chunks of rows, never the
+    whole [K, V] logits, the softmax and its gradient in one pass) on the CPU, where that is faster at every
+    size (SmolLM2's 49k vocabulary: a write 16% faster), and elsewhere from K x V >= CHUNKED_HEAD_LOGITS
+    (a 150k vocabulary, long writes). Otherwise the logits [K, V] are formed (float32).
     """
     head, g = decoder.model.lm_head, len(batch.groups)
-    chunked = g == 1 and picked.shape[0] * head.out_features >= CHUNKED_HEAD_LOGITS
-    if chunked and isinstance(head, torch.nn.Linear) and head.bias is None:
-        total = linear_cross_entropy(decoder.inner.norm(picked), head.weight.detach(), batch.targets, IGNORE_INDEX)
-        return total, total.reshape(1)
-    ce = F.cross_entropy(decoder.logits(picked), batch.targets, ignore_index=IGNORE_INDEX, reduction="none")
-    weighted = ce * batch.target_weight
+    if decoder.linear_head and chunked_head(picked.device, picked.shape[0], head.out_features):
+        weighted = linear_cross_entropy_rows(
+            decoder.inner.norm(picked), head.weight.detach(), batch.targets, batch.target_weight, IGNORE_INDEX
+        )
+    else:
+        ce = F.cross_entropy(decoder.logits(picked), batch.targets, ignore_index=IGNORE_INDEX, reduction="none")
+        weighted = ce * batch.target_weight
     if g == 1:
         total = weighted.sum()
         return total, total.reshape(1)
