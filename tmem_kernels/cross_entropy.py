@@ -140,6 +140,7 @@ def loss_and_grad(
     into its losses and gradient ("auto": the fused Triton kernel on CUDA, torch otherwise).
     Rows whose target is `ignore_index` add nothing; targets must otherwise lie in [0, V).
     """
+    chunk_size = _checked_chunk(hidden, weight, targets, chunk_size)
     scored = targets != ignore_index
     acc = torch.promote_types(hidden.dtype, torch.float32)
     inv_count = scored.sum().to(acc).reciprocal()  # inf when nothing is scored: NaN, as F.cross_entropy
@@ -166,6 +167,7 @@ def weighted_rows_and_grad(
     Each row's loss depends on its own hidden row only, so the gradient of any weighted sum of the losses
     is this gradient with each row scaled by its weight in that sum.
     """
+    chunk_size = _checked_chunk(hidden, weight, targets, chunk_size)
     check_row_weight(row_weight, targets)
     scored = targets != ignore_index
     acc = torch.promote_types(hidden.dtype, torch.float32)
@@ -174,22 +176,27 @@ def weighted_rows_and_grad(
     return row_losses * weights, grad
 
 
+def _checked_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None) -> int:
+    """The rows per chunk (default `chunk_rows`), once the inputs are checked (`check_inputs`)."""
+    if chunk_size is None and isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor):
+        chunk_size = chunk_rows(hidden.shape[0], weight.shape[0])
+    check_inputs(hidden, weight, targets, 1 if chunk_size is None else chunk_size)
+    return chunk_size
+
+
 def _chunked(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
     scored: torch.Tensor,
     weights: torch.Tensor,
-    chunk_size: int | None,
+    chunk_size: int,
     with_grad: bool,
     epilogue: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(unweighted cross-entropy per row [K], 0 where `weights` is 0; the gradient of sum(weights x those)
-    w.r.t. hidden [K, H] or None): the chunk loop both losses share."""
-    k, v = hidden.shape[0], weight.shape[0]
-    if chunk_size is None:
-        chunk_size = chunk_rows(k, v)
-    check_inputs(hidden, weight, targets, chunk_size)
+    w.r.t. hidden [K, H] or None): the chunk loop both losses share (inputs already checked)."""
+    k = hidden.shape[0]
     finish = _epilogue(epilogue, hidden.device, hidden.dtype)
     safe_targets = torch.where(scored, targets, torch.zeros_like(targets))
     row_losses = []
