@@ -74,6 +74,19 @@ def unloaded_total(service: MemoryService) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- idle unload
+
+def paused_release(store: Store, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make `store.release` pause: (set when a release begins, set it to let the release go on)."""
+    releasing, go_on, release = threading.Event(), threading.Event(), store.release
+
+    def slow_release(*args) -> None:
+        releasing.set()
+        go_on.wait(60)
+        release(*args)
+
+    monkeypatch.setattr(store, "release", slow_release)
+    return releasing, go_on
+
 def test_an_idle_session_is_unloaded_and_its_next_request_loads_it_as_it_was(idle_service, reference_model):
     """Unused for idle_unload seconds, a session leaves the process (conversation, pool session, lease);
     its next request loads it from the store and answers exactly as before, with its context and counters."""
@@ -134,14 +147,7 @@ def test_a_request_during_an_unload_waits_and_loads_the_session_after_its_lease_
     try:
         s.create("t", "s")
         s.append("t", "s", ["Nina: one turn"])
-        releasing, go_on, release = threading.Event(), threading.Event(), store.release
-
-        def slow_release(*args) -> None:
-            releasing.set()
-            go_on.wait(60)
-            release(*args)
-
-        monkeypatch.setattr(store, "release", slow_release)
+        releasing, go_on = paused_release(store, monkeypatch)
         s.convs[("t", "s")].last_used -= 10
         s.config.idle_unload = 1
         unloading = threading.Thread(target=lambda: wait_until(lambda: s.unload_idle() == 1, "never unloaded"))
@@ -173,14 +179,7 @@ def test_a_request_for_the_session_released_for_max_loaded_waits_and_gets_it_as_
         assert s.remember("t", "lru", CARDS).done.result(timeout=60)["error"] is None
         s.append("t", "lru", ["Nina: a short turn"], date="2 March 2024")
         before, stats, conv = answer(s, "lru"), s.stats("t", "lru"), s.convs[("t", "lru")]
-        releasing, go_on, release = threading.Event(), threading.Event(), store.release
-
-        def slow_release(*args) -> None:
-            releasing.set()
-            go_on.wait(60)
-            release(*args)
-
-        monkeypatch.setattr(store, "release", slow_release)
+        releasing, go_on = paused_release(store, monkeypatch)
         newcomer = threading.Thread(target=s.create, args=("t", "new"))  # past max_loaded: "lru" is released
         newcomer.start()
         assert releasing.wait(60) and ("t", "lru") not in s.convs and not conv.active

@@ -693,6 +693,16 @@ def _lce_rows_backward(ctx, dlosses, _):  # noqa: ANN001
 _linear_cross_entropy_rows.register_autograd(_lce_rows_backward, setup_context=_lce_setup)
 
 
+def _head_loss_args(name: str, hidden: Tensor, weight: Tensor, chunk_size: int | None) -> tuple[int, bool]:
+    """(chunk_size, with_grad) of a head-loss op call; ValueError for a head that requires grad."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        raise ValueError(f"{name}: weight requires grad, but the head is frozen here "
+                         "(no gradient is computed for it); call .requires_grad_(False) on it")  # fmt: skip
+    if chunk_size is None:
+        chunk_size = _lce.chunk_rows(hidden.shape[0], weight.shape[0])
+    return chunk_size, torch.is_grad_enabled() and hidden.requires_grad
+
+
 def linear_cross_entropy_rows(
     hidden: Tensor, weight: Tensor, targets: Tensor, row_weight: Tensor, ignore_index: int = _lce.IGNORE_INDEX,
     chunk_size: int | None = None,
@@ -705,12 +715,7 @@ def linear_cross_entropy_rows(
     E.g. row_weight 1 / (the targets of the row's group), summed per group: each group's mean loss.
     Differentiable w.r.t. hidden only (the head is frozen). Graph-safe: no host sync, shapes fixed by K.
     """
-    if torch.is_grad_enabled() and weight.requires_grad:
-        raise ValueError("linear_cross_entropy_rows: weight requires grad, but the head is frozen here "
-                         "(no gradient is computed for it); call .requires_grad_(False) on it")  # fmt: skip
-    if chunk_size is None:
-        chunk_size = _lce.chunk_rows(hidden.shape[0], weight.shape[0])
-    with_grad = torch.is_grad_enabled() and hidden.requires_grad
+    chunk_size, with_grad = _head_loss_args("linear_cross_entropy_rows", hidden, weight, chunk_size)
     return torch.ops.tmem.linear_cross_entropy_rows(
         hidden, weight, targets, row_weight, ignore_index, chunk_size, with_grad
     )[0]
@@ -727,12 +732,7 @@ def linear_cross_entropy(
     `reference.linear_cross_entropy`. Differentiable w.r.t. hidden only: the head is frozen (a weight that
     requires grad is an error). Graph-safe: no host sync, shapes fixed by K.
     """
-    if torch.is_grad_enabled() and weight.requires_grad:
-        raise ValueError("linear_cross_entropy: weight requires grad, but the head is frozen here "
-                         "(no gradient is computed for it); call .requires_grad_(False) on it")  # fmt: skip
-    if chunk_size is None:
-        chunk_size = _lce.chunk_rows(hidden.shape[0], weight.shape[0])
-    with_grad = torch.is_grad_enabled() and hidden.requires_grad
+    chunk_size, with_grad = _head_loss_args("linear_cross_entropy", hidden, weight, chunk_size)
     return torch.ops.tmem.linear_cross_entropy(hidden, weight, targets, ignore_index, chunk_size, with_grad)[0]
 
 
