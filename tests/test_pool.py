@@ -354,6 +354,11 @@ def test_bad_input_is_refused_and_changes_nothing(tiny):
     ids = torch.randint(3, 500, (3, 5))
     with pytest.raises(ValueError, match="rows"), torch.no_grad(), pool.rows(["a", "b"]):
         tiny(input_ids=ids)  # two sessions named for a batch of three
+    # the same with rows that read nothing yet (a fresh session at B0, the bare model, no row at all):
+    # refused as well, not only once a write has made the session differ from the bare model
+    for rows in (["b"], [None], [], ["b", None, "b", "b"]):
+        with pytest.raises(ValueError, match="rows"), torch.no_grad(), pool.rows(rows):
+            tiny(input_ids=ids)
     pool.open("c")
     with pool.rows(["a", "b"]):  # both rows pinned by a running batch: "c" cannot get one
         with pytest.raises(PoolFullError):
