@@ -307,6 +307,11 @@ def test_bad_batches_and_arguments(tiny):
         fw.write([batch], optimizer="lion")
     assert fw.write([]) == []
     assert fw.write_examples([], Recipe()) == []
+    # load_model("tiny-llama") gives no tokenizer (None): a flashcard or text write says so
+    for write in (lambda: fw.write_qa(None, [("Q?", "A")]), lambda: fw.write_text(None, ["Some text."])):
+        with pytest.raises(TypeError, match="need the model's tokenizer, got None"):
+            write()
+    assert fw.stats.writes == 0
     with pytest.raises(RuntimeError, match="already has fast weights"):
         FastWeights(tiny)
     fw.detach()

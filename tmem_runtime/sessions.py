@@ -128,6 +128,7 @@ class SessionStore:
         on the answers by default (see write_examples_many). Cards longer than recipe.max_length keep
         their answer; their question is cut (warned, and counted in `stats` with the cards, once the
         session's write committed: a rolled-back write counts none)."""
+        check_tokenizer(tokenizer)
         recipe = get_recipe(recipe)
         pairs = {s: list(p) for s, p in pairs.items()}  # (any iterable of pairs: a generator is read once)
         encoded = {s: qa_examples(tokenizer, p, loss_on, recipe.max_length) for s, p in pairs.items()}
@@ -168,6 +169,7 @@ class SessionStore:
         on_step: StepCallback | None = None,
     ) -> list[float]:
         """Next-token training on plain texts (all tokens), cut into recipe.max_length windows."""
+        check_tokenizer(tokenizer)
         if isinstance(texts, str):
             raise ValueError("write_text takes a list of strings, got one string (wrap it: [text])")
         texts = list(texts)
@@ -224,6 +226,16 @@ def _warn_cut(session: str, cut: int, max_length: int) -> None:
             f"{cut} flashcard(s) of session {session!r} were longer than max_length={max_length}: "
             "their questions were cut to fit (answers kept whole)",
             stacklevel=4,
+        )
+
+
+def check_tokenizer(tokenizer: object) -> None:
+    """TypeError for no tokenizer (load_model of a tiny-/shapes- model returns None for it)."""
+    if tokenizer is None:
+        raise TypeError(
+            "flashcard and text writes need the model's tokenizer, got None; "
+            "load_model('tiny-...') and load_model('shapes-...') (random weights) return none: write token "
+            "batches to them with write(), or pass a tokenizer whose ids fit the model's vocabulary"
         )
 
 
