@@ -81,6 +81,25 @@ def test_serve_refuses_a_capacity_too_small_before_loading_a_model(capsys):
     assert "capacity 2 must be at least max_write_sessions + 2 (3)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("keys, store_is_a_file, message", [
+    ("{not json", False, "keys.json is not valid JSON"),
+    ('["KEY"]', False, "keys.json: expected a JSON object"),
+    ("\udcff", False, "keys.json is not valid JSON ('utf-8' codec"),
+    ('{"KEY": "acme"}', True, "cannot be the store's directory (File exists)"),
+])
+def test_serve_refuses_a_bad_keys_file_or_store_path_before_loading_a_model(keys, store_is_a_file, message, tmp_path):
+    """A keys file that is not {"key": "tenant"} JSON, or a --store path holding a file, is said in one line
+    (no traceback) before the model loads (here: a model that does not exist, which would be said instead)."""
+    (tmp_path / "keys.json").write_bytes(keys.encode("utf-8", "surrogateescape"))
+    store = tmp_path / "store"
+    if store_is_a_file:
+        store.write_text("a file")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--model", "no-such-model", "--api-keys", str(tmp_path / "keys.json"), "--store", str(store)])
+    assert str(exit_info.value.code).startswith("tmem serve: --") and message in str(exit_info.value.code)
+    assert store.is_file() if store_is_a_file else not store.exists()  # no store made for a bad keys file
+
+
 @pytest.mark.parametrize("command, option", [
     ("eval", ["--l-max", "0"]), ("eval", ["--max-questions", "-1"]), ("eval", ["--answer-tokens", "0"]),
     ("eval", ["--top-k", "0"]), ("eval", ["--replay", "-1"]), ("eval", ["--recipe", "no-such-recipe"]),

@@ -38,7 +38,10 @@ def read_api_keys(path: str | None) -> dict[str, str]:
     """{key: tenant} from a JSON file (None: no keys, no auth)."""
     if path is None:
         return {}
-    keys = json.loads(Path(path).read_text())
+    try:
+        keys = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): expected an object {{\"api key\": \"tenant\"}}") from None
     if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
         raise ValueError(f"{path}: expected a JSON object {{\"api key\": \"tenant\"}}")
     return keys
@@ -98,13 +101,24 @@ def main(argv: list[str]) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    try:  # a store of a newer format is refused before the model loads
+    try:  # the keys file, and a store of a newer format or that cannot be a directory, before the model loads
+        api_keys = read_api_keys(args.api_keys)
+    except ValueError as exc:
+        raise SystemExit(f"tmem serve: --api-keys {exc}") from None
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise  # (said as the command line says every missing file)
+        raise SystemExit(f"tmem serve: --api-keys {args.api_keys}: {exc.strerror or exc}") from None
+    try:
         store = Store(args.store)
     except StoreFormatError as exc:
         raise SystemExit(f"tmem serve: {exc}") from None
+    except OSError as exc:  # a file there, no permission, ...
+        why = exc.strerror or exc
+        raise SystemExit(f"tmem serve: --store {args.store} cannot be the store's directory ({why})") from None
     model, tokenizer = load_serving_model(args.model, args.tokenizer, args.device, args.dtype)
     service = MemoryService(model, tokenizer, store, config)
-    app = create_app(service, os.path.basename(args.model.rstrip("/")), read_api_keys(args.api_keys), args.max_body)
+    app = create_app(service, os.path.basename(args.model.rstrip("/")), api_keys, args.max_body)
     app.router.on_startup.append(service.start)
     app.router.on_shutdown.append(service.stop)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
