@@ -108,12 +108,19 @@ def test_serve_refuses_a_bad_keys_file_or_store_path_before_loading_a_model(keys
     ("make-conversations", ["--turns", "0"]), ("rl", ["--steps", "-1"]), ("rl", ["--group-size", "1"]),
     ("ablate", ["--capacity-writes", "13"]), ("ablate", ["--max-sessions", "0"]), ("ablate", ["--recipes", "bogus"]),
     ("ablate", ["--sets", "no-such-set"]), ("ablate", ["--precondition-sets", "no-such-set"]),
+    # a device this machine lacks, a backend that cannot run the model: said before the model loads
+    ("demo", ["--device", "cuda:99"]), ("eval", ["--device", "gpu"]), ("rl", ["--device", "cuda:99"]),
+    ("serve", ["--device", "cuda:99"]), ("serve", ["--backend", "native", "--dtype", "bfloat16"]),
+    ("serve", ["--backend", "peft"]), ("demo-weights", ["--recipe", "no-such-recipe"]),
+    ("demo-weights", ["--backend", "no-such-backend"]),
 ])
 def test_out_of_range_options_are_usage_errors_before_anything_runs(command, option, tmp_path, capsys):
     need = {"eval": ["--data", "unused.json", "--out", str(tmp_path / "o")],
             "rl": ["--data", "unused.json", "--out", str(tmp_path / "o")],
             "make-conversations": ["--out", str(tmp_path / "o.json")], "demo": [],
-            "ablate": ["--out", str(tmp_path / "o"), "--model", "no-such-model"]}[command]
+            "ablate": ["--out", str(tmp_path / "o"), "--model", "no-such-model"],
+            "serve": ["--model", "no-such-model", "--store", str(tmp_path / "store")],
+            "demo-weights": ["--model", "no-such-model"]}[command]
     with pytest.raises(SystemExit) as exit_info:
         main([command, *need, *option])
     assert exit_info.value.code == 2

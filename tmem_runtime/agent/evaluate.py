@@ -52,6 +52,7 @@ from tmem_runtime.cli import (
     changed_settings,
     check_out_dir,
     command_parser,
+    device_arg,
     int_in,
     make_out_dir,
 )
@@ -74,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="read only the first N sessions; only questions whose evidence lies there are asked")
     p.add_argument("--l-max", type=int_in(1), default=1024, help="budget: working context + explicit memory, tokens")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", type=device_arg(), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model weights dtype")
     p.add_argument("--recipe", type=recipe_name, default="agent",
                    help='write recipe: "agent" (AdamW 3e-3, 10 epochs) or a runtime name ("default", "paper")')

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tmem_runtime.cli import apply_threads, command_parser
+from tmem_runtime.backends import resolve_backend
+from tmem_runtime.cli import apply_threads, command_parser, device_arg
 from tmem_runtime.models import DEFAULT_MODEL, DTYPES, _tiny_tokenizer, load_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
 from tmem_runtime.serve.store import Store, StoreFormatError
@@ -73,8 +74,9 @@ def build_parser():
                    "server; its next request loads it again (0: never)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
     p.add_argument("--naive", action="store_true", help="the baseline: one request and one session at a time")
-    p.add_argument("--backend", default="auto", help="fast-weight kernels: auto | triton | native | torch")
-    p.add_argument("--device", default="cpu", help="torch device of the model and the pool")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "torch"),
+                   help="fast-weight kernels")
+    p.add_argument("--device", type=device_arg(), default="cpu", help="torch device of the model and the pool")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     return p
@@ -101,6 +103,10 @@ def main(argv: list[str]) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
+    try:  # a backend that cannot run this device and dtype (Triton on the CPU, native for bf16)
+        resolve_backend(args.backend, torch.device(args.device), DTYPES[args.dtype], sessions=config.capacity)
+    except (ValueError, RuntimeError) as exc:
+        parser.error(f"--backend {args.backend}: {exc}")
     try:  # the keys file, and a store of a newer format or that cannot be a directory, before the model loads
         api_keys = read_api_keys(args.api_keys)
     except ValueError as exc:
