@@ -81,6 +81,13 @@ def test_serve_refuses_a_capacity_too_small_before_loading_a_model(capsys):
     assert "capacity 2 must be at least max_write_sessions + 2 (3)" in capsys.readouterr().err
 
 
+def test_serve_names_the_settings_out_of_range(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--model", "no-such-model", "--l-max", "0", "--lease-ttl", "-1", "--store", "unused"])
+    assert exit_info.value.code == 2
+    assert "invalid serve config: l_max=0 (must be >= 1), lease_ttl=-1.0 (must be > 0)\n" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("keys, store_is_a_file, message", [
     ("{not json", False, "keys.json is not valid JSON"),
     ('["KEY"]', False, "keys.json: expected a JSON object"),

@@ -305,6 +305,8 @@ def test_bad_batches_and_arguments(tiny):
         fw.write([{"input_ids": batch["input_ids"]}])
     with pytest.raises(ValueError, match="optimizer"):
         fw.write([batch], optimizer="lion")
+    with pytest.raises(ValueError, match=r"invalid recipe: lr=nan \(must be > 0\)$"):  # names what is wrong
+        fw.write([batch], lr=float("nan"))
     # what the embedding, the loss or the trunk would fail on deep inside the write, each said plainly
     vocab = tiny.config.vocab_size
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
