@@ -174,7 +174,8 @@ def trigger_record(t: Trigger) -> dict:
     if w is not None:
         rec.update(format=w.format, written=w.n_written, dropped=w.n_dropped, drop_reasons=w.dropped,
                    pairs=w.pairs, raw=w.raw[:4000], losses=[round(x, 5) for x in w.losses],
-                   replayed=w.replayed, generate_s=round(w.generate_s, 3), train_s=round(w.train_s, 3),
+                   replayed=w.replayed, generate_s=round(w.generate_s, 3), generate_tokens=w.generate_tokens,
+                   train_s=round(w.train_s, 3),
                    train_tokens=w.train_tokens)
     return rec
 
