@@ -360,6 +360,12 @@ def test_bad_input_is_refused_and_changes_nothing(tiny):
         with pytest.raises(ValueError, match="rows"), torch.no_grad(), pool.rows(rows):
             tiny(input_ids=ids)
     pool.open("c")
+    # more sessions at once than the pool has rows, nothing else running: said as such
+    with pytest.raises(PoolFullError, match="3 sessions at once .* this pool has 2: use groups of at most 2"):
+        pool.write_examples_many({s: examples(2, 5) for s in "abc"}, Recipe())
+    with pytest.raises(PoolFullError, match="3 sessions at once"), pool.rows(["a", "b", "c"]):
+        pass
+    assert all(torch.equal(pool.state_dict("a")[k], v) for k, v in before.items())
     with pool.rows(["a", "b"]):  # both rows pinned by a running batch: "c" cannot get one
         with pytest.raises(PoolFullError):
             pool.state_dict("c")
