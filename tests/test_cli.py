@@ -234,3 +234,16 @@ def test_a_model_path_that_is_not_a_model_is_one_line_not_a_traceback(command, t
     assert main([command, "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"tmem {command}: '{tmp_path}' is neither a known model name") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["demo", "demo-weights"])
+def test_a_model_directory_without_its_tokenizer_is_one_line_saying_so(command, tmp_path, capsys):
+    """A model saved without its tokenizer: said (and how to add it) before the weights load, no traceback
+    (transformers' own error spoke of sentencepiece and slow tokenizers)."""
+    from tmem_runtime.models import tiny_config
+
+    tiny_config("tiny-llama").save_pretrained(tmp_path)  # config.json only: the check comes first
+    assert main([command, "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tmem {command}: no tokenizer in the model directory") and str(tmp_path) in err
+    assert "tokenizer.save_pretrained" in err and "Traceback" not in err

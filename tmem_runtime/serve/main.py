@@ -24,7 +24,7 @@ def load_serving_model(name: str, tokenizer: str | None = None, device: str = "c
                        dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model and its tokenizer. A tiny random model ("tiny-llama") takes the embedded model's
     tokenizer (or `tokenizer`) and gets its vocabulary, seeded, so every load is the same model."""
-    model, tok = load_model(name, dtype=DTYPES[dtype], device=device)
+    model, tok = load_model(name, dtype=DTYPES[dtype], device=device, load_tokenizer=tokenizer is None)
     if tokenizer is not None or tok is None:
         embedded = tokenizer in (None, DEFAULT_MODEL)
         tok = _tiny_tokenizer() if embedded else AutoTokenizer.from_pretrained(Path(tokenizer))
