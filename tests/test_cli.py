@@ -247,3 +247,34 @@ def test_a_model_directory_without_its_tokenizer_is_one_line_saying_so(command, 
     err = capsys.readouterr().err
     assert err.startswith(f"tmem {command}: no tokenizer in the model directory") and str(tmp_path) in err
     assert "tokenizer.save_pretrained" in err and "Traceback" not in err
+
+
+def test_eval_refuses_a_policy_that_is_not_one_before_a_model_loads(tmp_path):
+    """--policy: a missing file, one that is not a policy (another safetensors file, junk), or a run's
+    directory rather than its checkpoint (the newest checkpoint named): one line, no model loaded
+    (no-such-model would be said instead), no --out made."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    fixture = Path(__file__).parent / "fixtures" / "two_sessions.json"
+    run = tmp_path / "rl"
+    for step in ("step-000002", "step-000010"):
+        (run / "checkpoints" / step).mkdir(parents=True)
+        (run / "checkpoints" / step / "policy.safetensors").write_bytes(b"")
+    save_file({"w": torch.zeros(2)}, tmp_path / "weights.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    cases = {
+        str(tmp_path / "missing.safetensors"): "not a readable policy file",
+        str(tmp_path / "junk.safetensors"): "not a readable policy file",
+        str(tmp_path / "weights.safetensors"): "not a tmem policy file",
+        str(run): f"the newest checkpoint under it is {run / 'checkpoints' / 'step-000010'}",
+    }
+    for policy, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "--data", str(fixture), "--out", str(tmp_path / "o"), "--model", "no-such-model",
+                  "--policy", policy])
+        said = str(exit_info.value.code)
+        assert said.startswith("tmem eval: --policy ") and message in said, said
+    assert not (tmp_path / "o").exists()

@@ -433,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     from tmem_runtime import FastWeights, SessionPool, load_model
 
     conversations = read_locomo("tmem eval", args.data, args.conversations)  # before anything is made or loaded
+    if args.policy:
+        from tmem_runtime.rl.policy import PolicyFileError, load_policy, policy_path
+
+        try:
+            policy_path(args.policy)
+        except PolicyFileError as exc:
+            raise SystemExit(f"tmem eval: --policy {exc}") from None
     out = Path(args.out)
     check_out_dir("tmem eval", out)  # made once the model has loaded: a failed load leaves no empty --out
     runs = saved_runs(out, args)  # resumed: these episodes are not run again
@@ -441,9 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     if tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer; the agent needs a real model")
     if args.policy:  # before the fast weights: its slow LoRA never sits in their MLPs
-        from tmem_runtime.rl.policy import load_policy
-
-        load_policy(model, args.policy, args.num_layers)
+        try:
+            load_policy(model, args.policy, args.num_layers)
+        except PolicyFileError as exc:  # damaged past its header, or for another model
+            raise SystemExit(f"tmem eval: --policy {exc}") from None
     make_out_dir("tmem eval", out)
     generator = Generator(model, tokenizer, args.window)
     pooled = [m for m in methods if m[0].startswith("tmem")] if args.side_by_side else []
