@@ -349,6 +349,9 @@ def test_bad_input_is_refused_and_changes_nothing(tiny):
     with pytest.raises(UnknownSessionError):
         with pool.rows(["a", "nope"]):
             pass
+    for call in (pool.rows, pool.reading):  # one id, not a list: not read as the ids "a", "b", ...
+        with pytest.raises(TypeError, match=r"takes a list of session ids, got one string: \w+\(\['ab'\]\)"):
+            call("ab")
     with pytest.raises(ValueError, match="already open"):
         pool.open("a")
     ids = torch.randint(3, 500, (3, 5))
