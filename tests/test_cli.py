@@ -81,6 +81,32 @@ def test_serve_refuses_a_capacity_too_small_before_loading_a_model(capsys):
     assert "capacity 2 must be at least max_write_sessions + 2 (3)" in capsys.readouterr().err
 
 
+def test_serve_names_the_settings_out_of_range(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--model", "no-such-model", "--l-max", "0", "--lease-ttl", "-1", "--store", "unused"])
+    assert exit_info.value.code == 2
+    assert "invalid serve config: l_max=0 (must be >= 1), lease_ttl=-1.0 (must be > 0)\n" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keys, store_is_a_file, message", [
+    ("{not json", False, "keys.json is not valid JSON"),
+    ('["KEY"]', False, "keys.json: expected a JSON object"),
+    ("\udcff", False, "keys.json is not valid JSON ('utf-8' codec"),
+    ('{"KEY": "acme"}', True, "cannot be the store's directory (File exists)"),
+])
+def test_serve_refuses_a_bad_keys_file_or_store_path_before_loading_a_model(keys, store_is_a_file, message, tmp_path):
+    """A keys file that is not {"key": "tenant"} JSON, or a --store path holding a file, is said in one line
+    (no traceback) before the model loads (here: a model that does not exist, which would be said instead)."""
+    (tmp_path / "keys.json").write_bytes(keys.encode("utf-8", "surrogateescape"))
+    store = tmp_path / "store"
+    if store_is_a_file:
+        store.write_text("a file")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--model", "no-such-model", "--api-keys", str(tmp_path / "keys.json"), "--store", str(store)])
+    assert str(exit_info.value.code).startswith("tmem serve: --") and message in str(exit_info.value.code)
+    assert store.is_file() if store_is_a_file else not store.exists()  # no store made for a bad keys file
+
+
 @pytest.mark.parametrize("command, option", [
     ("eval", ["--l-max", "0"]), ("eval", ["--max-questions", "-1"]), ("eval", ["--answer-tokens", "0"]),
     ("eval", ["--top-k", "0"]), ("eval", ["--replay", "-1"]), ("eval", ["--recipe", "no-such-recipe"]),
@@ -89,12 +115,19 @@ def test_serve_refuses_a_capacity_too_small_before_loading_a_model(capsys):
     ("make-conversations", ["--turns", "0"]), ("rl", ["--steps", "-1"]), ("rl", ["--group-size", "1"]),
     ("ablate", ["--capacity-writes", "13"]), ("ablate", ["--max-sessions", "0"]), ("ablate", ["--recipes", "bogus"]),
     ("ablate", ["--sets", "no-such-set"]), ("ablate", ["--precondition-sets", "no-such-set"]),
+    # a device this machine lacks, a backend that cannot run the model: said before the model loads
+    ("demo", ["--device", "cuda:99"]), ("eval", ["--device", "gpu"]), ("rl", ["--device", "cuda:99"]),
+    ("serve", ["--device", "cuda:99"]), ("serve", ["--backend", "native", "--dtype", "bfloat16"]),
+    ("serve", ["--backend", "peft"]), ("demo-weights", ["--recipe", "no-such-recipe"]),
+    ("demo-weights", ["--backend", "no-such-backend"]),
 ])
 def test_out_of_range_options_are_usage_errors_before_anything_runs(command, option, tmp_path, capsys):
     need = {"eval": ["--data", "unused.json", "--out", str(tmp_path / "o")],
             "rl": ["--data", "unused.json", "--out", str(tmp_path / "o")],
             "make-conversations": ["--out", str(tmp_path / "o.json")], "demo": [],
-            "ablate": ["--out", str(tmp_path / "o"), "--model", "no-such-model"]}[command]
+            "ablate": ["--out", str(tmp_path / "o"), "--model", "no-such-model"],
+            "serve": ["--model", "no-such-model", "--store", str(tmp_path / "store")],
+            "demo-weights": ["--model", "no-such-model"]}[command]
     with pytest.raises(SystemExit) as exit_info:
         main([command, *need, *option])
     assert exit_info.value.code == 2
@@ -201,3 +234,47 @@ def test_a_model_path_that_is_not_a_model_is_one_line_not_a_traceback(command, t
     assert main([command, "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"tmem {command}: '{tmp_path}' is neither a known model name") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["demo", "demo-weights"])
+def test_a_model_directory_without_its_tokenizer_is_one_line_saying_so(command, tmp_path, capsys):
+    """A model saved without its tokenizer: said (and how to add it) before the weights load, no traceback
+    (transformers' own error spoke of sentencepiece and slow tokenizers)."""
+    from tmem_runtime.models import tiny_config
+
+    tiny_config("tiny-llama").save_pretrained(tmp_path)  # config.json only: the check comes first
+    assert main([command, "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tmem {command}: no tokenizer in the model directory") and str(tmp_path) in err
+    assert "tokenizer.save_pretrained" in err and "Traceback" not in err
+
+
+def test_eval_refuses_a_policy_that_is_not_one_before_a_model_loads(tmp_path):
+    """--policy: a missing file, one that is not a policy (another safetensors file, junk), or a run's
+    directory rather than its checkpoint (the newest checkpoint named): one line, no model loaded
+    (no-such-model would be said instead), no --out made."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    fixture = Path(__file__).parent / "fixtures" / "two_sessions.json"
+    run = tmp_path / "rl"
+    for step in ("step-000002", "step-000010"):
+        (run / "checkpoints" / step).mkdir(parents=True)
+        (run / "checkpoints" / step / "policy.safetensors").write_bytes(b"")
+    save_file({"w": torch.zeros(2)}, tmp_path / "weights.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    cases = {
+        str(tmp_path / "missing.safetensors"): "not a readable policy file",
+        str(tmp_path / "junk.safetensors"): "not a readable policy file",
+        str(tmp_path / "weights.safetensors"): "not a tmem policy file",
+        str(run): f"the newest checkpoint under it is {run / 'checkpoints' / 'step-000010'}",
+    }
+    for policy, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "--data", str(fixture), "--out", str(tmp_path / "o"), "--model", "no-such-model",
+                  "--policy", policy])
+        said = str(exit_info.value.code)
+        assert said.startswith("tmem eval: --policy ") and message in said, said
+    assert not (tmp_path / "o").exists()

@@ -225,3 +225,16 @@ def test_smollm2_flashcards_and_answers_match_the_reference():
     ref = reference_generate(model, [chat_prompt_ids(tok, f"{context}\n\n{q}") for q in questions], 16,
                              gen.pad_id, None)
     assert asked == [tok.decode(r, skip_special_tokens=True).strip() for r in ref]
+
+
+def test_ask_refuses_one_bare_string_and_questions_that_are_not_strings(tiny):
+    """ask(model, tok, "What is it?") answered each of its 11 characters as a question; a None failed in
+    the chat template's jinja. Both are ValueErrors naming the fix, before anything runs."""
+    from tmem_runtime.models import _tiny_tokenizer
+
+    tok = _tiny_tokenizer()
+    with pytest.raises(ValueError, match=r"got one string \(wrap it: \[question\]\)"):
+        ask(tiny, tok, "What is it?")
+    with pytest.raises(ValueError, match="question 1 is not a string: None"):
+        ask(tiny, tok, ["What is it?", None])
+    assert ask(tiny, tok, []) == []

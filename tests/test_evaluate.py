@@ -32,8 +32,8 @@ def test_methods_put_prompt_space_channels_first():
 
 
 def _run(method: str, f1s: list[tuple[int, float]], losses: list[list[float]]) -> dict:
-    triggers = [dict(format="qa", written=2, dropped=1, losses=x, generate_s=0.25, train_s=0.5, train_tokens=100)
-                for x in losses]
+    triggers = [dict(format="qa", written=2, dropped=1, losses=x, generate_s=0.25, generate_tokens=30, train_s=0.5,
+                     train_tokens=100) for x in losses]
     reading = DecodeStats(prefill_tokens=40, prefill_s=0.2, decode_tokens=10, decode_s=0.05 * len(losses))
     answering = DecodeStats(prefill_tokens=8, prefill_s=0.5, decode_tokens=12, decode_s=1.0)
     return dict(
@@ -57,9 +57,17 @@ def test_summary_report_and_plots(tmp_path):
     assert "| tmem/qa | 50.0 |" in md and "2.000→1.000" in md
     t = runs[1]["time"]  # one write: 0.25 s generating, 0.5 s training, the rest of the 1 s reading is "other"
     assert (t["cards_s"], t["train_s"], t["other_read_s"], t["total_s"]) == (0.25, 0.5, 0.25, 3.0)
-    assert t["cards_tokens"] == 50 and t["cards_tok_s"] == 200.0 and t["train_tok_s"] == 200.0
+    # the cards' rate is the write's own 30 tokens over its 0.25 s, not every token generated while reading
+    # (50 here: a rolling summary's too, whose time is "other reading")
+    assert t["cards_tokens"] == 30 and t["cards_tok_s"] == 120.0 and t["train_tok_s"] == 200.0
     assert t["answer_tok_s"] == 10.0 and t["prefill_tokens"] == 48 and t["decode_tok_s"] == round(22 / 1.05, 1)
-    assert "| tmem/qa | c | 3.0 | 0.2 (200) | 0.5 (200) | 0.2 | 2.0 (10) |" in md
+    assert "| tmem/qa | c | 3.0 | 0.2 (120) | 0.5 (200) | 0.2 | 2.0 (10) |" in md
+    # a write that generates nothing (ntp) beside a summary that does: no cards rate (it was 50 tokens / 0 s)
+    ntp = [dict(format="ntp", written=1, dropped=0, losses=[1.0], generate_s=0.0, generate_tokens=0, train_s=0.5,
+                train_tokens=100)]
+    t = episode_times(1.0, 2.0, DecodeStats(prefill_tokens=40, prefill_s=0.2, decode_tokens=10, decode_s=0.3),
+                      DecodeStats(), ntp)
+    assert t["cards_tokens"] == 0 and t["cards_tok_s"] is None
     assert "| tmem/qa | c | 500→0, 1000→10 |" in md
     paths = plot(runs, report, tmp_path)
     assert {p.name for p in paths} >= {"time.png", "recall.png"}

@@ -305,8 +305,33 @@ def test_bad_batches_and_arguments(tiny):
         fw.write([{"input_ids": batch["input_ids"]}])
     with pytest.raises(ValueError, match="optimizer"):
         fw.write([batch], optimizer="lion")
+    with pytest.raises(ValueError, match=r"invalid recipe: lr=nan \(must be > 0\)$"):  # names what is wrong
+        fw.write([batch], lr=float("nan"))
+    # what the embedding, the loss or the trunk would fail on deep inside the write, each said plainly
+    vocab = tiny.config.vocab_size
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    for bad, error, match in (
+        ({**batch, "input_ids": ids.float()}, TypeError, "input_ids must hold integers"),
+        ({**batch, "labels": ids.tolist()}, TypeError, "labels must be a torch.Tensor"),
+        ({**batch, "input_ids": ids.masked_fill(ids == ids[0, 9], vocab)}, ValueError, f"input id {vocab} is outside"),
+        ({**batch, "input_ids": ids.masked_fill(ids == ids[0, 9], -1)}, ValueError, "input id -1 is outside"),
+        ({**batch, "labels": labels.masked_fill(labels == labels[0, -1], vocab + 3)}, ValueError, f"label {vocab + 3}"),
+        ({**batch, "labels": labels.masked_fill(labels == labels[0, -1], -5)}, ValueError, "label -5 is neither"),
+        ({**batch, "attention_mask": mask.index_fill(0, torch.tensor([1]), 0)}, ValueError, r"rows \[1\] have no"),
+    ):
+        with pytest.raises(error, match=match):
+            fw.write([batch, bad], lr=1e-2)
+    with pytest.raises(TypeError, match="one batch: wrap it"):
+        fw.write(batch)
+    assert fw.stats.writes == 0
+    assert all(v.abs().sum() == 0 for k, v in fw.state_dict().items() if k.endswith("lora_B"))
     assert fw.write([]) == []
     assert fw.write_examples([], Recipe()) == []
+    # load_model("tiny-llama") gives no tokenizer (None): a flashcard or text write says so
+    for write in (lambda: fw.write_qa(None, [("Q?", "A")]), lambda: fw.write_text(None, ["Some text."])):
+        with pytest.raises(TypeError, match="need the model's tokenizer, got None"):
+            write()
+    assert fw.stats.writes == 0
     with pytest.raises(RuntimeError, match="already has fast weights"):
         FastWeights(tiny)
     fw.detach()

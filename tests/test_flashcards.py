@@ -211,3 +211,30 @@ def test_a_card_too_long_to_train_is_dropped_and_the_write_goes_on_with_the_othe
     assert len(record.losses) == AGENT_RECIPE.epochs  # one card: one step per epoch
     assert not all(torch.equal(bare[k], v) for k, v in fw.state_dict().items())
     fw.detach()
+
+
+def test_a_write_records_the_tokens_its_own_generation_ran():
+    """generate_tokens: the generator's tokens while the write made its material (the report's cards
+    tokens/s), none for cards from a writer function or for ntp (no model call)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tmem_runtime import FastWeights
+    from tmem_runtime.agent.generation import Generator
+    from tmem_runtime.agent.write_formats import write_to_weights
+    from tmem_runtime.models import _tiny_tokenizer, tiny_config
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("tiny-llama", vocab_size=len(tokenizer))).eval()
+    model.requires_grad_(False)
+    fw = FastWeights(model)
+    gen = Generator(model, tokenizer)
+    ctx = "DATE: 1 May\nBen: I adopted a parrot named Zorblat."
+    card = {"instruction": "What did Ben adopt?", "output": "a parrot named Zorblat"}
+    assert write_to_weights(fw, gen, ctx, writer=lambda c: json.dumps([card])).generate_tokens == 0
+    assert write_to_weights(fw, gen, ctx, write_format="ntp").generate_tokens == 0
+    before = gen.stats.copy()
+    record = write_to_weights(fw, gen, ctx, write_format="summary", max_new_tokens=4)
+    assert record.generate_tokens == gen.stats.since(before).tokens > 4  # the prompt's prefill and the decode
+    fw.detach()

@@ -55,6 +55,20 @@ def test_b_from_anywhere_takes_the_general_path(written):
     assert all(torch.equal(written.state_dict()[k], v) for k, v in state.items())
 
 
+def test_tensors_that_require_grad_load_as_values_and_later_swaps_still_work(written):
+    """A state whose tensors require grad (B being trained elsewhere, A from a trainable copy) loads its
+    values; the general path's scratch row is not made part of a graph, so the swaps after it work too."""
+    state = written.state_dict()
+    trained = {k: v.clone().requires_grad_(True) for k, v in state.items()}  # not one flat row: general path
+    written.reset()
+    written.load_state_dict(trained)
+    assert all(torch.equal(written.state_dict()[k], v) for k, v in state.items())
+    loose = {k: v.clone() if k.endswith("lora_B") else v for k, v in state.items()}
+    written.reset()
+    written.load_state_dict(loose)
+    assert all(torch.equal(written.state_dict()[k], v) for k, v in state.items())
+
+
 def test_a_refused_state_changes_nothing(written):
     state = written.state_dict()
     before = written.state_dict()

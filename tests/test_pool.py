@@ -349,12 +349,26 @@ def test_bad_input_is_refused_and_changes_nothing(tiny):
     with pytest.raises(UnknownSessionError):
         with pool.rows(["a", "nope"]):
             pass
+    for call in (pool.rows, pool.reading):  # one id, not a list: not read as the ids "a", "b", ...
+        with pytest.raises(TypeError, match=r"takes a list of session ids, got one string: \w+\(\['ab'\]\)"):
+            call("ab")
     with pytest.raises(ValueError, match="already open"):
         pool.open("a")
     ids = torch.randint(3, 500, (3, 5))
     with pytest.raises(ValueError, match="rows"), torch.no_grad(), pool.rows(["a", "b"]):
         tiny(input_ids=ids)  # two sessions named for a batch of three
+    # the same with rows that read nothing yet (a fresh session at B0, the bare model, no row at all):
+    # refused as well, not only once a write has made the session differ from the bare model
+    for rows in (["b"], [None], [], ["b", None, "b", "b"]):
+        with pytest.raises(ValueError, match="rows"), torch.no_grad(), pool.rows(rows):
+            tiny(input_ids=ids)
     pool.open("c")
+    # more sessions at once than the pool has rows, nothing else running: said as such
+    with pytest.raises(PoolFullError, match="3 sessions at once .* this pool has 2: use groups of at most 2"):
+        pool.write_examples_many({s: examples(2, 5) for s in "abc"}, Recipe())
+    with pytest.raises(PoolFullError, match="3 sessions at once"), pool.rows(["a", "b", "c"]):
+        pass
+    assert all(torch.equal(pool.state_dict("a")[k], v) for k, v in before.items())
     with pool.rows(["a", "b"]):  # both rows pinned by a running batch: "c" cannot get one
         with pytest.raises(PoolFullError):
             pool.state_dict("c")

@@ -73,6 +73,20 @@ def served(tmp_path_factory):
         yield url, service
 
 
+def test_a_model_saved_without_its_tokenizer_serves_with_the_one_named(tmp_path):
+    """`tmem serve --model DIR --tokenizer TOK`: a model directory with no tokenizer of its own loads with
+    the one named (it failed: the model's own tokenizer was loaded first, and there was none)."""
+    from transformers import AutoModelForCausalLM
+
+    from tmem_runtime.models import tiny_config
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("tiny-llama")).save_pretrained(tmp_path)
+    assert not (tmp_path / "tokenizer.json").exists()
+    model, tokenizer = load_serving_model(str(tmp_path), "smollm2-135m")
+    assert len(tokenizer) == 49152 and model.get_input_embeddings().num_embeddings == len(tokenizer)
+
+
 @pytest.fixture(scope="module")
 def reference_model():
     """A second, independent copy of the served model (same seed) for reference answers."""

@@ -35,6 +35,11 @@ def ask(
     context: str = "",
 ) -> list[str]:
     """Greedy answers to `questions` (one chat turn each, `context` prepended to every question)."""
+    if isinstance(questions, str):
+        raise ValueError("ask takes a list of questions, got one string (wrap it: [question])")
+    for i, q in enumerate(questions):
+        if not isinstance(q, str):
+            raise ValueError(f"question {i} is not a string: {q!r:.80}")
     prompts = [chat_prompt_ids(tokenizer, f"{context}\n\n{q}" if context else q) for q in questions]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = generate_greedy(model, prompts, max_new_tokens, pad)

@@ -52,6 +52,31 @@ def add_fast_weight_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-layers", type=int_in(1), default=4, help="fast weights: last N decoder layers")
 
 
+def device_arg(auto: bool = False) -> Callable[[str], str]:
+    """An argparse `type`: a torch device this machine has, returned as given ("auto" too if `auto`);
+    "cuda" where torch has no CUDA or sees no GPU is a usage error, not a traceback once the model loads."""
+
+    def parse(text: str) -> str:
+        import torch
+
+        if auto and text == "auto":
+            return text
+        try:
+            device = torch.device(text)
+        except (RuntimeError, ValueError):
+            raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+                raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here ({why}); use cpu")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+        return text
+
+    parse.__name__ = "device"
+    return parse
+
+
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse `type`: an int in [low, high] (high None: no bound); anything else is a usage error."""
 

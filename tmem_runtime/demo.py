@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 
+import torch
 from tqdm.auto import tqdm
 
+from tmem_runtime.backends import RUNTIME_BACKENDS, resolve_backend
 from tmem_runtime.cli import apply_threads, command_parser
 from tmem_runtime.fact_sets import DEMO, FactSet, fact_sets, load_fact_set
 from tmem_runtime.fast_weights import FastWeights
 from tmem_runtime.models import DEFAULT_MODEL, load_model
 from tmem_runtime.recall import ask_facts, write_and_recall
+from tmem_runtime.recipes import RECIPES
 
 
 def _show(title: str, facts: FactSet, answers: list[str], hits: list[bool]) -> int:
@@ -23,10 +26,15 @@ def _show(title: str, facts: FactSet, answers: list[str], hits: list[bool]) -> i
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser("tmem demo-weights", __doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m or a local HF model directory")
-    parser.add_argument("--recipe", default="default", help="a recipe name (tmem_runtime/recipes.py)")
-    parser.add_argument("--backend", default="auto", help="auto | triton | native | torch | peft")
+    parser.add_argument("--recipe", default="default", choices=sorted(RECIPES),
+                        help="a recipe name (tmem_runtime/recipes.py)")
+    parser.add_argument("--backend", default="auto", choices=RUNTIME_BACKENDS, help="fast-weight kernels")
     parser.add_argument("--facts", default=DEMO.name, choices=list(fact_sets()), help="fact set (fact_sets.py)")
     args = parser.parse_args(argv)
+    try:  # a backend that cannot run here (Triton on the CPU without its interpreter): before the model loads
+        resolve_backend(args.backend, torch.device("cpu"), torch.float32)
+    except (ValueError, RuntimeError) as exc:
+        parser.error(f"--backend {args.backend}: {exc}")
     apply_threads(args)
 
     start = time.perf_counter()

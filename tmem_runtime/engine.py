@@ -269,8 +269,12 @@ class FastWeightEngine:
     # ---------------------------------------------------------------- the adapted MLP
     def _mlp_forward(self, k: int, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         binding = self.current_binding()
-        if binding is None or self._is_identity(binding):
-            return type(mlp).forward(mlp, x)  # the model's own MLP: bit-exact bare outputs
+        if binding is None:
+            return type(mlp).forward(mlp, x)
+        if self._is_identity(binding):  # the model's own MLP: bit-exact bare outputs, once the rows are
+            if binding.indptr is not None:  # checked as below (a wrong row list fails before any write too)
+                _token_segments(binding, x.shape, x.numel() // x.shape[-1])
+            return type(mlp).forward(mlp, x)
         ws = _weights(mlp)
         self._check_weight(ws[0])
         if binding.writing:

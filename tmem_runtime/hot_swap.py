@@ -51,8 +51,13 @@ class SwapChecker:
     def b_row(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The validated B row [b_numel] of `state` (a view of its memory, or the scratch row).
 
-        Raises ValueError naming what does not match; reads, never writes, the engine.
+        Raises ValueError naming what does not match; reads, never writes, the engine. Tensors that
+        require grad (an adapter being trained elsewhere) are read as values: no graph reaches the scratch.
         """
+        with torch.no_grad():
+            return self._b_row(state)
+
+    def _b_row(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if state.keys() != self.names:
             missing, extra = self.names - set(state), set(state) - self.names
             raise ValueError(

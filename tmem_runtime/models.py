@@ -14,6 +14,7 @@ CUDA and the family supports it, else SDPA where the family supports it, else ea
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -172,6 +173,10 @@ def attention_implementation(model_class: type, device: str | torch.device) -> s
     return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
+# what a saved tokenizer leaves in a model directory (one is enough: transformers reads the rest from it)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
@@ -179,12 +184,14 @@ def load_model(
     seed: int = 0,
     attn_implementation: str | None = None,
     packed_linears: bool | None = None,
+    load_tokenizer: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM and its tokenizer, in eval mode with requires_grad off everywhere.
 
     `name_or_path`: "smollm2-135m" (embedded default), "tiny-<model_type>" or "shapes-<model>" (random
-    weights, seeded; tokenizer None), or a local HF model directory. `attn_implementation`: None picks one with
-    `attention_implementation` (flash-attention / SDPA / eager); a name is passed to transformers.
+    weights, seeded; tokenizer None), or a local HF model directory (its tokenizer saved beside it, else
+    FileNotFoundError; `load_tokenizer=False`: the model alone, tokenizer None). `attn_implementation`: None
+    picks one with `attention_implementation` (flash-attention / SDPA / eager); a name is passed to transformers.
     `packed_linears`: serve the linear layers' no-grad CPU products from oneDNN-packed weights
     (`tmem_runtime.packed_linears`: decoding 1.5-2x faster at 4-32 rows, as much memory again for the
     layers that run); None: on the CPU.
@@ -210,8 +217,13 @@ def load_model(
         config = AutoConfig.from_pretrained(path)
         model_class = AutoModelForCausalLM._model_mapping[type(config)]
         attn = attn_implementation or attention_implementation(model_class, device)
+        if load_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise FileNotFoundError(
+                errno.ENOENT, "no tokenizer in the model directory (tokenizer.json or tokenizer_config.json): save it "
+                "there with tokenizer.save_pretrained(directory), or name one (tmem serve/rl: --tokenizer)", str(path)
+            )
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path) if load_tokenizer else None
     model.to(device).eval()
     model.requires_grad_(False)
     if packed_linears is None:

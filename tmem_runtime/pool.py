@@ -213,6 +213,7 @@ class SessionPool(SessionStore):
         return sequences read their prompt's session); generate() keeps it for every step. Each forward
         sees each session whole; to see them unchanged across the forwards of several blocks (e.g. a
         decode loop that binds its rows per step), open a `reading` block around them."""
+        _not_one_string("rows", sessions)
         return self._reads.rows(sessions)
 
     def reading(self, sessions: Iterable[str] | None = None) -> AbstractContextManager[dict[str, int] | None]:
@@ -223,6 +224,7 @@ class SessionPool(SessionStore):
         to end (new blocks reading it, on other threads, wait for them).
         None: what a forward outside rows() reads (a FastWeights' one session; a pool's bare model),
         in place; yields None."""
+        _not_one_string("reading", sessions)
         return self._reads.reading(sessions)
 
     # ---------------------------------------------------------------- writes
@@ -312,6 +314,12 @@ class SessionPool(SessionStore):
                 self.trunk_rows.clear()  # the kept trunk outputs' memory goes with the pool
             self.residency.discard_files()
             return self.engine.detach()
+
+
+def _not_one_string(call: str, sessions: object) -> None:
+    """TypeError for one session id where a list of them is taken (its characters were read as ids)."""
+    if isinstance(sessions, str):
+        raise TypeError(f"{call}() takes a list of session ids, got one string: {call}([{sessions!r}])")
 
 
 def _outside_inference_mode() -> AbstractContextManager:

@@ -35,8 +35,12 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if not (self.lr > 0 and self.epochs >= 1 and self.batch_size >= 1 and self.max_length >= 2):
-            raise ValueError(f"invalid recipe {self}")
+        bad = [f"{name}={getattr(self, name)!r} (must be {rule})" for name, rule, ok in (
+            ("lr", "> 0", self.lr > 0), ("epochs", ">= 1", self.epochs >= 1),
+            ("batch_size", ">= 1", self.batch_size >= 1), ("max_length", ">= 2", self.max_length >= 2),
+        ) if not ok]  # fmt: skip
+        if bad:
+            raise ValueError(f"invalid recipe: {', '.join(bad)}")
         if self.divergence_factor is not None and not (self.divergence_factor >= 1 and self.divergence_margin >= 0):
             raise ValueError(f"divergence_factor must be >= 1 (or None) and divergence_margin >= 0: {self}")
 

@@ -128,6 +128,12 @@ class Residency:
     def acquire(self, sessions: Sequence[str]) -> list[int]:
         """Make `sessions` resident and pin them; returns their rows. Undo with `release`."""
         unique = list(dict.fromkeys(self.check(s) for s in sessions))
+        if len(unique) > self.engine.capacity:  # (not "rows in use by running batches": there may be none)
+            raise PoolFullError(
+                f"{len(unique)} sessions at once (one batched write, or one batch's rows) need as many B rows, "
+                f"and this pool has {self.engine.capacity}: use groups of at most {self.engine.capacity} "
+                "sessions, or a pool of a larger capacity"
+            )
         for s in unique:
             self.pins[s] += 1
         try:

@@ -89,7 +89,10 @@ class SessionStore:
 
     # ---------------------------------------------------------------- writes
     def _train(self, *write_args) -> dict[str, list[float]]:
-        """`_write(*write_args)` with dropout off."""
+        """`_write(*write_args)` with dropout off, once the batch's tokens are known to fit the model."""
+        batch = write_args[1]
+        if batch is not None:
+            check_token_range(batch, self.model)
         with eval_mode(self.model):
             return self._write(*write_args)
 
@@ -128,6 +131,7 @@ class SessionStore:
         on the answers by default (see write_examples_many). Cards longer than recipe.max_length keep
         their answer; their question is cut (warned, and counted in `stats` with the cards, once the
         session's write committed: a rolled-back write counts none)."""
+        check_tokenizer(tokenizer)
         recipe = get_recipe(recipe)
         pairs = {s: list(p) for s, p in pairs.items()}  # (any iterable of pairs: a generator is read once)
         encoded = {s: qa_examples(tokenizer, p, loss_on, recipe.max_length) for s, p in pairs.items()}
@@ -168,6 +172,7 @@ class SessionStore:
         on_step: StepCallback | None = None,
     ) -> list[float]:
         """Next-token training on plain texts (all tokens), cut into recipe.max_length windows."""
+        check_tokenizer(tokenizer)
         if isinstance(texts, str):
             raise ValueError("write_text takes a list of strings, got one string (wrap it: [text])")
         texts = list(texts)
@@ -192,6 +197,8 @@ class SessionStore:
         """One optimizer step per HF-style batch (input_ids, attention_mask, labels, each [B, T];
         labels unshifted, -100 where ignored). `recipe` (optional) overrides lr / optimizer /
         weight_decay and sets the divergence guard."""
+        if isinstance(batches, Mapping):
+            raise TypeError("write takes a list of batches (one step each), got one batch: wrap it, [batch]")
         recipe = recipe or Recipe(optimizer=optimizer, lr=lr, weight_decay=weight_decay)
         batch, schedule = concat_batches(list(batches))
         return self._train([session], batch, [schedule], recipe, train_a, on_step)[session]
@@ -227,15 +234,31 @@ def _warn_cut(session: str, cut: int, max_length: int) -> None:
         )
 
 
+def check_tokenizer(tokenizer: object) -> None:
+    """TypeError for no tokenizer (load_model of a tiny-/shapes- model returns None for it)."""
+    if tokenizer is None:
+        raise TypeError(
+            "flashcard and text writes need the model's tokenizer, got None; "
+            "load_model('tiny-...') and load_model('shapes-...') (random weights) return none: write token "
+            "batches to them with write(), or pass a tokenizer whose ids fit the model's vocabulary"
+        )
+
+
 def check_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate a write batch: input_ids/attention_mask/labels, same [B, T] shape, some labels kept."""
+    """Validate a write batch: input_ids/attention_mask/labels integer tensors (the mask: any dtype) of one
+    [B, T] shape, some labels kept, every row with a token its mask keeps."""
     missing = [k for k in ("input_ids", "labels") if k not in batch]
     if missing:
         raise ValueError(f"write batch is missing {missing}; expected input_ids, attention_mask, labels [B, T]")
     ids, labels = batch["input_ids"], batch["labels"]
     mask = batch.get("attention_mask")
     if mask is None:
-        mask = torch.ones_like(ids)
+        mask = torch.ones_like(ids) if isinstance(ids, torch.Tensor) else None
+    for name, t in (("input_ids", ids), ("attention_mask", mask), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"write batch {name} must be a torch.Tensor [B, T], got {type(t).__name__}")
+        if name != "attention_mask" and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            raise TypeError(f"write batch {name} must hold integers (token ids), got {t.dtype}")
     if ids.dim() != 2 or ids.shape != labels.shape or ids.shape != mask.shape:
         raise ValueError(
             f"write batch shapes differ: input_ids {tuple(ids.shape)}, attention_mask {tuple(mask.shape)}, "
@@ -243,7 +266,28 @@ def check_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
         )
     if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
         raise ValueError("write batch has no trainable token: every label (after the shift) is -100")
+    empty = (~mask.bool().any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"write batch rows {empty[:8]} have no token: their attention_mask is all 0")
     return ids, mask, labels
+
+
+def check_token_range(batch: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """ValueError unless the batch's input ids are in the model's vocabulary and its labels are -100 or
+    in its output vocabulary (else the embedding or the loss fails deep inside the write, unexplained)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids, labels = batch["input_ids"], batch["labels"]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = ids[(ids < 0) | (ids >= vocab)][0]
+        raise ValueError(f"write batch input id {int(bad)} is outside the model's vocabulary of {vocab} tokens "
+                         "(a tokenizer of another model?)")
+    head = model.get_output_embeddings()
+    classes = head.weight.shape[0] if head is not None else vocab
+    kept = labels[labels != IGNORE_INDEX]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= classes):
+        bad = kept[(kept < 0) | (kept >= classes)][0]
+        raise ValueError(f"write batch label {int(bad)} is neither -100 (ignored) nor one of the model's "
+                         f"{classes} output tokens")
 
 
 def concat_batches(batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor] | None, list]:

@@ -21,7 +21,7 @@ from tmem_runtime.agent.channels import make_channel
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.locomo import question_prompt, read_locomo, score
 from tmem_runtime.agent.write_formats import recipe_name
-from tmem_runtime.cli import apply_threads, command_parser, int_in
+from tmem_runtime.cli import apply_threads, command_parser, device_arg, int_in
 
 DEMO_CONVERSATION = "demo_conversation.json"
 
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flashcard-mode", choices=("per-turn", "array"), default="per-turn",
                    help="one card per turn (small models) or one JSON array per context (the paper's)")
     p.add_argument("--answer-tokens", type=int_in(1), default=16, help="max new tokens per answer")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", type=device_arg(), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.device == "cpu":

@@ -52,6 +52,7 @@ from tmem_runtime.cli import (
     changed_settings,
     check_out_dir,
     command_parser,
+    device_arg,
     int_in,
     make_out_dir,
 )
@@ -74,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="read only the first N sessions; only questions whose evidence lies there are asked")
     p.add_argument("--l-max", type=int_in(1), default=1024, help="budget: working context + explicit memory, tokens")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", type=device_arg(), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model weights dtype")
     p.add_argument("--recipe", type=recipe_name, default="agent",
                    help='write recipe: "agent" (AdamW 3e-3, 10 epochs) or a runtime name ("default", "paper")')
@@ -172,7 +174,8 @@ def trigger_record(t: Trigger) -> dict:
     if w is not None:
         rec.update(format=w.format, written=w.n_written, dropped=w.n_dropped, drop_reasons=w.dropped,
                    pairs=w.pairs, raw=w.raw[:4000], losses=[round(x, 5) for x in w.losses],
-                   replayed=w.replayed, generate_s=round(w.generate_s, 3), train_s=round(w.train_s, 3),
+                   replayed=w.replayed, generate_s=round(w.generate_s, 3), generate_tokens=w.generate_tokens,
+                   train_s=round(w.train_s, 3),
                    train_tokens=w.train_tokens)
     return rec
 
@@ -430,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     from tmem_runtime import FastWeights, SessionPool, load_model
 
     conversations = read_locomo("tmem eval", args.data, args.conversations)  # before anything is made or loaded
+    if args.policy:
+        from tmem_runtime.rl.policy import PolicyFileError, load_policy, policy_path
+
+        try:
+            policy_path(args.policy)
+        except PolicyFileError as exc:
+            raise SystemExit(f"tmem eval: --policy {exc}") from None
     out = Path(args.out)
     check_out_dir("tmem eval", out)  # made once the model has loaded: a failed load leaves no empty --out
     runs = saved_runs(out, args)  # resumed: these episodes are not run again
@@ -438,9 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     if tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer; the agent needs a real model")
     if args.policy:  # before the fast weights: its slow LoRA never sits in their MLPs
-        from tmem_runtime.rl.policy import load_policy
-
-        load_policy(model, args.policy, args.num_layers)
+        try:
+            load_policy(model, args.policy, args.num_layers)
+        except PolicyFileError as exc:  # damaged past its header, or for another model
+            raise SystemExit(f"tmem eval: --policy {exc}") from None
     make_out_dir("tmem eval", out)
     generator = Generator(model, tokenizer, args.window)
     pooled = [m for m in methods if m[0].startswith("tmem")] if args.side_by_side else []

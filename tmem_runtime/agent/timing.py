@@ -21,17 +21,19 @@ def episode_times(read_s: float, answer_s: float, reading: DecodeStats, answerin
                   probe_s: float = 0.0) -> dict:
     """One run's time split (seconds, tokens, tokens/s). triggers: the run's trigger records.
 
-    cards: the writes' generation of training material (flashcards or notes); train: the writes'
-    gradient steps (tokens = rows' tokens x epochs); other reading: tokenising, indexing, parsing.
+    cards: the writes' generation of training material (flashcards or notes: the generator's tokens
+    while writing them); train: the writes' gradient steps (tokens = rows' tokens x epochs); other
+    reading: tokenising, indexing, parsing, and a channel's own generation (a rolling summary's).
     prefill/decode: all the generator's work in the episode (reading and answering).
     """
     cards_s = sum(t.get("generate_s", 0.0) for t in triggers)
+    cards_tokens = sum(t.get("generate_tokens", 0) for t in triggers)  # (not all of reading's: a summary's too)
     train_s = sum(t.get("train_s", 0.0) for t in triggers)
     train_tokens = sum(t.get("train_tokens", 0) for t in triggers)
     total = reading.copy().add(answering)
     return dict(
         total_s=round(read_s + answer_s, 2), read_s=round(read_s, 2), answer_s=round(answer_s, 2),
-        cards_s=round(cards_s, 2), cards_tokens=reading.tokens, cards_tok_s=_rate(reading.tokens, cards_s),
+        cards_s=round(cards_s, 2), cards_tokens=cards_tokens, cards_tok_s=_rate(cards_tokens, cards_s),
         train_s=round(train_s, 2), train_tokens=train_tokens, train_tok_s=_rate(train_tokens, train_s),
         other_read_s=round(max(read_s - cards_s - train_s, 0.0), 2),
         answer_tokens=answering.tokens, answer_tok_s=_rate(answering.tokens, answer_s),

@@ -60,6 +60,7 @@ class WriteRecord:
     losses: list[float] = field(default_factory=list)
     replayed: int = 0
     generate_s: float = 0.0
+    generate_tokens: int = 0  # the generator's tokens (prefilled and decoded) while writing the material
     train_s: float = 0.0
     train_tokens: int = 0  # tokens of the rows trained on, times the recipe's epochs
 
@@ -197,7 +198,7 @@ def write_to_weights(
     if write_format not in WRITE_FORMATS:
         raise ValueError(f"write_format must be one of {WRITE_FORMATS}, got {write_format!r}")
     record = WriteRecord(format=write_format)
-    t0 = time.perf_counter()
+    t0, stats0 = time.perf_counter(), generator.stats.copy()
     with fast_weights_off(fast_weights) if write_with_base else nullcontext():
         if write_format == "qa":
             record.raw, record.pairs, record.dropped = write_flashcards(
@@ -211,6 +212,7 @@ def write_to_weights(
         record.raw = context
         record.texts = [context] if context.strip() else []
     record.generate_s = time.perf_counter() - t0
+    record.generate_tokens = generator.stats.since(stats0).tokens
     t0 = time.perf_counter()
     tokenizer = generator.tokenizer
     recipe = resolve_recipe(recipe) if isinstance(recipe, str) else recipe

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tmem_runtime.cli import add_fast_weight_options, command_parser, int_in
+from tmem_runtime.cli import add_fast_weight_options, command_parser, device_arg, int_in
 
 PLOTTED = (("reward", "reward (mean F1 after the write)"), ("valid_card_rate", "valid-card rate"),
            ("kl", "KL to the reference"), ("loss", "loss"))
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--micro-batch-rows", type=int_in(1), default=16, help="scored rows per forward/backward")
     p.add_argument("--save-every", type=int_in(0), default=5, help="checkpoint every k steps (and at the end)")
     add_fast_weight_options(p)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--device", type=device_arg(auto=True), default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the model's dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of the task order, samples, writes and LoRA init")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in OUT and start over")

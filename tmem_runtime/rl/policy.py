@@ -177,11 +177,30 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str,
         return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
 
 
-def read_policy_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(header, tensors) of a policy file; PolicyFileError if it is not one or is damaged."""
+def policy_path(path: str | os.PathLike) -> Path:
+    """The policy file `path` names (the file, or a checkpoint directory holding policy.safetensors), its
+    header checked (no tensor read: cheap, before a model loads); PolicyFileError saying what is wrong."""
     path = Path(path)
     if path.is_dir():
+        if not (path / "policy.safetensors").is_file():
+            found = sorted(path.glob("step-*/policy.safetensors")) or sorted(path.glob("*/step-*/policy.safetensors"))
+            hint = f"; the newest checkpoint under it is {found[-1].parent}" if found else ""
+            raise PolicyFileError(f"{path}: a directory without policy.safetensors (a checkpoint directory is "
+                                  f"OUT/checkpoints/step-N){hint}")
         path = path / "policy.safetensors"
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise PolicyFileError(f"{path}: not a readable policy file ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise PolicyFileError(f"{path}: not a tmem policy file (format {meta.get('format')!r})")
+    return path
+
+
+def read_policy_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(header, tensors) of a policy file; PolicyFileError if it is not one or is damaged."""
+    path = policy_path(path)
     try:
         meta, tensors = read_safetensors(path)
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:

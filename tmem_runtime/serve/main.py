@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tmem_runtime.cli import apply_threads, command_parser
+from tmem_runtime.backends import resolve_backend
+from tmem_runtime.cli import apply_threads, command_parser, device_arg
 from tmem_runtime.models import DEFAULT_MODEL, DTYPES, _tiny_tokenizer, load_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
 from tmem_runtime.serve.store import Store, StoreFormatError
@@ -23,7 +24,7 @@ def load_serving_model(name: str, tokenizer: str | None = None, device: str = "c
                        dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model and its tokenizer. A tiny random model ("tiny-llama") takes the embedded model's
     tokenizer (or `tokenizer`) and gets its vocabulary, seeded, so every load is the same model."""
-    model, tok = load_model(name, dtype=DTYPES[dtype], device=device)
+    model, tok = load_model(name, dtype=DTYPES[dtype], device=device, load_tokenizer=tokenizer is None)
     if tokenizer is not None or tok is None:
         embedded = tokenizer in (None, DEFAULT_MODEL)
         tok = _tiny_tokenizer() if embedded else AutoTokenizer.from_pretrained(Path(tokenizer))
@@ -38,7 +39,10 @@ def read_api_keys(path: str | None) -> dict[str, str]:
     """{key: tenant} from a JSON file (None: no keys, no auth)."""
     if path is None:
         return {}
-    keys = json.loads(Path(path).read_text())
+    try:
+        keys = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): expected an object {{\"api key\": \"tenant\"}}") from None
     if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
         raise ValueError(f"{path}: expected a JSON object {{\"api key\": \"tenant\"}}")
     return keys
@@ -70,8 +74,9 @@ def build_parser():
                    "server; its next request loads it again (0: never)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
     p.add_argument("--naive", action="store_true", help="the baseline: one request and one session at a time")
-    p.add_argument("--backend", default="auto", help="fast-weight kernels: auto | triton | native | torch")
-    p.add_argument("--device", default="cpu", help="torch device of the model and the pool")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "torch"),
+                   help="fast-weight kernels")
+    p.add_argument("--device", type=device_arg(), default="cpu", help="torch device of the model and the pool")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     return p
@@ -98,13 +103,28 @@ def main(argv: list[str]) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    try:  # a store of a newer format is refused before the model loads
+    try:  # a backend that cannot run this device and dtype (Triton on the CPU, native for bf16)
+        resolve_backend(args.backend, torch.device(args.device), DTYPES[args.dtype], sessions=config.capacity)
+    except (ValueError, RuntimeError) as exc:
+        parser.error(f"--backend {args.backend}: {exc}")
+    try:  # the keys file, and a store of a newer format or that cannot be a directory, before the model loads
+        api_keys = read_api_keys(args.api_keys)
+    except ValueError as exc:
+        raise SystemExit(f"tmem serve: --api-keys {exc}") from None
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise  # (said as the command line says every missing file)
+        raise SystemExit(f"tmem serve: --api-keys {args.api_keys}: {exc.strerror or exc}") from None
+    try:
         store = Store(args.store)
     except StoreFormatError as exc:
         raise SystemExit(f"tmem serve: {exc}") from None
+    except OSError as exc:  # a file there, no permission, ...
+        why = exc.strerror or exc
+        raise SystemExit(f"tmem serve: --store {args.store} cannot be the store's directory ({why})") from None
     model, tokenizer = load_serving_model(args.model, args.tokenizer, args.device, args.dtype)
     service = MemoryService(model, tokenizer, store, config)
-    app = create_app(service, os.path.basename(args.model.rstrip("/")), read_api_keys(args.api_keys), args.max_body)
+    app = create_app(service, os.path.basename(args.model.rstrip("/")), api_keys, args.max_body)
     app.router.on_startup.append(service.start)
     app.router.on_shutdown.append(service.stop)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

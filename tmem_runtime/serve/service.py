@@ -84,9 +84,14 @@ class ServeConfig:
         elif self.capacity < self.max_write_sessions + 2:
             raise ValueError(f"capacity {self.capacity} must be at least max_write_sessions + 2 "
                              f"({self.max_write_sessions + 2}): writes, a save and an answer need rows at once")
-        if min(self.l_max, self.max_rows, self.max_tokens, self.max_write_sessions, self.max_loaded) < 1 \
-                or self.lease_ttl <= 0 or self.idle_unload < 0:
-            raise ValueError(f"invalid serve config {self}")
+        bad = [f"{name}={getattr(self, name)!r} (must be {rule})" for name, rule, ok in (
+            ("l_max", ">= 1", self.l_max >= 1), ("max_rows", ">= 1", self.max_rows >= 1),
+            ("max_tokens", ">= 1", self.max_tokens >= 1), ("max_write_sessions", ">= 1", self.max_write_sessions >= 1),
+            ("max_loaded", ">= 1", self.max_loaded >= 1), ("lease_ttl", "> 0", self.lease_ttl > 0),
+            ("idle_unload", ">= 0", self.idle_unload >= 0),
+        ) if not ok]  # fmt: skip
+        if bad:
+            raise ValueError(f"invalid serve config: {', '.join(bad)}")
 
 
 class MemoryService:
