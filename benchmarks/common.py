@@ -144,6 +144,12 @@ def mm_rate(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, rounds: 
     return 2 * m * k * n / sorted(times[1:])[rounds // 2]
 
 
+def median_s(benchmark) -> float | None:  # noqa: ANN001
+    """A pytest-benchmark fixture's median seconds; None under --benchmark-disable (the body ran once,
+    untimed, as a smoke test: the suite's tables then leave the row out)."""
+    return None if benchmark.stats is None else benchmark.stats.stats.median
+
+
 def write_summary(config: pytest.Config, lines: list[str]) -> None:
     """Print past pytest's output capture, so a suite's table shows without -s."""
     reporter = config.pluginmanager.getplugin("terminalreporter")

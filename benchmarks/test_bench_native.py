@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import RANK, SHAPES, shape_cases, write_summary
+from benchmarks.common import RANK, SHAPES, median_s, shape_cases, write_summary
 from tmem_kernels import reference as ref
 
 native = pytest.importorskip("tmem_kernels.native", reason="native extension not built")
@@ -50,7 +50,8 @@ def _run(benchmark, op: str, case: str, impl: str, fns: dict[str, Callable[[], o
     benchmark.extra_info.update(op=op, case=case, impl=impl)
     rounds = 3 if big else 15
     benchmark.pedantic(fns[impl], rounds=rounds, iterations=1, warmup_rounds=1)
-    _results.setdefault((op, case), {})[impl] = benchmark.stats.stats.median
+    if (median := median_s(benchmark)) is not None:
+        _results.setdefault((op, case), {})[impl] = median
     if impl == "torch" and "native" in fns:
         timer = benchmark._timer  # the --benchmark-timer in use (perf_counter by default)
         ratios = []
