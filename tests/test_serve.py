@@ -450,6 +450,9 @@ def test_openai_options_are_honoured_or_refused_never_ignored(served, acme):
         assert name in err.value.body["message"], (name, err.value.body)
     r = acme.post("/v1/chat/completions", json={"messages": messages, "tool_choice": "required", "top_logprobs": 2})
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("invalid request: logprobs, tools: ")
+    for options in ({"temperature": "hot"}, {"temperature": 3}, {"top_p": 1.5}, {"seed": "x"}):  # as OpenAI: 400
+        r = acme.post("/v1/chat/completions", json={"messages": messages, **options})
+        assert r.status_code == 400 and next(iter(options)) in r.json()["error"]["message"], (options, r.text)
 
 
 def test_stop_texts_end_the_answer_where_the_first_begins(served, acme):

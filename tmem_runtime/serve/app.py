@@ -84,10 +84,11 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """OpenAI's chat completion body. Decoding is greedy: temperature, top_p and seed are accepted and
-    change nothing; `stop` (up to 4 texts) ends the answer where the first of them begins; what greedy
-    decoding of text cannot honour (several choices, logprobs, tools, a JSON response format, logit
-    bias, penalties, audio) is refused (400), never ignored. Any option may be null (as absent)."""
+    """OpenAI's chat completion body. Decoding is greedy: temperature, top_p and seed are checked (type
+    and OpenAI's range: 400 otherwise) and change nothing; `stop` (up to 4 texts) ends the answer where
+    the first of them begins; what greedy decoding of text cannot honour (several choices, logprobs,
+    tools, a JSON response format, logit bias, penalties, audio) is refused (400), never ignored. Any
+    option may be null (as absent)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -99,6 +100,9 @@ class ChatRequest(BaseModel):
     n: int | None = Field(None, ge=1, le=1)
     stream_options: StreamOptions | None = None
     stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
+    temperature: float | None = Field(None, ge=0, le=2)  # OpenAI's ranges: checked, then unused (greedy)
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = None
     logprobs: bool | None = None  # the options below are refused unless absent, null or neutral
     top_logprobs: int | None = None
     tools: list | None = None
