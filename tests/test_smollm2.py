@@ -27,7 +27,10 @@ def _qa_batches(tokenizer, steps: int) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("backend", [b for b in ("torch", "native") if available(b)])
-@pytest.mark.parametrize("optimizer,lr,rtol", [("sgd", 5e-3, 1e-5), ("adamw", 3e-3, 1e-4)])
+# (SGD 3e-5: the fast path's head loss runs in one pass, `linear_cross_entropy_rows`, another fp32 rounding
+# than PEFT's full logits; per step it is as close to float64 as PEFT's or closer (gradient 7e-7 vs 1.3e-6
+# relative at SmolLM2's head), and over 10 steps the two runs' losses part by up to 2.2e-5)
+@pytest.mark.parametrize("optimizer,lr,rtol", [("sgd", 5e-3, 3e-5), ("adamw", 3e-3, 1e-4)])
 def test_fast_path_matches_peft_on_smollm2(smollm2, backend, optimizer, lr, rtol):
     model, tokenizer = smollm2
     batches = _qa_batches(tokenizer, 10)
