@@ -368,7 +368,7 @@ def head_loss(decoder: Decoder, picked: torch.Tensor, batch: StepBatch) -> tuple
 
     A plain linear head goes through `tmem_kernels.linear_cross_entropy_rows` (chunks of rows, never the
     whole [K, V] logits, the softmax and its gradient in one pass) on the CPU, where that is faster at every
-    size (SmolLM2's 49k vocabulary: a write 16% faster), and elsewhere from K x V >= CHUNKED_HEAD_LOGITS
+    size (SmolLM2's 49k vocabulary: a 16-card write 9% faster), and elsewhere from K x V >= CHUNKED_HEAD_LOGITS
     (a 150k vocabulary, long writes). Otherwise the logits [K, V] are formed (float32).
     """
     head, g = decoder.model.lm_head, len(batch.groups)
