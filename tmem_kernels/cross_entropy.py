@@ -178,10 +178,8 @@ def weighted_rows_and_grad(
 
 def _checked_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None) -> int:
     """The rows per chunk (default `chunk_rows`), once the inputs are checked (`check_inputs`)."""
-    if chunk_size is None and isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor):
-        chunk_size = chunk_rows(hidden.shape[0], weight.shape[0])
     check_inputs(hidden, weight, targets, 1 if chunk_size is None else chunk_size)
-    return chunk_size
+    return chunk_rows(hidden.shape[0], weight.shape[0]) if chunk_size is None else chunk_size
 
 
 def _chunked(
