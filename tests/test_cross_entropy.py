@@ -125,6 +125,13 @@ def test_chunk_rows_bounds_the_logits_block():
     assert lce.chunk_rows(10, 49_152) == 10  # capped at K
     assert lce.chunk_rows(10_000, 10**9) == 16  # at least 16 rows
     assert lce.chunk_rows(0, 100) == 1
+    # the fewest chunks under the cap, of equal size (a multiple of 16): 320 -> 2 x 160, not 256 + 64
+    assert lce.chunk_rows(320, 49_152) == 160
+    assert lce.chunk_rows(257, 49_152) == 144  # 144 + 113
+    assert lce.chunk_rows(256, 49_152) == 256
+    for k in range(1, 2000, 37):
+        rows = lce.chunk_rows(k, 49_152)
+        assert rows <= 256 and -(-k // rows) == -(-k // 256)  # never more chunks than the cap needs
 
 
 def test_opcheck():
