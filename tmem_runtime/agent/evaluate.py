@@ -431,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch.device(args.device).type == "cpu":
         apply_threads(args)
     from tmem_runtime import FastWeights, SessionPool, load_model
+    from tmem_runtime.engine import adapter_layout
 
     conversations = read_locomo("tmem eval", args.data, args.conversations)  # before anything is made or loaded
     if args.policy:
@@ -447,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, seed=args.seed)
     if tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer; the agent needs a real model")
+    if any(m.startswith("tmem") for m, _ in methods):  # before any episode runs (a tmem one may come after others)
+        try:
+            adapter_layout(model, args.rank, args.num_layers)
+        except ValueError as exc:
+            raise SystemExit(f"tmem eval: --rank {args.rank} / --num-layers {args.num_layers}: {exc}") from None
     if args.policy:  # before the fast weights: its slow LoRA never sits in their MLPs
         try:
             load_policy(model, args.policy, args.num_layers)
