@@ -303,3 +303,19 @@ def test_fast_weight_flags_the_model_cannot_take_are_one_line_before_anything_ru
         said = str(exit_info.value.code)
         assert said.startswith(f"tmem {command}: --rank ") and message in said, said
         assert not (out / "answers.json").exists() and not (out / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["demo", "demo-weights", "eval", "ablate"])
+def test_a_random_weight_model_without_a_tokenizer_is_one_line(command, tmp_path):
+    """--model tiny-llama (load_model gives it no tokenizer): one line saying so, in every command that
+    tokenizes text (demo and demo-weights were a NoneType traceback; eval's line did not name itself)."""
+    from pathlib import Path
+
+    fixture = str(Path(__file__).parent / "fixtures" / "two_sessions.json")
+    more = {"eval": ["--data", fixture, "--out", str(tmp_path / "o")],
+            "ablate": ["--data", fixture, "--conversations", "fx-1", "--out", str(tmp_path / "o")]}  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--model", "tiny-llama", *more.get(command, [])])
+    said = str(exit_info.value.code)
+    assert said.startswith(f"tmem {command}: tiny-llama has no tokenizer") and "needs a real model" in said, said
+    assert not (tmp_path / "o").exists()
