@@ -278,3 +278,44 @@ def test_eval_refuses_a_policy_that_is_not_one_before_a_model_loads(tmp_path):
         said = str(exit_info.value.code)
         assert said.startswith("tmem eval: --policy ") and message in said, said
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-layers", "7"], "num_layers=7 but the model has 6 decoder layers"),
+    (["--rank", "100"], "rank 100 exceeds layers.2.mlp.gate_proj's smaller side (200 x 72)"),
+])  # fmt: skip
+def test_fast_weight_flags_the_model_cannot_take_are_one_line_before_anything_runs(flags, message, tmp_path):
+    """eval and rl with --num-layers past the model's layers or --rank past a targeted matrix: one line
+    naming the flags (it was a ValueError traceback), before any episode ran (eval's `none` method
+    ran first, its --out made) or a step began."""
+    from pathlib import Path
+
+    from tmem_runtime.models import _tiny_tokenizer, load_model
+
+    model_dir = tmp_path / "model"
+    load_model("tiny-llama", packed_linears=False)[0].save_pretrained(model_dir)
+    _tiny_tokenizer().save_pretrained(model_dir)  # (its ids past the tiny vocabulary never reach the model here)
+    fixture = Path(__file__).parent / "fixtures" / "two_sessions.json"
+    for command, extra in (("eval", ["--memory", "none", "tmem"]), ("rl", [])):
+        out = tmp_path / f"out-{command}"
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--data", str(fixture), "--out", str(out), "--model", str(model_dir), *flags, *extra])
+        said = str(exit_info.value.code)
+        assert said.startswith(f"tmem {command}: --rank ") and message in said, said
+        assert not (out / "answers.json").exists() and not (out / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["demo", "demo-weights", "eval", "ablate"])
+def test_a_random_weight_model_without_a_tokenizer_is_one_line(command, tmp_path):
+    """--model tiny-llama (load_model gives it no tokenizer): one line saying so, in every command that
+    tokenizes text (demo and demo-weights were a NoneType traceback; eval's line did not name itself)."""
+    from pathlib import Path
+
+    fixture = str(Path(__file__).parent / "fixtures" / "two_sessions.json")
+    more = {"eval": ["--data", fixture, "--out", str(tmp_path / "o")],
+            "ablate": ["--data", fixture, "--conversations", "fx-1", "--out", str(tmp_path / "o")]}  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--model", "tiny-llama", *more.get(command, [])])
+    said = str(exit_info.value.code)
+    assert said.startswith(f"tmem {command}: tiny-llama has no tokenizer") and "needs a real model" in said, said
+    assert not (tmp_path / "o").exists()

@@ -349,6 +349,21 @@ def test_left_padded_batch_uses_generic_path_with_same_result(tiny):
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(ref), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("backend", [*(b for b in KERNEL_BACKENDS if b != "triton"), "peft"])  # (one check for all)
+def test_int32_and_int16_token_ids_and_labels_write_as_int64_ones(tiny, backend):
+    """Token ids and labels of any integer dtype (int32 from numpy or another tokenizer library) write as
+    int64 ones do, right or left padded (they failed deep in the loss: "targets must be int64")."""
+    right = make_batch(11)
+    left = {k: torch.flip(v, dims=[1]) for k, v in right.items()}
+    for batch in (right, left):
+        want, b_want = run_write(tiny, backend, [batch] * 2, lr=1e-2, optimizer="adamw")
+        for dtype in (torch.int32, torch.int16):
+            narrow = {k: v.to(dtype) for k, v in batch.items()}
+            got, b_got = run_write(tiny, backend, [narrow] * 2, lr=1e-2, optimizer="adamw")
+            assert got == want
+            assert all(torch.equal(b_got[k], b_want[k]) for k in b_want)
+
+
 def test_model_without_targets_is_refused():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ModelNotSupportedError, match="decoder-layer list"):

@@ -328,6 +328,48 @@ def test_a_stopping_server_stops_a_write_at_its_next_step_and_keeps_it_pending(t
     service.stop()
 
 
+def test_a_corrupt_session_in_the_store_fails_alone_keeps_its_files_and_holds_no_row(tmp_path):
+    """A session whose weights file or state.json is truncated (a bad copy, a full disk): the server starts
+    (one such session of its own made start-up fail) and serves the others; a request for it gets a 500
+    saying so (code session_corrupt; a bad state.json was a 400, as if the client's fault), its files are
+    kept as they were, and no failed load keeps a pool row (each request for it leaked one)."""
+    from tmem_runtime.serve.store import CorruptSessionError
+
+    model, tokenizer = load_serving_model("tiny-llama")
+    config = ServeConfig(capacity=4, max_write_sessions=1, card_writer=turn_cards)
+    service = MemoryService(model, tokenizer, Store(tmp_path), config)
+    service.start()
+    for s in ("bad-weights", "bad-state", "fine"):
+        service.create("default", s)
+        assert service.remember("default", s, CARDS[:1]).done.result(timeout=120)["error"] is None
+    service.stop()
+    service.pool.detach()
+    store = Store(tmp_path)
+    weights = store.read("default", "bad-weights")[1]
+    state = store.session_dir("default", "bad-state") / "state.json"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    state.write_bytes(state.read_bytes()[:50])
+    kept = {p: p.read_bytes() for d in ("bad-weights", "bad-state") for p in store.session_dir("default", d).iterdir()
+            if p.name != "lease.json"}  # fmt: skip
+
+    service = MemoryService(model, tokenizer, Store(tmp_path), config)
+    with serve_in_thread(service, "tiny-llama") as url, httpx.Client(base_url=url, timeout=120) as client:
+        loaded = service.pool.sessions
+        assert [s.split("#")[0] for s in loaded] == ["default/fine"]  # (started: the two others logged, not loaded)
+        for _ in range(3):
+            for s in ("bad-weights", "bad-state"):
+                r = client.get(f"/v1/sessions/{s}")
+                assert r.status_code == 500 and r.json()["error"]["code"] == "session_corrupt", r.text
+                assert f"session {s!r} cannot be loaded" in r.json()["error"]["message"]
+                with pytest.raises(CorruptSessionError):
+                    service.get("default", s)
+        assert service.pool.sessions == loaded  # no row kept by the failed loads
+        r = client.post("/v1/chat/completions", json={"session": "fine", "max_tokens": 3,
+                                                      "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200 and client.get("/v1/sessions/fine").json()["memories"] == 1
+    assert {p: p.read_bytes() for p in kept} == kept  # nothing of the broken sessions removed or rewritten
+
+
 def openmp_max_threads() -> int | None:
     """omp_get_max_threads() of the calling thread, from the OpenMP runtime torch loaded (Linux), or None."""
     import ctypes

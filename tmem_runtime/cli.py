@@ -118,6 +118,14 @@ def make_out_dir(command: str, out: Path) -> None:
         raise SystemExit(f"{command}: cannot make --out {out}: {exc.strerror or exc}") from None
 
 
+def require_tokenizer(command: str, model: str, tokenizer: object) -> None:
+    """SystemExit "COMMAND: MODEL has no tokenizer ..." where `load_model` returned none (the random-weight
+    tiny-<type> and shapes-<model>): the commands that tokenize text need a real model."""
+    if tokenizer is None:
+        raise SystemExit(f"{command}: {model} has no tokenizer (tiny-<type> and shapes-<model> are random weights "
+                         "without one): this command needs a real model (smollm2-135m or a local model directory)")
+
+
 def apply_threads(args: argparse.Namespace) -> None:
     import torch
 

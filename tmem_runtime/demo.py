@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tmem_runtime.backends import RUNTIME_BACKENDS, resolve_backend
-from tmem_runtime.cli import apply_threads, command_parser
+from tmem_runtime.cli import apply_threads, command_parser, require_tokenizer
 from tmem_runtime.fact_sets import DEMO, FactSet, fact_sets, load_fact_set
 from tmem_runtime.fast_weights import FastWeights
 from tmem_runtime.models import DEFAULT_MODEL, load_model
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
+    require_tokenizer("tmem demo-weights", args.model, tokenizer)
     facts = load_fact_set(args.facts)
     n = len(facts.facts)
     fw = FastWeights(model, backend=args.backend)

@@ -35,6 +35,20 @@ from tmem_runtime.layout import AdapterLayout, AdapterSlot
 from tmem_runtime.models import MLP_TARGETS, is_silu, target_mlps
 
 
+def adapter_layout(model: nn.Module, rank: int, num_layers: int | Sequence[int] = 4) -> AdapterLayout:
+    """The layout fast weights of this rank and layers would have on `model`, allocating nothing; ValueError
+    (ModelNotSupportedError) for layers the model lacks, a rank above a targeted matrix's smaller side or
+    a model without the target modules, as attaching them would raise (a command line checks its flags with
+    it before it runs anything)."""
+    return _layout(target_mlps(model, num_layers), rank)
+
+
+def _layout(mlps: list[tuple[int, nn.Module]], rank: int) -> AdapterLayout:
+    slots = [AdapterSlot(i, t, getattr(mlp, t).out_features, getattr(mlp, t).in_features) for i, mlp in mlps
+             for t in MLP_TARGETS]  # fmt: skip
+    return AdapterLayout(slots, rank)
+
+
 class FastWeightsError(RuntimeError):
     """Base class of the runtime's attach/write errors."""
 
@@ -96,14 +110,7 @@ class FastWeightEngine:
         self.capacity, self.rank, self.init, self.scaling = capacity, rank, init, scaling
         self.mlps = target_mlps(model, num_layers)
         self.first_layer = self.mlps[0][0]
-        self.layout = AdapterLayout(
-            [
-                AdapterSlot(idx, t, getattr(mlp, t).out_features, getattr(mlp, t).in_features)
-                for idx, mlp in self.mlps
-                for t in MLP_TARGETS
-            ],
-            rank,
-        )
+        self.layout = _layout(self.mlps, rank)
         weight = self.mlps[0][1].gate_proj.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.backend = resolve_backend(backend, self.device, self.dtype, rank, capacity)

@@ -246,7 +246,8 @@ def check_tokenizer(tokenizer: object) -> None:
 
 def check_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate a write batch: input_ids/attention_mask/labels integer tensors (the mask: any dtype) of one
-    [B, T] shape, some labels kept, every row with a token its mask keeps."""
+    [B, T] shape, some labels kept, every row with a token its mask keeps. Returns (input_ids, attention_mask,
+    labels), the ids and labels as int64 (int32 ones, e.g. from numpy, as the loss takes them)."""
     missing = [k for k in ("input_ids", "labels") if k not in batch]
     if missing:
         raise ValueError(f"write batch is missing {missing}; expected input_ids, attention_mask, labels [B, T]")
@@ -269,7 +270,7 @@ def check_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     empty = (~mask.bool().any(dim=1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"write batch rows {empty[:8]} have no token: their attention_mask is all 0")
-    return ids, mask, labels
+    return ids.long(), mask, labels.long()
 
 
 def check_token_range(batch: dict[str, torch.Tensor], model: nn.Module) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from tmem_runtime.ablations.capacity import REPLAY_MODES
 from tmem_runtime.ablations.runs import CONFIGS, ResultStore
 from tmem_runtime.ablations.studies import FORMATS, NO_MEMORY
-from tmem_runtime.cli import apply_threads, check_out_dir, command_parser, int_in, make_out_dir
+from tmem_runtime.cli import apply_threads, check_out_dir, command_parser, int_in, make_out_dir, require_tokenizer
 from tmem_runtime.fact_sets import fact_sets, split_names
 from tmem_runtime.recipes import RECIPES
 
@@ -80,6 +80,7 @@ def run_studies(args: argparse.Namespace) -> None:
         capacity = ResultStore(out / "capacity.json", {**model_settings, "size": args.capacity_size})
     if facts:
         model, tokenizer = load_model(args.model)
+        require_tokenizer("tmem ablate", args.model, tokenizer)
         neutral = studies.neutral_reference(model, tokenizer) if fact_store is not None else None
         if pre is not None:
             studies.precondition_study(pre, model, tokenizer, args.precondition_sets)

@@ -21,7 +21,7 @@ from tmem_runtime.agent.channels import make_channel
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.locomo import question_prompt, read_locomo, score
 from tmem_runtime.agent.write_formats import recipe_name
-from tmem_runtime.cli import apply_threads, command_parser, device_arg, int_in
+from tmem_runtime.cli import apply_threads, command_parser, device_arg, int_in, require_tokenizer
 
 DEMO_CONVERSATION = "demo_conversation.json"
 
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if not questions:
         raise SystemExit(f"tmem demo: conversation {conv.sample_id!r} has no questions of categories 1-4 to ask")
     model, tokenizer = load_model(args.model, device=args.device)
+    require_tokenizer("tmem demo", args.model, tokenizer)
     gen = Generator(model, tokenizer)
     prompts = [question_prompt(q) for q in questions]
     print(f"tmem demo: {args.model}, conversation {conv.sample_id!r}: {len(conv.sessions)} sessions, "

@@ -55,6 +55,7 @@ from tmem_runtime.cli import (
     device_arg,
     int_in,
     make_out_dir,
+    require_tokenizer,
 )
 from tmem_runtime.decoding import DecodeStats
 from tmem_runtime.models import DTYPES
@@ -431,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch.device(args.device).type == "cpu":
         apply_threads(args)
     from tmem_runtime import FastWeights, SessionPool, load_model
+    from tmem_runtime.engine import adapter_layout
 
     conversations = read_locomo("tmem eval", args.data, args.conversations)  # before anything is made or loaded
     if args.policy:
@@ -445,8 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = saved_runs(out, args)  # resumed: these episodes are not run again
     done = {(r["method"], r["conversation"]) for r in runs}
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, seed=args.seed)
-    if tokenizer is None:
-        raise SystemExit(f"{args.model} has no tokenizer; the agent needs a real model")
+    require_tokenizer("tmem eval", args.model, tokenizer)
+    if any(m.startswith("tmem") for m, _ in methods):  # before any episode runs (a tmem one may come after others)
+        try:
+            adapter_layout(model, args.rank, args.num_layers)
+        except ValueError as exc:
+            raise SystemExit(f"tmem eval: --rank {args.rank} / --num-layers {args.num_layers}: {exc}") from None
     if args.policy:  # before the fast weights: its slow LoRA never sits in their MLPs
         try:
             load_policy(model, args.policy, args.num_layers)

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     from tmem_runtime import SessionPool
     from tmem_runtime.agent.generation import Generator
-    from tmem_runtime.models import target_mlps
+    from tmem_runtime.engine import adapter_layout
     from tmem_runtime.rl.checkpoint import CheckpointError
     from tmem_runtime.rl.distributed import close_distributed, init_distributed
     from tmem_runtime.rl.environment import MemoryEnvConfig, MemoryWriteEnv, evaluate_writer
@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     held = load_conversations(args.held_out) if args.held_out else []
     model, tokenizer = load_serving_model(args.model, args.tokenizer, str(ctx.device), args.dtype)
     torch.manual_seed(args.seed)  # the slow LoRA's A (rank 0's: DDP broadcasts it)
-    fast_layers = tuple(i for i, _ in target_mlps(model, args.num_layers))  # the last N (N checked)
+    try:
+        fast_layers = tuple(dict.fromkeys(s.layer for s in adapter_layout(model, args.rank, args.num_layers).slots))
+    except ValueError as exc:
+        raise SystemExit(f"tmem rl: --rank {args.rank} / --num-layers {args.num_layers}: {exc}") from None
     policy = Policy(model, PolicySpec(args.policy, args.lora_rank, 2.0 * args.lora_rank, fast_layers))
     pool = SessionPool(model, capacity=args.group_size + 2, rank=args.rank, num_layers=args.num_layers,
                        seed=args.seed)

@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tmem_runtime.serve.batcher import Request as BatchRequest
 from tmem_runtime.serve.batcher import RowResult
 from tmem_runtime.serve.service import (
+    CorruptSessionError,
     LeaseHeldError,
     MemoryService,
     SessionExistsError,
@@ -452,6 +453,10 @@ def _as_api_error(exc: Exception) -> ApiError:
         return ApiError(409, str(exc), "conflict_error", "session_elsewhere", {"X-Tmem-Server": exc.url or exc.owner})
     if isinstance(exc, SessionGoneError):
         return ApiError(409, str(exc), "conflict_error", "session_gone")
+    if isinstance(exc, CorruptSessionError):  # the store's paths stay in the server's log
+        logger.error("%s", exc)
+        return ApiError(500, f"session {exc.session!r} cannot be loaded: its stored files are unreadable (the "
+                        "server's log says which); they are kept as they are", "server_error", "session_corrupt")
     if isinstance(exc, ValueError):
         return ApiError(400, str(exc))
     logger.exception("unexpected error", exc_info=exc)
@@ -485,5 +490,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def known(request: Request, exc: Exception) -> JSONResponse:
         return _respond(_as_api_error(exc))
 
-    for kind in (ApiError, UnknownSessionError, SessionExistsError, LeaseHeldError, SessionGoneError, ValueError):
+    for kind in (ApiError, UnknownSessionError, SessionExistsError, LeaseHeldError, SessionGoneError,
+                 CorruptSessionError, ValueError):
         app.add_exception_handler(kind, known)

@@ -31,6 +31,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tmem_runtime import residency
+from tmem_runtime.adapter_file import AdapterFileError
 from tmem_runtime.agent.write_formats import AGENT_RECIPE
 from tmem_runtime.engine import FastWeightsError
 from tmem_runtime.pool import SessionPool
@@ -40,7 +41,7 @@ from tmem_runtime.serve.conversation import Card, Conversation, SessionGoneError
 from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.loaded import LoadedSessions
 from tmem_runtime.serve.metrics import Metrics
-from tmem_runtime.serve.store import LeaseHeldError, LeaseLostError, SessionExistsError, Store
+from tmem_runtime.serve.store import CorruptSessionError, LeaseHeldError, LeaseLostError, SessionExistsError, Store
 from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter, check_cards
 
 logger = logging.getLogger("tmem.serve")
@@ -133,6 +134,8 @@ class MemoryService:
                 self.get(tenant, session)
             except (LeaseHeldError, UnknownSessionError):
                 pass
+            except CorruptSessionError as exc:  # one unreadable session does not keep the others from serving
+                logger.error("not loaded at start: %s", exc)
 
     def stop(self) -> None:
         self._stop.set()
@@ -173,8 +176,14 @@ class MemoryService:
                             self.config.l_max, record)
         conv.lease_epoch = lease.epoch
         self.pool.open(conv.pool_id)
-        if weights is not None:
-            self.pool.load(conv.pool_id, weights)
+        try:
+            if weights is not None:
+                self.pool.load(conv.pool_id, weights)
+        except BaseException as exc:  # the row goes back to the pool: a session that fails to load holds none
+            self.pool.close(conv.pool_id)
+            if isinstance(exc, AdapterFileError):  # (the file is kept as it is: nothing stored is lost)
+                raise CorruptSessionError(session, f"its weights file cannot be loaded ({exc})") from exc
+            raise
         return conv
 
     def sessions(self, tenant: str) -> list[dict]:
@@ -404,5 +413,5 @@ def _abandon(jobs: list[WriteJob], why: str) -> None:
         job.settle(error=SessionGoneError(why))
 
 
-__all__ = ["LeaseHeldError", "MemoryService", "ServeConfig", "SessionExistsError", "SessionGoneError",
-           "UnknownSessionError"]
+__all__ = ["CorruptSessionError", "LeaseHeldError", "MemoryService", "ServeConfig", "SessionExistsError",
+           "SessionGoneError", "UnknownSessionError"]

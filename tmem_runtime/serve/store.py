@@ -58,6 +58,15 @@ class SessionExistsError(ValueError):
     """A session id that is already taken in its tenant."""
 
 
+class CorruptSessionError(RuntimeError):
+    """A session's stored files cannot be read (a truncated or garbled state.json or weights file); the
+    store keeps them as they are, and every other session is served."""
+
+    def __init__(self, session: str, detail: str) -> None:
+        self.session = session
+        super().__init__(f"session {session!r}: {detail}")
+
+
 class LeaseHeldError(RuntimeError):
     """Another live server holds the session's lease (`owner`: its id, `url`: where it answers)."""
 
@@ -162,14 +171,20 @@ class Store:
 
     def read(self, tenant: str, session: str) -> tuple[SessionRecord, Path | None]:
         """The session's state (with the turns its log adds) and its weights file (None: initial state).
-        KeyError if it does not exist. Leftovers of a killed commit (weights files and turns logs state.json
-        does not name, temp files) are removed."""
+        KeyError if it does not exist; CorruptSessionError if state.json cannot be read (nothing removed).
+        Leftovers of a killed commit (weights files and turns logs state.json does not name, temp files) are
+        removed."""
         d = self.session_dir(tenant, session)
         try:
             raw = json.loads((d / "state.json").read_bytes())
         except FileNotFoundError:
             raise KeyError(session) from None
-        record = SessionRecord(**raw)
+        except ValueError as exc:  # (JSON and UTF-8 decode errors)
+            raise CorruptSessionError(session, f"its state.json is unreadable ({exc})") from exc
+        try:
+            record = SessionRecord(**raw)
+        except TypeError as exc:  # not an object, or other fields than a state's
+            raise CorruptSessionError(session, f"its state.json is not a session's state ({exc})") from exc
         for entry in read_entries(d / log_name(record.log)):
             record.extend(entry)
         _remove_leftovers(d, record)
