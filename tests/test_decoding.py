@@ -238,3 +238,5 @@ def test_ask_refuses_one_bare_string_and_questions_that_are_not_strings(tiny):
     with pytest.raises(ValueError, match="question 1 is not a string: None"):
         ask(tiny, tok, ["What is it?", None])
     assert ask(tiny, tok, []) == []
+    with pytest.raises(TypeError, match="ask needs the model's tokenizer, got None"):  # was: NoneType not callable
+        ask(tiny, None, ["What is it?"])

@@ -35,6 +35,9 @@ def ask(
     context: str = "",
 ) -> list[str]:
     """Greedy answers to `questions` (one chat turn each, `context` prepended to every question)."""
+    if tokenizer is None:
+        raise TypeError("ask needs the model's tokenizer, got None (load_model of a random-weight 'tiny-...' or "
+                        "'shapes-...' model returns none: ask a model that has one)")  # fmt: skip
     if isinstance(questions, str):
         raise ValueError("ask takes a list of questions, got one string (wrap it: [question])")
     for i, q in enumerate(questions):
