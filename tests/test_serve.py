@@ -1096,17 +1096,23 @@ def tiny_server(store: Path, port: int, log: Path, *extra: str, cpus: list[int] 
                           "--max-batch", "8", *extra], port, log, cpus)
 
 
+def stored_sessions(root: Path) -> dict[tuple[str, str], tuple[SessionRecord, Path | None]]:
+    """Every session's stored state (state.json and its log) and weights file, by (tenant, session)."""
+    store = Store(root)
+    tenants = [bytes.fromhex(t.name).decode() for t in (root / "tenants").iterdir()]
+    return {(t, s): store.read(t, s) for t in tenants for s in store.sessions(t)}
+
+
 def check_store_files(root: Path) -> int:
-    """Every state.json parses and names a readable weights file; returns the number of sessions."""
+    """Every state parses and names a readable weights file; returns the number of sessions."""
     from safetensors import safe_open
 
-    states = list(root.glob("tenants/*/*/state.json"))
-    for state in states:
-        record = SessionRecord(**json.loads(state.read_text()))
-        if record.weights:
-            with safe_open(str(state.parent / record.weights), framework="pt") as f:
+    sessions = stored_sessions(root)
+    for _, weights in sessions.values():
+        if weights is not None:
+            with safe_open(str(weights), framework="pt") as f:
                 assert f.metadata()["format"].startswith("tmem-fast-weights")
-    return len(states)
+    return len(sessions)
 
 
 def test_sigkill_mid_write_and_mid_answer_loses_no_acknowledged_write(tmp_path, reference_model):
@@ -1140,7 +1146,7 @@ def test_sigkill_mid_write_and_mid_answer_loses_no_acknowledged_write(tmp_path, 
             rest = list(lines)
             assert "data: [DONE]" not in rest, "the answer had finished before the kill"
     assert check_store_files(store) == 1
-    record = SessionRecord(**json.loads(next(store.glob("tenants/*/*/state.json")).read_text()))
+    ((record, _),) = stored_sessions(store).values()
     assert [tuple(c) for c in record.written] == acked and len(record.pending) == 1  # the big write not committed
 
     server = tiny_server(store, port, tmp_path / "server.log").wait_ready()  # same id: reclaims, resumes
