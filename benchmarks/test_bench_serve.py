@@ -49,7 +49,7 @@ import pytest
 from benchmarks.common import SLOW
 from tmem_runtime.models import SMOLLM2_PACKAGE
 from tmem_runtime.serve.launch import ServerProcess, free_port
-from tmem_runtime.serve.store import SessionRecord
+from tmem_runtime.serve.store import Store
 
 SESSIONS = 16
 ANSWER_TOKENS = 24
@@ -219,12 +219,13 @@ def verify(store: Path, port: int, log: Path, logs: list[SessionLog], args: list
     """Restart on the same store and count what was acknowledged but is missing (turns, writes, files)."""
     from safetensors import safe_open
 
-    lost = 0
-    for state in store.glob("tenants/*/*/state.json"):  # every file parses and loads
-        record = SessionRecord(**json.loads(state.read_text()))
-        if record.weights:
-            with safe_open(str(state.parent / record.weights), framework="pt") as f:
-                f.keys()
+    lost, stored = 0, Store(store)
+    for tenant in [bytes.fromhex(t.name).decode() for t in (store / "tenants").iterdir()]:
+        for session in stored.sessions(tenant):  # every state (state.json and its log) parses and loads
+            _, weights = stored.read(tenant, session)
+            if weights is not None:
+                with safe_open(str(weights), framework="pt") as f:
+                    f.keys()
     server = ServerProcess([*args, "--store", str(store)], port, log).wait_ready()
     for i, lg in enumerate(logs):
         stats = server.client.get(f"/v1/sessions/user{i:02d}").json()

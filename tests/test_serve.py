@@ -440,6 +440,52 @@ def test_a_batch_waits_for_a_wide_write_step_and_no_step_goes_wide_while_it_deco
         CoreLoan(0)
 
 
+def sse_chunks(client: httpx.Client, body: dict) -> list[dict]:
+    """The chunks of a streamed completion (each `data:` event's JSON), checking it ends with `[DONE]`."""
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_streaming_sends_usage_only_when_asked_as_openai_does(served, acme):
+    """Without stream_options.include_usage no chunk has a `usage` field; with it every chunk has
+    `"usage": null` but one extra last chunk (before [DONE]) with no choice and the usage, equal to
+    the non-streamed answer's. The text and finish reason are the non-streamed answer's either way."""
+    create(acme, "usage")
+    remember(acme, "usage", CARDS)
+    body = {"model": "tiny-llama", "session": "usage", "max_tokens": 12,
+            "messages": [{"role": "user", "content": CARDS[1][0]}]}
+    r = acme.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    whole = r.json()
+    prompt = len(served[1].prompt_ids(body["messages"]))  # the whole chat-templated prompt, its cached preamble too
+    assert whole["usage"] == {"prompt_tokens": prompt, "completion_tokens": whole["usage"]["completion_tokens"],
+                              "total_tokens": prompt + whole["usage"]["completion_tokens"]}
+    assert whole["usage"]["completion_tokens"] == 12 or whole["choices"][0]["finish_reason"] == "stop"
+
+    def check_choices(chunks: list[dict]) -> None:
+        assert all(len(c["choices"]) == 1 for c in chunks) and len(chunks) > 3
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks]
+        assert deltas[0] == {"role": "assistant", "content": ""} and deltas[-1] == {}
+        assert "".join(d["content"] for d in deltas[1:-1]) == whole["choices"][0]["message"]["content"]
+        assert finishes[:-1] == [None] * (len(chunks) - 1) and finishes[-1] == whole["choices"][0]["finish_reason"]
+        assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+
+    for options in ({}, {"stream_options": None}, {"stream_options": {}}, {"stream_options": {"include_usage": False}},
+                    {"stream_options": {"include_usage": None}}):
+        chunks = sse_chunks(acme, {**body, **options})
+        check_choices(chunks)
+        assert not any("usage" in c for c in chunks), options
+    *chunks, usage_only = sse_chunks(acme, {**body, "stream_options": {"include_usage": True}})
+    check_choices(chunks)
+    assert all(c["usage"] is None for c in chunks)
+    assert usage_only["choices"] == [] and usage_only["usage"] == whole["usage"]
+    assert usage_only["id"] == chunks[0]["id"]
+
+
 def test_streaming_with_the_openai_client(served, acme):
     url, _ = served
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="key-acme")
@@ -448,25 +494,37 @@ def test_streaming_with_the_openai_client(served, acme):
     messages = [{"role": "user", "content": CARDS[1][0]}]
     whole = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12,
                                            extra_body={"session": "streamer"})
-    pieces, finish, usage = [], None, None
+    pieces, finish = [], None
     for chunk in client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12, stream=True,
                                                 extra_body={"session": "streamer"}):
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
         if chunk.choices and chunk.choices[0].finish_reason:
             finish = chunk.choices[0].finish_reason
-        usage = chunk.usage or usage
+        assert chunk.usage is None and chunk.choices
     assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content
     assert finish == whole.choices[0].finish_reason
-    prompt = len(served[1].prompt_ids(messages))  # the whole chat-templated prompt, its cached preamble too
-    assert whole.usage.prompt_tokens == usage.prompt_tokens == prompt > len(served[1].preamble)
-    assert whole.usage.total_tokens == prompt + whole.usage.completion_tokens and usage == whole.usage
     *_, last, usage_only = client.chat.completions.create(  # OpenAI's layout: usage in a chunk with no choice
         model="tiny-llama", messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True},
         extra_body={"session": "streamer"})
     assert last.choices[0].finish_reason == finish and last.usage is None
     assert usage_only.choices == [] and usage_only.usage == whole.usage
-    assert whole.usage.completion_tokens == 12 or whole.choices[0].finish_reason == "stop"
+
+
+def test_stream_options_are_checked_as_openai_does(served, acme):
+    """stream_options must be an object whose include_usage is a boolean (or null), and is a 400 without
+    `stream: true` (OpenAI: "only allowed when 'stream' is enabled"); null counts as absent."""
+    messages = [{"role": "user", "content": "Name a colour."}]
+    refused = [{"stream": True, "stream_options": "usage"}, {"stream": True, "stream_options": [True]},
+               {"stream": True, "stream_options": {"include_usage": "true"}},
+               {"stream": True, "stream_options": {"include_usage": 1}},
+               {"stream_options": {"include_usage": True}}, {"stream": False, "stream_options": {}},
+               {"stream": None, "stream_options": {"include_usage": False}}]
+    for options in refused:
+        r = acme.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4, **options})
+        assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"], (options, r.text)
+    r = acme.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4, "stream_options": None})
+    assert r.status_code == 200 and "usage" in r.json()
 
 
 def test_openai_options_are_honoured_or_refused_never_ignored(served, acme):
@@ -1080,17 +1138,23 @@ def tiny_server(store: Path, port: int, log: Path, *extra: str, cpus: list[int] 
                           "--max-batch", "8", *extra], port, log, cpus)
 
 
+def stored_sessions(root: Path) -> dict[tuple[str, str], tuple[SessionRecord, Path | None]]:
+    """Every session's stored state (state.json and its log) and weights file, by (tenant, session)."""
+    store = Store(root)
+    tenants = [bytes.fromhex(t.name).decode() for t in (root / "tenants").iterdir()]
+    return {(t, s): store.read(t, s) for t in tenants for s in store.sessions(t)}
+
+
 def check_store_files(root: Path) -> int:
-    """Every state.json parses and names a readable weights file; returns the number of sessions."""
+    """Every state parses and names a readable weights file; returns the number of sessions."""
     from safetensors import safe_open
 
-    states = list(root.glob("tenants/*/*/state.json"))
-    for state in states:
-        record = SessionRecord(**json.loads(state.read_text()))
-        if record.weights:
-            with safe_open(str(state.parent / record.weights), framework="pt") as f:
+    sessions = stored_sessions(root)
+    for _, weights in sessions.values():
+        if weights is not None:
+            with safe_open(str(weights), framework="pt") as f:
                 assert f.metadata()["format"].startswith("tmem-fast-weights")
-    return len(states)
+    return len(sessions)
 
 
 def test_sigkill_mid_write_and_mid_answer_loses_no_acknowledged_write(tmp_path, reference_model):
@@ -1124,7 +1188,7 @@ def test_sigkill_mid_write_and_mid_answer_loses_no_acknowledged_write(tmp_path, 
             rest = list(lines)
             assert "data: [DONE]" not in rest, "the answer had finished before the kill"
     assert check_store_files(store) == 1
-    record = SessionRecord(**json.loads(next(store.glob("tenants/*/*/state.json")).read_text()))
+    ((record, _),) = stored_sessions(store).values()
     assert [tuple(c) for c in record.written] == acked and len(record.pending) == 1  # the big write not committed
 
     server = tiny_server(store, port, tmp_path / "server.log").wait_ready()  # same id: reclaims, resumes

@@ -26,7 +26,14 @@ from tmem_runtime.serve.conversation import TriggerCount
 from tmem_runtime.serve.launch import ServerProcess, free_port
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
-from tmem_runtime.serve.store import STORE_FORMAT, LeaseHeldError, LeaseLostError, Store, StoreFormatError
+from tmem_runtime.serve.store import (
+    STORE_FORMAT,
+    LeaseHeldError,
+    LeaseLostError,
+    SessionRecord,
+    Store,
+    StoreFormatError,
+)
 
 QUESTION = [{"role": "user", "content": CARDS[0][0]}]
 
@@ -512,41 +519,77 @@ def session_files(store: Store, session: str) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in d.iterdir() if f.name not in (".lock", "lease.json")}
 
 
-def test_appending_a_turn_writes_the_turn_alone_and_a_commit_folds_the_log_into_the_state(model, tmp_path):
-    """However long the context and the memory, an appended turn adds one line to the turns log (state.json
-    untouched); a restart reads every turn back; a write's commit writes them into state.json and starts
-    a new log."""
+def log_lines(files: dict[str, bytes]) -> list[dict]:
+    """The entries of the session's one log (asserting it has exactly one)."""
+    (log,) = [name for name in files if name.startswith("turns-")]
+    return [json.loads(line) for line in files[log].splitlines()]
+
+
+def test_turns_remembers_and_writes_each_append_one_line_to_the_log_and_a_compaction_folds_it(model, tmp_path,
+                                                                                              monkeypatch):
+    """However long the context and the memory, an appended turn, a remember and a write's commit each add
+    one line of their change alone to the session's log (state.json untouched); a restart reads every
+    change back; once the log outgrows the state, the next persist writes the state whole and starts a
+    new log."""
+    import tmem_runtime.serve.service as service_module
+
     store = Store(tmp_path)
     s = start_service(model, store, idle_unload=0, l_max=1 << 20)
     try:
         s.create("t", "long")
         s.append("t", "long", [f"Nina: this is turn number {i} of a long day." for i in range(300)], date="1 May")
-        assert s.remember("t", "long", CARDS).done.result(timeout=60)["error"] is None
+        created = session_files(store, "long")["state.json"]
+        for i in range(3):  # (each write replays the cards before it: every card trains, the memory grows)
+            job = s.remember("t", "long", [(f"{q} ({i})", a) for q, a in CARDS])
+            assert job.done.result(timeout=60)["error"] is None
         before = session_files(store, "long")
         s.append("t", "long", ["Leo: short."])
         after = session_files(store, "long")
-        log = "turns-00000002.log"  # (the state was committed whole twice: the write queued, then trained)
-        assert after["state.json"] == before["state.json"] and len(before["state.json"]) > 14_000
-        assert log not in before and 0 < len(after[log]) < 250
-        assert json.loads(after[log])["lines"] == ["Leo: short."]
+        assert before["state.json"] == after["state.json"] == created  # (the initial state)
+        turns, *changes, short = log_lines(after)
+        assert len(turns["lines"]) == 301 and len(changes) == 6 and short["lines"] == ["Leo: short."]
+        weights = [f for f in after if f.startswith("weights-")]
+        for i, (queued, trained) in enumerate(zip(changes[::2], changes[1::2], strict=True)):
+            cards = [[f"{q} ({i})", a] for q, a in CARDS]
+            assert queued["queued"] == [{"id": queued["queued"][0]["id"], "trigger": 0, "context": "", "cards": cards}]
+            assert trained["done"] == [queued["queued"][0]["id"]] and trained["written"] == cards
+            assert trained["seq"] == i + 1 and trained["weights"] == f"weights-{i + 1:08d}.safetensors"
+            assert queued["lines"] == trained["lines"] == [] and queued["at"] == trained["at"] == 301
+        assert weights == [changes[-1]["weights"]]  # (the older weights files were removed)
+        sizes = [len(line) for line in after[next(f for f in after if f.startswith("turns-"))].splitlines()]
+        assert sizes[0] > 14_000 and max(sizes[1:]) < 400  # a change's line holds the change alone
         conv = s.get("t", "long")
-        expected = {"lines": conv.agent.lines, "context_tokens": conv.agent.context_tokens, "stats": conv.stats}
+        expected = {"lines": conv.agent.lines, "context_tokens": conv.agent.context_tokens, "stats": conv.stats,
+                    "written": [list(c) for c in conv.written], "pending": [], "weights": weights[0], "seq": 3}
     finally:
         s.stop()
-    record, _ = Store(tmp_path).read("t", "long")
-    assert {"lines": record.lines, "context_tokens": record.context_tokens, "stats": record.stats} == expected
-    assert record.lines[-1] == "Leo: short." and record.stats["turns"] == 301 and len(record.lines) == 302
 
+    def stored(record) -> dict:
+        return {name: getattr(record, name) for name in expected}
+
+    assert stored(Store(tmp_path).read("t", "long")[0]) == expected
+    assert expected["lines"][-1] == "Leo: short." and expected["stats"]["turns"] == 301
+    assert len(expected["lines"]) == 302 and len(expected["written"]) == 6
+
+    monkeypatch.setattr(service_module, "MIN_LOG_BYTES", 1024)  # the log (15 kB) is over it and the state's size
     model2 = load_serving_model("tiny-llama")
     s = start_service(model2, store, idle_unload=0, l_max=1 << 20)  # restarted: loads state + log
     try:
-        assert s.stats("t", "long")["context_turns"] == 302
+        assert s.stats("t", "long")["context_turns"] == 302 and s.memories("t", "long") == [
+            tuple(c) for c in expected["written"]]
         assert s.remember("t", "long", CARDS[:1]).done.result(timeout=60)["error"] is None
         files = session_files(store, "long")
-        assert not [f for f in files if f.startswith("turns-")]  # folded into state.json
-        assert json.loads(files["state.json"])["lines"] == expected["lines"]
+        state = json.loads(files["state.json"])  # the remember compacted: the state holds it all
+        assert state["lines"] == expected["lines"] and state["written"] == expected["written"]
+        assert [len(state["pending"]), state["log"]] == [1, 1]
+        (trained,) = log_lines(files)  # (the new log: the write after it)
+        assert trained["written"] == [list(CARDS[0])] and trained["done"] == [state["pending"][0]["id"]]
     finally:
         s.stop()
+    assert stored(Store(tmp_path).read("t", "long")[0]) == {
+        **expected, "written": [*expected["written"], list(CARDS[0])], "weights": "weights-00000004.safetensors",
+        "seq": 4, "stats": {**expected["stats"], "writes": 4, "cards": 7,
+                            "steps": Store(tmp_path).read("t", "long")[0].stats["steps"]}}
 
 
 def test_a_torn_last_line_of_the_turns_log_is_ignored_and_the_next_append_starts_on_its_own_line(tmp_path):
@@ -645,5 +688,230 @@ def test_a_store_written_before_turns_logs_loads_and_takes_appends(model, tmp_pa
         assert (d / "turns-00000000.log").is_file()
         record, _ = store.read("t", "old")
         assert record.lines == ["DATE: 1 May", "Nina: hello there", "Leo: hi"] and record.stats["turns"] == 2
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------------------------------------- store commits
+def card(i: int) -> list[str]:
+    return [f"What did Nina say about the trip number {i} to Porto?", f"She took the train {i}"]
+
+
+def queued_job(i: int) -> dict:
+    return {"id": f"job{i}", "trigger": 0, "context": "", "cards": [card(i)]}
+
+
+def store_files(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file under the store: (inode, size, mtime in ns)."""
+    out = {}
+    for f in root.rglob("*"):
+        if f.is_file():
+            st = f.stat()
+            out[str(f.relative_to(root))] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_a_remember_or_a_write_commit_touches_its_session_log_alone_whatever_the_store_and_memory_hold(tmp_path):
+    """A commit with the stored state as its base appends its change to the session's log and touches no
+    other file: the bytes written are the same with 1 or 1000 sessions in the store and with 0 or 3000
+    cards learnt (a whole commit, as before, rewrote every card)."""
+    appended = {}
+    for sessions, cards in ((1, 0), (1000, 0), (1, 3000)):
+        store = Store(tmp_path / f"{sessions}-{cards}")
+        for i in range(sessions):
+            store.create("t", f"s{i}")
+        record, _ = store.read("t", "s0")
+        record.written = [card(i) for i in range(cards)]
+        store.commit("t", "s0", record)
+        whole = store.state_sizes("t", "s0", record.log)[0]
+        for change in ("remember", "write"):
+            base = replace(record, pending=list(record.pending), written=list(record.written))
+            if change == "remember":
+                record.pending.append(queued_job(9))
+                save = None
+            else:
+                record.written.append(record.pending.pop(0)["cards"][0])
+                record.stats = {"writes": 1}
+
+                def save(path: Path) -> None:
+                    path.write_bytes(b"weights")
+
+            files = store_files(store.root)
+            commit = store.commit("t", "s0", record, save, base=base)
+            changed = {name: (files.get(name), st) for name, st in store_files(store.root).items()
+                       if files.get(name) != st}
+            removed = set(files) - set(store_files(store.root))
+            session = str(store.session_dir("t", "s0").relative_to(store.root))
+            log = f"{session}/turns-00000001.log"
+            expected = {log} | ({f"{session}/weights-00000001.safetensors"} if save else set())
+            assert set(changed) == expected and not removed and commit.logged, (sessions, cards, change)
+            (before, after) = changed[log]
+            grown = after[1] - (before[1] if before else 0)
+            assert grown == commit.bytes < 400 and (before is None or before[0] == after[0])  # (appended in place)
+            appended.setdefault(change, set()).add(grown)
+        assert whole > 200_000 if cards else whole < 300
+        assert store.read("t", "s0")[0] == record and record.weights == "weights-00000001.safetensors"
+    assert all(len(sizes) == 1 for sizes in appended.values()), appended  # the same bytes every time
+
+
+def test_a_delta_says_each_change_and_is_refused_where_it_cannot():
+    base = SessionRecord(lines=["DATE: 1 May", "Nina: hi"], header="DATE: 1 May", context_tokens=9,
+                         pending=[queued_job(0), queued_job(1)], written=[card(7)], stats={"turns": 1}, log=3)
+    changes = {
+        "turns": dict(lines=[*base.lines, "Leo: yo"], context_tokens=12, stats={"turns": 2}),
+        "write triggered": dict(lines=[], context_tokens=0, triggers=1, pending=[*base.pending, queued_job(2)]),
+        "context replaced": dict(lines=["DATE: 2 May", "Ana: new"], header="DATE: 2 May"),
+        "written": dict(pending=[queued_job(1)], written=[card(7), card(0)], seq=4,
+                        weights="weights-00000004.safetensors"),
+        "rolled back": dict(pending=[queued_job(0)]),
+        "everything": dict(lines=["x"], pending=[queued_job(1), queued_job(5)], written=[card(7), card(0), card(1)]),
+    }
+    for name, change in changes.items():
+        new = replace(base, **change)
+        entry = new.delta(base)
+        applied = replace(base, lines=list(base.lines), pending=list(base.pending), written=list(base.written))
+        assert entry is not None and applied.extend(json.loads(json.dumps(entry))) and applied == new, name
+    assert set(changes["turns"]) | {"at", "header"} >= set(replace(base, **changes["turns"]).delta(base)) - {"lines"}
+    refused = {"memory reset": dict(written=[]), "other memory": dict(written=[card(8)]),
+               "pending reordered": dict(pending=[queued_job(1), queued_job(0)]), "next log": dict(log=4)}
+    for name, change in refused.items():
+        assert replace(base, **change).delta(base) is None, name
+
+
+def test_a_failure_mid_commit_leaves_the_sessions_previous_state_and_every_other_session_intact(tmp_path, monkeypatch):
+    """A log append cut short, a state.json written part way, a weights file cut short (each then failing,
+    as a full disk does): the session reads back its previous state (its weights file too), every other
+    session its own, and the next whole commit (the service's after a failure) is read back."""
+    import tmem_runtime.adapter_file as adapter_file
+    import tmem_runtime.serve.store as store_module
+
+    store = Store(tmp_path)
+    records = {}
+    for name in ("a", "b", "c"):
+        store.create("t", name)
+        record, _ = store.read("t", name)
+        base = replace(record)
+        record.written, record.pending = [card(0), card(1)], [queued_job(2)]
+        store.commit("t", name, record, lambda path: path.write_bytes(b"w1"), base=base)
+        records[name] = record
+    files = {name: session_files(store, name) for name in "bc"}
+
+    def read(name: str) -> tuple[SessionRecord, bytes]:
+        record, weights = store.read("t", name)
+        return record, weights.read_bytes()
+
+    previous = read("a")
+    assert previous == (records["a"], b"w1")
+
+    def failing_append(path: Path, entry: dict) -> int:
+        with open(path, "ab") as f:
+            f.write(json.dumps(entry).encode()[:40])
+        raise OSError(28, "No space left on device")
+
+    def failing_state(path, write) -> None:
+        with open(f"{path}.x1y2.tmp", "wb") as f:
+            f.write(b'{"lines": ["cut')
+        raise OSError(28, "No space left on device")
+
+    def failing_weights(path: Path) -> None:
+        path.write_bytes(b"w")
+        raise OSError(28, "No space left on device")
+
+    for failure in ("append", "state", "weights"):
+        record = replace(records["a"], pending=[], written=[*records["a"].written, card(2)], stats={"writes": 1})
+        with monkeypatch.context() as m:
+            if failure == "append":
+                m.setattr(store_module, "append_entry", failing_append)
+            elif failure == "state":
+                m.setattr(store_module, "atomic_write", failing_state)
+                m.setattr(adapter_file, "atomic_write", failing_state)
+            with pytest.raises(OSError, match="No space"):
+                store.commit("t", "a", record, failing_weights if failure == "weights" else None,
+                             base=None if failure == "state" else records["a"])
+        assert read("a") == previous, failure
+        assert {name: session_files(store, name) for name in "bc"} == files, failure
+        assert not [f for f in session_files(store, "a") if f.endswith(".tmp") or f == "weights-00000002.safetensors"]
+    record = replace(records["a"], pending=[], written=[*records["a"].written, card(2)], stats={"writes": 1})
+    store.commit("t", "a", record, lambda path: path.write_bytes(b"w3"))  # (whole: after a failure)
+    assert read("a") == (record, b"w3") and record.weights == "weights-00000002.safetensors"  # (the failed ones gone)
+    assert [read(name) for name in "bc"] == [(records[name], b"w1") for name in "bc"]
+
+
+KILLED_COMMITTER = """
+import sys
+from dataclasses import replace
+from tmem_runtime.serve.store import Store
+store = Store(sys.argv[1])
+record, _ = store.read("t", "s")
+for i in range(100000):
+    base = replace(record, pending=list(record.pending), written=list(record.written))
+    record.pending.append({"id": f"job{i}", "trigger": 0, "context": "", "cards": [["q" * 500, f"a{i}"]]})
+    if i % 2:  # a write: the job before trained, with a new weights file
+        record.written.append(record.pending.pop(0)["cards"][0])
+    save = (lambda path: path.write_bytes(b"w%d" % i)) if i % 2 else None
+    store.commit("t", "s", record, save, base=base if i % 50 else None)  # (every 50th whole: a compaction)
+    print(i, flush=True)  # acknowledged
+"""
+
+
+def test_every_acknowledged_remember_and_write_survives_a_sigkill_in_the_middle_of_commits(tmp_path):
+    """Remembers and writes committed to the log (and whole now and then) by a process killed mid-way:
+    each acknowledged one is there, in order, with the weights file of the last write; the other session is
+    untouched."""
+    import subprocess
+    import sys
+
+    store = Store(tmp_path)
+    for name in ("s", "other"):
+        store.create("t", name)
+    other = session_files(store, "other")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_COMMITTER, str(tmp_path)], stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    acked = -1
+    while acked < 300:
+        acked = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    acked = max([acked, *(int(x) for x in proc.stdout.read().split())])
+    record, weights = store.read("t", "s")
+    done = len(record.written) + len(record.pending)  # the commits in the store: those acknowledged, maybe one more
+    assert done - 1 in (acked, acked + 1)
+    assert [a for _, a in record.written] == [f"a{i}" for i in range(len(record.written))]
+    assert [job["id"] for job in record.pending] == [f"job{i}" for i in range(len(record.written), done)]
+    assert weights.read_bytes() == b"w%d" % (done - 1 if (done - 1) % 2 else done - 2)
+    assert session_files(store, "other") == other
+
+
+def test_a_format_2_store_opens_marked_as_its_own_and_takes_remembers_and_writes(model, tmp_path):
+    """A store written by a format 2 server (state.json and a turns log of turns): this server reads it,
+    marks it with its format, logs remembers and writes to it, and reads them all back after a restart."""
+    root = tmp_path / "store"
+    d = Store(root).session_dir("t", "old")
+    d.mkdir(parents=True)
+    (root / "format.json").write_text(json.dumps({"format": 2}))
+    (d / "state.json").write_text(json.dumps({
+        "lines": ["DATE: 1 May", "Nina: hello there"], "header": "DATE: 1 May", "context_tokens": 12, "triggers": 0,
+        "pending": [], "written": [list(CARDS[0])], "stats": {"turns": 1, "writes": 1, "cards": 1}, "seq": 0,
+        "weights": None, "log": 5, "version": 1}))
+    (d / "turns-00000005.log").write_text(json.dumps({"at": 2, "lines": ["Leo: hi"], "header": "DATE: 1 May",
+                                                      "context_tokens": 15,
+                                                      "stats": {"turns": 2, "writes": 1, "cards": 1}}) + "\n")
+    store = Store(root)
+    assert json.loads((root / "format.json").read_text()) == {"format": STORE_FORMAT} and STORE_FORMAT == 3
+    s = start_service(model, store, idle_unload=0)
+    try:
+        assert s.stats("t", "old")["context_turns"] == 3 and s.memories("t", "old") == [CARDS[0]]
+        assert s.remember("t", "old", CARDS[1:]).done.result(timeout=60)["error"] is None
+        state = json.loads((d / "state.json").read_text())
+        assert state["log"] == 5 and state["written"] == [list(CARDS[0])]  # (not rewritten: logged)
+        assert len((d / "turns-00000005.log").read_text().splitlines()) == 3
+    finally:
+        s.stop()
+    record, weights = Store(root).read("t", "old")
+    assert record.lines == ["DATE: 1 May", "Nina: hello there", "Leo: hi"] and record.stats["writes"] == 2
+    assert record.written == [list(c) for c in CARDS] and record.pending == [] and weights.is_file()
+    s = start_service(load_serving_model("tiny-llama"), Store(root), idle_unload=0)
+    try:
+        assert s.memories("t", "old") == CARDS and s.stats("t", "old")["context_turns"] == 3
     finally:
         s.stop()

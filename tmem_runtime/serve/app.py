@@ -80,8 +80,11 @@ StopText = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class StreamOptions(BaseModel):
+    """OpenAI's `stream_options` (only with `stream: true`). include_usage: a last chunk of its own (no
+    choice) carries the usage, and every other chunk `"usage": null`; without it no chunk has usage."""
+
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool | None = None  # usage in a last chunk of its own (no choice), as OpenAI sends it
+    include_usage: bool | None = Field(None, strict=True)  # a JSON boolean ("true" or 1 is a 400, as OpenAI)
 
 
 class ChatRequest(BaseModel):
@@ -133,6 +136,8 @@ class ChatRequest(BaseModel):
         if any(asked.values()):
             refused = ", ".join(name for name, given in asked.items() if given)
             raise ValueError(f"{refused}: not supported by this server (greedy decoding of text)")
+        if self.stream_options is not None and not self.stream:  # OpenAI's 400
+            raise ValueError("stream_options: only allowed when stream is true")
         return self
 
 
@@ -341,7 +346,8 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
         t0 = time.perf_counter()
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         request = await run_in_threadpool(service.answer, t, sid, messages, max_tokens, on_text, stop)
-        completion = _Completion(model_name, sid)
+        include_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
+        completion = _Completion(model_name, sid, include_usage)
         prompt_tokens = len(request.prefix) + len(request.rows[0].ids)  # the cached chat preamble is in the prompt
         if not body.stream:
             results = await _unless_disconnected(request, http)
@@ -363,11 +369,9 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
                     yield f"data: {json.dumps(_error_body(_as_api_error(exc)))}\n\n"
                 else:
                     _count_answer(service, result, t0)
-                    if body.stream_options is not None and body.stream_options.include_usage:
-                        yield completion.chunk({}, result.finish_reason)  # then OpenAI's usage chunk: no choice
-                        yield completion.chunk(None, None, result, prompt_tokens)
-                    else:
-                        yield completion.chunk({}, result.finish_reason, result, prompt_tokens)
+                    yield completion.chunk({}, result.finish_reason)
+                    if include_usage:
+                        yield completion.usage_chunk(result, prompt_tokens)
                 yield "data: [DONE]\n\n"
             finally:  # the client went away mid-stream: its row stops at the next token (or never runs)
                 request.cancelled.set()
@@ -381,9 +385,9 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
 class _Completion:
     """OpenAI chat.completion / chat.completion.chunk bodies of one answer."""
 
-    def __init__(self, model: str, session: str | None) -> None:
+    def __init__(self, model: str, session: str | None, include_usage: bool = False) -> None:
         self.id, self.created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-        self.model, self.session = model, session
+        self.model, self.session, self.include_usage = model, session, include_usage
 
     def _usage(self, result: RowResult, prompt_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": result.tokens,
@@ -395,14 +399,20 @@ class _Completion:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": result.finish_reason, "logprobs": None}]}
 
-    def chunk(self, delta: dict | None, finish: str | None = None, result: RowResult | None = None,
-              prompt_tokens: int = 0) -> str:
-        """One SSE event: the choice's `delta` (None: no choice, as OpenAI's usage chunk), with usage if `result`."""
-        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+    def chunk(self, delta: dict, finish: str | None = None) -> str:
+        """One SSE event of the choice's `delta`: `"usage": null` if the usage comes last (include_usage),
+        else no usage field (OpenAI's layouts)."""
+        return self._event([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], None)
+
+    def usage_chunk(self, result: RowResult, prompt_tokens: int) -> str:
+        """The SSE event OpenAI sends last (before `[DONE]`) with include_usage: no choice, the usage."""
+        return self._event([], self._usage(result, prompt_tokens))
+
+    def _event(self, choices: list[dict], usage: dict | None) -> str:
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "session": self.session, "choices": choices}
-        if result is not None:
-            body["usage"] = self._usage(result, prompt_tokens)
+        if self.include_usage:
+            body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
 

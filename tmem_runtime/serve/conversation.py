@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from tmem_runtime.agent.agent import MemoryAgent, Trigger
 from tmem_runtime.agent.channels import MemoryChannel, WriteEvent
 from tmem_runtime.agent.generation import Generator
-from tmem_runtime.serve.store import SessionRecord
+from tmem_runtime.serve.store import Commit, SessionRecord
 
 Card = tuple[str, str]
 STAT_KEYS = ("turns", "writes", "cards", "steps", "empty_writes", "rollbacks")
@@ -117,8 +117,10 @@ class Conversation:
         self.written: list[Card] = [(q, a) for q, a in record.written]
         self.stats = {k: int(record.stats.get(k, 0)) for k in STAT_KEYS}
         self.seq, self.weights, self.log = record.seq, record.weights, record.log
-        self.logged = 0  # turns-log entries appended since the state was last committed whole
-        self.log_follows = True  # the store's state is this one's, but for turns the log may take
+        self.stored: SessionRecord | None = record  # the state as stored (None after a failed persist: unknown)
+        self.logged = 0  # log entries appended since the state was last committed whole, and their bytes
+        self.log_bytes = 0
+        self.state_bytes = 0  # the size of the state.json they follow
         self.agent.lines, self.agent.header = list(record.lines), record.header
         self.agent.context_tokens = record.context_tokens
         self.agent.triggers = TriggerCount(record.triggers)
@@ -131,10 +133,15 @@ class Conversation:
             stats=dict(self.stats), seq=self.seq, weights=self.weights, log=self.log,
         )
 
-    def sync_record(self, record: SessionRecord) -> None:
-        """Take the weights file name, count and turns-log generation a store commit assigned."""
+    def committed(self, record: SessionRecord, commit: Commit) -> None:
+        """`record` (this session's `to_record`) is stored now: take the weights file name, count and log
+        generation the store commit assigned, and count the log's growth (or its new start)."""
         self.seq, self.weights, self.log = record.seq, record.weights, record.log
-        self.logged = 0
+        self.stored = record
+        if commit.logged:
+            self.logged, self.log_bytes = self.logged + 1, self.log_bytes + commit.bytes
+        else:
+            self.logged, self.log_bytes, self.state_bytes = 0, 0, commit.bytes
 
     # ---------------------------------------------------------------- what clients add
     def append(self, turns: list[str], date: str | None = None,

@@ -12,8 +12,9 @@ loaded session's; after a late renewal each is claimed again, and one found take
 and unloads the sessions unused for `idle_unload` seconds (`LoadedSessions.take_idle`): their next
 request loads them again. `release` hands a session over: it is persisted with its pending writes and
 unloaded, and the lease freed, so that any server sharing the store serves it next. Every change a
-client is told of (turns appended, a write committed, a reset) is in the store first; appended turns
-go to the session's turns log (O(turn)), everything else rewrites its state.
+client is told of (turns appended, a write queued or committed, a reset) is in the store first, as a
+line appended to the session's log (O(change): `SessionRecord.delta`); the state is written whole
+(compacting the log) when the log outgrows it, or after a failed persist.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter, check
 
 logger = logging.getLogger("tmem.serve")
 MIN_CACHED_PREFIX = 8  # an answer's chat preamble shorter than this is prefilled with the rest of its prompt
-MAX_LOGGED = 1024  # turns-log entries after which a session's next append commits its state whole
+MAX_LOGGED = 1024  # log entries after which a session's next persist commits its state whole
+MIN_LOG_BYTES = 64 << 10  # ... or once its log holds more bytes than this and than its state.json
 
 
 class UnknownSessionError(KeyError):
@@ -175,6 +177,7 @@ class MemoryService:
         conv = Conversation(tenant, session, f"{tenant}/{session}#{next(self._load_ids)}", self.generator,
                             self.config.l_max, record)
         conv.lease_epoch = lease.epoch
+        conv.state_bytes, conv.log_bytes = self.store.state_sizes(tenant, session, record.log)
         self.pool.open(conv.pool_id)
         try:
             if weights is not None:
@@ -278,24 +281,28 @@ class MemoryService:
     def _persist(self, conv: Conversation, weights: bool, turns: dict | None = None) -> None:
         """Commit the session to the store (conv.lock held) if this server still holds its lease (checked
         by the commit, under the lease's lock; if not, the session is dropped here and SessionGoneError raised).
-        turns: only turns were appended (`Conversation.append`'s entry): appended to the session's turns log
-        (O(turn)), unless the log is due for compaction or a persist failed since the last whole commit."""
+        weights: with a new weights file. The change is appended to the session's log (O(change)): turns:
+        `Conversation.append`'s entry, else the delta from the stored state. The state is committed whole
+        instead when the log is due for compaction (over MAX_LOGGED entries, or more bytes than the state
+        and MIN_LOG_BYTES: so the log costs at most about the state's size to read, and a compaction's
+        bytes are at most about those appended since the last) or a persist failed since the last whole commit."""
         owner = self.config.server_id
-        log = turns is not None and conv.log_follows and conv.logged < MAX_LOGGED
-        conv.log_follows = False  # (until this persist succeeds: after a failure, only a whole commit is right)
+        base, conv.stored = conv.stored, None  # (until this persist succeeds: after a failure, only a whole commit)
+        due = base is None or conv.logged >= MAX_LOGGED or conv.log_bytes > max(conv.state_bytes, MIN_LOG_BYTES)
         try:
-            if log:
-                self.store.append_turns(conv.tenant, conv.session, conv.log, turns, owner=owner)
-                conv.logged += 1
+            if turns is not None and not due:
+                appended = self.store.append_turns(conv.tenant, conv.session, conv.log, turns, owner=owner)
+                conv.logged, conv.log_bytes = conv.logged + 1, conv.log_bytes + appended
+                conv.stored = base if base.extend(turns) else None
             else:
                 record = conv.to_record()
                 save = (lambda path: self.pool.save(conv.pool_id, path)) if weights else None
-                self.store.commit(conv.tenant, conv.session, record, save, owner=owner)
-                conv.sync_record(record)
+                commit = self.store.commit(conv.tenant, conv.session, record, save, owner=owner,
+                                           base=None if due else base)
+                conv.committed(record, commit)
         except LeaseLostError:
             threading.Thread(target=self._drop, args=(conv,), daemon=True).start()
             raise SessionGoneError("this server no longer holds the session's lease; retry the request") from None
-        conv.log_follows = True
 
     def _upkeep(self) -> None:
         """The upkeep thread: every lease_ttl / 3 seconds (more often for a short idle_unload), renew the

@@ -2,25 +2,32 @@
 
     STORE/tenants/<hex tenant>/<hex session>/
         state.json                 working context, pending writes, written flashcards, counters
-        turns-<generation>.log     turns appended since state.json was written (turn_log.py)
+        turns-<generation>.log     the changes since state.json was written, one line each (turn_log.py):
+                                   turns appended, writes queued, writes trained (`SessionRecord.delta`)
         weights-<seq>.safetensors  the fast weights after the session's write number <seq> (pool.save)
         lease.json                 which server serves the session, in which of its epochs (leases.py)
         .lock                      flock'd while the lease changes hands
     STORE/servers/                 each server's lease record: until when its sessions' leases last (leases.py)
     STORE/format.json              {"format": N}: the store's format (STORE_FORMAT), written at its first use
 
-Every file is replaced atomically (temp file, fsync, rename, directory fsync). A write's commit point is the rename
-of state.json naming the new weights file: a server killed before it restarts from the previous
-state.json and its weights file, one killed after it from the new ones. Weights files that no
-state.json names (left by such a kill) are removed when the session is next loaded, a killed
-claim's temp file by the next claim. Ids are
+Every file is replaced atomically (temp file, fsync, rename, directory fsync); the log is only appended
+to (one fsynced line a change; a torn last line is ignored). A change is committed either by appending
+its delta to the log (O(change): a remember or a write costs the same whatever the session has learnt)
+or whole, by the rename of a new state.json that starts the next log generation (`commit`; the service
+compacts so when the log outgrows the state). A write's commit point is the fsync of the log line, or
+the rename of state.json, naming its new weights file: a server killed before it restarts from the
+previous state and weights file, one killed after it from the new ones. Weights files that the state
+does not name (left by such a kill) are removed when the session is next loaded, a killed
+claim's temp file by the next claim. Each session has files of its own: a commit touches no other
+session's, so its cost does not grow with the number of sessions, and a failure in it leaves theirs as
+they were. Ids are
 checked against ID_PATTERN and stored hex-encoded, so no id can name a path outside its tenant; an id
 is at most MAX_ID_LENGTH characters, so its hex name fits a file name (255 bytes on common filesystems).
 
-Formats: a server opens a store of its format or an older one (marking an older one as its own), and
-refuses one of a newer format (`StoreFormatError`), whose files it may misread. Servers from before
-the marker (format 1) cannot refuse; the lease files of format 2 are written so that they read them as
-held (leases.py), so they never take a session a newer server serves.
+Formats: a server opens a store of its format or an older one (marking an older one as its own: the
+older layouts are read as they are), and refuses one of a newer format (`StoreFormatError`), whose files
+it may misread. Servers from before the marker (format 1) cannot refuse; the lease files of format 2 on
+are written so that they read them as held (leases.py), so they never take a session a newer server serves.
 """
 
 from __future__ import annotations
@@ -46,7 +53,9 @@ ID_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{MAX_ID_LENGTH - 1}}}"
 STATE_VERSION = 1
 # 1: no marker; session leases {"owner", "url", "expires"}, then {"owner", "epoch"} (read as free by the
 #    servers before them). 2: this marker; session leases {"owner", "url", "expires": the epoch's mark}.
-STORE_FORMAT = 2
+# 3: log entries carry remembers and writes too (`SessionRecord.delta`: keep, done, queued, written,
+#    triggers, seq, weights), which a format 2 server would drop; format 2's entries (turns) read as they are.
+STORE_FORMAT = 3
 FORMAT_FILE = "format.json"
 
 
@@ -106,13 +115,67 @@ class SessionRecord:
     version: int = STATE_VERSION
 
     def extend(self, entry: dict) -> bool:
-        """Apply a turns-log entry if it extends this context (it was written after `entry["at"]` lines)."""
+        """Apply a log entry (`delta`'s; a turns entry is one) if it was written after this context's
+        `entry["at"]` lines: its context keeps `keep` lines (all of them if absent) and takes `lines`;
+        `done` pending writes (ids) leave, `queued` ones join, `written` cards are added, and the other
+        fields it names are replaced."""
         if entry["at"] != len(self.lines):
             return False
-        self.lines += entry["lines"]
+        self.lines = self.lines[: entry.get("keep", entry["at"])] + list(entry["lines"])
         self.header, self.context_tokens = entry.get("header"), int(entry.get("context_tokens", 0))
         self.stats = dict(entry.get("stats", self.stats))
+        if entry.get("done"):
+            done = set(entry["done"])
+            self.pending = [job for job in self.pending if job["id"] not in done]
+        self.pending = self.pending + list(entry.get("queued", ()))
+        self.written = self.written + [list(card) for card in entry.get("written", ())]
+        for name in _REPLACED:
+            if name in entry:
+                setattr(self, name, entry[name])
         return True
+
+    def delta(self, base: SessionRecord) -> dict | None:
+        """The log entry that turns `base` (the state as stored) into this record (`extend`), O(change):
+        None if it cannot say it (memories forgotten, pending writes reordered, another log generation):
+        the record is then to be committed whole."""
+        learnt = len(base.written)
+        if self.log != base.log or len(self.written) < learnt or self.written[:learnt] != base.written:
+            return None
+        ids = {job["id"] for job in self.pending}
+        kept = [job for job in base.pending if job["id"] in ids]
+        if self.pending[: len(kept)] != kept:
+            return None
+        keep = _common_prefix(base.lines, self.lines)
+        entry = {"at": len(base.lines), "lines": self.lines[keep:], "header": self.header,
+                 "context_tokens": self.context_tokens, "stats": dict(self.stats)}  # (a turns entry's keys)
+        if keep != len(base.lines):
+            entry["keep"] = keep
+        if len(kept) != len(base.pending):
+            entry["done"] = [job["id"] for job in base.pending if job["id"] not in ids]
+        if len(self.pending) > len(kept):
+            entry["queued"] = self.pending[len(kept) :]
+        if len(self.written) > len(base.written):
+            entry["written"] = self.written[len(base.written) :]
+        entry.update({name: getattr(self, name) for name in _REPLACED if getattr(self, name) != getattr(base, name)})
+        return entry
+
+
+_REPLACED = ("triggers", "seq", "weights")  # the scalars a log entry carries when they change
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What `Store.commit` did: logged (the change appended to the log) or the state written whole; bytes written."""
+
+    logged: bool
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -191,28 +254,44 @@ class Store:
         return record, (d / record.weights if record.weights else None)
 
     def commit(self, tenant: str, session: str, record: SessionRecord,
-               save_weights: Callable[[Path], None] | None = None, owner: str | None = None) -> None:
-        """Persist `record` (it holds every turn: it starts the next turns log); with `save_weights`, first
-        a new weights file (written by it) that the new state.json names: its rename is the commit point.
-        Weights files and turns logs it does not name are removed. owner: commit only if the session's
-        lease names it (else LeaseLostError), holding the lease's lock to the commit point, so no other
-        server claims the session (and reads it) in between."""
+               save_weights: Callable[[Path], None] | None = None, owner: str | None = None,
+               base: SessionRecord | None = None) -> Commit:
+        """Persist `record`; with `save_weights`, first a new weights file (written by it) that the
+        committed state names. base: the session's state as stored (state.json and its log): the change
+        from it is appended to the log (`SessionRecord.delta`; its fsync is the commit point), unless it
+        cannot be said so. Else (or without base) the state is written whole, starting the next log
+        generation (the rename of state.json is the commit point). Weights files and logs the committed
+        state does not name are removed. owner: commit only if the session's lease names it (else
+        LeaseLostError), holding the lease's lock to the commit point, so no other server claims the
+        session (and reads it) in between. `record` takes the weights file, count and log generation."""
         d = self.session_dir(tenant, session)
         with self._leased(d, session, owner):
             if save_weights is not None:
                 record.seq += 1
                 record.weights = f"weights-{record.seq:08d}.safetensors"
                 save_weights(d / record.weights)
-            record.log += 1
-            _write_atomically(d / "state.json", _encode(record))
+            entry = None if base is None else record.delta(base)
+            if entry is not None:
+                written = append_entry(d / log_name(record.log), entry)
+            else:
+                record.log += 1
+                data = _encode(record)
+                _write_atomically(d / "state.json", data)
+                written = len(data)
             _remove_leftovers(d, record)
+        return Commit(entry is not None, written)
 
-    def append_turns(self, tenant: str, session: str, log: int, entry: dict, owner: str | None = None) -> None:
+    def append_turns(self, tenant: str, session: str, log: int, entry: dict, owner: str | None = None) -> int:
         """Append a turns-log entry (`turn_log`) to the session's log of generation `log` (its state's),
-        durably; owner: as `commit`'s (LeaseLostError, nothing appended)."""
+        durably; owner: as `commit`'s (LeaseLostError, nothing appended). Returns the bytes appended."""
         d = self.session_dir(tenant, session)
         with self._leased(d, session, owner):
-            append_entry(d / log_name(log), entry)
+            return append_entry(d / log_name(log), entry)
+
+    def state_sizes(self, tenant: str, session: str, log: int) -> tuple[int, int]:
+        """The bytes of the session's state.json and of its log of generation `log` (0 for a missing file)."""
+        d = self.session_dir(tenant, session)
+        return _file_size(d / "state.json"), _file_size(d / log_name(log))
 
     @contextmanager
     def _leased(self, d: Path, session: str, owner: str | None) -> Iterator[None]:
@@ -325,6 +404,13 @@ def _remove_leftovers(d: Path, record: SessionRecord) -> None:
     for f in d.iterdir():
         if f.name.startswith(("weights-", PREFIX, "state.json.")) and f.name not in keep:
             f.unlink(missing_ok=True)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _read_lease_file(path: Path) -> dict | None:

@@ -1,13 +1,15 @@
-"""A session's turns log: the turns appended since its state.json was written, one JSON line each.
+"""A session's log: the changes since its state.json was written (turns, writes queued and trained), one
+JSON line each (its name, from when it held turns alone, stays).
 
-    <session dir>/turns-<generation>.log    one entry a line:
-        {"at": n, "lines": [...], "header": ..., "context_tokens": ..., "stats": {...}}
+    <session dir>/turns-<generation>.log    one entry a line (`SessionRecord.extend`, `SessionRecord.delta`):
+        {"at": n, "lines": [...], "header": ..., "context_tokens": ..., "stats": {...}}   turns appended
+        + "keep", "done", "queued", "written", "triggers", "seq", "weights"             other changes (format 3)
 
-Appending turns writes and fsyncs one line (O(turn)); writing state.json is O(context + memories).
+Appending a change writes and fsyncs one line (O(change)); writing state.json is O(context + memories).
 state.json names its log's generation (`SessionRecord.log`); a commit that writes state.json starts
-the next generation (the state holds the log's turns then), and the old log is removed with the other
-leftovers. An entry extends the working context it was written after: it applies only where the
-context holds `at` lines, so no entry is ever applied twice or out of place. A line without its
+the next generation (the state holds the log's changes then), and the old log is removed with the other
+leftovers. An entry applies to the working context it was written after: only where the
+context holds `at` lines, so no entry is applied out of place. A line without its
 newline (an append killed mid-write) is ignored, and the next append starts on a new line.
 """
 
@@ -25,9 +27,9 @@ def log_name(generation: int) -> str:
     return f"{PREFIX}{generation:08d}.log"
 
 
-def append_entry(path: Path, entry: dict) -> None:
+def append_entry(path: Path, entry: dict) -> int:
     """Append `entry` as one line to the log at `path` (created if missing), durably: fsynced (and the
-    directory too when the file is new) before this returns."""
+    directory too when the file is new) before this returns. Returns the bytes appended."""
     line = json.dumps(entry, ensure_ascii=False).encode() + b"\n"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
@@ -46,6 +48,7 @@ def append_entry(path: Path, entry: dict) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    return len(line)
 
 
 def read_entries(path: Path) -> Iterator[dict]:
