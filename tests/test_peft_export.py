@@ -69,6 +69,22 @@ def test_import_into_another_pool_session_and_bad_directories(tmp_path):
     pool.detach()
 
 
+def test_an_export_of_the_fp32_model_into_its_bf16_copy_names_the_dtype(tmp_path):
+    """A0 is the SVD of the weights as loaded, so the same model in bf16 has another A0: the refusal says
+    so (it said only "another model, init or seed")."""
+    fw = FastWeights(load_model("tiny-llama")[0], backend="torch")
+    fw.write_examples(_examples(2), Recipe(lr=1e-2, epochs=2))
+    export_peft(fw, tmp_path / "fp32")
+    fw.detach()
+    pool = SessionPool(load_model("tiny-llama", dtype=torch.bfloat16)[0], capacity=1, backend="torch")
+    pool.open("a")
+    before = pool.state_dict("a")
+    with pytest.raises(AdapterFileError, match=r"or for this model in another dtype"):
+        import_peft((pool, "a"), tmp_path / "fp32")
+    assert all(torch.equal(pool.state_dict("a")[k], v) for k, v in before.items())
+    pool.detach()
+
+
 def test_pissa_is_refused_clearly(tmp_path):
     model, _ = load_model("tiny-llama")
     fw = FastWeights(model, init="pissa", backend="torch")

@@ -91,7 +91,8 @@ class SwapChecker:
             if not bool(err <= A_TOLERANCE):
                 raise ValueError(
                     f"{name} differs from this pool's A, which every session shares (relative error "
-                    f"{float(err):.1e}): the state is for another model, init or seed"
+                    f"{float(err):.1e}): the state is for another model, init or seed, or for this model in "
+                    "another dtype (A0 is the SVD of the weights as loaded: bf16 weights give another A0)"
                 )
 
     def _flat_b(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
