@@ -250,7 +250,7 @@ print(json.dumps(out))
 """
 
 
-def test_triton_kernels_compile_for_sm90():
+def test_triton_gpu_compile_for_sm90():
     """Both kernels compile for an H100 (sm_90) with Triton's compiler at tiny and real widths, fp32 and bf16;
     no register spills where ptxas reports them. No GPU needed."""
     import json
