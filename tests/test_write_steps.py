@@ -346,11 +346,13 @@ def test_the_chunked_head_loss_gives_the_losses_of_the_full_logits(tiny, monkeyp
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adamw", 1e-2)])
 def test_the_decoders_norms_through_the_fused_op_give_the_modules_writes(name, optimizer, lr, device, monkeypatch):
-    """The norms the Decoder calls itself (each adapted layer's two, the final one) run `tmem_kernels.rms_norm`;
-    a write gives the losses and B of the same write through the HF modules (the forward is bit for bit the
-    module's on the CPU; the backward's formula rounds otherwise: SGD's B within 1e-6, AdamW's, whose
-    per-element scaling amplifies rounding-level gradients, within 1e-3; measured 3.5e-7 and 6.1e-5)."""
+    """The norms the Decoder calls itself (each adapted layer's two, the final one) run `tmem_kernels.rms_norm`
+    (on CUDA; here on the CPU too, forced); a write gives the losses and B of the same write through the HF
+    modules (the forward is bit for bit the module's on the CPU; the backward's formula rounds otherwise:
+    SGD's B within 1e-6, AdamW's, whose per-element scaling amplifies rounding-level gradients, within 1e-3;
+    measured 3.5e-7 and 6.1e-5 on the CPU)."""
     model = load_model(name)[0].to(device)
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     calls = []
     fused = decoder_module._fused_rms_norm
     monkeypatch.setattr(decoder_module, "_fused_rms_norm", lambda *a: calls.append(1) or fused(*a))
@@ -385,3 +387,18 @@ def test_fused_norm_takes_only_the_llama_formula():
         assert not decoder_module.fused_norm(norm), norm
         x = torch.randn(3, 8)
         torch.testing.assert_close(decoder_module.rms_norm(norm, x), norm(x))  # the module itself runs
+
+
+def test_the_decoder_runs_the_fused_norm_on_cuda_only(monkeypatch):
+    """On the CPU the module runs (the op would be its own composition behind a custom op's dispatch: more host
+    time, the same values); a CUDA tensor goes through the op."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    seen = []
+    monkeypatch.setattr(decoder_module, "_fused_rms_norm", lambda x, w, eps: seen.append(x.device.type) or x)
+    norm, x = LlamaRMSNorm(8), torch.randn(3, 8)
+    assert torch.equal(decoder_module.rms_norm(norm, x), norm(x)) and seen == []
+    assert decoder_module.FUSED_NORM_DEVICES == ("cuda",)
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    decoder_module.rms_norm(norm, x)
+    assert seen == ["cpu"]

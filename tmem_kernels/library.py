@@ -741,9 +741,9 @@ def linear_cross_entropy(
 
 @torch.library.custom_op("tmem::rms_norm", mutates_args=())
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(y [..., H] in promote(x, weight) dtype, rstd [...] float32: what the backward reads)."""
-    with torch.autocast(x.device.type, enabled=False):
-        return _rms.forward(x, weight, eps)
+    """(y [..., H] in promote(x, weight) dtype, rstd [...] float32: what the backward reads). No autocast
+    context: none of its ops is one autocast recasts (a norm called per layer pays for every microsecond)."""
+    return _rms.forward(x, weight, eps)
 
 
 @_rms_norm.register_fake
@@ -755,9 +755,9 @@ def _(x, weight, eps):  # noqa: ANN001
 
 @torch.library.custom_op("tmem::rms_norm_backward", mutates_args=())
 def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
-    """dx [..., H] in x's dtype, from the forward's rstd."""
-    with torch.autocast(x.device.type, enabled=False):
-        return _rms.backward(dy, x, weight, rstd)
+    """dx [..., H] in x's dtype, from the forward's rstd (the Triton kernel; the autograd formula calls
+    `rmsnorm.backward_torch` itself where that runs, without this op's dispatch)."""
+    return _rms.backward(dy, x, weight, rstd)
 
 
 @_rms_norm_backward.register_fake
@@ -782,7 +782,10 @@ def _rms_backward(ctx, dy, _):  # noqa: ANN001
         wanted = [t for t, need in ((x, need_dx), (weight, need_dw)) if need]
         found = iter(torch.autograd.grad(reference.rms_norm(x, weight, ctx.eps), wanted, dy, create_graph=True))
         return (next(found) if need_dx else None), (next(found) if need_dw else None), None
-    dx = torch.ops.tmem.rms_norm_backward(dy, x, weight, rstd) if need_dx else None
+    dx = None
+    if need_dx:  # the Triton kernel inside an op (traceable); the torch composition as it is (cheaper on the host)
+        backward = torch.ops.tmem.rms_norm_backward if _rms.use_triton(x) else _rms.backward_torch
+        dx = backward(dy, x, weight, rstd)
     dw = _rms.weight_grad(dy, x, rstd, weight.dtype) if need_dw else None
     return dx, dw, None
 

@@ -21,12 +21,17 @@ PIECEWISE_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # transformers' RMSNorm classes whose forward is exactly `tmem_kernels.rms_norm`'s formula
 # (weight * (x.float() * rsqrt(mean(x.float()^2) + variance_epsilon)).to(x.dtype), weight [H])
 FUSED_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+# where `rms_norm` runs the op: CUDA, where it is one Triton kernel forward and one backward instead of about
+# twenty. On the CPU the op is the module's own composition (bit for bit) behind a custom op's Python
+# dispatch, which costs more host time than it saves: ~60 us per forward + backward at tiny widths, +10% on
+# a 32-card write of a 64-wide model (benchmarks/RESULTS.md); the module runs there.
+FUSED_NORM_DEVICES = ("cuda",)
 
 
 def fused_norm(module: nn.Module) -> bool:
-    """Whether `rms_norm(module, x)` runs `tmem_kernels.rms_norm` for this norm: one of transformers'
-    FUSED_RMS_NORMS (by class, not a subclass), weight [H], a float variance_epsilon, and nothing hooked
-    into or patched over its forward (hooks, an instance `forward`: then only calling the module is right)."""
+    """Whether `module` computes exactly `tmem_kernels.rms_norm`: one of transformers' FUSED_RMS_NORMS (by
+    class, not a subclass), weight [H], a float variance_epsilon, and nothing hooked into or patched over
+    its forward (hooks, an instance `forward`: then only calling the module is right)."""
     cls = type(module)
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     return (
@@ -41,10 +46,9 @@ def fused_norm(module: nn.Module) -> bool:
 
 
 def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x) for a decoder's RMSNorm, through the fused op `tmem_kernels.rms_norm` (one kernel forward
-    and one backward on CUDA, the same composition on the CPU) when `fused_norm(module)`; otherwise the
-    module itself. x [..., H] -> [..., H], the same values either way."""
-    if fused_norm(module):
+    """module(x) for a decoder's RMSNorm: through the fused op `tmem_kernels.rms_norm` on FUSED_NORM_DEVICES
+    when `fused_norm(module)`, else the module itself. x [..., H] -> [..., H], the same values either way."""
+    if x.device.type in FUSED_NORM_DEVICES and fused_norm(module):
         return _fused_rms_norm(x, module.weight, module.variance_epsilon)
     return module(x)
 
