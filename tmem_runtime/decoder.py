@@ -22,9 +22,9 @@ PIECEWISE_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # (weight * (x.float() * rsqrt(mean(x.float()^2) + variance_epsilon)).to(x.dtype), weight [H])
 FUSED_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
 # where `rms_norm` runs the op: CUDA, where it is one Triton kernel forward and one backward instead of about
-# twenty. On the CPU the op is the module's own composition (bit for bit) behind a custom op's Python
-# dispatch, which costs more host time than it saves: ~60 us per forward + backward at tiny widths, +10% on
-# a 32-card write of a 64-wide model (benchmarks/RESULTS.md); the module runs there.
+# twenty. On the CPU the op's forward is the module's own composition (bit for bit) behind a custom op's
+# Python dispatch: a 32-card write of a 64-wide model took 9% more host time through it, a SmolLM2 write the
+# same (benchmarks/RESULTS.md); the module runs there.
 FUSED_NORM_DEVICES = ("cuda",)
 
 
