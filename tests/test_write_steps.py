@@ -350,7 +350,8 @@ def test_the_decoders_norms_through_the_fused_op_give_the_modules_writes(name, o
     (on CUDA; here on the CPU too, forced); a write gives the losses and B of the same write through the HF
     modules (the forward is bit for bit the module's on the CPU; the backward's formula rounds otherwise:
     SGD's B within 1e-6, AdamW's, whose per-element scaling amplifies rounding-level gradients, within 1e-3;
-    measured 3.5e-7 and 6.1e-5 on the CPU)."""
+    measured 3.5e-7 and 6.1e-5 on the CPU. On CUDA the Triton forward rounds otherwise too: AdamW within 2e-2,
+    as the kept-buffers test allows for other GEMM shapes; not yet measured there)."""
     model = load_model(name)[0].to(device)
     monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     calls = []
@@ -366,7 +367,8 @@ def test_the_decoders_norms_through_the_fused_op_give_the_modules_writes(name, o
     for a, b in zip(got, want):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
     for k, v in want_state.items():
-        assert (got_state[k] - v).norm() <= (1e-6 if optimizer == "sgd" else 1e-3) * v.norm(), k
+        adamw_tol = 1e-3 if device.type == "cpu" else 2e-2
+        assert (got_state[k] - v).norm() <= (1e-6 if optimizer == "sgd" else adamw_tol) * v.norm(), k
 
 
 def test_fused_norm_takes_only_the_llama_formula():
