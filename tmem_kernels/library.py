@@ -14,7 +14,8 @@ trace a model that calls them.
              the B's in place inside the backward), sgd_step_triton, adamw_step_triton: CUDA, or CPU tensors
              under TRITON_INTERPRET=1 (`torch.library.triton_op` would let the compiler see the kernels, but
              under the interpreter it launches them on fake tensors and fails; `custom_op` works on both)
-    any      randomized_svd_top_r (not differentiable), linear_cross_entropy (differentiable w.r.t. hidden)
+    any      randomized_svd_top_r (not differentiable), linear_cross_entropy (differentiable w.r.t. hidden),
+             rms_norm (+ rms_norm_backward; Triton on CUDA, the torch composition elsewhere)
 
 The LoRA MLP ops return the tensors their backward reads as extra outputs (marked non-differentiable); the
 Python functions here return y only. A backend that is not installed (no Triton, native extension not
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from tmem_kernels import cross_entropy as _lce
 from tmem_kernels import reference, rsvd
+from tmem_kernels import rmsnorm as _rms
 
 _MISSING: dict[str, ImportError] = {}  # backend -> why it is not available here
 try:
@@ -51,6 +53,7 @@ __all__ = [
     "randomized_svd_lora_init",
     "randomized_svd_top_r",
     "require_backend",
+    "rms_norm",
     "sgd_step_native",
     "sgd_step_torch",
     "sgd_step_triton",
@@ -736,6 +739,72 @@ def linear_cross_entropy(
     return torch.ops.tmem.linear_cross_entropy(hidden, weight, targets, ignore_index, chunk_size, with_grad)[0]
 
 
+@torch.library.custom_op("tmem::rms_norm", mutates_args=())
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(y [..., H] in promote(x, weight) dtype, rstd [...] float32: what the backward reads). No autocast
+    context: none of its ops is one autocast recasts (a norm called per layer pays for every microsecond)."""
+    return _rms.forward(x, weight, eps)
+
+
+@_rms_norm.register_fake
+def _(x, weight, eps):  # noqa: ANN001
+    _rms.check_inputs(x, weight, eps)
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+    return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("tmem::rms_norm_backward", mutates_args=())
+def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
+    """dx [..., H] in x's dtype, from the forward's rstd (the Triton kernel; the autograd formula calls
+    `rmsnorm.backward_torch` itself where that runs, without this op's dispatch)."""
+    return _rms.backward(dy, x, weight, rstd)
+
+
+@_rms_norm_backward.register_fake
+def _(dy, x, weight, rstd):  # noqa: ANN001
+    return torch.empty_like(x)
+
+
+def _rms_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, ctx.eps = inputs
+    _, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)  # no zeros kernel for rstd's (unused) gradient
+    ctx.save_for_backward(x, weight, rstd)
+
+
+def _rms_backward(ctx, dy, _):  # noqa: ANN001
+    x, weight, rstd = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[:2]
+    if dy is None:  # y took no part in what was differentiated
+        return None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: autograd through the reference, differentiable again
+        wanted = [t for t, need in ((x, need_dx), (weight, need_dw)) if need]
+        found = iter(torch.autograd.grad(reference.rms_norm(x, weight, ctx.eps), wanted, dy, create_graph=True))
+        return (next(found) if need_dx else None), (next(found) if need_dw else None), None
+    dx = None
+    if need_dx:  # the Triton kernel inside an op (traceable); the torch composition as it is (cheaper on the host)
+        backward = torch.ops.tmem.rms_norm_backward if _rms.use_triton(x) else _rms.backward_torch
+        dx = backward(dy, x, weight, rstd)
+    dw = _rms.weight_grad(dy, x, rstd, weight.dtype) if need_dw else None
+    return dx, dw, None
+
+
+_rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`tmem::rms_norm`: HF's LlamaRMSNorm forward (Qwen2/Qwen3/Mistral's too), rounding included, in one
+    kernel forward and one backward on CUDA (Triton), the same torch composition elsewhere.
+
+    x [..., H], weight [H] -> [..., H] in promote(x.dtype, weight.dtype), as `reference.rms_norm`:
+    weight * (x.float() * rsqrt(mean(x.float()^2, -1) + eps)).to(x.dtype). Differentiable w.r.t. x and
+    weight (d weight in torch from the saved rstd). Graph-safe: no host sync.
+    """
+    _rms.check_inputs(x, weight, eps)
+    return torch.ops.tmem.rms_norm(x, weight, float(eps))[0]
+
+
 # op name -> the Python function that calls it (every op registered here, for tests and the README's table)
 OPS = {
     "lora_mlp_torch": lora_mlp_torch,
@@ -750,4 +819,5 @@ OPS = {
     "randomized_svd_top_r": randomized_svd_top_r,
     "linear_cross_entropy": linear_cross_entropy,
     "linear_cross_entropy_rows": linear_cross_entropy_rows,
+    "rms_norm": rms_norm,
 }

@@ -288,3 +288,14 @@ def linear_cross_entropy_rows(
     acc = torch.promote_types(logits.dtype, torch.float32)
     ce = F.cross_entropy(logits.to(acc), targets, ignore_index=ignore_index, reduction="none")
     return ce * torch.where(targets != ignore_index, row_weight.to(acc), 0.0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's LlamaRMSNorm (Qwen2/Qwen3/Mistral's too), to the rounding: the statistics in float32 whatever
+    x's dtype, the normalised row rounded to x's dtype, then one product with the weight.
+
+    x [..., H], weight [H] -> [..., H] in promote(x.dtype, weight.dtype).
+    """
+    xf = x.to(torch.float32)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype)

@@ -14,9 +14,43 @@ import inspect
 import torch
 from torch import nn
 
+from tmem_kernels import rms_norm as _fused_rms_norm
 from tmem_runtime.models import decoder_layers
 
 PIECEWISE_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+# transformers' RMSNorm classes whose forward is exactly `tmem_kernels.rms_norm`'s formula
+# (weight * (x.float() * rsqrt(mean(x.float()^2) + variance_epsilon)).to(x.dtype), weight [H])
+FUSED_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+# where `rms_norm` runs the op: CUDA, where it is one Triton kernel forward and one backward instead of about
+# twenty. On the CPU the op's forward is the module's own composition (bit for bit) behind a custom op's
+# Python dispatch: a 32-card write of a 64-wide model took 9% more host time through it, a SmolLM2 write the
+# same (benchmarks/RESULTS.md); the module runs there.
+FUSED_NORM_DEVICES = ("cuda",)
+
+
+def fused_norm(module: nn.Module) -> bool:
+    """Whether `module` computes exactly `tmem_kernels.rms_norm`: one of transformers' FUSED_RMS_NORMS (by
+    class, not a subclass), weight [H], a float variance_epsilon, and nothing hooked into or patched over
+    its forward (hooks, an instance `forward`: then only calling the module is right)."""
+    cls = type(module)
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    return (
+        cls.__name__ in FUSED_RMS_NORMS
+        and cls.__module__.startswith("transformers.")
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 1
+        and isinstance(eps, float)
+        and "forward" not in vars(module)
+        and not (module._forward_hooks or module._forward_pre_hooks)
+    )
+
+
+def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) for a decoder's RMSNorm: through the fused op `tmem_kernels.rms_norm` on FUSED_NORM_DEVICES
+    when `fused_norm(module)`, else the module itself. x [..., H] -> [..., H], the same values either way."""
+    if x.device.type in FUSED_NORM_DEVICES and fused_norm(module):
+        return _fused_rms_norm(x, module.weight, module.variance_epsilon)
+    return module(x)
 
 
 def supports_piecewise(model: nn.Module) -> bool:
@@ -232,7 +266,7 @@ class Decoder:
         rows = flat if token_index is None else flat.index_select(0, token_index)
         n_prefix = 0 if prefix is None else prefix.shape[0] * prefix.shape[1]
         tokens = rows if prefix is None else torch.cat([prefix.reshape(n_prefix, width), rows])
-        tokens = tokens + layer.mlp(layer.post_attention_layernorm(tokens))
+        tokens = tokens + layer.mlp(rms_norm(layer.post_attention_layernorm, tokens))
         if prefix is not None:
             prefix = tokens[:n_prefix].view_as(prefix)
         rows = tokens[n_prefix:]
@@ -265,7 +299,7 @@ class Decoder:
     ) -> torch.Tensor:
         """hidden + self_attn(input_layernorm(hidden)): the first half of a pre-norm decoder layer."""
         out = layer.self_attn(
-            hidden_states=layer.input_layernorm(hidden),
+            hidden_states=rms_norm(layer.input_layernorm, hidden),
             attention_mask=mask,
             position_ids=positions,
             position_embeddings=rope,
@@ -276,7 +310,11 @@ class Decoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head. hidden [..., H] -> logits [..., V] (float32)."""
-        return self.model.lm_head(self.inner.norm(hidden)).float()
+        return self.model.lm_head(self.final_norm(hidden)).float()
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's final norm (`rms_norm`). hidden [..., H] -> [..., H]."""
+        return rms_norm(self.inner.norm, hidden)
 
     @property
     def linear_head(self) -> bool:

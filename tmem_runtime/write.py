@@ -376,7 +376,7 @@ def head_loss(decoder: Decoder, picked: torch.Tensor, batch: StepBatch) -> tuple
     head, g = decoder.model.lm_head, len(batch.groups)
     if decoder.linear_head and chunked_head(picked.device, picked.shape[0], head.out_features):
         weighted = linear_cross_entropy_rows(
-            decoder.inner.norm(picked), head.weight.detach(), batch.targets, batch.target_weight, IGNORE_INDEX
+            decoder.final_norm(picked), head.weight.detach(), batch.targets, batch.target_weight, IGNORE_INDEX
         )
     else:
         ce = F.cross_entropy(decoder.logits(picked), batch.targets, ignore_index=IGNORE_INDEX, reduction="none")

@@ -19,8 +19,9 @@
 #   pool         the session pool at SmolLM2 and Qwen3-4B shapes: a decode batch of one session per row vs the
 #                bare model and vs swapping, 1,000 resident sessions, batched vs sequential writes
 #                (benchmarks/test_bench_pool.py; needs a tokenizer: `make gpu-prepare` here, carry .gpu)
-#   tests_kernels, kernels   the kernel tests on CUDA vs float64; lora_mlp fwd+bwd and the optimizer steps with
-#                each one's share of the card's bound, per-kernel shares from the profiler
+#   tests_kernels, kernels   the kernel tests on CUDA vs float64 (lora_mlp, optimizer steps, rms_norm); lora_mlp
+#                fwd+bwd and the optimizer steps with each one's share of the card's bound, per-kernel shares from
+#                the profiler; rms_norm fwd+bwd, fused vs HF's composition
 #   write_smollm2   the write at SmolLM2 shapes
 # Output: at most 8 files under $OUT (./gpu_out when unset); 00_summary.txt says the card, the versions and each
 # phase's status. Without CUDA it is a dry run (the same plumbing, CUDA-only parts skipped or shortened).
@@ -105,10 +106,10 @@ fi
 # Order: what a run can newly tell first. The CUDA-only and runtime tests (fixes since the last run), the write
 # at Qwen3-4B shapes and its profile, decode, the pool; then the kernel tests and kernel benchmarks (kernels
 # unchanged since they last passed) and the write at SmolLM2 shapes, which a tight deadline may cut.
-KERNEL_TESTS=(tests/test_lora_mlp.py tests/test_update.py)
+KERNEL_TESTS=(tests/test_lora_mlp.py tests/test_update.py tests/test_rms_norm.py)
 RUNTIME_TESTS=(tests/test_write_steps.py tests/test_fast_weights.py tests/test_rsvd.py tests/test_pool.py)
 WRITE_BENCH=("${PYTEST[@]}" benchmarks/test_bench_write_shapes.py)
-KERNEL_BENCH=("${PYTEST[@]}" benchmarks/test_bench_lora_mlp.py benchmarks/test_bench_update.py)
+KERNEL_BENCH=("${PYTEST[@]}" benchmarks/test_bench_lora_mlp.py benchmarks/test_bench_update.py benchmarks/test_bench_rms_norm.py)
 POOL_READY=1
 if [ -z "${TMEM_BENCH_TOKENIZER:-}" ]; then POOL_READY=0; fi
 

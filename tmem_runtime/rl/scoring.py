@@ -73,7 +73,7 @@ class PolicyScorer(nn.Module):
             decoder.run_layers(decoder.embed(torch.tensor([list(rows[0][0][:p])], device=device)), 0, n, None, kv)
             kv.recording = False
         hidden = decoder.run_layers(decoder.embed(ids), 0, n, lengths, kv)
-        return decoder.inner.norm(_predicting(hidden, rows, p))
+        return decoder.final_norm(_predicting(hidden, rows, p))
 
     def _hidden_whole(self, rows: Sequence[Row]) -> torch.Tensor:
         device = self._device()
