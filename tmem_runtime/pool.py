@@ -176,8 +176,9 @@ class SessionPool(SessionStore):
             self._versions.pop(session, None)
 
     def reset(self, session: str) -> None:
-        """Back to the initial state (B = B0): the episode boundary."""
-        with self._locks.commit([session]), torch.inference_mode(False):
+        """Back to the initial state (B = B0): the episode boundary. A write of the session running on
+        another thread commits first (its result, trained from the state before, would overwrite this)."""
+        with self._locks.commit([session], after_writes=True), torch.inference_mode(False):
             self.residency.reset(session)  # (an offloaded session is not brought back for it)
             self.stats[session] = SessionStats()
             self._changed([session])
@@ -244,7 +245,7 @@ class SessionPool(SessionStore):
         if self._locks.reading_here:
             raise FastWeightsError("a write inside a pool.rows() block, a reading() block or generate() "
                                    "would wait for itself")
-        with self._write_lock, self._reads.resident(names) as slots:
+        with self._write_lock, self._reads.resident(names) as slots, self._locks.writing(names):
             if not any(schedules):
                 return {s: [] for s in names}
             with torch.inference_mode(False), record_function("tmem.write.trunk"):
@@ -301,7 +302,7 @@ class SessionPool(SessionStore):
     def load_state_dict(self, session: str, state: Mapping[str, torch.Tensor]) -> None:
         """Hot swap: validate (see hot_swap), then copy B into the session's row; nothing changes on
         a mismatch (ValueError). A must equal the pool's shared A."""
-        with self._locks.commit([session]), _outside_inference_mode():
+        with self._locks.commit([session], after_writes=True), _outside_inference_mode():
             self.engine.set_row(self.residency.slot(session), self._swap.b_row(state))
             self._changed([session])
 
