@@ -220,6 +220,33 @@ def test_more_sessions_than_capacity_move_out_and_back(tiny, tmp_path, offload):
     pool.detach()
 
 
+def test_a_detached_pool_refuses_use(tiny, tmp_path):
+    """After detach() the pool is unusable: opening, closing, resetting, rows()/reading() blocks, state
+    dicts and swaps raise FastWeightsError (a rows() block ran generate() on the bare model, silently; a
+    session opened after detach was reported open). Counters and the session list still read."""
+    pool = SessionPool(tiny, capacity=1, backend="torch", offload="disk", offload_dir=tmp_path)
+    pool.open("a")
+    pool.write_examples_many({"a": examples(3, 1)}, Recipe(lr=1e-2, epochs=1))
+    state = pool.state_dict("a")
+    pool.detach()
+    calls = {
+        "open": lambda: pool.open("b"),
+        "close": lambda: pool.close("a"),
+        "reset": lambda: pool.reset("a"),
+        "rows": lambda: pool.rows(["a"]),
+        "reading": lambda: pool.reading(["a"]),
+        "state_dict": lambda: pool.state_dict("a"),
+        "load_state_dict": lambda: pool.load_state_dict("a", state),
+        "save": lambda: pool.save("a", tmp_path / "a.safetensors"),
+        "write": lambda: pool.write_examples_many({"a": examples(3, 1)}, Recipe(lr=1e-2, epochs=1)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(FastWeightsError, match="detached"):
+            call()
+            pytest.fail(f"{name} after detach")
+    assert pool.sessions == ["a"] and pool.counters()["open"] == 1 and not any(tmp_path.iterdir())
+
+
 def test_a_failed_offload_loses_no_session(tiny, tmp_path):
     """An eviction whose offload file cannot be written (here the offload dir is a file; a full disk is
     the same) raises and leaves every session where it was, its weights intact; once the directory is
