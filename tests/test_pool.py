@@ -220,6 +220,33 @@ def test_more_sessions_than_capacity_move_out_and_back(tiny, tmp_path, offload):
     pool.detach()
 
 
+def test_a_detached_pool_refuses_use(tiny, tmp_path):
+    """After detach() the pool is unusable: opening, closing, resetting, rows()/reading() blocks, state
+    dicts and swaps raise FastWeightsError (a rows() block ran generate() on the bare model, silently; a
+    session opened after detach was reported open). Counters and the session list still read."""
+    pool = SessionPool(tiny, capacity=1, backend="torch", offload="disk", offload_dir=tmp_path)
+    pool.open("a")
+    pool.write_examples_many({"a": examples(3, 1)}, Recipe(lr=1e-2, epochs=1))
+    state = pool.state_dict("a")
+    pool.detach()
+    calls = {
+        "open": lambda: pool.open("b"),
+        "close": lambda: pool.close("a"),
+        "reset": lambda: pool.reset("a"),
+        "rows": lambda: pool.rows(["a"]),
+        "reading": lambda: pool.reading(["a"]),
+        "state_dict": lambda: pool.state_dict("a"),
+        "load_state_dict": lambda: pool.load_state_dict("a", state),
+        "save": lambda: pool.save("a", tmp_path / "a.safetensors"),
+        "write": lambda: pool.write_examples_many({"a": examples(3, 1)}, Recipe(lr=1e-2, epochs=1)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(FastWeightsError, match="detached"):
+            call()
+            pytest.fail(f"{name} after detach")
+    assert pool.sessions == ["a"] and pool.counters()["open"] == 1 and not any(tmp_path.iterdir())
+
+
 def test_a_failed_offload_loses_no_session(tiny, tmp_path):
     """An eviction whose offload file cannot be written (here the offload dir is a file; a full disk is
     the same) raises and leaves every session where it was, its weights intact; once the directory is
@@ -610,6 +637,47 @@ def test_a_state_dict_waits_for_a_commit_in_progress(tiny):
         assert reader.is_alive() and not out
     reader.join(30)
     assert len(out) == 1
+    pool.detach()
+
+
+@pytest.mark.parametrize("change", ["reset", "swap"])
+def test_a_reset_or_swap_during_a_write_of_the_session_commits_after_it(tiny, change):
+    """A reset (or swap) of a session, from another thread while a write of it trains, waits for that write
+    to commit and then applies: the session ends as after the write and then the reset (B0) or swap (the
+    loaded state), never as the write trained from the state before it (the reset was lost). A reset of
+    another session does not wait."""
+    pool = SessionPool(tiny, capacity=3, backend="torch")
+    for s in ("a", "b", "other"):
+        pool.open(s)
+    pool.write_examples_many({"b": examples(3, 7)}, Recipe(lr=1e-2, epochs=1))
+    swapped = pool.state_dict("b")
+    pool.write_examples_many({"a": examples(3, 1), "other": examples(2, 3)}, Recipe(lr=1e-2, epochs=1))
+    changer, during = [], {}
+
+    def on_step(step, n_steps, loss):
+        if changer:
+            return
+        other = threading.Thread(target=pool.reset, args=("other",))
+        other.start()
+        other.join(30)
+        during["other"] = not other.is_alive()  # a reset of a session not being written runs at once
+        act = (lambda: pool.reset("a")) if change == "reset" else (lambda: pool.load_state_dict("a", swapped))
+        changer.append(threading.Thread(target=act))
+        changer[0].start()
+        changer[0].join(0.5)
+        during["a"] = not changer[0].is_alive()
+
+    losses = pool.write_examples_many({"a": examples(3, 2)}, Recipe(lr=1e-2, epochs=2), on_step=on_step)
+    changer[0].join(30)
+    assert len(losses["a"]) == 2 and during == {"other": True, "a": False}
+    want = {"reset": {k: torch.zeros_like(v) for k, v in swapped.items()}, "swap": swapped}[change]
+    got = pool.state_dict("a")
+    for k, v in want.items():
+        if k.endswith("lora_B"):
+            assert torch.equal(got[k], v), k
+    assert pool.stats["a"].writes == (0 if change == "reset" else 2)
+    with pytest.raises(FastWeightsError, match="wait for itself"):  # from the write's own thread: refused
+        pool.write_examples_many({"a": examples(3, 2)}, Recipe(lr=1e-2, epochs=1), on_step=lambda *_: pool.reset("a"))
     pool.detach()
 
 

@@ -284,6 +284,21 @@ def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(tmp_path):
         load_policy(load_model("tiny-qwen3")[0], tmp_path / "policy.safetensors")
 
 
+def test_a_checkpoint_of_another_model_is_refused_and_changes_nothing(tmp_path):
+    """Resuming OUT with another --model whose policy tensors have the same names and shapes (tiny-llama's
+    slow LoRA in tiny-qwen2) is refused as `load_policy` refuses its file (it was loaded silently)."""
+    cfg = GRPOConfig(group_size=4, batch=1, lr=1e-2, save_every=1)
+    mine = Policy(load_model("tiny-llama")[0], PolicySpec("lora"))
+    GRPOTrainer(mine, PlantedFactEnv(mine.model, num_tasks=2), cfg, tmp_path).train(1)
+    other = Policy(load_model("tiny-qwen2")[0], PolicySpec("lora"))
+    assert [(n, p.shape) for n, p in other.named] == [(n, p.shape) for n, p in mine.named]  # it would fit
+    trainer = GRPOTrainer(other, PlantedFactEnv(other.model, num_tasks=2), cfg, tmp_path)
+    weights = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(CheckpointError, match="another model"):
+        trainer.resume()
+    assert trainer.step == 0 and all(torch.equal(a, b) for a, b in zip(weights, other.parameters()))
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_a_saved_policy_loads_into_a_fresh_model_as_the_trained_writer(tmp_path, mode):
     policy = tiny(mode)

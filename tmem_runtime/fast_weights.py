@@ -206,6 +206,7 @@ class FastWeights:
     def reading(self) -> AbstractContextManager[None]:
         """A block in which this thread's forwards see the fast weights unchanged: a write, swap or reset
         from another thread waits for it to end (generate() and each plain forward are such blocks)."""
+        self._check()
         return self.store.reading() if isinstance(self.store, SessionPool) else nullcontext()
 
     def detach(self) -> PreTrainedModel:

@@ -163,6 +163,7 @@ class SessionPool(SessionStore):
 
     def open(self, session: str) -> None:
         """A new session in the initial state (B = B0). ValueError if the id is taken."""
+        self._check_attached()
         with self._lock:
             self.residency.open(session)
             self.stats[session] = SessionStats()
@@ -170,17 +171,25 @@ class SessionPool(SessionStore):
 
     def close(self, session: str) -> None:
         """Forget a session: its row (or offloaded copy) is freed."""
+        self._check_attached()
         with self._lock:
             self.residency.close(session)
             del self.stats[session]
             self._versions.pop(session, None)
 
     def reset(self, session: str) -> None:
-        """Back to the initial state (B = B0): the episode boundary."""
-        with self._locks.commit([session]), torch.inference_mode(False):
+        """Back to the initial state (B = B0): the episode boundary. A write of the session running on
+        another thread commits first (its result, trained from the state before, would overwrite this)."""
+        self._check_attached()
+        with self._locks.commit([session], after_writes=True), torch.inference_mode(False):
             self.residency.reset(session)  # (an offloaded session is not brought back for it)
             self.stats[session] = SessionStats()
             self._changed([session])
+
+    def _check_attached(self) -> None:
+        """FastWeightsError once `detach()` ran (a rows() block would read nothing: the bare model)."""
+        if self.engine.detached:
+            raise FastWeightsError("this pool was detached from its model (pool.detach()); attach a new one")
 
     def counters(self) -> dict[str, int | float]:
         """Residency counters and sizes: evictions, restores, resident and open sessions, bytes (the engine's
@@ -213,6 +222,7 @@ class SessionPool(SessionStore):
         return sequences read their prompt's session); generate() keeps it for every step. Each forward
         sees each session whole; to see them unchanged across the forwards of several blocks (e.g. a
         decode loop that binds its rows per step), open a `reading` block around them."""
+        self._check_attached()
         _not_one_string("rows", sessions)
         return self._reads.rows(sessions)
 
@@ -224,6 +234,7 @@ class SessionPool(SessionStore):
         to end (new blocks reading it, on other threads, wait for them).
         None: what a forward outside rows() reads (a FastWeights' one session; a pool's bare model),
         in place; yields None."""
+        self._check_attached()
         _not_one_string("reading", sessions)
         return self._reads.reading(sessions)
 
@@ -244,7 +255,7 @@ class SessionPool(SessionStore):
         if self._locks.reading_here:
             raise FastWeightsError("a write inside a pool.rows() block, a reading() block or generate() "
                                    "would wait for itself")
-        with self._write_lock, self._reads.resident(names) as slots:
+        with self._write_lock, self._reads.resident(names) as slots, self._locks.writing(names):
             if not any(schedules):
                 return {s: [] for s in names}
             with torch.inference_mode(False), record_function("tmem.write.trunk"):
@@ -285,6 +296,7 @@ class SessionPool(SessionStore):
     def state_dict(self, session: str) -> dict[str, torch.Tensor]:
         """A snapshot {"layers.L.mlp.T.lora_A": [r, in], "...lora_B": [out, r]}: B copied, A shared
         (one snapshot of A0 for every state dict while A is unchanged; treat it as read-only)."""
+        self._check_attached()
         resident = self._reads.resident([session])
         with resident as (slot,), torch.inference_mode(False), self._lock:  # (commits hold it)
             b_row = self.engine.b[slot].detach().clone()
@@ -301,7 +313,8 @@ class SessionPool(SessionStore):
     def load_state_dict(self, session: str, state: Mapping[str, torch.Tensor]) -> None:
         """Hot swap: validate (see hot_swap), then copy B into the session's row; nothing changes on
         a mismatch (ValueError). A must equal the pool's shared A."""
-        with self._locks.commit([session]), _outside_inference_mode():
+        self._check_attached()
+        with self._locks.commit([session], after_writes=True), _outside_inference_mode():
             self.engine.set_row(self.residency.slot(session), self._swap.b_row(state))
             self._changed([session])
 

@@ -5,7 +5,9 @@ one-session model). A commit (a write's, a swap, a reset) names the sessions it 
 one, e.g. a write of the shared A); it waits until no open read block reads any of them, and while it
 waits, new blocks that read any of them wait for it, so a stream of readers cannot starve it. Blocks
 that read other sessions, or only the bare model, go on meanwhile. A commit runs holding the lock it
-was given (the pool's), so nothing else changes the table or the rows inside it.
+was given (the pool's), so nothing else changes the table or the rows inside it. A reset or a swap
+(`after_writes`) also waits for a running write of its sessions to commit: that write trained from the
+state before, and its commit would undo it.
 
 Read blocks nest on a thread: an inner block never waits for a waiting commit (the thread's outer block
 may be what that commit waits for), but it registers what it reads under the lock, so a commit that
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -43,6 +46,7 @@ class SessionLocks:
         self._changed = threading.Condition(lock)
         self._reads: dict[int, frozenset[str] | None] = {}  # open read blocks, by a number of their own
         self._waiting: dict[int, frozenset[str] | None] = {}  # commits waiting for read blocks to end
+        self._writing: Counter[str] = Counter()  # sessions running writes train (their commits still to come)
         self._next = 0
         self._local = threading.local()
         self.waits, self.wait_seconds = 0, 0.0  # commits that waited for read blocks, and how long in all
@@ -100,22 +104,51 @@ class SessionLocks:
             block.__exit__(None, None, None)
 
     @contextmanager
-    def commit(self, sessions: Collection[str] | None) -> Iterator[None]:
+    def writing(self, sessions: Collection[str]) -> Iterator[None]:
+        """The block of a write of `sessions`, from reading their rows to its commit: a commit of them with
+        `after_writes` (a reset, a swap) waits for it, since the write's commit would undo it."""
+        with self.lock:
+            self._writing.update(sessions)
+        self._local.writing = frozenset(sessions)  # (writes do not nest)
+        try:
+            yield
+        finally:
+            self._local.writing = frozenset()
+            with self.lock:
+                self._writing.subtract(sessions)
+                self._writing = +self._writing  # (drops the zero counts)
+                self._changed.notify_all()
+
+    def _written(self, names: frozenset[str] | None) -> bool:
+        return any(self._writing.values()) if names is None else any(self._writing[s] for s in names)
+
+    @contextmanager
+    def commit(self, sessions: Collection[str] | None, after_writes: bool = False) -> Iterator[None]:
         """Holds the lock once no read block reads any of `sessions` (None: once none is open at all);
-        new read blocks of them wait meanwhile. FastWeightsError on a thread inside a read block."""
+        new read blocks of them wait meanwhile. after_writes: also once no write of them is training
+        (see `writing`). FastWeightsError on a thread inside a read block."""
         if self.reading_here:
             raise FastWeightsError("a write, swap or reset inside a pool.rows() block, a reading() block or "
                                "generate() would wait for itself")
         names = None if sessions is None else frozenset(sessions)
+        writing = getattr(self._local, "writing", frozenset())  # this thread's write (its on_step callback)
+        if after_writes and writing and _overlap(names, writing):
+            raise FastWeightsError("a swap or reset of a session inside a write of it (its on_step callback) "
+                                   "would wait for itself")
         with self.lock:
-            if any(_overlap(r, names) for r in self._reads.values()):
-                ticket, t0 = self._ticket(), time.perf_counter()
-                self._waiting[ticket] = names
-                try:
-                    self._changed.wait_for(lambda: not any(_overlap(r, names) for r in self._reads.values()))
-                finally:
-                    del self._waiting[ticket]
-                    self._changed.notify_all()
-                    self.waits += 1
-                    self.wait_seconds += time.perf_counter() - t0
+            while True:
+                if after_writes:  # (new read blocks go on meanwhile: this waits for a write, not for them)
+                    self._changed.wait_for(lambda: not self._written(names))
+                if any(_overlap(r, names) for r in self._reads.values()):
+                    ticket, t0 = self._ticket(), time.perf_counter()
+                    self._waiting[ticket] = names
+                    try:
+                        self._changed.wait_for(lambda: not any(_overlap(r, names) for r in self._reads.values()))
+                    finally:
+                        del self._waiting[ticket]
+                        self._changed.notify_all()
+                        self.waits += 1
+                        self.wait_seconds += time.perf_counter() - t0
+                if not (after_writes and self._written(names)):  # (a write may have begun while it waited)
+                    break
             yield

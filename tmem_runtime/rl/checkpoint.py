@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from tmem_runtime.cli import changed_settings
-from tmem_runtime.rl.policy import Policy, PolicyFileError, read_policy_file, read_safetensors
+from tmem_runtime.rl.policy import Policy, PolicyFileError, check_policy_model, read_policy_file, read_safetensors
 
 STATE_FILE = "trainer.json"
 POLICY_FILE = "policy.safetensors"
@@ -97,7 +97,8 @@ def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.op
     """Verify a checkpoint directory, then load it into `policy` and `optimizer`; returns trainer.json.
 
     CheckpointError (and nothing changed) on a missing file, bad JSON, a hash mismatch, tensors that
-    do not fit the policy or the optimizer, a saved "config" that differs from `config` (if given)
+    do not fit the policy or the optimizer, a policy trained on another model (see `check_policy_model`), a
+    saved "config" that differs from `config` (if given)
     in any of its keys, or saved "settings" (the environment's, recorded since they were saved) that
     differ from `settings` in any of theirs."""
     path = Path(path)
@@ -122,7 +123,8 @@ def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.op
         if not f.is_file() or sha256(f) != files.get(name):
             raise CheckpointError(f"{path}: {name} is missing or does not match its recorded SHA-256 (corrupt)")
     try:
-        _, policy_tensors = read_policy_file(path / POLICY_FILE)
+        policy_meta, policy_tensors = read_policy_file(path / POLICY_FILE)
+        check_policy_model(path, policy_meta, policy.model)
         opt_meta, opt_tensors = read_safetensors(path / OPTIMIZER_FILE)
         groups = json.loads(opt_meta["param_groups"])
     except (PolicyFileError, OSError, SafetensorError, ValueError, KeyError) as exc:

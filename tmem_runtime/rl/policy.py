@@ -210,16 +210,21 @@ def read_policy_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str,
     return meta, tensors
 
 
+def check_policy_model(path: str | os.PathLike, meta: dict[str, str], model: nn.Module) -> None:
+    """PolicyFileError unless a policy file's header (`meta`) names `model` (type and sizes): tensors of the
+    same names and shapes trained on another model would load, and mean nothing there."""
+    wrong = {k: (meta.get(k), v) for k, v in _model_identity(model).items() if meta.get(k) != v}
+    if wrong:
+        raise PolicyFileError(f"{path} was trained on another model: {wrong} (file, this model)")
+
+
 def load_policy(model: nn.Module, path: str | os.PathLike, num_layers: int | None = None) -> Policy:
     """Make `model` the trained writer saved at `path` (a policy file, or a checkpoint directory holding
     policy.safetensors): inject the same slow LoRA (lora) or load every weight (full). num_layers: the
     fast weights the model will carry (the last N layers); a policy trained beside other fast-weight
     layers is refused (its LoRA would sit in their MLPs)."""
     meta, tensors = read_policy_file(path)
-    ident = _model_identity(model)
-    wrong = {k: (meta.get(k), v) for k, v in ident.items() if meta.get(k) != v}
-    if wrong:
-        raise PolicyFileError(f"{path} was trained on another model: {wrong} (file, this model)")
+    check_policy_model(path, meta, model)
     spec = PolicySpec(meta["mode"], int(meta["lora_rank"]), float(meta["lora_alpha"]),
                       tuple(json.loads(meta["fast_layers"])))
     fast = tuple(i for i, _ in target_mlps(model, num_layers)) if num_layers is not None else spec.fast_layers
