@@ -319,3 +319,22 @@ def test_a_random_weight_model_without_a_tokenizer_is_one_line(command, tmp_path
     said = str(exit_info.value.code)
     assert said.startswith(f"tmem {command}: tiny-llama has no tokenizer") and "needs a real model" in said, said
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_exit_status_130():
+    """Ctrl-C in a long command (here demo-weights, once it has printed its first line) printed a
+    KeyboardInterrupt traceback; it is one line now, exit status 130 as a shell's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tmem_runtime.cli", "demo-weights"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    assert proc.stdout.readline().startswith("model ")  # the model is loaded and the demo running
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["tmem demo-weights: interrupted"]

@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     try:
         return run(rest)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (eval, ablate and rl resume from --out on a rerun)
+        print(f"\ntmem {command}: interrupted", file=sys.stderr)
+        return 130
     except FileNotFoundError as exc:  # a --model or other path that is not there: its message, no traceback
         print(f"tmem {command}: {exc.strerror if exc.filename else exc}"
               + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)

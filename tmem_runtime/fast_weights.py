@@ -172,7 +172,8 @@ class FastWeights:
 
     # ---------------------------------------------------------------- state
     def reset(self) -> None:
-        """Back to the fresh attach state (B = B0), as at an episode boundary."""
+        """Back to the fresh attach state of B (B = B0), as at an episode boundary. A is left as it is: only
+        a `train_a` write changes it, and putting it back is the caller's (`store.engine.set_a`)."""
         self._check()
         self.store.reset(SESSION)
 
