@@ -9,7 +9,11 @@ collection time, before the test modules import tmem_kernels (and only without C
 skipped elsewhere with that reason.
 """
 
+import json
 import os
+import subprocess
+import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,6 +25,28 @@ if not CUDA:
 # One intra-op thread: the suite is many small ops, and on a shared 2-core box OpenMP
 # oversubscription makes them 10-40x slower (measured); one thread is fast and deterministic.
 torch.set_num_threads(1)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def sm90_compile() -> Callable[[str], dict]:
+    """run(script) -> the JSON object `script` prints last: the script runs in a fresh interpreter without
+    TRITON_INTERPRET, with `from compile_sm90 import compile_for_sm90` (tools/compile_sm90.py: compile a Triton
+    kernel for an H100 on this machine, registers and spills from ptxas) importable. Skips where Triton has no
+    NVIDIA backend."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    path = os.pathsep.join([ROOT, os.path.join(ROOT, "tools"), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=path)
+
+    def run(script: str) -> dict:
+        proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -233,54 +233,25 @@ def test_weighted_rows_opcheck_compile_and_bad_input():
 
 
 _COMPILE_SCRIPT = r"""
-import json, re, subprocess, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json
+from compile_sm90 import compile_for_sm90
 from tmem_kernels import cross_entropy_triton as X
 
-fn = X._softmax_grad_kernel
-try:
-    from triton.backends.nvidia.compiler import get_ptxas
-    ptxas = get_ptxas(90).path
-except Exception:
-    ptxas = None
 out = {}
 for dt in ("fp32", "bf16"):
     for with_grad in (True, False):
         constexprs = {"BLOCK_V": X.BLOCK_V, "WITH_GRAD": with_grad, "INTERPRET": False}
         sig = {"logits_ptr": "*" + dt, "targets_ptr": "*i64", "weights_ptr": "*fp32", "loss_ptr": "*fp32",
                "V": "i32", "stride": "i32", **{k: "constexpr" for k in constexprs}}
-        k = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": X.NUM_WARPS})
-        spill = None
-        if ptxas is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                open(tmp + "/k.ptx", "w").write(k.asm["ptx"])
-                log = subprocess.run([ptxas, "-arch=sm_90a", "-v", tmp + "/k.ptx", "-o", tmp + "/k.o"],
-                                     capture_output=True, text=True).stderr
-            found = re.findall(r"(\d+) bytes spill stores", log)
-            spill = int(found[0]) if found else None
-        out[f"{dt}_grad{int(with_grad)}"] = {"cubin_bytes": len(k.asm["cubin"]), "spill_bytes": spill}
+        out[f"{dt}_grad{int(with_grad)}"] = compile_for_sm90(X._softmax_grad_kernel, sig, constexprs, X.NUM_WARPS)
 print(json.dumps(out))
 """
 
 
-def test_triton_epilogue_compiles_for_sm90():
+def test_triton_epilogue_compiles_for_sm90(sm90_compile):
     """The fused epilogue compiles for an H100 (sm_90) with Triton's compiler, fp32 and bf16 logits, with and
     without the gradient pass; no register spills where ptxas reports them. No GPU needed."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = sm90_compile(_COMPILE_SCRIPT)
     assert len(result) == 4
     for name, meta in result.items():
         assert meta["cubin_bytes"] > 0, name

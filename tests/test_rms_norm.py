@@ -211,17 +211,10 @@ def test_bad_input_raises():
 
 
 _COMPILE_SCRIPT = r"""
-import json, re, subprocess, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json
+from compile_sm90 import compile_for_sm90
 from tmem_kernels import rmsnorm_triton as X
 
-try:
-    from triton.backends.nvidia.compiler import get_ptxas
-    ptxas = get_ptxas(90).path
-except Exception:
-    ptxas = None
 out = {}
 for dt in ("fp32", "bf16"):
     for h in (64, 2560, 8192):  # tiny widths (many rows per program), Qwen3-4B, Llama-70B (Qwen3-14B: the same blocks)
@@ -233,38 +226,16 @@ for dt in ("fp32", "bf16"):
             sig.update({"rstd_ptr": "*fp32", "N": "i32", "H": "i32", **{k: "constexpr" for k in constexprs}})
             if name == "fwd":
                 sig["eps"] = "fp32"
-            order = list(fn.arg_names)
-            sig = {k: sig[k] for k in order}
-            k = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": X._warps(block_m, block_h)})
-            spill = None
-            if ptxas is not None:
-                with tempfile.TemporaryDirectory() as tmp:
-                    open(tmp + "/k.ptx", "w").write(k.asm["ptx"])
-                    log = subprocess.run([ptxas, "-arch=sm_90a", "-v", tmp + "/k.ptx", "-o", tmp + "/k.o"],
-                                         capture_output=True, text=True).stderr
-                found = re.findall(r"(\d+) bytes spill stores", log)
-                spill = int(found[0]) if found else None
-            out[f"{name}_{dt}_H{h}"] = {"cubin_bytes": len(k.asm["cubin"]), "spill_bytes": spill}
+            sig = {k: sig[k] for k in fn.arg_names}
+            out[f"{name}_{dt}_H{h}"] = compile_for_sm90(fn, sig, constexprs, X._warps(block_m, block_h))
 print(json.dumps(out))
 """
 
 
-def test_triton_gpu_compile_for_sm90():
+def test_triton_gpu_compile_for_sm90(sm90_compile):
     """Both kernels compile for an H100 (sm_90) with Triton's compiler at tiny and real widths, fp32 and bf16;
     no register spills where ptxas reports them. No GPU needed."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = sm90_compile(_COMPILE_SCRIPT)
     assert len(result) == 12
     for name, meta in result.items():
         assert meta["cubin_bytes"] > 0, name

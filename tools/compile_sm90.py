@@ -104,10 +104,6 @@ def _ptxas() -> str | None:
 
 def compile_one(job: dict) -> dict:
     """Compile one job for sm_90; adds shared, cubin_bytes, registers, spill_bytes, wgmma_serialized."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     fn = _kernels()[job["kernel"]]
     elt = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[job["dtype"]]
     consts = dict(job["constexprs"], INPUT_PRECISION=job["precision"], INTERPRET=False)
@@ -127,12 +123,25 @@ def compile_one(job: dict) -> dict:
                 attrs[(j,)] = [["tt.divisibility", 16]]
     out = dict(job, error=None)
     try:
-        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})  # fmt: skip
+        out.update(compile_for_sm90(fn, sig, consts, job["num_warps"], job["num_stages"], attrs))
     except Exception as e:  # noqa: BLE001 (reported per kernel)
         out["error"] = repr(e)[:2000]
-        return out
-    out.update(shared=k.metadata.shared, cubin_bytes=len(k.asm["cubin"]), registers=None, spill_bytes=None,
+    return out
+
+
+def compile_for_sm90(fn: object, signature: dict, constexprs: dict, num_warps: int, num_stages: int | None = None,
+                     attrs: dict | None = None) -> dict:  # fmt: skip
+    """Compile Triton kernel `fn` for an H100 (sm_90) on this machine: signature {arg: "*bf16" | "i32" | ...,
+    constexpr args: "constexpr"}, their constexprs, launch options. Returns shared (bytes), cubin_bytes,
+    registers, spill_bytes, wgmma_serialized (the last three None without ptxas). Raises what Triton raises."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    options = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
+    k = triton.compile(ASTSource(fn, signature, constexprs, attrs or {}), target=GPUTarget("cuda", 90, 32),
+                       options=options)  # fmt: skip
+    out = dict(shared=k.metadata.shared, cubin_bytes=len(k.asm["cubin"]), registers=None, spill_bytes=None,
                wgmma_serialized=None)  # fmt: skip
     ptxas = _ptxas()
     if ptxas is not None:
