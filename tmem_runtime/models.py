@@ -18,6 +18,7 @@ import errno
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,33 +78,87 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _convert_smollm2(target: Path) -> None:
-    """Dequantise the GGUF once and write a plain safetensors HF directory at `target` (atomic)."""
-    gguf = smollm2_gguf_path()
+# bump when the conversion writes something different: caches made before are then converted again
+CACHE_FORMAT = 1
+
+
+def _source_stamp(gguf: Path) -> dict:
+    """What a cached conversion was made from (recorded in its `tmem_source.json`): the GGUF's name and
+    size, and the conversion's format; a cache recording anything else is stale."""
+    return {"gguf_name": gguf.name, "gguf_bytes": gguf.stat().st_size, "format": CACHE_FORMAT}
+
+
+def _is_current(target: Path, stamp: dict) -> bool:
+    """Whether `target` holds a complete conversion made from the source `stamp` describes."""
+    try:
+        recorded = json.loads((target / "tmem_source.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (target / "config.json").is_file() and all(recorded.get(k) == v for k, v in stamp.items())
+
+
+def _dequantise_into(gguf: Path, directory: Path) -> None:
+    """Dequantise the GGUF and save it into `directory` as a plain safetensors HF model with its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     # A fresh model from the clean config carries no GGUF quantizer, so save_pretrained accepts it.
     clean = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
-    clean.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "tmem_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process won the race: keep theirs
-        import shutil
+    clean.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def _convert_smollm2(target: Path) -> None:
+    """Convert the GGUF into `target`, atomically: written in a temporary directory beside it (removed if
+    the conversion fails or is interrupted), then moved into place, replacing an incomplete or stale copy.
+    When another process converted meanwhile, its copy is kept."""
+    gguf = smollm2_gguf_path()
+    stamp = _source_stamp(gguf)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"cannot write the converted default model under {target.parent} ({exc.strerror}): "
+            "set TMEM_CACHE to a writable directory", str(target.parent)
+        ) from None
+    try:
+        _dequantise_into(gguf, tmp)
+        # readable by the other users of a shared TMEM_CACHE (mkdtemp makes 0700, safetensors 0600 files)
+        os.chmod(tmp, 0o755)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
+        (tmp / "tmem_source.json").write_text(json.dumps({"gguf": str(gguf), **stamp}))  # written last
+        if target.exists() and not _is_current(target, stamp):  # incomplete or stale: moved aside, then removed
+            aside = Path(tempfile.mkdtemp(prefix=target.name + ".stale.", dir=target.parent))
+            try:
+                os.replace(target, aside / target.name)
+            except FileNotFoundError:  # another process moved it meanwhile
+                pass
+            shutil.rmtree(aside, ignore_errors=True)
+        os.replace(tmp, target)
+        tmp = None
+    except OSError:
+        if not _is_current(target, stamp):
+            raise
+    finally:  # another process won the race (its copy kept), or the conversion failed: ours goes
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def smollm2_dir() -> Path:
-    """The cached safetensors copy of the embedded default, converting it on first use."""
+    """The cached safetensors copy of the embedded default, converting it on first use (and again when the
+    copy is incomplete or was made from another GGUF or by another conversion format)."""
     target = cache_dir() / "smollm2-135m-instruct"
-    if not (target / "config.json").is_file():
+    try:
+        gguf = smollm2_gguf_path()
+    except FileNotFoundError:  # without the package, a complete copy is used as it is
+        if (target / "tmem_source.json").is_file() and (target / "config.json").is_file():
+            return target
+        raise
+    if not _is_current(target, _source_stamp(gguf)):
         _convert_smollm2(target)
     return target
 

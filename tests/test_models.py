@@ -1,0 +1,86 @@
+"""load_model's cache of the embedded default: complete, current and atomic.
+
+The GGUF dequantisation itself (25 s) is replaced by saving a tiny random-weight model, so these tests
+check the cache's bookkeeping on the real file system: what is reused, what is converted again, what a
+failed conversion leaves behind.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from tmem_runtime import models
+from tmem_runtime.models import smollm2_dir, smollm2_gguf_path, tiny_config
+
+
+@pytest.fixture
+def conversions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """TMEM_CACHE in a temporary directory and a fast conversion (a tiny model); returns the directories
+    converted into, one per conversion."""
+    monkeypatch.setenv("TMEM_CACHE", str(tmp_path / "cache"))
+    done: list[Path] = []
+
+    def tiny_dequantise(gguf: Path, directory: Path) -> None:
+        AutoModelForCausalLM.from_config(tiny_config("tiny-llama")).save_pretrained(directory)  # safetensors: 0600
+        done.append(directory)
+
+    monkeypatch.setattr(models, "_dequantise_into", tiny_dequantise)
+    return done
+
+
+def cache_entries() -> list[str]:
+    return sorted(p.name for p in models.cache_dir().iterdir())
+
+
+def test_a_complete_copy_is_reused_and_readable_by_others(conversions: list[Path]) -> None:
+    target = smollm2_dir()
+    assert (target / "config.json").is_file() and len(conversions) == 1
+    recorded = json.loads((target / "tmem_source.json").read_text())
+    assert recorded["gguf_bytes"] == smollm2_gguf_path().stat().st_size
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755  # not mkdtemp's 0700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in target.iterdir()} == {0o644}
+    assert smollm2_dir() == target and len(conversions) == 1  # no second conversion
+    assert cache_entries() == [target.name]
+
+
+def test_an_incomplete_copy_is_converted_again(conversions: list[Path]) -> None:
+    target = models.cache_dir() / "smollm2-135m-instruct"
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(b"half")  # e.g. a copy cut short: no config.json
+    assert (smollm2_dir() / "config.json").is_file()
+    assert not (target / "model.safetensors").read_bytes().startswith(b"half")
+    assert len(conversions) == 1 and cache_entries() == [target.name]
+
+
+def test_a_copy_of_another_gguf_or_format_is_converted_again(conversions: list[Path]) -> None:
+    target = smollm2_dir()
+    source = target / "tmem_source.json"
+    for stale in ({"gguf_bytes": 1}, {"format": 0}):
+        source.write_text(json.dumps({**json.loads(source.read_text()), **stale}))
+        smollm2_dir()
+        assert json.loads(source.read_text())["gguf_bytes"] == smollm2_gguf_path().stat().st_size
+        assert json.loads(source.read_text())["format"] == models.CACHE_FORMAT
+    assert len(conversions) == 3 and cache_entries() == [target.name]
+
+
+def test_a_failed_conversion_leaves_nothing_behind(conversions: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(gguf: Path, directory: Path) -> None:
+        (directory / "model.safetensors").write_bytes(b"x" * 1000)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_dequantise_into", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        smollm2_dir()
+    assert cache_entries() == []  # no half-written temporary directory
+
+
+def test_an_unwritable_cache_says_to_set_tmem_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("TMEM_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(OSError, match="TMEM_CACHE"):
+        smollm2_dir()
