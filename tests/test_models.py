@@ -1,4 +1,4 @@
-"""load_model's cache of the embedded default: complete, current and atomic.
+"""load_model: a local directory by str or Path, and the cache of the embedded default (complete, current, atomic).
 
 The GGUF dequantisation itself (25 s) is replaced by saving a tiny random-weight model, so these tests
 check the cache's bookkeeping on the real file system: what is reused, what is converted again, what a
@@ -12,9 +12,10 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
-from tmem_runtime import models
+from tmem_runtime import load_model, models
 from tmem_runtime.models import smollm2_dir, smollm2_gguf_path, tiny_config
 
 
@@ -84,3 +85,16 @@ def test_an_unwritable_cache_says_to_set_tmem_cache(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("TMEM_CACHE", str(tmp_path / "file" / "cache"))
     with pytest.raises(OSError, match="TMEM_CACHE"):
         smollm2_dir()
+
+
+def test_a_local_directory_loads_from_a_path_as_from_its_string(tmp_path: Path) -> None:
+    saved, _ = load_model("tiny-llama", packed_linears=False)
+    saved.save_pretrained(tmp_path / "model")
+    by_path, _ = load_model(tmp_path / "model", load_tokenizer=False, packed_linears=False)
+    by_str, _ = load_model(str(tmp_path / "model"), load_tokenizer=False, packed_linears=False)
+    ids = torch.arange(3, 11)[None]
+    with torch.no_grad():
+        expected = saved(ids).logits
+        assert torch.equal(by_path(ids).logits, expected) and torch.equal(by_str(ids).logits, expected)
+    with pytest.raises(FileNotFoundError, match="tokenizer"):  # a Path gets the same checks
+        load_model(tmp_path / "model")

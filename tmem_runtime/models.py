@@ -233,7 +233,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL,
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -244,13 +244,14 @@ def load_model(
     """Load a causal LM and its tokenizer, in eval mode with requires_grad off everywhere.
 
     `name_or_path`: "smollm2-135m" (embedded default), "tiny-<model_type>" or "shapes-<model>" (random
-    weights, seeded; tokenizer None), or a local HF model directory (its tokenizer saved beside it, else
-    FileNotFoundError; `load_tokenizer=False`: the model alone, tokenizer None). `attn_implementation`: None
+    weights, seeded; tokenizer None), or a local HF model directory (a str or a Path; its tokenizer saved beside
+    it, else FileNotFoundError; `load_tokenizer=False`: the model alone, tokenizer None). `attn_implementation`: None
     picks one with `attention_implementation` (flash-attention / SDPA / eager); a name is passed to transformers.
     `packed_linears`: serve the linear layers' no-grad CPU products from oneDNN-packed weights
     (`tmem_runtime.packed_linears`: decoding 1.5-2x faster at 4-32 rows, as much memory again for the
     layers that run); None: on the CPU.
     """
+    name_or_path = os.fspath(name_or_path)
     if name_or_path.startswith(("tiny-", "shapes-")):
         torch.manual_seed(seed)
         shapes = name_or_path.startswith("shapes-")
