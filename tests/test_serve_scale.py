@@ -226,6 +226,8 @@ def test_a_failed_release_neither_strands_the_other_unloads_nor_fails_the_reques
         s.config.max_loaded = 1
         s.create("t", "d")  # loads a fourth: a, b and c (least recently used) are taken
         assert set(s.convs) == {("t", "d")} and s.unloaded_idle == 3
+        text = s.metrics_text()  # counted as what they were: past max_loaded, not unused for idle_unload
+        assert 'tmem_sessions_unloaded_total{reason="max_loaded"} 3\n' in text and 'reason="idle"' not in text
         assert store.lease("t", "b") is None and store.lease("t", "c") is None
         assert store.lease("t", "a").owner == "local"  # (kept: this server loads it on its next request)
         got: list = []

@@ -354,7 +354,7 @@ class MemoryService:
         cannot be given up (logged) stays leased here, the others are unloaded all the same; it loads here
         again on its next request. Returns how many."""
         taken = self.loaded.take_idle(self.config.idle_unload, self.config.max_loaded)
-        for conv, gate in taken:  # each taken session's gate is let go, whatever befalls the others
+        for conv, gate, reason in taken:  # each taken session's gate is let go, whatever befalls the others
             try:
                 self._drop(conv)
                 self.store.release(conv.tenant, conv.session, self.config.server_id)
@@ -363,7 +363,7 @@ class MemoryService:
             finally:
                 self.loaded.unloaded(conv, gate)
             self.unloaded_idle += 1
-            self.metrics.inc("sessions_unloaded_total", reason="idle")
+            self.metrics.inc("sessions_unloaded_total", reason=reason)
         return len(taken)
 
     # ---------------------------------------------------------------- answers
