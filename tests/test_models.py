@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,21 @@ def test_a_local_directory_loads_from_a_path_as_from_its_string(tmp_path: Path) 
         assert torch.equal(by_path(ids).logits, expected) and torch.equal(by_str(ids).logits, expected)
     with pytest.raises(FileNotFoundError, match="tokenizer"):  # a Path gets the same checks
         load_model(tmp_path / "model")
+
+
+def test_two_conversions_at_once_leave_one_complete_copy(conversions: list[Path], monkeypatch) -> None:
+    both_converting, tiny_dequantise = threading.Barrier(2, timeout=60), models._dequantise_into
+
+    def side_by_side(gguf: Path, directory: Path) -> None:
+        both_converting.wait()  # neither has put its copy in place yet
+        tiny_dequantise(gguf, directory)
+
+    monkeypatch.setattr(models, "_dequantise_into", side_by_side)
+    got: list[Path] = []
+    threads = [threading.Thread(target=lambda: got.append(smollm2_dir())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(conversions) == 2 and len(got) == 2 and got[0] == got[1]
+    assert (got[0] / "config.json").is_file() and cache_entries() == [got[0].name]  # the loser's copy removed
