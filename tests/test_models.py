@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from tmem_runtime import load_model, models
+from tmem_runtime import ModelNotSupportedError, load_model, models
 from tmem_runtime.models import smollm2_dir, smollm2_gguf_path, tiny_config
 
 
@@ -117,3 +117,12 @@ def test_two_conversions_at_once_leave_one_complete_copy(conversions: list[Path]
         t.join(120)
     assert len(conversions) == 2 and len(got) == 2 and got[0] == got[1]
     assert (got[0] / "config.json").is_file() and cache_entries() == [got[0].name]  # the loser's copy removed
+
+
+def test_a_family_without_a_causal_lm_class_is_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotSupportedError, match="'t5' model"):
+        load_model("tiny-t5")
+    config = AutoConfig.for_model("t5", d_model=32, num_layers=1, num_heads=2, d_ff=64, vocab_size=64)
+    config.save_pretrained(tmp_path / "t5")
+    with pytest.raises(ModelNotSupportedError, match="T5Config"):  # a local directory: refused before any weights
+        load_model(tmp_path / "t5", load_tokenizer=False)

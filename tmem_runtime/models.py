@@ -228,6 +228,18 @@ def attention_implementation(model_class: type, device: str | torch.device) -> s
     return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
+def causal_lm_class(config: PretrainedConfig, name: str) -> type:
+    """The causal-LM class transformers maps `config` to, or ModelNotSupportedError naming the family (an
+    encoder-decoder such as T5, a vision or embedding model: no causal LM to attach fast weights to)."""
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise ModelNotSupportedError(
+            f"{name!r} is a {config.model_type!r} model ({type(config).__name__}), which transformers has no causal "
+            "LM class for: fast weights attach to Llama/Qwen2/Qwen3/Mistral/Gemma-style causal LMs"
+        ) from None
+
+
 # what a saved tokenizer leaves in a model directory (one is enough: transformers reads the rest from it)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
@@ -256,7 +268,7 @@ def load_model(
         torch.manual_seed(seed)
         shapes = name_or_path.startswith("shapes-")
         config = shapes_config(name_or_path) if shapes else tiny_config(name_or_path)
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        model_class = causal_lm_class(config, name_or_path)
         attn = attn_implementation or attention_implementation(model_class, device)
         # real shapes are built where they run (a 4B model initialised on the GPU, not copied there); tiny
         # models on the CPU, so that a seed gives the same weights on every device
@@ -271,7 +283,7 @@ def load_model(
                 "nor a local Hugging Face model directory (no config.json); nothing is downloaded"
             )
         config = AutoConfig.from_pretrained(path)
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        model_class = causal_lm_class(config, name_or_path)
         attn = attn_implementation or attention_implementation(model_class, device)
         if load_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
             raise FileNotFoundError(
