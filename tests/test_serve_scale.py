@@ -273,6 +273,27 @@ def test_a_late_renewals_claim_never_lands_after_an_unload_gave_the_lease_up(mod
         s.stop()
 
 
+def test_sessions_kept_past_max_loaded_while_busy_are_unloaded_once_idle_without_idle_unload(model, tmp_path):
+    """With idle unloading off, a load past `max_loaded` while the other session is busy (a write pending)
+    cannot unload it then: once its work ends, the upkeep brings the server back to `max_loaded`."""
+    s = start_service(model, Store(tmp_path), idle_unload=0, max_loaded=1, lease_ttl=0.6)
+    try:
+        s.create("t", "writing")
+        with s.get("t", "writing").busy:  # the write cannot start, so the session cannot be unloaded
+            job = s.remember("t", "writing", CARDS[:1])
+            s.store.create("t", "newcomer")
+            newcomer = s.get("t", "newcomer", hold=True)  # (a request in progress) past max_loaded: none idle
+            assert set(s.convs) == {("t", "writing"), ("t", "newcomer")} and s.unloaded_idle == 0
+        s.loaded.let_go(newcomer)
+        s.writer.wake()
+        assert job.done.result(timeout=60)["error"] is None
+        wait_until(lambda: len(s.convs) == 1, "the server stayed past max_loaded once the write ended", timeout=30)
+        assert s.unloaded_idle == 1 and s.stats("t", "writing")["memories"] == 1
+        assert 'tmem_sessions_unloaded_total{reason="max_loaded"} 1\n' in s.metrics_text()
+    finally:
+        s.stop()
+
+
 def test_idle_unload_zero_never_unloads(model, tmp_path):
     s = start_service(model, Store(tmp_path), idle_unload=0, lease_ttl=0.3)
     try:

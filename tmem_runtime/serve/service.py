@@ -306,12 +306,13 @@ class MemoryService:
 
     def _upkeep(self) -> None:
         """The upkeep thread: every lease_ttl / 3 seconds (more often for a short idle_unload), renew the
-        leases, then unload the idle sessions."""
+        leases, then unload the idle sessions, and the least recently used idle ones while more than
+        max_loaded are loaded (those a load past it found busy: idle_unload 0 too)."""
         idle = self.config.idle_unload
         period = min(self.config.lease_ttl / 3, idle / 2 if idle else math.inf)
         while not self._stop.wait(period):
             self._renew_leases()
-            if idle:
+            if idle or len(self.loaded.convs) > self.config.max_loaded:
                 try:
                     self.unload_idle()
                 except Exception:  # e.g. a full disk under a release: the next period retries the others
