@@ -294,6 +294,21 @@ def test_sessions_kept_past_max_loaded_while_busy_are_unloaded_once_idle_without
         s.stop()
 
 
+def test_a_short_idle_unload_checks_often_but_renews_the_lease_every_third_of_its_ttl(model, tmp_path, monkeypatch):
+    """Each renewal is an fsynced store write: it follows --lease-ttl, not --idle-unload-seconds."""
+    store, renewals = Store(tmp_path), []
+    renew = store.renew
+    monkeypatch.setattr(store, "renew", lambda *args: renewals.append(time.monotonic()) or renew(*args))
+    s = start_service(model, store, idle_unload=0.02, lease_ttl=1.5)
+    try:
+        s.create("t", "brief")
+        wait_until(lambda: ("t", "brief") not in s.convs, "the idle session was never unloaded", timeout=10)
+        time.sleep(2.0 - (time.monotonic() - renewals[0]))  # 2 s from the start's renewal: 4 periods of 0.5 s
+        assert 4 <= len(renewals) <= 6, f"{len(renewals)} lease renewals in 2 s"  # (was one per 10 ms)
+    finally:
+        s.stop()
+
+
 def test_idle_unload_zero_never_unloads(model, tmp_path):
     s = start_service(model, Store(tmp_path), idle_unload=0, lease_ttl=0.3)
     try:
