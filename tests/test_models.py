@@ -126,3 +126,17 @@ def test_a_family_without_a_causal_lm_class_is_refused_by_name(tmp_path: Path) -
     config.save_pretrained(tmp_path / "t5")
     with pytest.raises(ModelNotSupportedError, match="T5Config"):  # a local directory: refused before any weights
         load_model(tmp_path / "t5", load_tokenizer=False)
+
+
+def test_an_older_copy_in_a_cache_that_cannot_be_written_is_loaded_as_it_is(conversions: list[Path],
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    target = smollm2_dir()
+    (target / "tmem_source.json").write_text(json.dumps({"gguf": "/old/venv/SmolLM2.gguf"}))  # an earlier version's
+
+    def read_only(gguf: Path, directory: Path) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(models, "_dequantise_into", read_only)
+    with pytest.warns(UserWarning, match="cannot be made again"):
+        assert smollm2_dir() == target
+    assert (target / "config.json").is_file() and cache_entries() == [target.name]

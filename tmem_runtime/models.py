@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -152,14 +153,21 @@ def smollm2_dir() -> Path:
     """The cached safetensors copy of the embedded default, converting it on first use (and again when the
     copy is incomplete or was made from another GGUF or by another conversion format)."""
     target = cache_dir() / "smollm2-135m-instruct"
+    complete = (target / "tmem_source.json").is_file() and (target / "config.json").is_file()
     try:
         gguf = smollm2_gguf_path()
     except FileNotFoundError:  # without the package, a complete copy is used as it is
-        if (target / "tmem_source.json").is_file() and (target / "config.json").is_file():
+        if complete:
             return target
         raise
     if not _is_current(target, _source_stamp(gguf)):
-        _convert_smollm2(target)
+        try:
+            _convert_smollm2(target)
+        except OSError as exc:  # e.g. a read-only cache made by an earlier version: its copy still loads
+            if not complete:
+                raise
+            warnings.warn(f"{target} was made from another GGUF or by an earlier conversion and cannot be made "
+                          f"again ({exc}); loading it as it is", stacklevel=2)
     return target
 
 
