@@ -40,12 +40,10 @@ def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to host:port (OSError if it cannot be: in use, no such address; OverflowError for a
     port out of range), made before anything starts: a second server started on the address of a running
     one fails here, before it claims the leases of that server's id or resumes its writes."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn binds host:port
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
-        sock.bind(address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
     except BaseException:
         sock.close()
         raise
@@ -140,7 +138,7 @@ def main(argv: list[str]) -> int:
     except OSError as exc:  # a file there, no permission, ...
         why = exc.strerror or exc
         raise SystemExit(f"tmem serve: --store {args.store} cannot be the store's directory ({why})") from None
-    if not 0 <= args.port <= 65535:  # (getaddrinfo would take 99999 as 34463)
+    if not 0 <= args.port <= 65535:
         parser.error(f"argument --port: must be in 0..65535, got {args.port}")
     try:  # bound before the model loads and the service starts (uvicorn binds only after its start-up)
         sock = listening_socket(args.host, args.port)
