@@ -249,6 +249,16 @@ def test_a_model_directory_without_its_tokenizer_is_one_line_saying_so(command, 
     assert "tokenizer.save_pretrained" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["demo", "demo-weights"])
+def test_a_model_directory_of_a_family_without_a_causal_lm_is_one_line(command, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("t5", d_model=32, num_layers=1, num_heads=2, d_ff=64).save_pretrained(tmp_path)
+    assert main([command, "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tmem {command}: '{tmp_path}' is a 't5' model") and "Traceback" not in err
+
+
 def test_eval_refuses_a_policy_that_is_not_one_before_a_model_loads(tmp_path):
     """--policy: a missing file, one that is not a policy (another safetensors file, junk), or a run's
     directory rather than its checkpoint (the newest checkpoint named): one line, no model loaded

@@ -1211,6 +1211,25 @@ def test_sigkill_mid_write_and_mid_answer_loses_no_acknowledged_write(tmp_path, 
     assert answer == reference_answer(reference_model, None, question, 12) or answer != after
 
 
+def test_a_server_started_on_the_address_of_a_running_one_exits_before_touching_its_sessions(tmp_path):
+    """Started by mistake on a running server's host:port (so with its server id), `tmem serve` cannot
+    listen: it must say so and exit before its start-up renews that id's lease, claims its sessions or
+    resumes their writes (uvicorn binds only after the app's start-up)."""
+    store, port = Store(tmp_path / "store"), free_port()
+    server_id = f"127.0.0.1:{port}"
+    store.create("default", "busy")
+    store.claim("default", "busy", server_id, f"http://{server_id}", 30)
+    before = {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()}
+    with socket.socket() as running:  # the running server's socket
+        running.bind(("127.0.0.1", port))
+        running.listen()
+        log = tmp_path / "second.log"
+        second = tiny_server(store.root, port, log)
+        assert second.proc.wait(timeout=300) == 1
+    assert f"tmem serve: cannot listen on 127.0.0.1:{port} (Address already in use)" in log.read_text()
+    assert {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()} == before  # no lease renewed
+
+
 def test_two_processes_share_the_store_and_hand_a_session_over(tmp_path):
     store = tmp_path / "store"
     a = tiny_server(store, free_port(), tmp_path / "a.log", "--lease-ttl", "3")

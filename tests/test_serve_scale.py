@@ -226,6 +226,8 @@ def test_a_failed_release_neither_strands_the_other_unloads_nor_fails_the_reques
         s.config.max_loaded = 1
         s.create("t", "d")  # loads a fourth: a, b and c (least recently used) are taken
         assert set(s.convs) == {("t", "d")} and s.unloaded_idle == 3
+        text = s.metrics_text()  # counted as what they were: past max_loaded, not unused for idle_unload
+        assert 'tmem_sessions_unloaded_total{reason="max_loaded"} 3\n' in text and 'reason="idle"' not in text
         assert store.lease("t", "b") is None and store.lease("t", "c") is None
         assert store.lease("t", "a").owner == "local"  # (kept: this server loads it on its next request)
         got: list = []
@@ -267,6 +269,42 @@ def test_a_late_renewals_claim_never_lands_after_an_unload_gave_the_lease_up(mod
         assert loaded == (lease is not None and lease.expires > time.time()), (unloaded, loaded, lease)
         assert unloaded == 0 and s.convs[("t", "s")].lease_epoch == lease.epoch  # (the claim held it)
         assert s.unload_idle() == 1 and store.lease("t", "s") is None
+    finally:
+        s.stop()
+
+
+def test_sessions_kept_past_max_loaded_while_busy_are_unloaded_once_idle_without_idle_unload(model, tmp_path):
+    """With idle unloading off, a load past `max_loaded` while the other session is busy (a write pending)
+    cannot unload it then: once its work ends, the upkeep brings the server back to `max_loaded`."""
+    s = start_service(model, Store(tmp_path), idle_unload=0, max_loaded=1, lease_ttl=0.6)
+    try:
+        s.create("t", "writing")
+        with s.get("t", "writing").busy:  # the write cannot start, so the session cannot be unloaded
+            job = s.remember("t", "writing", CARDS[:1])
+            s.store.create("t", "newcomer")
+            newcomer = s.get("t", "newcomer", hold=True)  # (a request in progress) past max_loaded: none idle
+            assert set(s.convs) == {("t", "writing"), ("t", "newcomer")} and s.unloaded_idle == 0
+        s.loaded.let_go(newcomer)
+        s.writer.wake()
+        assert job.done.result(timeout=60)["error"] is None
+        wait_until(lambda: len(s.convs) == 1, "the server stayed past max_loaded once the write ended", timeout=30)
+        assert s.unloaded_idle == 1 and s.stats("t", "writing")["memories"] == 1
+        assert 'tmem_sessions_unloaded_total{reason="max_loaded"} 1\n' in s.metrics_text()
+    finally:
+        s.stop()
+
+
+def test_a_short_idle_unload_checks_often_but_renews_the_lease_every_third_of_its_ttl(model, tmp_path, monkeypatch):
+    """Each renewal is an fsynced store write: it follows --lease-ttl, not --idle-unload-seconds."""
+    store, renewals = Store(tmp_path), []
+    renew = store.renew
+    monkeypatch.setattr(store, "renew", lambda *args: renewals.append(time.monotonic()) or renew(*args))
+    s = start_service(model, store, idle_unload=0.02, lease_ttl=1.5)
+    try:
+        s.create("t", "brief")
+        wait_until(lambda: ("t", "brief") not in s.convs, "the idle session was never unloaded", timeout=10)
+        time.sleep(2.0 - (time.monotonic() - renewals[0]))  # 2 s from the start's renewal: 4 periods of 0.5 s
+        assert 4 <= len(renewals) <= 6, f"{len(renewals)} lease renewals in 2 s"  # (was one per 10 ms)
     finally:
         s.stop()
 

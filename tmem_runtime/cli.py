@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    from tmem_runtime.models import ModelNotSupportedError
+
     try:
         return run(rest)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (eval, ablate and rl resume from --out on a rerun)
@@ -182,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:  # a --model or other path that is not there: its message, no traceback
         print(f"tmem {command}: {exc.strerror if exc.filename else exc}"
               + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 2
+    except ModelNotSupportedError as exc:  # a --model of a family fast weights cannot attach to: one line
+        print(f"tmem {command}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -18,7 +18,9 @@ import errno
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,34 +79,95 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _convert_smollm2(target: Path) -> None:
-    """Dequantise the GGUF once and write a plain safetensors HF directory at `target` (atomic)."""
-    gguf = smollm2_gguf_path()
+# bump when the conversion writes something different: caches made before are then converted again
+CACHE_FORMAT = 1
+
+
+def _source_stamp(gguf: Path) -> dict:
+    """What a cached conversion was made from (recorded in its `tmem_source.json`): the GGUF's name and
+    size, and the conversion's format; a cache recording anything else is stale."""
+    return {"gguf_name": gguf.name, "gguf_bytes": gguf.stat().st_size, "format": CACHE_FORMAT}
+
+
+def _is_current(target: Path, stamp: dict) -> bool:
+    """Whether `target` holds a complete conversion made from the source `stamp` describes."""
+    try:
+        recorded = json.loads((target / "tmem_source.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (target / "config.json").is_file() and all(recorded.get(k) == v for k, v in stamp.items())
+
+
+def _dequantise_into(gguf: Path, directory: Path) -> None:
+    """Dequantise the GGUF and save it into `directory` as a plain safetensors HF model with its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     # A fresh model from the clean config carries no GGUF quantizer, so save_pretrained accepts it.
     clean = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
-    clean.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "tmem_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process won the race: keep theirs
-        import shutil
+    clean.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def _convert_smollm2(target: Path) -> None:
+    """Convert the GGUF into `target`, atomically: written in a temporary directory beside it (removed if
+    the conversion fails or is interrupted), then moved into place, replacing an incomplete or stale copy.
+    When another process converted meanwhile, its copy is kept."""
+    gguf = smollm2_gguf_path()
+    stamp = _source_stamp(gguf)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"cannot write the converted default model under {target.parent} ({exc.strerror}): "
+            "set TMEM_CACHE to a writable directory", str(target.parent)
+        ) from None
+    try:
+        _dequantise_into(gguf, tmp)
+        # readable by the other users of a shared TMEM_CACHE (mkdtemp makes 0700, safetensors 0600 files)
+        os.chmod(tmp, 0o755)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
+        (tmp / "tmem_source.json").write_text(json.dumps({"gguf": str(gguf), **stamp}))  # written last
+        if target.exists() and not _is_current(target, stamp):  # incomplete or stale: moved aside, then removed
+            aside = Path(tempfile.mkdtemp(prefix=target.name + ".stale.", dir=target.parent))
+            try:
+                os.replace(target, aside / target.name)
+            except FileNotFoundError:  # another process moved it meanwhile
+                pass
+            shutil.rmtree(aside, ignore_errors=True)
+        os.replace(tmp, target)
+        tmp = None
+    except OSError:
+        if not _is_current(target, stamp):
+            raise
+    finally:  # another process won the race (its copy kept), or the conversion failed: ours goes
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def smollm2_dir() -> Path:
-    """The cached safetensors copy of the embedded default, converting it on first use."""
+    """The cached safetensors copy of the embedded default, converting it on first use (and again when the
+    copy is incomplete or was made from another GGUF or by another conversion format)."""
     target = cache_dir() / "smollm2-135m-instruct"
-    if not (target / "config.json").is_file():
-        _convert_smollm2(target)
+    complete = (target / "tmem_source.json").is_file() and (target / "config.json").is_file()
+    try:
+        gguf = smollm2_gguf_path()
+    except FileNotFoundError:  # without the package, a complete copy is used as it is
+        if complete:
+            return target
+        raise
+    if not _is_current(target, _source_stamp(gguf)):
+        try:
+            _convert_smollm2(target)
+        except OSError as exc:  # e.g. a read-only cache made by an earlier version: its copy still loads
+            if not complete:
+                raise
+            warnings.warn(f"{target} was made from another GGUF or by an earlier conversion and cannot be made "
+                          f"again ({exc}); loading it as it is", stacklevel=2)
     return target
 
 
@@ -173,12 +236,24 @@ def attention_implementation(model_class: type, device: str | torch.device) -> s
     return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
+def causal_lm_class(config: PretrainedConfig, name: str) -> type:
+    """The causal-LM class transformers maps `config` to, or ModelNotSupportedError naming the family (an
+    encoder-decoder such as T5, a vision or embedding model: no causal LM to attach fast weights to)."""
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise ModelNotSupportedError(
+            f"{name!r} is a {config.model_type!r} model ({type(config).__name__}), which transformers has no causal "
+            "LM class for: fast weights attach to Llama/Qwen2/Qwen3/Mistral/Gemma-style causal LMs"
+        ) from None
+
+
 # what a saved tokenizer leaves in a model directory (one is enough: transformers reads the rest from it)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL,
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -189,18 +264,19 @@ def load_model(
     """Load a causal LM and its tokenizer, in eval mode with requires_grad off everywhere.
 
     `name_or_path`: "smollm2-135m" (embedded default), "tiny-<model_type>" or "shapes-<model>" (random
-    weights, seeded; tokenizer None), or a local HF model directory (its tokenizer saved beside it, else
-    FileNotFoundError; `load_tokenizer=False`: the model alone, tokenizer None). `attn_implementation`: None
+    weights, seeded; tokenizer None), or a local HF model directory (a str or a Path; its tokenizer saved beside
+    it, else FileNotFoundError; `load_tokenizer=False`: the model alone, tokenizer None). `attn_implementation`: None
     picks one with `attention_implementation` (flash-attention / SDPA / eager); a name is passed to transformers.
     `packed_linears`: serve the linear layers' no-grad CPU products from oneDNN-packed weights
     (`tmem_runtime.packed_linears`: decoding 1.5-2x faster at 4-32 rows, as much memory again for the
     layers that run); None: on the CPU.
     """
+    name_or_path = os.fspath(name_or_path)
     if name_or_path.startswith(("tiny-", "shapes-")):
         torch.manual_seed(seed)
         shapes = name_or_path.startswith("shapes-")
         config = shapes_config(name_or_path) if shapes else tiny_config(name_or_path)
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        model_class = causal_lm_class(config, name_or_path)
         attn = attn_implementation or attention_implementation(model_class, device)
         # real shapes are built where they run (a 4B model initialised on the GPU, not copied there); tiny
         # models on the CPU, so that a seed gives the same weights on every device
@@ -215,7 +291,7 @@ def load_model(
                 "nor a local Hugging Face model directory (no config.json); nothing is downloaded"
             )
         config = AutoConfig.from_pretrained(path)
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        model_class = causal_lm_class(config, name_or_path)
         attn = attn_implementation or attention_implementation(model_class, device)
         if load_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
             raise FileNotFoundError(

@@ -3,7 +3,7 @@
     table = LoadedSessions(load)                    # load(tenant, session) -> Conversation (from the store)
     conv, new = table.get("acme", "alice", hold=True)   # loaded on first use; held: never taken as idle
     ...; table.let_go(conv)
-    for conv, gate in table.take_idle(600, 1024): ...; table.unloaded(conv, gate)   # unload, reopen the id
+    for conv, gate, reason in table.take_idle(600, 1024): ...; table.unloaded(conv, gate)   # unload, reopen the id
 
 A session is idle once nobody holds it (a request of it in progress: appending, an answer queued or
 decoding) and it has no pending write (queued, writing flashcards or training: `Conversation.jobs`,
@@ -82,11 +82,12 @@ class LoadedSessions:
         with self.lock:
             return list(self.convs.values())
 
-    def take_idle(self, idle: float, max_loaded: int | None = None) -> list[tuple[Conversation, threading.Lock]]:
+    def take_idle(self, idle: float, max_loaded: int | None = None) -> list[tuple[Conversation, threading.Lock, str]]:
         """The idle sessions last used `idle` seconds ago (0: none for its time), and while more than
         `max_loaded` are loaded (None: no bound) the least recently used idle ones (see the module
-        docstring), taken out of the table and marked inactive, each with its gate, held: call
-        `unloaded(conv, gate)` once it is unloaded."""
+        docstring), taken out of the table and marked inactive, each with its gate, held, and why it was
+        taken ("idle": unused for `idle` seconds, else "max_loaded"): call `unloaded(conv, gate)` once it
+        is unloaded."""
         now, taken = time.monotonic(), []
         with self.lock:
             excess = len(self.convs) - max_loaded if max_loaded is not None else 0
@@ -100,7 +101,7 @@ class LoadedSessions:
                 del self.convs[key]
                 gate = self._gates[key] = threading.Lock()
                 gate.acquire()
-                taken.append((conv, gate))
+                taken.append((conv, gate, "idle" if stale else "max_loaded"))
         return taken
 
     def unloaded(self, conv: Conversation, gate: threading.Lock) -> None:

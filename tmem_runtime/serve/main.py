@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -33,6 +34,21 @@ def load_serving_model(name: str, tokenizer: str | None = None, device: str = "c
         model.resize_token_embeddings(len(tok), mean_resizing=False)
         model.requires_grad_(False)
     return model, tok
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (OSError if it cannot be: in use, no such address; OverflowError for a
+    port out of range), made before anything starts: a second server started on the address of a running
+    one fails here, before it claims the leases of that server's id or resumes its writes."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn binds host:port
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def read_api_keys(path: str | None) -> dict[str, str]:
@@ -122,10 +138,20 @@ def main(argv: list[str]) -> int:
     except OSError as exc:  # a file there, no permission, ...
         why = exc.strerror or exc
         raise SystemExit(f"tmem serve: --store {args.store} cannot be the store's directory ({why})") from None
-    model, tokenizer = load_serving_model(args.model, args.tokenizer, args.device, args.dtype)
-    service = MemoryService(model, tokenizer, store, config)
-    app = create_app(service, os.path.basename(args.model.rstrip("/")), api_keys, args.max_body)
-    app.router.on_startup.append(service.start)
-    app.router.on_shutdown.append(service.stop)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"argument --port: must be in 0..65535, got {args.port}")
+    try:  # bound before the model loads and the service starts (uvicorn binds only after its start-up)
+        sock = listening_socket(args.host, args.port)
+    except (OSError, OverflowError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise SystemExit(f"tmem serve: cannot listen on {address} ({why})") from None
+    with sock:
+        model, tokenizer = load_serving_model(args.model, args.tokenizer, args.device, args.dtype)
+        service = MemoryService(model, tokenizer, store, config)
+        app = create_app(service, os.path.basename(args.model.rstrip("/")), api_keys, args.max_body)
+        app.router.on_startup.append(service.start)
+        app.router.on_shutdown.append(service.stop)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                               timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])
     return 0

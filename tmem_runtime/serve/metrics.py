@@ -24,7 +24,8 @@ HELP = {
     "queue_depth": "rows waiting for the decode thread (answer) or writes waiting for training (write)",
     "resident_sessions": "sessions holding a B row of the engine",
     "open_sessions": "sessions loaded in this server (resident or offloaded)",
-    "sessions_unloaded_total": "sessions unloaded from this server, by reason (idle: unused for --idle-unload-seconds)",
+    "sessions_unloaded_total": "sessions unloaded from this server, by reason (idle: unused for --idle-unload-seconds; "
+                               "max_loaded: the least recently used past --max-loaded)",
     "pool_capacity": "B rows of the engine",
     "trunk_rows_bytes": "bytes of examples' trunk outputs kept for later writes (replayed flashcards)",
     "trunk_rows_examples_total": "examples whose trunk output a write read back (hits) or ran (misses)",

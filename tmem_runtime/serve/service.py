@@ -305,13 +305,18 @@ class MemoryService:
             raise SessionGoneError("this server no longer holds the session's lease; retry the request") from None
 
     def _upkeep(self) -> None:
-        """The upkeep thread: every lease_ttl / 3 seconds (more often for a short idle_unload), renew the
-        leases, then unload the idle sessions."""
-        idle = self.config.idle_unload
-        period = min(self.config.lease_ttl / 3, idle / 2 if idle else math.inf)
+        """The upkeep thread: every lease_ttl / 3 seconds renew the leases (one store write), and as often
+        (every idle_unload / 2 seconds for a shorter idle_unload) unload the idle sessions, and the least
+        recently used idle ones while more than max_loaded are loaded (those a load past it found busy:
+        idle_unload 0 too)."""
+        idle, renew_every = self.config.idle_unload, self.config.lease_ttl / 3
+        period = min(renew_every, idle / 2 if idle else math.inf)
+        renew_at = 0.0
         while not self._stop.wait(period):
-            self._renew_leases()
-            if idle:
+            if time.monotonic() >= renew_at:  # (not at every idle check: a short idle_unload is no reason to
+                renew_at = time.monotonic() + renew_every  # write the lease file more often)
+                self._renew_leases()
+            if idle or len(self.loaded.convs) > self.config.max_loaded:
                 try:
                     self.unload_idle()
                 except Exception:  # e.g. a full disk under a release: the next period retries the others
@@ -354,7 +359,7 @@ class MemoryService:
         cannot be given up (logged) stays leased here, the others are unloaded all the same; it loads here
         again on its next request. Returns how many."""
         taken = self.loaded.take_idle(self.config.idle_unload, self.config.max_loaded)
-        for conv, gate in taken:  # each taken session's gate is let go, whatever befalls the others
+        for conv, gate, reason in taken:  # each taken session's gate is let go, whatever befalls the others
             try:
                 self._drop(conv)
                 self.store.release(conv.tenant, conv.session, self.config.server_id)
@@ -363,7 +368,7 @@ class MemoryService:
             finally:
                 self.loaded.unloaded(conv, gate)
             self.unloaded_idle += 1
-            self.metrics.inc("sessions_unloaded_total", reason="idle")
+            self.metrics.inc("sessions_unloaded_total", reason=reason)
         return len(taken)
 
     # ---------------------------------------------------------------- answers
