@@ -140,3 +140,22 @@ def test_an_older_copy_in_a_cache_that_cannot_be_written_is_loaded_as_it_is(conv
     with pytest.warns(UserWarning, match="cannot be made again"):
         assert smollm2_dir() == target
     assert (target / "config.json").is_file() and cache_entries() == [target.name]
+
+
+def test_dtype_names_and_unavailable_devices_are_refused_or_taken_before_loading():
+    """load_model(dtype="bf16") failed inside transformers (AttributeError), and device="cuda" on a CPU build
+    with torch's AssertionError after the model was built; names are taken now, bad values said first."""
+    bf16, _ = load_model("tiny-llama", dtype="bf16")
+    named, _ = load_model("tiny-llama", dtype="torch.bfloat16")
+    assert bf16.dtype == named.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(bf16.state_dict().values(), named.state_dict().values()))
+    assert load_model("tiny-llama", dtype="fp16")[0].dtype == torch.float16
+    with pytest.raises(ValueError, match=r"dtype 'float8': not one of"):
+        load_model("tiny-llama", dtype="float8")
+    with pytest.raises(TypeError, match="floating torch.dtype"):
+        load_model("tiny-llama", dtype=torch.int64)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            load_model("tiny-llama", device="cuda")
+    with pytest.raises(ValueError, match="not a torch device: 'gpu'"):
+        load_model("tiny-llama", device="gpu")

@@ -57,20 +57,14 @@ def device_arg(auto: bool = False) -> Callable[[str], str]:
     "cuda" where torch has no CUDA or sees no GPU is a usage error, not a traceback once the model loads."""
 
     def parse(text: str) -> str:
-        import torch
+        from tmem_runtime.models import check_device
 
         if auto and text == "auto":
             return text
         try:
-            device = torch.device(text)
-        except (RuntimeError, ValueError):
-            raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from None
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
-                raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here ({why}); use cpu")
-            if device.index is not None and device.index >= torch.cuda.device_count():
-                raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+            check_device(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
         return text
 
     parse.__name__ = "device"

@@ -252,9 +252,42 @@ def causal_lm_class(config: PretrainedConfig, name: str) -> type:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}  # fmt: skip
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating torch dtype, or its name ("bfloat16", "bf16", "float32", "fp16", ...; "torch." optional)."""
+    if isinstance(dtype, str):
+        found = DTYPE_NAMES.get(dtype.removeprefix("torch.").lower())
+        if found is None:
+            raise ValueError(f"dtype {dtype!r}: not one of {sorted(DTYPE_NAMES)}")
+        return found
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype or its name, got {dtype!r}")
+    return dtype
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device `device` names, if this machine has it; ValueError otherwise (e.g. "cuda" on a CPU build
+    of torch, a GPU index past the GPUs present), said before anything is loaded."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"not a torch device: {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"{str(device)!r}: CUDA is not available here ({why}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
     attn_implementation: str | None = None,
@@ -269,9 +302,12 @@ def load_model(
     picks one with `attention_implementation` (flash-attention / SDPA / eager); a name is passed to transformers.
     `packed_linears`: serve the linear layers' no-grad CPU products from oneDNN-packed weights
     (`tmem_runtime.packed_linears`: decoding 1.5-2x faster at 4-32 rows, as much memory again for the
-    layers that run); None: on the CPU.
+    layers that run); None: on the CPU. `dtype`: a floating torch dtype or its name (`resolve_dtype`); `device`:
+    one this machine has (`check_device`), both checked before anything loads.
     """
     name_or_path = os.fspath(name_or_path)
+    dtype = resolve_dtype(dtype)
+    check_device(device)
     if name_or_path.startswith(("tiny-", "shapes-")):
         torch.manual_seed(seed)
         shapes = name_or_path.startswith("shapes-")
