@@ -31,17 +31,25 @@ _BLOCK_ELEMENTS = 4096  # rows per program: BLOCK_M x BLOCK_H about this many el
 
 
 @triton.jit
-def _forward_kernel(
-    x_ptr, w_ptr, y_ptr, rstd_ptr, N, H, eps,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    """Rows [BLOCK_M * pid, +BLOCK_M): rstd [N] and y [N, H], x and y contiguous."""
+def _row_tile(x_ptr, w_ptr, N, H, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):  # noqa: ANN001, ANN202
+    """This program's rows [BLOCK_M] (int64), their flat offsets and mask [BLOCK_M, BLOCK_H], x there and the
+    weight [BLOCK_H], both as float32 (0 outside the mask)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_H)
     mask = (rows[:, None] < N) & (cols[None, :] < H)
     offs = rows[:, None] * H + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+    return rows, offs, mask, x, w
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, y_ptr, rstd_ptr, N, H, eps,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Rows [BLOCK_M * pid, +BLOCK_M): rstd [N] and y [N, H], x and y contiguous."""
+    rows, offs, mask, x, w = _row_tile(x_ptr, w_ptr, N, H, BLOCK_M, BLOCK_H)
     rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / H + eps)
     tl.store(rstd_ptr + rows, rstd, mask=rows < N)
     normed = _cast(x * rstd[:, None], x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)  # .to(x.dtype)
@@ -54,13 +62,8 @@ def _backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Rows [BLOCK_M * pid, +BLOCK_M) of dx [N, H]; dy, x, dx contiguous."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_H)
-    mask = (rows[:, None] < N) & (cols[None, :] < H)
-    offs = rows[:, None] * H + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rows, offs, mask, x, w = _row_tile(x_ptr, w_ptr, N, H, BLOCK_M, BLOCK_H)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + rows, mask=rows < N, other=0.0)
     g = _cast(dy * w[None, :], x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
     dot = tl.sum(g * x, axis=1) / H
