@@ -18,7 +18,7 @@ import importlib.util
 import pytest
 import torch
 
-from benchmarks.common import median_s, write_summary
+from benchmarks.common import median_s
 from benchmarks.test_bench_write import PAIRS, _model
 from tmem_runtime import FastWeights, SessionPool
 from tmem_runtime.recipes import RECIPES
@@ -111,14 +111,12 @@ def test_hot_swap(benchmark, session, impl):
     RESULTS["b_bytes"] = sum(v.numel() * 4 for k, v in state.items() if k.endswith("lora_B"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def summary(request):
-    """After the group: every row's median and its ratio to the bare copy, in one table."""
-    yield
-    base = RESULTS.pop("copy_B", None)
-    b_bytes = RESULTS.pop("b_bytes", 0)
+def summary_lines() -> list[str]:
+    """Every row's median and its ratio to the bare copy, in one table (printed by benchmarks/conftest.py)."""
+    base = RESULTS.get("copy_B")
     if base is None:
-        return
-    lines = [f"[hot swap] B = {b_bytes / 1e3:.0f} kB; median per swap, vs a bare copy of B ({base * 1e6:.1f} us):"]
-    lines += [f"  {k:<13} {v * 1e6:8.1f} us  {v / base:6.1f}x" for k, v in RESULTS.items()]
-    write_summary(request.config, lines)
+        return []
+    lines = [f"[hot swap] B = {RESULTS.get('b_bytes', 0) / 1e3:.0f} kB; median per swap, vs a bare copy of B "
+             f"({base * 1e6:.1f} us):"]  # fmt: skip
+    rows = {k: v for k, v in RESULTS.items() if k not in ("copy_B", "b_bytes")}
+    return lines + [f"  {k:<13} {v * 1e6:8.1f} us  {v / base:6.1f}x" for k, v in rows.items()]

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import RANK, SHAPES, median_s, shape_cases, write_summary
+from benchmarks.common import RANK, SHAPES, median_s, shape_cases
 from tmem_kernels import reference as ref
 
 native = pytest.importorskip("tmem_kernels.native", reason="native extension not built")
@@ -259,11 +259,11 @@ def test_adamw_step(benchmark, model: str, impl: str) -> None:
 # ------------------------------------------------------------------------------- summary table
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _print_ratios(request):
-    yield
+def summary_lines() -> list[str]:
+    """native vs torch per op and case, and the LoRA MLP's throughput against torch.mm (printed by
+    benchmarks/conftest.py)."""
     if not _results:
-        return
+        return []
     lines = [
         "",
         f"{'op':<18} {'case':<18} {'native ms':>10} {'torch ms':>10} {'torch/native':>12} {'interleaved':>11}",
@@ -290,4 +290,4 @@ def _print_ratios(request):
                 f"{rates.get('torch', float('nan')):.1f} GFLOP/s; torch.mm {mm_rate:.1f} GFLOP/s -> native "
                 f"at {100 * rates['native'] / mm_rate:.0f}% of the mm throughput"
             )
-    write_summary(request.config, lines)
+    return lines

@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import RANK, SHAPES, write_summary
+from benchmarks.common import RANK, SHAPES
 from tmem_kernels import reference as ref
 
 native = pytest.importorskip("tmem_kernels.native", reason="native extension not built")
@@ -146,11 +146,10 @@ def test_segmented(benchmark, case: str, impl: str) -> None:
         _interleaved[case] = _interleave(fns, baseline, 20 if backward else 300)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _print_ratios(request):
-    yield
+def summary_lines() -> list[str]:
+    """Interleaved medians and ratios per case (printed by benchmarks/conftest.py)."""
     if not _interleaved:
-        return
+        return []
     lines = ["", f"threads {torch.get_num_threads()}; interleaved rounds: median time, median per-round ratio to the "
              "baseline, ratio of the 10th-percentile times"]  # fmt: skip
     for case, res in _interleaved.items():
@@ -159,4 +158,4 @@ def _print_ratios(request):
         for name, (sec, ratio, fast) in res.items():
             own = _medians.get(case, {}).get(name, float("nan"))
             lines.append(f"{'':<12} {name:<12} {sec * 1e3:9.3f} {ratio:12.2f} {fast:10.2f} {own * 1e3:20.3f}")
-    write_summary(request.config, lines)
+    return lines
