@@ -558,6 +558,34 @@ def test_write_under_inference_mode_works_and_matches(tiny):
     assert all(torch.equal(state[k], want_state[k]) for k in want_state)
 
 
+@pytest.mark.parametrize("backend", ["torch"])
+def test_fast_weights_attached_under_inference_mode_write_and_load_outside_it(tiny, tmp_path, backend):
+    batches = [make_batch(0), make_batch(1)]
+    want_losses, _ = run_write(tiny, backend, batches * 2, lr=1e-2, optimizer="adamw")
+    with torch.inference_mode():
+        fw = FastWeights(tiny, backend=backend)
+        losses = fw.write(batches, lr=1e-2, optimizer="adamw")
+    losses += fw.write(batches, lr=1e-2, optimizer="adamw")  # (AdamW restarts per write: steps 1-2 again)
+    torch.testing.assert_close(torch.tensor(losses[:2]), torch.tensor(want_losses[:2]), rtol=1e-6, atol=0)
+    fw.reset()
+    with torch.inference_mode():
+        fw.write(batches, lr=1e-2, optimizer="adamw")
+        want = logits(tiny, batches[0])
+        fw.save(tmp_path / "a.safetensors")
+        state = fw.state_dict()
+    fw.reset()
+    fw.load(tmp_path / "a.safetensors")  # outside the mode it was attached in
+    torch.testing.assert_close(logits(tiny, batches[0]), want, rtol=0, atol=0)
+    fw.reset()
+    fw.load_state_dict(state)
+    torch.testing.assert_close(logits(tiny, batches[0]), want, rtol=0, atol=0)
+    fw.reset()
+    with torch.inference_mode():
+        fw.load(tmp_path / "a.safetensors")
+        torch.testing.assert_close(logits(tiny, batches[0]), want, rtol=0, atol=0)
+    fw.detach()
+
+
 def test_a_diverging_write_is_rolled_back(tiny):
     """The guard's mechanism on a tiny model, whose final norm bounds how far a loss can rise: a tight
     threshold. (The default threshold on the real model: tests/test_smollm2.py.)"""
