@@ -558,7 +558,7 @@ def test_write_under_inference_mode_works_and_matches(tiny):
     assert all(torch.equal(state[k], want_state[k]) for k in want_state)
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", ["torch", "peft"])
 def test_fast_weights_attached_under_inference_mode_write_and_load_outside_it(tiny, tmp_path, backend):
     batches = [make_batch(0), make_batch(1)]
     want_losses, _ = run_write(tiny, backend, batches * 2, lr=1e-2, optimizer="adamw")
