@@ -586,6 +586,33 @@ def test_fast_weights_attached_under_inference_mode_write_and_load_outside_it(ti
     fw.detach()
 
 
+def test_a_model_built_inside_inference_mode_reads_and_swaps_fast_weights_and_refuses_writes(tmp_path):
+    """Its weights are inference tensors, which track no version: attaching (the kept trunk rows' stamp), saving
+    (the weights' hash) and a packed linear's forward failed on reading it. Now they read as a model of ordinary
+    tensors does, and a write is refused clearly (it needs autograd through the weights)."""
+    from tmem_runtime.packed_linears import pack_linears
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = AutoModelForCausalLM.from_config(tiny_config("tiny-llama")).eval()
+    plain = AutoModelForCausalLM.from_config(tiny_config("tiny-llama")).eval()
+    plain.load_state_dict(model.state_dict())
+    assert model.model.layers[0].mlp.gate_proj.weight.is_inference()
+    pack_linears(model)
+    fw, ref = FastWeights(model, backend="torch"), FastWeights(plain, backend="torch")
+    gen = torch.Generator().manual_seed(1)
+    state = {k: torch.randn(v.shape, generator=gen) * 0.05 if k.endswith("lora_B") else v
+             for k, v in fw.state_dict().items()}  # fmt: skip
+    fw.load_state_dict(state)
+    fw.save(tmp_path / "a.safetensors")
+    ref.load(tmp_path / "a.safetensors")  # the same weights' hash
+    batch = make_batch(0)
+    torch.testing.assert_close(logits(model, batch), logits(plain, batch), rtol=1e-5, atol=1e-5)
+    with pytest.raises(FastWeightsError, match="inference_mode"):
+        fw.write([batch], lr=1e-2)
+    torch.testing.assert_close(logits(model, batch), logits(plain, batch), rtol=1e-5, atol=1e-5)
+
+
 def test_a_diverging_write_is_rolled_back(tiny):
     """The guard's mechanism on a tiny model, whose final norm bounds how far a loss can rise: a tight
     threshold. (The default threshold on the real model: tests/test_smollm2.py.)"""
