@@ -673,6 +673,26 @@ def test_a_model_cast_after_attach_is_refused_clearly(backend, device):
     assert losses[1] < losses[0] and not torch.equal(fw.state_dict()[b_name], state[b_name])
     fw.detach()
 
+def test_a_model_cast_after_attach_saves_no_file(tmp_path):
+    """A save after `model.to(torch.bfloat16)` wrote a file whose header named the bf16 weights' hash for an adapter
+    made on the float32 ones: refused by the model it came from (and by every float32 copy). Now it raises
+    FastWeightsError and writes nothing; cast back, the adapter saves and loads as before."""
+    model, _ = load_model("tiny-llama")
+    fw = FastWeights(model, backend="torch")
+    fw.write([make_batch(0)] * 2, lr=0.5)
+    model.to(torch.bfloat16)
+    with pytest.raises(FastWeightsError, match="cast or moved"):
+        fw.save(tmp_path / "a.safetensors")
+    assert not any(tmp_path.iterdir())
+    model.float()  # (its weights rounded to bf16: the adapter files of the original weights no longer fit)
+    want = logits(model, make_batch(1))
+    fw.save(tmp_path / "a.safetensors")
+    fw.reset()
+    fw.load(tmp_path / "a.safetensors")
+    torch.testing.assert_close(logits(model, make_batch(1)), want, rtol=0, atol=0)
+    fw.detach()
+
+
 @pytest.mark.slow  # the embedded model's tokenizer
 def test_malformed_cards_are_refused_and_any_iterable_of_pairs_is_taken():
     """A card that is not a (question, answer) pair of strings (a dict, None, a number, a 3-tuple, a bare

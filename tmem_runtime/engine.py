@@ -168,7 +168,9 @@ class FastWeightEngine:
         return self.init != "pissa"
 
     def metadata(self) -> dict[str, str]:
-        """What an adapter of this engine fits: architecture, base-weight hash, init, layout."""
+        """What an adapter of this engine fits: architecture, base-weight hash, init, layout. FastWeightsError
+        once the model was cast or moved after attach (its hash would name weights the adapter was not made for)."""
+        self._check_weight(self.mlps[0][1].gate_proj.weight)
         return adapter_metadata(self.model, self.fingerprint, self.init, self.layout, self.scaling)
 
     def buffer_bytes(self) -> int:
