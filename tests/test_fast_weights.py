@@ -341,6 +341,24 @@ def test_bad_batches_and_arguments(tiny):
         FastWeights(tiny, init="lora-fa")
 
 
+def test_a_rank_or_scaling_of_the_wrong_kind_is_refused_at_attach(tiny):
+    """rank=6.0 failed deep inside the init (a torch TypeError about zeros()); scaling=inf attached, and every
+    write then reported a NaN loss. Both are refused before anything is attached."""
+    batch = make_batch(0)
+    want = logits(tiny, batch)
+    for rank in (6.0, "6", True):
+        with pytest.raises(TypeError, match="rank must be an int"):
+            FastWeights(tiny, rank=rank)
+    for scaling in (float("inf"), float("nan"), "1"):
+        with pytest.raises(ValueError, match="scaling must be a finite number"):
+            FastWeights(tiny, backend="torch", scaling=scaling)
+    torch.testing.assert_close(logits(tiny, batch), want, rtol=0, atol=0)
+    fw = FastWeights(tiny, backend="torch", scaling=2)  # (an int scaling is a number too)
+    losses = fw.write([batch] * 2, lr=0.5)
+    assert losses[1] < losses[0]
+    fw.detach()
+
+
 def test_left_padded_batch_uses_generic_path_with_same_result(tiny):
     batch = make_batch(8)
     left = {k: torch.flip(v, dims=[1]) for k, v in batch.items()}  # not a language, just left padding

@@ -16,6 +16,7 @@ The engine knows nothing of session names, files or tokenizers: `SessionPool` an
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -104,6 +105,8 @@ class FastWeightEngine:
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+            raise ValueError(f"scaling must be a finite number, got {scaling!r}")  # (inf: every write's loss NaN)
         if getattr(model, "_tmem_fast_weights", None) is not None:
             raise FastWeightsError("this model already has fast weights attached; detach() them first")
         self.model = model
