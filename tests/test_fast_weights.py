@@ -119,6 +119,25 @@ def test_train_a_matches_peft(tiny):
     assert_matrices_close(fast_state, ref_state, 1e-3)
 
 
+def test_reset_after_a_train_a_write_keeps_a_on_both_paths(tiny):
+    """reset() puts B back to B0 and leaves a trained A as it is; the PEFT reference put A back to A0 too, so after
+    a train_a write and a reset the two paths held different adapters."""
+    batches = [make_batch(2)] * 4
+    states = {}
+    for backend in ("torch", "peft"):
+        fw = FastWeights(tiny, backend=backend)
+        a0 = fw.state_dict()
+        fw.write(batches, lr=1e-2, optimizer="adamw", train_a=True)
+        trained = fw.state_dict()
+        fw.reset()
+        states[backend] = state = fw.state_dict()
+        fw.detach()
+        for k in state:
+            assert torch.equal(state[k], trained[k] if k.endswith("lora_A") else a0[k]), f"{backend}: {k}"
+        assert any(not torch.equal(state[k], a0[k]) for k in state if k.endswith("lora_A"))
+    assert_matrices_close(states["torch"], states["peft"], 1e-3)
+
+
 @pytest.mark.parametrize("init", ["svd", "random", "pissa"])
 def test_fresh_attach_reset_and_detach_are_exact(tiny, init):
     batch = make_batch(3)

@@ -124,7 +124,11 @@ class PeftReferencePool(SessionStore):
                 dst.copy_(state[name])
 
     def reset(self, session: str) -> None:
-        self.load_state_dict(session, self._init_state)
+        """B back to B0; A left as it is (only a train_a write changes it), as SessionPool.reset does."""
+        self._check(session)
+        with torch.no_grad():
+            for i in range(len(self._modules)):
+                self._lora(i, "lora_B").copy_(self._init_state[self.layout.b_name(i)])
         self.stats[session] = SessionStats()
 
     def detach(self) -> PreTrainedModel:
