@@ -119,6 +119,25 @@ def test_train_a_matches_peft(tiny):
     assert_matrices_close(fast_state, ref_state, 1e-3)
 
 
+def test_reset_after_a_train_a_write_keeps_a_on_both_paths(tiny):
+    """reset() puts B back to B0 and leaves a trained A as it is; the PEFT reference put A back to A0 too, so after
+    a train_a write and a reset the two paths held different adapters."""
+    batches = [make_batch(2)] * 4
+    states = {}
+    for backend in ("torch", "peft"):
+        fw = FastWeights(tiny, backend=backend)
+        a0 = fw.state_dict()
+        fw.write(batches, lr=1e-2, optimizer="adamw", train_a=True)
+        trained = fw.state_dict()
+        fw.reset()
+        states[backend] = state = fw.state_dict()
+        fw.detach()
+        for k in state:
+            assert torch.equal(state[k], trained[k] if k.endswith("lora_A") else a0[k]), f"{backend}: {k}"
+        assert any(not torch.equal(state[k], a0[k]) for k in state if k.endswith("lora_A"))
+    assert_matrices_close(states["torch"], states["peft"], 1e-3)
+
+
 @pytest.mark.parametrize("init", ["svd", "random", "pissa"])
 def test_fresh_attach_reset_and_detach_are_exact(tiny, init):
     batch = make_batch(3)
@@ -341,6 +360,24 @@ def test_bad_batches_and_arguments(tiny):
         FastWeights(tiny, init="lora-fa")
 
 
+def test_a_rank_or_scaling_of_the_wrong_kind_is_refused_at_attach(tiny):
+    """rank=6.0 failed deep inside the init (a torch TypeError about zeros()); scaling=inf attached, and every
+    write then reported a NaN loss. Both are refused before anything is attached."""
+    batch = make_batch(0)
+    want = logits(tiny, batch)
+    for rank in (6.0, "6", True):
+        with pytest.raises(TypeError, match="rank must be an int"):
+            FastWeights(tiny, rank=rank)
+    for scaling in (float("inf"), float("nan"), "1"):
+        with pytest.raises(ValueError, match="scaling must be a finite number"):
+            FastWeights(tiny, backend="torch", scaling=scaling)
+    torch.testing.assert_close(logits(tiny, batch), want, rtol=0, atol=0)
+    fw = FastWeights(tiny, backend="torch", scaling=2)  # (an int scaling is a number too)
+    losses = fw.write([batch] * 2, lr=0.5)
+    assert losses[1] < losses[0]
+    fw.detach()
+
+
 def test_left_padded_batch_uses_generic_path_with_same_result(tiny):
     batch = make_batch(8)
     left = {k: torch.flip(v, dims=[1]) for k, v in batch.items()}  # not a language, just left padding
@@ -558,6 +595,61 @@ def test_write_under_inference_mode_works_and_matches(tiny):
     assert all(torch.equal(state[k], want_state[k]) for k in want_state)
 
 
+@pytest.mark.parametrize("backend", ["torch", "peft"])
+def test_fast_weights_attached_under_inference_mode_write_and_load_outside_it(tiny, tmp_path, backend):
+    batches = [make_batch(0), make_batch(1)]
+    want_losses, _ = run_write(tiny, backend, batches * 2, lr=1e-2, optimizer="adamw")
+    with torch.inference_mode():
+        fw = FastWeights(tiny, backend=backend)
+        losses = fw.write(batches, lr=1e-2, optimizer="adamw")
+    losses += fw.write(batches, lr=1e-2, optimizer="adamw")  # (AdamW restarts per write: steps 1-2 again)
+    torch.testing.assert_close(torch.tensor(losses[:2]), torch.tensor(want_losses[:2]), rtol=1e-6, atol=0)
+    fw.reset()
+    with torch.inference_mode():
+        fw.write(batches, lr=1e-2, optimizer="adamw")
+        want = logits(tiny, batches[0])
+        fw.save(tmp_path / "a.safetensors")
+        state = fw.state_dict()
+    fw.reset()
+    fw.load(tmp_path / "a.safetensors")  # outside the mode it was attached in
+    torch.testing.assert_close(logits(tiny, batches[0]), want, rtol=0, atol=0)
+    fw.reset()
+    fw.load_state_dict(state)
+    torch.testing.assert_close(logits(tiny, batches[0]), want, rtol=0, atol=0)
+    fw.reset()
+    with torch.inference_mode():
+        fw.load(tmp_path / "a.safetensors")
+        torch.testing.assert_close(logits(tiny, batches[0]), want, rtol=0, atol=0)
+    fw.detach()
+
+
+def test_a_model_built_inside_inference_mode_reads_and_swaps_fast_weights_and_refuses_writes(tmp_path):
+    """Its weights are inference tensors, which track no version: attaching (the kept trunk rows' stamp), saving
+    (the weights' hash) and a packed linear's forward failed on reading it. Now they read as a model of ordinary
+    tensors does, and a write is refused clearly (it needs autograd through the weights)."""
+    from tmem_runtime.packed_linears import pack_linears
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = AutoModelForCausalLM.from_config(tiny_config("tiny-llama")).eval()
+    plain = AutoModelForCausalLM.from_config(tiny_config("tiny-llama")).eval()
+    plain.load_state_dict(model.state_dict())
+    assert model.model.layers[0].mlp.gate_proj.weight.is_inference()
+    pack_linears(model)
+    fw, ref = FastWeights(model, backend="torch"), FastWeights(plain, backend="torch")
+    gen = torch.Generator().manual_seed(1)
+    state = {k: torch.randn(v.shape, generator=gen) * 0.05 if k.endswith("lora_B") else v
+             for k, v in fw.state_dict().items()}  # fmt: skip
+    fw.load_state_dict(state)
+    fw.save(tmp_path / "a.safetensors")
+    ref.load(tmp_path / "a.safetensors")  # the same weights' hash
+    batch = make_batch(0)
+    torch.testing.assert_close(logits(model, batch), logits(plain, batch), rtol=1e-5, atol=1e-5)
+    with pytest.raises(FastWeightsError, match="inference_mode"):
+        fw.write([batch], lr=1e-2)
+    torch.testing.assert_close(logits(model, batch), logits(plain, batch), rtol=1e-5, atol=1e-5)
+
+
 def test_a_diverging_write_is_rolled_back(tiny):
     """The guard's mechanism on a tiny model, whose final norm bounds how far a loss can rise: a tight
     threshold. (The default threshold on the real model: tests/test_smollm2.py.)"""
@@ -617,6 +709,26 @@ def test_a_model_cast_after_attach_is_refused_clearly(backend, device):
     b_name = next(k for k in state if k.endswith("lora_B"))
     assert losses[1] < losses[0] and not torch.equal(fw.state_dict()[b_name], state[b_name])
     fw.detach()
+
+def test_a_model_cast_after_attach_saves_no_file(tmp_path):
+    """A save after `model.to(torch.bfloat16)` wrote a file whose header named the bf16 weights' hash for an adapter
+    made on the float32 ones: refused by the model it came from (and by every float32 copy). Now it raises
+    FastWeightsError and writes nothing; cast back, the adapter saves and loads as before."""
+    model, _ = load_model("tiny-llama")
+    fw = FastWeights(model, backend="torch")
+    fw.write([make_batch(0)] * 2, lr=0.5)
+    model.to(torch.bfloat16)
+    with pytest.raises(FastWeightsError, match="cast or moved"):
+        fw.save(tmp_path / "a.safetensors")
+    assert not any(tmp_path.iterdir())
+    model.float()  # (its weights rounded to bf16: the adapter files of the original weights no longer fit)
+    want = logits(model, make_batch(1))
+    fw.save(tmp_path / "a.safetensors")
+    fw.reset()
+    fw.load(tmp_path / "a.safetensors")
+    torch.testing.assert_close(logits(model, make_batch(1)), want, rtol=0, atol=0)
+    fw.detach()
+
 
 @pytest.mark.slow  # the embedded model's tokenizer
 def test_malformed_cards_are_refused_and_any_iterable_of_pairs_is_taken():

@@ -159,3 +159,22 @@ def test_dtype_names_and_unavailable_devices_are_refused_or_taken_before_loading
             load_model("tiny-llama", device="cuda")
     with pytest.raises(ValueError, match="not a torch device: 'gpu'"):
         load_model("tiny-llama", device="gpu")
+
+
+def test_a_model_loaded_inside_inference_mode_runs_and_takes_fast_weights_outside_it(tmp_path: Path) -> None:
+    """Loaded inside torch.inference_mode(), the weights were inference tensors: the packed linears' first forward
+    failed ("Inference tensors do not track version counter"), and so did attaching fast weights."""
+    from tmem_runtime import FastWeights
+
+    want, _ = load_model("tiny-llama")
+    with torch.inference_mode():
+        model, _ = load_model("tiny-llama")
+        inside = model(torch.arange(3, 11)[None]).logits
+    assert not any(p.is_inference() for p in model.parameters())
+    ids = torch.arange(3, 11)[None]
+    with torch.no_grad():
+        expected = want(ids).logits
+        assert torch.equal(model(ids).logits, expected) and torch.equal(inside, expected)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    losses = FastWeights(model, backend="torch").write([batch] * 2, lr=1e-2)
+    assert losses == FastWeights(want, backend="torch").write([batch] * 2, lr=1e-2)

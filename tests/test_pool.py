@@ -407,6 +407,25 @@ def test_bad_input_is_refused_and_changes_nothing(tiny):
     pool.detach()
 
 
+@pytest.mark.parametrize("bad", [dict(offload="gpu"), dict(offload="disk")])  # (disk: without offload_dir)
+def test_a_pool_refused_at_construction_leaves_the_model_as_it_was(tiny, bad):
+    """A bad offload argument is found once the engine has attached: the refusal undoes the attach (it left the
+    model's MLPs replaced and the model marked as having fast weights, so nothing could attach to it again)."""
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bare = tiny(input_ids=ids).logits
+    with pytest.raises(ValueError, match="offload"):
+        SessionPool(tiny, capacity=2, backend="torch", **bad)
+    assert getattr(tiny, "_tmem_fast_weights", None) is None
+    assert all("forward" not in layer.mlp.__dict__ for layer in tiny.model.layers)
+    pool = SessionPool(tiny, capacity=2, backend="torch")  # attaches as to a fresh model
+    pool.open("a")
+    pool.write_examples_many({"a": examples(3, 1)}, Recipe(lr=1e-2, epochs=1))
+    pool.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(input_ids=ids).logits, bare, rtol=0, atol=0)
+
+
 def test_a_bad_session_in_a_batched_write_rolls_back_alone(tiny):
     pool = SessionPool(tiny, capacity=2, backend="torch")
     pool.open("good")

@@ -16,6 +16,7 @@ The engine knows nothing of session names, files or tokenizers: `SessionPool` an
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -104,6 +105,8 @@ class FastWeightEngine:
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+            raise ValueError(f"scaling must be a finite number, got {scaling!r}")  # (inf: every write's loss NaN)
         if getattr(model, "_tmem_fast_weights", None) is not None:
             raise FastWeightsError("this model already has fast weights attached; detach() them first")
         self.model = model
@@ -168,7 +171,9 @@ class FastWeightEngine:
         return self.init != "pissa"
 
     def metadata(self) -> dict[str, str]:
-        """What an adapter of this engine fits: architecture, base-weight hash, init, layout."""
+        """What an adapter of this engine fits: architecture, base-weight hash, init, layout. FastWeightsError
+        once the model was cast or moved after attach (its hash would name weights the adapter was not made for)."""
+        self._check_weight(self.mlps[0][1].gate_proj.weight)
         return adapter_metadata(self.model, self.fingerprint, self.init, self.layout, self.scaling)
 
     def buffer_bytes(self) -> int:

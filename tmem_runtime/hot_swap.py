@@ -39,8 +39,9 @@ class SwapChecker:
         self.names = frozenset(self.a_names + self.b_names)
         self.b_shapes = [(s.out_features, lay.rank) for s in lay.slots]
         self.b_expected = [(n, torch.Size(sh), o * 4) for n, sh, o in zip(self.b_names, self.b_shapes, lay.b_offsets)]
-        self.scratch_row = torch.empty(lay.b_numel, dtype=torch.float32, device=engine.device)
-        self.total = torch.empty((), dtype=torch.float32, device=engine.device)
+        with torch.inference_mode(False):  # (attached inside inference mode: still written outside it)
+            self.scratch_row = torch.empty(lay.b_numel, dtype=torch.float32, device=engine.device)
+            self.total = torch.empty((), dtype=torch.float32, device=engine.device)
         self.a_snapshot: dict[str, torch.Tensor] | None = None
         self.a_versions: list[int] = []
 

@@ -11,6 +11,7 @@ projection's B across all sessions ([sessions, out, r], strided), which is what 
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,9 @@ class AdapterLayout:
     """Offsets of every slot's A in the shared A buffer and of its B in one session's B row."""
 
     def __init__(self, slots: list[AdapterSlot], rank: int) -> None:
+        if isinstance(rank, bool) or not hasattr(rank, "__index__"):  # (6.0 or "6" failed deep inside, unexplained)
+            raise TypeError(f"rank must be an int, got {rank!r}")
+        rank = operator.index(rank)  # (a numpy integer: a plain int)
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         for s in slots:

@@ -308,6 +308,17 @@ def load_model(
     name_or_path = os.fspath(name_or_path)
     dtype = resolve_dtype(dtype)
     check_device(device)
+    # the weights are ordinary tensors even when the caller is inside torch.inference_mode(): inference tensors
+    # could never be written to outside it, saved for a write's backward, or tracked by a version counter
+    with torch.inference_mode(False):
+        return _load(name_or_path, dtype, device, seed, attn_implementation, packed_linears, load_tokenizer)
+
+
+def _load(
+    name_or_path: str, dtype: torch.dtype, device: str | torch.device, seed: int, attn_implementation: str | None,
+    packed_linears: bool | None, load_tokenizer: bool,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:  # fmt: skip
+    """`load_model` once its arguments are checked."""
     if name_or_path.startswith(("tiny-", "shapes-")):
         torch.manual_seed(seed)
         shapes = name_or_path.startswith("shapes-")

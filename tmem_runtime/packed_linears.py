@@ -11,7 +11,8 @@ parameters: state_dict keys, tied weights and `isinstance(m, nn.Linear)` checks 
 PackedLinear packs its weight the first time it runs on the CPU with autograd not recording, and
 keeps that copy (as much memory again as the weight; only layers that run are packed) until the
 weight changes in place or is moved or cast. Otherwise (autograd recording, a CUDA tensor, float16,
-`torch.compile` tracing, no oneDNN in this torch) it is an ordinary nn.Linear. Results equal
+`torch.compile` tracing, no oneDNN in this torch, a weight made inside torch.inference_mode(), whose changes
+cannot be seen) it is an ordinary nn.Linear. Results equal
 `F.linear`'s to float rounding (oneDNN sums in another order). `unpack_linears` undoes it.
 """
 
@@ -81,6 +82,7 @@ class PackedLinear(nn.Linear):
             and x.device.type == "cpu" == w.device.type
             and x.dtype == w.dtype
             and w.dtype in _PACKABLE
+            and not w.is_inference()  # (made inside inference_mode: no version counter tells when it changes)
             and x.dim() >= 2
             and not torch.compiler.is_compiling()
         )

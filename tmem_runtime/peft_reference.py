@@ -58,10 +58,12 @@ class PeftReferencePool(SessionStore):
         a0, b0 = initial_factors(self.mlps, self.layout, init, svd, seed)
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(MLP_TARGETS),
                             layers_to_transform=[i for i, _ in self.mlps], init_lora_weights=False)  # fmt: skip
-        self.peft_model = get_peft_model(model, config)  # injects LoRA into `model` in place
+        # (attached inside torch.inference_mode() too: LoRA parameters made there could never be trained)
+        with torch.inference_mode(False):
+            self.peft_model = get_peft_model(model, config)  # injects LoRA into `model` in place
         self._modules = [getattr(m, t) for _, m in self.mlps for t in MLP_TARGETS]
         self._originals: list[torch.Tensor] = []
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             for i, mod in enumerate(self._modules):
                 a, b = self.layout.a_view(a0, i), self.layout.b_view(b0, i)
                 mod.lora_A["default"].weight.copy_(a)
@@ -69,7 +71,7 @@ class PeftReferencePool(SessionStore):
                 if init == "pissa":
                     self._originals.append(mod.base_layer.weight.detach().clone())
                     mod.base_layer.weight.sub_((b @ a).to(mod.base_layer.weight.dtype))
-        self._init_state = {k: v.clone() for k, v in self._tensors().items()}
+            self._init_state = {k: v.clone() for k, v in self._tensors().items()}
         self.session: str | None = None
         self.stats: dict[str, SessionStats] = {}
         self.detached = False
@@ -122,7 +124,11 @@ class PeftReferencePool(SessionStore):
                 dst.copy_(state[name])
 
     def reset(self, session: str) -> None:
-        self.load_state_dict(session, self._init_state)
+        """B back to B0; A left as it is (only a train_a write changes it), as SessionPool.reset does."""
+        self._check(session)
+        with torch.no_grad():
+            for i in range(len(self._modules)):
+                self._lora(i, "lora_B").copy_(self._init_state[self.layout.b_name(i)])
         self.stats[session] = SessionStats()
 
     def detach(self) -> PreTrainedModel:

@@ -76,21 +76,31 @@ class SessionPool(SessionStore):
         trunk_cache_bytes: int = 256 << 20,
     ) -> None:
         self.engine = FastWeightEngine(model, capacity, rank, num_layers, init, backend, svd, scaling, seed)
+        try:
+            self._init_parts(model, cuda_graphs, offload, offload_dir, trunk_cache_bytes)
+        except BaseException:  # (e.g. a bad offload argument): the model is left as it was, free to attach again
+            self.engine.detach()
+            raise
+        model._tmem_fast_weights = self
+
+    def _init_parts(self, model: PreTrainedModel, cuda_graphs: bool, offload: str,
+                    offload_dir: str | os.PathLike | None, trunk_cache_bytes: int) -> None:  # fmt: skip
+        """Everything of the pool beside its engine (see __init__)."""
+        self.residency = Residency(self.engine, offload, offload_dir)
         decoder = self.engine.decoder
         self.trunk_rows = None  # examples' trunk outputs, for writes that train them again (replayed cards)
         if decoder is not None and trunk_cache_bytes:
             self.trunk_rows = TrunkRows(decoder.trunk_modules(self.engine.first_layer), trunk_cache_bytes)
         self.cuda_graphs = cuda_graphs
         self._init_static()
-        self.residency = Residency(self.engine, offload, offload_dir)
         self.stats: dict[str, SessionStats] = {}
         self._versions: dict[str, int] = {}  # see version()
         self._last_version = 0
         self._swap = SwapChecker(self.engine)
         self._write_lock = threading.Lock()  # one write at a time
         self._reads = PoolReads(self.engine, self.residency, self.version)  # forwards, rows(), reading()
-        self._reads.attach(model)  # generate() and plain forwards are read blocks too
-        model._tmem_fast_weights = self
+        self._reads.attach(model)  # generate() and plain forwards are read blocks too (the last part: nothing
+        # after it can fail, so a model is never left with these hooks)
 
     def _init_static(self) -> None:
         # on CUDA, writes run on buffers kept per shape bucket and replay the CUDA graphs captured on them
