@@ -20,10 +20,13 @@ import pytest
 for _package in ("fastapi", "uvicorn", "httpx"):  # the `serve` extra
     pytest.importorskip(_package)
 
+import httpx
+
 from tests.test_serve import CARDS, ask, reference_answer, remember, tiny_server, turn_cards, weights_file
+from tmem_runtime.adapter_file import model_identity
 from tmem_runtime.agent.agent import Trigger
 from tmem_runtime.serve.conversation import TriggerCount
-from tmem_runtime.serve.launch import ServerProcess, free_port
+from tmem_runtime.serve.launch import ServerProcess, free_port, serve_in_thread
 from tmem_runtime.serve.main import load_serving_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
 from tmem_runtime.serve.store import (
@@ -33,6 +36,7 @@ from tmem_runtime.serve.store import (
     SessionRecord,
     Store,
     StoreFormatError,
+    StoreModelError,
 )
 
 QUESTION = [{"role": "user", "content": CARDS[0][0]}]
@@ -273,25 +277,63 @@ def test_a_late_renewals_claim_never_lands_after_an_unload_gave_the_lease_up(mod
         s.stop()
 
 
-def test_sessions_kept_past_max_loaded_while_busy_are_unloaded_once_idle_without_idle_unload(model, tmp_path):
-    """With idle unloading off, a load past `max_loaded` while the other session is busy (a write pending)
-    cannot unload it then: once its work ends, the upkeep brings the server back to `max_loaded`."""
-    s = start_service(model, Store(tmp_path), idle_unload=0, max_loaded=1, lease_ttl=0.6)
+def test_a_load_at_max_loaded_with_every_session_busy_waits_for_one_to_be_idle_then_takes_its_place(model, tmp_path):
+    """At `max_loaded` with the loaded session busy (a write pending), a request for another session loads
+    nothing and unloads nothing while it waits (it loaded it past the bound, or loaded it and unloaded it at
+    once); once the write has committed, the waiting request unloads the now idle one and gets its own."""
+    s = start_service(model, Store(tmp_path), idle_unload=0, max_loaded=1, max_loaded_wait=60)
     try:
         s.create("t", "writing")
+        got: list = []
         with s.get("t", "writing").busy:  # the write cannot start, so the session cannot be unloaded
             job = s.remember("t", "writing", CARDS[:1])
             s.store.create("t", "newcomer")
-            newcomer = s.get("t", "newcomer", hold=True)  # (a request in progress) past max_loaded: none idle
-            assert set(s.convs) == {("t", "writing"), ("t", "newcomer")} and s.unloaded_idle == 0
-        s.loaded.let_go(newcomer)
+            request = threading.Thread(target=lambda: got.append(s.stats("t", "newcomer")))
+            request.start()
+            request.join(0.5)
+            assert not got and set(s.convs) == {("t", "writing")} and s.unloaded_idle == 0
+            assert s.store.lease("t", "newcomer") is None and len(s.pool.sessions) == 1  # (never claimed, no row)
         s.writer.wake()
         assert job.done.result(timeout=60)["error"] is None
-        wait_until(lambda: len(s.convs) == 1, "the server stayed past max_loaded once the write ended", timeout=30)
-        assert s.unloaded_idle == 1 and s.stats("t", "writing")["memories"] == 1
+        request.join(60)
+        assert got and got[0]["context_turns"] == 0 and set(s.convs) == {("t", "newcomer")} and s.unloaded_idle == 1
         assert 'tmem_sessions_unloaded_total{reason="max_loaded"} 1\n' in s.metrics_text()
+        assert s.stats("t", "writing")["memories"] == 1 and set(s.convs) == {("t", "writing")}  # (idle: swapped)
     finally:
         s.stop()
+
+
+def test_a_load_at_max_loaded_with_every_session_busy_gets_a_503_with_retry_after_and_changes_nothing(model, tmp_path):
+    """No loaded session becomes idle within --max-loaded-wait: a request for a session not loaded gets 503
+    (OpenAI-style body, code server_busy, Retry-After), counted in tmem_requests_total; nothing is loaded,
+    unloaded, claimed or written. A create is not left half done (no session made), an unknown session is
+    still a 404, and once the busy session is let go the same request is answered."""
+    store = Store(tmp_path)
+    s = MemoryService(*model, store, ServeConfig(capacity=4, max_write_sessions=1, max_tokens=16, idle_unload=0,
+                                                 max_loaded=1, max_loaded_wait=0.3, card_writer=turn_cards))
+    body = {"session": "other", "max_tokens": 4, "messages": QUESTION}
+    with serve_in_thread(s, "tiny-llama") as url, httpx.Client(base_url=url, timeout=120) as client:
+        for name in ("other", "busy"):  # ("other" is unloaded to make room for "busy")
+            assert client.post("/v1/sessions", json={"id": name}).status_code == 201
+        busy = s.get("default", "busy", hold=True)  # a request of it in progress
+        files = {p: p.read_bytes() for p in (tmp_path / "tenants").rglob("*") if p.is_file()}
+        t0 = time.monotonic()
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 503 and time.monotonic() - t0 >= 0.3, r.text
+        assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["code"] == "server_busy"
+        assert "1 loaded sessions" in r.json()["error"]["message"] and r.headers["Retry-After"] == "1"
+        r = client.post("/v1/sessions", json={"id": "third"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy", r.text
+        assert client.get("/v1/sessions/nobody").status_code == 404
+        assert set(s.convs) == {("default", "busy")} and s.unloaded_idle == 1 and len(s.pool.sessions) == 1
+        assert {p: p.read_bytes() for p in (tmp_path / "tenants").rglob("*") if p.is_file()} == files  # (no lease,
+        assert store.sessions("default") == ["busy", "other"] and store.lease("default", "other") is None  # no "third")
+        text = s.metrics_text()
+        assert 'tmem_requests_total{code="503",route="/v1/chat/completions"} 1\n' in text
+        assert 'tmem_sessions_unloaded_total{reason="max_loaded"} 1\n' in text
+        s.loaded.let_go(busy)
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and set(s.convs) == {("default", "other")}, r.text
 
 
 def test_a_short_idle_unload_checks_often_but_renews_the_lease_every_third_of_its_ttl(model, tmp_path, monkeypatch):
@@ -549,6 +591,92 @@ def test_a_store_of_a_newer_format_is_refused_at_startup_and_an_older_one_opened
     log = (tmp_path / "serve.log").read_text()
     assert server.proc.returncode == 1 and f"format {STORE_FORMAT + 1}, newer than this server knows" in log, log
     assert (newer / "format.json").read_bytes() == marker and "Traceback" not in log
+
+
+def store_contents(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of a store (but the servers' lease records): its bytes and modification time."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file() and p.parent.name != "servers"}
+
+
+def test_a_store_records_its_model_and_a_server_of_another_model_refuses_it_at_startup(model, tmp_path):
+    """The first server on a store records its model (model.json); `tmem serve` of another model exits
+    with status 1 and one line naming both models, before it changes anything in the store (each
+    session moved there was a 500 session_corrupt, the mismatch said in the log alone); the model's
+    own servers go on serving it."""
+    root = tmp_path / "store"
+    s = start_service(model, Store(root), idle_unload=0, model_name="tiny-llama")
+    try:
+        s.create("t", "s")
+        assert s.remember("t", "s", CARDS).done.result(timeout=60)["error"] is None
+        metadata = s.pool.metadata()
+    finally:
+        s.stop()
+        s.pool.detach()
+    record = json.loads((root / "model.json").read_text())
+    assert record == {"name": "tiny-llama", "identity": model_identity(metadata)}
+    assert record["identity"]["architecture"].startswith("llama:") and "format" not in record["identity"]
+    before = store_contents(root)
+
+    server = ServerProcess(["--model", "tiny-qwen2", "--store", str(root)], free_port(), tmp_path / "serve.log")
+    with pytest.raises(RuntimeError, match="exited"):
+        server.wait_ready(120)
+    server.kill()
+    log = (tmp_path / "serve.log").read_text()
+    said = [line for line in log.splitlines() if line.startswith("tmem serve:")]
+    assert server.proc.returncode == 1 and len(said) == 1 and "Traceback" not in log, log
+    assert said[0].startswith(f"tmem serve: store {root} holds the sessions of model tiny-llama (llama:Llama"), said[0]
+    assert "not of this server's model tiny-qwen2 (qwen2:Qwen2ForCausalLM" in said[0], said[0]
+    assert store_contents(root) == before  # (not a byte nor a modification time)
+
+    saved = str(tmp_path / "tiny-llama-saved")  # (the same weights under another name: compared, not named)
+    s = start_service(model, Store(root), idle_unload=0, model_name=saved)
+    try:
+        assert s.memories("t", "s") == CARDS and json.loads((root / "model.json").read_text()) == record
+    finally:
+        s.stop()
+
+
+def test_a_store_from_before_the_model_record_gets_it_at_its_next_start_from_its_weights(model, tmp_path):
+    """A store without model.json (written before it existed): a server of another model than its weights
+    files' refuses it, naming the file, and records nothing; its model's server records it and serves it.
+    A store with no weights file yet is recorded as the server's model."""
+    root = tmp_path / "store"
+    s = start_service(model, Store(root), idle_unload=0)
+    try:
+        s.create("t", "s")
+        assert s.remember("t", "s", CARDS).done.result(timeout=60)["error"] is None
+        s.create("t", "blank")
+        identity = model_identity(s.pool.metadata())
+    finally:
+        s.stop()
+        s.pool.detach()
+    (root / "model.json").unlink()
+    weights = weights_file(Store(root), "t", "s").relative_to(root)
+    before = store_contents(root)
+    other, tokenizer = load_serving_model("tiny-qwen2")
+    with pytest.raises(StoreModelError, match=rf"holds the sessions of model \(llama:.*, as its {weights} says\), "
+                                              r"not of this server's model tiny-qwen2 \(qwen2:"):
+        MemoryService(other, tokenizer, Store(root), ServeConfig(capacity=4, max_write_sessions=1,
+                                                                 model_name="tiny-qwen2"))
+    assert store_contents(root) == before
+
+    s = start_service(model, Store(root), idle_unload=0, model_name="tiny-llama")
+    try:
+        assert s.memories("t", "s") == CARDS and s.stats("t", "blank")["memories"] == 0
+    finally:
+        s.stop()
+    assert json.loads((root / "model.json").read_text()) == {"name": "tiny-llama", "identity": identity}
+
+    fresh = tmp_path / "blank"  # sessions, none with a weights file: nothing says another model
+    Store(fresh).create("t", "s")
+    config = ServeConfig(capacity=4, max_write_sessions=1, model_name="q")
+    MemoryService(other, tokenizer, Store(fresh), config).pool.detach()
+    assert json.loads((fresh / "model.json").read_text())["identity"]["architecture"].startswith("qwen2:")
+    (fresh / "model.json").write_text('{"name": "q", "ident')  # (a garbled record is refused, not replaced)
+    with pytest.raises(StoreModelError, match="unreadable model record"):
+        MemoryService(other, tokenizer, Store(fresh), config)
+    assert (fresh / "model.json").read_text() == '{"name": "q", "ident'
 
 
 # ---------------------------------------------------------------------------------------------- turns log

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +26,8 @@ FILE_FORMAT = "tmem-fast-weights/2"
 # (checked in this order: the layout before the hash of the weights it targets, so the first difference named
 # is the one to fix: another num_layers targets other weights too)
 IDENTITY_KEYS = ("format", "architecture", "rank", "layers", "targets", "init", "shapes", "weights_sha256")
+# what names the model and the adapter B rows fit, whatever file holds them (a store's record: serve/store.py)
+MODEL_KEYS = (*IDENTITY_KEYS[1:], "weights_dtype", "scaling")
 
 
 class AdapterFileError(RuntimeError):
@@ -82,6 +84,22 @@ def adapter_metadata(
         "scaling": repr(float(scaling)),
         **layout.describe(),
     }
+
+
+def model_identity(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The MODEL_KEYS of an adapter header (`adapter_metadata`'s, or a file's: those it has): the model and
+    adapter its B rows fit (architecture, layout, init, base weights' hash and dtype, scaling), without the
+    file's own format."""
+    return {key: metadata[key] for key in MODEL_KEYS if key in metadata}
+
+
+def read_header(path: str | os.PathLike) -> dict[str, str]:
+    """An adapter file's header (its metadata), without its tensors; AdapterFileError if it cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for a corrupt or missing file
+        raise AdapterFileError(f"cannot read adapter file {path}: {exc}") from exc
 
 
 def data_sha256(tensors: dict[str, torch.Tensor]) -> str:

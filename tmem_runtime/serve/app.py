@@ -14,7 +14,8 @@
 
 API keys (`Authorization: Bearer KEY`) map to tenants; session ids are scoped to the tenant, so a
 tenant can only ever name its own sessions. Errors are OpenAI-shaped JSON ({"error": {"message",
-"type", "code"}}) with a 4xx status for anything the client can fix.
+"type", "code"}}) with a 4xx status for anything the client can fix, and 503 (`server_busy`, with
+Retry-After) for a session that cannot be loaded while every loaded one is busy at --max-loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -42,6 +44,7 @@ from tmem_runtime.serve.service import (
     CorruptSessionError,
     LeaseHeldError,
     MemoryService,
+    ServerBusyError,
     SessionExistsError,
     SessionGoneError,
     UnknownSessionError,
@@ -463,6 +466,9 @@ def _as_api_error(exc: Exception) -> ApiError:
         return ApiError(409, str(exc), "conflict_error", "session_elsewhere", {"X-Tmem-Server": exc.url or exc.owner})
     if isinstance(exc, SessionGoneError):
         return ApiError(409, str(exc), "conflict_error", "session_gone")
+    if isinstance(exc, ServerBusyError):  # (nothing changed: the client may send it again as it is)
+        return ApiError(503, str(exc), "server_error", "server_busy",
+                        {"Retry-After": str(max(1, math.ceil(exc.waited)))})
     if isinstance(exc, CorruptSessionError):  # the store's paths stay in the server's log
         logger.error("%s", exc)
         return ApiError(500, f"session {exc.session!r} cannot be loaded: its stored files are unreadable (the "
@@ -501,5 +507,5 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _respond(_as_api_error(exc))
 
     for kind in (ApiError, UnknownSessionError, SessionExistsError, LeaseHeldError, SessionGoneError,
-                 CorruptSessionError, ValueError):
+                 ServerBusyError, CorruptSessionError, ValueError):
         app.add_exception_handler(kind, known)

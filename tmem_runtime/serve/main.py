@@ -18,7 +18,7 @@ from tmem_runtime.backends import resolve_backend
 from tmem_runtime.cli import apply_threads, command_parser, device_arg
 from tmem_runtime.models import DEFAULT_MODEL, DTYPES, _tiny_tokenizer, load_model
 from tmem_runtime.serve.service import MemoryService, ServeConfig
-from tmem_runtime.serve.store import Store, StoreFormatError
+from tmem_runtime.serve.store import Store, StoreFormatError, StoreModelError
 
 
 def load_serving_model(name: str, tokenizer: str | None = None, device: str = "cpu",
@@ -85,6 +85,8 @@ def build_parser():
     p.add_argument("--lease-ttl", type=float, default=30.0, help="seconds a session lease lasts unrenewed")
     p.add_argument("--max-loaded", type=int, default=1024, help="sessions loaded at once; past it the least "
                    "recently used idle ones are released to the store (and loaded again on their next request)")
+    p.add_argument("--max-loaded-wait", type=float, default=10.0, help="seconds a request for a session not "
+                   "loaded waits, at --max-loaded with every loaded session busy, for one to be idle; then 503")
     p.add_argument("--idle-unload-seconds", type=float, default=600.0,
                    help="seconds a session goes unused (no request, no pending write) before it is unloaded from this "
                    "server; its next request loads it again (0: never)")
@@ -114,8 +116,8 @@ def main(argv: list[str]) -> int:
             server_id=args.server_id or address, url=args.url or f"http://{address}", capacity=args.capacity,
             l_max=args.l_max, max_rows=args.max_batch, max_write_sessions=write_batch,
             max_tokens=args.max_tokens, replay=args.replay, lease_ttl=args.lease_ttl,
-            idle_unload=args.idle_unload_seconds, max_loaded=args.max_loaded, naive=args.naive,
-            backend=args.backend,
+            idle_unload=args.idle_unload_seconds, max_loaded=args.max_loaded, max_loaded_wait=args.max_loaded_wait,
+            naive=args.naive, backend=args.backend, model_name=args.model,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -147,7 +149,10 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"tmem serve: cannot listen on {address} ({why})") from None
     with sock:
         model, tokenizer = load_serving_model(args.model, args.tokenizer, args.device, args.dtype)
-        service = MemoryService(model, tokenizer, store, config)
+        try:
+            service = MemoryService(model, tokenizer, store, config)
+        except StoreModelError as exc:  # another model's sessions: refused before anything there changes
+            raise SystemExit(f"tmem serve: {exc}") from None
         app = create_app(service, os.path.basename(args.model.rstrip("/")), api_keys, args.max_body)
         app.router.on_startup.append(service.start)
         app.router.on_shutdown.append(service.stop)

@@ -40,7 +40,7 @@ from tmem_runtime.recipes import Recipe
 from tmem_runtime.serve.batcher import AnswerBatcher, Request, Row
 from tmem_runtime.serve.conversation import Card, Conversation, SessionGoneError, WriteJob
 from tmem_runtime.serve.cores import CoreLoan
-from tmem_runtime.serve.loaded import LoadedSessions
+from tmem_runtime.serve.loaded import LoadedSessions, ServerBusyError, Taken
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.store import CorruptSessionError, LeaseHeldError, LeaseLostError, SessionExistsError, Store
 from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter, check_cards
@@ -80,6 +80,8 @@ class ServeConfig:
     card_writer: Callable[[str], str] | None = None  # flashcard text for a context (None: the model writes it)
     lend_cores: bool = True  # CPU: training steps borrow the decode thread's torch threads while it is idle
     max_loaded: int = 1024  # sessions loaded at once; past it the least recently used idle ones are released
+    max_loaded_wait: float = 10.0  # seconds a load waits, max_loaded all busy, for one to be idle (then 503)
+    model_name: str = ""  # the model's name, recorded in the store with its identity (Store.bind_model)
 
     def __post_init__(self) -> None:
         if self.naive:
@@ -91,7 +93,7 @@ class ServeConfig:
             ("l_max", ">= 1", self.l_max >= 1), ("max_rows", ">= 1", self.max_rows >= 1),
             ("max_tokens", ">= 1", self.max_tokens >= 1), ("max_write_sessions", ">= 1", self.max_write_sessions >= 1),
             ("max_loaded", ">= 1", self.max_loaded >= 1), ("lease_ttl", "> 0", self.lease_ttl > 0),
-            ("idle_unload", ">= 0", self.idle_unload >= 0),
+            ("idle_unload", ">= 0", self.idle_unload >= 0), ("max_loaded_wait", ">= 0", self.max_loaded_wait >= 0),
         ) if not ok]  # fmt: skip
         if bad:
             raise ValueError(f"invalid serve config: {', '.join(bad)}")
@@ -104,6 +106,11 @@ class MemoryService:
                  config: ServeConfig) -> None:
         self.model, self.tokenizer, self.store, self.config = model, tokenizer, store, config
         self.pool = SessionPool(model, capacity=config.capacity, backend=config.backend)
+        try:
+            store.bind_model(config.model_name, self.pool.metadata())  # (StoreModelError: another model's store)
+        except BaseException:
+            self.pool.detach()  # (the model is left as it was)
+            raise
         self.metrics = Metrics()
         model_lock = threading.Lock() if config.naive else None
         cores = CoreLoan(torch.get_num_threads(), enabled=config.lend_cores and self.pool.device.type == "cpu")
@@ -116,7 +123,7 @@ class MemoryService:
                                    config.max_write_sessions, config.replay, config.card_tokens, model_lock=model_lock,
                                    card_writer=config.card_writer, cores=cores)
         self.preamble = self.generator.chat_preamble()  # answers' shared prefix, cached per session version
-        self.loaded = LoadedSessions(self._load)
+        self.loaded = LoadedSessions(self._load, self._unload_taken)
         self.convs = self.loaded.convs  # (read under self.loaded.lock)
         self.unloaded_idle = 0  # sessions unloaded for being idle
         self._load_ids = itertools.count(1)  # pool ids are unique per load, so a late unload never closes a newer load
@@ -132,8 +139,8 @@ class MemoryService:
         self._renew_leases()  # (this server's lease record names its url now)
         self._upkeep_thread.start()
         for tenant, session in list(self.store.leased_to(self.config.server_id)):
-            try:
-                self.get(tenant, session)
+            try:  # (past max_loaded if those are busy: their pending writes resume; the upkeep unloads the rest)
+                self.get(tenant, session, bounded=False)
             except (LeaseHeldError, UnknownSessionError):
                 pass
             except CorruptSessionError as exc:  # one unreadable session does not keep the others from serving
@@ -146,14 +153,26 @@ class MemoryService:
 
     # ---------------------------------------------------------------- sessions
     def create(self, tenant: str, session: str) -> Conversation:
-        """A new session (SessionExistsError if the id is taken in the tenant), loaded here."""
+        """A new session (SessionExistsError if the id is taken in the tenant), loaded here (ServerBusyError:
+        not created)."""
         self.store.create(tenant, session)
-        return self.get(tenant, session)
+        try:
+            return self.get(tenant, session)
+        except ServerBusyError:
+            if (tenant, session) not in self.convs:  # (nobody was told of it yet)
+                self.store.remove(tenant, session)
+            raise
 
-    def get(self, tenant: str, session: str, hold: bool = False) -> Conversation:
-        """The loaded session, loading it from the store if needed (UnknownSessionError, LeaseHeldError).
-        hold: the caller uses it until `self.loaded.let_go(conv)` (it is not unloaded as idle meanwhile)."""
-        conv, loaded_now = self.loaded.get(tenant, session, hold)
+    def get(self, tenant: str, session: str, hold: bool = False, bounded: bool = True) -> Conversation:
+        """The loaded session, loading it from the store if needed (UnknownSessionError, LeaseHeldError;
+        ServerBusyError: `max_loaded` are loaded and none became idle within `max_loaded_wait` seconds,
+        nothing loaded or unloaded; bounded=False: loaded past max_loaded then). hold: the caller uses it
+        until `self.loaded.let_go(conv)` (it is not unloaded as idle meanwhile)."""
+        cfg = self.config
+        if (tenant, session) not in self.convs and not self.store.exists(tenant, session):
+            raise UnknownSessionError(f"no session {session!r}")  # (a 404, not a wait for room, for no session)
+        conv, loaded_now = self.loaded.get(tenant, session, hold, cfg.max_loaded if bounded else None,
+                                           cfg.max_loaded_wait)
         if loaded_now:
             self.writer.submit(conv, list(conv.jobs))
             if len(self.loaded.convs) > self.config.max_loaded:  # (a racy read: the bound is checked again)
@@ -359,6 +378,11 @@ class MemoryService:
         cannot be given up (logged) stays leased here, the others are unloaded all the same; it loads here
         again on its next request. Returns how many."""
         taken = self.loaded.take_idle(self.config.idle_unload, self.config.max_loaded)
+        self._unload_taken(taken)
+        return len(taken)
+
+    def _unload_taken(self, taken: list[Taken]) -> None:
+        """Unload sessions `LoadedSessions` took as idle and give their leases up (see `unload_idle`)."""
         for conv, gate, reason in taken:  # each taken session's gate is let go, whatever befalls the others
             try:
                 self._drop(conv)
@@ -369,7 +393,6 @@ class MemoryService:
                 self.loaded.unloaded(conv, gate)
             self.unloaded_idle += 1
             self.metrics.inc("sessions_unloaded_total", reason=reason)
-        return len(taken)
 
     # ---------------------------------------------------------------- answers
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -425,5 +448,5 @@ def _abandon(jobs: list[WriteJob], why: str) -> None:
         job.settle(error=SessionGoneError(why))
 
 
-__all__ = ["CorruptSessionError", "LeaseHeldError", "MemoryService", "ServeConfig", "SessionExistsError",
-           "SessionGoneError", "UnknownSessionError"]
+__all__ = ["CorruptSessionError", "LeaseHeldError", "MemoryService", "ServeConfig", "ServerBusyError",
+           "SessionExistsError", "SessionGoneError", "UnknownSessionError"]

@@ -9,6 +9,7 @@
         .lock                      flock'd while the lease changes hands
     STORE/servers/                 each server's lease record: until when its sessions' leases last (leases.py)
     STORE/format.json              {"format": N}: the store's format (STORE_FORMAT), written at its first use
+    STORE/model.json               {"name", "identity"}: the model whose sessions the store holds (`bind_model`)
 
 Every file is replaced atomically (temp file, fsync, rename, directory fsync); the log is only appended
 to (one fsynced line a change; a torn last line is ignored). A change is committed either by appending
@@ -24,6 +25,14 @@ they were. Ids are
 checked against ID_PATTERN and stored hex-encoded, so no id can name a path outside its tenant; an id
 is at most MAX_ID_LENGTH characters, so its hex name fits a file name (255 bytes on common filesystems).
 
+Models: a session's weights file fits one model (and adapter layout) alone (`adapter_file`), so a store
+holds the sessions of one model. The first server to use it records that model (model.json: its name, and
+the identity its weights files' headers carry, `adapter_file.model_identity`), created once; a server of
+another model refuses the store (`StoreModelError`) before it changes anything there. A store from before
+the record gets it at its next start, from the header of one of its weights files if it has any (so a
+server of another model refuses it too), else from the server. The record changes how no other file is
+read, so it needs no new format: a server from before it serves the store as it is, without the check.
+
 Formats: a server opens a store of its format or an older one (marking an older one as its own: the
 older layouts are read as they are), and refuses one of a newer format (`StoreFormatError`), whose files
 it may misread. Servers from before the marker (format 1) cannot refuse; the lease files of format 2 on
@@ -38,13 +47,14 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tmem_runtime.adapter_file import atomic_write
+from tmem_runtime.adapter_file import MODEL_KEYS, AdapterFileError, atomic_write, model_identity, read_header
 from tmem_runtime.serve.leases import EPOCH_MARKS, ServerLeases, epoch_mark
 from tmem_runtime.serve.turn_log import PREFIX, append_entry, log_name, read_entries
 
@@ -57,10 +67,15 @@ STATE_VERSION = 1
 #    triggers, seq, weights), which a format 2 server would drop; format 2's entries (turns) read as they are.
 STORE_FORMAT = 3
 FORMAT_FILE = "format.json"
+MODEL_FILE = "model.json"
 
 
 class StoreFormatError(RuntimeError):
     """The store was written in a format this server does not know (a newer one), or its marker is unreadable."""
+
+
+class StoreModelError(RuntimeError):
+    """The store holds the sessions of another model than this server's (or its model record is unreadable)."""
 
 
 class SessionExistsError(ValueError):
@@ -202,6 +217,41 @@ class Store:
         self.format = _check_format(self.root)
         (self.root / "tenants").mkdir(exist_ok=True)
         self.servers = ServerLeases(self.root / "servers")
+
+    def bind_model(self, name: str, metadata: Mapping[str, str]) -> None:
+        """Check that the store holds the sessions of this model, recording it if the store has no record
+        (see the module docstring). name: what the server calls the model (said in messages, not compared);
+        metadata: the header its adapter files carry (`SessionPool.metadata()`). StoreModelError, naming
+        both models, if the record (or, in a store without one, a weights file) is of another model or
+        adapter: nothing in the store is changed then."""
+        ours = {"name": name, "identity": model_identity(metadata)}
+        path = self.root / MODEL_FILE
+        while True:
+            try:
+                theirs = json.loads(path.read_bytes())
+                break
+            except FileNotFoundError:
+                pass
+            except ValueError as exc:  # (JSON and UTF-8 decode errors)
+                raise StoreModelError(f"store {self.root}: unreadable model record {path} ({exc})") from None
+            found = self._sessions_model()
+            if found is not None:
+                _check_model(self.root, found, ours)
+            if _create_once(path, json.dumps(ours, ensure_ascii=False).encode()):
+                return
+        if not isinstance(theirs, dict) or not isinstance(theirs.get("identity"), dict):
+            raise StoreModelError(f"store {self.root}: unreadable model record {path} (no identity)")
+        _check_model(self.root, theirs, ours)
+
+    def _sessions_model(self) -> dict | None:
+        """In a store without a model record: the model of the first readable weights file (None: none)."""
+        for path in self.root.glob("tenants/*/*/weights-*.safetensors"):
+            try:
+                header = read_header(path)
+            except AdapterFileError:
+                continue
+            return {"name": "", "identity": model_identity(header), "file": str(path.relative_to(self.root))}
+        return None
 
     # ---------------------------------------------------------------- paths
     def tenant_dir(self, tenant: str) -> Path:
@@ -445,6 +495,56 @@ def _check_format(root: Path) -> int:
     if found < STORE_FORMAT:
         _write_atomically(path, json.dumps({"format": STORE_FORMAT}).encode())
     return STORE_FORMAT
+
+
+def _check_model(root: Path, theirs: dict, ours: dict) -> None:
+    """StoreModelError if the model records differ in a key both have (`adapter_file.MODEL_KEYS`)."""
+    a, b = theirs["identity"], ours["identity"]
+    differ = [key for key in MODEL_KEYS if key in a and key in b and a[key] != b[key]]
+    if not differ:
+        return
+    said = "; ".join(f"{key} {a[key]!r} there, {b[key]!r} here" for key in differ
+                     if key not in ("architecture", "weights_sha256"))
+    raise StoreModelError(
+        f"store {root} holds the sessions of model {_model(theirs)}, not of this server's model {_model(ours)}"
+        f"{f' ({said})' if said else ''}: serve it with that model, or give this one a store of its own (--store)"
+    )
+
+
+def _model(record: dict) -> str:
+    """A model record as said in messages: its name, architecture and base weights' hash (and the weights
+    file it was read from, for a store from before the record)."""
+    identity, name = record["identity"], str(record.get("name") or "")
+    source = f", as its {record['file']} says" if record.get("file") else ""
+    return (f"{name + ' ' if name else ''}({identity.get('architecture', '?')}, base weights SHA-256 "
+            f"{str(identity.get('weights_sha256', '?'))[:12]}...{source})")
+
+
+def _create_once(path: Path, data: bytes) -> bool:
+    """Create `path` holding `data`, durably, unless it exists (False then): a fsynced temp file linked to
+    its name, so two processes creating it at once leave one whole file, the first's."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: a rename (two first servers at once: the last's stays)
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _encode(record: SessionRecord) -> bytes:
