@@ -78,13 +78,13 @@ class PackedLinear(nn.Linear):
             x.requires_grad or w.requires_grad or (self.bias is not None and self.bias.requires_grad)
         )
         return (
-            not recording
+            not torch.compiler.is_compiling()  # first: dynamo cannot trace is_inference()
+            and not recording
             and x.device.type == "cpu" == w.device.type
             and x.dtype == w.dtype
             and w.dtype in _PACKABLE
             and not w.is_inference()  # (made inside inference_mode: no version counter tells when it changes)
             and x.dim() >= 2
-            and not torch.compiler.is_compiling()
         )
 
     @classmethod
