@@ -242,11 +242,23 @@ def svd_top_r(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torc
     """Exact top-r singular triplets of a stack of matrices.
 
     w [L, M, K] -> U [L, M, r], S [L, r] (descending), Vh [L, r, K], computed in float32 (float64 for
-    float64 input) with torch.linalg.svd.
+    float64 input) with torch.linalg.svd; signs as `canonical_signs` makes them (LAPACK builds differ).
     """
     work = w if w.dtype == torch.float64 else w.float()
     u, s, vh = torch.linalg.svd(work, full_matrices=False)
-    return u[..., :r], s[..., :r], vh[..., :r, :]
+    ut, vh = canonical_signs(u[..., :r].mT, vh[..., :r, :])
+    return ut.mT, s[..., :r], vh
+
+
+def canonical_signs(ut: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The singular vectors with the sign every machine agrees on. ut [L, r, M], vh [L, r, K]: the left and
+    right vectors as rows. Each pair (ut[i], vh[i]) is flipped so that the largest-|.| entry of its vector on
+    the shorter side (vh's if K <= M, else ut's) is positive; U S V^T is unchanged."""
+    side = vh if vh.shape[-1] <= ut.shape[-1] else ut
+    idx = side.abs().argmax(dim=-1, keepdim=True)
+    sign = torch.sign(torch.gather(side, -1, idx))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return ut * sign, vh * sign
 
 
 def svd_lora_init(w: torch.Tensor, r: int) -> torch.Tensor:

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import torch
 
+from tmem_kernels.reference import canonical_signs
+
 __all__ = ["randomized_svd_top_r", "randomized_svd_lora_init"]
 
 # Defaults chosen on the real SmolLM2-135M weights (last 4 MLPs; see benchmarks/RESULTS.md):
@@ -163,7 +165,7 @@ def randomized_svd_top_r(
     """Top-r singular triplets of every matrix in a stack, by randomized block Krylov + Rayleigh-Ritz.
 
     w [L, M, K] (any real float dtype, any device) -> U [L, M, r], S [L, r] descending, Vh [L, r, K],
-    float32 (float64 for float64 input), as `reference.svd_top_r` up to the signs of the vectors.
+    float32 (float64 for float64 input), as `reference.svd_top_r` (the same canonical signs).
     `oversample`: extra sketch columns (block b = r + oversample); `n_iter`: Krylov steps (A^T A
     applications after the first); the Krylov space has (n_iter + 1) * b columns, capped at
     min(M, K), where it becomes exact. `seed` fixes the sketch. `gram`: apply A^T A through the
@@ -214,11 +216,7 @@ def randomized_svd_top_r(
     vt = vt.gather(-2, order.unsqueeze(-1).expand_as(vt))
     ut = ut.gather(-2, order.unsqueeze(-1).expand_as(ut))
     ut = ut / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
-    # Canonical signs: the largest-|.| entry of each right (n-side) vector positive.
-    idx = vt.abs().argmax(dim=-1, keepdim=True)
-    sign = torch.sign(torch.gather(vt, -1, idx))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    vt, ut = vt * sign, ut * sign
+    ut, vt = canonical_signs(ut, vt)  # vt is the shorter (n-) side: its largest-|.| entries positive
     if tall:
         return ut.mT, s, vt  # W = U S V^T
     return vt.mT, s, ut  # W^T = A = U S V^T  ->  W = V S U^T
