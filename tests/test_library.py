@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -644,6 +645,9 @@ def test_public_api_and_version():
     root = Path(__file__).resolve().parents[1]
     for name in tmem_kernels.__all__:
         assert hasattr(tmem_kernels, name), name
+    public = {n for n, f in vars(library).items()
+              if not n.startswith("_") and inspect.isfunction(f) and f.__module__ == library.__name__}  # fmt: skip
+    assert public - set(library.__all__) == set(), "public op wrappers missing from library.__all__"
     assert read_configuration(root / "pyproject.toml")["project"]["version"] == tmem_kernels.__version__
     registered = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("tmem::"))
     readme = (root / "README.md").read_text()

@@ -47,6 +47,7 @@ __all__ = [
     "adamw_step_torch",
     "adamw_step_triton",
     "linear_cross_entropy",
+    "linear_cross_entropy_rows",
     "lora_mlp_native",
     "lora_mlp_torch",
     "lora_mlp_triton",
