@@ -137,6 +137,16 @@ def test_exact_svd_signs_do_not_depend_on_lapack(shape, monkeypatch):
     torch.testing.assert_close(u1 * s1.unsqueeze(-2) @ vh1, u0 * s0.unsqueeze(-2) @ vh0)
 
 
+def test_autocast_does_not_lower_the_work_dtype():
+    """Under a caller's torch.autocast the products still run in float32 (the documented work dtype)."""
+    w = torch.randn(2, 57, 83, generator=torch.Generator().manual_seed(6))
+    want = randomized_svd_top_r(w, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = randomized_svd_top_r(w, 6)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_deterministic_for_a_seed():
     w = torch.randn(2, 57, 83, generator=torch.Generator().manual_seed(4))
     first = randomized_svd_top_r(w, 6, seed=7)

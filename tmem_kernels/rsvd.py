@@ -172,6 +172,14 @@ def randomized_svd_top_r(
     explicit Gram matrix (True), as two products (False), or whichever costs fewer flops (None).
     """
     _check(w, r, oversample, n_iter)
+    with torch.autocast(w.device.type, enabled=False):  # the products run in the work dtype, autocast or not
+        return _block_krylov_top_r(w, r, oversample, n_iter, seed, gram)
+
+
+def _block_krylov_top_r(
+    w: torch.Tensor, r: int, oversample: int, n_iter: int, seed: int, gram: bool | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`randomized_svd_top_r` on checked arguments."""
     dtype = _work_dtype(w.dtype)
     lead, m_w, k_w = w.shape
     tall = m_w >= k_w

@@ -120,8 +120,8 @@ class FastWeightEngine:
         self.ops = kernel_ops(self.backend)
         self.fused = [is_silu(mlp.act_fn) for _, mlp in self.mlps]
         self.fingerprint = WeightsFingerprint([w for _, mlp in self.mlps for w in _weights(mlp)])
-        with torch.inference_mode(False), torch.no_grad():
-            self._allocate(svd, seed)
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            self._allocate(svd, seed)  # (in fp32 whatever autocast the caller has on)
         self.initial = [True] * capacity  # per B row: still equal to B0
         self._local = threading.local()
         self.default_binding: Binding | None = None

@@ -63,7 +63,7 @@ class PeftReferencePool(SessionStore):
             self.peft_model = get_peft_model(model, config)  # injects LoRA into `model` in place
         self._modules = [getattr(m, t) for _, m in self.mlps for t in MLP_TARGETS]
         self._originals: list[torch.Tensor] = []
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             for i, mod in enumerate(self._modules):
                 a, b = self.layout.a_view(a0, i), self.layout.b_view(b0, i)
                 mod.lora_A["default"].weight.copy_(a)

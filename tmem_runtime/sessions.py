@@ -89,11 +89,13 @@ class SessionStore:
 
     # ---------------------------------------------------------------- writes
     def _train(self, *write_args) -> dict[str, list[float]]:
-        """`_write(*write_args)` with dropout off, once the batch's tokens are known to fit the model."""
+        """`_write(*write_args)` with dropout off and any enclosing torch.autocast off (a write computes in the
+        model's own dtype, B and its optimizer state in fp32, on every backend), once the batch's tokens are
+        known to fit the model."""
         batch = write_args[1]
         if batch is not None:
             check_token_range(batch, self.model)
-        with eval_mode(self.model):
+        with eval_mode(self.model), torch.autocast(self.device.type, enabled=False):
             return self._write(*write_args)
 
     def write_examples_many(
