@@ -122,6 +122,19 @@ def test_none_channel_never_writes_and_keeps_the_most_recent_part(generator):
     assert kept.endswith("It is slow but good.") and "Zorblat" not in kept
 
 
+def test_keep_last_tokens_keeps_whole_characters(generator):
+    """Byte-level tokens split an emoji or a CJK character: a cut there keeps text of the input, not a U+FFFD
+    standing for the bytes cut off (the summary and the none channel's prompt are cut this way)."""
+    text = "Ana: we saw 🦜🦜 at the 日本語 café 🎉\nBen: 東京に住んでいます 👍🏽\n" * 3
+    ids = generator.encode(text)
+    assert any("\ufffd" in generator.tokenizer.decode(ids[-n:]) for n in range(1, 60))  # cuts inside a character
+    for n in range(1, 60):
+        kept = generator.keep_last_tokens(text, n)
+        assert text.endswith(kept) and "\ufffd" not in kept, (n, kept)
+        assert generator.count_tokens(kept) <= n
+    assert generator.keep_last_tokens(text, 0) == ""
+
+
 @pytest.mark.slow
 def test_retrieval_channel_finds_the_early_chunk(generator):
     channel = make_channel("retrieval", generator, top_k=1)

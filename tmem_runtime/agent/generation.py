@@ -74,11 +74,18 @@ class Generator:
         return len(self.encode(text)) if text else 0
 
     def keep_last_tokens(self, text: str, max_tokens: int) -> str:
-        """The most recent part of `text` that fits in `max_tokens` tokens (cut at a line start if possible)."""
+        """The most recent part of `text` that fits in `max_tokens` tokens (cut at a line start if possible).
+
+        A cut inside a character (byte-level tokens split an emoji or a CJK character) moves past it: the
+        part kept is always text of `text`, never a U+FFFD standing for the bytes cut off."""
         ids = self.encode(text)
         if len(ids) <= max_tokens:
             return text
-        tail = self.tokenizer.decode(ids[len(ids) - max_tokens :])
+        start = len(ids) - max_tokens
+        tail = self.tokenizer.decode(ids[start:])
+        while tail.startswith("\ufffd") and not text.endswith(tail) and start < len(ids):
+            start += 1
+            tail = self.tokenizer.decode(ids[start:])
         newline = tail.find("\n")
         return tail[newline + 1 :] if 0 <= newline < len(tail) // 4 else tail
 
