@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from tmem_runtime.agent.agent import MemoryAgent, clean_answer
 from tmem_runtime.agent.channels import MemoryChannel, WriteEvent, context_chunks, make_channel
@@ -173,16 +174,48 @@ def test_early_fact_is_answered_from_the_fast_weights(generator, fast_weights):
 
 @pytest.mark.slow
 def test_a_summary_as_large_as_the_budget_is_refused_clearly(generator):
-    """The rolling summary sits in the working context: with a cap of l_max tokens or more every turn would
-    trigger a write, so the agent refuses it (tmem+summary counts its summary); a smaller cap is taken."""
+    """The rolling summary sits in the working context, its heading ("Notes on the earlier conversation:",
+    7 tokens) included: with a memory of l_max tokens or more every turn would trigger a write, so the agent
+    refuses it (tmem+summary counts its summary); a smaller one is taken."""
     from tmem_runtime.agent.channels import HybridChannel, SummaryChannel
 
     channel = make_channel("summary", generator, summary_tokens=512)
-    with pytest.raises(ValueError, match=r"l_max 512 leaves no room .* up to 512 tokens"):
-        MemoryAgent(generator, channel, l_max=512)
-    assert MemoryAgent(generator, channel, l_max=513).l_max == 513
-    assert HybridChannel(None, SummaryChannel(generator, 300)).max_memory_tokens() == 300
+    assert channel.max_memory_tokens() == 512 + 7
+    with pytest.raises(ValueError, match=r"l_max 519 leaves no room .* up to 519 tokens"):
+        MemoryAgent(generator, channel, l_max=519)
+    assert MemoryAgent(generator, channel, l_max=520).l_max == 520
+    assert HybridChannel(None, SummaryChannel(generator, 300)).max_memory_tokens() == 307
     assert make_channel("none", generator).max_memory_tokens() == 0
+
+
+def test_the_summary_in_the_context_never_exceeds_the_channel_s_bound(generator):
+    """What the agent counts against l_max (`memory_text`: heading and notes, the notes cut to their cap) stays
+    within `max_memory_tokens`, the bound the agent's l_max check relies on (it left out the heading: with
+    --summary-tokens 20 an l_max of 21-26 was taken, and the 27-token memory then wrote at every turn)."""
+    from tmem_runtime.agent.summary import merge_summaries
+
+    channel = make_channel("summary", generator, summary_tokens=20)
+    notes = "- Ana adopted a green parrot named Zorblat.\n- Ben went hiking in the hills on Saturday."
+    channel.summary = merge_summaries("", notes, 20, generator)
+    assert generator.count_tokens(channel.summary) == 20
+    assert generator.count_tokens(channel.memory_text()) == 27 == channel.max_memory_tokens()
+    with pytest.raises(ValueError, match="l_max 26 leaves no room"):
+        MemoryAgent(generator, channel, l_max=26)
+
+
+def test_eval_refuses_a_summary_whose_heading_leaves_no_room_and_makes_no_out(tmp_path):
+    """Past the check before loading (--summary-tokens below --l-max), the exact one with the tokenizer: the
+    notes' heading counts too."""
+    from tmem_runtime.agent.evaluate import main
+
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "two_sessions.json")
+    threads = torch.get_num_threads()
+    with pytest.raises(SystemExit, match="--summary-tokens 20 with the notes' heading is up to 27 tokens, which must "
+                                         "be below --l-max 27"):  # fmt: skip
+        main(["--data", fixture, "--memory", "none", "tmem+summary", "--summary-tokens", "20", "--l-max", "27",
+              "--out", str(tmp_path / "o")])  # fmt: skip
+    torch.set_num_threads(threads)
+    assert not (tmp_path / "o").exists()
 
 
 def test_eval_refuses_a_summary_cap_at_or_above_the_budget_before_loading_anything(tmp_path):

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from tmem_runtime.adapter_file import atomic_write
 from tmem_runtime.agent.agent import MemoryAgent, Trigger
 from tmem_runtime.agent.card_selection import SELECTIONS
-from tmem_runtime.agent.channels import CHANNELS, MemoryChannel, make_channel
+from tmem_runtime.agent.channels import CHANNELS, MemoryChannel, SummaryChannel, make_channel
 from tmem_runtime.agent.flashcards import FLASHCARD_MODES
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.locomo import (
@@ -458,8 +458,14 @@ def main(argv: list[str] | None = None) -> int:
             load_policy(model, args.policy, args.num_layers)
         except PolicyFileError as exc:  # damaged past its header, or for another model
             raise SystemExit(f"tmem eval: --policy {exc}") from None
-    make_out_dir("tmem eval", out)
     generator = Generator(model, tokenizer, args.window)
+    if any("summary" in m for m, _ in methods):  # exact now: the notes' heading sits in the context too
+        notes = SummaryChannel(generator, args.summary_tokens).max_memory_tokens()
+        if notes >= args.l_max:
+            raise SystemExit(f"tmem eval: --summary-tokens {args.summary_tokens} with the notes' heading is up to "
+                             f"{notes} tokens, which must be below --l-max {args.l_max}: the summary sits in the "
+                             "working context, so every turn would trigger a write")  # fmt: skip
+    make_out_dir("tmem eval", out)
     pooled = [m for m in methods if m[0].startswith("tmem")] if args.side_by_side else []
     fast_weights = pool = None
     if pooled:  # one session per (tmem method, conversation), answered together at the end
