@@ -123,6 +123,20 @@ def test_none_channel_never_writes_and_keeps_the_most_recent_part(generator):
     assert kept.endswith("It is slow but good.") and "Zorblat" not in kept
 
 
+def test_answer_refuses_queries_that_do_not_match_the_questions(generator):
+    """One retrieval query per question: a list of another length was cut to the shorter one by zip, and the
+    agent returned fewer answers than questions without a word."""
+    agent = MemoryAgent(generator, make_channel("none", generator), l_max=100, answer_tokens=2)
+    agent.read(_conversation())
+    questions = ["Where did Ben go hiking?", "What did Ana read?"]
+    with pytest.raises(ValueError, match="2 questions need as many retrieval queries, got 1"):
+        agent.answer(questions, ["hiking"])
+    with pytest.raises(ValueError, match="2 questions need as many retrieval queries, got 0"):
+        agent.answer_prompts(questions, [])
+    assert len(agent.answer_prompts(questions, ["hiking", "book"])[1]) == 2
+    assert agent.answer([], []) == []
+
+
 def test_keep_last_tokens_keeps_whole_characters(generator):
     """Byte-level tokens split an emoji or a CJK character: a cut there keeps text of the input, not a U+FFFD
     standing for the bytes cut off (the summary and the none channel's prompt are cut this way)."""
