@@ -104,6 +104,24 @@ def test_trigger_fires_at_the_budget_and_clears_the_context(generator):
     assert agent.lines == [] and agent.triggers == []
 
 
+def test_a_session_with_no_turns_writes_nothing(generator):
+    """A context holding no turn never triggers a write: an empty session (built in Python; load_locomo drops
+    them) left its DATE line alone in the context, and the next session's DATE line wrote it ("DATE: d1\nDATE:
+    d2": the summary channel would have made up notes about nothing)."""
+    conv = Conversation("gaps", "A", "B", [
+        Session(1, "d1", []), Session(2, "d2", [Turn("A", "hello there my friend how are you")]),
+        Session(3, "d3", []), Session(4, "d4", [Turn("B", "fine")]),
+    ], [])  # fmt: skip
+    channel = RecordingChannel()
+    agent = MemoryAgent(generator, channel, l_max=12)
+    agent.read(conv)
+    assert channel.written == ["DATE: d2\nA: hello there my friend how are you"]
+    assert agent.lines == ["DATE: d4", "B: fine"] and agent.session == 4
+    none = MemoryAgent(generator, make_channel("none", generator), l_max=12)
+    none.read(conv)
+    assert none.context == "DATE: d2\nA: hello there my friend how are you\nDATE: d4\nB: fine"
+
+
 @pytest.mark.slow
 def test_a_turn_that_is_not_valid_unicode_is_refused_and_changes_nothing(generator):
     agent = MemoryAgent(generator, make_channel("none", generator), l_max=100)

@@ -127,7 +127,10 @@ class MemoryAgent:
         self._append(line, tokens)
 
     def read_session(self, session: Session, on_trigger: Callable[[Trigger], None] | None = None) -> None:
-        """Read one session: its DATE line, then each turn."""
+        """Read one session: its DATE line, then each turn. A session with no turn adds nothing (as `load_locomo`
+        drops one): its DATE line alone would be a context holding no turn that the next DATE line writes."""
+        if not session.turns:
+            return
         self.session, self.header = session.index, session.header()
         self.observe(self.header, on_trigger)
         for turn in session.turns:
