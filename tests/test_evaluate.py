@@ -158,3 +158,22 @@ def test_an_interrupt_while_saving_leaves_the_episodes_saved_before(tmp_path, mo
     runs = json.loads((out / "answers.json").read_text())["runs"]
     assert [r["method"] for r in runs] == ["none"]
     assert sorted(p.name for p in out.iterdir()) == ["answers.json"]  # no temp file left
+
+
+def test_eval_refuses_two_conversations_with_one_sample_id_before_loading(tmp_path):
+    """Episodes are keyed by (method, sample_id): with two conversations of one id a resumed run took the second
+    for done once the first was saved, and --side-by-side gave both one pool session (the second's reset wiped
+    the first's memory). Refused before the model loads; selecting ids that are unique runs."""
+    (sample,) = json.loads(FIXTURE.read_text())
+    other = dict(sample, sample_id="fx-2")
+    data = tmp_path / "twice.json"
+    data.write_text(json.dumps([sample, sample, other]))
+    argv = ["--data", str(data), "--memory", "none", "--max-questions", "1", "--answer-tokens", "2"]
+    with pytest.raises(SystemExit, match=r"holds 2 conversations with sample_id 'fx-1': each needs its own"):
+        main([*argv, "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+    threads = torch.get_num_threads()
+    assert main([*argv, "--conversations", "fx-2", "--out", str(tmp_path / "o2")]) == 0
+    torch.set_num_threads(threads)
+    runs = json.loads((tmp_path / "o2" / "answers.json").read_text())["runs"]
+    assert [(r["method"], r["conversation"], len(r["answers"])) for r in runs] == [("none", "fx-2", 1)]

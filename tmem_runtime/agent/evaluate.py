@@ -435,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     from tmem_runtime.engine import adapter_layout
 
     conversations = read_locomo("tmem eval", args.data, args.conversations)  # before anything is made or loaded
+    ids = [c.sample_id for c in conversations]
+    if len(set(ids)) < len(ids):  # episodes are keyed by it: the resume, the --side-by-side sessions
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise SystemExit(f"tmem eval: {args.data} holds {ids.count(twice)} conversations with sample_id {twice!r}: "
+                         "each needs its own (a resumed run and --side-by-side tell episodes apart by it)")
     if args.policy:
         from tmem_runtime.rl.policy import PolicyFileError, load_policy, policy_path
 
