@@ -177,3 +177,19 @@ def test_eval_refuses_two_conversations_with_one_sample_id_before_loading(tmp_pa
     torch.set_num_threads(threads)
     runs = json.loads((tmp_path / "o2" / "answers.json").read_text())["runs"]
     assert [(r["method"], r["conversation"], len(r["answers"])) for r in runs] == [("none", "fx-2", 1)]
+
+
+def test_a_card_min_score_the_selector_refuses_is_a_usage_error(capsys):
+    """--card-min-score 0 was taken by the parser and refused by SalientTurns (min_score >= 1) with a traceback
+    once the model had loaded and the episodes before the first tmem one had run; now a usage error."""
+    from tmem_runtime.agent.card_selection import SalientTurns
+    from tmem_runtime.agent.evaluate import parse_args
+
+    argv = ["--data", str(FIXTURE), "--memory", "tmem", "--cards", "salient", "--out", "unused"]
+    with pytest.raises(SystemExit) as exc:
+        parse_args([*argv, "--card-min-score", "0"])
+    assert exc.value.code == 2
+    assert "argument --card-min-score: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="min_score must be >= 1"):
+        SalientTurns(0)
+    assert SalientTurns(parse_args([*argv, "--card-min-score", "1"]).card_min_score).min_score == 1

@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="if > 0, replay at most this many earlier items per new one (cheap writes stay cheap)")
     p.add_argument("--cards", choices=SELECTIONS, default="all",
                    help="which turns get a flashcard: all (of 5+ words) or salient (new content words, no model call)")
-    p.add_argument("--card-min-score", type=int_in(0), default=4, help="salient: new content words a turn needs")
+    p.add_argument("--card-min-score", type=int_in(1), default=4, help="salient: new content words a turn needs")
     p.add_argument("--max-cards", type=int_in(1), default=None, help="salient: at most this many cards per write")
     p.add_argument("--named-turns", action="store_true",
                    help="per-turn cards: show the writer each turn in the third person (I/my -> the speaker's name)")
