@@ -155,6 +155,24 @@ def test_answer_refuses_queries_that_do_not_match_the_questions(generator):
     assert agent.answer([], []) == []
 
 
+def test_answer_prompts_are_whole_when_the_conversation_holds_the_cut_markers(generator):
+    """The answer prompt is cut (shared prefix | question) at a U+241F slot, rendered as a U+241E: a turn holding
+    either symbol (valid text a user can paste) moved the cut into the context, and every question was asked
+    in the middle of it ("...my notes use " + question + " between fields and ...")."""
+    from tmem_runtime.agent.agent import QA_PROMPT
+
+    agent = MemoryAgent(generator, make_channel("none", generator), l_max=100)
+    agent.observe("DATE: 1 May")
+    agent.observe("Ana: my notes use \u241f between fields and \u241e between records.")
+    agent.observe("Ben: I moved to Porto.")
+    questions = ["Where did Ben move?", "What do Ana's notes use?"]
+    prefix, suffixes = agent.answer_prompts(questions)
+    assert prefix.endswith("Ben: I moved to Porto.\n\n")
+    for q, suffix in zip(questions, suffixes):
+        whole = f"{agent.prompt_context()}\n\n{QA_PROMPT.format(question=q)}"
+        assert prefix + suffix == generator.chat_prompt([{"role": "user", "content": whole}])
+
+
 def test_keep_last_tokens_keeps_whole_characters(generator):
     """Byte-level tokens split an emoji or a CJK character: a cut there keeps text of the input, not a U+FFFD
     standing for the bytes cut off (the summary and the none channel's prompt are cut this way)."""
