@@ -193,3 +193,25 @@ def test_a_card_min_score_the_selector_refuses_is_a_usage_error(capsys):
     with pytest.raises(ValueError, match="min_score must be >= 1"):
         SalientTurns(0)
     assert SalientTurns(parse_args([*argv, "--card-min-score", "1"]).card_min_score).min_score == 1
+
+
+def test_a_damaged_answers_file_is_refused_in_one_line_and_left_as_it_was(tmp_path):
+    """answers.json is JSON but not a run's (edited by hand, written by another tool): its "args" not an object,
+    its "runs" not a list of episodes. Each was an AttributeError/TypeError/KeyError traceback; now refused in
+    one line before the model loads, the file left as it was (--fresh overwrites it)."""
+    from tmem_runtime.agent.evaluate import parse_args
+
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = ["--data", str(FIXTURE), "--memory", "none", "--device", "cpu", "--out", str(out)]
+    args = vars(parse_args(argv))
+    not_episodes = 'its "runs" are not a list of episodes'
+    for saved, why in (({"args": [], "runs": []}, "'list' object has no attribute 'items'"),
+                       ({"args": args, "runs": "abc"}, not_episodes),
+                       ({"args": args, "runs": [{"method": "none"}]}, not_episodes)):  # fmt: skip
+        text = json.dumps(saved)
+        (out / "answers.json").write_text(text)
+        with pytest.raises(SystemExit, match=rf"answers.json is not a tmem eval answers file \({why}"):
+            main(argv)
+        assert (out / "answers.json").read_text() == text
+        assert sorted(p.name for p in out.iterdir()) == ["answers.json"]

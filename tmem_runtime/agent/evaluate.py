@@ -129,8 +129,13 @@ def saved_runs(out: Path, args: argparse.Namespace) -> list[dict]:
         return []
     try:
         saved = json.loads(path.read_text())
-        theirs, runs = _settings(saved["args"]), list(saved["runs"])
-    except (ValueError, KeyError, TypeError) as exc:
+        theirs, runs = _settings(saved["args"]), saved["runs"]
+        if not isinstance(runs, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("method"), str) and isinstance(r.get("conversation"), str)
+            for r in runs
+        ):
+            raise ValueError('its "runs" are not a list of episodes, each with a method and a conversation')
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SystemExit(f"tmem eval: {path} is not a tmem eval answers file ({exc}): pass --fresh to "
                          "overwrite it, or another --out") from None
     mine = _settings(vars(args))
