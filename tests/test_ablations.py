@@ -339,6 +339,24 @@ def test_a_checkpoint_of_other_settings_is_refused_and_left_as_it_was(tmp_path):
     assert ResultStore(old, {"model": "m"}).data["settings"] == {"model": "m"}
 
 
+def test_a_damaged_checkpoint_is_refused_in_one_line_and_left_as_it_was(tmp_path):
+    """A checkpoint that is not JSON (a file edited by hand, a disk that filled) or not the layout (a JSON
+    list) was a JSONDecodeError / AttributeError traceback; now one line naming it, before any model loads
+    (--model tiny-llama would load), and the file is left as it was; --report-only the same."""
+    from tmem_runtime.ablations.command import main
+
+    path = tmp_path / "capacity.json"
+    for damaged, why in (("{not json", "Expecting property name"), ("[]", 'not an object with a "runs" object'),
+                         ('{"runs": []}', 'not an object with a "runs" object')):  # fmt: skip
+        path.write_text(damaged)
+        with pytest.raises(SystemExit, match=rf"tmem ablate: {path} is not a tmem ablate checkpoint \({why}"):
+            main(["--out", str(tmp_path), "--only", "capacity", "--model", "tiny-llama"])
+        with pytest.raises(SystemExit, match="is not a tmem ablate checkpoint"):
+            main(["--out", str(tmp_path), "--report-only"])
+        assert path.read_text() == damaged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["capacity.json"]
+
+
 def test_a_format_study_done_with_other_settings_is_refused(tmp_path):
     """The format study skips a (format, conversation) whose `tmem eval` report exists: only when that run
     had the same settings (another --max-sessions is refused, not silently reused)."""

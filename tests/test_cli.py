@@ -348,3 +348,30 @@ def test_ctrl_c_is_one_line_and_exit_status_130():
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert err.strip().splitlines() == ["tmem demo-weights: interrupted"]
+
+
+@pytest.mark.parametrize("command, options", [
+    ("eval", ["--data", "FIXTURE", "--memory", "none"]),
+    ("ablate", ["--only", "capacity"]),
+])
+def test_an_existing_out_that_cannot_be_written_is_refused_before_the_model_loads(command, options, tmp_path):
+    """An --out that exists but cannot be written in (read-only: here an immutable directory, which root cannot
+    write in either) was taken: the model loaded, the first episode or study ran, and its save was a
+    PermissionError traceback. Refused at once now (the model named does not exist: nothing loads)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "two_sessions.json"
+    out = tmp_path / "ro"
+    out.mkdir()
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode:
+        pytest.skip("no chattr +i here to make a directory nobody can write in")
+    try:
+        options = [str(fixture) if o == "FIXTURE" else o for o in options]
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, *options, "--out", str(out), "--model", "no-such-model"])
+        assert str(exit_info.value.code) == f"tmem {command}: cannot write in --out {out}: Permission denied"
+        assert list(out.iterdir()) == []
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)

@@ -158,3 +158,60 @@ def test_an_interrupt_while_saving_leaves_the_episodes_saved_before(tmp_path, mo
     runs = json.loads((out / "answers.json").read_text())["runs"]
     assert [r["method"] for r in runs] == ["none"]
     assert sorted(p.name for p in out.iterdir()) == ["answers.json"]  # no temp file left
+
+
+def test_eval_refuses_two_conversations_with_one_sample_id_before_loading(tmp_path):
+    """Episodes are keyed by (method, sample_id): with two conversations of one id a resumed run took the second
+    for done once the first was saved, and --side-by-side gave both one pool session (the second's reset wiped
+    the first's memory). Refused before the model loads; selecting ids that are unique runs."""
+    (sample,) = json.loads(FIXTURE.read_text())
+    other = dict(sample, sample_id="fx-2")
+    data = tmp_path / "twice.json"
+    data.write_text(json.dumps([sample, sample, other]))
+    argv = ["--data", str(data), "--memory", "none", "--max-questions", "1", "--answer-tokens", "2"]
+    with pytest.raises(SystemExit, match=r"holds 2 conversations with sample_id 'fx-1': each needs its own"):
+        main([*argv, "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+    threads = torch.get_num_threads()
+    assert main([*argv, "--conversations", "fx-2", "--out", str(tmp_path / "o2")]) == 0
+    torch.set_num_threads(threads)
+    runs = json.loads((tmp_path / "o2" / "answers.json").read_text())["runs"]
+    assert [(r["method"], r["conversation"], len(r["answers"])) for r in runs] == [("none", "fx-2", 1)]
+
+
+def test_a_card_min_score_the_selector_refuses_is_a_usage_error(capsys):
+    """--card-min-score 0 was taken by the parser and refused by SalientTurns (min_score >= 1) with a traceback
+    once the model had loaded and the episodes before the first tmem one had run; now a usage error."""
+    from tmem_runtime.agent.card_selection import SalientTurns
+    from tmem_runtime.agent.evaluate import parse_args
+
+    argv = ["--data", str(FIXTURE), "--memory", "tmem", "--cards", "salient", "--out", "unused"]
+    with pytest.raises(SystemExit) as exc:
+        parse_args([*argv, "--card-min-score", "0"])
+    assert exc.value.code == 2
+    assert "argument --card-min-score: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="min_score must be >= 1"):
+        SalientTurns(0)
+    assert SalientTurns(parse_args([*argv, "--card-min-score", "1"]).card_min_score).min_score == 1
+
+
+def test_a_damaged_answers_file_is_refused_in_one_line_and_left_as_it_was(tmp_path):
+    """answers.json is JSON but not a run's (edited by hand, written by another tool): its "args" not an object,
+    its "runs" not a list of episodes. Each was an AttributeError/TypeError/KeyError traceback; now refused in
+    one line before the model loads, the file left as it was (--fresh overwrites it)."""
+    from tmem_runtime.agent.evaluate import parse_args
+
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = ["--data", str(FIXTURE), "--memory", "none", "--device", "cpu", "--out", str(out)]
+    args = vars(parse_args(argv))
+    not_episodes = 'its "runs" are not a list of episodes'
+    for saved, why in (({"args": [], "runs": []}, "'list' object has no attribute 'items'"),
+                       ({"args": args, "runs": "abc"}, not_episodes),
+                       ({"args": args, "runs": [{"method": "none"}]}, not_episodes)):  # fmt: skip
+        text = json.dumps(saved)
+        (out / "answers.json").write_text(text)
+        with pytest.raises(SystemExit, match=rf"answers.json is not a tmem eval answers file \({why}"):
+            main(argv)
+        assert (out / "answers.json").read_text() == text
+        assert sorted(p.name for p in out.iterdir()) == ["answers.json"]

@@ -92,11 +92,15 @@ def changed_settings(saved: Mapping, current: Mapping) -> list[str]:
 
 
 def check_out_dir(command: str, out: Path) -> None:
-    """SystemExit "COMMAND: cannot make --out OUT: why" if `out` cannot be made as a directory. Checked before
-    a model loads, and the directory made only after (`make_out_dir`): a failed load leaves nothing behind."""
+    """SystemExit "COMMAND: cannot make --out OUT: why" if `out` cannot be made as a directory, or "COMMAND:
+    cannot write in --out OUT: ..." if it is one this process cannot write in (its results would fail to save
+    only once the first one is done). Checked before a model loads, and the directory made only after
+    (`make_out_dir`): a failed load leaves nothing behind."""
     if out.exists():
         if not out.is_dir():
             raise SystemExit(f"{command}: cannot make --out {out}: it is a file")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise SystemExit(f"{command}: cannot write in --out {out}: Permission denied")
         return
     above = next(p for p in out.absolute().parents if p.exists())
     if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):

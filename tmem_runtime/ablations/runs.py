@@ -65,11 +65,20 @@ class ResultStore:
 
     settings: what its records depend on beyond their keys (the model, a study's sizes). A file whose
     records were made with other settings is refused (SystemExit naming them): resuming would mix two
-    experiments in one table. None: not checked (reading a report)."""
+    experiments in one table. None: not checked (reading a report). A file that is not such a checkpoint (not
+    JSON, another layout) is refused the same way, and left as it is."""
 
     def __init__(self, path: Path, settings: dict | None = None) -> None:
         self.path = Path(path)
-        self.data: dict = json.loads(self.path.read_text()) if self.path.exists() else {"runs": {}}
+        self.data: dict = {"runs": {}}
+        if self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+                if not isinstance(self.data, dict) or not isinstance(self.data.get("runs"), dict):
+                    raise ValueError('not an object with a "runs" object')
+            except (ValueError, OSError) as exc:  # JSONDecodeError, UnicodeDecodeError, a directory, ...
+                raise SystemExit(f"tmem ablate: {self.path} is not a tmem ablate checkpoint ({exc}): use another "
+                                 "--out, or delete that file to start its studies over") from None
         if settings is not None:
             saved = self.data.get("settings")
             if saved is not None and self.data["runs"] and saved != settings:

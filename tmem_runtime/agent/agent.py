@@ -127,7 +127,10 @@ class MemoryAgent:
         self._append(line, tokens)
 
     def read_session(self, session: Session, on_trigger: Callable[[Trigger], None] | None = None) -> None:
-        """Read one session: its DATE line, then each turn."""
+        """Read one session: its DATE line, then each turn. A session with no turn adds nothing (as `load_locomo`
+        drops one): its DATE line alone would be a context holding no turn that the next DATE line writes."""
+        if not session.turns:
+            return
         self.session, self.header = session.index, session.header()
         self.observe(self.header, on_trigger)
         for turn in session.turns:
@@ -158,13 +161,16 @@ class MemoryAgent:
     def answer_prompts(self, questions: list[str], queries: list[str] | None = None) -> tuple[str, list[str]]:
         """(shared prefix, one suffix per question): the answer prompts, as text.
 
-        queries: what retrieval searches with, one per question (default: the questions themselves).
+        queries: what retrieval searches with, one per question (default: the questions themselves);
+        ValueError if there are not as many.
         """
+        if queries is not None and len(queries) != len(questions):
+            raise ValueError(f"{len(questions)} questions need as many retrieval queries, got {len(queries)}")
         shared = "" if self.channel.answers_from_weights else self.prompt_context()
         content = f"{shared}\n\n{_QUESTION_SLOT}" if shared else _QUESTION_SLOT
         prefix, suffix = self.generator.split_chat_prompt([{"role": "user", "content": content}], _QUESTION_SLOT)
         suffixes = []
-        for q, query in zip(questions, queries or questions):
+        for q, query in zip(questions, questions if queries is None else queries):
             recalled = self.channel.recall(query)
             asked = QA_PROMPT.format(question=q) if shared or recalled else q
             suffixes.append((f"{recalled}\n\n" if recalled else "") + asked + suffix)

@@ -71,6 +71,7 @@ class SummaryChannel(MemoryChannel):
 
     name = "summary"
     writes = True
+    heading = "Notes on the earlier conversation:\n"  # the notes' first line in `memory_text`
 
     def __init__(self, generator: Generator, max_tokens: int = 512, max_new_tokens: int = 128):
         self.generator, self.max_tokens, self.max_new_tokens = generator, max_tokens, max_new_tokens
@@ -80,10 +81,11 @@ class SummaryChannel(MemoryChannel):
         self.summary = ""
 
     def memory_text(self) -> str:
-        return f"Notes on the earlier conversation:\n{self.summary}" if self.summary else ""
+        return f"{self.heading}{self.summary}" if self.summary else ""
 
     def max_memory_tokens(self) -> int:
-        return self.max_tokens
+        """The notes' cap plus their heading: what `memory_text` can take in the working context."""
+        return self.max_tokens + self.generator.count_tokens(self.heading)
 
     def write(self, context: str, trigger: int) -> WriteEvent:
         notes = write_summary(self.generator, self.summary, context, self.max_new_tokens)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from tmem_runtime.adapter_file import atomic_write
 from tmem_runtime.agent.agent import MemoryAgent, Trigger
 from tmem_runtime.agent.card_selection import SELECTIONS
-from tmem_runtime.agent.channels import CHANNELS, MemoryChannel, make_channel
+from tmem_runtime.agent.channels import CHANNELS, MemoryChannel, SummaryChannel, make_channel
 from tmem_runtime.agent.flashcards import FLASHCARD_MODES
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.locomo import (
@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="if > 0, replay at most this many earlier items per new one (cheap writes stay cheap)")
     p.add_argument("--cards", choices=SELECTIONS, default="all",
                    help="which turns get a flashcard: all (of 5+ words) or salient (new content words, no model call)")
-    p.add_argument("--card-min-score", type=int_in(0), default=4, help="salient: new content words a turn needs")
+    p.add_argument("--card-min-score", type=int_in(1), default=4, help="salient: new content words a turn needs")
     p.add_argument("--max-cards", type=int_in(1), default=None, help="salient: at most this many cards per write")
     p.add_argument("--named-turns", action="store_true",
                    help="per-turn cards: show the writer each turn in the third person (I/my -> the speaker's name)")
@@ -129,8 +129,13 @@ def saved_runs(out: Path, args: argparse.Namespace) -> list[dict]:
         return []
     try:
         saved = json.loads(path.read_text())
-        theirs, runs = _settings(saved["args"]), list(saved["runs"])
-    except (ValueError, KeyError, TypeError) as exc:
+        theirs, runs = _settings(saved["args"]), saved["runs"]
+        if not isinstance(runs, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("method"), str) and isinstance(r.get("conversation"), str)
+            for r in runs
+        ):
+            raise ValueError('its "runs" are not a list of episodes, each with a method and a conversation')
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SystemExit(f"tmem eval: {path} is not a tmem eval answers file ({exc}): pass --fresh to "
                          "overwrite it, or another --out") from None
     mine = _settings(vars(args))
@@ -435,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     from tmem_runtime.engine import adapter_layout
 
     conversations = read_locomo("tmem eval", args.data, args.conversations)  # before anything is made or loaded
+    ids = [c.sample_id for c in conversations]
+    if len(set(ids)) < len(ids):  # episodes are keyed by it: the resume, the --side-by-side sessions
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise SystemExit(f"tmem eval: {args.data} holds {ids.count(twice)} conversations with sample_id {twice!r}: "
+                         "each needs its own (a resumed run and --side-by-side tell episodes apart by it)")
     if args.policy:
         from tmem_runtime.rl.policy import PolicyFileError, load_policy, policy_path
 
@@ -458,8 +468,14 @@ def main(argv: list[str] | None = None) -> int:
             load_policy(model, args.policy, args.num_layers)
         except PolicyFileError as exc:  # damaged past its header, or for another model
             raise SystemExit(f"tmem eval: --policy {exc}") from None
-    make_out_dir("tmem eval", out)
     generator = Generator(model, tokenizer, args.window)
+    if any("summary" in m for m, _ in methods):  # exact now: the notes' heading sits in the context too
+        notes = SummaryChannel(generator, args.summary_tokens).max_memory_tokens()
+        if notes >= args.l_max:
+            raise SystemExit(f"tmem eval: --summary-tokens {args.summary_tokens} with the notes' heading is up to "
+                             f"{notes} tokens, which must be below --l-max {args.l_max}: the summary sits in the "
+                             "working context, so every turn would trigger a write")  # fmt: skip
+    make_out_dir("tmem eval", out)
     pooled = [m for m in methods if m[0].startswith("tmem")] if args.side_by_side else []
     fast_weights = pool = None
     if pooled:  # one session per (tmem method, conversation), answered together at the end

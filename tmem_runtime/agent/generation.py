@@ -25,7 +25,7 @@ from tmem_runtime.examples import check_unicode
 if TYPE_CHECKING:
     from tmem_runtime.pool import SessionPool
 
-_SPLIT = "\u241e"  # a marker that never occurs in conversation text
+_SPLIT = "\u241e"  # where split_chat_prompt cuts (the last one: conversation text may hold it too)
 _LINE_DONE = re.compile(r"\S[^\n]*\n")
 
 
@@ -74,11 +74,18 @@ class Generator:
         return len(self.encode(text)) if text else 0
 
     def keep_last_tokens(self, text: str, max_tokens: int) -> str:
-        """The most recent part of `text` that fits in `max_tokens` tokens (cut at a line start if possible)."""
+        """The most recent part of `text` that fits in `max_tokens` tokens (cut at a line start if possible).
+
+        A cut inside a character (byte-level tokens split an emoji or a CJK character) moves past it: the
+        part kept is always text of `text`, never a U+FFFD standing for the bytes cut off."""
         ids = self.encode(text)
         if len(ids) <= max_tokens:
             return text
-        tail = self.tokenizer.decode(ids[len(ids) - max_tokens :])
+        start = len(ids) - max_tokens
+        tail = self.tokenizer.decode(ids[start:])
+        while tail.startswith("\ufffd") and not text.endswith(tail) and start < len(ids):
+            start += 1
+            tail = self.tokenizer.decode(ids[start:])
         newline = tail.find("\n")
         return tail[newline + 1 :] if 0 <= newline < len(tail) // 4 else tail
 
@@ -94,14 +101,18 @@ class Generator:
         return probes[0][: common_prefix_length(probes)]
 
     def split_chat_prompt(self, messages: list[dict[str, str]], marker: str) -> tuple[str, str]:
-        """Render `messages` and cut the text at `marker` (a substring of the last message, removed).
+        """Render `messages` and cut the text at `marker` (its last occurrence in the last message, removed).
 
-        Returns (prefix, suffix): the prefix is shared across questions (KV-cached once).
+        Returns (prefix, suffix): the prefix is shared across questions (KV-cached once). The text before
+        the marker may hold the marker, or the cut's own U+241E, as conversation text can: the cut is at the
+        last of each.
         """
-        if marker not in messages[-1]["content"]:
+        content = messages[-1]["content"]
+        if marker not in content:
             raise ValueError("marker not found in the last message")
-        last = dict(messages[-1], content=messages[-1]["content"].replace(marker, _SPLIT, 1))
-        prefix, suffix = self.chat_prompt(messages[:-1] + [last]).split(_SPLIT, 1)
+        at = content.rindex(marker)
+        last = dict(messages[-1], content=content[:at] + _SPLIT + content[at + len(marker) :])
+        prefix, suffix = self.chat_prompt(messages[:-1] + [last]).rsplit(_SPLIT, 1)
         return prefix, suffix
 
     def line_ids(self) -> list[int]:
