@@ -7,6 +7,8 @@ import pytest
 from tmem_runtime.agent.locomo import (
     NOT_MENTIONED,
     QA,
+    Session,
+    Turn,
     exact_match,
     load_locomo,
     multi_answer_f1,
@@ -116,3 +118,12 @@ def test_a_file_that_is_not_locomo_is_refused_with_a_clear_message(text, message
 def test_a_missing_file_is_refused_with_its_path(tmp_path):
     with pytest.raises(ValueError, match=r"no such file.*nope\.json"):
         load_locomo(tmp_path / "nope.json")
+
+
+def test_a_turn_with_line_breaks_renders_as_one_line():
+    """Some LoCoMo turns hold line breaks (e.g. "...\n\n[Shares a photo ...]"): a context is one turn per
+    line, so the break becomes a space rather than a speakerless line of its own."""
+    turn = Turn("Ana", "Look at this!\n\n[Shares a photo of a bird]\n", image_caption="a bird\non a branch")
+    assert turn.render() == "Ana: Look at this! [Shares a photo of a bird] [shares a bird on a branch]"
+    session = Session(1, "d1", [turn, Turn("Ben", "Nice.")])
+    assert session.render().splitlines() == ["DATE: d1", turn.render(), "Ben: Nice."]

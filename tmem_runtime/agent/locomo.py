@@ -39,11 +39,19 @@ class Turn:
     image_caption: str | None = None
 
     def render(self) -> str:
-        """One line: `Speaker: text [shares <caption>]`."""
-        line = f"{self.speaker}: {self.text}"
+        """One line: `Speaker: text [shares <caption>]` (line breaks inside the text or caption, which some
+        LoCoMo turns hold, become spaces: a context is one turn per line)."""
+        line = f"{self.speaker}: {_one_line(self.text)}"
         if self.image_caption:
-            line += f" [shares {self.image_caption}]"
+            line += f" [shares {_one_line(self.image_caption)}]"
         return line
+
+
+def _one_line(text: str) -> str:
+    return _LINE_BREAKS.sub(" ", text.strip())
+
+
+_LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
 
 
 @dataclass
