@@ -397,3 +397,33 @@ def test_the_report_has_a_section_only_for_a_fact_study_that_ran(tmp_path):
         report = write_report(tmp_path).read_text()
     assert "## 1. Init" in report and "| svd (" in report and (tmp_path / "init.png").exists()
     assert "## 3. Rank, layers" not in report and not (tmp_path / "place.png").exists()
+
+
+def _finished_format_run(out, write_format: str, conversation: str, f1s: list[float]) -> None:
+    """The files `tmem eval` leaves for one (format, conversation) of the format study."""
+    import json
+
+    from tmem_runtime.ablations.studies import format_dir
+
+    d = format_dir(out, write_format, conversation)
+    d.mkdir(parents=True)
+    answers = [{"question": f"q{i}", "category": 1 + i % 4, "f1": f, "em": float(f == 1.0)} for i, f in enumerate(f1s)]
+    (d / "answers.json").write_text(json.dumps({"runs": [{"answers": answers}]}))
+    (d / "report.json").write_text(json.dumps({"methods": {write_format: {"triggers": 2, "write_steps": 9,
+                                                                            "flashcards_written": 5}}}))
+
+
+def test_the_format_report_compares_the_formats_that_ran(tmp_path):
+    """`tmem ablate --only format --formats qa ntp` runs two of the three formats: the report compares those
+    two (before, it waited for all three and printed 'no conversation finished' forever)."""
+    from tmem_runtime.ablations.report import format_section
+
+    for conv, shift in (("conv-1", 0.0), ("conv-2", 0.1)):
+        _finished_format_run(tmp_path, "qa", conv, [0.5 + shift, 1.0, 0.25, 0.75])
+        _finished_format_run(tmp_path, "ntp", conv, [0.25 + shift, 0.5, 0.0, 0.5])
+    _finished_format_run(tmp_path, "qa", "conv-3", [1.0, 1.0, 1.0, 1.0])  # ntp not finished: left out
+    text = "\n".join(format_section(tmp_path))
+    assert "per format (qa, ntp), conversations conv-1, conv-2" in text and "**8 questions" in text
+    qa = next(line for line in text.splitlines() if line.startswith("| qa |"))
+    assert qa.split("|")[2].strip().startswith(f"{100 * (0.6 + 1.0 + 0.25 + 0.75 + 0.5 + 1.0 + 0.25 + 0.75) / 8:.1f}")
+    assert "| qa − ntp |" in text and "summary" not in text

@@ -310,21 +310,25 @@ def format_answers(
 
 
 def format_section(out: Path) -> Lines:
+    """The formats the study ran (`--formats` may pick some), compared on the conversations all of them finished."""
     root = out / "format"
-    conversations = sorted(p.name for p in (root / FORMATS[0]).iterdir()) if (root / FORMATS[0]).exists() else []
-    answers = format_answers(out, conversations)
-    main = {f: [a for a in answers[f] if a["category"] in (1, 2, 3, 4)] for f in FORMATS}
-    if not main[FORMATS[0]]:
+    formats = [f for f in FORMATS if (root / f).is_dir() and any((root / f).iterdir())]
+    if not formats:
         return ["(no conversation finished for every format yet)", ""]
-    convs = sorted({a["conversation"] for a in main[FORMATS[0]]})
-    floor = format_answers(out, convs, [*FORMATS, NO_MEMORY])[NO_MEMORY]  # only if it ran on every one
-    methods = list(FORMATS)
-    if len(floor) == len(answers[FORMATS[0]]):
+    conversations = sorted(p.name for p in (root / formats[0]).iterdir())
+    answers = format_answers(out, conversations, formats)
+    main = {f: [a for a in answers[f] if a["category"] in (1, 2, 3, 4)] for f in formats}
+    if not main[formats[0]]:
+        return [f"(no conversation finished for every format yet: {', '.join(formats)})", ""]
+    convs = sorted({a["conversation"] for a in main[formats[0]]})
+    floor = format_answers(out, convs, [*formats, NO_MEMORY])[NO_MEMORY]  # only if it ran on every one
+    methods = list(formats)
+    if len(floor) == len(answers[formats[0]]):
         main[NO_MEMORY] = [a for a in floor if a["category"] in (1, 2, 3, 4)]
         methods.append(NO_MEMORY)
-    lines = [f"`tmem eval --memory tmem` per format, conversations {', '.join(convs)}, first 3 sessions each, "
-             f"every question whose evidence lies there: **{len(main[FORMATS[0]])} questions of categories 1-4** "
-             "(the same for every format; paired).", ""]
+    lines = [f"`tmem eval --memory tmem` per format ({', '.join(formats)}), conversations {', '.join(convs)}, "
+             f"first 3 sessions each, every question whose evidence lies there: **{len(main[formats[0]])} questions "
+             "of categories 1-4** (the same for every format; paired).", ""]
     rows = []
     f1s = {f: mean_interval([a["f1"] for a in main[f]]) for f in methods}
     for f in methods:
@@ -341,8 +345,8 @@ def format_section(out: Path) -> Lines:
     lines += _table(["format", "F1 1-4 [95% CI]", "EM 1-4", "writes", "write steps", "cards", "cost", "wall"], rows)
     lines += [""]
     diffs = {}
-    pairs = [("qa", "summary"), ("qa", "ntp"), ("summary", "ntp")]
-    pairs += [(f, NO_MEMORY) for f in FORMATS] if NO_MEMORY in main else []
+    pairs = [(x, y) for x, y in (("qa", "summary"), ("qa", "ntp"), ("summary", "ntp")) if x in main and y in main]
+    pairs += [(f, NO_MEMORY) for f in formats] if NO_MEMORY in main else []
     for x, y in pairs:
         diffs[(x, y)] = paired_difference([a["f1"] for a in main[x]], [a["f1"] for a in main[y]])
     lines += _table(["difference", "F1 points [95% CI]", "CI excludes 0"],
