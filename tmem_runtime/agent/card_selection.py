@@ -3,7 +3,9 @@
 `SalientTurns` scores each turn by what it adds to the episode: content words never seen before in
 it (names count double, a number counts once), so a turn that states something new scores high and
 small talk that repeats the episode's vocabulary (weather, coffee, "same here") scores low. Every
-turn read (chosen or not) adds its words to the episode's vocabulary; `reset()` forgets it. Turns
+turn it is shown (chosen or not) adds its words to the episode's vocabulary; it is shown the turns that
+could get a card (`flashcards.dated_turns`: MIN_TURN_WORDS words or more), so the words of shorter turns
+stay new to it. `reset()` forgets it. Turns
 scoring at least `min_score` get a card, the `max_cards` best of a write at most.
 """
 
