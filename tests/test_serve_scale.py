@@ -261,7 +261,7 @@ def test_a_late_renewals_claim_never_lands_after_an_unload_gave_the_lease_up(mod
 
         monkeypatch.setattr(store, "claim", slow_claim)
         store.servers._write(replace(store.servers.read("local"), expires=time.time() - 1))  # a late renewal
-        renewer = threading.Thread(target=s._renew_leases, name="renewer")
+        renewer = threading.Thread(target=s.leases.renew, name="renewer")
         renewer.start()
         assert claiming.wait(60)
         s.convs[("t", "s")].last_used -= 10
@@ -440,7 +440,7 @@ def test_a_renewal_round_writes_one_file_whatever_the_number_of_sessions(model, 
             s.create("t", f"s{i}")
         before, expiry = file_versions(tmp_path), [store.lease("t", f"s{i}").expires for i in range(40)]
         time.sleep(0.01)
-        s._renew_leases()
+        s.leases.renew()
         after = file_versions(tmp_path)
         changed = [p for p in after if before.get(p) != after[p]]
         assert changed == [str(tmp_path / "servers" / (b"local".hex() + ".json"))]
@@ -465,7 +465,7 @@ def test_after_a_late_renewal_the_sessions_another_server_took_are_dropped_and_t
         assert store.lease("t", "kept").expires < time.time()
         store.claim("t", "taken", "other", "http://other", ttl=30)
         taken = s.convs[("t", "taken")]
-        s._renew_leases()
+        s.leases.renew()
         assert ("t", "taken") not in s.convs and not taken.active and taken.pool_id not in s.pool
         kept = store.lease("t", "kept")
         assert kept.owner == "local" and kept.epoch != old.epoch and kept.expires > time.time()

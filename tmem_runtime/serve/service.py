@@ -7,7 +7,7 @@
 
 A session is loaded into this server on first use: its lease is claimed in the store (another live
 server's lease refuses it: `LeaseHeldError`), its weights file loaded into a pool session, and its
-pending writes resumed. An upkeep thread renews this server's lease (one store write keeps every
+pending writes resumed. An upkeep thread renews this server's lease (`LeaseKeeper`: one store write keeps every
 loaded session's; after a late renewal each is claimed again, and one found taken over is dropped),
 and unloads the sessions unused for `idle_unload` seconds (`LoadedSessions.take_idle`): their next
 request loads them again. `release` hands a session over: it is persisted with its pending writes and
@@ -40,6 +40,7 @@ from tmem_runtime.recipes import Recipe
 from tmem_runtime.serve.batcher import AnswerBatcher, Request, Row
 from tmem_runtime.serve.conversation import Card, Conversation, SessionGoneError, WriteJob
 from tmem_runtime.serve.cores import CoreLoan
+from tmem_runtime.serve.lease_renewal import LeaseKeeper
 from tmem_runtime.serve.loaded import LoadedSessions, ServerBusyError, Taken
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.store import CorruptSessionError, LeaseHeldError, LeaseLostError, SessionExistsError, Store
@@ -125,6 +126,7 @@ class MemoryService:
         self.preamble = self.generator.chat_preamble()  # answers' shared prefix, cached per session version
         self.loaded = LoadedSessions(self._load, self._unload_taken)
         self.convs = self.loaded.convs  # (read under self.loaded.lock)
+        self.leases = LeaseKeeper(store, config, self.loaded, self._drop)
         self.unloaded_idle = 0  # sessions unloaded for being idle
         self._load_ids = itertools.count(1)  # pool ids are unique per load, so a late unload never closes a newer load
         self._stop = threading.Event()
@@ -136,7 +138,7 @@ class MemoryService:
         writes resume)."""
         self.batcher.start()
         self.writer.start()
-        self._renew_leases()  # (this server's lease record names its url now)
+        self.leases.renew()  # (this server's lease record names its url now)
         self._upkeep_thread.start()
         for tenant, session in list(self.store.leased_to(self.config.server_id)):
             try:  # (past max_loaded if those are busy: their pending writes resume; the upkeep unloads the rest)
@@ -334,39 +336,12 @@ class MemoryService:
         while not self._stop.wait(period):
             if time.monotonic() >= renew_at:  # (not at every idle check: a short idle_unload is no reason to
                 renew_at = time.monotonic() + renew_every  # write the lease file more often)
-                self._renew_leases()
+                self.leases.renew()
             if idle or len(self.loaded.convs) > self.config.max_loaded:
                 try:
                     self.unload_idle()
                 except Exception:  # e.g. a full disk under a release: the next period retries the others
                     logger.exception("unloading an idle session failed")
-
-    def _renew_leases(self) -> None:
-        """Renew this server's lease (one store write: every session's lease lasts while it does); after
-        a late renewal (a new epoch), claim each loaded session again, dropping those another server took."""
-        cfg = self.config
-        try:
-            epoch = self.store.renew(cfg.server_id, cfg.url, cfg.lease_ttl).epoch
-        except Exception:  # e.g. a full disk: the next period retries
-            logger.exception("renewing this server's lease failed")
-            return
-        for conv in self.loaded.loaded():
-            if conv.lease_epoch == epoch:
-                continue
-            with conv.lock:  # an unload marks the session inactive under its lock before it gives the lease up:
-                if not conv.active:  # no claim lands after that (the lease would stay this server's with the
-                    continue  # session loaded nowhere, refused to every other server)
-                try:
-                    conv.lease_epoch = self.store.claim(conv.tenant, conv.session, cfg.server_id, cfg.url,
-                                                        cfg.lease_ttl).epoch
-                    taken = False
-                except (LeaseHeldError, KeyError):
-                    taken = True
-                except Exception:  # e.g. a full disk, or a session removed under the claim: the next period retries
-                    logger.exception("claiming a session again after a late lease renewal failed")
-                    taken = False
-            if taken:  # by another server
-                self._drop(conv)
 
     def unload_idle(self) -> int:
         """Unload the sessions unused for `idle_unload` seconds, and while more than `max_loaded` are
