@@ -8,9 +8,10 @@
 OUT gets log.jsonl (one record per step), checkpoints/step-N/ (policy.safetensors: what `tmem eval
 --policy` loads; the optimizer state; trainer.json), held_out.json (the greedy writer's reward and
 card rates on the held-out conversations, before and after) and plots (rl_*.png). Run again with the
-same OUT to continue from its newest checkpoint exactly (--fresh: start over); a checkpoint trained with
-other GRPO settings (group size, batch, lr, temperature, clip, beta, seed, ...) or other environment
-settings (budget, flashcard mode, replay, policy, fast-weight rank and layers, dtype) is refused.
+same OUT to continue from its newest checkpoint exactly (--fresh: start over); a checkpoint trained on
+another model (type, sizes, weights), with other GRPO settings (group size, batch, lr, temperature, clip,
+beta, seed, ...) or other environment settings (budget, flashcard mode, replay, policy, fast-weight rank
+and layers, dtype) is refused.
 """
 
 from __future__ import annotations
