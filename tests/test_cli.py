@@ -375,3 +375,47 @@ def test_an_existing_out_that_cannot_be_written_is_refused_before_the_model_load
         assert list(out.iterdir()) == []
     finally:
         subprocess.run(["chattr", "-i", str(out)], check=True)
+
+
+def test_rl_refuses_flashcard_prompts_past_the_window_before_the_model_loads(tmp_path, capsys):
+    """tmem rl whose flashcard prompts (+ their new tokens) the model's window cannot hold (a tiny model: 512
+    positions) is a usage error (exit status 2) in the decoder's words, naming the mode, the budget and, per
+    turn, the conversation of the longest turn, before the model loads (its weights file is gone here, and that
+    load error never comes) and with nothing made under --out. It was the decoder's ValueError traceback at the
+    first generation, after loading and setup. A run whose prompts fit goes on to load the model."""
+    import json
+    from pathlib import Path
+
+    from tmem_runtime.agent.long_conversations import make_conversation
+    from tmem_runtime.models import _tiny_tokenizer, load_model
+
+    model_dir = tmp_path / "model"
+    load_model("tiny-llama", packed_linears=False)[0].save_pretrained(model_dir)
+    _tiny_tokenizer().save_pretrained(model_dir)
+    (model_dir / "model.safetensors").unlink()  # loading it would fail: the check must come first
+    fixture = str(Path(__file__).parent / "fixtures" / "two_sessions.json")
+    sample = make_conversation(3, n_facts=2, tokens=100, turns_per_session=6)
+    sample["conversation"]["session_1"][0]["text"] = " ".join(["word"] * 600)  # one turn too long for a prompt
+    long_turn = tmp_path / "long_turn.json"
+    long_turn.write_text(json.dumps([sample]))
+    cases = [
+        ([long_turn], ["--flashcard-mode", "array", "--l-max", "200"],
+         "array mode: a whole context, up to l_max=200 tokens"),
+        ([fixture], ["--flashcard-mode", "array", "--l-max", "1000"],  # the conversation is shorter than l_max
+         "array mode: a whole context, up to the 112 tokens of conversation fx-1"),
+        ([long_turn], ["--l-max", "200"], "per-turn mode: the longest turn, in long-3"),
+        ([fixture, "--held-out", long_turn], ["--l-max", "200"], "per-turn mode: the longest turn, in long-3"),
+        ([fixture], ["--l-max", "200", "--eval-modes", "array", "--held-out", fixture], "array mode"),
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    for data, flags, what in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["rl", "--data", *map(str, data), "--out", str(out), "--model", str(model_dir), *flags])
+        assert exit_info.value.code == 2
+        said = capsys.readouterr().err
+        assert "passes the model's window of 512 positions" in said and what in said, said
+        assert f"with --l-max {flags[flags.index('--l-max') + 1]} on --model {model_dir}: a flashcard prompt of " \
+            in said, said
+        assert not out.exists()
+    with pytest.raises(OSError, match="model.safetensors"):  # fits: on to the load (which finds no weights)
+        main(["rl", "--data", fixture, "--out", str(out), "--model", str(model_dir), "--l-max", "200"])

@@ -700,6 +700,74 @@ def test_a_reset_or_swap_during_a_write_of_the_session_commits_after_it(tiny, ch
     pool.detach()
 
 
+def test_a_close_during_a_write_of_the_session_waits_for_its_commit(tiny):
+    """pool.close("a") from another thread while a write of "a" trains (its on_step held on an Event) waits for
+    that write to commit, then closes (it raised "in use by a running batch"): the write returns the losses of
+    the same write run alone and its stats are counted before the close, "a" is gone, its row is free (two
+    new sessions fit the capacity-2 pool with nothing evicted, both at B0). A close of another session meanwhile
+    runs at once; close(wait=False) and a close from the write's own on_step callback are clear errors and
+    close nothing."""
+    recipe, cards = Recipe(lr=1e-2, epochs=3), examples(3, 2)
+    alone = SessionPool(tiny, capacity=1, backend="torch")
+    alone.open("a")
+    want = alone.write_examples_many({"a": cards}, recipe)["a"]
+    alone.detach()
+
+    pool = SessionPool(tiny, capacity=2, backend="torch")
+    pool.open("a")
+    pool.open("other")
+    stats = pool.stats["a"]  # (counted in place by the write; the close drops the pool's entry)
+    in_step, resume = threading.Event(), threading.Event()
+
+    def on_step(step, n_steps, loss):
+        if step == 1:
+            in_step.set()
+            assert resume.wait(60)
+
+    written, closed = {}, {}
+
+    def write():
+        written["losses"] = pool.write_examples_many({"a": cards}, recipe, on_step=on_step)
+
+    def close():
+        try:
+            pool.close("a")
+            closed["ok"] = True
+        except Exception as exc:  # (the failure this test is about: recorded, asserted below)
+            closed["error"] = exc
+
+    writer, closer = threading.Thread(target=write), threading.Thread(target=close)
+    writer.start()
+    assert in_step.wait(60)
+    pool.close("other")  # another session: closed at once, mid-write
+    assert "other" not in pool.sessions
+    closer.start()
+    closer.join(0.5)
+    assert closer.is_alive() and "a" in pool.sessions  # waiting for the write's commit
+    with pytest.raises(FastWeightsError, match="would wait for its commit"):  # wait=False: refused, not waited
+        pool.close("a", wait=False)
+    assert "a" in pool.sessions
+    resume.set()
+    writer.join(60)
+    closer.join(60)
+    assert not writer.is_alive() and not closer.is_alive()
+    assert closed == {"ok": True}
+    assert written["losses"]["a"] == want  # the whole write ran and committed
+    assert (stats.writes, stats.steps) == (1, len(want))
+    assert pool.sessions == [] and "a" not in pool.stats
+    c = pool.counters()
+    assert (c["open"], c["resident"]) == (0, 0)
+    for s in ("new1", "new2"):  # both rows free again: no eviction, each new session starts at B0
+        pool.open(s)
+        assert all(v.abs().sum() == 0 for k, v in pool.state_dict(s).items() if k.endswith("lora_B"))
+    assert pool.counters()["evictions"] == c["evictions"] and pool.counters()["resident"] == 2
+
+    with pytest.raises(FastWeightsError, match="wait for itself"):  # from the write's own thread: refused
+        pool.write_examples_many({"new1": cards}, recipe, on_step=lambda *_: pool.close("new1"))
+    assert "new1" in pool.sessions
+    pool.detach()
+
+
 # ---------------------------------------------------------------- read blocks across forwards
 def wait_for_a_waiting_commit(pool: SessionPool, writer: threading.Thread) -> None:
     """Until `writer` (a thread writing, swapping or resetting) waits for a read block to end."""

@@ -299,6 +299,39 @@ def test_a_checkpoint_of_another_model_is_refused_and_changes_nothing(tmp_path):
     assert trainer.step == 0 and all(torch.equal(a, b) for a, b in zip(weights, other.parameters()))
 
 
+def test_a_checkpoint_of_a_model_with_other_weights_is_refused_and_changes_nothing(tmp_path):
+    """Two tiny-llama models of one config and other seeds: same type, sizes, tensor names and shapes, so the
+    policy header's check passes (the checkpoint was resumed silently). trainer.json now records the SHA-256 of
+    the model's fast-weight MLP weights (the digest a SessionPool's adapter files record), taken before any
+    update: the other model is refused, nothing changed; the model it was trained on, loaded again, resumes
+    (a "full" policy's trained weights do not count); a checkpoint saved before the fingerprint resumes with
+    a warning."""
+    cfg = GRPOConfig(group_size=8, batch=2, lr=1e-2, save_every=1, kl_every=0)
+
+    def trainer_on(seed: int) -> GRPOTrainer:
+        policy = Policy(load_model("tiny-llama", seed=seed)[0], PolicySpec("full"))
+        return GRPOTrainer(policy, PlantedFactEnv(policy.model, num_tasks=8), cfg, tmp_path)
+
+    trained = trainer_on(0)
+    (record,) = trained.train(1)
+    assert not record.get("skipped")  # the weights it saved are not the model's as loaded
+    state_file = tmp_path / "checkpoints" / "step-000001" / "trainer.json"
+    state = json.loads(state_file.read_text())
+    pool = SessionPool(load_model("tiny-llama", seed=0)[0], capacity=1, backend="torch")
+    assert state["weights_sha256"] == pool.metadata()["weights_sha256"]
+    other = trainer_on(1)
+    assert [(n, p.shape) for n, p in other.policy.named] == [(n, p.shape) for n, p in trainer_on(0).policy.named]
+    weights = [p.detach().clone() for p in other.policy.parameters()]
+    with pytest.raises(CheckpointError, match="trained on another model: same type and sizes, other weights"):
+        other.resume()
+    assert other.step == 0 and all(torch.equal(a, b) for a, b in zip(weights, other.policy.parameters()))
+    assert trainer_on(0).resume() == 1  # the same model loaded again
+    del state["weights_sha256"]  # a checkpoint saved before the fingerprint was recorded
+    state_file.write_text(json.dumps(state))
+    with pytest.warns(UserWarning, match="records no fingerprint of its model's weights"):
+        assert trainer_on(0).resume() == 1
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_a_saved_policy_loads_into_a_fresh_model_as_the_trained_writer(tmp_path, mode):
     policy = tiny(mode)

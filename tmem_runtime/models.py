@@ -285,6 +285,45 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def model_dir(name_or_path: str | os.PathLike) -> Path:
+    """The local directory a model name stands for: the embedded default's cached copy (converted on first
+    use) or the path itself; FileNotFoundError if it holds no config.json (nothing is downloaded)."""
+    name_or_path = os.fspath(name_or_path)
+    path = smollm2_dir() if name_or_path == DEFAULT_MODEL else Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a known model name ({DEFAULT_MODEL}, tiny-<model_type>, shapes-<model>) "
+            "nor a local Hugging Face model directory (no config.json); nothing is downloaded"
+        )
+    return path
+
+
+def model_config(name_or_path: str | os.PathLike) -> PretrainedConfig:
+    """The configuration `load_model` builds `name_or_path` from, read without loading any weight (e.g. its
+    context window, max_position_embeddings, checked before a long load)."""
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path.startswith("tiny-"):
+        return tiny_config(name_or_path)
+    if name_or_path.startswith("shapes-"):
+        return shapes_config(name_or_path)
+    return AutoConfig.from_pretrained(model_dir(name_or_path))
+
+
+def model_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase | None:
+    """The tokenizer `load_model` gives `name_or_path`: the one saved in its model directory (FileNotFoundError
+    saying how to add it if there is none); None for the random-weight tiny-<type> and shapes-<model>."""
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path.startswith(("tiny-", "shapes-")):
+        return None
+    path = model_dir(name_or_path)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            errno.ENOENT, "no tokenizer in the model directory (tokenizer.json or tokenizer_config.json): save it "
+            "there with tokenizer.save_pretrained(directory), or name one (tmem serve/rl: --tokenizer)", str(path)
+        )
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: torch.dtype | str = torch.float32,
@@ -319,34 +358,19 @@ def _load(
     packed_linears: bool | None, load_tokenizer: bool,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:  # fmt: skip
     """`load_model` once its arguments are checked."""
+    config = model_config(name_or_path)
+    model_class = causal_lm_class(config, name_or_path)
+    attn = attn_implementation or attention_implementation(model_class, device)
     if name_or_path.startswith(("tiny-", "shapes-")):
         torch.manual_seed(seed)
-        shapes = name_or_path.startswith("shapes-")
-        config = shapes_config(name_or_path) if shapes else tiny_config(name_or_path)
-        model_class = causal_lm_class(config, name_or_path)
-        attn = attn_implementation or attention_implementation(model_class, device)
         # real shapes are built where they run (a 4B model initialised on the GPU, not copied there); tiny
         # models on the CPU, so that a seed gives the same weights on every device
-        with torch.device(device if shapes else "cpu"):
+        with torch.device(device if name_or_path.startswith("shapes-") else "cpu"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         tokenizer = None
     else:
-        path = smollm2_dir() if name_or_path == DEFAULT_MODEL else Path(name_or_path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{name_or_path!r} is neither a known model name ({DEFAULT_MODEL}, tiny-<model_type>, shapes-<model>) "
-                "nor a local Hugging Face model directory (no config.json); nothing is downloaded"
-            )
-        config = AutoConfig.from_pretrained(path)
-        model_class = causal_lm_class(config, name_or_path)
-        attn = attn_implementation or attention_implementation(model_class, device)
-        if load_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
-            raise FileNotFoundError(
-                errno.ENOENT, "no tokenizer in the model directory (tokenizer.json or tokenizer_config.json): save it "
-                "there with tokenizer.save_pretrained(directory), or name one (tmem serve/rl: --tokenizer)", str(path)
-            )
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-        tokenizer = AutoTokenizer.from_pretrained(path) if load_tokenizer else None
+        tokenizer = model_tokenizer(name_or_path) if load_tokenizer else None  # (before the weights: fails first)
+        model = AutoModelForCausalLM.from_pretrained(model_dir(name_or_path), dtype=dtype, attn_implementation=attn)
     model.to(device).eval()
     model.requires_grad_(False)
     if packed_linears is None:

@@ -179,10 +179,14 @@ class SessionPool(SessionStore):
             self.stats[session] = SessionStats()
             self._changed([session])
 
-    def close(self, session: str) -> None:
-        """Forget a session: its row (or offloaded copy) is freed."""
+    def close(self, session: str, wait: bool = True) -> None:
+        """Forget a session: its row (or offloaded copy) is freed. A write of the session running on another
+        thread commits first, then the session is closed (as `reset` waits); called from that write's own
+        `on_step` callback: FastWeightsError, nothing changed. wait=False: FastWeightsError instead of waiting
+        (for a caller holding a lock it must not hold for a write). A session a running batch reads (an open
+        rows() block): FastWeightsError, nothing changed."""
         self._check_attached()
-        with self._lock:
+        with self._locks.writes_committed([session], wait=wait):  # (holds the lock)
             self.residency.close(session)
             del self.stats[session]
             self._versions.pop(session, None)
@@ -265,7 +269,9 @@ class SessionPool(SessionStore):
         if self._locks.reading_here:
             raise FastWeightsError("a write inside a pool.rows() block, a reading() block or generate() "
                                    "would wait for itself")
-        with self._write_lock, self._reads.resident(names) as slots, self._locks.writing(names):
+        # (`writing` outermost: a close or reset of these sessions waits until their rows are unpinned and
+        # their stats counted, so a close that waited never finds them in use, nor the stats gone)
+        with self._write_lock, self._locks.writing(names), self._reads.resident(names) as slots:
             if not any(schedules):
                 return {s: [] for s in names}
             with torch.inference_mode(False), record_function("tmem.write.trunk"):
@@ -275,23 +281,28 @@ class SessionPool(SessionStore):
             with self._locks.commit(None if train_a else names), record_function("tmem.write.commit"):
                 run.commit(outcome)
                 self._changed(list(self._versions) if train_a else names)
-        losses, errors = {}, {}
-        with self._lock:
-            for s, steps, e in zip(names, outcome.losses, outcome.errors):
-                st = self.stats[s]
-                if e is None:
-                    losses[s] = steps
-                    st.writes, st.steps = st.writes + 1, st.steps + len(steps)
-                else:
-                    errors[s] = e
-                    st.rollbacks += 1
-            if train_a:
-                self._swap.a_snapshot = None  # A changed: hand out (and check) a new snapshot
+                losses, errors = self._count(names, outcome.losses, outcome.errors, train_a)
         if errors:
             if len(names) == 1:
                 raise errors[names[0]]
             raise WriteError(errors, losses)
         return losses
+
+    def _count(self, names: list[str], losses: list[list[float]], errors: list[FastWeightsError | None],
+               train_a: bool) -> tuple[dict[str, list[float]], dict[str, FastWeightsError]]:
+        """A committed write's stats (under the lock): ({session: step losses}, {session: its error})."""
+        done, failed = {}, {}
+        for s, steps, e in zip(names, losses, errors):
+            st = self.stats[s]
+            if e is None:
+                done[s] = steps
+                st.writes, st.steps = st.writes + 1, st.steps + len(steps)
+            else:
+                failed[s] = e
+                st.rollbacks += 1
+        if train_a:
+            self._swap.a_snapshot = None  # A changed: hand out (and check) a new snapshot
+        return done, failed
 
     def _encode(self, batch: dict[str, torch.Tensor]) -> object:
         """The frozen trunk over a right-padded batch (the fast path), or the batch itself (generic path)."""

@@ -7,7 +7,8 @@ waits, new blocks that read any of them wait for it, so a stream of readers cann
 that read other sessions, or only the bare model, go on meanwhile. A commit runs holding the lock it
 was given (the pool's), so nothing else changes the table or the rows inside it. A reset or a swap
 (`after_writes`) also waits for a running write of its sessions to commit: that write trained from the
-state before, and its commit would undo it.
+state before, and its commit would undo it. A close (`writes_committed`) waits for that commit too (the
+write's result goes with the session), but not for read blocks.
 
 Read blocks nest on a thread: an inner block never waits for a waiting commit (the thread's outer block
 may be what that commit waits for), but it registers what it reads under the lock, so a commit that
@@ -122,6 +123,33 @@ class SessionLocks:
     def _written(self, names: frozenset[str] | None) -> bool:
         return any(self._writing.values()) if names is None else any(self._writing[s] for s in names)
 
+    def _not_in_own_write(self, names: frozenset[str] | None, what: str) -> None:
+        """FastWeightsError if this thread runs a write of any of `names` (`what` is called from its on_step
+        callback): waiting for that write to commit would wait for itself."""
+        writing = getattr(self._local, "writing", frozenset())
+        if writing and _overlap(names, writing):
+            raise FastWeightsError(f"{what} of a session inside a write of it (its on_step callback) would wait "
+                                   "for itself")
+
+    @contextmanager
+    def writes_committed(self, sessions: Collection[str], wait: bool = True) -> Iterator[None]:
+        """Holds the lock once no write of `sessions` is training (see `writing`), whatever read blocks are open:
+        a close, which frees the session's row, waits for a running write of it to commit first (the write holds
+        the row until then). FastWeightsError from that write's own thread (its on_step callback), from a thread
+        inside a read block while a write of them trains (that write's commit may wait for the block), and,
+        with wait=False, whenever a write of them trains (for a caller holding a lock it must not hold that long)."""
+        names = frozenset(sessions)
+        self._not_in_own_write(names, "a close")
+        with self.lock:
+            if not wait and self._written(names):
+                raise FastWeightsError("a close of a session a write is training would wait for its commit "
+                                       "(wait=False)")
+            if self.reading_here and self._written(names):
+                raise FastWeightsError("a close of a session a write is training, inside a pool.rows() block, a "
+                                       "reading() block or generate(), would wait for itself")
+            self._changed.wait_for(lambda: not self._written(names))
+            yield
+
     @contextmanager
     def commit(self, sessions: Collection[str] | None, after_writes: bool = False) -> Iterator[None]:
         """Holds the lock once no read block reads any of `sessions` (None: once none is open at all);
@@ -131,10 +159,8 @@ class SessionLocks:
             raise FastWeightsError("a write, swap or reset inside a pool.rows() block, a reading() block or "
                                "generate() would wait for itself")
         names = None if sessions is None else frozenset(sessions)
-        writing = getattr(self._local, "writing", frozenset())  # this thread's write (its on_step callback)
-        if after_writes and writing and _overlap(names, writing):
-            raise FastWeightsError("a swap or reset of a session inside a write of it (its on_step callback) "
-                                   "would wait for itself")
+        if after_writes:
+            self._not_in_own_write(names, "a swap or reset")
         with self.lock:
             while True:
                 if after_writes:  # (new read blocks go on meanwhile: this waits for a write, not for them)

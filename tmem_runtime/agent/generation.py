@@ -29,6 +29,11 @@ _SPLIT = "\u241e"  # where split_chat_prompt cuts (the last one: conversation te
 _LINE_DONE = re.compile(r"\S[^\n]*\n")
 
 
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], prefill: str = "") -> str:
+    """The chat template rendered with the assistant turn opened (and `prefill` already written)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
+
+
 @dataclass
 class TokenCounts:
     prefilled: int = 0
@@ -91,8 +96,7 @@ class Generator:
 
     def chat_prompt(self, messages: list[dict[str, str]], prefill: str = "") -> str:
         """The chat template rendered with the assistant turn opened (and `prefill` already written)."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text + prefill
+        return chat_prompt(self.tokenizer, messages, prefill)
 
     def chat_preamble(self) -> list[int]:
         """Token ids every chat prompt opening with a user message starts with (the template's default

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
+from transformers import PreTrainedTokenizerBase
+
 from tmem_runtime.agent.flashcards import (
     FLASHCARD_MODES,
     FLASHCARD_PREFILL,
@@ -21,7 +23,7 @@ from tmem_runtime.agent.flashcards import (
     parse_flashcards,
     turn_flashcard_messages,
 )
-from tmem_runtime.agent.generation import Generator
+from tmem_runtime.agent.generation import Generator, chat_prompt
 from tmem_runtime.agent.summary import write_summary
 from tmem_runtime.examples import qa_example, text_examples
 from tmem_runtime.recipes import Recipe, get_recipe
@@ -97,11 +99,21 @@ def writing_prompts(
     default every dated turn of `context`; named: turns in the third person)."""
     if mode == "array":
         shared = generator.split_chat_prompt(flashcard_messages(_MARK), _MARK)[0]
-        return [generator.chat_prompt(flashcard_messages(context), prefill=FLASHCARD_PREFILL)], shared
+    else:
+        shared = generator.split_chat_prompt(turn_flashcard_messages("", _MARK, named), _MARK)[0]
+    return card_prompts(generator.tokenizer, context, mode, named, turns), shared
+
+
+def card_prompts(
+    tokenizer: PreTrainedTokenizerBase, context: str, mode: str, named: bool = False,
+    turns: list[tuple[str, str]] | None = None,
+) -> list[str]:
+    """The chat prompts of `writing_prompts`, rendered with the tokenizer alone (no model needed: e.g. to check
+    their length against a model's window before it loads)."""
+    if mode == "array":
+        return [chat_prompt(tokenizer, flashcard_messages(context), prefill=FLASHCARD_PREFILL)]
     turns = dated_turns(context) if turns is None else turns
-    shared = generator.split_chat_prompt(turn_flashcard_messages("", _MARK, named), _MARK)[0]
-    prompts = [generator.chat_prompt(turn_flashcard_messages(h, t, named), prefill=TURN_PREFILL) for h, t in turns]
-    return prompts, shared
+    return [chat_prompt(tokenizer, turn_flashcard_messages(h, t, named), prefill=TURN_PREFILL) for h, t in turns]
 
 
 def card_texts(mode: str, completions: list[str]) -> str | list[str]:

@@ -3,13 +3,15 @@
     OUT/checkpoints/step-000040/
         policy.safetensors      the trainable tensors (see policy.py; `tmem eval --policy` reads it)
         optimizer.safetensors   AdamW's moments and step counts per parameter (param groups in its header)
-        trainer.json            step, configuration, and the SHA-256 of both files
+        trainer.json            step, configuration, settings, the SHA-256 of both files and of the base
+                                model's fast-weight MLP weights (`policy.base_weights_sha256`)
 
 A checkpoint directory is written under a temporary name and renamed when complete, so a crash never
 leaves a half-written one under its real name. Loading verifies everything before changing anything:
-JSON, hashes, tensor names, shapes and finiteness; any mismatch raises `CheckpointError` and leaves
-the policy and optimizer as they were. Rollouts are seeded by (seed, step, task, member), so the
-step number, the weights and the optimizer state are all a run needs to continue exactly.
+JSON, hashes, the model it was trained on (type, sizes, weights), tensor names, shapes and finiteness;
+any mismatch raises `CheckpointError` and leaves the policy and optimizer as they were. Rollouts are
+seeded by (seed, step, task, member), so the step number, the weights and the optimizer state are all a
+run needs to continue exactly.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -93,14 +96,17 @@ def save_checkpoint(out: str | os.PathLike, step: int, policy: Policy, optimizer
 
 
 def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.optim.Optimizer,
-                    config: dict | None = None, settings: dict | None = None) -> dict:
+                    config: dict | None = None, settings: dict | None = None,
+                    weights_sha256: str | None = None) -> dict:
     """Verify a checkpoint directory, then load it into `policy` and `optimizer`; returns trainer.json.
 
     CheckpointError (and nothing changed) on a missing file, bad JSON, a hash mismatch, tensors that
     do not fit the policy or the optimizer, a policy trained on another model (see `check_policy_model`), a
     saved "config" that differs from `config` (if given)
-    in any of its keys, or saved "settings" (the environment's, recorded since they were saved) that
-    differ from `settings` in any of theirs."""
+    in any of its keys, saved "settings" (the environment's, recorded since they were saved) that
+    differ from `settings` in any of theirs, or (if given) a saved "weights_sha256" other than
+    `weights_sha256` (`policy.base_weights_sha256` of the model as loaded: same type and sizes, other
+    weights). A checkpoint saved before it was recorded is loaded with a warning (type and sizes only)."""
     path = Path(path)
     try:
         state = json.loads((path / STATE_FILE).read_text())
@@ -129,6 +135,12 @@ def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.op
         groups = json.loads(opt_meta["param_groups"])
     except (PolicyFileError, OSError, SafetensorError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
+    saved_weights = state.get("weights_sha256")
+    if weights_sha256 is not None and saved_weights is not None and saved_weights != weights_sha256:
+        raise CheckpointError(f"{path} was trained on another model: same type and sizes, other weights (SHA-256 of "
+                              f"its fast-weight layers' MLP weights {str(saved_weights)[:12]}..., this model's "
+                              f"{weights_sha256[:12]}..., which another dtype changes too): resume with the model "
+                              "it was trained on, or start over (--fresh)")
     opt_state = _rebuild_optimizer_state(path, opt_tensors, groups, optimizer)
     before = policy.state_dict()
     try:
@@ -137,6 +149,9 @@ def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.op
     except (PolicyFileError, ValueError, RuntimeError) as exc:
         policy.load_state_dict(before)
         raise CheckpointError(f"{path}: {exc}") from exc
+    if weights_sha256 is not None and saved_weights is None:
+        warnings.warn(f"{path} records no fingerprint of its model's weights (saved by an older tmem): resumed on "
+                      "the model's type and sizes alone", stacklevel=2)
     state["step"] = step
     return state
 

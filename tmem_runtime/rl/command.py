@@ -8,9 +8,10 @@
 OUT gets log.jsonl (one record per step), checkpoints/step-N/ (policy.safetensors: what `tmem eval
 --policy` loads; the optimizer state; trainer.json), held_out.json (the greedy writer's reward and
 card rates on the held-out conversations, before and after) and plots (rl_*.png). Run again with the
-same OUT to continue from its newest checkpoint exactly (--fresh: start over); a checkpoint trained with
-other GRPO settings (group size, batch, lr, temperature, clip, beta, seed, ...) or other environment
-settings (budget, flashcard mode, replay, policy, fast-weight rank and layers, dtype) is refused.
+same OUT to continue from its newest checkpoint exactly (--fresh: start over); a checkpoint trained on
+another model (type, sizes, weights), with other GRPO settings (group size, batch, lr, temperature, clip,
+beta, seed, ...) or other environment settings (budget, flashcard mode, replay, policy, fast-weight rank
+and layers, dtype) is refused.
 """
 
 from __future__ import annotations
@@ -21,16 +22,23 @@ import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tmem_runtime.cli import add_fast_weight_options, command_parser, device_arg, int_in
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from tmem_runtime.agent.locomo import Conversation
+    from tmem_runtime.rl.environment import MemoryEnvConfig
+
 PLOTTED = (("reward", "reward (mean F1 after the write)"), ("valid_card_rate", "valid-card rate"),
            ("kl", "KL to the reference"), ("loss", "loss"))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = command_parser("tmem rl", __doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="training conversations, LoCoMo-format JSON (tmem make-conversations)")
     p.add_argument("--held-out", default=None, help="held-out conversations: the greedy writer scored before/after")
@@ -63,10 +71,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the model's dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of the task order, samples, writes and LoRA init")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in OUT and start over")
-    return p.parse_args(argv)
+    return p
 
 
-def load_conversations(path: str) -> list:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def load_conversations(path: str) -> list[Conversation]:
     """Training or held-out conversations; LoCoMo's own (sample ids conv-*) are refused: it stays for evaluation."""
     from tmem_runtime.agent.locomo import read_locomo
 
@@ -103,25 +115,48 @@ def plot_log(out: Path) -> list[Path]:
     return paths
 
 
+def check_card_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace, env_config: MemoryEnvConfig,
+                       tokenizer: PreTrainedTokenizerBase, window: int | None, train: list[Conversation],
+                       held: list[Conversation]) -> None:
+    """A usage error (exit status 2) if a flashcard prompt of this run (training on `train` with `env_config`,
+    scoring `held` in each --eval-modes mode) with its new tokens would pass the model's window: checked with
+    the tokenizer alone, before the model loads (the decoder says the same once it generates, after loading
+    and setup)."""
+    from tmem_runtime.rl.environment import check_card_window
+
+    runs = [(args.flashcard_mode, train)] + [(m, held) for m in (args.eval_modes or [args.flashcard_mode]) if held]
+    for mode, conversations in runs:
+        try:
+            check_card_window(tokenizer, window, replace(env_config, flashcard_mode=mode), conversations)
+        except ValueError as exc:
+            parser.error(f"--flashcard-mode {mode} with --l-max {args.l_max} on --model {args.model}: {exc}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(max(1, args.threads))
     from tmem_runtime import SessionPool
     from tmem_runtime.agent.generation import Generator
     from tmem_runtime.engine import adapter_layout
+    from tmem_runtime.models import model_config
     from tmem_runtime.rl.checkpoint import CheckpointError
     from tmem_runtime.rl.distributed import close_distributed, init_distributed
     from tmem_runtime.rl.environment import MemoryEnvConfig, MemoryWriteEnv, evaluate_writer
     from tmem_runtime.rl.policy import Policy, PolicySpec
     from tmem_runtime.rl.trainer import GRPOConfig, GRPOTrainer
-    from tmem_runtime.serve.main import load_serving_model
+    from tmem_runtime.serve.main import load_serving_model, load_serving_tokenizer
 
-    ctx = init_distributed(args.device)
-    out = Path(args.out)
     train = load_conversations(args.data)
     held = load_conversations(args.held_out) if args.held_out else []
-    model, tokenizer = load_serving_model(args.model, args.tokenizer, str(ctx.device), args.dtype)
+    env_config = MemoryEnvConfig(args.flashcard_mode, args.l_max, replay=args.replay, temperature=args.temperature)
+    tokenizer = load_serving_tokenizer(args.model, args.tokenizer)  # (no weight loaded yet)
+    window = getattr(model_config(args.model), "max_position_embeddings", None)  # (the decoder's limit)
+    check_card_prompts(parser, args, env_config, tokenizer, window, train, held)
+    ctx = init_distributed(args.device)
+    out = Path(args.out)
+    model, tokenizer = load_serving_model(args.model, tokenizer, str(ctx.device), args.dtype)
     torch.manual_seed(args.seed)  # the slow LoRA's A (rank 0's: DDP broadcasts it)
     try:
         fast_layers = tuple(dict.fromkeys(s.layer for s in adapter_layout(model, args.rank, args.num_layers).slots))
@@ -131,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     pool = SessionPool(model, capacity=args.group_size + 2, rank=args.rank, num_layers=args.num_layers,
                        seed=args.seed)
     generator = Generator(model, tokenizer)
-    env_config = MemoryEnvConfig(args.flashcard_mode, args.l_max, replay=args.replay, temperature=args.temperature)
     env = MemoryWriteEnv(pool, generator, train, env_config)
     config = GRPOConfig(group_size=args.group_size, batch=args.batch, lr=args.lr, temperature=args.temperature,
                         beta=args.beta, kl_every=args.kl_every, updates_per_batch=args.updates_per_batch,

@@ -28,13 +28,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from tmem_runtime.agent.agent import MemoryAgent, clean_answer
 from tmem_runtime.agent.channels import MemoryChannel, WriteEvent
-from tmem_runtime.agent.flashcards import FLASHCARD_MODES, parse_flashcards
+from tmem_runtime.agent.flashcards import FLASHCARD_MODES, MIN_TURN_WORDS, parse_flashcards
 from tmem_runtime.agent.generation import Generator
 from tmem_runtime.agent.locomo import QA, Conversation, question_prompt, resolve_choice, score
-from tmem_runtime.agent.write_formats import card_texts, resolve_recipe, trainable_cards, writing_prompts
+from tmem_runtime.agent.write_formats import card_prompts, card_texts, resolve_recipe, trainable_cards, writing_prompts
 from tmem_runtime.examples import chat_prompt_ids
 from tmem_runtime.pool import SessionPool
 from tmem_runtime.rl.distributed import DistContext
@@ -113,6 +114,49 @@ class MemoryEnvConfig:
     def __post_init__(self) -> None:
         if self.flashcard_mode not in FLASHCARD_MODES:
             raise ValueError(f"flashcard_mode must be one of {FLASHCARD_MODES}, got {self.flashcard_mode!r}")
+
+    @property
+    def card_new_tokens(self) -> int:
+        """New tokens of a flashcard completion: card_tokens for an array, at most 48 for one turn's card."""
+        return self.card_tokens if self.flashcard_mode == "array" else min(self.card_tokens, 48)
+
+
+def check_card_window(tokenizer: PreTrainedTokenizerBase, window: int | None, config: MemoryEnvConfig,
+                      conversations: Sequence[Conversation]) -> None:
+    """ValueError unless the longest flashcard prompt `config` writes on `conversations`, plus its new tokens,
+    fits the model's `window` (positions; None: no limit), as the decoder checks once it generates: here with
+    the tokenizer alone, before a model loads. Array mode: the prompt of a context of l_max tokens (what the
+    budget fills a context up to), or of the longest conversation if that is shorter; per-turn mode: the
+    prompt of the longest dated turn (one turn per prompt)."""
+    if window is None or not conversations:
+        return
+    if config.flashcard_mode == "array":
+        sizes = _token_counts(tokenizer, [c.render() for c in conversations])
+        i = max(range(len(sizes)), key=sizes.__getitem__)
+        if sizes[i] < config.l_max:  # (a context is never longer than its conversation)
+            context, what = sizes[i], f"up to the {sizes[i]} tokens of conversation {conversations[i].sample_id}"
+        else:
+            context, what = config.l_max, f"up to l_max={config.l_max} tokens"
+        longest = _token_counts(tokenizer, card_prompts(tokenizer, "", "array"))[0] + context
+        what = f"array mode: a whole context, {what}"
+    else:
+        turns = [(c.sample_id, s.header(), t.render()) for c in conversations for s in c.sessions for t in s.turns]
+        turns = [x for x in turns if len(x[2].split()) >= MIN_TURN_WORDS]  # (those `dated_turns` gives a card)
+        if not turns:
+            return
+        sizes = _token_counts(tokenizer, [f"{header}\n{line}" for _, header, line in turns])
+        where, header, line = turns[max(range(len(turns)), key=sizes.__getitem__)]
+        longest = _token_counts(tokenizer, card_prompts(tokenizer, "", "per-turn", config.named, [(header, line)]))[0]
+        what = f"per-turn mode: the longest turn, in {where}"
+    new = config.card_new_tokens
+    if longest + new > window:
+        raise ValueError(f"a flashcard prompt of {longest} tokens ({what}) + {new} new ones passes the model's "
+                         f"window of {window} positions")
+
+
+def _token_counts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[int]:
+    """Tokens of each text, no special tokens added (as `Generator.encode`)."""
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 @dataclass
@@ -215,9 +259,6 @@ class MemoryWriteEnv:
         prompts, shared = writing_prompts(gen, context, mode, self.config.named)
         return [gen.encode(p) for p in prompts], gen.encode(shared), None if mode == "array" else "line"
 
-    def _max_tokens(self) -> int:
-        return self.config.card_tokens if self.config.flashcard_mode == "array" else min(self.config.card_tokens, 48)
-
     def _sample_sets(self, w: WriteContext, prompts: Prompts, members: list[int], seed: int,
                      task: int) -> list[_Sample]:
         prompts, shared, stop = prompts
@@ -225,14 +266,14 @@ class MemoryWriteEnv:
         rows = [(g, j) for g in members for j in range(len(prompts))]
         done = sample_completions(
             gen.model, [prompts[j] for _, j in rows], [rollout_seed(seed, task, w.index, g, j) for g, j in rows],
-            self.config.temperature, self._max_tokens(), gen.eos_ids, shared,
+            self.config.temperature, self.config.card_new_tokens, gen.eos_ids, shared,
             gen.line_ids() if stop == "line" else (), stats=gen.stats, pad_id=gen.pad_id)
         n = len(prompts)
         return [self._parsed(w, g, done[i * n : (i + 1) * n]) for i, g in enumerate(members)]
 
     def _greedy_set(self, w: WriteContext, prompts: Prompts) -> _Sample:
         prompts, shared, stop = prompts
-        new = self.generator.generate_tokens(prompts, self._max_tokens(), 64, shared, None, stop)
+        new = self.generator.generate_tokens(prompts, self.config.card_new_tokens, 64, shared, None, stop)
         return self._parsed(w, 0, [Completion(p, t) for p, t in zip(prompts, new)])
 
     def _parsed(self, w: WriteContext, member: int, segments: list[Completion]) -> _Sample:

@@ -31,7 +31,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from tmem_runtime.adapter_file import save_adapter
+from tmem_runtime.adapter_file import WeightsFingerprint, save_adapter
+from tmem_runtime.models import MLP_TARGETS as FAST_WEIGHT_TARGETS
 from tmem_runtime.models import decoder_layers, target_mlps
 
 POLICY_MODES = ("full", "lora")
@@ -94,6 +95,14 @@ def _model_identity(model: nn.Module) -> dict[str, str]:
     cfg, text = model.config, model.config.get_text_config()  # (sizes of a multimodal model's text decoder)
     return {"model_type": str(cfg.model_type), "hidden_size": str(text.hidden_size),
             "num_hidden_layers": str(text.num_hidden_layers), "vocab_size": str(text.vocab_size)}
+
+
+def base_weights_sha256(model: nn.Module, fast_layers: Sequence[int]) -> str:
+    """SHA-256 of the base weights of the MLPs in `fast_layers` (gate/up/down), hashed as an adapter file's header
+    hashes them (`adapter_file.WeightsFingerprint`: a SessionPool on those layers records the same digest): it
+    tells apart two models of one architecture and size (and one model in two dtypes)."""
+    mlps = target_mlps(model, list(fast_layers))
+    return WeightsFingerprint([getattr(m, t).weight for _, m in mlps for t in FAST_WEIGHT_TARGETS]).hexdigest()
 
 
 class Policy:

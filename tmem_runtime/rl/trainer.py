@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tmem_runtime.rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tmem_runtime.rl.distributed import DistContext
 from tmem_runtime.rl.grpo import clipped_token_loss, group_advantages, k3_kl
-from tmem_runtime.rl.policy import Policy
+from tmem_runtime.rl.policy import Policy, base_weights_sha256
 from tmem_runtime.rl.rollout import Environment, Rollout, sum_counts
 from tmem_runtime.rl.sampling import rollout_seed
 from tmem_runtime.rl.scoring import PolicyScorer
@@ -92,6 +92,8 @@ class GRPOTrainer:
     policy (default: a copy of the model as it is now); a LoRA policy's reference is its base model.
     settings: what else the steps depend on (the environment's settings: budget, flashcard mode, the
     fast weights' shape, ...), JSON values; recorded in every checkpoint, a resume with others is refused.
+    Checkpoints also record the SHA-256 of the model's weights as the trainer got them (`base_weights_sha256`):
+    a resume on another model of the same type and sizes is refused too.
     """
 
     def __init__(self, policy: Policy, env: Environment, config: GRPOConfig, out: str | Path,
@@ -100,6 +102,7 @@ class GRPOTrainer:
         ctx = ctx or DistContext()
         self.policy, self.env, self.config, self.ctx = policy, env, config, ctx
         self.settings = dict(settings or {})
+        self.weights_sha256 = base_weights_sha256(policy.model, policy.spec.fast_layers)  # (before any update)
         self.out = Path(out)
         self.scorer = PolicyScorer(policy.model)
         self.ddp: nn.Module = DistributedDataParallel(self.scorer) if ctx.group else self.scorer
@@ -265,7 +268,8 @@ class GRPOTrainer:
         path = None
         if self.ctx.is_main:
             path = save_checkpoint(self.out, self.step, self.policy, self.optimizer,
-                                   {"config": asdict(self.config), "settings": self.settings},
+                                   {"config": asdict(self.config), "settings": self.settings,
+                                    "weights_sha256": self.weights_sha256},
                                    self.config.keep_checkpoints)
         self.ctx.barrier()
         return path
@@ -277,7 +281,7 @@ class GRPOTrainer:
         if path is None:
             return 0
         fixed = {k: v for k, v in asdict(self.config).items() if k not in RESUMABLE_CHANGES}
-        state = load_checkpoint(path, self.policy, self.optimizer, fixed, self.settings)
+        state = load_checkpoint(path, self.policy, self.optimizer, fixed, self.settings, self.weights_sha256)
         self.step = int(state["step"])
         log = self.out / LOG_FILE
         if self.ctx.is_main and log.is_file():

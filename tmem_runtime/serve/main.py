@@ -16,19 +16,30 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tmem_runtime.backends import resolve_backend
 from tmem_runtime.cli import apply_threads, command_parser, device_arg
-from tmem_runtime.models import DEFAULT_MODEL, DTYPES, _tiny_tokenizer, load_model
+from tmem_runtime.models import DEFAULT_MODEL, DTYPES, _tiny_tokenizer, load_model, model_tokenizer
 from tmem_runtime.serve.service import MemoryService, ServeConfig
 from tmem_runtime.serve.store import Store, StoreFormatError, StoreModelError
 
 
-def load_serving_model(name: str, tokenizer: str | None = None, device: str = "cpu",
+def load_serving_tokenizer(name: str, tokenizer: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_serving_model` gives model `name`, loaded alone (no weight): `tokenizer` (a directory,
+    or the embedded model's name) if given, else the model's own, else (a tiny random model) the embedded one."""
+    if tokenizer is None:
+        tok = model_tokenizer(name)
+        if tok is not None:
+            return tok
+    embedded = tokenizer in (None, DEFAULT_MODEL)
+    return _tiny_tokenizer() if embedded else AutoTokenizer.from_pretrained(Path(tokenizer))
+
+
+def load_serving_model(name: str, tokenizer: str | PreTrainedTokenizerBase | None = None, device: str = "cpu",
                        dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model and its tokenizer. A tiny random model ("tiny-llama") takes the embedded model's
-    tokenizer (or `tokenizer`) and gets its vocabulary, seeded, so every load is the same model."""
-    model, tok = load_model(name, dtype=DTYPES[dtype], device=device, load_tokenizer=tokenizer is None)
-    if tokenizer is not None or tok is None:
-        embedded = tokenizer in (None, DEFAULT_MODEL)
-        tok = _tiny_tokenizer() if embedded else AutoTokenizer.from_pretrained(Path(tokenizer))
+    """The model and its tokenizer (`load_serving_tokenizer`'s, or `tokenizer` if it is one already loaded). A
+    tiny random model ("tiny-llama") takes the embedded model's tokenizer (or `tokenizer`) and gets its
+    vocabulary, seeded, so every load is the same model."""
+    loaded = isinstance(tokenizer, PreTrainedTokenizerBase)
+    tok = tokenizer if loaded else load_serving_tokenizer(name, tokenizer)
+    model, _ = load_model(name, dtype=DTYPES[dtype], device=device, load_tokenizer=False)
     if model.get_input_embeddings().num_embeddings < len(tok):
         torch.manual_seed(0)
         model.resize_token_embeddings(len(tok), mean_resizing=False)

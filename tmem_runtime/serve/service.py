@@ -288,10 +288,12 @@ class MemoryService:
         _abandon(list(conv.jobs), "the session moved to another server or was removed")
         while conv.pool_id in self.pool:
             try:  # once no answer batch reads it (its rows there stop and fail), so no other row's batch is redone
-                self.batcher.unload(conv.pool_id, lambda: self.pool.close(conv.pool_id))
+                # (wait=False: a write of it training is waited for here, not holding the batcher, which no new
+                # batch or request could pass meanwhile)
+                self.batcher.unload(conv.pool_id, lambda: self.pool.close(conv.pool_id, wait=False))
             except residency.UnknownSessionError:  # another drop (renewer, persist, unload) closed it first
                 break
-            except FastWeightsError:  # a running batch reads it: wait for the batch to end
+            except FastWeightsError:  # a running batch reads it, or a write of it trains: wait for it to end
                 time.sleep(0.02)
         self._gauges()
 
