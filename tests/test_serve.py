@@ -970,6 +970,23 @@ def test_bad_input_gets_a_clear_4xx(served, acme):
     assert ask(acme, "still alive?", "sturdy")
 
 
+def test_head_answers_as_get_and_a_405_says_which_methods_the_path_allows(served, acme):
+    """HEAD of a GET route (a load balancer's `HEAD /health`) is its GET's status and headers with no body
+    (it was a 405); a method a path does not answer is a JSON 405 with the Allow header HTTP requires."""
+    create(acme, "headed")
+    for path in ("/health", "/metrics", "/v1/models", "/v1/sessions", "/v1/sessions/headed",
+                 "/v1/sessions/headed/memories", "/v1/sessions/nobody"):
+        got, head = acme.get(path), acme.head(path)
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    assert acme.head("/v1/sessions/nobody").status_code == 404
+    for method, path, allowed in (("GET", "/v1/chat/completions", {"POST"}), ("OPTIONS", "/health", {"GET", "HEAD"}),
+                                  ("PUT", "/v1/sessions/headed", {"GET", "HEAD", "DELETE"})):
+        r = acme.request(method, path)
+        assert r.status_code == 405 and r.json()["error"]["message"] == "Method Not Allowed", (method, path)
+        assert set(r.headers["allow"].split(", ")) == allowed, (method, path, r.headers)
+
+
 def test_an_unexpected_error_is_a_counted_json_500_on_a_connection_that_stays_open(served, monkeypatch):
     url, service = served
 

@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from tmem_runtime.serve.batcher import Request as BatchRequest
 from tmem_runtime.serve.batcher import RowResult
@@ -255,6 +256,11 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
     def session_id(session: str) -> str:
         return check_id("session", session)
 
+    def get(path: str, **options):
+        """A GET route that answers HEAD too (the same status and headers, no body), as HTTP asks of every
+        GET resource: e.g. a load balancer's `HEAD /health` check."""
+        return app.api_route(path, methods=["GET", "HEAD"], **options)
+
     @app.middleware("http")
     async def count(request: Request, call_next):
         try:
@@ -265,16 +271,16 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
         service.metrics.inc("requests_total", route=getattr(route, "path", "unmatched"), code=str(response.status_code))
         return response
 
-    @app.get("/health")
+    @get("/health")
     def health() -> dict:
         return {"status": "ok", "server": cfg.server_id, "model": model_name, "naive": cfg.naive,
                 "sessions_loaded": len(service.convs), "sessions_unloaded_idle": service.unloaded_idle}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(service.metrics_text(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @get("/v1/models")
     def models(t: str = Depends(tenant)) -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "tmem", "created": 0}]}
 
@@ -284,11 +290,11 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
         service.create(t, sid)
         return service.stats(t, sid)
 
-    @app.get("/v1/sessions")
+    @get("/v1/sessions")
     def list_sessions(t: str = Depends(tenant)) -> dict:
         return {"object": "list", "data": service.sessions(t)}
 
-    @app.get("/v1/sessions/{session}")
+    @get("/v1/sessions/{session}")
     def stats(session: str, t: str = Depends(tenant)) -> dict:
         return service.stats(t, session_id(session))
 
@@ -329,7 +335,7 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
         outcome = await _settled(job.done)
         return {**outcome, "status": "committed" if outcome["error"] is None else "rolled_back"}
 
-    @app.get("/v1/sessions/{session}/memories")
+    @get("/v1/sessions/{session}/memories")
     def memories(session: str, t: str = Depends(tenant)) -> dict:
         cards = service.memories(t, session_id(session))
         return {"object": "list", "data": [{"question": q, "answer": a} for q, a in cards]}
@@ -501,7 +507,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _respond(ApiError(exc.status_code, str(exc.detail), "invalid_request_error"))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Allow: every method of the path (Starlette's names its first route's only)
+            headers["Allow"] = ", ".join(sorted({m for route in app.router.routes
+                                                 if route.matches(request.scope)[0] != Match.NONE
+                                                 for m in getattr(route, "methods", None) or ()}))
+        return _respond(ApiError(exc.status_code, str(exc.detail), "invalid_request_error", headers=headers))
 
     async def known(request: Request, exc: Exception) -> JSONResponse:
         return _respond(_as_api_error(exc))
