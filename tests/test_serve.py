@@ -970,6 +970,34 @@ def test_bad_input_gets_a_clear_4xx(served, acme):
     assert ask(acme, "still alive?", "sturdy")
 
 
+def test_an_answer_without_max_tokens_fits_what_room_the_prompt_leaves_in_the_window(served, acme):
+    """No max_tokens: the answer stops where the model's window ends (as OpenAI's default); a long prompt
+    got a 400 naming a max_tokens=64 the client never sent. A prompt that fills the window, or a max_tokens
+    given past it, is still a 400."""
+    window = served[1].generator.window
+
+    def words(n: int) -> list[dict]:
+        return [{"role": "user", "content": " ".join(["word"] * n)}]
+
+    overhead = len(served[1].prompt_ids(words(100))) - 100  # (one token a word)
+    for room in (5, 1):
+        messages = words(window - overhead - room)
+        prompt = len(served[1].prompt_ids(messages))
+        assert prompt == window - room
+        r = acme.post("/v1/chat/completions", json={"messages": messages})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] == prompt and usage["total_tokens"] <= window
+        assert usage["completion_tokens"] == room or r.json()["choices"][0]["finish_reason"] == "stop"
+        r = acme.post("/v1/chat/completions", json={"messages": messages, "max_tokens": room + 1})
+        assert r.status_code == 400 and "max_tokens=" in r.json()["error"]["message"], r.text
+    full = words(window - overhead)
+    r = acme.post("/v1/chat/completions", json={"messages": full, "stream": True})
+    assert r.status_code == 400 and "no room" in r.json()["error"]["message"], r.text
+    short = acme.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Go on."}]}).json()
+    assert short["usage"]["completion_tokens"] == 64 or short["choices"][0]["finish_reason"] == "stop"  # --max-tokens
+
+
 def test_head_answers_as_get_and_a_405_says_which_methods_the_path_allows(served, acme):
     """HEAD of a GET route (a load balancer's `HEAD /health`) is its GET's status and headers with no body
     (it was a 405); a method a path does not answer is a JSON 405 with the Allow header HTTP requires."""

@@ -345,8 +345,8 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
                    x_tmem_session: str | None = Header(None)):
         sid = body.session if body.session is not None else x_tmem_session
         sid = None if sid is None else session_id(sid)  # "" is an invalid id, never the bare model
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(cfg.max_tokens, 128)
-        if max_tokens > cfg.max_tokens:
+        max_tokens = body.max_completion_tokens or body.max_tokens  # None: as many as fit (service.answer)
+        if max_tokens is not None and max_tokens > cfg.max_tokens:
             raise ApiError(400, f"max_tokens={max_tokens} is over this server's limit of {cfg.max_tokens}")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         loop = asyncio.get_running_loop()

@@ -50,6 +50,7 @@ logger = logging.getLogger("tmem.serve")
 MIN_CACHED_PREFIX = 8  # an answer's chat preamble shorter than this is prefilled with the rest of its prompt
 MAX_LOGGED = 1024  # log entries after which a session's next persist commits its state whole
 MIN_LOG_BYTES = 64 << 10  # ... or once its log holds more bytes than this and than its state.json
+DEFAULT_MAX_TOKENS = 128  # an answer's token limit when the client gives none (within --max-tokens and the window)
 
 
 class UnknownSessionError(KeyError):
@@ -376,17 +377,24 @@ class MemoryService:
         """The chat-templated prompt's token ids (the layout flashcards are trained in)."""
         return self.generator.encode(self.generator.chat_prompt(messages))
 
-    def answer(self, tenant: str, session: str | None, messages: list[dict[str, str]], max_tokens: int,
+    def answer(self, tenant: str, session: str | None, messages: list[dict[str, str]], max_tokens: int | None,
                on_text: Callable[[str], None] | None = None, stop: Sequence[str] = ()) -> Request:
         """Queue a chat completion reading `session`'s fast weights (None: the bare model), ending where
-        the first of the `stop` texts begins. ValueError if the prompt and max_tokens do not fit the
-        model's window. The session is held (never unloaded as idle) until the answer ends."""
+        the first of the `stop` texts begins, after at most `max_tokens` tokens (None: DEFAULT_MAX_TOKENS,
+        within the config's max_tokens and the room the prompt leaves in the model's window). ValueError
+        if the prompt and max_tokens do not fit the window. The session is held (never unloaded as idle)
+        until the answer ends."""
         conv = self.get(tenant, session, hold=True) if session is not None else None
         try:
-            ids = self.prompt_ids(messages)
-            if len(ids) + max_tokens > self.generator.window:
+            ids, window = self.prompt_ids(messages), self.generator.window
+            if max_tokens is None and len(ids) < window:
+                max_tokens = min(DEFAULT_MAX_TOKENS, self.config.max_tokens, window - len(ids))
+            if max_tokens is None:
+                raise ValueError(f"the prompt has {len(ids)} tokens: it leaves no room for an answer in the "
+                                 f"model's window of {window} tokens")
+            if len(ids) + max_tokens > window:
                 raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} it exceeds the "
-                                 f"model's window of {self.generator.window} tokens")
+                                 f"model's window of {window} tokens")
             if conv is not None:
                 self._check_active(conv)
             p = self.preamble
