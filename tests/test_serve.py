@@ -998,6 +998,38 @@ def test_an_answer_without_max_tokens_fits_what_room_the_prompt_leaves_in_the_wi
     assert short["usage"]["completion_tokens"] == 64 or short["choices"][0]["finish_reason"] == "stop"  # --max-tokens
 
 
+GEMMA_LIKE_TEMPLATE = (  # Gemma's checks (its template raises these), in the ChatML the tiny model's tokenizer knows
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_messages_the_models_chat_template_refuses_get_a_400_naming_why(tmp_path):
+    """A served model whose chat template raises on some messages (Gemma's: no system role, alternating
+    roles): such a completion is a 400 with the template's reason, streamed or not (it was a 500
+    "internal error: TemplateError", logged as a server bug); the messages it takes are answered."""
+    model, tokenizer = load_serving_model("tiny-llama")
+    tokenizer.chat_template = GEMMA_LIKE_TEMPLATE
+    config = ServeConfig(capacity=4, max_write_sessions=2, max_tokens=8)
+    service = MemoryService(model, tokenizer, Store(tmp_path), config)
+    with serve_in_thread(service, "tiny-llama") as url, httpx.Client(base_url=url, timeout=120) as client:
+        refused = {"alternate": [{"role": "user", "content": "Hi."}, {"role": "user", "content": "Hello?"}],
+                   "System role": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."}]}
+        for reason, messages in refused.items():
+            for stream in (False, True):
+                r = client.post("/v1/chat/completions", json={"messages": messages, "stream": stream})
+                assert r.status_code == 400 and reason in r.json()["error"]["message"], r.text
+                assert r.json()["error"]["type"] == "invalid_request_error"
+        taken = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                 {"role": "user", "content": "How are you?"}]
+        r = client.post("/v1/chat/completions", json={"messages": taken, "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(service.prompt_ids(taken))
+        assert {dict(k)["code"] for k in service.metrics.counters["requests_total"]} == {"200", "400"}
+
+
 def test_head_answers_as_get_and_a_405_says_which_methods_the_path_allows(served, acme):
     """HEAD of a GET route (a load balancer's `HEAD /health`) is its GET's status and headers with no body
     (it was a 405); a method a path does not answer is a JSON 405 with the Allow header HTTP requires."""

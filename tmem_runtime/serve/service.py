@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from jinja2 import TemplateError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tmem_runtime import residency
@@ -374,8 +375,13 @@ class MemoryService:
 
     # ---------------------------------------------------------------- answers
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """The chat-templated prompt's token ids (the layout flashcards are trained in)."""
-        return self.generator.encode(self.generator.chat_prompt(messages))
+        """The chat-templated prompt's token ids (the layout flashcards are trained in). ValueError if the
+        model's chat template refuses the messages (e.g. Gemma's: roles must alternate user/assistant)."""
+        try:
+            prompt = self.generator.chat_prompt(messages)
+        except TemplateError as exc:  # the template's raise_exception: the client's messages to fix (a 400)
+            raise ValueError(f"the model's chat template refuses these messages: {exc}") from None
+        return self.generator.encode(prompt)
 
     def answer(self, tenant: str, session: str | None, messages: list[dict[str, str]], max_tokens: int | None,
                on_text: Callable[[str], None] | None = None, stop: Sequence[str] = ()) -> Request:
