@@ -34,7 +34,7 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -163,6 +163,17 @@ class MessagesRequest(BaseModel):
     date: str | None = Field(None, min_length=1, max_length=200)
     write: bool = False  # then write the working context into memory now, whatever its length
     wait: bool = False
+
+    @field_validator("date")
+    @classmethod
+    def _one_line(cls, date: str | None) -> str | None:
+        """The date as its DATE line renders it: one line (line breaks as spaces, as a turn's), with text. A
+        line break in it made context lines of its own, which the card writer read as turns of the session."""
+        if date is None:
+            return None
+        if not (date := " ".join(date.split())):
+            raise ValueError("a date needs text (or leave it out)")
+        return date
 
     @model_validator(mode="after")
     def _something_to_do(self) -> MessagesRequest:
