@@ -574,6 +574,29 @@ def test_openai_options_are_honoured_or_refused_never_ignored(served, acme):
         assert r.status_code == 400 and next(iter(options)) in r.json()["error"]["message"], (options, r.text)
 
 
+def test_a_value_of_the_wrong_json_type_is_a_400_never_coerced(served, acme):
+    """As OpenAI: "3" or true for max_tokens, "yes" or 1 for stream, "7" for seed are 400s naming the field;
+    they were read as 3 tokens, 1 token, a stream, seed 7 (and a session's `wait: "no"` as a wait). An
+    integer where a number goes is taken; a decimal where an integer goes is not (OpenAI's "got a decimal")."""
+    create(acme, "typed")
+    chat = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 3}
+    for field, value in (("max_tokens", "3"), ("max_tokens", True), ("max_completion_tokens", "2"),
+                         ("stream", "yes"), ("stream", 1), ("n", True), ("seed", "7"), ("temperature", "0.5"),
+                         ("top_p", True), ("session", 7), ("model", ["tiny-llama"]), ("max_tokens", 3.0)):
+        r = acme.post("/v1/chat/completions", json={**chat, field: value})
+        assert r.status_code == 400 and field in r.json()["error"]["message"], (field, value, r.text)
+    r = acme.post("/v1/chat/completions", json={**chat, "temperature": 1, "top_p": 1, "seed": 7})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+    turn = {"content": "I repaired the old clock."}
+    for body in ({"messages": [turn], "wait": "no"}, {"messages": [turn], "write": 1}, {"messages": [{"content": 5}]}):
+        r = acme.post("/v1/sessions/typed/messages", json=body)
+        assert r.status_code == 400, (body, r.text)
+    cards = [{"question": "Q?", "answer": "A"}]
+    r = acme.post("/v1/sessions/typed/memories", json={"memories": cards, "wait": "false"})
+    assert r.status_code == 400 and "wait" in r.json()["error"]["message"]
+    assert acme.get("/v1/sessions/typed").json()["turns"] == 0  # nothing half-applied
+
+
 def test_stop_texts_end_the_answer_where_the_first_begins(served, acme):
     """OpenAI's `stop`: the answer is the greedy text up to the first stop text (excluded), finish_reason
     "stop"; streamed pieces never show part of a stop text."""

@@ -65,13 +65,13 @@ class ApiError(Exception):
 
 # ---------------------------------------------------------------- request bodies
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str = Field(max_length=100_000)
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: Annotated[str, Field(max_length=100_000)] | Annotated[list[ContentPart], Field(max_length=256)]
     name: str | None = Field(None, max_length=64)
@@ -87,18 +87,19 @@ class StreamOptions(BaseModel):
     """OpenAI's `stream_options` (only with `stream: true`). include_usage: a last chunk of its own (no
     choice) carries the usage, and every other chunk `"usage": null`; without it no chunk has usage."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool | None = Field(None, strict=True)  # a JSON boolean ("true" or 1 is a 400, as OpenAI)
 
 
 class ChatRequest(BaseModel):
-    """OpenAI's chat completion body. Decoding is greedy: temperature, top_p and seed are checked (type
-    and OpenAI's range: 400 otherwise) and change nothing; `stop` (up to 4 texts) ends the answer where
-    the first of them begins; what greedy decoding of text cannot honour (several choices, logprobs,
-    tools, a JSON response format, logit bias, penalties, audio) is refused (400), never ignored. Any
-    option may be null (as absent)."""
+    """OpenAI's chat completion body. Every field's JSON type is checked as OpenAI does (strict, as every
+    request body here: "3" or true for max_tokens, "true" or 1 for stream is a 400, never read as 3, 1 or
+    True). Decoding is greedy: temperature, top_p and seed are checked (type and OpenAI's range: 400
+    otherwise) and change nothing; `stop` (up to 4 texts) ends the answer where the first of them begins;
+    what greedy decoding of text cannot honour (several choices, logprobs, tools, a JSON response format,
+    logit bias, penalties, audio) is refused (400), never ignored. Any option may be null (as absent)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     session: str | None = None
@@ -146,7 +147,7 @@ class ChatRequest(BaseModel):
 
 
 class Turn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: str = Field("user", min_length=1, max_length=32)
     name: str | None = Field(None, min_length=1, max_length=64)
     content: str = Field(min_length=1, max_length=20_000)
@@ -158,7 +159,7 @@ class Turn(BaseModel):
 
 
 class MessagesRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     messages: list[Turn] = Field(default_factory=list, max_length=256)
     date: str | None = Field(None, min_length=1, max_length=200)
     write: bool = False  # then write the working context into memory now, whatever its length
@@ -183,19 +184,19 @@ class MessagesRequest(BaseModel):
 
 
 class Flashcard(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     question: str = Field(min_length=1, max_length=1000)
     answer: str = Field(min_length=1, max_length=400)
 
 
 class MemoriesRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     memories: list[Flashcard] = Field(min_length=1, max_length=256)
     wait: bool = True
 
 
 class CreateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     id: str | None = None
 
 
