@@ -258,6 +258,22 @@ def test_a_date_is_one_context_line_and_never_reads_as_a_turn(served, acme):
     assert r.json()["turns"] == 2
 
 
+def test_a_blank_turn_or_speaker_is_a_400_and_stores_no_line(served, acme):
+    """A turn whose content, name or role is whitespace only is a 400 naming the field (they were stored as
+    context lines "User:" or ": hi", turns with no words or no speaker); nothing of the request is appended."""
+    _, service = served
+    create(acme, "blank")
+    good = {"name": "Nina", "content": "I moved to Porto."}
+    for field, turn in (("content", {"content": " \n "}), ("name", {"name": "  ", "content": "hi"}),
+                        ("role", {"role": "\t", "content": "hi"})):
+        r = acme.post("/v1/sessions/blank/messages", json={"messages": [good, turn]})
+        assert r.status_code == 400 and f"messages.1.{field}" in r.json()["error"]["message"], r.text
+    assert service.store.read("acme", "blank")[0].lines == []
+    r = acme.post("/v1/sessions/blank/messages", json={"messages": [good, {"role": "assistant", "content": "Nice!"}]})
+    assert r.status_code == 200 and service.store.read("acme", "blank")[0].lines == [
+        "Nina: I moved to Porto.", "Assistant: Nice!"]
+
+
 def test_concurrent_sessions_share_batches_and_match_alone(served, acme, reference_model):
     _, service = served
     names = [f"batch{i}" for i in range(4)]

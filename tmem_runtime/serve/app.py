@@ -152,6 +152,15 @@ class Turn(BaseModel):
     name: str | None = Field(None, min_length=1, max_length=64)
     content: str = Field(min_length=1, max_length=20_000)
 
+    @field_validator("role", "name", "content")
+    @classmethod
+    def _has_text(cls, value: str | None) -> str | None:
+        """A speaker and a turn hold text: a blank one (whitespace only) rendered a line with no speaker
+        (": hi") or no words ("User:"), stored as a turn of the session."""
+        if value is not None and not value.strip():
+            raise ValueError("must hold text, not only whitespace")
+        return value
+
     def line(self) -> str:
         """The turn as one context line, `Speaker: text` (the agent's rendering of a turn)."""
         speaker = self.name or self.role.capitalize()
