@@ -149,6 +149,9 @@ def remember(client: httpx.Client, session: str, cards, wait: bool = True) -> ht
 def test_health_models_and_metrics(served, acme):
     assert acme.get("/health").json()["status"] == "ok"
     assert acme.get("/v1/models").json()["data"][0]["id"] == "tiny-llama"
+    assert acme.get("/v1/models/tiny-llama").json() == acme.get("/v1/models").json()["data"][0]  # models.retrieve
+    missing = acme.get("/v1/models/gpt-4o")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     create(acme, "metrics-probe")
     ask(acme, "Hello?", "metrics-probe")
     text = acme.get("/metrics").text
@@ -519,6 +522,9 @@ def test_streaming_sends_usage_only_when_asked_as_openai_does(served, acme):
     assert all(c["usage"] is None for c in chunks)
     assert usage_only["choices"] == [] and usage_only["usage"] == whole["usage"]
     assert usage_only["id"] == chunks[0]["id"]
+    with acme.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:  # a proxy (nginx) in
+        assert r.headers["x-accel-buffering"] == "no"  # front passes each event on at once instead of buffering it
+        assert r.headers["content-type"].startswith("text/event-stream")
 
 
 def test_streaming_with_the_openai_client(served, acme):
@@ -1049,9 +1055,11 @@ def test_an_answer_without_max_tokens_fits_what_room_the_prompt_leaves_in_the_wi
         assert usage["completion_tokens"] == room or r.json()["choices"][0]["finish_reason"] == "stop"
         r = acme.post("/v1/chat/completions", json={"messages": messages, "max_tokens": room + 1})
         assert r.status_code == 400 and "max_tokens=" in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["code"] == "context_length_exceeded"  # (OpenAI's code: clients branch on it)
     full = words(window - overhead)
     r = acme.post("/v1/chat/completions", json={"messages": full, "stream": True})
     assert r.status_code == 400 and "no room" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
     short = acme.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Go on."}]}).json()
     assert short["usage"]["completion_tokens"] == 64 or short["choices"][0]["finish_reason"] == "stop"  # --max-tokens
 

@@ -10,7 +10,7 @@
     POST   /v1/sessions/{id}/memories    explicit flashcards, one write (waits for it unless wait=false)
     GET    /v1/sessions/{id}/memories    every flashcard trained into the session
     POST   /v1/sessions/{id}/release     hand the session to whichever server sharing the store asks next
-    GET    /v1/models, /health, /metrics
+    GET    /v1/models, /v1/models/{id}, /health, /metrics
 
 API keys (`Authorization: Bearer KEY`) map to tenants; session ids are scoped to the tenant, so a
 tenant can only ever name its own sessions. Errors are OpenAI-shaped JSON ({"error": {"message",
@@ -42,6 +42,7 @@ from starlette.routing import Match
 from tmem_runtime.serve.batcher import Request as BatchRequest
 from tmem_runtime.serve.batcher import RowResult
 from tmem_runtime.serve.service import (
+    ContextLengthError,
     CorruptSessionError,
     LeaseHeldError,
     MemoryService,
@@ -301,9 +302,18 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(service.metrics_text(), media_type="text/plain; version=0.0.4")
 
+    served = {"id": model_name, "object": "model", "owned_by": "tmem", "created": 0}
+
     @get("/v1/models")
     def models(t: str = Depends(tenant)) -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "tmem", "created": 0}]}
+        return {"object": "list", "data": [served]}
+
+    @get("/v1/models/{model:path}")
+    def model(model: str, t: str = Depends(tenant)) -> dict:
+        if model != model_name:
+            raise ApiError(404, f"the model {model!r} does not exist here: this server serves {model_name!r}",
+                           "invalid_request_error", "model_not_found")
+        return served
 
     @app.post("/v1/sessions", status_code=201)
     def create(body: CreateRequest | None = None, t: str = Depends(tenant)) -> dict:
@@ -407,7 +417,8 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
                 request.cancelled.set()
                 request.future.cancel()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                                  "X-Accel-Buffering": "no"})
 
     return app
 
@@ -500,6 +511,8 @@ def _as_api_error(exc: Exception) -> ApiError:
         logger.error("%s", exc)
         return ApiError(500, f"session {exc.session!r} cannot be loaded: its stored files are unreadable (the "
                         "server's log says which); they are kept as they are", "server_error", "session_corrupt")
+    if isinstance(exc, ContextLengthError):
+        return ApiError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, ValueError):
         return ApiError(400, str(exc))
     logger.exception("unexpected error", exc_info=exc)

@@ -54,6 +54,11 @@ MIN_LOG_BYTES = 64 << 10  # ... or once its log holds more bytes than this and t
 DEFAULT_MAX_TOKENS = 128  # an answer's token limit when the client gives none (within --max-tokens and the window)
 
 
+class ContextLengthError(ValueError):
+    """The prompt, with the answer's max_tokens, does not fit the model's window (HTTP 400,
+    code context_length_exceeded, as OpenAI's)."""
+
+
 class UnknownSessionError(KeyError):
     """No such session in this tenant (HTTP 404)."""
 
@@ -387,20 +392,20 @@ class MemoryService:
                on_text: Callable[[str], None] | None = None, stop: Sequence[str] = ()) -> Request:
         """Queue a chat completion reading `session`'s fast weights (None: the bare model), ending where
         the first of the `stop` texts begins, after at most `max_tokens` tokens (None: DEFAULT_MAX_TOKENS,
-        within the config's max_tokens and the room the prompt leaves in the model's window). ValueError
-        if the prompt and max_tokens do not fit the window. The session is held (never unloaded as idle)
-        until the answer ends."""
+        within the config's max_tokens and the room the prompt leaves in the model's window).
+        ContextLengthError if the prompt and max_tokens do not fit the window. The session is held (never
+        unloaded as idle) until the answer ends."""
         conv = self.get(tenant, session, hold=True) if session is not None else None
         try:
             ids, window = self.prompt_ids(messages), self.generator.window
             if max_tokens is None and len(ids) < window:
                 max_tokens = min(DEFAULT_MAX_TOKENS, self.config.max_tokens, window - len(ids))
             if max_tokens is None:
-                raise ValueError(f"the prompt has {len(ids)} tokens: it leaves no room for an answer in the "
-                                 f"model's window of {window} tokens")
+                raise ContextLengthError(f"the prompt has {len(ids)} tokens: it leaves no room for an answer in "
+                                         f"the model's window of {window} tokens")
             if len(ids) + max_tokens > window:
-                raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} it exceeds the "
-                                 f"model's window of {window} tokens")
+                raise ContextLengthError(f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} it exceeds "
+                                         f"the model's window of {window} tokens")
             if conv is not None:
                 self._check_active(conv)
             p = self.preamble
@@ -439,5 +444,5 @@ def _abandon(jobs: list[WriteJob], why: str) -> None:
         job.settle(error=SessionGoneError(why))
 
 
-__all__ = ["CorruptSessionError", "LeaseHeldError", "MemoryService", "ServeConfig", "ServerBusyError",
-           "SessionExistsError", "SessionGoneError", "UnknownSessionError"]
+__all__ = ["ContextLengthError", "CorruptSessionError", "LeaseHeldError", "MemoryService", "ServeConfig",
+           "ServerBusyError", "SessionExistsError", "SessionGoneError", "UnknownSessionError"]
