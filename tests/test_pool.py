@@ -426,6 +426,39 @@ def test_a_pool_refused_at_construction_leaves_the_model_as_it_was(tiny, bad):
         torch.testing.assert_close(tiny(input_ids=ids).logits, bare, rtol=0, atol=0)
 
 
+def test_a_session_with_no_card_in_a_batched_write_is_left_as_written_alone(tiny):
+    """A batched write naming a session with no example trains the others as if alone (B of FastWeights
+    writing them one by one) and leaves that one as a write of it alone does: no row taken (it made a full
+    pool refuse the write: 3 sessions on 2 rows), no write counted, its version unchanged. An unknown id
+    with no example is still refused, nothing changed."""
+    recipe = Recipe(lr=5e-2, epochs=2, batch_size=4)
+    cards = {"c": examples(3, 3), "d": examples(5, 4)}  # 2 and 4 steps
+    want = {}
+    for s, ex in cards.items():
+        fw = FastWeights(tiny, backend="torch")
+        fw.write_examples(ex, recipe, seed=5)
+        want[s] = fw.state_dict()
+        fw.detach()
+    pool = SessionPool(tiny, capacity=2, backend="torch")
+    for s in "abcd":
+        pool.open(s)
+    pool.write_examples_many({"a": examples(2, 1)}, recipe)
+    a, version_b = pool.state_dict("a"), pool.version("b")
+    with pytest.raises(UnknownSessionError):
+        pool.write_examples_many({"nope": [], **cards}, recipe, seed=5)
+    losses = pool.write_examples_many({"b": [], **cards}, recipe, seed=5)
+    assert losses["b"] == [] and len(losses["c"]) == 2 and len(losses["d"]) == 4
+    assert pool.stats["b"].writes == 0 and pool.version("b") == version_b
+    assert "b" not in pool.residency.resident
+    for s, ref in want.items():
+        got = pool.state_dict(s)
+        for k, v in ref.items():
+            assert (got[k] - v).norm() <= 1e-5 * v.norm().clamp_min(1e-12), (s, k)
+    assert all(torch.equal(pool.state_dict("a")[k], v) for k, v in a.items())  # evicted, back exactly
+    assert all(v.abs().sum() == 0 for k, v in pool.state_dict("b").items() if k.endswith("lora_B"))
+    pool.detach()
+
+
 def test_a_bad_session_in_a_batched_write_rolls_back_alone(tiny):
     pool = SessionPool(tiny, capacity=2, backend="torch")
     pool.open("good")
