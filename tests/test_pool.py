@@ -426,6 +426,50 @@ def test_a_pool_refused_at_construction_leaves_the_model_as_it_was(tiny, bad):
         torch.testing.assert_close(tiny(input_ids=ids).logits, bare, rtol=0, atol=0)
 
 
+def test_gradient_checkpointing_over_pool_rows_is_refused_at_the_forward(tiny):
+    """Gradient checkpointing runs each layer again in the backward, outside the rows() block (or on autograd's
+    device thread), where the rows are unbound: a backward after the block raised torch's CheckpointError. Such
+    a forward is refused at once, nothing held; without checkpointing the base weights' gradient through row 0
+    equals the model's with only that session attached (FastWeights, whose one session stays bound: checkpointed,
+    backward after its forward)."""
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    weight = tiny.model.layers[-1].mlp.down_proj.weight
+    enable = getattr(tiny, "activation_checkpointing_enable", None) or tiny.gradient_checkpointing_enable
+    disable = getattr(tiny, "activation_checkpointing_disable", None) or tiny.gradient_checkpointing_disable
+    pool = SessionPool(tiny, capacity=2, backend="torch")
+    pool.open("a")
+    pool.write_examples_many({"a": examples(4, 1)}, Recipe(lr=3e-2, epochs=3))
+    state = pool.state_dict("a")
+    tiny.train()
+    weight.requires_grad_(True)
+    try:
+        enable()
+        for rows in (["a", None], [None, None]):  # (refused whatever the rows read)
+            with pytest.raises(FastWeightsError, match="gradient checkpointing"), pool.rows(rows):
+                tiny(input_ids=ids)
+        assert not pool.residency.pins and not pool._locks._reads
+        with torch.no_grad(), pool.rows(["a", None]):  # no backward: nothing to recompute
+            tiny(input_ids=ids)
+        disable()
+        with pool.rows(["a", None]):
+            out = tiny(input_ids=ids).logits
+        out[0].sum().backward()  # after the block
+        pooled, weight.grad = weight.grad.clone(), None
+        pool.detach()
+        fw = FastWeights(tiny, backend="torch")
+        fw.load_state_dict(state)
+        enable()
+        tiny(input_ids=ids[:1]).logits[0].sum().backward()
+        fw.detach()
+        torch.testing.assert_close(pooled, weight.grad, rtol=1e-5, atol=1e-5)
+        assert pooled.abs().sum() > 0
+    finally:
+        disable()
+        tiny.eval()
+        weight.requires_grad_(False)
+        weight.grad = None
+
+
 def test_a_session_with_no_card_in_a_batched_write_is_left_as_written_alone(tiny):
     """A batched write naming a session with no example trains the others as if alone (B of FastWeights
     writing them one by one) and leaves that one as a write of it alone does: no row taken (it made a full
