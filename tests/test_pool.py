@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -269,6 +275,62 @@ def test_a_failed_offload_loses_no_session(tiny, tmp_path):
         got = pool.state_dict(s)
         assert all(torch.equal(got[k], want[k]) for k in want), s
     pool.detach()
+
+
+@contextmanager
+def undeletable(files: list[Path]) -> Iterator[None]:
+    """Inside the block `files` cannot be deleted (they still read): their directory read-only, or, for root (who
+    deletes from read-only directories), the files immutable (chattr +i); skipped where neither can be had."""
+    if os.geteuid() != 0:
+        folder = files[0].parent
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", *map(str, files)], capture_output=True).returncode:
+        pytest.skip("no way to make a file undeletable here (root without chattr +i)")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", *map(str, files)], check=True)
+
+
+def test_an_offload_file_that_cannot_be_deleted_loses_nothing(tiny, tmp_path):
+    """A session's offload file that cannot be deleted once it is no longer needed (a read-only offload directory)
+    is left behind, and the restore, reset, close or detach goes through: the restore lost the session from the
+    pool and leaked its row (every later use: PoolFullError), a reset zeroed B but kept its version and stats,
+    and detach() left the model's MLPs replaced (it warns of the files it leaves)."""
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bare = tiny(input_ids=ids).logits
+    pool = SessionPool(tiny, capacity=1, backend="torch", offload="disk", offload_dir=tmp_path)
+    states = {}
+    for s in "abc":
+        pool.open(s)
+        pool.write_examples_many({s: examples(3, ord(s))}, Recipe(lr=1e-2, epochs=2))
+        states[s] = pool.state_dict(s)  # "a" then "b" go to disk
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 2
+    version_b = pool.version("b")
+    with undeletable(files):
+        pool.reset("b")  # away: its file dropped
+        assert pool.version("b") != version_b and pool.stats["b"].writes == 0
+        pool.close("c")  # resident: its row freed
+        assert all(torch.equal(pool.state_dict("a")[k], v) for k, v in states["a"].items())  # restored from disk
+        assert pool.sessions == ["a", "b"] and pool.counters()["resident"] == 1
+    assert len(list(tmp_path.glob(f"{pool.residency.file_prefix}-*"))) == 2  # left behind, as they were
+    assert all(v.abs().sum() == 0 for k, v in pool.state_dict("b").items() if k.endswith("lora_B"))
+    pool.write_examples_many({"a": examples(2, 9)}, Recipe(lr=1e-2, epochs=1))  # "b" out, "a" in again
+    with undeletable(sorted(tmp_path.iterdir())), pytest.warns(UserWarning, match="could not be deleted"):
+        pool.detach()
+    assert getattr(tiny, "_tmem_fast_weights", None) is None
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(input_ids=ids).logits, bare, rtol=0, atol=0)
+    for f in tmp_path.iterdir():
+        f.unlink()
 
 
 def test_a_long_session_id_is_offloaded_to_disk(tiny, tmp_path):

@@ -353,8 +353,9 @@ class SessionPool(SessionStore):
             self._reads.detach(self.model)
             if self.trunk_rows is not None:
                 self.trunk_rows.clear()  # the kept trunk outputs' memory goes with the pool
-            self.residency.discard_files()
-            return self.engine.detach()
+            model = self.engine.detach()
+            self.residency.discard_files()  # (the model first: nothing about files keeps it half attached)
+            return model
 
 
 def _not_one_string(call: str, sessions: object) -> None:

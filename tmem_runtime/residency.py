@@ -12,8 +12,10 @@ files. Sessions in use by a running batch are pinned and never evicted; when eve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from tmem_runtime.adapter_file import AdapterFileError, read_adapter, save_adapter
+from tmem_runtime.adapter_file import read_adapter, save_adapter
 from tmem_runtime.engine import FastWeightEngine, FastWeightsError
 
 OFFLOAD = ("host", "disk")
@@ -103,9 +105,7 @@ class Residency:
             self.engine.reset_rows([slot])
             self.free.append(slot)
         else:
-            kept = self.away.pop(session)
-            if isinstance(kept, Path):
-                kept.unlink(missing_ok=True)
+            self._delete(self.away.pop(session))
 
     def reset(self, session: str) -> None:
         """Back to B = B0: its row if resident, else its kept copy is dropped (it comes back at B0 on use,
@@ -115,15 +115,32 @@ class Residency:
             self.engine.reset_rows([self.resident[session]])
             return
         kept, self.away[session] = self.away[session], None
-        if isinstance(kept, Path):
-            kept.unlink(missing_ok=True)
+        self._delete(kept)
 
     def discard_files(self) -> None:
-        """Delete every offload file of this residency (the pool is going away: nothing will read them)."""
+        """Delete every offload file of this residency (the pool is going away: nothing will read them). Files
+        that cannot be deleted (a read-only directory) are left, with a warning: the pool goes away all the same."""
         for session, kept in self.away.items():
             if isinstance(kept, Path):
-                kept.unlink(missing_ok=True)
                 self.away[session] = None
+        if self.offload_dir is None or not self.offload_dir.is_dir():
+            return
+        left = []
+        for path in self.offload_dir.glob(f"{self.file_prefix}-*.safetensors"):  # (with any a restore left)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                left.append(path.name)
+        if left:
+            warnings.warn(f"{len(left)} offload file(s) in {self.offload_dir} could not be deleted: {left[:3]}",
+                          stacklevel=3)
+
+    def _delete(self, kept: torch.Tensor | Path | None) -> None:
+        """Delete the offload file of a row no session needs any more (already restored, reset or closed). One
+        that cannot be deleted (a read-only directory) is left for `discard_files`: the session is where it belongs."""
+        if isinstance(kept, Path):
+            with contextlib.suppress(OSError):
+                kept.unlink(missing_ok=True)
 
     def acquire(self, sessions: Sequence[str]) -> list[int]:
         """Make `sessions` resident and pin them; returns their rows. Undo with `release`."""
@@ -201,24 +218,24 @@ class Residency:
         return path
 
     def _restore(self, session: str, slot: int) -> None:
-        kept = self.away.pop(session)
-        if kept is None:
-            self.engine.reset_rows([slot])
-        else:
-            if isinstance(kept, Path):
-                try:
-                    kept_row = self._read(kept)
-                except (AdapterFileError, KeyError):
-                    self.away[session] = kept
-                    self.free.append(slot)
-                    raise
-                self.counters.disk_reads += 1
-                kept.unlink(missing_ok=True)
+        """`session`'s kept row into `slot` (a row taken for it). On any error (an unreadable file) the session
+        stays away as it was and `slot` is free again."""
+        kept = self.away[session]
+        try:
+            if kept is None:
+                self.engine.reset_rows([slot])
             else:
-                kept_row = kept
-            self.engine.set_rows([slot], kept_row[None].to(self.engine.device))
-            self.counters.restores += 1
+                kept_row = self._read(kept) if isinstance(kept, Path) else kept
+                self.engine.set_rows([slot], kept_row[None].to(self.engine.device))
+        except BaseException:
+            self.free.append(slot)
+            raise
+        del self.away[session]
         self.resident[session] = slot
+        if kept is not None:
+            self.counters.restores += 1
+            self.counters.disk_reads += isinstance(kept, Path)
+            self._delete(kept)
 
     def _read(self, path: Path) -> torch.Tensor:
         return read_adapter(path, self._file_meta(), self.engine.device)["b"]
