@@ -333,6 +333,39 @@ def test_an_offload_file_that_cannot_be_deleted_loses_nothing(tiny, tmp_path):
         f.unlink()
 
 
+def test_a_load_into_an_offloaded_session_does_not_read_its_old_copy(tiny, tmp_path):
+    """A session whose offload file was truncated on disk cannot be read (AdapterFileError, nothing changed), but
+    a load, a swap or an import_peft replaces its whole B, so they go through without reading that file (they
+    failed on it, so the session could only be reset or closed); a state that does not fit is refused before
+    any session moves."""
+    from tmem_runtime.adapter_file import AdapterFileError
+    from tmem_runtime.peft_export import export_peft, import_peft
+
+    pool = SessionPool(tiny, capacity=1, backend="torch", offload="disk", offload_dir=tmp_path / "off")
+    for s in "abc":
+        pool.open(s)
+        pool.write_examples_many({s: examples(3, ord(s))}, Recipe(lr=1e-2, epochs=2))
+    pool.save("c", tmp_path / "c.safetensors")
+    export_peft((pool, "c"), tmp_path / "c-peft")
+    want = pool.state_dict("c")
+    for s in "ab":
+        path = pool.residency.away[s]
+        path.write_bytes(path.read_bytes()[:100])  # truncated while offloaded
+    with pytest.raises(AdapterFileError, match="cannot read"):
+        pool.state_dict("a")
+    bad = {k: v[..., :-1] if k.endswith("lora_B") else v for k, v in want.items()}
+    before, where = pool.counters(), pool.residency.ids
+    with pytest.raises(ValueError, match="shape"):
+        pool.load_state_dict("a", bad)
+    assert pool.counters() == before and pool.residency.ids == where
+    pool.load("a", tmp_path / "c.safetensors")
+    import_peft((pool, "b"), tmp_path / "c-peft")
+    for s in "ab":
+        got = pool.state_dict(s)
+        assert all(torch.equal(got[k], v) for k, v in want.items()), s
+    pool.detach()
+
+
 def test_a_long_session_id_is_offloaded_to_disk(tiny, tmp_path):
     """A session id whose hex would pass a file name's 255 bytes is offloaded under its SHA-256."""
     pool = SessionPool(tiny, capacity=1, backend="torch", offload="disk", offload_dir=tmp_path)

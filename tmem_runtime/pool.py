@@ -343,7 +343,9 @@ class SessionPool(SessionStore):
         a mismatch (ValueError). A must equal the pool's shared A."""
         self._check_attached()
         with self._locks.commit([session], after_writes=True), _outside_inference_mode():
-            self.engine.set_row(self.residency.slot(session), self._swap.b_row(state))
+            self.residency.check(session)
+            b_row = self._swap.b_row(state)  # (checked first: a mismatch moves no session)
+            self.engine.set_row(self.residency.slot(session, restore=False), b_row)  # (its old copy is not read)
             self._changed([session])
 
     def detach(self) -> PreTrainedModel:

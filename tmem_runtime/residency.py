@@ -163,13 +163,19 @@ class Residency:
             raise
         return [self.resident[s] for s in sessions]
 
-    def slot(self, session: str) -> int:
+    def slot(self, session: str, restore: bool = True) -> int:
         """The row of `session`, made resident if it is away (no pin: the caller holds the pool's lock
-        for as long as it uses the row)."""
+        for as long as it uses the row). restore=False: for a caller that overwrites the whole row at once
+        (a load): an away session's kept copy is not read, only dropped (a lost or corrupt file is no matter)."""
         slot = self.resident.get(session)
         if slot is None:
             self.check(session)
-            self._restore(session, self._take_row())
+            if restore:
+                self._restore(session, self._take_row())
+            else:
+                slot = self._take_row()  # (PoolFullError: nothing changed)
+                self._delete(self.away.pop(session))
+                self.resident[session] = slot
             slot = self.resident[session]
         self.resident.move_to_end(session)
         return slot
