@@ -502,6 +502,40 @@ def test_bad_input_is_refused_and_changes_nothing(tiny):
     pool.detach()
 
 
+def test_a_malformed_example_in_a_batched_write_is_refused_naming_its_session(tiny):
+    """An example whose labels are not one per input id (here one more: alone a shape error deep in collate, but
+    beside a longer example of another session it trained a target past its end, silently), float ids (truncated)
+    or a bare string: ValueError naming the session and example, no session changed; the same write with the
+    example fixed trains both sessions as FastWeights writes each alone."""
+    recipe = Recipe(optimizer="sgd", lr=5e-2, epochs=2)
+    good = examples(3, 1)  # (longer than the bad example: its padding held the extra label)
+    fixed = [([5, 6, 7, 8], [IGNORE_INDEX, 6, 7, 8])]
+    pool = SessionPool(tiny, capacity=2, backend="torch")
+    pool.open("a")
+    pool.open("b")
+    pool.write_examples_many({"b": examples(2, 2)}, recipe)
+    before = {s: pool.state_dict(s) for s in "ab"}
+    for bad, match in (([([5, 6, 7], [IGNORE_INDEX, 6, 7, 8])], "3 input ids and 4 labels"),
+                       ([([5.0, 6.5, 7.0], [5, 6, 7])], "input_ids is not a sequence of integer"),
+                       (["5 6 7"], "not an .input_ids, labels. pair")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"session 'b' example 0.*{match}"):
+            pool.write_examples_many({"a": good, "b": bad}, recipe)
+    for s in "ab":
+        assert all(torch.equal(pool.state_dict(s)[k], v) for k, v in before[s].items()), s
+        assert pool.stats[s].writes == (s == "b")
+    pool.write_examples_many({"a": good, "b": fixed}, recipe)
+    got = {s: pool.state_dict(s) for s in "ab"}
+    pool.detach()
+    for s, ex in (("a", good), ("b", fixed)):
+        fw = FastWeights(tiny, backend="torch")
+        if s == "b":
+            fw.load_state_dict(before["b"])
+        fw.write_examples(ex, recipe)
+        for k, v in fw.state_dict().items():
+            assert (got[s][k] - v).norm() <= 1e-5 * v.norm().clamp_min(1e-12), (s, k)
+        fw.detach()
+
+
 @pytest.mark.parametrize("bad", [dict(offload="gpu"), dict(offload="disk")])  # (disk: without offload_dir)
 def test_a_pool_refused_at_construction_leaves_the_model_as_it_was(tiny, bad):
     """A bad offload argument is found once the engine has attached: the refusal undoes the attach (it left the
@@ -570,7 +604,7 @@ def test_a_session_with_no_card_in_a_batched_write_is_left_as_written_alone(tiny
     writing them one by one) and leaves that one as a write of it alone does: no row taken (it made a full
     pool refuse the write: 3 sessions on 2 rows), no write counted, its version unchanged. An unknown id
     with no example is still refused, nothing changed."""
-    recipe = Recipe(lr=5e-2, epochs=2, batch_size=4)
+    recipe = Recipe(optimizer="sgd", lr=5e-2, epochs=2, batch_size=4)
     cards = {"c": examples(3, 3), "d": examples(5, 4)}  # 2 and 4 steps
     want = {}
     for s, ex in cards.items():
