@@ -366,6 +366,27 @@ def test_a_load_into_an_offloaded_session_does_not_read_its_old_copy(tiny, tmp_p
     pool.detach()
 
 
+def test_a_relative_offload_dir_survives_a_change_of_working_directory(tiny, tmp_path, monkeypatch):
+    """offload_dir="offload" names the directory it named when the pool was made: after the process changed its
+    working directory, an offloaded session came back as AdapterFileError (its file looked for under the new one)
+    and detach() left the file behind."""
+    (tmp_path / "start").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "start")
+    pool = SessionPool(tiny, capacity=1, backend="torch", offload="disk", offload_dir="offload")
+    pool.open("a")
+    pool.open("b")
+    pool.write_examples_many({"a": examples(3, 1)}, Recipe(lr=1e-2, epochs=2))
+    want = pool.state_dict("a")
+    pool.write_examples_many({"b": examples(2, 2)}, Recipe(lr=1e-2, epochs=1))  # "a" to disk
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    got = pool.state_dict("a")  # "b" to disk, under the same directory
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert pool.counters()["disk_reads"] == 1 and len(list((tmp_path / "start" / "offload").iterdir())) == 1
+    pool.detach()
+    assert not any((tmp_path / "start" / "offload").iterdir()) and not any((tmp_path / "elsewhere").iterdir())
+
+
 def test_a_long_session_id_is_offloaded_to_disk(tiny, tmp_path):
     """A session id whose hex would pass a file name's 255 bytes is offloaded under its SHA-256."""
     pool = SessionPool(tiny, capacity=1, backend="torch", offload="disk", offload_dir=tmp_path)

@@ -57,7 +57,8 @@ class Residency:
         if offload == "disk" and offload_dir is None:
             raise ValueError("offload='disk' needs offload_dir")
         self.engine, self.offload = engine, offload
-        self.offload_dir = None if offload_dir is None else Path(offload_dir)
+        # (absolute: a relative one names the same directory after the process changes its working directory)
+        self.offload_dir = None if offload_dir is None else Path(offload_dir).absolute()
         self.resident: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self.away: dict[str, torch.Tensor | Path | None] = {}  # None: evicted in its initial state
         self.free = list(range(engine.capacity))[::-1]
