@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,6 +277,116 @@ def test_a_failed_offload_loses_no_session(tiny, tmp_path):
     pool.detach()
 
 
+@contextmanager
+def undeletable(files: list[Path]) -> Iterator[None]:
+    """Inside the block `files` cannot be deleted (they still read): their directory read-only, or, for root (who
+    deletes from read-only directories), the files immutable (chattr +i); skipped where neither can be had."""
+    if os.geteuid() != 0:
+        folder = files[0].parent
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", *map(str, files)], capture_output=True).returncode:
+        pytest.skip("no way to make a file undeletable here (root without chattr +i)")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", *map(str, files)], check=True)
+
+
+def test_an_offload_file_that_cannot_be_deleted_loses_nothing(tiny, tmp_path):
+    """A session's offload file that cannot be deleted once it is no longer needed (a read-only offload directory)
+    is left behind, and the restore, reset, close or detach goes through: the restore lost the session from the
+    pool and leaked its row (every later use: PoolFullError), a reset zeroed B but kept its version and stats,
+    and detach() left the model's MLPs replaced (it warns of the files it leaves)."""
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bare = tiny(input_ids=ids).logits
+    pool = SessionPool(tiny, capacity=1, backend="torch", offload="disk", offload_dir=tmp_path)
+    states = {}
+    for s in "abc":
+        pool.open(s)
+        pool.write_examples_many({s: examples(3, ord(s))}, Recipe(lr=1e-2, epochs=2))
+        states[s] = pool.state_dict(s)  # "a" then "b" go to disk
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 2
+    version_b = pool.version("b")
+    with undeletable(files):
+        pool.reset("b")  # away: its file dropped
+        assert pool.version("b") != version_b and pool.stats["b"].writes == 0
+        pool.close("c")  # resident: its row freed
+        assert all(torch.equal(pool.state_dict("a")[k], v) for k, v in states["a"].items())  # restored from disk
+        assert pool.sessions == ["a", "b"] and pool.counters()["resident"] == 1
+    assert len(list(tmp_path.glob(f"{pool.residency.file_prefix}-*"))) == 2  # left behind, as they were
+    assert all(v.abs().sum() == 0 for k, v in pool.state_dict("b").items() if k.endswith("lora_B"))
+    pool.write_examples_many({"a": examples(2, 9)}, Recipe(lr=1e-2, epochs=1))  # "b" out, "a" in again
+    with undeletable(sorted(tmp_path.iterdir())), pytest.warns(UserWarning, match="could not be deleted"):
+        pool.detach()
+    assert getattr(tiny, "_tmem_fast_weights", None) is None
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(input_ids=ids).logits, bare, rtol=0, atol=0)
+    for f in tmp_path.iterdir():
+        f.unlink()
+
+
+def test_a_load_into_an_offloaded_session_does_not_read_its_old_copy(tiny, tmp_path):
+    """A session whose offload file was truncated on disk cannot be read (AdapterFileError, nothing changed), but
+    a load, a swap or an import_peft replaces its whole B, so they go through without reading that file (they
+    failed on it, so the session could only be reset or closed); a state that does not fit is refused before
+    any session moves."""
+    from tmem_runtime.adapter_file import AdapterFileError
+    from tmem_runtime.peft_export import export_peft, import_peft
+
+    pool = SessionPool(tiny, capacity=1, backend="torch", offload="disk", offload_dir=tmp_path / "off")
+    for s in "abc":
+        pool.open(s)
+        pool.write_examples_many({s: examples(3, ord(s))}, Recipe(lr=1e-2, epochs=2))
+    pool.save("c", tmp_path / "c.safetensors")
+    export_peft((pool, "c"), tmp_path / "c-peft")
+    want = pool.state_dict("c")
+    for s in "ab":
+        path = pool.residency.away[s]
+        path.write_bytes(path.read_bytes()[:100])  # truncated while offloaded
+    with pytest.raises(AdapterFileError, match="cannot read"):
+        pool.state_dict("a")
+    bad = {k: v[..., :-1] if k.endswith("lora_B") else v for k, v in want.items()}
+    before, where = pool.counters(), pool.residency.ids
+    with pytest.raises(ValueError, match="shape"):
+        pool.load_state_dict("a", bad)
+    assert pool.counters() == before and pool.residency.ids == where
+    pool.load("a", tmp_path / "c.safetensors")
+    import_peft((pool, "b"), tmp_path / "c-peft")
+    for s in "ab":
+        got = pool.state_dict(s)
+        assert all(torch.equal(got[k], v) for k, v in want.items()), s
+    pool.detach()
+
+
+def test_a_relative_offload_dir_survives_a_change_of_working_directory(tiny, tmp_path, monkeypatch):
+    """offload_dir="offload" names the directory it named when the pool was made: after the process changed its
+    working directory, an offloaded session came back as AdapterFileError (its file looked for under the new one)
+    and detach() left the file behind."""
+    (tmp_path / "start").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "start")
+    pool = SessionPool(tiny, capacity=1, backend="torch", offload="disk", offload_dir="offload")
+    pool.open("a")
+    pool.open("b")
+    pool.write_examples_many({"a": examples(3, 1)}, Recipe(lr=1e-2, epochs=2))
+    want = pool.state_dict("a")
+    pool.write_examples_many({"b": examples(2, 2)}, Recipe(lr=1e-2, epochs=1))  # "a" to disk
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    got = pool.state_dict("a")  # "b" to disk, under the same directory
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert pool.counters()["disk_reads"] == 1 and len(list((tmp_path / "start" / "offload").iterdir())) == 1
+    pool.detach()
+    assert not any((tmp_path / "start" / "offload").iterdir()) and not any((tmp_path / "elsewhere").iterdir())
+
+
 def test_a_long_session_id_is_offloaded_to_disk(tiny, tmp_path):
     """A session id whose hex would pass a file name's 255 bytes is offloaded under its SHA-256."""
     pool = SessionPool(tiny, capacity=1, backend="torch", offload="disk", offload_dir=tmp_path)
@@ -407,6 +523,40 @@ def test_bad_input_is_refused_and_changes_nothing(tiny):
     pool.detach()
 
 
+def test_a_malformed_example_in_a_batched_write_is_refused_naming_its_session(tiny):
+    """An example whose labels are not one per input id (here one more: alone a shape error deep in collate, but
+    beside a longer example of another session it trained a target past its end, silently), float ids (truncated)
+    or a bare string: ValueError naming the session and example, no session changed; the same write with the
+    example fixed trains both sessions as FastWeights writes each alone."""
+    recipe = Recipe(optimizer="sgd", lr=5e-2, epochs=2)
+    good = examples(3, 1)  # (longer than the bad example: its padding held the extra label)
+    fixed = [([5, 6, 7, 8], [IGNORE_INDEX, 6, 7, 8])]
+    pool = SessionPool(tiny, capacity=2, backend="torch")
+    pool.open("a")
+    pool.open("b")
+    pool.write_examples_many({"b": examples(2, 2)}, recipe)
+    before = {s: pool.state_dict(s) for s in "ab"}
+    for bad, match in (([([5, 6, 7], [IGNORE_INDEX, 6, 7, 8])], "3 input ids and 4 labels"),
+                       ([([5.0, 6.5, 7.0], [5, 6, 7])], "input_ids is not a sequence of integer"),
+                       (["5 6 7"], "not an .input_ids, labels. pair")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"session 'b' example 0.*{match}"):
+            pool.write_examples_many({"a": good, "b": bad}, recipe)
+    for s in "ab":
+        assert all(torch.equal(pool.state_dict(s)[k], v) for k, v in before[s].items()), s
+        assert pool.stats[s].writes == (s == "b")
+    pool.write_examples_many({"a": good, "b": fixed}, recipe)
+    got = {s: pool.state_dict(s) for s in "ab"}
+    pool.detach()
+    for s, ex in (("a", good), ("b", fixed)):
+        fw = FastWeights(tiny, backend="torch")
+        if s == "b":
+            fw.load_state_dict(before["b"])
+        fw.write_examples(ex, recipe)
+        for k, v in fw.state_dict().items():
+            assert (got[s][k] - v).norm() <= 1e-5 * v.norm().clamp_min(1e-12), (s, k)
+        fw.detach()
+
+
 @pytest.mark.parametrize("bad", [dict(offload="gpu"), dict(offload="disk")])  # (disk: without offload_dir)
 def test_a_pool_refused_at_construction_leaves_the_model_as_it_was(tiny, bad):
     """A bad offload argument is found once the engine has attached: the refusal undoes the attach (it left the
@@ -424,6 +574,83 @@ def test_a_pool_refused_at_construction_leaves_the_model_as_it_was(tiny, bad):
     pool.detach()
     with torch.no_grad():
         torch.testing.assert_close(tiny(input_ids=ids).logits, bare, rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_over_pool_rows_is_refused_at_the_forward(tiny):
+    """Gradient checkpointing runs each layer again in the backward, outside the rows() block (or on autograd's
+    device thread), where the rows are unbound: a backward after the block raised torch's CheckpointError. Such
+    a forward is refused at once, nothing held; without checkpointing the base weights' gradient through row 0
+    equals the model's with only that session attached (FastWeights, whose one session stays bound: checkpointed,
+    backward after its forward)."""
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    weight = tiny.model.layers[-1].mlp.down_proj.weight
+    enable = getattr(tiny, "activation_checkpointing_enable", None) or tiny.gradient_checkpointing_enable
+    disable = getattr(tiny, "activation_checkpointing_disable", None) or tiny.gradient_checkpointing_disable
+    pool = SessionPool(tiny, capacity=2, backend="torch")
+    pool.open("a")
+    pool.write_examples_many({"a": examples(4, 1)}, Recipe(lr=3e-2, epochs=3))
+    state = pool.state_dict("a")
+    tiny.train()
+    weight.requires_grad_(True)
+    try:
+        enable()
+        for rows in (["a", None], [None, None]):  # (refused whatever the rows read)
+            with pytest.raises(FastWeightsError, match="gradient checkpointing"), pool.rows(rows):
+                tiny(input_ids=ids)
+        assert not pool.residency.pins and not pool._locks._reads
+        with torch.no_grad(), pool.rows(["a", None]):  # no backward: nothing to recompute
+            tiny(input_ids=ids)
+        disable()
+        with pool.rows(["a", None]):
+            out = tiny(input_ids=ids).logits
+        out[0].sum().backward()  # after the block
+        pooled, weight.grad = weight.grad.clone(), None
+        pool.detach()
+        fw = FastWeights(tiny, backend="torch")
+        fw.load_state_dict(state)
+        enable()
+        tiny(input_ids=ids[:1]).logits[0].sum().backward()
+        fw.detach()
+        torch.testing.assert_close(pooled, weight.grad, rtol=1e-5, atol=1e-5)
+        assert pooled.abs().sum() > 0
+    finally:
+        disable()
+        tiny.eval()
+        weight.requires_grad_(False)
+        weight.grad = None
+
+
+def test_a_session_with_no_card_in_a_batched_write_is_left_as_written_alone(tiny):
+    """A batched write naming a session with no example trains the others as if alone (B of FastWeights
+    writing them one by one) and leaves that one as a write of it alone does: no row taken (it made a full
+    pool refuse the write: 3 sessions on 2 rows), no write counted, its version unchanged. An unknown id
+    with no example is still refused, nothing changed."""
+    recipe = Recipe(optimizer="sgd", lr=5e-2, epochs=2, batch_size=4)
+    cards = {"c": examples(3, 3), "d": examples(5, 4)}  # 2 and 4 steps
+    want = {}
+    for s, ex in cards.items():
+        fw = FastWeights(tiny, backend="torch")
+        fw.write_examples(ex, recipe, seed=5)
+        want[s] = fw.state_dict()
+        fw.detach()
+    pool = SessionPool(tiny, capacity=2, backend="torch")
+    for s in "abcd":
+        pool.open(s)
+    pool.write_examples_many({"a": examples(2, 1)}, recipe)
+    a, version_b = pool.state_dict("a"), pool.version("b")
+    with pytest.raises(UnknownSessionError):
+        pool.write_examples_many({"nope": [], **cards}, recipe, seed=5)
+    losses = pool.write_examples_many({"b": [], **cards}, recipe, seed=5)
+    assert losses["b"] == [] and len(losses["c"]) == 2 and len(losses["d"]) == 4
+    assert pool.stats["b"].writes == 0 and pool.version("b") == version_b
+    assert "b" not in pool.residency.resident
+    for s, ref in want.items():
+        got = pool.state_dict(s)
+        for k, v in ref.items():
+            assert (got[k] - v).norm() <= 1e-5 * v.norm().clamp_min(1e-12), (s, k)
+    assert all(torch.equal(pool.state_dict("a")[k], v) for k, v in a.items())  # evicted, back exactly
+    assert all(v.abs().sum() == 0 for k, v in pool.state_dict("b").items() if k.endswith("lora_B"))
+    pool.detach()
 
 
 def test_a_bad_session_in_a_batched_write_rolls_back_alone(tiny):

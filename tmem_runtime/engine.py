@@ -33,7 +33,7 @@ from tmem_runtime.adapter_init import initial_factors
 from tmem_runtime.backends import kernel_ops, resolve_backend
 from tmem_runtime.decoder import Decoder, supports_piecewise
 from tmem_runtime.layout import AdapterLayout, AdapterSlot
-from tmem_runtime.models import MLP_TARGETS, is_silu, target_mlps
+from tmem_runtime.models import MLP_TARGETS, decoder_layers, is_silu, target_mlps
 
 
 def adapter_layout(model: nn.Module, rank: int, num_layers: int | Sequence[int] = 4) -> AdapterLayout:
@@ -112,6 +112,7 @@ class FastWeightEngine:
         self.model = model
         self.capacity, self.rank, self.init, self.scaling = capacity, rank, init, scaling
         self.mlps = target_mlps(model, num_layers)
+        self.mlp_layers = [decoder_layers(model)[i] for i, _ in self.mlps]  # the decoder layer of each
         self.first_layer = self.mlps[0][0]
         self.layout = _layout(self.mlps, rank)
         weight = self.mlps[0][1].gate_proj.weight
@@ -283,6 +284,8 @@ class FastWeightEngine:
         binding = self.current_binding()
         if binding is None:
             return type(mlp).forward(mlp, x)
+        if binding is not self.default_binding and not binding.writing:
+            self._check_not_recomputed(k)
         if self._is_identity(binding):  # the model's own MLP: bit-exact bare outputs, once the rows are
             if binding.indptr is not None:  # checked as below (a wrong row list fails before any write too)
                 _token_segments(binding, x.shape, x.numel() // x.shape[-1])
@@ -310,6 +313,19 @@ class FastWeightEngine:
                 segs = (indptr.tolist(), slots.tolist())
                 y = composed_mlp_segmented(x2, ws, a, b, *segs, self.scaling, mlp.act_fn)
         return y.view(*shape[:-1], y.shape[-1])
+
+    def _check_not_recomputed(self, k: int) -> None:
+        """FastWeightsError for a forward of bound rows (a pool's rows() block) that gradient checkpointing will run
+        again in its backward: the recompute runs outside the block, or on autograd's device thread, where the
+        rows are not bound (torch's CheckpointError, or gradients of other weights than the forward read)."""
+        layer = self.mlp_layers[k]
+        if torch.is_grad_enabled() and layer.training and getattr(layer, "gradient_checkpointing", False):
+            raise FastWeightsError(
+                "a forward reading a pool's rows (pool.rows) with gradient checkpointing on: its backward would "
+                "recompute the layers where these rows are no longer bound (after the block, or on autograd's "
+                "thread); run it without gradient checkpointing (model.gradient_checkpointing_disable()), in eval "
+                "mode, or under torch.no_grad()"
+            )
 
     def _is_identity(self, binding: Binding) -> bool:
         """Every B the binding reads is a resident row still at B0 = 0: the adapter changes nothing."""

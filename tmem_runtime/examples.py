@@ -8,6 +8,7 @@ seeded shuffle, so the fast path and the PEFT reference see exactly the same bat
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -124,6 +125,30 @@ def text_examples(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     step = max_length - len(bos)
     return [(bos + ids[i : i + step], bos + ids[i : i + step]) for i in range(0, len(ids), step) if ids[i : i + step]]
+
+
+def check_examples(examples: Sequence[Example], what: str = "") -> None:
+    """ValueError unless every example is a pair (input_ids, labels) of integer token sequences (lists, or 1-D
+    integer tensors) of one length, at least one token: one label per input token, -100 where ignored. (A label
+    list one longer than its ids trained a target past the example's end whenever a longer example shared the
+    batch, and failed alone; float ids were truncated.) `what` names the examples' owner in the message."""
+    for i, ex in enumerate(examples):
+        where = f"{what} example {i}".strip()
+        if isinstance(ex, (str, bytes)) or not isinstance(ex, Sequence) or len(ex) != 2:
+            raise ValueError(f"{where} is not an (input_ids, labels) pair: {ex!r:.80}")
+        for name, seq in zip(("input_ids", "labels"), ex):
+            if isinstance(seq, torch.Tensor):
+                ok = seq.dim() == 1 and not (seq.is_floating_point() or seq.is_complex() or seq.dtype == torch.bool)
+            else:
+                ok = isinstance(seq, Sequence) and not isinstance(seq, (str, bytes)) and all(
+                    isinstance(t, Integral) and not isinstance(t, bool) for t in seq
+                )
+            if not ok:
+                raise ValueError(f"{where}: {name} is not a sequence of integer token ids: {seq!r:.80}")
+        ids, labels = ex
+        if len(ids) != len(labels) or not len(ids):
+            raise ValueError(f"{where} has {len(ids)} input ids and {len(labels)} labels: give one label per "
+                             "input token (-100 where ignored), at least one token")
 
 
 def collate(examples: Sequence[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:

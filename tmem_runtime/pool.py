@@ -269,11 +269,18 @@ class SessionPool(SessionStore):
         if self._locks.reading_here:
             raise FastWeightsError("a write inside a pool.rows() block, a reading() block or generate() "
                                    "would wait for itself")
+        self._check_attached()
+        with self._lock:
+            for s in names:
+                self.residency.check(s)  # (UnknownSessionError for an id with no card too)
+        # a session with nothing to train (no card) is written as alone: no row taken, no write counted
+        everyone, idle = names, {s: [] for s, steps in zip(names, schedules) if not steps}
+        names, schedules = [s for s in names if s not in idle], [steps for steps in schedules if steps]
+        if not names:
+            return idle
         # (`writing` outermost: a close or reset of these sessions waits until their rows are unpinned and
         # their stats counted, so a close that waited never finds them in use, nor the stats gone)
         with self._write_lock, self._locks.writing(names), self._reads.resident(names) as slots:
-            if not any(schedules):
-                return {s: [] for s in names}
             with torch.inference_mode(False), record_function("tmem.write.trunk"):
                 encoded = self._encode(data)
             run = WriteRun(self.engine, encoded, schedules, slots, recipe, train_a, self._static)
@@ -283,10 +290,10 @@ class SessionPool(SessionStore):
                 self._changed(list(self._versions) if train_a else names)
                 losses, errors = self._count(names, outcome.losses, outcome.errors, train_a)
         if errors:
-            if len(names) == 1:
+            if len(everyone) == 1:
                 raise errors[names[0]]
-            raise WriteError(errors, losses)
-        return losses
+            raise WriteError(errors, idle | losses)
+        return {s: idle[s] if s in idle else losses[s] for s in everyone}
 
     def _count(self, names: list[str], losses: list[list[float]], errors: list[FastWeightsError | None],
                train_a: bool) -> tuple[dict[str, list[float]], dict[str, FastWeightsError]]:
@@ -336,7 +343,9 @@ class SessionPool(SessionStore):
         a mismatch (ValueError). A must equal the pool's shared A."""
         self._check_attached()
         with self._locks.commit([session], after_writes=True), _outside_inference_mode():
-            self.engine.set_row(self.residency.slot(session), self._swap.b_row(state))
+            self.residency.check(session)
+            b_row = self._swap.b_row(state)  # (checked first: a mismatch moves no session)
+            self.engine.set_row(self.residency.slot(session, restore=False), b_row)  # (its old copy is not read)
             self._changed([session])
 
     def detach(self) -> PreTrainedModel:
@@ -346,8 +355,9 @@ class SessionPool(SessionStore):
             self._reads.detach(self.model)
             if self.trunk_rows is not None:
                 self.trunk_rows.clear()  # the kept trunk outputs' memory goes with the pool
-            self.residency.discard_files()
-            return self.engine.detach()
+            model = self.engine.detach()
+            self.residency.discard_files()  # (the model first: nothing about files keeps it half attached)
+            return model
 
 
 def _not_one_string(call: str, sessions: object) -> None:

@@ -12,8 +12,10 @@ files. Sessions in use by a running batch are pinned and never evicted; when eve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from tmem_runtime.adapter_file import AdapterFileError, read_adapter, save_adapter
+from tmem_runtime.adapter_file import read_adapter, save_adapter
 from tmem_runtime.engine import FastWeightEngine, FastWeightsError
 
 OFFLOAD = ("host", "disk")
@@ -55,7 +57,8 @@ class Residency:
         if offload == "disk" and offload_dir is None:
             raise ValueError("offload='disk' needs offload_dir")
         self.engine, self.offload = engine, offload
-        self.offload_dir = None if offload_dir is None else Path(offload_dir)
+        # (absolute: a relative one names the same directory after the process changes its working directory)
+        self.offload_dir = None if offload_dir is None else Path(offload_dir).absolute()
         self.resident: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self.away: dict[str, torch.Tensor | Path | None] = {}  # None: evicted in its initial state
         self.free = list(range(engine.capacity))[::-1]
@@ -103,9 +106,7 @@ class Residency:
             self.engine.reset_rows([slot])
             self.free.append(slot)
         else:
-            kept = self.away.pop(session)
-            if isinstance(kept, Path):
-                kept.unlink(missing_ok=True)
+            self._delete(self.away.pop(session))
 
     def reset(self, session: str) -> None:
         """Back to B = B0: its row if resident, else its kept copy is dropped (it comes back at B0 on use,
@@ -115,15 +116,32 @@ class Residency:
             self.engine.reset_rows([self.resident[session]])
             return
         kept, self.away[session] = self.away[session], None
-        if isinstance(kept, Path):
-            kept.unlink(missing_ok=True)
+        self._delete(kept)
 
     def discard_files(self) -> None:
-        """Delete every offload file of this residency (the pool is going away: nothing will read them)."""
+        """Delete every offload file of this residency (the pool is going away: nothing will read them). Files
+        that cannot be deleted (a read-only directory) are left, with a warning: the pool goes away all the same."""
         for session, kept in self.away.items():
             if isinstance(kept, Path):
-                kept.unlink(missing_ok=True)
                 self.away[session] = None
+        if self.offload_dir is None or not self.offload_dir.is_dir():
+            return
+        left = []
+        for path in self.offload_dir.glob(f"{self.file_prefix}-*.safetensors"):  # (with any a restore left)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                left.append(path.name)
+        if left:
+            warnings.warn(f"{len(left)} offload file(s) in {self.offload_dir} could not be deleted: {left[:3]}",
+                          stacklevel=3)
+
+    def _delete(self, kept: torch.Tensor | Path | None) -> None:
+        """Delete the offload file of a row no session needs any more (already restored, reset or closed). One
+        that cannot be deleted (a read-only directory) is left for `discard_files`: the session is where it belongs."""
+        if isinstance(kept, Path):
+            with contextlib.suppress(OSError):
+                kept.unlink(missing_ok=True)
 
     def acquire(self, sessions: Sequence[str]) -> list[int]:
         """Make `sessions` resident and pin them; returns their rows. Undo with `release`."""
@@ -146,13 +164,19 @@ class Residency:
             raise
         return [self.resident[s] for s in sessions]
 
-    def slot(self, session: str) -> int:
+    def slot(self, session: str, restore: bool = True) -> int:
         """The row of `session`, made resident if it is away (no pin: the caller holds the pool's lock
-        for as long as it uses the row)."""
+        for as long as it uses the row). restore=False: for a caller that overwrites the whole row at once
+        (a load): an away session's kept copy is not read, only dropped (a lost or corrupt file is no matter)."""
         slot = self.resident.get(session)
         if slot is None:
             self.check(session)
-            self._restore(session, self._take_row())
+            if restore:
+                self._restore(session, self._take_row())
+            else:
+                slot = self._take_row()  # (PoolFullError: nothing changed)
+                self._delete(self.away.pop(session))
+                self.resident[session] = slot
             slot = self.resident[session]
         self.resident.move_to_end(session)
         return slot
@@ -201,24 +225,24 @@ class Residency:
         return path
 
     def _restore(self, session: str, slot: int) -> None:
-        kept = self.away.pop(session)
-        if kept is None:
-            self.engine.reset_rows([slot])
-        else:
-            if isinstance(kept, Path):
-                try:
-                    kept_row = self._read(kept)
-                except (AdapterFileError, KeyError):
-                    self.away[session] = kept
-                    self.free.append(slot)
-                    raise
-                self.counters.disk_reads += 1
-                kept.unlink(missing_ok=True)
+        """`session`'s kept row into `slot` (a row taken for it). On any error (an unreadable file) the session
+        stays away as it was and `slot` is free again."""
+        kept = self.away[session]
+        try:
+            if kept is None:
+                self.engine.reset_rows([slot])
             else:
-                kept_row = kept
-            self.engine.set_rows([slot], kept_row[None].to(self.engine.device))
-            self.counters.restores += 1
+                kept_row = self._read(kept) if isinstance(kept, Path) else kept
+                self.engine.set_rows([slot], kept_row[None].to(self.engine.device))
+        except BaseException:
+            self.free.append(slot)
+            raise
+        del self.away[session]
         self.resident[session] = slot
+        if kept is not None:
+            self.counters.restores += 1
+            self.counters.disk_reads += isinstance(kept, Path)
+            self._delete(kept)
 
     def _read(self, path: Path) -> torch.Tensor:
         return read_adapter(path, self._file_meta(), self.engine.device)["b"]

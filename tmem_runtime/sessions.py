@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tmem_runtime.adapter_file import AdapterFileError, read_adapter, save_adapter
 from tmem_runtime.engine import FastWeightsError
-from tmem_runtime.examples import Example, collate, qa_examples, text_examples, write_schedule
+from tmem_runtime.examples import Example, check_examples, collate, qa_examples, text_examples, write_schedule
 from tmem_runtime.recipes import Recipe, get_recipe
 from tmem_runtime.trainer import StepCallback
 from tmem_runtime.write import IGNORE_INDEX
@@ -112,6 +112,8 @@ class SessionStore:
         session's per-step losses; WriteError if some sessions were rolled back (the rest committed)."""
         recipe = get_recipe(recipe)
         names = list(examples)
+        for s in names:
+            check_examples(examples[s], f"session {s!r}")
         schedules, offset = [], 0
         for s in names:
             schedules.append([[offset + i for i in rows] for rows in write_schedule(len(examples[s]), recipe, seed)])
