@@ -661,9 +661,11 @@ def test_a_bad_session_in_a_batched_write_rolls_back_alone(tiny):
     bad = [(ids[:-1] + [511], lab) for ids, lab in bad]
     with torch.no_grad():
         tiny.model.embed_tokens.weight[511] = float("inf")  # only "bad" reads this token
+    versions = {s: pool.version(s) for s in ("good", "bad")}
     with pytest.raises(WriteError) as info:
         pool.write_examples_many({"good": examples(3, 1), "bad": bad}, Recipe(lr=1e-2, epochs=2))
     assert set(info.value.errors) == {"bad"} and len(info.value.losses["good"]) == 2
+    assert pool.version("bad") == versions["bad"] != pool.version("good")  # (rolled back: its weights unchanged)
     assert pool.stats["good"].writes == 1 and pool.stats["bad"].rollbacks == 1
     assert all(v.abs().sum() == 0 for k, v in pool.state_dict("bad").items() if k.endswith("lora_B"))
     assert any(v.abs().sum() > 0 for k, v in pool.state_dict("good").items() if k.endswith("lora_B"))

@@ -287,7 +287,8 @@ class SessionPool(SessionStore):
             outcome = run.train(on_step)
             with self._locks.commit(None if train_a else names), record_function("tmem.write.commit"):
                 run.commit(outcome)
-                self._changed(list(self._versions) if train_a else names)
+                committed = [s for s, e in zip(names, outcome.errors) if e is None]  # (rolled back: unchanged)
+                self._changed(list(self._versions) if train_a and committed else committed)
                 losses, errors = self._count(names, outcome.losses, outcome.errors, train_a)
         if errors:
             if len(everyone) == 1:
