@@ -72,6 +72,17 @@ def test_clipped_loss_and_k3_kl_by_hand():
         clipped_token_loss(logp, old, adv, beta=0.1)
 
 
+def test_grpo_config_refuses_a_non_finite_lr_temperature_or_beta():
+    """lr=inf stepped every weight to inf/NaN and temperature=inf sampled uniform noise: refused like lr=0."""
+    from tmem_runtime.rl.command import parse_args
+
+    for bad in ({"lr": math.inf}, {"lr": math.nan}, {"temperature": math.inf}, {"beta": math.inf}, {"lr": 0.0}):
+        with pytest.raises(ValueError, match="finite"):
+            GRPOConfig(**bad)
+    args = parse_args(["--data", "d.json", "--out", "o", "--lr", "1e-6", "--beta", "0", "--temperature", "0.7"])
+    assert (args.lr, args.beta, args.temperature) == (1e-6, 0.0, 0.7)
+
+
 # ---------------------------------------------------------------- the policy-gradient mask
 ROWS = [([1, 7, 9, 11, 13], [20, 21, 2]), ([1, 7, 9, 12], [30]), ([1, 7, 9, 11, 40, 41], [50, 51, 52, 53])]
 

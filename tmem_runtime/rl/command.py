@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tmem_runtime.cli import add_fast_weight_options, command_parser, device_arg, int_in
+from tmem_runtime.cli import add_fast_weight_options, command_parser, device_arg, float_above, int_in
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int_in(2), default=4,
                    help="flashcard sets sampled per memory write (G >= 2: advantages are relative to the group)")
     p.add_argument("--batch", type=int_in(1), default=1, help="conversations per step, over all ranks")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (the paper: 1e-6, full model)")
+    p.add_argument("--lr", type=float_above(0), default=1e-5, help="AdamW learning rate (the paper: 1e-6, full model)")
     p.add_argument("--policy", choices=("full", "lora"), default="lora",
                    help="train every weight, or a slow LoRA over all layers (not the fast-weight MLPs)")
     p.add_argument("--lora-rank", type=int_in(1), default=16, help="rank of the slow LoRA (alpha 2 x rank)")
@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flashcard modes the held-out conversations are scored in (default: --flashcard-mode)")
     p.add_argument("--l-max", type=int_in(1), default=512, help="the agent's budget (tokens): where it writes")
     p.add_argument("--replay", type=int_in(0), default=8, help="earlier episode cards trained again with each write")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the flashcards")
-    p.add_argument("--beta", type=float, default=0.0, help="KL weight (0: outcome reward only, the paper's)")
+    p.add_argument("--temperature", type=float_above(0), default=1.0, help="sampling temperature of the flashcards")
+    p.add_argument("--beta", type=float_above(0, inclusive=True), default=0.0,
+                   help="KL weight (0: outcome reward only, the paper's)")
     p.add_argument("--kl-every", type=int_in(0), default=1, help="log the KL to the reference every k steps (0: never)")
     p.add_argument("--updates-per-batch", type=int_in(1), default=1, help="optimizer steps per batch of rollouts")
     p.add_argument("--micro-batch-rows", type=int_in(1), default=16, help="scored rows per forward/backward")

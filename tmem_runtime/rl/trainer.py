@@ -81,8 +81,9 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.batch < 1 or self.updates_per_batch < 1 or self.micro_batch_rows < 1:
             raise ValueError(f"group_size, batch, updates_per_batch and micro_batch_rows must be >= 1: {self}")
-        if not (self.lr > 0 and self.temperature > 0 and self.beta >= 0):
-            raise ValueError(f"lr and temperature must be > 0 and beta >= 0: {self}")
+        finite = all(math.isfinite(x) for x in (self.lr, self.temperature, self.beta))
+        if not (finite and self.lr > 0 and self.temperature > 0 and self.beta >= 0):
+            raise ValueError(f"lr and temperature must be finite and > 0, beta finite and >= 0: {self}")
 
 
 class GRPOTrainer:
