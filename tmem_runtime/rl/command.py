@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tmem_runtime.cli import add_fast_weight_options, command_parser, device_arg, float_above, int_in
+from tmem_runtime.cli import (
+    add_fast_weight_options,
+    check_out_dir,
+    command_parser,
+    device_arg,
+    float_above,
+    int_in,
+    make_out_dir,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -151,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
 
     train = load_conversations(args.data)
     held = load_conversations(args.held_out) if args.held_out else []
+    out = Path(args.out)
+    check_out_dir("tmem rl", out)  # (made once the model has loaded: a failed load leaves no empty --out)
     env_config = MemoryEnvConfig(args.flashcard_mode, args.l_max, replay=args.replay, temperature=args.temperature)
     tokenizer = load_serving_tokenizer(args.model, args.tokenizer)  # (no weight loaded yet)
     window = getattr(model_config(args.model), "max_position_embeddings", None)  # (the decoder's limit)
     check_card_prompts(parser, args, env_config, tokenizer, window, train, held)
     ctx = init_distributed(args.device)
-    out = Path(args.out)
     model, tokenizer = load_serving_model(args.model, tokenizer, str(ctx.device), args.dtype)
     torch.manual_seed(args.seed)  # the slow LoRA's A (rank 0's: DDP broadcasts it)
     try:
@@ -173,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                         micro_batch_rows=args.micro_batch_rows, save_every=args.save_every, seed=args.seed)
     settings = dict(asdict(env_config), policy=args.policy, lora_rank=args.lora_rank, rank=args.rank,
                     num_layers=args.num_layers, dtype=args.dtype)  # what the steps also depend on
+    if ctx.is_main:
+        make_out_dir("tmem rl", out)
     trainer = GRPOTrainer(policy, env, config, out, ctx, settings=settings)
     try:
         start = 0 if args.fresh else trainer.resume()
