@@ -271,6 +271,21 @@ def test_a_checkpoint_left_half_renamed_by_a_crash_is_never_picked(tmp_path):
     assert names == ["step-000002", "step-000003.tmp", "step-000004", "step-000009"]
 
 
+def test_a_run_started_over_in_an_out_with_later_checkpoints_is_the_one_resumed(tmp_path):
+    """`tmem rl --fresh` on an OUT trained further (or any run from step 0 there): its first checkpoint, step 2,
+    was pruned at once by the old run's steps 4 and 6 ("the newest 2 kept"), and the next resume continued the
+    old run from step 6 under the new run's log. Later checkpoints are another run's now: removed."""
+    toy_trainer(tmp_path, {"save_every": 2}).train(6)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000004", "step-000006"]
+    fresh = toy_trainer(tmp_path, {"save_every": 2}, seed=1)  # started over: no resume
+    fresh.train(2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
+    resumed = toy_trainer(tmp_path, {"save_every": 2}, seed=1)
+    assert resumed.resume() == 2
+    assert all(torch.equal(a, b) for a, b in zip(resumed.policy.parameters(), fresh.policy.parameters()))
+
+
 def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(tmp_path):
     trainer = toy_trainer(tmp_path)
     trainer.train(2)
