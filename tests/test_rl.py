@@ -254,6 +254,22 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
     assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
+def test_a_log_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    """A run killed while appending its step's record left a torn last line in log.jsonl: every resume then
+    died on a JSONDecodeError traceback. Dropped now with the records after the checkpoint."""
+    trainer = toy_trainer(tmp_path)
+    trainer.train(2)
+    trainer.train_step()  # step 3: logged, not saved
+    log = tmp_path / LOG_FILE
+    whole = log.read_text().splitlines()
+    log.write_text("\n".join(whole) + "\n" + whole[-1][: len(whole[-1]) // 2])  # step 4, killed mid-write
+    resumed = toy_trainer(tmp_path)
+    assert resumed.resume() == 2
+    assert log.read_text() == "".join(line + "\n" for line in whole[:2])
+    resumed.train(3)
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3]
+
+
 def test_a_checkpoint_left_half_renamed_by_a_crash_is_never_picked(tmp_path):
     import shutil
 

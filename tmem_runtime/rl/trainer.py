@@ -286,10 +286,18 @@ class GRPOTrainer:
         self.step = int(state["step"])
         log = self.out / LOG_FILE
         if self.ctx.is_main and log.is_file():
-            kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            kept = [line for line in log.read_text().splitlines() if _logged_step(line) <= self.step]
             log.write_text("".join(line + "\n" for line in kept))
         self.ctx.barrier()
         return self.step
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log.jsonl line; inf for one that is not a whole record (a run killed while writing it)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _micro_batches(rollouts: list[Rollout], max_rows: int) -> list[list[Rollout]]:
