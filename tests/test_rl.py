@@ -515,6 +515,25 @@ def test_tmem_rl_trains_on_generated_conversations_only(tmp_path, capsys):
     assert "(default: lora)" in capsys.readouterr().out  # defaults shown in --help
 
 
+def test_a_held_out_report_that_cannot_be_read_is_scored_again_not_a_traceback(tmp_path, capsys):
+    """held_out.json was written in place (truncated, then written): a kill in between left it empty and every
+    resume of that OUT died on json.loads. It is written atomically now, and one that cannot be read is said
+    in one line and scored again."""
+    from tmem_runtime.rl.command import read_report
+
+    path = tmp_path / "held_out.json"
+    assert read_report(path) == {}
+    report = {"before": {"per-turn": {"reward": 0.25, "groups": 2, "step": 0}}}
+    path.write_text(json.dumps(report, indent=1))
+    assert read_report(path) == report and capsys.readouterr().err == ""
+    for text in ("", json.dumps(report, indent=1)[:30], "[1, 2]", '{"before": 3}'):
+        path.write_text(text)
+        assert read_report(path) == {}
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"tmem rl: {path} is unreadable (")
+        assert err[0].endswith("the held-out writer is scored again")
+
+
 def test_resuming_with_other_training_settings_is_refused_and_changes_nothing(tmp_path):
     toy_trainer(tmp_path).train(2)
     other = toy_trainer(tmp_path, {"group_size": 4, "lr": 1e-3})

@@ -101,6 +101,22 @@ def load_conversations(path: str) -> list[Conversation]:
     return conversations
 
 
+def read_report(path: Path) -> dict:
+    """held_out.json of a run being resumed ({} if there is none); one that cannot be read (cut short by a kill
+    while an older tmem wrote it, edited by hand) is said on stderr and left to be scored again, not a traceback."""
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        report = exc
+    if isinstance(report, dict) and all(isinstance(v, dict) for v in report.values()):
+        return report
+    why = report if isinstance(report, Exception) else "not an object of {when: {mode: scores}}"
+    print(f"tmem rl: {path} is unreadable ({why}): the held-out writer is scored again", file=sys.stderr)
+    return {}
+
+
 def plot_log(out: Path) -> list[Path]:
     """One PNG per logged quantity (reward, valid-card rate, KL, loss) against the step."""
     import matplotlib
@@ -147,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(max(1, args.threads))
     from tmem_runtime import SessionPool
+    from tmem_runtime.adapter_file import atomic_write
     from tmem_runtime.agent.generation import Generator
     from tmem_runtime.engine import adapter_layout
     from tmem_runtime.models import model_config
@@ -192,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if start == 0 and ctx.is_main:
         (out / "log.jsonl").unlink(missing_ok=True)  # a run from step 0 logs from step 1
     report_path = out / "held_out.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() and start else {}
+    report = read_report(report_path) if start else {}
     report = ctx.all_gather_objects(report)[0]  # rank 0's: every rank skips or scores "before" alike
 
     def score_held_out(when: str) -> None:  # the greedy writer on the held-out conversations (shared by the ranks)
@@ -201,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             scores = evaluate_writer(env_mode, range(len(held)), ctx)
             if ctx.is_main:
                 report.setdefault(when, {})[mode] = dict(scores, step=trainer.step)
-                report_path.write_text(json.dumps(report, indent=1))
+                text = json.dumps(report, indent=1)  # (atomic: a kill mid-write leaves the last whole one)
+                atomic_write(report_path, lambda tmp, text=text: Path(tmp).write_text(text))
                 print(f"held-out {when} ({mode}, step {trainer.step}): {report[when][mode]}")
 
     if "before" not in report:
