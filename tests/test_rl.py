@@ -534,6 +534,24 @@ def test_a_held_out_report_that_cannot_be_read_is_scored_again_not_a_traceback(t
         assert err[0].endswith("the held-out writer is scored again")
 
 
+def test_tmem_rl_steps_0_ends_cleanly_with_an_empty_log_and_plots(tmp_path, capsys):
+    """--steps 0 (allowed: held-out scoring alone, or setup checks) ended with 'tmem rl: No such file or
+    directory: OUT/log.jsonl' and exit status 2 (plot_log read a log no step had made)."""
+    from tmem_runtime.agent.long_conversations import make_conversation
+    from tmem_runtime.cli import main
+    from tmem_runtime.rl.command import PLOTTED, plot_log
+
+    (tmp_path / "train.json").write_text(json.dumps([make_conversation(1, n_facts=2, tokens=100, turns_per_session=6)]))
+    out = tmp_path / "run"
+    assert main(["rl", "--data", str(tmp_path / "train.json"), "--out", str(out), "--model", "tiny-llama",
+                 "--group-size", "2", "--steps", "0"]) == 0
+    assert (out / LOG_FILE).read_text() == "" and not (out / "checkpoints").exists()
+    assert sorted(p.name for p in out.glob("rl_*.png")) == sorted(f"rl_{k}.png" for k, _ in PLOTTED)
+    assert capsys.readouterr().out.strip().endswith(f"wrote {out}/log.jsonl, checkpoints/, rl_*.png")
+    (out / LOG_FILE).unlink()  # a resumed run whose log was deleted
+    assert [p.name for p in plot_log(out)] == [f"rl_{k}.png" for k, _ in PLOTTED]
+
+
 def test_resuming_with_other_training_settings_is_refused_and_changes_nothing(tmp_path):
     toy_trainer(tmp_path).train(2)
     other = toy_trainer(tmp_path, {"group_size": 4, "lr": 1e-3})

@@ -124,7 +124,8 @@ def plot_log(out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
+    log = out / "log.jsonl"  # (none where a resumed run's was deleted: empty plots)
+    records = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
     paths = []
     for key, title in PLOTTED:
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         raise SystemExit(f"tmem rl: {exc}") from None
     if start == 0 and ctx.is_main:
-        (out / "log.jsonl").unlink(missing_ok=True)  # a run from step 0 logs from step 1
+        (out / "log.jsonl").write_text("")  # a run from step 0 logs from step 1 (--steps 0: an empty log)
     report_path = out / "held_out.json"
     report = read_report(report_path) if start else {}
     report = ctx.all_gather_objects(report)[0]  # rank 0's: every rank skips or scores "before" alike
