@@ -172,6 +172,30 @@ def test_sampling_is_seeded_per_prompt_and_its_logprobs_are_the_scorers():
         assert torch.allclose(logp[i, : len(c.tokens)], torch.tensor(c.logprobs), atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["tiny-olmo2", "tiny-gemma2"])
+def test_sampling_runs_on_models_the_piecewise_decoder_cannot_drive(name):
+    """OLMo2 and Gemma2/3 take fast weights but not the piecewise decoder: sampling (greedy_generate's `choose`)
+    was a ValueError, so `tmem rl --model` of those families died at its first rollout, after loading and setup.
+    They sample by plain forwards now: seeded per prompt, log-probabilities the scorer's, and choosing the
+    argmax is transformers' greedy generate."""
+    from tmem_runtime.decoding import greedy_generate, reference_generate
+
+    policy = Policy(load_model(name)[0], PolicySpec("lora"))
+    with torch.no_grad():
+        for p in policy.parameters():  # a trained LoRA: sampling and scoring must both read it
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    model, prompts, seeds = policy.model, [[1, 7, 9, 11, 13], [1, 7, 9, 12], [1, 8, 40, 41, 42, 43, 44]], [11, 22, 33]
+    together = sample_completions(model, prompts, seeds, 0.8, 6, [EOS])
+    alone = [sample_completions(model, [p], [s], 0.8, 6, [EOS])[0] for p, s in zip(prompts, seeds)]
+    assert [c.tokens for c in together] == [c.tokens for c in alone]
+    logp, mask = PolicyScorer(model)([(c.prompt, c.tokens) for c in together], 0.8)
+    for i, c in enumerate(together):
+        assert len(c.logprobs) == len(c.tokens) == int(mask[i].sum()) > 0
+        assert torch.allclose(logp[i, : len(c.tokens)], torch.tensor(c.logprobs), atol=1e-4)
+    greedy = greedy_generate(model, prompts, 6, [EOS], choose=lambda logits, rows: logits.argmax(-1))
+    assert greedy == reference_generate(model, prompts, 6, 0, [EOS])
+
+
 # ---------------------------------------------------------------- training, checkpoints, bad input
 def toy_trainer(out, steps_config: dict | None = None, env_cls=PlantedFactEnv, seed: int = 0,
                 settings: dict | None = None) -> GRPOTrainer:
