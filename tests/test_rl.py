@@ -117,6 +117,28 @@ def test_policy_gradient_mask_is_exactly_the_written_tokens(mode):
         assert torch.allclose(g, p.grad, atol=1e-5)
 
 
+def test_a_lora_rank_past_a_target_matrix_is_refused_before_anything_is_injected(tmp_path):
+    """--lora-rank 100000 on SmolLM2 allocated ~100000 x 576 numbers per LoRA matrix (tens of GB: the machine's
+    OOM killer, not an error). A rank above a target's smaller side (tiny-llama's k_proj is 36 x 72) is refused,
+    the model left as it was; `tmem rl` says it in one line before --out is made."""
+    from tmem_runtime.agent.long_conversations import make_conversation
+    from tmem_runtime.cli import main
+
+    model, _ = load_model("tiny-llama")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lora_rank 37 exceeds model.layers.0.self_attn.k_proj's smaller side "
+                                         r"\(36 x 72\)"):
+        Policy(model, PolicySpec("lora", lora_rank=37))
+    assert model.state_dict().keys() == before.keys() and not any(p.requires_grad for p in model.parameters())
+    assert Policy(model, PolicySpec("lora", lora_rank=36)).parameters()  # the largest rank that fits
+    (tmp_path / "train.json").write_text(json.dumps([make_conversation(1, n_facts=2, tokens=100, turns_per_session=6)]))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rl", "--data", str(tmp_path / "train.json"), "--out", str(tmp_path / "run"), "--model", "tiny-llama",
+              "--lora-rank", "100000"])
+    assert str(exit_info.value.code).startswith("tmem rl: --lora-rank 100000: lora_rank 100000 exceeds model.layers.0")
+    assert not (tmp_path / "run").exists()
+
+
 def test_policy_reads_no_fast_weights_and_none_get_a_gradient():
     policy = tiny("lora")
     model = policy.model

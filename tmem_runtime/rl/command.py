@@ -190,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         fast_layers = tuple(dict.fromkeys(s.layer for s in adapter_layout(model, args.rank, args.num_layers).slots))
     except ValueError as exc:
         raise SystemExit(f"tmem rl: --rank {args.rank} / --num-layers {args.num_layers}: {exc}") from None
-    policy = Policy(model, PolicySpec(args.policy, args.lora_rank, 2.0 * args.lora_rank, fast_layers))
+    try:
+        policy = Policy(model, PolicySpec(args.policy, args.lora_rank, 2.0 * args.lora_rank, fast_layers))
+    except ValueError as exc:
+        raise SystemExit(f"tmem rl: --lora-rank {args.lora_rank}: {exc}") from None
     pool = SessionPool(model, capacity=args.group_size + 2, rank=args.rank, num_layers=args.num_layers,
                        seed=args.seed)
     generator = Generator(model, tokenizer)
