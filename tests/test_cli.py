@@ -5,6 +5,7 @@ Run in-process through `tmem_runtime.cli.main` (argparse's --help exits via Syst
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -113,6 +114,11 @@ def test_serve_refuses_a_bad_keys_file_or_store_path_before_loading_a_model(keys
     ("demo", ["--l-max", "-5"]), ("demo", ["--recipe", "no-such-recipe"]),
     ("make-conversations", ["--n", "0"]), ("make-conversations", ["--facts", "100"]),
     ("make-conversations", ["--turns", "0"]), ("rl", ["--steps", "-1"]), ("rl", ["--group-size", "1"]),
+    # a learning rate, temperature or KL weight GRPOConfig refuses (was its ValueError traceback once the model
+    # had loaded) or that trains NaN (inf)
+    ("rl", ["--lr", "0"]), ("rl", ["--lr=-1e-5"]), ("rl", ["--lr", "inf"]), ("rl", ["--lr", "nan"]),
+    ("rl", ["--temperature", "0"]), ("rl", ["--temperature", "inf"]), ("rl", ["--beta", "-0.1"]),
+    ("rl", ["--beta", "nan"]),
     ("ablate", ["--capacity-writes", "13"]), ("ablate", ["--max-sessions", "0"]), ("ablate", ["--recipes", "bogus"]),
     ("ablate", ["--sets", "no-such-set"]), ("ablate", ["--precondition-sets", "no-such-set"]),
     # a device this machine lacks, a backend that cannot run the model: said before the model loads
@@ -131,7 +137,7 @@ def test_out_of_range_options_are_usage_errors_before_anything_runs(command, opt
     with pytest.raises(SystemExit) as exit_info:
         main([command, *need, *option])
     assert exit_info.value.code == 2
-    assert option[0] in capsys.readouterr().err
+    assert option[0].split("=")[0] in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
 
 
@@ -169,15 +175,27 @@ def test_demo_refuses_a_conversation_with_nothing_to_ask(tmp_path):
     assert "has no questions of categories 1-4" in str(exit_info.value.code)
 
 
-def test_eval_refuses_an_out_it_cannot_make(tmp_path):
+@pytest.mark.parametrize("command, data", [("eval", "two_sessions.json"), ("rl", "generated.json")])
+@pytest.mark.parametrize("under", [False, True])
+def test_eval_and_rl_refuse_an_out_they_cannot_make(command, data, under, tmp_path):
+    """--out a file, or a path under one: one line before the model loads (rl's was a FileExistsError /
+    NotADirectoryError traceback once the model had loaded and the policy and pool were built)."""
     from pathlib import Path
 
     blocker = tmp_path / "a-file"
     blocker.write_text("kept")
-    fixture = Path(__file__).parent / "fixtures" / "two_sessions.json"
+    out = blocker / "run" if under else blocker
+    if data == "generated.json":
+        from tmem_runtime.agent.long_conversations import make_conversation
+
+        (tmp_path / data).write_text(json.dumps([make_conversation(1, n_facts=2, tokens=100, turns_per_session=6)]))
+        fixture = tmp_path / data
+    else:
+        fixture = Path(__file__).parent / "fixtures" / data
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "--data", str(fixture), "--out", str(blocker / "run"), "--model", "no-such-model"])
-    assert f"cannot make --out {blocker / 'run'}" in str(exit_info.value.code)
+        main([command, "--data", str(fixture), "--out", str(out), "--model", "no-such-model"])
+    assert str(exit_info.value.code) == f"tmem {command}: cannot make --out {out}: " + (
+        f"Not a directory ({blocker})" if under else "it is a file")
     assert blocker.read_text() == "kept"
 
 
@@ -353,6 +371,7 @@ def test_ctrl_c_is_one_line_and_exit_status_130():
 @pytest.mark.parametrize("command, options", [
     ("eval", ["--data", "FIXTURE", "--memory", "none"]),
     ("ablate", ["--only", "capacity"]),
+    ("rl", ["--data", "GENERATED"]),
 ])
 def test_an_existing_out_that_cannot_be_written_is_refused_before_the_model_loads(command, options, tmp_path):
     """An --out that exists but cannot be written in (read-only: here an immutable directory, which root cannot
@@ -367,8 +386,13 @@ def test_an_existing_out_that_cannot_be_written_is_refused_before_the_model_load
     out.mkdir()
     if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode:
         pytest.skip("no chattr +i here to make a directory nobody can write in")
+    generated = tmp_path / "generated.json"
+    if "GENERATED" in options:
+        from tmem_runtime.agent.long_conversations import make_conversation
+
+        generated.write_text(json.dumps([make_conversation(1, n_facts=2, tokens=100, turns_per_session=6)]))
     try:
-        options = [str(fixture) if o == "FIXTURE" else o for o in options]
+        options = [str(fixture) if o == "FIXTURE" else str(generated) if o == "GENERATED" else o for o in options]
         with pytest.raises(SystemExit) as exit_info:
             main([command, *options, "--out", str(out), "--model", "no-such-model"])
         assert str(exit_info.value.code) == f"tmem {command}: cannot write in --out {out}: Permission denied"

@@ -72,6 +72,17 @@ def test_clipped_loss_and_k3_kl_by_hand():
         clipped_token_loss(logp, old, adv, beta=0.1)
 
 
+def test_grpo_config_refuses_a_non_finite_lr_temperature_or_beta():
+    """lr=inf stepped every weight to inf/NaN and temperature=inf sampled uniform noise: refused like lr=0."""
+    from tmem_runtime.rl.command import parse_args
+
+    for bad in ({"lr": math.inf}, {"lr": math.nan}, {"temperature": math.inf}, {"beta": math.inf}, {"lr": 0.0}):
+        with pytest.raises(ValueError, match="finite"):
+            GRPOConfig(**bad)
+    args = parse_args(["--data", "d.json", "--out", "o", "--lr", "1e-6", "--beta", "0", "--temperature", "0.7"])
+    assert (args.lr, args.beta, args.temperature) == (1e-6, 0.0, 0.7)
+
+
 # ---------------------------------------------------------------- the policy-gradient mask
 ROWS = [([1, 7, 9, 11, 13], [20, 21, 2]), ([1, 7, 9, 12], [30]), ([1, 7, 9, 11, 40, 41], [50, 51, 52, 53])]
 
@@ -104,6 +115,28 @@ def test_policy_gradient_mask_is_exactly_the_written_tokens(mode):
     torch.stack([x.sum() for x in reference_logp(policy.model, ROWS, 0.7)]).sum().backward()
     for g, p in zip(got, policy.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-5)
+
+
+def test_a_lora_rank_past_a_target_matrix_is_refused_before_anything_is_injected(tmp_path):
+    """--lora-rank 100000 on SmolLM2 allocated ~100000 x 576 numbers per LoRA matrix (tens of GB: the machine's
+    OOM killer, not an error). A rank above a target's smaller side (tiny-llama's k_proj is 36 x 72) is refused,
+    the model left as it was; `tmem rl` says it in one line before --out is made."""
+    from tmem_runtime.agent.long_conversations import make_conversation
+    from tmem_runtime.cli import main
+
+    model, _ = load_model("tiny-llama")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lora_rank 37 exceeds model.layers.0.self_attn.k_proj's smaller side "
+                                         r"\(36 x 72\)"):
+        Policy(model, PolicySpec("lora", lora_rank=37))
+    assert model.state_dict().keys() == before.keys() and not any(p.requires_grad for p in model.parameters())
+    assert Policy(model, PolicySpec("lora", lora_rank=36)).parameters()  # the largest rank that fits
+    (tmp_path / "train.json").write_text(json.dumps([make_conversation(1, n_facts=2, tokens=100, turns_per_session=6)]))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rl", "--data", str(tmp_path / "train.json"), "--out", str(tmp_path / "run"), "--model", "tiny-llama",
+              "--lora-rank", "100000"])
+    assert str(exit_info.value.code).startswith("tmem rl: --lora-rank 100000: lora_rank 100000 exceeds model.layers.0")
+    assert not (tmp_path / "run").exists()
 
 
 def test_policy_reads_no_fast_weights_and_none_get_a_gradient():
@@ -159,6 +192,30 @@ def test_sampling_is_seeded_per_prompt_and_its_logprobs_are_the_scorers():
     for i, c in enumerate(together):
         assert len(c.logprobs) == len(c.tokens) == int(mask[i].sum())
         assert torch.allclose(logp[i, : len(c.tokens)], torch.tensor(c.logprobs), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-olmo2", "tiny-gemma2"])
+def test_sampling_runs_on_models_the_piecewise_decoder_cannot_drive(name):
+    """OLMo2 and Gemma2/3 take fast weights but not the piecewise decoder: sampling (greedy_generate's `choose`)
+    was a ValueError, so `tmem rl --model` of those families died at its first rollout, after loading and setup.
+    They sample by plain forwards now: seeded per prompt, log-probabilities the scorer's, and choosing the
+    argmax is transformers' greedy generate."""
+    from tmem_runtime.decoding import greedy_generate, reference_generate
+
+    policy = Policy(load_model(name)[0], PolicySpec("lora"))
+    with torch.no_grad():
+        for p in policy.parameters():  # a trained LoRA: sampling and scoring must both read it
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    model, prompts, seeds = policy.model, [[1, 7, 9, 11, 13], [1, 7, 9, 12], [1, 8, 40, 41, 42, 43, 44]], [11, 22, 33]
+    together = sample_completions(model, prompts, seeds, 0.8, 6, [EOS])
+    alone = [sample_completions(model, [p], [s], 0.8, 6, [EOS])[0] for p, s in zip(prompts, seeds)]
+    assert [c.tokens for c in together] == [c.tokens for c in alone]
+    logp, mask = PolicyScorer(model)([(c.prompt, c.tokens) for c in together], 0.8)
+    for i, c in enumerate(together):
+        assert len(c.logprobs) == len(c.tokens) == int(mask[i].sum()) > 0
+        assert torch.allclose(logp[i, : len(c.tokens)], torch.tensor(c.logprobs), atol=1e-4)
+    greedy = greedy_generate(model, prompts, 6, [EOS], choose=lambda logits, rows: logits.argmax(-1))
+    assert greedy == reference_generate(model, prompts, 6, 0, [EOS])
 
 
 # ---------------------------------------------------------------- training, checkpoints, bad input
@@ -243,6 +300,22 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
     assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
+def test_a_log_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    """A run killed while appending its step's record left a torn last line in log.jsonl: every resume then
+    died on a JSONDecodeError traceback. Dropped now with the records after the checkpoint."""
+    trainer = toy_trainer(tmp_path)
+    trainer.train(2)
+    trainer.train_step()  # step 3: logged, not saved
+    log = tmp_path / LOG_FILE
+    whole = log.read_text().splitlines()
+    log.write_text("\n".join(whole) + "\n" + whole[-1][: len(whole[-1]) // 2])  # step 4, killed mid-write
+    resumed = toy_trainer(tmp_path)
+    assert resumed.resume() == 2
+    assert log.read_text() == "".join(line + "\n" for line in whole[:2])
+    resumed.train(3)
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3]
+
+
 def test_a_checkpoint_left_half_renamed_by_a_crash_is_never_picked(tmp_path):
     import shutil
 
@@ -258,6 +331,21 @@ def test_a_checkpoint_left_half_renamed_by_a_crash_is_never_picked(tmp_path):
     assert latest_checkpoint(tmp_path) == root / "step-000004"
     names = sorted(p.name for p in root.iterdir())
     assert names == ["step-000002", "step-000003.tmp", "step-000004", "step-000009"]
+
+
+def test_a_run_started_over_in_an_out_with_later_checkpoints_is_the_one_resumed(tmp_path):
+    """`tmem rl --fresh` on an OUT trained further (or any run from step 0 there): its first checkpoint, step 2,
+    was pruned at once by the old run's steps 4 and 6 ("the newest 2 kept"), and the next resume continued the
+    old run from step 6 under the new run's log. Later checkpoints are another run's now: removed."""
+    toy_trainer(tmp_path, {"save_every": 2}).train(6)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000004", "step-000006"]
+    fresh = toy_trainer(tmp_path, {"save_every": 2}, seed=1)  # started over: no resume
+    fresh.train(2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
+    resumed = toy_trainer(tmp_path, {"save_every": 2}, seed=1)
+    assert resumed.resume() == 2
+    assert all(torch.equal(a, b) for a, b in zip(resumed.policy.parameters(), fresh.policy.parameters()))
 
 
 def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(tmp_path):
@@ -471,6 +559,43 @@ def test_tmem_rl_trains_on_generated_conversations_only(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     assert "(default: lora)" in capsys.readouterr().out  # defaults shown in --help
+
+
+def test_a_held_out_report_that_cannot_be_read_is_scored_again_not_a_traceback(tmp_path, capsys):
+    """held_out.json was written in place (truncated, then written): a kill in between left it empty and every
+    resume of that OUT died on json.loads. It is written atomically now, and one that cannot be read is said
+    in one line and scored again."""
+    from tmem_runtime.rl.command import read_report
+
+    path = tmp_path / "held_out.json"
+    assert read_report(path) == {}
+    report = {"before": {"per-turn": {"reward": 0.25, "groups": 2, "step": 0}}}
+    path.write_text(json.dumps(report, indent=1))
+    assert read_report(path) == report and capsys.readouterr().err == ""
+    for text in ("", json.dumps(report, indent=1)[:30], "[1, 2]", '{"before": 3}'):
+        path.write_text(text)
+        assert read_report(path) == {}
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"tmem rl: {path} is unreadable (")
+        assert err[0].endswith("the held-out writer is scored again")
+
+
+def test_tmem_rl_steps_0_ends_cleanly_with_an_empty_log_and_plots(tmp_path, capsys):
+    """--steps 0 (allowed: held-out scoring alone, or setup checks) ended with 'tmem rl: No such file or
+    directory: OUT/log.jsonl' and exit status 2 (plot_log read a log no step had made)."""
+    from tmem_runtime.agent.long_conversations import make_conversation
+    from tmem_runtime.cli import main
+    from tmem_runtime.rl.command import PLOTTED, plot_log
+
+    (tmp_path / "train.json").write_text(json.dumps([make_conversation(1, n_facts=2, tokens=100, turns_per_session=6)]))
+    out = tmp_path / "run"
+    assert main(["rl", "--data", str(tmp_path / "train.json"), "--out", str(out), "--model", "tiny-llama",
+                 "--group-size", "2", "--steps", "0"]) == 0
+    assert (out / LOG_FILE).read_text() == "" and not (out / "checkpoints").exists()
+    assert sorted(p.name for p in out.glob("rl_*.png")) == sorted(f"rl_{k}.png" for k, _ in PLOTTED)
+    assert capsys.readouterr().out.strip().endswith(f"wrote {out}/log.jsonl, checkpoints/, rl_*.png")
+    (out / LOG_FILE).unlink()  # a resumed run whose log was deleted
+    assert [p.name for p in plot_log(out)] == [f"rl_{k}.png" for k, _ in PLOTTED]
 
 
 def test_resuming_with_other_training_settings_is_refused_and_changes_nothing(tmp_path):

@@ -8,6 +8,7 @@ commands build their parsers with `command_parser`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -82,6 +83,21 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
         return value
 
     parse.__name__ = "int"  # argparse names the type in "invalid int value"
+    return parse
+
+
+def float_above(low: float, inclusive: bool = False) -> Callable[[str], float]:
+    """An argparse `type`: a finite float > low (>= low if `inclusive`); nan, inf and anything else are
+    usage errors (a learning rate, temperature or weight that would only fail, or train NaN, after loading)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {low:g}, "
+                                             f"got {text}")
+        return value
+
+    parse.__name__ = "float"  # argparse names the type in "invalid float value"
     return parse
 
 

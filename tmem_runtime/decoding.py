@@ -17,7 +17,8 @@ is, it can draw every row from that prompt's own generator, whatever the batch).
 
 `reference_generate` is the spec: the plain transformers `generate`, one prompt at a time (batch 1, no
 padding). Greedy outputs of the two are equal token for token (tests/test_decoding.py). Models the
-piecewise `Decoder` cannot drive fall back to the reference.
+piecewise `Decoder` cannot drive fall back to the reference (with `choose`: `reference_choose`, plain
+forwards one prompt at a time).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tmem_runtime.decoder import Decoder, supports_piecewise
+from tmem_runtime.decoder import Decoder, _cache_kwarg, supports_piecewise
 
 StopFn = Callable[[list[int]], bool]
 # Given the indices (into `prompts`) of the rows a forward runs, the context it runs in.
@@ -233,6 +234,27 @@ def reference_generate(
     return outputs
 
 
+@torch.no_grad()
+def reference_choose(model: nn.Module, prompt: Sequence[int], index: int, max_new_tokens: int, eos: set[int],
+                     stop_ids: set[int], stop: StopFn | None, choose: ChooseFn) -> list[int]:
+    """`greedy_generate`'s `choose` for a model the piecewise Decoder cannot drive: one prompt (its index
+    `index` among the prompts) by plain forwards with the model's own KV cache, batch 1, each next token
+    choose(logits [1, V], [index]); the new tokens, ended as greedy_generate ends a row (the ending token kept)."""
+    device = _device(model)
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    past, new = None, []
+    cache_kw = _cache_kwarg(model.forward)  # ("cache" since transformers 5.2x, "past_key_values" before)
+    while len(new) < max_new_tokens:
+        out = model(input_ids=ids, use_cache=True, **{cache_kw: past})
+        past = out.get("cache", out.get("past_key_values"))
+        tok = int(choose(out.logits[:, -1], [index])[0])
+        new.append(tok)
+        if tok in eos or tok in stop_ids or (stop is not None and stop(new)):
+            break
+        ids = torch.tensor([[tok]], dtype=torch.long, device=device)
+    return new
+
+
 def _eos_of(model: nn.Module, eos_ids: Sequence[int] | None) -> set[int]:
     if eos_ids is not None:
         return set(eos_ids)
@@ -303,7 +325,11 @@ def greedy_generate(
         binding = bind or (lambda rows: nullcontext())
         if not supports_piecewise(model):  # the spec itself: same outputs, no prefix sharing
             if choose is not None:
-                raise ValueError(f"{type(model).__name__} cannot be driven piecewise: no `choose` hook")
+                out = []
+                for i, p in enumerate(prompts):
+                    with binding([i]):
+                        out.append(reference_choose(model, p, i, max_new_tokens, eos, set(stop_ids), stops[i], choose))
+                return out
             out = []
             for i, p in enumerate(prompts):
                 with binding([i]):

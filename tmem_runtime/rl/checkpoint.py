@@ -77,7 +77,9 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 def save_checkpoint(out: str | os.PathLike, step: int, policy: Policy, optimizer: torch.optim.Optimizer,
                     state: dict, keep: int = 2) -> Path:
-    """Write OUT/checkpoints/step-NNNNNN (atomically) and keep only the newest `keep` checkpoints."""
+    """Write OUT/checkpoints/step-NNNNNN (atomically) and keep only the newest `keep` checkpoints up to it.
+    Checkpoints of a later step are removed: they belong to a run this one replaced (`tmem rl --fresh`, or a
+    resume from an older checkpoint), and the next resume would otherwise pick them over this run's."""
     final = checkpoint_dir(out, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -90,7 +92,8 @@ def save_checkpoint(out: str | os.PathLike, step: int, policy: Policy, optimizer
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     old = complete_checkpoints(final.parent)
-    for p in old[:-keep] if keep > 0 else []:
+    mine = old[: old.index(final) + 1]
+    for p in old[len(mine):] + (mine[:-keep] if keep > 0 else []):
         shutil.rmtree(p, ignore_errors=True)
     return final
 

@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tmem_runtime.cli import add_fast_weight_options, command_parser, device_arg, int_in
+from tmem_runtime.cli import (
+    add_fast_weight_options,
+    check_out_dir,
+    command_parser,
+    device_arg,
+    float_above,
+    int_in,
+    make_out_dir,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -47,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int_in(2), default=4,
                    help="flashcard sets sampled per memory write (G >= 2: advantages are relative to the group)")
     p.add_argument("--batch", type=int_in(1), default=1, help="conversations per step, over all ranks")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (the paper: 1e-6, full model)")
+    p.add_argument("--lr", type=float_above(0), default=1e-5, help="AdamW learning rate (the paper: 1e-6, full model)")
     p.add_argument("--policy", choices=("full", "lora"), default="lora",
                    help="train every weight, or a slow LoRA over all layers (not the fast-weight MLPs)")
     p.add_argument("--lora-rank", type=int_in(1), default=16, help="rank of the slow LoRA (alpha 2 x rank)")
@@ -60,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flashcard modes the held-out conversations are scored in (default: --flashcard-mode)")
     p.add_argument("--l-max", type=int_in(1), default=512, help="the agent's budget (tokens): where it writes")
     p.add_argument("--replay", type=int_in(0), default=8, help="earlier episode cards trained again with each write")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the flashcards")
-    p.add_argument("--beta", type=float, default=0.0, help="KL weight (0: outcome reward only, the paper's)")
+    p.add_argument("--temperature", type=float_above(0), default=1.0, help="sampling temperature of the flashcards")
+    p.add_argument("--beta", type=float_above(0, inclusive=True), default=0.0,
+                   help="KL weight (0: outcome reward only, the paper's)")
     p.add_argument("--kl-every", type=int_in(0), default=1, help="log the KL to the reference every k steps (0: never)")
     p.add_argument("--updates-per-batch", type=int_in(1), default=1, help="optimizer steps per batch of rollouts")
     p.add_argument("--micro-batch-rows", type=int_in(1), default=16, help="scored rows per forward/backward")
@@ -92,6 +101,22 @@ def load_conversations(path: str) -> list[Conversation]:
     return conversations
 
 
+def read_report(path: Path) -> dict:
+    """held_out.json of a run being resumed ({} if there is none); one that cannot be read (cut short by a kill
+    while an older tmem wrote it, edited by hand) is said on stderr and left to be scored again, not a traceback."""
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        report = exc
+    if isinstance(report, dict) and all(isinstance(v, dict) for v in report.values()):
+        return report
+    why = report if isinstance(report, Exception) else "not an object of {when: {mode: scores}}"
+    print(f"tmem rl: {path} is unreadable ({why}): the held-out writer is scored again", file=sys.stderr)
+    return {}
+
+
 def plot_log(out: Path) -> list[Path]:
     """One PNG per logged quantity (reward, valid-card rate, KL, loss) against the step."""
     import matplotlib
@@ -99,7 +124,8 @@ def plot_log(out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
+    log = out / "log.jsonl"  # (none where a resumed run's was deleted: empty plots)
+    records = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
     paths = []
     for key, title in PLOTTED:
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
@@ -138,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(max(1, args.threads))
     from tmem_runtime import SessionPool
+    from tmem_runtime.adapter_file import atomic_write
     from tmem_runtime.agent.generation import Generator
     from tmem_runtime.engine import adapter_layout
     from tmem_runtime.models import model_config
@@ -150,19 +177,23 @@ def main(argv: list[str] | None = None) -> int:
 
     train = load_conversations(args.data)
     held = load_conversations(args.held_out) if args.held_out else []
+    out = Path(args.out)
+    check_out_dir("tmem rl", out)  # (made once the model has loaded: a failed load leaves no empty --out)
     env_config = MemoryEnvConfig(args.flashcard_mode, args.l_max, replay=args.replay, temperature=args.temperature)
     tokenizer = load_serving_tokenizer(args.model, args.tokenizer)  # (no weight loaded yet)
     window = getattr(model_config(args.model), "max_position_embeddings", None)  # (the decoder's limit)
     check_card_prompts(parser, args, env_config, tokenizer, window, train, held)
     ctx = init_distributed(args.device)
-    out = Path(args.out)
     model, tokenizer = load_serving_model(args.model, tokenizer, str(ctx.device), args.dtype)
     torch.manual_seed(args.seed)  # the slow LoRA's A (rank 0's: DDP broadcasts it)
     try:
         fast_layers = tuple(dict.fromkeys(s.layer for s in adapter_layout(model, args.rank, args.num_layers).slots))
     except ValueError as exc:
         raise SystemExit(f"tmem rl: --rank {args.rank} / --num-layers {args.num_layers}: {exc}") from None
-    policy = Policy(model, PolicySpec(args.policy, args.lora_rank, 2.0 * args.lora_rank, fast_layers))
+    try:
+        policy = Policy(model, PolicySpec(args.policy, args.lora_rank, 2.0 * args.lora_rank, fast_layers))
+    except ValueError as exc:
+        raise SystemExit(f"tmem rl: --lora-rank {args.lora_rank}: {exc}") from None
     pool = SessionPool(model, capacity=args.group_size + 2, rank=args.rank, num_layers=args.num_layers,
                        seed=args.seed)
     generator = Generator(model, tokenizer)
@@ -172,15 +203,17 @@ def main(argv: list[str] | None = None) -> int:
                         micro_batch_rows=args.micro_batch_rows, save_every=args.save_every, seed=args.seed)
     settings = dict(asdict(env_config), policy=args.policy, lora_rank=args.lora_rank, rank=args.rank,
                     num_layers=args.num_layers, dtype=args.dtype)  # what the steps also depend on
+    if ctx.is_main:
+        make_out_dir("tmem rl", out)
     trainer = GRPOTrainer(policy, env, config, out, ctx, settings=settings)
     try:
         start = 0 if args.fresh else trainer.resume()
     except CheckpointError as exc:
         raise SystemExit(f"tmem rl: {exc}") from None
     if start == 0 and ctx.is_main:
-        (out / "log.jsonl").unlink(missing_ok=True)  # a run from step 0 logs from step 1
+        (out / "log.jsonl").write_text("")  # a run from step 0 logs from step 1 (--steps 0: an empty log)
     report_path = out / "held_out.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() and start else {}
+    report = read_report(report_path) if start else {}
     report = ctx.all_gather_objects(report)[0]  # rank 0's: every rank skips or scores "before" alike
 
     def score_held_out(when: str) -> None:  # the greedy writer on the held-out conversations (shared by the ranks)
@@ -189,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             scores = evaluate_writer(env_mode, range(len(held)), ctx)
             if ctx.is_main:
                 report.setdefault(when, {})[mode] = dict(scores, step=trainer.step)
-                report_path.write_text(json.dumps(report, indent=1))
+                text = json.dumps(report, indent=1)  # (atomic: a kill mid-write leaves the last whole one)
+                atomic_write(report_path, lambda tmp, text=text: Path(tmp).write_text(text))
                 print(f"held-out {when} ({mode}, step {trainer.step}): {report[when][mode]}")
 
     if "before" not in report:

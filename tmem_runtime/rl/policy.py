@@ -107,7 +107,8 @@ def base_weights_sha256(model: nn.Module, fast_layers: Sequence[int]) -> str:
 
 class Policy:
     """The trainable part of `model` for RL (see the module docstring). The model is changed in place:
-    "lora" wraps its target Linear modules; "full" sets requires_grad on every weight."""
+    "lora" wraps its target Linear modules; "full" sets requires_grad on every weight. A LoRA rank above a
+    target matrix's smaller side is a ValueError (nothing changed)."""
 
     def __init__(self, model: nn.Module, spec: PolicySpec = PolicySpec()) -> None:
         self.model = model
@@ -118,6 +119,11 @@ class Policy:
             from peft import LoraConfig, inject_adapter_in_model
 
             self.targets = lora_targets(model, self.spec.fast_layers)
+            for name in self.targets:  # (a rank past a matrix is wasted numbers: at --lora-rank 100000, tens of GB)
+                m = model.get_submodule(name)
+                if self.spec.lora_rank > min(m.in_features, m.out_features):
+                    raise ValueError(f"lora_rank {self.spec.lora_rank} exceeds {name}'s smaller side "
+                                     f"({m.out_features} x {m.in_features})")
             config = LoraConfig(r=self.spec.lora_rank, lora_alpha=self.spec.lora_alpha, lora_dropout=0.0,
                                 target_modules=self.targets, bias="none")
             inject_adapter_in_model(config, model)

@@ -81,8 +81,9 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.batch < 1 or self.updates_per_batch < 1 or self.micro_batch_rows < 1:
             raise ValueError(f"group_size, batch, updates_per_batch and micro_batch_rows must be >= 1: {self}")
-        if not (self.lr > 0 and self.temperature > 0 and self.beta >= 0):
-            raise ValueError(f"lr and temperature must be > 0 and beta >= 0: {self}")
+        finite = all(math.isfinite(x) for x in (self.lr, self.temperature, self.beta))
+        if not (finite and self.lr > 0 and self.temperature > 0 and self.beta >= 0):
+            raise ValueError(f"lr and temperature must be finite and > 0, beta finite and >= 0: {self}")
 
 
 class GRPOTrainer:
@@ -285,10 +286,18 @@ class GRPOTrainer:
         self.step = int(state["step"])
         log = self.out / LOG_FILE
         if self.ctx.is_main and log.is_file():
-            kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            kept = [line for line in log.read_text().splitlines() if _logged_step(line) <= self.step]
             log.write_text("".join(line + "\n" for line in kept))
         self.ctx.barrier()
         return self.step
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log.jsonl line; inf for one that is not a whole record (a run killed while writing it)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _micro_batches(rollouts: list[Rollout], max_rows: int) -> list[list[Rollout]]:
