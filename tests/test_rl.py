@@ -66,6 +66,12 @@ def test_clipped_loss_and_k3_kl_by_hand():
     ref = torch.log(torch.tensor([[0.25, 0.2], [0.2, 0.4]]))
     d = ref - logp
     assert torch.allclose(k3_kl(logp, ref), d.exp() - d - 1)
+    # rounding-level differences (a reference pass through other kernels): never negative, and accurate
+    logp32 = torch.linspace(-9, -0.1, 1001)
+    ref32 = logp32 + torch.linspace(-3e-6, 3e-6, 1001)
+    want = ((ref32.double() - logp32.double()).exp() - (ref32.double() - logp32.double()) - 1)
+    got = k3_kl(logp32, ref32)
+    assert (got >= 0).all() and (got.double() - want).abs().max() < 1e-12  # (exp(d) - d - 1: errors ~1e-7)
     with_kl, _ = clipped_token_loss(logp, old, adv, 0.2, 0.2, ref, beta=0.5)
     assert torch.allclose(with_kl, loss + 0.5 * (d.exp() - d - 1))
     with pytest.raises(ValueError):

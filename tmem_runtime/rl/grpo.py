@@ -45,9 +45,11 @@ def group_advantages(rewards: Sequence[float], groups: Sequence[Hashable], eps: 
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token estimate of KL(policy || reference) from sampled tokens: exp(d) - d - 1, d = ref - logp (>= 0)."""
+    """Per-token estimate of KL(policy || reference) from sampled tokens: exp(d) - d - 1, d = ref - logp (>= 0).
+    Computed as expm1(d) - d, clamped at 0: exp(d) - 1 loses d's low digits (a policy pass and a reference pass
+    that differ by rounding gave -1.7e-10 in float32)."""
     d = ref_logp - logp
-    return torch.exp(d) - d - 1
+    return (torch.expm1(d) - d).clamp_min(0)
 
 
 def clipped_token_loss(
