@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import torch
 
+from tmem_kernels.autocast import autocast_off
 from tmem_kernels.reference import canonical_signs
 
 __all__ = ["randomized_svd_top_r", "randomized_svd_lora_init"]
@@ -172,7 +173,7 @@ def randomized_svd_top_r(
     explicit Gram matrix (True), as two products (False), or whichever costs fewer flops (None).
     """
     _check(w, r, oversample, n_iter)
-    with torch.autocast(w.device.type, enabled=False):  # the products run in the work dtype, autocast or not
+    with autocast_off(w.device.type):  # the products run in the work dtype, autocast or not
         return _block_krylov_top_r(w, r, oversample, n_iter, seed, gram)
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from tmem_kernels.autocast import autocast_off
 from tmem_kernels.segments import row_segments
 from tmem_runtime.adapter_file import WeightsFingerprint, adapter_metadata
 from tmem_runtime.adapter_init import initial_factors
@@ -121,7 +122,7 @@ class FastWeightEngine:
         self.ops = kernel_ops(self.backend)
         self.fused = [is_silu(mlp.act_fn) for _, mlp in self.mlps]
         self.fingerprint = WeightsFingerprint([w for _, mlp in self.mlps for w in _weights(mlp)])
-        with torch.inference_mode(False), torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+        with torch.inference_mode(False), torch.no_grad(), autocast_off(self.device.type):
             self._allocate(svd, seed)  # (in fp32 whatever autocast the caller has on)
         self.initial = [True] * capacity  # per B row: still equal to B0
         self._local = threading.local()

@@ -16,6 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
+from tmem_kernels.autocast import autocast_off
 from tmem_runtime.adapter_file import WeightsFingerprint, adapter_metadata
 from tmem_runtime.adapter_init import initial_factors
 from tmem_runtime.engine import FastWeightsError
@@ -63,7 +64,7 @@ class PeftReferencePool(SessionStore):
             self.peft_model = get_peft_model(model, config)  # injects LoRA into `model` in place
         self._modules = [getattr(m, t) for _, m in self.mlps for t in MLP_TARGETS]
         self._originals: list[torch.Tensor] = []
-        with torch.inference_mode(False), torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+        with torch.inference_mode(False), torch.no_grad(), autocast_off(self.device.type):
             for i, mod in enumerate(self._modules):
                 a, b = self.layout.a_view(a0, i), self.layout.b_view(b0, i)
                 mod.lora_A["default"].weight.copy_(a)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from tmem_kernels.autocast import autocast_off
 from tmem_runtime.adapter_file import AdapterFileError, read_adapter, save_adapter
 from tmem_runtime.engine import FastWeightsError
 from tmem_runtime.examples import Example, check_examples, collate, qa_examples, text_examples, write_schedule
@@ -95,7 +96,7 @@ class SessionStore:
         batch = write_args[1]
         if batch is not None:
             check_token_range(batch, self.model)
-        with eval_mode(self.model), torch.autocast(self.device.type, enabled=False):
+        with eval_mode(self.model), autocast_off(self.device.type):
             return self._write(*write_args)
 
     def write_examples_many(
