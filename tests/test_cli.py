@@ -175,6 +175,17 @@ def test_demo_refuses_a_conversation_with_nothing_to_ask(tmp_path):
     assert "has no questions of categories 1-4" in str(exit_info.value.code)
 
 
+@pytest.mark.slow  # the real tokenizer
+@pytest.mark.parametrize("flag", ["--answer-tokens", "--flashcard-tokens"])
+def test_demo_refuses_new_tokens_past_the_window_before_anything_runs(flag, capsys):
+    """--answer-tokens / --flashcard-tokens of the window's size or more: one line once the model is loaded (it
+    was the decoder's ValueError traceback, after the two baselines had read the conversation)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", flag, "100000"])
+    assert str(exit_info.value.code).startswith(f"tmem demo: {flag} 100000 leaves no room for a prompt")
+    assert "reading" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command, data", [("eval", "two_sessions.json"), ("rl", "generated.json")])
 @pytest.mark.parametrize("under", [False, True])
 def test_eval_and_rl_refuse_an_out_they_cannot_make(command, data, under, tmp_path):

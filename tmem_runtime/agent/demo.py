@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(args.model, device=args.device)
     require_tokenizer("tmem demo", args.model, tokenizer)
     gen = Generator(model, tokenizer)
+    for flag, tokens in (("--answer-tokens", args.answer_tokens), ("--flashcard-tokens", args.flashcard_tokens)):
+        if tokens >= gen.window:  # (no prompt would fit: the decoder's error, after the baselines had run)
+            raise SystemExit(f"tmem demo: {flag} {tokens} leaves no room for a prompt in the model's window of "
+                             f"{gen.window} tokens")
     prompts = [question_prompt(q) for q in questions]
     print(f"tmem demo: {args.model}, conversation {conv.sample_id!r}: {len(conv.sessions)} sessions, "
           f"{gen.count_tokens(conv.render())} tokens; l_max={args.l_max}, write format {args.write_format}, "
