@@ -604,6 +604,22 @@ def test_tmem_rl_steps_0_ends_cleanly_with_an_empty_log_and_plots(tmp_path, caps
     assert [p.name for p in plot_log(out)] == [f"rl_{k}.png" for k, _ in PLOTTED]
 
 
+def test_tmem_rl_fresh_removes_the_replaced_runs_checkpoints_at_its_start(tmp_path):
+    """--fresh starts over: a kill before the new run's first save left the old run's checkpoints, so the next
+    plain rerun resumed the old run (under the new run's log). They are removed when the new run starts."""
+    from tmem_runtime.agent.long_conversations import make_conversation
+    from tmem_runtime.cli import main
+
+    (tmp_path / "train.json").write_text(json.dumps([make_conversation(1, n_facts=2, tokens=100, turns_per_session=6)]))
+    out = tmp_path / "run"
+    run = ["rl", "--data", str(tmp_path / "train.json"), "--out", str(out), "--model", "tiny-llama",
+           "--group-size", "2"]
+    assert main([*run, "--steps", "1", "--save-every", "1"]) == 0
+    assert latest_checkpoint(out) is not None
+    assert main([*run, "--steps", "0", "--fresh"]) == 0  # (a fresh run killed before its first save: the same)
+    assert latest_checkpoint(out) is None and not (out / "checkpoints").exists()
+
+
 def test_resuming_with_other_training_settings_is_refused_and_changes_nothing(tmp_path):
     toy_trainer(tmp_path).train(2)
     other = toy_trainer(tmp_path, {"group_size": 4, "lr": 1e-3})

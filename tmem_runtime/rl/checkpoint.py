@@ -62,6 +62,12 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found) if p.is_dir() and (p / STATE_FILE).is_file()]
 
 
+def remove_checkpoints(out: str | os.PathLike) -> None:
+    """Every checkpoint under OUT/checkpoints, complete or not: a run started over there (`tmem rl --fresh`),
+    so that a kill before its own first save never resumes the run it replaced."""
+    shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)
+
+
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     """The complete checkpoint with the highest step under OUT/checkpoints (None if there is none)."""
     done = complete_checkpoints(Path(out) / "checkpoints")

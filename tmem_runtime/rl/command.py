@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from tmem_runtime.agent.generation import Generator
     from tmem_runtime.engine import adapter_layout
     from tmem_runtime.models import model_config
-    from tmem_runtime.rl.checkpoint import CheckpointError
+    from tmem_runtime.rl.checkpoint import CheckpointError, remove_checkpoints
     from tmem_runtime.rl.distributed import close_distributed, init_distributed
     from tmem_runtime.rl.environment import MemoryEnvConfig, MemoryWriteEnv, evaluate_writer
     from tmem_runtime.rl.policy import Policy, PolicySpec
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         raise SystemExit(f"tmem rl: {exc}") from None
     if start == 0 and ctx.is_main:
+        remove_checkpoints(out)  # (--fresh: the replaced run's, which a kill before this run's first save resumed)
         (out / "log.jsonl").write_text("")  # a run from step 0 logs from step 1 (--steps 0: an empty log)
     report_path = out / "held_out.json"
     report = read_report(report_path) if start else {}
