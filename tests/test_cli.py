@@ -370,8 +370,10 @@ def test_ctrl_c_is_one_line_and_exit_status_130():
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731 (a background job's tests
+    # inherit SIGINT ignored, and a process started so keeps ignoring it: the child gets a terminal's)
     proc = subprocess.Popen([sys.executable, "-m", "tmem_runtime.cli", "demo-weights"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)  # fmt: skip
     assert proc.stdout.readline().startswith("model ")  # the model is loaded and the demo running
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
