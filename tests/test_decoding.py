@@ -187,6 +187,20 @@ def test_models_the_decoder_cannot_drive_use_the_reference():
         prefill(model, prompts[0])
 
 
+def test_no_eos_on_the_reference_path_means_none_not_the_models():
+    """eos_ids=[] (no EOS) on a model the Decoder cannot drive decodes every row to max_new_tokens, as on the
+    piecewise path: it used to fall back to the model's own EOS (generation_config), ending rows there."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    prompts = _prompts(8, 6, [2, 4], vocab=64)
+    free = reference_generate(model, prompts, 6, 0, [])
+    assert all(len(row) == 6 for row in free)
+    eos = free[0][1]  # a token the first row generates early
+    model.generation_config.eos_token_id = eos
+    assert greedy_generate(model, prompts, 6, eos_ids=[]) == free
+    assert greedy_generate(model, prompts, 6)[0] == free[0][: free[0].index(eos) + 1]  # default: the model's EOS
+
+
 @pytest.mark.slow
 def test_smollm2_flashcards_and_answers_match_the_reference():
     """The agent's real prompts on the real model: per-turn flashcards (shared prompt prefix) and

@@ -333,7 +333,8 @@ def greedy_generate(
             out = []
             for i, p in enumerate(prompts):
                 with binding([i]):
-                    out += reference_generate(model, [p], max_new_tokens, pad_id, sorted(eos) or None)
+                    # the EOS set resolved above, empty included (None would mean the model's own again)
+                    out += reference_generate(model, [p], max_new_tokens, pad_id, sorted(eos))
             return [_cut(row, eos, set(stop_ids), row_stop) for row, row_stop in zip(out, stops)]
         if prefix is None and bind is None:
             n = common_prefix_length(prompts) if len(prompts) > 1 else 0
