@@ -125,6 +125,26 @@ def test_a_changed_weight_is_repacked():
     _close(packed(x), F.linear(x, packed.weight, packed.bias))
 
 
+def test_a_linear_under_two_names_of_one_parent_is_one_packed_module():
+    """A module registered twice in the same parent (and once more elsewhere): every name gets the same
+    PackedLinear, and unpacking gives every name the same nn.Linear. The second name in one parent used to
+    keep the old module (named_children() yields a module once per parent)."""
+    plain, _ = _pair()
+    inner = nn.Module()
+    inner.first, inner.again = plain, plain
+    model = nn.Module()
+    model.inner, model.other = inner, plain
+    x = torch.randn(5, 64)
+    want = F.linear(x, plain.weight, plain.bias)
+    assert pack_linears(model) == 1
+    assert type(inner.first) is PackedLinear and inner.again is inner.first and model.other is inner.first
+    with torch.no_grad():
+        _close(inner.again(x), want)
+    assert unpack_linears(model) == 1
+    assert type(inner.first) is nn.Linear and inner.again is inner.first and model.other is inner.first
+    _close(inner.again(x), want)
+
+
 def test_wrong_input_width_raises_like_nn_linear():
     _, packed = _pair()
     with pytest.raises(RuntimeError):

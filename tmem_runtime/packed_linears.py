@@ -105,7 +105,9 @@ def _swap(model: nn.Module, old: type[nn.Linear], new: type[nn.Linear]) -> int:
     registered under several names is replaced by one module. Returns how many were replaced."""
     made: dict[int, nn.Linear] = {}
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        # `_modules`, not named_children(), which yields a module once per parent: a second name it is
+        # registered under in the same parent would keep the old module
+        for name, child in list(parent._modules.items()):
             if type(child) is old:
                 if id(child) not in made:
                     made[id(child)] = _rebuilt(child, new)
