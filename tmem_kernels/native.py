@@ -102,13 +102,35 @@ def _threads() -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """h = silu(gate) * up in one pass. gate, up: same shape (any), float32, contiguous -> h."""
-    _check(gate, "gate")
-    _check_same(gate, "gate", up=up)
+def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     h = torch.empty_like(gate)
     _native.swiglu_fwd(gate.data_ptr(), up.data_ptr(), h.data_ptr(), gate.numel(), _threads())
     return h
+
+
+class _SwiGLU(torch.autograd.Function):
+    """Autograd of `swiglu` (backward: the native `swiglu_backward`); inputs already validated."""
+
+    @staticmethod
+    def forward(ctx, gate, up):  # noqa: ANN001
+        ctx.save_for_backward(gate, up)
+        return _swiglu_fwd(gate, up)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh):  # noqa: ANN001
+        gate, up = ctx.saved_tensors
+        return swiglu_backward(gate, up, dh.contiguous())
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """h = silu(gate) * up in one pass. gate, up: same shape (any), float32, contiguous -> h.
+    Differentiable w.r.t. gate and up (the backward is `swiglu_backward`), as `reference.swiglu`."""
+    _check(gate, "gate")
+    _check_same(gate, "gate", up=up)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLU.apply(gate, up)
+    return _swiglu_fwd(gate, up)
 
 
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
