@@ -222,6 +222,7 @@ def test_sgd_steps(numel: int, weight_decay: float) -> None:
         opt.step()
     torch.testing.assert_close(p_native, p_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(p_native, param.detach(), rtol=1e-5, atol=1e-6)
+    assert p_native._version == p_ref._version == 4  # in-place writes are seen (autograd's saved-tensor checks)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
@@ -244,6 +245,7 @@ def test_adamw_steps(numel: int, weight_decay: float) -> None:
         opt.step()
     for a, b in zip(state_n, state_r):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert a._version >= 5  # each step's in-place writes are seen, as the reference's are
     torch.testing.assert_close(state_n[0], param.detach(), rtol=1e-5, atol=1e-6)
 
 

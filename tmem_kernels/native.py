@@ -423,6 +423,7 @@ def sgd_step_(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: 
         param.add_(grad, alpha=-lr)
         return
     _native.sgd_step(param.data_ptr(), grad.data_ptr(), param.numel(), float(lr), float(weight_decay), _threads())
+    torch.autograd.graph.increment_version(param)  # (written through its pointer: as an in-place torch op would)
 
 
 def adamw_step_(
@@ -453,6 +454,7 @@ def adamw_step_(
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), step_size, sqrt_bc2,
         _threads(),
     )  # fmt: skip
+    torch.autograd.graph.increment_version((param, exp_avg, exp_avg_sq))  # (written through their pointers)
 
 
 # --------------------------------------------------------------------------------------------------
