@@ -83,30 +83,75 @@ def test_batched_write_equals_sequential_writes(tiny, backend, optimizer, lr):
     pool.detach()
 
 
+def _write_modes(pool: SessionPool, mode: str) -> None:
+    """Run the pool's writes as `mode`: "plain" (no kept buffers: each write's own tensors, eager), "static"
+    (kept bucket-padded buffers, eager steps) or "graphed" (the same buffers, steps replayed as CUDA graphs)."""
+    pool._static = {"plain": None, "static": StaticWrites(pool.engine, graphs=False),
+                    "graphed": StaticWrites(pool.engine)}[mode]  # fmt: skip
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adamw", 1e-2)])
 def test_a_graphed_batched_write_equals_the_eager_one(optimizer, lr):
     """The batched write of four sessions captured in CUDA graphs (the default on a GPU) vs the same
     steps run eagerly on the same (bucket-padded) buffers: its segments live on the device, so nothing
-    in a captured step may read them on the host. Written twice: the second write replays the graphs."""
+    in a captured step may read them on the host. Written twice: the second write replays the graphs
+    the first captured. One pool (one A) for both: only the steps' execution differs."""
     model, _ = load_model("tiny-llama", device="cuda")
     recipe = Recipe(optimizer=optimizer, lr=lr, epochs=3, batch_size=4)
-    losses, states = [], []
-    for graphs in (False, True):
-        pool = SessionPool(model, capacity=4, backend="auto", cuda_graphs=True)
-        if not graphs:
-            pool._static = StaticWrites(pool.engine, graphs=False)
-        for s in SESSIONS:
-            pool.open(s)
-        losses.append([pool.write_examples_many(SESSIONS, recipe, seed=seed) for seed in (7, 8)])
-        states.append({s: pool.state_dict(s) for s in SESSIONS})
-        pool.detach()
+    pool = SessionPool(model, capacity=4, backend="auto", cuda_graphs=True)
     for s in SESSIONS:
-        for eager, graphed in zip(*losses):
-            torch.testing.assert_close(torch.tensor(graphed[s]), torch.tensor(eager[s]), rtol=1e-5, atol=1e-6)
-        tol = 1e-5 if optimizer == "sgd" else 3e-2  # see B_TOLERANCE in test_write_steps.py
-        for k, v in states[0][s].items():
-            assert (states[1][s][k] - v).norm() <= tol * v.norm(), (s, k)
+        pool.open(s)
+    losses, states = {}, {}
+    for mode in ("static", "graphed"):
+        _write_modes(pool, mode)
+        for s in SESSIONS:
+            pool.reset(s)
+        for seed in (7, 8):
+            losses[mode, seed] = pool.write_examples_many(SESSIONS, recipe, seed=seed)
+            states[mode, seed] = {s: pool.state_dict(s) for s in SESSIONS}
+    pool.detach()
+    tol = 1e-5 if optimizer == "sgd" else 3e-2  # see B_TOLERANCE in test_write_steps.py
+    for seed in (7, 8):  # the first write captures, the second replays: which one differs says where
+        for s in SESSIONS:
+            torch.testing.assert_close(torch.tensor(losses["graphed", seed][s]),
+                                       torch.tensor(losses["static", seed][s]), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, s=s, seed=seed: f"write seed {seed}, session {s}: {m}")  # fmt: skip
+            for k, v in states["static", seed][s].items():
+                err = (states["graphed", seed][s][k] - v).norm() / v.norm().clamp_min(1e-12)
+                assert err <= tol, (seed, s, k, float(err))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["plain", "static", "graphed"])
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adamw", 1e-2)])
+def test_a_batched_write_on_cuda_equals_sequential_writes(optimizer, lr, mode):
+    """The spec of a batched write (per-step losses and final B of each session equal those of writing
+    the sessions one after another), on CUDA with the Triton kernels, in each way a write's steps can run.
+    The sequential reference writes run plain (eager, their own tensors), in the same pool (one A)."""
+    model, _ = load_model("tiny-llama", device="cuda")
+    recipe = Recipe(optimizer=optimizer, lr=lr, epochs=3, batch_size=4)
+    pool = SessionPool(model, capacity=8, backend="auto", cuda_graphs=True)
+    _write_modes(pool, "plain")
+    alone = {}
+    for s, ex in SESSIONS.items():
+        pool.open(s + "-alone")
+        alone[s] = pool.write_examples_many({s + "-alone": ex}, recipe, seed=7)[s + "-alone"]
+    _write_modes(pool, mode)
+    for s in SESSIONS:
+        pool.open(s)
+    batched = pool.write_examples_many(SESSIONS, recipe, seed=7)
+    tol = 1e-5 if optimizer == "sgd" else 5e-5  # as test_batched_write_equals_sequential_writes (CPU)
+    errors = {}
+    for s in SESSIONS:
+        torch.testing.assert_close(torch.tensor(batched[s]), torch.tensor(alone[s]), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, s=s: f"{mode}, session {s}: {m}")  # fmt: skip
+        ref = pool.state_dict(s + "-alone")
+        for k, v in pool.state_dict(s).items():
+            errors[s, k] = float((v - ref[k]).norm() / ref[k].norm().clamp_min(1e-12))
+    pool.detach()
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= tol, (mode, worst, errors[worst])
 
 
 def test_per_row_forward_equals_the_model_with_only_that_session(tiny):
