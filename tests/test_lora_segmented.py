@@ -310,8 +310,8 @@ def test_expand_forward_backward(backend: str, layout: str, m: int, r: int, devi
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_16bit(dtype: torch.dtype, device: torch.device) -> None:
-    """16-bit: within 2x (+4e-3) of the 16-bit torch reference's own error against float64, the torch
-    reference running on the same device as Triton (CUDA, or the CPU under the interpreter)."""
+    """16-bit: within 2e-2 of float64 and within 2x (+4e-3) of the 16-bit torch reference's own error, the
+    torch reference running on the same device as Triton (CUDA, or the CPU under the interpreter)."""
     lengths, slots, s = LAYOUTS["mixed"]
     n = sum(lengths)
     t = make(n, 37, 141, 6, s, seed=13)
@@ -326,6 +326,7 @@ def test_triton_16bit(dtype: torch.dtype, device: torch.device) -> None:
         err = (triton_16[key].cpu().double() - value).abs().max().item() / scale
         base = (torch_16[key].cpu().double() - value).abs().max().item() / scale
         assert triton_16[key].dtype == dtype
+        assert err < 2e-2, (key, err)  # as test_lora_mlp.py's 16-bit tests (measured here: <= 8.3e-3)
         assert err <= 2 * base + 4e-3, (key, err, base)
 
 
@@ -361,15 +362,16 @@ def test_triton_segments_on_device_are_not_read(device: torch.device) -> None:
         close(y, ref.lora_mlp_segmented(**cpu(t), seg_indptr=seg[0], seg_slot=seg[1]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_triton_cuda_graph_replay() -> None:
+@pytest.mark.cuda
+def test_triton_cuda_graph_replay(device: torch.device) -> None:
     """Captured once, replayed with other segment values written into the same device tensors."""
     lengths, slots, s = LAYOUTS["decode"]
     n = sum(lengths)
-    t = {k: v.cuda() for k, v in make(n, 64, 192, 6, s, seed=16).items()}
-    indptr, slot = (v.cuda() for v in segments(lengths, slots))
+    t = make(n, 64, 192, 6, s, seed=16, device=device)
+    indptr, slot = (v.to(device) for v in segments(lengths, slots))
     fn = lambda: lora_segmented.lora_mlp_segmented(**t, seg_indptr=indptr, seg_slot=slot)  # noqa: E731
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs, made on the current stream
     with torch.cuda.stream(stream), torch.no_grad():
         fn()  # compile outside the capture
         graph = torch.cuda.CUDAGraph()
