@@ -104,7 +104,8 @@ def test_tmem_rl_runs_under_torchrun_and_writes_its_files(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "tmem_runtime.rl.command", "--model", "tiny-llama", "--data", str(tmp_path / "train.json"),
            "--held-out", str(tmp_path / "held.json"), "--steps", "1", "--group-size", "2", "--batch", "2",
-           "--l-max", "200", "--kl-every", "0", "--out", str(out)]
+           "--l-max", "200", "--kl-every", "0", "--device", "cpu", "--out", str(out)]
+    # (--device cpu: gloo, as the test above; "auto" on a one-GPU machine gave rank 1 the absent cuda:1)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]

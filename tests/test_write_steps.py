@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -255,6 +257,39 @@ def test_static_buffers_are_made_outside_inference_mode_and_dropped_when_a_weigh
     (fresh,) = kept.buckets.values()
     assert fresh is not bucket
     fw.detach()
+
+
+class _KeptBuffersPool(SessionPool):
+    """A pool that keeps its writes' buffers per bucket (StaticWrites) on any device, as a pool on CUDA
+    does, here without graphs: so its copies build their own StaticWrites in __setstate__ on the CPU too."""
+
+    def _init_static(self) -> None:
+        self._static = StaticWrites(self.engine, graphs=False)
+
+
+def test_a_deepcopy_builds_its_kept_buffers_without_reading_the_model_being_copied(tiny):
+    """copy.deepcopy of a model whose pool keeps write buffers (every pool on CUDA): the copy's pool makes
+    its own StaticWrites in __setstate__, while deepcopy is still rebuilding the model (not a model to read
+    yet), and its writes through them give the original's losses and B."""
+    pool = _KeptBuffersPool(tiny, capacity=2, backend="torch")
+    recipe = Recipe(lr=1e-2, epochs=2)
+    pool.open("s")
+    pool.write_examples_many({"s": examples(6, seed=1)}, recipe)  # the original has a bucket
+    twin = copy.deepcopy(tiny)
+    copied = twin._tmem_fast_weights
+    assert isinstance(copied, _KeptBuffersPool) and copied.engine.model is twin
+    assert copied._static.engine is copied.engine and not copied._static.buckets
+    cards = {"s": examples(5, seed=2)}
+    losses = pool.write_examples_many(cards, recipe)
+    torch.testing.assert_close(copied.write_examples_many(cards, recipe), losses, rtol=1e-6, atol=1e-6)
+    ((key, bucket),) = copied._static.buckets.items()  # its own buffers, for the bucket the original uses
+    assert list(pool._static.buckets) == [key]
+    assert bucket.hidden.data_ptr() != pool._static.buckets[key].hidden.data_ptr()
+    copied_state = copied.state_dict("s")
+    for k, v in pool.state_dict("s").items():
+        torch.testing.assert_close(copied_state[k], v, rtol=1e-6, atol=1e-7)
+    copied.detach()
+    pool.detach()
 
 
 # graphed vs eager steps on CUDA: the same kernels, but reductions with atomics may round differently;

@@ -76,13 +76,16 @@ class StaticWrite:
 
 
 class StaticWrites:
-    """The buckets of one engine (see the module docstring). `graphs`: capture CUDA graphs (CUDA only)."""
+    """The buckets of one engine (see the module docstring). `graphs`: capture CUDA graphs (CUDA only).
+
+    Construction reads nothing of the model (a pool builds one in `__setstate__`, while copy.deepcopy may
+    still be rebuilding the model): the weights' stamp is taken at the first `get`."""
 
     def __init__(self, engine: FastWeightEngine, graphs: bool = True) -> None:
         self.engine = engine
         self.graphs = graphs and engine.device.type == "cuda"
         self.buckets: OrderedDict[tuple, StaticWrite] = OrderedDict()
-        self._stamp = self._weights_stamp()
+        self._stamp: tuple | None = None  # where the weights lived at the last `get`; None: no get yet
 
     def _weights_stamp(self) -> tuple:
         """Where the model's parameters and buffers live now (what a captured graph reads)."""
@@ -91,7 +94,8 @@ class StaticWrites:
 
     def get(self, cache: TrunkCache, sessions: int, train_a: bool, recipe: Recipe, sgd_lr: float | None) -> StaticWrite:
         """The bucket for a write of `sessions` sessions over `cache` (made, and the oldest dropped, if new).
-        Every bucket is dropped first if a model weight moved since the last call."""
+        Every bucket is dropped first if a model weight moved since the last call (none is kept before the
+        first)."""
         stamp = self._weights_stamp()
         if stamp != self._stamp:
             self.buckets.clear()
