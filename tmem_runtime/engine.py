@@ -35,6 +35,7 @@ from tmem_runtime.backends import kernel_ops, resolve_backend
 from tmem_runtime.decoder import Decoder, supports_piecewise
 from tmem_runtime.layout import AdapterLayout, AdapterSlot
 from tmem_runtime.models import MLP_TARGETS, decoder_layers, is_silu, target_mlps
+from tmem_runtime.uploads import upload_one
 
 
 def adapter_layout(model: nn.Module, rank: int, num_layers: int | Sequence[int] = 4) -> AdapterLayout:
@@ -186,7 +187,7 @@ class FastWeightEngine:
 
     def set_rows(self, slots: Sequence[int], b_rows: torch.Tensor) -> None:
         """B rows of `slots` := b_rows [len(slots), b_numel] (float32 master and compute copy)."""
-        idx = torch.as_tensor(list(slots), dtype=torch.long, device=self.device)
+        idx = upload_one(torch.tensor(list(slots), dtype=torch.long), self.device)  # (no wait for the device)
         with torch.no_grad():
             self.b.index_copy_(0, idx, b_rows.to(self.b.dtype))
             if self.b_compute is not self.b:
@@ -203,7 +204,7 @@ class FastWeightEngine:
 
     def copy_rows(self, dst: Sequence[int], src: Sequence[int]) -> None:
         """B rows of `dst` := those of `src` (master, compute copy and `initial` flag)."""
-        self.set_rows(dst, self.b.index_select(0, torch.as_tensor(list(src), dtype=torch.long, device=self.device)))
+        self.set_rows(dst, self.b.index_select(0, upload_one(torch.tensor(list(src), dtype=torch.long), self.device)))
         for d, s in zip(dst, src):
             self.initial[d] = self.initial[s]
 

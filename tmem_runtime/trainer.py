@@ -28,6 +28,7 @@ from torch.profiler import record_function
 from tmem_kernels.segments import row_segments
 from tmem_runtime.engine import Binding, FastWeightEngine, FastWeightsError
 from tmem_runtime.recipes import OPTIMIZERS, Recipe
+from tmem_runtime.uploads import upload, upload_one
 from tmem_runtime.write import IGNORE_INDEX, StepBatch, TrunkCache, adapted_loss, plan_steps
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class Workspace:
             raise ValueError(f"this workspace holds {self.b.shape[0]} sessions, not {len(slots)}")
         self.slots = list(slots)
         with torch.no_grad():
-            self.b.copy_(self.engine.b[torch.as_tensor(self.slots, device=self.engine.device)])
+            self.b.copy_(self.engine.b.index_select(0, upload_one(torch.tensor(self.slots), self.engine.device)))
             if self.a is not None:
                 self.a.copy_(self.engine.a)
             for t in (self.grad, self.exp_avg, self.exp_avg_sq):
@@ -130,7 +131,10 @@ class Workspace:
         """Copy the good sessions' B (and A) back to their engine rows."""
         keep = [w for w, good in enumerate(ok) if good]
         if keep:
-            self.engine.set_rows([self.slots[w] for w in keep], self.b.detach()[keep])
+            rows = self.b.detach()
+            if len(keep) < len(ok):  # (a host index: uploaded without a wait)
+                rows = rows.index_select(0, upload_one(torch.tensor(keep), rows.device))
+            self.engine.set_rows([self.slots[w] for w in keep], rows)
             if self.a is not None:
                 self.engine.set_a(self.a.detach())
 
@@ -170,15 +174,15 @@ def plan_generic(batch: dict[str, torch.Tensor], steps: list[list[tuple[int, Row
         if bool((per_group == 0).any()):
             raise ValueError("a write step has a session with no trainable token")
         weight = is_target / per_group[row_group][:, None]
-        out.append(GenericStep(rows, tuple(sizes), tuple(s for s, _ in groups), weight.float().to(device),
-                               row_group.to(device)))  # fmt: skip
+        weight, row_group = upload([weight.float(), row_group], device)  # (no wait for the device)
+        out.append(GenericStep(rows, tuple(sizes), tuple(s for s, _ in groups), weight, row_group))
     return out
 
 
 def generic_loss(engine: FastWeightEngine, batch: dict[str, torch.Tensor], step: GenericStep) -> tuple:
     """(sum of the groups' mean losses, each group's) through the model's own forward."""
-    inputs = {k: batch[k][step.rows].to(engine.device) for k in ("input_ids", "attention_mask")}
-    labels = batch["labels"][step.rows].to(engine.device)
+    ids, mask, labels = upload([batch[k][step.rows] for k in ("input_ids", "attention_mask", "labels")], engine.device)
+    inputs = {"input_ids": ids, "attention_mask": mask}
     logits = engine.model(**inputs).logits[:, :-1].float()
     ce = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
     per_row = (ce * step.weight).sum(1)
@@ -244,7 +248,10 @@ class WriteRun:
     def _loss(self, plan: StepBatch | GenericStep) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.engine
         if self.cached:
-            binding = self.ws.binding(plan.seg_indptr, plan.seg_slot, plan.slots, True, self.sgd_lr)
+            segments = (plan.seg_indptr, plan.seg_slot)
+            if e.backend != "triton" and plan.host_segments is not None:  # (the others read them on the host)
+                segments = plan.host_segments
+            binding = self.ws.binding(*segments, plan.slots, True, self.sgd_lr)
             with e.bind(binding):
                 return adapted_loss(e.decoder, e.first_layer, self.data, plan)
         indptr, slots = row_segments([w for w, n in zip(plan.slots, plan.groups) for _ in range(n)])
@@ -310,9 +317,17 @@ class WriteRun:
             with record_function("tmem.write.steps"):
                 losses_dev = self.run_steps(on_step)
             with record_function("tmem.write.check"):
-                table = losses_dev.tolist()  # the loop's results, read once (the write's one wait for the device)
-                finite_b = torch.isfinite(self.ws.b).all(dim=1).tolist()
-                finite_a = self.ws.a is None or bool(torch.isfinite(self.ws.a).all())
+                # the loop's losses and whether each session's update is finite, read at once: the write's one
+                # wait for the device
+                finite = [torch.isfinite(self.ws.b).all(dim=1)]
+                if self.ws.a is not None:
+                    finite.append(torch.isfinite(self.ws.a).all().reshape(1))
+                flags = torch.cat(finite).to(losses_dev.dtype)
+                values = torch.cat([losses_dev.reshape(-1), flags]).tolist()
+                cut = losses_dev.numel()
+                table = [values[k : k + n] for k in range(0, cut, n)]
+                finite_b = [v == 1.0 for v in values[cut : cut + n]]
+                finite_a = self.ws.a is None or values[cut + n] == 1.0
         losses = [[row[w] for row in table[: self.counts[w]]] for w in range(n)]
         errors = [write_error(losses[w], finite_b[w] and finite_a, self.recipe) for w in range(n)]
         inverse = {i: w for w, i in enumerate(self.order)}

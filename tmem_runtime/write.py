@@ -19,7 +19,7 @@ again (replayed flashcards) runs the trunk over its new examples only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from tmem_kernels import linear_cross_entropy_rows
 from tmem_runtime.attention_precision import write_step_attention
 from tmem_runtime.decoder import Decoder, PrefixKV
 from tmem_runtime.trunk_rows import TrunkRows
+from tmem_runtime.uploads import upload, upload_one
 
 IGNORE_INDEX = -100
 CHUNKED_HEAD_LOGITS = 1 << 27  # K x V from which a step's head loss runs in chunks off the CPU (512 MB of fp32 logits)
@@ -77,7 +78,8 @@ class StepBatch:
     the rows' real tokens as flat positions in [b, width], the only row tokens the adapted MLPs run
     (fixed shapes: followed by one padding position repeated up to a fixed count); None: every position
     (no row padded). seg_indptr / seg_slot: the adapted MLP's token segments (`mlp_token_segments`) as
-    int64 tensors. Tensors on the compute device; groups and slots on the host.
+    int64 tensors. Tensors on the compute device; groups and slots on the host. host_segments: the same
+    segments on the host (kernels that read them on the host take these: no read back from the device).
     """
 
     rows: torch.Tensor
@@ -93,6 +95,18 @@ class StepBatch:
     seg_indptr: torch.Tensor | None = None
     seg_slot: torch.Tensor | None = None
     token_index: torch.Tensor | None = None
+    host_segments: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    TENSORS = ("rows", "lengths", "loss_index", "targets", "target_weight", "target_group", "row_prefix",
+               "seg_indptr", "seg_slot", "token_index")  # fmt: skip
+
+    def tensors_or_none(self) -> list[torch.Tensor | None]:
+        """The batch's tensor fields in TENSORS order (None where absent)."""
+        return [getattr(self, name) for name in self.TENSORS]
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor | None], **changes: object) -> StepBatch:
+        """This batch with its tensor fields (TENSORS order) replaced by `tensors`."""
+        return replace(self, **dict(zip(self.TENSORS, tensors)), **changes)
 
     @property
     def signature(self) -> tuple:
@@ -110,11 +124,7 @@ class StepBatch:
         def c(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.clone()
 
-        return StepBatch(
-            self.rows.clone(), self.width, c(self.lengths), self.loss_index.clone(), self.targets.clone(),
-            self.target_weight.clone(), self.target_group.clone(), c(self.row_prefix), self.groups, self.slots,
-            c(self.seg_indptr), c(self.seg_slot), c(self.token_index),
-        )  # fmt: skip
+        return self.with_tensors([c(t) for t in self.tensors_or_none()])
 
     def copy_(self, other: StepBatch) -> None:
         """Copy `other`'s tensors into this batch's (same signature), device to device."""
@@ -122,6 +132,7 @@ class StepBatch:
             raise ValueError(f"step batch signature {other.signature} != {self.signature}")
         for dst, src in zip(self.tensors(), other.tensors()):
             dst.copy_(src, non_blocking=True)
+        self.host_segments = other.host_segments
 
 
 def mlp_token_segments(prefix_len: int, group_tokens: Sequence[int], slots: Sequence[int]) -> tuple[list, list]:
@@ -136,9 +147,11 @@ def mlp_token_segments(prefix_len: int, group_tokens: Sequence[int], slots: Sequ
 
 
 def right_padded_lengths(attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """Per-row lengths [B] when `attention_mask` [B, T] is right padding (1...1 0...0), else None."""
+    """Per-row lengths [B] when `attention_mask` [B, T] is right padding (1...1 0...0), else None.
+    Read on the host: a device mask is copied there first (one wait for the device)."""
+    attention_mask = attention_mask.cpu()
     lengths = attention_mask.sum(dim=1)
-    expected = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None] < lengths[:, None]
+    expected = torch.arange(attention_mask.shape[1])[None] < lengths[:, None]
     return lengths if torch.equal(attention_mask.bool(), expected) else None
 
 
@@ -185,7 +198,7 @@ def encode_trunk(
         found = None if kept is None else kept.get_prefix(key)
         if found is None:
             prefix_kv = PrefixKV()
-            prefix_ids = input_ids[:1, :p].to(device)
+            prefix_ids = upload_one(input_ids[:1, :p], device)
             prefix_hidden = decoder.run_trunk(decoder.embed(prefix_ids), first_adapted, prefix=prefix_kv)
             prefix_kv.recording = False
             if kept is not None:
@@ -204,12 +217,13 @@ def encode_trunk(
         rows = todo[lo : lo + rows_per_chunk]
         chunk_len = suffix_lengths[rows]
         width = int(chunk_len.max())
-        ids = input_ids[rows, p : p + width].to(device)
-        padded = None if bool((chunk_len == width).all()) else chunk_len.to(device)
+        ragged = not bool((chunk_len == width).all())  # (host tensors: no device read)
+        ids, padded, at = upload([input_ids[rows, p : p + width], chunk_len if ragged else None,
+                                  torch.tensor(rows)], device)  # fmt: skip
         h = decoder.run_trunk(decoder.embed(ids), first_adapted, lengths=padded, prefix=prefix_kv)
         if hidden is None:
             hidden = h.new_zeros(n, s, h.shape[-1])
-        hidden[torch.tensor(rows, device=device), :width] = h
+        hidden[at, :width] = h
         for j, i in enumerate(rows if kept is not None else ()):
             kept.put(keys[i], p, h[j, : int(chunk_len[j])])
     for i, row in known.items():
@@ -237,7 +251,7 @@ def plan_step(
 def plan_group_step(
     cache: TrunkCache,
     groups: Sequence[tuple[int, Sequence[int] | torch.Tensor]],
-    device: torch.device,
+    device: torch.device | None,
     width: int | None = None,
     num_targets: int | None = None,
     num_tokens: int | None = None,
@@ -250,6 +264,7 @@ def plan_group_step(
     with weight 0, and the adapted MLPs run the real tokens then, up to num_tokens (at most rows x
     width), one padding position again and again (its value reaches no real token, so its gradient is
     exactly 0); none of it changes a loss or a gradient.
+    device None: the StepBatch on the host (`upload_steps` moves it).
     """
     rows = torch.cat([torch.as_tensor(r, dtype=torch.long).cpu().reshape(-1) for _, r in groups])
     sizes = [len(torch.as_tensor(r).reshape(-1)) for _, r in groups]
@@ -291,21 +306,35 @@ def plan_group_step(
             token_index = torch.cat([token_index, (~real).nonzero()[0].expand(pad)])
             group_tokens[-1] += pad  # the last group's segment runs them: B gets their zero gradient
     indptr, slots = mlp_token_segments(p, group_tokens.tolist(), [slot for slot, _ in groups])
-    return StepBatch(
-        rows.to(device),
+    host = StepBatch(
+        rows,
         width,
-        lengths.to(device) if padded else None,
-        loss_index.to(device),
-        picked.to(device),
-        weight.float().to(device),
-        target_group.to(device),
-        row_group.to(device) if p and len(groups) > 1 else None,
+        lengths if padded else None,
+        loss_index,
+        picked,
+        weight.float(),
+        target_group,
+        row_group if p and len(groups) > 1 else None,
         tuple(sizes),
         tuple(slot for slot, _ in groups),
-        torch.tensor(indptr, dtype=torch.long, device=device),
-        torch.tensor(slots, dtype=torch.long, device=device),
-        None if token_index is None else token_index.to(device),
+        torch.tensor(indptr, dtype=torch.long),
+        torch.tensor(slots, dtype=torch.long),
+        token_index,
     )
+    return host if device is None else upload_steps([host], device)[0]
+
+
+def upload_steps(steps: Sequence[StepBatch], device: torch.device) -> list[StepBatch]:
+    """Host-planned steps on `device`, all their tensors in one copy that does not wait for the device
+    (`uploads.upload`); each keeps its host segments (`host_segments`)."""
+    fields = [s.tensors_or_none() for s in steps]
+    flat = upload([t for f in fields for t in f], device)
+    out, k = [], 0
+    for s, f in zip(steps, fields):
+        moved = flat[k : k + len(f)]
+        k += len(f)
+        out.append(s.with_tensors(moved, host_segments=(s.seg_indptr, s.seg_slot)))
+    return out
 
 
 def plan_steps(
@@ -323,12 +352,12 @@ def plan_steps(
     """
     steps = [list(s) if s and isinstance(s[0], tuple) else [(0, s)] for s in schedule]
     if not fixed_shapes:
-        return [plan_group_step(cache, groups, device) for groups in steps]
+        return upload_steps([plan_group_step(cache, groups, None) for groups in steps], device)
     width = cache.hidden.shape[1]
     step_rows = [[r for _, rows in g for r in rows] for g in steps]
     targets = round_up(max(int((cache.labels[r, 1:] != IGNORE_INDEX).sum()) for r in step_rows), TARGET_BUCKET)
     tokens = round_up(max(int(cache.lengths[r].sum()) for r in step_rows), TOKEN_BUCKET)
-    return [plan_group_step(cache, groups, device, width, targets, tokens) for groups in steps]
+    return upload_steps([plan_group_step(cache, groups, None, width, targets, tokens) for groups in steps], device)
 
 
 def round_up(n: int, step: int) -> int:

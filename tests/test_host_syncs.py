@@ -1,0 +1,96 @@
+"""A write waits for the device once: the host syncs of one write, counted on the CPU (benchmarks/host_syncs.py).
+
+Each host read of device data, and each blocking host-to-device copy, drains the GPU's queue: a write that
+did ~50 (one session) or ~170 (three sessions, torch backend) spent most of its wall time with the device
+idle. The one that remains is the check phase's read of the steps' losses and the finite-update flags
+(`WriteRun.train`): the write cannot report its losses or refuse a NaN update without it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.common import flashcard_examples
+from benchmarks.host_syncs import census_of
+from tmem_runtime import FastWeights, SessionPool
+from tmem_runtime.models import load_model
+from tmem_runtime.recipes import RECIPES
+from tmem_runtime.uploads import upload
+
+RECIPE = RECIPES["paper"]
+MAX_SYNCS = 1  # the check phase's one read (see the module docstring)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny-qwen3")[0]
+
+
+def cards(model, seed: int, ragged: bool = False) -> list:
+    """16 cards sharing a 24-token preamble (as profile_write.py writes them); ragged: lengths 40..55."""
+    vocab = model.config.vocab_size
+    if not ragged:
+        return flashcard_examples(512, vocab, 16, 24, seed)
+    rows = flashcard_examples(1024, vocab, 16, 24, seed)
+    return [(ids[:24] + ids[24 + k :], labels[:24] + labels[24 + k :]) for k, (ids, labels) in enumerate(rows)]
+
+
+def describe(census) -> str:
+    return "\n".join(census.lines())
+
+
+def test_census_sees_reads_and_blocking_copies(model):
+    """The counter itself: an item() of device data, a blocking upload and a mask index count; host work does not."""
+    w = model.model.layers[0].mlp.gate_proj.weight
+
+    def run() -> None:
+        float(w.sum())  # a read of the device
+        torch.tensor([1, 2], device=w.device)  # a blocking host-to-device copy
+        w[w > 0]  # a mask index (nonzero inside)
+        host = torch.arange(4)
+        int(host.sum()), host.tolist(), host[host > 1]  # host data: no sync
+        upload([host], w.device)  # pinned, non_blocking: no sync
+
+    census = census_of(run, model)
+    assert sorted(s.kind for s in census.syncs) == ["h2d-blocking", "item", "mask-index"], describe(census)
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_fast_weights_write_waits_once(model, ragged):
+    fw = FastWeights(model, backend="torch")
+    try:
+        census = census_of(lambda: fw.write_examples(cards(model, 0, ragged), RECIPE), model, fw.store)  # cold
+        assert len(census.syncs) <= MAX_SYNCS and not census.mismatches, describe(census)
+        census = census_of(lambda: fw.write_examples(cards(model, 1, ragged), RECIPE), model, fw.store)  # warm
+        assert len(census.syncs) <= MAX_SYNCS and not census.mismatches, describe(census)
+        assert [s.phase for s in census.syncs] == ["check"]
+    finally:
+        fw.detach()
+
+
+def test_batched_pool_write_waits_once(model):
+    pool = SessionPool(model, capacity=3, backend="torch")
+    try:
+        for s in "abc":
+            pool.open(s)
+        census = census_of(
+            lambda: pool.write_examples_many({s: cards(model, i) for i, s in enumerate("abc")}, RECIPE), model, pool
+        )
+        assert len(census.syncs) <= MAX_SYNCS and not census.mismatches, describe(census)
+        assert [s.phase for s in census.syncs] == ["check"]
+    finally:
+        pool.detach()
+
+
+def test_upload_is_bit_exact():
+    """Mixed dtypes and shapes (0-d, empty, bool) come back equal, each its own bytes."""
+    tensors = [torch.arange(5), None, torch.tensor(0.1, dtype=torch.float32), torch.zeros(0, dtype=torch.long),
+               torch.tensor([[True, False], [False, True]]), torch.randn(3, 2, dtype=torch.float64)]  # fmt: skip
+    moved = upload(tensors, torch.device("cpu"))
+    assert moved[1] is None
+    for t, m in zip(tensors, moved):
+        if t is not None:
+            assert m.dtype == t.dtype and m.shape == t.shape and torch.equal(m, t)
+    moved[0].add_(1)
+    assert torch.equal(moved[2], tensors[2]) and torch.equal(moved[5], tensors[5])
