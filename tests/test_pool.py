@@ -114,9 +114,10 @@ def test_a_graphed_batched_write_equals_the_eager_one(optimizer, lr):
     tol = 1e-5 if optimizer == "sgd" else 3e-2  # see B_TOLERANCE in test_write_steps.py
     for seed in (7, 8):  # the first write captures, the second replays: which one differs says where
         for s in SESSIONS:
+            where = f"write seed {seed}, session {s}"
             torch.testing.assert_close(torch.tensor(losses["graphed", seed][s]),
                                        torch.tensor(losses["static", seed][s]), rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, s=s, seed=seed: f"write seed {seed}, session {s}: {m}")  # fmt: skip
+                                       msg=lambda m, where=where: f"{where}: {m}")  # fmt: skip
             for k, v in states["static", seed][s].items():
                 err = (states["graphed", seed][s][k] - v).norm() / v.norm().clamp_min(1e-12)
                 assert err <= tol, (seed, s, k, float(err))
