@@ -17,7 +17,7 @@ COMPAT_TESTS := tests/test_lora_mlp.py tests/test_update.py tests/test_rsvd.py t
                 tests/test_write_steps.py tests/test_lora_segmented.py tests/test_library.py tests/test_pool.py \
                 tests/test_families.py tests/test_cross_entropy.py tests/test_rms_norm.py
 
-.PHONY: install demo test test-compat gpu-check gpu-serve gpu-prepare lint bench eval clean
+.PHONY: gpu-tests install demo test test-compat gpu-check gpu-serve gpu-prepare lint bench eval clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -56,6 +56,10 @@ test-compat: $(COMPAT_STAMP)
 # Without CUDA it is a dry run of the same script (CUDA-only parts skipped or shortened).
 gpu-check:
 	timeout -k 10 480 bash tools/gpu_check.sh
+
+# The second device call, when time is left after gpu-check: the phases its deadline cuts (tests, kernels).
+gpu-tests:
+	DEADLINE=480 GPU_PHASES="tests_runtime tests_kernels kernels write_smollm2" timeout -k 10 510 bash tools/gpu_check.sh
 
 # A second device run when time is left after gpu-check: the serve load run at Qwen3-4B shapes (random weights).
 gpu-serve:
