@@ -8,6 +8,10 @@ idle. The one that remains is the check phase's read of the steps' losses and th
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -94,3 +98,44 @@ def test_upload_is_bit_exact():
             assert m.dtype == t.dtype and m.shape == t.shape and torch.equal(m, t)
     moved[0].add_(1)
     assert torch.equal(moved[2], tensors[2]) and torch.equal(moved[5], tensors[5])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sessions", [1, 3])
+def test_a_warm_write_on_cuda_synchronises_once(sessions):
+    """The same bound on a GPU, counted by CUDA itself (`torch.cuda.set_sync_debug_mode`: a warning per
+    synchronising call, pageable uploads included): a write of new cards in a shape already seen (its graphs
+    captured, its buffers kept) waits for the device once: a pool's write of one session and a batched write
+    of three (auto backend: whatever the pool picks on CUDA)."""
+    model = load_model("tiny-qwen3", device="cuda")[0]
+    names = "abc"[:sessions]
+    pool = SessionPool(model, capacity=sessions, backend="auto")
+    try:
+        for s in names:
+            pool.open(s)
+
+        def write(seed: int) -> None:
+            pool.write_examples_many({s: cards(model, seed + i) for i, s in enumerate(names)}, RECIPE)
+
+        write(0)  # cold: kernels compiled, graphs captured
+        torch.cuda.synchronize()
+        with sync_warnings() as caught:
+            write(10)
+        assert len(caught) <= MAX_SYNCS, "\n".join(str(w.message)[:200] for w in caught)
+    finally:
+        pool.detach()
+
+
+@contextmanager
+def sync_warnings() -> Iterator[list]:
+    """The warnings CUDA's sync debug mode raises inside the block, one per synchronising call (the list is
+    filled when the block ends; the mode is reset after)."""
+    caught: list = []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield caught
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    caught.extend(w for w in seen if "synchroniz" in str(w.message))
