@@ -217,6 +217,12 @@ class HostSyncCensus(TorchDispatchMode):
             setattr(owner, name, functools.wraps(original)(make(original)))
             stack.callback(setattr, owner, name, original)
 
+        def moved(src: torch.Tensor, out: torch.Tensor, device: bool) -> torch.Tensor:
+            """`out`, the result of moving `src`, marked on the device or the host (a copy if it is `src`)."""
+            out = out.clone() if out is src else out
+            census._mark(out, device)
+            return out
+
         def to(original):
             def wrapper(self, *args, **kwargs):
                 target, nb = _to_target(args, kwargs)
@@ -227,12 +233,10 @@ class HostSyncCensus(TorchDispatchMode):
                 if device and not census.on_device(self):
                     if not nb:
                         census._record("h2d-blocking", "Tensor.to")
-                    out = out.clone() if out is self else out
-                    census._mark(out, True)
-                elif not device and census.on_device(self):
+                    return moved(self, out, True)
+                if not device and census.on_device(self):
                     census._record("d2h", "Tensor.to")
-                    out = out.clone() if out is self else out
-                    census._mark(out, False)
+                    return moved(self, out, False)
                 return out
 
             return wrapper
@@ -242,8 +246,7 @@ class HostSyncCensus(TorchDispatchMode):
                 out = original(self, *args, **kwargs)
                 if census.on_device(self):
                     census._record("d2h", "Tensor.cpu")
-                    out = out.clone() if out is self else out
-                    census._mark(out, False)
+                    return moved(self, out, False)
                 return out
 
             return wrapper
