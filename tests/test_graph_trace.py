@@ -1,0 +1,90 @@
+"""Steps that share a CUDA-graph key issue identical traces (benchmarks/graph_trace.py), checked on the CPU.
+
+A captured write step replays what the host decided at capture: ops, non-tensor arguments, launch grids and
+the addresses of what it reads. `TracedSteps` stands in for `GraphedSteps` with the same calls (first step
+of a key eager, the "capture" on a clone of its batch, later steps on that static batch after `copy_`) and
+compares every later step's trace with its key's capture: a difference is what a replay would get wrong.
+Written with the Triton backend (interpreted) and the CUDA-only branches taken (`cuda_paths`), as on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.graph_trace import TracedStaticWrites, cuda_paths, first_difference
+from tmem_runtime import Recipe, SessionPool, load_model
+from tmem_runtime.write import IGNORE_INDEX, StepBatch
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter on CPU tensors")
+
+
+def examples(n: int, seed: int, shared: int = 9) -> list[tuple[list[int], list[int]]]:
+    """n examples of 4 to 13 tokens after a shared 9-token prefix (tests/test_pool.py's), loss on tails."""
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.randint(3, 500, (shared,), generator=torch.Generator().manual_seed(99)).tolist()
+    out = []
+    for _ in range(n):
+        tail = torch.randint(3, 500, (int(torch.randint(4, 14, (), generator=gen)),), generator=gen).tolist()
+        out.append((head + tail, [IGNORE_INDEX] * (shared + 2) + tail[2:]))
+    return out
+
+
+# 1 to 3 steps per epoch: the sessions with fewer cards drop out of the later steps
+SESSIONS = {"a": examples(5, 1), "b": examples(1, 2), "c": examples(9, 3), "d": examples(3, 4)}
+
+
+def _traced_writes(written: dict, optimizer: str, lr: float) -> tuple[TracedStaticWrites, dict, dict]:
+    """Two writes (seeds 7, 8) of `written` through traced buckets; (buckets, losses, final B per session)."""
+    model, _ = load_model("tiny-llama")
+    pool = SessionPool(model, capacity=4, backend="triton")
+    pool._static = traced = TracedStaticWrites(pool.engine)
+    for s in written:
+        pool.open(s)
+    recipe = Recipe(optimizer=optimizer, lr=lr, epochs=2, batch_size=4)
+    with cuda_paths():
+        losses = {seed: pool.write_examples_many(written, recipe, seed=seed) for seed in (7, 8)}
+    states = {s: pool.state_dict(s) for s in written}
+    pool.detach()
+    return traced, losses, states
+
+
+@pytest.mark.parametrize(
+    "written,optimizer,lr",
+    [(SESSIONS, "adamw", 1e-2), ({"c": SESSIONS["c"]}, "sgd", 0.5)],
+    ids=["batched-adamw", "one-session-sgd"],
+)
+def test_steps_sharing_a_graph_key_issue_identical_traces(written, optimizer, lr):
+    """Every step of a key (within a write and across the two writes) traces as its key's capture, and the
+    capture as its eager first run; no step reads a tensor an earlier step made. The batched write has
+    several sessions, a shared prefix and sessions dropping out; the one-session SGD write steps B inside
+    the backward."""
+    traced, _, _ = _traced_writes(written, optimizer, lr)
+    (steps,) = traced.steps()
+    assert steps.replays >= 4, steps.report()  # (the second write replays what the first captured)
+    assert not steps.divergences, steps.report()
+    assert not steps.foreign_reads, steps.report()
+
+
+def test_the_checker_flags_steps_that_a_key_wrongly_groups(monkeypatch):
+    """A key that leaves out the step's row count groups steps of different shapes: their traces differ and
+    the checker says so (its divergences are what a replay would get wrong)."""
+    signature = StepBatch.signature.fget
+    monkeypatch.setattr(StepBatch, "signature", property(lambda self: signature(self)[1:]))
+    monkeypatch.setattr(StepBatch, "copy_", _copy_by_shape)
+    traced, _, _ = _traced_writes({"c": SESSIONS["c"]}, "sgd", 0.5)
+    (steps,) = traced.steps()
+    assert steps.divergences, steps.report()
+    assert "differ" in steps.divergences[0].difference
+
+
+def _copy_by_shape(self: StepBatch, other: StepBatch) -> None:
+    """StepBatch.copy_ for batches whose tensors may differ in length: resized, as a careless cache would."""
+    for dst, src in zip(self.tensors(), other.tensors()):
+        dst.resize_(src.shape).copy_(src)
+
+
+def test_first_difference_names_the_first_differing_entry():
+    assert first_difference([("op", "a")], [("op", "a")]) is None
+    assert "#1" in first_difference([("op", "a"), ("op", "b")], [("op", "a"), ("op", "c")])
+    assert "lengths 1 != 2" in first_difference([("op", "a")], [("op", "a"), ("op", "b")])
