@@ -124,6 +124,22 @@ def test_a_graphed_batched_write_equals_the_eager_one(optimizer, lr):
 
 
 @pytest.mark.cuda
+def test_two_pools_attached_to_one_cuda_model_start_from_the_same_a():
+    """A (the randomized SVD of the weights) is the same at every attach to the same weights: saved B rows mean
+    nothing with another A. On the tiny model's flat spectrum the SVD turns rounding into ~100x larger A
+    differences (CPU: weights 1e-7 apart -> A 1e-5 apart), and SGD is equivariant to a rotation of A's rows, so
+    two pools with different A give equal losses and B apart: what the two-pool graphed-write test saw."""
+    model, _ = load_model("tiny-llama", device="cuda")
+    first = SessionPool(model, capacity=4, backend="auto", cuda_graphs=True)
+    a = first.engine.a.clone()
+    first.detach()
+    second = SessionPool(model, capacity=4, backend="auto", cuda_graphs=True)
+    err = float((second.engine.a - a).norm() / a.norm())
+    second.detach()
+    assert err <= 1e-6, err
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["plain", "static", "graphed"])
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adamw", 1e-2)])
 def test_a_batched_write_on_cuda_equals_sequential_writes(optimizer, lr, mode):
