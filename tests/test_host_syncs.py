@@ -165,7 +165,7 @@ def pool_step_setup(model, open_sessions: int, rows: int, written: bool = True):
                                      for k, v in pool.state_dict(s).items()})  # fmt: skip
     for i in range(open_sessions - rows):
         pool.open(f"idle{i}")
-    ids = torch.randint(3, model.config.vocab_size, (rows, 13), generator=g)
+    ids = torch.randint(3, model.config.vocab_size, (rows, 13), generator=g).to(model.device)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), pool.rows(names):
         model(input_ids=ids[:, :12], past_key_values=cache, use_cache=True)
@@ -246,3 +246,25 @@ def test_the_identity_check_runs_once_per_binding(model):
         finally:
             pool.detach()
     assert counts[0] == counts[1], counts
+
+
+@pytest.mark.cuda
+def test_a_pool_decode_step_on_cuda_synchronises_no_more_than_the_bare_step():
+    """The same on a GPU, counted by CUDA itself (sync debug mode): a decode step of 16 rows, each its own
+    session, in a rows() block of its own (a new row list, then the same again), waits for the device no more
+    often than the model's own step of the same batch (whatever transformers' forward itself does)."""
+    model = load_model("tiny-qwen3", device="cuda")[0]
+    pool, names, step, forward, _ = pool_step_setup(model, 100, 16)
+    try:
+        forward()  # bare: no rows bound (kernels warmed)
+        step()
+        torch.cuda.synchronize()
+        with sync_warnings() as bare:
+            forward()
+        with sync_warnings() as pooled:
+            pool.engine._row_bindings.clear()  # a row list not bound before: its segments go up
+            step()
+            step()
+        assert len(pooled) <= 2 * len(bare), "\n".join(str(w.message)[:200] for w in pooled)
+    finally:
+        pool.detach()
