@@ -85,6 +85,7 @@ class Binding:
     device_slots: torch.Tensor | None = None
     resident: bool = True  # b_stacks are the engine's rows (not a write's workspace)
     unexpanded: Binding | None = None  # the binding whose rows generate() expanded into this one (see below)
+    host_rows: int | None = None  # indptr[-1] (the rows the segments cover), known on the host; None: read it
     identity: list = field(default_factory=list, init=False, compare=False, repr=False)
 
 
@@ -254,7 +255,7 @@ class FastWeightEngine:
         indptr, slots = row_segments(rows)
         device_indptr, device_slots = upload([indptr, slots], self.device)  # (no wait for the device)
         binding = Binding(self.b_stacks, self.a_views, indptr, slots, tuple(slots.tolist()),
-                          device_indptr=device_indptr, device_slots=device_slots)  # fmt: skip
+                          device_indptr=device_indptr, device_slots=device_slots, host_rows=len(rows))  # fmt: skip
         self._row_bindings[rows] = binding
         while len(self._row_bindings) > self.ROW_BINDINGS:
             self._row_bindings.popitem(last=False)
@@ -300,7 +301,8 @@ class FastWeightEngine:
             if expand > 1:
                 on_device = binding.device_indptr
                 binding = replace(binding, indptr=binding.indptr * expand, unexpanded=binding,
-                                  device_indptr=None if on_device is None else on_device * expand)
+                                  device_indptr=None if on_device is None else on_device * expand,
+                                  host_rows=rows * expand)  # fmt: skip
             self._local.binding = binding  # until the rows() block ends (its bind() restores the outer binding)
         return own(*args, **kwargs)
 
@@ -409,7 +411,7 @@ def _token_segments(
     if binding.writing:  # the trainer's segments cover its batch by construction; they live on the device,
         return binding.indptr, binding.slots  # where a captured (CUDA-graph) step must not read them back
     per_row = 1 if binding.per_token or len(shape) < 3 else shape[-2]
-    rows = int(binding.indptr[-1])
+    rows = int(binding.indptr[-1]) if binding.host_rows is None else binding.host_rows  # (no tensor read per call)
     if rows * per_row != n_tokens and binding.unexpanded is not None:  # a forward after generate() expanded
         return _token_segments(binding.unexpanded, shape, n_tokens, on_device)  # the rows, on the batch they were
         # named for
