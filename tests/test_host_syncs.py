@@ -139,3 +139,132 @@ def sync_warnings() -> Iterator[list]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     caught.extend(w for w in seen if "synchroniz" in str(w.message))
+
+
+# ---------------------------------------------------------------- a pool's decode step (issue 10)
+# On a GPU the bare decode step of a 4B model at batch 64 is host-bound (its eager launches), so whatever the
+# pool adds on the host shows in full: a wait for the device, or Python work that grows with the batch or with
+# the sessions the pool holds (benchmarks/decode_host.py times it on the CPU).
+
+
+def pool_step_setup(model, open_sessions: int, rows: int, written: bool = True):
+    """A pool of `open_sessions` open sessions (capacity as many), the first `rows` of them read by a decode
+    batch (written: each its own random B, else all at B0), the batch's last tokens and a 12-token cache.
+    Returns (pool, names, step, forward, on_device): forward() runs one decode step and crops the cache back;
+    step() runs it in a rows() block of its own, as a decode loop that binds its rows per step does;
+    on_device(): the batch's tensors (token ids, cache), which live on the device on a GPU."""
+    from transformers import DynamicCache
+
+    pool = SessionPool(model, capacity=open_sessions, backend="auto")
+    names = [f"s{i}" for i in range(rows)]
+    g = torch.Generator().manual_seed(5)
+    for s in names:
+        pool.open(s)
+        if written:
+            pool.load_state_dict(s, {k: torch.randn(v.shape, generator=g) if "lora_B" in k else v
+                                     for k, v in pool.state_dict(s).items()})  # fmt: skip
+    for i in range(open_sessions - rows):
+        pool.open(f"idle{i}")
+    ids = torch.randint(3, model.config.vocab_size, (rows, 13), generator=g).to(model.device)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), pool.rows(names):
+        model(input_ids=ids[:, :12], past_key_values=cache, use_cache=True)
+
+    def forward() -> None:  # (inside the caller's rows() block)
+        with torch.no_grad():
+            model(input_ids=ids[:, 12:], past_key_values=cache, use_cache=True)
+        cache.crop(-1)
+
+    def step() -> None:
+        with pool.rows(names):
+            forward()
+
+    def on_device() -> list[torch.Tensor]:
+        return [ids, *(t for layer in cache.layers for t in (layer.keys, layer.values))]
+
+    return pool, names, step, forward, on_device
+
+
+def tmem_calls(run) -> int:
+    """Python calls (generator resumptions included) into tmem_runtime / tmem_kernels during run()."""
+    import sys
+
+    count = 0
+
+    def profile(frame, event, arg) -> None:
+        nonlocal count
+        if event == "call" and "/tmem_" in frame.f_code.co_filename:
+            count += 1
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
+@pytest.mark.parametrize("written", [True, False])
+def test_a_pool_decode_step_never_waits(model, written):
+    """A decode step of 64 rows, each its own session, in a rows() block of its own: no read of the device and
+    no blocking upload (the binding's segments go up in one pinned, non-blocking copy), the first step of a
+    row list and the next ones alike (sessions at B0 take the model's own MLP)."""
+    pool, _, step, _, on_device = pool_step_setup(model, 100, 64, written)
+    try:
+        for _ in range(2):  # the binding made, then reused
+            census = census_of(step, model, pool, on_device())
+            assert not census.syncs and not census.mismatches, describe(census)
+    finally:
+        pool.detach()
+
+
+def test_a_pool_decode_steps_python_work_does_not_grow_with_open_sessions(model):
+    """The Python calls of one decode step (64 rows, a rows() block per step) are the same with 100 open
+    sessions as with 1,000: nothing per step walks the pool's sessions."""
+    counts = []
+    for open_sessions in (100, 1000):
+        pool, _, step, _, _ = pool_step_setup(model, open_sessions, 64)
+        try:
+            step()
+            counts.append(tmem_calls(step))
+        finally:
+            pool.detach()
+    assert counts[0] == counts[1], counts
+
+
+def test_the_identity_check_runs_once_per_binding(model):
+    """Rows of sessions at B0 run the model's own MLP; whether they are is worked out once per row list, not
+    on every adapted layer's call: inside a rows() block a forward's Python calls are the same for 8 rows as
+    for 64."""
+    counts = []
+    for rows in (8, 64):
+        pool, names, _, forward, _ = pool_step_setup(model, 100, rows, written=False)
+        try:
+            with pool.rows(names):
+                forward()
+                counts.append(tmem_calls(forward))
+        finally:
+            pool.detach()
+    assert counts[0] == counts[1], counts
+
+
+@pytest.mark.cuda
+def test_a_pool_decode_step_on_cuda_synchronises_no_more_than_the_bare_step():
+    """The same on a GPU, counted by CUDA itself (sync debug mode): a decode step of 16 rows, each its own
+    session, in a rows() block of its own (a new row list, then the same again), waits for the device no more
+    often than the model's own step of the same batch (whatever transformers' forward itself does)."""
+    model = load_model("tiny-qwen3", device="cuda")[0]
+    pool, names, step, forward, _ = pool_step_setup(model, 100, 16)
+    try:
+        forward()  # bare: no rows bound (kernels warmed)
+        step()
+        torch.cuda.synchronize()
+        with sync_warnings() as bare:
+            forward()
+        with sync_warnings() as pooled:
+            pool.engine._row_bindings.clear()  # a row list not bound before: its segments go up
+            step()
+            step()
+        assert len(pooled) <= 2 * len(bare), "\n".join(str(w.message)[:200] for w in pooled)
+    finally:
+        pool.detach()

@@ -18,9 +18,10 @@ from __future__ import annotations
 import inspect
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -35,7 +36,7 @@ from tmem_runtime.backends import kernel_ops, resolve_backend
 from tmem_runtime.decoder import Decoder, supports_piecewise
 from tmem_runtime.layout import AdapterLayout, AdapterSlot
 from tmem_runtime.models import MLP_TARGETS, decoder_layers, is_silu, target_mlps
-from tmem_runtime.uploads import upload_one
+from tmem_runtime.uploads import upload, upload_one
 
 
 def adapter_layout(model: nn.Module, rank: int, num_layers: int | Sequence[int] = 4) -> AdapterLayout:
@@ -65,9 +66,11 @@ class Binding:
     indptr[g]:indptr[g + 1] and reads b_stacks[.][slots[g]], or nothing when slots[g] == -1 (int64
     tensors, as `tmem_kernels.segments` takes them; `host_slots` the same slots on the host); indptr
     None: one segment, slots[0], covers any batch. `device_indptr` / `device_slots`: copies on the
-    compute device for one token per row (decode), when it is not the CPU. writing: a write step (base
-    weights are constants; B may be updated inside the backward by `sgd_lr`). resident: b_stacks are
-    the engine's rows, whose `initial` flags say whether a slot is still B0.
+    compute device for one token per row (decode), made by one upload that does not wait for the device
+    (on the CPU: plain copies), for the kernels that read segments there (Triton). writing: a write step
+    (base weights are constants; B may be updated inside the backward by `sgd_lr`). resident: b_stacks
+    are the engine's rows, whose `initial` flags say whether a slot is still B0. `identity`: the engine's
+    memo of whether every row read is still B0, [(its `initial` epoch, the answer)] (see `_is_identity`).
     """
 
     b_stacks: tuple[torch.Tensor, ...]
@@ -82,6 +85,8 @@ class Binding:
     device_slots: torch.Tensor | None = None
     resident: bool = True  # b_stacks are the engine's rows (not a write's workspace)
     unexpanded: Binding | None = None  # the binding whose rows generate() expanded into this one (see below)
+    host_rows: int | None = None  # indptr[-1] (the rows the segments cover), known on the host; None: read it
+    identity: list = field(default_factory=list, init=False, compare=False, repr=False)
 
 
 class FastWeightEngine:
@@ -126,6 +131,9 @@ class FastWeightEngine:
         with torch.inference_mode(False), torch.no_grad(), autocast_off(self.device.type):
             self._allocate(svd, seed)  # (in fp32 whatever autocast the caller has on)
         self.initial = [True] * capacity  # per B row: still equal to B0
+        self.initial_epoch = 0  # bumped whenever a flag of `initial` may change (bindings' identity memos)
+        self.device_segments = self.ops.name == "triton"  # its segmented op reads the segments on the device
+        self._row_bindings: OrderedDict[tuple[int, ...], Binding] = OrderedDict()  # see binding_for_rows
         self._local = threading.local()
         self.default_binding: Binding | None = None
         self.detached = False
@@ -140,11 +148,13 @@ class FastWeightEngine:
         """Copies (copy.deepcopy of the model, pickling) carry every buffer but no thread state."""
         state = dict(self.__dict__)
         state.pop("_local")
+        state.pop("_row_bindings")  # (views of the buffers: a copy makes its own)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+        self._row_bindings = OrderedDict()
 
     # ---------------------------------------------------------------- buffers
     def _allocate(self, svd: str, seed: int) -> None:
@@ -194,6 +204,7 @@ class FastWeightEngine:
                 self.b_compute.index_copy_(0, idx, b_rows.to(self.dtype))
         for s in slots:
             self.initial[s] = False
+        self.initial_epoch += 1
 
     def set_row(self, slot: int, b_row: torch.Tensor) -> None:
         """B row `slot` := b_row [b_numel] (one copy, no allocation: the hot-swap path)."""
@@ -201,12 +212,14 @@ class FastWeightEngine:
         if self.b_compute is not self.b:
             self.b_compute_rows[slot].copy_(b_row)
         self.initial[slot] = False
+        self.initial_epoch += 1
 
     def copy_rows(self, dst: Sequence[int], src: Sequence[int]) -> None:
         """B rows of `dst` := those of `src` (master, compute copy and `initial` flag)."""
         self.set_rows(dst, self.b.index_select(0, upload_one(torch.tensor(list(src), dtype=torch.long), self.device)))
         for d, s in zip(dst, src):
             self.initial[d] = self.initial[s]
+        self.initial_epoch += 1
 
     def reset_rows(self, slots: Sequence[int]) -> None:
         """B rows of `slots` back to B0."""
@@ -216,6 +229,7 @@ class FastWeightEngine:
                 if self.b_compute is not self.b:
                     self.b_compute[s].copy_(self.b0)
                 self.initial[s] = True
+        self.initial_epoch += 1
 
     def set_a(self, a: torch.Tensor) -> None:
         """The shared A := a [a_numel] (only a one-session engine trains A)."""
@@ -225,17 +239,27 @@ class FastWeightEngine:
                 self.a_compute.copy_(a)
 
     # ---------------------------------------------------------------- bindings
+    ROW_BINDINGS = 16  # bindings of recent row lists kept for reuse (a decode loop binds its rows per step)
+
     def binding_for_rows(self, slots_per_row: Sequence[int | None]) -> Binding:
-        """Rows read the resident B rows `slots_per_row` (None: no adapter, the bare model)."""
-        rows = [-1 if s is None else int(s) for s in slots_per_row]
+        """Rows read the resident B rows `slots_per_row` (None: no adapter, the bare model). The binding
+        of a row list bound lately is reused: its segments are built and uploaded once, not per step."""
+        rows = tuple(-1 if s is None else int(s) for s in slots_per_row)
+        binding = self._row_bindings.get(rows)
+        if binding is not None:
+            self._row_bindings.move_to_end(rows)  # (several threads may race here: a binding is made twice)
+            return binding
         for s in rows:
             if not -1 <= s < self.capacity:
                 raise ValueError(f"slot {s} is outside this engine's {self.capacity} B rows")
         indptr, slots = row_segments(rows)
-        on_device = {}
-        if self.device.type != "cpu":
-            on_device = {"device_indptr": indptr.to(self.device), "device_slots": slots.to(self.device)}
-        return Binding(self.b_stacks, self.a_views, indptr, slots, tuple(slots.tolist()), **on_device)
+        device_indptr, device_slots = upload([indptr, slots], self.device)  # (no wait for the device)
+        binding = Binding(self.b_stacks, self.a_views, indptr, slots, tuple(slots.tolist()),
+                          device_indptr=device_indptr, device_slots=device_slots, host_rows=len(rows))  # fmt: skip
+        self._row_bindings[rows] = binding
+        while len(self._row_bindings) > self.ROW_BINDINGS:
+            self._row_bindings.popitem(last=False)
+        return binding
 
     def binding_all_rows(self, slot: int) -> Binding:
         """Every row of any batch reads B row `slot` (FastWeights' one session)."""
@@ -277,7 +301,8 @@ class FastWeightEngine:
             if expand > 1:
                 on_device = binding.device_indptr
                 binding = replace(binding, indptr=binding.indptr * expand, unexpanded=binding,
-                                  device_indptr=None if on_device is None else on_device * expand)
+                                  device_indptr=None if on_device is None else on_device * expand,
+                                  host_rows=rows * expand)  # fmt: skip
             self._local.binding = binding  # until the rows() block ends (its bind() restores the outer binding)
         return own(*args, **kwargs)
 
@@ -290,7 +315,7 @@ class FastWeightEngine:
             self._check_not_recomputed(k)
         if self._is_identity(binding):  # the model's own MLP: bit-exact bare outputs, once the rows are
             if binding.indptr is not None:  # checked as below (a wrong row list fails before any write too)
-                _token_segments(binding, x.shape, x.numel() // x.shape[-1])
+                _token_segments(binding, x.shape, x.numel() // x.shape[-1], False)
             return type(mlp).forward(mlp, x)
         ws = _weights(mlp)
         self._check_weight(ws[0])
@@ -307,11 +332,12 @@ class FastWeightEngine:
             sgd = {} if binding.sgd_lr is None else {"sgd_lr": binding.sgd_lr}
             y = self.ops.lora_mlp(x2, *ws, a[0], b[0], a[1], b[1], a[2], b[2], self.scaling, **sgd)
         else:
-            indptr, slots = _token_segments(binding, shape, x2.shape[0])
+            fused = self.fused[k] and not w_grad
+            indptr, slots = _token_segments(binding, shape, x2.shape[0], fused and self.device_segments)
             b = [binding.b_stacks[lo + j].to(x.dtype) for j in range(3)]
-            if self.fused[k] and not w_grad:
+            if fused:
                 y = self.ops.lora_mlp_segmented(x2, *ws, *a, *b, indptr, slots, self.scaling)
-            else:
+            else:  # (host segments: reading device ones back would wait for the device)
                 segs = (indptr.tolist(), slots.tolist())
                 y = composed_mlp_segmented(x2, ws, a, b, *segs, self.scaling, mlp.act_fn)
         return y.view(*shape[:-1], y.shape[-1])
@@ -330,10 +356,16 @@ class FastWeightEngine:
             )
 
     def _is_identity(self, binding: Binding) -> bool:
-        """Every B the binding reads is a resident row still at B0 = 0: the adapter changes nothing."""
+        """Every B the binding reads is a resident row still at B0 = 0: the adapter changes nothing. Worked
+        out once per binding and `initial_epoch` (not per adapted layer: a forward asks once per layer)."""
         if binding.writing or not binding.resident or not self.identity_init:
             return False
-        return all(s < 0 or self.initial[s] for s in binding.host_slots)
+        epoch, memo = self.initial_epoch, binding.identity
+        if memo and memo[0][0] == epoch:
+            return memo[0][1]
+        identity = all(s < 0 or self.initial[s] for s in binding.host_slots)
+        memo[:] = [(epoch, identity)]  # (one pair, swapped whole: another thread reads the old or the new one)
+        return identity
 
     # ---------------------------------------------------------------- detach
     def detach(self) -> PreTrainedModel:
@@ -369,22 +401,26 @@ def _weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
 
 
-def _token_segments(binding: Binding, shape: torch.Size, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The binding's segments in tokens of the flattened input (rows x tokens per row)."""
+def _token_segments(
+    binding: Binding, shape: torch.Size, n_tokens: int, on_device: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The binding's segments in tokens of the flattened input (rows x tokens per row); on_device: for an op
+    that reads them on the device (its copies there, where the binding has them), else on the host."""
     if binding.indptr is None:
         return torch.tensor([0, n_tokens]), binding.slots
     if binding.writing:  # the trainer's segments cover its batch by construction; they live on the device,
         return binding.indptr, binding.slots  # where a captured (CUDA-graph) step must not read them back
     per_row = 1 if binding.per_token or len(shape) < 3 else shape[-2]
-    rows = int(binding.indptr[-1])
+    rows = int(binding.indptr[-1]) if binding.host_rows is None else binding.host_rows  # (no tensor read per call)
     if rows * per_row != n_tokens and binding.unexpanded is not None:  # a forward after generate() expanded
-        return _token_segments(binding.unexpanded, shape, n_tokens)  # the rows, on the batch they were named for
+        return _token_segments(binding.unexpanded, shape, n_tokens, on_device)  # the rows, on the batch they were
+        # named for
     if rows * per_row != n_tokens:
         raise ValueError(
             f"the fast-weight rows name {rows} rows but the batch has {n_tokens // max(per_row, 1)} "
             "(pass one session, or None, per row of the batch)"
         )
-    if per_row == 1 and binding.device_indptr is not None:
+    if on_device and per_row == 1 and binding.device_indptr is not None:
         return binding.device_indptr, binding.device_slots
     return (binding.indptr if per_row == 1 else binding.indptr * per_row), binding.slots
 
