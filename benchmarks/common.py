@@ -16,6 +16,7 @@ import torch
 
 from tmem_kernels import ops
 from tmem_runtime.models import MODEL_CONFIGS, load_model
+from tmem_runtime.write import IGNORE_INDEX
 
 RANK = 6
 SHAPES = {"smollm2": (576, 1536), "qwen3-4b": (2560, 9728)}  # (hidden, intermediate)
@@ -62,6 +63,18 @@ def flashcard_examples(tokens: int, vocab: int, examples: int = 16, prefix: int 
         ids = head + torch.randint(0, vocab, (length - prefix,), generator=g).tolist()
         rows.append((ids, [-100] * (length - answer) + ids[-answer:]))
     return rows
+
+
+def prefixed_examples(n: int, seed: int, shared: int = 9) -> list[Example]:
+    """n examples of 4 to 13 random tokens (ids 3..499) after one `shared`-token prefix (a chat preamble, the
+    same for every seed), the loss on each tail past its first two tokens: the tests' batched-write cards."""
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.randint(3, 500, (shared,), generator=torch.Generator().manual_seed(99)).tolist()
+    out = []
+    for _ in range(n):
+        tail = torch.randint(3, 500, (int(torch.randint(4, 14, (), generator=gen)),), generator=gen).tolist()
+        out.append((head + tail, [IGNORE_INDEX] * (shared + 2) + tail[2:]))
+    return out
 
 
 def device_name() -> str:

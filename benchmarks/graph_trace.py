@@ -303,17 +303,8 @@ def _main() -> None:  # pragma: no cover - a command-line report
     parser.add_argument("--cuda-paths", action="store_true", help="take the CUDA branches (see cuda_paths)")
     args = parser.parse_args()
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    from benchmarks.common import prefixed_examples as examples
     from tmem_runtime import Recipe, SessionPool, load_model
-    from tmem_runtime.write import IGNORE_INDEX
-
-    def examples(n: int, seed: int, shared: int = 9) -> list:
-        gen = torch.Generator().manual_seed(seed)
-        head = torch.randint(3, 500, (shared,), generator=torch.Generator().manual_seed(99)).tolist()
-        out = []
-        for _ in range(n):
-            tail = torch.randint(3, 500, (int(torch.randint(4, 14, (), generator=gen)),), generator=gen).tolist()
-            out.append((head + tail, [IGNORE_INDEX] * (shared + 2) + tail[2:]))
-        return out
 
     model, _ = load_model("tiny-llama")
     recipe = Recipe(optimizer=args.optimizer, lr=args.lr, epochs=3, batch_size=4)

@@ -12,22 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.common import prefixed_examples
 from benchmarks.graph_trace import TracedStaticWrites, cuda_paths, first_difference
 from tmem_runtime import Recipe, SessionPool, load_model
-from tmem_runtime.write import IGNORE_INDEX, StepBatch
+from tmem_runtime.write import StepBatch
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter on CPU tensors")
 
 
-def examples(n: int, seed: int, shared: int = 9) -> list[tuple[list[int], list[int]]]:
-    """n examples of 4 to 13 tokens after a shared 9-token prefix (tests/test_pool.py's), loss on tails."""
-    gen = torch.Generator().manual_seed(seed)
-    head = torch.randint(3, 500, (shared,), generator=torch.Generator().manual_seed(99)).tolist()
-    out = []
-    for _ in range(n):
-        tail = torch.randint(3, 500, (int(torch.randint(4, 14, (), generator=gen)),), generator=gen).tolist()
-        out.append((head + tail, [IGNORE_INDEX] * (shared + 2) + tail[2:]))
-    return out
+examples = prefixed_examples
 
 
 # 1 to 3 steps per epoch: the sessions with fewer cards drop out of the later steps

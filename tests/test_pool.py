@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.common import prefixed_examples
 from tmem_kernels.ops import available
 from tmem_runtime import (
     FastWeights,
@@ -32,15 +33,7 @@ from tmem_runtime.write import IGNORE_INDEX
 BACKENDS = [b for b in ("torch", "native") if available(b)]
 
 
-def examples(n: int, seed: int, shared: int = 9) -> list[tuple[list[int], list[int]]]:
-    """n examples of different lengths sharing a `shared`-token prefix (a chat preamble), loss on tails."""
-    gen = torch.Generator().manual_seed(seed)
-    head = torch.randint(3, 500, (shared,), generator=torch.Generator().manual_seed(99)).tolist()
-    out = []
-    for _ in range(n):
-        tail = torch.randint(3, 500, (int(torch.randint(4, 14, (), generator=gen)),), generator=gen).tolist()
-        out.append((head + tail, [IGNORE_INDEX] * (shared + 2) + tail[2:]))
-    return out
+examples = prefixed_examples  # n cards after a shared 9-token prefix (a chat preamble), loss on tails
 
 
 @pytest.fixture
