@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -1198,3 +1199,36 @@ def test_a_plain_forward_and_greedy_generate_read_one_state_of_fast_weights(tiny
     assert got == want_tokens
     fw.detach()
     other.detach()
+
+
+def test_row_bindings_bound_from_many_threads_are_each_their_rows(tiny):
+    """The engine keeps the bindings of recent row lists (a decode loop binds its rows per step): threads
+    binding more distinct row lists than it keeps, at once, each get a binding of exactly their rows."""
+    pool = SessionPool(tiny, capacity=4, backend="torch")
+    engine = pool.engine
+    lists = [tuple((i + j) % 5 - 1 for j in range(1 + i % 6)) for i in range(3 * engine.ROW_BINDINGS)]
+    errors: list = []
+
+    def bind(offset: int) -> None:
+        try:
+            for k in range(1000):
+                rows = lists[(offset + k) % len(lists)]
+                b = engine.binding_for_rows([None if r < 0 else r for r in rows])
+                per_row = [s for s, lo, hi in zip(b.host_slots, b.indptr[:-1], b.indptr[1:]) for _ in range(hi - lo)]
+                assert tuple(per_row) == rows and b.host_rows == len(rows)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=bind, args=(7 * t,)) for t in range(6)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: the races show (without the engine's lock: KeyError)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    pool.detach()
+    assert not errors, errors[0]
+    assert len(engine._row_bindings) <= engine.ROW_BINDINGS

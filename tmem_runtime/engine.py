@@ -134,6 +134,7 @@ class FastWeightEngine:
         self.initial_epoch = 0  # bumped whenever a flag of `initial` may change (bindings' identity memos)
         self.device_segments = self.ops.name == "triton"  # its segmented op reads the segments on the device
         self._row_bindings: OrderedDict[tuple[int, ...], Binding] = OrderedDict()  # see binding_for_rows
+        self._row_bindings_lock = threading.Lock()
         self._local = threading.local()
         self.default_binding: Binding | None = None
         self.detached = False
@@ -149,12 +150,14 @@ class FastWeightEngine:
         state = dict(self.__dict__)
         state.pop("_local")
         state.pop("_row_bindings")  # (views of the buffers: a copy makes its own)
+        state.pop("_row_bindings_lock")
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
         self._row_bindings = OrderedDict()
+        self._row_bindings_lock = threading.Lock()
 
     # ---------------------------------------------------------------- buffers
     def _allocate(self, svd: str, seed: int) -> None:
@@ -245,10 +248,11 @@ class FastWeightEngine:
         """Rows read the resident B rows `slots_per_row` (None: no adapter, the bare model). The binding
         of a row list bound lately is reused: its segments are built and uploaded once, not per step."""
         rows = tuple(-1 if s is None else int(s) for s in slots_per_row)
-        binding = self._row_bindings.get(rows)
-        if binding is not None:
-            self._row_bindings.move_to_end(rows)  # (several threads may race here: a binding is made twice)
-            return binding
+        with self._row_bindings_lock:  # (threads bind rows concurrently: serve's batcher, writes, readers)
+            binding = self._row_bindings.get(rows)
+            if binding is not None:
+                self._row_bindings.move_to_end(rows)
+                return binding
         for s in rows:
             if not -1 <= s < self.capacity:
                 raise ValueError(f"slot {s} is outside this engine's {self.capacity} B rows")
@@ -256,9 +260,10 @@ class FastWeightEngine:
         device_indptr, device_slots = upload([indptr, slots], self.device)  # (no wait for the device)
         binding = Binding(self.b_stacks, self.a_views, indptr, slots, tuple(slots.tolist()),
                           device_indptr=device_indptr, device_slots=device_slots, host_rows=len(rows))  # fmt: skip
-        self._row_bindings[rows] = binding
-        while len(self._row_bindings) > self.ROW_BINDINGS:
-            self._row_bindings.popitem(last=False)
+        with self._row_bindings_lock:  # (two threads may have made one: either serves)
+            self._row_bindings[rows] = binding
+            while len(self._row_bindings) > self.ROW_BINDINGS:
+                self._row_bindings.popitem(last=False)
         return binding
 
     def binding_all_rows(self, slot: int) -> Binding:
