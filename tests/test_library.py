@@ -479,6 +479,33 @@ def test_compile_fullgraph_logits_and_gradients_match_eager(backend):
     fw.detach()
 
 
+def test_compile_fullgraph_write_step_with_the_fused_attention_norms(monkeypatch):
+    """tiny-qwen3: in a write step the adapted layers' q_norm / k_norm run `tmem::rms_norm` (on CUDA; forced
+    here on the CPU too): torch.compile(fullgraph=True) traces their instance forward without a graph break,
+    the op in the graph, and gives eager's loss and gradient."""
+    from tmem_runtime import decoder as decoder_module
+
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    model, _ = load_model("tiny-qwen3", device=DEVICE)
+    fw = FastWeights(model, backend="torch")
+    assert fw.store.engine.attention_norms
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    loss_fn = lambda t: model(input_ids=t, labels=t).loss
+    ws, binding = write_step_binding(fw)
+    with fw.store.engine.bind(binding):
+        want_loss = loss_fn(ids)
+        want_loss.backward(inputs=list(ws.leaves))
+        want_grad = ws.grad.clone()
+        ws.grad.zero_()
+        seen, got_loss = tmem_ops_in(loss_fn, ids)
+        got_loss.backward(inputs=list(ws.leaves))
+    assert seen.count("tmem.rms_norm") == len(fw.store.engine.attention_norms)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert want_grad.abs().max() > 0
+    torch.testing.assert_close(ws.grad, want_grad, rtol=1e-4, atol=1e-7)
+    fw.detach()
+
+
 def write_step_binding(fw: FastWeights, sgd_lr: float | None = None) -> tuple[Workspace, object]:
     """The workspace and binding a one-session write step runs under (see tmem_runtime/trainer.py)."""
     ws = Workspace(fw.store.engine, [0], train_a=False)

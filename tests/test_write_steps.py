@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+from functools import partial
 
 import pytest
 import torch
@@ -439,3 +441,119 @@ def test_the_decoder_runs_the_fused_norm_on_cuda_only(monkeypatch):
     monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     decoder_module.rms_norm(norm, x)
     assert seen == ["cpu"]
+
+
+def _qwen3_with_norm_weights(device: torch.device, dtype: torch.dtype = torch.float32):
+    """tiny-qwen3 (per-head q_norm / k_norm in every attention) whose norm weights are not all ones."""
+    model = load_model("tiny-qwen3")[0].to(device, dtype)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=g))
+    return model
+
+
+def _writing(engine) -> object:
+    """The binding a one-session write step runs under (its rows, `writing`)."""
+    return dataclasses.replace(engine.binding_all_rows(0), writing=True)
+
+
+def _norm_and_grads(norm, fn, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(y, dx, d weight) of fn(x) (fn: `norm` or a function of its weight) for the output gradient dy."""
+    xr = x.clone().requires_grad_(True)
+    norm.weight.requires_grad_(True)
+    try:
+        y = fn(xr)
+        y.backward(dy)
+        return y.detach(), xr.grad, norm.weight.grad
+    finally:
+        norm.weight.grad = None
+        norm.weight.requires_grad_(False)
+
+
+@pytest.mark.parametrize("kernel", ["composition", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_adapted_layers_attention_norms_run_the_fused_op_in_writes_only(kernel, dtype, device, monkeypatch):
+    """Qwen3's per-head q_norm / k_norm of the adapted layers (only theirs) run `tmem_kernels.rms_norm` in a
+    write step (on CUDA; here on the CPU too, forced), the module's own forward otherwise (bit for bit the
+    bare model's). Through the op: the module's output and gradients (x and weight): the torch composition
+    bit for bit forward, gradients within 1e-5 (fp32) / 1.6e-2 (bf16, as test_rms_norm); the Triton kernels
+    (compiled on CUDA, under the interpreter here) within 1e-5 / 1.6e-2 both ways."""
+    from tmem_kernels import rmsnorm
+
+    if kernel == "triton":
+        pytest.importorskip("triton")
+        from tmem_kernels.rmsnorm_triton import DTYPES
+
+        monkeypatch.setattr(rmsnorm, "use_triton", lambda x: x.dtype in DTYPES)
+    else:
+        monkeypatch.setattr(rmsnorm, "use_triton", lambda x: False)
+    model = _qwen3_with_norm_weights(device, dtype)
+    fw = FastWeights(model, backend="torch")
+    engine = fw.store.engine
+    adapted = [layer.self_attn for layer in engine.mlp_layers]
+    assert engine.attention_norms == [n for attn in adapted for n in (attn.q_norm, attn.k_norm)]
+    for layer in model.model.layers:
+        routed = layer.self_attn in adapted
+        assert all(("forward" in vars(n)) == routed for n in (layer.self_attn.q_norm, layer.self_attn.k_norm))
+
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    calls = []
+    fused = decoder_module._fused_rms_norm
+    monkeypatch.setattr(decoder_module, "_fused_rms_norm", lambda *a: calls.append(1) or fused(*a))
+    g = torch.Generator().manual_seed(12)
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+    for norm in engine.attention_norms:
+        shape = (3, 7, 2, norm.weight.shape[0])  # [B, T, heads, head_dim], as the attention calls it
+        x = (torch.randn(shape, generator=g) * 3).to(device, dtype)
+        dy = torch.randn(shape, generator=g).to(device, dtype)
+        with torch.no_grad():
+            assert torch.equal(norm(x), type(norm).forward(norm, x)) and not calls  # no write: the module
+        with engine.bind(_writing(engine)):
+            y, dx, dw = _norm_and_grads(norm, norm, x, dy)
+            y_ref, dx_ref, dw_ref = _norm_and_grads(norm, partial(type(norm).forward, norm), x, dy)
+        assert len(calls) == 1
+        calls.clear()
+        assert y.dtype == dx.dtype == dw.dtype == dtype
+        if kernel == "composition" and device.type == "cpu":
+            assert torch.equal(y, y_ref)
+        else:
+            torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol * y_ref.abs().max().item())
+        torch.testing.assert_close(dx, dx_ref, rtol=tol, atol=tol * dx_ref.abs().max().item())
+        torch.testing.assert_close(dw, dw_ref, rtol=tol, atol=tol * dw_ref.abs().max().item())
+    fw.detach()
+
+
+def test_detach_restores_the_attention_norms_and_copies_route_their_own(device):
+    """Attach gives the adapted layers' q_norm / k_norm an instance forward (the engine's); a deepcopy or a
+    pickled copy of the model routes its own norms through its own engine; detach removes every one of them:
+    the norms are the modules they were (`fused_norm` again), the bare logits bit for bit."""
+    import pickle
+
+    from tmem_runtime.fast_weights import fast_weights_of
+
+    model = _qwen3_with_norm_weights(device)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(13))
+    ids = ids.to(device)
+    norms = [n for layer in model.model.layers for n in (layer.self_attn.q_norm, layer.self_attn.k_norm)]
+    before = [dict(vars(n)) for n in norms]
+    with torch.no_grad():
+        bare = model(input_ids=ids).logits
+    fw = FastWeights(model, backend="torch")
+    assert len(fw.store.engine.attention_norms) == 2 * len(fw.store.engine.mlp_layers) > 0
+    fw.write_examples(examples(), Recipe(optimizer="sgd", lr=0.5, epochs=1, batch_size=3))
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        engine = fast_weights_of(twin).store.engine
+        assert engine is not fw.store.engine and engine.attention_norms
+        for norm in engine.attention_norms:
+            assert norm.forward.func.__self__ is engine and norm.forward.args == (norm,)
+            assert any(norm is layer.self_attn.q_norm or norm is layer.self_attn.k_norm for layer in twin.model.layers)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+        fast_weights_of(twin).detach()
+    fw.detach()
+    assert [dict(vars(n)) for n in norms] == before
+    assert all(decoder_module.fused_norm(n) for n in norms)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, bare)

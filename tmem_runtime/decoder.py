@@ -53,6 +53,23 @@ def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
+def fused_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward `fused_attention_norms` gives a norm (`fused_norm(module)` held when it was routed): the op
+    on FUSED_NORM_DEVICES, else the class's own forward. x [..., H] -> [..., H], the same values either way."""
+    if x.device.type in FUSED_NORM_DEVICES:
+        return _fused_rms_norm(x, module.weight, module.variance_epsilon)
+    return type(module).forward(module, x)
+
+
+def fused_attention_norms(layer: nn.Module) -> list[nn.Module]:
+    """A decoder layer's attention RMSNorms (Qwen3's `self_attn.q_norm` / `k_norm`, per head) that are exactly
+    the op (`fused_norm`); none for attention without them, or with norms of another formula (Gemma's
+    1 + weight, OLMo2's over the whole projection: other classes)."""
+    attention = getattr(layer, "self_attn", None)
+    norms = (getattr(attention, name, None) for name in ("q_norm", "k_norm"))
+    return [norm for norm in norms if isinstance(norm, nn.Module) and fused_norm(norm)]
+
+
 def supports_piecewise(model: nn.Module) -> bool:
     """Whether `Decoder` can drive this model (Llama-family layout, full attention everywhere)."""
     config = getattr(model, "config", None)

@@ -8,7 +8,9 @@ The MLP of every adapted layer runs `_mlp_forward` instead of its own forward. T
 thread's `Binding`: which rows (or tokens) of the batch use which session's B, or none (the bare MLP).
 Base products and the shrink x @ A.T run once for the whole batch; only the expand is per session.
 While every bound session's B is still its initial zero, the model's own MLP runs (bit-exact bare
-logits). A write binds its own workspace instead of the resident rows (see `trainer.py`).
+logits). A write binds its own workspace instead of the resident rows (see `trainer.py`). In a write,
+the adapted layers' per-head q/k RMSNorms (Qwen3's) run the fused op `tmem_kernels.rms_norm` on CUDA
+(`_norm_forward`); elsewhere their own forward.
 
 The engine knows nothing of session names, files or tokenizers: `SessionPool` and `FastWeights` do.
 """
@@ -33,7 +35,7 @@ from tmem_kernels.segments import row_segments
 from tmem_runtime.adapter_file import WeightsFingerprint, adapter_metadata
 from tmem_runtime.adapter_init import initial_factors
 from tmem_runtime.backends import kernel_ops, resolve_backend
-from tmem_runtime.decoder import Decoder, supports_piecewise
+from tmem_runtime.decoder import Decoder, fused_attention_norms, fused_norm_forward, supports_piecewise
 from tmem_runtime.layout import AdapterLayout, AdapterSlot
 from tmem_runtime.models import MLP_TARGETS, decoder_layers, is_silu, target_mlps
 from tmem_runtime.uploads import upload, upload_one
@@ -140,6 +142,10 @@ class FastWeightEngine:
         self.detached = False
         for k, (_, mlp) in enumerate(self.mlps):
             mlp.forward = partial(self._mlp_forward, k, mlp)
+        # the adapted layers' per-head q/k RMSNorms (Qwen3): the fused op in write steps (`_norm_forward`)
+        self.attention_norms = [n for layer in self.mlp_layers for n in fused_attention_norms(layer)]
+        for norm in self.attention_norms:
+            norm.forward = partial(self._norm_forward, norm)
         if hasattr(model, "_expand_inputs_for_generation"):  # generate()'s beams and return sequences
             model._expand_inputs_for_generation = partial(self._expand_for_generation, model)
         self.decoder = Decoder(model) if supports_piecewise(model) else None
@@ -347,6 +353,15 @@ class FastWeightEngine:
                 y = composed_mlp_segmented(x2, ws, a, b, *segs, self.scaling, mlp.act_fn)
         return y.view(*shape[:-1], y.shape[-1])
 
+    def _norm_forward(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """An adapted layer's q_norm / k_norm: in a write step (a writing binding) `fused_norm_forward` (the fused
+        op on CUDA: one kernel forward, one backward, instead of about seven and a dozen), elsewhere the module's
+        own forward (bare reads stay bit for bit the model's). x [..., head_dim] -> the same shape."""
+        binding = self.current_binding()
+        if binding is not None and binding.writing:
+            return fused_norm_forward(norm, x)
+        return type(norm).forward(norm, x)
+
     def _check_not_recomputed(self, k: int) -> None:
         """FastWeightsError for a forward of bound rows (a pool's rows() block) that gradient checkpointing will run
         again in its backward: the recompute runs outside the block, or on autograd's device thread, where the
@@ -377,8 +392,8 @@ class FastWeightEngine:
         """Remove the fast weights; the model is exactly as it was before attach. Returns it."""
         if self.detached:
             raise FastWeightsError("these fast weights were already detached")
-        for _, mlp in self.mlps:
-            mlp.__dict__.pop("forward", None)
+        for module in (*(mlp for _, mlp in self.mlps), *self.attention_norms):
+            module.__dict__.pop("forward", None)
         self.model.__dict__.pop("_expand_inputs_for_generation", None)
         with torch.no_grad():
             for i, orig in enumerate(self._originals):
