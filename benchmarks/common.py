@@ -49,15 +49,17 @@ def random_model(name: str, dtype: torch.dtype, device: torch.device = DEVICE) -
 Example = tuple[list[int], list[int]]
 
 
-def flashcard_examples(tokens: int, vocab: int, examples: int = 16, prefix: int = 24, seed: int = 0) -> list[Example]:
+def flashcard_examples(
+    tokens: int, vocab: int, examples: int = 16, prefix: int = 24, seed: int = 0, answer: int | None = None
+) -> list[Example]:
     """`examples` flashcard-like rows of tokens/examples tokens: a shared `prefix` (as a chat template gives:
-    the same for every seed), a random "question", then a random "answer" (the row's last quarter) that
-    carries the loss, as `write_qa` trains. Returns (input_ids, labels) pairs; labels are -100 outside the
-    answer. Another `seed`: other cards (a write of new cards; the same seed twice is a replay)."""
+    the same for every seed), a random "question", then a random "answer" (`answer` tokens; None: the row's
+    last quarter) that carries the loss, as `write_qa` trains. Returns (input_ids, labels) pairs; labels are
+    -100 outside the answer. Another `seed`: other cards (a write of new cards; the same seed twice is a replay)."""
     head = torch.randint(0, vocab, (prefix,), generator=torch.Generator().manual_seed(0)).tolist()
     g = torch.Generator().manual_seed(1 + seed)
     length = tokens // examples
-    answer = length // 4
+    answer = length // 4 if answer is None else answer
     rows = []
     for _ in range(examples):
         ids = head + torch.randint(0, vocab, (length - prefix,), generator=g).tolist()

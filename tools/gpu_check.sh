@@ -16,6 +16,9 @@
 #   pool         the session pool at SmolLM2 and Qwen3-4B shapes: a decode batch of one session per row vs the
 #                bare model and vs swapping, 1,000 resident sessions, batched vs sequential writes
 #                (benchmarks/test_bench_pool.py; needs a tokenizer: `make gpu-prepare` here, carry .gpu)
+#   profile_pool where a batched pool write's time goes: 16 sessions x 8 new cards at Qwen3-4B shapes (issue 10's
+#                write), timed against one session's write alone, then profiled as `profile` does
+#                (benchmarks/profile_write.py --cases pool16x8; token-level cards: no tokenizer needed)
 #   decode       the decode dispatch per MLP call (cuBLAS vs fused) and tokens/s with a written adapter vs the
 #                bare model (benchmarks/test_bench_decode.py)
 #   tests_runtime   the runtime tests on CUDA (~2 min on an H200: the deadline usually cuts them)
@@ -130,6 +133,7 @@ if ((DRY)); then  # the same phases, shortened (CPU, interpreter)
   phase decode 240 "$OUT/07_bench_decode.txt" "${PYTEST[@]}" benchmarks/test_bench_decode.py \
     -k "smollm2 and (N4 or tokens)" "${BENCH[@]}"
   echo "pool SKIPPED (dry run: the CPU figures come from \`make bench\`)" >> "$SUMMARY"
+  phase profile_pool 60 "$OUT/03_bench_write.txt" "$PY" benchmarks/profile_write.py --cases pool2x4 --writes 1
   phase tests_kernels 240 "$OUT/02_tests.txt" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" -m "not cuda" \
     -k "decode_paths or split_k_with_tails or rejects_wrong"
   phase kernels 120 "$OUT/06_bench_kernels.txt" "${KERNEL_BENCH[@]}" -k "smollm2 and not N4096" "${BENCH[@]}"
@@ -148,6 +152,9 @@ else
   else
     echo "pool SKIPPED (no tokenizer: run \`make gpu-prepare\` before the device run and carry .gpu)" >> "$SUMMARY"
   fi
+  # ---- 3b. where the pool's batched write of 16 sessions goes (after `pool`: its Triton kernels are compiled;
+  #          its own phase: the `profile` phase's six profiles take ~41 s of their 60)
+  phase profile_pool 50 "$OUT/03_bench_write.txt" "$PY" benchmarks/profile_write.py --cases pool16x8 --backends auto
   # ---- 4. decode: the dispatch per MLP call, and per token with a written adapter vs the bare model
   phase decode 80 "$OUT/07_bench_decode.txt" "${PYTEST[@]}" benchmarks/test_bench_decode.py "${BENCH[@]}"
   # ---- 5. the runtime tests on CUDA (FastWeights, write steps, host syncs, rSVD, pool: ~2 minutes on an H200);
@@ -185,6 +192,9 @@ fi
   if [ -f "$OUT/03_bench_write.txt" ]; then
     echo "## profile of one write"
     sed -n '/^profile of one write/,/^=====/p' "$OUT/03_bench_write.txt" | grep -v -e '^=====' -e USDT | head -90
+    echo "## profile of a batched pool write"
+    sed -n '/^profile of a batched pool write/,/^=====/p' "$OUT/03_bench_write.txt" | grep -v -e '^=====' -e USDT \
+      | head -40
   fi
   echo "total +${SECONDS}s"
 } >> "$SUMMARY"
