@@ -138,3 +138,39 @@ def test_attention_block_routes_on_fused_devices_only(monkeypatch, device):
     handle.remove()
     model.config._attn_implementation = "flex_attention"
     assert not own_attention(module)
+
+
+def test_attention_block_compiles_fullgraph(monkeypatch, device):
+    """torch.compile(fullgraph=True) traces `_attention_block` through `attention` with a prefix (no graph
+    break; `tmem::rope` in the graph) and gives eager's output and gradients."""
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    model, dec, module = setup("tiny-qwen3", torch.float32, device)
+    layer = dec.layers[1]
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randn(1, 4, model.config.hidden_size, generator=g).to(device)
+    rows = torch.randn(2, 5, model.config.hidden_size, generator=g).to(device)
+    lengths = torch.tensor([5, 2], device=device)
+
+    def step(p, r):
+        kv = PrefixKV()
+        p = dec._attention_block(layer, p, *dec._attention_inputs(p, 0, None), kv)
+        kv.recording = False
+        return p, dec._attention_block(layer, r, *dec._attention_inputs(r, 4, lengths), kv)
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if "tmem" in str(n.target))
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    results = []
+    for fn in (step, compiled):
+        p, r = prefix.clone().requires_grad_(True), rows.clone().requires_grad_(True)
+        out_p, out_r = fn(p, r)
+        (out_p.sum() + (out_r * out_r).sum()).backward()
+        results.append((out_p.detach(), out_r.detach(), p.grad, r.grad))
+    assert seen.count("tmem.rope") == 2
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
