@@ -126,8 +126,12 @@ def attention(
     query, key = _fused_rope(query, key, cos, sin)
     if cache is not None:
         key, value = cache.update(key, value, module.layer_idx, kwargs=kwargs)
+    implementation = module.config._attn_implementation
     eager = sys.modules[type(module).__module__].eager_attention_forward
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager)
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    else:  # (older transformers 5.x: the lookup its modules made themselves)
+        interface = eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
     out, _ = interface(
         module,
         query,
