@@ -4,8 +4,9 @@
 accepts: on the CPU bit for bit (the op's forward there is HF's composition, its backward autograd's formula
 with autograd's rounding), on CUDA fp32 within 1e-5 and bf16 within bf16's tolerance (the Triton rotary may
 fuse a product into its add in fp32; bf16 equal). Cases: no mask (SDPA's is_causal), right padding, a shared
-prefix recorded in a PrefixKV then continued (one prefix, and one per row group), tiny-llama and tiny-qwen3
-(GQA, an odd half head dim, Qwen3's per-head norms). `_attention_block` routes through it on
+prefix recorded in a PrefixKV then continued (one prefix, and one per row group), tiny-llama, tiny-qwen3,
+tiny-qwen2 (q/k/v biases) and tiny-mistral (GQA, an odd half head dim, Qwen3's per-head norms); eager attention
+too, and the op's Triton kernels forced. `_attention_block` routes through it on
 FUSED_NORM_DEVICES only and falls back to the module for a hooked one.
 """
 
@@ -20,7 +21,7 @@ from tmem_runtime import decoder as decoder_module
 from tmem_runtime.decoder import Decoder, PrefixKV, attention, own_attention
 from tmem_runtime.models import load_model
 
-MODELS = ["tiny-llama", "tiny-qwen3"]
+MODELS = ["tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-mistral"]  # Qwen2: q/k/v biases
 DTYPES = [torch.float32, torch.bfloat16]
 
 
