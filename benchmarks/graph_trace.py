@@ -265,19 +265,22 @@ class TracedSteps:
 @contextmanager
 def cuda_paths() -> Iterator[None]:
     """Inside the block a CPU write takes the branches it would take on CUDA where they depend on the device
-    only: the fused RMSNorm op with its Triton kernels (interpreted) and the head loss over formed logits
-    below CHUNKED_HEAD_LOGITS (so a trace covers the ops a GPU step captures)."""
-    from tmem_kernels import rmsnorm
+    only: the fused RMSNorm op and the Decoder's own attention with the rotary op, both with their Triton
+    kernels (interpreted), and the head loss over formed logits below CHUNKED_HEAD_LOGITS (so a trace covers
+    the ops a GPU step captures)."""
+    from tmem_kernels import rmsnorm, rotary
     from tmem_runtime import decoder, write
 
-    saved = (decoder.FUSED_NORM_DEVICES, rmsnorm.use_triton, write.chunked_head)
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    saved = (decoder.FUSED_NORM_DEVICES, rmsnorm.use_triton, rotary.use_triton, write.chunked_head)
     decoder.FUSED_NORM_DEVICES = ("cuda", "cpu")
-    rmsnorm.use_triton = lambda x: x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    rmsnorm.use_triton = lambda x: x.dtype in floats
+    rotary.use_triton = lambda q, k, c, s: q.dtype in floats and len({q.dtype, k.dtype, c.dtype, s.dtype}) == 1
     write.chunked_head = lambda device, k, v: k * v >= write.CHUNKED_HEAD_LOGITS
     try:
         yield
     finally:
-        decoder.FUSED_NORM_DEVICES, rmsnorm.use_triton, write.chunked_head = saved
+        decoder.FUSED_NORM_DEVICES, rmsnorm.use_triton, rotary.use_triton, write.chunked_head = saved
 
 
 class TracedStaticWrites(StaticWrites):

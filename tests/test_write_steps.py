@@ -408,6 +408,40 @@ def test_the_decoders_norms_through_the_fused_op_give_the_modules_writes(name, o
         assert (got_state[k] - v).norm() <= (1e-6 if optimizer == "sgd" else adamw_tol) * v.norm(), k
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+@pytest.mark.parametrize("kernel", ["composition", "triton"])
+def test_the_decoders_own_attention_gives_the_modules_writes(name, kernel, device, monkeypatch):
+    """The adapted layers' attention the Decoder runs itself (`decoder.attention`, the rotary as `tmem::rope`;
+    on CUDA, here on the CPU too, forced; the op's Triton kernels forced too for "triton") gives the losses and
+    B of the same writes through HF's attention modules: on the CPU bit for bit (the same ops, the op's
+    backward rounding as autograd's), on CUDA SGD's B within 1e-6 (the fp32 Triton rotary may fuse a product
+    into its add)."""
+    from tmem_kernels import rotary
+
+    if kernel == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setattr(rotary, "use_triton", lambda q, k, c, s: len({q.dtype, k.dtype, c.dtype, s.dtype}) == 1)
+    model = load_model(name)[0].to(device)
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    calls = []
+    fused = decoder_module._fused_rope
+    monkeypatch.setattr(decoder_module, "_fused_rope", lambda *a: calls.append(1) or fused(*a))
+    recipe = Recipe(optimizer="sgd", lr=0.5, epochs=2, batch_size=4)
+    got, got_state, _ = _writes(model, recipe, "none")
+    assert calls, "the write ran no attention of the Decoder's own"
+    calls.clear()
+    monkeypatch.setattr(decoder_module, "own_attention", lambda module: False)
+    want, want_state, _ = _writes(model, recipe, "none")
+    assert not calls
+    if device.type == "cpu":
+        assert got == want
+        assert all(torch.equal(got_state[k], v) for k, v in want_state.items())
+    else:
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+        for k, v in want_state.items():
+            assert (got_state[k] - v).norm() <= 1e-6 * v.norm(), k
+
+
 def test_fused_norm_takes_only_the_llama_formula():
     """`fused_norm`: transformers' Llama/Qwen2/Qwen3/Mistral RMSNorm as they are; not a subclass, Gemma's
     (1 + weight, rounded last), a LayerNorm, a hooked norm or one whose forward was replaced."""

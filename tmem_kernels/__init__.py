@@ -1,10 +1,10 @@
 """tmem_kernels: the ops only (tensors in, tensors out; no transformers, no models).
 
 `reference` is the pure-torch spec of every op. The Triton kernels (`lora_mlp`, `lora_segmented`,
-`update`, `rmsnorm_triton`), the native CPU extension (`native`), `rsvd`, `cross_entropy` and `rmsnorm`
-implement the same signatures and are tested against it. `library` registers them as torch custom ops
-(`torch.ops.tmem.*`, table in the README); the functions exported here call those ops. `get_ops(backend)`
-gives one backend's op set.
+`update`, `rmsnorm_triton`, `rotary_triton`), the native CPU extension (`native`), `rsvd`, `cross_entropy`,
+`rmsnorm` and `rotary` implement the same signatures and are tested against it. `library` registers them as
+torch custom ops (`torch.ops.tmem.*`, table in the README); the functions exported here call those ops.
+`get_ops(backend)` gives one backend's op set.
 """
 
 __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
@@ -22,6 +22,7 @@ from tmem_kernels.library import (
     randomized_svd_lora_init,
     randomized_svd_top_r,
     rms_norm,
+    rope,
     sgd_step_native,
     sgd_step_torch,
     sgd_step_triton,
@@ -46,6 +47,7 @@ __all__ = [
     "randomized_svd_lora_init",
     "randomized_svd_top_r",
     "rms_norm",
+    "rope",
     "sgd_step_native",
     "sgd_step_torch",
     "sgd_step_triton",

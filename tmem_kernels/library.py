@@ -15,7 +15,8 @@ trace a model that calls them.
              under TRITON_INTERPRET=1 (`torch.library.triton_op` would let the compiler see the kernels, but
              under the interpreter it launches them on fake tensors and fails; `custom_op` works on both)
     any      randomized_svd_top_r (not differentiable), linear_cross_entropy (differentiable w.r.t. hidden),
-             rms_norm (+ rms_norm_backward; Triton on CUDA, the torch composition elsewhere)
+             rms_norm (+ rms_norm_backward; Triton on CUDA, the torch composition elsewhere), rope (+
+             rope_backward; likewise)
 
 The LoRA MLP ops return the tensors their backward reads as extra outputs (marked non-differentiable); the
 Python functions here return y only. A backend that is not installed (no Triton, native extension not
@@ -28,6 +29,7 @@ from torch import Tensor
 from tmem_kernels import cross_entropy as _lce
 from tmem_kernels import reference, rsvd
 from tmem_kernels import rmsnorm as _rms
+from tmem_kernels import rotary as _rotary
 
 _MISSING: dict[str, ImportError] = {}  # backend -> why it is not available here
 try:
@@ -55,6 +57,7 @@ __all__ = [
     "randomized_svd_top_r",
     "require_backend",
     "rms_norm",
+    "rope",
     "sgd_step_native",
     "sgd_step_torch",
     "sgd_step_triton",
@@ -806,6 +809,101 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return torch.ops.tmem.rms_norm(x, weight, float(eps))[0]
 
 
+def _rope_like(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The layout of the op's outputs: x's (strides too, where x is dense), in `dtype`."""
+    return torch.empty_like(x, dtype=dtype)
+
+
+def _in_layout(y: Tensor, x: Tensor) -> Tensor:
+    """y in `_rope_like(x, y.dtype)`'s layout (a copy only where the composition left another)."""
+    if y.stride() == x.stride() or y.numel() == 0:
+        return y
+    return _rope_like(x, y.dtype).copy_(y)
+
+
+@torch.library.custom_op("tmem::rope", mutates_args=())
+def _rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """(q_rot [B, Hq, T, D], k_rot [B, Hk, T, D]) in promote(x, cos) dtypes, laid out as q and k."""
+    q_rot, k_rot = _rotary.forward(q, k, cos, sin)
+    return _in_layout(q_rot, q), _in_layout(k_rot, k)
+
+
+@_rope_op.register_fake
+def _(q, k, cos, sin):  # noqa: ANN001
+    _rotary.check_inputs(q, k, cos, sin)
+    dtype = torch.promote_types(cos.dtype, sin.dtype)
+    return _rope_like(q, torch.promote_types(q.dtype, dtype)), _rope_like(k, torch.promote_types(k.dtype, dtype))
+
+
+@torch.library.custom_op("tmem::rope_backward", mutates_args=())
+def _rope_backward_op(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients of q and k from those of q_rot and k_rot, all of one dtype (the Triton kernel; the
+    autograd formula calls `rotary.backward_torch` itself where that runs, without this op's dispatch)."""
+    dq_in, dk_in = _rotary.backward(dq, dk, cos, sin, dq.dtype, dk.dtype)
+    return _in_layout(dq_in, dq), _in_layout(dk_in, dk)
+
+
+@_rope_backward_op.register_fake
+def _(dq, dk, cos, sin):  # noqa: ANN001
+    return _rope_like(dq, dq.dtype), _rope_like(dk, dk.dtype)
+
+
+def _rope_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    q, k, cos, sin = inputs
+    ctx.dtypes = q.dtype, k.dtype, cos.dtype, sin.dtype
+    ctx.cos_batch = cos.shape[0]
+    # q and k only for the gradients of cos / sin (rotary tables are constants in a model: none saved then)
+    trig_grad = cos.requires_grad or sin.requires_grad
+    ctx.save_for_backward(cos, sin, *((q, k) if trig_grad else ()))
+
+
+def _trig_grads(ctx, dq: Tensor, dk: Tensor) -> tuple[Tensor | None, Tensor | None]:  # noqa: ANN001
+    """d cos, d sin [B or 1, T, D] as asked for: autograd through `reference.rope` (they are constants in a
+    model; this is for completeness)."""
+    cos, sin, q, k = ctx.saved_tensors
+    need = ctx.needs_input_grad[2:]
+    with torch.enable_grad():
+        c, s = cos.detach().requires_grad_(need[0]), sin.detach().requires_grad_(need[1])
+        wanted = [t for t, n in zip((c, s), need) if n]
+        found = iter(torch.autograd.grad(reference.rope(q.detach(), k.detach(), c, s), wanted, (dq, dk)))
+    return (next(found) if need[0] else None), (next(found) if need[1] else None)
+
+
+def _rope_backward(ctx, dq, dk):  # noqa: ANN001
+    cos, sin = ctx.saved_tensors[:2]
+    q_dtype, k_dtype = ctx.dtypes[:2]
+    need_q, need_k, need_cos, need_sin = ctx.needs_input_grad
+    dq_in = dk_in = None
+    if need_q or need_k:
+        # the Triton kernel inside an op (traceable); the torch composition as it is, also under create_graph=True
+        # (it is differentiable: the gradient is linear in dq, dk)
+        triton = not torch.is_grad_enabled() and _rotary.use_triton(dq, dk, cos, sin)
+        if triton and (dq.dtype, dk.dtype) == (q_dtype, k_dtype):
+            dq_in, dk_in = torch.ops.tmem.rope_backward(dq, dk, cos, sin)
+        else:
+            dq_in, dk_in = _rotary.backward_torch(dq, dk, cos, sin, q_dtype, k_dtype)
+    dcos = dsin = None
+    if need_cos or need_sin:
+        dcos, dsin = _trig_grads(ctx, dq, dk)
+    return (dq_in if need_q else None), (dk_in if need_k else None), dcos, dsin
+
+
+_rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
+
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """`tmem::rope`: HF's `apply_rotary_pos_emb` (Llama / Qwen2 / Qwen3 / Mistral: rotate_half, full-head
+    rotary), rounding included, for q and k in one kernel forward and one backward on CUDA (Triton), the same
+    torch composition elsewhere.
+
+    q [B, Hq, T, D], k [B, Hk, T, D], cos / sin [B or 1, T, D] -> (q * cos + rotate_half(q) * sin, the same
+    for k) in promote(x.dtype, cos.dtype), laid out as q and k, as `reference.rope`. Differentiable w.r.t. q
+    and k (the rotation's transpose) and cos / sin (torch). Graph-safe: no host sync.
+    """
+    _rotary.check_inputs(q, k, cos, sin)
+    return tuple(torch.ops.tmem.rope(q, k, cos, sin))
+
+
 # op name -> the Python function that calls it (every op registered here, for tests and the README's table)
 OPS = {
     "lora_mlp_torch": lora_mlp_torch,
@@ -821,4 +919,5 @@ OPS = {
     "linear_cross_entropy": linear_cross_entropy,
     "linear_cross_entropy_rows": linear_cross_entropy_rows,
     "rms_norm": rms_norm,
+    "rope": rope,
 }

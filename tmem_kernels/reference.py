@@ -311,3 +311,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.to(torch.float32)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * (xf * rstd).to(x.dtype)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's `apply_rotary_pos_emb` (Llama/Qwen2/Qwen3/Mistral: rotate_half, full-head rotary, unsqueeze_dim 1).
+
+    q [B, Hq, T, D], k [B, Hk, T, D], cos / sin [B or 1, T, D] -> (q * cos + rotate_half(q) * sin, the same for
+    k), rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]); dtypes promoted as torch's products promote them.
+    """
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

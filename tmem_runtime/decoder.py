@@ -10,11 +10,14 @@ Llama, Qwen2/3 and Mistral share; `supports_piecewise(model)` says when it appli
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from tmem_kernels import rms_norm as _fused_rms_norm
+from tmem_kernels import rope as _fused_rope
 from tmem_runtime.models import decoder_layers
 
 PIECEWISE_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -68,6 +71,78 @@ def fused_attention_norms(layer: nn.Module) -> list[nn.Module]:
     attention = getattr(layer, "self_attn", None)
     norms = (getattr(attention, name, None) for name in ("q_norm", "k_norm"))
     return [norm for norm in norms if isinstance(norm, nn.Module) and fused_norm(norm)]
+
+
+# transformers' attention classes whose forward `attention` reproduces step for step: q/k/v projections viewed
+# to heads, per-head q_norm / k_norm (Qwen3 only), rotate_half rotary over the whole head (`apply_rotary_pos_emb`,
+# which `attention` runs as the op `tmem_kernels.rope`), the cache's update, the model's attention function
+# with the module's scaling, o_proj. Biases live in the projections; the attention functions below ignore
+# the sliding_window Qwen2/3 and Mistral pass (`supports_piecewise` refuses sliding-window layers anyway).
+OWN_ATTENTIONS = {"LlamaAttention": False, "Qwen2Attention": False, "Qwen3Attention": True, "MistralAttention": False}
+# the attention functions `attention` calls as HF's forward does (`ALL_ATTENTION_FUNCTIONS`, eager the module's)
+OWN_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def own_attention(module: nn.Module) -> bool:
+    """Whether `attention(module, ...)` computes exactly `module(...)`: one of OWN_ATTENTIONS (by class, not a
+    subclass) under an OWN_ATTENTION_IMPLEMENTATIONS attention function, nothing hooked into or patched over
+    its forward (hooks on its submodules run either way: `attention` calls them)."""
+    cls = type(module)
+    config = getattr(module, "config", None)
+    norms = ("q_norm", "k_norm") if OWN_ATTENTIONS.get(cls.__name__) else ()
+    parts = ("q_proj", "k_proj", "v_proj", "o_proj", *norms)
+    return (
+        cls.__name__ in OWN_ATTENTIONS
+        and cls.__module__.startswith("transformers.")
+        and getattr(config, "_attn_implementation", None) in OWN_ATTENTION_IMPLEMENTATIONS
+        and isinstance(getattr(module, "head_dim", None), int)
+        and all(isinstance(getattr(module, n, None), nn.Module) for n in parts)
+        and "forward" not in vars(module)
+        and not (module._forward_hooks or module._forward_pre_hooks)
+    )
+
+
+def attention(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    cache: object | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """module(hidden_states, position_embeddings, attention_mask, cache, **kwargs)[0] for an `own_attention`
+    module, the rotary through `tmem_kernels.rope` (one kernel forward and one backward for q and k on CUDA
+    instead of about fifteen and twenty). hidden_states [B, T, H], cos / sin [1 or B, T, head_dim] -> [B, T, H].
+    """
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, module.head_dim)
+    query = module.q_proj(hidden_states).view(hidden_shape)
+    key = module.k_proj(hidden_states).view(hidden_shape)
+    if OWN_ATTENTIONS[type(module).__name__]:  # Qwen3: per-head norms before the transpose
+        query, key = module.q_norm(query), module.k_norm(key)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)
+    value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query, key = _fused_rope(query, key, cos, sin)
+    if cache is not None:
+        key, value = cache.update(key, value, module.layer_idx, kwargs=kwargs)
+    implementation = module.config._attn_implementation
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    else:  # (older transformers 5.x: the lookup its modules made themselves)
+        interface = eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+    out, _ = interface(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0 if not module.training else module.attention_dropout,
+        scaling=module.scaling,
+        **kwargs,
+    )
+    return module.o_proj(out.reshape(*input_shape, -1).contiguous())
 
 
 def supports_piecewise(model: nn.Module) -> bool:
@@ -314,9 +389,15 @@ class Decoder:
         mask: torch.Tensor | None,
         kv: PrefixKV | None,
     ) -> torch.Tensor:
-        """hidden + self_attn(input_layernorm(hidden)): the first half of a pre-norm decoder layer."""
-        out = layer.self_attn(
-            hidden_states=rms_norm(layer.input_layernorm, hidden),
+        """hidden + self_attn(input_layernorm(hidden)): the first half of a pre-norm decoder layer. On
+        FUSED_NORM_DEVICES the attention runs as `attention` (the rotary as one op) where `own_attention` holds
+        and the rotary spans the whole head, else the module itself."""
+        x = rms_norm(layer.input_layernorm, hidden)
+        module = layer.self_attn
+        if hidden.device.type in FUSED_NORM_DEVICES and own_attention(module) and rope[0].shape[-1] == module.head_dim:
+            return hidden + attention(module, x, rope, mask, kv, position_ids=positions, use_cache=kv is not None)
+        out = module(
+            hidden_states=x,
             attention_mask=mask,
             position_ids=positions,
             position_embeddings=rope,

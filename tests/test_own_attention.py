@@ -1,0 +1,177 @@
+"""The Decoder's own attention (`decoder.attention`: the rotary as the op `tmem::rope`) against HF's module.
+
+`attention(module, ...)` must give `module(...)`'s output and gradients for the classes `own_attention`
+accepts: on the CPU bit for bit (the op's forward there is HF's composition, its backward autograd's formula
+with autograd's rounding), on CUDA fp32 within 1e-5 and bf16 within bf16's tolerance (the Triton rotary may
+fuse a product into its add in fp32; bf16 equal). Cases: no mask (SDPA's is_causal), right padding, a shared
+prefix recorded in a PrefixKV then continued (one prefix, and one per row group), tiny-llama, tiny-qwen3,
+tiny-qwen2 (q/k/v biases) and tiny-mistral (GQA, an odd half head dim, Qwen3's per-head norms); eager attention
+too, and the op's Triton kernels forced. `_attention_block` routes through it on
+FUSED_NORM_DEVICES only and falls back to the module for a hooked one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tmem_kernels
+from tmem_kernels import rotary
+from tmem_runtime import decoder as decoder_module
+from tmem_runtime.decoder import Decoder, PrefixKV, attention, own_attention
+from tmem_runtime.models import load_model
+
+MODELS = ["tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-mistral"]  # Qwen2: q/k/v biases
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def close(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if device.type == "cpu":
+        assert torch.equal(a, b)
+    elif a.dtype == torch.float32:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    else:
+        torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1.6e-2 * b.abs().max().item())
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def model_name(request) -> str:
+    return request.param
+
+
+def setup(name: str, dtype: torch.dtype, device: torch.device, implementation: str = "sdpa"):
+    model, _ = load_model(name, dtype=dtype, device=device, attn_implementation=implementation, load_tokenizer=False)
+    dec = Decoder(model)
+    layer = dec.layers[1]
+    layer.self_attn.q_proj.weight.requires_grad_(True)
+    layer.self_attn.v_proj.weight.requires_grad_(True)
+    return model, dec, layer.self_attn
+
+
+def hf(module, x, rope, mask, kv, positions):
+    cache_kw = decoder_module._cache_kwarg(type(module).forward)
+    out = module(hidden_states=x, attention_mask=mask, position_ids=positions, position_embeddings=rope,
+                 use_cache=kv is not None, **{cache_kw: kv})  # fmt: skip
+    return out[0]
+
+
+def own(module, x, rope, mask, kv, positions):
+    return attention(module, x, rope, mask, kv, position_ids=positions, use_cache=kv is not None)
+
+
+def run_case(fn, module, dec, rows, lengths, prefix, row_prefix, dy):
+    """fn's output and the gradients of rows, prefix hidden, q_proj and v_proj weights (prefix: recorded with
+    fn first, the rows attending to it)."""
+    rows = rows.detach().clone().requires_grad_(True)
+    kv, leaves = None, [rows, module.q_proj.weight, module.v_proj.weight]
+    p = 0
+    if prefix is not None:
+        prefix = prefix.detach().clone().requires_grad_(True)
+        leaves.append(prefix)
+        kv = PrefixKV(row_prefix)
+        pos, rope, mask = dec._attention_inputs(prefix, 0, None)
+        prefix_out = fn(module, prefix, rope, mask, kv, pos)
+        kv.recording = False
+        p = prefix.shape[1]
+    pos, rope, mask = dec._attention_inputs(rows, p, lengths)
+    out = fn(module, rows, rope, mask, kv, pos)
+    loss = (out.float() * dy.float()).sum()
+    if prefix is not None:
+        loss = loss + prefix_out.float().sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return (out.detach(), *grads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "case,implementation,triton",
+    [("causal", "sdpa", False), ("padded", "sdpa", False), ("prefix", "sdpa", False), ("prefixes", "sdpa", False),
+     ("prefixes", "eager", False), ("prefixes", "sdpa", True), ("causal", "sdpa", True)],
+)  # fmt: skip
+def test_own_attention_equals_hf(model_name, dtype, case, implementation, triton, device, monkeypatch):
+    """triton: the op's Triton kernels forced (on the CPU under the interpreter), as on CUDA."""
+    if triton:
+        if not tmem_kernels.available("triton"):
+            pytest.skip("Triton is not installed")
+        monkeypatch.setattr(rotary, "use_triton", lambda q, k, c, s: len({q.dtype, k.dtype, c.dtype, s.dtype}) == 1)
+    model, dec, module = setup(model_name, dtype, device, implementation)
+    assert own_attention(module)
+    g = torch.Generator().manual_seed(0)
+    b, t, h = 3, 7, model.config.hidden_size
+    rows = torch.randn(b, t, h, generator=g).to(device, dtype)
+    dy = torch.randn(b, t, h, generator=g).to(device, dtype)
+    lengths = torch.tensor([7, 4, 1], device=device) if case != "causal" else None
+    prefix = row_prefix = None
+    if case == "prefix":
+        prefix = torch.randn(1, 5, h, generator=g).to(device, dtype)
+    elif case == "prefixes":
+        prefix = torch.randn(2, 5, h, generator=g).to(device, dtype)
+        row_prefix = torch.tensor([1, 0, 1], device=device)
+    want = run_case(hf, module, dec, rows, lengths, prefix, row_prefix, dy)
+    got = run_case(own, module, dec, rows, lengths, prefix, row_prefix, dy)
+    assert all(w.abs().max() > 0 for w in want)
+    for a, w in zip(got, want):
+        close(a, w, device)
+
+
+def test_attention_block_routes_on_fused_devices_only(monkeypatch, device):
+    """`_attention_block` runs `attention` (the op in the graph) on FUSED_NORM_DEVICES (forced here on the
+    CPU too) and gives the module's values; a forward hook on the module, or another device: the module."""
+    model, dec, module = setup("tiny-qwen3", torch.float32, device)
+    layer = dec.layers[1]
+    calls = []
+    real = decoder_module._fused_rope
+    monkeypatch.setattr(decoder_module, "_fused_rope", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(device)
+    inputs = dec._attention_inputs(x, 0, torch.tensor([6, 3], device=device))
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ())
+    want = dec._attention_block(layer, x, *inputs, None)
+    assert not calls
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    got = dec._attention_block(layer, x, *inputs, None)
+    assert calls == [1]
+    close(got, want, device)
+    handle = module.register_forward_hook(lambda m, i, o: o)
+    assert not own_attention(module)
+    dec._attention_block(layer, x, *inputs, None)
+    assert calls == [1]
+    handle.remove()
+    model.config._attn_implementation = "flex_attention"
+    assert not own_attention(module)
+
+
+def test_attention_block_compiles_fullgraph(monkeypatch, device):
+    """torch.compile(fullgraph=True) traces `_attention_block` through `attention` with a prefix (no graph
+    break; `tmem::rope` in the graph) and gives eager's output and gradients."""
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    model, dec, module = setup("tiny-qwen3", torch.float32, device)
+    layer = dec.layers[1]
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randn(1, 4, model.config.hidden_size, generator=g).to(device)
+    rows = torch.randn(2, 5, model.config.hidden_size, generator=g).to(device)
+    lengths = torch.tensor([5, 2], device=device)
+
+    def step(p, r):
+        kv = PrefixKV()
+        p = dec._attention_block(layer, p, *dec._attention_inputs(p, 0, None), kv)
+        kv.recording = False
+        return p, dec._attention_block(layer, r, *dec._attention_inputs(r, 4, lengths), kv)
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if "tmem" in str(n.target))
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    results = []
+    for fn in (step, compiled):
+        p, r = prefix.clone().requires_grad_(True), rows.clone().requires_grad_(True)
+        out_p, out_r = fn(p, r)
+        (out_p.sum() + (out_r * out_r).sum()).backward()
+        results.append((out_p.detach(), out_r.detach(), p.grad, r.grad))
+    assert seen.count("tmem.rope") == 2
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
