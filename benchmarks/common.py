@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -77,6 +78,32 @@ def prefixed_examples(n: int, seed: int, shared: int = 9) -> list[Example]:
         tail = torch.randint(3, 500, (int(torch.randint(4, 14, (), generator=gen)),), generator=gen).tolist()
         out.append((head + tail, [IGNORE_INDEX] * (shared + 2) + tail[2:]))
     return out
+
+
+def bench_fwd_bwd(benchmark, run, group: str, results: dict, key: tuple, impl: str) -> None:  # noqa: ANN001
+    """Time `run` (one forward + backward of an op; called once first: Triton compiles there) in pytest-benchmark
+    `group`; its median goes to results[key][impl] (key = (model, N), as `fused_vs_hf_lines` prints them)."""
+    run()
+    benchmark.group = group
+    benchmark.extra_info.update(model=key[0], n=key[1], impl=impl)
+    benchmark.pedantic(run, rounds=20 if DEVICE.type == "cpu" else 50, iterations=1, warmup_rounds=2)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        results.setdefault(key, {})[impl] = benchmark.stats.stats.median
+
+
+def fused_vs_hf_lines(title: str, dtype: torch.dtype, impls: Sequence[str], results: dict) -> list[str]:
+    """A side-by-side table of `bench_fwd_bwd`'s results: microseconds per impl per (model, N), and the fused
+    op's time over HF's composition (empty when nothing ran)."""
+    if not results:
+        return []
+    lines = ["", f"{title} on {device_name()} ({dtype}, {torch.get_num_threads()} threads)"]
+    lines.append(f"{'model / N':<18}" + "".join(f"{k + ' us':>12}" for k in impls) + "   fused vs hf")
+    for (model, n), r in results.items():
+        row = f"{model + ' ' + str(n):<18}" + "".join(f"{r[i] * 1e6:12.1f}" if i in r else f"{'-':>12}" for i in impls)
+        if "hf" in r and "fused" in r:
+            row += f"   {r['fused'] / r['hf']:.2f}x"
+        lines.append(row)
+    return lines
 
 
 def device_name() -> str:

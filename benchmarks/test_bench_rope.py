@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import DEVICE, TOKENS, device_name
+from benchmarks.common import DEVICE, TOKENS, bench_fwd_bwd, fused_vs_hf_lines
 from tmem_kernels import reference as ref
 from tmem_kernels import rope
 
@@ -50,23 +50,10 @@ def test_rope(benchmark, model: str, n: int, impl: str) -> None:
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
 
-    run()  # warm-up (Triton compiles here)
-    benchmark.group = f"rope fwd+bwd {model} {hq}/{hk} heads of {d} N={n} {DTYPE}"
-    benchmark.extra_info.update(model=model, n=n, impl=impl)
-    benchmark.pedantic(run, rounds=20 if DEVICE.type == "cpu" else 50, iterations=1, warmup_rounds=2)
-    if benchmark.stats is not None:  # None under --benchmark-disable
-        _results.setdefault((model, n), {})[impl] = benchmark.stats.stats.median
+    group = f"rope fwd+bwd {model} {hq}/{hk} heads of {d} N={n} {DTYPE}"
+    bench_fwd_bwd(benchmark, run, group, _results, (model, n), impl)
 
 
 def summary_lines() -> list[str]:
     """The side-by-side table (empty when nothing ran); printed by benchmarks/conftest.py."""
-    if not (_results):
-        return []
-    lines = ["", f"rope fwd+bwd on {device_name()} ({DTYPE}, {torch.get_num_threads()} threads)"]
-    lines.append(f"{'model / N':<18}" + "".join(f"{k + ' us':>12}" for k in IMPLS) + "   fused vs hf")
-    for (model, n), r in _results.items():
-        row = f"{model + ' ' + str(n):<18}" + "".join(f"{r[i] * 1e6:12.1f}" if i in r else f"{'-':>12}" for i in IMPLS)
-        if "hf" in r and "fused" in r:
-            row += f"   {r['fused'] / r['hf']:.2f}x"
-        lines.append(row)
-    return lines
+    return fused_vs_hf_lines("rope fwd+bwd", DTYPE, list(IMPLS), _results)
