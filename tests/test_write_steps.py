@@ -391,21 +391,29 @@ def test_the_decoders_norms_through_the_fused_op_give_the_modules_writes(name, o
     as the kept-buffers test allows for other GEMM shapes; not yet measured there)."""
     model = load_model(name)[0].to(device)
     monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
-    calls = []
-    fused = decoder_module._fused_rms_norm
-    monkeypatch.setattr(decoder_module, "_fused_rms_norm", lambda *a: calls.append(1) or fused(*a))
     recipe = Recipe(optimizer=optimizer, lr=lr, epochs=2, batch_size=4)
-    got, got_state, _ = _writes(model, recipe, "none")
-    assert calls, "the write ran no fused norm"
-    calls.clear()
-    monkeypatch.setattr(decoder_module, "fused_norm", lambda module: False)
-    want, want_state, _ = _writes(model, recipe, "none")
-    assert not calls
+    got, got_state, want, want_state = _writes_with_and_without(model, recipe, monkeypatch, "_fused_rms_norm",
+                                                                "fused_norm")  # fmt: skip
     for a, b in zip(got, want):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
     for k, v in want_state.items():
         adamw_tol = 1e-3 if device.type == "cpu" else 2e-2
         assert (got_state[k] - v).norm() <= (1e-6 if optimizer == "sgd" else adamw_tol) * v.norm(), k
+
+
+def _writes_with_and_without(model, recipe: Recipe, monkeypatch, counted: str, switch: str) -> tuple:  # noqa: ANN001
+    """The same writes twice: with the Decoder's `counted` function in use (checked: it ran), then with its
+    `switch` predicate saying no everywhere (checked: it did not run). (losses, B) of each."""
+    calls = []
+    fn = getattr(decoder_module, counted)
+    monkeypatch.setattr(decoder_module, counted, lambda *a: calls.append(1) or fn(*a))
+    got, got_state, _ = _writes(model, recipe, "none")
+    assert calls, f"the write never ran {counted}"
+    calls.clear()
+    monkeypatch.setattr(decoder_module, switch, lambda module: False)
+    want, want_state, _ = _writes(model, recipe, "none")
+    assert not calls
+    return got, got_state, want, want_state
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
@@ -423,16 +431,9 @@ def test_the_decoders_own_attention_gives_the_modules_writes(name, kernel, devic
         monkeypatch.setattr(rotary, "use_triton", lambda q, k, c, s: len({q.dtype, k.dtype, c.dtype, s.dtype}) == 1)
     model = load_model(name)[0].to(device)
     monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
-    calls = []
-    fused = decoder_module._fused_rope
-    monkeypatch.setattr(decoder_module, "_fused_rope", lambda *a: calls.append(1) or fused(*a))
     recipe = Recipe(optimizer="sgd", lr=0.5, epochs=2, batch_size=4)
-    got, got_state, _ = _writes(model, recipe, "none")
-    assert calls, "the write ran no attention of the Decoder's own"
-    calls.clear()
-    monkeypatch.setattr(decoder_module, "own_attention", lambda module: False)
-    want, want_state, _ = _writes(model, recipe, "none")
-    assert not calls
+    got, got_state, want, want_state = _writes_with_and_without(model, recipe, monkeypatch, "_fused_rope",
+                                                                "own_attention")  # fmt: skip
     if device.type == "cpu":
         assert got == want
         assert all(torch.equal(got_state[k], v) for k, v in want_state.items())
