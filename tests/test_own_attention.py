@@ -12,6 +12,8 @@ FUSED_NORM_DEVICES only and falls back to the module for a hooked one.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -175,3 +177,72 @@ def test_attention_block_compiles_fullgraph(monkeypatch, device):
     assert seen.count("tmem.rope") == 2
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _patched_forward(orig):
+    def forward(self, hidden_states, *args, **kwargs):  # a LongLoRA-style class-level patch: another attention
+        out, weights = orig(self, hidden_states, *args, **kwargs)
+        return out * 0.5, weights
+
+    return forward
+
+
+@pytest.mark.parametrize("patch", ["class_forward", "rotary_function", "norm_class_forward"])
+def test_attention_block_runs_what_a_patched_model_runs(patch, monkeypatch, device):
+    """A model whose classes or modeling functions were patched over (`LlamaAttention.forward = ...` as
+    LongLoRA does, `modeling_llama.apply_rotary_pos_emb = ...` as Liger does, `LlamaRMSNorm.forward = ...`):
+    `own_attention` / `fused_norm` refuse it and `_attention_block` on FUSED_NORM_DEVICES gives what the
+    patched modules give, bit for bit (before: the unpatched formula, 3e-2 off for the attention patch)."""
+    model, dec, module = setup("tiny-llama", torch.float32, device)
+    layer = dec.layers[1]
+    modeling = sys.modules[type(module).__module__]
+    if patch == "class_forward":
+        monkeypatch.setattr(type(module), "forward", _patched_forward(type(module).forward))
+    elif patch == "rotary_function":
+        monkeypatch.setattr(modeling, "apply_rotary_pos_emb", lambda q, k, cos, sin, unsqueeze_dim=1: (q, k))
+    else:
+        norm_cls = type(layer.input_layernorm)
+        orig = norm_cls.forward
+        monkeypatch.setattr(norm_cls, "forward", lambda self, x: orig(self, x) * 2)
+        assert not decoder_module.fused_norm(layer.input_layernorm)
+    assert own_attention(module) == (patch == "norm_class_forward")
+    x = torch.randn(2, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(device)
+    inputs = dec._attention_inputs(x, 0, torch.tensor([6, 4], device=device))
+    want = dec._attention_block(layer, x, *inputs, None)  # (FUSED_NORM_DEVICES: CUDA only, here the modules)
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    got = dec._attention_block(layer, x, *inputs, None)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("hook", ["backward", "backward_pre", "global_forward"])
+def test_attention_block_runs_the_hooks_calling_the_modules_runs(hook, monkeypatch, device):
+    """Backward hooks on the attention module and the input norm, or a global module hook, fire in
+    `_attention_block` on FUSED_NORM_DEVICES as calling the modules fires them (before: only forward hooks
+    were seen, and the others silently never ran on the own attention and the fused norm)."""
+    from torch.nn.modules import module as torch_module
+
+    model, dec, module = setup("tiny-llama", torch.float32, device)
+    layer = dec.layers[1]
+    seen: list[str] = []
+    handles = []
+    if hook == "global_forward":
+        handles.append(torch_module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__)))
+    for name, m in (("attention", module), ("norm", layer.input_layernorm)):
+        if hook == "backward":
+            handles.append(m.register_full_backward_hook(lambda m, gi, go, name=name: seen.append(name)))
+        elif hook == "backward_pre":
+            handles.append(m.register_full_backward_pre_hook(lambda m, go, name=name: seen.append(name)))
+    try:
+        assert not own_attention(module) and not decoder_module.fused_norm(layer.input_layernorm)
+        monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+        x = torch.randn(2, 5, model.config.hidden_size, device=device, requires_grad=True)
+        dec._attention_block(layer, x, *dec._attention_inputs(x, 0, None), None).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    if hook == "global_forward":
+        assert {"LlamaAttention", "LlamaRMSNorm"} <= set(seen)
+    else:
+        assert sorted(seen) == ["attention", "norm"]
+    assert own_attention(module)  # the hooks removed: the own attention again

@@ -14,6 +14,7 @@ import sys
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from tmem_kernels import rms_norm as _fused_rms_norm
@@ -31,20 +32,49 @@ FUSED_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNo
 FUSED_NORM_DEVICES = ("cuda",)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` runs hooks a direct computation of its forward would skip: its own forward,
+    forward-pre, backward or backward-pre hooks (`register_full_backward_hook` ...), or global module hooks
+    (`torch.nn.modules.module.register_module_forward_hook` ...), which fire on every module's call."""
+    kinds = ("forward", "forward_pre", "backward", "backward_pre")
+    own = any(getattr(module, f"_{kind}_hooks") for kind in kinds)
+    return own or any(getattr(_torch_module, f"_global_{kind}_hooks", None) for kind in kinds)
+
+
+@torch.compiler.assume_constant_result  # (dynamo reads a functools.wraps wrapper's __qualname__ as its code's)
+def _transformers_function(fn: object, module_name: str, qualname: str) -> bool:
+    """Whether `fn` is transformers' own `module_name.qualname` (functools.wraps decorators keep both names), not
+    something patched over it: a class-level `LlamaAttention.forward = ...` (LongLoRA-style patches), a module
+    global `modeling_llama.apply_rotary_pos_emb = ...`. Under torch.compile a constant of the trace."""
+    return getattr(fn, "__module__", None) == module_name and getattr(fn, "__qualname__", None) == qualname
+
+
+def _runs_as_defined(module: nn.Module) -> bool:
+    """Whether `module(...)` runs exactly its transformers class's forward: a class of transformers' whose forward
+    is still the one it defined (not patched over on the class, nor on the instance), and no hooks (`_hooked`):
+    then computing that forward directly gives what calling the module gives."""
+    cls = type(module)
+    return (
+        cls.__module__.startswith("transformers.")
+        and _transformers_function(getattr(cls, "forward", None), cls.__module__, f"{cls.__name__}.forward")
+        and "forward" not in vars(module)
+        and not _hooked(module)
+    )
+
+
 def fused_norm(module: nn.Module) -> bool:
     """Whether `module` computes exactly `tmem_kernels.rms_norm`: one of transformers' FUSED_RMS_NORMS (by
     class, not a subclass), weight [H], a float variance_epsilon, and nothing hooked into or patched over
-    its forward (hooks, an instance `forward`: then only calling the module is right)."""
+    its forward (`_runs_as_defined`: hooks, an instance `forward`, a patched class forward: then only calling
+    the module is right)."""
     cls = type(module)
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     return (
         cls.__name__ in FUSED_RMS_NORMS
-        and cls.__module__.startswith("transformers.")
         and isinstance(weight, torch.Tensor)
         and weight.dim() == 1
         and isinstance(eps, float)
-        and "forward" not in vars(module)
-        and not (module._forward_hooks or module._forward_pre_hooks)
+        and _runs_as_defined(module)
     )
 
 
@@ -79,6 +109,8 @@ def fused_attention_norms(layer: nn.Module) -> list[nn.Module]:
 # with the module's scaling, o_proj. Biases live in the projections; the attention functions below ignore
 # the sliding_window Qwen2/3 and Mistral pass (`supports_piecewise` refuses sliding-window layers anyway).
 OWN_ATTENTIONS = {"LlamaAttention": False, "Qwen2Attention": False, "Qwen3Attention": True, "MistralAttention": False}
+# the module functions of their modeling file that their forward computes the rotary with (`attention`: the op)
+ROTARY_FUNCTIONS = ("apply_rotary_pos_emb", "rotate_half")
 # the attention functions `attention` calls as HF's forward does (`ALL_ATTENTION_FUNCTIONS`, eager the module's)
 OWN_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -86,19 +118,20 @@ OWN_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 def own_attention(module: nn.Module) -> bool:
     """Whether `attention(module, ...)` computes exactly `module(...)`: one of OWN_ATTENTIONS (by class, not a
     subclass) under an OWN_ATTENTION_IMPLEMENTATIONS attention function, nothing hooked into or patched over
-    its forward (hooks on its submodules run either way: `attention` calls them)."""
+    its forward (`_runs_as_defined`; hooks on its submodules run either way: `attention` calls them), and its
+    modeling module's rotary (`apply_rotary_pos_emb`, `rotate_half`, which its forward calls) transformers' own."""
     cls = type(module)
     config = getattr(module, "config", None)
     norms = ("q_norm", "k_norm") if OWN_ATTENTIONS.get(cls.__name__) else ()
     parts = ("q_proj", "k_proj", "v_proj", "o_proj", *norms)
+    modeling = sys.modules.get(cls.__module__)
     return (
         cls.__name__ in OWN_ATTENTIONS
-        and cls.__module__.startswith("transformers.")
         and getattr(config, "_attn_implementation", None) in OWN_ATTENTION_IMPLEMENTATIONS
         and isinstance(getattr(module, "head_dim", None), int)
         and all(isinstance(getattr(module, n, None), nn.Module) for n in parts)
-        and "forward" not in vars(module)
-        and not (module._forward_hooks or module._forward_pre_hooks)
+        and _runs_as_defined(module)
+        and all(_transformers_function(getattr(modeling, f, None), cls.__module__, f) for f in ROTARY_FUNCTIONS)
     )
 
 
