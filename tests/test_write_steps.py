@@ -592,3 +592,29 @@ def test_detach_restores_the_attention_norms_and_copies_route_their_own(device):
     assert all(decoder_module.fused_norm(n) for n in norms)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, bare)
+
+
+def test_a_write_longer_than_mistrals_sliding_window_runs_the_models_own_attention():
+    """Mistral's plain `sliding_window` lets the piecewise write path through (its full causal masks are
+    right within the window); a write whose examples are longer than the window takes the model's own
+    forward instead (the generic path, which masks by the window): its losses are those of a write with
+    the fast path off, and not those of full-attention masks."""
+    from transformers import AutoModelForCausalLM
+
+    from tmem_runtime.models import tiny_config
+
+    def losses(window: int | None, fast_path: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config("tiny-mistral", sliding_window=window)).eval()
+        fw = FastWeights(model, backend="torch")
+        if not fast_path:
+            fw.store.engine.decoder = None
+        got = fw.write_examples(examples(4, seed=3), Recipe(optimizer="sgd", lr=0.5, epochs=2, batch_size=4))
+        fw.detach()
+        return got
+
+    longest = max(len(ids) for ids, _ in examples(4, seed=3))
+    window = longest - 4
+    windowed = losses(window, fast_path=True)
+    assert windowed == pytest.approx(losses(window, fast_path=False), rel=1e-5, abs=1e-6)
+    assert windowed != pytest.approx(losses(None, fast_path=True), rel=1e-5, abs=1e-6)  # (the window matters)

@@ -184,7 +184,8 @@ def supports_piecewise(model: nn.Module) -> bool:
     if getattr(config, "model_type", None) not in PIECEWISE_MODEL_TYPES:
         return False
     # Sliding-window layers need a banded mask this module does not build. (Mistral's plain
-    # `sliding_window` only differs beyond the window, far longer than any write's examples.)
+    # `sliding_window` only differs beyond the window: longer writes take the model's own forward, see
+    # `Decoder.full_attention_covers`.)
     layer_types = getattr(config, "layer_types", None) or []
     if getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
         return False
@@ -446,6 +447,13 @@ class Decoder:
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's final norm (`rms_norm`). hidden [..., H] -> [..., H]."""
         return rms_norm(self.inner.norm, hidden)
+
+    def full_attention_covers(self, tokens: int) -> bool:
+        """Whether sequences of `tokens` attend as this module's full causal masks say: a model with a plain
+        sliding window (Mistral's `sliding_window`, which `supports_piecewise` lets through) only within it."""
+        window = getattr(self.model.config, "sliding_window", None)
+        applies = self.model.config.model_type == "mistral"  # (Qwen2/Qwen3 keep one unused: refused if used)
+        return not (applies and window is not None and tokens > window)
 
     @property
     def linear_head(self) -> bool:

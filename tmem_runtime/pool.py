@@ -317,7 +317,7 @@ class SessionPool(SessionStore):
         ids, mask, labels = (t.cpu().clone() for t in check_batch(batch))
         lengths = right_padded_lengths(mask)
         e = self.engine
-        if e.decoder is None or lengths is None:
+        if e.decoder is None or lengths is None or not e.decoder.full_attention_covers(ids.shape[1]):
             return {"input_ids": ids, "attention_mask": mask, "labels": labels}
         return encode_trunk(e.decoder, e.first_layer, ids, lengths, labels, e.device, kept=self.trunk_rows)
 
