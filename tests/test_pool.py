@@ -1232,3 +1232,21 @@ def test_row_bindings_bound_from_many_threads_are_each_their_rows(tiny):
     pool.detach()
     assert not errors, errors[0]
     assert len(engine._row_bindings) <= engine.ROW_BINDINGS
+
+
+def test_recent_items_keep_the_most_recently_used_and_copies_start_empty():
+    import copy
+    import pickle
+
+    from tmem_runtime.recent_items import RecentItems
+
+    kept = RecentItems(2)
+    kept.put("a", 1)
+    kept.put("b", 2)
+    assert kept.get("a") == 1  # "a" is now the most recent: "b" goes first
+    kept.put("c", 3)
+    assert (kept.get("b"), kept.get("a"), kept.get("c"), len(kept)) == (None, 1, 3, 2)
+    for twin in (copy.deepcopy(kept), pickle.loads(pickle.dumps(kept))):
+        assert len(twin) == 0 and twin.size == 2
+        twin.put("d", 4)
+        assert twin.get("d") == 4 and kept.get("d") is None

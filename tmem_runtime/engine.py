@@ -20,7 +20,6 @@ from __future__ import annotations
 import inspect
 import math
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -38,6 +37,7 @@ from tmem_runtime.backends import kernel_ops, resolve_backend
 from tmem_runtime.decoder import Decoder, fused_attention_norms, fused_norm_forward, supports_piecewise
 from tmem_runtime.layout import AdapterLayout, AdapterSlot
 from tmem_runtime.models import MLP_TARGETS, decoder_layers, is_silu, target_mlps
+from tmem_runtime.recent_items import RecentItems
 from tmem_runtime.uploads import upload, upload_one
 
 
@@ -135,8 +135,7 @@ class FastWeightEngine:
         self.initial = [True] * capacity  # per B row: still equal to B0
         self.initial_epoch = 0  # bumped whenever a flag of `initial` may change (bindings' identity memos)
         self.device_segments = self.ops.name == "triton"  # its segmented op reads the segments on the device
-        self._row_bindings: OrderedDict[tuple[int, ...], Binding] = OrderedDict()  # see binding_for_rows
-        self._row_bindings_lock = threading.Lock()
+        self._row_bindings: RecentItems[tuple[int, ...], Binding] = RecentItems(self.ROW_BINDINGS)
         self._local = threading.local()
         self.default_binding: Binding | None = None
         self.detached = False
@@ -155,15 +154,11 @@ class FastWeightEngine:
         """Copies (copy.deepcopy of the model, pickling) carry every buffer but no thread state."""
         state = dict(self.__dict__)
         state.pop("_local")
-        state.pop("_row_bindings")  # (views of the buffers: a copy makes its own)
-        state.pop("_row_bindings_lock")
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
-        self._row_bindings = OrderedDict()
-        self._row_bindings_lock = threading.Lock()
 
     # ---------------------------------------------------------------- buffers
     def _allocate(self, svd: str, seed: int) -> None:
@@ -254,11 +249,9 @@ class FastWeightEngine:
         """Rows read the resident B rows `slots_per_row` (None: no adapter, the bare model). The binding
         of a row list bound lately is reused: its segments are built and uploaded once, not per step."""
         rows = tuple(-1 if s is None else int(s) for s in slots_per_row)
-        with self._row_bindings_lock:  # (threads bind rows concurrently: serve's batcher, writes, readers)
-            binding = self._row_bindings.get(rows)
-            if binding is not None:
-                self._row_bindings.move_to_end(rows)
-                return binding
+        binding = self._row_bindings.get(rows)  # (threads bind rows concurrently: serve's batcher, writes, readers)
+        if binding is not None:
+            return binding
         for s in rows:
             if not -1 <= s < self.capacity:
                 raise ValueError(f"slot {s} is outside this engine's {self.capacity} B rows")
@@ -266,10 +259,7 @@ class FastWeightEngine:
         device_indptr, device_slots = upload([indptr, slots], self.device)  # (no wait for the device)
         binding = Binding(self.b_stacks, self.a_views, indptr, slots, tuple(slots.tolist()),
                           device_indptr=device_indptr, device_slots=device_slots, host_rows=len(rows))  # fmt: skip
-        with self._row_bindings_lock:  # (two threads may have made one: either serves)
-            self._row_bindings[rows] = binding
-            while len(self._row_bindings) > self.ROW_BINDINGS:
-                self._row_bindings.popitem(last=False)
+        self._row_bindings.put(rows, binding)  # (two threads may have made one: either serves)
         return binding
 
     def binding_all_rows(self, slot: int) -> Binding:
