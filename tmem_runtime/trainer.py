@@ -249,7 +249,7 @@ class WriteRun:
         e = self.engine
         if self.cached:
             segments = (plan.seg_indptr, plan.seg_slot)
-            if e.backend != "triton" and plan.host_segments is not None:  # (the others read them on the host)
+            if not e.device_segments and plan.host_segments is not None:  # (kernels that read them on the host)
                 segments = plan.host_segments
             binding = self.ws.binding(*segments, plan.slots, True, self.sgd_lr)
             with e.bind(binding):
