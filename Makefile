@@ -6,6 +6,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.tmem-installed
 TORCH   ?= torch==2.13.0
+# Test processes (pytest-xdist): the suite is single-threaded per test (see tests/conftest.py), so one
+# process per core nearly halves its time on a 2-core box. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 
 # The GPU image's versions (torch 2.11 there; the CPU torch wheel here), in a venv of their own.
 # Triton 3.6's interpreter breaks with numpy >= 2.4, so numpy is pinned below it there.
@@ -36,7 +39,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS)
 
 $(COMPAT_STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(COMPAT)/bin/python || $(PY) -m venv $(COMPAT)
@@ -50,7 +53,7 @@ $(COMPAT_STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT)/bin/python -c "import triton, transformers; print('compat: triton', triton.__version__, \
 	  '| transformers', transformers.__version__)"
-	$(COMPAT)/bin/python -m pytest $(COMPAT_TESTS)
+	$(COMPAT)/bin/python -m pytest $(COMPAT_TESTS) -n $(TEST_WORKERS)
 
 # One prepared GPU run (at most 8 minutes on an H100), on a machine with the image's packages only: run it as
 #   pip install -e . --no-deps --no-build-isolation; make gpu-check        (results: $OUT or ./gpu_out)
