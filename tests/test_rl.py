@@ -5,6 +5,7 @@ Tiny random models (seconds each); the episode environment runs on a tiny model 
 tokenizer (random weights write no valid card: every sample is malformed, reward 0, counted).
 """
 
+import hashlib
 import json
 import math
 import os
@@ -643,3 +644,50 @@ def test_resuming_with_other_environment_settings_is_refused_and_changes_nothing
     with pytest.raises(CheckpointError, match=r"num_layers 4 -> None"):
         toy_trainer(tmp_path, settings={"l_max": 512, "flashcard_mode": "per-turn"}).resume()
     assert toy_trainer(tmp_path, settings=dict(env)).resume() == 2
+
+
+def test_tmem_rl_resume_checks_the_data_and_tokenizer_by_content_and_scores_late_held_out_as_resumed(tmp_path):
+    """A resume on other training data (same path, other content) is refused and changes nothing; the same data
+    moved elsewhere resumes. A held-out set first named on a resume was scored at the resumed step and filed
+    under "before" (the step-0 score it is not): it is filed under "resumed" now, once."""
+    from tmem_runtime.agent.long_conversations import make_conversation
+    from tmem_runtime.cli import main
+
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([make_conversation(1, n_facts=2, tokens=100, turns_per_session=6)]))
+    held = tmp_path / "held.json"
+    held.write_text(json.dumps([make_conversation(2, n_facts=2, tokens=100, turns_per_session=6)]))
+    out = tmp_path / "run"
+    run = ["rl", "--out", str(out), "--model", "tiny-llama", "--group-size", "2", "--save-every", "1"]
+    assert main([*run, "--data", str(data), "--steps", "1"]) == 0
+    state = json.loads((latest_checkpoint(out) / "trainer.json").read_text())
+    assert len(state["settings"]["data_sha256"]) == len(state["settings"]["tokenizer_sha256"]) == 64
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([make_conversation(3, n_facts=2, tokens=100, turns_per_session=6)]))
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match="data_sha256"):
+        main([*run, "--data", str(other), "--steps", "2"])
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+    moved = tmp_path / "elsewhere" / "train.json"
+    moved.parent.mkdir()
+    moved.write_bytes(data.read_bytes())
+    assert main([*run, "--data", str(moved), "--held-out", str(held), "--steps", "2"]) == 0
+    report = json.loads((out / "held_out.json").read_text())
+    assert "before" not in report and report["resumed"]["per-turn"]["step"] == 1
+    assert report["after"]["per-turn"]["step"] == 2
+    assert report["resumed"]["per-turn"]["held_out_sha256"] == hashlib.sha256(held.read_bytes()).hexdigest()
+    resumed = report["resumed"]
+    assert main([*run, "--data", str(moved), "--held-out", str(held), "--steps", "3"]) == 0
+    report = json.loads((out / "held_out.json").read_text())
+    assert report["resumed"] == resumed and report["after"]["per-turn"]["step"] == 3  # not scored again
+
+
+def test_a_checkpoint_older_than_the_input_fingerprints_resumes_with_a_warning(tmp_path):
+    env = {"l_max": 512, "flashcard_mode": "per-turn"}
+    toy_trainer(tmp_path, settings=env).train(2)
+    with pytest.warns(UserWarning, match="records no data_sha256, tokenizer_sha256"):
+        assert toy_trainer(tmp_path, settings=dict(env, data_sha256="a" * 64, tokenizer_sha256="b" * 64)).resume() == 2
+    with pytest.raises(CheckpointError, match="flashcard_mode per-turn -> array"):  # the others are still checked
+        toy_trainer(tmp_path, settings=dict(env, flashcard_mode="array", data_sha256="a" * 64)).resume()

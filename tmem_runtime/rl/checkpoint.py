@@ -104,6 +104,11 @@ def save_checkpoint(out: str | os.PathLike, step: int, policy: Policy, optimizer
     return final
 
 
+# settings that fingerprint the run's inputs (tmem rl's training data and tokenizer), recorded since 2026-11-27: a
+# checkpoint saved before is resumed without them, with a warning
+FINGERPRINTS = ("data_sha256", "tokenizer_sha256")
+
+
 def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.optim.Optimizer,
                     config: dict | None = None, settings: dict | None = None,
                     weights_sha256: str | None = None) -> dict:
@@ -115,7 +120,8 @@ def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.op
     in any of its keys, saved "settings" (the environment's, recorded since they were saved) that
     differ from `settings` in any of theirs, or (if given) a saved "weights_sha256" other than
     `weights_sha256` (`policy.base_weights_sha256` of the model as loaded: same type and sizes, other
-    weights). A checkpoint saved before it was recorded is loaded with a warning (type and sizes only)."""
+    weights). A checkpoint saved before it was recorded is loaded with a warning (type and sizes only), as is
+    one saved before the FINGERPRINTS settings were (they are left unchecked)."""
     path = Path(path)
     try:
         state = json.loads((path / STATE_FILE).read_text())
@@ -127,8 +133,11 @@ def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.op
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: no readable {STATE_FILE} ({exc})") from exc
     changed = [f"{k} {saved.get(k)} -> {v}" for k, v in (config or {}).items() if saved.get(k) != v]
+    unrecorded = []  # fingerprints this checkpoint is older than
     if saved_settings is not None:  # (older checkpoints recorded none: nothing to compare)
         mine = json.loads(json.dumps(settings or {}))  # as JSON holds them (tuples are lists)
+        unrecorded = [k for k in FINGERPRINTS if k in mine and k not in saved_settings]
+        mine = {k: v for k, v in mine.items() if k not in unrecorded}
         changed += [f"{k} {saved_settings.get(k)} -> {mine.get(k)}" for k in changed_settings(saved_settings, mine)]
     if changed:
         raise CheckpointError(f"{path} was trained with other settings ({', '.join(changed)}): resume with "
@@ -161,6 +170,9 @@ def load_checkpoint(path: str | os.PathLike, policy: Policy, optimizer: torch.op
     if weights_sha256 is not None and saved_weights is None:
         warnings.warn(f"{path} records no fingerprint of its model's weights (saved by an older tmem): resumed on "
                       "the model's type and sizes alone", stacklevel=2)
+    if unrecorded:
+        warnings.warn(f"{path} records no {', '.join(unrecorded)} (saved by an older tmem): resumed without "
+                      "checking them", stacklevel=2)
     state["step"] = step
     return state
 

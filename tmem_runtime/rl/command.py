@@ -10,13 +10,16 @@ OUT gets log.jsonl (one record per step), checkpoints/step-N/ (policy.safetensor
 card rates on the held-out conversations, before and after) and plots (rl_*.png). Run again with the
 same OUT to continue from its newest checkpoint exactly (--fresh: start over); a checkpoint trained on
 another model (type, sizes, weights), with other GRPO settings (group size, batch, lr, temperature, clip,
-beta, seed, ...) or other environment settings (budget, flashcard mode, replay, policy, fast-weight rank
-and layers, dtype) is refused.
+beta, seed, ...), other environment settings (budget, flashcard mode, replay, policy, fast-weight rank
+and layers, dtype), other training data or another tokenizer (by content, not path) is refused.
+held_out.json's "before" is the writer's score at step 0; a held-out set or mode first named on a resume is
+scored at the resumed step, under "resumed" (each score records its step and its held-out file's SHA-256).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -99,6 +102,18 @@ def load_conversations(path: str) -> list[Conversation]:
     if not any(c.qa for c in conversations):
         raise SystemExit(f"{path} has no questions: nothing to reward")
     return conversations
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (the training data: where it lies does not matter, what it holds does)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+    """SHA-256 of what a tokenizer maps text to and from: its vocabulary, special tokens and chat template."""
+    what = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens,
+            "chat_template": getattr(tokenizer, "chat_template", None)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def read_report(path: Path) -> dict:
@@ -202,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                         beta=args.beta, kl_every=args.kl_every, updates_per_batch=args.updates_per_batch,
                         micro_batch_rows=args.micro_batch_rows, save_every=args.save_every, seed=args.seed)
     settings = dict(asdict(env_config), policy=args.policy, lora_rank=args.lora_rank, rank=args.rank,
-                    num_layers=args.num_layers, dtype=args.dtype)  # what the steps also depend on
+                    num_layers=args.num_layers, dtype=args.dtype,  # what the steps also depend on
+                    data_sha256=file_sha256(args.data), tokenizer_sha256=tokenizer_sha256(tokenizer))
     if ctx.is_main:
         make_out_dir("tmem rl", out)
     trainer = GRPOTrainer(policy, env, config, out, ctx, settings=settings)
@@ -214,23 +230,29 @@ def main(argv: list[str] | None = None) -> int:
         remove_checkpoints(out)  # (--fresh: the replaced run's, which a kill before this run's first save resumed)
         (out / "log.jsonl").write_text("")  # a run from step 0 logs from step 1 (--steps 0: an empty log)
     report_path = out / "held_out.json"
+    held_sha = file_sha256(args.held_out) if held else None
     report = read_report(report_path) if start else {}
     report = ctx.all_gather_objects(report)[0]  # rank 0's: every rank skips or scores "before" alike
 
-    def score_held_out(when: str) -> None:  # the greedy writer on the held-out conversations (shared by the ranks)
-        for mode in (args.eval_modes or [args.flashcard_mode]) if held else []:
+    def score_held_out(when: str, modes: list[str]) -> None:  # the greedy writer on the held-out conversations
+        for mode in modes if held else []:  # (shared by the ranks)
             env_mode = MemoryWriteEnv(pool, generator, held, replace(env_config, flashcard_mode=mode))
             scores = evaluate_writer(env_mode, range(len(held)), ctx)
             if ctx.is_main:
-                report.setdefault(when, {})[mode] = dict(scores, step=trainer.step)
+                report.setdefault(when, {})[mode] = dict(scores, step=trainer.step, held_out_sha256=held_sha)
                 text = json.dumps(report, indent=1)  # (atomic: a kill mid-write leaves the last whole one)
                 atomic_write(report_path, lambda tmp, text=text: Path(tmp).write_text(text))
                 print(f"held-out {when} ({mode}, step {trainer.step}): {report[when][mode]}")
 
-    if "before" not in report:
-        score_held_out("before")
+    # "before" is the initial writer's score: a mode added on a resume (--held-out or --eval-modes new to the run)
+    # can only be scored at the resumed step, under "resumed" (each score records its step)
+    def scored(mode: str) -> bool:  # on these held-out conversations (an older report recorded no hash)
+        return any(report.get(w, {}).get(mode, {}).get("held_out_sha256") == held_sha for w in ("before", "resumed"))
+
+    modes = args.eval_modes or [args.flashcard_mode]
+    score_held_out("before" if start == 0 else "resumed", [m for m in modes if not scored(m)])
     trainer.train(args.steps)
-    score_held_out("after")
+    score_held_out("after", modes)
     if ctx.is_main:
         plot_log(out)
         print(f"wrote {out}/log.jsonl, checkpoints/, rl_*.png" + (", held_out.json" if held else ""))

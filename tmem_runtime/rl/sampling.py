@@ -53,7 +53,7 @@ class RowSampler:
         self.broken = [False] * len(seeds)
 
     def __call__(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+        logp = torch.log_softmax(logits.detach().float() / self.temperature, dim=-1)  # (a draw needs no graph)
         tokens = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
         finite = torch.isfinite(logp).all(dim=-1).tolist()
         for i, r in enumerate(rows):
