@@ -691,3 +691,14 @@ def test_a_checkpoint_older_than_the_input_fingerprints_resumes_with_a_warning(t
         assert toy_trainer(tmp_path, settings=dict(env, data_sha256="a" * 64, tokenizer_sha256="b" * 64)).resume() == 2
     with pytest.raises(CheckpointError, match="flashcard_mode per-turn -> array"):  # the others are still checked
         toy_trainer(tmp_path, settings=dict(env, flashcard_mode="array", data_sha256="a" * 64)).resume()
+
+
+def test_an_environment_sampling_at_another_temperature_than_grpo_scores_is_refused(tmp_path):
+    """The ratio pi/pi_old compares the sampler's log-probabilities with the scorer's: at two temperatures they
+    are of two distributions, and the Python API trained on silently (the CLI passes one value to both)."""
+    policy = tiny("full")
+    with pytest.raises(ValueError, match="temperature 0.7 and GRPO scores at 1.0"):
+        GRPOTrainer(policy, PlantedFactEnv(policy.model, num_tasks=2, temperature=0.7), GRPOConfig(group_size=2),
+                    tmp_path)
+    GRPOTrainer(policy, PlantedFactEnv(policy.model, num_tasks=2, temperature=0.7),
+                GRPOConfig(group_size=2, temperature=0.7), tmp_path)

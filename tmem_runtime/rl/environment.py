@@ -185,6 +185,10 @@ class MemoryWriteEnv:
         self.recipe = resolve_recipe(config.recipe)
         self._writes: dict[int, list[WriteContext]] = {}
 
+    @property
+    def temperature(self) -> float:
+        return self.config.temperature
+
     def writes(self, task: int) -> list[WriteContext]:
         if task not in self._writes:
             self._writes[task] = write_contexts(self.conversations[task], self.generator, self.config.l_max)

@@ -45,8 +45,10 @@ def sum_counts(counts: Iterable[dict[str, float]]) -> dict[str, float]:
 class Environment(Protocol):
     """Tasks indexed 0..num_tasks-1 (training conversations or contexts); `rollouts` samples the actions
     of the given members ((position in `tasks`, member index) pairs: this rank's share) and scores them.
-    Every sample is seeded by (seed, task, ..., member), so any rank produces the same rollout."""
+    Every sample is seeded by (seed, task, ..., member), so any rank produces the same rollout. `temperature`:
+    what its samples are drawn at (the trainer's log-probabilities must be of the same distribution)."""
 
     num_tasks: int
+    temperature: float
 
     def rollouts(self, tasks: Sequence[int], members: Sequence[tuple[int, int]], seed: int) -> list[Rollout]: ...

@@ -100,6 +100,9 @@ class GRPOTrainer:
     def __init__(self, policy: Policy, env: Environment, config: GRPOConfig, out: str | Path,
                  ctx: DistContext | None = None, reference: nn.Module | None = None,
                  settings: dict | None = None) -> None:
+        if env.temperature != config.temperature:
+            raise ValueError(f"the environment samples at temperature {env.temperature} and GRPO scores at "
+                             f"{config.temperature}: the ratio's log-probabilities would be of another distribution")
         ctx = ctx or DistContext()
         self.policy, self.env, self.config, self.ctx = policy, env, config, ctx
         self.settings = dict(settings or {})
