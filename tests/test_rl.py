@@ -702,3 +702,25 @@ def test_an_environment_sampling_at_another_temperature_than_grpo_scores_is_refu
                     tmp_path)
     GRPOTrainer(policy, PlantedFactEnv(policy.model, num_tasks=2, temperature=0.7),
                 GRPOConfig(group_size=2, temperature=0.7), tmp_path)
+
+
+def test_tmem_rl_refuses_data_whose_writes_hold_no_question_and_changes_nothing(tmp_path, capsys):
+    """A rollout is rewarded by the questions whose evidence its write holds: with no question's evidence known
+    (or none in any write) the run trained on nothing, silently. Refused before any step; a mix trains, with the
+    idle conversations said."""
+    from tmem_runtime.agent.long_conversations import make_conversation
+    from tmem_runtime.cli import main
+
+    known = make_conversation(1, n_facts=2, tokens=100, turns_per_session=6)
+    unknown = make_conversation(2, n_facts=2, tokens=100, turns_per_session=6)
+    unknown["qa"] = [dict(q, evidence=[]) for q in unknown["qa"]]
+    (tmp_path / "idle.json").write_text(json.dumps([unknown]))
+    (tmp_path / "mix.json").write_text(json.dumps([known, unknown]))
+    out = tmp_path / "run"
+    run = ["rl", "--out", str(out), "--model", "tiny-llama", "--group-size", "2", "--steps", "1"]
+    with pytest.raises(SystemExit, match="no write of --data at --l-max 512 holds a question's evidence"):
+        main([*run, "--data", str(tmp_path / "idle.json"), "--l-max", "512"])
+    assert not (out / "checkpoints").exists() and not (out / LOG_FILE).exists()
+    capsys.readouterr()
+    assert main([*run, "--data", str(tmp_path / "mix.json"), "--l-max", "512"]) == 0
+    assert "1 of 2 training conversations have no write holding a question's evidence" in capsys.readouterr().err

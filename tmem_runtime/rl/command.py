@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from tmem_runtime.agent.locomo import Conversation
-    from tmem_runtime.rl.environment import MemoryEnvConfig
+    from tmem_runtime.rl.environment import MemoryEnvConfig, MemoryWriteEnv
 
 PLOTTED = (("reward", "reward (mean F1 after the write)"), ("valid_card_rate", "valid-card rate"),
            ("kl", "KL to the reference"), ("loss", "loss"))
@@ -173,6 +173,19 @@ def check_card_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace
             parser.error(f"--flashcard-mode {mode} with --l-max {args.l_max} on --model {args.model}: {exc}")
 
 
+def check_rewardable(env: MemoryWriteEnv, l_max: int) -> None:
+    """SystemExit if no training conversation has a write (at budget `l_max`) holding a question's last evidence
+    turn: no rollout would ever be rewarded, and the run would train on nothing. Those without one are said."""
+    idle = [t for t in range(env.num_tasks) if not any(w.questions for w in env.writes(t))]
+    if len(idle) == env.num_tasks:
+        raise SystemExit(f"tmem rl: no write of --data at --l-max {l_max} holds a question's evidence (a write "
+                         "happens when the context passes the budget): nothing to reward; lower --l-max or use "
+                         "longer conversations")
+    if idle:
+        print(f"tmem rl: {len(idle)} of {env.num_tasks} training conversations have no write holding a question's "
+              f"evidence at --l-max {l_max}: they give no reward", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -213,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                        seed=args.seed)
     generator = Generator(model, tokenizer)
     env = MemoryWriteEnv(pool, generator, train, env_config)
+    check_rewardable(env, args.l_max)
     config = GRPOConfig(group_size=args.group_size, batch=args.batch, lr=args.lr, temperature=args.temperature,
                         beta=args.beta, kl_every=args.kl_every, updates_per_batch=args.updates_per_batch,
                         micro_batch_rows=args.micro_batch_rows, save_every=args.save_every, seed=args.seed)
