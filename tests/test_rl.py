@@ -724,3 +724,15 @@ def test_tmem_rl_refuses_data_whose_writes_hold_no_question_and_changes_nothing(
     capsys.readouterr()
     assert main([*run, "--data", str(tmp_path / "mix.json"), "--l-max", "512"]) == 0
     assert "1 of 2 training conversations have no write holding a question's evidence" in capsys.readouterr().err
+
+
+def test_rerunning_a_finished_run_leaves_its_checkpoint_untouched(tmp_path):
+    """A finished run rerun (resumed at its last step, nothing to train) removed its last checkpoint and saved
+    it again: a kill in between lost the run's end. Nothing is written now."""
+    toy_trainer(tmp_path, {"save_every": 0}).train(2)
+    (ckpt,) = (tmp_path / "checkpoints").iterdir()
+    stamps = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in ckpt.iterdir()}
+    again = toy_trainer(tmp_path, {"save_every": 0})
+    assert again.resume() == 2 and again.train(2) == []
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [ckpt.name]
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in ckpt.iterdir()} == stamps

@@ -263,8 +263,8 @@ class GRPOTrainer:
                 bar.update(1)
                 if on_step is not None:
                     on_step(rec)
-        if not self.config.save_every or self.step % self.config.save_every:
-            self.save()
+        if records and (not self.config.save_every or self.step % self.config.save_every):
+            self.save()  # (a run already at `steps`, e.g. a finished one rerun, leaves its checkpoint as it is)
         return records
 
     def save(self) -> Path | None:
