@@ -736,3 +736,25 @@ def test_rerunning_a_finished_run_leaves_its_checkpoint_untouched(tmp_path):
     assert again.resume() == 2 and again.train(2) == []
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [ckpt.name]
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in ckpt.iterdir()} == stamps
+
+
+def test_a_lora_policy_of_another_models_weights_is_refused_and_an_older_file_warns(tmp_path):
+    """`tmem eval --policy` identified a policy by the model's type and sizes: a slow LoRA trained on one model
+    loaded into another of the same shape (another seed, another fine-tune) silently. Its file now records the
+    base weights' SHA-256 (as a checkpoint does); a file saved before says so and loads."""
+    from safetensors.torch import load_file, save_file
+
+    policy = tiny("lora", seed=0)
+    policy.save(tmp_path / "policy.safetensors")
+    other, _ = load_model("tiny-llama", seed=1)
+    with pytest.raises(PolicyFileError, match="same type and sizes, other weights"):
+        load_policy(other, tmp_path / "policy.safetensors")
+    assert not any("lora_" in n for n, _ in other.named_parameters())  # refused before any LoRA is injected
+    load_policy(load_model("tiny-llama", seed=0)[0], tmp_path / "policy.safetensors")
+    with pytest.warns(UserWarning, match="trained on a float32 model and this one is bfloat16"):  # evaluated in bf16
+        load_policy(load_model("tiny-llama", seed=1, dtype=torch.bfloat16)[0], tmp_path / "policy.safetensors")
+    meta = dict(policy.metadata())
+    del meta["base_weights_sha256"]
+    save_file(load_file(tmp_path / "policy.safetensors"), tmp_path / "old.safetensors", metadata=meta)
+    with pytest.warns(UserWarning, match="records no fingerprint of its base model's weights"):
+        load_policy(load_model("tiny-llama", seed=0)[0], tmp_path / "old.safetensors")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,6 +116,9 @@ class Policy:
         fast = spec.fast_layers if spec.fast_layers is not None else fast_weight_layers(model)
         self.spec = PolicySpec(spec.mode, spec.lora_rank, spec.lora_alpha, tuple(fast))
         self.targets: list[str] = []
+        # "lora": what its file records of the base it trains on (never changed by the policy); "full": the file
+        # holds every weight, so there is no separate base to fingerprint
+        self.base_sha256 = base_weights_sha256(model, self.spec.fast_layers) if self.spec.mode == "lora" else None
         if self.spec.mode == "lora":
             from peft import LoraConfig, inject_adapter_in_model
 
@@ -159,7 +163,9 @@ class Policy:
     def metadata(self) -> dict[str, str]:
         return {"format": FORMAT, "mode": self.spec.mode, "lora_rank": str(self.spec.lora_rank),
                 "lora_alpha": str(self.spec.lora_alpha), "fast_layers": json.dumps(list(self.spec.fast_layers)),
-                "targets": json.dumps(self.targets), **_model_identity(self.model)}
+                "targets": json.dumps(self.targets), **_model_identity(self.model),
+                **({"base_weights_sha256": self.base_sha256, "base_dtype": _base_dtype(self.model, self.spec)}
+                   if self.base_sha256 else {})}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable tensors by name (copies on the CPU)."""
@@ -233,6 +239,26 @@ def check_policy_model(path: str | os.PathLike, meta: dict[str, str], model: nn.
         raise PolicyFileError(f"{path} was trained on another model: {wrong} (file, this model)")
 
 
+def _base_dtype(model: nn.Module, spec: PolicySpec) -> str:
+    return str(target_mlps(model, list(spec.fast_layers))[0][1].gate_proj.weight.dtype).removeprefix("torch.")
+
+
+def check_policy_base(path: str | os.PathLike, meta: dict[str, str], model: nn.Module, spec: PolicySpec) -> None:
+    """PolicyFileError if a LoRA policy's header records another base than `model` of the same dtype (the SHA-256
+    of its fast-weight layers' MLP weights); a warning if it records none (an older file) or one of another dtype
+    (a writer trained in float32 may be evaluated in bfloat16: the weights cannot be compared)."""
+    saved, dtype = meta.get("base_weights_sha256"), meta.get("base_dtype")
+    if saved is None:
+        warnings.warn(f"{path} records no fingerprint of its base model's weights (saved by an older tmem): "
+                      "loaded on the model's type and sizes alone", stacklevel=3)
+    elif dtype != _base_dtype(model, spec):
+        warnings.warn(f"{path} was trained on a {dtype} model and this one is {_base_dtype(model, spec)}: its base "
+                      "weights are not compared", stacklevel=3)
+    elif saved != (mine := base_weights_sha256(model, spec.fast_layers)):
+        raise PolicyFileError(f"{path} was trained on another model: same type and sizes, other weights (SHA-256 of "
+                              f"its fast-weight layers' MLP weights {saved[:12]}..., this model's {mine[:12]}...)")
+
+
 def load_policy(model: nn.Module, path: str | os.PathLike, num_layers: int | None = None) -> Policy:
     """Make `model` the trained writer saved at `path` (a policy file, or a checkpoint directory holding
     policy.safetensors): inject the same slow LoRA (lora) or load every weight (full). num_layers: the
@@ -248,6 +274,8 @@ def load_policy(model: nn.Module, path: str | os.PathLike, num_layers: int | Non
                               f"not the last {num_layers}")
     if spec.mode == "lora" and json.loads(meta["targets"]) != lora_targets(model, spec.fast_layers):
         raise PolicyFileError(f"{path}: its LoRA targets are not this model's")
+    if spec.mode == "lora":
+        check_policy_base(path, meta, model, spec)
     policy = Policy(model, spec)
     policy.load_state_dict(tensors)
     model.requires_grad_(False)
