@@ -196,13 +196,16 @@ class TracedSteps:
     divergences: every later step (and every capture) whose trace differs from its key's capture (eager
     first run). survivors: per traced step, the tensors it made that outlive it other than its loss (on
     CUDA, a capture's are graph-pool memory). foreign_reads: steps that read a tensor an earlier step made
-    (a replay would read what that step's graph last wrote there, or memory another graph reuses)."""
+    (a replay would read what that step's graph last wrote there, or memory another graph reuses). splits:
+    per key, the group sizes (`StepBatch.groups`) of the steps it ran: several where a key groups steps whose
+    rows split differently among their sessions."""
 
     state: Sequence[torch.Tensor]
     graphs: dict[Hashable, tuple[StepBatch, list[Entry]]] = field(default_factory=dict)
     divergences: list[Divergence] = field(default_factory=list)
     survivors: list[tuple[int, str, list[tuple[int, str]]]] = field(default_factory=list)
     foreign_reads: list[tuple[int, str, tuple]] = field(default_factory=list)
+    splits: dict[Hashable, set[tuple[int, ...]]] = field(default_factory=dict)  # key -> its steps' group sizes
     calls: int = 0
     replays: int = 0
     _alive: list[tuple[StorageWeakRef, str]] = field(default_factory=list)
@@ -226,6 +229,7 @@ class TracedSteps:
     def __call__(self, key: Hashable, batch: StepBatch, step_fn: Callable[[StepBatch], torch.Tensor]) -> torch.Tensor:
         _patch_triton()
         self.calls += 1
+        self.splits.setdefault(key, set()).add(batch.groups)
         entry = self.graphs.get(key)
         if entry is not None:
             static, captured = entry
@@ -253,8 +257,10 @@ class TracedSteps:
 
     def report(self) -> str:
         """Divergences, reads of earlier steps' tensors and what the steps leave alive, as text."""
-        lines = [f"{self.calls} steps, {len(self.graphs)} keys, {self.replays} replays, {len(self.divergences)} "
-                 f"divergences, {len(self.foreign_reads)} reads of earlier steps' tensors"]  # fmt: skip
+        split = sum(len(s) > 1 for s in self.splits.values())
+        lines = [f"{self.calls} steps, {len(self.graphs)} keys ({split} of several row splits), {self.replays} "
+                 f"replays, {len(self.divergences)} divergences, {len(self.foreign_reads)} reads of earlier steps' "
+                 "tensors"]  # fmt: skip
         lines += [str(d) for d in self.divergences]
         lines += [f"step {step} {op} reads {where}" for step, op, where in self.foreign_reads[:20]]
         lines += [f"step {step} ({what}) leaves {len(alive)} tensors alive: {alive[:6]}"

@@ -46,18 +46,22 @@ def _traced_writes(written: dict, optimizer: str, lr: float, seeds: tuple[int, .
 
 
 @pytest.mark.parametrize(
-    "written,optimizer,lr",
-    [(SESSIONS, "adamw", 1e-2), ({"c": SESSIONS["c"]}, "sgd", 0.5)],
+    "written,optimizer,lr,keys,split_keys",
+    [(SESSIONS, "adamw", 1e-2, 5, [{(1, 4), (4, 1)}]), ({"c": SESSIONS["c"]}, "sgd", 0.5, 2, [])],
     ids=["batched-adamw", "one-session-sgd"],
 )
-def test_steps_sharing_a_graph_key_issue_identical_traces(written, optimizer, lr):
+def test_steps_sharing_a_graph_key_issue_identical_traces(written, optimizer, lr, keys, split_keys):
     """Every step of a key (within a write and across the two writes) traces as its key's capture, and the
     capture as its eager first run; no step reads a tensor an earlier step made. The batched write has
-    several sessions, a shared prefix and sessions dropping out (Triton kernels); the one-session SGD write
-    runs the torch composition, as `auto` does on CUDA for one session (the Triton in-backward SGD step, which
+    several sessions, a shared prefix and sessions dropping out (Triton kernels, which read the segments on
+    the device): its steps of 5 rows split 1 + 4 and 4 + 1 between two sessions share one key (the split
+    lives in the step's tensors), so the second replays the first's capture. The one-session SGD write runs
+    the torch composition, as `auto` does on CUDA for one session (the Triton in-backward SGD step, which
     only an explicit backend="triton" takes there, is left to the CUDA graph tests of test_write_steps.py)."""
     traced, _, _ = _traced_writes(written, optimizer, lr)
     (steps,) = traced.steps()
+    assert len(steps.graphs) == keys, steps.report()
+    assert [s for s in steps.splits.values() if len(s) > 1] == split_keys, steps.splits
     assert steps.replays >= 4, steps.report()  # (the second write replays what the first captured)
     assert not steps.divergences, steps.report()
     assert not steps.foreign_reads, steps.report()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import Counter
 from functools import partial
 
 import pytest
@@ -237,6 +238,74 @@ def test_writes_of_one_bucket_share_its_buffers(tiny):
     fw.write_examples(examples(5, seed=2), Recipe(lr=2e-2, epochs=1))  # another lr: a constant of the graphs
     assert len(kept.buckets) == 2
     fw.detach()
+
+
+@pytest.mark.parametrize("device_segments", [True, False])
+def test_steps_that_split_their_rows_differently_share_a_signature_where_segments_are_read_on_the_device(
+    tiny, device_segments
+):
+    """Two steps of 5 rows of two sessions, split 1 + 4 and 4 + 1: one signature (one CUDA graph) where the
+    kernels read the segments on the device, whose split is then only in the step's tensors; two where
+    kernels take them on the host. A copy into the first step's batch takes the second's tensors and its
+    host fields (group sizes, host segments), so a replay, or the CPU trace checker, runs the second step."""
+    fw = FastWeights(tiny, backend="torch")
+    cache = fw.store._encode(collate(examples()))
+    tokens = write_module.round_up(int(cache.lengths[:5].sum()), write_module.TOKEN_BUCKET)
+    shape = (cache.hidden.shape[1], 128, tokens, device_segments)
+    a = write_module.plan_group_step(cache, [(0, [0]), (1, [1, 2, 3, 4])], fw.device, *shape)
+    b = write_module.plan_group_step(cache, [(0, [4, 3, 2, 1]), (1, [0])], fw.device, *shape)
+    assert (a.signature == b.signature) == device_segments
+    assert a.seg_indptr.shape == b.seg_indptr.shape and not torch.equal(a.seg_indptr, b.seg_indptr)
+    if device_segments:
+        static = a.clone()
+        static.copy_(b)
+        assert static.groups == b.groups == (4, 1) and static.host_segments is b.host_segments
+        for name, got, want in zip(static.TENSORS, static.tensors_or_none(), b.tensors_or_none()):
+            assert (got is None and want is None) or torch.equal(got, want), name
+    fw.detach()
+
+
+def test_batched_writes_of_varying_cards_keep_a_bounded_set_of_graph_keys(tiny, monkeypatch):
+    """120 batched writes of 4 sessions of 1 to 12 cards each through the Triton kernels (which read the
+    segments on the device): a bucket's graph keys (`StepBatch.signature`) are its steps' row and session
+    counts and its writes' target and token counts, however the rows split among the sessions. Here every
+    bucket stays within MAX_GRAPHS (so none drops a graph: each key is captured once, when first seen), and
+    the last 40 writes capture a graph for fewer than 1 step in 10; keyed by the splits, the largest bucket
+    would need more than twice as many keys and those writes would capture for 1 step in 5 at least (without
+    the cap's drops). The steps are planned, not run (the keys are the plans' signatures)."""
+    from benchmarks.common import prefixed_examples
+    from tmem_runtime.cuda_graphs import MAX_GRAPHS
+
+    planned = []  # (bucket, write, signature, group sizes) of every step
+
+    def plan_only(run: WriteRun, on_step: object = None) -> torch.Tensor:
+        plans = run.plans()
+        planned.extend((run.static, write, p.signature, p.groups) for p in plans)
+        return torch.zeros(len(plans), len(run.slots), device=run.engine.device)  # (finite, not diverging)
+
+    monkeypatch.setattr(WriteRun, "run_steps", plan_only)
+    pool = SessionPool(tiny, capacity=4, backend="triton")
+    pool._static = StaticWrites(pool.engine, graphs=False)  # (a pool keeps them on CUDA only)
+    assert pool.engine.device_segments
+    for s in "abcd":
+        pool.open(s)
+    recipe = Recipe(optimizer="adamw", lr=1e-2, epochs=2, batch_size=4)
+    cards = torch.randint(1, 13, (120, 4), generator=torch.Generator().manual_seed(0)).tolist()
+    for write, counts in enumerate(cards):
+        written = {s: prefixed_examples(n, 10 * write + i) for i, (s, n) in enumerate(zip("abcd", counts))}
+        pool.write_examples_many(written, recipe, seed=write)
+    pool.detach()
+    keys, by_split = {}, {}  # {(bucket, key): the write that first ran it}, the same keyed by the splits too
+    for bucket, write, signature, groups in planned:
+        keys.setdefault((id(bucket), signature), write)
+        by_split.setdefault((id(bucket), signature, groups), write)
+    per_bucket = Counter(b for b, _ in keys)
+    per_bucket_by_split = Counter(b for b, _, _ in by_split)
+    assert max(per_bucket.values()) <= MAX_GRAPHS, per_bucket
+    assert max(per_bucket_by_split.values()) > 2 * max(per_bucket.values()), (per_bucket, per_bucket_by_split)
+    late = sum(write >= 80 for _, write, _, _ in planned)
+    captured, captured_by_split = (sum(w >= 80 for w in k.values()) for k in (keys, by_split))
+    assert captured * 10 < late < captured_by_split * 5, (captured, captured_by_split, late)
 
 
 def test_static_buffers_are_made_outside_inference_mode_and_dropped_when_a_weight_moves(tiny):

@@ -6,10 +6,14 @@ arithmetic, can bound it. `GraphedSteps` runs the first step of each shape eager
 (a real step, which also warms up autograd, the allocator and Triton's JIT), captures the next one,
 and replays that graph for every later step of the shape with the step's inputs copied into the
 graph's static `StepBatch`. Nothing in a replayed step reads the device from the host. The graphs
-live as long as the buffers they read (`static_write.StaticWrite`): across writes. At most MAX_GRAPHS
-are kept per bucket, the least recently replayed dropped first: a batched write's steps differ in how
-their rows split among its sessions (part of a step's shape), so over a long run of batched writes the
-shapes a bucket sees keep growing (a CPU simulation of 300 writes: 374 and rising).
+live as long as the buffers they read (`static_write.StaticWrite`): across writes. A key is the step's
+`StepBatch.signature`: its row, target and token counts and its sessions. How a batched write's rows
+split among its sessions is not part of it where the kernels read the segments on the device (Triton):
+the split is then in the step's tensors, which a replay copies in, and the host uses only the session
+count. Keys still vary with the row and session counts and with each write's target and token counts,
+so at most MAX_GRAPHS are kept per bucket, the least recently replayed dropped first. (A CPU count of
+the keys of 300 batched writes of 4 sessions of 1 to 12 cards, planned not run: 212 in the largest
+bucket keyed by the splits, 70 keyed by the session count; tests/test_write_steps.py counts 120 writes.)
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ class GraphedSteps:
     """Calls with a key replay that key's graph of one whole training step.
 
     step_fn(batch) -> loss [] runs the step; it is called (eagerly, then captured) only the first time
-    a key is seen. Steps that share a key must have the same StepBatch signature and read the same
+    a key is seen. Steps that share a key must have the same StepBatch signature (then the host decides
+    nothing differently for them: benchmarks/graph_trace.py checks it on the CPU) and read the same
     tensors otherwise (the graph bakes in their addresses). Returns each step's loss as a fresh
     device tensor. Keeps at most `max_graphs` graphs (default MAX_GRAPHS; the least recently replayed go first).
     """

@@ -14,6 +14,9 @@ captured:
 The padding is inert: rows past N are never selected, tokens past a row's length are masked in
 attention and carry no target, so they add exactly zero to every gradient; the adapted MLPs run the
 real tokens only, padded to a fixed count (`write.plan_steps`) by repeating one padding position.
+Within a bucket, a step's graph is keyed by its `StepBatch.signature` (`cuda_graphs`): with the Triton
+kernels, which read the segments on the device, steps that split their rows differently among the
+sessions share one graph.
 At most MAX_BUCKETS buckets are kept (least recently used first out), each with its own CUDA graph
 memory pool.
 A graph also bakes in the model's own weights' addresses: when any of the model's parameters or
@@ -69,7 +72,7 @@ class StaticWrite:
         return replace(cache, prefix_hidden=self.prefix_hidden, hidden=self.hidden, labels=labels)
 
     def run_step(self, plan: StepBatch, step_fn: Callable[[StepBatch, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """One step, counted on the device: a replay of its shape's graph where there is one."""
+        """One step, counted on the device: a replay of its signature's graph where there is one."""
         if self.graphs is None:
             return step_fn(plan, self.step)
         return self.graphs(plan.signature, plan, lambda batch: step_fn(batch, self.step))

@@ -287,7 +287,8 @@ class WriteRun:
     # ---------------------------------------------------------------- the whole write
     def plans(self) -> list:
         if self.cached:
-            return plan_steps(self.data, self.steps, self.engine.device, fixed_shapes=self.static is not None)
+            e = self.engine
+            return plan_steps(self.data, self.steps, e.device, self.static is not None, e.device_segments)
         return plan_generic(self.data, self.steps, self.engine.device)
 
     def run_steps(self, on_step: StepCallback | None = None) -> torch.Tensor:

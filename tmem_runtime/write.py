@@ -80,6 +80,9 @@ class StepBatch:
     (no row padded). seg_indptr / seg_slot: the adapted MLP's token segments (`mlp_token_segments`) as
     int64 tensors. Tensors on the compute device; groups and slots on the host. host_segments: the same
     segments on the host (kernels that read them on the host take these: no read back from the device).
+    device_segments: the step's kernels read the segments from seg_indptr / seg_slot on the device (the
+    engine's `device_segments`, which the step's binding follows: the Triton backend): the group sizes are
+    then values of the step's tensors, not host decisions, and its signature keeps only their count.
     """
 
     rows: torch.Tensor
@@ -96,6 +99,7 @@ class StepBatch:
     seg_slot: torch.Tensor | None = None
     token_index: torch.Tensor | None = None
     host_segments: tuple[torch.Tensor, torch.Tensor] | None = None
+    device_segments: bool = False
 
     TENSORS = ("rows", "lengths", "loss_index", "targets", "target_weight", "target_group", "row_prefix",
                "seg_indptr", "seg_slot", "token_index")  # fmt: skip
@@ -110,8 +114,16 @@ class StepBatch:
 
     @property
     def signature(self) -> tuple:
-        """Steps with equal signatures run the same kernels on same-shaped tensors (one CUDA graph)."""
-        shape = (self.rows.shape[0], self.width, self.lengths is None, self.targets.shape[0], self.groups, self.slots)
+        """Steps with equal signatures run the same kernels on same-shaped tensors (one CUDA graph).
+
+        The group sizes enter in full where kernels take the segments on the host (which split their work
+        there); with `device_segments` only the group count does: a step uses the sizes on the host only
+        through their count (the prefix copies, the per-group losses [G], the sessions updated, the segments'
+        count G, which sets the kernels' grids), and how its rows and tokens split among the groups lives in
+        its tensors (rows, row_prefix, target_group, target_weight, seg_indptr), which a replay copies in.
+        So steps of a batched write whose rows split differently among its sessions share one graph."""
+        groups = len(self.groups) if self.device_segments else self.groups
+        shape = (self.rows.shape[0], self.width, self.lengths is None, self.targets.shape[0], groups, self.slots)
         return shape + (None if self.token_index is None else self.token_index.shape[0],)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -127,12 +139,13 @@ class StepBatch:
         return self.with_tensors([c(t) for t in self.tensors_or_none()])
 
     def copy_(self, other: StepBatch) -> None:
-        """Copy `other`'s tensors into this batch's (same signature), device to device."""
+        """Copy `other`'s tensors into this batch's (same signature), device to device, and take its host
+        fields that the signature may leave out (its group sizes, its host segments)."""
         if other.signature != self.signature:
             raise ValueError(f"step batch signature {other.signature} != {self.signature}")
         for dst, src in zip(self.tensors(), other.tensors()):
             dst.copy_(src, non_blocking=True)
-        self.host_segments = other.host_segments
+        self.groups, self.host_segments = other.groups, other.host_segments
 
 
 def mlp_token_segments(prefix_len: int, group_tokens: Sequence[int], slots: Sequence[int]) -> tuple[list, list]:
@@ -255,6 +268,7 @@ def plan_group_step(
     width: int | None = None,
     num_targets: int | None = None,
     num_tokens: int | None = None,
+    device_segments: bool = False,
 ) -> StepBatch:
     """The StepBatch of `groups` [(workspace slot, cache rows), ...], from the cache's host-side data.
 
@@ -264,7 +278,7 @@ def plan_group_step(
     with weight 0, and the adapted MLPs run the real tokens then, up to num_tokens (at most rows x
     width), one padding position again and again (its value reaches no real token, so its gradient is
     exactly 0); none of it changes a loss or a gradient.
-    device None: the StepBatch on the host (`upload_steps` moves it).
+    device None: the StepBatch on the host (`upload_steps` moves it). device_segments: as in StepBatch.
     """
     rows = torch.cat([torch.as_tensor(r, dtype=torch.long).cpu().reshape(-1) for _, r in groups])
     sizes = [len(torch.as_tensor(r).reshape(-1)) for _, r in groups]
@@ -320,6 +334,7 @@ def plan_group_step(
         torch.tensor(indptr, dtype=torch.long),
         torch.tensor(slots, dtype=torch.long),
         token_index,
+        device_segments=device_segments,
     )
     return host if device is None else upload_steps([host], device)[0]
 
@@ -342,22 +357,27 @@ def plan_steps(
     schedule: Sequence[Sequence[int]] | Sequence[Sequence[tuple[int, Sequence[int]]]],
     device: torch.device,
     fixed_shapes: bool = False,
+    device_segments: bool = False,
 ) -> list[StepBatch]:
     """One StepBatch per entry of `schedule`: cache rows of one session, or [(slot, rows), ...].
 
     fixed_shapes: every step runs the cache's full width, with the schedule's largest target count
     rounded up to TARGET_BUCKET and its largest real token count rounded up to TOKEN_BUCKET (the adapted
-    MLPs' rows), so steps differ at most in their row counts, and writes of similar cards in their shapes
-    not at all (for CUDA graphs).
+    MLPs' rows), so steps differ at most in their row counts and groups, and writes of similar cards in
+    their shapes not at all (for CUDA graphs). device_segments: the kernels read the segments on the
+    device (as in StepBatch: then steps that differ only in how their rows split among the sessions have
+    one signature).
     """
     steps = [list(s) if s and isinstance(s[0], tuple) else [(0, s)] for s in schedule]
     if not fixed_shapes:
-        return upload_steps([plan_group_step(cache, groups, None) for groups in steps], device)
+        plans = [plan_group_step(cache, groups, None, device_segments=device_segments) for groups in steps]
+        return upload_steps(plans, device)
     width = cache.hidden.shape[1]
     step_rows = [[r for _, rows in g for r in rows] for g in steps]
     targets = round_up(max(int((cache.labels[r, 1:] != IGNORE_INDEX).sum()) for r in step_rows), TARGET_BUCKET)
     tokens = round_up(max(int(cache.lengths[r].sum()) for r in step_rows), TOKEN_BUCKET)
-    return upload_steps([plan_group_step(cache, groups, None, width, targets, tokens) for groups in steps], device)
+    plans = [plan_group_step(cache, groups, None, width, targets, tokens, device_segments) for groups in steps]
+    return upload_steps(plans, device)
 
 
 def round_up(n: int, step: int) -> int:
