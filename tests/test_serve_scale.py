@@ -583,8 +583,13 @@ def test_a_store_of_a_newer_format_is_refused_at_startup_and_an_older_one_opened
 
     newer = tmp_path / "newer"
     Store(newer).create("t", "s")
+    (newer / "format.json").write_text(json.dumps({"format": 2}))
+    opened = Store(newer)
     marker = json.dumps({"format": STORE_FORMAT + 1}).encode()
-    (newer / "format.json").write_bytes(marker)
+    (newer / "format.json").write_bytes(marker)  # (a newer server marked it since: it is not marked back)
+    with pytest.raises(StoreFormatError, match=f"format {STORE_FORMAT + 1}, newer than this server knows"):
+        opened.create("t", "s2")
+    assert (newer / "format.json").read_bytes() == marker and not opened.exists("t", "s2")
     with pytest.raises(StoreFormatError, match=f"format {STORE_FORMAT + 1}, newer than this server knows"):
         Store(newer)
     server = ServerProcess(["--model", "tiny-llama", "--store", str(newer)], free_port(), tmp_path / "serve.log")

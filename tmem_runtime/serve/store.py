@@ -231,6 +231,7 @@ class Store:
         directories, once: before this server first writes in it, after `bind_model`'s check."""
         if self._marked:
             return
+        self.format = _check_format(self.root)  # (read again: a newer server may have marked it since it opened)
         if self.format < STORE_FORMAT:  # (two writers write the same bytes)
             _write_atomically(self.root / FORMAT_FILE, json.dumps({"format": STORE_FORMAT}).encode())
         (self.root / "tenants").mkdir(exist_ok=True)
