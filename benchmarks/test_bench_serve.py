@@ -117,6 +117,7 @@ async def run_session(i: int, base: str, messages: int, deadline: float, log: Se
     name = NAMES[i % len(NAMES)]
     ai = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", timeout=600, max_retries=0)
     async with httpx.AsyncClient(base_url=base, timeout=600) as http:
+        model = (await ai.models.list()).data[0].id  # (the server refuses any other)
         r = await http.post("/v1/sessions", json={"id": sid})
         r.raise_for_status()
         for k in range(0, messages * work.turns, work.turns):
@@ -142,7 +143,7 @@ async def run_session(i: int, base: str, messages: int, deadline: float, log: Se
             for q in range(work.questions):
                 t0 = time.monotonic()
                 done = await ai.chat.completions.create(
-                    model="smollm2-135m", max_tokens=ANSWER_TOKENS, extra_body={"session": sid},
+                    model=model, max_tokens=ANSWER_TOKENS, extra_body={"session": sid},
                     messages=[{"role": "user", "content": questions[max(0, k - 3 * q)]}])
                 log.latencies.append(time.monotonic() - t0)
                 log.answer_tokens += done.usage.completion_tokens

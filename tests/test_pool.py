@@ -422,6 +422,100 @@ def test_a_load_into_an_offloaded_session_does_not_read_its_old_copy(tiny, tmp_p
     pool.detach()
 
 
+def residency_state(pool: SessionPool) -> dict:
+    """Everything residency decides: rows, LRU order, kept copies, free rows, pins, counters, the B rows themselves,
+    and the offload files' bytes."""
+    r = pool.residency
+    return {
+        "resident": list(r.resident.items()),  # (in LRU order)
+        "away": dict(r.away),
+        "free": list(r.free),
+        "pins": dict(r.pins),
+        "counters": pool.counters(),
+        "b": r.engine.b.clone(),
+        "initial": list(r.engine.initial),
+        "files": {f.name: f.read_bytes() for f in r.offload_dir.iterdir()},
+    }
+
+
+def assert_same_residency(got: dict, want: dict) -> None:
+    assert torch.equal(got.pop("b"), want["b"])
+    assert got == {k: v for k, v in want.items() if k != "b"}
+
+
+def test_a_failed_restore_moves_no_other_session(tiny, tmp_path):
+    """Restoring a session whose offload file is corrupt or missing is refused before a row is taken for it: no
+    other session is evicted for it (the resident set, LRU order, kept copies, counters and files are exactly
+    as they were), through every path that restores (a state dict, a write, a forward's rows, a reading block),
+    and a group with one unreadable session restores none of the others. It evicted the least recently used
+    session, then failed."""
+    from tmem_runtime.adapter_file import AdapterFileError
+
+    pool = SessionPool(tiny, capacity=2, backend="torch", offload="disk", offload_dir=tmp_path / "off")
+    states = {}
+    for s in "abcde":
+        pool.open(s)
+        pool.write_examples_many({s: examples(3, ord(s))}, Recipe(lr=1e-2, epochs=1))
+        states[s] = pool.state_dict(s)
+    pool.open("f")  # never written: away in its initial state
+    assert list(pool.residency.resident) == ["d", "e"]
+    corrupt, missing = pool.residency.away["a"], pool.residency.away["b"]
+    corrupt.write_bytes(corrupt.read_bytes()[:100])
+    missing.unlink()
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def forward(sessions: list[str]) -> None:
+        with pool.rows(sessions), torch.no_grad():
+            tiny(input_ids=ids)
+
+    def reading(sessions: list[str]) -> None:
+        with pool.reading(sessions):
+            pass
+
+    before = residency_state(pool)
+    attempts = {
+        "state_dict corrupt": lambda: pool.state_dict("a"),
+        "state_dict missing": lambda: pool.state_dict("b"),
+        "write": lambda: pool.write_examples_many({"a": examples(2, 9)}, Recipe(lr=1e-2, epochs=1)),
+        "write with a good one": lambda: pool.write_examples_many(
+            {"c": examples(2, 9), "b": examples(2, 8)}, Recipe(lr=1e-2, epochs=1)),
+        "rows": lambda: forward(["c", "a"]),
+        "rows with an initial one": lambda: forward(["f", "b"]),
+        "reading": lambda: reading(["c", "b"]),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(AdapterFileError, match="cannot read"):
+            attempt()
+            pytest.fail(name)
+        assert_same_residency(residency_state(pool), before)
+    for s in "cde":  # the others are all there, bit for bit
+        got = pool.state_dict(s)
+        assert all(torch.equal(got[k], v) for k, v in states[s].items()), s
+    pool.reset("a")  # what is left to do with an unreadable session
+    pool.close("b")
+    assert all(v.abs().sum() == 0 for k, v in pool.state_dict("a").items() if k.endswith("lora_B"))
+    pool.detach()
+
+
+def test_an_acquire_without_rows_for_all_its_sessions_moves_none(tiny, tmp_path):
+    """An acquire of two away sessions with one row to be had (the other pinned by a running batch) raises
+    PoolFullError before it restores the first (which evicted the last unpinned session, then failed)."""
+    pool = SessionPool(tiny, capacity=2, backend="torch", offload="disk", offload_dir=tmp_path / "off")
+    for s in "abcd":
+        pool.open(s)
+        pool.write_examples_many({s: examples(3, ord(s))}, Recipe(lr=1e-2, epochs=1))
+    residency = pool.residency
+    residency.acquire(["c"])  # pinned, as by a batch running on another thread
+    before = residency_state(pool)
+    with pytest.raises(PoolFullError, match="in use by running batches"):
+        residency.acquire(["a", "b"])
+    assert_same_residency(residency_state(pool), before)
+    residency.release(["c"])
+    assert residency.acquire(["a", "b"]) == [residency.resident["a"], residency.resident["b"]]
+    residency.release(["a", "b"])
+    pool.detach()
+
+
 def test_a_relative_offload_dir_survives_a_change_of_working_directory(tiny, tmp_path, monkeypatch):
     """offload_dir="offload" names the directory it named when the pool was made: after the process changed its
     working directory, an offloaded session came back as AdapterFileError (its file looked for under the new one)

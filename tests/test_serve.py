@@ -596,6 +596,80 @@ def test_openai_options_are_honoured_or_refused_never_ignored(served, acme):
         assert r.status_code == 400 and next(iter(options)) in r.json()["error"]["message"], (options, r.text)
 
 
+def test_a_trailing_slash_is_the_same_route_never_a_redirect(served, acme):
+    """POST /v1/chat/completions/ (and every other path with a trailing slash) is answered by the route without
+    it, as OpenAI's API does: it was FastAPI's 307 redirect, which clients do not follow with a POST's body."""
+    _, service = served
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8}
+    answers = service.metrics.counters["requests_total"]
+    key = (("code", "200"), ("route", "/v1/chat/completions"))
+    before = answers[key]
+    plain, slashed = (acme.post(path, json=body) for path in ("/v1/chat/completions", "/v1/chat/completions/"))
+    assert slashed.status_code == 200, slashed.text
+    assert slashed.json()["choices"] == plain.json()["choices"] and slashed.json()["usage"] == plain.json()["usage"]
+    assert answers[key] == before + 2  # (counted under the route's own path)
+    r = acme.post("/v1/sessions/", json={"id": "slashed"})
+    assert r.status_code == 201 and r.json()["id"] == "slashed"
+    r = acme.post("/v1/sessions/slashed/memories/", json={"memories": [{"question": "Q?", "answer": "A"}]})
+    assert r.status_code == 200 and r.json()["status"] == "committed", r.text
+    for path in ("/v1/models", "/v1/models/tiny-llama", "/v1/sessions", "/v1/sessions/slashed",
+                 "/v1/sessions/slashed/memories", "/health"):
+        got, slashed = acme.get(path), acme.get(path + "/")
+        assert (slashed.status_code, slashed.json()) == (got.status_code, got.json()), path
+    r = acme.get("/v1/nowhere/")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_model_this_server_does_not_serve_is_refused(served, acme):
+    """A chat completion naming another model than the one /v1/models lists is OpenAI's 404 model_not_found
+    (param "model"), streamed or not; it was answered by the served model. Naming none is the served one."""
+    url, _ = served
+    listed = [m["id"] for m in acme.get("/v1/models").json()["data"]]
+    assert listed == ["tiny-llama"]
+    messages = [{"role": "user", "content": "Name a colour."}]
+    for model in ("gpt-4o", "tiny-llama ", "TINY-LLAMA", ""):
+        for stream in (False, True):
+            r = acme.post("/v1/chat/completions", json={"model": model, "messages": messages, "stream": stream})
+            assert r.status_code == 404 and r.headers["content-type"] == "application/json", (model, r.text)
+            assert r.json() == {"error": {
+                "message": f"the model {model!r} does not exist here: this server serves 'tiny-llama' (GET /v1/models)",
+                "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="key-acme", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=4)
+    assert err.value.code == "model_not_found" and err.value.param == "model"
+    for model in listed:
+        assert client.chat.completions.create(model=model, messages=messages, max_tokens=4).model == model
+    r = acme.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4})  # (no model: the served one)
+    assert r.status_code == 200 and r.json()["model"] == "tiny-llama"
+
+
+def test_an_assistant_message_with_null_content_is_an_empty_assistant_turn(served, acme):
+    """OpenAI's assistant message with `content: null` (or none: one that called tools, or refused) is an empty
+    assistant turn, answered as content "" is (it was a 400); a user, system or developer message without content
+    is a 400 that says so."""
+    def answer(assistant: dict) -> httpx.Response:
+        messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", **assistant},
+                    {"role": "user", "content": "Another one?"}]
+        return acme.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": messages, "max_tokens": 8})
+
+    empty = answer({"content": ""})
+    assert empty.status_code == 200, empty.text
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    for assistant in ({"content": None}, {}, {"content": None, "tool_calls": calls},
+                      {"content": None, "refusal": "No."}):
+        r = answer(assistant)
+        assert r.status_code == 200, (assistant, r.text)
+        assert r.json()["choices"] == empty.json()["choices"] and r.json()["usage"] == empty.json()["usage"], assistant
+    for role in ("user", "system", "developer"):
+        for message in ({"role": role, "content": None}, {"role": role}):
+            r = acme.post("/v1/chat/completions", json={"messages": [message, {"role": "user", "content": "Hi"}]})
+            assert r.status_code == 400, (message, r.text)
+            assert r.json()["error"]["message"] == (
+                f"invalid request: messages.0: content: a {role} message needs content (a string or a list of text "
+                "parts); only an assistant message may have null content"), r.text
+
+
 def test_a_value_of_the_wrong_json_type_is_a_400_never_coerced(served, acme):
     """As OpenAI: "3" or true for max_tokens, "yes" or 1 for stream, "7" for seed are 400s naming the field;
     they were read as 3 tokens, 1 token, a stream, seed 7 (and a session's `wait: "no"` as a wait). An
@@ -1131,7 +1205,7 @@ def test_an_unexpected_error_is_a_counted_json_500_on_a_connection_that_stays_op
             replies.append(_read_response(s))
     (status, body), (health, _) = replies
     assert status == 500 and json.loads(body)["error"] == {"message": "internal error: RuntimeError",
-                                                           "type": "server_error", "code": None}
+                                                           "type": "server_error", "param": None, "code": None}
     assert health == 200 and errors[key] == before + 1
 
 

@@ -574,14 +574,22 @@ def test_a_store_of_a_newer_format_is_refused_at_startup_and_an_older_one_opened
     older = tmp_path / "older"  # a store from before the marker, with a session in it
     Store(older).create("t", "s")
     (older / "format.json").unlink()
-    assert Store(older).read("t", "s")[0].triggers == 0
-    assert json.loads((older / "format.json").read_bytes()) == {"format": STORE_FORMAT}
+    store = Store(older)
+    assert store.read("t", "s")[0].triggers == 0
+    assert store.format == 1 and not (older / "format.json").exists()  # (opened: read, nothing written yet)
+    store.create("t", "s2")  # marked before this server writes in it
+    assert json.loads((older / "format.json").read_bytes()) == {"format": STORE_FORMAT} == {"format": store.format}
     assert Store(tmp_path / "fresh").format == STORE_FORMAT and (tmp_path / "fresh" / "format.json").is_file()
 
     newer = tmp_path / "newer"
     Store(newer).create("t", "s")
+    (newer / "format.json").write_text(json.dumps({"format": 2}))
+    opened = Store(newer)
     marker = json.dumps({"format": STORE_FORMAT + 1}).encode()
-    (newer / "format.json").write_bytes(marker)
+    (newer / "format.json").write_bytes(marker)  # (a newer server marked it since: it is not marked back)
+    with pytest.raises(StoreFormatError, match=f"format {STORE_FORMAT + 1}, newer than this server knows"):
+        opened.create("t", "s2")
+    assert (newer / "format.json").read_bytes() == marker and not opened.exists("t", "s2")
     with pytest.raises(StoreFormatError, match=f"format {STORE_FORMAT + 1}, newer than this server knows"):
         Store(newer)
     server = ServerProcess(["--model", "tiny-llama", "--store", str(newer)], free_port(), tmp_path / "serve.log")
@@ -677,6 +685,45 @@ def test_a_store_from_before_the_model_record_gets_it_at_its_next_start_from_its
     with pytest.raises(StoreModelError, match="unreadable model record"):
         MemoryService(other, tokenizer, Store(fresh), config)
     assert (fresh / "model.json").read_text() == '{"name": "q", "ident'
+
+
+def every_path(root: Path) -> dict[str, tuple[bytes | None, int]]:
+    """Every file and directory of a store (the servers' lease records too): its bytes (None: a directory) and
+    modification time."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("older", [1, 2])
+def test_a_server_of_another_model_leaves_an_older_store_exactly_as_it_was(model, tmp_path, older):
+    """A format 1 (no marker) or 2 store of another model is refused with every file and directory as it was:
+    its marker was rewritten as this server's format (3) before the model was checked, so the store's own
+    format 2 servers refused it from then on. Its model's server then opens it and marks it."""
+    root = tmp_path / "store"
+    s = start_service(model, Store(root), idle_unload=0, model_name="tiny-llama")
+    try:
+        s.create("t", "s")
+        assert s.remember("t", "s", CARDS).done.result(timeout=60)["error"] is None
+    finally:
+        s.stop()
+        s.pool.detach()
+    if older == 1:
+        (root / "format.json").unlink()
+    else:
+        (root / "format.json").write_text(json.dumps({"format": 2}))
+    before = every_path(root)
+    other, tokenizer = load_serving_model("tiny-qwen2")
+    with pytest.raises(StoreModelError, match="not of this server's model tiny-qwen2"):
+        MemoryService(other, tokenizer, Store(root), ServeConfig(capacity=4, max_write_sessions=1,
+                                                                 model_name="tiny-qwen2"))
+    assert every_path(root) == before  # (not a byte, a modification time, nor a new file or directory)
+
+    s = start_service(model, Store(root), idle_unload=0, model_name="tiny-llama")
+    try:
+        assert s.memories("t", "s") == CARDS
+    finally:
+        s.stop()
+    assert json.loads((root / "format.json").read_text()) == {"format": STORE_FORMAT}
 
 
 # ---------------------------------------------------------------------------------------------- turns log
@@ -1063,8 +1110,9 @@ def test_a_format_2_store_opens_marked_as_its_own_and_takes_remembers_and_writes
                                                       "context_tokens": 15,
                                                       "stats": {"turns": 2, "writes": 1, "cards": 1}}) + "\n")
     store = Store(root)
+    assert store.format == 2
+    s = start_service(model, store, idle_unload=0)  # (marked once its model is checked)
     assert json.loads((root / "format.json").read_text()) == {"format": STORE_FORMAT} and STORE_FORMAT == 3
-    s = start_service(model, store, idle_unload=0)
     try:
         assert s.stats("t", "old")["context_turns"] == 3 and s.memories("t", "old") == [CARDS[0]]
         assert s.remember("t", "old", CARDS[1:]).done.result(timeout=60)["error"] is None

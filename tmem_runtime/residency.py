@@ -7,7 +7,9 @@ used unpinned session: its B row is copied to host memory, or to a safetensors f
 its next use. A session still in its initial state is evicted for free (nothing to keep). A copy
 (copy.deepcopy of the model, pickling) holds the offloaded rows in host memory, never the original's
 files. Sessions in use by a running batch are pinned and never evicted; when every row is pinned,
-`acquire` raises `PoolFullError`. Not thread-safe by itself: the pool calls it under its lock.
+`acquire` raises `PoolFullError`. A restore that cannot be done (a lost or corrupt offload file, no row
+to be had) is refused before any session moves: no other session is evicted for it. Not thread-safe by
+itself: the pool calls it under its lock.
 """
 
 from __future__ import annotations
@@ -152,12 +154,18 @@ class Residency:
                 f"and this pool has {self.engine.capacity}: use groups of at most {self.engine.capacity} "
                 "sessions, or a pool of a larger capacity"
             )
+        # Everything that can fail is done before any session moves: the kept rows are read (a lost or corrupt
+        # offload file) and the rows counted (PoolFullError), so a refused acquire changes nothing at all.
+        kept = {s: self._kept_row(s) for s in unique if s not in self.resident}
+        evictable = sum(1 for s in self.resident if not self.pins[s] and s not in unique)
+        if len(kept) > len(self.free) + evictable:
+            raise _all_rows_pinned(self.engine.capacity)
         for s in unique:
             self.pins[s] += 1
         try:
             for s in unique:
-                if s not in self.resident:
-                    self._restore(s, self._take_row())
+                if s in kept:
+                    self._restore(s, self._take_row(), kept[s])
                 self.resident.move_to_end(s)
         except BaseException:
             self.release(unique)
@@ -172,7 +180,8 @@ class Residency:
         if slot is None:
             self.check(session)
             if restore:
-                self._restore(session, self._take_row())
+                kept = self._kept_row(session)  # (read before a row is taken: a bad file moves no other session)
+                self._restore(session, self._take_row(), kept)
             else:
                 slot = self._take_row()  # (PoolFullError: nothing changed)
                 self._delete(self.away.pop(session))
@@ -202,10 +211,7 @@ class Residency:
             return self.free.pop()
         victim = next((s for s in self.resident if not self.pins[s]), None)
         if victim is None:
-            raise PoolFullError(
-                f"all {self.engine.capacity} rows hold sessions in use by running batches; "
-                "raise the pool's capacity or wait for a batch to finish"
-            )
+            raise _all_rows_pinned(self.engine.capacity)
         slot = self.resident[victim]
         kept = self._evict(victim, slot)  # a failed offload (disk full, bad offload_dir) changes nothing
         del self.resident[victim]
@@ -224,15 +230,20 @@ class Residency:
         self.counters.disk_writes += 1
         return path
 
-    def _restore(self, session: str, slot: int) -> None:
-        """`session`'s kept row into `slot` (a row taken for it). On any error (an unreadable file) the session
-        stays away as it was and `slot` is free again."""
+    def _kept_row(self, session: str) -> torch.Tensor | None:
+        """The B row kept for away `session` (on the host when it was offloaded to disk; None: its initial state),
+        read and checked without moving anything (AdapterFileError for a lost or corrupt offload file)."""
+        kept = self.away[session]
+        return self._read(kept, "cpu") if isinstance(kept, Path) else kept
+
+    def _restore(self, session: str, slot: int, kept_row: torch.Tensor | None) -> None:
+        """`session`'s kept row (`_kept_row`, read before `slot` was taken for it) into `slot`. On any error the
+        session stays away as it was and `slot` is free again."""
         kept = self.away[session]
         try:
-            if kept is None:
+            if kept_row is None:
                 self.engine.reset_rows([slot])
             else:
-                kept_row = self._read(kept) if isinstance(kept, Path) else kept
                 self.engine.set_rows([slot], kept_row[None].to(self.engine.device))
         except BaseException:
             self.free.append(slot)
@@ -244,11 +255,18 @@ class Residency:
             self.counters.disk_reads += isinstance(kept, Path)
             self._delete(kept)
 
-    def _read(self, path: Path) -> torch.Tensor:
-        return read_adapter(path, self._file_meta(), self.engine.device)["b"]
+    def _read(self, path: Path, device: torch.device | str | None = None) -> torch.Tensor:
+        return read_adapter(path, self._file_meta(), self.engine.device if device is None else device)["b"]
 
     def _file_meta(self) -> dict[str, str]:
         return {**self.engine.metadata(), "format": "tmem-offloaded-row/1"}
+
+
+def _all_rows_pinned(capacity: int) -> PoolFullError:
+    return PoolFullError(
+        f"all {capacity} rows hold sessions in use by running batches; "
+        "raise the pool's capacity or wait for a batch to finish"
+    )
 
 
 def _file_stem(session: str) -> str:

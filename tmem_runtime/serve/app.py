@@ -14,8 +14,9 @@
 
 API keys (`Authorization: Bearer KEY`) map to tenants; session ids are scoped to the tenant, so a
 tenant can only ever name its own sessions. Errors are OpenAI-shaped JSON ({"error": {"message",
-"type", "code"}}) with a 4xx status for anything the client can fix, and 503 (`server_busy`, with
-Retry-After) for a session that cannot be loaded while every loaded one is busy at --max-loaded.
+"type", "param", "code"}}) with a 4xx status for anything the client can fix, and 503 (`server_busy`, with
+Retry-After) for a session that cannot be loaded while every loaded one is busy at --max-loaded. A path
+with a trailing slash is the same path (no redirect: clients do not follow a POST's 307 with its body).
 """
 
 from __future__ import annotations
@@ -58,9 +59,13 @@ DEFAULT_TENANT = "default"
 
 
 class ApiError(Exception):
+    """An error answered as OpenAI's body: status, message, type (`kind`), code, and the request field at
+    fault (`param`, e.g. "model"; None for none)."""
+
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, param: str | None = None) -> None:
         self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers
+        self.param = param
         super().__init__(message)
 
 
@@ -71,13 +76,28 @@ class ContentPart(BaseModel):
     text: str = Field(max_length=100_000)
 
 
+MessageContent = Annotated[str, Field(max_length=100_000)] | Annotated[list[ContentPart], Field(max_length=256)]
+
+
 class ChatMessage(BaseModel):
+    """One message of a chat. An assistant message's content may be null or absent (OpenAI's, for one that
+    made tool calls or refused): an empty assistant turn, as content "". Every other role needs content."""
+
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str, Field(max_length=100_000)] | Annotated[list[ContentPart], Field(max_length=256)]
+    content: MessageContent | None = None
     name: str | None = Field(None, max_length=64)
 
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: a {self.role} message needs content (a string or a list of text parts); "
+                             "only an assistant message may have null content")
+        return self
+
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
@@ -211,6 +231,23 @@ class CreateRequest(BaseModel):
 
 
 # ---------------------------------------------------------------- the app
+class SameWithoutSlash:
+    """ASGI middleware: a path with trailing slashes is routed as the path without them (POST
+    /v1/chat/completions/ is POST /v1/chat/completions), never redirected: OpenAI's API does not redirect,
+    and clients do not follow a POST's 307 with its body."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope["path"] = path.rstrip("/") or "/"  # (in place: the outer middleware reads the route it gets)
+            if isinstance(scope.get("raw_path"), bytes):
+                scope["raw_path"] = scope["raw_path"].rstrip(b"/") or b"/"
+        return await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """ASGI middleware: a request body over `max_bytes` (declared or streamed) gets 413 before the app
     sees it; a body within the limit is read whole and handed on."""
@@ -249,7 +286,7 @@ class BodyLimit:
 
 
 async def _send_error(send, status: int, message: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": None}}).encode()
+    body = json.dumps(_error_body(ApiError(status, message))).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -259,8 +296,10 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
                max_body: int = 1 << 20) -> FastAPI:
     """The API over `service`. api_keys: key -> tenant (None or empty: no auth, one tenant "default")."""
     keys = {_digest(k): check_id("tenant", t) for k, t in (api_keys or {}).items()}
-    app = FastAPI(title="tmem serve", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="tmem serve", version="1", docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     app.add_middleware(BodyLimit, max_bytes=max_body)
+    app.add_middleware(SameWithoutSlash)
     _install_error_handlers(app)
     cfg = service.config
 
@@ -304,15 +343,19 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
 
     served = {"id": model_name, "object": "model", "owned_by": "tmem", "created": 0}
 
+    def check_model(model: str | None) -> None:
+        """A request's model: the served one (what /v1/models lists) or none named; else OpenAI's 404."""
+        if model is not None and model != model_name:
+            raise ApiError(404, f"the model {model!r} does not exist here: this server serves {model_name!r} "
+                           "(GET /v1/models)", "invalid_request_error", "model_not_found", param="model")
+
     @get("/v1/models")
     def models(t: str = Depends(tenant)) -> dict:
         return {"object": "list", "data": [served]}
 
     @get("/v1/models/{model:path}")
     def model(model: str, t: str = Depends(tenant)) -> dict:
-        if model != model_name:
-            raise ApiError(404, f"the model {model!r} does not exist here: this server serves {model_name!r}",
-                           "invalid_request_error", "model_not_found")
+        check_model(model)
         return served
 
     @app.post("/v1/sessions", status_code=201)
@@ -374,6 +417,7 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: Request, t: str = Depends(tenant),
                    x_tmem_session: str | None = Header(None)):
+        check_model(body.model)
         sid = body.session if body.session is not None else x_tmem_session
         sid = None if sid is None else session_id(sid)  # "" is an invalid id, never the bare model
         max_tokens = body.max_completion_tokens or body.max_tokens  # None: as many as fit (service.answer)
@@ -520,7 +564,7 @@ def _as_api_error(exc: Exception) -> ApiError:
 
 
 def _error_body(err: ApiError) -> dict:
-    return {"error": {"message": err.message, "type": err.kind, "code": err.code}}
+    return {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}}
 
 
 def _respond(err: ApiError) -> JSONResponse:

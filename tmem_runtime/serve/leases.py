@@ -53,8 +53,7 @@ class ServerLeases:
     """The servers' lease records under `root` (see the module docstring)."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = root  # (made by the first renewal: a store only read is left as it was)
 
     def _path(self, owner: str, suffix: str) -> Path:
         return self.root / (owner.encode().hex() + suffix)
@@ -68,6 +67,7 @@ class ServerLeases:
     def renew(self, owner: str, url: str, ttl: float) -> ServerLease:
         """Extend the server's lease by `ttl` seconds from now, in the same epoch if it has not expired
         (a new epoch if it had, or if this write landed after it had)."""
+        self.root.mkdir(parents=True, exist_ok=True)
         with open(self._path(owner, ".lock"), "a+b") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             held = self.read(owner)

@@ -35,8 +35,11 @@ read, so it needs no new format: a server from before it serves the store as it 
 
 Formats: a server opens a store of its format or an older one (marking an older one as its own: the
 older layouts are read as they are), and refuses one of a newer format (`StoreFormatError`), whose files
-it may misread. Servers from before the marker (format 1) cannot refuse; the lease files of format 2 on
-are written so that they read them as held (leases.py), so they never take a session a newer server serves.
+it may misread. Opening an existing store only reads it: it is marked (and its directories made) once
+its model is checked (`bind_model`) or before this server first writes in it, so a server that refuses it
+(another model's) leaves every file as it was; a new (missing or empty) store is marked at once. Servers
+from before the marker (format 1) cannot refuse; the lease files of format 2 on are written so that they
+read them as held (leases.py), so they never take a session a newer server serves.
 """
 
 from __future__ import annotations
@@ -212,18 +215,35 @@ class Store:
     """The session files under `root` (created if missing); safe to share between processes."""
 
     def __init__(self, root: str | os.PathLike) -> None:
+        """StoreFormatError for a store of a newer format or with an unreadable marker. `format`: the store's
+        (1: no marker), STORE_FORMAT once this server has marked it as its own (`_mark`)."""
         self.root = Path(root)
+        new = not self.root.exists() or (self.root.is_dir() and not any(self.root.iterdir()))
         self.root.mkdir(parents=True, exist_ok=True)
-        self.format = _check_format(self.root)
-        (self.root / "tenants").mkdir(exist_ok=True)
+        self.format = _check_format(self.root)  # (reads only)
         self.servers = ServerLeases(self.root / "servers")
+        self._marked = False
+        if new:
+            self._mark()
+
+    def _mark(self) -> None:
+        """Mark the store as of this server's format (an older store's files read as they are) and make its
+        directories, once: before this server first writes in it, after `bind_model`'s check."""
+        if self._marked:
+            return
+        self.format = _check_format(self.root)  # (read again: a newer server may have marked it since it opened)
+        if self.format < STORE_FORMAT:  # (two writers write the same bytes)
+            _write_atomically(self.root / FORMAT_FILE, json.dumps({"format": STORE_FORMAT}).encode())
+        (self.root / "tenants").mkdir(exist_ok=True)
+        self.format, self._marked = STORE_FORMAT, True
 
     def bind_model(self, name: str, metadata: Mapping[str, str]) -> None:
         """Check that the store holds the sessions of this model, recording it if the store has no record
         (see the module docstring). name: what the server calls the model (said in messages, not compared);
         metadata: the header its adapter files carry (`SessionPool.metadata()`). StoreModelError, naming
         both models, if the record (or, in a store without one, a weights file) is of another model or
-        adapter: nothing in the store is changed then."""
+        adapter: nothing in the store is changed then (not even its format marker). The store is then
+        marked as of this server's format."""
         ours = {"name": name, "identity": model_identity(metadata)}
         path = self.root / MODEL_FILE
         while True:
@@ -238,10 +258,12 @@ class Store:
             if found is not None:
                 _check_model(self.root, found, ours)
             if _create_once(path, json.dumps(ours, ensure_ascii=False).encode()):
+                self._mark()
                 return
         if not isinstance(theirs, dict) or not isinstance(theirs.get("identity"), dict):
             raise StoreModelError(f"store {self.root}: unreadable model record {path} (no identity)")
         _check_model(self.root, theirs, ours)
+        self._mark()
 
     def _sessions_model(self) -> dict | None:
         """In a store without a model record: the model of the first readable weights file (None: none)."""
@@ -273,6 +295,7 @@ class Store:
     # ---------------------------------------------------------------- state
     def create(self, tenant: str, session: str) -> SessionRecord:
         """A new session in its initial state; SessionExistsError if the id is taken in the tenant."""
+        self._mark()
         d = self.session_dir(tenant, session)
         d.parent.mkdir(parents=True, exist_ok=True)
         with self._locked(d, create=True):
@@ -314,6 +337,7 @@ class Store:
         state does not name are removed. owner: commit only if the session's lease names it (else
         LeaseLostError), holding the lease's lock to the commit point, so no other server claims the
         session (and reads it) in between. `record` takes the weights file, count and log generation."""
+        self._mark()
         d = self.session_dir(tenant, session)
         with self._leased(d, session, owner):
             if save_weights is not None:
@@ -334,6 +358,7 @@ class Store:
     def append_turns(self, tenant: str, session: str, log: int, entry: dict, owner: str | None = None) -> int:
         """Append a turns-log entry (`turn_log`) to the session's log of generation `log` (its state's),
         durably; owner: as `commit`'s (LeaseLostError, nothing appended). Returns the bytes appended."""
+        self._mark()
         d = self.session_dir(tenant, session)
         with self._leased(d, session, owner):
             return append_entry(d / log_name(log), entry)
@@ -379,6 +404,7 @@ class Store:
         d = self.session_dir(tenant, session)
         if not (d / "state.json").is_file():
             raise KeyError(session)
+        self._mark()
         server = self.servers.live(owner, url, ttl)
         with self._locked(d):
             now = time.time()  # (before the server lease is read: see leases.py)
@@ -396,6 +422,7 @@ class Store:
         """Renew the leases of every session `owner` holds in its current epoch, by `ttl` seconds: one
         write. Sessions whose lease names another epoch (the returned one changed: a late renewal) must
         be claimed again; a claim refused means another server has taken the session."""
+        self._mark()
         server = self.servers.renew(owner, url, ttl)
         return Lease(owner, server.url, server.expires, server.epoch)
 
@@ -430,7 +457,8 @@ class Store:
 
     def leased_to(self, owner: str) -> Iterator[tuple[str, str]]:
         """(tenant, session) of every session whose lease names `owner` (expired or not)."""
-        for t in (self.root / "tenants").iterdir():
+        tenants = self.root / "tenants"
+        for t in tenants.iterdir() if tenants.is_dir() else ():
             for s in t.iterdir():
                 held = _read_lease_file(s / "lease.json")
                 if held is not None and held["owner"] == owner and (s / "state.json").is_file():
@@ -475,14 +503,13 @@ def _read_lease_file(path: Path) -> dict | None:
 
 
 def _check_format(root: Path) -> int:
-    """The store's format, marked as STORE_FORMAT if it has no marker (an older store, or a new one);
-    StoreFormatError if it is newer than STORE_FORMAT or its marker is unreadable."""
+    """The store's format, read (1: no marker, an older store's or a new one's); StoreFormatError if it is
+    newer than STORE_FORMAT or its marker is unreadable. Writes nothing (`Store._mark` does)."""
     path = root / FORMAT_FILE
     try:
         found = json.loads(path.read_bytes())["format"]
     except FileNotFoundError:
-        _write_atomically(path, json.dumps({"format": STORE_FORMAT}).encode())  # (two writers write the same bytes)
-        return STORE_FORMAT
+        return 1
     except (ValueError, KeyError, TypeError) as exc:
         raise StoreFormatError(f"store {root}: unreadable format marker {path} ({exc!r})") from None
     if not isinstance(found, int) or isinstance(found, bool):
@@ -492,9 +519,7 @@ def _check_format(root: Path) -> int:
             f"store {root} is in format {found!r}, newer than this server knows ({STORE_FORMAT}): upgrade tmem "
             "to serve it (every server sharing a store must know its format)"
         )
-    if found < STORE_FORMAT:
-        _write_atomically(path, json.dumps({"format": STORE_FORMAT}).encode())
-    return STORE_FORMAT
+    return found
 
 
 def _check_model(root: Path, theirs: dict, ours: dict) -> None:
