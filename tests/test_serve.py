@@ -1538,3 +1538,14 @@ def test_an_answer_reads_one_state_of_its_session_while_a_write_of_it_commits(ca
         resume.set()
         batcher.stop()
         pool.detach()
+
+
+def test_the_served_model_name_is_the_model_directorys_unless_named():
+    """Requests must name the served model (404 model_not_found otherwise): `--served-model-name` (vLLM's flag)
+    lets a server answer to the name its clients already send."""
+    from tmem_runtime.serve.main import build_parser, served_model_name
+
+    parse = build_parser().parse_args
+    assert served_model_name(parse(["--model", "/models/Qwen3-4B/"])) == "Qwen3-4B"
+    assert served_model_name(parse(["--model", "tiny-llama"])) == "tiny-llama"
+    assert served_model_name(parse(["--model", "/models/Qwen3-4B", "--served-model-name", "qwen"])) == "qwen"

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -78,6 +79,8 @@ def read_api_keys(path: str | None) -> dict[str, str]:
 def build_parser():
     p = command_parser("tmem serve", "an HTTP server where every conversation keeps its own fast-weight memory")
     p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m, tiny-<type>, or a local HF directory")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name /v1/models lists and requests must name (default: --model's last part)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (none: the model's; tiny models: "
                    "the embedded model's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -109,6 +112,11 @@ def build_parser():
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     return p
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    """The name clients use: --served-model-name, else the last part of --model (a directory's name)."""
+    return args.served_model_name or os.path.basename(args.model.rstrip("/"))
 
 
 def main(argv: list[str]) -> int:
@@ -164,7 +172,7 @@ def main(argv: list[str]) -> int:
             service = MemoryService(model, tokenizer, store, config)
         except StoreModelError as exc:  # another model's sessions: refused before anything there changes
             raise SystemExit(f"tmem serve: {exc}") from None
-        app = create_app(service, os.path.basename(args.model.rstrip("/")), api_keys, args.max_body)
+        app = create_app(service, served_model_name(args), api_keys, args.max_body)
         app.router.on_startup.append(service.start)
         app.router.on_shutdown.append(service.stop)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
