@@ -145,14 +145,16 @@ def attention(
 ) -> torch.Tensor:
     """module(hidden_states, position_embeddings, attention_mask, cache, **kwargs)[0] for an `own_attention`
     module, the rotary through `tmem_kernels.rope` (one kernel forward and one backward for q and k on CUDA
-    instead of about fifteen and twenty). hidden_states [B, T, H], cos / sin [1 or B, T, head_dim] -> [B, T, H].
+    instead of about fifteen and twenty), Qwen3's per-head q_norm / k_norm through `rms_norm` (the fused op
+    where `fused_norm` holds: the trunk's layers; an adapted layer's the engine routed, `fused_norm_forward`).
+    hidden_states [B, T, H], cos / sin [1 or B, T, head_dim] -> [B, T, H].
     """
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, module.head_dim)
     query = module.q_proj(hidden_states).view(hidden_shape)
     key = module.k_proj(hidden_states).view(hidden_shape)
     if OWN_ATTENTIONS[type(module).__name__]:  # Qwen3: per-head norms before the transpose
-        query, key = module.q_norm(query), module.k_norm(key)
+        query, key = rms_norm(module.q_norm, query), rms_norm(module.k_norm, key)
     query, key = query.transpose(1, 2), key.transpose(1, 2)
     value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
