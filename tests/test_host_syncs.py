@@ -73,6 +73,25 @@ def test_fast_weights_write_waits_once(model, ragged):
         fw.detach()
 
 
+def test_a_write_with_the_decoders_cuda_structure_waits_once(model, monkeypatch):
+    """The Decoder's CUDA structure forced on the CPU (FUSED_NORM_DEVICES: the fused norms, its own attention,
+    the trunk's layers run as halves, checked): a ragged write still waits once."""
+    from tmem_runtime import decoder as decoder_module
+
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    halves = []
+    real = decoder_module.runs_as_halves
+    monkeypatch.setattr(decoder_module, "runs_as_halves", lambda layer: halves.append(real(layer)) or halves[-1])
+    fw = FastWeights(model, backend="torch")
+    try:
+        for seed in (0, 1):  # cold, warm
+            census = census_of(lambda s=seed: fw.write_examples(cards(model, s, True), RECIPE), model, fw.store)
+            assert [s.phase for s in census.syncs] == ["check"] and not census.mismatches, describe(census)
+    finally:
+        fw.detach()
+    assert halves and all(halves)
+
+
 def test_batched_pool_write_waits_once(model):
     pool = SessionPool(model, capacity=3, backend="torch")
     try:

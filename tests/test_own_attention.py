@@ -143,6 +143,38 @@ def test_attention_block_routes_on_fused_devices_only(monkeypatch, device):
     assert not own_attention(module)
 
 
+def test_the_own_attentions_qk_norms_run_the_fused_op(monkeypatch, device):
+    """Qwen3's per-head q_norm / k_norm in `attention` go through `rms_norm`: on FUSED_NORM_DEVICES (forced here
+    on the CPU) the fused op, giving the module's values (on the CPU bit for bit); a norm with a hook or an
+    instance forward (as the engine gives an adapted layer's) is called, its hook's effect in the output."""
+    model, dec, module = setup("tiny-qwen3", torch.float32, device)
+    layer = dec.layers[1]
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for norm in (module.q_norm, module.k_norm):
+            norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=g))
+    shapes = []
+    real = decoder_module._fused_rms_norm
+    monkeypatch.setattr(decoder_module, "_fused_rms_norm", lambda x, *a: shapes.append(x.dim()) or real(x, *a))
+    x = torch.randn(2, 6, model.config.hidden_size, generator=g).to(device)
+    inputs = dec._attention_inputs(x, 0, torch.tensor([6, 3], device=device))
+    want = dec._attention_block(layer, x, *inputs, None)  # (the CPU: the modules)
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    got = dec._attention_block(layer, x, *inputs, None)
+    assert shapes == [3, 4, 4]  # the input norm [B, T, H], then q and k [B, T, heads, head_dim]
+    close(got, want, device)
+    shapes.clear()
+    handle = module.q_norm.register_forward_hook(lambda m, i, o: o * 0.5)
+    try:
+        hooked = dec._attention_block(layer, x, *inputs, None)
+        assert shapes == [3, 4] and own_attention(module)  # k's the op, the hooked q's the module
+        monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ())
+        close(hooked, dec._attention_block(layer, x, *inputs, None), device)
+        assert not torch.equal(hooked, want)
+    finally:
+        handle.remove()
+
+
 def test_attention_block_compiles_fullgraph(monkeypatch, device):
     """torch.compile(fullgraph=True) traces `_attention_block` through `attention` with a prefix (no graph
     break; `tmem::rope` in the graph) and gives eager's output and gradients."""

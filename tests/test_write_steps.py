@@ -512,6 +512,31 @@ def test_the_decoders_own_attention_gives_the_modules_writes(name, kernel, devic
             assert (got_state[k] - v).norm() <= 1e-6 * v.norm(), k
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+def test_the_trunks_halved_layers_give_the_modules_writes(name, device, monkeypatch):
+    """The trunk's layers run as the Decoder's halves (`runs_as_halves`: fused norms, q/k norms included, and
+    the own attention; on CUDA, here on the CPU too, forced) give the losses and B of the same writes whose
+    trunk calls HF's layer modules: on the CPU bit for bit (the ops' CPU forwards are HF's compositions, and
+    the trunk runs no backward); on CUDA within the fused norm's write tolerances (not yet measured there)."""
+    model = _qwen3_with_norm_weights(device) if name == "tiny-qwen3" else load_model(name)[0].to(device)
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    recipe = Recipe(optimizer="sgd", lr=0.5, epochs=2, batch_size=4)
+    seen = []
+    real = decoder_module.runs_as_halves
+    monkeypatch.setattr(decoder_module, "runs_as_halves", lambda layer: seen.append(real(layer)) or seen[-1])
+    got, got_state, _ = _writes(model, recipe, "none")
+    assert seen and all(seen)  # every trunk layer of every write ran as halves
+    monkeypatch.setattr(decoder_module, "runs_as_halves", lambda layer: False)
+    want, want_state, _ = _writes(model, recipe, "none")
+    if device.type == "cpu":
+        assert got == want
+        assert all(torch.equal(got_state[k], v) for k, v in want_state.items())
+    else:
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+        for k, v in want_state.items():
+            assert (got_state[k] - v).norm() <= 1e-6 * v.norm(), k
+
+
 def test_fused_norm_takes_only_the_llama_formula():
     """`fused_norm`: transformers' Llama/Qwen2/Qwen3/Mistral RMSNorm as they are; not a subclass, Gemma's
     (1 + weight, rounded last), a LayerNorm, a hooked norm or one whose forward was replaced."""

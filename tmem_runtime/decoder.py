@@ -145,14 +145,16 @@ def attention(
 ) -> torch.Tensor:
     """module(hidden_states, position_embeddings, attention_mask, cache, **kwargs)[0] for an `own_attention`
     module, the rotary through `tmem_kernels.rope` (one kernel forward and one backward for q and k on CUDA
-    instead of about fifteen and twenty). hidden_states [B, T, H], cos / sin [1 or B, T, head_dim] -> [B, T, H].
+    instead of about fifteen and twenty), Qwen3's per-head q_norm / k_norm through `rms_norm` (the fused op
+    where `fused_norm` holds: the trunk's layers; an adapted layer's the engine routed, `fused_norm_forward`).
+    hidden_states [B, T, H], cos / sin [1 or B, T, head_dim] -> [B, T, H].
     """
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, module.head_dim)
     query = module.q_proj(hidden_states).view(hidden_shape)
     key = module.k_proj(hidden_states).view(hidden_shape)
     if OWN_ATTENTIONS[type(module).__name__]:  # Qwen3: per-head norms before the transpose
-        query, key = module.q_norm(query), module.k_norm(key)
+        query, key = rms_norm(module.q_norm, query), rms_norm(module.k_norm, key)
     query, key = query.transpose(1, 2), key.transpose(1, 2)
     value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
@@ -178,6 +180,36 @@ def attention(
     return module.o_proj(out.reshape(*input_shape, -1).contiguous())
 
 
+# transformers' pre-norm decoder layers whose forward is exactly `Decoder._attention_block` then `_mlp_block`:
+# x + self_attn(input_layernorm(x), ...) with the cache, mask, positions and rotary it is given (the Decoder's,
+# the same either way), then x + mlp(post_attention_layernorm(x)). `run_trunk` runs them as those halves.
+HALVED_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer")
+# the submodules that forward calls, in order (`_attention_block`: the first two; `_mlp_block`: the others)
+HALF_MODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def runs_as_halves(layer: nn.Module) -> bool:
+    """Whether `Decoder._attention_block` then `Decoder._mlp_block` compute exactly `layer(...)`: one of
+    HALVED_LAYERS (by class, not a subclass) whose forward is transformers' own with nothing hooked into it
+    (`_runs_as_defined`: a patched class or instance forward, a hook on the layer or a global one: only calling
+    the layer is right; hooks on its submodules run either way, the halves call them), called through
+    nn.Module's `__call__` or transformers' `GradientCheckpointingLayer.__call__` (not one patched over), and
+    not a sliding-attention layer (Qwen2/3 give those modules a `sliding_window`). (Mistral's config-wide
+    window reaches the attention function from the attention module, which the halves call with the layer's
+    arguments or, under sdpa / eager, which take no window, reproduce: the Decoder's mask rules either way.)"""
+    call = type(layer).__call__
+    return (
+        type(layer).__name__ in HALVED_LAYERS
+        and _runs_as_defined(layer)
+        and (
+            call is nn.Module.__call__
+            or _transformers_function(call, "transformers.modeling_layers", "GradientCheckpointingLayer.__call__")
+        )
+        and getattr(getattr(layer, "self_attn", None), "sliding_window", None) is None
+        and all(isinstance(getattr(layer, n, None), nn.Module) for n in HALF_MODULES)
+    )
+
+
 def supports_piecewise(model: nn.Module) -> bool:
     """Whether `Decoder` can drive this model (Llama-family layout, full attention everywhere)."""
     config = getattr(model, "config", None)
@@ -193,8 +225,7 @@ def supports_piecewise(model: nn.Module) -> bool:
     if not all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "norm", "layers")):
         return False
     # `run_adapted_layers` drives a layer's halves itself: the pre-norm Llama layer layout
-    block = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-    return hasattr(model, "lm_head") and all(hasattr(layer, a) for layer in inner.layers for a in block)
+    return hasattr(model, "lm_head") and all(hasattr(layer, a) for layer in inner.layers for a in HALF_MODULES)
 
 
 class PrefixKV:
@@ -292,12 +323,21 @@ class Decoder:
         """Everything below the first adapted MLP: layers [0, first_adapted), then that layer's attention half.
 
         hidden [B, T, H] (embedded tokens) -> [B, T, H], the residual stream entering layer first_adapted's
-        MLP. Nothing in it depends on the fast weights. `lengths` and `prefix` as in `run_layers`.
+        MLP. Nothing in it depends on the fast weights. `lengths` and `prefix` as in `run_layers`. On
+        FUSED_NORM_DEVICES a layer that `runs_as_halves` runs as `_attention_block` and `_mlp_block` (its
+        norms the fused op, its attention `attention`: 4 or 5 ops fewer per norm, about 10 for the rotary);
+        any other layer, and every layer elsewhere, is called as `run_layers` calls it.
         """
-        hidden = self.run_layers(hidden, 0, first_adapted, lengths, prefix)
         p = 0 if prefix is None or prefix.recording else prefix.get_seq_length(first_adapted)
-        layer = self.layers[first_adapted]
-        return self._attention_block(layer, hidden, *self._attention_inputs(hidden, p, lengths), prefix)
+        inputs = self._attention_inputs(hidden, p, lengths)
+        halves = hidden.device.type in FUSED_NORM_DEVICES
+        for layer in self.layers[:first_adapted]:
+            if halves and runs_as_halves(layer):
+                hidden = self._attention_block(layer, hidden, *inputs, prefix)
+                _, hidden = self._mlp_block(layer, None, hidden, None)
+            else:
+                hidden = self._call_layer(layer, hidden, *inputs, prefix)
+        return self._attention_block(self.layers[first_adapted], hidden, *inputs, prefix)
 
     def trunk_modules(self, first_adapted: int) -> list[nn.Module]:
         """The modules whose weights `run_trunk(..., first_adapted)` reads: the embedding, layers
@@ -332,18 +372,29 @@ class Decoder:
         start: int,
         stop: int | None,
     ) -> torch.Tensor:
-        kwargs = {self._cache_kw: cache}
         for layer in self.layers[start:stop]:
-            out = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=positions,
-                position_embeddings=rope,
-                use_cache=cache is not None,
-                **kwargs,
-            )
-            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = self._call_layer(layer, hidden, positions, rope, mask, cache)
         return hidden
+
+    def _call_layer(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: object | None,
+    ) -> torch.Tensor:
+        """layer(hidden, ...) [B, T, H] -> [B, T, H]: the decoder layer module itself, hooks and all."""
+        out = layer(
+            hidden,
+            attention_mask=mask,
+            position_ids=positions,
+            position_embeddings=rope,
+            use_cache=cache is not None,
+            **{self._cache_kw: cache},
+        )
+        return out[0] if isinstance(out, tuple) else out
 
     def run_adapted_layers(
         self,
@@ -386,7 +437,9 @@ class Decoder:
         layer: nn.Module, prefix: torch.Tensor | None, hidden: torch.Tensor, token_index: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """x + mlp(post_attention_layernorm(x)) over [prefix tokens ; row tokens (those at token_index)]
-        in one MLP call: the second half of a pre-norm decoder layer (see `run_adapted_layers`)."""
+        in one MLP call: the second half of a pre-norm decoder layer (see `run_adapted_layers`; `run_trunk`'s
+        halved layers: no prefix, every token). prefix [G, P, H] or None, hidden [B, T, H], token_index [N]
+        or None -> (prefix, hidden) of the same shapes."""
         b, t, width = hidden.shape
         flat = hidden.reshape(b * t, width)
         rows = flat if token_index is None else flat.index_select(0, token_index)

@@ -1,0 +1,196 @@
+"""The write's trunk runs its decoder layers as the Decoder's two halves (`runs_as_halves`) against HF's modules.
+
+On FUSED_NORM_DEVICES (CUDA; here the CPU too, forced) `Decoder.run_trunk` runs each layer below the first
+adapted one as `_attention_block` (the fused input norm, `attention`: fused q/k norms, the rotary op) then
+`_mlp_block` (the fused post-attention norm) instead of calling the layer module: on the CPU bit for bit what
+calling the modules gives (the ops' CPU forwards are HF's compositions), for tiny-llama, tiny-qwen3 (per-head
+q/k norms), tiny-qwen2 (q/k/v biases) and tiny-mistral, fp32 and bf16, with no mask, right padding, and a
+shared prefix recorded then continued. A layer that must be called (hooked, its forward or __call__ patched,
+a subclass, a sliding-attention one) is called: with the hook's or the patch's effect.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tmem_runtime import decoder as decoder_module
+from tmem_runtime.decoder import Decoder, PrefixKV, runs_as_halves
+from tmem_runtime.models import load_model
+
+MODELS = ["tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-mistral"]
+FIRST_ADAPTED = 4  # of 6 layers: four trunk layers, then layer 4's attention
+
+
+def close(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> None:
+    """Bit for bit on the CPU; on CUDA the Triton norm and rotary round otherwise (as test_own_attention)."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if device.type == "cpu":
+        assert torch.equal(a, b)
+    else:
+        tol = 1e-5 if a.dtype == torch.float32 else 1.6e-2
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+def setup(name: str, dtype: torch.dtype, device: torch.device, implementation: str = "sdpa") -> Decoder:
+    """A tiny model's Decoder, its RMSNorm weights (input, post-attention, Qwen3's q/k) not all ones."""
+    model, _ = load_model(name, dtype=dtype, device=device, attn_implementation=implementation, load_tokenizer=False)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=g))
+    return Decoder(model)
+
+
+def trunk(dec: Decoder, case: str, device: torch.device) -> list[torch.Tensor]:
+    """run_trunk's outputs for `case` ("causal": no mask; "padded": right padding; "prefix": a shared prefix
+    recorded, then padded rows continuing it; its keys/values too), under no_grad as encode_trunk runs it."""
+    g = torch.Generator().manual_seed(6)
+    vocab = dec.model.config.vocab_size
+    ids = torch.randint(3, vocab, (3, 9), generator=g).to(device)
+    lengths = None if case == "causal" else torch.tensor([9, 5, 1], device=device)
+    out = []
+    with torch.no_grad():
+        kv = None
+        if case == "prefix":
+            kv = PrefixKV()
+            prefix_ids = torch.randint(3, vocab, (1, 6), generator=g).to(device)
+            out.append(dec.run_trunk(dec.embed(prefix_ids), FIRST_ADAPTED, prefix=kv))
+            kv.recording = False
+            out.extend(t for i in range(FIRST_ADAPTED + 1) for t in kv.kv[i])
+        out.append(dec.run_trunk(dec.embed(ids), FIRST_ADAPTED, lengths=lengths, prefix=kv))
+    return out
+
+
+def count_layer_calls(monkeypatch) -> list[int]:
+    """Records the index of every layer `run_trunk` calls as a module (`Decoder._call_layer`)."""
+    called: list[int] = []
+    real = Decoder._call_layer
+
+    def call(self, layer, *args):
+        called.append(list(self.layers).index(layer))
+        return real(self, layer, *args)
+
+    monkeypatch.setattr(Decoder, "_call_layer", call)
+    return called
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["causal", "padded", "prefix"])
+@pytest.mark.parametrize("name", MODELS)
+def test_the_trunks_halves_give_the_layer_modules_output(name, case, dtype, device, monkeypatch):
+    """The trunk through the halves (every trunk layer, none called) equals the trunk of HF's modules (every
+    layer called, the norms and attention HF's: FUSED_NORM_DEVICES as on the CPU)."""
+    dec = setup(name, dtype, device)
+    called = count_layer_calls(monkeypatch)
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ())
+    want = trunk(dec, case, device)
+    assert called == list(range(FIRST_ADAPTED)) * (2 if case == "prefix" else 1)
+    called.clear()
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    assert all(runs_as_halves(layer) for layer in dec.layers)
+    norms = []
+    real = decoder_module._fused_rms_norm
+    monkeypatch.setattr(decoder_module, "_fused_rms_norm", lambda *a: norms.append(1) or real(*a))
+    got = trunk(dec, case, device)
+    assert called == []
+    per_layer = 4 if name == "tiny-qwen3" else 2  # input and post-attention norms; Qwen3's q and k norms
+    runs = 2 if case == "prefix" else 1
+    assert len(norms) == runs * (FIRST_ADAPTED * per_layer + per_layer - 1)  # (+ layer 4's attention half)
+    assert all(w.abs().max() > 0 for w in want)
+    for a, w in zip(got, want, strict=True):
+        close(a, w, device)
+
+
+def test_the_trunks_halves_under_eager_attention(device, monkeypatch):
+    """The same with the eager attention function (`attention` calls the modeling module's own)."""
+    dec = setup("tiny-qwen3", torch.float32, device, implementation="eager")
+    want = trunk(dec, "prefix", device)
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    called = count_layer_calls(monkeypatch)
+    got = trunk(dec, "prefix", device)
+    assert called == []
+    for a, w in zip(got, want, strict=True):
+        close(a, w, device)
+
+
+def test_mistrals_sliding_window_is_the_decoders_mask_either_way(device, monkeypatch):
+    """Mistral's config-wide sliding window (shorter than the rows here): the halves give what calling the
+    layers gives, the window unused by both (the mask is the Decoder's; sdpa and eager take no window)."""
+    dec = setup("tiny-mistral", torch.float32, device)
+    dec.model.config.sliding_window = 3
+    assert not dec.full_attention_covers(9)
+    want = trunk(dec, "prefix", device)
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    assert runs_as_halves(dec.layers[0])
+    for a, w in zip(trunk(dec, "prefix", device), want, strict=True):
+        close(a, w, device)
+
+
+def _scaled_output(orig):
+    def forward(self, *args, **kwargs):  # a patch over the layer: another computation than the halves'
+        return orig(self, *args, **kwargs) * 0.5
+
+    return forward
+
+
+@pytest.mark.parametrize(
+    "change", ["forward_hook", "forward_pre_hook", "global_hook", "class_forward", "instance_forward",
+               "class_call", "subclass", "sliding_window"],
+)  # fmt: skip
+def test_a_layer_that_must_be_called_is_called(change, device, monkeypatch):
+    """Layer 1 hooked (its own forward / pre hook, a global module hook), its forward patched (on the class,
+    on the instance), its class's __call__ patched, a subclass of another module with the class's name, or a
+    sliding-attention layer (Qwen2/3's per-layer `sliding_window`): `runs_as_halves` refuses it and
+    `run_trunk` calls it (only it, the others still run as halves; a patched class: each of its layers),
+    giving what calling the modules gives; the halves' output would miss the change."""
+    from torch.nn.modules import module as torch_module
+
+    dec = setup("tiny-qwen3", torch.float32, device)
+    layer = dec.layers[1]
+    cls = type(layer)
+    clean = trunk(dec, "padded", device)  # (the CPU's modules: bit for bit the halves, above)
+    handles, seen = [], []
+    if change == "forward_hook":
+        handles.append(layer.register_forward_hook(lambda m, i, o: o * 0.5))
+    elif change == "forward_pre_hook":
+        handles.append(layer.register_forward_pre_hook(lambda m, args: (args[0] * 0.5, *args[1:])))
+    elif change == "global_hook":
+        handles.append(torch_module.register_module_forward_hook(lambda m, i, o: seen.append(m) or None))
+    elif change == "class_forward":
+        monkeypatch.setattr(cls, "forward", _scaled_output(cls.forward))
+    elif change == "instance_forward":
+        layer.forward = _scaled_output(cls.forward).__get__(layer)
+    elif change == "class_call":
+        monkeypatch.setattr(cls, "__call__", _scaled_output(cls.__call__))
+    elif change == "subclass":
+        layer.__class__ = type(cls.__name__, (cls,), {"forward": _scaled_output(cls.forward)})
+    else:
+        layer.self_attn.sliding_window = 3
+    try:
+        assert not runs_as_halves(layer)
+        want = trunk(dec, "padded", device)  # FUSED_NORM_DEVICES as on the CPU: every layer called
+        monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+        called = count_layer_calls(monkeypatch)
+        seen.clear()
+        got = trunk(dec, "padded", device)
+    finally:
+        for h in handles:
+            h.remove()
+    if change == "global_hook":
+        assert layer in seen  # (the halves would not call it)
+    every = change in ("global_hook", "class_forward", "class_call")  # (every module hooked, every layer patched)
+    assert called == (list(range(FIRST_ADAPTED)) if every else [1])
+    changed = change not in ("global_hook", "sliding_window")
+    assert not torch.equal(want[-1], clean[-1]) if changed else torch.equal(want[-1], clean[-1])
+    close(got[-1], want[-1], device)
+
+
+def test_the_trunk_off_fused_devices_calls_every_layer(device, monkeypatch):
+    """Off FUSED_NORM_DEVICES (the CPU, unforced) every trunk layer is called as the module, as before."""
+    dec = setup("tiny-llama", torch.float32, device)
+    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda",) if device.type == "cpu" else ())
+    called = count_layer_calls(monkeypatch)
+    trunk(dec, "causal", device)
+    assert called == list(range(FIRST_ADAPTED))
