@@ -23,6 +23,7 @@ import warnings
 import pytest
 import torch
 from torch.library import opcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tmem_kernels
 from tmem_kernels import library
@@ -157,6 +158,45 @@ def test_lora_mlp_op_matches_reference(backend, train_a):
             torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5, msg=name)
         else:
             assert got.grad is None, name
+
+
+class ZeroFills(TorchDispatchMode):
+    """Counts the aten ops dispatched that only make zeros (a kernel each on a GPU)."""
+
+    NAMES = ("zeros", "zeros_like", "new_zeros", "zero_", "fill_")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += func.overloadpacket.__name__ in self.NAMES
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_lora_mlp_op_backward_makes_no_zero_gradients(backend):
+    """The ops' saved outputs are non-differentiable: autograd hands their backward no zero-filled gradient
+    for them (a zeros kernel per saved output and call, 4 per Triton MLP backward before)."""
+    x, w = mlp_tensors(device=device_of(backend))
+    x, w = as_leaves(x, w)
+    y = tmem_kernels.get_ops(backend).lora_mlp(x, *w, 0.5)
+    with ZeroFills() as mode:
+        y.backward(torch.ones_like(y))
+    assert mode.count == 0
+    assert all(t.grad is not None for t in (x, w[4], w[6], w[8]))
+
+
+def test_linear_cross_entropy_rows_backward_makes_no_zero_gradient():
+    g = torch.Generator().manual_seed(12)
+    hidden = torch.randn(9, 16, generator=g).requires_grad_(True)
+    weight, targets = torch.randn(37, 16, generator=g), torch.randint(0, 37, (9,), generator=g)
+    losses = tmem_kernels.linear_cross_entropy_rows(hidden, weight, targets, torch.ones(9))
+    with ZeroFills() as mode:
+        losses.sum().backward()
+    assert mode.count == 0
+    (want,) = torch.autograd.grad(ref.linear_cross_entropy(hidden, weight, targets) * 9, hidden)
+    torch.testing.assert_close(hidden.grad, want)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")

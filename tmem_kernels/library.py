@@ -287,11 +287,14 @@ if _native is not None:
         *tensors, scaling = inputs
         _, gu, xa, ha = output
         ctx.mark_non_differentiable(gu, xa, ha)
+        ctx.set_materialize_grads(False)  # no zeros kernels for the saved outputs' (unused) gradients
         ctx.save_for_backward(*tensors, gu, xa, ha)
         ctx.scaling = scaling
 
     def _native_backward(ctx, dy, *_):  # noqa: ANN001
         need = ctx.needs_input_grad
+        if dy is None:  # y took no part in what was differentiated
+            return (None,) * len(need)
         if torch.is_grad_enabled():  # create_graph=True: a double backward may follow
             return *_differentiable_grads(ctx, dy, ctx.saved_tensors, ctx.scaling), None
         grads = torch.ops.tmem.lora_mlp_native_backward(
@@ -496,11 +499,14 @@ if _triton_mlp is not None:
         *tensors, scaling, sgd_lr, _ = inputs
         _, *saved = output
         ctx.mark_non_differentiable(*saved)
+        ctx.set_materialize_grads(False)  # no zeros kernels for the saved outputs' (unused) gradients
         ctx.save_for_backward(*tensors, *saved)
         ctx.scaling, ctx.sgd_lr = scaling, sgd_lr
 
     def _triton_backward(ctx, dy, *_):  # noqa: ANN001
         need = ctx.needs_input_grad
+        if dy is None:  # y took no part in what was differentiated
+            return (None,) * len(need)
         need_dx, need_da, need_b = need[0], need[4] or need[6] or need[8], (need[5], need[7], need[9])
         tensors = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a double backward may follow
@@ -647,11 +653,14 @@ def _(hidden, weight, targets, ignore_index, chunk_size, with_grad):  # noqa: AN
 def _lce_setup(ctx, inputs, output) -> None:  # noqa: ANN001
     _, grad = output
     ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)  # no zeros kernel for the saved gradient's (unused) gradient
     ctx.save_for_backward(grad)
 
 
 def _lce_backward(ctx, dloss, _):  # noqa: ANN001
     (grad,) = ctx.saved_tensors
+    if dloss is None:  # the loss took no part in what was differentiated
+        return None, None, None, None, None, None
     if grad.dim() != 2:
         raise RuntimeError("linear_cross_entropy backward: the forward ran with with_grad=False")
     if torch.is_grad_enabled() and ctx.needs_input_grad[0]:  # create_graph=True
@@ -689,6 +698,8 @@ def _(hidden, weight, targets, row_weight, ignore_index, chunk_size, with_grad):
 
 def _lce_rows_backward(ctx, dlosses, _):  # noqa: ANN001
     (grad,) = ctx.saved_tensors
+    if dlosses is None:  # the losses took no part in what was differentiated
+        return None, None, None, None, None, None, None
     if grad.dim() != 2:
         raise RuntimeError("linear_cross_entropy_rows backward: the forward ran with with_grad=False")
     if torch.is_grad_enabled() and ctx.needs_input_grad[0]:  # create_graph=True (see _lce_backward)
