@@ -329,7 +329,7 @@ class FastWeightEngine:
         lo = 3 * k
         a = [binding.a_views[lo + j].to(x.dtype) for j in range(3)]
         if binding.indptr is None and self.fused[k] and not w_grad:  # one session: the fused kernel
-            b = [binding.b_stacks[lo + j][binding.host_slots[0]].to(x.dtype) for j in range(3)]
+            b = [_session_b(binding.b_stacks[lo + j], binding.host_slots[0]).to(x.dtype) for j in range(3)]
             sgd = {} if binding.sgd_lr is None else {"sgd_lr": binding.sgd_lr}
             y = self.ops.lora_mlp(x2, *ws, a[0], b[0], a[1], b[1], a[2], b[2], self.scaling, **sgd)
         else:
@@ -409,6 +409,13 @@ class FastWeightEngine:
 
 def _weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+
+
+def _session_b(stack: torch.Tensor, slot: int) -> torch.Tensor:
+    """One session's B, stack[slot] ([S, out, r] -> [out, r]). Row 0 of a one-session stack (a one-session
+    write's workspace leaf) is squeezed out instead: the same view, but its backward is a view too, where
+    select's is a zeros and a copy kernel."""
+    return stack.squeeze(0) if stack.shape[0] == 1 and slot == 0 else stack[slot]
 
 
 def _token_segments(
