@@ -298,7 +298,7 @@ class TracedStaticWrites(StaticWrites):
     def _new(self, rows: int, width: int, cache, sessions: int, train_a: bool) -> StaticWrite:  # noqa: ANN001
         bucket = super()._new(rows, width, cache, sessions, train_a)
         ws = bucket.workspace
-        bucket.graphs = TracedSteps([ws.param, ws.grad, ws.exp_avg, ws.exp_avg_sq, bucket.step])
+        bucket.graphs = TracedSteps([ws.param, ws.compute, ws.grad, ws.exp_avg, ws.exp_avg_sq, bucket.step])
         return bucket
 
     def steps(self) -> list[TracedSteps]:

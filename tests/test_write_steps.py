@@ -9,6 +9,7 @@ from functools import partial
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tmem_runtime import FastWeights, SessionPool, load_model, static_write
 from tmem_runtime import decoder as decoder_module
@@ -712,3 +713,69 @@ def test_a_write_longer_than_mistrals_sliding_window_runs_the_models_own_attenti
     windowed = losses(window, fast_path=True)
     assert windowed == pytest.approx(losses(window, fast_path=False), rel=1e-5, abs=1e-6)
     assert windowed != pytest.approx(losses(None, fast_path=True), rel=1e-5, abs=1e-6)  # (the window matters)
+
+
+class StorageUse(TorchDispatchMode):
+    """Per aten / tmem op dispatched other than views: (phase, its name, which of `watched` ({name: tensor}) it
+    reads or writes, by storage, so views of them count). `phase` is whatever the caller set last."""
+
+    def __init__(self, watched: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.watched = {t.untyped_storage().data_ptr(): name for name, t in watched.items()}
+        self.ops: list[tuple[str, str, set[str]]] = []
+        self.phase = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        flat = [*args, *(kwargs or {}).values()]
+        tensors = [t for a in flat for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, torch.Tensor)]
+        touched = {self.watched.get(t.untyped_storage().data_ptr()) for t in tensors} - {None}
+        if not func.is_view:
+            self.ops.append((self.phase, func.overloadpacket.__name__, touched))
+        return func(*args, **(kwargs or {}))
+
+    def touching(self, phase: str, name: str) -> list[str]:
+        """The ops of `phase` that read or wrote `name`."""
+        return [op for p, op, touched in self.ops if p == phase and name in touched]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_write_step_touches_the_float32_master_and_its_gradient_once_each(backend, dtype, monkeypatch):
+    """A one-session write step's forward and backward read the workspace's compute copy only (bf16: no cast
+    of a fast weight at each use, none of its gradient), its B leaves' backward makes no zeros (no select),
+    and its gradients land in the float32 gradient in one op; only the update reads the master, and a bf16
+    update refreshes the compute copy from it in one copy. (Before: per step 12 casts forward and 12
+    backward, 12 select backwards, a zero fill and 12 accumulations into .grad.)"""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    model, _ = load_model("tiny-llama", dtype=dtype)
+    fw = FastWeights(model, init="random", backend=backend)
+    modes = []
+    step, update = WriteRun.step, WriteRun._update
+
+    def traced_step(self, plan, k):  # noqa: ANN001, ANN202
+        ws = self.ws
+        watched = {"param": ws.param, "grad": ws.grad} | ({} if ws.compute is ws.param else {"compute": ws.compute})
+        with StorageUse(watched) as mode:
+            mode.phase = "step"
+            modes.append(mode)
+            return step(self, plan, k)
+
+    def traced_update(self, *args):  # noqa: ANN001, ANN202
+        modes[-1].phase = "update"
+        return update(self, *args)
+
+    monkeypatch.setattr(WriteRun, "step", traced_step)
+    monkeypatch.setattr(WriteRun, "_update", traced_update)
+    fw.write_examples(examples(), Recipe(optimizer="adamw", lr=1e-2, epochs=1, batch_size=3))
+    fw.detach()
+    assert len(modes) == 2
+    for mode in modes:
+        assert "select_backward" not in [op for _, op, _ in mode.ops]
+        assert mode.touching("step", "grad") == ["cat" if dtype == torch.float32 else "copy_"]
+        assert mode.touching("update", "grad") and mode.touching("update", "param")  # (the torch backend's: ops)
+        if dtype == torch.bfloat16:  # (float32: the compute copy is the master)
+            assert mode.touching("step", "compute") and mode.touching("step", "param") == []
+            assert [(op, t) for p, op, t in mode.ops if "compute" in t and p == "update"] == [
+                ("copy_", {"param", "compute"})  # the compute copy refreshed from the master
+            ]

@@ -1,9 +1,10 @@
 """One write, run: the sessions it trains copied to a workspace, trained step by step, committed.
 
     engine B rows of the written sessions ──copy──> Workspace [W, b_numel] (+ A when A trains)
-    every step planned on the host first; then per step: zero grad → adapted loss with the workspace
-        bound → backward into the workspace's gradient only → one fused update over the sessions that
-        take part in the step (sessions are ordered by step count, so those are a prefix)
+    every step planned on the host first; then per step: adapted loss with the workspace bound →
+        gradients of the workspace's leaves only, copied into its gradient at once → one fused update over
+        the sessions that take part in the step (sessions are ordered by step count, so those are a
+        prefix) → the compute-dtype copy of the workspace refreshed (a bf16/fp16 model)
     losses read once at the end ──> each session checked (finite loss and B, not diverged) ──> the good
         ones copied back to their engine rows; a bad one, or an error anywhere, changes no row
 
@@ -16,7 +17,6 @@ Readers of the engine's rows see the state before the write until the commit.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -36,10 +36,6 @@ if TYPE_CHECKING:
 
 StepCallback = Callable[[int, "int | None", float], None]
 Rows = Sequence[int]
-
-# The workspace's leaves are strided views (one slot's B across sessions) and so are their .grad
-# views; autograd accumulates into them in place and warns once that the layout is unusual.
-warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
 class NonFiniteLossError(FastWeightsError):
@@ -65,10 +61,13 @@ def adamw_defaults(weight_decay: float) -> dict:
 class Workspace:
     """The trainable copy of W sessions' B rows (and of A, when it trains): params, grads, moments.
 
-    param = [B rows (W x b_numel) | A (a_numel, only when A trains)], float32; grad, exp_avg, exp_avg_sq
-    alike. The autograd leaves are one per adapter slot: B of every workspace session [W, out, r] (a
-    strided view with its own version counter, so a kernel that steps one slot's B in place does not
-    invalidate what another layer saved), and A [r, in] when it trains.
+    param = [B rows (W x b_numel) | A (a_numel, only when A trains)], float32 (the master copy); grad,
+    exp_avg, exp_avg_sq alike. compute: param in the model's dtype, which the forwards read (param itself
+    for a float32 model, else a copy refreshed after every update: a step casts the weights once, not at
+    each use, and its backward casts no gradient). The autograd leaves are views of compute, one per
+    adapter slot: B of every workspace session [W, out, r] (a strided view with its own version counter,
+    so a kernel that steps one slot's B in place does not invalidate what another layer saved), and A
+    [r, in] when it trains. A step's gradients of them reach grad in one copy (`set_grad`).
     """
 
     def __init__(self, engine: FastWeightEngine, slots: Sequence[int], train_a: bool) -> None:
@@ -77,21 +76,21 @@ class Workspace:
         w, nb = len(slots), lay.b_numel
         numel = w * nb + (lay.a_numel if train_a else 0)
         self.param = torch.empty(numel, dtype=torch.float32, device=engine.device)
+        same = engine.dtype == torch.float32
+        self.compute = self.param if same else torch.empty(numel, dtype=engine.dtype, device=engine.device)
         self.b = self.param[: w * nb].view(w, nb)
         self.a = self.param[w * nb :] if train_a else None
         self.grad = torch.empty_like(self.param)
         self.exp_avg = torch.empty_like(self.param)
         self.exp_avg_sq = torch.empty_like(self.param)
         self.load(slots)
-        grad_b = self.grad[: w * nb].view(w, nb)
-        self.b_leaves = tuple(
-            _leaf(lay.b_stack(self.b, i), lay.b_stack(grad_b, i)) for i in range(len(lay.slots))
-        )
+        b_compute = self.compute[: w * nb].view(w, nb)
+        self.b_leaves = tuple(_leaf(lay.b_stack(b_compute, i)) for i in range(len(lay.slots)))
         if self.a is None:
             self.a_leaves, a_views = (), engine.a_views
         else:
-            grad_a = self.grad[w * nb :]
-            self.a_leaves = tuple(_leaf(lay.a_view(self.a, i), lay.a_view(grad_a, i)) for i in range(len(lay.slots)))
+            a_compute = self.compute[w * nb :]
+            self.a_leaves = tuple(_leaf(lay.a_view(a_compute, i)) for i in range(len(lay.slots)))
             a_views = self.a_leaves
         self.a_views = a_views
 
@@ -107,10 +106,31 @@ class Workspace:
                 self.a.copy_(self.engine.a)
             for t in (self.grad, self.exp_avg, self.exp_avg_sq):
                 t.zero_()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """compute := param (cast to the model's dtype; nothing when that is float32): after a change of param."""
+        if self.compute is not self.param:
+            with torch.no_grad():
+                self.compute.copy_(self.param)
 
     @property
     def leaves(self) -> tuple[torch.Tensor, ...]:
         return self.b_leaves + self.a_leaves
+
+    def set_grad(self, grads: Sequence[torch.Tensor]) -> None:
+        """grad := a step's gradients of `leaves` (in that order, in the compute dtype), in one cat (and one cast
+        to float32 after it where the compute dtype differs: CUDA's cat is one kernel only over inputs of its
+        output's dtype). The leaves, slot by slot, then A, are the order of a session's row [b_numel (+ a_numel,
+        one session only)]."""
+        w = self.b.shape[0]
+        rows = self.grad.view(w, -1)
+        pieces = [g.reshape(w, -1) for g in grads]
+        with torch.no_grad():
+            if self.compute is self.param:
+                torch.cat(pieces, dim=1, out=rows)
+            else:
+                rows.copy_(torch.cat(pieces, dim=1))
 
     def binding(self, indptr: torch.Tensor, slots: torch.Tensor, host_slots: tuple[int, ...], per_token: bool,
                 sgd_lr: float | None) -> Binding:  # fmt: skip
@@ -139,13 +159,11 @@ class Workspace:
                 self.engine.set_a(self.a.detach())
 
 
-def _leaf(view: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """A leaf on `view`'s memory with its own autograd version counter, its .grad on `grad`'s memory."""
+def _leaf(view: torch.Tensor) -> torch.Tensor:
+    """A leaf on `view`'s memory with its own autograd version counter."""
     alias = torch.empty(0, dtype=view.dtype, device=view.device)
     alias.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
-    alias.requires_grad_(True)
-    alias.grad = grad
-    return alias
+    return alias.requires_grad_(True)
 
 
 @dataclass
@@ -259,13 +277,14 @@ class WriteRun:
             return generic_loss(e, self.data, plan)
 
     def step(self, plan: StepBatch | GenericStep, step: int | torch.Tensor) -> torch.Tensor:
-        """Zero grad, loss, backward, update: one step; returns each workspace session's loss [W]
-        (0 for sessions not in this step), on the device."""
-        if self.sgd_lr is None:
-            self.ws.grad.zero_()
+        """Loss, gradients, update: one step; returns each workspace session's loss [W] (0 for sessions not
+        in this step), on the device."""
         with torch.enable_grad():
             total, per_group = self._loss(plan)
-            total.backward(inputs=list(self.ws.leaves))  # the fast weights only, never a base weight
+            if self.sgd_lr is None:  # the fast weights' gradients only, never a base weight's
+                self.ws.set_grad(torch.autograd.grad(total, self.ws.leaves, materialize_grads=True))
+            else:  # the backward kernels step B themselves (no gradient comes out)
+                total.backward(inputs=list(self.ws.leaves))
         self._update(len(plan.groups), step)
         return F.pad(per_group.detach().float(), (0, len(self.slots) - per_group.shape[0]))
 
@@ -283,6 +302,7 @@ class WriteRun:
                 ops.sgd_step_(param, grad, r.lr, r.weight_decay)
             else:
                 ops.adamw_step_(param, grad, exp_avg, exp_avg_sq, step, r.lr, **adamw_defaults(r.weight_decay))
+        self.ws.refresh()
 
     # ---------------------------------------------------------------- the whole write
     def plans(self) -> list:
