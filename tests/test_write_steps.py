@@ -779,3 +779,27 @@ def test_a_write_step_touches_the_float32_master_and_its_gradient_once_each(back
             assert [(op, t) for p, op, t in mode.ops if "compute" in t and p == "update"] == [
                 ("copy_", {"param", "compute"})  # the compute copy refreshed from the master
             ]
+
+
+def test_the_adapted_mlp_tokens_split_back_into_prefix_and_rows_with_one_backward_op(monkeypatch):
+    """Each adapted MLP runs [prefix tokens ; row tokens] at once; its output is split back with `split`, whose
+    backward is one cat, not sliced (each slice's backward a zero-padded copy, then their sum: 3 ops). With the
+    CUDA paths (the decoder's own attention: HF's rotate_half slices are not in the step)."""
+    from benchmarks.graph_trace import cuda_paths
+
+    model, _ = load_model("tiny-llama")
+    fw = FastWeights(model, init="random", backend="torch")
+    cache = fw.store._encode(collate(examples()))
+    assert cache.prefix_len > 0
+    engine = fw.store.engine
+    batch = plan_step(cache, [0, 3, 5], fw.device)
+    ws = Workspace(engine, [0], train_a=False)
+    binding = ws.binding(batch.seg_indptr, batch.seg_slot, (0,), True, None)
+    with cuda_paths(), engine.bind(binding), torch.enable_grad():
+        total, _ = adapted_loss(engine.decoder, engine.first_layer, cache, batch)
+        with StorageUse({}) as mode:
+            torch.autograd.grad(total, ws.leaves)
+    ops = [op for _, op, _ in mode.ops]
+    assert "slice_backward" not in ops
+    assert ops.count("cat") >= len(engine.mlp_layers)  # (the splits' backward among them)
+    fw.detach()

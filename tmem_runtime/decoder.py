@@ -446,9 +446,10 @@ class Decoder:
         n_prefix = 0 if prefix is None else prefix.shape[0] * prefix.shape[1]
         tokens = rows if prefix is None else torch.cat([prefix.reshape(n_prefix, width), rows])
         tokens = tokens + layer.mlp(rms_norm(layer.post_attention_layernorm, tokens))
-        if prefix is not None:
-            prefix = tokens[:n_prefix].view_as(prefix)
-        rows = tokens[n_prefix:]
+        rows = tokens
+        if prefix is not None:  # (split: its backward is one cat, two slices' are two zero-padded copies and an add)
+            prefix_tokens, rows = tokens.split([n_prefix, tokens.shape[0] - n_prefix])
+            prefix = prefix_tokens.view_as(prefix)
         flat = rows if token_index is None else flat.index_copy(0, token_index, rows)
         return prefix, flat.view(b, t, width)
 
