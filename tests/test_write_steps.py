@@ -803,3 +803,40 @@ def test_the_adapted_mlp_tokens_split_back_into_prefix_and_rows_with_one_backwar
     assert "slice_backward" not in ops
     assert ops.count("cat") >= len(engine.mlp_layers)  # (the splits' backward among them)
     fw.detach()
+
+
+@pytest.mark.parametrize("prefix_len", [0, 5])
+def test_the_additive_mask_follows_its_rule(prefix_len):
+    """Query i of a row sees every prefix key and suffix keys j <= i with j < its length (0), others not
+    (the dtype's min), checked entry by entry."""
+    lengths, q_len = torch.tensor([7, 3, 1, 5]), 7
+    mask = decoder_module.additive_mask(lengths, q_len, prefix_len, torch.bfloat16)
+    assert mask.shape == (4, 1, q_len, prefix_len + q_len) and mask.dtype == torch.bfloat16
+    blocked = torch.finfo(torch.bfloat16).min
+    for b, length in enumerate(lengths.tolist()):
+        for i in range(q_len):
+            for k in range(prefix_len + q_len):
+                j = k - prefix_len
+                seen = j < 0 or (j <= i and j < length)
+                assert mask[b, 0, i, k].item() == (0.0 if seen else blocked), (b, i, k)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_rows_and_prefix_attention_inputs_come_from_one_rotary_call(name, padded):
+    """`Decoder._row_and_prefix_inputs`: the positions, rotary and masks of `_attention_inputs` for the rows and
+    for the prefix, bit for bit, from one call of the model's rotary embedding instead of two."""
+    model, _ = load_model(name, dtype=torch.bfloat16)
+    dec = decoder_module.Decoder(model)
+    rows, prefix = torch.randn(3, 6, model.config.hidden_size).bfloat16(), torch.randn(1, 4, model.config.hidden_size)
+    lengths = torch.tensor([6, 2, 4]) if padded else None
+    want = dec._attention_inputs(rows, 4, lengths), dec._attention_inputs(prefix.bfloat16(), 0, None)
+    calls = []
+    hook = model.model.rotary_emb.register_forward_hook(lambda *args: calls.append(1))
+    got = dec._row_and_prefix_inputs(rows, 4, lengths)
+    hook.remove()
+    assert len(calls) == 1
+    for g, w in zip(got, want):
+        (g_pos, (g_cos, g_sin), g_mask), (w_pos, (w_cos, w_sin), w_mask) = g, w
+        assert all(torch.equal(a, b) for a, b in ((g_pos, w_pos), (g_cos, w_cos), (g_sin, w_sin)))
+        assert (g_mask is None and w_mask is None) or torch.equal(g_mask, w_mask)

@@ -265,15 +265,11 @@ def additive_mask(lengths: torch.Tensor, q_len: int, prefix_len: int, dtype: tor
     Query i (absolute position P+i) sees every prefix key and suffix keys j <= i with j < length.
     """
     device = lengths.device
-    q = torch.arange(q_len, device=device)
-    causal = q[None, :] <= q[:, None]  # [Q, Q]
-    valid = q[None, :] < lengths[:, None]  # [B, Q]
-    allowed = causal[None] & valid[:, None, :]  # [B, Q, Q]
-    if prefix_len:
-        allowed = torch.cat([allowed.new_ones(allowed.shape[0], q_len, prefix_len), allowed], dim=2)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+    key = torch.arange(-prefix_len, q_len, device=device)  # [P+Q]: from the first query's position (prefix < 0)
+    later = key[None, :] > key[prefix_len:, None]  # [Q, P+Q]: keys after the query (no prefix key is)
+    blocked = later[None] | (key >= lengths[:, None])[:, None, :]  # [B, Q, P+Q]: or past the row (no prefix key is)
+    mask = torch.zeros(blocked.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(blocked, torch.finfo(dtype).min)[:, None]
 
 
 class Decoder:
@@ -419,8 +415,7 @@ class Decoder:
         token reads); None: all B * T. Returns (prefixes [G, P, H] or None, rows [B, T, H]).
         """
         p = 0 if prefix_hidden is None else prefix_hidden.shape[1]
-        row_inputs = self._attention_inputs(hidden, p, lengths)
-        prefix_inputs = None if prefix_hidden is None else self._attention_inputs(prefix_hidden, 0, None)
+        row_inputs, prefix_inputs = self._row_and_prefix_inputs(hidden, p, lengths)
         kv = PrefixKV(row_prefix) if p else None
         for i, layer in enumerate(self.layers[start:stop]):
             if i > 0:  # layer `start`'s attention ran in the trunk
@@ -467,6 +462,25 @@ class Decoder:
         if lengths is None:
             lengths = torch.full((b,), t, device=hidden.device)
         return positions, rope, additive_mask(lengths, t, past, hidden.dtype)
+
+    def _row_and_prefix_inputs(
+        self, hidden: torch.Tensor, prefix_len: int, lengths: torch.Tensor | None
+    ) -> tuple[tuple, tuple | None]:
+        """(`_attention_inputs(hidden, prefix_len, lengths)`, `_attention_inputs` of the prefix (None when prefix_len
+        is 0)) for rows hidden [B, T, H] continuing a prefix_len-token prefix. The rotary of positions [0, P + T)
+        comes from one call, split: a position's cos / sin do not depend on the others' (the rope types whose
+        frequencies follow the longest position, dynamic and longrope, past the model's original context: the
+        prefix's are the whole sequence's, as in the model's own forward over it)."""
+        if not prefix_len:
+            return self._attention_inputs(hidden, 0, lengths), None
+        b, t, _ = hidden.shape
+        positions = torch.arange(prefix_len + t, device=hidden.device)[None]
+        cos, sin = self.inner.rotary_emb(hidden, positions)
+        if lengths is None:
+            lengths = torch.full((b,), t, device=hidden.device)
+        mask = additive_mask(lengths, t, prefix_len, hidden.dtype)
+        rows = positions[:, prefix_len:], (cos[:, prefix_len:], sin[:, prefix_len:]), mask
+        return rows, (positions[:, :prefix_len], (cos[:, :prefix_len], sin[:, :prefix_len]), None)
 
     def _attention_block(
         self,
