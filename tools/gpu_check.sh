@@ -117,7 +117,7 @@ fi
 KERNEL_TESTS=(tests/test_lora_mlp.py tests/test_update.py tests/test_rms_norm.py tests/test_lora_segmented.py
               tests/test_cross_entropy.py tests/test_rope.py)
 RUNTIME_TESTS=(tests/test_write_steps.py tests/test_fast_weights.py tests/test_host_syncs.py tests/test_rsvd.py
-               tests/test_pool.py tests/test_own_attention.py)
+               tests/test_pool.py tests/test_own_attention.py tests/test_trunk_halves.py)
 WRITE_BENCH=("${PYTEST[@]}" benchmarks/test_bench_write_shapes.py)
 KERNEL_BENCH=("${PYTEST[@]}" benchmarks/test_bench_lora_mlp.py benchmarks/test_bench_update.py benchmarks/test_bench_rms_norm.py
               benchmarks/test_bench_rope.py)
