@@ -275,18 +275,18 @@ def cuda_paths() -> Iterator[None]:
     kernels (interpreted), and the head loss over formed logits below CHUNKED_HEAD_LOGITS (so a trace covers
     the ops a GPU step captures)."""
     from tmem_kernels import rmsnorm, rotary
-    from tmem_runtime import decoder, write
+    from tmem_runtime import fused_layers, write
 
     floats = (torch.float32, torch.float16, torch.bfloat16)
-    saved = (decoder.FUSED_NORM_DEVICES, rmsnorm.use_triton, rotary.use_triton, write.chunked_head)
-    decoder.FUSED_NORM_DEVICES = ("cuda", "cpu")
+    saved = (fused_layers.FUSED_NORM_DEVICES, rmsnorm.use_triton, rotary.use_triton, write.chunked_head)
+    fused_layers.FUSED_NORM_DEVICES = ("cuda", "cpu")
     rmsnorm.use_triton = lambda x: x.dtype in floats
     rotary.use_triton = lambda q, k, c, s: q.dtype in floats and len({q.dtype, k.dtype, c.dtype, s.dtype}) == 1
     write.chunked_head = lambda device, k, v: k * v >= write.CHUNKED_HEAD_LOGITS
     try:
         yield
     finally:
-        decoder.FUSED_NORM_DEVICES, rmsnorm.use_triton, rotary.use_triton, write.chunked_head = saved
+        fused_layers.FUSED_NORM_DEVICES, rmsnorm.use_triton, rotary.use_triton, write.chunked_head = saved
 
 
 class TracedStaticWrites(StaticWrites):

@@ -76,12 +76,12 @@ def test_fast_weights_write_waits_once(model, ragged):
 def test_a_write_with_the_decoders_cuda_structure_waits_once(model, monkeypatch):
     """The Decoder's CUDA structure forced on the CPU (FUSED_NORM_DEVICES: the fused norms, its own attention,
     the trunk's layers run as halves, checked): a ragged write still waits once."""
-    from tmem_runtime import decoder as decoder_module
+    from tmem_runtime import fused_layers
 
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     halves = []
-    real = decoder_module.runs_as_halves
-    monkeypatch.setattr(decoder_module, "runs_as_halves", lambda layer: halves.append(real(layer)) or halves[-1])
+    real = fused_layers.runs_as_halves
+    monkeypatch.setattr(fused_layers, "runs_as_halves", lambda layer: halves.append(real(layer)) or halves[-1])
     fw = FastWeights(model, backend="torch")
     try:
         for seed in (0, 1):  # cold, warm

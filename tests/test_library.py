@@ -529,9 +529,9 @@ def test_compile_fullgraph_write_step_with_the_fused_attention_norms(monkeypatch
     """tiny-qwen3: in a write step the adapted layers' q_norm / k_norm run `tmem::rms_norm` (on CUDA; forced
     here on the CPU too): torch.compile(fullgraph=True) traces their instance forward without a graph break,
     the op in the graph, and gives eager's loss and gradient."""
-    from tmem_runtime import decoder as decoder_module
+    from tmem_runtime import fused_layers
 
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     model, _ = load_model("tiny-qwen3", device=DEVICE)
     fw = FastWeights(model, backend="torch")
     assert fw.store.engine.attention_norms

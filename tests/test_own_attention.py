@@ -1,4 +1,4 @@
-"""The Decoder's own attention (`decoder.attention`: the rotary as the op `tmem::rope`) against HF's module.
+"""The Decoder's own attention (`fused_layers.attention`: the rotary as the op `tmem::rope`) against HF's module.
 
 `attention(module, ...)` must give `module(...)`'s output and gradients for the classes `own_attention`
 accepts: on the CPU bit for bit (the op's forward there is HF's composition, its backward autograd's formula
@@ -20,7 +20,9 @@ import torch
 import tmem_kernels
 from tmem_kernels import rotary
 from tmem_runtime import decoder as decoder_module
-from tmem_runtime.decoder import Decoder, PrefixKV, attention, own_attention
+from tmem_runtime import fused_layers
+from tmem_runtime.decoder import Decoder, PrefixKV
+from tmem_runtime.fused_layers import attention, own_attention
 from tmem_runtime.models import load_model
 
 MODELS = ["tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-mistral"]  # Qwen2: q/k/v biases
@@ -123,14 +125,14 @@ def test_attention_block_routes_on_fused_devices_only(monkeypatch, device):
     model, dec, module = setup("tiny-qwen3", torch.float32, device)
     layer = dec.layers[1]
     calls = []
-    real = decoder_module._fused_rope
-    monkeypatch.setattr(decoder_module, "_fused_rope", lambda *a: calls.append(1) or real(*a))
+    real = fused_layers._fused_rope
+    monkeypatch.setattr(fused_layers, "_fused_rope", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(2, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(device)
     inputs = dec._attention_inputs(x, 0, torch.tensor([6, 3], device=device))
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ())
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ())
     want = dec._attention_block(layer, x, *inputs, None)
     assert not calls
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     got = dec._attention_block(layer, x, *inputs, None)
     assert calls == [1]
     close(got, want, device)
@@ -154,12 +156,12 @@ def test_the_own_attentions_qk_norms_run_the_fused_op(monkeypatch, device):
         for norm in (module.q_norm, module.k_norm):
             norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=g))
     shapes = []
-    real = decoder_module._fused_rms_norm
-    monkeypatch.setattr(decoder_module, "_fused_rms_norm", lambda x, *a: shapes.append(x.dim()) or real(x, *a))
+    real = fused_layers._fused_rms_norm
+    monkeypatch.setattr(fused_layers, "_fused_rms_norm", lambda x, *a: shapes.append(x.dim()) or real(x, *a))
     x = torch.randn(2, 6, model.config.hidden_size, generator=g).to(device)
     inputs = dec._attention_inputs(x, 0, torch.tensor([6, 3], device=device))
     want = dec._attention_block(layer, x, *inputs, None)  # (the CPU: the modules)
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     got = dec._attention_block(layer, x, *inputs, None)
     assert shapes == [3, 4, 4]  # the input norm [B, T, H], then q and k [B, T, heads, head_dim]
     close(got, want, device)
@@ -168,7 +170,7 @@ def test_the_own_attentions_qk_norms_run_the_fused_op(monkeypatch, device):
     try:
         hooked = dec._attention_block(layer, x, *inputs, None)
         assert shapes == [3, 4] and own_attention(module)  # k's the op, the hooked q's the module
-        monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ())
+        monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ())
         close(hooked, dec._attention_block(layer, x, *inputs, None), device)
         assert not torch.equal(hooked, want)
     finally:
@@ -178,7 +180,7 @@ def test_the_own_attentions_qk_norms_run_the_fused_op(monkeypatch, device):
 def test_attention_block_compiles_fullgraph(monkeypatch, device):
     """torch.compile(fullgraph=True) traces `_attention_block` through `attention` with a prefix (no graph
     break; `tmem::rope` in the graph) and gives eager's output and gradients."""
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     model, dec, module = setup("tiny-qwen3", torch.float32, device)
     layer = dec.layers[1]
     g = torch.Generator().manual_seed(3)
@@ -236,12 +238,12 @@ def test_attention_block_runs_what_a_patched_model_runs(patch, monkeypatch, devi
         norm_cls = type(layer.input_layernorm)
         orig = norm_cls.forward
         monkeypatch.setattr(norm_cls, "forward", lambda self, x: orig(self, x) * 2)
-        assert not decoder_module.fused_norm(layer.input_layernorm)
+        assert not fused_layers.fused_norm(layer.input_layernorm)
     assert own_attention(module) == (patch == "norm_class_forward")
     x = torch.randn(2, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(device)
     inputs = dec._attention_inputs(x, 0, torch.tensor([6, 4], device=device))
     want = dec._attention_block(layer, x, *inputs, None)  # (FUSED_NORM_DEVICES: CUDA only, here the modules)
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     got = dec._attention_block(layer, x, *inputs, None)
     assert torch.equal(got, want)
 
@@ -266,8 +268,8 @@ def test_attention_block_runs_the_hooks_calling_the_modules_runs(hook, monkeypat
         elif hook == "backward_pre":
             handles.append(m.register_full_backward_pre_hook(lambda m, go, name=name: seen.append(name)))
     try:
-        assert not own_attention(module) and not decoder_module.fused_norm(layer.input_layernorm)
-        monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+        assert not own_attention(module) and not fused_layers.fused_norm(layer.input_layernorm)
+        monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
         x = torch.randn(2, 5, model.config.hidden_size, device=device, requires_grad=True)
         dec._attention_block(layer, x, *dec._attention_inputs(x, 0, None), None).sum().backward()
     finally:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tmem_runtime import decoder as decoder_module
-from tmem_runtime.decoder import Decoder, PrefixKV, runs_as_halves
+from tmem_runtime import fused_layers
+from tmem_runtime.decoder import Decoder, PrefixKV
+from tmem_runtime.fused_layers import runs_as_halves
 from tmem_runtime.models import load_model
 
 MODELS = ["tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-mistral"]
@@ -84,15 +85,15 @@ def test_the_trunks_halves_give_the_layer_modules_output(name, case, dtype, devi
     layer called, the norms and attention HF's: FUSED_NORM_DEVICES as on the CPU)."""
     dec = setup(name, dtype, device)
     called = count_layer_calls(monkeypatch)
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ())
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ())
     want = trunk(dec, case, device)
     assert called == list(range(FIRST_ADAPTED)) * (2 if case == "prefix" else 1)
     called.clear()
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     assert all(runs_as_halves(layer) for layer in dec.layers)
     norms = []
-    real = decoder_module._fused_rms_norm
-    monkeypatch.setattr(decoder_module, "_fused_rms_norm", lambda *a: norms.append(1) or real(*a))
+    real = fused_layers._fused_rms_norm
+    monkeypatch.setattr(fused_layers, "_fused_rms_norm", lambda *a: norms.append(1) or real(*a))
     got = trunk(dec, case, device)
     assert called == []
     per_layer = 4 if name == "tiny-qwen3" else 2  # input and post-attention norms; Qwen3's q and k norms
@@ -107,7 +108,7 @@ def test_the_trunks_halves_under_eager_attention(device, monkeypatch):
     """The same with the eager attention function (`attention` calls the modeling module's own)."""
     dec = setup("tiny-qwen3", torch.float32, device, implementation="eager")
     want = trunk(dec, "prefix", device)
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     called = count_layer_calls(monkeypatch)
     got = trunk(dec, "prefix", device)
     assert called == []
@@ -122,7 +123,7 @@ def test_mistrals_sliding_window_is_the_decoders_mask_either_way(device, monkeyp
     dec.model.config.sliding_window = 3
     assert not dec.full_attention_covers(9)
     want = trunk(dec, "prefix", device)
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     assert runs_as_halves(dec.layers[0])
     for a, w in zip(trunk(dec, "prefix", device), want, strict=True):
         close(a, w, device)
@@ -171,7 +172,7 @@ def test_a_layer_that_must_be_called_is_called(change, device, monkeypatch):
     try:
         assert not runs_as_halves(layer)
         want = trunk(dec, "padded", device)  # FUSED_NORM_DEVICES as on the CPU: every layer called
-        monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+        monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
         called = count_layer_calls(monkeypatch)
         seen.clear()
         got = trunk(dec, "padded", device)
@@ -190,7 +191,7 @@ def test_a_layer_that_must_be_called_is_called(change, device, monkeypatch):
 def test_the_trunk_off_fused_devices_calls_every_layer(device, monkeypatch):
     """Off FUSED_NORM_DEVICES (the CPU, unforced) every trunk layer is called as the module, as before."""
     dec = setup("tiny-llama", torch.float32, device)
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda",) if device.type == "cpu" else ())
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda",) if device.type == "cpu" else ())
     called = count_layer_calls(monkeypatch)
     trunk(dec, "causal", device)
     assert called == list(range(FIRST_ADAPTED))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tmem_runtime import FastWeights, SessionPool, load_model, static_write
+from tmem_runtime import FastWeights, SessionPool, fused_layers, load_model, static_write
 from tmem_runtime import decoder as decoder_module
 from tmem_runtime import write as write_module
 from tmem_runtime.examples import collate
@@ -460,7 +460,7 @@ def test_the_decoders_norms_through_the_fused_op_give_the_modules_writes(name, o
     measured 3.5e-7 and 6.1e-5 on the CPU. On CUDA the Triton forward rounds otherwise too: AdamW within 2e-2,
     as the kept-buffers test allows for other GEMM shapes; not yet measured there)."""
     model = load_model(name)[0].to(device)
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     recipe = Recipe(optimizer=optimizer, lr=lr, epochs=2, batch_size=4)
     got, got_state, want, want_state = _writes_with_and_without(model, recipe, monkeypatch, "_fused_rms_norm",
                                                                 "fused_norm")  # fmt: skip
@@ -472,15 +472,15 @@ def test_the_decoders_norms_through_the_fused_op_give_the_modules_writes(name, o
 
 
 def _writes_with_and_without(model, recipe: Recipe, monkeypatch, counted: str, switch: str) -> tuple:  # noqa: ANN001
-    """The same writes twice: with the Decoder's `counted` function in use (checked: it ran), then with its
+    """The same writes twice: with fused_layers' `counted` function in use (checked: it ran), then with its
     `switch` predicate saying no everywhere (checked: it did not run). (losses, B) of each."""
     calls = []
-    fn = getattr(decoder_module, counted)
-    monkeypatch.setattr(decoder_module, counted, lambda *a: calls.append(1) or fn(*a))
+    fn = getattr(fused_layers, counted)
+    monkeypatch.setattr(fused_layers, counted, lambda *a: calls.append(1) or fn(*a))
     got, got_state, _ = _writes(model, recipe, "none")
     assert calls, f"the write never ran {counted}"
     calls.clear()
-    monkeypatch.setattr(decoder_module, switch, lambda module: False)
+    monkeypatch.setattr(fused_layers, switch, lambda module: False)
     want, want_state, _ = _writes(model, recipe, "none")
     assert not calls
     return got, got_state, want, want_state
@@ -489,7 +489,7 @@ def _writes_with_and_without(model, recipe: Recipe, monkeypatch, counted: str, s
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
 @pytest.mark.parametrize("kernel", ["composition", "triton"])
 def test_the_decoders_own_attention_gives_the_modules_writes(name, kernel, device, monkeypatch):
-    """The adapted layers' attention the Decoder runs itself (`decoder.attention`, the rotary as `tmem::rope`;
+    """The adapted layers' attention the Decoder runs itself (`fused_layers.attention`, the rotary as `tmem::rope`;
     on CUDA, here on the CPU too, forced; the op's Triton kernels forced too for "triton") gives the losses and
     B of the same writes through HF's attention modules: on the CPU bit for bit (the same ops, the op's
     backward rounding as autograd's), on CUDA SGD's B within 1e-6 (the fp32 Triton rotary may fuse a product
@@ -500,7 +500,7 @@ def test_the_decoders_own_attention_gives_the_modules_writes(name, kernel, devic
         pytest.importorskip("triton")
         monkeypatch.setattr(rotary, "use_triton", lambda q, k, c, s: len({q.dtype, k.dtype, c.dtype, s.dtype}) == 1)
     model = load_model(name)[0].to(device)
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     recipe = Recipe(optimizer="sgd", lr=0.5, epochs=2, batch_size=4)
     got, got_state, want, want_state = _writes_with_and_without(model, recipe, monkeypatch, "_fused_rope",
                                                                 "own_attention")  # fmt: skip
@@ -520,14 +520,14 @@ def test_the_trunks_halved_layers_give_the_modules_writes(name, device, monkeypa
     trunk calls HF's layer modules: on the CPU bit for bit (the ops' CPU forwards are HF's compositions, and
     the trunk runs no backward); on CUDA within the fused norm's write tolerances (not yet measured there)."""
     model = _qwen3_with_norm_weights(device) if name == "tiny-qwen3" else load_model(name)[0].to(device)
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     recipe = Recipe(optimizer="sgd", lr=0.5, epochs=2, batch_size=4)
     seen = []
-    real = decoder_module.runs_as_halves
-    monkeypatch.setattr(decoder_module, "runs_as_halves", lambda layer: seen.append(real(layer)) or seen[-1])
+    real = fused_layers.runs_as_halves
+    monkeypatch.setattr(fused_layers, "runs_as_halves", lambda layer: seen.append(real(layer)) or seen[-1])
     got, got_state, _ = _writes(model, recipe, "none")
     assert seen and all(seen)  # every trunk layer of every write ran as halves
-    monkeypatch.setattr(decoder_module, "runs_as_halves", lambda layer: False)
+    monkeypatch.setattr(fused_layers, "runs_as_halves", lambda layer: False)
     want, want_state, _ = _writes(model, recipe, "none")
     if device.type == "cpu":
         assert got == want
@@ -547,15 +547,15 @@ def test_fused_norm_takes_only_the_llama_formula():
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-    assert all(decoder_module.fused_norm(cls(8)) for cls in (LlamaRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm, MistralRMSNorm))
+    assert all(fused_layers.fused_norm(cls(8)) for cls in (LlamaRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm, MistralRMSNorm))
     sub = type("LlamaRMSNorm", (LlamaRMSNorm,), {"forward": lambda self, x: 2 * x})(8)  # same name, other module
     hooked, patched = LlamaRMSNorm(8), LlamaRMSNorm(8)
     hooked.register_forward_hook(lambda m, i, o: o * 2)
     patched.forward = lambda x: x
     for norm in (sub, GemmaRMSNorm(8), torch.nn.LayerNorm(8), hooked, patched):
-        assert not decoder_module.fused_norm(norm), norm
+        assert not fused_layers.fused_norm(norm), norm
         x = torch.randn(3, 8)
-        torch.testing.assert_close(decoder_module.rms_norm(norm, x), norm(x))  # the module itself runs
+        torch.testing.assert_close(fused_layers.rms_norm(norm, x), norm(x))  # the module itself runs
 
 
 def test_the_decoder_runs_the_fused_norm_on_cuda_only(monkeypatch):
@@ -564,12 +564,12 @@ def test_the_decoder_runs_the_fused_norm_on_cuda_only(monkeypatch):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     seen = []
-    monkeypatch.setattr(decoder_module, "_fused_rms_norm", lambda x, w, eps: seen.append(x.device.type) or x)
+    monkeypatch.setattr(fused_layers, "_fused_rms_norm", lambda x, w, eps: seen.append(x.device.type) or x)
     norm, x = LlamaRMSNorm(8), torch.randn(3, 8)
-    assert torch.equal(decoder_module.rms_norm(norm, x), norm(x)) and seen == []
-    assert decoder_module.FUSED_NORM_DEVICES == ("cuda",)
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
-    decoder_module.rms_norm(norm, x)
+    assert torch.equal(fused_layers.rms_norm(norm, x), norm(x)) and seen == []
+    assert fused_layers.FUSED_NORM_DEVICES == ("cuda",)
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    fused_layers.rms_norm(norm, x)
     assert seen == ["cpu"]
 
 
@@ -628,10 +628,10 @@ def test_the_adapted_layers_attention_norms_run_the_fused_op_in_writes_only(kern
         routed = layer.self_attn in adapted
         assert all(("forward" in vars(n)) == routed for n in (layer.self_attn.q_norm, layer.self_attn.k_norm))
 
-    monkeypatch.setattr(decoder_module, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     calls = []
-    fused = decoder_module._fused_rms_norm
-    monkeypatch.setattr(decoder_module, "_fused_rms_norm", lambda *a: calls.append(1) or fused(*a))
+    fused = fused_layers._fused_rms_norm
+    monkeypatch.setattr(fused_layers, "_fused_rms_norm", lambda *a: calls.append(1) or fused(*a))
     g = torch.Generator().manual_seed(12)
     tol = 1e-5 if dtype == torch.float32 else 1.6e-2
     for norm in engine.attention_norms:
@@ -684,7 +684,7 @@ def test_detach_restores_the_attention_norms_and_copies_route_their_own(device):
         fast_weights_of(twin).detach()
     fw.detach()
     assert [dict(vars(n)) for n in norms] == before
-    assert all(decoder_module.fused_norm(n) for n in norms)
+    assert all(fused_layers.fused_norm(n) for n in norms)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, bare)
 

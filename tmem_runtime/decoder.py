@@ -10,204 +10,15 @@ Llama, Qwen2/3 and Mistral share; `supports_piecewise(model)` says when it appli
 from __future__ import annotations
 
 import inspect
-import sys
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _torch_module
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from tmem_kernels import rms_norm as _fused_rms_norm
-from tmem_kernels import rope as _fused_rope
+from tmem_runtime import fused_layers
 from tmem_runtime.models import decoder_layers
 
+# (fused_layers' functions are looked up on that module at call time: patching one there switches the Decoder too)
 PIECEWISE_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-# transformers' RMSNorm classes whose forward is exactly `tmem_kernels.rms_norm`'s formula
-# (weight * (x.float() * rsqrt(mean(x.float()^2) + variance_epsilon)).to(x.dtype), weight [H])
-FUSED_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
-# where `rms_norm` runs the op: CUDA, where it is one Triton kernel forward and one backward instead of about
-# twenty. On the CPU the op's forward is the module's own composition (bit for bit) behind a custom op's
-# Python dispatch: a 32-card write of a 64-wide model took 9% more host time through it, a SmolLM2 write the
-# same (benchmarks/RESULTS.md); the module runs there.
-FUSED_NORM_DEVICES = ("cuda",)
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` runs hooks a direct computation of its forward would skip: its own forward,
-    forward-pre, backward or backward-pre hooks (`register_full_backward_hook` ...), or global module hooks
-    (`torch.nn.modules.module.register_module_forward_hook` ...), which fire on every module's call."""
-    kinds = ("forward", "forward_pre", "backward", "backward_pre")
-    own = any(getattr(module, f"_{kind}_hooks") for kind in kinds)
-    return own or any(getattr(_torch_module, f"_global_{kind}_hooks", None) for kind in kinds)
-
-
-@torch.compiler.assume_constant_result  # (dynamo reads a functools.wraps wrapper's __qualname__ as its code's)
-def _transformers_function(fn: object, module_name: str, qualname: str) -> bool:
-    """Whether `fn` is transformers' own `module_name.qualname` (functools.wraps decorators keep both names), not
-    something patched over it: a class-level `LlamaAttention.forward = ...` (LongLoRA-style patches), a module
-    global `modeling_llama.apply_rotary_pos_emb = ...`. Under torch.compile a constant of the trace."""
-    return getattr(fn, "__module__", None) == module_name and getattr(fn, "__qualname__", None) == qualname
-
-
-def _runs_as_defined(module: nn.Module) -> bool:
-    """Whether `module(...)` runs exactly its transformers class's forward: a class of transformers' whose forward
-    is still the one it defined (not patched over on the class, nor on the instance), and no hooks (`_hooked`):
-    then computing that forward directly gives what calling the module gives."""
-    cls = type(module)
-    return (
-        cls.__module__.startswith("transformers.")
-        and _transformers_function(getattr(cls, "forward", None), cls.__module__, f"{cls.__name__}.forward")
-        and "forward" not in vars(module)
-        and not _hooked(module)
-    )
-
-
-def fused_norm(module: nn.Module) -> bool:
-    """Whether `module` computes exactly `tmem_kernels.rms_norm`: one of transformers' FUSED_RMS_NORMS (by
-    class, not a subclass), weight [H], a float variance_epsilon, and nothing hooked into or patched over
-    its forward (`_runs_as_defined`: hooks, an instance `forward`, a patched class forward: then only calling
-    the module is right)."""
-    cls = type(module)
-    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
-    return (
-        cls.__name__ in FUSED_RMS_NORMS
-        and isinstance(weight, torch.Tensor)
-        and weight.dim() == 1
-        and isinstance(eps, float)
-        and _runs_as_defined(module)
-    )
-
-
-def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x) for a decoder's RMSNorm: through the fused op `tmem_kernels.rms_norm` on FUSED_NORM_DEVICES
-    when `fused_norm(module)`, else the module itself. x [..., H] -> [..., H], the same values either way."""
-    if x.device.type in FUSED_NORM_DEVICES and fused_norm(module):
-        return _fused_rms_norm(x, module.weight, module.variance_epsilon)
-    return module(x)
-
-
-def fused_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The forward `fused_attention_norms` gives a norm (`fused_norm(module)` held when it was routed): the op
-    on FUSED_NORM_DEVICES, else the class's own forward. x [..., H] -> [..., H], the same values either way."""
-    if x.device.type in FUSED_NORM_DEVICES:
-        return _fused_rms_norm(x, module.weight, module.variance_epsilon)
-    return type(module).forward(module, x)
-
-
-def fused_attention_norms(layer: nn.Module) -> list[nn.Module]:
-    """A decoder layer's attention RMSNorms (Qwen3's `self_attn.q_norm` / `k_norm`, per head) that are exactly
-    the op (`fused_norm`); none for attention without them, or with norms of another formula (Gemma's
-    1 + weight, OLMo2's over the whole projection: other classes)."""
-    attention = getattr(layer, "self_attn", None)
-    norms = (getattr(attention, name, None) for name in ("q_norm", "k_norm"))
-    return [norm for norm in norms if isinstance(norm, nn.Module) and fused_norm(norm)]
-
-
-# transformers' attention classes whose forward `attention` reproduces step for step: q/k/v projections viewed
-# to heads, per-head q_norm / k_norm (Qwen3 only), rotate_half rotary over the whole head (`apply_rotary_pos_emb`,
-# which `attention` runs as the op `tmem_kernels.rope`), the cache's update, the model's attention function
-# with the module's scaling, o_proj. Biases live in the projections; the attention functions below ignore
-# the sliding_window Qwen2/3 and Mistral pass (`supports_piecewise` refuses sliding-window layers anyway).
-OWN_ATTENTIONS = {"LlamaAttention": False, "Qwen2Attention": False, "Qwen3Attention": True, "MistralAttention": False}
-# the module functions of their modeling file that their forward computes the rotary with (`attention`: the op)
-ROTARY_FUNCTIONS = ("apply_rotary_pos_emb", "rotate_half")
-# the attention functions `attention` calls as HF's forward does (`ALL_ATTENTION_FUNCTIONS`, eager the module's)
-OWN_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-def own_attention(module: nn.Module) -> bool:
-    """Whether `attention(module, ...)` computes exactly `module(...)`: one of OWN_ATTENTIONS (by class, not a
-    subclass) under an OWN_ATTENTION_IMPLEMENTATIONS attention function, nothing hooked into or patched over
-    its forward (`_runs_as_defined`; hooks on its submodules run either way: `attention` calls them), and its
-    modeling module's rotary (`apply_rotary_pos_emb`, `rotate_half`, which its forward calls) transformers' own."""
-    cls = type(module)
-    config = getattr(module, "config", None)
-    norms = ("q_norm", "k_norm") if OWN_ATTENTIONS.get(cls.__name__) else ()
-    parts = ("q_proj", "k_proj", "v_proj", "o_proj", *norms)
-    modeling = sys.modules.get(cls.__module__)
-    return (
-        cls.__name__ in OWN_ATTENTIONS
-        and getattr(config, "_attn_implementation", None) in OWN_ATTENTION_IMPLEMENTATIONS
-        and isinstance(getattr(module, "head_dim", None), int)
-        and all(isinstance(getattr(module, n, None), nn.Module) for n in parts)
-        and _runs_as_defined(module)
-        and all(_transformers_function(getattr(modeling, f, None), cls.__module__, f) for f in ROTARY_FUNCTIONS)
-    )
-
-
-def attention(
-    module: nn.Module,
-    hidden_states: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    attention_mask: torch.Tensor | None,
-    cache: object | None = None,
-    **kwargs,
-) -> torch.Tensor:
-    """module(hidden_states, position_embeddings, attention_mask, cache, **kwargs)[0] for an `own_attention`
-    module, the rotary through `tmem_kernels.rope` (one kernel forward and one backward for q and k on CUDA
-    instead of about fifteen and twenty), Qwen3's per-head q_norm / k_norm through `rms_norm` (the fused op
-    where `fused_norm` holds: the trunk's layers; an adapted layer's the engine routed, `fused_norm_forward`).
-    hidden_states [B, T, H], cos / sin [1 or B, T, head_dim] -> [B, T, H].
-    """
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, module.head_dim)
-    query = module.q_proj(hidden_states).view(hidden_shape)
-    key = module.k_proj(hidden_states).view(hidden_shape)
-    if OWN_ATTENTIONS[type(module).__name__]:  # Qwen3: per-head norms before the transpose
-        query, key = rms_norm(module.q_norm, query), rms_norm(module.k_norm, key)
-    query, key = query.transpose(1, 2), key.transpose(1, 2)
-    value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    query, key = _fused_rope(query, key, cos, sin)
-    if cache is not None:
-        key, value = cache.update(key, value, module.layer_idx, kwargs=kwargs)
-    implementation = module.config._attn_implementation
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
-    else:  # (older transformers 5.x: the lookup its modules made themselves)
-        interface = eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
-    out, _ = interface(
-        module,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout,
-        scaling=module.scaling,
-        **kwargs,
-    )
-    return module.o_proj(out.reshape(*input_shape, -1).contiguous())
-
-
-# transformers' pre-norm decoder layers whose forward is exactly `Decoder._attention_block` then `_mlp_block`:
-# x + self_attn(input_layernorm(x), ...) with the cache, mask, positions and rotary it is given (the Decoder's,
-# the same either way), then x + mlp(post_attention_layernorm(x)). `run_trunk` runs them as those halves.
-HALVED_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer")
-# the submodules that forward calls, in order (`_attention_block`: the first two; `_mlp_block`: the others)
-HALF_MODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-
-
-def runs_as_halves(layer: nn.Module) -> bool:
-    """Whether `Decoder._attention_block` then `Decoder._mlp_block` compute exactly `layer(...)`: one of
-    HALVED_LAYERS (by class, not a subclass) whose forward is transformers' own with nothing hooked into it
-    (`_runs_as_defined`: a patched class or instance forward, a hook on the layer or a global one: only calling
-    the layer is right; hooks on its submodules run either way, the halves call them), called through
-    nn.Module's `__call__` or transformers' `GradientCheckpointingLayer.__call__` (not one patched over), and
-    not a sliding-attention layer (Qwen2/3 give those modules a `sliding_window`). (Mistral's config-wide
-    window reaches the attention function from the attention module, which the halves call with the layer's
-    arguments or, under sdpa / eager, which take no window, reproduce: the Decoder's mask rules either way.)"""
-    call = type(layer).__call__
-    return (
-        type(layer).__name__ in HALVED_LAYERS
-        and _runs_as_defined(layer)
-        and (
-            call is nn.Module.__call__
-            or _transformers_function(call, "transformers.modeling_layers", "GradientCheckpointingLayer.__call__")
-        )
-        and getattr(getattr(layer, "self_attn", None), "sliding_window", None) is None
-        and all(isinstance(getattr(layer, n, None), nn.Module) for n in HALF_MODULES)
-    )
 
 
 def supports_piecewise(model: nn.Module) -> bool:
@@ -225,7 +36,8 @@ def supports_piecewise(model: nn.Module) -> bool:
     if not all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "norm", "layers")):
         return False
     # `run_adapted_layers` drives a layer's halves itself: the pre-norm Llama layer layout
-    return hasattr(model, "lm_head") and all(hasattr(layer, a) for layer in inner.layers for a in HALF_MODULES)
+    halves = fused_layers.HALF_MODULES
+    return hasattr(model, "lm_head") and all(hasattr(layer, a) for layer in inner.layers for a in halves)
 
 
 class PrefixKV:
@@ -319,16 +131,17 @@ class Decoder:
         """Everything below the first adapted MLP: layers [0, first_adapted), then that layer's attention half.
 
         hidden [B, T, H] (embedded tokens) -> [B, T, H], the residual stream entering layer first_adapted's
-        MLP. Nothing in it depends on the fast weights. `lengths` and `prefix` as in `run_layers`. On
-        FUSED_NORM_DEVICES a layer that `runs_as_halves` runs as `_attention_block` and `_mlp_block` (its
-        norms the fused op, its attention `attention`: 4 or 5 ops fewer per norm, about 10 for the rotary);
+        MLP. Nothing in it depends on the fast weights. `lengths` and `prefix` as in `run_layers`. Where
+        `fused_layers.fused_on` the device, a layer that `runs_as_halves` runs as `_attention_block` and
+        `_mlp_block` (its norms the fused op, its attention `fused_layers.attention`: 4 or 5 ops fewer per norm,
+        about 10 for the rotary);
         any other layer, and every layer elsewhere, is called as `run_layers` calls it.
         """
         p = 0 if prefix is None or prefix.recording else prefix.get_seq_length(first_adapted)
         inputs = self._attention_inputs(hidden, p, lengths)
-        halves = hidden.device.type in FUSED_NORM_DEVICES
+        halves = fused_layers.fused_on(hidden.device)
         for layer in self.layers[:first_adapted]:
-            if halves and runs_as_halves(layer):
+            if halves and fused_layers.runs_as_halves(layer):
                 hidden = self._attention_block(layer, hidden, *inputs, prefix)
                 _, hidden = self._mlp_block(layer, None, hidden, None)
             else:
@@ -440,7 +253,7 @@ class Decoder:
         rows = flat if token_index is None else flat.index_select(0, token_index)
         n_prefix = 0 if prefix is None else prefix.shape[0] * prefix.shape[1]
         tokens = rows if prefix is None else torch.cat([prefix.reshape(n_prefix, width), rows])
-        tokens = tokens + layer.mlp(rms_norm(layer.post_attention_layernorm, tokens))
+        tokens = tokens + layer.mlp(fused_layers.rms_norm(layer.post_attention_layernorm, tokens))
         rows = tokens
         if prefix is not None:  # (split: its backward is one cat, two slices' are two zero-padded copies and an add)
             prefix_tokens, rows = tokens.split([n_prefix, tokens.shape[0] - n_prefix])
@@ -491,13 +304,16 @@ class Decoder:
         mask: torch.Tensor | None,
         kv: PrefixKV | None,
     ) -> torch.Tensor:
-        """hidden + self_attn(input_layernorm(hidden)): the first half of a pre-norm decoder layer. On
-        FUSED_NORM_DEVICES the attention runs as `attention` (the rotary as one op) where `own_attention` holds
-        and the rotary spans the whole head, else the module itself."""
-        x = rms_norm(layer.input_layernorm, hidden)
+        """hidden + self_attn(input_layernorm(hidden)): the first half of a pre-norm decoder layer (the norm
+        `fused_layers.rms_norm`). Where `fused_layers.fused_on` the device, the attention runs as
+        `fused_layers.attention` (the rotary as one op) where `own_attention` holds and the rotary spans the whole
+        head, else the module itself."""
+        x = fused_layers.rms_norm(layer.input_layernorm, hidden)
         module = layer.self_attn
-        if hidden.device.type in FUSED_NORM_DEVICES and own_attention(module) and rope[0].shape[-1] == module.head_dim:
-            return hidden + attention(module, x, rope, mask, kv, position_ids=positions, use_cache=kv is not None)
+        fused = fused_layers.fused_on(hidden.device) and fused_layers.own_attention(module)
+        if fused and rope[0].shape[-1] == module.head_dim:
+            out = fused_layers.attention(module, x, rope, mask, kv, position_ids=positions, use_cache=kv is not None)
+            return hidden + out
         out = module(
             hidden_states=x,
             attention_mask=mask,
@@ -513,8 +329,8 @@ class Decoder:
         return self.model.lm_head(self.final_norm(hidden)).float()
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's final norm (`rms_norm`). hidden [..., H] -> [..., H]."""
-        return rms_norm(self.inner.norm, hidden)
+        """The model's final norm (`fused_layers.rms_norm`). hidden [..., H] -> [..., H]."""
+        return fused_layers.rms_norm(self.inner.norm, hidden)
 
     def full_attention_covers(self, tokens: int) -> bool:
         """Whether sequences of `tokens` attend as this module's full causal masks say: a model with a plain

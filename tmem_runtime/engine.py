@@ -34,7 +34,8 @@ from tmem_kernels.segments import row_segments
 from tmem_runtime.adapter_file import WeightsFingerprint, adapter_metadata
 from tmem_runtime.adapter_init import initial_factors
 from tmem_runtime.backends import kernel_ops, resolve_backend
-from tmem_runtime.decoder import Decoder, fused_attention_norms, fused_norm_forward, supports_piecewise
+from tmem_runtime.decoder import Decoder, supports_piecewise
+from tmem_runtime.fused_layers import fused_attention_norms, fused_norm_forward
 from tmem_runtime.layout import AdapterLayout, AdapterSlot
 from tmem_runtime.models import MLP_TARGETS, decoder_layers, is_silu, target_mlps
 from tmem_runtime.recent_items import RecentItems
