@@ -668,6 +668,7 @@ def test_an_assistant_message_with_null_content_is_an_empty_assistant_turn(serve
             assert r.json()["error"]["message"] == (
                 f"invalid request: messages.0: content: a {role} message needs content (a string or a list of text "
                 "parts); only an assistant message may have null content"), r.text
+            assert r.json()["error"]["param"] == "messages.[0]"  # OpenAI's form of the field at fault
 
 
 def test_a_value_of_the_wrong_json_type_is_a_400_never_coerced(served, acme):
@@ -681,6 +682,7 @@ def test_a_value_of_the_wrong_json_type_is_a_400_never_coerced(served, acme):
                          ("top_p", True), ("session", 7), ("model", ["tiny-llama"]), ("max_tokens", 3.0)):
         r = acme.post("/v1/chat/completions", json={**chat, field: value})
         assert r.status_code == 400 and field in r.json()["error"]["message"], (field, value, r.text)
+        assert r.json()["error"]["param"] == field, (field, r.text)
     r = acme.post("/v1/chat/completions", json={**chat, "temperature": 1, "top_p": 1, "seed": 7})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
     turn = {"content": "I repaired the old clock."}

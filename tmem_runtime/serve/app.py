@@ -574,14 +574,17 @@ def _respond(err: ApiError) -> JSONResponse:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
+        parts, params = [], []
         for e in exc.errors()[:5]:
-            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            loc = [x for x in e.get("loc", ()) if x != "body"]
+            where = ".".join(str(x) for x in loc)
+            params.append(".".join(f"[{x}]" if isinstance(x, int) else str(x) for x in loc) or None)  # OpenAI's form
             msg = str(e.get("msg")).removeprefix("Value error, ")  # a validator's own ValueError
             if tuple(e.get("loc", ())) == ("body",) and e.get("type") == "model_attributes_type":  # not an object,
                 msg = "the body must be a JSON object, sent with Content-Type: application/json"  # or not read as JSON
             parts.append(f"{where}: {msg}" if where else msg)
-        return _respond(ApiError(400, "invalid request: " + "; ".join(parts)))
+        # param: the first field at fault, as OpenAI names it ("messages.[0].content")
+        return _respond(ApiError(400, "invalid request: " + "; ".join(parts), param=params[0] if params else None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
