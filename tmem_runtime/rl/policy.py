@@ -20,6 +20,7 @@ model, or is damaged, is refused (`PolicyFileError`) and changes nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -116,9 +117,6 @@ class Policy:
         fast = spec.fast_layers if spec.fast_layers is not None else fast_weight_layers(model)
         self.spec = PolicySpec(spec.mode, spec.lora_rank, spec.lora_alpha, tuple(fast))
         self.targets: list[str] = []
-        # "lora": what its file records of the base it trains on (never changed by the policy); "full": the file
-        # holds every weight, so there is no separate base to fingerprint
-        self.base_sha256 = base_weights_sha256(model, self.spec.fast_layers) if self.spec.mode == "lora" else None
         if self.spec.mode == "lora":
             from peft import LoraConfig, inject_adapter_in_model
 
@@ -160,6 +158,13 @@ class Policy:
                     p.requires_grad_(id(p) in ours)
 
     # ---------------------------------------------------------------- files
+    @functools.cached_property
+    def base_sha256(self) -> str | None:
+        """What a "lora" policy's file records of the base it trains on (`base_weights_sha256`; the policy never
+        changes those weights, so they are hashed once, at the first save); None for "full" (its file holds every
+        weight)."""
+        return base_weights_sha256(self.model, self.spec.fast_layers) if self.spec.mode == "lora" else None
+
     def metadata(self) -> dict[str, str]:
         return {"format": FORMAT, "mode": self.spec.mode, "lora_rank": str(self.spec.lora_rank),
                 "lora_alpha": str(self.spec.lora_alpha), "fast_layers": json.dumps(list(self.spec.fast_layers)),
