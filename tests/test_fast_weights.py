@@ -313,6 +313,20 @@ def test_nan_loss_and_nan_update_roll_back(tiny):
     fw.detach()
 
 
+def test_an_update_past_the_models_float16_range_rolls_back():
+    """A float16 model's B is finite in its float32 master but not in the float16 copy its forwards read
+    (|B| > 65504): a non-finite update, rolled back, not a session whose every read gives inf / NaN."""
+    model, _ = load_model("tiny-llama", seed=3)
+    fw = FastWeights(model.half(), backend="torch")
+    good = fw.state_dict()
+    with pytest.raises(NonFiniteLossError, match="non-finite update"):
+        fw.write([make_batch(6)], lr=1e8, optimizer="sgd")
+    assert all(torch.equal(fw.state_dict()[k], good[k]) for k in good)
+    engine = fw.store.engine
+    assert torch.isfinite(engine.b_compute).all() and torch.isfinite(engine.a_compute).all()
+    fw.detach()
+
+
 def test_bad_batches_and_arguments(tiny):
     fw = FastWeights(tiny, backend="torch")
     batch = make_batch(7)

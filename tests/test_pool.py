@@ -1344,3 +1344,28 @@ def test_recent_items_keep_the_most_recently_used_and_copies_start_empty():
         assert len(twin) == 0 and twin.size == 2
         twin.put("d", 4)
         assert twin.get("d") == 4 and kept.get("d") is None
+
+
+@pytest.mark.parametrize("name", ["tiny-olmo2", "tiny-gemma2"])  # SiLU (the fused ops), GELU (the composed MLP)
+def test_a_batched_write_through_the_models_own_forward_equals_sequential_writes(name):
+    """A model the piecewise Decoder does not drive writes through its own forward (the generic path), whose
+    segments name rows of the padded batch, not tokens: two sessions written at once equal each written alone
+    (the batched write failed to reshape its MLP output: the row segments were read as token segments)."""
+    model, _ = load_model(name)
+    recipe = Recipe(optimizer="adamw", lr=1e-2, epochs=2, batch_size=2)
+    sessions = {"a": examples(3, 1), "b": examples(2, 2)}
+    pool = SessionPool(model, capacity=2, backend="torch")
+    assert pool.engine.decoder is None  # (the generic path)
+    for s in sessions:
+        pool.open(s)
+    batched = pool.write_examples_many(sessions, recipe)
+    states = {s: pool.state_dict(s) for s in sessions}
+    pool.detach()
+    pool = SessionPool(model, capacity=2, backend="torch")
+    for s, ex in sessions.items():
+        pool.open(s)
+        alone = pool.write_examples_many({s: ex}, recipe)[s]
+        torch.testing.assert_close(torch.tensor(batched[s]), torch.tensor(alone), rtol=1e-5, atol=1e-6)
+        for k, v in pool.state_dict(s).items():
+            torch.testing.assert_close(states[s][k], v, rtol=1e-4, atol=1e-6)
+    pool.detach()

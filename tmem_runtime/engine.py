@@ -426,8 +426,9 @@ def _token_segments(
     that reads them on the device (its copies there, where the binding has them), else on the host."""
     if binding.indptr is None:
         return torch.tensor([0, n_tokens]), binding.slots
-    if binding.writing:  # the trainer's segments cover its batch by construction; they live on the device,
-        return binding.indptr, binding.slots  # where a captured (CUDA-graph) step must not read them back
+    if binding.writing and binding.per_token:  # the piecewise trainer's token segments cover its batch by
+        return binding.indptr, binding.slots  # construction; they live on the device, where a captured (CUDA-graph)
+        # step must not read them back (the generic path's name rows of the padded batch, on the host: below)
     per_row = 1 if binding.per_token or len(shape) < 3 else shape[-2]
     rows = int(binding.indptr[-1]) if binding.host_rows is None else binding.host_rows  # (no tensor read per call)
     if rows * per_row != n_tokens and binding.unexpanded is not None:  # a forward after generate() expanded

@@ -84,13 +84,14 @@ class Workspace:
         self.exp_avg = torch.empty_like(self.param)
         self.exp_avg_sq = torch.empty_like(self.param)
         self.load(slots)
-        b_compute = self.compute[: w * nb].view(w, nb)
-        self.b_leaves = tuple(_leaf(lay.b_stack(b_compute, i)) for i in range(len(lay.slots)))
-        if self.a is None:
+        # b / a as the forwards read them (what must be finite: float16 holds less than a float32 master)
+        self.b_compute = self.compute[: w * nb].view(w, nb)
+        self.a_compute = self.compute[w * nb :] if train_a else None
+        self.b_leaves = tuple(_leaf(lay.b_stack(self.b_compute, i)) for i in range(len(lay.slots)))
+        if self.a_compute is None:
             self.a_leaves, a_views = (), engine.a_views
         else:
-            a_compute = self.compute[w * nb :]
-            self.a_leaves = tuple(_leaf(lay.a_view(a_compute, i)) for i in range(len(lay.slots)))
+            self.a_leaves = tuple(_leaf(lay.a_view(self.a_compute, i)) for i in range(len(lay.slots)))
             a_views = self.a_leaves
         self.a_views = a_views
 
@@ -340,10 +341,11 @@ class WriteRun:
                 losses_dev = self.run_steps(on_step)
             with record_function("tmem.write.check"):
                 # the loop's losses and whether each session's update is finite, read at once: the write's one
-                # wait for the device
-                finite = [torch.isfinite(self.ws.b).all(dim=1)]
-                if self.ws.a is not None:
-                    finite.append(torch.isfinite(self.ws.a).all().reshape(1))
+                # wait for the device. Finite in the compute copy (refreshed after the last update), which the
+                # model's forwards read: a float16 model's B past 65504 is inf there, finite in the master
+                finite = [torch.isfinite(self.ws.b_compute).all(dim=1)]
+                if self.ws.a_compute is not None:
+                    finite.append(torch.isfinite(self.ws.a_compute).all().reshape(1))
                 flags = torch.cat(finite).to(losses_dev.dtype)
                 values = torch.cat([losses_dev.reshape(-1), flags]).tolist()
                 cut = losses_dev.numel()
