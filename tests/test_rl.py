@@ -704,10 +704,9 @@ def test_an_environment_sampling_at_another_temperature_than_grpo_scores_is_refu
                 GRPOConfig(group_size=2, temperature=0.7), tmp_path)
 
 
-def test_tmem_rl_refuses_data_whose_writes_hold_no_question_and_changes_nothing(tmp_path, capsys):
+def test_tmem_rl_refuses_data_whose_writes_hold_no_question_and_changes_nothing(tmp_path):
     """A rollout is rewarded by the questions whose evidence its write holds: with no question's evidence known
-    (or none in any write) the run trained on nothing, silently. Refused before any step; a mix trains, with the
-    idle conversations said."""
+    (or none in any write) the run trained on nothing, silently. Refused before any step; a mix trains."""
     from tmem_runtime.agent.long_conversations import make_conversation
     from tmem_runtime.cli import main
 
@@ -721,9 +720,7 @@ def test_tmem_rl_refuses_data_whose_writes_hold_no_question_and_changes_nothing(
     with pytest.raises(SystemExit, match="no write of --data at --l-max 512 holds a question's evidence"):
         main([*run, "--data", str(tmp_path / "idle.json"), "--l-max", "512"])
     assert not (out / "checkpoints").exists() and not (out / LOG_FILE).exists()
-    capsys.readouterr()
     assert main([*run, "--data", str(tmp_path / "mix.json"), "--l-max", "512"]) == 0
-    assert "1 of 2 training conversations have no write holding a question's evidence" in capsys.readouterr().err
 
 
 def test_rerunning_a_finished_run_leaves_its_checkpoint_untouched(tmp_path):

@@ -175,15 +175,12 @@ def check_card_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 def check_rewardable(env: MemoryWriteEnv, l_max: int) -> None:
     """SystemExit if no training conversation has a write (at budget `l_max`) holding a question's last evidence
-    turn: no rollout would ever be rewarded, and the run would train on nothing. Those without one are said."""
-    idle = [t for t in range(env.num_tasks) if not any(w.questions for w in env.writes(t))]
-    if len(idle) == env.num_tasks:
+    turn: no rollout would ever be rewarded, and the run would train on nothing. Stops at the first one that has
+    (usually the first conversation: large data is not read through at start-up)."""
+    if not any(w.questions for t in range(env.num_tasks) for w in env.writes(t)):
         raise SystemExit(f"tmem rl: no write of --data at --l-max {l_max} holds a question's evidence (a write "
                          "happens when the context passes the budget): nothing to reward; lower --l-max or use "
                          "longer conversations")
-    if idle:
-        print(f"tmem rl: {len(idle)} of {env.num_tasks} training conversations have no write holding a question's "
-              f"evidence at --l-max {l_max}: they give no reward", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
