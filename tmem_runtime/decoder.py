@@ -84,6 +84,17 @@ def additive_mask(lengths: torch.Tensor, q_len: int, prefix_len: int, dtype: tor
     return mask.masked_fill_(blocked, torch.finfo(dtype).min)[:, None]
 
 
+def _rows_mask(hidden: torch.Tensor, past: int, lengths: torch.Tensor | None) -> torch.Tensor | None:
+    """The additive mask [B, 1, T, past + T] of rows hidden [B, T, H] continuing `past` prefix tokens, `lengths`
+    [B] real tokens per row (None: all T); None when there is neither a prefix nor padding (plain causal)."""
+    b, t, _ = hidden.shape
+    if lengths is None and past == 0:
+        return None
+    if lengths is None:
+        lengths = torch.full((b,), t, device=hidden.device)
+    return additive_mask(lengths, t, past, hidden.dtype)
+
+
 class Decoder:
     """Piecewise forward through a Llama-family causal LM's own submodules."""
 
@@ -267,14 +278,8 @@ class Decoder:
         """(positions [1, T], rotary (cos, sin), additive mask or None) for rows hidden [B, T, H] that
         continue `past` prefix tokens; `lengths` [B] as in `run_layers`. No mask: plain causal (SDPA's
         is_causal path), when there is neither a prefix nor padding."""
-        b, t, _ = hidden.shape
-        positions = torch.arange(past, past + t, device=hidden.device)[None]
-        rope = self.inner.rotary_emb(hidden, positions)
-        if lengths is None and past == 0:
-            return positions, rope, None
-        if lengths is None:
-            lengths = torch.full((b,), t, device=hidden.device)
-        return positions, rope, additive_mask(lengths, t, past, hidden.dtype)
+        positions = torch.arange(past, past + hidden.shape[1], device=hidden.device)[None]
+        return positions, self.inner.rotary_emb(hidden, positions), _rows_mask(hidden, past, lengths)
 
     def _row_and_prefix_inputs(
         self, hidden: torch.Tensor, prefix_len: int, lengths: torch.Tensor | None
@@ -286,12 +291,9 @@ class Decoder:
         prefix's are the whole sequence's, as in the model's own forward over it)."""
         if not prefix_len:
             return self._attention_inputs(hidden, 0, lengths), None
-        b, t, _ = hidden.shape
-        positions = torch.arange(prefix_len + t, device=hidden.device)[None]
+        positions = torch.arange(prefix_len + hidden.shape[1], device=hidden.device)[None]
         cos, sin = self.inner.rotary_emb(hidden, positions)
-        if lengths is None:
-            lengths = torch.full((b,), t, device=hidden.device)
-        mask = additive_mask(lengths, t, prefix_len, hidden.dtype)
+        mask = _rows_mask(hidden, prefix_len, lengths)
         rows = positions[:, prefix_len:], (cos[:, prefix_len:], sin[:, prefix_len:]), mask
         return rows, (positions[:, :prefix_len], (cos[:, :prefix_len], sin[:, :prefix_len]), None)
 
