@@ -149,7 +149,7 @@ else
   phase profile 60 "$OUT/03_bench_write.txt" "$PY" benchmarks/profile_write.py
   # ---- 3. the session pool (needs a tokenizer: the GPU image has none)
   if ((POOL_READY)); then
-    phase pool 100 "$OUT/05_bench_pool.txt" "${PYTEST[@]}" benchmarks/test_bench_pool.py "${BENCH[@]}" -s
+    phase pool 115 "$OUT/05_bench_pool.txt" "${PYTEST[@]}" benchmarks/test_bench_pool.py "${BENCH[@]}" -s
   else
     echo "pool SKIPPED (no tokenizer: run \`make gpu-prepare\` before the device run and carry .gpu)" >> "$SUMMARY"
   fi
