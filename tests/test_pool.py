@@ -516,6 +516,67 @@ def test_an_acquire_without_rows_for_all_its_sessions_moves_none(tiny, tmp_path)
     pool.detach()
 
 
+def test_an_acquire_whose_second_eviction_cannot_be_written_moves_no_session(tiny, tmp_path, monkeypatch):
+    """An acquire of two away sessions that must evict two others, the second's offload file failing to be
+    written (a full disk), is refused with every session as it was: resident set, LRU order, kept copies,
+    counters, B rows and offload files (the first victim's file deleted again), through every path that
+    acquires several sessions (a batched write, a forward's rows, a reading block). It had evicted the first
+    victim and restored the first session into its row, then failed. Once the disk has room the same acquire
+    goes through and every session comes back bit for bit."""
+    import errno
+
+    from tmem_runtime import residency as residency_module
+
+    pool = SessionPool(tiny, capacity=2, backend="torch", offload="disk", offload_dir=tmp_path / "off")
+    states = {}
+    for s in "abcd":
+        pool.open(s)
+        pool.write_examples_many({s: examples(3, ord(s))}, Recipe(lr=1e-2, epochs=1))
+        states[s] = pool.state_dict(s)
+    assert list(pool.residency.resident) == ["c", "d"] and set(pool.residency.away) == {"a", "b"}
+    save_adapter, writes = residency_module.save_adapter, []
+
+    def disk_full_at_the_second_write(path, tensors, metadata):
+        writes.append(Path(path).name)
+        if len(writes) % 2 == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        save_adapter(path, tensors, metadata)
+
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def forward() -> None:
+        with pool.rows(["a", "b"]), torch.no_grad():
+            tiny(input_ids=ids)
+
+    def reading() -> None:
+        with pool.reading(["b", "a"]):
+            pass
+
+    attempts = {
+        "write": lambda: pool.write_examples_many({"a": examples(2, 9), "b": examples(2, 8)},
+                                                  Recipe(lr=1e-2, epochs=1)),
+        "rows": forward,
+        "reading": reading,
+    }
+    before = residency_state(pool)
+    monkeypatch.setattr(residency_module, "save_adapter", disk_full_at_the_second_write)
+    for name, attempt in attempts.items():
+        with pytest.raises(OSError, match="cannot offload session 'd' .*No space left on device") as info:
+            attempt()
+            pytest.fail(name)
+        assert info.value.errno == errno.ENOSPC, name
+        assert_same_residency(residency_state(pool), before)
+    assert len(writes) == 2 * len(attempts)
+    monkeypatch.setattr(residency_module, "save_adapter", save_adapter)
+    forward()  # the disk has room again: "c" and "d" out, "a" and "b" in
+    assert sorted(pool.residency.resident) == ["a", "b"]
+    assert pool.counters()["disk_writes"] == before["counters"]["disk_writes"] + 2
+    for s, want in states.items():
+        got = pool.state_dict(s)
+        assert all(torch.equal(got[k], v) for k, v in want.items()), s
+    pool.detach()
+
+
 def test_a_relative_offload_dir_survives_a_change_of_working_directory(tiny, tmp_path, monkeypatch):
     """offload_dir="offload" names the directory it named when the pool was made: after the process changed its
     working directory, an offloaded session came back as AdapterFileError (its file looked for under the new one)
