@@ -787,6 +787,42 @@ def test_a_pool_refused_at_construction_leaves_the_model_as_it_was(tiny, bad):
         torch.testing.assert_close(tiny(input_ids=ids).logits, bare, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_capacity_past_the_devices_memory_is_refused_before_any_row_is_allocated(dtype):
+    """A capacity whose B rows cannot fit in the device's available memory (`tmem rl --group-size 10**12`, a
+    serve config's capacity) is refused at once with a ValueError naming the capacity and the bytes, the model
+    left as it was: every row was allocated up front (torch's allocator error, or on the CPU the OOM killer once
+    they were written). The bytes per row are what the engine allocates per row: the pool's bytes_per_session
+    (the float32 master) and, for a bf16 model, its compute copy."""
+    from tmem_runtime.device_memory import available_bytes
+    from tmem_runtime.engine import row_bytes
+
+    model, _ = load_model("tiny-llama", dtype=dtype)
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bare = model(input_ids=ids).logits
+    sizes = []
+    for capacity in (2, 3):
+        pool = SessionPool(model, capacity=capacity, backend="torch")
+        sizes.append(pool.counters()["bytes_resident_total"])
+        per_session, layout = pool.bytes_per_session(), pool.layout
+        pool.detach()
+    row = row_bytes(layout, dtype)
+    assert row == sizes[1] - sizes[0] == per_session * (1 if dtype == torch.float32 else 1.5)
+    # (10**12 first: without the check it fails in torch's allocator; twice what is available would be written)
+    for capacity in (10**12, 2 * available_bytes(torch.device("cpu")) // row + 1):
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=rf"capacity={capacity} \(B rows of {row} bytes each\) needs "
+                                             rf"{capacity * row} bytes .* on cpu, which has \d+ bytes"):
+            SessionPool(model, capacity=capacity, backend="torch")
+        assert time.perf_counter() - start < 5
+        assert getattr(model, "_tmem_fast_weights", None) is None
+    pool = SessionPool(model, capacity=2, backend="torch")  # attaches as to a fresh model
+    pool.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, bare, rtol=0, atol=0)
+
+
 def test_gradient_checkpointing_over_pool_rows_is_refused_at_the_forward(tiny):
     """Gradient checkpointing runs each layer again in the backward, outside the rows() block (or on autograd's
     device thread), where the rows are unbound: a backward after the block raised torch's CheckpointError. Such
