@@ -516,6 +516,67 @@ def test_an_acquire_without_rows_for_all_its_sessions_moves_none(tiny, tmp_path)
     pool.detach()
 
 
+def test_an_acquire_whose_second_eviction_cannot_be_written_moves_no_session(tiny, tmp_path, monkeypatch):
+    """An acquire of two away sessions that must evict two others, the second's offload file failing to be
+    written (a full disk), is refused with every session as it was: resident set, LRU order, kept copies,
+    counters, B rows and offload files (the first victim's file deleted again), through every path that
+    acquires several sessions (a batched write, a forward's rows, a reading block). It had evicted the first
+    victim and restored the first session into its row, then failed. Once the disk has room the same acquire
+    goes through and every session comes back bit for bit."""
+    import errno
+
+    from tmem_runtime import residency as residency_module
+
+    pool = SessionPool(tiny, capacity=2, backend="torch", offload="disk", offload_dir=tmp_path / "off")
+    states = {}
+    for s in "abcd":
+        pool.open(s)
+        pool.write_examples_many({s: examples(3, ord(s))}, Recipe(lr=1e-2, epochs=1))
+        states[s] = pool.state_dict(s)
+    assert list(pool.residency.resident) == ["c", "d"] and set(pool.residency.away) == {"a", "b"}
+    save_adapter, writes = residency_module.save_adapter, []
+
+    def disk_full_at_the_second_write(path, tensors, metadata):
+        writes.append(Path(path).name)
+        if len(writes) % 2 == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        save_adapter(path, tensors, metadata)
+
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def forward() -> None:
+        with pool.rows(["a", "b"]), torch.no_grad():
+            tiny(input_ids=ids)
+
+    def reading() -> None:
+        with pool.reading(["b", "a"]):
+            pass
+
+    attempts = {
+        "write": lambda: pool.write_examples_many({"a": examples(2, 9), "b": examples(2, 8)},
+                                                  Recipe(lr=1e-2, epochs=1)),
+        "rows": forward,
+        "reading": reading,
+    }
+    before = residency_state(pool)
+    monkeypatch.setattr(residency_module, "save_adapter", disk_full_at_the_second_write)
+    for name, attempt in attempts.items():
+        with pytest.raises(OSError, match="cannot offload session 'd' .*No space left on device") as info:
+            attempt()
+            pytest.fail(name)
+        assert info.value.errno == errno.ENOSPC, name
+        assert_same_residency(residency_state(pool), before)
+    assert len(writes) == 2 * len(attempts)
+    monkeypatch.setattr(residency_module, "save_adapter", save_adapter)
+    forward()  # the disk has room again: "c" and "d" out, "a" and "b" in
+    assert sorted(pool.residency.resident) == ["a", "b"]
+    assert pool.counters()["disk_writes"] == before["counters"]["disk_writes"] + 2
+    for s, want in states.items():
+        got = pool.state_dict(s)
+        assert all(torch.equal(got[k], v) for k, v in want.items()), s
+    pool.detach()
+
+
 def test_a_relative_offload_dir_survives_a_change_of_working_directory(tiny, tmp_path, monkeypatch):
     """offload_dir="offload" names the directory it named when the pool was made: after the process changed its
     working directory, an offloaded session came back as AdapterFileError (its file looked for under the new one)
@@ -724,6 +785,42 @@ def test_a_pool_refused_at_construction_leaves_the_model_as_it_was(tiny, bad):
     pool.detach()
     with torch.no_grad():
         torch.testing.assert_close(tiny(input_ids=ids).logits, bare, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_capacity_past_the_devices_memory_is_refused_before_any_row_is_allocated(dtype):
+    """A capacity whose B rows cannot fit in the device's available memory (`tmem rl --group-size 10**12`, a
+    serve config's capacity) is refused at once with a ValueError naming the capacity and the bytes, the model
+    left as it was: every row was allocated up front (torch's allocator error, or on the CPU the OOM killer once
+    they were written). The bytes per row are what the engine allocates per row: the pool's bytes_per_session
+    (the float32 master) and, for a bf16 model, its compute copy."""
+    from tmem_runtime.device_memory import available_bytes
+    from tmem_runtime.engine import row_bytes
+
+    model, _ = load_model("tiny-llama", dtype=dtype)
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bare = model(input_ids=ids).logits
+    sizes = []
+    for capacity in (2, 3):
+        pool = SessionPool(model, capacity=capacity, backend="torch")
+        sizes.append(pool.counters()["bytes_resident_total"])
+        per_session, layout = pool.bytes_per_session(), pool.layout
+        pool.detach()
+    row = row_bytes(layout, dtype)
+    assert row == sizes[1] - sizes[0] == per_session * (1 if dtype == torch.float32 else 1.5)
+    # (10**12 first: without the check it fails in torch's allocator; twice what is available would be written)
+    for capacity in (10**12, 2 * available_bytes(torch.device("cpu")) // row + 1):
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=rf"capacity={capacity} \(B rows of {row} bytes each\) needs "
+                                             rf"{capacity * row} bytes .* on cpu, which has \d+ bytes"):
+            SessionPool(model, capacity=capacity, backend="torch")
+        assert time.perf_counter() - start < 5
+        assert getattr(model, "_tmem_fast_weights", None) is None
+    pool = SessionPool(model, capacity=2, backend="torch")  # attaches as to a fresh model
+    pool.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, bare, rtol=0, atol=0)
 
 
 def test_gradient_checkpointing_over_pool_rows_is_refused_at_the_forward(tiny):

@@ -9,6 +9,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import time
 
 import pytest
 import torch
@@ -143,6 +145,25 @@ def test_a_lora_rank_past_a_target_matrix_is_refused_before_anything_is_injected
         main(["rl", "--data", str(tmp_path / "train.json"), "--out", str(tmp_path / "run"), "--model", "tiny-llama",
               "--lora-rank", "100000"])
     assert str(exit_info.value.code).startswith("tmem rl: --lora-rank 100000: lora_rank 100000 exceeds model.layers.0")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_group_size_whose_pool_cannot_fit_in_memory_is_refused_before_it_is_allocated(tmp_path):
+    """--group-size 10**12 made a pool of 10**12 + 2 B rows, allocated up front (all the machine's memory, or
+    torch's allocator error deep in a traceback): refused in one line naming the flag, the capacity and the
+    bytes, at once, before --out is made."""
+    from tmem_runtime.agent.long_conversations import make_conversation
+    from tmem_runtime.cli import main
+
+    (tmp_path / "train.json").write_text(json.dumps([make_conversation(1, n_facts=2, tokens=100, turns_per_session=6)]))
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rl", "--data", str(tmp_path / "train.json"), "--out", str(tmp_path / "run"), "--model", "tiny-llama",
+              "--group-size", str(10**12)])
+    assert time.perf_counter() - start < 30
+    assert re.fullmatch(r"tmem rl: --group-size 1000000000000: capacity=1000000000002 \(B rows of \d+ bytes each\) "
+                        r"needs \d+ bytes \(.* GB\) on cpu, which has \d+ bytes \(.* GB\) available: use a smaller "
+                        r"capacity .*", str(exit_info.value.code))
     assert not (tmp_path / "run").exists()
 
 

@@ -35,6 +35,7 @@ from tmem_runtime.adapter_file import WeightsFingerprint, adapter_metadata
 from tmem_runtime.adapter_init import initial_factors
 from tmem_runtime.backends import kernel_ops, resolve_backend
 from tmem_runtime.decoder import Decoder, supports_piecewise
+from tmem_runtime.device_memory import check_fits
 from tmem_runtime.fused_layers import fused_attention_norms, fused_norm_forward
 from tmem_runtime.layout import AdapterLayout, AdapterSlot
 from tmem_runtime.models import MLP_TARGETS, decoder_layers, is_silu, target_mlps
@@ -54,6 +55,12 @@ def _layout(mlps: list[tuple[int, nn.Module]], rank: int) -> AdapterLayout:
     slots = [AdapterSlot(i, t, getattr(mlp, t).out_features, getattr(mlp, t).in_features) for i, mlp in mlps
              for t in MLP_TARGETS]  # fmt: skip
     return AdapterLayout(slots, rank)
+
+
+def row_bytes(layout: AdapterLayout, dtype: torch.dtype) -> int:
+    """Bytes one B row takes on the device for a model of `dtype`: its float32 master, and beside it the
+    compute-dtype copy of a model not in float32."""
+    return layout.b_numel * (4 + (0 if dtype == torch.float32 else dtype.itemsize))
 
 
 class FastWeightsError(RuntimeError):
@@ -98,7 +105,8 @@ class FastWeightEngine:
 
     model: a transformers causal LM (modified in place until `detach()`). rank: LoRA rank r.
     init: "svd" | "random" | "pissa" (see `adapter_init`). backend: "auto" | "triton" | "native" |
-    "torch". svd: "randomized" | "exact".
+    "torch". svd: "randomized" | "exact". A capacity whose rows (`row_bytes` each) exceed the device's
+    available memory is refused (ValueError) before anything is allocated.
     """
 
     def __init__(
@@ -127,6 +135,9 @@ class FastWeightEngine:
         self.layout = _layout(self.mlps, rank)
         weight = self.mlps[0][1].gate_proj.weight
         self.device, self.dtype = weight.device, weight.dtype
+        row = row_bytes(self.layout, self.dtype)  # (a capacity that cannot fit is refused before any allocation)
+        check_fits(f"capacity={capacity} (B rows of {row} bytes each)", capacity * row, self.device,
+                   "use a smaller capacity (a pool keeps more open sessions than rows, offloaded)")
         self.backend = resolve_backend(backend, self.device, self.dtype, rank, capacity)
         self.ops = kernel_ops(self.backend)
         self.fused = [is_silu(mlp.act_fn) for _, mlp in self.mlps]

@@ -52,7 +52,8 @@ from tmem_runtime.write import encode_trunk, right_padded_lengths
 class SessionPool(SessionStore):
     """Fast weights for many named sessions of one model (see the module docstring).
 
-    capacity: B rows on the model's device. offload: "host" | "disk" (with offload_dir) for sessions
+    capacity: B rows on the model's device (ValueError, nothing allocated, where they cannot fit in its
+    available memory: `device_memory.py`). offload: "host" | "disk" (with offload_dir) for sessions
     beyond capacity. trunk_cache_bytes: examples' trunk outputs kept on the device for writes that
     train them again (replayed flashcards), and the shared prefixes' (the chat preamble every card
     starts with; `trunk_rows.py`), 0: none. The other arguments are those of `FastWeightEngine`.

@@ -7,9 +7,11 @@ used unpinned session: its B row is copied to host memory, or to a safetensors f
 its next use. A session still in its initial state is evicted for free (nothing to keep). A copy
 (copy.deepcopy of the model, pickling) holds the offloaded rows in host memory, never the original's
 files. Sessions in use by a running batch are pinned and never evicted; when every row is pinned,
-`acquire` raises `PoolFullError`. A restore that cannot be done (a lost or corrupt offload file, no row
-to be had) is refused before any session moves: no other session is evicted for it. Not thread-safe by
-itself: the pool calls it under its lock.
+`acquire` raises `PoolFullError`. An acquire is all or nothing: one that cannot be done (a lost or
+corrupt offload file, no row to be had, an eviction's offload file that cannot be written: a full disk)
+is refused before any session moves, whichever of its sessions fails: no other session is evicted for it
+(the files written for the evictions before the failed one are deleted). Not thread-safe by itself: the
+pool calls it under its lock.
 """
 
 from __future__ import annotations
@@ -155,17 +157,18 @@ class Residency:
                 "sessions, or a pool of a larger capacity"
             )
         # Everything that can fail is done before any session moves: the kept rows are read (a lost or corrupt
-        # offload file) and the rows counted (PoolFullError), so a refused acquire changes nothing at all.
+        # offload file), the rows counted (PoolFullError) and every victim's row offloaded (a full disk), so a
+        # refused acquire changes nothing at all.
         kept = {s: self._kept_row(s) for s in unique if s not in self.resident}
-        evictable = sum(1 for s in self.resident if not self.pins[s] and s not in unique)
-        if len(kept) > len(self.free) + evictable:
-            raise _all_rows_pinned(self.engine.capacity)
+        victims = self._offload(len(kept) - len(self.free), unique)
         for s in unique:
             self.pins[s] += 1
         try:
+            for victim, victim_kept in victims.items():  # (from here on only row copies on the device)
+                self._move_out(victim, victim_kept)
             for s in unique:
                 if s in kept:
-                    self._restore(s, self._take_row(), kept[s])
+                    self._restore(s, self.free.pop(), kept[s])
                 self.resident.move_to_end(s)
         except BaseException:
             self.release(unique)
@@ -207,19 +210,46 @@ class Residency:
                 del self.pins[s]
 
     def _take_row(self) -> int:
-        if self.free:
-            return self.free.pop()
-        victim = next((s for s in self.resident if not self.pins[s]), None)
-        if victim is None:
+        if not self.free:
+            ((victim, kept),) = self._offload(1, ()).items()  # a failed offload (disk full) changes nothing
+            self._move_out(victim, kept)
+        return self.free.pop()
+
+    def _offload(self, n: int, keep: Sequence[str]) -> dict[str, torch.Tensor | Path | None]:
+        """The `n` least recently used unpinned sessions not in `keep`, each with its row's kept copy (`_evict`),
+        still resident: nothing has moved. PoolFullError if there are fewer; if an offload fails (a full disk, a
+        bad offload_dir), the files written for the others are deleted and it raises, naming the session."""
+        if n <= 0:
+            return {}
+        victims = [s for s in self.resident if not self.pins[s] and s not in keep][:n]
+        if len(victims) < n:
             raise _all_rows_pinned(self.engine.capacity)
-        slot = self.resident[victim]
-        kept = self._evict(victim, slot)  # a failed offload (disk full, bad offload_dir) changes nothing
-        del self.resident[victim]
+        offloaded: dict[str, torch.Tensor | Path | None] = {}
+        try:
+            for victim in victims:
+                offloaded[victim] = self._evict(victim, self.resident[victim])
+        except OSError as exc:
+            for kept in offloaded.values():
+                self._delete(kept)
+            message = (f"cannot offload session {victim!r} to {self.offload_dir} to make room for another: {exc} "
+                       "(no session was moved)")
+            raise (OSError(message) if exc.errno is None else OSError(exc.errno, message)) from exc
+        except BaseException:
+            for kept in offloaded.values():
+                self._delete(kept)
+            raise
+        return offloaded
+
+    def _move_out(self, victim: str, kept: torch.Tensor | Path | None) -> None:
+        """Resident `victim` away with `kept`, its row's copy (`_offload`); its row is free."""
+        self.free.append(self.resident.pop(victim))
         self.away[victim] = kept
         self.counters.evictions += 1
-        return slot
+        self.counters.disk_writes += isinstance(kept, Path)
 
     def _evict(self, session: str, slot: int) -> torch.Tensor | Path | None:
+        """A copy of `session`'s row `slot` to keep while it is away: None (its initial state), a host copy, or
+        its offload file (written atomically). Moves nothing."""
         if self.engine.initial[slot]:
             return None
         row = self.engine.b[slot].detach()
@@ -227,7 +257,6 @@ class Residency:
             return row.to("cpu", copy=True)
         path = self.offload_dir / f"{self.file_prefix}-{_file_stem(session)}.safetensors"
         save_adapter(path, {"b": row}, self._file_meta())
-        self.counters.disk_writes += 1
         return path
 
     def _kept_row(self, session: str) -> torch.Tensor | None:

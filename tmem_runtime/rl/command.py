@@ -219,8 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         policy = Policy(model, PolicySpec(args.policy, args.lora_rank, 2.0 * args.lora_rank, fast_layers))
     except ValueError as exc:
         raise SystemExit(f"tmem rl: --lora-rank {args.lora_rank}: {exc}") from None
-    pool = SessionPool(model, capacity=args.group_size + 2, rank=args.rank, num_layers=args.num_layers,
-                       seed=args.seed)
+    try:  # (a group size whose pool rows cannot fit in memory: refused before they are allocated)
+        pool = SessionPool(model, capacity=args.group_size + 2, rank=args.rank, num_layers=args.num_layers,
+                           seed=args.seed)
+    except ValueError as exc:
+        raise SystemExit(f"tmem rl: --group-size {args.group_size}: {exc}") from None
     generator = Generator(model, tokenizer)
     env = MemoryWriteEnv(pool, generator, train, env_config)
     check_rewardable(env, args.l_max)
