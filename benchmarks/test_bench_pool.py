@@ -238,8 +238,9 @@ def summary_lines() -> list[str]:
             )
         if "bytes_per_session" in r:
             lines.append(
-                f"  {c.name} memory per resident session: {r['bytes_per_session'] / 1e3:.0f} kB (B, fp32); "
-                f"{r['bytes_writing'] / 1e3:.0f} kB while written (+ grad, AdamW moments); "
+                f"  {c.name} memory per resident session: {r['bytes_per_session'] / 1e3:.0f} kB (B: fp32 master and "
+                f"compute copy); {r['bytes_writing'] / 1e3:.0f} kB while written (+ its workspace: master, "
+                f"grad, AdamW moments, compute copy); "
                 f"{c.resident} resident: {c.resident * r['bytes_per_session'] / 1e9:.2f} GB"
             )
     return lines if len(lines) > 1 else []

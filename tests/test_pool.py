@@ -808,7 +808,7 @@ def test_a_capacity_past_the_devices_memory_is_refused_before_any_row_is_allocat
         per_session, layout = pool.bytes_per_session(), pool.layout
         pool.detach()
     row = row_bytes(layout, dtype)
-    assert row == sizes[1] - sizes[0] == per_session * (1 if dtype == torch.float32 else 1.5)
+    assert row == sizes[1] - sizes[0] == per_session == layout.b_numel * (4 if dtype == torch.float32 else 6)
     # (10**12 first: without the check it fails in torch's allocator; twice what is available would be written)
     for capacity in (10**12, 2 * available_bytes(torch.device("cpu")) // row + 1):
         start = time.perf_counter()

@@ -35,7 +35,7 @@ import torch
 from torch.profiler import record_function
 from transformers import PreTrainedModel
 
-from tmem_runtime.engine import FastWeightEngine, FastWeightsError
+from tmem_runtime.engine import FastWeightEngine, FastWeightsError, row_bytes
 from tmem_runtime.hot_swap import SwapChecker
 from tmem_runtime.layout import AdapterLayout
 from tmem_runtime.pool_reads import PoolReads
@@ -227,8 +227,13 @@ class SessionPool(SessionStore):
             }
 
     def bytes_per_session(self, writing: bool = False) -> int:
-        """Bytes of one session's B row (float32; x4 while it is being written: grad and AdamW moments)."""
-        return self.engine.layout.b_numel * 4 * (4 if writing else 1)
+        """Bytes one resident session takes on the device: its B row (`engine.row_bytes`: the float32 master
+        and, for a model not in float32, the compute-dtype copy the forwards read). writing: and, while it is
+        written, its workspace besides (a float32 master, its gradient and AdamW's two moments, and the
+        compute copy)."""
+        e = self.engine
+        row = row_bytes(e.layout, e.dtype)
+        return row + (row + 3 * 4 * e.layout.b_numel if writing else 0)
 
     # ---------------------------------------------------------------- forwards
     def rows(self, sessions: Sequence[str | None]) -> AbstractContextManager[None]:
