@@ -9,6 +9,7 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tmem_runtime import FastWeights, SessionPool, fused_layers, load_model, static_write
@@ -820,6 +821,62 @@ def test_the_additive_mask_follows_its_rule(prefix_len):
                 j = k - prefix_len
                 seen = j < 0 or (j <= i and j < length)
                 assert mask[b, 0, i, k].item() == (0.0 if seen else blocked), (b, i, k)
+
+
+@pytest.mark.parametrize("prefix_len", [0, 5])
+def test_an_aligned_additive_mask_has_8_aligned_rows_and_the_same_values(prefix_len, monkeypatch):
+    """On MASK_ALIGNED_DEVICES (CUDA) the mask's rows start at multiples of 8 elements (a slice of a wider buffer:
+    what the memory-efficient SDPA kernel takes without padding it into a copy per call), its values those of the
+    plain mask; elsewhere it is contiguous as before. Forced here on the CPU."""
+    lengths, q_len = torch.tensor([7, 3, 1, 5]), 7
+    plain = decoder_module.additive_mask(lengths, q_len, prefix_len, torch.bfloat16)
+    assert plain.is_contiguous()
+    monkeypatch.setattr(decoder_module, "MASK_ALIGNED_DEVICES", ("cuda", "cpu"))
+    aligned = decoder_module.additive_mask(lengths, q_len, prefix_len, torch.bfloat16)
+    assert aligned.shape == plain.shape and aligned.stride(-1) == 1
+    assert all(aligned.stride(d) % 8 == 0 for d in range(aligned.dim() - 1) if aligned.shape[d] > 1)
+    torch.testing.assert_close(aligned, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+def test_a_write_with_aligned_masks_equals_one_with_plain_masks(name, monkeypatch):
+    """The aligned masks (CUDA's layout, forced on the CPU, with the Decoder's own attention and halved trunk
+    layers as on CUDA) change nothing a write computes: writes of padded rows with a shared prefix give the same
+    losses and B bit for bit."""
+    model, _ = load_model(name)
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    recipe = Recipe(optimizer="adamw", lr=1e-2, epochs=2, batch_size=4)
+    monkeypatch.setattr(decoder_module, "MASK_ALIGNED_DEVICES", ("cuda", "cpu"))
+    got, got_state, _ = _writes(model, recipe, "none")
+    monkeypatch.setattr(decoder_module, "MASK_ALIGNED_DEVICES", ())
+    want, want_state, _ = _writes(model, recipe, "none")
+    _assert_same_writes(got, got_state, want, want_state, torch.device("cpu"))
+
+
+@pytest.mark.cuda
+def test_sdpa_takes_the_decoders_mask_without_padding_it():
+    """On CUDA a bf16 SDPA call with the Decoder's mask (rows of 13 keys: not a multiple of 8) runs no pad of the
+    mask (torch's `preprocess_mask` pads an unaligned one into a copy on every call): counted with the profiler,
+    forward and backward; a contiguous mask of the same values is padded (what the count would catch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda")
+    q, k, v = (torch.randn(2, 4, 8, 64, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    kk = torch.randn(2, 4, 13, 64, device=device, dtype=torch.bfloat16)
+    lengths = torch.tensor([8, 5], device=device)
+    mask = decoder_module.additive_mask(lengths, 8, 5, torch.bfloat16)
+    keys = torch.cat([kk[:, :, :5], k], dim=2)
+    values = torch.cat([kk[:, :, :5], v], dim=2)
+
+    def pads(m: torch.Tensor) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=m)
+            out.sum().backward()
+        return sum(e.count for e in prof.key_averages() if "pad" in e.key)
+
+    assert mask.stride(-2) % 8 == 0
+    assert pads(mask) == 0
+    assert pads(mask.contiguous()) > 0
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])

@@ -71,16 +71,26 @@ class PrefixKV:
         return 0 if kv is None else kv[0].shape[2]
 
 
+# where an additive mask's rows start at multiples of MASK_ROW_ALIGNMENT elements: on CUDA the memory-efficient SDPA
+# kernel (what a float mask selects) takes such a mask as it is, and pads any other into a fresh copy on every call
+# (torch's `preprocess_mask`: a pad and a copy per attention call, each layer, forward and backward)
+MASK_ALIGNED_DEVICES = ("cuda",)
+MASK_ROW_ALIGNMENT = 8
+
+
 def additive_mask(lengths: torch.Tensor, q_len: int, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
     """Causal + right-padding mask, additive. lengths [B] (real query tokens per row) -> [B, 1, Q, P+Q].
 
-    Query i (absolute position P+i) sees every prefix key and suffix keys j <= i with j < length.
+    Query i (absolute position P+i) sees every prefix key and suffix keys j <= i with j < length. On
+    MASK_ALIGNED_DEVICES its rows lie MASK_ROW_ALIGNMENT-aligned: a slice of [B, 1, Q, P+Q rounded up].
     """
     device = lengths.device
     key = torch.arange(-prefix_len, q_len, device=device)  # [P+Q]: from the first query's position (prefix < 0)
     later = key[None, :] > key[prefix_len:, None]  # [Q, P+Q]: keys after the query (no prefix key is)
     blocked = later[None] | (key >= lengths[:, None])[:, None, :]  # [B, Q, P+Q]: or past the row (no prefix key is)
-    mask = torch.zeros(blocked.shape, dtype=dtype, device=device)
+    b, q, k = blocked.shape
+    align = MASK_ROW_ALIGNMENT if device.type in MASK_ALIGNED_DEVICES else 1
+    mask = torch.zeros((b, q, -(-k // align) * align), dtype=dtype, device=device)[..., :k]
     return mask.masked_fill_(blocked, torch.finfo(dtype).min)[:, None]
 
 
