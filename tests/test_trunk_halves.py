@@ -1,10 +1,11 @@
 """The write's trunk runs its decoder layers as the Decoder's two halves (`runs_as_halves`) against HF's modules.
 
 On FUSED_NORM_DEVICES (CUDA; here the CPU too, forced) `Decoder.run_trunk` runs each layer below the first
-adapted one as `_attention_block` (the fused input norm, `attention`: fused q/k norms, the rotary op) then
-`_mlp_block` (the fused post-attention norm) instead of calling the layer module: on the CPU bit for bit what
-calling the modules gives (the ops' CPU forwards are HF's compositions), for tiny-llama, tiny-qwen3 (per-head
-q/k norms), tiny-qwen2 (q/k/v biases) and tiny-mistral, fp32 and bf16, with no mask, right padding, and a
+adapted one as `_attention_half` (the fused input norm, `attention`: fused q/k norms, the rotary op) then
+`_mlp_half` (the fused post-attention norm), each residual add and the norm after it one op
+(`tmem::add_rms_norm`), instead of calling the layer module: on the CPU bit for bit what calling the modules
+gives (the ops' CPU forwards are HF's compositions), for tiny-llama, tiny-qwen3 (per-head q/k norms),
+tiny-qwen2 (q/k/v biases) and tiny-mistral, fp32 and bf16, with no mask, right padding, and a
 shared prefix recorded then continued. A layer that must be called (hooked, its forward or __call__ patched,
 a subclass, a sliding-attention one) is called: with the hook's or the patch's effect.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tmem_kernels
+from tmem_kernels import rmsnorm
 from tmem_runtime import fused_layers
 from tmem_runtime.decoder import Decoder, PrefixKV
 from tmem_runtime.fused_layers import runs_as_halves
@@ -77,6 +80,23 @@ def count_layer_calls(monkeypatch) -> list[int]:
     return called
 
 
+def count_norms(monkeypatch) -> tuple[list[int], list[int]]:
+    """Records every call of the fused norm op (`fused_layers._fused_rms_norm`) and of the fused residual add +
+    norm op (`fused_layers._fused_add_rms_norm`): two lists, one entry per call."""
+    norms: list[int] = []
+    added: list[int] = []
+    real_norm, real_added = fused_layers._fused_rms_norm, fused_layers._fused_add_rms_norm
+    monkeypatch.setattr(fused_layers, "_fused_rms_norm", lambda *a: norms.append(1) or real_norm(*a))
+    monkeypatch.setattr(fused_layers, "_fused_add_rms_norm", lambda *a: added.append(1) or real_added(*a))
+    return norms, added
+
+
+def unfused_add_rms_norm(module, hidden, delta):
+    """What the halves ran before `fused_layers.add_rms_norm`: torch's add, then the norm op on the sum."""
+    hidden = hidden + delta
+    return fused_layers.rms_norm(module, hidden), hidden
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["causal", "padded", "prefix"])
 @pytest.mark.parametrize("name", MODELS)
@@ -91,17 +111,40 @@ def test_the_trunks_halves_give_the_layer_modules_output(name, case, dtype, devi
     called.clear()
     monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     assert all(runs_as_halves(layer) for layer in dec.layers)
-    norms = []
-    real = fused_layers._fused_rms_norm
-    monkeypatch.setattr(fused_layers, "_fused_rms_norm", lambda *a: norms.append(1) or real(*a))
+    norms, added = count_norms(monkeypatch)
     got = trunk(dec, case, device)
     assert called == []
-    per_layer = 4 if name == "tiny-qwen3" else 2  # input and post-attention norms; Qwen3's q and k norms
     runs = 2 if case == "prefix" else 1
-    assert len(norms) == runs * (FIRST_ADAPTED * per_layer + per_layer - 1)  # (+ layer 4's attention half)
+    qk = 2 if name == "tiny-qwen3" else 0  # Qwen3's per-head q and k norms, in each attention half
+    # layer 0's input norm alone; every other input norm and every post-attention norm after its residual add
+    assert len(norms) == runs * (1 + qk * (FIRST_ADAPTED + 1))  # (+ layer 4's attention half)
+    assert len(added) == runs * 2 * FIRST_ADAPTED
     assert all(w.abs().max() > 0 for w in want)
     for a, w in zip(got, want, strict=True):
         close(a, w, device)
+
+
+@pytest.mark.skipif(not tmem_kernels.available("triton"), reason="Triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["causal", "padded", "prefix"])
+@pytest.mark.parametrize("name", MODELS)
+def test_the_fused_residual_add_and_norm_give_the_adds_then_the_norms(name, case, dtype, device, monkeypatch):
+    """The halves' residual add + next norm as one op (`fused_layers.add_rms_norm`: `tmem::add_rms_norm`), the
+    norms' Triton kernels forced (CUDA's structure; under the interpreter on the CPU): run_trunk's outputs (the
+    prefix's keys / values too) are those of the add then `tmem::rms_norm` (the halves before the fused op) bit
+    for bit; the fused op ran for every add that a norm follows (two per layer, less the first input norm)."""
+    monkeypatch.setattr(rmsnorm, "use_triton", lambda x: x.dtype != torch.float64)
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    dec = setup(name, dtype, device)
+    norms, added = count_norms(monkeypatch)
+    got = trunk(dec, case, device)
+    assert len(added) == (2 if case == "prefix" else 1) * 2 * FIRST_ADAPTED
+    monkeypatch.setattr(fused_layers, "add_rms_norm", unfused_add_rms_norm)
+    added.clear()
+    want = trunk(dec, case, device)
+    assert not added
+    for a, w in zip(got, want, strict=True):
+        assert a.dtype == w.dtype and torch.equal(a, w)
 
 
 def test_the_trunks_halves_under_eager_attention(device, monkeypatch):

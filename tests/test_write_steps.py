@@ -472,16 +472,19 @@ def test_the_decoders_norms_through_the_fused_op_give_the_modules_writes(name, o
         assert (got_state[k] - v).norm() <= (1e-6 if optimizer == "sgd" else adamw_tol) * v.norm(), k
 
 
-def _writes_with_and_without(model, recipe: Recipe, monkeypatch, counted: str, switch: str) -> tuple:  # noqa: ANN001
+def _writes_with_and_without(  # noqa: ANN001
+    model, recipe: Recipe, monkeypatch, counted: str, switch: str, replacement=lambda module: False
+) -> tuple:
     """The same writes twice: with fused_layers' `counted` function in use (checked: it ran), then with its
-    `switch` predicate saying no everywhere (checked: it did not run). (losses, B) of each."""
+    `switch` function replaced (by default a predicate saying no everywhere; checked: `counted` did not run).
+    (losses, B) of each."""
     calls = []
     fn = getattr(fused_layers, counted)
     monkeypatch.setattr(fused_layers, counted, lambda *a: calls.append(1) or fn(*a))
     got, got_state, _ = _writes(model, recipe, "none")
     assert calls, f"the write never ran {counted}"
     calls.clear()
-    monkeypatch.setattr(fused_layers, switch, lambda module: False)
+    monkeypatch.setattr(fused_layers, switch, replacement)
     want, want_state, _ = _writes(model, recipe, "none")
     assert not calls
     return got, got_state, want, want_state
@@ -537,6 +540,32 @@ def test_the_trunks_halved_layers_give_the_modules_writes(name, device, monkeypa
     monkeypatch.setattr(fused_layers, "runs_as_halves", lambda layer: False)
     want, want_state, _ = _writes(model, recipe, "none")
     _assert_same_writes(got, got_state, want, want_state, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+def test_the_trunks_fused_residual_add_and_norm_give_the_same_writes(name, dtype, device, monkeypatch):
+    """The trunk's halves with each residual add and the next norm one op (`fused_layers.add_rms_norm`:
+    `tmem::add_rms_norm`; CUDA's structure forced on the CPU, the norms' Triton kernels too, under the
+    interpreter) give the losses and B of the same writes whose trunk adds, then runs `tmem::rms_norm`:
+    bit for bit (the fused forward rounds the sum as torch's add and normalises it with the norm kernel's lines;
+    the trunk runs no backward)."""
+    from tmem_kernels import rmsnorm
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(rmsnorm, "use_triton", lambda x: x.dtype != torch.float64)
+    model = _qwen3_with_norm_weights(device, dtype) if name == "tiny-qwen3" else load_model(name)[0].to(device, dtype)
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    recipe = Recipe(optimizer="sgd", lr=0.5, epochs=2, batch_size=4)
+
+    def unfused(module, hidden, delta):  # the halves before the fused op: torch's add, then the norm op
+        hidden = hidden + delta
+        return fused_layers.rms_norm(module, hidden), hidden
+
+    got, got_state, want, want_state = _writes_with_and_without(model, recipe, monkeypatch, "_fused_add_rms_norm",
+                                                                "add_rms_norm", unfused)  # fmt: skip
+    assert got == want
+    assert all(torch.equal(got_state[k], v) for k, v in want_state.items())
 
 
 def test_fused_norm_takes_only_the_llama_formula():

@@ -1,9 +1,10 @@
 """tmem_kernels: the ops only (tensors in, tensors out; no transformers, no models).
 
 `reference` is the pure-torch spec of every op. The Triton kernels (`lora_mlp`, `lora_segmented`,
-`update`, `rmsnorm_triton`, `rotary_triton`), the native CPU extension (`native`), `rsvd`, `cross_entropy`,
-`rmsnorm` and `rotary` implement the same signatures and are tested against it. `library` registers them as
-torch custom ops (`torch.ops.tmem.*`, table in the README); the functions exported here call those ops.
+`update`, `rmsnorm_triton`, `addrmsnorm_triton`, `rotary_triton`), the native CPU extension (`native`),
+`rsvd`, `cross_entropy`, `rmsnorm`, `addrmsnorm` and `rotary` implement the same signatures and are tested
+against it. `library` registers them as torch custom ops (`torch.ops.tmem.*`, table in the README); the
+functions exported here call those ops.
 `get_ops(backend)` gives one backend's op set.
 """
 
@@ -14,6 +15,7 @@ from tmem_kernels.library import (
     adamw_step_native,
     adamw_step_torch,
     adamw_step_triton,
+    add_rms_norm,
     linear_cross_entropy,
     linear_cross_entropy_rows,
     lora_mlp_native,
@@ -34,6 +36,7 @@ __all__ = [
     "OPS",
     "KernelOps",
     "__version__",
+    "add_rms_norm",
     "adamw_step_native",
     "adamw_step_torch",
     "adamw_step_triton",

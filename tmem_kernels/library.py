@@ -16,7 +16,7 @@ trace a model that calls them.
              under the interpreter it launches them on fake tensors and fails; `custom_op` works on both)
     any      randomized_svd_top_r (not differentiable), linear_cross_entropy (differentiable w.r.t. hidden),
              rms_norm (+ rms_norm_backward; Triton on CUDA, the torch composition elsewhere), rope (+
-             rope_backward; likewise)
+             rope_backward; likewise), add_rms_norm (+ add_rms_norm_backward; likewise)
 
 The LoRA MLP ops return the tensors their backward reads as extra outputs (marked non-differentiable); the
 Python functions here return y only. A backend that is not installed (no Triton, native extension not
@@ -26,6 +26,7 @@ built) registers no ops, and its functions raise ImportError when called.
 import torch
 from torch import Tensor
 
+from tmem_kernels import addrmsnorm as _add_rms
 from tmem_kernels import cross_entropy as _lce
 from tmem_kernels import reference, rsvd
 from tmem_kernels import rmsnorm as _rms
@@ -45,6 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 __all__ = [
     "OPS",
+    "add_rms_norm",
     "adamw_step_native",
     "adamw_step_torch",
     "adamw_step_triton",
@@ -820,6 +822,80 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return torch.ops.tmem.rms_norm(x, weight, float(eps))[0]
 
 
+@torch.library.custom_op("tmem::add_rms_norm", mutates_args=())
+def _add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [..., H] in promote(x, weight) dtype, s = x + residual [..., H] in x's dtype, rstd [...] float32: what
+    the backward reads)."""
+    return _add_rms.forward(x, residual, weight, eps)
+
+
+@_add_rms_norm.register_fake
+def _(x, residual, weight, eps):  # noqa: ANN001
+    _add_rms.check_inputs(x, residual, weight, eps)
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+    return y, torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("tmem::add_rms_norm_backward", mutates_args=())
+def _add_rms_norm_backward(dy: Tensor, ds: Tensor | None, s: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
+    """d [..., H] in s's dtype (the gradient w.r.t. x and residual), from the forward's s and rstd (the Triton
+    kernel; the autograd formula calls `addrmsnorm.backward_torch` itself where that runs)."""
+    return _add_rms.backward(dy, ds, s, weight, rstd)
+
+
+@_add_rms_norm_backward.register_fake
+def _(dy, ds, s, weight, rstd):  # noqa: ANN001
+    return torch.empty_like(s)
+
+
+def _add_rms_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    _, _, weight, ctx.eps = inputs
+    _, s, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)  # no zeros kernels for an output that took no part
+    ctx.save_for_backward(s, weight, rstd)
+
+
+def _add_rms_backward(ctx, dy, ds, _):  # noqa: ANN001
+    s, weight, rstd = ctx.saved_tensors
+    need_x, need_residual, need_dw = ctx.needs_input_grad[:3]
+    if dy is None and ds is None:
+        return None, None, None, None
+    dw = None
+    if dy is None:  # only s took part: its gradient passes to x and residual as it is
+        d = ds
+    elif torch.is_grad_enabled():  # create_graph=True: autograd through the reference on s, differentiable again
+        wanted = [s, weight] if need_dw else [s]
+        found = torch.autograd.grad(reference.rms_norm(s, weight, ctx.eps), wanted, dy, create_graph=True)
+        d = found[0] if ds is None else found[0] + ds
+        dw = found[1] if need_dw else None
+    else:
+        d = None
+        if need_x or need_residual:  # the Triton kernel inside an op (traceable); the torch composition as it is
+            if _add_rms.use_triton(s):
+                d = torch.ops.tmem.add_rms_norm_backward(dy, ds, s, weight, rstd)
+            else:
+                d = _add_rms.backward_torch(dy, ds, s, weight, rstd)
+        dw = _rms.weight_grad(dy, s, rstd, weight.dtype) if need_dw else None
+    return (d if need_x else None), (d if need_residual else None), dw, None
+
+
+_add_rms_norm.register_autograd(_add_rms_backward, setup_context=_add_rms_setup)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """`tmem::add_rms_norm`: a pre-norm decoder's residual add and the next RMSNorm (HF's LlamaRMSNorm, rounding
+    included) in one kernel forward and one backward on CUDA (Triton), the same torch composition elsewhere.
+
+    x [..., H], residual [..., H] (x's dtype), weight [H] -> (y [..., H] in promote(x.dtype, weight.dtype),
+    s [..., H] in x's dtype), as `reference.add_rms_norm`: s = x + residual, y = rms_norm(s, weight, eps).
+    Differentiable w.r.t. x, residual and weight, through y and s. Graph-safe: no host sync.
+    """
+    _add_rms.check_inputs(x, residual, weight, eps)
+    y, s, _ = torch.ops.tmem.add_rms_norm(x, residual, weight, float(eps))
+    return y, s
+
+
 def _rope_like(x: Tensor, dtype: torch.dtype) -> Tensor:
     """The layout of the op's outputs: x's (strides too, where x is dense), in `dtype`."""
     return torch.empty_like(x, dtype=dtype)
@@ -930,5 +1006,6 @@ OPS = {
     "linear_cross_entropy": linear_cross_entropy,
     "linear_cross_entropy_rows": linear_cross_entropy_rows,
     "rms_norm": rms_norm,
+    "add_rms_norm": add_rms_norm,
     "rope": rope,
 }

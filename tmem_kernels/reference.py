@@ -313,6 +313,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (xf * rstd).to(x.dtype)
 
 
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm decoder's residual add, then the next RMSNorm (`rms_norm`) on the sum.
+
+    x [..., H], residual [..., H] (x's dtype), weight [H] -> (y = rms_norm(s, weight, eps) [..., H] in
+    promote(x.dtype, weight.dtype), s = x + residual [..., H] in x's dtype).
+    """
+    s = x + residual
+    return rms_norm(s, weight, eps), s
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's `apply_rotary_pos_emb` (Llama/Qwen2/Qwen3/Mistral: rotate_half, full-head rotary, unsqueeze_dim 1).
 

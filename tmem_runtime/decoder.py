@@ -153,21 +153,24 @@ class Decoder:
 
         hidden [B, T, H] (embedded tokens) -> [B, T, H], the residual stream entering layer first_adapted's
         MLP. Nothing in it depends on the fast weights. `lengths` and `prefix` as in `run_layers`. Where
-        `fused_layers.fused_on` the device, a layer that `runs_as_halves` runs as `_attention_block` and
-        `_mlp_block` (its norms the fused op, its attention `fused_layers.attention`: 4 or 5 ops fewer per norm,
-        about 10 for the rotary);
+        `fused_layers.fused_on` the device, a layer that `runs_as_halves` runs as `_attention_half` and
+        `_mlp_half` (its norms the fused op, its attention `fused_layers.attention`: 4 or 5 ops fewer per norm,
+        about 10 for the rotary), each half's residual add and the norm after it one op (`add_rms_norm`);
         any other layer, and every layer elsewhere, is called as `run_layers` calls it.
         """
         p = 0 if prefix is None or prefix.recording else prefix.get_seq_length(first_adapted)
         inputs = self._attention_inputs(hidden, p, lengths)
         halves = fused_layers.fused_on(hidden.device)
+        delta = None  # the last half's output, not yet added to hidden: the next half's norm adds it
         for layer in self.layers[:first_adapted]:
             if halves and fused_layers.runs_as_halves(layer):
-                hidden = self._attention_block(layer, hidden, *inputs, prefix)
-                _, hidden = self._mlp_block(layer, None, hidden, None)
+                hidden, delta = self._attention_half(layer, hidden, delta, *inputs, prefix)
+                hidden, delta = self._mlp_half(layer, hidden, delta)
             else:
-                hidden = self._call_layer(layer, hidden, *inputs, prefix)
-        return self._attention_block(self.layers[first_adapted], hidden, *inputs, prefix)
+                hidden = self._call_layer(layer, hidden if delta is None else hidden + delta, *inputs, prefix)
+                delta = None
+        hidden, delta = self._attention_half(self.layers[first_adapted], hidden, delta, *inputs, prefix)
+        return hidden + delta
 
     def trunk_modules(self, first_adapted: int) -> list[nn.Module]:
         """The modules whose weights `run_trunk(..., first_adapted)` reads: the embedding, layers
@@ -316,16 +319,36 @@ class Decoder:
         mask: torch.Tensor | None,
         kv: PrefixKV | None,
     ) -> torch.Tensor:
-        """hidden + self_attn(input_layernorm(hidden)): the first half of a pre-norm decoder layer (the norm
-        `fused_layers.rms_norm`). Where `fused_layers.fused_on` the device, the attention runs as
-        `fused_layers.attention` (the rotary as one op) where `own_attention` holds and the rotary spans the whole
-        head, else the module itself."""
-        x = fused_layers.rms_norm(layer.input_layernorm, hidden)
+        """hidden + self_attn(input_layernorm(hidden)): the first half of a pre-norm decoder layer
+        (`_attention_half`, its output added). hidden [B, T, H] -> [B, T, H]."""
+        hidden, out = self._attention_half(layer, hidden, None, positions, rope, mask, kv)
+        return hidden + out
+
+    def _attention_half(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        delta: torch.Tensor | None,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        kv: PrefixKV | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, self_attn(input_layernorm(x))) for x = hidden + delta (delta: the previous half's output not yet
+        added, or None: x = hidden), the residual add left to the caller (or to the next half's norm). The norm
+        `fused_layers.rms_norm`, with the add before it `fused_layers.add_rms_norm` (one op). Where
+        `fused_layers.fused_on` the device, the attention runs as `fused_layers.attention` (the rotary as one op)
+        where `own_attention` holds and the rotary spans the whole head, else the module itself. hidden, delta
+        [B, T, H] -> two [B, T, H]."""
+        if delta is None:
+            x = fused_layers.rms_norm(layer.input_layernorm, hidden)
+        else:
+            x, hidden = fused_layers.add_rms_norm(layer.input_layernorm, hidden, delta)
         module = layer.self_attn
         fused = fused_layers.fused_on(hidden.device) and fused_layers.own_attention(module)
         if fused and rope[0].shape[-1] == module.head_dim:
             out = fused_layers.attention(module, x, rope, mask, kv, position_ids=positions, use_cache=kv is not None)
-            return hidden + out
+            return hidden, out
         out = module(
             hidden_states=x,
             attention_mask=mask,
@@ -334,7 +357,18 @@ class Decoder:
             use_cache=kv is not None,
             **{self._attn_cache_kw: kv},
         )
-        return hidden + (out[0] if isinstance(out, tuple) else out)
+        return hidden, (out[0] if isinstance(out, tuple) else out)
+
+    @staticmethod
+    def _mlp_half(layer: nn.Module, hidden: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, mlp(post_attention_layernorm(x))) for x = hidden + delta (the attention half's output), the add
+        and the norm one op (`fused_layers.add_rms_norm`), the residual add left to the next half's norm: the
+        second half of a `run_trunk` layer, every token. hidden, delta [B, T, H] -> two [B, T, H]."""
+        b, t, width = hidden.shape
+        x, hidden = fused_layers.add_rms_norm(
+            layer.post_attention_layernorm, hidden.reshape(b * t, width), delta.reshape(b * t, width)
+        )
+        return hidden.view(b, t, width), layer.mlp(x).view(b, t, width)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head. hidden [..., H] -> logits [..., V] (float32)."""

@@ -1,12 +1,13 @@
 """Where a write runs transformers' modules as tmem's fused ops, and those replacements.
 
 The Decoder (`decoder.py`) calls some of a Llama-family model's modules itself; on FUSED_NORM_DEVICES (CUDA)
-it runs them as tmem's ops instead: the RMSNorms as `tmem::rms_norm` (`rms_norm`; in write steps the
-adapted layers' per-head q/k norms too, `fused_attention_norms` / `fused_norm_forward`, which the engine
-routes), the attention with its rotary as `tmem::rope` (`attention`), and whole pre-norm decoder layers as
-the Decoder's two halves (`runs_as_halves`). Only for modules that run exactly as transformers defines
-them: known classes (not subclasses), their forward transformers' own (not patched on the class, the
-instance or the modeling module), and no hooks; anything else is called as the module. `fused_on(device)`
+it runs them as tmem's ops instead: the RMSNorms as `tmem::rms_norm` (`rms_norm`; a residual add and the
+norm after it as `tmem::add_rms_norm`, `add_rms_norm`; in write steps the adapted layers' per-head q/k norms
+too, `fused_attention_norms` / `fused_norm_forward`, which the engine routes), the attention with its rotary
+as `tmem::rope` (`attention`), and whole pre-norm decoder layers as the Decoder's two halves
+(`runs_as_halves`). Only for modules that run exactly as transformers defines them: known classes (not
+subclasses), their forward transformers' own (not patched on the class, the instance or the modeling
+module), and no hooks; anything else is called as the module. `fused_on(device)`
 is the one switch every reader asks at call time: patching this module's FUSED_NORM_DEVICES switches all.
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from tmem_kernels import add_rms_norm as _fused_add_rms_norm
 from tmem_kernels import rms_norm as _fused_rms_norm
 from tmem_kernels import rope as _fused_rope
 
@@ -90,6 +92,17 @@ def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if fused_on(x.device) and fused_norm(module):
         return _fused_rms_norm(x, module.weight, module.variance_epsilon)
     return module(x)
+
+
+def add_rms_norm(module: nn.Module, hidden: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(module(hidden + delta), hidden + delta) for a decoder's RMSNorm after a residual add: one fused op,
+    `tmem_kernels.add_rms_norm`, on FUSED_NORM_DEVICES when `fused_norm(module)`, else the add, then `rms_norm`.
+    hidden (the residual stream), delta (a half layer's output) [..., H] -> two [..., H], the same values either
+    way (the op's sum is torch's add; its norm `rms_norm`'s op on that sum)."""
+    if fused_on(hidden.device) and fused_norm(module):
+        return _fused_add_rms_norm(delta, hidden, module.weight, module.variance_epsilon)
+    hidden = hidden + delta
+    return rms_norm(module, hidden), hidden
 
 
 def fused_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
