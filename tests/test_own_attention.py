@@ -239,7 +239,7 @@ def test_the_own_attentions_qk_norms_run_the_fused_op(monkeypatch, device):
 
 def test_attention_block_compiles_fullgraph(monkeypatch, device):
     """torch.compile(fullgraph=True) traces `_attention_block` through `attention` with a prefix (no graph
-    break; `tmem::rope` in the graph) and gives eager's output and gradients."""
+    break; Qwen3's norms and rotary as `tmem::qk_norm_rope` in the graph) and gives eager's output and gradients."""
     monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     model, dec, module = setup("tiny-qwen3", torch.float32, device)
     layer = dec.layers[1]
@@ -268,7 +268,7 @@ def test_attention_block_compiles_fullgraph(monkeypatch, device):
         out_p, out_r = fn(p, r)
         (out_p.sum() + (out_r * out_r).sum()).backward()
         results.append((out_p.detach(), out_r.detach(), p.grad, r.grad))
-    assert seen.count("tmem.rope") == 2
+    assert seen.count("tmem.qk_norm_rope") == 2 and "tmem.rope" not in seen
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
