@@ -271,22 +271,25 @@ class TracedSteps:
 @contextmanager
 def cuda_paths() -> Iterator[None]:
     """Inside the block a CPU write takes the branches it would take on CUDA where they depend on the device
-    only: the fused RMSNorm op and the Decoder's own attention with the rotary op, both with their Triton
-    kernels (interpreted), and the head loss over formed logits below CHUNKED_HEAD_LOGITS (so a trace covers
-    the ops a GPU step captures)."""
-    from tmem_kernels import rmsnorm, rotary
+    only: the fused RMSNorm op and the Decoder's own attention with the rotary op (Qwen3's: with its q/k norms,
+    one op), all with their Triton kernels (interpreted), and the head loss over formed logits below
+    CHUNKED_HEAD_LOGITS (so a trace covers the ops a GPU step captures)."""
+    from tmem_kernels import qknorm_rope, rmsnorm, rotary
     from tmem_runtime import fused_layers, write
 
     floats = (torch.float32, torch.float16, torch.bfloat16)
-    saved = (fused_layers.FUSED_NORM_DEVICES, rmsnorm.use_triton, rotary.use_triton, write.chunked_head)
+    saved = (fused_layers.FUSED_NORM_DEVICES, rmsnorm.use_triton, rotary.use_triton, qknorm_rope.use_triton,
+             write.chunked_head)  # fmt: skip
     fused_layers.FUSED_NORM_DEVICES = ("cuda", "cpu")
     rmsnorm.use_triton = lambda x: x.dtype in floats
     rotary.use_triton = lambda q, k, c, s: q.dtype in floats and len({q.dtype, k.dtype, c.dtype, s.dtype}) == 1
+    qknorm_rope.use_triton = lambda *ts: ts[0].dtype in floats and len({t.dtype for t in ts}) == 1
     write.chunked_head = lambda device, k, v: k * v >= write.CHUNKED_HEAD_LOGITS
     try:
         yield
     finally:
-        fused_layers.FUSED_NORM_DEVICES, rmsnorm.use_triton, rotary.use_triton, write.chunked_head = saved
+        (fused_layers.FUSED_NORM_DEVICES, rmsnorm.use_triton, rotary.use_triton, qknorm_rope.use_triton,
+         write.chunked_head) = saved  # fmt: skip
 
 
 class TracedStaticWrites(StaticWrites):

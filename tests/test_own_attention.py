@@ -1,4 +1,5 @@
-"""The Decoder's own attention (`fused_layers.attention`: the rotary as the op `tmem::rope`) against HF's module.
+"""The Decoder's own attention (`fused_layers.attention`: the rotary as the op `tmem::rope`, with Qwen3's q/k
+norms as `tmem::qk_norm_rope`) against HF's module.
 
 `attention(module, ...)` must give `module(...)`'s output and gradients for the classes `own_attention`
 accepts: on the CPU bit for bit (the op's forward there is HF's composition, its backward autograd's formula
@@ -6,7 +7,8 @@ with autograd's rounding), on CUDA fp32 within 1e-5 and bf16 within bf16's toler
 fuse a product into its add in fp32; bf16 equal). Cases: no mask (SDPA's is_causal), right padding, a shared
 prefix recorded in a PrefixKV then continued (one prefix, and one per row group), tiny-llama, tiny-qwen3,
 tiny-qwen2 (q/k/v biases) and tiny-mistral (GQA, an odd half head dim, Qwen3's per-head norms); eager attention
-too, and the op's Triton kernels forced. `_attention_block` routes through it on
+too, and the op's Triton kernels forced. Qwen3's norms and rotary as one op give the two ops' values and
+gradients (bit for bit on the CPU, Triton kernels forced or not). `_attention_block` routes through it on
 FUSED_NORM_DEVICES only and falls back to the module for a hooked one.
 """
 
@@ -119,14 +121,67 @@ def test_own_attention_equals_hf(model_name, dtype, case, implementation, triton
         close(a, w, device)
 
 
+def force_triton(monkeypatch) -> None:
+    """The Triton kernels of the norm, the rotary and the two in one forced (on the CPU under the interpreter)."""
+    from tmem_kernels import qknorm_rope, rmsnorm
+
+    if not tmem_kernels.available("triton"):
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(rmsnorm, "use_triton", lambda x: x.dtype != torch.float64)
+    monkeypatch.setattr(rotary, "use_triton", lambda q, k, c, s: len({q.dtype, k.dtype, c.dtype, s.dtype}) == 1)
+    monkeypatch.setattr(qknorm_rope, "use_triton", lambda *ts: len({t.dtype for t in ts}) == 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case,triton", [("padded", False), ("prefixes", False), ("padded", True), ("prefix", True)])
+def test_qwen3s_norms_and_rotary_as_one_op_give_the_two_ops_values(dtype, case, triton, device, monkeypatch):
+    """On FUSED_NORM_DEVICES (forced here on the CPU; "triton": the kernels forced too) Qwen3's q_norm, k_norm and
+    rotary run as one op (`fused_qk_norm_rope`), no `rms_norm` or `rope` op left in `attention`: the output and
+    gradients of the attention are those of the two ops (the path before it): bit for bit on the CPU, on CUDA
+    within the norms' tolerances. Other families keep the two (Llama, Qwen2, Mistral have no q/k norms)."""
+    if triton:
+        force_triton(monkeypatch)
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    model, dec, module = setup("tiny-qwen3", dtype, device)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for norm in (module.q_norm, module.k_norm):
+            norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=g))
+    b, t, h = 3, 7, model.config.hidden_size
+    rows = torch.randn(b, t, h, generator=g).to(device, dtype)
+    dy = torch.randn(b, t, h, generator=g).to(device, dtype)
+    lengths = torch.tensor([7, 4, 1], device=device)
+    prefixes = {"padded": 0, "prefix": 1, "prefixes": 2}[case]
+    prefix = torch.randn(prefixes, 5, h, generator=g).to(device, dtype) if prefixes else None
+    row_prefix = torch.tensor([1, 0, 1], device=device) if case == "prefixes" else None
+    calls = {}
+    for name in ("_fused_rms_norm", "_fused_rope", "_fused_qk_norm_rope"):
+        real = getattr(fused_layers, name)
+        monkeypatch.setattr(fused_layers, name, lambda *a, real=real, name=name: calls.update({name: 1}) or real(*a))
+    assert fused_layers.fused_qk_norm_rope(module, device)
+    got = run_case(own, module, dec, rows, lengths, prefix, row_prefix, dy)
+    assert calls == {"_fused_qk_norm_rope": 1}
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(fused_layers, "fused_qk_norm_rope", lambda *a: False)
+        want = run_case(own, module, dec, rows, lengths, prefix, row_prefix, dy)
+    assert calls == {"_fused_rms_norm": 1, "_fused_rope": 1}
+    assert all(w.abs().max() > 0 for w in want)
+    for a, w in zip(got, want):
+        close(a, w, device)
+    for name in ("tiny-llama", "tiny-qwen2", "tiny-mistral"):
+        assert not fused_layers.fused_qk_norm_rope(setup(name, dtype, device)[2], device)
+
+
 def test_attention_block_routes_on_fused_devices_only(monkeypatch, device):
     """`_attention_block` runs `attention` (the op in the graph) on FUSED_NORM_DEVICES (forced here on the
     CPU too) and gives the module's values; a forward hook on the module, or another device: the module."""
     model, dec, module = setup("tiny-qwen3", torch.float32, device)
     layer = dec.layers[1]
     calls = []
-    real = fused_layers._fused_rope
-    monkeypatch.setattr(fused_layers, "_fused_rope", lambda *a: calls.append(1) or real(*a))
+    for name in ("_fused_rope", "_fused_qk_norm_rope"):  # (Qwen3's rotary: with its norms, one op)
+        real = getattr(fused_layers, name)
+        monkeypatch.setattr(fused_layers, name, lambda *a, real=real: calls.append(1) or real(*a))
     x = torch.randn(2, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(device)
     inputs = dec._attention_inputs(x, 0, torch.tensor([6, 3], device=device))
     monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ())
@@ -146,9 +201,10 @@ def test_attention_block_routes_on_fused_devices_only(monkeypatch, device):
 
 
 def test_the_own_attentions_qk_norms_run_the_fused_op(monkeypatch, device):
-    """Qwen3's per-head q_norm / k_norm in `attention` go through `rms_norm`: on FUSED_NORM_DEVICES (forced here
-    on the CPU) the fused op, giving the module's values (on the CPU bit for bit); a norm with a hook or an
-    instance forward (as the engine gives an adapted layer's) is called, its hook's effect in the output."""
+    """Qwen3's per-head q_norm / k_norm in `attention`: on FUSED_NORM_DEVICES (forced here on the CPU) the fused
+    op, with the rotary (`tmem::qk_norm_rope`), giving the module's values (on the CPU bit for bit); a norm with
+    a hook or an instance forward (as the engine gives an adapted layer's) is called, its hook's effect in the
+    output, the other `rms_norm`'s op."""
     model, dec, module = setup("tiny-qwen3", torch.float32, device)
     layer = dec.layers[1]
     g = torch.Generator().manual_seed(4)
@@ -162,14 +218,18 @@ def test_the_own_attentions_qk_norms_run_the_fused_op(monkeypatch, device):
     inputs = dec._attention_inputs(x, 0, torch.tensor([6, 3], device=device))
     want = dec._attention_block(layer, x, *inputs, None)  # (the CPU: the modules)
     monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    qk = []
+    real_qk = fused_layers._fused_qk_norm_rope
+    monkeypatch.setattr(fused_layers, "_fused_qk_norm_rope", lambda q, *a: qk.append(q.dim()) or real_qk(q, *a))
     got = dec._attention_block(layer, x, *inputs, None)
-    assert shapes == [3, 4, 4]  # the input norm [B, T, H], then q and k [B, T, heads, head_dim]
+    assert shapes == [3] and qk == [4]  # the input norm [B, T, H], then q and k [B, T, heads, head_dim] in one
     close(got, want, device)
+    qk.clear()
     shapes.clear()
     handle = module.q_norm.register_forward_hook(lambda m, i, o: o * 0.5)
     try:
         hooked = dec._attention_block(layer, x, *inputs, None)
-        assert shapes == [3, 4] and own_attention(module)  # k's the op, the hooked q's the module
+        assert shapes == [3, 4] and not qk and own_attention(module)  # k's the op, the hooked q's the module
         monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ())
         close(hooked, dec._attention_block(layer, x, *inputs, None), device)
         assert not torch.equal(hooked, want)
@@ -179,7 +239,7 @@ def test_the_own_attentions_qk_norms_run_the_fused_op(monkeypatch, device):
 
 def test_attention_block_compiles_fullgraph(monkeypatch, device):
     """torch.compile(fullgraph=True) traces `_attention_block` through `attention` with a prefix (no graph
-    break; `tmem::rope` in the graph) and gives eager's output and gradients."""
+    break; Qwen3's norms and rotary as `tmem::qk_norm_rope` in the graph) and gives eager's output and gradients."""
     monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     model, dec, module = setup("tiny-qwen3", torch.float32, device)
     layer = dec.layers[1]
@@ -208,7 +268,7 @@ def test_attention_block_compiles_fullgraph(monkeypatch, device):
         out_p, out_r = fn(p, r)
         (out_p.sum() + (out_r * out_r).sum()).backward()
         results.append((out_p.detach(), out_r.detach(), p.grad, r.grad))
-    assert seen.count("tmem.rope") == 2
+    assert seen.count("tmem.qk_norm_rope") == 2 and "tmem.rope" not in seen
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -1,13 +1,14 @@
 """The write's trunk runs its decoder layers as the Decoder's two halves (`runs_as_halves`) against HF's modules.
 
 On FUSED_NORM_DEVICES (CUDA; here the CPU too, forced) `Decoder.run_trunk` runs each layer below the first
-adapted one as `_attention_half` (the fused input norm, `attention`: fused q/k norms, the rotary op) then
-`_mlp_half` (the fused post-attention norm), each residual add and the norm after it one op
+adapted one as `_attention_half` (the fused input norm, `attention`: Qwen3's q/k norms and the rotary one op)
+then `_mlp_half` (the fused post-attention norm), each residual add and the norm after it one op
 (`tmem::add_rms_norm`), instead of calling the layer module: on the CPU bit for bit what calling the modules
 gives (the ops' CPU forwards are HF's compositions), for tiny-llama, tiny-qwen3 (per-head q/k norms),
 tiny-qwen2 (q/k/v biases) and tiny-mistral, fp32 and bf16, with no mask, right padding, and a
 shared prefix recorded then continued. A layer that must be called (hooked, its forward or __call__ patched,
-a subclass, a sliding-attention one) is called: with the hook's or the patch's effect.
+a subclass, a sliding-attention one) is called: with the hook's or the patch's effect. Qwen3's trunk with its q/k
+norms and rotary as one op is the trunk of the two ops, bit for bit on the CPU (their Triton kernels forced too).
 """
 
 from __future__ import annotations
@@ -112,13 +113,44 @@ def test_the_trunks_halves_give_the_layer_modules_output(name, case, dtype, devi
     monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     assert all(runs_as_halves(layer) for layer in dec.layers)
     norms, added = count_norms(monkeypatch)
+    qk = []
+    real_qk = fused_layers._fused_qk_norm_rope
+    monkeypatch.setattr(fused_layers, "_fused_qk_norm_rope", lambda *a: qk.append(1) or real_qk(*a))
     got = trunk(dec, case, device)
     assert called == []
     runs = 2 if case == "prefix" else 1
-    qk = 2 if name == "tiny-qwen3" else 0  # Qwen3's per-head q and k norms, in each attention half
     # layer 0's input norm alone; every other input norm and every post-attention norm after its residual add
-    assert len(norms) == runs * (1 + qk * (FIRST_ADAPTED + 1))  # (+ layer 4's attention half)
-    assert len(added) == runs * 2 * FIRST_ADAPTED
+    assert len(norms) == runs and len(added) == runs * 2 * FIRST_ADAPTED
+    # Qwen3's q and k norms with the rotary, one op per attention (+ layer 4's attention half)
+    assert len(qk) == (runs * (FIRST_ADAPTED + 1) if name == "tiny-qwen3" else 0)
+    assert all(w.abs().max() > 0 for w in want)
+    for a, w in zip(got, want, strict=True):
+        close(a, w, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["padded", "prefix"])
+@pytest.mark.parametrize("triton", [False, True])
+def test_qwen3s_trunk_with_its_norms_and_rotary_as_one_op_is_the_trunk_before(triton, case, dtype, device, monkeypatch):
+    """tiny-qwen3's trunk with the q/k norms and the rotary as one op (`fused_qk_norm_rope`; "triton": the
+    norm's, the rotary's and that op's Triton kernels forced, on the CPU under the interpreter) gives the trunk of
+    the two ops (`rms_norm`, then `rope`: the path before it): on the CPU bit for bit, keys and values too."""
+    if triton:
+        from tmem_kernels import qknorm_rope, rmsnorm, rotary
+
+        pytest.importorskip("triton")
+        monkeypatch.setattr(rmsnorm, "use_triton", lambda x: x.dtype != torch.float64)
+        monkeypatch.setattr(rotary, "use_triton", lambda q, k, c, s: len({q.dtype, k.dtype, c.dtype, s.dtype}) == 1)
+        monkeypatch.setattr(qknorm_rope, "use_triton", lambda *ts: len({t.dtype for t in ts}) == 1)
+    dec = setup("tiny-qwen3", dtype, device)
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    qk = []
+    real_qk = fused_layers._fused_qk_norm_rope
+    monkeypatch.setattr(fused_layers, "_fused_qk_norm_rope", lambda *a: qk.append(1) or real_qk(*a))
+    got = trunk(dec, case, device)
+    assert len(qk) == (FIRST_ADAPTED + 1) * (2 if case == "prefix" else 1)
+    monkeypatch.setattr(fused_layers, "fused_qk_norm_rope", lambda *a: False)
+    want = trunk(dec, case, device)
     assert all(w.abs().max() > 0 for w in want)
     for a, w in zip(got, want, strict=True):
         close(a, w, device)

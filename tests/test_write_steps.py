@@ -473,7 +473,7 @@ def test_the_decoders_norms_through_the_fused_op_give_the_modules_writes(name, o
 
 
 def _writes_with_and_without(  # noqa: ANN001
-    model, recipe: Recipe, monkeypatch, counted: str, switch: str, replacement=lambda module: False
+    model, recipe: Recipe, monkeypatch, counted: str, switch: str, replacement=lambda *_: False
 ) -> tuple:
     """The same writes twice: with fused_layers' `counted` function in use (checked: it ran), then with its
     `switch` function replaced (by default a predicate saying no everywhere; checked: `counted` did not run).
@@ -518,8 +518,41 @@ def test_the_decoders_own_attention_gives_the_modules_writes(name, kernel, devic
     model = load_model(name)[0].to(device)
     monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     recipe = Recipe(optimizer="sgd", lr=0.5, epochs=2, batch_size=4)
-    got, got_state, want, want_state = _writes_with_and_without(model, recipe, monkeypatch, "_fused_rope",
+    rotary_op = "_fused_qk_norm_rope" if name == "tiny-qwen3" else "_fused_rope"  # (Qwen3's: with its q/k norms)
+    got, got_state, want, want_state = _writes_with_and_without(model, recipe, monkeypatch, rotary_op,
                                                                 "own_attention")  # fmt: skip
+    _assert_same_writes(got, got_state, want, want_state, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["composition", "triton"])
+def test_qwen3s_norms_and_rotary_as_one_op_give_the_writes_of_the_two_ops(kernel, dtype, device, monkeypatch):
+    """tiny-qwen3's attentions in a write (the trunk's, and the adapted layers' whose norms the engine routes in
+    write steps) with the q/k norms and the rotary as one op (`fused_qk_norm_rope`, on CUDA; here on the CPU
+    too, forced; "triton": the norm's, the rotary's and that op's Triton kernels forced) give the losses and B
+    of the writes through the two ops (`rms_norm`, `rope`: the path before it): bit for bit on the CPU."""
+    from tmem_kernels import qknorm_rope, rmsnorm, rotary
+
+    if kernel == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setattr(rmsnorm, "use_triton", lambda x: x.dtype != torch.float64)
+        monkeypatch.setattr(rotary, "use_triton", lambda q, k, c, s: len({q.dtype, k.dtype, c.dtype, s.dtype}) == 1)
+        monkeypatch.setattr(qknorm_rope, "use_triton", lambda *ts: len({t.dtype for t in ts}) == 1)
+    model = _qwen3_with_norm_weights(device, dtype)
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    recipe = Recipe(optimizer="sgd", lr=0.5, epochs=2, batch_size=4)
+    fused = []  # (module, whether it ran as one op, under grad) of every own attention
+    real = fused_layers.fused_qk_norm_rope
+    monkeypatch.setattr(fused_layers, "fused_qk_norm_rope",
+                        lambda module, device: fused.append((module, real(module, device), torch.is_grad_enabled()))
+                        or fused[-1][1])  # fmt: skip
+    got, got_state, _ = _writes(model, recipe, "none")
+    # the adapted layers' in write steps (under grad: the trunk's run without) as one op, every one; the trunk's
+    # layers too (not the first adapted layer's attention half the trunk runs: no write step, its norms the module's)
+    assert any(grad for *_, grad in fused) and all(ran for _, ran, grad in fused if grad)
+    assert sum(ran for _, ran, grad in fused if not grad) > sum(not ran for *_, ran, _ in fused)
+    monkeypatch.setattr(fused_layers, "fused_qk_norm_rope", lambda *_: False)
+    want, want_state, _ = _writes(model, recipe, "none")
     _assert_same_writes(got, got_state, want, want_state, device)
 
 
@@ -682,6 +715,29 @@ def test_the_adapted_layers_attention_norms_run_the_fused_op_in_writes_only(kern
             torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol * y_ref.abs().max().item())
         torch.testing.assert_close(dx, dx_ref, rtol=tol, atol=tol * dx_ref.abs().max().item())
         torch.testing.assert_close(dw, dw_ref, rtol=tol, atol=tol * dw_ref.abs().max().item())
+    fw.detach()
+
+
+def test_the_adapted_layers_qk_norms_and_rotary_run_as_one_op_in_writes_only(device, monkeypatch):
+    """`fused_qk_norm_rope` of an adapted layer's attention (its q_norm / k_norm routed by the engine) holds in
+    a write step only (a writing binding), as its norms then run the fused op; a trunk layer's always; none with
+    a hook on a routed norm or off FUSED_NORM_DEVICES."""
+    model = _qwen3_with_norm_weights(device)
+    fw = FastWeights(model, backend="torch")
+    engine = fw.store.engine
+    adapted = [layer.self_attn for layer in engine.mlp_layers]
+    trunk = [layer.self_attn for layer in model.model.layers if layer.self_attn not in adapted]
+    assert adapted and trunk
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    assert all(fused_layers.fused_qk_norm_rope(m, device) for m in trunk)
+    assert not any(fused_layers.fused_qk_norm_rope(m, device) for m in adapted)
+    with engine.bind(_writing(engine)):
+        assert all(fused_layers.fused_qk_norm_rope(m, device) for m in adapted + trunk)
+        handle = adapted[0].k_norm.register_forward_pre_hook(lambda m, i: None)
+        assert not fused_layers.fused_qk_norm_rope(adapted[0], device)
+        handle.remove()
+        monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda",) if device.type == "cpu" else ())
+        assert not any(fused_layers.fused_qk_norm_rope(m, device) for m in adapted + trunk)
     fw.detach()
 
 

@@ -1,8 +1,9 @@
 """tmem_kernels: the ops only (tensors in, tensors out; no transformers, no models).
 
 `reference` is the pure-torch spec of every op. The Triton kernels (`lora_mlp`, `lora_segmented`,
-`update`, `rmsnorm_triton`, `addrmsnorm_triton`, `rotary_triton`), the native CPU extension (`native`),
-`rsvd`, `cross_entropy`, `rmsnorm`, `addrmsnorm` and `rotary` implement the same signatures and are tested
+`update`, `rmsnorm_triton`, `addrmsnorm_triton`, `rotary_triton`, `qknorm_rope_triton`), the native CPU
+extension (`native`), `rsvd`, `cross_entropy`, `rmsnorm`, `addrmsnorm`, `rotary` and `qknorm_rope` implement the same
+signatures and are tested
 against it. `library` registers them as torch custom ops (`torch.ops.tmem.*`, table in the README); the
 functions exported here call those ops.
 `get_ops(backend)` gives one backend's op set.
@@ -21,6 +22,7 @@ from tmem_kernels.library import (
     lora_mlp_native,
     lora_mlp_torch,
     lora_mlp_triton,
+    qk_norm_rope,
     randomized_svd_lora_init,
     randomized_svd_top_r,
     rms_norm,
@@ -47,6 +49,7 @@ __all__ = [
     "lora_mlp_native",
     "lora_mlp_torch",
     "lora_mlp_triton",
+    "qk_norm_rope",
     "randomized_svd_lora_init",
     "randomized_svd_top_r",
     "rms_norm",

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from tmem_kernels import addrmsnorm as _add_rms
 from tmem_kernels import cross_entropy as _lce
+from tmem_kernels import qknorm_rope as _qkr
 from tmem_kernels import reference, rsvd
 from tmem_kernels import rmsnorm as _rms
 from tmem_kernels import rotary as _rotary
@@ -991,6 +992,124 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
     return tuple(torch.ops.tmem.rope(q, k, cos, sin))
 
 
+def _heads_first_as(y: Tensor, x: Tensor) -> Tensor:
+    """y [B, H, T, D] laid out `qknorm_rope.heads_first(x)` (a copy only where the composition left another)."""
+    like = _qkr.heads_first(x, y.dtype)
+    return y if y.stride() == like.stride() or y.numel() == 0 else like.copy_(y)
+
+
+@torch.library.custom_op("tmem::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(
+    q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps_q: float, eps_k: float, cos: Tensor, sin: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(q_rot [B, Hq, T, D], k_rot [B, Hk, T, D] laid out `heads_first`, rstd_q [B, T, Hq], rstd_k [B, T, Hk]
+    float32: what the backward reads)."""
+    q_rot, k_rot, rstd_q, rstd_k = _qkr.forward(q, k, q_weight, k_weight, eps_q, eps_k, cos, sin)
+    return _heads_first_as(q_rot, q), _heads_first_as(k_rot, k), rstd_q, rstd_k
+
+
+@_qk_norm_rope_op.register_fake
+def _(q, k, q_weight, k_weight, eps_q, eps_k, cos, sin):  # noqa: ANN001
+    _qkr.check_inputs(q, k, q_weight, k_weight, eps_q, eps_k, cos, sin)
+    trig = torch.promote_types(cos.dtype, sin.dtype)
+    q_dtype = torch.promote_types(torch.promote_types(q.dtype, q_weight.dtype), trig)
+    k_dtype = torch.promote_types(torch.promote_types(k.dtype, k_weight.dtype), trig)
+    rstds = (x.new_empty(x.shape[:3], dtype=torch.float32) for x in (q, k))
+    return _qkr.heads_first(q, q_dtype), _qkr.heads_first(k, k_dtype), *rstds
+
+
+@torch.library.custom_op("tmem::qk_norm_rope_backward", mutates_args=())
+def _qk_norm_rope_backward_op(
+    dq: Tensor, dk: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, rstd_q: Tensor,
+    rstd_k: Tensor, cos: Tensor, sin: Tensor,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The gradients of q [B, T, Hq, D] and k (contiguous, their dtypes) from those of q_rot and k_rot (the Triton
+    kernel; the autograd formula calls `qknorm_rope.backward_torch` itself where that runs, without this op's
+    dispatch)."""
+    dq_in, dk_in = _qkr.backward(dq, dk, q, k, q_weight, k_weight, rstd_q, rstd_k, cos, sin)
+    return dq_in.contiguous(), dk_in.contiguous()
+
+
+@_qk_norm_rope_backward_op.register_fake
+def _(dq, dk, q, k, q_weight, k_weight, rstd_q, rstd_k, cos, sin):  # noqa: ANN001
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _qkr_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    q, k, q_weight, k_weight, eps_q, eps_k, cos, sin = inputs
+    q_rot, k_rot, rstd_q, rstd_k = output
+    ctx.eps = eps_q, eps_k
+    ctx.out = (q_rot.shape, q_rot.dtype), (k_rot.shape, k_rot.dtype)
+    ctx.mark_non_differentiable(rstd_q, rstd_k)
+    ctx.set_materialize_grads(False)  # no zeros kernels for the rstds' (unused) gradients
+    ctx.save_for_backward(q, k, q_weight, k_weight, rstd_q, rstd_k, cos, sin)
+
+
+def _qkr_trig_grads(ctx, dq: Tensor, dk: Tensor) -> tuple[Tensor | None, Tensor | None]:  # noqa: ANN001
+    """d cos, d sin as asked for: autograd through `reference.rope` of the normed q and k (as `tmem::rope`'s)."""
+    q, k, q_weight, k_weight, _, _, cos, sin = ctx.saved_tensors
+    need = ctx.needs_input_grad[6:]
+    qn = reference.rms_norm(q, q_weight, ctx.eps[0]).transpose(1, 2)
+    kn = reference.rms_norm(k, k_weight, ctx.eps[1]).transpose(1, 2)
+    with torch.enable_grad():
+        c, s = cos.detach().requires_grad_(need[0]), sin.detach().requires_grad_(need[1])
+        wanted = [t for t, n in zip((c, s), need) if n]
+        found = iter(torch.autograd.grad(reference.rope(qn, kn, c, s), wanted, (dq, dk)))
+    return (next(found) if need[0] else None), (next(found) if need[1] else None)
+
+
+def _qkr_backward(ctx, dq, dk, *_):  # noqa: ANN001
+    q, k, q_weight, k_weight, rstd_q, rstd_k, cos, sin = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if dq is None and dk is None:  # neither output took part in what was differentiated
+        return (None,) * 8
+    # one output unused: its gradient zeros (the kernel takes both)
+    dq, dk = (g if g is not None else torch.zeros(shape, dtype=dtype, device=q.device)
+              for g, (shape, dtype) in zip((dq, dk), ctx.out))  # fmt: skip
+    if torch.is_grad_enabled():  # create_graph=True: autograd through the reference, differentiable again
+        inputs = (q, k, q_weight, k_weight, cos, sin)
+        needed = need[:4] + need[6:]
+        wanted = [t for t, n in zip(inputs, needed) if n]
+        out = reference.qk_norm_rope(q, k, q_weight, k_weight, *ctx.eps, cos, sin)
+        found = iter(torch.autograd.grad(out, wanted, (dq, dk), create_graph=True))
+        grads = [next(found) if n else None for n in needed]
+        return (*grads[:4], None, None, *grads[4:])
+    dq_in = dk_in = dqw = dkw = dcos = dsin = None
+    if need[0] or need[1]:
+        # the Triton kernel inside an op (traceable); the torch composition as it is (cheaper on the host)
+        triton = _qkr.use_triton(q, k, q_weight, k_weight, cos, sin) and dq.dtype == dk.dtype == q.dtype
+        backward = torch.ops.tmem.qk_norm_rope_backward if triton else _qkr.backward_torch
+        dq_in, dk_in = backward(dq, dk, q, k, q_weight, k_weight, rstd_q, rstd_k, cos, sin)
+    if need[2] or need[3]:  # the weights' gradients (frozen in a write: none asked), as `tmem::rms_norm`'s
+        gq, gk = _qkr.normed_grads(dq, dk, cos, sin, *(dtype for _, dtype in ctx.out))
+        dqw = _rms.weight_grad(gq, q, rstd_q, q_weight.dtype) if need[2] else None
+        dkw = _rms.weight_grad(gk, k, rstd_k, k_weight.dtype) if need[3] else None
+    if need[6] or need[7]:
+        dcos, dsin = _qkr_trig_grads(ctx, dq, dk)
+    return (dq_in if need[0] else None), (dk_in if need[1] else None), dqw, dkw, None, None, dcos, dsin
+
+
+_qk_norm_rope_op.register_autograd(_qkr_backward, setup_context=_qkr_setup)
+
+
+def qk_norm_rope(
+    q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps_q: float, eps_k: float, cos: Tensor, sin: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`tmem::qk_norm_rope`: Qwen3's per-head q_norm / k_norm (HF's RMSNorm), the transpose to heads first and
+    the rotary (`apply_rotary_pos_emb`), rounding included, for q and k in one kernel forward and one backward
+    on CUDA (Triton) where `rms_norm` then `rope` take two each, the same torch composition elsewhere.
+
+    q [B, T, Hq, D], k [B, T, Hk, D] (projections viewed to heads), q_weight / k_weight [D], cos / sin
+    [B or 1, T, D] -> (q_rot [B, Hq, T, D], k_rot [B, Hk, T, D]) = rope(rms_norm(q, q_weight, eps_q).transpose(1, 2),
+    rms_norm(k, ...).transpose(1, 2), cos, sin), as `reference.qk_norm_rope`, laid out [B, T, H, D] dense (as
+    those two ops leave a projection's heads). Differentiable w.r.t. q, k, the weights (torch, from the saved
+    rstds) and cos / sin (torch). Graph-safe: no host sync.
+    """
+    _qkr.check_inputs(q, k, q_weight, k_weight, eps_q, eps_k, cos, sin)
+    q_rot, k_rot, _, _ = torch.ops.tmem.qk_norm_rope(q, k, q_weight, k_weight, float(eps_q), float(eps_k), cos, sin)
+    return q_rot, k_rot
+
+
 # op name -> the Python function that calls it (every op registered here, for tests and the README's table)
 OPS = {
     "lora_mlp_torch": lora_mlp_torch,
@@ -1008,4 +1127,5 @@ OPS = {
     "rms_norm": rms_norm,
     "add_rms_norm": add_rms_norm,
     "rope": rope,
+    "qk_norm_rope": qk_norm_rope,
 }

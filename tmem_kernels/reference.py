@@ -338,3 +338,17 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def qk_norm_rope(
+    q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps_q: float, eps_k: float,
+    cos: torch.Tensor, sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Qwen3's attention from the projections to the rotary: the per-head RMSNorms of q and k (`rms_norm`),
+    the transpose to heads first, then the rotary (`rope`), each rounded as those round.
+
+    q [B, T, Hq, D], k [B, T, Hk, D], q_weight / k_weight [D], cos / sin [B or 1, T, D] ->
+    (q_rot [B, Hq, T, D], k_rot [B, Hk, T, D]) = rope(rms_norm(q).transpose(1, 2), rms_norm(k).transpose(1, 2)).
+    """
+    qn, kn = rms_norm(q, q_weight, eps_q).transpose(1, 2), rms_norm(k, k_weight, eps_k).transpose(1, 2)
+    return rope(qn, kn, cos, sin)

@@ -359,10 +359,15 @@ class FastWeightEngine:
         """An adapted layer's q_norm / k_norm: in a write step (a writing binding) `fused_norm_forward` (the fused
         op on CUDA: one kernel forward, one backward, instead of about seven and a dozen), elsewhere the module's
         own forward (bare reads stay bit for bit the model's). x [..., head_dim] -> the same shape."""
-        binding = self.current_binding()
-        if binding is not None and binding.writing:
+        if self.attention_norms_fused():
             return fused_norm_forward(norm, x)
         return type(norm).forward(norm, x)
+
+    def attention_norms_fused(self) -> bool:
+        """Whether the adapted layers' q_norm / k_norm run `fused_norm_forward` now (`_norm_forward`): in a write
+        step (a writing binding). `fused_layers.norm_runs_op` asks it (`fused_layers.ROUTED_NORMS_FUSED`)."""
+        binding = self.current_binding()
+        return binding is not None and binding.writing
 
     def _check_not_recomputed(self, k: int) -> None:
         """FastWeightsError for a forward of bound rows (a pool's rows() block) that gradient checkpointing will run
