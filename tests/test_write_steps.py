@@ -527,8 +527,8 @@ def test_the_decoders_own_attention_gives_the_modules_writes(name, kernel, devic
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kernel", ["composition", "triton"])
 def test_qwen3s_norms_and_rotary_as_one_op_give_the_writes_of_the_two_ops(kernel, dtype, device, monkeypatch):
-    """tiny-qwen3's attentions in a write (the trunk's, and the adapted layers' whose norms the engine routes in
-    write steps) with the q/k norms and the rotary as one op (`fused_qk_norm_rope`, on CUDA; here on the CPU
+    """tiny-qwen3's attentions in a write (the trunk's, and the adapted layers' whose norms the engine routes:
+    `Decoder.routed_norms`) with the q/k norms and the rotary as one op (`fused_qk_norm_rope`, on CUDA; here on the CPU
     too, forced; "triton": the norm's, the rotary's and that op's Triton kernels forced) give the losses and B
     of the writes through the two ops (`rms_norm`, `rope`: the path before it): bit for bit on the CPU."""
     from tmem_kernels import qknorm_rope, rmsnorm, rotary
@@ -543,14 +543,17 @@ def test_qwen3s_norms_and_rotary_as_one_op_give_the_writes_of_the_two_ops(kernel
     recipe = Recipe(optimizer="sgd", lr=0.5, epochs=2, batch_size=4)
     fused = []  # (module, whether it ran as one op, under grad) of every own attention
     real = fused_layers.fused_qk_norm_rope
-    monkeypatch.setattr(fused_layers, "fused_qk_norm_rope",
-                        lambda module, device: fused.append((module, real(module, device), torch.is_grad_enabled()))
-                        or fused[-1][1])  # fmt: skip
+
+    def recorded(module: torch.nn.Module, device: torch.device, routed: tuple = ()) -> bool:
+        fused.append((module, real(module, device, routed), torch.is_grad_enabled()))
+        return fused[-1][1]
+
+    monkeypatch.setattr(fused_layers, "fused_qk_norm_rope", recorded)
     got, got_state, _ = _writes(model, recipe, "none")
-    # the adapted layers' in write steps (under grad: the trunk's run without) as one op, every one; the trunk's
-    # layers too (not the first adapted layer's attention half the trunk runs: no write step, its norms the module's)
-    assert any(grad for *_, grad in fused) and all(ran for _, ran, grad in fused if grad)
-    assert sum(ran for _, ran, grad in fused if not grad) > sum(not ran for *_, ran, _ in fused)
+    # every attention as one op: the adapted layers' in write steps (under grad) and the trunk's (without grad,
+    # the first adapted layer's attention half among them)
+    assert any(grad for *_, grad in fused) and any(not grad for *_, grad in fused)
+    assert all(ran for _, ran, _ in fused)
     monkeypatch.setattr(fused_layers, "fused_qk_norm_rope", lambda *_: False)
     want, want_state, _ = _writes(model, recipe, "none")
     _assert_same_writes(got, got_state, want, want_state, device)
@@ -718,26 +721,28 @@ def test_the_adapted_layers_attention_norms_run_the_fused_op_in_writes_only(kern
     fw.detach()
 
 
-def test_the_adapted_layers_qk_norms_and_rotary_run_as_one_op_in_writes_only(device, monkeypatch):
-    """`fused_qk_norm_rope` of an adapted layer's attention (its q_norm / k_norm routed by the engine) holds in
-    a write step only (a writing binding), as its norms then run the fused op; a trunk layer's always; none with
-    a hook on a routed norm or off FUSED_NORM_DEVICES."""
+def test_the_adapted_layers_qk_norms_compute_the_op_where_the_decoder_is_given_them(device, monkeypatch):
+    """An adapted layer's q_norm / k_norm (routed by the engine: an instance forward, so not a `fused_norm`)
+    compute the op in the Decoder's trunk and write steps: `fused_qk_norm_rope` holds for its attention given the
+    engine's routed norms (`Decoder.routed_norms`), not without them; a trunk layer's always; none with a hook
+    on a routed norm, or off FUSED_NORM_DEVICES."""
     model = _qwen3_with_norm_weights(device)
     fw = FastWeights(model, backend="torch")
     engine = fw.store.engine
     adapted = [layer.self_attn for layer in engine.mlp_layers]
     trunk = [layer.self_attn for layer in model.model.layers if layer.self_attn not in adapted]
+    routed = engine.decoder.routed_norms
     assert adapted and trunk
+    assert [id(n) for n in routed] == [id(n) for m in adapted for n in (m.q_norm, m.k_norm)]
     monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
     assert all(fused_layers.fused_qk_norm_rope(m, device) for m in trunk)
     assert not any(fused_layers.fused_qk_norm_rope(m, device) for m in adapted)
-    with engine.bind(_writing(engine)):
-        assert all(fused_layers.fused_qk_norm_rope(m, device) for m in adapted + trunk)
-        handle = adapted[0].k_norm.register_forward_pre_hook(lambda m, i: None)
-        assert not fused_layers.fused_qk_norm_rope(adapted[0], device)
-        handle.remove()
-        monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda",) if device.type == "cpu" else ())
-        assert not any(fused_layers.fused_qk_norm_rope(m, device) for m in adapted + trunk)
+    assert all(fused_layers.fused_qk_norm_rope(m, device, routed) for m in adapted + trunk)
+    handle = adapted[0].k_norm.register_forward_pre_hook(lambda m, i: None)
+    assert not fused_layers.fused_qk_norm_rope(adapted[0], device, routed)
+    handle.remove()
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda",) if device.type == "cpu" else ())
+    assert not any(fused_layers.fused_qk_norm_rope(m, device, routed) for m in adapted + trunk)
     fw.detach()
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "lora_mlp_native",
     "lora_mlp_torch",
     "lora_mlp_triton",
+    "qk_norm_rope",
     "randomized_svd_lora_init",
     "randomized_svd_top_r",
     "require_backend",

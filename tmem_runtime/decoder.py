@@ -10,6 +10,7 @@ Llama, Qwen2/3 and Mistral share; `supports_piecewise(model)` says when it appli
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -108,10 +109,14 @@ def _rows_mask(hidden: torch.Tensor, past: int, lengths: torch.Tensor | None) ->
 class Decoder:
     """Piecewise forward through a Llama-family causal LM's own submodules."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, routed_norms: Sequence[nn.Module] = ()) -> None:
+        """routed_norms: the adapted layers' q_norm / k_norm an engine routes to the fused op in write steps
+        (`fused_layers.fused_attention_norms`): the trunk and the steps the Decoder runs take them as the op
+        (`fused_layers.fused_qk_norm_rope`)."""
         if not supports_piecewise(model):
             raise ValueError(f"{type(model).__name__} is not a Llama-family decoder the piecewise path drives")
         self.model = model
+        self.routed_norms = tuple(routed_norms)
         self.inner = model.model
         self.layers = decoder_layers(model)
         self._cache_kw = _cache_kwarg(type(self.layers[0]).forward)
@@ -347,7 +352,8 @@ class Decoder:
         module = layer.self_attn
         fused = fused_layers.fused_on(hidden.device) and fused_layers.own_attention(module)
         if fused and rope[0].shape[-1] == module.head_dim:
-            out = fused_layers.attention(module, x, rope, mask, kv, position_ids=positions, use_cache=kv is not None)
+            out = fused_layers.attention(module, x, rope, mask, kv, self.routed_norms, position_ids=positions,
+                                         use_cache=kv is not None)  # fmt: skip
             return hidden, out
         out = module(
             hidden_states=x,

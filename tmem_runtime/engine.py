@@ -159,7 +159,7 @@ class FastWeightEngine:
             norm.forward = partial(self._norm_forward, norm)
         if hasattr(model, "_expand_inputs_for_generation"):  # generate()'s beams and return sequences
             model._expand_inputs_for_generation = partial(self._expand_for_generation, model)
-        self.decoder = Decoder(model) if supports_piecewise(model) else None
+        self.decoder = Decoder(model, self.attention_norms) if supports_piecewise(model) else None
         model._tmem_fast_weights = self
 
     def __getstate__(self) -> dict:
@@ -359,15 +359,10 @@ class FastWeightEngine:
         """An adapted layer's q_norm / k_norm: in a write step (a writing binding) `fused_norm_forward` (the fused
         op on CUDA: one kernel forward, one backward, instead of about seven and a dozen), elsewhere the module's
         own forward (bare reads stay bit for bit the model's). x [..., head_dim] -> the same shape."""
-        if self.attention_norms_fused():
+        binding = self.current_binding()
+        if binding is not None and binding.writing:
             return fused_norm_forward(norm, x)
         return type(norm).forward(norm, x)
-
-    def attention_norms_fused(self) -> bool:
-        """Whether the adapted layers' q_norm / k_norm run `fused_norm_forward` now (`_norm_forward`): in a write
-        step (a writing binding). `fused_layers.norm_runs_op` asks it (`fused_layers.ROUTED_NORMS_FUSED`)."""
-        binding = self.current_binding()
-        return binding is not None and binding.writing
 
     def _check_not_recomputed(self, k: int) -> None:
         """FastWeightsError for a forward of bound rows (a pool's rows() block) that gradient checkpointing will run

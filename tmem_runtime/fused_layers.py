@@ -1,41 +1,29 @@
 """Where a write runs transformers' modules as tmem's fused ops, and those replacements.
 
 The Decoder (`decoder.py`) calls some of a Llama-family model's modules itself; on FUSED_NORM_DEVICES (CUDA)
-<<<<<<< HEAD
 it runs them as tmem's ops instead: the RMSNorms as `tmem::rms_norm` (`rms_norm`; a residual add and the
 norm after it as `tmem::add_rms_norm`, `add_rms_norm`; in write steps the adapted layers' per-head q/k norms
 too, `fused_attention_norms` / `fused_norm_forward`, which the engine routes), the attention with its rotary
-as `tmem::rope` (`attention`), and whole pre-norm decoder layers as the Decoder's two halves
+as `tmem::rope` (`attention`; Qwen3's q/k norms and rotary as one op, `tmem::qk_norm_rope`, where both
+norms compute the op: `fused_qk_norm_rope`), and whole pre-norm decoder layers as the Decoder's two halves
 (`runs_as_halves`). Only for modules that run exactly as transformers defines them: known classes (not
 subclasses), their forward transformers' own (not patched on the class, the instance or the modeling
 module), and no hooks; anything else is called as the module. `fused_on(device)`
-=======
-it runs them as tmem's ops instead: the RMSNorms as `tmem::rms_norm` (`rms_norm`; in write steps the
-adapted layers' per-head q/k norms too, `fused_attention_norms` / `fused_norm_forward`, which the engine
-routes), the attention with its rotary as `tmem::rope` (`attention`; Qwen3's q/k norms and rotary as one op,
-`tmem::qk_norm_rope`, where both norms run the op: `fused_qk_norm_rope`), and whole pre-norm decoder layers as
-the Decoder's two halves (`runs_as_halves`). Only for modules that run exactly as transformers defines
-them: known classes (not subclasses), their forward transformers' own (not patched on the class, the
-instance or the modeling module), and no hooks; anything else is called as the module. `fused_on(device)`
->>>>>>> qknorm
 is the one switch every reader asks at call time: patching this module's FUSED_NORM_DEVICES switches all.
 """
 
 from __future__ import annotations
 
 import sys
-from functools import partial
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-<<<<<<< HEAD
 from tmem_kernels import add_rms_norm as _fused_add_rms_norm
-=======
 from tmem_kernels import qk_norm_rope as _fused_qk_norm_rope
->>>>>>> qknorm
 from tmem_kernels import rms_norm as _fused_rms_norm
 from tmem_kernels import rope as _fused_rope
 
@@ -108,10 +96,11 @@ def fused_norm(module: nn.Module) -> bool:
     return _op_norm_class(module) and _runs_as_defined(module)
 
 
-def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x) for a decoder's RMSNorm: through the fused op `tmem_kernels.rms_norm` on FUSED_NORM_DEVICES
-    when `fused_norm(module)`, else the module itself. x [..., H] -> [..., H], the same values either way."""
-    if fused_on(x.device) and fused_norm(module):
+def rms_norm(module: nn.Module, x: torch.Tensor, routed: Sequence[nn.Module] = ()) -> torch.Tensor:
+    """module(x) for a decoder's RMSNorm: through the fused op `tmem_kernels.rms_norm` where the module computes
+    exactly it (`norm_computes_op`: on FUSED_NORM_DEVICES a `fused_norm`, or one of the `routed` norms), else the
+    module itself. x [..., H] -> [..., H], the same values either way."""
+    if norm_computes_op(module, x.device, routed):
         return _fused_rms_norm(x, module.weight, module.variance_epsilon)
     return module(x)
 
@@ -135,31 +124,18 @@ def fused_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return type(module).forward(module, x)
 
 
-# the method of an engine that routed a norm (`fused_attention_norms`; the norm's instance forward
-# `partial(engine.method, norm)`) that says whether its routed norms run `fused_norm_forward` now (a write step)
-ROUTED_NORMS_FUSED = "attention_norms_fused"
-
-
-def _routed_fused(norm: nn.Module) -> bool:
-    """Whether `norm` runs `fused_norm_forward` now through an engine's route: its instance forward a partial
-    of a bound method with the norm its one argument, whose owner's ROUTED_NORMS_FUSED says so."""
-    forward = vars(norm).get("forward")
-    if not isinstance(forward, partial) or len(forward.args) != 1 or forward.args[0] is not norm or forward.keywords:
-        return False
-    fused_now = getattr(getattr(forward.func, "__self__", None), ROUTED_NORMS_FUSED, None)
-    return callable(fused_now) and fused_now()
-
-
-def norm_runs_op(norm: nn.Module, device: torch.device) -> bool:
-    """Whether calling `norm` on x on `device` (or `rms_norm(norm, x)`) computes exactly `tmem_kernels.rms_norm`,
-    the op, now: on a `fused_on` device, a `fused_norm`, or a norm of its classes that an engine routed and runs
-    `fused_norm_forward` now (`_routed_fused`: an adapted layer's q_norm / k_norm in a write step), nothing hooked
-    into it and its class forward transformers' own."""
+def norm_computes_op(norm: nn.Module, device: torch.device, routed: Sequence[nn.Module] = ()) -> bool:
+    """Whether calling `norm` on x on `device` computes exactly `tmem_kernels.rms_norm`, the op: on a `fused_on`
+    device, a `fused_norm`, or one of `routed` (the q_norm / k_norm an engine routed to `fused_norm_forward`,
+    `fused_attention_norms`: in the write steps, whose trunk and steps are the Decoder's only callers of
+    `attention`; `Decoder.routed_norms`) still of the op's class, its class forward transformers' own and nothing
+    hooked into it since."""
     if not fused_on(device):
         return False
-    return fused_norm(norm) or (
-        _op_norm_class(norm) and _own_class_forward(norm) and not _hooked(norm) and _routed_fused(norm)
-    )
+    if fused_norm(norm):
+        return True
+    is_routed = any(norm is r for r in routed)
+    return is_routed and _op_norm_class(norm) and _own_class_forward(norm) and not _hooked(norm)
 
 
 def fused_attention_norms(layer: nn.Module) -> list[nn.Module]:
@@ -203,27 +179,32 @@ def own_attention(module: nn.Module) -> bool:
     )
 
 
-def fused_qk_norm_rope(module: nn.Module, device: torch.device) -> bool:
+def fused_qk_norm_rope(module: nn.Module, device: torch.device, routed: Sequence[nn.Module] = ()) -> bool:
     """Whether `attention` runs an `own_attention` module's q_norm / k_norm and its rotary as one op,
-    `tmem_kernels.qk_norm_rope`: a Qwen3 attention whose two norms both run the fused op now (`norm_runs_op`:
-    the trunk's layers; an adapted layer's in a write step)."""
+    `tmem_kernels.qk_norm_rope`: a Qwen3 attention whose two norms both compute the fused op
+    (`norm_computes_op`: the trunk's layers; an adapted layer's, its norms among `routed`)."""
     norms = (getattr(module, "q_norm", None), getattr(module, "k_norm", None))
-    return OWN_ATTENTIONS[type(module).__name__] and all(norm_runs_op(norm, device) for norm in norms)
+    return OWN_ATTENTIONS[type(module).__name__] and all(norm_computes_op(n, device, routed) for n in norms)
 
 
 def _normed_and_rotated(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    routed: Sequence[nn.Module],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention`'s queries and keys from the projections viewed to heads, [B, T, H, D] -> [B, H, T, D]: Qwen3's
     per-head norms (`rms_norm`), the transpose, the rotary (`tmem_kernels.rope`); the three as one op,
     `tmem_kernels.qk_norm_rope`, where `fused_qk_norm_rope` holds (the same values: the op is the two's
     composition)."""
-    if fused_qk_norm_rope(module, query.device):
+    if fused_qk_norm_rope(module, query.device, routed):
         q_norm, k_norm = module.q_norm, module.k_norm
         eps = q_norm.variance_epsilon, k_norm.variance_epsilon
         return _fused_qk_norm_rope(query, key, q_norm.weight, k_norm.weight, *eps, cos, sin)
     if OWN_ATTENTIONS[type(module).__name__]:  # Qwen3: per-head norms before the transpose
-        query, key = rms_norm(module.q_norm, query), rms_norm(module.k_norm, key)
+        query, key = rms_norm(module.q_norm, query, routed), rms_norm(module.k_norm, key, routed)
     return _fused_rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
 
 
@@ -233,21 +214,23 @@ def attention(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     attention_mask: torch.Tensor | None,
     cache: object | None = None,
+    routed_norms: Sequence[nn.Module] = (),
     **kwargs,
 ) -> torch.Tensor:
     """module(hidden_states, position_embeddings, attention_mask, cache, **kwargs)[0] for an `own_attention`
     module, the rotary through `tmem_kernels.rope` (one kernel forward and one backward for q and k on CUDA
     instead of about fifteen and twenty), Qwen3's per-head q_norm / k_norm through `rms_norm` (the fused op
     where `fused_norm` holds: the trunk's layers; an adapted layer's the engine routed, `fused_norm_forward`);
-    where both norms run the fused op (`fused_qk_norm_rope`), the norms and the rotary as one op
-    (`tmem_kernels.qk_norm_rope`: one kernel forward and one backward on CUDA instead of three and three).
+    where both norms compute the fused op (`fused_qk_norm_rope`; `routed_norms`: the engine's routed norms, as
+    the Decoder passes them), the norms and the rotary as one op (`tmem_kernels.qk_norm_rope`: one kernel forward
+    and one backward on CUDA instead of three and three).
     hidden_states [B, T, H], cos / sin [1 or B, T, head_dim] -> [B, T, H].
     """
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, module.head_dim)
     query = module.q_proj(hidden_states).view(hidden_shape)
     key = module.k_proj(hidden_states).view(hidden_shape)
-    query, key = _normed_and_rotated(module, query, key, *position_embeddings)
+    query, key = _normed_and_rotated(module, query, key, *position_embeddings, routed_norms)
     value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     if cache is not None:
         key, value = cache.update(key, value, module.layer_idx, kwargs=kwargs)
