@@ -114,10 +114,11 @@ def lora_expand_segmented(
     scaling: float = 1.0,
 ) -> torch.Tensor:
     """y + scaling * xa[rows] @ b[slot].T for each segment's rows (rows of slot -1: y's). y [N, M],
-    xa [N, r], b [S, M, r] -> [N, M]; y is not modified. Differentiable w.r.t. y, xa and b."""
+    xa [N, r], b [S, M, r] -> [N, M]; y is not modified. Differentiable w.r.t. y, xa and b. Each segment's
+    expand and add one addmm, as `lora_linear`'s: a segment rounds as its session alone would."""
     segments = host_segments(seg_indptr, seg_slot, y.shape[0], b.shape[0], "lora_expand_segmented")
     pieces = [
-        y[start:end] if slot < 0 else y[start:end] + scaling * (xa[start:end] @ b[slot].T)
+        y[start:end] if slot < 0 else torch.addmm(y[start:end], xa[start:end], b[slot].T, alpha=scaling)
         for start, end, slot in segments
     ]
     return torch.cat(pieces) if pieces else y.clone()

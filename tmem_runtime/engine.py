@@ -467,13 +467,14 @@ def composed_mlp_segmented(
 ) -> torch.Tensor:
     """The adapted MLP as torch ops, any activation, a different B per segment (differentiable in
     everything that requires grad). x [N, H]; ws (w_gate, w_up, w_down); a: three A [r, in];
-    b_stacks: three [S, out, r]; segments as in `Binding`."""
+    b_stacks: three [S, out, r]; segments as in `Binding`. Each segment's expand and add one addmm, as
+    `reference.lora_linear`'s: a segment rounds as its session alone does."""
 
     def linear(inp: torch.Tensor, j: int) -> torch.Tensor:
         base = inp @ ws[j].T
         shrink = inp @ a[j].T
         parts = [
-            base[lo:hi] if s < 0 else base[lo:hi] + scaling * (shrink[lo:hi] @ b_stacks[j][s].T)
+            base[lo:hi] if s < 0 else torch.addmm(base[lo:hi], shrink[lo:hi], b_stacks[j][s].T, alpha=scaling)
             for lo, hi, s in zip(indptr[:-1], indptr[1:], slots)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
