@@ -281,7 +281,7 @@ def test_a_pool_decode_step_on_cuda_synchronises_no_more_than_the_bare_step():
         with sync_warnings() as bare:
             forward()
         with sync_warnings() as pooled:
-            pool.engine._row_bindings.clear()  # a row list not bound before: its segments go up
+            pool.engine.bindings.forget_rows()  # a row list not bound before: its segments go up
             step()
             step()
         assert len(pooled) <= 2 * len(bare), "\n".join(str(w.message)[:200] for w in pooled)

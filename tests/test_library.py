@@ -512,7 +512,7 @@ def compiled_write_step_matches_eager(model, fw: FastWeights, ids: torch.Tensor)
     fullgraph=True gives eager's loss and gradient; returns the tmem ops in the compiled graph."""
     loss_fn = lambda t: model(input_ids=t, labels=t).loss
     ws, binding = write_step_binding(fw)
-    with fw.store.engine.bind(binding):
+    with fw.store.engine.bindings.bind(binding):
         want_loss = loss_fn(ids)
         ws.set_grad(torch.autograd.grad(want_loss, ws.leaves))  # as WriteRun.step
         want_grad = ws.grad.clone()
@@ -553,7 +553,7 @@ def test_compile_fullgraph_sgd_in_backward_steps_b_as_eager():
     ws, binding = write_step_binding(fw, sgd_lr=0.1)  # what a plain-SGD write on the Triton backend binds
     start = ws.b.clone()
     loss_fn = lambda t: model(input_ids=t, labels=t).loss
-    with fw.store.engine.bind(binding):
+    with fw.store.engine.bindings.bind(binding):
         loss_fn(ids).backward(inputs=list(ws.leaves))
         want = ws.b.clone()
         ws.b.copy_(start)

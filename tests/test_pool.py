@@ -1397,14 +1397,14 @@ def test_row_bindings_bound_from_many_threads_are_each_their_rows(tiny):
     binding more distinct row lists than it keeps, at once, each get a binding of exactly their rows."""
     pool = SessionPool(tiny, capacity=4, backend="torch")
     engine = pool.engine
-    lists = [tuple((i + j) % 5 - 1 for j in range(1 + i % 6)) for i in range(3 * engine.ROW_BINDINGS)]
+    lists = [tuple((i + j) % 5 - 1 for j in range(1 + i % 6)) for i in range(3 * engine.bindings.ROW_BINDINGS)]
     errors: list = []
 
     def bind(offset: int) -> None:
         try:
             for k in range(1000):
                 rows = lists[(offset + k) % len(lists)]
-                b = engine.binding_for_rows([None if r < 0 else r for r in rows])
+                b = engine.bindings.for_rows([None if r < 0 else r for r in rows])
                 per_row = [s for s, lo, hi in zip(b.host_slots, b.indptr[:-1], b.indptr[1:]) for _ in range(hi - lo)]
                 assert tuple(per_row) == rows and b.host_rows == len(rows)
         except BaseException as exc:  # noqa: BLE001 (reported below)
@@ -1422,7 +1422,7 @@ def test_row_bindings_bound_from_many_threads_are_each_their_rows(tiny):
         sys.setswitchinterval(interval)
     pool.detach()
     assert not errors, errors[0]
-    assert len(engine._row_bindings) <= engine.ROW_BINDINGS
+    assert len(engine.bindings._recent) <= engine.bindings.ROW_BINDINGS
 
 
 def test_recent_items_keep_the_most_recently_used_and_copies_start_empty():

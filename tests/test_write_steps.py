@@ -109,7 +109,7 @@ def test_adapted_mlps_run_only_real_tokens(tiny):
     for plan in (exact, fixed):
         seen.clear(), attended.clear()
         binding = ws.binding(plan.seg_indptr, plan.seg_slot, plan.slots, True, None)
-        with torch.enable_grad(), engine.bind(binding):
+        with torch.enable_grad(), engine.bindings.bind(binding):
             total, per_group = adapted_loss(engine.decoder, engine.first_layer, cache, plan)
             grads = torch.autograd.grad(total, list(ws.leaves))
         results.append((per_group.detach(), grads, list(seen)))
@@ -652,7 +652,7 @@ def _qwen3_with_norm_weights(device: torch.device, dtype: torch.dtype = torch.fl
 
 def _writing(engine) -> object:
     """The binding a one-session write step runs under (its rows, `writing`)."""
-    return dataclasses.replace(engine.binding_all_rows(0), writing=True)
+    return dataclasses.replace(engine.bindings.all_rows(0), writing=True)
 
 
 def _norm_and_grads(norm, fn, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -706,7 +706,7 @@ def test_the_adapted_layers_attention_norms_run_the_fused_op_in_writes_only(kern
         dy = torch.randn(shape, generator=g).to(device, dtype)
         with torch.no_grad():
             assert torch.equal(norm(x), type(norm).forward(norm, x)) and not calls  # no write: the module
-        with engine.bind(_writing(engine)):
+        with engine.bindings.bind(_writing(engine)):
             y, dx, dw = _norm_and_grads(norm, norm, x, dy)
             y_ref, dx_ref, dw_ref = _norm_and_grads(norm, partial(type(norm).forward, norm), x, dy)
         assert len(calls) == 1
@@ -887,7 +887,7 @@ def test_the_adapted_mlp_tokens_split_back_into_prefix_and_rows_with_one_backwar
     batch = plan_step(cache, [0, 3, 5], fw.device)
     ws = Workspace(engine, [0], train_a=False)
     binding = ws.binding(batch.seg_indptr, batch.seg_slot, (0,), True, None)
-    with cuda_paths(), engine.bind(binding), torch.enable_grad():
+    with cuda_paths(), engine.bindings.bind(binding), torch.enable_grad():
         total, _ = adapted_loss(engine.decoder, engine.first_layer, cache, batch)
         with StorageUse({}) as mode:
             torch.autograd.grad(total, ws.leaves)

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -30,17 +27,16 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from tmem_kernels.autocast import autocast_off
-from tmem_kernels.segments import row_segments
 from tmem_runtime.adapter_file import WeightsFingerprint, adapter_metadata
 from tmem_runtime.adapter_init import initial_factors
 from tmem_runtime.backends import kernel_ops, resolve_backend
+from tmem_runtime.bindings import Binding, Bindings, token_segments
 from tmem_runtime.decoder import Decoder, supports_piecewise
 from tmem_runtime.device_memory import check_fits
 from tmem_runtime.fused_layers import fused_attention_norms, fused_norm_forward
 from tmem_runtime.layout import AdapterLayout, AdapterSlot
 from tmem_runtime.models import MLP_TARGETS, decoder_layers, is_silu, target_mlps
-from tmem_runtime.recent_items import RecentItems
-from tmem_runtime.uploads import upload, upload_one
+from tmem_runtime.uploads import upload_one
 
 
 def adapter_layout(model: nn.Module, rank: int, num_layers: int | Sequence[int] = 4) -> AdapterLayout:
@@ -65,38 +61,6 @@ def row_bytes(layout: AdapterLayout, dtype: torch.dtype) -> int:
 
 class FastWeightsError(RuntimeError):
     """Base class of the runtime's attach/write errors."""
-
-
-@dataclass(frozen=True)
-class Binding:
-    """Which B each part of a forward's batch reads.
-
-    b_stacks: per adapter slot, every session's B [S, out, r] (a strided view; any float dtype, cast to
-    the model's). a_views: per slot, A [r, in]. Segment g covers rows (tokens when `per_token`)
-    indptr[g]:indptr[g + 1] and reads b_stacks[.][slots[g]], or nothing when slots[g] == -1 (int64
-    tensors, as `tmem_kernels.segments` takes them; `host_slots` the same slots on the host); indptr
-    None: one segment, slots[0], covers any batch. `device_indptr` / `device_slots`: copies on the
-    compute device for one token per row (decode), made by one upload that does not wait for the device
-    (on the CPU: plain copies), for the kernels that read segments there (Triton). writing: a write step
-    (base weights are constants; B may be updated inside the backward by `sgd_lr`). resident: b_stacks
-    are the engine's rows, whose `initial` flags say whether a slot is still B0. `identity`: the engine's
-    memo of whether every row read is still B0, [(its `initial` epoch, the answer)] (see `_is_identity`).
-    """
-
-    b_stacks: tuple[torch.Tensor, ...]
-    a_views: tuple[torch.Tensor, ...]
-    indptr: torch.Tensor | None
-    slots: torch.Tensor
-    host_slots: tuple[int, ...]
-    per_token: bool = False
-    writing: bool = False
-    sgd_lr: float | None = None
-    device_indptr: torch.Tensor | None = None
-    device_slots: torch.Tensor | None = None
-    resident: bool = True  # b_stacks are the engine's rows (not a write's workspace)
-    unexpanded: Binding | None = None  # the binding whose rows generate() expanded into this one (see below)
-    host_rows: int | None = None  # indptr[-1] (the rows the segments cover), known on the host; None: read it
-    identity: list = field(default_factory=list, init=False, compare=False, repr=False)
 
 
 class FastWeightEngine:
@@ -147,9 +111,7 @@ class FastWeightEngine:
         self.initial = [True] * capacity  # per B row: still equal to B0
         self.initial_epoch = 0  # bumped whenever a flag of `initial` may change (bindings' identity memos)
         self.device_segments = self.ops.name == "triton"  # its segmented op reads the segments on the device
-        self._row_bindings: RecentItems[tuple[int, ...], Binding] = RecentItems(self.ROW_BINDINGS)
-        self._local = threading.local()
-        self.default_binding: Binding | None = None
+        self.bindings = Bindings(self.b_stacks, self.a_views, capacity, self.device)
         self.detached = False
         for k, (_, mlp) in enumerate(self.mlps):
             mlp.forward = partial(self._mlp_forward, k, mlp)
@@ -161,16 +123,6 @@ class FastWeightEngine:
             model._expand_inputs_for_generation = partial(self._expand_for_generation, model)
         self.decoder = Decoder(model, self.attention_norms) if supports_piecewise(model) else None
         model._tmem_fast_weights = self
-
-    def __getstate__(self) -> dict:
-        """Copies (copy.deepcopy of the model, pickling) carry every buffer but no thread state."""
-        state = dict(self.__dict__)
-        state.pop("_local")
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
 
     # ---------------------------------------------------------------- buffers
     def _allocate(self, svd: str, seed: int) -> None:
@@ -255,80 +207,26 @@ class FastWeightEngine:
                 self.a_compute.copy_(a)
 
     # ---------------------------------------------------------------- bindings
-    ROW_BINDINGS = 16  # bindings of recent row lists kept for reuse (a decode loop binds its rows per step)
-
-    def binding_for_rows(self, slots_per_row: Sequence[int | None]) -> Binding:
-        """Rows read the resident B rows `slots_per_row` (None: no adapter, the bare model). The binding
-        of a row list bound lately is reused: its segments are built and uploaded once, not per step."""
-        rows = tuple(-1 if s is None else int(s) for s in slots_per_row)
-        binding = self._row_bindings.get(rows)  # (threads bind rows concurrently: serve's batcher, writes, readers)
-        if binding is not None:
-            return binding
-        for s in rows:
-            if not -1 <= s < self.capacity:
-                raise ValueError(f"slot {s} is outside this engine's {self.capacity} B rows")
-        indptr, slots = row_segments(rows)
-        device_indptr, device_slots = upload([indptr, slots], self.device)  # (no wait for the device)
-        binding = Binding(self.b_stacks, self.a_views, indptr, slots, tuple(slots.tolist()),
-                          device_indptr=device_indptr, device_slots=device_slots, host_rows=len(rows))  # fmt: skip
-        self._row_bindings.put(rows, binding)  # (two threads may have made one: either serves)
-        return binding
-
-    def binding_all_rows(self, slot: int) -> Binding:
-        """Every row of any batch reads B row `slot` (FastWeights' one session)."""
-        return Binding(self.b_stacks, self.a_views, None, torch.tensor([slot]), (slot,))
-
-    @contextmanager
-    def bind(self, binding: Binding | None) -> Iterator[None]:
-        """Forwards on this thread read `binding` (None: the default binding) inside the block."""
-        previous = getattr(self._local, "binding", None)
-        self._local.binding = binding
-        try:
-            yield
-        finally:
-            self._local.binding = previous
-
-    def current_binding(self) -> Binding | None:
-        return getattr(self._local, "binding", None) or self.default_binding
-
     def _expand_for_generation(self, model: PreTrainedModel, *args, **kwargs):
-        """The model's `_expand_inputs_for_generation`, with this thread's rows binding expanded alike.
-
-        generate() repeats each prompt's row `expand_size` times (beams, num_return_sequences) before its
-        first forward; the rows named for the prompts are repeated the same way, so every copy reads its
-        prompt's session. Rows that do not match the prompts' batch are refused here, where a list that
-        happens to match the expanded batch would otherwise give a prompt's beams different sessions.
-        """
+        """The model's `_expand_inputs_for_generation`, with this thread's rows binding expanded alike
+        (`Bindings.expand_for_generation`)."""
         own = inspect.getattr_static(type(model), "_expand_inputs_for_generation").__get__(model, type(model))
         params = dict(zip(("expand_size", "is_encoder_decoder", "input_ids"), args), **kwargs)
-        binding = getattr(self._local, "binding", None)
         ids = params.get("input_ids")
-        if binding is not None and binding.indptr is not None and not binding.writing and ids is not None:
-            binding = binding.unexpanded or binding
-            rows, expand = int(binding.indptr[-1]), int(params.get("expand_size", 1))
-            if rows != ids.shape[0]:
-                raise ValueError(
-                    f"the fast-weight rows name {rows} rows but generate() was given {ids.shape[0]} prompts "
-                    "(pass one session, or None, per prompt: beams and return sequences are expanded here)"
-                )
-            if expand > 1:
-                on_device = binding.device_indptr
-                binding = replace(binding, indptr=binding.indptr * expand, unexpanded=binding,
-                                  device_indptr=None if on_device is None else on_device * expand,
-                                  host_rows=rows * expand)  # fmt: skip
-            self._local.binding = binding  # until the rows() block ends (its bind() restores the outer binding)
+        if ids is not None:
+            self.bindings.expand_for_generation(ids.shape[0], int(params.get("expand_size", 1)))
         return own(*args, **kwargs)
 
     # ---------------------------------------------------------------- the adapted MLP
     def _mlp_forward(self, k: int, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        binding = self.current_binding()
+        binding = self.bindings.current()
         if binding is None:
             return type(mlp).forward(mlp, x)
-        if binding is not self.default_binding and not binding.writing:
+        if binding is not self.bindings.default and not binding.writing:
             self._check_not_recomputed(k)
         if self._is_identity(binding):  # the model's own MLP: bit-exact bare outputs, once the rows are
             if binding.indptr is not None:  # checked as below (a wrong row list fails before any write too)
-                _token_segments(binding, x.shape, x.numel() // x.shape[-1], False)
+                token_segments(binding, x.shape, x.numel() // x.shape[-1], False)
             return type(mlp).forward(mlp, x)
         ws = _weights(mlp)
         self._check_weight(ws[0])
@@ -346,7 +244,7 @@ class FastWeightEngine:
             y = self.ops.lora_mlp(x2, *ws, a[0], b[0], a[1], b[1], a[2], b[2], self.scaling, **sgd)
         else:
             fused = self.fused[k] and not w_grad
-            indptr, slots = _token_segments(binding, shape, x2.shape[0], fused and self.device_segments)
+            indptr, slots = token_segments(binding, shape, x2.shape[0], fused and self.device_segments)
             b = [binding.b_stacks[lo + j].to(x.dtype) for j in range(3)]
             if fused:
                 y = self.ops.lora_mlp_segmented(x2, *ws, *a, *b, indptr, slots, self.scaling)
@@ -359,7 +257,7 @@ class FastWeightEngine:
         """An adapted layer's q_norm / k_norm: in a write step (a writing binding) `fused_norm_forward` (the fused
         op on CUDA: one kernel forward, one backward, instead of about seven and a dozen), elsewhere the module's
         own forward (bare reads stay bit for bit the model's). x [..., head_dim] -> the same shape."""
-        binding = self.current_binding()
+        binding = self.bindings.current()
         if binding is not None and binding.writing:
             return fused_norm_forward(norm, x)
         return type(norm).forward(norm, x)
@@ -428,31 +326,6 @@ def _session_b(stack: torch.Tensor, slot: int) -> torch.Tensor:
     write's workspace leaf) is squeezed out instead: the same view, but its backward is a view too, where
     select's is a zeros and a copy kernel."""
     return stack.squeeze(0) if stack.shape[0] == 1 and slot == 0 else stack[slot]
-
-
-def _token_segments(
-    binding: Binding, shape: torch.Size, n_tokens: int, on_device: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The binding's segments in tokens of the flattened input (rows x tokens per row); on_device: for an op
-    that reads them on the device (its copies there, where the binding has them), else on the host."""
-    if binding.indptr is None:
-        return torch.tensor([0, n_tokens]), binding.slots
-    if binding.writing and binding.per_token:  # the piecewise trainer's token segments cover its batch by
-        return binding.indptr, binding.slots  # construction; they live on the device, where a captured (CUDA-graph)
-        # step must not read them back (the generic path's name rows of the padded batch, on the host: below)
-    per_row = 1 if binding.per_token or len(shape) < 3 else shape[-2]
-    rows = int(binding.indptr[-1]) if binding.host_rows is None else binding.host_rows  # (no tensor read per call)
-    if rows * per_row != n_tokens and binding.unexpanded is not None:  # a forward after generate() expanded
-        return _token_segments(binding.unexpanded, shape, n_tokens, on_device)  # the rows, on the batch they were
-        # named for
-    if rows * per_row != n_tokens:
-        raise ValueError(
-            f"the fast-weight rows name {rows} rows but the batch has {n_tokens // max(per_row, 1)} "
-            "(pass one session, or None, per row of the batch)"
-        )
-    if on_device and per_row == 1 and binding.device_indptr is not None:
-        return binding.device_indptr, binding.device_slots
-    return (binding.indptr if per_row == 1 else binding.indptr * per_row), binding.slots
 
 
 def composed_mlp_segmented(

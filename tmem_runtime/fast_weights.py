@@ -70,7 +70,7 @@ class FastWeights:
         self.store.open(SESSION)
         if isinstance(self.store, SessionPool):  # every forward reads the one session's row, pinned for good
             (slot,) = self.store.residency.acquire([SESSION])
-            self.store.engine.default_binding = self.store.engine.binding_all_rows(slot)
+            self.store.engine.bindings.default = self.store.engine.bindings.all_rows(slot)
         self.model = model
         self.rank, self.num_layers, self.init, self.scaling, self.seed = rank, num_layers, init, scaling, seed
         self._detached = False

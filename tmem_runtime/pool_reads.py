@@ -88,7 +88,7 @@ class PoolReads:
             try:
                 it = iter(slots)
                 rows = [None if s is None else copies[s] if s in copies else next(it) for s in sessions]
-                with self.engine.bind(self.engine.binding_for_rows(rows)):
+                with self.engine.bindings.bind(self.engine.bindings.for_rows(rows)):
                     yield
             finally:
                 with self.lock:
@@ -114,7 +114,7 @@ class PoolReads:
 
     def _plain_reads(self) -> list[str] | None:
         """The sessions a forward outside rows() reads: every one under a default binding, else none."""
-        return None if self.engine.default_binding is not None else []
+        return None if self.engine.bindings.default is not None else []
 
     # ---------------------------------------------------------------- the model's calls
     def generate(self, model: PreTrainedModel, *args, **kwargs):

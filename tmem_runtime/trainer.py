@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from tmem_kernels.segments import row_segments
-from tmem_runtime.engine import Binding, FastWeightEngine, FastWeightsError
+from tmem_runtime.bindings import Binding
+from tmem_runtime.engine import FastWeightEngine, FastWeightsError
 from tmem_runtime.recipes import OPTIMIZERS, Recipe
 from tmem_runtime.uploads import upload, upload_one
 from tmem_runtime.write import IGNORE_INDEX, StepBatch, TrunkCache, adapted_loss, plan_steps
@@ -271,10 +272,10 @@ class WriteRun:
             if not e.device_segments and plan.host_segments is not None:  # (kernels that read them on the host)
                 segments = plan.host_segments
             binding = self.ws.binding(*segments, plan.slots, True, self.sgd_lr)
-            with e.bind(binding):
+            with e.bindings.bind(binding):
                 return adapted_loss(e.decoder, e.first_layer, self.data, plan)
         indptr, slots = row_segments([w for w, n in zip(plan.slots, plan.groups) for _ in range(n)])
-        with e.bind(self.ws.binding(indptr, slots, plan.slots, False, None)):
+        with e.bindings.bind(self.ws.binding(indptr, slots, plan.slots, False, None)):
             return generic_loss(e, self.data, plan)
 
     def step(self, plan: StepBatch | GenericStep, step: int | torch.Tensor) -> torch.Tensor:

@@ -177,7 +177,7 @@ class MemoryWriteEnv:
                  config: MemoryEnvConfig = MemoryEnvConfig()) -> None:
         if pool.model is not generator.model:
             raise ValueError("the pool's fast weights must be attached to the generator's model (the policy)")
-        if pool.engine.default_binding is not None:
+        if pool.engine.bindings.default is not None:
             raise ValueError("the policy must read no fast weights: use a SessionPool (no default session)")
         self.pool, self.generator, self.config = pool, generator, config
         self.conversations = list(conversations)
