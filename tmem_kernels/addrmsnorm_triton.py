@@ -7,8 +7,8 @@ Same contract as `addrmsnorm.forward_torch` / `backward_torch`:
     backward  dy [N, H] (y's dtype), ds [N, H] (s's dtype) or None, s, weight, rstd -> d [N, H] (s's dtype)
               d = (rmsnorm_triton's dx, rounded to s's dtype, + ds).to(s's dtype): the gradient of x and of residual
 
-The row tiles, block sizes and warps are `rmsnorm_triton`'s, and the norm's lines the same: y (and d without ds)
-are what `rmsnorm_triton` gives for s (bit for bit under the interpreter). A pre-norm decoder's residual add and
+The row tiles, block sizes and warps are `rmsnorm_triton`'s, and so are the norm's lines (`_normalize`,
+`_normalized_grad`): y (and d without ds) are what `rmsnorm_triton` gives for s (bit for bit under the interpreter). A pre-norm decoder's residual add and
 the next norm are then one launch forward instead of two, and the norm's backward takes in the residual
 branch's gradient instead of a separate add.
 """
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from tmem_kernels.lora_mlp import _cast, _interpreting
-from tmem_kernels.rmsnorm_triton import _blocks, _row_tile, _warps
+from tmem_kernels.rmsnorm_triton import _blocks, _normalize, _normalized_grad, _row_tile, _warps
 
 __all__ = ["DTYPES", "backward", "forward"]
 
@@ -37,11 +37,7 @@ def _forward_kernel(
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     s = _cast(x + r, s_ptr.dtype.element_ty, INTERPRET)
     tl.store(s_ptr + offs, s, mask=mask)
-    s = s.to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(s * s, axis=1) / H + eps)
-    tl.store(rstd_ptr + rows, rstd, mask=rows < N)
-    normed = _cast(s * rstd[:, None], s_ptr.dtype.element_ty, INTERPRET).to(tl.float32)  # .to(x.dtype)
-    tl.store(y_ptr + offs, _cast(w[None, :] * normed, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    _normalize(s.to(tl.float32), w, s_ptr, y_ptr, rstd_ptr, rows, offs, mask, N, H, eps, INTERPRET)
 
 
 @triton.jit
@@ -51,11 +47,7 @@ def _backward_kernel(
 ):  # fmt: skip
     """Rows [BLOCK_M * pid, +BLOCK_M) of d [N, H]; dy, ds (read only when HAS_DS), s, d contiguous."""
     rows, offs, mask, s, w = _row_tile(s_ptr, w_ptr, N, H, BLOCK_M, BLOCK_H)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(rstd_ptr + rows, mask=rows < N, other=0.0)
-    g = _cast(dy * w[None, :], s_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
-    dot = tl.sum(g * s, axis=1) / H
-    d = rstd[:, None] * g - s * (rstd * rstd * rstd * dot)[:, None]
+    d = _normalized_grad(dy_ptr, rstd_ptr, s, w, s_ptr, rows, offs, mask, N, H, INTERPRET)
     if HAS_DS:  # autograd's sum of the two branches' gradients, each in s's dtype
         d = _cast(d, s_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
         d = d + tl.load(ds_ptr + offs, mask=mask, other=0.0).to(tl.float32)

@@ -44,16 +44,34 @@ def _row_tile(x_ptr, w_ptr, N, H, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
+def _normalize(x, w, x_ptr, y_ptr, rstd_ptr, rows, offs, mask, N, H, eps, INTERPRET: tl.constexpr):  # noqa: ANN001, ANN202
+    """Store rstd [rows] and y = w * (x * rstd).to(x's dtype) [rows, H] for a tile x (float32 values of x_ptr's
+    dtype; `_row_tile`'s rows, offsets and mask): HF's LlamaRMSNorm rounding."""
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / H + eps)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < N)
+    normed = _cast(x * rstd[:, None], x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)  # .to(x.dtype)
+    tl.store(y_ptr + offs, _cast(w[None, :] * normed, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _normalized_grad(dy_ptr, rstd_ptr, x, w, x_ptr, rows, offs, mask, N, H, INTERPRET: tl.constexpr):  # noqa: ANN001, ANN202
+    """dx of a tile (float32, not rounded): g = (dy * w).to(x's dtype); dx = rstd g - x rstd^3 mean(g x), with dy
+    and the forward's rstd loaded at the tile's offsets."""
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + rows, mask=rows < N, other=0.0)
+    g = _cast(dy * w[None, :], x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
+    dot = tl.sum(g * x, axis=1) / H
+    return rstd[:, None] * g - x * (rstd * rstd * rstd * dot)[:, None]
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr, N, H, eps,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Rows [BLOCK_M * pid, +BLOCK_M): rstd [N] and y [N, H], x and y contiguous."""
     rows, offs, mask, x, w = _row_tile(x_ptr, w_ptr, N, H, BLOCK_M, BLOCK_H)
-    rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / H + eps)
-    tl.store(rstd_ptr + rows, rstd, mask=rows < N)
-    normed = _cast(x * rstd[:, None], x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)  # .to(x.dtype)
-    tl.store(y_ptr + offs, _cast(w[None, :] * normed, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    _normalize(x, w, x_ptr, y_ptr, rstd_ptr, rows, offs, mask, N, H, eps, INTERPRET)
 
 
 @triton.jit
@@ -63,11 +81,7 @@ def _backward_kernel(
 ):  # fmt: skip
     """Rows [BLOCK_M * pid, +BLOCK_M) of dx [N, H]; dy, x, dx contiguous."""
     rows, offs, mask, x, w = _row_tile(x_ptr, w_ptr, N, H, BLOCK_M, BLOCK_H)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(rstd_ptr + rows, mask=rows < N, other=0.0)
-    g = _cast(dy * w[None, :], x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
-    dot = tl.sum(g * x, axis=1) / H
-    dx = rstd[:, None] * g - x * (rstd * rstd * rstd * dot)[:, None]
+    dx = _normalized_grad(dy_ptr, rstd_ptr, x, w, x_ptr, rows, offs, mask, N, H, INTERPRET)
     tl.store(dx_ptr + offs, _cast(dx, dx_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
