@@ -107,7 +107,7 @@ def test_an_idle_session_is_unloaded_and_its_next_request_loads_it_as_it_was(idl
     s.append("t", "idle", ["Nina: a short turn"], date="2 March 2024")
     before, stats = answer(s, "idle"), s.stats("t", "idle")
     conv = s.convs[("t", "idle")]
-    wait_until(lambda: s.unloaded_idle == 1, "the idle session was never unloaded")
+    wait_until(lambda: s.upkeep.unloaded == 1, "the idle session was never unloaded")
     assert ("t", "idle") not in s.convs and unloaded_total(s) == 1
     assert not conv.active and conv.pool_id not in s.pool and s.store.lease("t", "idle") is None
     assert s.pool.counters()["open"] == 0
@@ -139,13 +139,13 @@ def test_a_session_with_a_pending_write_or_an_answer_in_progress_is_never_unload
         assert first.wait(60)
         queued = s.answer("t", "queued", QUESTION, 4)  # waits for the decode thread, which waits for the gate
         time.sleep(2.5)  # over two idle periods
-        assert s.unload_idle() == 0 and s.unloaded_idle == 0
+        assert s.upkeep.unload_idle() == 0 and s.upkeep.unloaded == 0
         assert {("t", "writing"), ("t", "streaming"), ("t", "queued")} <= set(s.convs)
         gate.set()
     s.writer.wake()  # (it found the write's session busy)
     assert streaming.future.result(timeout=60)[0].tokens > 0 and queued.future.result(timeout=60)[0].tokens > 0
     assert job.done.result(timeout=60)["error"] is None
-    wait_until(lambda: s.unloaded_idle == 3, "the sessions were never unloaded once their work ended")
+    wait_until(lambda: s.upkeep.unloaded == 3, "the sessions were never unloaded once their work ended")
     assert not s.convs and s.stats("t", "writing")["memories"] == 1
 
 
@@ -161,7 +161,7 @@ def test_a_request_during_an_unload_waits_and_loads_the_session_after_its_lease_
         releasing, go_on = paused_release(store, monkeypatch)
         s.convs[("t", "s")].last_used -= 10
         s.config.idle_unload = 1
-        unloading = threading.Thread(target=lambda: wait_until(lambda: s.unload_idle() == 1, "never unloaded"))
+        unloading = threading.Thread(target=lambda: wait_until(lambda: s.upkeep.unload_idle() == 1, "never unloaded"))
         # (a sweep skips a session whose lock another thread holds a moment, e.g. the write thread's look at it)
         unloading.start()
         assert releasing.wait(60)
@@ -173,7 +173,7 @@ def test_a_request_during_an_unload_waits_and_loads_the_session_after_its_lease_
         go_on.set()
         unloading.join(300), getter.join(300)
         assert got[0][0]["context_turns"] == 2 and store.lease("t", "s").owner == "local"
-        assert store.read("t", "s")[0].stats["turns"] == 2 and s.unloaded_idle == 1
+        assert store.read("t", "s")[0].stats["turns"] == 2 and s.upkeep.unloaded == 1
     finally:
         s.stop()
 
@@ -204,7 +204,7 @@ def test_a_request_for_the_session_released_for_max_loaded_waits_and_gets_it_as_
         (after, stats_after), again = got[0], s.convs.get(("t", "lru"))
         assert after == before and {**stats_after, "store_bytes": 0} == {**stats, "store_bytes": 0}
         assert again is not None and again is not conv and again.agent.lines == conv.agent.lines
-        assert store.lease("t", "lru").owner == "local" and s.unloaded_idle >= 1
+        assert store.lease("t", "lru").owner == "local" and s.upkeep.unloaded >= 1
     finally:
         s.stop()
 
@@ -229,7 +229,7 @@ def test_a_failed_release_neither_strands_the_other_unloads_nor_fails_the_reques
         monkeypatch.setattr(store, "release", failing_release)
         s.config.max_loaded = 1
         s.create("t", "d")  # loads a fourth: a, b and c (least recently used) are taken
-        assert set(s.convs) == {("t", "d")} and s.unloaded_idle == 3
+        assert set(s.convs) == {("t", "d")} and s.upkeep.unloaded == 3
         text = s.metrics_text()  # counted as what they were: past max_loaded, not unused for idle_unload
         assert 'tmem_sessions_unloaded_total{reason="max_loaded"} 3\n' in text and 'reason="idle"' not in text
         assert store.lease("t", "b") is None and store.lease("t", "c") is None
@@ -266,13 +266,13 @@ def test_a_late_renewals_claim_never_lands_after_an_unload_gave_the_lease_up(mod
         assert claiming.wait(60)
         s.convs[("t", "s")].last_used -= 10
         s.config.idle_unload = 1
-        unloaded = s.unload_idle()
+        unloaded = s.upkeep.unload_idle()
         go_on.set()
         renewer.join(60)
         loaded, lease = ("t", "s") in s.convs, store.lease("t", "s")
         assert loaded == (lease is not None and lease.expires > time.time()), (unloaded, loaded, lease)
         assert unloaded == 0 and s.convs[("t", "s")].lease_epoch == lease.epoch  # (the claim held it)
-        assert s.unload_idle() == 1 and store.lease("t", "s") is None
+        assert s.upkeep.unload_idle() == 1 and store.lease("t", "s") is None
     finally:
         s.stop()
 
@@ -291,12 +291,12 @@ def test_a_load_at_max_loaded_with_every_session_busy_waits_for_one_to_be_idle_t
             request = threading.Thread(target=lambda: got.append(s.stats("t", "newcomer")))
             request.start()
             request.join(0.5)
-            assert not got and set(s.convs) == {("t", "writing")} and s.unloaded_idle == 0
+            assert not got and set(s.convs) == {("t", "writing")} and s.upkeep.unloaded == 0
             assert s.store.lease("t", "newcomer") is None and len(s.pool.sessions) == 1  # (never claimed, no row)
         s.writer.wake()
         assert job.done.result(timeout=60)["error"] is None
         request.join(60)
-        assert got and got[0]["context_turns"] == 0 and set(s.convs) == {("t", "newcomer")} and s.unloaded_idle == 1
+        assert got and got[0]["context_turns"] == 0 and set(s.convs) == {("t", "newcomer")} and s.upkeep.unloaded == 1
         assert 'tmem_sessions_unloaded_total{reason="max_loaded"} 1\n' in s.metrics_text()
         assert s.stats("t", "writing")["memories"] == 1 and set(s.convs) == {("t", "writing")}  # (idle: swapped)
     finally:
@@ -325,7 +325,7 @@ def test_a_load_at_max_loaded_with_every_session_busy_gets_a_503_with_retry_afte
         r = client.post("/v1/sessions", json={"id": "third"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy", r.text
         assert client.get("/v1/sessions/nobody").status_code == 404
-        assert set(s.convs) == {("default", "busy")} and s.unloaded_idle == 1 and len(s.pool.sessions) == 1
+        assert set(s.convs) == {("default", "busy")} and s.upkeep.unloaded == 1 and len(s.pool.sessions) == 1
         assert {p: p.read_bytes() for p in (tmp_path / "tenants").rglob("*") if p.is_file()} == files  # (no lease,
         assert store.sessions("default") == ["busy", "other"] and store.lease("default", "other") is None  # no "third")
         text = s.metrics_text()
@@ -356,7 +356,7 @@ def test_idle_unload_zero_never_unloads(model, tmp_path):
     try:
         s.create("t", "kept")
         time.sleep(0.5)
-        assert ("t", "kept") in s.convs and s.unloaded_idle == 0
+        assert ("t", "kept") in s.convs and s.upkeep.unloaded == 0
     finally:
         s.stop()
     with pytest.raises(ValueError):
@@ -414,7 +414,7 @@ def test_a_session_keeps_the_count_of_its_writes_not_a_record_of_each(model, tmp
 
         s.convs[("t", "long")].last_used -= 10
         s.config.idle_unload = 1
-        assert s.unload_idle() == 1
+        assert s.upkeep.unload_idle() == 1
         again = s.get("t", "long")  # loaded from the store: the count, no records
         assert len(again.agent.triggers) == n and not any(isinstance(o, Trigger)
                                                           for o in gc.get_referents(again.agent.triggers))

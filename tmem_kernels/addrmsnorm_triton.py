@@ -8,9 +8,9 @@ Same contract as `addrmsnorm.forward_torch` / `backward_torch`:
               d = (rmsnorm_triton's dx, rounded to s's dtype, + ds).to(s's dtype): the gradient of x and of residual
 
 The row tiles, block sizes and warps are `rmsnorm_triton`'s, and so are the norm's lines (`_normalize`,
-`_normalized_grad`): y (and d without ds) are what `rmsnorm_triton` gives for s (bit for bit under the interpreter). A pre-norm decoder's residual add and
-the next norm are then one launch forward instead of two, and the norm's backward takes in the residual
-branch's gradient instead of a separate add.
+`_normalized_grad`): y (and d without ds) are what `rmsnorm_triton` gives for s (bit for bit under the
+interpreter). A pre-norm decoder's residual add and the next norm are then one launch forward instead of two, and
+the norm's backward takes in the residual branch's gradient instead of a separate add.
 """
 
 from __future__ import annotations

@@ -335,7 +335,7 @@ def create_app(service: MemoryService, model_name: str, api_keys: Mapping[str, s
     @get("/health")
     def health() -> dict:
         return {"status": "ok", "server": cfg.server_id, "model": model_name, "naive": cfg.naive,
-                "sessions_loaded": len(service.convs), "sessions_unloaded_idle": service.unloaded_idle}
+                "sessions_loaded": len(service.convs), "sessions_unloaded_idle": service.upkeep.unloaded}
 
     @get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:

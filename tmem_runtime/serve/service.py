@@ -5,23 +5,22 @@
     request = service.answer("acme", "alice", [{"role": "user", "content": "Where does Nina live?"}], 32)
     request.future.result()[0].text
 
-A session is loaded into this server on first use: its lease is claimed in the store (another live
-server's lease refuses it: `LeaseHeldError`), its weights file loaded into a pool session, and its
-pending writes resumed. An upkeep thread renews this server's lease (`LeaseKeeper`: one store write keeps every
-loaded session's; after a late renewal each is claimed again, and one found taken over is dropped),
-and unloads the sessions unused for `idle_unload` seconds (`LoadedSessions.take_idle`): their next
-request loads them again. `release` hands a session over: it is persisted with its pending writes and
-unloaded, and the lease freed, so that any server sharing the store serves it next. Every change a
-client is told of (turns appended, a write queued or committed, a reset) is in the store first, as a
-line appended to the session's log (O(change): `SessionRecord.delta`); the state is written whole
-(compacting the log) when the log outgrows it, or after a failed persist.
+A session is loaded into this server on first use: its lease is claimed in the store (another live server's
+lease refuses it: `LeaseHeldError`), its weights file loaded into a pool session, and its pending writes
+resumed. An upkeep thread renews this server's lease (`LeaseKeeper`: one store write keeps every loaded
+session's; after a late renewal each is claimed again, and one found taken over is dropped), and unloads the
+sessions unused for `idle_unload` seconds (`upkeep.py`): their next request loads them again. `release` hands
+a session over: it is persisted with its pending writes and unloaded, and the lease freed, so that any server
+sharing the store serves it next. Every change a client is told of (turns appended, a write queued or
+committed, a reset) is in the store first, as a line appended to the session's log (O(change):
+`SessionRecord.delta`); the state is written whole (compacting the log) when the log outgrows it, or after a
+failed persist.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,9 +41,10 @@ from tmem_runtime.serve.batcher import AnswerBatcher, Request, Row
 from tmem_runtime.serve.conversation import Card, Conversation, SessionGoneError, WriteJob
 from tmem_runtime.serve.cores import CoreLoan
 from tmem_runtime.serve.lease_renewal import LeaseKeeper
-from tmem_runtime.serve.loaded import LoadedSessions, ServerBusyError, Taken
+from tmem_runtime.serve.loaded import LoadedSessions, ServerBusyError
 from tmem_runtime.serve.metrics import Metrics
 from tmem_runtime.serve.store import CorruptSessionError, LeaseHeldError, LeaseLostError, SessionExistsError, Store
+from tmem_runtime.serve.upkeep import Upkeep
 from tmem_runtime.serve.writer import DecodeThreadGenerator, MemoryWriter, check_cards
 
 logger = logging.getLogger("tmem.serve")
@@ -131,13 +131,12 @@ class MemoryService:
                                    config.max_write_sessions, config.replay, config.card_tokens, model_lock=model_lock,
                                    card_writer=config.card_writer, cores=cores)
         self.preamble = self.generator.chat_preamble()  # answers' shared prefix, cached per session version
-        self.loaded = LoadedSessions(self._load, self._unload_taken)
+        # (a load past max_loaded unloads idle sessions as the upkeep does: through it, made just below)
+        self.loaded = LoadedSessions(self._load, lambda taken: self.upkeep.unload_taken(taken))
         self.convs = self.loaded.convs  # (read under self.loaded.lock)
         self.leases = LeaseKeeper(store, config, self.loaded, self._drop)
-        self.unloaded_idle = 0  # sessions unloaded for being idle
+        self.upkeep = Upkeep(config, store, self.loaded, self.leases, self._drop, self.metrics)
         self._load_ids = itertools.count(1)  # pool ids are unique per load, so a late unload never closes a newer load
-        self._stop = threading.Event()
-        self._upkeep_thread = threading.Thread(target=self._upkeep, name="tmem-upkeep", daemon=True)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -146,7 +145,7 @@ class MemoryService:
         self.batcher.start()
         self.writer.start()
         self.leases.renew()  # (this server's lease record names its url now)
-        self._upkeep_thread.start()
+        self.upkeep.start()
         for tenant, session in list(self.store.leased_to(self.config.server_id)):
             try:  # (past max_loaded if those are busy: their pending writes resume; the upkeep unloads the rest)
                 self.get(tenant, session, bounded=False)
@@ -156,7 +155,7 @@ class MemoryService:
                 logger.error("not loaded at start: %s", exc)
 
     def stop(self) -> None:
-        self._stop.set()
+        self.upkeep.stop()
         self.writer.stop()
         self.batcher.stop()
 
@@ -185,7 +184,7 @@ class MemoryService:
         if loaded_now:
             self.writer.submit(conv, list(conv.jobs))
             if len(self.loaded.convs) > self.config.max_loaded:  # (a racy read: the bound is checked again)
-                self.unload_idle()
+                self.upkeep.unload_idle()
             self._gauges()
         return conv
 
@@ -333,50 +332,6 @@ class MemoryService:
         except LeaseLostError:
             threading.Thread(target=self._drop, args=(conv,), daemon=True).start()
             raise SessionGoneError("this server no longer holds the session's lease; retry the request") from None
-
-    def _upkeep(self) -> None:
-        """The upkeep thread: every lease_ttl / 3 seconds renew the leases (one store write), and as often
-        (every idle_unload / 2 seconds for a shorter idle_unload) unload the idle sessions, and the least
-        recently used idle ones while more than max_loaded are loaded (those a load past it found busy:
-        idle_unload 0 too)."""
-        idle, renew_every = self.config.idle_unload, self.config.lease_ttl / 3
-        period = min(renew_every, idle / 2 if idle else math.inf)
-        renew_at = 0.0
-        while not self._stop.wait(period):
-            if time.monotonic() >= renew_at:  # (not at every idle check: a short idle_unload is no reason to
-                renew_at = time.monotonic() + renew_every  # write the lease file more often)
-                self.leases.renew()
-            if idle or len(self.loaded.convs) > self.config.max_loaded:
-                try:
-                    self.unload_idle()
-                except Exception:  # e.g. a full disk under a release: the next period retries the others
-                    logger.exception("unloading an idle session failed")
-
-    def unload_idle(self) -> int:
-        """Unload the sessions unused for `idle_unload` seconds, and while more than `max_loaded` are
-        loaded the least recently used ones, with no write pending and no request in progress
-        (`LoadedSessions.take_idle`), and give their leases up: the store has them already, and their
-        next request loads them again. Bounds what a long-running server holds (host copies of B rows,
-        contexts, cards, lease renewals) whatever the number of sessions it ever served. A request for one
-        of them meanwhile waits for its unload, then loads it again (`LoadedSessions.get`). One whose lease
-        cannot be given up (logged) stays leased here, the others are unloaded all the same; it loads here
-        again on its next request. Returns how many."""
-        taken = self.loaded.take_idle(self.config.idle_unload, self.config.max_loaded)
-        self._unload_taken(taken)
-        return len(taken)
-
-    def _unload_taken(self, taken: list[Taken]) -> None:
-        """Unload sessions `LoadedSessions` took as idle and give their leases up (see `unload_idle`)."""
-        for conv, gate, reason in taken:  # each taken session's gate is let go, whatever befalls the others
-            try:
-                self._drop(conv)
-                self.store.release(conv.tenant, conv.session, self.config.server_id)
-            except Exception:  # e.g. a full disk: its lease stays this server's, which loads it on its next request
-                logger.exception("unloading session %s/%s failed", conv.tenant, conv.session)
-            finally:
-                self.loaded.unloaded(conv, gate)
-            self.unloaded_idle += 1
-            self.metrics.inc("sessions_unloaded_total", reason=reason)
 
     # ---------------------------------------------------------------- answers
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
