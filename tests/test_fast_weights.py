@@ -23,6 +23,7 @@ from tmem_runtime import (
     FastWeightsError,
     ModelNotSupportedError,
     NonFiniteLossError,
+    SessionPool,
     load_model,
 )
 from tmem_runtime.examples import qa_example, write_schedule
@@ -138,6 +139,38 @@ def test_reset_after_a_train_a_write_keeps_a_on_both_paths(tiny):
     assert_matrices_close(states["torch"], states["peft"], 1e-3)
 
 
+@pytest.mark.parametrize("backend", ["torch", "peft"])
+def test_an_adapter_whose_a_was_trained_loads_into_fresh_fast_weights(tiny, tmp_path, backend):
+    """A file saved after a train_a write loads into a fresh FastWeights of either backend (same logits), and a
+    state saved before it swaps back in (A0 again); the fast path refused both (its A differs from the A0 a
+    pool's sessions share), so such an adapter could never be loaded again, where the PEFT path loaded it. A
+    pool of several sessions still refuses another A for one of them (they share A), changing nothing."""
+    batch = make_batch(2)
+    fw = FastWeights(tiny, backend=backend)
+    start = fw.state_dict()
+    fw.write([batch] * 4, lr=1e-2, optimizer="adamw", train_a=True)
+    trained, want = fw.state_dict(), logits(tiny, batch)
+    fw.save(tmp_path / "trained.safetensors")
+    fw.load_state_dict(start)
+    assert all(torch.equal(fw.state_dict()[k], start[k]) for k in start)
+    fw.detach()
+    for load_backend in ("torch", "peft"):
+        fw = FastWeights(tiny, backend=load_backend)
+        fw.load(tmp_path / "trained.safetensors")
+        assert all(torch.equal(fw.state_dict()[k], trained[k]) for k in trained)
+        torch.testing.assert_close(logits(tiny, batch), want, rtol=1e-5, atol=1e-5)
+        fw.detach()
+    pool = SessionPool(tiny, capacity=2, backend="torch")
+    pool.open("a"), pool.open("b")
+    fresh = pool.state_dict("a")
+    with pytest.raises(ValueError, match="A, which every session shares"):
+        pool.load_state_dict("a", trained)
+    with pytest.raises(ValueError, match="open sessions share"):
+        pool.load_state_dict("a", trained, own_a=True)
+    assert all(torch.equal(pool.state_dict("a")[k], fresh[k]) for k in fresh)
+    pool.detach()
+
+
 @pytest.mark.parametrize("init", ["svd", "random", "pissa"])
 def test_fresh_attach_reset_and_detach_are_exact(tiny, init):
     batch = make_batch(3)
@@ -224,8 +257,10 @@ def test_save_load_roundtrip_and_bad_files(tiny, tmp_path):
     a_name = next(k for k in saved if k.endswith("lora_A"))
     with pytest.raises(AdapterFileError, match="finite"):
         fw.load_state_dict({**saved, b_name: torch.full_like(saved[b_name], float("nan"))})
-    with pytest.raises(AdapterFileError, match="A, which every session shares"):
-        fw.load_state_dict({**saved, a_name: saved[a_name] + 1})
+    with pytest.raises(AdapterFileError, match="finite"):  # (its own A loads: a train_a write's, finite)
+        fw.load_state_dict({**saved, a_name: torch.full_like(saved[a_name], float("inf"))})
+    with pytest.raises(AdapterFileError, match="shape"):
+        fw.load_state_dict({**saved, a_name: saved[a_name][:, 1:]})
     assert before.keys() == fresh.keys() and all(torch.equal(fw.state_dict()[k], fresh[k]) for k in fresh)
     fw.detach()
 

@@ -613,6 +613,24 @@ def test_a_long_session_id_is_offloaded_to_disk(tiny, tmp_path):
     pool.detach()
 
 
+@pytest.mark.parametrize("offload", ["host", "disk"])
+def test_an_offloaded_session_survives_a_change_of_the_base_weights(tiny, tmp_path, offload):
+    """A session offloaded before the model's base weights changed in place (an optimizer step on the model,
+    e.g. a policy update) comes back as it was, from disk as from host memory (its offload file was refused as
+    an adapter of other weights: the session could never be used again)."""
+    pool = SessionPool(tiny, capacity=1, backend="torch", offload=offload, offload_dir=tmp_path)
+    for s in "ab":
+        pool.open(s)
+    pool.write_examples_many({"a": examples(3, 1)}, Recipe(lr=1e-2, epochs=1))
+    want = pool.state_dict("a")
+    pool.write_examples_many({"b": examples(2, 2)}, Recipe(lr=1e-2, epochs=1))  # "a" is offloaded
+    with torch.no_grad():
+        pool.engine.mlps[-1][1].gate_proj.weight.mul_(1.01)
+    got = pool.state_dict("a")
+    assert pool.counters()["restores"] == 1 and all(torch.equal(got[k], want[k]) for k in want)
+    pool.detach()
+
+
 def test_offloaded_files_belong_to_one_pool(tmp_path):
     """Two pools offloading to one directory, and a copy of a model whose pool has a session on disk,
     each get their own sessions back exactly (same ids, different weights; the copy's restore does not

@@ -183,13 +183,14 @@ class FastWeights:
         return self.store.state_dict(SESSION)
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Hot swap: validate every tensor, then copy into the existing buffers (no reallocation).
-        A mismatched or non-finite state raises AdapterFileError and changes nothing."""
+        """Hot swap: validate every tensor, then copy into the existing buffers (no reallocation); an A
+        other than this one's (trained by a `train_a` write) is loaded too. A mismatched or non-finite state
+        raises AdapterFileError and changes nothing."""
         from tmem_runtime.adapter_file import AdapterFileError
 
         self._check()
         try:
-            self.store.load_state_dict(SESSION, state)
+            self.store.load_state_dict(SESSION, state, own_a=True)
         except ValueError as exc:
             raise AdapterFileError(str(exc)) from exc
 
@@ -199,10 +200,10 @@ class FastWeights:
         self.store.save(SESSION, path)
 
     def load(self, path: str | os.PathLike) -> None:
-        """Load a file written by `save` (any path, any host, same model weights); on any mismatch
-        or corruption nothing changes (AdapterFileError)."""
+        """Load a file written by `save` (any path, any host, same model weights; its A too, where a
+        `train_a` write trained it); on any mismatch or corruption nothing changes (AdapterFileError)."""
         self._check()
-        self.store.load(SESSION, path)
+        self.store.load(SESSION, path, own_a=True)
 
     def reading(self) -> AbstractContextManager[None]:
         """A block in which this thread's forwards see the fast weights unchanged: a write, swap or reset

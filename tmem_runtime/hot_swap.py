@@ -49,22 +49,43 @@ class SwapChecker:
         """`snapshot` (the A tensors handed out by state_dict) needs no check while unchanged."""
         self.a_snapshot, self.a_versions = snapshot, [t._version for t in snapshot.values()]
 
-    def b_row(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def b_row(self, state: Mapping[str, torch.Tensor], check_a: bool = True) -> torch.Tensor:
         """The validated B row [b_numel] of `state` (a view of its memory, or the scratch row).
 
-        Raises ValueError naming what does not match; reads, never writes, the engine. Tensors that
-        require grad (an adapter being trained elsewhere) are read as values: no graph reaches the scratch.
+        Raises ValueError naming what does not match (check_a: an A other than the shared one too); reads,
+        never writes, the engine. Tensors that require grad (an adapter being trained elsewhere) are read as
+        values: no graph reaches the scratch.
         """
         with torch.no_grad():
-            return self._b_row(state)
+            return self._b_row(state, check_a)
 
-    def _b_row(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def a_row(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """None where `state`'s A is the shared A (to A_TOLERANCE, as `b_row` checks it); else the state's own A
+        as one new float32 row [a_numel] (e.g. trained by a `train_a` write), validated: ValueError for an A of
+        another shape or not finite, or a state that does not name every tensor. Reads, never writes, the engine."""
+        with torch.no_grad():
+            self._check_names(state)
+            if self._a_mismatch(state) is None:
+                return None
+            lay = self.engine.layout
+            row = torch.empty(lay.a_numel, dtype=torch.float32, device=self.engine.device)
+            for i, name in enumerate(self.a_names):
+                lay.a_view(row, i).copy_(state[name])
+            if not bool(torch.isfinite(row).all()):
+                raise ValueError("lora_A: not a finite floating-point tensor (NaN or inf)")
+            return row
+
+    def _check_names(self, state: Mapping[str, torch.Tensor]) -> None:
         if state.keys() != self.names:
             missing, extra = self.names - set(state), set(state) - self.names
             raise ValueError(
                 f"adapter state does not match: missing {sorted(missing)[:4]}, unexpected {sorted(extra)[:4]}"
             )
-        self._check_a(state)
+
+    def _b_row(self, state: Mapping[str, torch.Tensor], check_a: bool) -> torch.Tensor:
+        self._check_names(state)
+        if check_a:
+            self._check_a(state)
         row = self._flat_b(state)
         if row is None:
             row = self._gathered_b(state)
@@ -74,11 +95,17 @@ class SwapChecker:
         return row
 
     def _check_a(self, state: Mapping[str, torch.Tensor]) -> None:
+        why = self._a_mismatch(state)
+        if why is not None:
+            raise ValueError(why)
+
+    def _a_mismatch(self, state: Mapping[str, torch.Tensor]) -> str | None:
+        """Why the state's A is not the shared A (None: it is); ValueError for an A of another shape or type."""
         snap = self.a_snapshot
         if snap is not None and all(state[n] is snap[n] for n in self.a_names):  # (the snapshot is never
             # an inference tensor: it is made outside inference mode, so its version counter exists)
             if [t._version for t in snap.values()] == self.a_versions:
-                return
+                return None
         lay = self.engine.layout
         for i, name in enumerate(self.a_names):
             want = lay.a_view(self.engine.a, i)
@@ -90,11 +117,13 @@ class SwapChecker:
             # equal up to the rounding of an SVD recomputed on another machine (A0 is recomputed there)
             err = (got.to(want.device, torch.float32) - want).norm() / want.norm().clamp_min(1e-30)
             if not bool(err <= A_TOLERANCE):
-                raise ValueError(
+                return (
                     f"{name} differs from this pool's A, which every session shares (relative error "
                     f"{float(err):.1e}): the state is for another model, init or seed, or for this model in "
-                    "another dtype (A0 is the SVD of the weights as loaded: bf16 weights give another A0)"
+                    "another dtype (A0 is the SVD of the weights as loaded: bf16 weights give another A0), or "
+                    "its A was trained (train_a: FastWeights loads its own A)"
                 )
+        return None
 
     def _flat_b(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """The one float32 row all B tensors are views of, at the layout's offsets; else None."""

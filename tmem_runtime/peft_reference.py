@@ -112,7 +112,8 @@ class PeftReferencePool(SessionStore):
         self._check(session)
         return {k: v.detach().clone() for k, v in self._tensors().items()}
 
-    def load_state_dict(self, session: str, state: Mapping[str, torch.Tensor]) -> None:
+    def load_state_dict(self, session: str, state: Mapping[str, torch.Tensor], own_a: bool = True) -> None:
+        """A and B of the one session (its A is its own: own_a is always true here)."""
         self._check(session)
         targets = self._tensors()
         if set(state) != set(targets):

@@ -345,15 +345,27 @@ class SessionPool(SessionStore):
             self._swap.remember_a({lay.a_name(i): lay.a_view(a, i) for i in range(len(lay.slots))})
         return dict(self._swap.a_snapshot)
 
-    def load_state_dict(self, session: str, state: Mapping[str, torch.Tensor]) -> None:
+    def load_state_dict(self, session: str, state: Mapping[str, torch.Tensor], own_a: bool = False) -> None:
         """Hot swap: validate (see hot_swap), then copy B into the session's row; nothing changes on
-        a mismatch (ValueError). A must equal the pool's shared A."""
+        a mismatch (ValueError). A must equal the pool's shared A, unless own_a: the state's A (e.g. trained
+        by a `train_a` write) then replaces it where it differs, for a session that is the pool's only one
+        (FastWeights' loads); ValueError where other sessions are open (every session reads A)."""
         self._check_attached()
-        with self._locks.commit([session], after_writes=True), _outside_inference_mode():
+        # (own_a: A may change, which every read block reads, copies of B rows included)
+        with self._locks.commit(None if own_a else [session], after_writes=True), _outside_inference_mode():
             self.residency.check(session)
-            b_row = self._swap.b_row(state)  # (checked first: a mismatch moves no session)
+            a_row = self._swap.a_row(state) if own_a else None  # (checked first: a mismatch moves no session)
+            if a_row is not None and self.residency.ids != [session]:
+                raise ValueError(f"the state's A is not this pool's, which its {len(self.residency.ids)} open "
+                                 "sessions share: its own A loads only into a pool's only session")
+            b_row = self._swap.b_row(state, check_a=not own_a)
             self.engine.set_row(self.residency.slot(session, restore=False), b_row)  # (its old copy is not read)
-            self._changed([session])
+            if a_row is None:
+                self._changed([session])
+                return
+            self.engine.set_a(a_row)
+            self._swap.a_snapshot = None  # A changed: hand out (and check) a new snapshot
+            self._changed(list(self._versions))
 
     def detach(self) -> PreTrainedModel:
         """Remove the fast weights from the model (exactly as it was); the pool is unusable after, and its

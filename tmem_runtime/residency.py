@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from tmem_runtime.adapter_file import read_adapter, save_adapter
+from tmem_runtime.adapter_file import architecture, read_adapter, save_adapter
 from tmem_runtime.engine import FastWeightEngine, FastWeightsError
 
 OFFLOAD = ("host", "disk")
@@ -288,7 +288,13 @@ class Residency:
         return read_adapter(path, self._file_meta(), self.engine.device if device is None else device)["b"]
 
     def _file_meta(self) -> dict[str, str]:
-        return {**self.engine.metadata(), "format": "tmem-offloaded-row/1"}
+        """An offload file's header: a row of this residency (its file prefix stands where an adapter file has
+        the base weights' hash) of this layout. Not the weights' hash: a row offloaded before the base weights
+        changed in place (an optimizer step on the model) is still its session's, as a row kept in host memory is."""
+        e = self.engine
+        return {"format": "tmem-offloaded-row/1", "architecture": architecture(e.model), "init": e.init,
+                "weights_sha256": f"offloaded-by-{self.file_prefix}", "scaling": repr(float(e.scaling)),
+                **e.layout.describe()}
 
 
 def _all_rows_pinned(capacity: int) -> PoolFullError:

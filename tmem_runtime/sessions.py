@@ -81,7 +81,7 @@ class SessionStore:
     def state_dict(self, session: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def load_state_dict(self, session: str, state: Mapping[str, torch.Tensor]) -> None:
+    def load_state_dict(self, session: str, state: Mapping[str, torch.Tensor], own_a: bool = False) -> None:
         raise NotImplementedError
 
     @property
@@ -220,12 +220,13 @@ class SessionStore:
         """Write the session's adapter to one safetensors file atomically (see adapter_file)."""
         save_adapter(path, self.state_dict(session), self.metadata())
 
-    def load(self, session: str, path: str | os.PathLike) -> None:
+    def load(self, session: str, path: str | os.PathLike, own_a: bool = False) -> None:
         """Load a file written by `save` (by any process, from any path, for the same model weights)
-        into a session; on any mismatch or corruption nothing changes (AdapterFileError)."""
+        into a session; on any mismatch or corruption nothing changes (AdapterFileError). own_a: see
+        `load_state_dict` (the file's A, e.g. trained, replaces the store's)."""
         tensors = read_adapter(Path(path), self.metadata(), self.device)
         try:
-            self.load_state_dict(session, tensors)
+            self.load_state_dict(session, tensors, own_a)
         except ValueError as exc:
             raise AdapterFileError(f"adapter file {path}: {exc}") from exc
 
