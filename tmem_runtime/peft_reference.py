@@ -187,10 +187,9 @@ class PeftReferencePool(SessionStore):
             raise
         if error is not None:
             self.load_state_dict(session, before)
-            self.stats[session].rollbacks += 1
+            self.stats[session].count_write(len(values), failed=True)
             raise error
-        st = self.stats[session]
-        st.writes, st.steps = st.writes + 1, st.steps + len(values)
+        self.stats[session].count_write(len(values), failed=False)
         return {session: values}
 
 

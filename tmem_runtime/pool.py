@@ -42,7 +42,7 @@ from tmem_runtime.pool_reads import PoolReads
 from tmem_runtime.recipes import Recipe
 from tmem_runtime.residency import Residency
 from tmem_runtime.session_locks import SessionLocks
-from tmem_runtime.sessions import Schedules, SessionStats, SessionStore, WriteError, check_batch
+from tmem_runtime.sessions import Schedules, SessionStats, SessionStore, SessionVersions, WriteError, check_batch
 from tmem_runtime.static_write import StaticWrites
 from tmem_runtime.trainer import StepCallback, WriteRun
 from tmem_runtime.trunk_rows import TrunkRows
@@ -95,8 +95,7 @@ class SessionPool(SessionStore):
         self.cuda_graphs = cuda_graphs
         self._init_static()
         self.stats: dict[str, SessionStats] = {}
-        self._versions: dict[str, int] = {}  # see version()
-        self._last_version = 0
+        self._versions = SessionVersions()  # see version()
         self._swap = SwapChecker(self.engine)
         self._write_lock = threading.Lock()  # one write at a time
         self._reads = PoolReads(self.engine, self.residency, self.version)  # forwards, rows(), reading()
@@ -162,15 +161,7 @@ class SessionPool(SessionStore):
         load; every session on a write of A) and is never reused, e.g. to key what was computed from them."""
         with self._lock:
             self.residency.check(session)  # UnknownSessionError
-            if session not in self._versions:
-                self._changed([session])
-            return self._versions[session]
-
-    def _changed(self, sessions: Sequence[str]) -> None:
-        with self._lock:
-            for s in sessions:
-                self._last_version += 1
-                self._versions[s] = self._last_version
+            return self._versions.of(session)
 
     def open(self, session: str) -> None:
         """A new session in the initial state (B = B0). ValueError if the id is taken."""
@@ -178,7 +169,7 @@ class SessionPool(SessionStore):
         with self._lock:
             self.residency.open(session)
             self.stats[session] = SessionStats()
-            self._changed([session])
+            self._versions.bump([session])
 
     def close(self, session: str, wait: bool = True) -> None:
         """Forget a session: its row (or offloaded copy) is freed. A write of the session running on another
@@ -190,7 +181,7 @@ class SessionPool(SessionStore):
         with self._locks.writes_committed([session], wait=wait):  # (holds the lock)
             self.residency.close(session)
             del self.stats[session]
-            self._versions.pop(session, None)
+            self._versions.forget(session)
 
     def reset(self, session: str) -> None:
         """Back to the initial state (B = B0): the episode boundary. A write of the session running on
@@ -199,7 +190,7 @@ class SessionPool(SessionStore):
         with self._locks.commit([session], after_writes=True), torch.inference_mode(False):
             self.residency.reset(session)  # (an offloaded session is not brought back for it)
             self.stats[session] = SessionStats()
-            self._changed([session])
+            self._versions.bump([session])
 
     def _check_attached(self) -> None:
         """FastWeightsError once `detach()` ran (a rows() block would read nothing: the bare model)."""
@@ -294,7 +285,7 @@ class SessionPool(SessionStore):
             with self._locks.commit(None if train_a else names), record_function("tmem.write.commit"):
                 run.commit(outcome)
                 committed = [s for s, e in zip(names, outcome.errors) if e is None]  # (rolled back: unchanged)
-                self._changed(list(self._versions) if train_a and committed else committed)
+                self._versions.bump(None if train_a and committed else committed)
                 losses, errors = self._count(names, outcome.losses, outcome.errors, train_a)
         if errors:
             if len(everyone) == 1:
@@ -305,15 +296,10 @@ class SessionPool(SessionStore):
     def _count(self, names: list[str], losses: list[list[float]], errors: list[FastWeightsError | None],
                train_a: bool) -> tuple[dict[str, list[float]], dict[str, FastWeightsError]]:
         """A committed write's stats (under the lock): ({session: step losses}, {session: its error})."""
-        done, failed = {}, {}
         for s, steps, e in zip(names, losses, errors):
-            st = self.stats[s]
-            if e is None:
-                done[s] = steps
-                st.writes, st.steps = st.writes + 1, st.steps + len(steps)
-            else:
-                failed[s] = e
-                st.rollbacks += 1
+            self.stats[s].count_write(len(steps), failed=e is not None)
+        done = {s: steps for s, steps, e in zip(names, losses, errors) if e is None}
+        failed = {s: e for s, e in zip(names, errors) if e is not None}
         if train_a:
             self._swap.a_snapshot = None  # A changed: hand out (and check) a new snapshot
         return done, failed
@@ -361,11 +347,11 @@ class SessionPool(SessionStore):
             b_row = self._swap.b_row(state, check_a=not own_a)
             self.engine.set_row(self.residency.slot(session, restore=False), b_row)  # (its old copy is not read)
             if a_row is None:
-                self._changed([session])
+                self._versions.bump([session])
                 return
             self.engine.set_a(a_row)
             self._swap.a_snapshot = None  # A changed: hand out (and check) a new snapshot
-            self._changed(list(self._versions))
+            self._versions.bump()
 
     def detach(self) -> PreTrainedModel:
         """Remove the fast weights from the model (exactly as it was); the pool is unusable after, and its

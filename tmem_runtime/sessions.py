@@ -56,6 +56,37 @@ class SessionStats:
     truncated_cards: int = 0  # cards longer than max_length whose question was cut to fit
     rollbacks: int = 0
 
+    def count_write(self, steps: int, failed: bool) -> None:
+        """A write of `steps` steps committed (failed: rolled back instead)."""
+        if failed:
+            self.rollbacks += 1
+        else:
+            self.writes, self.steps = self.writes + 1, self.steps + steps
+
+
+class SessionVersions:
+    """Per session a number that changes whenever its fast weights may have changed and is never reused
+    (e.g. to key what was computed from them). Not locked: its owner's lock guards it."""
+
+    def __init__(self) -> None:
+        self._of: dict[str, int] = {}
+        self._last = 0
+
+    def of(self, session: str) -> int:
+        """The session's version (a new one for a session not seen yet)."""
+        if session not in self._of:
+            self.bump([session])
+        return self._of[session]
+
+    def bump(self, sessions: Iterable[str] | None = None) -> None:
+        """New versions for `sessions` (None: every session seen)."""
+        for s in list(self._of) if sessions is None else sessions:
+            self._last += 1
+            self._of[s] = self._last
+
+    def forget(self, session: str) -> None:
+        self._of.pop(session, None)
+
 
 class SessionStore:
     """The write API shared by the session stores (see the module docstring)."""
