@@ -604,6 +604,95 @@ def test_the_trunks_fused_residual_add_and_norm_give_the_same_writes(name, dtype
     assert all(torch.equal(got_state[k], v) for k, v in want_state.items())
 
 
+def _swiglu_calls(monkeypatch) -> tuple[list[int], list[int]]:
+    """Records the fused SwiGLU op's calls: the Decoder's frozen MLPs' (`fused_layers._fused_swiglu`) and the
+    engine's adapted MLPs' (`engine.swiglu`): two lists, one entry per call."""
+    from tmem_runtime import engine as engine_module
+
+    trunk, steps = [], []
+    real_trunk, real_steps = fused_layers._fused_swiglu, engine_module.swiglu
+    monkeypatch.setattr(fused_layers, "_fused_swiglu", lambda *a: trunk.append(1) or real_trunk(*a))
+    monkeypatch.setattr(engine_module, "swiglu", lambda *a: steps.append(1) or real_steps(*a))
+    return trunk, steps
+
+
+def _relative_errors(losses: list, state: dict, truth: list, truth_state: dict) -> tuple[float, float]:
+    """(largest relative error of a loss, of a B tensor's norm) of a write against another (float64) write."""
+    flat = lambda ls: torch.tensor([v for step in ls for v in step], dtype=torch.float64)  # noqa: E731
+    got, want = flat(losses), flat(truth)
+    loss_error = ((got - want).abs() / want.abs()).max().item()
+    b_error = max(((state[k].double() - v.double()).norm() / v.double().norm()).item() for k, v in truth_state.items())
+    return loss_error, b_error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["composition", "triton"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+def test_the_fused_swiglu_gives_the_writes_of_torchs_composition(name, kernel, dtype, device, monkeypatch):
+    """silu(gate) * up as `tmem::swiglu` in a write: the trunk's frozen MLPs (`fused_layers.mlp`) and the torch
+    backend's adapted MLPs in every step (`engine.composed_swiglu_mlp`), on CUDA; here on the CPU too, forced
+    ("triton": the op's kernels forced, under the interpreter). The losses and B of the same writes through torch's
+    composition (the MLP modules, `lora_mlp_torch`: the path before the op): through the op's composition bit for
+    bit on the CPU; through its kernels (one rounding of h and of each gradient, in float32): fp32 losses within
+    1e-5 and B within 2e-6 of its norm (SGD; measured 1.5e-7 and 5.6e-7); bf16 judged against bf16's own error,
+    the same writes in float64: the losses' and B's errors within 1.25x the composition's (measured 0.9-1.05x;
+    B 1.0-1.4% off in either, 0.9-1.2% apart)."""
+    import copy
+
+    from tmem_kernels import swiglu_act
+    from tmem_runtime import engine as engine_module
+
+    if kernel == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setattr(swiglu_act, "use_triton", lambda g: g.dtype != torch.float64)
+    else:
+        monkeypatch.setattr(swiglu_act, "use_triton", lambda g: False)
+    model = _qwen3_with_norm_weights(device, dtype) if name == "tiny-qwen3" else load_model(name)[0].to(device, dtype)
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    recipe = Recipe(optimizer="sgd", lr=0.5, epochs=2, batch_size=4)
+    trunk, steps = _swiglu_calls(monkeypatch)
+    got, got_state, _ = _writes(model, recipe, "none")
+    assert trunk and steps, "the write never ran the fused SwiGLU"
+    # the path before the op: the trunk's MLP modules, the torch backend's `lora_mlp_torch`
+    monkeypatch.setattr(fused_layers, "fused_swiglu_mlp", lambda module: False)
+    monkeypatch.setattr(engine_module, "fused_on", lambda device: False)
+    trunk.clear()
+    steps.clear()
+    want, want_state, _ = _writes(model, recipe, "none")
+    assert not trunk and not steps
+    if kernel == "composition":
+        _assert_same_writes(got, got_state, want, want_state, device)
+    elif dtype == torch.float32:
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
+        for k, v in want_state.items():
+            assert (got_state[k] - v).norm() <= 2e-6 * v.norm(), k
+    else:
+        truth, truth_state, _ = _writes(copy.deepcopy(model).to(torch.float64), recipe, "none")
+        fused_errors = _relative_errors(got, got_state, truth, truth_state)
+        torch_errors = _relative_errors(want, want_state, truth, truth_state)
+        assert all(f <= 1.25 * t for f, t in zip(fused_errors, torch_errors)), (fused_errors, torch_errors)
+
+
+def test_reads_keep_torchs_composition_on_fused_devices(device, monkeypatch):
+    """Only write steps run the adapted MLP's SiLU and product as `tmem::swiglu`: a read of the written session
+    (on FUSED_NORM_DEVICES, forced here on the CPU) runs `lora_mlp` as before, bit for bit the logits off them
+    (it rounds as `composed_mlp_segmented`, the forward of base weights taking gradients, and a pool's rows)."""
+    model = load_model("tiny-llama")[0].to(device)
+    fw = FastWeights(model, backend="torch")
+    fw.write_examples(examples(4, seed=1), Recipe(optimizer="sgd", lr=0.5, epochs=1, batch_size=4))
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    monkeypatch.setattr(fused_layers, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    trunk, steps = _swiglu_calls(monkeypatch)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    fw.detach()
+    assert not trunk and not steps
+    assert torch.equal(got, want)
+
+
 def test_fused_norm_takes_only_the_llama_formula():
     """`fused_norm`: transformers' Llama/Qwen2/Qwen3/Mistral RMSNorm as they are; not a subclass, Gemma's
     (1 + weight, rounded last), a LayerNorm, a hooked norm or one whose forward was replaced."""

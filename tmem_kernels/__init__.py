@@ -1,11 +1,10 @@
 """tmem_kernels: the ops only (tensors in, tensors out; no transformers, no models).
 
 `reference` is the pure-torch spec of every op. The Triton kernels (`lora_mlp`, `lora_segmented`,
-`update`, `rmsnorm_triton`, `addrmsnorm_triton`, `rotary_triton`, `qknorm_rope_triton`), the native CPU
-extension (`native`), `rsvd`, `cross_entropy`, `rmsnorm`, `addrmsnorm`, `rotary` and `qknorm_rope` implement the same
-signatures and are tested
-against it. `library` registers them as torch custom ops (`torch.ops.tmem.*`, table in the README); the
-functions exported here call those ops.
+`update`, `rmsnorm_triton`, `addrmsnorm_triton`, `rotary_triton`, `qknorm_rope_triton`, `swiglu_act_triton`), the
+native CPU extension (`native`), `rsvd`, `cross_entropy`, `rmsnorm`, `addrmsnorm`, `rotary`, `qknorm_rope` and
+`swiglu_act` implement the same signatures and are tested against it. `library` registers them as torch custom
+ops (`torch.ops.tmem.*`, table in the README); the functions exported here call those ops.
 `get_ops(backend)` gives one backend's op set.
 """
 
@@ -30,6 +29,7 @@ from tmem_kernels.library import (
     sgd_step_native,
     sgd_step_torch,
     sgd_step_triton,
+    swiglu,
 )
 from tmem_kernels.ops import BACKENDS, KernelOps, available, get_ops
 
@@ -57,4 +57,5 @@ __all__ = [
     "sgd_step_native",
     "sgd_step_torch",
     "sgd_step_triton",
+    "swiglu",
 ]

@@ -16,7 +16,8 @@ trace a model that calls them.
              under the interpreter it launches them on fake tensors and fails; `custom_op` works on both)
     any      randomized_svd_top_r (not differentiable), linear_cross_entropy (differentiable w.r.t. hidden),
              rms_norm (+ rms_norm_backward; Triton on CUDA, the torch composition elsewhere), rope (+
-             rope_backward; likewise), add_rms_norm (+ add_rms_norm_backward; likewise)
+             rope_backward; likewise), add_rms_norm (+ add_rms_norm_backward; likewise), swiglu (+
+             swiglu_backward; likewise)
 
 The LoRA MLP ops return the tensors their backward reads as extra outputs (marked non-differentiable); the
 Python functions here return y only. A backend that is not installed (no Triton, native extension not
@@ -32,6 +33,7 @@ from tmem_kernels import qknorm_rope as _qkr
 from tmem_kernels import reference, rsvd
 from tmem_kernels import rmsnorm as _rms
 from tmem_kernels import rotary as _rotary
+from tmem_kernels import swiglu_act as _swiglu
 
 _MISSING: dict[str, ImportError] = {}  # backend -> why it is not available here
 try:
@@ -65,6 +67,7 @@ __all__ = [
     "sgd_step_native",
     "sgd_step_torch",
     "sgd_step_triton",
+    "swiglu",
 ]
 
 _LORA_ARGS = (
@@ -898,6 +901,63 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tup
     return y, s
 
 
+@torch.library.custom_op("tmem::swiglu", mutates_args=())
+def _swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
+    """h = silu(gate) * up [..., I] in their dtype, contiguous."""
+    return _swiglu.forward(gate, up)
+
+
+@_swiglu_op.register_fake
+def _(gate, up):  # noqa: ANN001
+    _swiglu.check_inputs(gate, up)
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("tmem::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """(dgate, dup) [..., I] in gate's dtype, contiguous (the Triton kernel; the autograd formula calls
+    `swiglu_act.backward_torch` itself where that runs, without this op's dispatch)."""
+    return _swiglu.backward(dh, gate, up)
+
+
+@_swiglu_backward_op.register_fake
+def _(dh, gate, up):  # noqa: ANN001
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _swiglu_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.save_for_backward(*inputs)  # gate and up only: the sigmoid is recomputed
+
+
+def _swiglu_backward(ctx, dh):  # noqa: ANN001
+    gate, up = ctx.saved_tensors
+    need_gate, need_up = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: autograd through the reference, differentiable again
+        wanted = [t for t, need in ((gate, need_gate), (up, need_up)) if need]
+        found = iter(torch.autograd.grad(reference.swiglu(gate, up), wanted, dh, create_graph=True))
+        return (next(found) if need_gate else None), (next(found) if need_up else None)
+    if _swiglu.use_triton(gate) and dh.dtype == gate.dtype:  # the kernel inside an op (traceable): both in one
+        dgate, dup = torch.ops.tmem.swiglu_backward(dh, gate, up)
+        return (dgate if need_gate else None), (dup if need_up else None)
+    return _swiglu.backward_torch(dh, gate, up, need_gate, need_up)  # (the composition as it is: the ones asked)
+
+
+_swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """`tmem::swiglu`: a gated MLP's SiLU activation, h = silu(gate) * up, in one kernel forward and one backward
+    on CUDA (Triton; float32 inside, one rounding per output: see `swiglu_act` for how that relates to torch's
+    composition bit for bit), torch's composition `F.silu(gate) * up` elsewhere (bit for bit, and its autograd).
+
+    gate [..., I], up [..., I] (one shape, dtype and device) -> h [..., I] in their dtype, contiguous, as
+    `reference.swiglu`. Differentiable w.r.t. gate and up (`reference.swiglu_backward`'s formula, the sigmoid
+    recomputed: only gate and up are saved). Graph-safe: no host sync.
+    """
+    _swiglu.check_inputs(gate, up)
+    return torch.ops.tmem.swiglu(gate, up)
+
+
 def _rope_like(x: Tensor, dtype: torch.dtype) -> Tensor:
     """The layout of the op's outputs: x's (strides too, where x is dense), in `dtype`."""
     return torch.empty_like(x, dtype=dtype)
@@ -1129,4 +1189,5 @@ OPS = {
     "add_rms_norm": add_rms_norm,
     "rope": rope,
     "qk_norm_rope": qk_norm_rope,
+    "swiglu": swiglu,
 }

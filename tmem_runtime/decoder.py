@@ -275,14 +275,15 @@ class Decoder:
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """x + mlp(post_attention_layernorm(x)) over [prefix tokens ; row tokens (those at token_index)]
         in one MLP call: the second half of a pre-norm decoder layer (see `run_adapted_layers`; `run_trunk`'s
-        halved layers: no prefix, every token). prefix [G, P, H] or None, hidden [B, T, H], token_index [N]
-        or None -> (prefix, hidden) of the same shapes."""
+        halved layers: no prefix, every token). The MLP through `fused_layers.mlp` (an adapted one, whose forward
+        the engine replaced, is called; a frozen one between adapted layers may run `tmem::swiglu`). prefix
+        [G, P, H] or None, hidden [B, T, H], token_index [N] or None -> (prefix, hidden) of the same shapes."""
         b, t, width = hidden.shape
         flat = hidden.reshape(b * t, width)
         rows = flat if token_index is None else flat.index_select(0, token_index)
         n_prefix = 0 if prefix is None else prefix.shape[0] * prefix.shape[1]
         tokens = rows if prefix is None else torch.cat([prefix.reshape(n_prefix, width), rows])
-        tokens = tokens + layer.mlp(fused_layers.rms_norm(layer.post_attention_layernorm, tokens))
+        tokens = tokens + fused_layers.mlp(layer.mlp, fused_layers.rms_norm(layer.post_attention_layernorm, tokens))
         rows = tokens
         if prefix is not None:  # (split: its backward is one cat, two slices' are two zero-padded copies and an add)
             prefix_tokens, rows = tokens.split([n_prefix, tokens.shape[0] - n_prefix])
@@ -368,13 +369,14 @@ class Decoder:
     @staticmethod
     def _mlp_half(layer: nn.Module, hidden: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, mlp(post_attention_layernorm(x))) for x = hidden + delta (the attention half's output), the add
-        and the norm one op (`fused_layers.add_rms_norm`), the residual add left to the next half's norm: the
-        second half of a `run_trunk` layer, every token. hidden, delta [B, T, H] -> two [B, T, H]."""
+        and the norm one op (`fused_layers.add_rms_norm`), the residual add left to the next half's norm, the MLP
+        `fused_layers.mlp` (its activation and product one op, `tmem::swiglu`, for a SiLU gated MLP): the second
+        half of a `run_trunk` layer, every token. hidden, delta [B, T, H] -> two [B, T, H]."""
         b, t, width = hidden.shape
         x, hidden = fused_layers.add_rms_norm(
             layer.post_attention_layernorm, hidden.reshape(b * t, width), delta.reshape(b * t, width)
         )
-        return hidden.view(b, t, width), layer.mlp(x).view(b, t, width)
+        return hidden.view(b, t, width), fused_layers.mlp(layer.mlp, x).view(b, t, width)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head. hidden [..., H] -> logits [..., V] (float32)."""

@@ -6,15 +6,18 @@ norm after it as `tmem::add_rms_norm`, `add_rms_norm`; in write steps the adapte
 too, `fused_attention_norms` / `fused_norm_forward`, which the engine routes), the attention with its rotary
 as `tmem::rope` (`attention`; Qwen3's q/k norms and rotary as one op, `tmem::qk_norm_rope`, where both
 norms compute the op: `fused_qk_norm_rope`), and whole pre-norm decoder layers as the Decoder's two halves
-(`runs_as_halves`). Only for modules that run exactly as transformers defines them: known classes (not
-subclasses), their forward transformers' own (not patched on the class, the instance or the modeling
-module), and no hooks; anything else is called as the module. `fused_on(device)`
-is the one switch every reader asks at call time: patching this module's FUSED_NORM_DEVICES switches all.
+(`runs_as_halves`), and a gated MLP's SiLU activation and product as `tmem::swiglu` (`mlp`; the torch backend's
+adapted MLP in write steps asks `fused_on` for it too, `engine.composed_swiglu_mlp`). Only for modules that run
+exactly as transformers defines them: known classes (not subclasses), their forward transformers' own (not patched
+on the class, the instance or the modeling module), and no hooks; anything else is called as the module.
+`fused_on(device)` is the one switch every reader asks at call time: patching this module's FUSED_NORM_DEVICES
+switches all.
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +29,8 @@ from tmem_kernels import add_rms_norm as _fused_add_rms_norm
 from tmem_kernels import qk_norm_rope as _fused_qk_norm_rope
 from tmem_kernels import rms_norm as _fused_rms_norm
 from tmem_kernels import rope as _fused_rope
+from tmem_kernels import swiglu as _fused_swiglu
+from tmem_runtime.models import is_silu
 
 # transformers' RMSNorm classes whose forward is exactly `tmem_kernels.rms_norm`'s formula
 # (weight * (x.float() * rsqrt(mean(x.float()^2) + variance_epsilon)).to(x.dtype), weight [H])
@@ -145,6 +150,48 @@ def fused_attention_norms(layer: nn.Module) -> list[nn.Module]:
     attention = getattr(layer, "self_attn", None)
     norms = (getattr(attention, name, None) for name in ("q_norm", "k_norm"))
     return [norm for norm in norms if isinstance(norm, nn.Module) and fused_norm(norm)]
+
+
+# transformers' gated MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)) (biases, if any,
+# in the projections): with a SiLU act_fn, what `mlp` computes with `tmem::swiglu` for the middle
+GATED_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
+_SILU_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # act_fn -> (its class forward, is_silu)
+
+
+def _computes_silu(act_fn: object) -> bool:
+    """Whether calling `act_fn` is exactly SiLU (`models.is_silu`, judged on a probe once per activation module and
+    class forward, then remembered) with nothing hooked into or patched over it on the instance: then
+    `tmem::swiglu` may stand for the call."""
+    if not isinstance(act_fn, nn.Module) or _hooked(act_fn) or "forward" in vars(act_fn):
+        return False
+    forward = type(act_fn).forward
+    seen = _SILU_SEEN.get(act_fn)
+    if seen is None or seen[0] is not forward:
+        seen = _SILU_SEEN[act_fn] = (forward, is_silu(act_fn))
+    return seen[1]
+
+
+def fused_swiglu_mlp(module: nn.Module) -> bool:
+    """Whether `mlp(module, x)` may compute the module's forward with `tmem::swiglu`: one of GATED_MLPS (by class,
+    not a subclass), nothing hooked into or patched over its forward (`_runs_as_defined`; hooks on its projections
+    run either way: `mlp` calls them), and an act_fn that computes SiLU (`_computes_silu`: not called then)."""
+    projections = (getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    return (
+        type(module).__name__ in GATED_MLPS
+        and _runs_as_defined(module)
+        and all(isinstance(p, nn.Module) for p in projections)
+        and _computes_silu(getattr(module, "act_fn", None))
+    )
+
+
+def mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) for a decoder layer's MLP: on FUSED_NORM_DEVICES a `fused_swiglu_mlp` as down_proj(swiglu(gate_proj(x),
+    up_proj(x))) (`tmem_kernels.swiglu`: one kernel forward and one backward on CUDA instead of two and three),
+    else the module itself. x [..., H] -> [..., H]; the op's CPU path gives the module's values bit for bit, its
+    Triton kernels round h once (`tmem_kernels.swiglu_act`)."""
+    if fused_on(x.device) and fused_swiglu_mlp(module):
+        return module.down_proj(_fused_swiglu(module.gate_proj(x), module.up_proj(x)))
+    return module(x)
 
 
 # transformers' attention classes whose forward `attention` reproduces step for step: q/k/v projections viewed

@@ -6,6 +6,8 @@ Triton) reports registers, spill bytes and serialised-wgmma warnings. The launch
 sizes (1 and 16 rows) and write sizes (152 to 4096 rows), ranks 6 and 16, in the constexpr variants a run
 uses (a B-only write, a write that trains A, inference), deduplicated by what changes the code; fp16 at
 rank 6 (B-only and inference), fp32 (IEEE and TF32 dots) at three sizes and rank 6, for its shared memory.
+Also the `tmem::swiglu` kernels (`swiglu_act_triton`, forward and backward) at those models' intermediate widths
+and the same row counts, in every dtype.
 
     python tools/compile_sm90.py --dtypes bfloat16,float16 --json out.json --table
 
@@ -47,10 +49,31 @@ FLOAT_ARGS = {"scaling", "lr"}
 
 def _kernels() -> dict:
     from tmem_kernels import lora_mlp as L
+    from tmem_kernels import swiglu_act_triton as S
 
     return {"fwd_gate_up": L._fwd_gate_up_kernel, "fwd_down": L._fwd_down_kernel, "bwd_dh": L._bwd_dh_kernel,
             "bwd_dx": L._bwd_dx_kernel, "fwd_down_reduce": L._split_k_reduce_kernel,
-            "bwd_dx_reduce": L._split_k_reduce_kernel, "sgd_apply": L._sgd_apply_kernel}  # fmt: skip
+            "bwd_dx_reduce": L._split_k_reduce_kernel, "sgd_apply": L._sgd_apply_kernel,
+            "swiglu_fwd": S._forward_kernel, "swiglu_bwd": S._backward_kernel}  # fmt: skip
+
+
+def _swiglu_jobs(dtype: str, precision: str, sizes: tuple[int, ...]) -> list[dict]:
+    """The `tmem::swiglu` kernels (`swiglu_act_triton`: the write path's composed MLPs on CUDA) at the models'
+    intermediate widths and `sizes` rows, with the blocks and warps `swiglu_act_triton.blocks` picks."""
+    from tmem_kernels.swiglu_act_triton import blocks
+
+    found: dict[str, dict] = {}
+    for model, (_, i) in SHAPES.items():
+        for n in sizes:
+            block_m, block_n, _, warps = blocks(n, i)
+            for name in ("swiglu_fwd", "swiglu_bwd"):
+                consts = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+                job = found.setdefault(json.dumps([name, consts, warps]), {
+                    "kernel": name, "dtype": dtype, "precision": precision, "constexprs": consts,
+                    "num_warps": warps, "num_stages": None, "sizes": [],
+                })  # fmt: skip
+                job["sizes"].append(f"{model} N={n}")
+    return list(found.values())
 
 
 def jobs(dtypes: list[str], precisions: dict[str, list[str]]) -> list[dict]:
@@ -87,7 +110,8 @@ def jobs(dtypes: list[str], precisions: dict[str, list[str]]) -> list[dict]:
                                     "num_warps": c["num_warps"], "num_stages": c["num_stages"], "sizes": [],
                                 })  # fmt: skip
                                 job["sizes"].append(f"{model} N={n} r={r} {variant}")
-    return list(found.values())
+    swiglu = [job for dtype in dtypes for job in _swiglu_jobs(dtype, precisions[dtype][0], DECODE_SIZES + WRITE_SIZES)]
+    return list(found.values()) + swiglu
 
 
 def _ptxas() -> str | None:

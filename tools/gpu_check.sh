@@ -23,9 +23,9 @@
 #                bare model (benchmarks/test_bench_decode.py)
 #   tests_runtime   the runtime tests on CUDA (~2 min on an H200: the deadline usually cuts them)
 #   tests_kernels, kernels   the kernel tests on CUDA vs float64 (lora_mlp, segmented, optimizer steps, rms_norm,
-#                cross-entropy, rope, add_rms_norm, qk_norm_rope); lora_mlp fwd+bwd and the optimizer steps with
-#                each one's share of the card's bound, per-kernel shares from the profiler; rms_norm, rope and
-#                add_rms_norm fwd+bwd, fused vs HF's composition
+#                cross-entropy, rope, add_rms_norm, qk_norm_rope, swiglu); lora_mlp fwd+bwd and the optimizer steps
+#                with each one's share of the card's bound, per-kernel shares from the profiler; rms_norm, rope,
+#                add_rms_norm and swiglu fwd+bwd, fused vs HF's composition
 #   write_smollm2   the write at SmolLM2 shapes
 # The phases do not fit one 8-minute call: `make gpu-check` runs them in this order until its deadline, and
 # `make gpu-tests` (a second call, when the device time allows) runs only the test and kernel phases
@@ -116,12 +116,13 @@ fi
 # unchanged since they last passed) and the write at SmolLM2 shapes, which a tight deadline may cut.
 # every test file that runs a Triton kernel on the `device` fixture's device (test_rsvd.py is a runtime test)
 KERNEL_TESTS=(tests/test_lora_mlp.py tests/test_update.py tests/test_rms_norm.py tests/test_lora_segmented.py
-              tests/test_cross_entropy.py tests/test_rope.py tests/test_add_rms_norm.py tests/test_qk_norm_rope.py)
+              tests/test_cross_entropy.py tests/test_rope.py tests/test_add_rms_norm.py tests/test_qk_norm_rope.py
+              tests/test_swiglu.py)
 RUNTIME_TESTS=(tests/test_write_steps.py tests/test_fast_weights.py tests/test_host_syncs.py tests/test_rsvd.py
                tests/test_pool.py tests/test_own_attention.py tests/test_trunk_halves.py)
 WRITE_BENCH=("${PYTEST[@]}" benchmarks/test_bench_write_shapes.py)
 KERNEL_BENCH=("${PYTEST[@]}" benchmarks/test_bench_lora_mlp.py benchmarks/test_bench_update.py benchmarks/test_bench_rms_norm.py
-              benchmarks/test_bench_rope.py benchmarks/test_bench_add_rms_norm.py)
+              benchmarks/test_bench_rope.py benchmarks/test_bench_add_rms_norm.py benchmarks/test_bench_swiglu.py)
 POOL_READY=1
 if [ -z "${TMEM_BENCH_TOKENIZER:-}" ]; then POOL_READY=0; fi
 
