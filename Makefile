@@ -20,7 +20,8 @@ COMPAT_TESTS := tests/test_lora_mlp.py tests/test_update.py tests/test_rsvd.py t
                 tests/test_write_steps.py tests/test_lora_segmented.py tests/test_library.py tests/test_pool.py \
                 tests/test_families.py tests/test_cross_entropy.py tests/test_rms_norm.py \
                 tests/test_rope.py tests/test_qk_norm_rope.py tests/test_own_attention.py \
-                tests/test_trunk_halves.py tests/test_add_rms_norm.py tests/test_swiglu.py
+                tests/test_trunk_halves.py tests/test_add_rms_norm.py tests/test_swiglu.py \
+                tests/test_lora_mlp_composed.py
 
 .PHONY: gpu-tests install demo test test-compat gpu-check gpu-serve gpu-prepare lint bench eval clean
 

@@ -606,13 +606,13 @@ def test_the_trunks_fused_residual_add_and_norm_give_the_same_writes(name, dtype
 
 def _swiglu_calls(monkeypatch) -> tuple[list[int], list[int]]:
     """Records the fused SwiGLU op's calls: the Decoder's frozen MLPs' (`fused_layers._fused_swiglu`) and the
-    engine's adapted MLPs' (`engine.swiglu`): two lists, one entry per call."""
+    engine's adapted MLPs' (`engine.lora_mlp_composed`, whose SiLU is the op's): two lists, one entry per call."""
     from tmem_runtime import engine as engine_module
 
     trunk, steps = [], []
-    real_trunk, real_steps = fused_layers._fused_swiglu, engine_module.swiglu
+    real_trunk, real_steps = fused_layers._fused_swiglu, engine_module.lora_mlp_composed
     monkeypatch.setattr(fused_layers, "_fused_swiglu", lambda *a: trunk.append(1) or real_trunk(*a))
-    monkeypatch.setattr(engine_module, "swiglu", lambda *a: steps.append(1) or real_steps(*a))
+    monkeypatch.setattr(engine_module, "lora_mlp_composed", lambda *a: steps.append(1) or real_steps(*a))
     return trunk, steps
 
 
@@ -630,13 +630,14 @@ def _relative_errors(losses: list, state: dict, truth: list, truth_state: dict) 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
 def test_the_fused_swiglu_gives_the_writes_of_torchs_composition(name, kernel, dtype, device, monkeypatch):
     """silu(gate) * up as `tmem::swiglu` in a write: the trunk's frozen MLPs (`fused_layers.mlp`) and the torch
-    backend's adapted MLPs in every step (`engine.composed_swiglu_mlp`), on CUDA; here on the CPU too, forced
-    ("triton": the op's kernels forced, under the interpreter). The losses and B of the same writes through torch's
-    composition (the MLP modules, `lora_mlp_torch`: the path before the op): through the op's composition bit for
-    bit on the CPU; through its kernels (one rounding of h and of each gradient, in float32): fp32 losses within
-    1e-5 and B within 2e-6 of its norm (SGD; measured 1.5e-7 and 5.6e-7); bf16 judged against bf16's own error,
-    the same writes in float64: the losses' and B's errors within 1.25x the composition's (measured 0.9-1.05x;
-    B 1.0-1.4% off in either, 0.9-1.2% apart)."""
+    backend's adapted MLPs in every step (`tmem_kernels.lora_mlp_composed`: its SiLU the op's, its backward's
+    sums inside the products), on CUDA; here on the CPU too, forced ("triton": the op's kernels forced, under the
+    interpreter). The losses and B of the same writes through torch's composition (the MLP modules,
+    `lora_mlp_torch` under autograd: the path before the ops): fp32 losses within 1e-5 and B within 2e-6 of its
+    norm (SGD; measured 1.5e-7 and 5.6e-7 through the kernels); bf16 judged against bf16's own error, the same
+    writes in float64: the losses' and B's errors within 1.25x the composition's or below 2^-10 (B 1.0-1.4% off
+    in either, 0.9-1.2% apart, 1.0x; the losses 1e-4 off in either, up to 1.4x with the hand-written backward).
+    The trunk alone through the op's composition is bit for bit the modules' (tests/test_trunk_halves.py)."""
     import copy
 
     from tmem_kernels import swiglu_act
@@ -660,9 +661,7 @@ def test_the_fused_swiglu_gives_the_writes_of_torchs_composition(name, kernel, d
     steps.clear()
     want, want_state, _ = _writes(model, recipe, "none")
     assert not trunk and not steps
-    if kernel == "composition":
-        _assert_same_writes(got, got_state, want, want_state, device)
-    elif dtype == torch.float32:
+    if dtype == torch.float32:
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
         for k, v in want_state.items():
@@ -671,7 +670,8 @@ def test_the_fused_swiglu_gives_the_writes_of_torchs_composition(name, kernel, d
         truth, truth_state, _ = _writes(copy.deepcopy(model).to(torch.float64), recipe, "none")
         fused_errors = _relative_errors(got, got_state, truth, truth_state)
         torch_errors = _relative_errors(want, want_state, truth, truth_state)
-        assert all(f <= 1.25 * t for f, t in zip(fused_errors, torch_errors)), (fused_errors, torch_errors)
+        # (an error below 2^-10, an eighth of bf16's spacing at 1, is at bf16's own resolution either way)
+        assert all(f <= max(1.25 * t, 2**-10) for f, t in zip(fused_errors, torch_errors)), (fused_errors, torch_errors)
 
 
 def test_reads_keep_torchs_composition_on_fused_devices(device, monkeypatch):

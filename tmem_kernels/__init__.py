@@ -1,10 +1,10 @@
 """tmem_kernels: the ops only (tensors in, tensors out; no transformers, no models).
 
-`reference` is the pure-torch spec of every op. The Triton kernels (`lora_mlp`, `lora_segmented`,
-`update`, `rmsnorm_triton`, `addrmsnorm_triton`, `rotary_triton`, `qknorm_rope_triton`, `swiglu_act_triton`), the
-native CPU extension (`native`), `rsvd`, `cross_entropy`, `rmsnorm`, `addrmsnorm`, `rotary`, `qknorm_rope` and
-`swiglu_act` implement the same signatures and are tested against it. `library` registers them as torch custom
-ops (`torch.ops.tmem.*`, table in the README); the functions exported here call those ops.
+`reference` is the pure-torch spec of every op. The Triton kernels (`lora_mlp`, `lora_segmented`, `update`,
+`rmsnorm_triton`, `addrmsnorm_triton`, `rotary_triton`, `qknorm_rope_triton`, `swiglu_act_triton`), the native CPU
+extension (`native`), `rsvd`, `cross_entropy`, `rmsnorm`, `addrmsnorm`, `rotary`, `qknorm_rope`, `swiglu_act` and
+`composed_lora_mlp` implement the same signatures and are tested against it. `library` registers them as torch
+custom ops (`torch.ops.tmem.*`, table in the README); the functions exported here call those ops.
 `get_ops(backend)` gives one backend's op set.
 """
 
@@ -18,6 +18,7 @@ from tmem_kernels.library import (
     add_rms_norm,
     linear_cross_entropy,
     linear_cross_entropy_rows,
+    lora_mlp_composed,
     lora_mlp_native,
     lora_mlp_torch,
     lora_mlp_triton,
@@ -46,6 +47,7 @@ __all__ = [
     "get_ops",
     "linear_cross_entropy",
     "linear_cross_entropy_rows",
+    "lora_mlp_composed",
     "lora_mlp_native",
     "lora_mlp_torch",
     "lora_mlp_triton",

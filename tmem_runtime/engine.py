@@ -26,9 +26,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from tmem_kernels import swiglu
+from tmem_kernels import lora_mlp_composed
 from tmem_kernels.autocast import autocast_off
-from tmem_kernels.reference import lora_linear
 from tmem_runtime.adapter_file import WeightsFingerprint, adapter_metadata
 from tmem_runtime.adapter_init import initial_factors
 from tmem_runtime.backends import kernel_ops, resolve_backend
@@ -242,10 +241,11 @@ class FastWeightEngine:
         a = [binding.a_views[lo + j].to(x.dtype) for j in range(3)]
         if binding.indptr is None and self.fused[k] and not w_grad:  # one session: the fused kernel
             b = [_session_b(binding.b_stacks[lo + j], binding.host_slots[0]).to(x.dtype) for j in range(3)]
-            # a write step's torch composition on CUDA: its SiLU and product one op. Reads keep `lora_mlp`, which
-            # rounds as `composed_mlp_segmented` does (the forward of base weights taking gradients, a pool's rows)
+            # a write step's torch composition on CUDA: its SiLU and product one op, its backward's sums inside the
+            # products (`tmem_kernels.lora_mlp_composed`). Reads keep `lora_mlp`, which rounds as
+            # `composed_mlp_segmented` does (the forward of base weights taking gradients, a pool's rows)
             if binding.writing and self.ops.name == "torch" and fused_on(x.device):
-                y = composed_swiglu_mlp(x2, ws, a, b, self.scaling)
+                y = lora_mlp_composed(x2, *ws, a[0], b[0], a[1], b[1], a[2], b[2], self.scaling)
             else:
                 sgd = {} if binding.sgd_lr is None else {"sgd_lr": binding.sgd_lr}
                 y = self.ops.lora_mlp(x2, *ws, a[0], b[0], a[1], b[1], a[2], b[2], self.scaling, **sgd)
@@ -360,15 +360,3 @@ def composed_mlp_segmented(
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     return linear(act_fn(linear(x, 0)) * linear(x, 1), 2)
-
-
-def composed_swiglu_mlp(
-    x: torch.Tensor, ws: Sequence[torch.Tensor], a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], scaling: float
-) -> torch.Tensor:
-    """`reference.lora_mlp` (the torch backend's one-session LoRA SwiGLU MLP, the same `lora_linear`s) with
-    silu(gate) * up as the fused op `tmem_kernels.swiglu` (one kernel forward and one backward on CUDA instead of
-    two and three; on the CPU the same ops): what a write step runs on `fused_layers.fused_on` devices. x [N, H];
-    ws (w_gate, w_up, w_down); a: three A [r, in]; b: three B [out, r] -> [N, H]."""
-    gate = lora_linear(x, ws[0], a[0], b[0], scaling)
-    up = lora_linear(x, ws[1], a[1], b[1], scaling)
-    return lora_linear(swiglu(gate, up), ws[2], a[2], b[2], scaling)

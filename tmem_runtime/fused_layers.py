@@ -7,7 +7,7 @@ too, `fused_attention_norms` / `fused_norm_forward`, which the engine routes), t
 as `tmem::rope` (`attention`; Qwen3's q/k norms and rotary as one op, `tmem::qk_norm_rope`, where both
 norms compute the op: `fused_qk_norm_rope`), and whole pre-norm decoder layers as the Decoder's two halves
 (`runs_as_halves`), and a gated MLP's SiLU activation and product as `tmem::swiglu` (`mlp`; the torch backend's
-adapted MLP in write steps asks `fused_on` for it too, `engine.composed_swiglu_mlp`). Only for modules that run
+adapted MLP in write steps asks `fused_on` for it too, `tmem_kernels.lora_mlp_composed`). Only for modules that run
 exactly as transformers defines them: known classes (not subclasses), their forward transformers' own (not patched
 on the class, the instance or the modeling module), and no hooks; anything else is called as the module.
 `fused_on(device)` is the one switch every reader asks at call time: patching this module's FUSED_NORM_DEVICES

@@ -117,12 +117,13 @@ fi
 # every test file that runs a Triton kernel on the `device` fixture's device (test_rsvd.py is a runtime test)
 KERNEL_TESTS=(tests/test_lora_mlp.py tests/test_update.py tests/test_rms_norm.py tests/test_lora_segmented.py
               tests/test_cross_entropy.py tests/test_rope.py tests/test_add_rms_norm.py tests/test_qk_norm_rope.py
-              tests/test_swiglu.py)
+              tests/test_swiglu.py tests/test_lora_mlp_composed.py)
 RUNTIME_TESTS=(tests/test_write_steps.py tests/test_fast_weights.py tests/test_host_syncs.py tests/test_rsvd.py
                tests/test_pool.py tests/test_own_attention.py tests/test_trunk_halves.py)
 WRITE_BENCH=("${PYTEST[@]}" benchmarks/test_bench_write_shapes.py)
 KERNEL_BENCH=("${PYTEST[@]}" benchmarks/test_bench_lora_mlp.py benchmarks/test_bench_update.py benchmarks/test_bench_rms_norm.py
-              benchmarks/test_bench_rope.py benchmarks/test_bench_add_rms_norm.py benchmarks/test_bench_swiglu.py)
+              benchmarks/test_bench_rope.py benchmarks/test_bench_add_rms_norm.py benchmarks/test_bench_swiglu.py
+              benchmarks/test_bench_lora_mlp_composed.py)
 POOL_READY=1
 if [ -z "${TMEM_BENCH_TOKENIZER:-}" ]; then POOL_READY=0; fi
 
