@@ -157,8 +157,9 @@ else
     echo "pool SKIPPED (no tokenizer: run \`make gpu-prepare\` before the device run and carry .gpu)" >> "$SUMMARY"
   fi
   # ---- 3b. where the pool's batched write of 16 sessions goes (after `pool`: its Triton kernels are compiled;
-  #          its own phase: the `profile` phase's six profiles take ~41 s of their 60)
-  phase profile_pool 50 "$OUT/03_bench_write.txt" "$PY" benchmarks/profile_write.py --cases pool16x8 --backends auto
+  #          its own phase: the `profile` phase's six profiles take ~41 s of their 60), with Triton's segmented
+  #          kernels (`auto`) and with the torch composition (per-segment addmm): which one the pool should pick
+  phase profile_pool 65 "$OUT/03_bench_write.txt" "$PY" benchmarks/profile_write.py --cases pool16x8 --backends auto torch
   # ---- 4. decode: the dispatch per MLP call, and per token with a written adapter vs the bare model
   phase decode 80 "$OUT/07_bench_decode.txt" "${PYTEST[@]}" benchmarks/test_bench_decode.py "${BENCH[@]}"
   # ---- 5. the runtime tests on CUDA (FastWeights, write steps, host syncs, rSVD, pool: ~2 minutes on an H200);
