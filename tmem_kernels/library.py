@@ -160,6 +160,17 @@ def _differentiable_grads(ctx, dy: Tensor, tensors: tuple[Tensor, ...], scaling:
     return [next(grads) if need else None for need in needed]
 
 
+def _save_lora_inputs(ctx, inputs, output) -> None:  # noqa: ANN001
+    """A LoRA MLP op's autograd setup (native, composed): its inputs (x, the nine MLP tensors, scaling) and the
+    outputs after y, which its backward reads (not differentiable), saved."""
+    *tensors, scaling = inputs
+    saved = output[1:]
+    ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)  # no zeros kernels for the saved outputs' (unused) gradients
+    ctx.save_for_backward(*tensors, *saved)
+    ctx.scaling = scaling
+
+
 # ------------------------------------------------------------------------------------------------
 # torch: the reference compositions
 # ------------------------------------------------------------------------------------------------
@@ -293,14 +304,6 @@ if _native is not None:
                   (a_down, need_da), (b_down, need_db_down)]  # fmt: skip
         return tuple(torch.empty_like(t) if wanted else _empty(x) for t, wanted in shaped)
 
-    def _native_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-        *tensors, scaling = inputs
-        _, gu, xa, ha = output
-        ctx.mark_non_differentiable(gu, xa, ha)
-        ctx.set_materialize_grads(False)  # no zeros kernels for the saved outputs' (unused) gradients
-        ctx.save_for_backward(*tensors, gu, xa, ha)
-        ctx.scaling = scaling
-
     def _native_backward(ctx, dy, *_):  # noqa: ANN001
         need = ctx.needs_input_grad
         if dy is None:  # y took no part in what was differentiated
@@ -313,7 +316,7 @@ if _native is not None:
         dx, *factors = (_or_none(g, need[k]) for g, k in zip(grads, (0, 4, 5, 6, 7, 8, 9)))
         return dx, None, None, None, *factors, None
 
-    _lora_mlp_native.register_autograd(_native_backward, setup_context=_native_setup)
+    _lora_mlp_native.register_autograd(_native_backward, setup_context=_save_lora_inputs)
     # In a CPU autocast region the kernels' torch products were cast to bf16 beside float32 operands (an
     # error); the native kernels are float32: their inputs are cast to it and they run outside autocast.
     torch.library.register_autocast("tmem::lora_mlp_native", "cpu", torch.float32)
@@ -1193,15 +1196,6 @@ def _(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scali
             x.new_empty(n, r))  # fmt: skip
 
 
-def _composed_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    *tensors, scaling = inputs
-    saved = output[1:]
-    ctx.mark_non_differentiable(*saved)
-    ctx.set_materialize_grads(False)  # no zeros kernels for the saved outputs' (unused) gradients
-    ctx.save_for_backward(*tensors, *saved)
-    ctx.scaling = scaling
-
-
 def _composed_backward(ctx, dy, *_):  # noqa: ANN001
     need = ctx.needs_input_grad
     if dy is None:  # y took no part in what was differentiated
@@ -1213,7 +1207,7 @@ def _composed_backward(ctx, dy, *_):  # noqa: ANN001
     return dx, None, None, None, *factors, None
 
 
-_lora_mlp_composed.register_autograd(_composed_backward, setup_context=_composed_setup)
+_lora_mlp_composed.register_autograd(_composed_backward, setup_context=_save_lora_inputs)
 
 
 def lora_mlp_composed(
