@@ -954,6 +954,39 @@ def test_a_drop_racing_another_drop_of_one_session_returns(served, acme, monkeyp
     assert service.get("acme", "raced").pool_id != conv.pool_id  # the store kept it: it loads again
 
 
+def test_a_request_arriving_during_a_release_or_remove_never_loads_the_session_under_it(served, acme, monkeypatch):
+    """A request for a session while its release gives the lease up (or its removal deletes its files): the
+    session had left the table first, so the request loaded it again, and then the release deleted that
+    load's lease (its next commit failed: 409 session_gone, the session dropped; a write queued meanwhile
+    could commit from the stale load and its client wait for ever) or the removal its files (a removed
+    session answered). Now the request finds the session on its way out (409, retry), and a request after
+    the release loads it with its lease; after the removal it is gone (404)."""
+    _, service = served
+    store, real_release, real_remove = service.store, service.store.release, service.store.remove
+    during = []
+
+    def request_meanwhile(real):
+        def call(tenant: str, session: str, *args) -> None:
+            r = acme.post(f"/v1/sessions/{session}/messages", json={"messages": [{"content": "meanwhile"}]})
+            during.append(r.status_code)  # (served by another thread)
+            real(tenant, session, *args)
+        return call
+
+    for session in ("handed", "removed"):
+        create(acme, session)
+    monkeypatch.setattr(store, "release", request_meanwhile(real_release))
+    assert acme.post("/v1/sessions/handed/release").status_code == 200
+    monkeypatch.setattr(store, "remove", request_meanwhile(real_remove))
+    assert acme.delete("/v1/sessions/removed", params={"remove": "true"}).status_code == 200
+    monkeypatch.undo()
+    r = acme.post("/v1/sessions/handed/messages", json={"messages": [{"content": "still here"}]})
+    assert r.status_code == 200 and r.json()["turns"] == 1, r.text
+    assert store.lease("acme", "handed").owner == service.config.server_id
+    assert acme.get("/v1/sessions/removed").status_code == 404
+    assert not store.session_dir("acme", "removed").exists()
+    assert during == [409, 409]  # (the session on its way out: retry)
+
+
 class _StaleFirstCheck:
     """A pool whose first membership check answers as it did before another thread closed the session."""
 
