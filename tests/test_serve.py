@@ -370,16 +370,20 @@ def test_a_corrupt_session_in_the_store_fails_alone_keeps_its_files_and_holds_no
     """A session whose weights file or state.json is truncated (a bad copy, a full disk): the server starts
     (one such session of its own made start-up fail) and serves the others; a request for it gets a 500
     saying so (code session_corrupt; a bad state.json was a 400, as if the client's fault), its files are
-    kept as they were, and no failed load keeps a pool row (each request for it leaked one)."""
+    kept as they were, and no failed load keeps a pool row (each request for it leaked one). So does a state.json
+    or log line that reads as JSON but holds values of other types than a server writes (a hand edit): it failed
+    inside the load (TypeError), and the server holding it could not start."""
     from tmem_runtime.serve.store import CorruptSessionError
 
     model, tokenizer = load_serving_model("tiny-llama")
     config = ServeConfig(capacity=4, max_write_sessions=1, card_writer=turn_cards)
     service = MemoryService(model, tokenizer, Store(tmp_path), config)
     service.start()
-    for s in ("bad-weights", "bad-state", "fine"):
+    broken = ("bad-weights", "bad-state", "bad-types", "bad-log")
+    for s in (*broken, "fine"):
         service.create("default", s)
         assert service.remember("default", s, CARDS[:1]).done.result(timeout=120)["error"] is None
+    service.append("default", "bad-log", ["Nina: hello there"])
     service.stop()
     service.pool.detach()
     store = Store(tmp_path)
@@ -387,7 +391,11 @@ def test_a_corrupt_session_in_the_store_fails_alone_keeps_its_files_and_holds_no
     state = store.session_dir("default", "bad-state") / "state.json"
     weights.write_bytes(weights.read_bytes()[:1000])
     state.write_bytes(state.read_bytes()[:50])
-    kept = {p: p.read_bytes() for d in ("bad-weights", "bad-state") for p in store.session_dir("default", d).iterdir()
+    typed = store.session_dir("default", "bad-types") / "state.json"
+    typed.write_text(json.dumps({**json.loads(typed.read_text()), "lines": None}))
+    log = next(store.session_dir("default", "bad-log").glob("turns-*.log"))
+    log.write_text(log.read_text().replace('"stats": {', '"stats": 5, "was": {'))
+    kept = {p: p.read_bytes() for d in broken for p in store.session_dir("default", d).iterdir()
             if p.name != "lease.json"}  # fmt: skip
 
     service = MemoryService(model, tokenizer, Store(tmp_path), config)
@@ -395,7 +403,7 @@ def test_a_corrupt_session_in_the_store_fails_alone_keeps_its_files_and_holds_no
         loaded = service.pool.sessions
         assert [s.split("#")[0] for s in loaded] == ["default/fine"]  # (started: the two others logged, not loaded)
         for _ in range(3):
-            for s in ("bad-weights", "bad-state"):
+            for s in broken:
                 r = client.get(f"/v1/sessions/{s}")
                 assert r.status_code == 500 and r.json()["error"]["code"] == "session_corrupt", r.text
                 assert f"session {s!r} cannot be loaded" in r.json()["error"]["message"]
