@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -1290,6 +1291,22 @@ def test_store_commit_is_atomic(tmp_path):
     assert sorted(f.name for f in d.iterdir()) == [".lock", "state.json", weights.name]
     with pytest.raises(ValueError):
         store.session_dir("t", "../escape")
+
+
+def test_files_in_the_store_that_name_no_tenant_or_session_are_passed_over(tmp_path):
+    """A file or directory in STORE/tenants or a tenant's directory that the store did not write there (a
+    .DS_Store, a note, a session directory copied under a readable name): the sessions are listed and a
+    restarting server finds the sessions it held as before (a file made its start-up fail, NotADirectoryError;
+    a directory of another name holding a state.json made the session list a 400)."""
+    store = Store(tmp_path)
+    for session in ("alice", "bob"):
+        store.create("acme", session)
+    store.claim("acme", "alice", "srv", "http://a", 30)
+    (tmp_path / "tenants" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (store.tenant_dir("acme") / "notes.txt").write_text("backup on Friday")
+    shutil.copytree(store.session_dir("acme", "alice"), store.tenant_dir("acme") / "alice-copy")
+    assert store.sessions("acme") == ["alice", "bob"]
+    assert list(store.leased_to("srv")) == [("acme", "alice")]
 
 
 def test_store_size_while_commits_replace_files(tmp_path):

@@ -287,10 +287,7 @@ class Store:
 
     def sessions(self, tenant: str) -> list[str]:
         """The tenant's session ids, sorted."""
-        root = self.tenant_dir(tenant)
-        if not root.is_dir():
-            return []
-        return sorted(bytes.fromhex(d.name).decode() for d in root.iterdir() if (d / "state.json").is_file())
+        return sorted(session for session, d in _id_dirs(self.tenant_dir(tenant)) if (d / "state.json").is_file())
 
     # ---------------------------------------------------------------- state
     def create(self, tenant: str, session: str) -> SessionRecord:
@@ -463,12 +460,11 @@ class Store:
 
     def leased_to(self, owner: str) -> Iterator[tuple[str, str]]:
         """(tenant, session) of every session whose lease names `owner` (expired or not)."""
-        tenants = self.root / "tenants"
-        for t in tenants.iterdir() if tenants.is_dir() else ():
-            for s in t.iterdir():
+        for tenant, t in _id_dirs(self.root / "tenants"):
+            for session, s in _id_dirs(t):
                 held = _read_lease_file(s / "lease.json")
                 if held is not None and held["owner"] == owner and (s / "state.json").is_file():
-                    yield bytes.fromhex(t.name).decode(), bytes.fromhex(s.name).decode()
+                    yield tenant, session
 
     @contextmanager
     def _locked(self, d: Path, create: bool = False) -> Iterator[None]:
@@ -509,6 +505,22 @@ def _check_record(record: SessionRecord) -> None:
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
         raise ValueError(f"{bad[0]}: not of the type a server writes")
+
+
+def _id_dirs(parent: Path) -> Iterator[tuple[str, Path]]:
+    """(id, directory) of each directory under `parent` named as the store names an id (hex; none if `parent`
+    is missing). Anything else there is not the store's and is passed over: a file (.DS_Store, a note) made
+    a server's start-up fail (NotADirectoryError), and a directory of another name holding a state.json (a
+    session copied in by hand) the session list a 400."""
+    if not parent.is_dir():
+        return
+    for d in parent.iterdir():
+        try:
+            name = bytes.fromhex(d.name).decode()
+        except ValueError:  # (not hex, or not UTF-8)
+            continue
+        if ID_PATTERN.fullmatch(name) and d.is_dir():
+            yield name, d
 
 
 def _remove_leftovers(d: Path, record: SessionRecord) -> None:
