@@ -100,6 +100,7 @@ class ServeConfig:
         bad = [f"{name}={getattr(self, name)!r} (must be {rule})" for name, rule, ok in (
             ("l_max", ">= 1", self.l_max >= 1), ("max_rows", ">= 1", self.max_rows >= 1),
             ("max_tokens", ">= 1", self.max_tokens >= 1), ("max_write_sessions", ">= 1", self.max_write_sessions >= 1),
+            ("replay", ">= 0", self.replay >= 0), ("card_tokens", ">= 1", self.card_tokens >= 1),
             ("max_loaded", ">= 1", self.max_loaded >= 1), ("lease_ttl", "> 0", self.lease_ttl > 0),
             ("idle_unload", ">= 0", self.idle_unload >= 0), ("max_loaded_wait", ">= 0", self.max_loaded_wait >= 0),
         ) if not ok]  # fmt: skip
