@@ -125,6 +125,8 @@ def test_serve_refuses_a_bad_keys_file_or_store_path_before_loading_a_model(keys
     ("demo", ["--device", "cuda:99"]), ("eval", ["--device", "gpu"]), ("rl", ["--device", "cuda:99"]),
     ("serve", ["--device", "cuda:99"]), ("serve", ["--backend", "native", "--dtype", "bfloat16"]),
     ("serve", ["--backend", "peft"]), ("demo-weights", ["--recipe", "no-such-recipe"]),
+    # every write failed (a negative replay sample) and its client waited for ever; every request got a 413
+    ("serve", ["--replay", "-1"]), ("serve", ["--max-body", "0"]),
     ("demo-weights", ["--backend", "no-such-backend"]),
 ])
 def test_out_of_range_options_are_usage_errors_before_anything_runs(command, option, tmp_path, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -370,16 +371,20 @@ def test_a_corrupt_session_in_the_store_fails_alone_keeps_its_files_and_holds_no
     """A session whose weights file or state.json is truncated (a bad copy, a full disk): the server starts
     (one such session of its own made start-up fail) and serves the others; a request for it gets a 500
     saying so (code session_corrupt; a bad state.json was a 400, as if the client's fault), its files are
-    kept as they were, and no failed load keeps a pool row (each request for it leaked one)."""
+    kept as they were, and no failed load keeps a pool row (each request for it leaked one). So does a state.json
+    or log line that reads as JSON but holds values of other types than a server writes (a hand edit): it failed
+    inside the load (TypeError), and the server holding it could not start."""
     from tmem_runtime.serve.store import CorruptSessionError
 
     model, tokenizer = load_serving_model("tiny-llama")
     config = ServeConfig(capacity=4, max_write_sessions=1, card_writer=turn_cards)
     service = MemoryService(model, tokenizer, Store(tmp_path), config)
     service.start()
-    for s in ("bad-weights", "bad-state", "fine"):
+    broken = ("bad-weights", "bad-state", "bad-types", "bad-log")
+    for s in (*broken, "fine"):
         service.create("default", s)
         assert service.remember("default", s, CARDS[:1]).done.result(timeout=120)["error"] is None
+    service.append("default", "bad-log", ["Nina: hello there"])
     service.stop()
     service.pool.detach()
     store = Store(tmp_path)
@@ -387,7 +392,11 @@ def test_a_corrupt_session_in_the_store_fails_alone_keeps_its_files_and_holds_no
     state = store.session_dir("default", "bad-state") / "state.json"
     weights.write_bytes(weights.read_bytes()[:1000])
     state.write_bytes(state.read_bytes()[:50])
-    kept = {p: p.read_bytes() for d in ("bad-weights", "bad-state") for p in store.session_dir("default", d).iterdir()
+    typed = store.session_dir("default", "bad-types") / "state.json"
+    typed.write_text(json.dumps({**json.loads(typed.read_text()), "lines": None}))
+    log = next(store.session_dir("default", "bad-log").glob("turns-*.log"))
+    log.write_text(log.read_text().replace('"stats": {', '"stats": 5, "was": {'))
+    kept = {p: p.read_bytes() for d in broken for p in store.session_dir("default", d).iterdir()
             if p.name != "lease.json"}  # fmt: skip
 
     service = MemoryService(model, tokenizer, Store(tmp_path), config)
@@ -395,7 +404,7 @@ def test_a_corrupt_session_in_the_store_fails_alone_keeps_its_files_and_holds_no
         loaded = service.pool.sessions
         assert [s.split("#")[0] for s in loaded] == ["default/fine"]  # (started: the two others logged, not loaded)
         for _ in range(3):
-            for s in ("bad-weights", "bad-state"):
+            for s in broken:
                 r = client.get(f"/v1/sessions/{s}")
                 assert r.status_code == 500 and r.json()["error"]["code"] == "session_corrupt", r.text
                 assert f"session {s!r} cannot be loaded" in r.json()["error"]["message"]
@@ -954,6 +963,39 @@ def test_a_drop_racing_another_drop_of_one_session_returns(served, acme, monkeyp
     assert service.get("acme", "raced").pool_id != conv.pool_id  # the store kept it: it loads again
 
 
+def test_a_request_arriving_during_a_release_or_remove_never_loads_the_session_under_it(served, acme, monkeypatch):
+    """A request for a session while its release gives the lease up (or its removal deletes its files): the
+    session had left the table first, so the request loaded it again, and then the release deleted that
+    load's lease (its next commit failed: 409 session_gone, the session dropped; a write queued meanwhile
+    could commit from the stale load and its client wait for ever) or the removal its files (a removed
+    session answered). Now the request finds the session on its way out (409, retry), and a request after
+    the release loads it with its lease; after the removal it is gone (404)."""
+    _, service = served
+    store, real_release, real_remove = service.store, service.store.release, service.store.remove
+    during = []
+
+    def request_meanwhile(real):
+        def call(tenant: str, session: str, *args) -> None:
+            r = acme.post(f"/v1/sessions/{session}/messages", json={"messages": [{"content": "meanwhile"}]})
+            during.append(r.status_code)  # (served by another thread)
+            real(tenant, session, *args)
+        return call
+
+    for session in ("handed", "removed"):
+        create(acme, session)
+    monkeypatch.setattr(store, "release", request_meanwhile(real_release))
+    assert acme.post("/v1/sessions/handed/release").status_code == 200
+    monkeypatch.setattr(store, "remove", request_meanwhile(real_remove))
+    assert acme.delete("/v1/sessions/removed", params={"remove": "true"}).status_code == 200
+    monkeypatch.undo()
+    r = acme.post("/v1/sessions/handed/messages", json={"messages": [{"content": "still here"}]})
+    assert r.status_code == 200 and r.json()["turns"] == 1, r.text
+    assert store.lease("acme", "handed").owner == service.config.server_id
+    assert acme.get("/v1/sessions/removed").status_code == 404
+    assert not store.session_dir("acme", "removed").exists()
+    assert during == [409, 409]  # (the session on its way out: retry)
+
+
 class _StaleFirstCheck:
     """A pool whose first membership check answers as it did before another thread closed the session."""
 
@@ -1249,6 +1291,22 @@ def test_store_commit_is_atomic(tmp_path):
     assert sorted(f.name for f in d.iterdir()) == [".lock", "state.json", weights.name]
     with pytest.raises(ValueError):
         store.session_dir("t", "../escape")
+
+
+def test_files_in_the_store_that_name_no_tenant_or_session_are_passed_over(tmp_path):
+    """A file or directory in STORE/tenants or a tenant's directory that the store did not write there (a
+    .DS_Store, a note, a session directory copied under a readable name): the sessions are listed and a
+    restarting server finds the sessions it held as before (a file made its start-up fail, NotADirectoryError;
+    a directory of another name holding a state.json made the session list a 400)."""
+    store = Store(tmp_path)
+    for session in ("alice", "bob"):
+        store.create("acme", session)
+    store.claim("acme", "alice", "srv", "http://a", 30)
+    (tmp_path / "tenants" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (store.tenant_dir("acme") / "notes.txt").write_text("backup on Friday")
+    shutil.copytree(store.session_dir("acme", "alice"), store.tenant_dir("acme") / "alice-copy")
+    assert store.sessions("acme") == ["alice", "bob"]
+    assert list(store.leased_to("srv")) == [("acme", "alice")]
 
 
 def test_store_size_while_commits_replace_files(tmp_path):

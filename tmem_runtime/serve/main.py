@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tmem_runtime.backends import resolve_backend
-from tmem_runtime.cli import apply_threads, command_parser, device_arg
+from tmem_runtime.cli import apply_threads, command_parser, device_arg, int_in
 from tmem_runtime.models import DEFAULT_MODEL, DTYPES, _tiny_tokenizer, load_model, model_tokenizer
 from tmem_runtime.serve.service import MemoryService, ServeConfig
 from tmem_runtime.serve.store import Store, StoreFormatError, StoreModelError
@@ -104,7 +104,7 @@ def build_parser():
     p.add_argument("--idle-unload-seconds", type=float, default=600.0,
                    help="seconds a session goes unused (no request, no pending write) before it is unloaded from this "
                    "server; its next request loads it again (0: never)")
-    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
+    p.add_argument("--max-body", type=int_in(1), default=1 << 20, help="largest request body in bytes")
     p.add_argument("--naive", action="store_true", help="the baseline: one request and one session at a time")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "torch"),
                    help="fast-weight kernels")

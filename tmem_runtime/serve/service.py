@@ -100,6 +100,7 @@ class ServeConfig:
         bad = [f"{name}={getattr(self, name)!r} (must be {rule})" for name, rule, ok in (
             ("l_max", ">= 1", self.l_max >= 1), ("max_rows", ">= 1", self.max_rows >= 1),
             ("max_tokens", ">= 1", self.max_tokens >= 1), ("max_write_sessions", ">= 1", self.max_write_sessions >= 1),
+            ("replay", ">= 0", self.replay >= 0), ("card_tokens", ">= 1", self.card_tokens >= 1),
             ("max_loaded", ">= 1", self.max_loaded >= 1), ("lease_ttl", "> 0", self.lease_ttl > 0),
             ("idle_unload", ">= 0", self.idle_unload >= 0), ("max_loaded_wait", ">= 0", self.max_loaded_wait >= 0),
         ) if not ok]  # fmt: skip
@@ -281,11 +282,17 @@ class MemoryService:
             self._unload(conv, lambda conv: self.store.remove(tenant, session))
 
     def _unload(self, conv: Conversation, then: Callable[[Conversation], None]) -> None:
+        """Mark `conv` inactive, call `then` (give its lease up, or remove its files), then drop it. `then` runs
+        while the session is still in the table (a request meanwhile finds it inactive: 409, retry), so no
+        request loads it again before its lease is given up (the release then deleted the new load's lease,
+        and its commits failed; a removal deleted its files)."""
         with conv.busy, conv.lock:
             self._check_active(conv)
             conv.active = False
-        self._drop(conv)
-        then(conv)
+        try:
+            then(conv)
+        finally:
+            self._drop(conv)
 
     def _drop(self, conv: Conversation) -> None:
         """Forget a loaded session here (the store keeps it): unload its pool row once no batch uses it."""

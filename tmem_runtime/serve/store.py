@@ -287,10 +287,7 @@ class Store:
 
     def sessions(self, tenant: str) -> list[str]:
         """The tenant's session ids, sorted."""
-        root = self.tenant_dir(tenant)
-        if not root.is_dir():
-            return []
-        return sorted(bytes.fromhex(d.name).decode() for d in root.iterdir() if (d / "state.json").is_file())
+        return sorted(session for session, d in _id_dirs(self.tenant_dir(tenant)) if (d / "state.json").is_file())
 
     # ---------------------------------------------------------------- state
     def create(self, tenant: str, session: str) -> SessionRecord:
@@ -319,10 +316,16 @@ class Store:
             raise CorruptSessionError(session, f"its state.json is unreadable ({exc})") from exc
         try:
             record = SessionRecord(**raw)
-        except TypeError as exc:  # not an object, or other fields than a state's
+            _check_record(record)
+        except (TypeError, ValueError) as exc:  # not an object, other fields than a state's, or values of other types
             raise CorruptSessionError(session, f"its state.json is not a session's state ({exc})") from exc
-        for entry in read_entries(d / log_name(record.log)):
-            record.extend(entry)
+        try:
+            for entry in read_entries(d / log_name(record.log)):
+                record.extend(entry)
+            _check_record(record)
+        except (TypeError, ValueError, KeyError) as exc:  # a whole line that is no change a server wrote
+            raise CorruptSessionError(session, f"its {log_name(record.log)} holds an entry that is not a "
+                                      f"session's change ({exc!r})") from exc
         _remove_leftovers(d, record)
         return record, (d / record.weights if record.weights else None)
 
@@ -457,12 +460,11 @@ class Store:
 
     def leased_to(self, owner: str) -> Iterator[tuple[str, str]]:
         """(tenant, session) of every session whose lease names `owner` (expired or not)."""
-        tenants = self.root / "tenants"
-        for t in tenants.iterdir() if tenants.is_dir() else ():
-            for s in t.iterdir():
+        for tenant, t in _id_dirs(self.root / "tenants"):
+            for session, s in _id_dirs(t):
                 held = _read_lease_file(s / "lease.json")
                 if held is not None and held["owner"] == owner and (s / "state.json").is_file():
-                    yield bytes.fromhex(t.name).decode(), bytes.fromhex(s.name).decode()
+                    yield tenant, session
 
     @contextmanager
     def _locked(self, d: Path, create: bool = False) -> Iterator[None]:
@@ -474,6 +476,51 @@ class Store:
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _check_record(record: SessionRecord) -> None:
+    """ValueError naming the first field of `record` (read from a session's files) whose value is not of the
+    type a server writes there: such a state (a hand edit, a foreign file) failed in the server's threads
+    (a 500, and a server holding it could not start) where an unreadable one is a CorruptSessionError."""
+    def ints(*values) -> bool:
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+    def texts(values, n: int | None = None) -> bool:
+        return isinstance(values, list) and all(isinstance(v, str) for v in values) and n in (None, len(values))
+
+    def job(j) -> bool:
+        return (isinstance(j, dict) and isinstance(j.get("id"), str) and ints(j.get("trigger"))
+                and isinstance(j.get("context", ""), str)
+                and (j.get("cards") is None or isinstance(j["cards"], list) and all(texts(c, 2) for c in j["cards"])))
+
+    r = record
+    checks = {
+        "lines": texts(r.lines), "header": r.header is None or isinstance(r.header, str),
+        "context_tokens, triggers, seq, log, version": ints(r.context_tokens, r.triggers, r.seq, r.log, r.version),
+        "pending": isinstance(r.pending, list) and all(job(j) for j in r.pending),
+        "written": isinstance(r.written, list) and all(texts(c, 2) for c in r.written),
+        "stats": isinstance(r.stats, dict) and ints(*r.stats.values()),
+        "weights": r.weights is None or isinstance(r.weights, str) and r.weights == Path(r.weights).name != "",
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise ValueError(f"{bad[0]}: not of the type a server writes")
+
+
+def _id_dirs(parent: Path) -> Iterator[tuple[str, Path]]:
+    """(id, directory) of each directory under `parent` named as the store names an id (hex; none if `parent`
+    is missing). Anything else there is not the store's and is passed over: a file (.DS_Store, a note) made
+    a server's start-up fail (NotADirectoryError), and a directory of another name holding a state.json (a
+    session copied in by hand) the session list a 400."""
+    if not parent.is_dir():
+        return
+    for d in parent.iterdir():
+        try:
+            name = bytes.fromhex(d.name).decode()
+        except ValueError:  # (not hex, or not UTF-8)
+            continue
+        if ID_PATTERN.fullmatch(name) and d.is_dir():
+            yield name, d
 
 
 def _remove_leftovers(d: Path, record: SessionRecord) -> None:
