@@ -631,7 +631,7 @@ def test_gpu_compile(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     kernels = {row["kernel"] for row in rows}
     assert kernels == {"fwd_gate_up", "fwd_down", "bwd_dh", "bwd_dx", "fwd_down_reduce", "bwd_dx_reduce",
-                       "sgd_apply"}  # fmt: skip
+                       "sgd_apply", "swiglu_fwd", "swiglu_bwd"}  # fmt: skip (and `tmem::swiglu`'s two)
     sizes = {s.split(" r=")[0] for row in rows for s in row["sizes"]}
     assert {"qwen3-4b N=1", "qwen3-4b N=16", "smollm2 N=152", "qwen3-4b N=4096"} <= sizes
     assert {(row["dtype"], row["precision"]) for row in rows} == {
