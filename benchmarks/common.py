@@ -27,6 +27,13 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if os.environ.get("TMEM_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["TMEM_BENCH_THREADS"]))
 
+
+def model_token_cases() -> list:
+    """pytest params (model, N) over SHAPES x TOKENS, ids "model-N<n>"; on the CPU without TMEM_BENCH_SLOW the
+    largest (Qwen3-4B x 4096: 160 MB per fp32 [N, I] tensor) is left out."""
+    return [pytest.param(m, n, id=f"{m}-N{n}") for m in SHAPES for n in TOKENS
+            if DEVICE.type == "cuda" or SLOW or (m, n) != ("qwen3-4b", 4096)]  # fmt: skip
+
 # random-weight stand-ins at the real models' shapes (timing only)
 MODEL_NAMES = {"smollm2": "smollm2-135m", "qwen3-4b": "qwen3-4b"}  # the benchmarks' names -> MODEL_CONFIGS
 CONFIGS = {name: MODEL_CONFIGS[full] for name, full in MODEL_NAMES.items()}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import DEVICE, SHAPES, SLOW, TOKENS, bench_fwd_bwd, fused_vs_hf_lines
+from benchmarks.common import DEVICE, SHAPES, bench_fwd_bwd, fused_vs_hf_lines, model_token_cases
 from tmem_kernels import lora_mlp_composed, swiglu
 from tmem_kernels.reference import lora_linear
 
@@ -34,12 +34,7 @@ def _autograd(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_dow
 
 IMPLS = {"hf": _autograd, "fused": lora_mlp_composed}
 _results: dict[tuple[str, int], dict[str, float]] = {}  # (model, N) -> impl -> median s
-CASES = [
-    pytest.param(m, n, id=f"{m}-N{n}")
-    for m in SHAPES
-    for n in TOKENS
-    if DEVICE.type == "cuda" or SLOW or (m, n) != ("qwen3-4b", 4096)
-]
+CASES = model_token_cases()
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

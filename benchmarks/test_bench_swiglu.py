@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import DEVICE, SHAPES, SLOW, TOKENS, bench_fwd_bwd, fused_vs_hf_lines
+from benchmarks.common import DEVICE, SHAPES, bench_fwd_bwd, fused_vs_hf_lines, model_token_cases
 from tmem_kernels import reference as ref
 from tmem_kernels import swiglu
 
@@ -33,12 +33,7 @@ if DEVICE.type == "cpu":
     except ImportError:  # pragma: no cover - the extension is optional
         pass
 _results: dict[tuple[str, int], dict[str, float]] = {}  # (model, N) -> impl -> median s
-CASES = [
-    pytest.param(m, n, id=f"{m}-N{n}")
-    for m in SHAPES
-    for n in TOKENS
-    if DEVICE.type == "cuda" or SLOW or (m, n) != ("qwen3-4b", 4096)
-]
+CASES = model_token_cases()
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

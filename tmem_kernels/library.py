@@ -160,6 +160,17 @@ def _differentiable_grads(ctx, dy: Tensor, tensors: tuple[Tensor, ...], scaling:
     return [next(grads) if need else None for need in needed]
 
 
+def _grads_without_kernels(ctx, dy: Tensor | None) -> tuple | None:  # noqa: ANN001
+    """A LoRA MLP op's gradients where its backward kernels do not run (native, composed; ctx from
+    `_save_lora_inputs`): every None when y took no part (dy None), through the reference under create_graph=True
+    (a double backward may follow); else None (the kernels run)."""
+    if dy is None:
+        return (None,) * len(ctx.needs_input_grad)
+    if torch.is_grad_enabled():
+        return *_differentiable_grads(ctx, dy, ctx.saved_tensors, ctx.scaling), None
+    return None
+
+
 def _save_lora_inputs(ctx, inputs, output) -> None:  # noqa: ANN001
     """A LoRA MLP op's autograd setup (native, composed): its inputs (x, the nine MLP tensors, scaling) and the
     outputs after y, which its backward reads (not differentiable), saved."""
@@ -305,11 +316,9 @@ if _native is not None:
         return tuple(torch.empty_like(t) if wanted else _empty(x) for t, wanted in shaped)
 
     def _native_backward(ctx, dy, *_):  # noqa: ANN001
+        if (done := _grads_without_kernels(ctx, dy)) is not None:
+            return done
         need = ctx.needs_input_grad
-        if dy is None:  # y took no part in what was differentiated
-            return (None,) * len(need)
-        if torch.is_grad_enabled():  # create_graph=True: a double backward may follow
-            return *_differentiable_grads(ctx, dy, ctx.saved_tensors, ctx.scaling), None
         grads = torch.ops.tmem.lora_mlp_native_backward(
             dy.contiguous(), *ctx.saved_tensors, ctx.scaling, need[0], need[4] or need[6] or need[8], need[9]
         )
@@ -1197,11 +1206,9 @@ def _(x, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down, scali
 
 
 def _composed_backward(ctx, dy, *_):  # noqa: ANN001
+    if (done := _grads_without_kernels(ctx, dy)) is not None:
+        return done
     need = ctx.needs_input_grad
-    if dy is None:  # y took no part in what was differentiated
-        return (None,) * len(need)
-    if torch.is_grad_enabled():  # create_graph=True: a double backward may follow
-        return *_differentiable_grads(ctx, dy, ctx.saved_tensors, ctx.scaling), None
     wanted = tuple(need[k] for k in (0, 4, 5, 6, 7, 8, 9))  # x, a_gate, b_gate, a_up, b_up, a_down, b_down
     dx, *factors = _composed.backward(dy, *ctx.saved_tensors, ctx.scaling, wanted)
     return dx, None, None, None, *factors, None
