@@ -115,6 +115,12 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _check_scaling(scaling: object) -> None:
+    """TypeError unless `scaling` is a Python number (a LoRA MLP op's schema takes a float, not a tensor)."""
+    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
+
+
 def _step_args(step: int | Tensor) -> tuple[Tensor | None, float]:
     """AdamW's step as the ops take it: (1-element device tensor, 0.0) or (None, the number)."""
     if isinstance(step, Tensor):
@@ -377,8 +383,7 @@ def lora_mlp_native(
     float32, CPU, contiguous (shapes in `reference`). Differentiable w.r.t. x, the b_* and the a_*."""
     require_backend("native")
     _check_frozen("lora_mlp", w_gate, w_up, w_down)
-    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
+    _check_scaling(scaling)
     y = torch.ops.tmem.lora_mlp_native(_flat(x), w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
                                        float(scaling))[0]  # fmt: skip
     return y.view(x.shape)
@@ -1227,8 +1232,7 @@ def lora_mlp_composed(
     device, shapes in `reference`. The forward's values are `reference.lora_mlp`'s products with `swiglu` for the
     activation. Differentiable w.r.t. x, the b_* and the a_*; the w_* are frozen (ValueError if they need grad)."""
     _check_frozen("lora_mlp", w_gate, w_up, w_down)
-    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
+    _check_scaling(scaling)
     y = torch.ops.tmem.lora_mlp_composed(_flat(x), w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
                                          float(scaling))[0]  # fmt: skip
     return y.view(x.shape)

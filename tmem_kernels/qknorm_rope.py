@@ -26,6 +26,7 @@ import math
 import torch
 
 from tmem_kernels import rmsnorm, rotary
+from tmem_kernels.triton_dispatch import triton_runs
 
 __all__ = ["backward", "backward_torch", "check_inputs", "forward", "forward_torch", "heads_first", "normed_grads",
            "use_triton"]  # fmt: skip
@@ -68,15 +69,7 @@ def use_triton(
     sin: torch.Tensor,
 ) -> bool:  # fmt: skip
     """Whether the Triton kernels run: CUDA, all six of one float32/16-bit dtype, Triton installed."""
-    if q.device.type != "cuda" or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return False
-    if len({x.dtype for x in (q, k, q_weight, k_weight, cos, sin)}) != 1:
-        return False
-    try:
-        from tmem_kernels import qknorm_rope_triton  # noqa: F401
-    except ImportError:  # pragma: no cover - depends on the install
-        return False
-    return True
+    return triton_runs("qknorm_rope_triton", q, k, q_weight, k_weight, cos, sin)
 
 
 def heads_first(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

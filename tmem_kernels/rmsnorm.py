@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from tmem_kernels.triton_dispatch import triton_runs
+
 __all__ = ["backward", "backward_torch", "check_inputs", "forward", "forward_torch", "use_triton", "weight_grad"]
 
 
@@ -43,13 +45,7 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
 
 def use_triton(x: torch.Tensor) -> bool:
     """Whether the Triton kernels run for x: CUDA, a float32/16-bit dtype, Triton installed."""
-    if x.device.type != "cuda" or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return False
-    try:
-        from tmem_kernels import rmsnorm_triton  # noqa: F401
-    except ImportError:  # pragma: no cover - depends on the install
-        return False
-    return True
+    return triton_runs("rmsnorm_triton", x)
 
 
 def forward_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

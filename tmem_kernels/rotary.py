@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from tmem_kernels import reference
+from tmem_kernels.triton_dispatch import triton_runs
 
 __all__ = ["backward", "backward_torch", "check_inputs", "forward", "forward_torch", "use_triton"]
 
@@ -48,15 +49,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
 def use_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether the Triton kernels run: CUDA, q, k, cos, sin of one float32/16-bit dtype, Triton installed."""
-    if q.device.type != "cuda" or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return False
-    if not (k.dtype == cos.dtype == sin.dtype == q.dtype):
-        return False
-    try:
-        from tmem_kernels import rotary_triton  # noqa: F401
-    except ImportError:  # pragma: no cover - depends on the install
-        return False
-    return True
+    return triton_runs("rotary_triton", q, k, cos, sin)
 
 
 def forward_torch(

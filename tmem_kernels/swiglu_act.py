@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tmem_kernels.triton_dispatch import triton_runs
+
 __all__ = ["backward", "backward_torch", "check_inputs", "forward", "forward_torch", "use_triton"]
 
 
@@ -42,13 +44,7 @@ def check_inputs(gate: torch.Tensor, up: torch.Tensor) -> None:
 
 def use_triton(gate: torch.Tensor) -> bool:
     """Whether the Triton kernels run for gate: CUDA, a float32/16-bit dtype, Triton installed."""
-    if gate.device.type != "cuda" or gate.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return False
-    try:
-        from tmem_kernels import swiglu_act_triton  # noqa: F401
-    except ImportError:  # pragma: no cover - depends on the install
-        return False
-    return True
+    return triton_runs("swiglu_act_triton", gate)
 
 
 def forward_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
